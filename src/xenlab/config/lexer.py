@@ -1,0 +1,226 @@
+"""The lexer of the xl configuration language: :func:`tokens`, :func:`dequote`.
+
+Design
+    The token rules are libxlutil's (``libxlu_cfg_l.l``), applied with flex's
+    semantics: at each position the longest match wins and, between matches of
+    equal length, the earlier rule.  For this rule set that reduces to a choice
+    by the first character, which one compiled regular expression makes.
+
+    ==========  ======================  =====================================
+    token       pattern                 notes
+    ==========  ======================  =====================================
+    IDENT       ``[a-z][._0-9a-z]*``    lower case only
+    NUMBER      ``[0-9][0-9a-fx]*``     kept as text: ``0x10``, ``010``
+    STRING      ``'...'`` ``"..."``     one line; ``\\`` escapes any char
+    NEWLINE     ``\\n``, ``#...\\n``    a comment must end with a newline
+    punct       ``, [ ] = += ;``
+    (skipped)   ``[ \\t]``
+    ==========  ======================  =====================================
+
+    Anything else starts a *lexical error*: libxlutil enters its ``lexerr``
+    state, swallows the rest of the word (up to a blank or newline), reports
+    one error and carries on.  ``+ - . ( ) :`` (the flex range ``[+-.():]``)
+    also mark the file as *likely Python*, the xm era's format.
+
+Quirks kept on purpose (libxlutil 4.17 does exactly this)
+    * ``\\xHH`` is always an error, and ``\\NNN`` (octal-looking, read as
+      decimal) is consumed but produces no character: libxlutil's escape
+      decoder never stores the value it computes.
+    * A lexical error that starts in the last character of a file with no
+      newline after it is not reported: flex reaches end of input in the
+      ``lexerr`` state and stops.
+    * A comment on the last line with no newline after it is a lexical error.
+
+Difference on purpose
+    * A NUL byte inside a quoted string makes libxlutil abort (``strlen`` then
+      ``assert``); here it is a lexical error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+# Token kinds.  Punctuation tokens use their own text as their kind.
+IDENT: Final = "IDENT"
+NUMBER: Final = "NUMBER"
+STRING: Final = "STRING"
+NEWLINE: Final = "NEWLINE"
+EOF: Final = "EOF"
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One token: ``kind``, its ``text`` as written, and where it starts (1-based)."""
+
+    kind: str
+    text: str
+    line: int
+    col: int
+
+
+@dataclass(frozen=True, slots=True)
+class LexProblem:
+    """A lexical error: where it starts, the offending text and what is wrong."""
+
+    line: int
+    col: int
+    text: str
+    message: str
+    likely_python: bool
+
+
+_TOKEN_RE: Final = re.compile(
+    r"""
+      (?P<ws>[ \t]+)
+    | (?P<IDENT>[a-z][._0-9a-z]*)
+    | (?P<NUMBER>[0-9][0-9a-fx]*)
+    | (?P<NEWLINE>\n|\#[^\n]*\n)
+    | (?P<STRING>'(?:[^'\\\n]|\\[^\n])*'|"(?:[^"\\\n]|\\[^\n])*")
+    | (?P<punct>\+=|[,\[\]=;])
+    | (?P<python>[+\-.():])
+    | (?P<bad>[^\n])
+    """,
+    re.VERBOSE,
+)
+
+# In the lexerr state: a run of non-blanks, or one blank, or a newline.
+_LEXERR_WORD_RE: Final = re.compile(r"[^ \t\n]+")
+
+_SIMPLE_ESCAPES: Final = {
+    '"': '"',
+    "'": "'",
+    "\\": "\\",
+    "a": "\a",
+    "b": "\b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+    "v": "\v",
+}
+
+# What C's strtoul(..., 10) accepts before the digits.
+_STRTOUL_DEC_RE: Final = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
+
+
+def dequote(raw: str) -> tuple[str, int, str] | str:
+    """Decode a quoted string token exactly as libxlutil does.
+
+    ``raw`` includes its quotes.  Returns the decoded string, or, for a bad
+    escape, a tuple ``(message, offset_in_raw, partial)``.
+    """
+    if "\\" not in raw:
+        return raw[1:-1]
+    out: list[str] = []
+    i = 1
+    end = len(raw) - 1
+    while i < end:
+        c = raw[i]
+        i += 1
+        if c != "\\":
+            out.append(c)
+            continue
+        nc = raw[i]
+        i += 1
+        simple = _SIMPLE_ESCAPES.get(nc)
+        if simple is not None:
+            out.append(simple)
+        elif nc == "x":
+            # libxlutil skips one more character and then demands more than
+            # two hex digits out of a two-character buffer: never satisfied.
+            return (
+                "invalid digit after backslash hexnumerical character escape"
+                " in quoted string (libxlutil accepts no \\x escape)",
+                i - 2,
+                "".join(out),
+            )
+        elif "0" <= nc <= "7":
+            # Up to three more characters are read with strtoul(base 10); at
+            # least two must be consumed, and the value is then dropped.
+            m = _STRTOUL_DEC_RE.match(raw[i : i + 3])
+            if m is None or m.end() <= 1:
+                return (
+                    "invalid digit after backslash octalnumerical character escape"
+                    " in quoted string",
+                    i - 2,
+                    "".join(out),
+                )
+            i += m.end()
+        else:
+            return (
+                f"invalid character {nc!r} after backslash in quoted string",
+                i - 2,
+                "".join(out),
+            )
+    return "".join(out)
+
+
+def tokens(text: str, problems: list[LexProblem]) -> Iterator[Token]:
+    """Yield the tokens of ``text``, ending with one EOF token.
+
+    Lexical errors do not stop the scan (libxlutil's behaviour): each is
+    appended to ``problems`` and the scan goes on after the bad word.
+    """
+    pos = 0
+    line = 1
+    line_start = 0
+    n = len(text)
+    match = _TOKEN_RE.match
+    while pos < n:
+        m = match(text, pos)
+        assert m is not None  # the last alternative matches any non-newline
+        kind = m.lastgroup
+        end = m.end()
+        if kind == "ws":
+            pos = end
+            continue
+        col = pos - line_start + 1
+        if kind == NEWLINE:
+            yield Token(NEWLINE, m.group(), line, col)
+            line += 1
+            line_start = end
+            pos = end
+            continue
+        if kind == "punct":
+            tok = m.group()
+            yield Token(tok, tok, line, col)
+            pos = end
+            continue
+        if kind == STRING and "\0" not in m.group():
+            yield Token(STRING, m.group(), line, col)
+            pos = end
+            continue
+        if kind in (IDENT, NUMBER):
+            yield Token(kind, m.group(), line, col)
+            pos = end
+            continue
+        # A lexical error: the lexerr state swallows the rest of the word.
+        python = kind == "python"
+        start = pos
+        pos += 1
+        if kind == STRING:  # a NUL inside a string: see the module docstring
+            pos = end
+            message = "NUL character in quoted string"
+        elif text[start] in "'\"":
+            message = "unterminated string: expected a closing " + text[start]
+        elif "A" <= text[start] <= "Z":
+            message = (
+                f"unexpected character {text[start]!r}: names are lower case,"
+                " [a-z][._0-9a-z]*"
+            )
+        else:
+            message = f"unexpected character {text[start]!r}"
+        if pos >= n:
+            break  # flex stops quietly at end of input in the lexerr state
+        w = _LEXERR_WORD_RE.match(text, pos)
+        if w is not None:
+            pos = w.end()
+        elif text[pos] != "\n":
+            pos += 1  # a single blank
+        problems.append(LexProblem(line, col, text[start:pos], message, python))
+        # A newline right after the bad word is still a NEWLINE token (it is
+        # matched by the lexerr state's own newline rule).
+    yield Token(EOF, "", line, pos - line_start + 1)
