@@ -1,0 +1,1 @@
+"""The ``xenlab`` command: one module per command group, thin, no logic."""

@@ -1,0 +1,219 @@
+"""``xenlab config``: check, show, print and convert xl domain configuration files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from xenlab.config import ConfigError, parse
+from xenlab.config.model import domain_config, domain_config_to_json
+from xenlab.config.specs.disk import disk_to_libxl_json, parse_disk
+from xenlab.config.specs.pci import parse_pci, pci_to_libxl_json
+from xenlab.config.specs.vif import parse_vif, vif_to_libxl_json
+from xenlab.config.values import value_to_json
+from xenlab.config.writer import format_config
+from xenlab.config.xm import convert_xm
+from xenlab.atomic import atomic_write_text
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def emit_json(data: object) -> None:
+    """Print ``data`` as indented JSON on stdout."""
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable input bytes survive as surrogates
+        text = json.dumps(data, indent=2, ensure_ascii=True)
+    click.echo(text)
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+@click.group()
+def config() -> None:
+    """The xl domain-configuration language (xl.cfg(5))."""
+
+
+@config.command("check")
+@click.argument("files", nargs=-1, required=True, type=_FILE)
+@click.option("--syntax-only", is_flag=True, help="Check the language only, not the domain.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+def check(files: Sequence[Path], syntax_only: bool, as_json: bool) -> None:
+    """Check FILES; print problems as file:line:col and exit 1 if any file is invalid."""
+    results: list[dict[str, object]] = []
+    failed = False
+    for path in files:
+        result: dict[str, object] = {"file": str(path), "ok": True, "errors": [], "warnings": []}
+        try:
+            parsed = parse(_read(path), source=str(path))
+            if not syntax_only:
+                dc = domain_config(parsed)
+                result["warnings"] = [str(w) for w in dc.warnings]
+        except ConfigError as err:
+            failed = True
+            result["ok"] = False
+            result["errors"] = [str(p) for p in err.problems]
+            result["likely_python"] = err.likely_python
+        results.append(result)
+    if as_json:
+        emit_json(results)
+    else:
+        for result in results:
+            for line in result["errors"]:  # type: ignore[attr-defined]
+                click.echo(line, err=True)
+            for line in result["warnings"]:  # type: ignore[attr-defined]
+                click.echo(line, err=True)
+            if result["ok"]:
+                click.echo(f"{result['file']}: ok")
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+def _scalar(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return ", ".join(_scalar(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_scalar(v)}" for k, v in value.items())
+    return "" if value is None else str(value)
+
+
+def _records_table(title: str, records: Sequence[Mapping[str, object]]) -> Table:
+    columns: list[str] = []
+    for record in records:
+        columns.extend(k for k in record if k not in columns)
+    table = Table(title=title, title_justify="left")
+    table.add_column("#", justify="right")
+    for column in columns:
+        table.add_column(column)
+    for i, record in enumerate(records):
+        table.add_row(str(i), *(_scalar(record.get(c)) for c in columns))
+    return table
+
+
+@config.command("show")
+@click.argument("file", type=_FILE)
+@click.option("--json", "as_json", is_flag=True, help="Print the typed domain as JSON.")
+def show(file: Path, as_json: bool) -> None:
+    """Show the domain FILE describes, as tables."""
+    dc = domain_config(parse(_read(file), source=str(file)))
+    data = domain_config_to_json(dc)
+    if as_json:
+        emit_json(data)
+        return
+    console = Console()
+    summary = Table(title=f"{file}", title_justify="left", show_header=False)
+    summary.add_column("key", style="bold")
+    summary.add_column("value")
+    device_tables: list[Table] = []
+    for key, value in data.items():
+        if key == "warnings":
+            continue
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            device_tables.append(_records_table(key, value))
+        elif isinstance(value, dict) and value and key == "extra":
+            for k, v in value.items():
+                summary.add_row(k, _scalar(v))
+        elif value not in (None, [], {}):
+            summary.add_row(key, _scalar(value))
+    console.print(summary)
+    for table in device_tables:
+        console.print(table)
+    for warning in dc.warnings:
+        console.print(f"[yellow]{warning}[/yellow]")
+
+
+@config.command("json")
+@click.argument("file", type=_FILE)
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="Print every key's effective value as the language sees it (strings and lists).",
+)
+def json_cmd(file: Path, raw: bool) -> None:
+    """Print FILE as JSON: the typed domain, or with --raw the language's values."""
+    parsed = parse(_read(file), source=str(file))
+    if raw:
+        emit_json({k: value_to_json(v) for k, v in parsed.effective().items()})
+    else:
+        emit_json(domain_config_to_json(domain_config(parsed)))
+
+
+@config.command("fmt")
+@click.argument("file", type=_FILE)
+@click.option("-w", "--write", is_flag=True, help="Rewrite FILE in place (atomically).")
+def fmt(file: Path, write: bool) -> None:
+    """Print FILE in canonical form (comments are dropped)."""
+    text = format_config(parse(_read(file), source=str(file)))
+    if write:
+        atomic_write_text(file, text)
+    else:
+        click.echo(text, nl=False)
+
+
+def _spec_command(
+    name: str,
+    parser: Callable[..., Any],
+    to_json: Callable[[Any], dict[str, object]],
+    doc: str,
+) -> None:
+    @config.command(name, help=doc)
+    @click.argument("specs", nargs=-1, required=True)
+    def command(specs: Sequence[str]) -> None:
+        if name == "disk":
+            emit_json(to_json(parser(list(specs), source=f"{name} spec")))
+            return
+        results = [to_json(parser(spec, source=f"{name} spec")) for spec in specs]
+        emit_json(results[0] if len(results) == 1 else results)
+
+
+_spec_command(
+    "disk",
+    parse_disk,
+    disk_to_libxl_json,
+    "Parse a disk spec (xl-disk-configuration(5)) and print libxl's JSON for it.\n\n"
+    "Several SPECS are parts of one disk, as xl's block-attach takes them.",
+)
+_spec_command(
+    "vif",
+    parse_vif,
+    vif_to_libxl_json,
+    "Parse vif specs (xl-network-configuration(5)) and print libxl's JSON for each.",
+)
+_spec_command(
+    "pci",
+    parse_pci,
+    pci_to_libxl_json,
+    "Parse pci specs (xl-pci-configuration(5)) and print libxl's JSON for each.",
+)
+
+
+@config.command("from-xm")
+@click.argument("file", type=_FILE)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the xl config here (atomically) instead of stdout.")
+def from_xm(file: Path, output: Path | None) -> None:
+    """Convert an xm-era (Python) config FILE to xl, without running it."""
+    raw = _read(file)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError.at(
+            str(file), raw.count(b"\n", 0, err.start) + 1, 1, "not UTF-8 text"
+        ) from None
+    result = convert_xm(text, source=str(file))
+    for note in result.notes:
+        click.echo(str(note), err=True)
+    if output is None:
+        sys.stdout.write(result.text)
+    else:
+        atomic_write_text(output, result.text)

@@ -1,0 +1,37 @@
+"""The ``xenlab`` command's root group and error boundary: :func:`main`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from xenlab import __version__
+from xenlab.cli.config import config
+from xenlab.errors import XenlabError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="xenlab")
+def cli() -> None:
+    """xenlab: an open toolkit for Xen-style virtualization work."""
+
+
+cli.add_command(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line; xenlab errors print as ``place: message`` and exit 1."""
+    try:
+        cli.main(args=argv, prog_name="xenlab", standalone_mode=False)
+    except XenlabError as err:
+        click.echo(str(err), err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
