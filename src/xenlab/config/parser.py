@@ -247,6 +247,14 @@ def parse(text: str | bytes, *, source: str = "<string>") -> ConfigFile:
     problems = parser.problems
     likely_python = False
     if parser.lex_problems:
+        # As libxlutil does, a lexical error silences the syntax errors it
+        # causes later on its own line: the bad word is the one to fix.
+        first_lex_col: dict[int, int] = {}
+        for lp in parser.lex_problems:
+            first_lex_col.setdefault(lp.line, lp.col)
+        problems = [
+            p for p in problems if not (p.line in first_lex_col and p.col > first_lex_col[p.line])
+        ]
         for lp in parser.lex_problems:
             likely_python = likely_python or lp.likely_python
             problems.append(
