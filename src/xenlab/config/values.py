@@ -81,7 +81,23 @@ class ConfigFile:
 
 
 def value_to_json(value: Value) -> str | list[object]:
-    """Return a value as JSON-ready data: strings stay, tuples become lists."""
+    """Return a value as JSON-ready data: strings stay, tuples become lists.
+
+    Iterative, so the deepest lists libxlutil accepts convert too.
+    """
     if isinstance(value, str):
         return value
-    return [value_to_json(item) for item in value]
+    root: list[object] = []
+    stack: list[tuple[Iterator[Value], list[object]]] = [(iter(value), root)]
+    while stack:
+        items, out = stack[-1]
+        item = next(items, None)
+        if item is None:
+            stack.pop()
+        elif isinstance(item, str):
+            out.append(item)
+        else:
+            child: list[object] = []
+            out.append(child)
+            stack.append((iter(item), child))
+    return root

@@ -16,7 +16,7 @@ item per line with a trailing comma.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 from xenlab.config.errors import config_error
@@ -30,6 +30,7 @@ _ESCAPES: Final = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\
 _NEEDS_ESCAPE_RE: Final = re.compile(r'[\\"\n\r\t]')
 _INLINE_WIDTH: Final = 72
 _INDENT: Final = "    "
+_MAX_INDENT: Final = 64
 
 
 def quote(text: str) -> str:
@@ -48,22 +49,56 @@ def _atom(text: str) -> str:
     return text if _NUMBER_RE.fullmatch(text) else quote(text)
 
 
+def _inline(value: tuple[Value, ...], indent: str) -> str | None:
+    """Return a flat, short list on one line, or None if it must be spread out."""
+    if not all(isinstance(item, str) for item in value):
+        return None
+    text = "[ " + ", ".join(_atom(item) for item in value) + " ]"  # type: ignore[arg-type]
+    return text if len(text) + len(indent) <= _INLINE_WIDTH else None
+
+
 def format_value(value: Value, *, indent: str = "") -> str:
-    """Return the xl text of one value; nested lines are indented from ``indent``."""
+    """Return the xl text of one value; nested lines are indented from ``indent``.
+
+    Iterative, so lists nested as deep as libxlutil accepts (thousands of
+    levels) cannot exhaust Python's recursion limit.
+    """
     if isinstance(value, str):
         return _atom(value)
-    if not value:
-        return "[]"
-    if all(isinstance(item, str) for item in value):
-        inline = "[ " + ", ".join(_atom(item) for item in value) + " ]"  # type: ignore[arg-type]
-        if len(inline) + len(indent) <= _INLINE_WIDTH and "\n" not in inline:
-            return inline
-    inner = indent + _INDENT
-    lines = ["["]
-    for item in value:
-        lines.append(f"{inner}{format_value(item, indent=inner)},")
-    lines.append(f"{indent}]")
-    return "\n".join(lines)
+    out: list[str] = []
+    # Each frame: the list's remaining items, the indent of its items and of
+    # its closing bracket.  Indentation stops growing past _MAX_INDENT so that
+    # pathological nesting gives linear, not quadratic, output.
+    stack: list[tuple[Iterator[Value], str, str]] = []
+
+    def open_list(items: tuple[Value, ...], at: str) -> None:
+        if not items:
+            out.append("[]")
+        elif (flat := _inline(items, at)) is not None:
+            out.append(flat)
+        else:
+            out.append("[\n")
+            inner = at + _INDENT if len(at) < _MAX_INDENT else at
+            stack.append((iter(items), inner, at))
+
+    open_list(value, indent)
+    while stack:
+        items, inner, outer = stack[-1]
+        item = next(items, None)
+        if item is None:
+            stack.pop()
+            out.append(f"{outer}]")
+            if stack:
+                out.append(",\n")
+            continue
+        out.append(inner)
+        if isinstance(item, str):
+            out.append(_atom(item) + ",\n")
+        else:
+            open_list(item, inner)
+            if out[-1] != "[\n":
+                out.append(",\n")
+    return "".join(out)
 
 
 def format_settings(items: Iterable[tuple[str, Value]]) -> str:
