@@ -50,11 +50,12 @@ import math
 import posixpath
 import re
 import shlex
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from xenlab.config.errors import ConfigError, ConfigWarning, config_error
 from xenlab.config.values import Value
+from xenlab.config.writer import format_settings
 
 __all__ = [
     "MAX_EXPR_DEPTH",
@@ -81,8 +82,6 @@ _MAX_FORMAT_WIDTH = 1000
 
 _NOT_TEXT = re.compile("[\\x00\\ud800-\\udfff]")
 _XL_NAME = re.compile(r"[a-z][._0-9a-z]*\Z")
-# libxlutil's NUMBER token; anything else is written quoted.
-_XL_NUMBER = re.compile(r"[0-9][0-9a-fx]*\Z")
 
 _REFUSED = "xm configs are converted without running them"
 
@@ -152,6 +151,8 @@ def _to_python(value: _Py) -> object:
 
 @dataclass(slots=True)
 class _Binding:
+    """A name's value and the place of its last assignment's value."""
+
     value: _Py
     line: int
     col: int
@@ -164,6 +165,7 @@ class _Entry:
     name: str
     value: _Py
     line: int
+    col: int = 1
 
 
 # --------------------------------------------------------------------------
@@ -335,7 +337,7 @@ class _Evaluator:
             value = self.expr(node.value, 0)
             for target in node.targets:
                 assert isinstance(target, ast.Name)
-                self.bind(target, value)
+                self.bind(target, node.value, value)
         elif isinstance(node, ast.AugAssign):
             self.check_target(node.target)
             assert isinstance(node.target, ast.Name)
@@ -348,11 +350,18 @@ class _Evaluator:
                 )
             right = self.expr(node.value, 0)
             value = self.binop(node, node.op, binding.value, right)
-            self.bind(node.target, value)
+            self.bind(node.target, node.value, value)
         elif isinstance(node, ast.Expr):
             if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
                 return  # a docstring or a string used as a comment
-            raise self.refuse(node.value, _EXPR_NAMES.get(type(node.value), "expression statement"))
+            what = _EXPR_NAMES.get(type(node.value))
+            if what is None:
+                raise self.error(
+                    node,
+                    f"expression `{self.snippet(node)}` outside an assignment is not allowed: "
+                    "an xm config only assigns names",
+                )
+            raise self.refuse(node.value, what)
         elif isinstance(node, ast.Pass):
             return
         else:
@@ -365,8 +374,8 @@ class _Evaluator:
             raise self.refuse(target, "unpacking assignment")
         raise self.refuse(target, "assignment to " + _EXPR_NAMES.get(type(target), "expression"))
 
-    def bind(self, target: ast.Name, value: _Py) -> None:
-        line, col = self.place(target)
+    def bind(self, target: ast.Name, value_node: ast.expr, value: _Py) -> None:
+        line, col = self.place(value_node)
         binding = self.env.get(target.id)
         if binding is None:
             self.env[target.id] = _Binding(value, line, col)
@@ -595,7 +604,8 @@ def _parse(data: str | bytes, source: str) -> tuple[str, ast.Module]:
 # Python values to xl values
 
 
-def _xl_value(ev: _Evaluator, binding_line: int, name: str, value: _Py) -> Value:
+def _xl_value(ev: _Evaluator, entry: _Entry, value: _Py) -> Value:
+    name = entry.name
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, int):
@@ -606,8 +616,8 @@ def _xl_value(ev: _Evaluator, binding_line: int, name: str, value: _Py) -> Value
         if "\0" in value:
             raise config_error(
                 ev.source,
-                binding_line,
-                1,
+                entry.line,
+                entry.col,
                 f"value of `{name}` contains a NUL character, which xl strings cannot hold",
             )
         try:
@@ -615,19 +625,19 @@ def _xl_value(ev: _Evaluator, binding_line: int, name: str, value: _Py) -> Value
         except UnicodeEncodeError:
             raise config_error(
                 ev.source,
-                binding_line,
-                1,
+                entry.line,
+                entry.col,
                 f"value of `{name}` contains an unpaired surrogate, which is not text",
             ) from None
         return value
     if value is None:
         raise config_error(
             ev.source,
-            binding_line,
-            1,
+            entry.line,
+            entry.col,
             f"`{name}` has None inside a list; xl lists hold only strings, numbers and lists",
         )
-    return tuple(_xl_value(ev, binding_line, name, item) for item in value.items)
+    return tuple(_xl_value(ev, entry, item) for item in value.items)
 
 
 # --------------------------------------------------------------------------
@@ -709,7 +719,7 @@ class _Translator:
         self.entries[index : index + 1] = list(new)
 
     def error(self, entry: _Entry, message: str) -> ConfigError:
-        return config_error(self.ev.source, entry.line, 1, message)
+        return config_error(self.ev.source, entry.line, entry.col, message)
 
     def run(self) -> None:
         guest_type = self.guest_type()
@@ -1079,40 +1089,6 @@ class _Translator:
 # Writing the xl file
 
 
-def _quote(text: str) -> str:
-    out = ['"']
-    for char in text:
-        if char in _ESCAPES:
-            out.append(_ESCAPES[char])
-        else:
-            out.append(char)
-    out.append('"')
-    return "".join(out)
-
-
-_ESCAPES = {
-    "\\": "\\\\",
-    '"': '\\"',
-    "\n": "\\n",
-    "\r": "\\r",
-    "\t": "\\t",
-    "\a": "\\a",
-    "\b": "\\b",
-    "\f": "\\f",
-    "\v": "\\v",
-}
-
-
-def _format_value(value: Value) -> str:
-    if isinstance(value, str):
-        return value if _XL_NUMBER.match(value) else _quote(value)
-    return "[" + ", ".join(_format_value(item) for item in value) + "]"
-
-
-def _emit(settings: Iterable[tuple[str, Value]]) -> str:
-    return "".join(f"{name} = {_format_value(value)}\n" for name, value in settings)
-
-
 def _comment(text: str) -> str:
     # A comment runs to the end of the line, so a value with a newline in a
     # note must not end it early.
@@ -1123,14 +1099,13 @@ def _render(
     source: str,
     settings: tuple[tuple[str, Value], ...],
     notes: tuple[ConfigWarning, ...],
-    emit: Callable[[Iterable[tuple[str, Value]]], str],
 ) -> str:
     lines = [f"# xl config converted from the xm config {_comment(source)} by xenlab.\n"]
     for note in notes:
         where = f"line {note.line}" if note.line else "file"
         lines.append(f"# {where}: {_comment(note.message)}\n")
     lines.append("\n")
-    return "".join(lines) + emit(settings)
+    return "".join(lines) + format_settings(settings)
 
 
 # --------------------------------------------------------------------------
@@ -1165,11 +1140,10 @@ def convert_xm(text: str | bytes, *, source: str = "<xm>") -> XmConversion:
         if binding.value is None:
             ev.note(binding.line, f"dropped `{name}`: it is None, which xl has no value for")
             continue
-        translator.entries.append(_Entry(name, binding.value, binding.line))
+        translator.entries.append(_Entry(name, binding.value, binding.line, binding.col))
     translator.run()
     settings = tuple(
-        (entry.name, _xl_value(ev, entry.line, entry.name, entry.value))
-        for entry in translator.entries
+        (entry.name, _xl_value(ev, entry, entry.value)) for entry in translator.entries
     )
     notes = tuple(sorted(ev.notes, key=lambda n: n.line))
-    return XmConversion(settings, notes, _render(source, settings, notes, _emit))
+    return XmConversion(settings, notes, _render(source, settings, notes))
