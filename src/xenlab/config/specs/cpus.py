@@ -91,8 +91,7 @@ class HostTopology:
     def uniform(cls, nr_nodes: int, cpus_per_node: int) -> HostTopology:
         """Build a host whose node ``n`` has CPUs ``n*k .. n*k+k-1``."""
         nodes = {
-            n: frozenset(range(n * cpus_per_node, (n + 1) * cpus_per_node))
-            for n in range(nr_nodes)
+            n: frozenset(range(n * cpus_per_node, (n + 1) * cpus_per_node)) for n in range(nr_nodes)
         }
         return cls(nr_nodes * cpus_per_node, nodes)
 
@@ -202,6 +201,24 @@ def _parse_term(text: str) -> CpuTerm | str:
     return CpuTerm(kind, got[0], got[1], exclude)
 
 
+def _missing_on_host(term: CpuTerm, host: HostTopology) -> str | None:
+    """Say what ``term`` names that ``host`` lacks, or None."""
+    if term.is_all:
+        return None
+    assert term.first is not None and term.last is not None
+    if term.kind is CpuTermKind.CPUS:
+        if term.last < host.nr_cpus:
+            return None
+        return f"names CPU {term.last}, but the host has CPUs 0-{host.nr_cpus - 1}"
+    # Check the span first: a range may be astronomically long.
+    if term.last - term.first < len(host.node_cpus) and all(
+        n in host.node_cpus for n in range(term.first, term.last + 1)
+    ):
+        return None
+    nodes = ",".join(str(n) for n in sorted(host.node_cpus)) or "none"
+    return f"names a NUMA node the host does not have (nodes: {nodes})"
+
+
 def parse_cpus(
     spec: str,
     *,
@@ -237,33 +254,9 @@ def parse_cpus(
                 )
             )
             continue
-        if host is not None and not got.is_all:
-            assert got.first is not None and got.last is not None
-            if got.kind is CpuTermKind.CPUS and got.last >= host.nr_cpus:
-                problems.append(
-                    Problem(
-                        source,
-                        line,
-                        col + here,
-                        f"cpus term {piece!r} names CPU {got.last}, but the host has"
-                        f" CPUs 0-{host.nr_cpus - 1}",
-                    )
-                )
-            elif got.kind is CpuTermKind.NODES:
-                # Check the span first: a range may be astronomically long.
-                if got.last - got.first >= len(host.node_cpus) or any(
-                    n not in host.node_cpus for n in range(got.first, got.last + 1)
-                ):
-                    nodes = ",".join(str(n) for n in sorted(host.node_cpus)) or "none"
-                    problems.append(
-                        Problem(
-                            source,
-                            line,
-                            col + here,
-                            f"cpus term {piece!r} names a NUMA node the host does not"
-                            f" have (nodes: {nodes})",
-                        )
-                    )
+        missing = _missing_on_host(got, host) if host is not None else None
+        if missing is not None:
+            problems.append(Problem(source, line, col + here, f"cpus term {piece!r} {missing}"))
         terms.append(got)
     if problems:
         raise ConfigError(problems)
