@@ -26,9 +26,8 @@ Quirks kept on purpose (libxlutil 4.17 does exactly this)
     * ``\\xHH`` is always an error, and ``\\NNN`` (octal-looking, read as
       decimal) is consumed but produces no character: libxlutil's escape
       decoder never stores the value it computes.
-    * A lexical error that starts in the last character of a file with no
-      newline after it is not reported: flex reaches end of input in the
-      ``lexerr`` state and stops.
+    * A lexical error that starts in the last byte of a file is not reported:
+      flex reaches end of input in the ``lexerr`` state and stops.
     * A comment on the last line with no newline after it is a lexical error.
 
 Difference on purpose
@@ -40,7 +39,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 # Token kinds.  Punctuation tokens use their own text as their kind.
@@ -158,12 +157,24 @@ def dequote(raw: str) -> tuple[str, int, str] | str:
     return "".join(out)
 
 
-def tokens(text: str, problems: list[LexProblem]) -> Iterator[Token]:
+@dataclass(slots=True)
+class LexState:
+    """What the lexer learnt so far: its problems, and whether it saw Python."""
+
+    problems: list[LexProblem] = field(default_factory=list)
+    #: Set by any of ``+ - . ( ) :`` outside a string, even one that is not
+    #: reported because it ends the file (libxlutil sets its flag first).
+    likely_python: bool = False
+
+
+def tokens(text: str, state: LexState) -> Iterator[Token]:
     """Yield the tokens of ``text``, ending with one EOF token.
 
     Lexical errors do not stop the scan (libxlutil's behaviour): each is
-    appended to ``problems`` and the scan goes on after the bad word.
+    appended to ``state.problems`` and the scan goes on after the bad word.
+    The scan is lazy, so ``state`` reflects only the text read so far.
     """
+    problems = state.problems
     pos = 0
     line = 1
     line_start = 0
@@ -199,6 +210,8 @@ def tokens(text: str, problems: list[LexProblem]) -> Iterator[Token]:
             continue
         # A lexical error: the lexerr state swallows the rest of the word.
         python = kind == "python"
+        if python:
+            state.likely_python = True
         start = pos
         pos += 1
         if kind == STRING:  # a NUL inside a string: see the module docstring
@@ -214,12 +227,18 @@ def tokens(text: str, problems: list[LexProblem]) -> Iterator[Token]:
         else:
             message = f"unexpected character {text[start]!r}"
         if pos >= n:
-            break  # flex stops quietly at end of input in the lexerr state
-        w = _LEXERR_WORD_RE.match(text, pos)
-        if w is not None:
-            pos = w.end()
-        elif text[pos] != "\n":
-            pos += 1  # a single blank
+            # flex lexes bytes: a one-byte bad character at the very end
+            # leaves it in the lexerr state at end of input, where it stops
+            # quietly; the first byte of a longer character leaves the others
+            # to be swallowed and reported.
+            if len(text[start].encode("utf-8", "surrogateescape")) == 1:
+                break
+        else:
+            w = _LEXERR_WORD_RE.match(text, pos)
+            if w is not None:
+                pos = w.end()
+            elif text[pos] != "\n":
+                pos += 1  # a single blank
         problems.append(LexProblem(line, col, text[start:pos], message, python))
         # A newline right after the bad word is still a NEWLINE token (it is
         # matched by the lexerr state's own newline rule).
