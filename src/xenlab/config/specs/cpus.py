@@ -249,7 +249,7 @@ def parse_cpus(
                     source,
                     line,
                     col + here,
-                    f"invalid cpus term {piece!r}: {got}; expected N, A-B, 'all',"
+                    f"invalid cpus term {piece!r} ({got}); expected N, A-B, 'all',"
                     " or 'node:'/'nodes:' before one of those, optionally after '^'",
                 )
             )
