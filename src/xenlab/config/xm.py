@@ -41,6 +41,10 @@ Names
     ``BASE``, ``_tmp``, ``vmId``) is a helper variable: it can be referenced
     by later lines but is not written, and a note says so.  xm itself only
     read the option names it knew, so such names never configured anything.
+    Other names are written as they are (xl, too, ignores names it does not
+    know), except the xm options in the translation table of
+    :class:`_Translator`, which are renamed, folded into others or dropped
+    with a note.  ``None`` values are dropped with a note.
 """
 
 from __future__ import annotations
@@ -91,9 +95,11 @@ class XmConversion:
     """The result of converting an xm config.
 
     ``settings`` are the xl names and values in file order (each name once,
-    with its final value); ``notes`` say what was changed, renamed or
-    dropped, with the xm line; ``text`` is the xl file, which parses back to
-    exactly ``settings``.
+    at its first assignment, with its final value); ``notes`` say what was
+    changed, renamed or dropped, with the xm line (line 0 for notes about the
+    whole file, such as a default that differs between xm and xl); ``text``
+    is the xl file: the notes as comments, then one line per setting, and it
+    parses back to exactly ``settings``.
     """
 
     settings: tuple[tuple[str, Value], ...]
