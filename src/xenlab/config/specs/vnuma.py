@@ -178,6 +178,7 @@ def parse_vnuma(
         if isinstance(vcpus, str):
             problems.append(f"{where}: {vcpus}")
         distances: list[int] = []
+        bad_distance = False
         for item in seen["vdistances"].split(","):
             item = item.strip(_SPACE)
             if not item:
@@ -185,9 +186,12 @@ def parse_vnuma(
             number = _number(item)
             if number is None:
                 problems.append(f"{where}: vdistance {item!r} is not a number")
+                bad_distance = True
             else:
                 distances.append(number)
-        if len(distances) != count:
+        if bad_distance:
+            distances = []  # reported above; the count would only repeat it
+        elif len(distances) != count:
             problems.append(
                 f"{where}: vdistances has {len(distances)} entries,"
                 f" expected one per vnode ({count})"
