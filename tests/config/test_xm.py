@@ -390,6 +390,8 @@ def test_not_utf8_nul_and_surrogates_in_the_text() -> None:
             {"extra": "nfsroot=10.0.0.1:/srv/root ro"},
         ),
         ("interface = 'eth1'", {}),
+        ("cmdline = 'quiet'\nroot = '/dev/xvda1'", {"root": "/dev/xvda1"}),
+        ("cmdline = 'quiet'", {"cmdline": "quiet"}),
         ("vfb = ['type=vnc,vncunused=1', 'type=sdl']", {"vfb": ("vnc=1,vncunused=1", "sdl=1")}),
         ("netif = 1", {"driver_domain": "1"}),
         ("blkif = 0", {}),

@@ -741,6 +741,7 @@ class _Translator:
             self.modes,
             self.bootargs,
             self.ip_family,
+            self.cmdline,
             self.vfb,
             self.backends,
             self.dropped,
@@ -1029,6 +1030,17 @@ class _Translator:
         else:
             self.note(
                 first.line, f"folded {names} into `extra` (the kernel command line), as xm did"
+            )
+
+    def cmdline(self, guest_type: str | None) -> None:
+        entry = self.find("cmdline")
+        if entry is not None and (self.find("root") or self.find("extra")):
+            # xm never read `cmdline`; xl would use it and ignore root/extra.
+            self.remove("cmdline")
+            self.note(
+                entry.line,
+                "dropped `cmdline`: xm ignored it, and xl would use it in place of "
+                "`root` and `extra`",
             )
 
     def vfb(self, guest_type: str | None) -> None:
