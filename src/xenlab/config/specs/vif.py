@@ -234,9 +234,10 @@ _INTERVAL_RE = re.compile(r"[0-9]+[mu]?s?", re.ASCII)
 _UNIT = {"G": 1_000_000_000, "M": 1_000_000, "K": 1_000}
 
 
-def _check_number(value: int, text: str, end: int, what: str, source: str, col: int) -> None:
+def _check_number(value: int, text: str, what: str, source: str, col: int) -> None:
     """xl's range check on the number before the unit: 1 to UINT32_MAX."""
-    octal = " (a leading 0 makes the number octal)" if text[0] == "0" and end > 1 else ""
+    digits = len(text) - len(text.lstrip(_DEC))
+    octal = " (a leading 0 makes the number octal)" if text[0] == "0" and digits > 1 else ""
     if value == 0:
         raise config_error(source, 1, col, f"{what} {text!r} is zero, expected at least 1{octal}")
     if value > _UINT32_MAX:
@@ -255,7 +256,7 @@ def _rate_bytes_per_sec(text: str, source: str, col: int) -> int:
             "NUMBER[K|M|G]b/s (bits), e.g. 10Mb/s",
         )
     value, end = _strtoull_base0_digits(text)
-    _check_number(value, text, end, "rate", source, col)
+    _check_number(value, text, "rate", source, col)
     # xl looks at the character after the number and the one after that;
     # an octal number that stopped early leaves a digit there.
     here = text[end]
@@ -275,7 +276,7 @@ def _rate_interval_usecs(text: str, source: str, col: int) -> int:
             f"invalid replenishment interval {text!r}, expected NUMBER[s|ms|us], e.g. 20ms",
         )
     value, end = _strtoull_base0_digits(text)
-    _check_number(value, text, end, "replenishment interval", source, col)
+    _check_number(value, text, "replenishment interval", source, col)
     unit = text[end] if end < len(text) else ""
     if unit in ("s", ""):
         value *= 1_000_000
@@ -335,7 +336,7 @@ def _parse_mac(value: str, start: MacAddress | None) -> tuple[MacAddress | None,
     pos = 0
     for i in range(6):
         if pos > len(value):
-            return _mac_or_none(octets), pos  # ran off the item (C reads on)
+            return _mac_or_none(octets), len(value)  # ran off the item (C reads on)
         number, end = _strtoul(value, pos, 16)
         number &= _UINT32_MAX  # stored into an unsigned int first
         if end == pos or number > 255:
