@@ -49,6 +49,10 @@ STRING: Final = "STRING"
 NEWLINE: Final = "NEWLINE"
 EOF: Final = "EOF"
 
+#: How many problems of each kind are kept: a 10 MB file of junk should give
+#: a readable report, not a million lines.
+MAX_PROBLEMS: Final = 100
+
 
 @dataclass(frozen=True, slots=True)
 class Token:
@@ -77,7 +81,7 @@ _TOKEN_RE: Final = re.compile(
     | (?P<IDENT>[a-z][._0-9a-z]*)
     | (?P<NUMBER>[0-9][0-9a-fx]*)
     | (?P<NEWLINE>\n|\#[^\n]*\n)
-    | (?P<STRING>'(?:[^'\\\n]|\\[^\n])*'|"(?:[^"\\\n]|\\[^\n])*")
+    | (?P<STRING>'[^'\\\n]*(?:\\[^\n][^'\\\n]*)*'|"[^"\\\n]*(?:\\[^\n][^"\\\n]*)*")
     | (?P<punct>\+=|[,\[\]=;])
     | (?P<python>[+\-.():])
     | (?P<bad>[^\n])
@@ -165,6 +169,8 @@ class LexState:
     #: Set by any of ``+ - . ( ) :`` outside a string, even one that is not
     #: reported because it ends the file (libxlutil sets its flag first).
     likely_python: bool = False
+    #: Every lexical error seen; only the first MAX_PROBLEMS are kept.
+    count: int = 0
 
 
 def tokens(text: str, state: LexState) -> Iterator[Token]:
@@ -239,7 +245,9 @@ def tokens(text: str, state: LexState) -> Iterator[Token]:
                 pos = w.end()
             elif text[pos] != "\n":
                 pos += 1  # a single blank
-        problems.append(LexProblem(line, col, text[start:pos], message, python))
+        state.count += 1
+        if state.count <= MAX_PROBLEMS:
+            problems.append(LexProblem(line, col, text[start:pos], message, python))
         # A newline right after the bad word is still a NEWLINE token (it is
         # matched by the lexerr state's own newline rule).
     yield Token(EOF, "", line, pos - line_start + 1)

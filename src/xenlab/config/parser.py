@@ -43,6 +43,7 @@ from typing import Final
 from xenlab.config.errors import ConfigError
 from xenlab.config.lexer import (
     EOF,
+    MAX_PROBLEMS,
     IDENT,
     NEWLINE,
     NUMBER,
@@ -109,6 +110,7 @@ class _Parser:
         self.stream: Iterator[Token] = tokens(text, self.lex)
         self.tok: Token = next(self.stream)
         self.problems: list[Problem] = []
+        self.count = 0
         self.settings: list[Setting] = []
         self.current: dict[str, Value] = {}
 
@@ -123,7 +125,9 @@ class _Parser:
             self.advance()
 
     def problem(self, line: int, col: int, message: str) -> None:
-        self.problems.append(Problem(self.source, line, col, message))
+        self.count += 1
+        if self.count <= MAX_PROBLEMS:
+            self.problems.append(Problem(self.source, line, col, message))
 
     # file = { stmt } [ assignment ] EOF
     def file(self) -> None:
@@ -319,7 +323,16 @@ def parse(text: str | bytes, *, source: str = "<string>") -> ConfigFile:
                 )
             )
         problems.sort(key=lambda p: (p.line, p.col))
+    hidden = parser.count - len(parser.problems) + parser.lex.count - len(lex_problems)
     if problems:
+        if len(problems) > MAX_PROBLEMS:
+            hidden += len(problems) - MAX_PROBLEMS
+            del problems[MAX_PROBLEMS:]
+        if hidden:
+            last = problems[-1]
+            problems.append(
+                Problem(source, last.line, last.col, f"too many problems: {hidden} more not shown")
+            )
         if likely_python:
             first = problems[0]
             problems.append(Problem(source, first.line, first.col, _PYTHON_HINT))
