@@ -21,6 +21,8 @@ from xenlab.config.model import (
 )
 from xenlab.config.parser import parse
 from xenlab.config.specs.cpus import CpuTerm, CpuTermKind, parse_cpus
+from xenlab.config.specs.disk import parse_disk
+from xenlab.config.specs.pci import PciSpec, RdmPolicy
 from xenlab.config.specs.vnuma import VnumaNode
 
 PV = 'name = "g"\nkernel = "/boot/vmlinuz"\n'
@@ -54,7 +56,8 @@ def test_xlexample_pvlinux(shared_data: Path) -> None:
     assert (dc.memory_mib, dc.maxmem_mib, dc.vcpus, dc.maxvcpus) == (128, 128, 2, 2)
     assert dc.cmdline == "root=/dev/xvda1"  # from extra=, as xl merges it
     assert dc.on_poweroff is ShutdownAction.DESTROY and dc.on_reboot is ShutdownAction.RESTART
-    assert dc.disks == ("/dev/vg/guest-volume,raw,xvda,rw",)
+    (disk,) = dc.disks
+    assert (disk.vdev, disk.pdev_path, disk.readwrite) == ("xvda", "/dev/vg/guest-volume", True)
     assert len(dc.vifs) == 1 and dc.vifs[0].devid == 0
     assert dc.warnings == ()
 
@@ -81,7 +84,10 @@ def test_xmexample_hvm_keeps_xl_warnings(shared_data: Path) -> None:
     assert dc.kernel is None  # kernel=".../hvmloader" is dropped by xl
     assert (dc.name, dc.memory_mib, dc.boot, dc.serial) == ("ExampleHVMDomain", 128, None, ("pty",))
     assert (dc.vnc, dc.sdl, dc.vncpasswd) == (True, False, "")
-    assert dc.disks == ("file:/var/images/min-el3-i386.img,hda,w", ",hdc:cdrom,r")
+    assert [(d.vdev, d.pdev_path, d.is_cdrom) for d in dc.disks] == [
+        ("hda", "/var/images/min-el3-i386.img", False),
+        ("hdc", "", True),
+    ]
     assert dict(dc.extra) == {
         "opengl": "1",
         "stdvga": "0",
@@ -156,7 +162,7 @@ def test_aarch64_guest_defaults_to_pvh(shared_data: Path) -> None:
     path = shared_data / "xlcfg" / "buildroot__buildroot__aarch64-dom1.cfg"
     dc = domain_config(parse(path.read_bytes(), source="dom1"), arch=Arch.ARM)
     assert (dc.name, dc.type, dc.memory_mib, dc.vcpus) == ("dom1", DomainType.PVH, 256, 1)
-    assert dc.disks == ("phy:/dev/vda3,xvda,w",)
+    assert dc.disks == (parse_disk("phy:/dev/vda3,xvda,w"),)
     assert dc.vifs[0].bridge == "br0"
 
 
@@ -346,7 +352,7 @@ def test_bounded_numbers_make_xl_exit() -> None:
 
 def test_nested_list_entry_stops_the_device_list() -> None:
     dc = build(f'{PV}disk = ["a,raw,xvda,rw", ["b"], "c,raw,xvdc,rw"]\n')
-    assert dc.disks == ("a,raw,xvda,rw",)
+    assert dc.disks == (parse_disk("a,raw,xvda,rw"),)
     assert warnings(dc) == [
         "g.cfg:3: warning: disk: entry 1 is a list; xl ignores it and every entry after it"
     ]
@@ -509,6 +515,42 @@ def test_vnuma_as_a_string_is_ignored_by_xl() -> None:
     assert warnings(dc) == [
         "g.cfg:3: warning: vnuma is a single value but should be a list; xl ignores it"
     ]
+
+
+# --- devices --------------------------------------------------------------------
+
+
+def test_pci_devices_are_seeded_with_the_pci_options() -> None:
+    dc = build(
+        'name = "g"\ntype = "hvm"\npci_permissive = 1\nrdm = "strategy=host,policy=strict"\n'
+        'pci = ["01:00.0", "0000:02:00.1,seize=1"]\n'
+    )
+    assert dc.pcis == (
+        PciSpec(bus=1, vfunc_mask=1, permissive=True, rdm_policy=RdmPolicy.STRICT),
+        PciSpec(
+            bus=2, func=1, vfunc_mask=1, permissive=True, seize=True, rdm_policy=RdmPolicy.STRICT
+        ),
+    )
+    assert domain_config_to_json(dc)["pcis"] == [
+        {"bus": 1, "vfunc_mask": 1, "permissive": True, "rdm_policy": "strict"},
+        {
+            "bus": 2,
+            "func": 1,
+            "vfunc_mask": 1,
+            "permissive": True,
+            "seize": True,
+            "rdm_policy": "strict",
+        },
+    ]
+
+
+def test_device_errors_are_placed_at_the_list_with_entry_and_column() -> None:
+    (disk,) = failures(f'{PV}disk = ["/x,raw,xvda,rw,bogus=1"]\n')
+    assert disk.startswith("g.cfg:3:8: disk entry 0 '/x,raw,xvda,rw,bogus=1', column ")
+    (pci,) = failures('name = "g"\ntype = "hvm"\npci = ["zz:00.0"]\n')
+    assert pci.startswith("g.cfg:3:7: pci entry 0 'zz:00.0', column 1: ")
+    (vif,) = failures(f'{PV}vif = ["rate=fast"]\n')
+    assert vif.startswith("g.cfg:3:7: vif entry 0 'rate=fast', column 6: ")
 
 
 # --- everything at once, and JSON ------------------------------------------------

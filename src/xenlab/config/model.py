@@ -49,6 +49,8 @@ from typing import Final
 from xenlab.config.errors import ConfigError, ConfigWarning
 from xenlab.config.keys import KEYS, KeyInfo, KeyKind, Severity
 from xenlab.config.specs.cpus import CpuSet, format_cpus, parse_cpus
+from xenlab.config.specs.disk import DiskSpec, disk_to_libxl_json, parse_disk
+from xenlab.config.specs.pci import PciSpec, RdmPolicy, parse_pci, pci_to_libxl_json
 from xenlab.config.specs.vif import VifSpec, parse_vif_with_warnings, vif_to_libxl_json
 from xenlab.config.specs.vnuma import VnumaNode, parse_vnuma, vnuma_to_libxl_json
 from xenlab.config.values import ConfigFile, Op, Setting, Value, value_to_json
@@ -157,9 +159,9 @@ class DomainConfig:
     gfx_passthru_kind: str | None = None
     nographic: bool | None = None
     device_model_version: DeviceModelVersion | None = None
-    disks: tuple[str, ...] = ()
+    disks: tuple[DiskSpec, ...] = ()
     vifs: tuple[VifSpec, ...] = ()
-    pcis: tuple[str, ...] = ()
+    pcis: tuple[PciSpec, ...] = ()
     vnuma: tuple[VnumaNode, ...] = ()
     extra: Mapping[str, Value] = field(default_factory=lambda: MappingProxyType({}))
     warnings: tuple[ConfigWarning, ...] = ()
@@ -450,6 +452,7 @@ def _check_known_keys(r: _Reader, dtype: DomainType) -> None:
 def _check_values(r: _Reader, dtype: DomainType) -> None:
     """Shapes and accepted strings of every other key xl reads for this type."""
     handled = _TYPED_KEYS | {
+        "pci_msitranslate", "pci_power_mgmt", "pci_permissive", "pci_seize", "rdm",
         "viridian", "mca_caps", "firmware", "mmio_hole", "bootloader_args", "passthrough",
     }  # fmt: skip
     for name in r.latest:
@@ -565,23 +568,67 @@ def _devices(r: _Reader, name: str) -> tuple[str, ...]:
     return r.items(name) or ()
 
 
+def _replace_errors(r: _Reader, name: str, index: int, spec: str, err: ConfigError) -> None:
+    """Place a device spec's problems at the list value, naming the entry and column."""
+    setting = r.setting(name)
+    for p in err.problems:
+        r.error(setting, f"{name} entry {index} {spec!r}, column {p.col}: {p.message}")
+
+
+def _disks(r: _Reader) -> tuple[DiskSpec, ...]:
+    result: list[DiskSpec] = []
+    for index, spec in enumerate(_devices(r, "disk")):
+        try:
+            result.append(parse_disk(spec, source=r.source))
+        except ConfigError as err:
+            _replace_errors(r, "disk", index, spec, err)
+    return tuple(result)
+
+
 def _vifs(r: _Reader) -> tuple[VifSpec, ...]:
     setting = r.setting("vif")
     result: list[VifSpec] = []
     for index, spec in enumerate(_devices(r, "vif")):
-        assert setting is not None
         try:
             # xl numbers the vifs by their place in the list.
             vif, warnings = parse_vif_with_warnings(
                 spec, source=r.source, base=VifSpec(devid=index)
             )
         except ConfigError as err:
-            for p in err.problems:
-                r.error(setting, f"vif entry {index} {spec!r}, column {p.col}: {p.message}")
+            _replace_errors(r, "vif", index, spec, err)
             continue
         for w in warnings:
             r.warn(setting, f"vif entry {index}: {w.message}")
         result.append(vif)
+    return tuple(result)
+
+
+def _rdm_policy(r: _Reader) -> RdmPolicy:
+    """The ``policy=`` of ``rdm=``, which xl copies into every pci device."""
+    text = r.string("rdm")
+    policy = RdmPolicy.INVALID
+    for item in (text or "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "policy" and value.strip() in ("strict", "relaxed"):
+            policy = RdmPolicy(value.strip())
+    return policy
+
+
+def _pcis(r: _Reader) -> tuple[PciSpec, ...]:
+    # xl seeds every device with the pci_* options and the rdm= policy.
+    base = PciSpec(
+        msitranslate=bool(r.number("pci_msitranslate")),
+        power_mgmt=bool(r.number("pci_power_mgmt")),
+        permissive=bool(r.number("pci_permissive")),
+        seize=bool(r.number("pci_seize")),
+        rdm_policy=_rdm_policy(r),
+    )
+    result: list[PciSpec] = []
+    for index, spec in enumerate(_devices(r, "pci")):
+        try:
+            result.append(parse_pci(spec, source=r.source, base=base))
+        except ConfigError as err:
+            _replace_errors(r, "pci", index, spec, err)
     return tuple(result)
 
 
@@ -678,9 +725,9 @@ def domain_config(
     _bootloader_args(r)
     kernel = _kernel_and_firmware(r, dtype, kernel, bootloader, firmware_dir)
 
-    disks = _devices(r, "disk")
+    disks = _disks(r)
     vifs = _vifs(r)
-    pcis = _devices(r, "pci")
+    pcis = _pcis(r)
     vfb = _devices(r, "vfb")
     passthrough = r.string("passthrough")
     if pod and (pcis or r.setting("dtdev")) and passthrough != "disabled":
@@ -835,9 +882,9 @@ def domain_config_to_json(dc: DomainConfig) -> dict[str, object]:
         "gfx_passthru_kind": dc.gfx_passthru_kind,
         "nographic": dc.nographic,
         "device_model_version": dc.device_model_version.value if dc.device_model_version else None,
-        "disks": list(dc.disks),
+        "disks": [disk_to_libxl_json(disk) for disk in dc.disks],
         "vifs": [vif_to_libxl_json(vif) for vif in dc.vifs],
-        "pcis": list(dc.pcis),
+        "pcis": [pci_to_libxl_json(pci) for pci in dc.pcis],
         "vnuma": vnuma_to_libxl_json(dc.vnuma),
         "extra": {key: value_to_json(value) for key, value in dc.extra.items()},
         "warnings": [str(w) for w in dc.warnings],
