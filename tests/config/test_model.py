@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xenlab.config.errors import ConfigError
 from xenlab.config.keys import KEYS, KeyKind, Severity
@@ -24,6 +27,7 @@ from xenlab.config.specs.cpus import CpuTerm, CpuTermKind, parse_cpus
 from xenlab.config.specs.disk import parse_disk
 from xenlab.config.specs.pci import PciSpec, RdmPolicy
 from xenlab.config.specs.vnuma import VnumaNode
+from xenlab.config.values import ConfigFile, Op, Setting, Value
 
 PV = 'name = "g"\nkernel = "/boot/vmlinuz"\n'
 
@@ -606,3 +610,85 @@ def test_key_table_covers_what_xl_reads() -> None:
 )
 def test_strtol0(text: str, value: int | str) -> None:
     assert strtol0(text) == value
+
+
+# --- agreement with the real libxlutil ----------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "rhs",
+    [
+        "512",
+        '"512"',
+        '" 0x200"',
+        "010",
+        '"08"',
+        '"-3"',
+        '"+7"',
+        '"0x"',
+        '"12 "',
+        '""',
+        '"9223372036854775807"',
+        '"9223372036854775808"',
+        '"-9223372036854775809"',
+        '["1"]',
+    ],
+)
+def test_number_reading_agrees_with_libxlutil(libxlu: Any, rhs: str) -> None:
+    data = f'name = "g"\nkernel = "k"\nmemory = 1\nmemory = {rhs}\n'.encode()
+    oracle = libxlu.parse_cfg(data).get_long("memory")
+    if oracle.rc == 0 and oracle.value <= 0:
+        # libxlutil reads it; our own check refuses a memory size below 1 MiB.
+        with pytest.raises(ConfigError, match="must be at least 1"):
+            domain_config(parse(data, source="config"))
+        return
+    dc = domain_config(parse(data, source="config"))
+    if oracle.rc == 0:
+        assert dc.memory_mib == oracle.value
+        assert not [w for w in dc.warnings if "memory" in w.message]
+    else:
+        assert dc.memory_mib == 32  # ignored, as xl ignores it
+        (warning,) = [w for w in dc.warnings if "memory" in w.message]
+        assert warning.line == 4 and "warning" in oracle.report
+
+
+@pytest.mark.integration
+def test_plus_equals_agrees_with_libxlutil(libxlu: Any) -> None:
+    oracle = libxlu.parse_cfg(b"memory = 1\nmemory += 2\n").get_long("memory")
+    assert oracle.rc != 0 and "can't use += with numbers" in oracle.report
+
+
+# --- robustness ---------------------------------------------------------------------
+
+_core = ["name", "kernel", "type", "memory", "maxmem", "vcpus", "maxvcpus", "cpus", "vnuma", "pci"]
+_names = st.sampled_from(_core) | st.sampled_from([*sorted(KEYS), "foo"])
+_atoms = st.sampled_from(
+    ["", "0", "1", "-1", "2", "0x10", "hvm", "pv", "pvh", "all", "0-3,^1", "nodes:0",
+     "pnode=0", "size=1", "vcpus=0", "vdistances=10", "destroy", "xvda", "/k", "x=y", "01:00.0"]
+) | st.text(max_size=8)  # fmt: skip
+_values: st.SearchStrategy[Value] = st.recursive(
+    _atoms, lambda inner: st.lists(inner, max_size=4).map(tuple), max_leaves=10
+)
+
+
+@st.composite
+def _files(draw: st.DrawFn) -> ConfigFile:
+    settings = []
+    for line, (name, value, add) in enumerate(
+        draw(st.lists(st.tuples(_names, _values, st.booleans()), max_size=12)), start=1
+    ):
+        settings.append(Setting(name, Op.ADD if add else Op.ASSIGN, value, line, 5, line, 1))
+    return ConfigFile("fuzz.cfg", tuple(settings))
+
+
+@settings(max_examples=300)
+@given(_files(), st.sampled_from(Arch))
+def test_arbitrary_files_raise_only_config_error(cfg: ConfigFile, arch: Arch) -> None:
+    try:
+        dc = domain_config(cfg, arch=arch)
+    except ConfigError as err:
+        assert all(p.source == "fuzz.cfg" for p in err.problems)
+        return
+    assert dc.vcpus <= dc.maxvcpus and dc.memory_mib >= 1
+    json.dumps(domain_config_to_json(dc))
