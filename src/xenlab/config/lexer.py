@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 # Token kinds.  Punctuation tokens use their own text as their kind.
 IDENT: Final = "IDENT"
@@ -54,9 +54,12 @@ EOF: Final = "EOF"
 MAX_PROBLEMS: Final = 100
 
 
-@dataclass(frozen=True, slots=True)
-class Token:
-    """One token: ``kind``, its ``text`` as written, and where it starts (1-based)."""
+class Token(NamedTuple):
+    """One token: ``kind``, its ``text`` as written, and where it starts (1-based).
+
+    A tuple, not a dataclass: the lexer makes one per token and this is the
+    parser's hot path.
+    """
 
     kind: str
     text: str
@@ -75,16 +78,23 @@ class LexProblem:
     likely_python: bool
 
 
+# Blanks before a token are skipped by the same match.  A NEWLINE token takes
+# a newline (or a comment and its newline) and every blank or comment-only
+# line after it: the grammar treats a run of NEWLINEs as one, and comment-
+# heavy files lex several times faster.
 _TOKEN_RE: Final = re.compile(
     r"""
-      (?P<ws>[ \t]+)
-    | (?P<IDENT>[a-z][._0-9a-z]*)
+    [ \t]*
+    (?:
+      (?P<IDENT>[a-z][._0-9a-z]*)
     | (?P<NUMBER>[0-9][0-9a-fx]*)
-    | (?P<NEWLINE>\n|\#[^\n]*\n)
+    | (?P<NEWLINE>(?:\n|\#[^\n]*\n)(?:[ \t]*(?:\#[^\n]*)?\n)*)
     | (?P<STRING>'[^'\\\n]*(?:\\[^\n][^'\\\n]*)*'|"[^"\\\n]*(?:\\[^\n][^"\\\n]*)*")
     | (?P<punct>\+=|[,\[\]=;])
     | (?P<python>[+\-.():])
     | (?P<bad>[^\n])
+    | (?P<end>\Z)
+    )
     """,
     re.VERBOSE,
 )
@@ -186,34 +196,36 @@ def tokens(text: str, state: LexState) -> Iterator[Token]:
     line_start = 0
     n = len(text)
     match = _TOKEN_RE.match
-    while pos < n:
+    while True:
         m = match(text, pos)
-        assert m is not None  # the last alternative matches any non-newline
+        assert m is not None  # `bad` matches any non-newline, `end` the end
         kind = m.lastgroup
         end = m.end()
-        if kind == "ws":
+        if kind == IDENT or kind == NUMBER:
+            yield Token(kind, m.group(kind), line, m.start(kind) - line_start + 1)
             pos = end
             continue
-        col = pos - line_start + 1
         if kind == NEWLINE:
-            yield Token(NEWLINE, m.group(), line, col)
-            line += 1
-            line_start = end
+            tok_text = m.group(kind)
+            yield Token(NEWLINE, tok_text, line, m.start(kind) - line_start + 1)
+            line += tok_text.count("\n")
+            line_start = text.rindex("\n", 0, end) + 1
             pos = end
             continue
         if kind == "punct":
-            tok = m.group()
-            yield Token(tok, tok, line, col)
+            tok_text = m.group(kind)
+            yield Token(tok_text, tok_text, line, m.start(kind) - line_start + 1)
             pos = end
             continue
-        if kind == STRING and "\0" not in m.group():
-            yield Token(STRING, m.group(), line, col)
+        if kind == STRING and "\0" not in m.group(kind):
+            yield Token(STRING, m.group(kind), line, m.start(kind) - line_start + 1)
             pos = end
             continue
-        if kind in (IDENT, NUMBER):
-            yield Token(kind, m.group(), line, col)
+        if kind == "end":
             pos = end
-            continue
+            break
+        pos = m.start(kind)
+        col = pos - line_start + 1
         # A lexical error: the lexerr state swallows the rest of the word.
         python = kind == "python"
         if python:
