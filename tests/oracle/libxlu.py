@@ -659,6 +659,11 @@ class Libxlu:
         if isinstance(specs, str):
             specs = [specs]
         raw = [self._cbytes(s) for s in specs]
+        if any(b"=\n" in r for r in raw):
+            # An "=" that the disk scanner reaches as a token start, followed by
+            # a newline, jams flex ("flex scanner jammed") and exit()s the
+            # process.  Refusing every "=\n" is a slight superset of that.
+            raise OracleRefuses("'=' before a newline makes the disk scanner exit")
         arr = (ctypes.c_char_p * max(1, len(raw)))(*raw)
 
         def parse(cfg: object, buf: object) -> int:

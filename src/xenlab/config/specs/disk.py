@@ -23,7 +23,7 @@ Design
                      vdev= script= colo-host= colo-port= colo-export=
                      active-disk= hidden-disk= devtype=   value: [^,]*  then ",?"
         flags        cdrom direct-io-safe discard no-discard colo no-colo
-                     trusted untrusted                      then ",?"
+                                                            then ",?"
         target=      target=.*        the rest of the line, one trailing "," cut
         unknown      [a-z][-a-z0-9]*=[^,],?                 error
         prefixes     (raw|qcow2?|vhd): (iscsi|e?nbd|drbd): tapdisk: tap2?: aio:
@@ -44,6 +44,12 @@ Defaults (with reasons)
     given.  ``vdev`` is mandatory, and so is a target unless it is a cdrom.
 
 Quirks kept from libxlutil 4.17 (tests pin each one)
+    * ``trusted`` and ``untrusted`` are *not* flags in 4.17: the scanner
+      that Xen ships pre-generated (``libxlu_disk_l.c``, used by the builds)
+      predates their rules in ``libxlu_disk_l.l`` (regenerated only in 4.19).
+      They are ordinary positional parameters, so ``'trusted,vdev=hda,
+      target=/x'`` fails with "target respecified", although Xen's own
+      ``check-xl-disk-parse`` and the 4.17 man page expect a flag.
     * A string parameter given twice is an error even with the same value
       ("vdev respecified"), unless the first value was empty; an enum
       (format, backendtype, specification) may be repeated with the same
@@ -135,9 +141,10 @@ class DiskSpec:
     """A parsed disk spec: the fields of ``libxl_device_disk`` that a spec can set.
 
     ``None`` means "not set" for strings and for libxl's defbools
-    (``discard_enable``, ``colo_enable``, ``trusted``), which libxl resolves
-    later.  ``removable``, ``readwrite`` and ``is_cdrom`` are C ints that only
-    ever hold 0 or 1 here.
+    (``discard_enable``, ``colo_enable``), which libxl resolves later.  There
+    is no ``trusted``: libxlutil 4.17 cannot set it (see the module notes).
+    ``removable``, ``readwrite`` and ``is_cdrom`` are C ints that only ever
+    hold 0 or 1 here.
     """
 
     vdev: str
@@ -158,7 +165,6 @@ class DiskSpec:
     colo_export: str | None = None
     active_disk: str | None = None
     hidden_disk: str | None = None
-    trusted: bool | None = None
 
 
 # ---------------------------------------------------------------- scanner rules
@@ -187,8 +193,6 @@ _RULE_TEXT: tuple[tuple[str, str, str | None], ...] = (
     ("colo_export", r"colo-export=[^,]*,?", None),
     ("active_disk", r"active-disk=[^,]*,?", None),
     ("hidden_disk", r"hidden-disk=[^,]*,?", None),
-    ("trusted", r"trusted,?", None),
-    ("untrusted", r"untrusted,?", None),
     ("target", r"target=.*", None),
     ("unknown_param", r"[a-z][-a-z0-9]*=[^,],?", None),
     ("prefix_format", r"(?:raw|qcow2?|vhd):", r".*"),
@@ -320,14 +324,21 @@ class _Disk:
     def savestring(self, field: str, what: str, value: str, offset: int) -> None:
         old = self.strings.get(field)
         if old:  # an earlier empty value may be overwritten silently
-            self.error(offset, f"{what} respecified: near `{value}' (already `{old}')")
+            self.error(
+                offset,
+                f"{what} respecified: near `{value}' (expected one value; `{old}' came first)",
+            )
             return
         self.strings[field] = value
 
     def set_enum(self, member: str, new: enum.Enum, value: str, offset: int) -> None:
         current: enum.Enum = getattr(self, member)
         if current.value != "unknown" and current is not new:
-            self.error(offset, f"{member} respecified: near `{value}' (already {current.value})")
+            self.error(
+                offset,
+                f"{member} respecified: near `{value}'"
+                f" (expected one value; {current.value} came first)",
+            )
         else:
             setattr(self, member, new)
 
@@ -419,8 +430,6 @@ class _Disk:
             self.fields["discard_enable"] = rule == "discard"
         elif rule in ("colo", "no_colo"):
             self.fields["colo_enable"] = rule == "colo"
-        elif rule in ("trusted", "untrusted"):
-            self.fields["trusted"] = rule == "trusted"
         elif rule == "colo_port":
             port = _atoi(value)
             if port:
@@ -558,7 +567,6 @@ class _Disk:
             colo_export=self.strings.get("colo_export"),
             active_disk=self.strings.get("active_disk"),
             hidden_disk=self.strings.get("hidden_disk"),
-            trusted=_opt_bool(self.fields.get("trusted")),
         )
 
 
@@ -619,7 +627,6 @@ def disk_to_libxl_json(disk: DiskSpec) -> dict[str, object]:
         ("colo_export", disk.colo_export),
         ("active_disk", disk.active_disk),
         ("hidden_disk", disk.hidden_disk),
-        ("trusted", _defbool(disk.trusted)),
     ]
     return {key: value for key, value in items if value is not None}
 
@@ -707,7 +714,6 @@ def format_disk(disk: DiskSpec) -> str:
     flags: tuple[tuple[bool | None, str, str], ...] = (
         (disk.discard_enable, "discard", "no-discard"),
         (disk.colo_enable, "colo", "no-colo"),
-        (disk.trusted, "trusted", "untrusted"),
     )
     for value, yes, no in flags:
         if value is not None:
