@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
 from tests.oracle import libxlu as oracle  # noqa: E402
+
 from xenlab.config import parse  # noqa: E402
 
 

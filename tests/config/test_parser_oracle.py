@@ -78,7 +78,7 @@ def test_own_examples_and_golden_texts_agree(libxlu: Libxlu) -> None:
         for mark in marks:
             if mark.name == "parametrize":
                 for case in mark.args[1]:
-                    if isinstance(case[0], str) and "=" in case[0] or case[0] == "":
+                    if isinstance(case[0], str) and ("=" in case[0] or case[0] == ""):
                         texts.append(case[0].encode())
     for data in texts:
         if b"\0" not in data:
@@ -186,7 +186,7 @@ def _config_text(draw: st.DrawFn) -> str:
     return text
 
 
-_noise = st.sampled_from(list("=+;,[]()-.:#'\"\\\n\r\t xAZ09_\x00\xff") + ["+=", "\\x", "\\1"])
+_noise = st.sampled_from([*"=+;,[]()-.:#'\"\\\n\r\t xAZ09_\x00\xff", "+=", "\\x", "\\1"])
 
 
 @st.composite
@@ -219,8 +219,13 @@ def test_random_bytes_agree(libxlu: Libxlu, data: bytes) -> None:
     assert_agrees(libxlu, data)
 
 
+_values = st.recursive(
+    st.text(max_size=10), lambda v: st.lists(v, max_size=3).map(tuple), max_leaves=8
+)
+
+
 @settings(max_examples=200)
-@given(st.dictionaries(_names, st.recursive(st.text(max_size=10), lambda v: st.lists(v, max_size=3).map(tuple), max_leaves=8), max_size=5))
+@given(st.dictionaries(_names, _values, max_size=5))
 def test_our_canonical_output_reads_the_same_in_libxlutil(
     libxlu: Libxlu, values: dict[str, Value]
 ) -> None:

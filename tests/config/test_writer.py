@@ -54,7 +54,9 @@ def test_bad_names_are_refused() -> None:
 
 # Values the language can hold: any string without NUL, and nested lists.
 _strings = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)))
-_values = st.recursive(_strings, lambda inner: st.lists(inner, max_size=5).map(tuple), max_leaves=20)
+_values = st.recursive(
+    _strings, lambda inner: st.lists(inner, max_size=5).map(tuple), max_leaves=20
+)
 _names = st.from_regex(r"[a-z][._0-9a-z]{0,8}", fullmatch=True)
 
 

@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from xenlab.atomic import atomic_write_text
 from xenlab.config import ConfigError, parse
 from xenlab.config.model import domain_config, domain_config_to_json
 from xenlab.config.specs.disk import disk_to_libxl_json, parse_disk
@@ -20,7 +21,6 @@ from xenlab.config.specs.vif import parse_vif, vif_to_libxl_json
 from xenlab.config.values import value_to_json
 from xenlab.config.writer import format_config
 from xenlab.config.xm import convert_xm
-from xenlab.atomic import atomic_write_text
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 

@@ -200,8 +200,9 @@ def tokens(text: str, state: LexState) -> Iterator[Token]:
         m = match(text, pos)
         assert m is not None  # `bad` matches any non-newline, `end` the end
         kind = m.lastgroup
+        assert kind is not None
         end = m.end()
-        if kind == IDENT or kind == NUMBER:
+        if kind in (IDENT, NUMBER):
             yield Token(kind, m.group(kind), line, m.start(kind) - line_start + 1)
             pos = end
             continue

@@ -43,8 +43,8 @@ from typing import Final
 from xenlab.config.errors import ConfigError
 from xenlab.config.lexer import (
     EOF,
-    MAX_PROBLEMS,
     IDENT,
+    MAX_PROBLEMS,
     NEWLINE,
     NUMBER,
     STRING,
@@ -211,7 +211,7 @@ class _Parser:
     # value = STRING | NUMBER | "[" nlok [ values [ "," nlok ] ] "]"
     def value(self) -> Value:
         kind = self.tok.kind
-        if kind == STRING or kind == NUMBER:
+        if kind in (STRING, NUMBER):
             return self.atom()
         if kind != "[":
             raise _Syntax(self.tok, "expected a value: a string, a number or a [list]")
@@ -250,7 +250,7 @@ class _Parser:
                     height += 2
                     self.skip_newlines_at(height)
                     continue
-                if tok.kind == STRING or tok.kind == NUMBER:
+                if tok.kind in (STRING, NUMBER):
                     self.bison_push(tok, height + 2)  # value nlok
                     stack[-1].append(self.atom())
                     self.skip_newlines_at(height + 2)

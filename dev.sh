@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# xenlab's one entry point for a fresh machine.
+#   ./dev.sh run    set up, then run the main job (check and show the example configs)
+#   ./dev.sh test   set up, then run ruff, mypy and the test suite
+#   ./dev.sh bench  set up, then run every benchmark under bench/
+# Setup is idempotent: system packages via apt-get (when root and missing),
+# a venv in .venv via pip.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# System packages the project uses: dpkg/apt-get to fetch libxlutil (the test
+# oracle), gcc for nothing yet.  Later rooms add qemu, seabios, cpio here.
+APT_PACKAGES=(ca-certificates)
+
+setup() {
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+      dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+  fi
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+  fi
+  if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -e '.[test]'
+    touch .venv/.installed
+  fi
+}
+
+cmd="${1:-run}"
+case "$cmd" in
+  run)
+    setup
+    .venv/bin/xenlab config check examples/*.cfg
+    .venv/bin/xenlab config show examples/hvm-vnuma.cfg
+    ;;
+  test)
+    setup
+    .venv/bin/ruff check src tests bench
+    .venv/bin/mypy
+    shift || true
+    .venv/bin/pytest -q "$@"
+    ;;
+  bench)
+    setup
+    for b in bench/*.py; do .venv/bin/python "$b"; done
+    ;;
+  *)
+    echo "usage: $0 run|test|bench" >&2
+    exit 2
+    ;;
+esac
