@@ -203,14 +203,7 @@ _spec_command(
               help="Write the xl config here (atomically) instead of stdout.")
 def from_xm(file: Path, output: Path | None) -> None:
     """Convert an xm-era (Python) config FILE to xl, without running it."""
-    raw = _read(file)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError.at(
-            str(file), raw.count(b"\n", 0, err.start) + 1, 1, "not UTF-8 text"
-        ) from None
-    result = convert_xm(text, source=str(file))
+    result = convert_xm(_read(file), source=str(file))
     for note in result.notes:
         click.echo(str(note), err=True)
     if output is None:

@@ -23,7 +23,9 @@ cli.add_command(config)
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; xenlab errors print as ``place: message`` and exit 1."""
     try:
-        cli.main(args=argv, prog_name="xenlab", standalone_mode=False)
+        # Without standalone mode click returns a command's exit code (from
+        # click.exceptions.Exit) instead of exiting.
+        code = cli.main(args=argv, prog_name="xenlab", standalone_mode=False)
     except XenlabError as err:
         click.echo(str(err), err=True)
         sys.exit(1)
@@ -35,3 +37,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
+    if isinstance(code, int) and code:
+        sys.exit(code)
