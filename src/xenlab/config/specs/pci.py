@@ -219,13 +219,15 @@ def _parse_bdf(text: str, start: int) -> _Bdf | _Fail:
         colons += text[k] == ":"
         k += 1
     if colons not in (1, 2):
-        return _Fail(start, f"not a BDF, {_BDF_FORM}")
+        return _Fail(start, f"not a BDF or key=value, {_BDF_FORM}")
     numbers: list[int] = []
+    places: list[int] = []
     pos = start
     for sep in ":" * colons + ".":
         scanned = _scan_hex(text, pos)
         if scanned is None:
             return _Fail(pos, f"expected a hexadecimal number, {_BDF_FORM}")
+        places.append(pos)
         value, pos = scanned
         numbers.append(value)
         if pos >= len(text) or text[pos] != sep:
@@ -233,11 +235,12 @@ def _parse_bdf(text: str, start: int) -> _Bdf | _Fail:
         pos += 1
     if colons == 1:
         numbers.insert(0, 0)
+        places.insert(0, start)
     domain, bus, dev = numbers
     limits = ((domain, 0xFFFF, "domain"), (bus, 0xFF, "bus"), (dev, 0x1F, "device"))
-    for value, limit, what in limits:
+    for (value, limit, what), place in zip(limits, places, strict=True):
         if value > limit:
-            return _Fail(start, f"{what} {value:#x} is out of range (at most {limit:#x})")
+            return _Fail(place, f"{what} {value:#x} is out of range (at most {limit:#x})")
     if pos < len(text) and text[pos] == "*":
         return _Bdf(domain, bus, dev, 0, PCI_FUNC_ALL, pos + 1)
     scanned = _scan_hex(text, pos)
