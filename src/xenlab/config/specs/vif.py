@@ -388,7 +388,8 @@ def parse_vif_with_warnings(
     :class:`VifSpec`.  Warnings cover unknown keys, bad ``type=``/``mac=``
     values (ignored, as in a domain config) and the deprecated ``accel=``
     and ``netdev=``.  With ``strict=True`` the ignored items raise instead, as
-    in ``xl network-attach``.
+    in ``xl network-attach`` (which takes one item per argument; here the
+    spec is still cut at ``,``, so a value cannot hold one).
 
     :raise ConfigError: a bad ``rate=``, ``devid=`` or ``mtu=`` (xl exits), a
         NUL character, or in strict mode an item xl rejects; the column is the
