@@ -114,7 +114,7 @@ def test_from_xm(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     xm = tmp_path / "old.cfg"
     xm.write_text("builder = 'hvm'\nmemory = 64 * 4\nname = 'vm' + '1'\nacpi = True\n")
     out_file = tmp_path / "new.cfg"
-    code, _, err = run(capsys, "config", "from-xm", str(xm), "-o", str(out_file))
+    code, _, _ = run(capsys, "config", "from-xm", str(xm), "-o", str(out_file))
     assert code == 0
     code, out, _ = run(capsys, "config", "json", "--raw", str(out_file))
     raw = json.loads(out)
