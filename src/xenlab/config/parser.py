@@ -319,7 +319,7 @@ def parse(text: str | bytes, *, source: str = "<string>") -> ConfigFile:
                     source,
                     lp.line,
                     lp.col,
-                    f"lexical error near `{_printable(lp.text.rstrip(" \t"))}': {lp.message}",
+                    f"lexical error near `{_printable(lp.text.rstrip(' \t'))}': {lp.message}",
                 )
             )
         problems.sort(key=lambda p: (p.line, p.col))
