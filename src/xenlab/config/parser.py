@@ -63,6 +63,8 @@ __all__ = ["parse"]
 _BISON_MAX_DEPTH: Final = 10000
 _BASE_HEIGHT: Final = 4
 
+_BLANKS: Final = " \t"
+
 _PYTHON_HINT: Final = (
     "this looks like an xm-style (Python) config, which xl no longer reads;"
     " convert it with `xenlab config from-xm`"
@@ -319,7 +321,7 @@ def parse(text: str | bytes, *, source: str = "<string>") -> ConfigFile:
                     source,
                     lp.line,
                     lp.col,
-                    f"lexical error near `{_printable(lp.text.rstrip(' \t'))}': {lp.message}",
+                    f"lexical error near `{_printable(lp.text.rstrip(_BLANKS))}': {lp.message}",
                 )
             )
         problems.sort(key=lambda p: (p.line, p.col))
