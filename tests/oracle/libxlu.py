@@ -195,8 +195,9 @@ def ensure_root(cache: Path | None = None) -> Path:
             shutil.rmtree(debs)
         debs.mkdir()
         proc = _run(["apt-get", "download", *PACKAGES], debs)
-        if proc.returncode != 0 and "Unable to locate package" in proc.stderr:
-            # A fresh machine has no package lists yet.
+        if proc.returncode != 0:
+            # A fresh machine has no package lists yet ("Unable to locate
+            # package"), an old one may point at superseded versions (404).
             _run(["apt-get", "update"], debs)
             proc = _run(["apt-get", "download", *PACKAGES], debs)
         if proc.returncode != 0:
