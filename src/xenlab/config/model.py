@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
+from xenlab.config.clib import strtol0
 from xenlab.config.errors import ConfigError, ConfigWarning
 from xenlab.config.keys import KEYS, KeyInfo, KeyKind, Severity
 from xenlab.config.specs.cpus import CpuSet, format_cpus, parse_cpus
@@ -169,9 +170,6 @@ class DomainConfig:
 
 # --- libxlutil's getters ---------------------------------------------------
 
-_C_SPACE: Final = " \t\n\v\f\r"
-_LONG_MIN: Final = -(2**63)
-_LONG_MAX: Final = 2**63 - 1
 _UUID: Final = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _VIRIDIAN: Final = frozenset(
     {
@@ -183,41 +181,6 @@ _VIRIDIAN: Final = frozenset(
 # hvm_info_table.h: the MMIO hole is between 256 MiB and 3840 MiB.
 _MMIO_HOLE_MIB: Final = (256, 3840)
 _LIBXL_DEFAULT_MEMORY_MIB: Final = 32
-
-
-def strtol0(text: str) -> int | str:
-    """C's ``strtol(text, &end, 0)`` that must consume everything (libxlu's rule).
-
-    Returns the number, or the reason it is not one: ``"not a valid number"``
-    or ``"out of range"``.  Base 0 means ``0x1f`` is hex and ``010`` octal.
-    """
-    i = 0
-    while i < len(text) and text[i] in _C_SPACE:
-        i += 1
-    negative = False
-    if i < len(text) and text[i] in "+-":
-        negative = text[i] == "-"
-        i += 1
-    digits = "0123456789"
-    base = 10
-    if (
-        text[i : i + 2] in ("0x", "0X")
-        and i + 2 < len(text)
-        and text[i + 2] in "0123456789abcdefABCDEF"
-    ):
-        base, digits, i = 16, "0123456789abcdefABCDEF", i + 2
-    elif text[i : i + 1] == "0":
-        base, digits = 8, "01234567"
-    start = i
-    while i < len(text) and text[i] in digits:
-        i += 1
-    if i == start or i != len(text):
-        return "not a valid number"
-    value = int(text[start:i], base)
-    value = -value if negative else value
-    if not _LONG_MIN <= value <= _LONG_MAX:
-        return "out of range"
-    return value
 
 
 class _Reader:

@@ -33,8 +33,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final
 
+from xenlab.config.clib import ULONG_MAX, strtoul
 from xenlab.config.errors import ConfigError
 from xenlab.errors import Problem
 
@@ -46,9 +46,6 @@ __all__ = [
     "format_cpus",
     "parse_cpus",
 ]
-
-ULONG_MAX: Final = 2**64 - 1
-_SPACE: Final = " \t\n\v\f\r"
 
 
 class CpuTermKind(enum.Enum):
@@ -133,28 +130,9 @@ class CpuSet:
 
 
 def _strtoul(text: str, pos: int) -> tuple[int, int] | None:
-    """C's ``strtoul(text+pos, &end, 10)``: (value, end), or None when no digits.
-
-    Overflow gives ULONG_MAX, and a minus sign negates modulo 2**64.
-    """
-    i = pos
-    while i < len(text) and text[i] in _SPACE:
-        i += 1
-    negative = False
-    if i < len(text) and text[i] in "+-":
-        negative = text[i] == "-"
-        i += 1
-    start = i
-    while i < len(text) and "0" <= text[i] <= "9":
-        i += 1
-    if i == start:
-        return None
-    value = int(text[start:i])
-    if value > ULONG_MAX:
-        return ULONG_MAX, i
-    if negative:
-        value = (-value) % (ULONG_MAX + 1)
-    return value, i
+    """C's ``strtoul(text+pos, &end, 10)``: (value, end), or None when no digits."""
+    value, end = strtoul(text, 10, pos)
+    return None if end == pos else (value, end)
 
 
 def _parse_range(text: str) -> tuple[int, int] | str:

@@ -61,6 +61,7 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Any
 
+from xenlab.config.clib import HEX_DIGITS, atoi, sscanf_x
 from xenlab.config.errors import ConfigError, config_error
 
 __all__ = [
@@ -75,14 +76,6 @@ __all__ = [
 
 #: ``vfunc_mask`` for ``BB:DD.*``: every function (LIBXL_PCI_FUNC_ALL, ~0U).
 PCI_FUNC_ALL = 0xFFFF_FFFF
-
-_UINT32_MAX = 0xFFFF_FFFF
-_ULONG_MAX = 0xFFFF_FFFF_FFFF_FFFF
-_LONG_MAX = 0x7FFF_FFFF_FFFF_FFFF
-_LONG_MIN = -0x8000_0000_0000_0000
-_C_SPACE = " \t\n\v\f\r"  # isspace() in the C locale
-_HEX = "0123456789abcdefABCDEF"
-_DEC = "0123456789"
 
 
 class RdmPolicy(enum.Enum):
@@ -131,62 +124,6 @@ class PciSpec:
         return f"{self.domain:04x}:{self.bus:02x}:{self.dev:02x}.{func}"
 
 
-# ------------------------------------------------------------ C number readers
-
-
-def _scan_hex(text: str, i: int) -> tuple[int, int] | None:
-    """glibc ``sscanf(text + i, "%x%n")``: (value as unsigned int, end) or None.
-
-    Blanks are skipped, a sign is allowed, ``0x`` is skipped even when no hex
-    digit follows (then the value is 0), a number beyond 64 bits saturates and
-    the result keeps the low 32 bits.
-    """
-    n = len(text)
-    while i < n and text[i] in _C_SPACE:
-        i += 1
-    negative = False
-    if i < n and text[i] in "+-":
-        negative = text[i] == "-"
-        i += 1
-    seen_zero = False
-    if i < n and text[i] == "0":
-        seen_zero = True
-        i += 1
-        if i < n and text[i] in "xX":
-            i += 1
-    j = i
-    while j < n and text[j] in _HEX:
-        j += 1
-    if j == i and not seen_zero:
-        return None
-    digits = text[i:j] or "0"
-    value = int(digits, 16)
-    if value > _ULONG_MAX:
-        value = _ULONG_MAX
-    elif negative:
-        value = -value & _ULONG_MAX
-    return value & _UINT32_MAX, j
-
-
-def _atoi(text: str) -> int:
-    """glibc ``atoi``: ``(int) strtol(text, NULL, 10)``."""
-    i = 0
-    n = len(text)
-    while i < n and text[i] in _C_SPACE:
-        i += 1
-    sign = 1
-    if i < n and text[i] in "+-":
-        sign = -1 if text[i] == "-" else 1
-        i += 1
-    j = i
-    while j < n and text[j] in _DEC:
-        j += 1
-    value = sign * int(text[i:j]) if j > i else 0
-    value = max(_LONG_MIN, min(_LONG_MAX, value))
-    value &= _UINT32_MAX
-    return value - (1 << 32) if value & 0x8000_0000 else value
-
-
 # ------------------------------------------------------------ BDF and vslot
 
 
@@ -215,7 +152,7 @@ def _parse_bdf(text: str, start: int) -> _Bdf | _Fail:
     """libxlutil's ``parse_bdf`` on ``text[start:]``."""
     colons = 0
     k = start
-    while k < len(text) and (text[k] in _HEX or text[k] == ":"):
+    while k < len(text) and (text[k] in HEX_DIGITS or text[k] == ":"):
         colons += text[k] == ":"
         k += 1
     if colons not in (1, 2):
@@ -224,7 +161,7 @@ def _parse_bdf(text: str, start: int) -> _Bdf | _Fail:
     places: list[int] = []
     pos = start
     for sep in ":" * colons + ".":
-        scanned = _scan_hex(text, pos)
+        scanned = sscanf_x(text, pos)
         if scanned is None:
             return _Fail(pos, f"expected a hexadecimal number, {_BDF_FORM}")
         places.append(pos)
@@ -243,7 +180,7 @@ def _parse_bdf(text: str, start: int) -> _Bdf | _Fail:
             return _Fail(place, f"{what} {value:#x} is out of range (at most {limit:#x})")
     if pos < len(text) and text[pos] == "*":
         return _Bdf(domain, bus, dev, 0, PCI_FUNC_ALL, pos + 1)
-    scanned = _scan_hex(text, pos)
+    scanned = sscanf_x(text, pos)
     if scanned is None:
         return _Fail(pos, f"expected a function number 0-7 or *, {_BDF_FORM}")
     func, end = scanned
@@ -265,7 +202,7 @@ def _bdf_is_undefined(text: str) -> bool:
 
 def _parse_vslot(text: str, start: int) -> tuple[int, int] | _Fail:
     """libxlutil's ``parse_vslot``: (vdevfn, end) or a failure."""
-    scanned = _scan_hex(text, start)
+    scanned = sscanf_x(text, start)
     if scanned is None:
         return _Fail(start, "expected a virtual slot number in hexadecimal (0-1f)")
     value, end = scanned
@@ -388,7 +325,7 @@ def parse_pci(spec: str, *, source: str = "pci spec", base: PciSpec | None = Non
                 raise fail(vstart + slot.at, slot.reason)
             pci = replace(pci, vdevfn=slot[0])
         elif key in _FLAGS:
-            flag: dict[str, Any] = {key: _atoi(value) != 0}
+            flag: dict[str, Any] = {key: atoi(value) != 0}
             pci = replace(pci, **flag)
         elif key == "rdm_policy":
             policy = _RDM.get(_ascii_lower(value))

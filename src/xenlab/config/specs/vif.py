@@ -65,6 +65,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from xenlab.config.clib import DEC_DIGITS, ULONG_MAX, strtoul, strtoull, to_c_int
 from xenlab.config.errors import ConfigWarning, config_error
 
 __all__ = [
@@ -81,7 +82,6 @@ __all__ = [
 
 _UINT32_MAX = 0xFFFF_FFFF
 _UINT64_MAX = 0xFFFF_FFFF_FFFF_FFFF
-_ULONG_MAX = _UINT64_MAX  # x86_64: unsigned long is 64 bits
 #: Interval when ``rate=`` has no ``@``: 50 ms, xlu_vif_parse_rate's default.
 DEFAULT_RATE_INTERVAL_USECS = 50_000
 
@@ -163,72 +163,6 @@ _STRING_KEYS: dict[str, str] = {
     "forwarddev": "coloft_forwarddev",
 }
 
-_C_SPACE = " \t\n\v\f\r"  # isspace() in the C locale
-_HEX = "0123456789abcdefABCDEF"
-_DEC = "0123456789"
-
-
-def _strtoul(text: str, start: int, base: int) -> tuple[int, int]:
-    """glibc ``strtoul(text + start, &end, base)`` for base 10 or 16: (value, end).
-
-    ``end == start`` when nothing was converted.  Overflow saturates at
-    ULONG_MAX; a ``-`` negates modulo 2**64, as C does.
-    """
-    i = start
-    n = len(text)
-    while i < n and text[i] in _C_SPACE:
-        i += 1
-    negative = False
-    if i < n and text[i] in "+-":
-        negative = text[i] == "-"
-        i += 1
-    digits = _HEX if base == 16 else _DEC
-    prefix_end = -1
-    if base == 16 and text.startswith(("0x", "0X"), i):
-        # glibc skips "0x" first; with no hex digit after it the result is
-        # the "0" alone and the end points at the "x".
-        prefix_end = i + 1
-        i += 2
-    j = i
-    while j < n and text[j] in digits:
-        j += 1
-    if j == i:
-        if prefix_end >= 0:
-            return 0, prefix_end
-        return 0, start
-    value = int(text[i:j], base)
-    if value > _ULONG_MAX:
-        return _ULONG_MAX, j
-    if negative:
-        value = -value & _ULONG_MAX
-    return value, j
-
-
-def _c_int(value: int) -> int:
-    """An unsigned long stored into a C ``int``: the low 32 bits, signed."""
-    value &= _UINT32_MAX
-    return value - (1 << 32) if value & 0x8000_0000 else value
-
-
-def _strtoull_base0_digits(text: str) -> tuple[int, int]:
-    """``strtoull(text, &end, 0)`` for text that starts with a decimal digit.
-
-    A leading ``0`` selects octal, which stops at the first ``8`` or ``9``.
-    Returns (value, end); overflow gives ULLONG_MAX.
-    """
-    if text[0] == "0":
-        j = 1
-        while j < len(text) and text[j] in "01234567":
-            j += 1
-        value = int(text[:j], 8)
-    else:
-        j = 0
-        while j < len(text) and text[j] in _DEC:
-            j += 1
-        value = int(text[:j], 10)
-    return min(value, _UINT64_MAX), j
-
-
 _BYTES_RE = re.compile(r"[0-9]+[GMK]?[Bb]/s", re.ASCII)
 _INTERVAL_RE = re.compile(r"[0-9]+[mu]?s?", re.ASCII)
 _UNIT = {"G": 1_000_000_000, "M": 1_000_000, "K": 1_000}
@@ -236,7 +170,7 @@ _UNIT = {"G": 1_000_000_000, "M": 1_000_000, "K": 1_000}
 
 def _check_number(value: int, text: str, what: str, source: str, col: int) -> None:
     """xl's range check on the number before the unit: 1 to UINT32_MAX."""
-    digits = len(text) - len(text.lstrip(_DEC))
+    digits = len(text) - len(text.lstrip(DEC_DIGITS))
     octal = " (a leading 0 makes the number octal)" if text[0] == "0" and digits > 1 else ""
     if value == 0:
         raise config_error(source, 1, col, f"{what} {text!r} is zero, expected at least 1{octal}")
@@ -255,7 +189,7 @@ def _rate_bytes_per_sec(text: str, source: str, col: int) -> int:
             f"invalid rate {text!r}, expected NUMBER[K|M|G]B/s (bytes) or "
             "NUMBER[K|M|G]b/s (bits), e.g. 10Mb/s",
         )
-    value, end = _strtoull_base0_digits(text)
+    value, end = strtoull(text, 0)
     _check_number(value, text, "rate", source, col)
     # xl looks at the character after the number and the one after that;
     # an octal number that stopped early leaves a digit there.
@@ -275,7 +209,7 @@ def _rate_interval_usecs(text: str, source: str, col: int) -> int:
             col,
             f"invalid replenishment interval {text!r}, expected NUMBER[s|ms|us], e.g. 20ms",
         )
-    value, end = _strtoull_base0_digits(text)
+    value, end = strtoull(text, 0)
     _check_number(value, text, "replenishment interval", source, col)
     unit = text[end] if end < len(text) else ""
     if unit in ("s", ""):
@@ -337,7 +271,7 @@ def _parse_mac(value: str, start: MacAddress | None) -> tuple[MacAddress | None,
     for i in range(6):
         if pos > len(value):
             return _mac_or_none(octets), len(value)  # ran off the item (C reads on)
-        number, end = _strtoul(value, pos, 16)
+        number, end = strtoul(value, 16, pos)
         number &= _UINT32_MAX  # stored into an unsigned int first
         if end == pos or number > 255:
             return _mac_or_none(octets), pos
@@ -354,12 +288,12 @@ def _mac_or_none(octets: list[int]) -> MacAddress | None:
 
 
 def _parse_ulong(value: str, source: str, col: int, key: str) -> int:
-    number, end = _strtoul(value, 0, 10)
-    if end == 0 or number == _ULONG_MAX:
+    number, end = strtoul(value, 10)
+    if end == 0 or number == ULONG_MAX:
         raise config_error(
             source, 1, col, f"failed to convert {value!r} to a number for {key}=, expected digits"
         )
-    return _c_int(number)
+    return to_c_int(number)
 
 
 def _items(spec: str) -> list[tuple[int, str]]:

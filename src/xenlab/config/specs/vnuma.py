@@ -48,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from xenlab.config.clib import C_SPACE
 from xenlab.config.errors import ConfigError
 from xenlab.config.values import Value
 from xenlab.errors import Problem
@@ -55,7 +56,6 @@ from xenlab.errors import Problem
 __all__ = ["VnumaNode", "parse_vnuma", "vnuma_to_libxl_json"]
 
 _KEYS: Final = ("pnode", "size", "vcpus", "vdistances")
-_SPACE: Final = " \t\n\v\f\r"
 _MAX_NUMBER: Final = 2**64 - 2
 # Far above Xen's limits (HVM_MAX_VCPUS is 128); only bounds our own work.
 _MAX_VCPUS: Final = 2**16
@@ -82,12 +82,12 @@ def _vcpu_ranges(text: str) -> list[int] | str:
     """Parse ``0-3,5`` into vCPU numbers, or return why it is invalid."""
     result: list[int] = []
     for piece in text.split(","):
-        piece = piece.strip(_SPACE)
+        piece = piece.strip(C_SPACE)
         if not piece:
             continue  # strtok skips empty tokens, as xl does
         first_text, dash, last_text = piece.partition("-")
-        first = _number(first_text.strip(_SPACE))
-        last = _number(last_text.strip(_SPACE)) if dash else first
+        first = _number(first_text.strip(C_SPACE))
+        last = _number(last_text.strip(C_SPACE)) if dash else first
         if first is None or last is None:
             return f"invalid vCPU range {piece!r}, expected N or A-B"
         if last < first:
@@ -142,9 +142,9 @@ def parse_vnuma(
                 bad = True
                 continue
             key, eq, rest = option.partition("=")
-            key = key.strip(_SPACE)
+            key = key.strip(C_SPACE)
             # strtok: "size==512" is size/512, but "size=" or "=512" fail.
-            rest = rest.lstrip("=").split("=", 1)[0].strip(_SPACE)
+            rest = rest.lstrip("=").split("=", 1)[0].strip(C_SPACE)
             if not eq or not key or not rest:
                 problems.append(f"{where}: option {option!r} is not KEY=VALUE")
                 bad = True
@@ -180,7 +180,7 @@ def parse_vnuma(
         distances: list[int] = []
         bad_distance = False
         for item in seen["vdistances"].split(","):
-            item = item.strip(_SPACE)
+            item = item.strip(C_SPACE)
             if not item:
                 continue
             number = _number(item)
