@@ -92,6 +92,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from xenlab.config.clib import atoi
 from xenlab.config.errors import ConfigError, config_error
 from xenlab.errors import Problem
 
@@ -244,10 +245,6 @@ _SPECIFICATIONS: dict[str, DiskSpecification] = {
     "virtio": DiskSpecification.VIRTIO,
 }
 
-_C_SPACE = " \t\n\v\f\r"
-_LONG_MIN = -(1 << 63)
-_LONG_MAX = (1 << 63) - 1
-
 
 def _match(text: str, pos: int) -> tuple[str, int]:
     """Flex's choice at ``pos``: (rule name, length consumed)."""
@@ -267,25 +264,6 @@ def _match(text: str, pos: int) -> tuple[str, int]:
         if total > best_total:
             best_name, best_total, best_head = name, total, end - pos
     return best_name, best_head
-
-
-def _atoi(text: str) -> int:
-    """C ``atoi`` as glibc does it: ``(int) strtol(text, NULL, 10)``."""
-    i = 0
-    n = len(text)
-    while i < n and text[i] in _C_SPACE:
-        i += 1
-    sign = 1
-    if i < n and text[i] in "+-":
-        sign = -1 if text[i] == "-" else 1
-        i += 1
-    value = 0
-    while i < n and "0" <= text[i] <= "9":
-        value = value * 10 + ord(text[i]) - 48
-        i += 1
-    value = max(_LONG_MIN, min(_LONG_MAX, sign * value))
-    value &= 0xFFFF_FFFF
-    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 # ---------------------------------------------------------------- parse state
@@ -431,7 +409,7 @@ class _Disk:
         elif rule in ("colo", "no_colo"):
             self.fields["colo_enable"] = rule == "colo"
         elif rule == "colo_port":
-            port = _atoi(value)
+            port = atoi(value)
             if port:
                 self.colo_port = port
             else:
