@@ -58,6 +58,16 @@ ULONG_MAX: Final = 2**64 - 1
 ULLONG_MAX: Final = ULONG_MAX
 
 
+def _blanks_and_sign(text: str, i: int) -> tuple[int, bool]:
+    """Skip C blanks and one optional sign, as every C number reader does first."""
+    n = len(text)
+    while i < n and text[i] in C_SPACE:
+        i += 1
+    if i < n and text[i] in "+-":
+        return i + 1, text[i] == "-"
+    return i, False
+
+
 def _digit(char: str, base: int) -> bool:
     value = _ALNUM.find(char.lower()) if char.isascii() else -1
     return 0 <= value < base
@@ -73,13 +83,7 @@ def _convert(text: str, base: int, start: int) -> tuple[bool, int, int]:
     if base != 0 and not 2 <= base <= 36:
         raise ValueError(f"invalid base {base}")  # C: EINVAL
     n = len(text)
-    i = start
-    while i < n and text[i] in C_SPACE:
-        i += 1
-    negative = False
-    if i < n and text[i] in "+-":
-        negative = text[i] == "-"
-        i += 1
+    i, negative = _blanks_and_sign(text, start)
     prefix_x = -1
     if base in (0, 16) and text.startswith(("0x", "0X"), i):
         prefix_x = i + 1
@@ -163,14 +167,8 @@ def sscanf_x(text: str, start: int = 0) -> tuple[int, int] | None:
     above 64 bits, ``-`` negating modulo 2**64) and stored into an
     ``unsigned int``: the low 32 bits are kept.
     """
-    i = start
     n = len(text)
-    while i < n and text[i] in C_SPACE:
-        i += 1
-    negative = False
-    if i < n and text[i] in "+-":
-        negative = text[i] == "-"
-        i += 1
+    i, negative = _blanks_and_sign(text, start)
     seen_zero = False
     if i < n and text[i] == "0":
         seen_zero = True

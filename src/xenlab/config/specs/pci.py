@@ -244,6 +244,18 @@ def parse_bdf(text: str, *, source: str = "pci bdf") -> PciSpec:
     )
 
 
+def _with_bdf(pci: PciSpec, bdf: _Bdf) -> PciSpec:
+    """Return ``pci`` with the address a BDF names."""
+    return replace(
+        pci,
+        domain=bdf.domain,
+        bus=bdf.bus,
+        dev=bdf.dev,
+        func=bdf.func,
+        vfunc_mask=bdf.vfunc_mask,
+    )
+
+
 def parse_pci(spec: str, *, source: str = "pci spec", base: PciSpec | None = None) -> PciSpec:
     """Parse one ``PCI_SPEC_STRING`` as libxlutil 4.17 does.
 
@@ -267,14 +279,7 @@ def parse_pci(spec: str, *, source: str = "pci spec", base: PciSpec | None = Non
     bdf_failure: _Fail | None = None
     if isinstance(first, _Bdf):
         bdf_present = True
-        pci = replace(
-            pci,
-            domain=first.domain,
-            bus=first.bus,
-            dev=first.dev,
-            func=first.func,
-            vfunc_mask=first.vfunc_mask,
-        )
+        pci = _with_bdf(pci, first)
         pos = first.end
         if pos < n and spec[pos] == "@":
             slot = _parse_vslot(spec, pos + 1)
@@ -311,14 +316,7 @@ def parse_pci(spec: str, *, source: str = "pci spec", base: PciSpec | None = Non
             if isinstance(got, _Fail):
                 raise fail(vstart + got.at, got.reason)
             bdf_present = True
-            pci = replace(
-                pci,
-                domain=got.domain,
-                bus=got.bus,
-                dev=got.dev,
-                func=got.func,
-                vfunc_mask=got.vfunc_mask,
-            )
+            pci = _with_bdf(pci, got)
         elif key == "vslot":
             slot = _parse_vslot(value, 0)
             if isinstance(slot, _Fail):
