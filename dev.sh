@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # System packages the project uses: dpkg/apt-get to fetch libxlutil (the test
-# oracle), gcc for nothing yet.  Later rooms add qemu, seabios, cpio here.
-APT_PACKAGES=(ca-certificates)
+# oracle), cpio, busybox, iucode-tool and initramfs-tools (microcode tests: real initrds and the peer tool), the compressors.  Later rooms add qemu, seabios here.
+APT_PACKAGES=(ca-certificates cpio busybox-static iucode-tool initramfs-tools-core zstd lz4 xz-utils bzip2 lzma)
 
 setup() {
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
