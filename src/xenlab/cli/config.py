@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xenlab.atomic import atomic_write_text
+from xenlab.cli.output import emit_json
 from xenlab.config import ConfigError, parse
 from xenlab.config.model import domain_config, domain_config_to_json
 from xenlab.config.specs.disk import disk_to_libxl_json, parse_disk
@@ -23,16 +23,6 @@ from xenlab.config.writer import format_config
 from xenlab.config.xm import convert_xm
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-
-
-def emit_json(data: object) -> None:
-    """Print ``data`` as indented JSON on stdout."""
-    text = json.dumps(data, indent=2, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable input bytes survive as surrogates
-        text = json.dumps(data, indent=2, ensure_ascii=True)
-    click.echo(text)
 
 
 def _read(path: Path) -> bytes:
