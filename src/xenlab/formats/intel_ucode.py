@@ -248,7 +248,9 @@ def _parse(view: memoryview, offset: int, limit: int, source: str) -> IntelUpdat
     main_sum = dword_sum(view, offset, HEADER_SIZE + data_size)
     if main_sum:
         checksum_ok = False
-        problems.append(f"checksum: dword sum of header+data is {main_sum:#010x}, expected 0")
+        problems.append(
+            f"checksum: dword sum of header+data at {offset:#x} is {main_sum:#010x}, expected 0"
+        )
 
     ext_at = offset + HEADER_SIZE + data_size
     ext_size = total_size - HEADER_SIZE - data_size
