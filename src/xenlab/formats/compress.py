@@ -1,0 +1,555 @@
+"""Compression detection by magic and streaming decompression: ``detect`` and ``open_stream``.
+
+``detect(buf, offset)`` names the compression whose magic starts at
+``offset``, using the table the kernel's ``decompress_method`` (lib/decompress.c)
+uses to unpack an initramfs.  ``open_stream(buf, offset, compression)``
+returns a ``DecompressedStream``, a readable raw stream that decompresses
+about ``chunk`` bytes of input at a time and never holds the whole output;
+once it has reached the end of the compressed stream, ``compressed_end`` is
+the offset in ``buf`` just past it, which is where the kernel's walk goes on.
+
+Design
+    Each format is a small decoder with one verb, ``step(max_out)``: return
+    some output (never more than about ``max_out`` bytes, except LZ4 legacy
+    blocks, which are at most 8 MiB) or ``b""`` at the end of the stream.
+    gzip, bzip2, lzma, xz and LZ4 frames use a library decompressor fed with
+    memoryview slices of the input and bounded by ``max_length``; zstd uses
+    ``zstandard``'s stream reader over exactly one frame, whose end is found
+    by walking the frame's block headers; LZ4 legacy is parsed here, one
+    block at a time.
+
+Kernel rules kept
+    - Magic: the kernel compares only two bytes; ``detect`` compares the
+      longer magics below so that random data is less often taken for a
+      compressed stream.  LZ4 frames (``04 22 4d 18``) are not in the
+      kernel's table (``Compression.in_kernel_table`` is false): the kernel
+      only reads the LZ4 legacy format that ``lz4 -l`` writes.
+    - One stream per ``open_stream``: after a gzip member, an xz stream or a
+      zstd frame, whatever follows (another member, NUL padding, a cpio
+      archive) is the top-level walk's business, as in ``unpack_to_rootfs``.
+    - LZ4 legacy (lib/decompress_unlz4.c): magic, then blocks of (le32
+      compressed size, data) that each decompress to at most 8 MiB.  A size
+      field equal to the magic is skipped (concatenated legacy streams are
+      read as one, as the kernel and ``lz4 -d`` do); a size field of 0, or
+      fewer than 4 bytes left, ends the stream (``compressed_end`` is then at
+      that field).
+    - LZO is detected but not decompressed (no maintained library is a
+      dependency); ``open_stream`` raises ``FormatError``.
+
+Errors
+    Corrupt or truncated input raises ``FormatError`` whose offset is the
+    start of the input chunk the decompressor was fed when it failed (or,
+    for zstd and LZ4 legacy, the block header at fault).
+"""
+
+from __future__ import annotations
+
+import bz2
+import enum
+import io
+import lzma
+import struct
+import zlib
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Protocol, cast
+
+import lz4.block
+import lz4.frame
+import zstandard
+
+from xenlab.errors import FormatError, TruncatedError
+from xenlab.formats._buffer import Buffer, as_bytes_buffer
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+__all__ = ["Compression", "DecompressedStream", "detect", "open_stream"]
+
+
+class Compression(enum.Enum):
+    """A compression format the kernel's initramfs unpacker knows (plus LZ4 frames)."""
+
+    GZIP = "gzip"
+    BZIP2 = "bzip2"
+    LZMA = "lzma"
+    XZ = "xz"
+    LZO = "lzo"
+    LZ4_LEGACY = "lz4-legacy"
+    LZ4_FRAME = "lz4-frame"
+    ZSTD = "zstd"
+
+    @property
+    def in_kernel_table(self) -> bool:
+        """Whether the kernel's ``decompress_method`` recognises this format."""
+        return self is not Compression.LZ4_FRAME
+
+
+# (magic, format), longest first where one could be a prefix of another.
+# 1f 9e is "old gzip" (pack): the kernel's table lists it under gzip, and its
+# gunzip then rejects it; so does ours.
+_MAGICS: tuple[tuple[bytes, Compression], ...] = (
+    (bytes.fromhex("fd377a585a00"), Compression.XZ),
+    (bytes.fromhex("894c5a4f"), Compression.LZO),
+    (bytes.fromhex("02214c18"), Compression.LZ4_LEGACY),
+    (bytes.fromhex("04224d18"), Compression.LZ4_FRAME),
+    (bytes.fromhex("28b52ffd"), Compression.ZSTD),
+    (b"BZh", Compression.BZIP2),
+    (bytes.fromhex("5d0000"), Compression.LZMA),
+    (bytes.fromhex("1f8b"), Compression.GZIP),
+    (bytes.fromhex("1f9e"), Compression.GZIP),
+)
+_MAGIC_PEEK = max(len(m) for m, _ in _MAGICS)
+
+# liblzma's .lzma header may ask for a dictionary of up to 4 GiB; the kernel
+# caps what it allocates, and so do we, so that random headers fail cleanly.
+_LZMA_MEMLIMIT = 1 << 28
+
+_LZ4_LEGACY_MAGIC = 0x184C2102
+# The legacy format does not record block sizes; the kernel (and lz4) use 8 MiB.
+_LZ4_LEGACY_BLOCK = 8 << 20
+_LZ4_LEGACY_BOUND = _LZ4_LEGACY_BLOCK + _LZ4_LEGACY_BLOCK // 255 + 16
+
+# Exceptions the decompression libraries raise on bad data.  MemoryError is
+# among them because a corrupt header can ask a library for a huge buffer.
+_LIB_ERRORS: tuple[type[BaseException], ...] = (
+    zlib.error,
+    lzma.LZMAError,
+    OSError,
+    EOFError,
+    ValueError,
+    RuntimeError,
+    MemoryError,
+    zstandard.ZstdError,
+    lz4.block.LZ4BlockError,
+)
+
+
+def detect(buf: Buffer, offset: int = 0) -> Compression | None:
+    """Return the compression whose magic starts at ``offset``, or None."""
+    buf = as_bytes_buffer(buf)
+    head = bytes(buf[offset : offset + _MAGIC_PEEK])
+    for magic, compression in _MAGICS:
+        if head.startswith(magic):
+            return compression
+    return None
+
+
+class _Decoder(Protocol):
+    """One compressed stream being decoded; ``end`` is valid once ``eof``."""
+
+    eof: bool
+    end: int
+
+    def step(self, max_out: int) -> bytes:
+        """Return more output, at most about ``max_out`` bytes; ``b""`` only at the end."""
+        ...
+
+
+class _LibObject(Protocol):
+    """The shape shared by bz2/lzma/lz4.frame decompressor objects."""
+
+    @property
+    def eof(self) -> bool: ...
+
+    @property
+    def needs_input(self) -> bool: ...
+
+    @property
+    def unused_data(self) -> bytes | None: ...
+
+    def decompress(self, data: bytes | memoryview, max_length: int = -1) -> bytes: ...
+
+
+class _LibDecoder:
+    """bzip2, lzma, xz and LZ4 frames: a library object that takes ``max_length``."""
+
+    def __init__(
+        self,
+        buf: Buffer,
+        offset: int,
+        name: str,
+        make: Callable[[], _LibObject],
+        source: str,
+        chunk: int,
+    ) -> None:
+        self._buf = buf
+        self._name = name
+        self._obj = make()
+        self._source = source
+        self._chunk = chunk
+        self._fed = offset  # input offset up to which the object has been fed
+        self._last = offset  # start of the chunk fed last (for errors)
+        self.eof = False
+        self.end = offset
+
+    def step(self, max_out: int) -> bytes:
+        obj = self._obj
+        while True:
+            if obj.eof:
+                self.eof = True
+                self.end = self._fed - len(obj.unused_data or b"")
+                return b""
+            data: bytes | memoryview = b""
+            if obj.needs_input:
+                if self._fed >= len(self._buf):
+                    raise FormatError(
+                        self._source,
+                        len(self._buf),
+                        self._name,
+                        "the data ends before the end of the compressed stream",
+                    )
+                data = _slice(self._buf, self._fed, self._chunk)
+                self._last = self._fed
+                self._fed += len(data)
+            try:
+                out = obj.decompress(data, max_out)
+            except _LIB_ERRORS as err:
+                raise _corrupt(self._source, self._name, self._last, self._fed, err) from err
+            if out:
+                return out
+
+
+class _GzipDecoder:
+    """gzip through zlib, whose ``max_length`` leaves unread input in ``unconsumed_tail``."""
+
+    def __init__(self, buf: Buffer, offset: int, source: str, chunk: int) -> None:
+        self._buf = buf
+        self._obj = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        self._source = source
+        self._chunk = chunk
+        self._fed = offset
+        self._last = offset
+        self.eof = False
+        self.end = offset
+
+    def step(self, max_out: int) -> bytes:
+        obj = self._obj
+        while True:
+            if obj.eof:
+                # The kernel's gunzip stops after the member's 8-byte trailer
+                # and leaves what follows to the walk; so does zlib.  At the
+                # end, zlib copies the rest of the last input into unused_data
+                # (unconsumed_tail may still hold the same bytes: not counted).
+                self.eof = True
+                self.end = self._fed - len(obj.unused_data)
+                return b""
+            data: bytes | memoryview = obj.unconsumed_tail
+            if not data:
+                if self._fed >= len(self._buf):
+                    raise FormatError(
+                        self._source,
+                        len(self._buf),
+                        "gzip",
+                        "the data ends before the end of the compressed stream",
+                    )
+                data = _slice(self._buf, self._fed, self._chunk)
+                self._last = self._fed
+                self._fed += len(data)
+            try:
+                out = obj.decompress(data, max_out)
+            except _LIB_ERRORS as err:
+                raise _corrupt(self._source, "gzip", self._last, self._fed, err) from err
+            if out:
+                return out
+
+
+class _SliceReader:
+    """A minimal file object over ``buf[start:end]`` that counts what was read."""
+
+    def __init__(self, buf: Buffer, start: int, end: int) -> None:
+        self._buf = buf
+        self.pos = start
+        self.last = start
+        self._end = end
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = self._end - self.pos
+        data = bytes(self._buf[self.pos : min(self.pos + size, self._end)])
+        self.last = self.pos
+        self.pos += len(data)
+        return data
+
+
+class _ZstdDecoder:
+    """One zstd frame, read through ``zstandard``'s bounded stream reader."""
+
+    def __init__(self, buf: Buffer, offset: int, source: str, chunk: int) -> None:
+        self._source = source
+        self._frame_end = _zstd_frame_end(buf, offset, source)
+        # Giving the reader exactly one frame means no input is read ahead
+        # past it, so the frame's end is the stream's compressed end.
+        self._src = _SliceReader(buf, offset, self._frame_end)
+        # zstandard only calls read() on its source; the stub asks for IO[bytes].
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            cast("IO[bytes]", self._src), read_size=chunk, read_across_frames=False
+        )
+        self.eof = False
+        self.end = offset
+
+    def step(self, max_out: int) -> bytes:
+        if self.eof:
+            return b""
+        try:
+            out = self._reader.read(max_out)
+        except _LIB_ERRORS as err:
+            raise _corrupt(self._source, "zstd", self._src.last, self._src.pos, err) from err
+        if not out:
+            self.eof = True
+            self.end = self._frame_end
+        return out
+
+
+def _zstd_frame_end(buf: Buffer, offset: int, source: str) -> int:
+    """Walk a zstd frame's header and block headers (RFC 8878, 3.1.1) to its end."""
+    n = len(buf)
+    pos = offset + 4
+    if pos >= n:
+        raise TruncatedError(source, pos, "zstd frame header", 1, max(n - pos, 0))
+    fhd = buf[pos]
+    if fhd & 0x08:
+        raise FormatError(
+            source, pos, "zstd frame header", f"{fhd:#04x} has the reserved bit 3 set"
+        )
+    single_segment = (fhd >> 5) & 1
+    size = 1 + (0 if single_segment else 1)  # descriptor + window descriptor
+    size += (0, 1, 2, 4)[fhd & 3]  # dictionary id
+    size += (single_segment, 2, 4, 8)[fhd >> 6]  # frame content size
+    pos += size
+    while True:
+        if pos + 3 > n:
+            raise TruncatedError(source, pos, "zstd block header", 3, max(n - pos, 0))
+        header = int.from_bytes(bytes(buf[pos : pos + 3]), "little")
+        kind = (header >> 1) & 3
+        if kind == 3:
+            raise FormatError(
+                source, pos, "zstd block header", "reserved block type 3, expected 0, 1 or 2"
+            )
+        content = 1 if kind == 1 else header >> 3  # an RLE block stores one byte
+        if pos + 3 + content > n:
+            raise TruncatedError(source, pos + 3, "zstd block", content, n - pos - 3)
+        pos += 3 + content
+        if header & 1:
+            break
+    if fhd & 0x04:
+        if pos + 4 > n:
+            raise TruncatedError(source, pos, "zstd checksum", 4, n - pos)
+        pos += 4
+    return pos
+
+
+class _Lz4LegacyDecoder:
+    """The LZ4 legacy format (``lz4 -l``), block by block, as lib/decompress_unlz4.c reads it."""
+
+    def __init__(self, buf: Buffer, offset: int, source: str) -> None:
+        self._buf = buf
+        self._source = source
+        self._pos = offset + 4
+        self.eof = False
+        self.end = offset
+
+    def step(self, max_out: int) -> bytes:
+        buf = self._buf
+        n = len(buf)
+        while not self.eof:
+            pos = self._pos
+            if n - pos < 4:
+                self._finish(pos)
+                break
+            (size,) = struct.unpack("<I", bytes(buf[pos : pos + 4]))
+            if size == _LZ4_LEGACY_MAGIC:
+                self._pos = pos + 4
+                continue
+            if size == 0:
+                self._finish(pos)
+                break
+            if size > _LZ4_LEGACY_BOUND:
+                raise FormatError(
+                    self._source,
+                    pos,
+                    "lz4 block size",
+                    f"{size:#x}, expected at most {_LZ4_LEGACY_BOUND:#x} "
+                    "(the bound for an 8 MiB block)",
+                )
+            if pos + 4 + size > n:
+                raise TruncatedError(self._source, pos + 4, "lz4 block", size, n - pos - 4)
+            block = memoryview(bytes(buf[pos + 4 : pos + 4 + size]))
+            try:
+                out: bytes = lz4.block.decompress(block, uncompressed_size=_LZ4_LEGACY_BLOCK)
+            except _LIB_ERRORS as err:
+                raise FormatError(
+                    self._source, pos, "lz4 block", f"corrupt block of {size:#x} bytes: {err}"
+                ) from err
+            self._pos = pos + 4 + size
+            if out:
+                return out
+        return b""
+
+    def _finish(self, pos: int) -> None:
+        self.eof = True
+        self.end = pos
+
+
+def _slice(buf: Buffer, start: int, size: int) -> bytes | memoryview:
+    """A slice to feed a decompressor: a view where the buffer type allows one."""
+    piece = buf[start : start + size]
+    return piece if isinstance(piece, (bytes, memoryview)) else bytes(piece)
+
+
+def _corrupt(source: str, name: str, start: int, stop: int, err: BaseException) -> FormatError:
+    detail = str(err) or type(err).__name__
+    return FormatError(
+        source,
+        start,
+        name,
+        f"corrupt compressed data in the input {start:#x}..{stop:#x}: {detail}",
+    )
+
+
+class DecompressedStream(io.RawIOBase):
+    """A readable stream of one decompressed stream found in a buffer.
+
+    Reads return at most the size asked for; memory stays bounded by about
+    ``chunk`` bytes of input and output (8 MiB for LZ4 legacy blocks),
+    whatever the size of the output.  ``compressed_end`` is None until the
+    end of the stream has been read, then the offset in the buffer just past
+    the compressed stream.  Reading raises ``FormatError`` on corrupt or
+    truncated input.
+    """
+
+    def __init__(
+        self,
+        buf: Buffer,
+        offset: int,
+        compression: Compression,
+        decoder: _Decoder,
+        *,
+        source: str,
+        chunk: int,
+    ) -> None:
+        super().__init__()
+        self.compression = compression
+        self.offset = offset
+        self.source = source
+        self.compressed_end: int | None = None
+        self._decoder: _Decoder | None = decoder
+        self._chunk = chunk
+        self._pending = b""
+        self._ppos = 0
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        """The number of decompressed bytes read so far."""
+        return self._position
+
+    def readinto(self, buffer: WriteableBuffer, /) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._take(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        return self._take(size)
+
+    def readall(self) -> bytes:
+        parts = []
+        while data := self._take(self._chunk):
+            parts.append(data)
+        return b"".join(parts)
+
+    def _take(self, size: int) -> bytes:
+        if self.closed:
+            raise ValueError("I/O operation on closed stream")
+        if size <= 0:
+            return b""
+        while self._ppos >= len(self._pending):
+            decoder = self._decoder
+            if decoder is None:
+                return b""
+            out = decoder.step(self._chunk)
+            if not out:
+                self.compressed_end = decoder.end
+                self._decoder = None
+                self._pending = b""
+                self._ppos = 0
+                return b""
+            self._pending = out
+            self._ppos = 0
+        start = self._ppos
+        if start == 0 and size >= len(self._pending):
+            data = self._pending
+        else:
+            data = self._pending[start : start + size]
+        self._ppos = start + len(data)
+        self._position += len(data)
+        return data
+
+    def close(self) -> None:
+        self._decoder = None
+        self._pending = b""
+        super().close()
+
+
+def open_stream(
+    buf: Buffer,
+    offset: int,
+    compression: Compression,
+    source: str = "<data>",
+    chunk: int = 1 << 20,
+) -> DecompressedStream:
+    """Open the compressed stream at ``offset`` for streaming reads.
+
+    :raise FormatError: the magic at ``offset`` is not ``compression``'s, or
+        the format is LZO (not supported); corrupt data is reported by reads.
+    """
+    buf = as_bytes_buffer(buf)
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, not {chunk}")
+    found = detect(buf, offset)
+    if found is not compression:
+        head = bytes(buf[offset : offset + 6])
+        raise FormatError(
+            source,
+            offset,
+            "magic",
+            f"{head.hex(' ')} is {found.value if found else 'no known'} magic, "
+            f"expected {compression.value}'s",
+        )
+    decoder: _Decoder
+    if compression is Compression.GZIP:
+        decoder = _GzipDecoder(buf, offset, source, chunk)
+    elif compression is Compression.BZIP2:
+        decoder = _LibDecoder(buf, offset, "bzip2", bz2.BZ2Decompressor, source, chunk)
+    elif compression is Compression.LZMA:
+        decoder = _LibDecoder(buf, offset, "lzma", _lzma_alone, source, chunk)
+    elif compression is Compression.XZ:
+        decoder = _LibDecoder(buf, offset, "xz", _lzma_xz, source, chunk)
+    elif compression is Compression.LZ4_FRAME:
+        decoder = _LibDecoder(
+            buf, offset, "lz4 frame", lz4.frame.LZ4FrameDecompressor, source, chunk
+        )
+    elif compression is Compression.LZ4_LEGACY:
+        decoder = _Lz4LegacyDecoder(buf, offset, source)
+    elif compression is Compression.ZSTD:
+        decoder = _ZstdDecoder(buf, offset, source, chunk)
+    else:
+        raise FormatError(
+            source,
+            offset,
+            "lzo",
+            "lzo-compressed data is not supported (no LZO library is a dependency)",
+        )
+    return DecompressedStream(buf, offset, compression, decoder, source=source, chunk=chunk)
+
+
+def _lzma_alone() -> lzma.LZMADecompressor:
+    return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE, memlimit=_LZMA_MEMLIMIT)
+
+
+def _lzma_xz() -> lzma.LZMADecompressor:
+    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=_LZMA_MEMLIMIT)
