@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from xenlab.errors import FormatError, ParseError
 from xenlab.formats import amd_ucode, intel_ucode
+from xenlab.formats._buffer import Buffer
 
 INTEL = intel_ucode.build_update(
     signature=0x906A3,
@@ -30,7 +31,7 @@ AMD = amd_ucode.build_container(
 INTERESTING = [0, 1, 0x30, 0x400, 0x7D0, 0x800, 0xFFFFFFFF, 0xFFFFFC00, 0x7FFFFFFF, 0x80000000]
 
 
-def _strict_intel(buf: intel_ucode.Buffer, offset: int, end: int | None) -> None:
+def _strict_intel(buf: Buffer, offset: int, end: int | None) -> None:
     with contextlib.suppress(FormatError):
         intel_ucode.parse_update(buf, offset)
     try:
@@ -42,7 +43,7 @@ def _strict_intel(buf: intel_ucode.Buffer, offset: int, end: int | None) -> None
     assert all(u.offset >= 0 and u.end <= len(memoryview(buf)) for u in found)
 
 
-def _strict_amd(buf: amd_ucode.Buffer, offset: int, end: int | None) -> None:
+def _strict_amd(buf: Buffer, offset: int, end: int | None) -> None:
     with contextlib.suppress(FormatError):
         amd_ucode.parse_container(buf, offset)
     try:

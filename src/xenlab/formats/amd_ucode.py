@@ -41,17 +41,14 @@ is 0xf).
 
 from __future__ import annotations
 
-import mmap
 import re
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from xenlab.errors import FormatError, TruncatedError
+from xenlab.formats._buffer import Buffer
 from xenlab.formats.intel_ucode import decode_bcd_date, dword_sum, encode_bcd_date
-
-# TODO(formats-cpio): import from xenlab.formats._buffer once it exists.
-Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 CONTAINER_MAGIC = 0x00414D44
 EQUIV_TYPE = 0

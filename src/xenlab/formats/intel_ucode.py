@@ -39,7 +39,6 @@ reported in ``checksum_ok`` and ``problems``, never raised.
 
 from __future__ import annotations
 
-import mmap
 import re
 import struct
 from collections.abc import Iterator, Sequence
@@ -48,9 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xenlab.errors import FormatError, ParseError, TruncatedError
-
-# TODO(formats-cpio): import from xenlab.formats._buffer once it exists.
-Buffer = bytes | bytearray | memoryview | mmap.mmap
+from xenlab.formats._buffer import Buffer
 
 HEADER_SIZE = 48
 EXT_HEADER_SIZE = 20
