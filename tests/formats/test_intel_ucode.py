@@ -310,10 +310,13 @@ def test_build_parse_round_trip(
 
 
 def test_pad_and_bad_writer_sizes() -> None:
-    blob = build_update(signature=1, revision=1, platform_mask=1, payload=b"\x01" * 8, pad=True)
+    blob = build_update(signature=1, revision=1, platform_mask=1, payload=b"\x01" * 8)
     assert len(blob) == 1024 and parse_update(blob).data_size == 976
+    assert blob[48:56] == b"\x01" * 8 and blob[56:] == bytes(968)
+    ext = build_update(signature=1, revision=1, platform_mask=1, payload=bytes(2000), ext=[(2, 1)])
+    assert len(ext) == 3072 and parse_update(ext).data_size == 3072 - 48 - 32
     with pytest.raises(ValueError, match="multiple of 1024"):
-        build_update(signature=1, revision=1, platform_mask=1, payload=b"\x01" * 8)
+        build_update(signature=1, revision=1, platform_mask=1, payload=b"\x01" * 8, pad=False)
     with pytest.raises(ValueError, match="dwords"):
         build_update(signature=1, revision=1, platform_mask=1, payload=b"\x01" * 7)
     with pytest.raises(ValueError, match="YYYY-MM-DD"):

@@ -486,14 +486,15 @@ def build_update(
     loader_version: int = 1,
     header_version: int = 1,
     min_revision: int = 0,
-    pad: bool = False,
+    pad: bool = True,
     legacy_sizes: bool = False,
 ) -> bytes:
     """A complete update with correct checksums (header, extended table and entries).
 
     ``payload`` is the data (a multiple of 4 bytes).  Header, data and table
-    must add up to a multiple of 1024 bytes; ``pad=True`` appends zero bytes
-    to the payload until they do.  ``ext`` lists extended ``(signature,
+    must add up to a multiple of 1024 bytes, so by default (``pad=True``) zero
+    bytes are appended to the payload until they do (``data_size`` then counts
+    them); ``pad=False`` raises instead.  ``ext`` lists extended ``(signature,
     platform_mask)`` pairs.  ``legacy_sizes=True`` writes 0 in both size fields,
     which needs a 2000-byte payload and no table.  ``revision`` is signed
     (-1 writes 0xffffffff).  ``date`` is ``"YYYY-MM-DD"`` or a raw dword.
@@ -509,9 +510,7 @@ def build_update(
     data_size = len(payload)
     total_size = HEADER_SIZE + data_size + ext_size
     if total_size % 1024:
-        raise ValueError(
-            f"header+payload+table is {total_size} bytes, not a multiple of 1024 (use pad=True)"
-        )
+        raise ValueError(f"header+payload+table is {total_size} bytes, not a multiple of 1024")
     if legacy_sizes:
         if data_size != LEGACY_DATA_SIZE or ext:
             raise ValueError("legacy_sizes needs a 2000-byte payload and no extended table")
