@@ -221,3 +221,21 @@ def test_debian_initrd(
     if initrd.how == "mkinitramfs":
         names = set(lsinitramfs(initrd.path))
         assert {"scripts/init-top", "conf/initramfs.conf", "usr/bin/busybox"} <= names
+
+
+def test_hand_builder_matches_project_writer() -> None:
+    # Two independent Intel writers must agree to the byte (when the project's imports).
+    if initrds.intel_builder_name() == "tests.ucode.initrds.make_intel_update":
+        pytest.skip("xenlab.formats.intel_ucode.build_update does not import")
+    for kw in (
+        {"signature": 0x906A4, "revision": 0x43A, "platform_mask": 0x80, "date": "2025-10-12"},
+        {"signature": 0x50654, "revision": -2, "platform_mask": 0xB7, "seed": 4},
+        {
+            "signature": 0x906A3,
+            "revision": 1,
+            "platform_mask": 0x80,
+            "ext": ((0x906A3, 0x80), (0x906A4, 0x80)),
+            "data_size": 2048 - 48 - 20 - 24,
+        },
+    ):
+        assert initrds.make_intel_update(**kw) == initrds.intel_update(**kw)
