@@ -315,6 +315,8 @@ def _zstd_frame_end(buf: Buffer, offset: int, source: str) -> int:
     size = 1 + (0 if single_segment else 1)  # descriptor + window descriptor
     size += (0, 1, 2, 4)[fhd & 3]  # dictionary id
     size += (single_segment, 2, 4, 8)[fhd >> 6]  # frame content size
+    if pos + size > n:
+        raise TruncatedError(source, pos, "zstd frame header", size, n - pos)
     pos += size
     while True:
         if pos + 3 > n:
@@ -409,7 +411,8 @@ def _corrupt(source: str, name: str, start: int, stop: int, err: BaseException) 
 class DecompressedStream(io.RawIOBase):
     """A readable stream of one decompressed stream found in a buffer.
 
-    Reads return at most the size asked for; memory stays bounded by about
+    Reads return the size asked for, fewer bytes only at the end; apart from
+    what a read returns, memory stays bounded by about
     ``chunk`` bytes of input and output (8 MiB for LZ4 legacy blocks),
     whatever the size of the output.  ``compressed_end`` is None until the
     end of the stream has been read, then the offset in the buffer just past
@@ -447,14 +450,25 @@ class DecompressedStream(io.RawIOBase):
 
     def readinto(self, buffer: WriteableBuffer, /) -> int:
         view = memoryview(buffer).cast("B")
-        data = self._take(len(view))
-        view[: len(data)] = data
-        return len(data)
+        filled = 0
+        while filled < len(view) and (data := self._take(len(view) - filled)):
+            view[filled : filled + len(data)] = data
+            filled += len(data)
+        return filled
 
     def read(self, size: int | None = -1, /) -> bytes:
+        """Read ``size`` bytes (fewer only at the end), or everything left if negative."""
         if size is None or size < 0:
             return self.readall()
-        return self._take(size)
+        data = self._take(size)
+        if len(data) == size or not data:
+            return data
+        parts = [data]
+        left = size - len(data)
+        while left and (data := self._take(left)):
+            parts.append(data)
+            left -= len(data)
+        return b"".join(parts)
 
     def readall(self) -> bytes:
         parts = []
@@ -471,6 +485,7 @@ class DecompressedStream(io.RawIOBase):
             decoder = self._decoder
             if decoder is None:
                 return b""
+            self._pending = b""  # let the spent output go before making more
             out = decoder.step(self._chunk)
             if not out:
                 self.compressed_end = decoder.end
