@@ -8,6 +8,7 @@ import click
 
 from xenlab import __version__
 from xenlab.cli.config import config
+from xenlab.cli.ucode import ucode
 from xenlab.errors import XenlabError
 
 
@@ -18,6 +19,7 @@ def cli() -> None:
 
 
 cli.add_command(config)
+cli.add_command(ucode)
 
 
 def main(argv: list[str] | None = None) -> None:
