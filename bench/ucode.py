@@ -10,7 +10,9 @@ Inputs (built once, cached under ~/.cache/xenlab/bench/ucode):
     recover loader, which searches the whole file for Intel updates.
 
 xenlab is timed in-process (``ucode.scan.scan_file``: mmap, walk, checksums);
-iucode_tool as a process (its start-up is a millisecond).  For the initrd two
+iucode_tool as a process (its start-up is a millisecond).  One more row times
+the ``xenlab`` command as a process, where Python's start-up and imports
+(about 0.3 s) dominate on inputs this small.  For the initrd two
 xenlab figures are printed: the full scan, which also decompresses and walks
 the main archive (work iucode_tool does not do), and ``--early-only``, the
 loaders' view.  The headline (last line) is the initrd full scan against the
@@ -122,6 +124,17 @@ def peer(args: list[str]) -> Callable[[], object]:
     return run
 
 
+def cli(path: Path) -> Callable[[], object]:
+    """``xenlab ucode scan --json`` as a process: interpreter start-up and imports included."""
+    exe = Path(sys.executable).parent / "xenlab"
+
+    def run() -> None:
+        subprocess.run([str(exe), "ucode", "scan", "--json", str(path)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -149,6 +162,8 @@ def main() -> None:
          best(lambda: scan_file(initrd, early_only=True), args.rounds), n_initrd, initrd),
         ("initrd", "iucode_tool -tr -L", best(peer(["-tr", "-L", str(initrd)]), args.rounds),
          n_initrd, initrd),
+        ("initrd", "xenlab CLI process (--json)", best(cli(initrd), args.rounds), n_initrd,
+         initrd),
     ]
     print(f"{'input':<7} {'tool':<26} {'seconds':>8} {'MB/s':>8} {'updates/s':>10}")
     for inp, tool, secs, n, path in rows:

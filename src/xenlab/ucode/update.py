@@ -8,7 +8,7 @@ the ``scan --json`` contract: extend it, never change it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from xenlab.formats.amd_ucode import AmdContainer, AmdPatch, EquivEntry
@@ -64,6 +64,10 @@ class Location:
 class Update:
     """A microcode update of either vendor, with its raw bytes.
 
+    ``view`` is a read-only slice of the scanned buffer (for a file, of its
+    mapping, which stays open while any update refers to it): scanning copies
+    nothing; ``raw`` copies on demand.
+
     Intel: ``platforms`` pairs each signature (primary first, then extended)
     with its platform mask; ``revision`` is signed as Xen compares it.
     AMD: ``signatures`` are the installed-CPU signatures whose equivalence id
@@ -80,11 +84,16 @@ class Update:
     size: int
     checksum_ok: bool
     source: Location
-    raw: bytes
+    view: memoryview = field(repr=False)
     problems: tuple[str, ...] = ()
     equiv_id: int | None = None
     family: int | None = None
     equiv: tuple[EquivEntry, ...] = ()
+
+    @property
+    def raw(self) -> bytes:
+        """The update's bytes (a copy; ``view`` is the zero-copy slice of the scanned data)."""
+        return bytes(self.view)
 
     @property
     def unsigned_revision(self) -> int:
@@ -93,7 +102,7 @@ class Update:
 
 
 def from_intel(
-    upd: IntelUpdate, raw: bytes, source: Location
+    upd: IntelUpdate, view: memoryview, source: Location
 ) -> Update:
     """The neutral view of one parsed Intel update."""
     platforms = upd.signatures()
@@ -107,14 +116,14 @@ def from_intel(
         size=upd.total_size,
         checksum_ok=upd.checksum_ok,
         source=source,
-        raw=raw,
+        view=view,
         problems=upd.problems,
         family=None,
     )
 
 
 def from_amd(
-    container: AmdContainer, patch: AmdPatch, raw: bytes, source: Location
+    container: AmdContainer, patch: AmdPatch, view: memoryview, source: Location
 ) -> Update:
     """The neutral view of one AMD patch, with the equivalence entries that reach it."""
     equiv = tuple(e for e in container.equiv_table if e.equiv_id == patch.processor_rev_id)
@@ -136,7 +145,7 @@ def from_amd(
         size=patch.size,
         checksum_ok=patch.size_ok and bool(equiv),
         source=source,
-        raw=raw,
+        view=view,
         problems=tuple(problems),
         equiv_id=patch.processor_rev_id,
         family=patch.family,
