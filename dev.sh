@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # xenlab's one entry point for a fresh machine.
-#   ./dev.sh run    set up, then run the main job (check and show the example configs)
+#   ./dev.sh run    set up, then run the main job (check and show the example configs,
+#                   build and scan an early-microcode initrd)
 #   ./dev.sh test   set up, then run ruff, mypy and the test suite
 #   ./dev.sh bench  set up, then run every benchmark under bench/
 # Setup is idempotent: system packages via apt-get (when root and missing),
@@ -39,6 +40,15 @@ case "$cmd" in
     setup
     .venv/bin/xenlab config check examples/*.cfg
     .venv/bin/xenlab config show examples/hvm-vnuma.cfg
+    # Microcode: an early cpio in front of an initrd, then the loaders' view of it.
+    demo="$(mktemp -d)"
+    trap 'rm -rf "$demo"' EXIT
+    .venv/bin/python examples/ucode/make-inputs.py "$demo"
+    .venv/bin/xenlab ucode build-early "$demo/initrd.new" --from "$demo/intel.bin" \
+        --from "$demo/amd.bin" --append-initrd "$demo/initrd.img" --check
+    .venv/bin/xenlab ucode scan "$demo/initrd.new"
+    .venv/bin/xenlab ucode select --cpu 0x906a4,0x80 "$demo/initrd.new"
+    .venv/bin/xenlab ucode xen-cmdline "$demo/initrd.new" --cpu 0x906a4,0x80
     ;;
   test)
     setup

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from xenlab.atomic import atomic_write_bytes
@@ -64,24 +65,27 @@ def _scan_all(files: Sequence[Path], *, early_only: bool = False) -> list[ScanRe
 def _warn(results: Sequence[ScanResult]) -> None:
     for r in results:
         for f in r.findings:
-            stderr.print(f"[yellow]warning[/]: {f}", soft_wrap=True)
+            stderr.print(f"[yellow]warning[/]: {escape(str(f))}", soft_wrap=True)
 
 
 def _sigs(u: Update) -> str:
     if u.platforms:
-        return "\n".join(f"{s:#07x}/{m:#04x}" for s, m in u.platforms)
+        # An extended table often repeats the primary pair: show each pair once.
+        return "\n".join(f"{s:#07x}/{m:#04x}" for s, m in dict.fromkeys(u.platforms))
     return "\n".join(f"{s:#07x}" for s in u.signatures) or "-"
 
 
 def _table(updates: Sequence[Update], title: str | None = None) -> Table:
     t = Table(title=title, show_lines=False)
-    for col in ("vendor", "signature/pf", "revision", "date", "size", "ok", "where"):
-        t.add_column(col, justify="right" if col in ("size",) else "left")
+    for col in ("vendor", "signature/pf", "revision", "date", "size", "ok"):
+        t.add_column(col, justify="right" if col in ("size",) else "left", no_wrap=True)
+    t.add_column("where", overflow="fold")
     for u in updates:
         ok = "[green]yes[/]" if u.checksum_ok else "[red]NO[/]"
         early = " [cyan](early)[/]" if u.source.early else ""
+        where = str(u.source).removeprefix(u.source.file)
         t.add_row(u.vendor.value, _sigs(u), f"{u.unsigned_revision:#x}", u.date, str(u.size),
-                  ok, str(u.source) + early)
+                  ok, escape(Path(u.source.file).name + where) + early)
     return t
 
 
@@ -127,7 +131,8 @@ def scan_cmd(files: Sequence[Path], early_only: bool, vendor: str | None, as_jso
             + (f" ({p.members} members)" if p.members else "")
             for p in r.parts
         )
-        stdout.print(f"[bold]{r.file}[/] ({r.size} bytes): {parts or 'nothing recognised'}")
+        stdout.print(f"[bold]{escape(r.file)}[/] ({r.size} bytes): "
+                     + escape(parts or "nothing recognised"))
     stdout.print(_table(updates))
     bad = sum(1 for u in updates if not u.checksum_ok)
     stdout.print(f"{len(updates)} update(s), {bad} failing checks")
@@ -183,8 +188,8 @@ def select_cmd(files: Sequence[Path], cpu_spec: str | None, this: bool, show_all
         for v in sel.verdicts:
             if v.chosen or (not v.fits and not show_all):
                 continue
-            t.add_row(f"{v.update.unsigned_revision:#x}", v.update.date, v.reason,
-                      str(v.update.source))
+            t.add_row(f"{v.update.unsigned_revision:#x}", v.update.date, escape(v.reason),
+                      escape(str(v.update.source)))
         if t.row_count:
             stdout.print(t)
         hidden = sum(1 for v in sel.verdicts if not v.fits)
@@ -242,7 +247,7 @@ def extract_cmd(files: Sequence[Path], output: Path | None, bundle: Path | None,
         emit_json({"written": written, "updates": [update_to_json(u) for u in updates]})
     else:
         for w in written:
-            stdout.print(f"wrote {w}")
+            stdout.print(f"wrote {escape(w)}")
         stdout.print(f"{len(updates)} update(s) in {len(written)} file(s)")
     _warn(results)
 
@@ -315,12 +320,12 @@ def xen_cmdline_cmd(file: Path, module_index: int | None, cpu_spec: str | None, 
             stdout.print(f"Xen option: [bold]{adv.option}[/]")
             stdout.print("grub entry:")
             for line in adv.grub:
-                stdout.print(f"  {line}")
-            stdout.print("xen.efi (xen.cfg): " + "; ".join(adv.efi))
+                stdout.print(f"  {escape(line)}")
+            stdout.print("xen.efi (xen.cfg): " + escape("; ".join(adv.efi)))
         for p in adv.problems:
-            stdout.print(f"[red]problem[/]: {p}", soft_wrap=True)
+            stdout.print(f"[red]problem[/]: {escape(p)}", soft_wrap=True)
         for n in adv.notes:
-            stdout.print(f"- {n}", soft_wrap=True)
+            stdout.print(f"- {escape(n)}", soft_wrap=True)
     if not adv.ok:
         raise click.exceptions.Exit(1)
 
