@@ -52,7 +52,7 @@ case "$cmd" in
     ;;
   test)
     setup
-    .venv/bin/ruff check src tests bench
+    .venv/bin/ruff check src tests bench examples
     .venv/bin/mypy
     shift || true
     .venv/bin/pytest -q "$@"

@@ -72,6 +72,7 @@ class FormatError(XenlabError, ValueError):
         self.source = source
         self.offset = offset
         self.field = field
+        self.detail = message
         super().__init__(f"{source}+{offset:#x}: {field}: {message}")
 
 

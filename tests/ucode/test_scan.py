@@ -187,3 +187,17 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(XenlabError, match=r"nope\.img"):
         scan_file(tmp_path / "nope.img")
+
+
+def test_zero_padding_after_updates_is_quiet() -> None:
+    r = scan_buffer(b.INTEL_OLD + bytes(1024), "padded.bin")
+    assert [u.revision for u in r.updates] == [0x10] and r.findings == []
+    r = scan_buffer(b.AMD_CONTAINER + bytes(64), "padded-amd.bin")
+    assert len(r.updates) == 2 and r.findings == []
+
+
+def test_garbage_after_a_container_keeps_its_patches_and_names_the_offset() -> None:
+    r = scan_buffer(b.AMD_CONTAINER + b"garbage!" * 100, "amd.bin")
+    assert sorted(u.revision for u in r.updates) == [0x08001227, 0x0800820B]
+    assert [str(f) for f in r.findings] == [
+        f"amd.bin+{len(b.AMD_CONTAINER):#x}: section_type: 0x62726167, expected 1 (patch)"]

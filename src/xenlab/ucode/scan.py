@@ -113,29 +113,51 @@ class _Walker:
         n = 0
         stop = len(buf) if end is None else end
         view = _view(buf)
+        good_end = 0
         try:
             for upd in intel_ucode.iter_updates(buf, 0, stop, source=self.file):
                 raw = view[upd.offset : upd.offset + upd.total_size]
                 self.result.updates.append(from_intel(upd, raw, loc(upd.offset)))
+                good_end = upd.offset + upd.total_size
                 n += 1
         except FormatError as err:
-            self.warn(str(loc(err.offset)), f"{err.field}: {err}")
-            if self.recover:
-                n += self.search(buf, loc, start=err.offset + 1, end=stop, amd=False)
+            n += self._after_error(buf, loc, err, good_end, stop, intel=True)
         return n
 
     def amd(self, buf: Buffer, loc: Callable[[int], Location], end: int | None = None) -> int:
         """Read AMD containers back to back; returns how many patches."""
         n = 0
         stop = len(buf) if end is None else end
+        good_end = 0
         try:
             for cont in amd_ucode.iter_containers(buf, 0, stop, source=self.file):
                 n += self._add_container(buf, cont, loc)
+                good_end = cont.end
         except FormatError as err:
-            self.warn(str(loc(err.offset)), f"{err.field}: {err}")
-            if self.recover:
-                n += self.search(buf, loc, start=err.offset + 1, end=stop, intel=False)
+            n += self._after_error(buf, loc, err, good_end, stop, intel=False)
         return n
+
+    def _after_error(
+        self,
+        buf: Buffer,
+        loc: Callable[[int], Location],
+        err: FormatError,
+        good_end: int,
+        stop: int,
+        *,
+        intel: bool,
+    ) -> int:
+        """A bundle went bad after ``good_end``: say where, then search the rest."""
+        # Zero padding after the last unit (firmware images have it) is no problem.
+        padding = not any(bytes(memoryview(buf)[max(err.offset, good_end) : stop]))
+        if not padding:
+            self.warn(str(loc(err.offset)), f"{err.field}: {err.detail}")
+        if not self.recover or (padding and good_end >= err.offset):
+            return 0
+        # From the end of the last good unit: the broken one may still hold
+        # patches (an AMD container with a bad trailing section) or an update
+        # may start inside the bytes the strict reader gave up on.
+        return self.search(buf, loc, start=good_end, end=stop, intel=intel, amd=not intel)
 
     def _add_container(
         self, buf: Buffer, cont: amd_ucode.AmdContainer, loc: Callable[[int], Location]
