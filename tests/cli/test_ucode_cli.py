@@ -143,3 +143,14 @@ def test_load_is_a_dry_run_by_default(capsys: pytest.CaptureFixture[str], bundle
     code, text, _ = run(capsys, "ucode", "load", str(bundle), "--root", str(root))
     assert code == 0 and "dry run" in text and "intel-ucode/06-9a-04" in text
     assert not (root / "lib").exists()
+
+
+def test_cpu_json_is_self_consistent(capsys: pytest.CaptureFixture[str]) -> None:
+    from xenlab.ucode.cpu import signature_from_fms
+
+    code, out, _ = run(capsys, "ucode", "cpu", "--json")
+    assert code == 0
+    cpu = json.loads(out)
+    assert cpu["vendor"] in ("intel", "amd")
+    assert cpu["signature"] & 0x0FFF3FFF == signature_from_fms(
+        cpu["family"], cpu["model"], cpu["stepping"])

@@ -367,6 +367,9 @@ def cpu_cmd(as_json: bool) -> None:
         emit_json(data)
         return
     for k, v in data.items():
-        shown = f"{v:#x}" if isinstance(v, int) and k in (
-            "signature", "platform_mask", "microcode_revision") else v
+        shown: object = v
+        if isinstance(v, int):
+            # cpuinfo prints family/model/stepping in decimal, vendors in hex.
+            hexed = k in ("signature", "platform_mask", "microcode_revision")
+            shown = f"{v:#x}" if hexed else f"{v} ({v:#x})"
         stdout.print(f"{k:20} {shown}")
