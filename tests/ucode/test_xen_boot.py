@@ -23,7 +23,9 @@ import pytest
 from tests.oracle import xen_boot
 from tests.oracle.xen_boot import BootLog, QemuCpu
 from tests.ucode import builders
+from xenlab.formats.amd_ucode import build_container, build_patch
 from xenlab.formats.cpio import CpioMember, write_newc
+from xenlab.ucode.cmdline import advise
 from xenlab.ucode.cpu import CpuId, Vendor, fms_from_signature
 from xenlab.ucode.early import build_early, early_cpio
 from xenlab.ucode.scan import scan_buffer
@@ -183,6 +185,47 @@ def test_the_first_early_file_wins_and_build_early_puts_ours_first(
         log = boot(xen, image, INTEL_CPU)
         assert log.attempts == ((QEMU_INTEL_REV, want),), log.microcode_lines()
         assert xenlab_early(image, Vendor.INTEL) == [want]
+
+
+def test_concatenated_amd_containers_the_highest_patch_wins(xen: Path) -> None:
+    # Xen 4.17 walks every container in the file and keeps the highest patch
+    # for the CPU's equivalence id, whichever container comes first.
+    higher = build_patch(
+        patch_id=0x08001250,
+        processor_rev_id=0x8012,
+        date="2019-11-14",
+        body=builders.payload(3200 - 64, 31),
+    )
+    second = build_container(builders.AMD_EQUIV, [higher])
+    for blob in (builders.AMD_CONTAINER + second, second + builders.AMD_CONTAINER):
+        ups = updates_of(blob)
+        log = boot(xen, build_early(ups).data, AMD_CPU, NO_DIGEST)
+        assert log.attempts == ((QEMU_AMD_REV, 0x08001250),), log.microcode_lines()
+        chosen = select(ups, CpuId(Vendor.AMD, AMD_CPU.signature)).chosen
+        assert chosen is not None and chosen.revision == 0x08001250
+
+
+def test_the_ucode_option_xenlab_advises_is_the_one_that_works(
+    xen: Path, main_initrd: bytes
+) -> None:
+    early = build_early(updates_of(INTEL_ALL), main_initrd).data
+    cases = [
+        # (modules 1.., index of the microcode module, the vendor bundle alone?)
+        ([early], 1),
+        ([INTEL_ALL], 1),  # a raw bundle: ucode=N, scan only finds cpio archives
+        ([main_initrd, INTEL_ALL], 2),
+    ]
+    for modules, index in cases:
+        scanned = scan_buffer(modules[index - 1], f"module{index}")
+        advice = advise(scanned, module_index=index)
+        assert advice.ok and advice.option is not None, advice.problems
+        log = xen_boot.boot(modules, INTEL_CPU, xen_args=advice.option, xen=xen)
+        assert log.attempts == ((QEMU_INTEL_REV, 0x43A),), (advice.option, log.microcode_lines())
+    # Microcode only in a compressed archive: xenlab says it will not be seen, and it is not.
+    hidden = gzip.compress(builders.early_cpio(INTEL_NEW), mtime=0) + main_initrd
+    advice = advise(scan_buffer(hidden, "hidden"))
+    assert not advice.ok and any("compressed" in p for p in advice.problems)
+    assert boot(xen, hidden, INTEL_CPU).microcode_lines() == ()
 
 
 # ------------------------------------------------------------ what Xen does not find
