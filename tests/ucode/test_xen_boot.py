@@ -59,7 +59,7 @@ INTEL_OTHER_SIG = builders.intel(0x906A3, 0x600, TCG_PF, seed=24)
 INTEL_ALL = INTEL_OLD + INTEL_NEW + INTEL_OTHER_PF + INTEL_OTHER_SIG
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def xen() -> Path:
     """Debian's Xen ELF and QEMU; skipped, with the reason, only if apt or QEMU cannot serve."""
     try:
