@@ -9,9 +9,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# System packages the project uses: dpkg/apt-get to fetch libxlutil (the test
-# oracle), cpio, busybox, iucode-tool and initramfs-tools (microcode tests: real initrds and the peer tool), the compressors.  Later rooms add qemu, seabios here.
-APT_PACKAGES=(ca-certificates cpio busybox-static iucode-tool initramfs-tools-core zstd lz4 xz-utils bzip2 lzma)
+# System packages the project uses:
+#   test oracles: apt-get/dpkg fetch libxlutil and Xen 4.17; QEMU boots that Xen to
+#   check early microcode; iucode-tool is the microcode peer;
+#   real parts for tests: cpio, busybox-static, initramfs-tools-core (mkinitramfs,
+#   lsinitramfs, unmkinitramfs) and the compressors initrds use.
+APT_PACKAGES=(ca-certificates qemu-system-x86 cpio busybox-static iucode-tool initramfs-tools-core zstd lz4 xz-utils bzip2 lzma)
 
 setup() {
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -21,7 +24,7 @@ setup() {
     done
     if [ ${#missing[@]} -gt 0 ]; then
       apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
   fi
   if [ ! -x .venv/bin/python ]; then

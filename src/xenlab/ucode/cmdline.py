@@ -41,18 +41,23 @@ class Advice:
         return self.option is not None and not self.problems
 
 
+# Checked against Xen 4.17 booted under QEMU (tests/ucode/test_xen_boot.py).
 GENERAL_NOTES = (
-    "The early cpio must be the first thing in the initrd and uncompressed; "
-    "Xen and Linux do not decompress to find microcode.",
-    "Member names must be exactly kernel/x86/microcode/GenuineIntel.bin or "
-    "AuthenticAMD.bin (no leading './' or '/').",
+    "The early cpio must sit in the leading uncompressed part of the initrd (first, "
+    "or after other uncompressed archives); Xen and Linux do not decompress to find "
+    "microcode.",
+    "Member names must start with kernel/x86/microcode/GenuineIntel.bin or "
+    "AuthenticAMD.bin (no leading './' or '/'); the loaders compare the name's "
+    "prefix and take the first regular file that matches.",
     "With ucode=scan Xen takes the first module holding such an archive; "
     "a later module's newer microcode is not seen.",
-    "Do not concatenate two AMD containers of the same family: the loader applies "
-    "the first fitting patch it meets.",
+    "Xen keeps the highest fitting patch across every AMD container in the file; "
+    "an update not newer than the running revision is not loaded.",
     "Recent Xen checks AMD patches against a table of known SHA-256 digests "
-    "(ucode=digest-check); unknown patches are refused unless that is turned off.",
+    "(ucode=digest-check); unknown patches are refused unless that is turned off "
+    "with ucode=scan,digest-check=0.",
 )
+
 
 
 def advise(
