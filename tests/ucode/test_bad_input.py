@@ -8,8 +8,7 @@ target; outputs are replaced atomically.  Commands run through
 ``xenlab.cli.main.main`` (as a user runs them, exit codes included) and, for
 a few cases, through the installed ``xenlab`` script in a subprocess.
 
-Tests marked ``xfail(strict=True, reason="BUG: ...")`` pin behaviour the
-issue requires and the code does not have yet.
+Every bug these tests found (11) has been fixed; they now pin the behaviour.
 """
 
 from __future__ import annotations
@@ -127,8 +126,6 @@ def test_truncated_update_warns_at_its_offset(capsys: pytest.CaptureFixture[str]
     assert f"{p}+0x800" in err and "total_size" in err and "100" in err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a file holding only a truncated Intel header "
-                   "(< 48 bytes) is scanned as 'data' with no warning at all")
 def test_truncated_header_alone_warns(capsys: pytest.CaptureFixture[str],
                                       tmp_path: Path) -> None:
     p = put(tmp_path, "hdr.bin", INTEL[:40])
@@ -220,8 +217,6 @@ def test_amd_equivalence_table_only(capsys: pytest.CaptureFixture[str], tmp_path
     assert code == 1 and "no update" in err and not (tmp_path / "fw").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: xen-cmdline advises ucode=1 (exit 0) for an AMD "
-                   "container with an equivalence table and no patch: Xen loads nothing from it")
 def test_xen_cmdline_amd_container_without_patches(capsys: pytest.CaptureFixture[str],
                                                    tmp_path: Path) -> None:
     p = put(tmp_path, "amd0.bin", build_container(b.AMD_EQUIV, []))
@@ -252,9 +247,6 @@ def test_cpio_namesize_past_the_end_in_a_later_archive(capsys: pytest.CaptureFix
     assert got in (len(early) + NAMESIZE_AT, len(early) + NAME_AT)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): scan --early-only fails on a broken "
-                   "uncompressed archive after the early one, though find_cpio_data stops "
-                   "quietly there and the loaders do read the early update")
 def test_early_only_survives_a_broken_later_archive(capsys: pytest.CaptureFixture[str],
                                                     tmp_path: Path) -> None:
     early = b.early_cpio(INTEL)
@@ -295,8 +287,6 @@ def test_cpio_non_hex_field(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert code == 1 and "filesize" in err and f"{p}+0x3a" in err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a crc (070702) member whose check field does not "
-                   "match its data is accepted silently; the kernel's unpacker refuses it")
 def test_cpio_crc_wrong_check_is_reported(capsys: pytest.CaptureFixture[str],
                                           tmp_path: Path) -> None:
     arc = bytearray(write_newc([CpioMember("kernel/x86/microcode/GenuineIntel.bin", INTEL)]))
@@ -392,8 +382,6 @@ def test_member_names_do_not_drive_the_terminal(capsys: pytest.CaptureFixture[st
     assert code == 0 and "[bold" in out  # markup shown as text, not interpreted
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ANSI escape sequences in a member name reach the "
-                   "terminal unfiltered (scan table and warnings)")
 def test_member_name_escape_sequences_are_neutralised(capsys: pytest.CaptureFixture[str],
                                                       tmp_path: Path) -> None:
     p = put(tmp_path, "ansi.cpio", write_newc([CpioMember("a\x1b]0;owned\x07\x1b[2Jb", INTEL)]))
@@ -401,8 +389,6 @@ def test_member_name_escape_sequences_are_neutralised(capsys: pytest.CaptureFixt
     assert code == 0 and "\x1b" not in out and "\x1b" not in err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a non-UTF-8 member name crashes scan with "
-                   "UnicodeEncodeError (traceback) when stdout is not UTF-8")
 def test_undecodable_member_name_on_an_ascii_console(tmp_path: Path) -> None:
     p = put(tmp_path, "u.cpio", write_newc([CpioMember("bad\udcffname", INTEL)]))
     proc = run_proc("ucode", "scan", str(p), env={"PYTHONIOENCODING": "ascii"})
@@ -530,16 +516,33 @@ def test_missing_input_names_the_file(capsys: pytest.CaptureFixture[str],
     assert sorted(x.name for x in tmp_path.iterdir()) == ["good.bin"]
 
 
-def test_directory_as_file_names_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_directory_where_a_file_is_needed_names_it(capsys: pytest.CaptureFixture[str],
+                                                   tmp_path: Path) -> None:
     good = put(tmp_path, "good.bin", INTEL)
     d = tmp_path / "intel-ucode"
     d.mkdir()
-    for case in _missing_cases(tmp_path, good, str(d)):
+    for case in (
+        ["build-early", str(tmp_path / "e.cpio"), "--from", str(good), "--append-initrd", str(d)],
+        ["xen-cmdline", str(d)],
+        ["build-early", str(d), "--from", str(good)],
+    ):
         code, _, err = run(capsys, "ucode", *case)
         assert code == 2, case
         assert "intel-ucode" in err and "is a directory" in err
-    code, _, err = run(capsys, "ucode", "build-early", str(d), "--from", str(good))
-    assert code == 2 and "is a directory" in err
+
+
+def test_directory_inputs_stand_for_their_files(capsys: pytest.CaptureFixture[str],
+                                                tmp_path: Path) -> None:
+    d = tmp_path / "intel-ucode"
+    d.mkdir()
+    put(d, "06-9a-04", INTEL)
+    (d / "sub").mkdir()  # not recursed into
+    put(d / "sub", "x.bin", b.INTEL_PF40)
+    code, out, _ = run(capsys, "ucode", "scan", "--json", str(d))
+    assert code == 0 and [u["source"]["file"] for u in json.loads(out)] == [str(d / "06-9a-04")]
+    e = tmp_path / "e.cpio"
+    code, _, _ = run(capsys, "ucode", "build-early", str(e), "--from", str(d), "--check")
+    assert code == 0 and e.stat().st_size % 512 == 0
 
 
 @pytest.mark.parametrize("name", ["empty", "empty.dat", "empty.img"])
@@ -614,32 +617,25 @@ def test_failing_build_early_leaves_out_untouched(capsys: pytest.CaptureFixture[
         _assert_untouched(out, b"the old image")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: build-early --check writes OUT before checking it, "
-                   "so a failing check leaves the unchecked image in place of the old OUT")
 def test_failing_check_leaves_out_untouched(capsys: pytest.CaptureFixture[str],
                                             tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import xenlab.cli.ucode as cli_ucode
     from xenlab.ucode.scan import ScanResult
 
-    real = scan_file
     out = put(tmp_path, "initrd.new", b"the old image")
     good = put(tmp_path, "good.bin", INTEL)
 
-    def loaders_see_nothing(path: Path, **kw: object) -> ScanResult:
-        if Path(path) == out:  # stand-in for an image the early loaders cannot read
-            return ScanResult(str(path), 0)
-        return real(path, **kw)  # type: ignore[arg-type]
+    def loaders_see_nothing(buf: object, name: str, **kw: object) -> ScanResult:
+        # Stand-in for an image the early loaders cannot read.
+        return ScanResult(name, 0)
 
-    monkeypatch.setattr(cli_ucode, "scan_file", loaders_see_nothing)
+    monkeypatch.setattr(cli_ucode, "scan_buffer", loaders_see_nothing)
     code, _, err = run(capsys, "ucode", "build-early", str(out), "--from", str(good), "--check")
     assert code == 1 and "check failed" in err
     _assert_untouched(out, b"the old image")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an output path in a missing directory (or under a "
-                   "file) crashes with FileNotFoundError/NotADirectoryError instead of a "
-                   "xenlab error")
 @pytest.mark.parametrize("kind", ["build-early", "bundle", "tree"])
 def test_unwritable_output_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                             kind: str) -> None:
@@ -662,9 +658,7 @@ def test_unwritable_output_subprocess(tmp_path: Path) -> None:
     proc = subprocess.run([str(XENLAB), "ucode", "build-early",
                            str(tmp_path / "no-dir" / "e.cpio"), "--from", str(good)],
                           capture_output=True, text=True, timeout=60)
-    if "Traceback" in proc.stderr:
-        pytest.xfail("BUG: build-early into a missing directory prints a traceback: "
-                     + proc.stderr.strip().splitlines()[-1])
+    assert "Traceback" not in proc.stderr
     assert proc.returncode == 1 and "no-dir" in proc.stderr
 
 
@@ -694,9 +688,6 @@ def test_sparse_gib_with_an_update_in_the_middle(tmp_path: Path) -> None:
         (0x43A, 512 << 20)]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an update whose total_size overruns its data "
-                   "into zero bytes is dropped with no warning (the zeros after the error are "
-                   "taken for padding)")
 @pytest.mark.parametrize("size", [4096, (1 << 30) - 1024])
 def test_total_size_over_zeros_warns(tmp_path: Path, size: int) -> None:
     """An update claiming more bytes than its data, the rest of the file NULs (sparse)."""
@@ -721,9 +712,6 @@ def test_initrd_followed_by_nul_padding(tmp_path: Path) -> None:
         (0x10, True)]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: scan copies everything after a bundle's last "
-                   "good update into memory to see whether it is zero padding (1 GiB of RSS "
-                   "for a 1 GiB sparse file)")
 def test_bundle_tail_is_not_copied(tmp_path: Path) -> None:
     p = _sparse(tmp_path / "tail.bin", 64 << 20, {0: INTEL})
     tracemalloc.start()

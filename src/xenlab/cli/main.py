@@ -24,6 +24,10 @@ cli.add_command(ucode)
 
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; xenlab errors print as ``place: message`` and exit 1."""
+    for stream in (sys.stdout, sys.stderr):
+        # A console that cannot encode a character shows it escaped, not a traceback.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         # Without standalone mode click returns a command's exit code (from
         # click.exceptions.Exit) instead of exiting.

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TimeRemai
 from rich.table import Table
 
 from xenlab.atomic import atomic_write_bytes
-from xenlab.cli.output import emit_json, stderr, stdout
+from xenlab.cli.output import emit_json, printable, stderr, stdout
 from xenlab.errors import XenlabError
 from xenlab.ucode.cmdline import advice_to_json, advise
 from xenlab.ucode.cpu import CpuId, Vendor, parse_cpu_spec, this_cpu
@@ -25,11 +25,13 @@ from xenlab.ucode.extract import (
     write_tree,
 )
 from xenlab.ucode.load import apply_load, plan_load
-from xenlab.ucode.scan import ScanResult, scan_file
+from xenlab.ucode.scan import ScanResult, scan_buffer, scan_file
 from xenlab.ucode.select import Selection, select
 from xenlab.ucode.update import Update, location_to_json, update_to_json
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+# Inputs may be directories, as with iucode_tool: their regular files, sorted.
+_INPUT = click.Path(exists=True, path_type=Path)
 _PROGRESS_MIN = 64 << 20  # show a bar for files at least this big
 
 
@@ -45,9 +47,32 @@ def _progress(total: int) -> Iterator[Progress | None]:
         yield bar
 
 
+def _esc(text: str) -> str:
+    """Untrusted text (file and member names, messages quoting them) for rich output."""
+    return escape(printable(text))
+
+
+def _expand(paths: Sequence[Path]) -> list[Path]:
+    """Files as given; a directory stands for its regular files (not recursive), sorted."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(c for c in p.iterdir() if c.is_file()))
+        else:
+            out.append(p)
+    return out
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as err:
+        raise XenlabError(f"{path}: cannot write: {err.strerror or err}") from err
+
+
 def _scan_all(files: Sequence[Path], *, early_only: bool = False) -> list[ScanResult]:
     results = []
-    for path in files:
+    for path in _expand(files):
         size = path.stat().st_size
         with _progress(size) as bar:
             if bar is None:
@@ -65,7 +90,7 @@ def _scan_all(files: Sequence[Path], *, early_only: bool = False) -> list[ScanRe
 def _warn(results: Sequence[ScanResult]) -> None:
     for r in results:
         for f in r.findings:
-            stderr.print(f"[yellow]warning[/]: {escape(str(f))}", soft_wrap=True)
+            stderr.print(f"[yellow]warning[/]: {_esc(str(f))}", soft_wrap=True)
 
 
 def _sigs(u: Update) -> str:
@@ -85,7 +110,7 @@ def _table(updates: Sequence[Update], title: str | None = None) -> Table:
         early = " [cyan](early)[/]" if u.source.early else ""
         where = str(u.source).removeprefix(u.source.file)
         t.add_row(u.vendor.value, _sigs(u), f"{u.unsigned_revision:#x}", u.date, str(u.size),
-                  ok, escape(Path(u.source.file).name + where) + early)
+                  ok, _esc(Path(u.source.file).name + where) + early)
     return t
 
 
@@ -112,7 +137,7 @@ def ucode() -> None:
 
 
 @ucode.command("scan")
-@click.argument("files", nargs=-1, required=True, type=_FILE)
+@click.argument("files", nargs=-1, required=True, type=_INPUT)
 @click.option("--early-only", is_flag=True,
               help="Stop at the first compressed part, as the early loaders do.")
 @_VENDOR
@@ -124,6 +149,8 @@ def scan_cmd(files: Sequence[Path], early_only: bool, vendor: str | None, as_jso
     if as_json:
         emit_json([update_to_json(u) for u in updates])
         _warn(results)
+        if any(f.severity == "error" for r in results for f in r.findings):
+            raise click.exceptions.Exit(1)
         return
     for r in results:
         parts = ", ".join(
@@ -131,12 +158,14 @@ def scan_cmd(files: Sequence[Path], early_only: bool, vendor: str | None, as_jso
             + (f" ({p.members} members)" if p.members else "")
             for p in r.parts
         )
-        stdout.print(f"[bold]{escape(r.file)}[/] ({r.size} bytes): "
-                     + escape(parts or "nothing recognised"))
+        stdout.print(f"[bold]{_esc(r.file)}[/] ({r.size} bytes): "
+                     + _esc(parts or "nothing recognised"))
     stdout.print(_table(updates))
     bad = sum(1 for u in updates if not u.checksum_ok)
     stdout.print(f"{len(updates)} update(s), {bad} failing checks")
     _warn(results)
+    if any(f.severity == "error" for r in results for f in r.findings):
+        raise click.exceptions.Exit(1)
 
 
 def _selection_json(sel: Selection) -> dict[str, object]:
@@ -159,7 +188,7 @@ def _selection_json(sel: Selection) -> dict[str, object]:
 
 
 @ucode.command("select")
-@click.argument("files", nargs=-1, required=True, type=_FILE)
+@click.argument("files", nargs=-1, required=True, type=_INPUT)
 @_CPU
 @_THIS
 @click.option("--all", "show_all", is_flag=True, help="Explain every update, not just fitting.")
@@ -188,8 +217,8 @@ def select_cmd(files: Sequence[Path], cpu_spec: str | None, this: bool, show_all
         for v in sel.verdicts:
             if v.chosen or (not v.fits and not show_all):
                 continue
-            t.add_row(f"{v.update.unsigned_revision:#x}", v.update.date, escape(v.reason),
-                      escape(str(v.update.source)))
+            t.add_row(f"{v.update.unsigned_revision:#x}", v.update.date, _esc(v.reason),
+                      _esc(str(v.update.source)))
         if t.row_count:
             stdout.print(t)
         hidden = sum(1 for v in sel.verdicts if not v.fits)
@@ -215,7 +244,7 @@ def _chosen_updates(files: Sequence[Path], cpu_spec: str | None, this: bool,
 
 
 @ucode.command("extract")
-@click.argument("files", nargs=-1, required=True, type=_FILE)
+@click.argument("files", nargs=-1, required=True, type=_INPUT)
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Write the kernel firmware layout (intel-ucode/, amd-ucode/) here.")
 @click.option("--bundle", type=click.Path(dir_okay=False, path_type=Path),
@@ -238,7 +267,7 @@ def extract_cmd(files: Sequence[Path], output: Path | None, bundle: Path | None,
         if len(vendors) > 1:
             raise click.UsageError("a bundle holds one vendor: add --vendor intel|amd")
         data = intel_bundle(updates) if Vendor.INTEL in vendors else amd_bundle(updates)
-        atomic_write_bytes(bundle, data)
+        _write(bundle, data)
         written.append(str(bundle))
     else:
         assert output is not None
@@ -247,14 +276,14 @@ def extract_cmd(files: Sequence[Path], output: Path | None, bundle: Path | None,
         emit_json({"written": written, "updates": [update_to_json(u) for u in updates]})
     else:
         for w in written:
-            stdout.print(f"wrote {escape(w)}")
+            stdout.print(f"wrote {_esc(w)}")
         stdout.print(f"{len(updates)} update(s) in {len(written)} file(s)")
     _warn(results)
 
 
 @ucode.command("build-early")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--from", "sources", multiple=True, required=True, type=_FILE,
+@click.option("--from", "sources", multiple=True, required=True, type=_INPUT,
               help="Where the updates come from (bundles, firmware files, initrds).")
 @click.option("--append-initrd", type=_FILE, help="Put the early cpio in front of this initrd.")
 @click.option("--keep-old-early", is_flag=True,
@@ -273,27 +302,28 @@ def build_early_cmd(out: Path, sources: Sequence[Path], append_initrd: Path | No
     initrd = append_initrd.read_bytes() if append_initrd else None
     image = build_early(updates, initrd, keep_old_early=keep_old_early,
                         source=str(append_initrd))
-    atomic_write_bytes(out, image.data)
     report: dict[str, object] = {
         "output": str(out), "size": len(image.data), "early_size": image.early_size,
         "intel": image.intel_count, "amd": image.amd_count,
         "replaced_old_early_bytes": image.replaced_early,
     }
     if check:
-        got = scan_file(out, early_only=True)
+        # Checked in memory, before OUT is touched: a failed check leaves it as it was.
+        got = scan_buffer(image.data, str(out), early_only=True)
         want = {u.raw for u in updates}
         seen = {u.raw for u in got.updates if u.source.early}
         missing = len(want - seen)
         report["check"] = {"early_updates": len(seen), "missing": missing}
         if missing:
             raise XenlabError(f"{out}: check failed: {missing} update(s) not visible to the "
-                              "early loaders")
+                              "early loaders; nothing written")
+    _write(out, image.data)
     if as_json:
         emit_json(report)
     else:
-        stdout.print(f"wrote {out}: {image.intel_count} Intel and {image.amd_count} AMD "
+        stdout.print(f"wrote {_esc(str(out))}: {image.intel_count} Intel and {image.amd_count} AMD "
                      f"update(s) in a {image.early_size}-byte early cpio"
-                     + (f", then {append_initrd}" if append_initrd else ""))
+                     + (f", then {_esc(str(append_initrd))}" if append_initrd else ""))
         if image.replaced_early:
             stdout.print(f"replaced the initrd's old early part ({image.replaced_early} bytes)")
         if check:
@@ -320,18 +350,18 @@ def xen_cmdline_cmd(file: Path, module_index: int | None, cpu_spec: str | None, 
             stdout.print(f"Xen option: [bold]{adv.option}[/]")
             stdout.print("grub entry:")
             for line in adv.grub:
-                stdout.print(f"  {escape(line)}")
-            stdout.print("xen.efi (xen.cfg): " + escape("; ".join(adv.efi)))
+                stdout.print(f"  {_esc(line)}")
+            stdout.print("xen.efi (xen.cfg): " + _esc("; ".join(adv.efi)))
         for p in adv.problems:
-            stdout.print(f"[red]problem[/]: {escape(p)}", soft_wrap=True)
+            stdout.print(f"[red]problem[/]: {_esc(p)}", soft_wrap=True)
         for n in adv.notes:
-            stdout.print(f"- {escape(n)}", soft_wrap=True)
+            stdout.print(f"- {_esc(n)}", soft_wrap=True)
     if not adv.ok:
         raise click.exceptions.Exit(1)
 
 
 @ucode.command("load")
-@click.argument("files", nargs=-1, required=True, type=_FILE)
+@click.argument("files", nargs=-1, required=True, type=_INPUT)
 @click.option("--apply", "do_apply", is_flag=True,
               help="Really place the firmware and trigger a late load (root).")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"),
@@ -342,7 +372,7 @@ def load_cmd(files: Sequence[Path], do_apply: bool, root: Path) -> None:
     sel = select([u for r in _scan_all(files) for u in r.updates], cpu)
     plan = plan_load(sel, root)
     for line in plan.describe():
-        stdout.print(("" if do_apply else "would ") + line)
+        stdout.print(("" if do_apply else "would ") + _esc(line))
     if not do_apply:
         stdout.print("dry run: nothing changed (add --apply to load)")
         return

@@ -482,7 +482,10 @@ def find_early(buf: Buffer, path: str, offset: int = 0, source: str = "<data>") 
     # The C loop runs while more than a header's worth of bytes is left.
     while n - at > NEWC_HEADER_SIZE:
         if buf[at] == 0:
-            at += 4
+            # The C loop steps one NUL word at a time; jumping to the word
+            # holding the next non-NUL byte lands on the same place, fast.
+            nz = skip_zeros(buf, at, n)
+            at += max(4, (nz - at) & ~3)
             continue
         magic = bytes(buf[at : at + MAGIC_SIZE])
         fmt = _MAGICS.get(magic)

@@ -87,6 +87,8 @@ def advise(
             "a .dat text file: Xen reads binary microcode only; convert it with "
             f"`xenlab ucode extract {path} --bundle OUT.bin` and use OUT.bin"
         )
+    elif raw_bundle and not scan.updates:
+        adv.problems.append("a microcode container with no update in it: Xen loads nothing")
     elif raw_bundle:
         adv.option = f"ucode={index}"
         adv.grub = [
@@ -125,6 +127,9 @@ def advise(
     for f in scan.findings:
         if "early loaders match the exact name" in f.message:
             adv.problems.append(str(f))
+        elif f.severity == "error":
+            # Past the early part (which the loaders read) this does not stop Xen.
+            adv.notes.append(f"the scan stopped at {f}")
     if cpu is not None and adv.option is not None:
         pool = early if early else scan.updates
         sel = select(pool, cpu)

@@ -128,7 +128,10 @@ def write_tree(target: Path, files: Mapping[PurePosixPath, bytes]) -> list[Path]
         planned.append((dest, data))
     written: list[Path] = []
     for dest, data in planned:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(dest, data)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(dest, data)
+        except OSError as err:
+            raise XenlabError(f"{dest}: cannot write: {err.strerror or err}") from err
         written.append(dest)
     return written

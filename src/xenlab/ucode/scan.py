@@ -25,9 +25,9 @@ from pathlib import Path
 
 from xenlab.errors import FormatError, ParseError, XenlabError
 from xenlab.formats import amd_ucode, cpio, intel_ucode
-from xenlab.formats._buffer import Buffer
+from xenlab.formats._buffer import Buffer, skip_zeros
 from xenlab.formats.compress import Compression, open_stream
-from xenlab.formats.cpio import SegmentKind
+from xenlab.formats.cpio import CpioFormat, SegmentKind
 from xenlab.ucode.cpu import Vendor
 from xenlab.ucode.update import EARLY_NAMES, Container, Location, Update, from_amd, from_intel
 
@@ -43,10 +43,16 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    """A non-fatal problem met while scanning, at a place."""
+    """A problem met while scanning, at a place.
+
+    A ``warning`` leaves the rest of the file scanned; an ``error`` (a corrupt
+    compressed stream, a broken archive) stopped the walk there, and what
+    was found before it is kept.
+    """
 
     where: str
     message: str
+    severity: str = "warning"
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}"
@@ -106,6 +112,12 @@ class _Walker:
     def warn(self, where: str, message: str) -> None:
         self.result.findings.append(Finding(where, message))
 
+    def stopped(self, err: FormatError) -> None:
+        """The walk cannot go on past ``err``: record it as an error finding."""
+        self.result.findings.append(
+            Finding(f"{err.source}+{err.offset:#x}", f"{err.field}: {err.detail}", "error")
+        )
+
     # -- raw microcode in a buffer (a member's data or a whole file) -------------
 
     def intel(self, buf: Buffer, loc: Callable[[int], Location], end: int | None = None) -> int:
@@ -148,16 +160,22 @@ class _Walker:
         intel: bool,
     ) -> int:
         """A bundle went bad after ``good_end``: say where, then search the rest."""
-        # Zero padding after the last unit (firmware images have it) is no problem.
-        padding = not any(bytes(memoryview(buf)[max(err.offset, good_end) : stop]))
-        if not padding:
+        # Zero padding after the last unit (firmware images have it) is no
+        # problem; zeros *inside* a unit that claims them are.  skip_zeros
+        # reads in chunks, so a sparse gigabyte is not copied.
+        zero_tail = skip_zeros(buf, err.offset, stop) >= stop
+        found = 0
+        if self.recover and not (zero_tail and err.offset == good_end):
+            # From the end of the last good unit: the broken one may still
+            # hold patches (an AMD container with a bad trailing section).
+            found = self.search(buf, loc, start=good_end, end=stop, intel=intel, amd=not intel)
+            if zero_tail and found:
+                last = self.result.updates[-1]
+                if last.source.offset + last.size >= err.offset:
+                    return found  # the recovered patches reach the padding
+        if not (zero_tail and err.offset == good_end):
             self.warn(str(loc(err.offset)), f"{err.field}: {err.detail}")
-        if not self.recover or (padding and good_end >= err.offset):
-            return 0
-        # From the end of the last good unit: the broken one may still hold
-        # patches (an AMD container with a bad trailing section) or an update
-        # may start inside the bytes the strict reader gave up on.
-        return self.search(buf, loc, start=good_end, end=stop, intel=intel, amd=not intel)
+        return found
 
     def _add_container(
         self, buf: Buffer, cont: amd_ucode.AmdContainer, loc: Callable[[int], Location]
@@ -212,7 +230,8 @@ class _Walker:
         try:
             binary = intel_ucode.parse_dat(bytes(data).decode("ascii", "replace"), source=where)
         except ParseError as err:
-            self.warn(where, str(err))
+            for prob in err.problems:
+                self.warn(where, f"line {prob.line}, column {prob.col}: {prob.message}")
             return 0
         # Offsets inside converted text have no byte meaning; name the update's index.
         return self.intel(binary, lambda _off: loc(0))
@@ -230,6 +249,13 @@ class _Walker:
             if not entry.is_regular or entry.filesize == 0:
                 continue
             data = memoryview(buf)[entry.data_offset : entry.data_offset + entry.filesize]
+            if entry.format is CpioFormat.CRC and cpio.cpio_checksum(data) != entry.check:
+                self.warn(
+                    f"{self.file}+{entry.offset:#x}",
+                    f"member {entry.name!r}: crc-format check {entry.check:#010x} does not "
+                    f"match its data ({cpio.cpio_checksum(data):#010x}); the kernel's "
+                    "unpacker refuses it",
+                )
             is_early = entry.offset in early_at
             if is_early:
                 early_names.append(entry.name)
@@ -259,23 +285,28 @@ class _Walker:
             )
 
         members = 0
-        for entry, data in cpio.iter_stream(stream, source=f"{self.file}[{comp.name.lower()}]",
-                                            want=want):
-            members += 1
-            if data is None:
-                continue
-            named = bool(_UCODE_NAME.search(entry.name))
+        try:
+            for entry, data in cpio.iter_stream(
+                stream, source=f"{self.file}[{comp.name.lower()}]", want=want
+            ):
+                members += 1
+                if data is None:
+                    continue
+                named = bool(_UCODE_NAME.search(entry.name))
 
-            def loc(off: int, _e: cpio.CpioEntry = entry) -> Location:
-                return Location(
-                    self.file, off, Container.COMPRESSED, _e.name, seg.offset,
-                    comp.name.lower(), False,
-                )
+                def loc(off: int, _e: cpio.CpioEntry = entry) -> Location:
+                    return Location(
+                        self.file, off, Container.COMPRESSED, _e.name, seg.offset,
+                        comp.name.lower(), False,
+                    )
 
-            self.blob(data, loc, named=named)
-        # Read to the end so the decompressor knows where the stream stopped.
-        while stream.read(1 << 20):
-            pass
+                self.blob(data, loc, named=named)
+            # Read to the end so the decompressor knows where the stream stopped.
+            while stream.read(1 << 20):
+                pass
+        except FormatError as err:
+            self.stopped(err)
+            return Part("compressed", seg.offset, None, comp.name.lower(), members)
         return Part("compressed", seg.offset, stream.compressed_end, comp.name.lower(), members)
 
     def initrd(self, buf: Buffer, progress: Progress | None, early_only: bool) -> None:
@@ -290,7 +321,15 @@ class _Walker:
                     f"read {entry.name!r}",
                 )
         while True:
-            seg = cpio.next_segment(buf, offset, source=self.file)
+            try:
+                seg = cpio.next_segment(buf, offset, source=self.file)
+            except FormatError as err:
+                if early_only:
+                    # find_cpio_data stops quietly here; what it read before stands.
+                    self.warn(f"{err.source}+{err.offset:#x}", f"{err.field}: {err.detail}")
+                else:
+                    self.stopped(err)
+                break
             if seg is None:
                 break
             if progress:
@@ -366,7 +405,7 @@ def scan_buffer(
 
     if len(buf) == 0:
         result.findings.append(Finding(name, "empty file"))
-    elif _looks_intel(buf):
+    elif _looks_intel(buf) or (len(buf) < 48 and bytes(buf[:4]) == b"\x01\x00\x00\x00"):
         walker.intel(buf, top)
         result.parts.append(Part("intel-bundle", 0, len(buf)))
     elif _looks_amd(buf):
