@@ -80,3 +80,20 @@ def test_build_early_on_a_debian_initrd(debian_initrd: Callable[..., DebianInitr
     subprocess.run(["unmkinitramfs", str(out), str(dest)], check=True)
     assert (dest / "early/kernel/x86/microcode/GenuineIntel.bin").read_bytes() == b.INTEL_NEW
     assert (dest / "main/init").is_file()
+
+
+@pytest.mark.integration
+def test_selection_on_an_initrd_equals_iucode_tool(debian_initrd: Callable[..., DebianInitrd]
+                                                   ) -> None:
+    from xenlab.ucode.cpu import CpuId
+    from xenlab.ucode.select import select
+
+    initrd = debian_initrd("zstd")
+    ours = scan_file(initrd.path).updates
+    pairs = sorted({(s, m) for s, m, _ in initrd.intel.intel})
+    assert pairs
+    for sig, mask in pairs:
+        pf = mask & -mask  # one platform bit of the mask
+        peer = [e.rev for e in iucode.select([initrd.path], sig, pf, type="r") if e.sig == sig]
+        got = select(ours, CpuId(Vendor.INTEL, sig, pf, None, "test")).chosen
+        assert got is not None and got.unsigned_revision == max(peer), (hex(sig), hex(pf))
