@@ -26,14 +26,13 @@ dequoter when a quoted string holds a NUL byte); those raise
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import json
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.oracle.debs import DebsUnavailable, unpack_debs
 
 #: Debian packages holding libxlutil, libxenlight and every library they load.
 PACKAGES: tuple[str, ...] = (
@@ -70,7 +69,6 @@ _LIBS: tuple[str, ...] = (
 )
 
 _LIBDIR = Path("usr/lib/x86_64-linux-gnu")
-_STAMP = ".complete"
 
 # Generous: sizeof(libxl_device_disk) is about 200 bytes, nic and pci less.
 _DEVICE_BUFSIZE = 4096
@@ -164,58 +162,18 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "xenlab" / "libxlu-4.17"
 
 
-def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            argv, cwd=cwd, capture_output=True, text=True, timeout=600, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise OracleUnavailable(f"{argv[0]} failed: {err}") from err
-
-
 def ensure_root(cache: Path | None = None) -> Path:
-    """Fetch and extract the packages once; return the extracted root.
+    """Fetch and extract the packages once (tests/oracle/debs.py); return the extracted root."""
 
-    Idempotent and safe to call from several processes at once (a file lock
-    guards the work, a stamp file marks it done).
-    """
-    cache = cache or cache_dir()
-    root = cache / "root"
-    if (cache / _STAMP).exists():
-        return root
-    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise OracleUnavailable("apt-get/dpkg not found (not a Debian machine)")
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (cache / _STAMP).exists():
-            return root
-        debs = cache / "debs"
-        if debs.exists():
-            shutil.rmtree(debs)
-        debs.mkdir()
-        proc = _run(["apt-get", "download", *PACKAGES], debs)
-        if proc.returncode != 0:
-            # A fresh machine has no package lists yet ("Unable to locate
-            # package"), an old one may point at superseded versions (404).
-            _run(["apt-get", "update"], debs)
-            proc = _run(["apt-get", "download", *PACKAGES], debs)
-        if proc.returncode != 0:
-            raise OracleUnavailable(
-                f"apt-get download failed (rc {proc.returncode}): {proc.stderr.strip()[-500:]}"
-            )
-        if root.exists():
-            shutil.rmtree(root)
-        root.mkdir()
-        for deb in sorted(debs.glob("*.deb")):
-            proc = _run(["dpkg", "-x", str(deb), str(root)], cache)
-            if proc.returncode != 0:
-                raise OracleUnavailable(f"dpkg -x {deb.name} failed: {proc.stderr.strip()}")
+    def check(root: Path) -> None:
         missing = [lib for lib in _LIBS if not (root / _LIBDIR / lib).exists()]
         if missing:
             raise OracleUnavailable(f"packages lack {', '.join(missing)}")
-        (cache / _STAMP).write_text("ok\n")
-    return root
+
+    try:
+        return unpack_debs(PACKAGES, cache or cache_dir(), finish=check)
+    except DebsUnavailable as err:
+        raise OracleUnavailable(str(err)) from err
 
 
 # ---------------------------------------------------------------- ctypes mirror

@@ -34,7 +34,6 @@ Facts the boot relies on (read in Xen's ``xen/arch/x86/setup.c`` and
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import os
 import re
@@ -47,12 +46,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.oracle.debs import DebsUnavailable, unpack_debs
+
 #: The Debian package holding the hypervisor (bookworm ships 4.17.x).
 PACKAGE = "xen-hypervisor-4.17-amd64"
 QEMU = "qemu-system-x86_64"
 _GZ = Path("boot/xen-4.17-amd64.gz")
 _ELF = "xen-4.17-amd64.elf"
-_STAMP = ".complete"
 
 #: Printed after early microcode loading, on every boot (spec_ctrl.c print_details).
 AFTER_MICROCODE = "(XEN) Speculative mitigation facilities:"
@@ -164,55 +164,17 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "xenlab" / "xen-4.17"
 
 
-def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            argv, cwd=cwd, capture_output=True, text=True, timeout=600, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise XenUnavailable(f"{argv[0]} failed: {err}") from err
-
-
 def ensure_xen(cache: Path | None = None) -> Path:
     """Fetch and unpack the hypervisor once; return the path of its ELF image.
 
-    Idempotent and safe from several processes at once (a file lock guards the
-    work, a stamp file marks it done).  Raises :class:`XenUnavailable` only
-    when apt cannot provide the package (not Debian, no network or mirror).
+    The package comes through tests/oracle/debs.py (cached, locked, stamped).
+    Raises :class:`XenUnavailable` only when apt cannot provide it (not
+    Debian, no network or mirror).
     """
     cache = cache or cache_dir()
     elf = cache / _ELF
-    if (cache / _STAMP).exists() and elf.exists():
-        return elf
-    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise XenUnavailable("apt-get/dpkg not found (not a Debian machine)")
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (cache / _STAMP).exists() and elf.exists():
-            return elf
-        debs = cache / "debs"
-        if debs.exists():
-            shutil.rmtree(debs)
-        debs.mkdir()
-        proc = _run(["apt-get", "download", PACKAGE], debs)
-        if proc.returncode != 0:
-            # No package lists yet on a fresh machine, or superseded versions (404).
-            _run(["apt-get", "update"], debs)
-            proc = _run(["apt-get", "download", PACKAGE], debs)
-        if proc.returncode != 0:
-            raise XenUnavailable(
-                f"apt-get download {PACKAGE} failed (rc {proc.returncode}): "
-                f"{proc.stderr.strip()[-500:]}"
-            )
-        root = cache / "root"
-        if root.exists():
-            shutil.rmtree(root)
-        root.mkdir()
-        for deb in sorted(debs.glob("*.deb")):
-            proc = _run(["dpkg", "-x", str(deb), str(root)], cache)
-            if proc.returncode != 0:
-                raise XenUnavailable(f"dpkg -x {deb.name} failed: {proc.stderr.strip()}")
+
+    def to_elf(root: Path) -> None:
         gz = root / _GZ
         if not gz.exists():
             raise XenUnavailable(f"{PACKAGE} has no {_GZ}")
@@ -220,7 +182,13 @@ def ensure_xen(cache: Path | None = None) -> Path:
         tmp = cache / (_ELF + ".tmp")
         tmp.write_bytes(gzip.decompress(gz.read_bytes()))
         tmp.replace(elf)
-        (cache / _STAMP).write_text("ok\n")
+
+    try:
+        unpack_debs([PACKAGE], cache, finish=to_elf)
+    except DebsUnavailable as err:
+        raise XenUnavailable(str(err)) from err
+    if not elf.exists():
+        raise XenUnavailable(f"{elf} is missing from a completed cache: remove {cache}")
     return elf
 
 
