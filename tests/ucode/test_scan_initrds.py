@@ -3,15 +3,18 @@ the peers' views: iucode_tool's recover loader and Debian's unmkinitramfs."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from tests.oracle import iucode
 from tests.ucode import builders as b
-from tests.ucode.initrds import DebianInitrd
+from tests.ucode.initrds import DebianInitrd, Tree
+from xenlab.formats.cpio import CpioMember, write_newc
 from xenlab.ucode.cpu import Vendor
 from xenlab.ucode.early import build_early
 from xenlab.ucode.scan import scan_buffer, scan_file
@@ -97,3 +100,45 @@ def test_selection_on_an_initrd_equals_iucode_tool(debian_initrd: Callable[..., 
         peer = [e.rev for e in iucode.select([initrd.path], sig, pf, type="r") if e.sig == sig]
         got = select(ours, CpuId(Vendor.INTEL, sig, pf, None, "test")).chosen
         assert got is not None and got.unsigned_revision == max(peer), (hex(sig), hex(pf))
+
+
+def _members_of(tree: Path) -> list[CpioMember]:
+    """The tree as newc members, parents first (what `find . | cpio -o -H newc` stores)."""
+    out = []
+    for p in sorted(tree.rglob("*")):
+        name = str(p.relative_to(tree))
+        if p.is_symlink():
+            out.append(CpioMember.symlink(name, os.readlink(p)))
+        elif p.is_dir():
+            out.append(CpioMember.directory(name))
+        else:
+            perm = p.stat().st_mode & 0o7777
+            out.append(CpioMember(name, p.read_bytes(), mode=0o100000 | perm))
+    return out
+
+
+@pytest.mark.integration
+def test_initrd_built_by_the_project(busybox_tree: Tree, tmp_path: Path) -> None:
+    """busybox initramfs packed by xenlab's writer, zstd, our early cpio in front; Debian's
+    tools unpack it to the same files, and iucode_tool's recover loader sees our updates."""
+    main = zstandard.ZstdCompressor().compress(write_newc(_members_of(busybox_tree.path)))
+    ups = scan_buffer(b.INTEL_OLD + b.INTEL_NEW + b.AMD_CONTAINER, "u").updates
+    out = tmp_path / "initrd.img"
+    out.write_bytes(build_early(ups, main).data)
+    ls = subprocess.run(["lsinitramfs", str(out)], capture_output=True, text=True,
+                        check=True).stdout.split()
+    assert set(busybox_tree.members) <= set(ls)
+    assert "kernel/x86/microcode/GenuineIntel.bin" in ls
+    dest = tmp_path / "x"
+    subprocess.run(["unmkinitramfs", str(out), str(dest)], check=True)
+    for name in busybox_tree.members:
+        src = busybox_tree.path / name
+        if src.is_file() and not src.is_symlink():
+            assert (dest / "main" / name).read_bytes() == src.read_bytes(), name
+    assert (dest / "main/bin/sh").is_symlink()
+    peer = sorted((e.sig, e.rev) for e in iucode.list_updates([out], "r", all=True))
+    assert peer == sorted((s, u.unsigned_revision) for u in ups if u.vendor is Vendor.INTEL
+                          for s, _ in u.platforms)
+    r = scan_file(out)
+    assert [p.kind for p in r.parts] == ["cpio", "compressed"]
+    assert r.parts[1].members == len(busybox_tree.members) + 1  # + the trailer
