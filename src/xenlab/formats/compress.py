@@ -182,15 +182,22 @@ class _LibDecoder:
         self.eof = False
         self.end = offset
 
+    def _pending(self) -> bytes | memoryview | None:
+        """Input to feed again before new input (None: the object wants more)."""
+        return None if self._obj.needs_input else b""
+
+    def _unused(self) -> int:
+        return len(self._obj.unused_data or b"")
+
     def step(self, max_out: int) -> bytes:
         obj = self._obj
         while True:
             if obj.eof:
                 self.eof = True
-                self.end = self._fed - len(obj.unused_data or b"")
+                self.end = self._fed - self._unused()
                 return b""
-            data: bytes | memoryview = b""
-            if obj.needs_input:
+            data = self._pending()
+            if data is None:
                 if self._fed >= len(self._buf):
                     raise FormatError(
                         self._source,
@@ -209,48 +216,27 @@ class _LibDecoder:
                 return out
 
 
-class _GzipDecoder:
-    """gzip through zlib, whose ``max_length`` leaves unread input in ``unconsumed_tail``."""
+class _GzipDecoder(_LibDecoder):
+    """gzip through zlib, whose ``max_length`` leaves unread input in ``unconsumed_tail``.
+
+    The kernel's gunzip stops after the member's 8-byte trailer and leaves
+    what follows to the walk; so does zlib.  At the end, zlib copies the rest
+    of the last input into ``unused_data`` (``unconsumed_tail`` may still hold
+    the same bytes: not counted).
+    """
 
     def __init__(self, buf: Buffer, offset: int, source: str, chunk: int) -> None:
-        self._buf = buf
-        self._obj = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        self._source = source
-        self._chunk = chunk
-        self._fed = offset
-        self._last = offset
-        self.eof = False
-        self.end = offset
+        super().__init__(buf, offset, "gzip", _gzip_object, source, chunk)
+        self._zobj = cast("zlib._Decompress", self._obj)
 
-    def step(self, max_out: int) -> bytes:
-        obj = self._obj
-        while True:
-            if obj.eof:
-                # The kernel's gunzip stops after the member's 8-byte trailer
-                # and leaves what follows to the walk; so does zlib.  At the
-                # end, zlib copies the rest of the last input into unused_data
-                # (unconsumed_tail may still hold the same bytes: not counted).
-                self.eof = True
-                self.end = self._fed - len(obj.unused_data)
-                return b""
-            data: bytes | memoryview = obj.unconsumed_tail
-            if not data:
-                if self._fed >= len(self._buf):
-                    raise FormatError(
-                        self._source,
-                        len(self._buf),
-                        "gzip",
-                        "the data ends before the end of the compressed stream",
-                    )
-                data = _slice(self._buf, self._fed, self._chunk)
-                self._last = self._fed
-                self._fed += len(data)
-            try:
-                out = obj.decompress(data, max_out)
-            except _LIB_ERRORS as err:
-                raise _corrupt(self._source, "gzip", self._last, self._fed, err) from err
-            if out:
-                return out
+    def _pending(self) -> bytes | memoryview | None:
+        return self._zobj.unconsumed_tail or None
+
+
+def _gzip_object() -> _LibObject:
+    # zlib's object has everything _LibObject needs but needs_input, which
+    # _GzipDecoder does not ask for.
+    return cast(_LibObject, zlib.decompressobj(wbits=16 + zlib.MAX_WBITS))
 
 
 class _SliceReader:
