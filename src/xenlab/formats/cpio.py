@@ -246,6 +246,22 @@ def _header_size(magic: bytes, offset: int, source: str) -> tuple[CpioFormat, in
     return fmt, ODC_HEADER_SIZE if fmt is CpioFormat.ODC else NEWC_HEADER_SIZE
 
 
+def _check_digits(
+    hdr: bytes, start: int, width: int, field: str, allowed: bytes, kind: str,
+    offset: int, source: str,
+) -> None:
+    """Raise at the first byte of ``hdr[start:start+width]`` not in ``allowed``."""
+    text = hdr[start : start + width]
+    bad = text.translate(None, allowed)
+    if bad:
+        raise FormatError(
+            source,
+            offset + start + text.index(bad[0]),
+            field,
+            f"{text!r} has a non-{kind} digit {bad[:1]!r}, expected {width} {kind} digits",
+        )
+
+
 def _decode_header(fmt: CpioFormat, hdr: bytes, offset: int, source: str) -> _Header:
     """Decode a whole header (magic included) whose format is known."""
     if fmt is CpioFormat.ODC:
@@ -255,17 +271,7 @@ def _decode_header(fmt: CpioFormat, hdr: bytes, offset: int, source: str) -> _He
         # Only on the error path: find the field.  int(x, 16) alone would
         # accept "0x", "+", "_" and spaces, hence the check above.
         for i, field in enumerate(_NEWC_FIELDS):
-            start = MAGIC_SIZE + 8 * i
-            text = hdr[start : start + 8]
-            bad = text.translate(None, _HEX)
-            if bad:
-                at = start + text.index(bad[0])
-                raise FormatError(
-                    source,
-                    offset + at,
-                    field,
-                    f"{text!r} has a non-hex digit {bad[:1]!r}, expected 8 hex digits",
-                )
+            _check_digits(hdr, MAGIC_SIZE + 8 * i, 8, field, _HEX, "hex", offset, source)
     v = _NEWC_STRUCT.unpack(bytes.fromhex(digits.decode("ascii")))
     if v[11] == 0:
         raise FormatError(
@@ -285,17 +291,8 @@ def _decode_header(fmt: CpioFormat, hdr: bytes, offset: int, source: str) -> _He
 def _decode_odc(hdr: bytes, offset: int, source: str) -> _Header:
     values = []
     for field, start, width in _ODC_FIELDS:
-        text = hdr[start : start + width]
-        bad = text.translate(None, _OCT)
-        if bad:
-            at = start + text.index(bad[0])
-            raise FormatError(
-                source,
-                offset + at,
-                field,
-                f"{text!r} has a non-octal digit {bad[:1]!r}, expected {width} octal digits",
-            )
-        values.append(int(text, 8))
+        _check_digits(hdr, start, width, field, _OCT, "octal", offset, source)
+        values.append(int(hdr[start : start + width], 8))
     dev, ino, mode, uid, gid, nlink, rdev, mtime, namesize, filesize = values
     if namesize == 0:
         raise FormatError(
