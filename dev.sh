@@ -13,8 +13,10 @@ cd "$(dirname "$0")"
 #   test oracles: apt-get/dpkg fetch libxlutil and Xen 4.17; QEMU boots that Xen to
 #   check early microcode; iucode-tool is the microcode peer;
 #   real parts for tests: cpio, busybox-static, initramfs-tools-core (mkinitramfs,
-#   lsinitramfs, unmkinitramfs) and the compressors initrds use.
-APT_PACKAGES=(ca-certificates qemu-system-x86 cpio busybox-static iucode-tool initramfs-tools-core zstd lz4 xz-utils bzip2 lzma)
+#   lsinitramfs, unmkinitramfs) and the compressors initrds use;
+#   the toolstack: QEMU and qemu-img run guests; qemu-guest-agent goes into the
+#   guest image (xenlab image build) with its libraries.
+APT_PACKAGES=(ca-certificates qemu-system-x86 qemu-utils qemu-guest-agent cpio busybox-static iucode-tool initramfs-tools-core zstd lz4 xz-utils bzip2 lzma)
 
 setup() {
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
