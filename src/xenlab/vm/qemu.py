@@ -1,0 +1,765 @@
+"""The QEMU command line of a domain: :func:`qemu_argv`, and :func:`probe_accel`.
+
+:func:`qemu_argv` turns a :class:`~xenlab.config.model.DomainConfig` into the
+argv of ``qemu-system-x86_64``, as a Xen user expects the xl keys to behave.
+It is pure: it reads no file and starts nothing, so every mapping is a unit
+test.  Anything the QEMU backend cannot do raises :class:`XenlabError` naming
+the xl key and what is supported.  :func:`probe_accel` decides, by a real
+short boot, whether KVM can run guests here; otherwise TCG.
+
+Mapping (xl key -> QEMU)
+    ============================  ==============================================
+    name, uuid                    ``-name guest=NAME``, ``-uuid``
+    memory, maxmem                ``-m MAXMEM`` + ``virtio-balloon-pci`` (id
+                                  ``balloon0``); the balloon target ``memory``
+                                  is set over QMP after start
+                                  (:func:`balloon_target_mib`)
+    vcpus, maxvcpus               ``-smp cpus=VCPUS,maxcpus=MAXVCPUS``
+    vnuma                         ``-object memory-backend-ram`` per vnode,
+                                  ``-numa node,nodeid=,cpus=,memdev=`` and
+                                  ``-numa dist,src=,dst=,val=``
+    disk xvdX                     ``-blockdev`` file + format node,
+                                  ``virtio-blk-pci`` (id and serial = vdev)
+    disk hdX                      ``ide-hd`` on the PIIX IDE bus
+    disk sdX                      ``scsi-hd`` on one ``virtio-scsi-pci``
+    disk cdrom (any vdev)         ``ide-cd`` on ide.(N/2) unit N%2, empty
+                                  when there is no target (as libxl)
+    access=ro                     ``read-only=on`` on both nodes
+    vif                           ``-netdev user`` + ``virtio-net-pci``
+                                  (or the ``model=``), ``mac=`` or a stable
+                                  ``00:16:3e`` address from the uuid/name
+    serial=pty (HVM; always PV)   ``-chardev socket`` at ``paths.console``,
+                                  ``-serial chardev:console0``
+    vnc, vnclisten, vncdisplay    ``-vnc HOST:N`` when a display or listen
+                                  address is given, else ``-vnc unix:`` at
+                                  ``paths.rundir/vnc.sock``; ``-device VGA``
+                                  (``vga=cirrus`` -> ``cirrus-vga``);
+                                  without vnc ``-display none``
+    usb, usbdevice                ``-usb``, ``usb-tablet``/``usb-mouse``/``usb-kbd``
+    kernel, ramdisk, cmdline      ``-kernel``/``-initrd``/``-append``; with no
+                                  kernel the image's (config cmdline appended)
+    boot (HVM, firmware boot)     ``-boot order=``
+    on_poweroff/on_reboot/on_crash ``-action`` (see :func:`_actions`)
+    acpi, localtime               ``-machine acpi=off``, ``-rtc base=localtime``
+    device_model_args[_hvm/_pv]   appended verbatim, as libxl does
+    ============================  ==============================================
+
+    Always: ``-no-user-config -nodefaults -machine pc``, ``-accel tcg|kvm``,
+    ``-cpu max`` (``host`` under KVM), ``virtio-serial-pci`` with a
+    ``virtserialport`` named ``org.qemu.guest_agent.0`` on a socket at
+    ``paths.qga``, ``-qmp unix:PATH,server=on,wait=off``, ``-pidfile``;
+    ``-S`` when paused, ``-incoming`` when given.
+
+Choices (with reasons)
+    * Machine ``pc`` (i440fx + PIIX): Xen's HVM device model is built on it,
+      so hdX/cdrom land on the IDE buses libxl puts them on, and no PCIe
+      root ports are needed for hotplug.
+    * Memory is xl's populate-on-demand/balloon model, not DIMM hotplug: the
+      guest sees ``maxmem`` (its address space) and is ballooned down to
+      ``memory`` once its driver is up.  ``xl mem-set`` then maps to the
+      balloon in both directions, as under Xen.  Until the driver loads the
+      guest may touch up to ``maxmem``, like a PoD guest without a balloon.
+    * xvdX disks are virtio-blk, the QEMU counterpart of a Xen PV disk; hdX
+      stay emulated IDE, and like libxl a read-only IDE hard disk is refused.
+    * Networking is QEMU's user mode (slirp): it needs no privileges.  Xen's
+      default bridge ``xenbr0`` is accepted as "the default network"; another
+      bridge or a hotplug ``script=`` needs a tap device, which this backend
+      does not set up yet, so it is an error rather than a silent change.
+    * ``cpus=``/``cpus_soft=`` are not in the argv: pinning is done on the
+      vCPU threads (``query-cpus-fast`` gives their ids) by the caller.
+    * Xen-only tuning keys (hap, shadow_memory, tsc_mode, viridian, cap,
+      weight, pool, max_grant_frames...) have no QEMU meaning and are ignored.
+
+Not supported (XenlabError): pci passthrough (needs VFIO), bootloader
+(pygrub), firmware/bios other than SeaBIOS, sdl, spice, soundhw, vtpm,
+channels, 9p, USB controllers, dtdev/iomem/ioports/irqs, vif rate limits and
+COLO, disks with a hotplug script, driver domains or COLO, a serial other
+than ``pty``/``none``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Protocol
+
+from xenlab.config.model import DomainConfig, DomainType, ShutdownAction
+from xenlab.config.specs.disk import DiskBackend, DiskFormat, DiskSpec
+from xenlab.config.specs.vif import VifSpec
+from xenlab.config.values import Value
+from xenlab.errors import XenlabError
+
+__all__ = [
+    "GUEST_AGENT_PORT",
+    "Accel",
+    "GuestImageLike",
+    "RuntimePaths",
+    "balloon_target_mib",
+    "probe_accel",
+    "qemu_argv",
+]
+
+#: The virtio-serial port name qemu-ga looks for in the guest.
+GUEST_AGENT_PORT: Final = "org.qemu.guest_agent.0"
+
+# sun_path is 108 bytes including the NUL.
+_SOCKET_MAX: Final = 107
+# Xen's HVM_MAX_VCPUS; QEMU's pc machine allows 255 without an IOMMU.
+_MAX_VCPUS: Final = 128
+# Xen's OUI, which libxl uses for the MACs it makes up.
+_XEN_OUI: Final = (0x00, 0x16, 0x3E)
+# libxl's default bridge: naming it asks for nothing beyond "the network".
+_DEFAULT_BRIDGE: Final = "xenbr0"
+
+_FORMAT_DRIVERS: Final = {
+    DiskFormat.RAW: "raw",
+    DiskFormat.QCOW2: "qcow2",
+    DiskFormat.QCOW: "qcow",
+    DiskFormat.VHD: "vpc",
+    DiskFormat.QED: "qed",
+}
+_NIC_MODELS: Final = {
+    None: "virtio-net-pci",
+    "virtio": "virtio-net-pci",
+    "virtio-net": "virtio-net-pci",
+    "virtio-net-pci": "virtio-net-pci",
+    "e1000": "e1000",
+    "e1000e": "e1000e",
+    "rtl8139": "rtl8139",
+    "ne2k_pci": "ne2k_pci",
+    "pcnet": "pcnet",
+}
+_USB_DEVICES: Final = {"tablet": "usb-tablet", "mouse": "usb-mouse", "keyboard": "usb-kbd"}
+_VGA_DEVICES: Final = {"stdvga": "VGA", "cirrus": "cirrus-vga", "qxl": "qxl-vga", "none": None}
+
+# Keys whose feature this backend lacks: key -> what to do instead.
+_UNSUPPORTED_KEYS: Final = {
+    "soundhw": "no sound devices are emulated",
+    "spice": "use vnc=1",
+    "vtpm": "no TPM is emulated",
+    "channel": "only the guest agent channel exists",
+    "p9": "no 9p shares yet",
+    "pvcalls": "PV calls are Xen-only",
+    "vdispl": "PV displays are Xen-only",
+    "vsnd": "PV sound is Xen-only",
+    "usbctrl": "use usb=1 and usbdevice=",
+    "usbdev": "USB passthrough needs a host device",
+    "dtdev": "device-tree passthrough needs an IOMMU",
+    "iomem": "I/O memory passthrough needs VFIO",
+    "ioports": "I/O port passthrough needs VFIO",
+    "irqs": "IRQ passthrough needs VFIO",
+    "smbios_firmware": "SMBIOS tables are QEMU's own",
+    "acpi_firmware": "ACPI tables are QEMU's own",
+    "device_tree": "x86 guests have no device tree",
+    "vuart": "use serial=pty",
+    "tee": "no TEE mediator on x86",
+}
+
+
+class Accel(enum.Enum):
+    """The QEMU accelerator a domain runs under."""
+
+    TCG = "tcg"
+    KVM = "kvm"
+
+
+class GuestImageLike(Protocol):
+    """What :func:`qemu_argv` needs of a guest image (see :mod:`xenlab.vm.image`)."""
+
+    @property
+    def kernel(self) -> Path: ...
+
+    @property
+    def initrd(self) -> Path: ...
+
+    @property
+    def cmdline(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimePaths:
+    """Where one domain's sockets and files live (all inside ``rundir``)."""
+
+    rundir: Path
+    qmp: Path
+    qga: Path
+    console: Path  # the serial console's socket
+    pidfile: Path
+    log: Path
+
+    @classmethod
+    def under(cls, rundir: Path) -> RuntimePaths:
+        """The standard names inside ``rundir``."""
+        return cls(
+            rundir=rundir,
+            qmp=rundir / "qmp.sock",
+            qga=rundir / "qga.sock",
+            console=rundir / "console.sock",
+            pidfile=rundir / "qemu.pid",
+            log=rundir / "qemu.log",
+        )
+
+    @property
+    def vnc(self) -> Path:
+        """The VNC socket used when ``vnc=1`` names no display number."""
+        return self.rundir / "vnc.sock"
+
+
+def _opt(value: str | Path) -> str:
+    """One value inside a QEMU ``key=value,...`` option: commas are doubled."""
+    return str(value).replace(",", ",,")
+
+
+def _unsupported(key: str, message: str) -> XenlabError:
+    return XenlabError(f"{key}: {message}")
+
+
+def balloon_target_mib(dc: DomainConfig) -> int | None:
+    """The balloon target to set once the guest runs, or None when it starts at ``memory``.
+
+    The guest is given ``maxmem`` (see the module notes); xl's ``memory`` is
+    where the balloon takes it at start, as populate-on-demand does.
+    """
+    if dc.memory_mib < dc.maxmem_mib:
+        return dc.memory_mib
+    return None
+
+
+# --- disks ------------------------------------------------------------------
+
+_VDEV: Final = re.compile(r"(xvd|hd|sd)([a-z]+)")
+
+
+def _vdev_index(vdev: str) -> tuple[str, int]:
+    """(kind, number) of a vdev as libxl numbers it: xvda=0, xvdz=25, xvdaa=26."""
+    m = _VDEV.fullmatch(vdev)
+    if m is None:
+        raise _unsupported("disk", f"vdev {vdev!r} is not supported (expected xvdX, hdX or sdX)")
+    number = 0
+    for ch in m.group(2):
+        number = number * 26 + (ord(ch) - ord("a") + 1)
+    return m.group(1), number - 1
+
+
+def _check_disk(disk: DiskSpec) -> None:
+    where = f"disk {disk.vdev}"
+    if disk.script is not None:
+        raise _unsupported(where, f"script={disk.script!r}: hotplug scripts are not supported")
+    if disk.backend_domname is not None:
+        raise _unsupported(where, "backend=: driver domains are Xen-only")
+    if disk.backend not in (DiskBackend.UNKNOWN, DiskBackend.QDISK):
+        raise _unsupported(
+            where, f"backendtype={disk.backend.value}: only qdisk (QEMU) is supported"
+        )
+    if disk.colo_enable:
+        raise _unsupported(where, "colo: COLO replication is not supported")
+    if disk.format is not DiskFormat.EMPTY and disk.format not in _FORMAT_DRIVERS:
+        raise _unsupported(
+            where, f"format={disk.format.value} (expected raw, qcow2, qcow, vhd or qed)"
+        )
+
+
+def _blockdev(disk: DiskSpec, node: str) -> list[str]:
+    """The two -blockdev options of a disk's image: a protocol node and a format node."""
+    assert disk.pdev_path is not None
+    ro = "off" if disk.readwrite else "on"
+    path = disk.pdev_path
+    proto = "host_device" if path.startswith("/dev/") else "file"
+    discard = ",discard=unmap" if disk.discard_enable else ""
+    return [
+        "-blockdev",
+        f"driver={proto},filename={_opt(path)},node-name={node}-file,read-only={ro}{discard}",
+        "-blockdev",
+        f"driver={_FORMAT_DRIVERS[disk.format]},file={node}-file,node-name={node}-fmt,"
+        f"read-only={ro}{discard}",
+    ]
+
+
+def _disks(disks: Sequence[DiskSpec]) -> list[str]:
+    argv: list[str] = []
+    ide_slots: dict[int, str] = {}
+    seen: set[str] = set()
+    scsi = False
+    # Sorted by number so xvda is the first virtio disk the guest finds (vda).
+    ordered = sorted(disks, key=lambda d: _vdev_index(d.vdev)[::-1])
+    for disk in ordered:
+        kind, number = _vdev_index(disk.vdev)
+        if disk.vdev in seen:
+            raise _unsupported(f"disk {disk.vdev}", "vdev given twice")
+        seen.add(disk.vdev)
+        _check_disk(disk)
+        node = disk.vdev
+        has_media = disk.pdev_path not in (None, "") and disk.format is not DiskFormat.EMPTY
+        if disk.is_cdrom or kind == "hd":
+            if number >= 4:
+                raise _unsupported(
+                    f"disk {disk.vdev}",
+                    "only the first 4 emulated IDE devices exist (hda-hdd or index 0-3)",
+                )
+            if number in ide_slots:
+                raise _unsupported(
+                    f"disk {disk.vdev}",
+                    f"IDE slot {number} is already taken by {ide_slots[number]}",
+                )
+            ide_slots[number] = disk.vdev
+            if not disk.is_cdrom and not disk.readwrite:
+                # libxl refuses this too: ide-hd cannot sit on a read-only node.
+                raise _unsupported(
+                    f"disk {disk.vdev}",
+                    "a read-only IDE hard disk is not supported (use xvdX or devtype=cdrom)",
+                )
+            if has_media:
+                argv += _blockdev(disk, node)
+            device = "ide-cd" if disk.is_cdrom else "ide-hd"
+            drive = f",drive={node}-fmt" if has_media else ""
+            argv += [
+                "-device",
+                f"{device},bus=ide.{number // 2},unit={number % 2},id={disk.vdev}{drive}",
+            ]
+            continue
+        if not has_media:
+            raise _unsupported(f"disk {disk.vdev}", "no target (only a cdrom may be empty)")
+        argv += _blockdev(disk, node)
+        if kind == "xvd":
+            argv += [
+                "-device",
+                f"virtio-blk-pci,drive={node}-fmt,id={disk.vdev},serial={disk.vdev}",
+            ]
+        else:
+            if not scsi:
+                argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+                scsi = True
+            argv += [
+                "-device",
+                f"scsi-hd,bus=scsi0.0,scsi-id={number},lun=0,drive={node}-fmt,id={disk.vdev}",
+            ]
+    return argv
+
+
+# --- network ----------------------------------------------------------------
+
+
+def _stable_mac(dc: DomainConfig, devid: int) -> str:
+    """A MAC under Xen's OUI that stays the same across restarts of the domain."""
+    seed = f"{dc.uuid or dc.name}/{devid}".encode()
+    tail = hashlib.sha256(seed).digest()[:3]
+    octets = (*_XEN_OUI, tail[0] & 0x7F, tail[1], tail[2])
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+def _vifs(dc: DomainConfig) -> list[str]:
+    argv: list[str] = []
+    seen: set[int] = set()
+    for index, vif in enumerate(dc.vifs):
+        devid = vif.devid if vif.devid is not None else index
+        where = f"vif {devid}"
+        if devid in seen:
+            raise _unsupported(where, "devid given twice")
+        seen.add(devid)
+        _check_vif(vif, where)
+        model = _NIC_MODELS.get(vif.model)
+        if model is None:
+            known = ", ".join(sorted(k for k in _NIC_MODELS if k))
+            raise _unsupported(where, f"model={vif.model!r} (expected one of {known})")
+        mac = (
+            ":".join(f"{o:02x}" for o in vif.mac) if vif.mac is not None else _stable_mac(dc, devid)
+        )
+        extra = ""
+        if vif.mtu is not None:
+            if model != "virtio-net-pci":
+                raise _unsupported(where, "mtu= is only supported with the virtio model")
+            extra = f",host_mtu={vif.mtu}"
+        argv += [
+            "-netdev",
+            f"user,id=net{devid}",
+            "-device",
+            f"{model},netdev=net{devid},mac={mac},id=vif{devid}{extra}",
+        ]
+    return argv
+
+
+def _check_vif(vif: VifSpec, where: str) -> None:
+    if vif.script is not None:
+        raise _unsupported(
+            where, f"script={vif.script!r}: hotplug scripts need a tap device (not supported yet)"
+        )
+    if vif.bridge is not None and vif.bridge != _DEFAULT_BRIDGE:
+        raise _unsupported(
+            where,
+            f"bridge={vif.bridge!r} needs a tap device on that bridge (not supported yet);"
+            f" user-mode networking is used for no bridge or {_DEFAULT_BRIDGE!r}",
+        )
+    if vif.rate_bytes_per_interval:
+        raise _unsupported(where, "rate= limits are not supported")
+    if vif.backend_domname is not None:
+        raise _unsupported(where, "backend=: driver domains are Xen-only")
+    if vif.gatewaydev is not None:
+        raise _unsupported(where, "gatewaydev= needs vif-route hotplug (not supported)")
+    if vif.colo or vif.coloft_forwarddev is not None:
+        raise _unsupported(where, "COLO is not supported")
+
+
+# --- memory, vCPUs, NUMA ----------------------------------------------------
+
+
+def _ranges(cpus: Sequence[int]) -> list[str]:
+    """``[0, 1, 2, 5]`` -> ``["0-2", "5"]``."""
+    out: list[str] = []
+    ordered = sorted(cpus)
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return out
+
+
+def _memory_and_cpus(dc: DomainConfig) -> list[str]:
+    if dc.maxvcpus > _MAX_VCPUS:
+        raise _unsupported("maxvcpus", f"{dc.maxvcpus} is above {_MAX_VCPUS} (Xen's HVM limit)")
+    argv = ["-m", f"size={dc.maxmem_mib}M", "-smp", f"cpus={dc.vcpus},maxcpus={dc.maxvcpus}"]
+    if not dc.vnuma:
+        return argv
+    for nodeid, node in enumerate(dc.vnuma):
+        argv += ["-object", f"memory-backend-ram,id=vnode{nodeid},size={node.size_mib}M"]
+        cpus = "".join(f",cpus={r}" for r in _ranges(node.vcpus))
+        argv += ["-numa", f"node,nodeid={nodeid}{cpus},memdev=vnode{nodeid}"]
+    if len(dc.vnuma) > 1:
+        for src, node in enumerate(dc.vnuma):
+            for dst, val in enumerate(node.vdistances):
+                if src == dst:
+                    if val != 10:
+                        # QEMU (and ACPI SLIT) fix the local distance at 10.
+                        raise _unsupported(
+                            "vnuma",
+                            f"vnode {src}: local distance {val} (QEMU needs 10)",
+                        )
+                    continue
+                if val <= 10:
+                    raise _unsupported(
+                        "vnuma",
+                        f"vnode {src}: distance {val} to vnode {dst} (QEMU needs more than 10)",
+                    )
+                argv += ["-numa", f"dist,src={src},dst={dst},val={val}"]
+    return argv
+
+
+# --- boot ---------------------------------------------------------------------
+
+
+def _boot(dc: DomainConfig, image: GuestImageLike | None) -> list[str]:
+    if dc.bootloader is not None:
+        raise _unsupported(
+            "bootloader",
+            f"{dc.bootloader!r} is not supported; give kernel=/ramdisk=/cmdline="
+            " (or none, to boot xenlab's image)",
+        )
+    if "firmware" in dc.extra:
+        raise _unsupported("firmware", "PV firmware (pvgrub, pvshim) is Xen-only; give kernel=")
+    if dc.kernel is not None:
+        argv = ["-kernel", dc.kernel]
+        if dc.ramdisk is not None:
+            argv += ["-initrd", dc.ramdisk]
+        if dc.cmdline:
+            argv += ["-append", dc.cmdline]
+        return argv
+    if dc.ramdisk is not None:
+        raise _unsupported("ramdisk", "a ramdisk needs kernel= too")
+    if image is not None:
+        cmdline = image.cmdline if not dc.cmdline else f"{image.cmdline} {dc.cmdline}"
+        return ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline]
+    if dc.type is not DomainType.HVM:
+        raise _unsupported(
+            "kernel", f"a {dc.type.value} guest needs kernel= (or xenlab's guest image)"
+        )
+    # An HVM guest without a kernel boots from its disks through SeaBIOS, as under Xen.
+    order = dc.boot or "cd"
+    if not re.fullmatch(r"[a-dn]+", order):
+        raise _unsupported("boot", f"{order!r} (expected letters from a, b, c, d, n)")
+    return ["-boot", f"order={order}"]
+
+
+# --- display, serial, USB -------------------------------------------------------
+
+
+def _vfb_settings(dc: DomainConfig) -> dict[str, str]:
+    """The key=value settings of the first vfb= entry (PV framebuffer)."""
+    if not dc.vfb:
+        return {}
+    out: dict[str, str] = {}
+    for item in dc.vfb[0].split(","):
+        key, _, value = item.strip().partition("=")
+        out[key] = value
+    return out
+
+
+def _display(dc: DomainConfig, paths: RuntimePaths) -> list[str]:
+    vnc, listen, display, passwd = dc.vnc, dc.vnclisten, dc.vncdisplay, dc.vncpasswd
+    sdl = dc.sdl
+    vfb = _vfb_settings(dc)
+    if vfb and dc.type is not DomainType.HVM:
+        vnc = vfb.get("vnc", "0") not in ("", "0")
+        sdl = vfb.get("sdl", "0") not in ("", "0")
+        listen = vfb.get("vnclisten") or None
+        display = int(vfb["vncdisplay"]) if vfb.get("vncdisplay", "").isdigit() else None
+        passwd = vfb.get("vncpasswd") or None
+    if sdl:
+        raise _unsupported("sdl", "no local window; use vnc=1")
+    if not vnc or dc.nographic:
+        return ["-display", "none"]
+    if listen is None and display is None:
+        spec = f"unix:{_opt(paths.vnc)}"
+    else:
+        host = listen or "127.0.0.1"
+        if ":" in host:
+            host, _, shown = host.rpartition(":")
+            display = int(shown) if shown.isdigit() else display
+        spec = f"{host}:{display or 0}"
+    if passwd:
+        # The password itself is set over QMP (set_password), never on argv.
+        spec += ",password=on"
+    vga = _vga(dc)
+    return ["-vnc", spec, *(["-device", vga] if vga else [])]
+
+
+def _vga(dc: DomainConfig) -> str | None:
+    vga = dc.extra.get("vga")
+    if isinstance(vga, str):
+        if vga not in _VGA_DEVICES:
+            raise _unsupported("vga", f"{vga!r} (expected stdvga, cirrus, qxl or none)")
+        return _VGA_DEVICES[vga]
+    # Xen's qemu-xen defaults to cirrus; the standard VGA is what QEMU and
+    # guests maintain today, and stdvga=1 asks for it anyway.
+    return "VGA"
+
+
+def _serial(dc: DomainConfig, paths: RuntimePaths) -> list[str]:
+    chardev = f"socket,id=console0,path={_opt(paths.console)},server=on,wait=off"
+    kinds = dc.serial or ("pty",)
+    if len(kinds) > 1:
+        raise _unsupported("serial", "only one serial port (the console) is supported")
+    if kinds[0] == "none":
+        return ["-serial", "none"]
+    if kinds[0] != "pty":
+        raise _unsupported(
+            "serial", f"{kinds[0]!r}: only 'pty' (the console socket) or 'none' is supported"
+        )
+    return ["-chardev", chardev, "-serial", "chardev:console0"]
+
+
+def _usb(dc: DomainConfig) -> list[str]:
+    if not dc.usb and not dc.usbdevice:
+        return []
+    argv = ["-usb"]
+    for name in dc.usbdevice:
+        device = _USB_DEVICES.get(name)
+        if device is None:
+            raise _unsupported(
+                "usbdevice", f"{name!r} (expected {', '.join(sorted(_USB_DEVICES))})"
+            )
+        argv += ["-device", device]
+    return argv
+
+
+# --- the rest -------------------------------------------------------------------
+
+
+def _actions(dc: DomainConfig) -> list[str]:
+    """``-action``: what QEMU itself does; the toolstack finishes the job.
+
+    A guest reboot resets in place for restart-like actions (xl re-creates
+    the domain, QEMU resets it: the guest cannot tell), otherwise QEMU stops
+    and the toolstack destroys or keeps it.  ``preserve`` pauses.
+    """
+    restart_like = {
+        ShutdownAction.RESTART,
+        ShutdownAction.RENAME_RESTART,
+        ShutdownAction.COREDUMP_RESTART,
+        ShutdownAction.SOFT_RESET,
+    }
+    reboot = "reset" if dc.on_reboot in restart_like else "shutdown"
+    shutdown = "pause" if dc.on_poweroff is ShutdownAction.PRESERVE else "poweroff"
+    panic = "pause" if dc.on_crash is ShutdownAction.PRESERVE else "shutdown"
+    if dc.on_crash in restart_like:
+        panic = "none"  # the toolstack sees GUEST_PANICKED and resets
+    return [
+        "-action",
+        f"reboot={reboot},shutdown={shutdown},panic={panic}",
+        "-device",
+        "pvpanic",
+    ]
+
+
+def _strings(value: Value | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [v for v in value if isinstance(v, str)]
+
+
+def _extra_keys(dc: DomainConfig) -> tuple[list[str], list[str]]:
+    """(machine options, trailing argv) from the keys without a field of their own."""
+    for key, why in _UNSUPPORTED_KEYS.items():
+        if key in dc.extra:
+            raise _unsupported(key, f"not supported by the QEMU backend ({why})")
+    bios = dc.extra.get("bios")
+    if isinstance(bios, str) and bios not in ("seabios", "rombios"):
+        raise _unsupported("bios", f"{bios!r}: only SeaBIOS is supported")
+    if dc.gfx_passthru:
+        raise _unsupported("gfx_passthru", "graphics passthrough needs VFIO")
+    if dc.pcis:
+        raise _unsupported("pci", "PCI passthrough needs a VFIO device and is not supported yet")
+    machine: list[str] = []
+    acpi = dc.extra.get("acpi")
+    if isinstance(acpi, str) and acpi.strip() == "0":
+        machine.append("acpi=off")
+    tail: list[str] = []
+    localtime = dc.extra.get("localtime")
+    if isinstance(localtime, str) and localtime.strip() not in ("", "0"):
+        tail += ["-rtc", "base=localtime"]
+    tail += _strings(dc.extra.get("device_model_args"))
+    kind = "device_model_args_hvm" if dc.type is DomainType.HVM else "device_model_args_pv"
+    tail += _strings(dc.extra.get(kind))
+    return machine, tail
+
+
+def _check_paths(paths: RuntimePaths) -> None:
+    for what, path in (("qmp", paths.qmp), ("qga", paths.qga), ("console", paths.console)):
+        if len(os.fsencode(path)) > _SOCKET_MAX:
+            raise XenlabError(
+                f"{what} socket path {str(path)!r} is longer than {_SOCKET_MAX} bytes"
+                " (a unix socket limit); use a shorter run directory"
+            )
+
+
+def qemu_argv(
+    dc: DomainConfig,
+    paths: RuntimePaths,
+    *,
+    accel: Accel = Accel.TCG,
+    image: GuestImageLike | None = None,
+    paused: bool = False,
+    incoming: str | None = None,
+    binary: str = "qemu-system-x86_64",
+) -> list[str]:
+    """The QEMU argv that runs ``dc`` (see the module notes for the mapping).
+
+    ``image`` gives the kernel, initrd and command line when the config names
+    no kernel; ``paused`` adds ``-S``; ``incoming`` is passed to ``-incoming``
+    (``"defer"``, ``"unix:PATH"``, ``"exec:CMD"``...).  Pure: nothing is read
+    or started, and relative paths stay relative.
+
+    :raise XenlabError: the config asks for something this backend cannot do;
+        the message starts with the xl key (``disk xvdb: ...``, ``pci: ...``).
+    """
+    _check_paths(paths)
+    machine_opts, tail = _extra_keys(dc)
+    argv = [
+        binary,
+        "-no-user-config",
+        "-nodefaults",
+        "-name",
+        f"guest={_opt(dc.name)},debug-threads=on",
+    ]
+    if dc.uuid is not None:
+        argv += ["-uuid", dc.uuid]
+    argv += ["-machine", ",".join(["pc", *machine_opts])]
+    argv += ["-accel", accel.value, "-cpu", "host" if accel is Accel.KVM else "max"]
+    argv += _memory_and_cpus(dc)
+    argv += _boot(dc, image)
+    argv += _display(dc, paths)
+    argv += _serial(dc, paths)
+    argv += [
+        "-qmp",
+        f"unix:{_opt(paths.qmp)},server=on,wait=off",
+        "-pidfile",
+        str(paths.pidfile),
+        "-chardev",
+        f"socket,id=qga0,path={_opt(paths.qga)},server=on,wait=off",
+        "-device",
+        "virtio-serial-pci,id=vser0",
+        "-device",
+        f"virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT},id=qga-port0",
+        "-device",
+        "virtio-balloon-pci,id=balloon0",
+    ]
+    argv += _actions(dc)
+    argv += _disks(dc.disks)
+    argv += _vifs(dc)
+    argv += _usb(dc)
+    if paused:
+        argv.append("-S")
+    if incoming is not None:
+        argv += ["-incoming", incoming]
+    argv += tail
+    return argv
+
+
+# --- accelerator probe -------------------------------------------------------------
+
+# A multiboot image in the a.out-kludge form (flags bit 16: load addresses in
+# the header), so QEMU loads it flat at 1 MiB and enters at +32 in 32-bit
+# protected mode.  It writes 0x2a to isa-debug-exit's port 0xf4, which makes
+# QEMU exit with status (0x2a << 1) | 1 = 85: proof the vCPU ran guest code.
+_PROBE_EXIT: Final = (0x2A << 1) | 1
+
+
+def _probe_kernel() -> bytes:
+    magic, flags, base = 0x1BADB002, 0x00010000, 0x100000
+    checksum = -(magic + flags) & 0xFFFFFFFF
+    words = (magic, flags, checksum, base, base, 0, 0, base + 32)
+    header = b"".join(w.to_bytes(4, "little") for w in words)
+    # mov al,0x2a; out 0xf4,al; hlt; jmp $-1
+    return header + bytes((0xB0, 0x2A, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD))
+
+
+def _boots(binary: str, accel: Accel, timeout: float) -> bool:
+    """Whether a tiny guest runs to its exit port under ``accel``."""
+    with tempfile.TemporaryDirectory(prefix="xenlab-probe-") as tmp:
+        kernel = Path(tmp) / "probe.bin"
+        kernel.write_bytes(_probe_kernel())
+        argv = [
+            binary, "-no-user-config", "-nodefaults", "-display", "none",
+            "-machine", "pc", "-accel", accel.value,
+            "-cpu", "host" if accel is Accel.KVM else "max",
+            "-m", "16", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel", str(kernel),
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=timeout,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+    return done.returncode == _PROBE_EXIT
+
+
+def probe_accel(timeout: float = 10.0, *, binary: str = "qemu-system-x86_64") -> Accel:
+    """KVM when ``/dev/kvm`` opens and a tiny guest really runs under it, else TCG.
+
+    Opening the device is not enough: nested or emulated KVM may accept the
+    ioctls and then fail setting the vCPU's MSRs (QEMU aborts), so a
+    multiboot stub must reach its exit port under ``-accel kvm -cpu host``
+    within ``timeout`` seconds.
+    """
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return Accel.TCG
+    os.close(fd)
+    return Accel.KVM if _boots(binary, Accel.KVM, timeout) else Accel.TCG
