@@ -67,6 +67,10 @@ Choices (with reasons)
       does not set up yet, so it is an error rather than a silent change.
     * ``cpus=``/``cpus_soft=`` are not in the argv: pinning is done on the
       vCPU threads (``query-cpus-fast`` gives their ids) by the caller.
+    * ``backendtype=`` (phy, tap, qdisk) is how Xen serves a disk; QEMU opens
+      every target itself (``host_device`` under ``/dev/``, else ``file``).
+    * An HVM ``kernel="hvmloader"`` (xm-era configs) names Xen's firmware, so
+      it means a SeaBIOS boot here, not a direct kernel boot.
     * Xen-only tuning keys (hap, shadow_memory, tsc_mode, viridian, cap,
       weight, pool, max_grant_frames...) have no QEMU meaning and are ignored.
 
@@ -91,7 +95,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from xenlab.config.model import DomainConfig, DomainType, ShutdownAction
-from xenlab.config.specs.disk import DiskBackend, DiskFormat, DiskSpec
+from xenlab.config.specs.disk import DiskFormat, DiskSpec
 from xenlab.config.specs.vif import VifSpec
 from xenlab.config.values import Value
 from xenlab.errors import XenlabError
@@ -254,10 +258,6 @@ def _check_disk(disk: DiskSpec) -> None:
         raise _unsupported(where, f"script={disk.script!r}: hotplug scripts are not supported")
     if disk.backend_domname is not None:
         raise _unsupported(where, "backend=: driver domains are Xen-only")
-    if disk.backend not in (DiskBackend.UNKNOWN, DiskBackend.QDISK):
-        raise _unsupported(
-            where, f"backendtype={disk.backend.value}: only qdisk (QEMU) is supported"
-        )
     if disk.colo_enable:
         raise _unsupported(where, "colo: COLO replication is not supported")
     if disk.format is not DiskFormat.EMPTY and disk.format not in _FORMAT_DRIVERS:
@@ -465,8 +465,11 @@ def _boot(dc: DomainConfig, image: GuestImageLike | None) -> list[str]:
         )
     if "firmware" in dc.extra:
         raise _unsupported("firmware", "PV firmware (pvgrub, pvshim) is Xen-only; give kernel=")
-    if dc.kernel is not None:
-        argv = ["-kernel", dc.kernel]
+    kernel = dc.kernel
+    if dc.type is DomainType.HVM and kernel is not None and Path(kernel).name == "hvmloader":
+        kernel = None  # xm-era configs name Xen's HVM firmware: boot SeaBIOS instead
+    if kernel is not None:
+        argv = ["-kernel", kernel]
         if dc.ramdisk is not None:
             argv += ["-initrd", dc.ramdisk]
         if dc.cmdline:
