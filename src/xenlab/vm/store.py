@@ -1,0 +1,579 @@
+"""The toolstack's state, domains and snapshots in SQLite with per-domain locks: :class:`Store`.
+
+One database file, ``<state_dir>/xenlab.db``, in WAL mode with
+``synchronous=FULL``: every write is one ``BEGIN IMMEDIATE`` transaction, so
+a process killed mid-write leaves the database as it was before that write.
+
+Design:
+    - Domain ids are the smallest free id >= 1 (as ``xl`` hands them out),
+      picked and inserted in one transaction, under the global lock.
+    - Locks are ``flock`` on files in ``<state_dir>/locks/``: the kernel drops
+      them when a holder dies, so a killed command never leaves a domain
+      locked.  They are re-entrant within one :class:`Store` (a verb that
+      holds a domain's lock may call another that takes it).  Lock files are
+      never deleted: unlinking a lock file lets two holders lock different
+      inodes.
+    - The schema is versioned (table ``schema_version``); :data:`_MIGRATIONS`
+      lists the steps from each version to the next, applied on open.
+    - A record can outlive its QEMU (killed, host rebooted): :func:`is_alive`
+      checks the pid *and* that the process is QEMU running that domain, so
+      a recycled pid is not mistaken for it.
+
+Defaults (with reasons):
+    - State dir: ``$XENLAB_STATE_DIR``, else ``$XDG_STATE_HOME/xenlab``, else
+      ``~/.local/state/xenlab`` (XDG's place for state that survives reboots).
+    - Lock timeout 10 s: long enough to wait out another quick verb, short
+      enough that a stuck one is reported instead of hanging the shell.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from xenlab.errors import StateError, XenlabError
+
+__all__ = [
+    "DomainRecord",
+    "SnapshotKind",
+    "SnapshotNode",
+    "SnapshotRecord",
+    "SnapshotState",
+    "Store",
+    "default_state_dir",
+    "effective_state",
+    "is_alive",
+]
+
+DB_NAME = "xenlab.db"
+LOCK_TIMEOUT = 10.0
+STALE = "stale (QEMU gone)"
+
+
+def default_state_dir() -> Path:
+    """``$XENLAB_STATE_DIR``, else ``$XDG_STATE_HOME/xenlab``, else ``~/.local/state/xenlab``."""
+    env = os.environ.get("XENLAB_STATE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_STATE_HOME")
+    if xdg:
+        return Path(xdg) / "xenlab"
+    return Path.home() / ".local" / "state" / "xenlab"
+
+
+@dataclass(frozen=True, slots=True)
+class DomainRecord:
+    """One domain as the store knows it; ``domid`` 0 means "not stored yet"."""
+
+    domid: int
+    name: str
+    uuid: str
+    config_path: str
+    config_text: str
+    rundir: str
+    pid: int | None
+    state: str
+    created: float
+    accel: str
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+class SnapshotKind(Enum):
+    """Where a snapshot's data lives."""
+
+    INTERNAL = "internal"  # inside the qcow2 images (savevm)
+    EXTERNAL = "external"  # overlay files plus a memory file
+    DISK_ONLY = "disk-only"  # overlay files, no memory
+
+
+class SnapshotState(Enum):
+    """A snapshot's life: being made, usable, being removed, or left half-done."""
+
+    CREATING = "creating"
+    READY = "ready"
+    DELETING = "deleting"
+    BROKEN = "broken"
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRecord:
+    """One snapshot; ``id`` 0 means "not stored yet"; ``parent`` is a snapshot id.
+
+    ``disks`` is one JSON-ready mapping per disk (device, file, format...),
+    as the snapshot code records them.
+    """
+
+    id: int
+    domid: int
+    name: str
+    parent: int | None
+    created: float
+    kind: SnapshotKind
+    description: str = ""
+    disks: tuple[Mapping[str, Any], ...] = field(default=(), hash=False)
+    memory_path: str | None = None
+    state: SnapshotState = SnapshotState.CREATING
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotNode:
+    """A snapshot and the snapshots taken from it, oldest first."""
+
+    snapshot: SnapshotRecord
+    children: tuple[SnapshotNode, ...]
+
+
+# Each entry takes the schema from version i to i+1.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE domains (
+            domid INTEGER PRIMARY KEY CHECK (domid >= 1),
+            name TEXT NOT NULL UNIQUE,
+            uuid TEXT NOT NULL,
+            config_path TEXT NOT NULL,
+            config_text TEXT NOT NULL,
+            rundir TEXT NOT NULL,
+            pid INTEGER,
+            state TEXT NOT NULL,
+            created REAL NOT NULL,
+            accel TEXT NOT NULL,
+            extra TEXT NOT NULL DEFAULT '{}'
+        )""",
+        """CREATE TABLE snapshots (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            domid INTEGER NOT NULL REFERENCES domains(domid) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            parent INTEGER REFERENCES snapshots(id),
+            created REAL NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('internal', 'external', 'disk-only')),
+            description TEXT NOT NULL DEFAULT '',
+            disks TEXT NOT NULL DEFAULT '[]',
+            memory_path TEXT,
+            state TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'deleting', 'broken')),
+            UNIQUE (domid, name)
+        )""",
+        "CREATE INDEX snapshots_parent ON snapshots(parent)",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+class Store:
+    """The state store at ``state_dir`` (see :func:`default_state_dir`).
+
+    :raise StateError: when the database was written by a newer xenlab.
+    """
+
+    def __init__(self, state_dir: Path | None = None, *, lock_timeout: float = LOCK_TIMEOUT):
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        self.lock_timeout = lock_timeout
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "locks").mkdir(exist_ok=True)
+        self.path = self.state_dir / DB_NAME
+        self._held: dict[str, tuple[int, int]] = {}  # lock name -> (fd, depth)
+        # isolation_level=None: no implicit transactions; _tx() says BEGIN.
+        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    # --- plumbing ---
+
+    def close(self) -> None:
+        """Close the database; held locks are released."""
+        self._db.close()
+        for fd, _ in self._held.values():
+            os.close(fd)
+        self._held.clear()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front, so two writers never both
+        # read and then collide on upgrade.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = 0 if row is None else int(row[0])
+            if row is None:
+                db.execute("INSERT INTO schema_version (version) VALUES (0)")
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"{self.path}: schema version {version} is newer than this xenlab "
+                    f"knows ({SCHEMA_VERSION}); upgrade xenlab"
+                )
+            for steps in _MIGRATIONS[version:]:
+                for sql in steps:
+                    db.execute(sql)
+            db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the open database."""
+        return int(self._db.execute("SELECT version FROM schema_version").fetchone()[0])
+
+    def check(self) -> list[str]:
+        """SQLite's integrity and foreign-key checks; an empty list when all is well."""
+        problems = [
+            str(r[0]) for r in self._db.execute("PRAGMA integrity_check") if r[0] != "ok"
+        ]
+        problems += [
+            f"{r[0]} row {r[1]} refers to missing {r[2]}"
+            for r in self._db.execute("PRAGMA foreign_key_check")
+        ]
+        return problems
+
+    # --- locks ---
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, what: str, timeout: float | None) -> Iterator[None]:
+        held = self._held.get(name)
+        if held is not None:
+            self._held[name] = (held[0], held[1] + 1)
+            try:
+                yield
+            finally:
+                fd, depth = self._held[name]
+                self._held[name] = (fd, depth - 1)
+            return
+        bound = self.lock_timeout if timeout is None else timeout
+        fd = os.open(self.state_dir / "locks" / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + bound
+            delay = 0.005
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StateError(
+                            f"{what} is busy: another xenlab command holds its lock "
+                            f"(waited {bound:g}s)"
+                        ) from None
+                    time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                    delay = min(delay * 2, 0.1)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._held[name] = (fd, 1)
+        try:
+            yield
+        finally:
+            # nested holders have exited by now; closing drops the flock
+            os.close(self._held.pop(name)[0])
+
+    def lock(
+        self, domid: int, timeout: float | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """Hold domain ``domid``'s lock for a ``with`` block (re-entrant in this Store).
+
+        :raise StateError: "domain X is busy: ..." when another process holds
+            it for longer than ``timeout`` (default :attr:`lock_timeout`).
+        """
+        return self._flock(str(int(domid)), f"domain {int(domid)}", timeout)
+
+    def global_lock(self, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
+        """Hold the lock that serialises id and name allocation (re-entrant in this Store).
+
+        :raise StateError: when another process holds it beyond ``timeout``.
+        """
+        return self._flock("global", "the domain table", timeout)
+
+    # --- domains ---
+
+    def add_domain(self, rec: DomainRecord) -> DomainRecord:
+        """Store ``rec`` under the smallest free domid >= 1; the stored record.
+
+        :raise XenlabError: when a domain named ``rec.name`` exists.
+        """
+        with self.global_lock(), self._tx() as db:
+            clash = db.execute("SELECT domid FROM domains WHERE name = ?", (rec.name,)).fetchone()
+            if clash is not None:
+                raise XenlabError(f"a domain named {rec.name!r} already exists (id {clash[0]})")
+            domid = int(
+                db.execute(
+                    "SELECT MIN(c.domid + 1) FROM (SELECT 0 AS domid UNION ALL "
+                    "SELECT domid FROM domains) AS c "
+                    "WHERE c.domid + 1 NOT IN (SELECT domid FROM domains)"
+                ).fetchone()[0]
+            )
+            stored = replace(rec, domid=domid)
+            db.execute(
+                "INSERT INTO domains (domid, name, uuid, config_path, config_text, rundir, pid,"
+                " state, created, accel, extra) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                _domain_row(stored),
+            )
+        return stored
+
+    def get(self, name_or_id: str | int) -> DomainRecord:
+        """The domain with this id (an int or all digits) or name.
+
+        :raise XenlabError: when there is none.
+        """
+        if isinstance(name_or_id, int):
+            row = self._db.execute("SELECT * FROM domains WHERE domid = ?", (name_or_id,))
+            found = row.fetchone()
+            if found is None:
+                raise XenlabError(f"no domain with id {name_or_id}")
+            return _domain(found)
+        found = self._db.execute("SELECT * FROM domains WHERE name = ?", (name_or_id,)).fetchone()
+        if found is None and name_or_id.isdigit():
+            found = self._db.execute(
+                "SELECT * FROM domains WHERE domid = ?", (int(name_or_id),)
+            ).fetchone()
+        if found is None:
+            raise XenlabError(f"no domain named {name_or_id!r}")
+        return _domain(found)
+
+    def list(self) -> list[DomainRecord]:
+        """Every stored domain, by id."""
+        return [_domain(r) for r in self._db.execute("SELECT * FROM domains ORDER BY domid")]
+
+    def update(self, rec: DomainRecord) -> DomainRecord:
+        """Replace the stored record with id ``rec.domid`` by ``rec``.
+
+        :raise XenlabError: when there is no such domain, or another has ``rec.name``.
+        """
+        with self._tx() as db:
+            clash = db.execute(
+                "SELECT domid FROM domains WHERE name = ? AND domid != ?", (rec.name, rec.domid)
+            ).fetchone()
+            if clash is not None:
+                raise XenlabError(f"a domain named {rec.name!r} already exists (id {clash[0]})")
+            row = _domain_row(rec)
+            cur = db.execute(
+                "UPDATE domains SET name=?, uuid=?, config_path=?, config_text=?, rundir=?,"
+                " pid=?, state=?, created=?, accel=?, extra=? WHERE domid=?",
+                (*row[1:], rec.domid),
+            )
+            if cur.rowcount != 1:
+                raise XenlabError(f"no domain with id {rec.domid}")
+        return rec
+
+    def remove(self, domid: int) -> None:
+        """Forget domain ``domid`` and its snapshots (a missing domain is not an error)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM snapshots WHERE domid = ?", (domid,))
+            db.execute("DELETE FROM domains WHERE domid = ?", (domid,))
+
+    # --- snapshots ---
+
+    def add_snapshot(self, snap: SnapshotRecord) -> SnapshotRecord:
+        """Store ``snap`` with a new id; the stored record.
+
+        :raise XenlabError: unknown domain, a name taken in that domain, or a
+            parent that is not a snapshot of the same domain.
+        """
+        with self._tx() as db:
+            known = db.execute("SELECT 1 FROM domains WHERE domid = ?", (snap.domid,))
+            if known.fetchone() is None:
+                raise XenlabError(f"no domain with id {snap.domid}")
+            clash = db.execute(
+                "SELECT id FROM snapshots WHERE domid = ? AND name = ?", (snap.domid, snap.name)
+            ).fetchone()
+            if clash is not None:
+                raise XenlabError(
+                    f"domain {snap.domid} already has a snapshot named {snap.name!r}"
+                )
+            if snap.parent is not None:
+                parent = db.execute(
+                    "SELECT domid FROM snapshots WHERE id = ?", (snap.parent,)
+                ).fetchone()
+                if parent is None or int(parent[0]) != snap.domid:
+                    raise XenlabError(
+                        f"snapshot parent {snap.parent} is not a snapshot of domain {snap.domid}"
+                    )
+            cur = db.execute(
+                "INSERT INTO snapshots (domid, name, parent, created, kind, description, disks,"
+                " memory_path, state) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    snap.domid, snap.name, snap.parent, snap.created, snap.kind.value,
+                    snap.description, json.dumps([dict(d) for d in snap.disks]),
+                    snap.memory_path, snap.state.value,
+                ),
+            )
+            assert cur.lastrowid is not None
+            return replace(snap, id=int(cur.lastrowid))
+
+    def get_snapshot(self, domid: int, name: str) -> SnapshotRecord:
+        """Domain ``domid``'s snapshot ``name``.
+
+        :raise XenlabError: when there is none.
+        """
+        row = self._db.execute(
+            "SELECT * FROM snapshots WHERE domid = ? AND name = ?", (domid, name)
+        ).fetchone()
+        if row is None:
+            raise XenlabError(f"domain {domid} has no snapshot named {name!r}")
+        return _snapshot(row)
+
+    def snapshot_by_id(self, snap_id: int) -> SnapshotRecord:
+        """The snapshot with id ``snap_id``.
+
+        :raise XenlabError: when there is none.
+        """
+        row = self._db.execute("SELECT * FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
+        if row is None:
+            raise XenlabError(f"no snapshot with id {snap_id}")
+        return _snapshot(row)
+
+    def list_snapshots(self, domid: int) -> builtins.list[SnapshotRecord]:
+        """Domain ``domid``'s snapshots, oldest first."""
+        rows = self._db.execute(
+            "SELECT * FROM snapshots WHERE domid = ? ORDER BY created, id", (domid,)
+        )
+        return [_snapshot(r) for r in rows]
+
+    def snapshot_tree(self, domid: int) -> tuple[SnapshotNode, ...]:
+        """Domain ``domid``'s snapshots as a forest: the roots, each with its descendants."""
+        snaps = self.list_snapshots(domid)
+        kids: dict[int | None, builtins.list[SnapshotRecord]] = {}
+        for s in snaps:
+            kids.setdefault(s.parent, []).append(s)
+
+        def node(s: SnapshotRecord) -> SnapshotNode:
+            return SnapshotNode(s, tuple(node(c) for c in kids.get(s.id, ())))
+
+        return tuple(node(s) for s in kids.get(None, ()))
+
+    def set_snapshot_state(self, snap_id: int, state: SnapshotState) -> SnapshotRecord:
+        """Move snapshot ``snap_id`` to ``state``; the updated record.
+
+        :raise XenlabError: when there is no such snapshot.
+        """
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE snapshots SET state = ? WHERE id = ?", (state.value, snap_id)
+            )
+            if cur.rowcount != 1:
+                raise XenlabError(f"no snapshot with id {snap_id}")
+        return self.snapshot_by_id(snap_id)
+
+    def remove_snapshot(
+        self, snap_id: int, *, children: bool = False
+    ) -> builtins.list[SnapshotRecord]:
+        """Forget snapshot ``snap_id``; with ``children``, its descendants too.
+
+        Returns the records removed, descendants before their parents.
+
+        :raise StateError: when it has children and ``children`` is False.
+        :raise XenlabError: when there is no such snapshot.
+        """
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
+            if row is None:
+                raise XenlabError(f"no snapshot with id {snap_id}")
+            top = _snapshot(row)
+            order: builtins.list[SnapshotRecord] = []
+
+            def collect(s: SnapshotRecord) -> None:
+                rows = db.execute(
+                    "SELECT * FROM snapshots WHERE parent = ? ORDER BY created, id", (s.id,)
+                ).fetchall()
+                for r in rows:
+                    collect(_snapshot(r))
+                order.append(s)
+
+            collect(top)
+            if len(order) > 1 and not children:
+                names = ", ".join(repr(s.name) for s in order[:-1])
+                raise StateError(
+                    f"snapshot {top.name!r} has children ({names}): remove them first "
+                    "or remove with children"
+                )
+            for s in order:
+                db.execute("DELETE FROM snapshots WHERE id = ?", (s.id,))
+        return order
+
+
+def _domain_row(rec: DomainRecord) -> tuple[object, ...]:
+    return (
+        rec.domid, rec.name, rec.uuid, rec.config_path, rec.config_text, rec.rundir,
+        rec.pid, rec.state, rec.created, rec.accel, json.dumps(dict(rec.extra), sort_keys=True),
+    )
+
+
+def _domain(row: sqlite3.Row) -> DomainRecord:
+    return DomainRecord(
+        domid=int(row["domid"]), name=row["name"], uuid=row["uuid"],
+        config_path=row["config_path"], config_text=row["config_text"], rundir=row["rundir"],
+        pid=None if row["pid"] is None else int(row["pid"]), state=row["state"],
+        created=float(row["created"]), accel=row["accel"], extra=json.loads(row["extra"]),
+    )
+
+
+def _snapshot(row: sqlite3.Row) -> SnapshotRecord:
+    return SnapshotRecord(
+        id=int(row["id"]), domid=int(row["domid"]), name=row["name"],
+        parent=None if row["parent"] is None else int(row["parent"]),
+        created=float(row["created"]), kind=SnapshotKind(row["kind"]),
+        description=row["description"], disks=tuple(json.loads(row["disks"])),
+        memory_path=row["memory_path"], state=SnapshotState(row["state"]),
+    )
+
+
+def _qemu_name(argv: Sequence[str]) -> str | None:
+    """The guest name in a QEMU argv: ``-name NAME`` or ``-name guest=NAME,...``."""
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("-name", "--name"):
+            value = argv[i + 1]
+            first = value.split(",", 1)[0]
+            if first.startswith("guest="):
+                return first[len("guest="):]
+            for part in value.split(","):
+                if part.startswith("guest="):
+                    return part[len("guest="):]
+            return first
+    return None
+
+
+def is_alive(rec: DomainRecord) -> bool:
+    """True when ``rec.pid`` is a QEMU running the domain named ``rec.name``.
+
+    Checking the command line, not only the pid, keeps a recycled pid from
+    passing for a QEMU that is gone; a zombie has an empty command line.
+    """
+    if rec.pid is None or rec.pid <= 0:
+        return False
+    try:
+        raw = Path(f"/proc/{rec.pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    argv = [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
+    if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
+        return False
+    return _qemu_name(argv) == rec.name
+
+
+def effective_state(rec: DomainRecord) -> str:
+    """``rec.state``, or ``"stale (QEMU gone)"`` when the record has a pid that is not its QEMU."""
+    if rec.pid is not None and not is_alive(rec):
+        return STALE
+    return rec.state
