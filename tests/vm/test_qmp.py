@@ -145,6 +145,9 @@ def test_wait_event_with_match_and_timeout(qemu: Qemu) -> None:
             # command timeout: a bound far below what any command takes
             with pytest.raises(BackendError, match="no reply within"):
                 await qmp.execute("query-qmp-schema", timeout=1e-6)
+            # its late reply is dropped; the session goes on
+            await asyncio.sleep(0.3)
+            assert (await qmp.execute("query-status"))["status"] == "paused"  # type: ignore[index]
 
     run(go())
 
@@ -256,6 +259,9 @@ def test_connect_failures(tmp_path: Path) -> None:
         with pytest.raises(BackendError, match=r"no session within 0\.3s"):
             await Qmp().connect(tmp_path / "absent.sock", timeout=0.3)
         assert time.monotonic() - t0 < 3
+        with pytest.raises(BackendError, match="query-status") as info:
+            await Qmp().execute("query-status")  # never connected
+        assert info.value.__cause__ is not None
 
     run(go())
 
