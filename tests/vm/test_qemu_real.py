@@ -279,3 +279,30 @@ def test_probe_accel_answers_quickly() -> None:
             assert accel is Accel.TCG
             return
     assert accel in (Accel.TCG, Accel.KVM)
+
+
+def test_hvm_vnuma_example_runs(paths: RuntimePaths, tmp_path: Path) -> None:
+    """examples/hvm-vnuma.cfg with its images made here, without the pci device."""
+    text = (Path(__file__).resolve().parents[2] / "examples/hvm-vnuma.cfg").read_text()
+    disk = img(tmp_path / "hvm-vnuma.img", "raw")
+    iso = img(tmp_path / "install.iso", "raw", "1M")
+    text = text.replace("/srv/hvm-vnuma.img", str(disk)).replace("/srv/install.iso", str(iso))
+    text = "\n".join(
+        line for line in text.splitlines() if not line.startswith(("pci", "vnclisten"))
+    )
+    memdevs, blocks, nic, vnc, usb = run(
+        dc_of(text),
+        paths,
+        "query-memdev",
+        "query-block",
+        qom_get("/machine/peripheral/vif0", "type"),
+        "query-vnc",
+        hmp("info usb"),
+    )
+    assert sorted(m["size"] for m in memdevs) == [1024 * MiB, 1024 * MiB]
+    devs = {b["qdev"]: b for b in blocks}
+    assert devs["hda"]["inserted"]["image"]["filename"] == str(disk)
+    assert devs["hdc"]["inserted"]["ro"] and devs["hdc"]["removable"]
+    assert nic == "e1000"
+    assert vnc["enabled"] and vnc["family"] == "unix"
+    assert "QEMU USB Tablet" in usb
