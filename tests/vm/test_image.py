@@ -273,7 +273,7 @@ class Agent:
         # previous client left unread is skipped up to it.
         token = random.randrange(1, 1 << 31)
         self.f.write(b"\xff")
-        self._send("guest-sync-delimited", {"id": token})
+        self.send("guest-sync-delimited", {"id": token})
         while True:
             line = self.f.readline()
             if not line:
@@ -283,7 +283,7 @@ class Agent:
             if line.strip() and json.loads(line).get("return") == token:
                 break
 
-    def _send(self, cmd: str, args: dict[str, Any] | None = None) -> None:
+    def send(self, cmd: str, args: dict[str, Any] | None = None) -> None:
         msg: dict[str, Any] = {"execute": cmd}
         if args is not None:
             msg["arguments"] = args
@@ -291,7 +291,7 @@ class Agent:
         self.f.flush()
 
     def call(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        self._send(cmd, args)
+        self.send(cmd, args)
         while True:
             line = self.f.readline()
             if not line:
@@ -395,7 +395,10 @@ def test_boot_agent_disk_reboot_and_power_button(
 
 
 @needs_qemu
-def test_boot_vnuma_and_agent_poweroff(guest_image: GuestImage, tmp_path: Path, boot: Any) -> None:
+@pytest.mark.parametrize("down", ["guest-shutdown", "poweroff"])
+def test_boot_vnuma_and_agent_shutdown(
+    guest_image: GuestImage, tmp_path: Path, boot: Any, down: str
+) -> None:
     disk = _disk(tmp_path)  # blank and no xenlab.mkfs=1: left alone, not mounted
     numa = [
         "-object", "memory-backend-ram,id=m0,size=256M",
@@ -424,8 +427,12 @@ def test_boot_vnuma_and_agent_poweroff(guest_image: GuestImage, tmp_path: Path, 
     rc, out, _ = agent.sh("grep -c ' /mnt/disk ' /proc/mounts; od -An -tx1 -N16 /dev/vda")
     assert out.split()[0] == "0"
     assert set(out.split()[1:]) == {"00"}  # blank disk untouched without xenlab.mkfs=1
-    # poweroff from the agent is as clean as the power button
-    agent.spawn(["/sbin/poweroff"])
+    # the agent's guest-shutdown (no reply on success) and a plain poweroff
+    # are as clean as the power button
+    if down == "guest-shutdown":
+        agent.send("guest-shutdown", {"mode": "powerdown"})
+    else:
+        agent.spawn(["/sbin/poweroff"])
     agent.close()
     assert guest.wait_exit() == 0
     assert "going down (poweroff)" in guest.console()

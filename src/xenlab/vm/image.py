@@ -180,6 +180,16 @@ done
 #: busybox acpid runs this on the power button (event ``PWRF/00000080``).
 _POWER_BUTTON = "#!/bin/sh\nexec poweroff\n"
 
+#: qemu-ga's guest-shutdown runs ``/sbin/shutdown -P|-H|-r +0 message``;
+#: busybox has no ``shutdown``, so this maps it onto the applets above.
+_SHUTDOWN = """#!/bin/sh
+case "$1" in
+-r) exec reboot ;;
+-H) exec halt ;;
+*) exec poweroff ;;
+esac
+"""
+
 _DIRS = (
     "bin", "dev", "etc", "etc/acpi", "etc/acpi/PWRF", "etc/xenlab", "lib", "lib64",
     "mnt", "proc", "root", "run", "sbin", "sys", "tmp", "usr", "usr/bin", "usr/sbin",
@@ -346,6 +356,7 @@ def _image_key(package: KernelPackage, files: Iterable[Path]) -> str:
         "files": {str(p): _sha256(p) for p in files},
         "init": INIT,
         "power_button": _POWER_BUTTON,
+        "shutdown": _SHUTDOWN,
         "modules": MODULES,
         "cmdline": CMDLINE,
     }
@@ -533,6 +544,7 @@ def _build(package: KernelPackage, deb: Path, libs: list[Path], work: Path, say:
     members += _applet_links()
     members.append(CpioMember("init", INIT.encode(), 0o755))
     members.append(CpioMember("etc/acpi/PWRF/00000080", _POWER_BUTTON.encode(), 0o755))
+    members.append(CpioMember("sbin/shutdown", _SHUTDOWN.encode(), 0o755))
     members.append(CpioMember("usr/sbin/qemu-ga", QEMU_GA.read_bytes(), 0o755))
     seen = {"bin", "lib", "lib64", "usr", "usr/sbin"}
     for lib in libs:
