@@ -101,7 +101,8 @@ def test_pv_guest_example() -> None:
     assert one(argv, "-display") == "none"
     assert "-vnc" not in argv
     assert one(argv, "-serial") == "chardev:console0"
-    assert "socket,id=console0,path=/run/xl/7/console.sock,server=on,wait=off" in opts(
+    assert ("socket,id=console0,path=/run/xl/7/console.sock,server=on,wait=off,"
+            "logfile=/run/xl/7/console.log,logappend=on") in opts(
         argv, "-chardev"
     )
     assert "socket,id=qga0,path=/run/xl/7/qga.sock,server=on,wait=off" in opts(argv, "-chardev")

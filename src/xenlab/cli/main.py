@@ -9,6 +9,7 @@ import click
 from xenlab import __version__
 from xenlab.cli.config import config
 from xenlab.cli.ucode import ucode
+from xenlab.cli.vm import image, vm
 from xenlab.errors import XenlabError
 
 
@@ -20,6 +21,8 @@ def cli() -> None:
 
 cli.add_command(config)
 cli.add_command(ucode)
+cli.add_command(vm)
+cli.add_command(image)
 
 
 def main(argv: list[str] | None = None) -> None:

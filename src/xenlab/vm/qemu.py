@@ -211,6 +211,11 @@ class RuntimePaths:
         )
 
     @property
+    def console_log(self) -> Path:
+        """Everything the serial console printed, also while nobody was attached."""
+        return self.rundir / "console.log"
+
+    @property
     def vnc(self) -> Path:
         """The VNC socket used when ``vnc=1`` names no display number."""
         return self.rundir / "vnc.sock"
@@ -546,7 +551,10 @@ def _vga(dc: DomainConfig) -> str | None:
 
 
 def _serial(dc: DomainConfig, paths: RuntimePaths) -> list[str]:
-    chardev = f"socket,id=console0,path={_opt(paths.console)},server=on,wait=off"
+    chardev = (
+        f"socket,id=console0,path={_opt(paths.console)},server=on,wait=off,"
+        f"logfile={_opt(paths.console_log)},logappend=on"
+    )
     kinds = dc.serial or ("pty",)
     if len(kinds) > 1:
         raise _unsupported("serial", "only one serial port (the console) is supported")

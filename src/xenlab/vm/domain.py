@@ -1,0 +1,358 @@
+"""The toolstack's verbs on domains: :class:`Toolstack` (create, list, destroy, shutdown, ...).
+
+A domain is a QEMU process started from an xl config: the config is parsed
+with ``xenlab.config`` into a DomainConfig, turned into a command line by
+``vm.qemu``, started daemonized (QEMU forks once its devices are up, so a
+command line QEMU refuses is an error of ``create``, with QEMU's message), and
+recorded in the state store.  Every verb that changes a domain holds the
+domain's lock, so two commands on one domain never interleave; ``create``
+holds the store's global lock while it picks the id and name.
+
+Like xl, ``create`` takes ``key=value`` overrides appended to the config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid as uuidlib
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from xenlab.config import parse
+from xenlab.config.model import DomainConfig, domain_config
+from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.vm.qemu import Accel, RuntimePaths, balloon_target_mib, qemu_argv
+from xenlab.vm.qmp import GuestAgent, Qmp
+from xenlab.vm.store import DomainRecord, Store, is_alive
+
+T = TypeVar("T")
+
+# Unix socket paths must fit in sun_path (108 bytes with the NUL).
+_SOCKET_MAX = 100
+
+
+@dataclass(frozen=True, slots=True)
+class DomainStatus:
+    """A domain as ``list`` shows it: the record plus what QEMU says now."""
+
+    record: DomainRecord
+    state: str  # "running", "paused", "shutdown", "stale (QEMU gone)", ...
+    memory_mib: int | None
+    vcpus: int | None
+    seconds: float
+
+
+def runtime_paths(state_dir: Path, domid: int) -> RuntimePaths:
+    """Where domain ``domid``'s sockets live; short enough for unix sockets."""
+    rundir = state_dir / "run" / str(domid)
+    if len(str(rundir / "qmp.sock")) > _SOCKET_MAX:
+        # Deep state directories (pytest's tmp_path) would overflow sun_path.
+        import hashlib
+
+        tag = hashlib.sha1(str(state_dir).encode()).hexdigest()[:10]
+        rundir = Path("/tmp") / f"xenlab-{os.getuid()}-{tag}" / str(domid)
+    return RuntimePaths.under(rundir)
+
+
+def _run_async(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+class Toolstack:
+    """The verbs of ``xenlab vm``, over one state store."""
+
+    def __init__(self, state_dir: Path | None = None, *, accel: Accel = Accel.TCG) -> None:
+        self.store = Store(state_dir)
+        self.state_dir = self.store.state_dir
+        self.accel = accel
+
+    # -- create ------------------------------------------------------------------
+
+    def load_config(self, cfg: Path, overrides: Sequence[str] = ()) -> tuple[DomainConfig, str]:
+        """Parse ``cfg`` with xl-style ``key=value`` overrides appended; (config, text)."""
+        try:
+            text = cfg.read_text(encoding="utf-8", errors="surrogateescape")
+        except OSError as err:
+            raise XenlabError(f"{cfg}: cannot read: {err.strerror or err}") from err
+        if overrides:
+            text = text.rstrip("\n") + "\n" + "\n".join(overrides) + "\n"
+        dc = domain_config(parse(text, source=str(cfg)))
+        return dc, text
+
+    def _check_disks(self, dc: DomainConfig, create_size: str | None) -> list[Path]:
+        """Every disk file must exist, or be created when asked; returns the created ones."""
+        created: list[Path] = []
+        for disk in dc.disks:
+            target = getattr(disk, "target", None)
+            if not target or getattr(disk, "is_cdrom", False):
+                continue
+            path = Path(target)
+            if path.exists():
+                continue
+            if create_size is None:
+                raise XenlabError(
+                    f"disk {target!r} ({disk.vdev}) does not exist; create it with qemu-img "
+                    "or pass --create-disks SIZE"
+                )
+            fmt = getattr(disk, "format", None)
+            fmt_name = getattr(fmt, "value", fmt) or "raw"
+            if fmt_name not in ("qcow2", "raw"):
+                raise XenlabError(f"cannot create disk {target!r}: format {fmt_name!r}")
+            proc = subprocess.run(
+                ["qemu-img", "create", "-q", "-f", str(fmt_name), str(path), create_size],
+                capture_output=True, text=True, check=False,
+            )
+            if proc.returncode != 0:
+                for p in created:
+                    p.unlink(missing_ok=True)
+                raise XenlabError(f"qemu-img create {target}: {proc.stderr.strip()}")
+            created.append(path)
+        return created
+
+    def create(
+        self,
+        cfg: Path,
+        overrides: Sequence[str] = (),
+        *,
+        paused: bool = False,
+        create_disks: str | None = None,
+        image: object | None = None,
+    ) -> DomainRecord:
+        """Start the domain ``cfg`` describes; returns its record.
+
+        Nothing is left behind on failure: no record, no run directory, no
+        disks this call created.
+        """
+        dc, text = self.load_config(cfg, overrides)
+        with self.store.global_lock():
+            for rec in self.store.list():
+                if rec.name == dc.name:
+                    if is_alive(rec):
+                        raise XenlabError(f"domain {dc.name!r} already exists (id {rec.domid})")
+                    raise XenlabError(
+                        f"domain {dc.name!r} has stale state (id {rec.domid}, QEMU gone): "
+                        f"`xenlab vm destroy {dc.name}` clears it"
+                    )
+            created = self._check_disks(dc, create_disks)
+            rec = self.store.add_domain(
+                DomainRecord(
+                    domid=0, name=dc.name, uuid=dc.uuid or str(uuidlib.uuid4()),
+                    config_path=str(cfg.resolve()), config_text=text, rundir="",
+                    pid=None, state="creating", created=time.time(), accel=self.accel.value,
+                )
+            )
+        paths = runtime_paths(self.state_dir, rec.domid)
+        try:
+            with self.store.lock(rec.domid):
+                if paths.rundir.exists():
+                    shutil.rmtree(paths.rundir)
+                paths.rundir.mkdir(parents=True)
+                if image is None and dc.kernel is None:
+                    from xenlab.vm.image import build_image
+
+                    image = build_image()
+                argv = qemu_argv(
+                    replace(dc, uuid=rec.uuid), paths, accel=self.accel,
+                    image=image, paused=paused,  # type: ignore[arg-type]
+                )
+                self._spawn(argv, paths)
+                pid = int(paths.pidfile.read_text().strip())
+                target = balloon_target_mib(dc)
+                if target is not None:
+                    # xl's memory < maxmem: the guest sees maxmem and the balloon
+                    # takes it down to memory once its driver is up.
+                    _run_async(self._qmp_paths(paths, "balloon", {"value": target << 20}))
+                state = _run_async(self._status(paths))
+                rec = replace(rec, rundir=str(paths.rundir), pid=pid, state=state)
+                self.store.update(rec)
+                return rec
+        except BaseException:
+            self._kill(paths)
+            self.store.remove(rec.domid)
+            shutil.rmtree(paths.rundir, ignore_errors=True)
+            for p in created:
+                p.unlink(missing_ok=True)
+            raise
+
+    def _spawn(self, argv: list[str], paths: RuntimePaths) -> None:
+        """Start QEMU daemonized: it returns once its devices are up, or fails with why."""
+        with paths.log.open("ab") as log:
+            proc = subprocess.run(
+                [*argv, "-daemonize"], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.PIPE, check=False, timeout=120,
+            )
+        if proc.returncode != 0:
+            msg = proc.stderr.decode("utf-8", "replace").strip()
+            raise BackendError(f"QEMU refused the domain: {msg or f'exit {proc.returncode}'}")
+
+    async def _status(self, paths: RuntimePaths) -> str:
+        qmp = Qmp()
+        await qmp.connect(paths.qmp, timeout=10)
+        try:
+            st = await qmp.execute("query-status")
+        finally:
+            await qmp.close()
+        assert isinstance(st, dict)
+        status = str(st.get("status", "unknown"))
+        return {"prelaunch": "paused"}.get(status, status)
+
+    # -- looking ---------------------------------------------------------------
+
+    def get(self, name_or_id: str) -> DomainRecord:
+        """The record of a domain by name or id; XenlabError if there is none."""
+        return self.store.get(name_or_id)
+
+    def status(self, rec: DomainRecord) -> DomainStatus:
+        """What the domain is now, asking QEMU when it is alive."""
+        dc, _ = self._config_of(rec)
+        if not is_alive(rec):
+            return DomainStatus(rec, "stale (QEMU gone)", dc.memory_mib, dc.vcpus,
+                                time.time() - rec.created)
+        try:
+            state = _run_async(self._status(self.paths(rec)))
+        except BackendError:
+            state = "unresponsive"
+        return DomainStatus(rec, state, dc.memory_mib, dc.vcpus, time.time() - rec.created)
+
+    def list(self) -> list[DomainStatus]:
+        """Every domain in the store, live or stale, by id."""
+        return [self.status(r) for r in sorted(self.store.list(), key=lambda r: r.domid)]
+
+    def paths(self, rec: DomainRecord) -> RuntimePaths:
+        """The domain's runtime paths."""
+        return runtime_paths(self.state_dir, rec.domid)
+
+    def _config_of(self, rec: DomainRecord) -> tuple[DomainConfig, str]:
+        return domain_config(parse(rec.config_text, source=rec.config_path)), rec.config_text
+
+    # -- changing ----------------------------------------------------------------
+
+    def _live(self, name_or_id: str) -> DomainRecord:
+        rec = self.get(name_or_id)
+        if not is_alive(rec):
+            raise StateError(
+                f"domain {rec.name!r} (id {rec.domid}) is not running: its QEMU is gone; "
+                f"`xenlab vm destroy {rec.name}` clears it"
+            )
+        return rec
+
+    async def _qmp(self, rec: DomainRecord, cmd: str, args: dict[str, object] | None = None
+                   ) -> object:
+        return await self._qmp_paths(self.paths(rec), cmd, args)
+
+    async def _qmp_paths(self, paths: RuntimePaths, cmd: str,
+                         args: dict[str, object] | None = None) -> object:
+        qmp = Qmp()
+        await qmp.connect(paths.qmp, timeout=10)
+        try:
+            return await qmp.execute(cmd, args)
+        finally:
+            await qmp.close()
+
+    def pause(self, name_or_id: str) -> None:
+        """Stop the domain's vCPUs (QMP stop)."""
+        rec = self._live(name_or_id)
+        with self.store.lock(rec.domid):
+            _run_async(self._qmp(rec, "stop"))
+            self.store.update(replace(rec, state="paused"))
+
+    def unpause(self, name_or_id: str) -> None:
+        """Resume the domain's vCPUs (QMP cont)."""
+        rec = self._live(name_or_id)
+        with self.store.lock(rec.domid):
+            _run_async(self._qmp(rec, "cont"))
+            self.store.update(replace(rec, state="running"))
+
+    def destroy(self, name_or_id: str) -> DomainRecord:
+        """Kill the domain's QEMU now and forget it (a stale record is cleared too)."""
+        rec = self.get(name_or_id)
+        with self.store.lock(rec.domid):
+            paths = self.paths(rec)
+            if is_alive(rec):
+                self._kill(paths, rec.pid)
+            self.store.remove(rec.domid)
+            shutil.rmtree(paths.rundir, ignore_errors=True)
+        return rec
+
+    def shutdown(self, name_or_id: str, *, timeout: float = 60.0, force: bool = False
+                 ) -> str:
+        """ACPI power button, wait up to ``timeout``; then destroy if ``force``.
+
+        Returns how it ended: ``"shutdown"`` or ``"destroyed"``.
+        """
+        rec = self._live(name_or_id)
+        with self.store.lock(rec.domid):
+            _run_async(self._qmp(rec, "system_powerdown"))
+            if _wait_gone(rec.pid, timeout):
+                self.store.remove(rec.domid)
+                shutil.rmtree(self.paths(rec).rundir, ignore_errors=True)
+                return "shutdown"
+            if not force:
+                raise StateError(
+                    f"domain {rec.name!r} did not shut down within {timeout:g} s "
+                    "(add --force to destroy it then)"
+                )
+            self._kill(self.paths(rec), rec.pid)
+            self.store.remove(rec.domid)
+            shutil.rmtree(self.paths(rec).rundir, ignore_errors=True)
+            return "destroyed"
+
+    def reboot(self, name_or_id: str) -> None:
+        """Reset the domain (QMP system_reset), as a hard reboot."""
+        rec = self._live(name_or_id)
+        with self.store.lock(rec.domid):
+            _run_async(self._qmp(rec, "system_reset"))
+
+    def exec(self, name_or_id: str, argv: Sequence[str], *, timeout: float = 60.0
+             ) -> tuple[int, bytes, bytes]:
+        """Run ``argv`` in the guest through its agent: (exit code, stdout, stderr)."""
+        rec = self._live(name_or_id)
+
+        async def go() -> tuple[int, bytes, bytes]:
+            agent = GuestAgent(self.paths(rec).qga)
+            res = await agent.exec(list(argv), timeout=timeout)
+            return res.exitcode, res.stdout, res.stderr
+
+        return _run_async(go())
+
+    def _kill(self, paths: RuntimePaths, pid: int | None = None) -> None:
+        if pid is None:
+            try:
+                pid = int(paths.pidfile.read_text().strip())
+            except (OSError, ValueError):
+                return
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        _wait_gone(pid, 10)
+
+
+def _wait_gone(pid: int | None, timeout: float) -> bool:
+    """Wait until process ``pid`` no longer exists; True if it went in time."""
+    if pid is None:
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _exists(pid):
+            return True
+        # A daemonized QEMU is not our child: nothing to reap, just poll.
+        time.sleep(0.05)
+    return False
+
+
+def _exists(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by init) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state is the field after the parenthesised command name.
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
