@@ -90,19 +90,18 @@ class Toolstack:
         """Every disk file must exist, or be created when asked; returns the created ones."""
         created: list[Path] = []
         for disk in dc.disks:
-            target = getattr(disk, "target", None)
-            if not target or getattr(disk, "is_cdrom", False):
+            target = disk.pdev_path
+            if not target or disk.is_cdrom:
                 continue
             path = Path(target)
             if path.exists():
                 continue
-            if create_size is None:
+            if create_size is None or target.startswith("/dev/"):
                 raise XenlabError(
                     f"disk {target!r} ({disk.vdev}) does not exist; create it with qemu-img "
                     "or pass --create-disks SIZE"
                 )
-            fmt = getattr(disk, "format", None)
-            fmt_name = getattr(fmt, "value", fmt) or "raw"
+            fmt_name = disk.format.value
             if fmt_name not in ("qcow2", "raw"):
                 raise XenlabError(f"cannot create disk {target!r}: format {fmt_name!r}")
             proc = subprocess.run(

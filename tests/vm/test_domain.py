@@ -1,0 +1,181 @@
+"""vm.domain and ``xenlab vm``: real guests under QEMU (TCG), end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from xenlab.cli.main import main
+from xenlab.errors import StateError, XenlabError
+from xenlab.vm.domain import Toolstack
+from xenlab.vm.store import is_alive
+
+pytestmark = pytest.mark.integration
+
+CFG = """\
+name = "{name}"
+type = "hvm"
+memory = {memory}
+maxmem = {maxmem}
+vcpus = 2
+disk = [ "format=qcow2,vdev=xvda,access=rw,target={disk}" ]
+"""
+
+
+def _cfg(tmp_path: Path, name: str = "g1", memory: int = 192, maxmem: int = 256) -> Path:
+    p = tmp_path / f"{name}.cfg"
+    p.write_text(CFG.format(name=name, memory=memory, maxmem=maxmem,
+                            disk=tmp_path / f"{name}.qcow2"))
+    return p
+
+
+@pytest.fixture
+def ts(tmp_path: Path, guest_image: object) -> Toolstack:
+    t = Toolstack(tmp_path / "state")
+    yield t  # type: ignore[misc]
+    for rec in t.store.list():
+        t.destroy(rec.name)
+
+
+def _ready(ts: Toolstack, name: str, timeout: float = 60) -> None:
+    log = ts.paths(ts.get(name)).console_log
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and b"XENLAB-READY" in log.read_bytes():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"guest not ready: {log.read_bytes()[-2000:]!r}")
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_lifecycle(ts: Toolstack, tmp_path: Path) -> None:
+    rec = ts.create(_cfg(tmp_path), create_disks="32M")
+    assert rec.domid == 1 and rec.state == "running" and is_alive(rec)
+    _ready(ts, "g1")
+    code, out, _ = ts.exec("g1", ["nproc"])
+    assert (code, out) == (0, b"2\n")
+    # The guest boots with maxmem (256 MiB; MemTotal about 205 MiB after the
+    # kernel's own use) and the balloon takes 64 MiB back down to memory (192).
+    deadline = time.monotonic() + 30
+    while True:
+        kib = int(ts.exec("g1", ["sh", "-c", "grep MemTotal /proc/meminfo"])[1].split()[1])
+        actual = asyncio.run(ts._qmp(ts.get("g1"), "query-balloon"))
+        if kib < 160 * 1024 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert actual == {"actual": 192 << 20}
+    assert 120 * 1024 < kib < 160 * 1024, kib
+    ts.pause("g1")
+    assert ts.status(ts.get("g1")).state == "paused"
+    ts.unpause("g1")
+    assert ts.status(ts.get("g1")).state == "running"
+    assert ts.shutdown("g1", timeout=60) == "shutdown"
+    assert ts.store.list() == []
+    assert not is_alive(rec)
+
+
+def test_marker_survives_reboot_of_the_domain(ts: Toolstack, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "g2")
+    ts.create(cfg, ["extra = \"xenlab.mkfs=1\""], create_disks="32M")
+    _ready(ts, "g2")
+    code, out, err = ts.exec("g2", ["sh", "-c", "echo A > /mnt/disk/marker && sync && "
+                                                "cat /mnt/disk/marker"])
+    assert (code, out) == (0, b"A\n"), err
+    assert ts.shutdown("g2") == "shutdown"
+    ts.create(cfg)  # the disk is there now: no --create-disks needed
+    _ready(ts, "g2")
+    assert ts.exec("g2", ["cat", "/mnt/disk/marker"])[1] == b"A\n"
+
+
+def test_stale_state_is_reported_and_cleared(ts: Toolstack, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _cfg(tmp_path, "g3")
+    rec = ts.create(cfg, create_disks="32M")
+    assert rec.pid is not None
+    os.kill(rec.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while is_alive(rec) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    code, out, _ = run(capsys, "vm", "list", "-l", "--state-dir", str(ts.state_dir))
+    assert code == 0
+    assert [(d["name"], d["state"]) for d in json.loads(out)] == [("g3", "stale (QEMU gone)")]
+    with pytest.raises(XenlabError, match="stale state"):
+        ts.create(cfg)
+    with pytest.raises(StateError, match="not running"):
+        ts.pause("g3")
+    ts.destroy("g3")
+    assert ts.store.list() == []
+
+
+def test_bad_input_changes_nothing(ts: Toolstack, tmp_path: Path) -> None:
+    with pytest.raises(XenlabError, match="does not exist"):
+        ts.create(_cfg(tmp_path, "g4"))
+    assert not (tmp_path / "g4.qcow2").exists() and ts.store.list() == []
+    with pytest.raises(XenlabError, match="no domain"):
+        ts.destroy("nope")
+    # A config QEMU cannot run: more memory than this machine can map.
+    bad = _cfg(tmp_path, "g5", memory=1 << 30, maxmem=1 << 30)
+    with pytest.raises(XenlabError):
+        ts.create(bad, create_disks="32M")
+    assert ts.store.list() == [] and not (tmp_path / "g5.qcow2").exists()
+    # Two domains cannot share a name.
+    cfg = _cfg(tmp_path, "g6")
+    ts.create(cfg, create_disks="32M")
+    with pytest.raises(XenlabError, match="already exists"):
+        ts.create(cfg)
+    assert [r.name for r in ts.store.list()] == ["g6"]
+
+
+def test_commands_on_one_domain_are_serialised(ts: Toolstack, tmp_path: Path) -> None:
+    ts.create(_cfg(tmp_path, "g7"), create_disks="32M")
+    rec = ts.get("g7")
+    order: list[str] = []
+    with ts.store.lock(rec.domid):
+        def other() -> None:
+            t2 = Toolstack(ts.state_dir)
+            t2.pause("g7")
+            order.append("paused")
+
+        th = threading.Thread(target=other)
+        th.start()
+        time.sleep(0.5)
+        order.append("holder done")
+    th.join(20)
+    assert order == ["holder done", "paused"]
+    assert ts.status(ts.get("g7")).state == "paused"
+
+
+def test_cli_create_list_exec_destroy(tmp_path: Path, guest_image: object,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    state = str(tmp_path / "st")
+    cfg = _cfg(tmp_path, "c1")
+    code, out, err = run(capsys, "vm", "create", str(cfg), "vcpus=1", "--create-disks", "32M",
+                         "--state-dir", state)
+    assert code == 0, err
+    try:
+        ts = Toolstack(Path(state))
+        _ready(ts, "c1")
+        code, out, _ = run(capsys, "vm", "list", "-l", "--state-dir", state)
+        (dom,) = json.loads(out)
+        assert (dom["name"], dom["vcpus"], dom["state"]) == ("c1", 1, "running")
+        code, out, _ = run(capsys, "vm", "exec", "c1", "--state-dir", state, "--", "nproc")
+        assert code == 0
+    finally:
+        code, out, _ = run(capsys, "vm", "destroy", "c1", "--state-dir", state)
+    assert code == 0 and "destroyed c1" in out
