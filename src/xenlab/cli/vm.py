@@ -86,6 +86,15 @@ def destroy_cmd(domain: str, state_dir: Path | None) -> None:
     stdout.print(f"destroyed {printable(rec.name)} (id {rec.domid})")
 
 
+@vm.command("undefine")
+@click.argument("domain")
+@_STATE
+def undefine_cmd(domain: str, state_dir: Path | None) -> None:
+    """Forget a shut-off DOMAIN and its snapshot records (its disk files stay)."""
+    rec = _ts(state_dir).undefine(domain)
+    stdout.print(f"forgot {printable(rec.name)} (id {rec.domid})")
+
+
 @vm.command("shutdown")
 @click.argument("domain")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait.")

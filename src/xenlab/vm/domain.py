@@ -34,6 +34,10 @@ from xenlab.vm.store import DomainRecord, Store, is_alive
 
 T = TypeVar("T")
 
+# A domain whose QEMU has exited but which is kept because it has snapshots
+# (like a defined, inactive libvirt domain); `create` starts it again.
+SHUTOFF = "shutoff"
+
 # Unix socket paths must fit in sun_path (108 bytes with the NUL).
 _SOCKET_MAX = 100
 
@@ -131,8 +135,12 @@ class Toolstack:
         """
         dc, text = self.load_config(cfg, overrides)
         with self.store.global_lock():
+            old: DomainRecord | None = None
             for rec in self.store.list():
                 if rec.name == dc.name:
+                    if rec.state == SHUTOFF and not is_alive(rec):
+                        old = rec  # a shut-off domain kept for its snapshots: start it again
+                        continue
                     if is_alive(rec):
                         raise XenlabError(f"domain {dc.name!r} already exists (id {rec.domid})")
                     raise XenlabError(
@@ -140,13 +148,20 @@ class Toolstack:
                         f"`xenlab vm destroy {dc.name}` clears it"
                     )
             created = self._check_disks(dc, create_disks)
-            rec = self.store.add_domain(
-                DomainRecord(
-                    domid=0, name=dc.name, uuid=dc.uuid or str(uuidlib.uuid4()),
-                    config_path=str(cfg.resolve()), config_text=text, rundir="",
-                    pid=None, state="creating", created=time.time(), accel=self.accel.value,
+            if old is not None:
+                rec = self.store.update(replace(
+                    old, config_path=str(cfg.resolve()), config_text=text, pid=None,
+                    state="creating", created=time.time(), accel=self.accel.value,
+                ))
+            else:
+                rec = self.store.add_domain(
+                    DomainRecord(
+                        domid=0, name=dc.name, uuid=dc.uuid or str(uuidlib.uuid4()),
+                        config_path=str(cfg.resolve()), config_text=text, rundir="",
+                        pid=None, state="creating", created=time.time(),
+                        accel=self.accel.value,
+                    )
                 )
-            )
         paths = runtime_paths(self.state_dir, rec.domid)
         try:
             with self.store.lock(rec.domid):
@@ -174,8 +189,7 @@ class Toolstack:
                 return rec
         except BaseException:
             self._kill(paths)
-            self.store.remove(rec.domid)
-            shutil.rmtree(paths.rundir, ignore_errors=True)
+            self._gone(rec)
             for p in created:
                 p.unlink(missing_ok=True)
             raise
@@ -211,6 +225,8 @@ class Toolstack:
     def status(self, rec: DomainRecord) -> DomainStatus:
         """What the domain is now, asking QEMU when it is alive."""
         dc, _ = self._config_of(rec)
+        if rec.state == SHUTOFF:
+            return DomainStatus(rec, SHUTOFF, dc.memory_mib, dc.vcpus, 0.0)
         if not is_alive(rec):
             return DomainStatus(rec, "stale (QEMU gone)", dc.memory_mib, dc.vcpus,
                                 time.time() - rec.created)
@@ -233,8 +249,29 @@ class Toolstack:
 
     # -- changing ----------------------------------------------------------------
 
+    def _gone(self, rec: DomainRecord) -> None:
+        """QEMU has exited: keep the domain as shut off if it has snapshots, else forget it."""
+        shutil.rmtree(self.paths(rec).rundir, ignore_errors=True)
+        if self.store.list_snapshots(rec.domid):
+            self.store.update(replace(rec, pid=None, state=SHUTOFF))
+        else:
+            self.store.remove(rec.domid)
+
+    def undefine(self, name_or_id: str) -> DomainRecord:
+        """Forget a shut-off domain and its snapshot records (disk files are left alone)."""
+        rec = self.get(name_or_id)
+        with self.store.lock(rec.domid):
+            if rec.state != SHUTOFF:
+                raise StateError(f"domain {rec.name!r} is not shut off; destroy it first")
+            self.store.remove(rec.domid)
+        return rec
+
     def _live(self, name_or_id: str) -> DomainRecord:
         rec = self.get(name_or_id)
+        if rec.state == SHUTOFF:
+            raise StateError(
+                f"domain {rec.name!r} (id {rec.domid}) is shut off; `xenlab vm create` starts it"
+            )
         if not is_alive(rec):
             raise StateError(
                 f"domain {rec.name!r} (id {rec.domid}) is not running: its QEMU is gone; "
@@ -273,11 +310,14 @@ class Toolstack:
         """Kill the domain's QEMU now and forget it (a stale record is cleared too)."""
         rec = self.get(name_or_id)
         with self.store.lock(rec.domid):
+            if rec.state == SHUTOFF:
+                raise StateError(
+                    f"domain {rec.name!r} is shut off already; `xenlab vm undefine` forgets it"
+                )
             paths = self.paths(rec)
             if is_alive(rec):
                 self._kill(paths, rec.pid)
-            self.store.remove(rec.domid)
-            shutil.rmtree(paths.rundir, ignore_errors=True)
+            self._gone(rec)
         return rec
 
     def shutdown(self, name_or_id: str, *, timeout: float = 60.0, force: bool = False
@@ -290,8 +330,7 @@ class Toolstack:
         with self.store.lock(rec.domid):
             _run_async(self._qmp(rec, "system_powerdown"))
             if _wait_gone(rec.pid, timeout):
-                self.store.remove(rec.domid)
-                shutil.rmtree(self.paths(rec).rundir, ignore_errors=True)
+                self._gone(rec)
                 return "shutdown"
             if not force:
                 raise StateError(
@@ -299,8 +338,7 @@ class Toolstack:
                     "(add --force to destroy it then)"
                 )
             self._kill(self.paths(rec), rec.pid)
-            self.store.remove(rec.domid)
-            shutil.rmtree(self.paths(rec).rundir, ignore_errors=True)
+            self._gone(rec)
             return "destroyed"
 
     def reboot(self, name_or_id: str) -> None:
