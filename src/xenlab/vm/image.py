@@ -260,7 +260,7 @@ def build_image(
     for tool in (BUSYBOX, QEMU_GA):
         if not tool.is_file():
             raise XenlabError(f"{tool} is needed for the guest image; install it")
-    package = newest_kernel_package()
+    package = _kernel_package_cached(cache)
     libs = shared_libraries(QEMU_GA)
     key = _image_key(package, [BUSYBOX, QEMU_GA, *libs])
     final = cache / key
@@ -307,6 +307,39 @@ def _run(argv: list[str], *, cwd: Path | None = None, timeout: float = 600) -> s
             f"{' '.join(argv)} failed (rc {proc.returncode}): {proc.stderr.strip()[-500:]}"
         )
     return proc.stdout
+
+
+_APT_LISTS = Path("/var/lib/apt/lists")
+
+
+def _kernel_package_cached(cache: Path) -> KernelPackage:
+    """:func:`newest_kernel_package`, remembered until apt's package lists change.
+
+    Asking apt-cache takes most of a second; every ``vm create`` asks, so the
+    answer is kept next to the images, keyed by the lists directory's mtime.
+    """
+    memo = cache / "kernel-package.json"
+    try:
+        stamp = _APT_LISTS.stat().st_mtime_ns
+    except OSError:
+        stamp = -1
+    try:
+        data = json.loads(memo.read_text())
+        if data.get("lists_mtime_ns") == stamp and stamp != -1:
+            return KernelPackage(str(data["name"]), str(data["version"]))
+    except (OSError, ValueError, KeyError):
+        pass
+    package = newest_kernel_package()
+    try:
+        stamp = _APT_LISTS.stat().st_mtime_ns  # apt-get update may have run
+        tmp = memo.with_suffix(".tmp")
+        tmp.write_text(json.dumps(
+            {"name": package.name, "version": package.version, "lists_mtime_ns": stamp}
+        ))
+        tmp.replace(memo)
+    except OSError:
+        pass
+    return package
 
 
 def newest_kernel_package() -> KernelPackage:
