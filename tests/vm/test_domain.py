@@ -179,3 +179,23 @@ def test_cli_create_list_exec_destroy(tmp_path: Path, guest_image: object,
     finally:
         code, out, _ = run(capsys, "vm", "destroy", "c1", "--state-dir", state)
     assert code == 0 and "destroyed c1" in out
+
+
+def test_guest_poweroff_ends_the_domain_like_xl(ts: Toolstack, tmp_path: Path) -> None:
+    rec = ts.create(_cfg(tmp_path, "g8"), create_disks="32M")
+    _ready(ts, "g8")
+    ts.exec("g8", ["sh", "-c", "(sleep 0.2; poweroff) >/dev/null 2>&1 &"])
+    deadline = time.monotonic() + 30
+    while is_alive(rec) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not is_alive(rec)
+    # A clean power-off is not a crash: the domain is simply gone.
+    assert ts.list() == []
+    # A crash (QEMU killed) is kept and reported as stale.
+    rec = ts.create(_cfg(tmp_path, "g9"), create_disks="32M")
+    assert rec.pid is not None
+    os.kill(rec.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while is_alive(rec) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [s.state for s in ts.list()] == ["stale (QEMU gone)"]

@@ -237,8 +237,33 @@ class Toolstack:
         return DomainStatus(rec, state, dc.memory_mib, dc.vcpus, time.time() - rec.created)
 
     def list(self) -> list[DomainStatus]:
-        """Every domain in the store, live or stale, by id."""
-        return [self.status(r) for r in sorted(self.store.list(), key=lambda r: r.domid)]
+        """Every domain in the store, live, shut off or stale, by id.
+
+        A domain whose guest powered itself off cleanly is gone, as with xl:
+        its record is cleared here (kept as shut off if it has snapshots).
+        """
+        out = []
+        for rec in sorted(self.store.list(), key=lambda r: r.domid):
+            if rec.state != SHUTOFF and not is_alive(rec) and self._powered_off(rec):
+                with self.store.lock(rec.domid):
+                    self._gone(rec)
+                if rec.domid not in {r.domid for r in self.store.list()}:
+                    continue
+                rec = self.store.get(rec.domid)
+            out.append(self.status(rec))
+        return out
+
+    def _powered_off(self, rec: DomainRecord) -> bool:
+        """True when the console shows the guest kernel's clean power-off as its last words."""
+        log = self.paths(rec).console_log
+        try:
+            with log.open("rb") as f:
+                f.seek(max(0, log.stat().st_size - 4096))
+                tail = f.read()
+        except OSError:
+            return False
+        lines = [ln for ln in tail.splitlines() if ln.strip()]
+        return bool(lines) and lines[-1].rstrip().endswith(b"reboot: Power down")
 
     def paths(self, rec: DomainRecord) -> RuntimePaths:
         """The domain's runtime paths."""
