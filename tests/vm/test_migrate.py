@@ -1,0 +1,331 @@
+"""vm.migrate: the save image header, and save/restore/migrate on real guests (TCG)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from xenlab.errors import BackendError, FormatError, TruncatedError, XenlabError
+from xenlab.vm import migrate as mig
+from xenlab.vm.domain import Toolstack
+from xenlab.vm.migrate import MAGIC, SaveHeader, pack_header, parse_header
+from xenlab.vm.store import is_alive
+
+HEADER = SaveHeader(
+    name="g1", uuid="0b5e0a4c-1111-2222-3333-444455556666",
+    config_text='name = "g1"\nmemory = 128\n# ünïcode\n', config_path="/etc/xen/g1.cfg",
+    qemu_version="7.2.22", created=1700000000.5, state="running",
+)
+STREAM = b"QEVM\x00\x00\x00\x03rest of the stream"
+
+
+# --- the header, pure -----------------------------------------------------------------
+
+
+def test_header_round_trip() -> None:
+    raw = pack_header(HEADER) + STREAM
+    assert raw.startswith(MAGIC)
+    (n,) = struct.unpack_from(">I", raw, 12)
+    header, offset = parse_header(raw)
+    assert header == HEADER
+    assert offset == 16 + n and raw[offset:].startswith(b"QEVM")
+    # memoryviews and bytearrays parse the same
+    assert parse_header(memoryview(bytearray(raw)))[0] == HEADER
+
+
+def _fields(**change: object) -> dict[str, object]:
+    fields: dict[str, object] = {k: getattr(HEADER, k) for k in SaveHeader.__slots__}
+    fields.update(change)
+    return fields
+
+
+def _raw(obj: object) -> bytes:
+    body = json.dumps(obj).encode()
+    return MAGIC + struct.pack(">I", len(body)) + body
+
+
+def test_header_errors_name_the_place() -> None:
+    raw = pack_header(HEADER) + STREAM
+    n = struct.unpack_from(">I", raw, 12)[0]
+    with pytest.raises(FormatError, match="not a xenlab save image") as e:
+        parse_header(b"\x7fELF" + raw[4:], "f")
+    assert (e.value.offset, e.value.field) == (0, "magic")
+    with pytest.raises(FormatError, match="not a xenlab save image"):
+        parse_header(b"QEVM")
+    with pytest.raises(FormatError) as e:
+        parse_header(MAGIC + struct.pack(">I", 1 << 30))
+    assert (e.value.offset, e.value.field) == (12, "header length")
+    with pytest.raises(FormatError, match="not JSON") as e:
+        parse_header(MAGIC + struct.pack(">I", 3) + b"{{{" + STREAM)
+    assert e.value.offset == 16
+    with pytest.raises(FormatError, match="expected an object"):
+        parse_header(MAGIC + struct.pack(">I", 2) + b"[]" + STREAM)
+    with pytest.raises(FormatError, match="found a int, expected a str") as e:
+        parse_header(_raw(_fields(state=7)) + STREAM)
+    assert (e.value.offset, e.value.field) == (16, "header.state")
+    with pytest.raises(FormatError, match="found nothing") as e:
+        parse_header(_raw(_fields(uuid=None)) + STREAM)
+    assert e.value.field == "header.uuid"
+    with pytest.raises(FormatError, match="newer than this xenlab"):
+        parse_header(_raw(_fields(version=9)) + STREAM)
+    with pytest.raises(FormatError, match="expected a time"):
+        parse_header(_raw(_fields(created=float("inf"))) + STREAM)
+    with pytest.raises(FormatError, match="expected QEMU's") as e:
+        parse_header(pack_header(HEADER) + b"JUNKJUNK")
+    assert (e.value.offset, e.value.field) == (16 + n, "stream magic")
+
+
+def test_every_cut_is_truncated() -> None:
+    raw = pack_header(HEADER) + b"QEVM"
+    for cut in range(len(raw)):
+        with pytest.raises(TruncatedError):
+            parse_header(raw[:cut])
+
+
+@given(st.binary(max_size=200))
+def test_random_bytes_raise_only_format_errors(data: bytes) -> None:
+    for buf in (data, MAGIC + data, MAGIC + struct.pack(">I", len(data)) + data + b"QEVM"):
+        try:
+            parse_header(buf)
+        except FormatError:
+            pass
+
+
+@given(st.dictionaries(st.sampled_from(["version", "name", "uuid", "config_text", "state",
+                                        "config_path", "qemu_version", "created"]),
+                       st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
+                                 st.text(max_size=5))))
+def test_random_json_headers_raise_only_format_errors(obj: dict[str, object]) -> None:
+    try:
+        h, _ = parse_header(_raw(obj) + b"QEVM")
+    except FormatError:
+        return
+    assert isinstance(h.name, str) and isinstance(h.created, float)
+
+
+def test_read_header_of_files(tmp_path: Path) -> None:
+    good = tmp_path / "good.save"
+    good.write_bytes(pack_header(HEADER) + STREAM)
+    assert mig.read_header(good)[0] == HEADER
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    with pytest.raises(FormatError, match=f"{text}.*not a xenlab save image"):
+        mig.read_header(text)
+    with pytest.raises(XenlabError, match="cannot read"):
+        mig.read_header(tmp_path / "missing.save")
+
+
+# --- real guests ----------------------------------------------------------------------
+
+CFG = """\
+name = "{name}"
+type = "hvm"
+memory = 192
+maxmem = 256
+vcpus = 2
+disk = [ "format=qcow2,vdev=xvda,access=rw,target={disk}" ]
+extra = "xenlab.mkfs=1"
+"""
+
+
+def _disk_spec(path: Path) -> str:
+    return f'disk = [ "format=qcow2,vdev=xvda,access=rw,target={path}" ]'
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, guest_image: object) -> Iterator[tuple[Toolstack, Toolstack]]:
+    """Two toolstacks with their own state directories: two hosts on one machine."""
+    a, b = Toolstack(tmp_path / "host-a"), Toolstack(tmp_path / "host-b")
+    yield a, b
+    for t in (a, b):
+        for rec in t.store.list():
+            t.destroy(rec.name)
+
+
+def _boot(ts: Toolstack, tmp_path: Path, name: str = "g1") -> None:
+    cfg = tmp_path / f"{name}.cfg"
+    cfg.write_text(CFG.format(name=name, disk=tmp_path / f"{name}.qcow2"))
+    ts.create(cfg, create_disks="32M")
+    log = ts.paths(ts.get(name)).console_log
+    deadline = time.monotonic() + 60
+    while not (log.exists() and b"XENLAB-READY" in log.read_bytes()):
+        assert time.monotonic() < deadline, log.read_bytes()[-2000:]
+        time.sleep(0.1)
+
+
+def _sh(ts: Toolstack, name: str, script: str) -> str:
+    code, out, err = ts.exec(name, ["sh", "-c", script])
+    assert code == 0, err
+    return out.decode()
+
+
+def _uptime_and_boot(ts: Toolstack, name: str) -> tuple[float, str]:
+    up, boot = _sh(ts, name, "cat /proc/uptime /proc/sys/kernel/random/boot_id").split("\n")[:2]
+    return float(up.split()[0]), boot
+
+
+def _compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
+    # -U: a running QEMU holds the image lock; the guest is paused while we compare.
+    return subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)],
+                          capture_output=True, text=True, check=False)
+
+
+@pytest.mark.integration
+def test_save_restore_continues_the_guest(hosts: tuple[Toolstack, Toolstack],
+                                          tmp_path: Path) -> None:
+    ts, _ = hosts
+    _boot(ts, tmp_path)
+    _sh(ts, "g1", "echo A > /mnt/disk/marker && sync")
+    before, boot_id = _uptime_and_boot(ts, "g1")
+    image = tmp_path / "g1 saved.img"  # a space: no shell anywhere
+    t0 = time.monotonic()
+    header = mig.save(ts, "g1", image)
+    save_s = time.monotonic() - t0
+    assert ts.store.list() == []  # xl save: the domain is gone
+    assert header.name == "g1" and header.state == "running"
+    assert mig.read_header(image)[0] == header
+    assert "xenlab.mkfs=1" in header.config_text
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
+    at_save = tmp_path / "at-save.qcow2"
+    shutil.copyfile(tmp_path / "g1.qcow2", at_save)
+
+    t0 = time.monotonic()
+    rec = mig.restore(ts, image, paused=True)
+    restore_s = time.monotonic() - t0
+    assert rec.state == "paused" and is_alive(rec) and rec.uuid == header.uuid
+    assert ts.status(ts.get("g1")).state == "paused"
+    cmp = _compare(at_save, tmp_path / "g1.qcow2")
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    ts.unpause("g1")
+    after, boot_after = _uptime_and_boot(ts, "g1")
+    assert boot_after == boot_id  # the same boot of the same kernel, not a new one
+    assert after > before
+    assert _sh(ts, "g1", "cat /mnt/disk/marker") == "A\n"
+    print(f"save {save_s:.2f}s restore {restore_s:.2f}s")
+
+
+@pytest.mark.integration
+def test_failed_save_leaves_the_domain_running(hosts: tuple[Toolstack, Toolstack],
+                                               tmp_path: Path) -> None:
+    ts, _ = hosts
+    _boot(ts, tmp_path)
+    rec = ts.get("g1")
+    not_a_dir = tmp_path / "plain-file"
+    not_a_dir.write_text("")
+    with pytest.raises(XenlabError, match="cannot write the save image"):
+        mig.save(ts, "g1", not_a_dir / "g1.save")
+    assert ts.get("g1") == rec and ts.status(rec).state == "running"
+    # A save that fails once the stream runs (here: out of time at 1 MiB/s)
+    # cancels it, resumes the guest and removes the partial file.
+    with pytest.raises(BackendError, match="not completed within"):
+        mig.save(ts, "g1", tmp_path / "slow.save", timeout=0.5, max_bandwidth=1 << 20)
+    assert sorted(p.name for p in tmp_path.iterdir() if "save" in p.name) == []
+    assert ts.get("g1") == rec and ts.status(rec).state == "running"
+    assert _sh(ts, "g1", "echo alive") == "alive\n"
+    # keep_running (xl save -c): the image is made and the domain carries on.
+    mig.save(ts, "g1", tmp_path / "g1.save", keep_running=True)
+    assert ts.status(ts.get("g1")).state == "running"
+    assert _sh(ts, "g1", "echo still") == "still\n"
+
+    # Restoring what is not a xenlab image, or a cut-off one, fails and leaves nothing.
+    ts.destroy("g1")
+    junk = tmp_path / "junk.save"
+    junk.write_bytes(os.urandom(4096))
+    with pytest.raises(FormatError, match="not a xenlab save image"):
+        mig.restore(ts, junk)
+    data = (tmp_path / "g1.save").read_bytes()
+    cut = tmp_path / "cut.save"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BackendError, match="could not load the saved state"):
+        mig.restore(ts, cut)
+    assert ts.store.list() == []
+    assert not ts.paths(rec).rundir.exists()
+    # ...and the whole image still restores.
+    mig.restore(ts, tmp_path / "g1.save")
+    assert _sh(ts, "g1", "echo back") == "back\n"
+
+
+@pytest.mark.integration
+def test_live_migration_shared_disk(hosts: tuple[Toolstack, Toolstack], tmp_path: Path) -> None:
+    src, dst = hosts
+    _boot(src, tmp_path)
+    _sh(src, "g1", "echo A > /mnt/disk/marker && sync")
+    before, boot_id = _uptime_and_boot(src, "g1")
+    old = src.get("g1")
+    seen: list[mig.MigrationProgress] = []
+    res = mig.migrate(src, "g1", dst, progress=seen.append)
+    assert src.store.list() == [] and not is_alive(old)
+    assert not src.paths(old).rundir.exists()
+    assert res.record is not None and res.record.state == "running" and is_alive(res.record)
+    assert res.record.uuid == old.uuid
+    assert dst.status(dst.get("g1")).state == "running"
+    assert res.ram_transferred > 0 and res.total_ms > 0
+    assert seen and all(p.phase == "memory" for p in seen)
+    after, boot_after = _uptime_and_boot(dst, "g1")
+    assert boot_after == boot_id and after > before
+    assert _sh(dst, "g1", "cat /mnt/disk/marker") == "A\n"
+    print(f"migrate {res.seconds:.2f}s downtime {res.downtime_ms} ms")
+
+
+@pytest.mark.integration
+def test_live_migration_with_storage(hosts: tuple[Toolstack, Toolstack],
+                                     tmp_path: Path) -> None:
+    src, dst = hosts
+    _boot(src, tmp_path)
+    _sh(src, "g1", "echo A > /mnt/disk/marker && sync")
+    before, boot_id = _uptime_and_boot(src, "g1")
+    target = tmp_path / "host-b-g1.qcow2"  # does not exist: made blank, same size
+    seen: list[mig.MigrationProgress] = []
+    res = mig.migrate(src, "g1", dst, with_storage=True, paused=True,
+                      dest_overrides=[_disk_spec(target)], progress=seen.append)
+    assert res.disks == ("xvda",) and src.store.list() == []
+    assert {p.phase for p in seen} >= {"storage", "memory"}
+    assert dst.status(dst.get("g1")).state == "paused"
+    cmp = _compare(tmp_path / "g1.qcow2", target)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    dst.unpause("g1")
+    after, boot_after = _uptime_and_boot(dst, "g1")
+    assert boot_after == boot_id and after > before
+    # The guest now writes to the destination's copy only.
+    _sh(dst, "g1", "cat /mnt/disk/marker && echo B > /mnt/disk/marker2 && sync")
+    assert _compare(tmp_path / "g1.qcow2", target).returncode == 1
+    print(f"migrate --with-storage {res.seconds:.2f}s")
+
+
+@pytest.mark.integration
+def test_destination_killed_mid_migration(hosts: tuple[Toolstack, Toolstack],
+                                          tmp_path: Path) -> None:
+    src, dst = hosts
+    _boot(src, tmp_path)
+    rec = src.get("g1")
+    killed: list[int] = []
+
+    def kill_destination(p: mig.MigrationProgress) -> None:
+        if p.phase == "memory" and p.transferred > 0 and not killed:
+            (incoming,) = dst.store.list()
+            assert incoming.pid is not None
+            os.kill(incoming.pid, signal.SIGKILL)
+            killed.append(incoming.pid)
+
+    with pytest.raises(BackendError, match="destination QEMU went away.*still runs here"):
+        # 16 MiB/s: the stream takes seconds, so the kill lands in the middle.
+        mig.migrate(src, "g1", dst, max_bandwidth=16 << 20, progress=kill_destination)
+    assert killed
+    assert src.get("g1") == rec and is_alive(rec)
+    assert src.status(rec).state == "running"
+    assert dst.store.list() == []
+    assert _sh(src, "g1", "echo alive") == "alive\n"
+    # Nothing is left in a half state: the same domain migrates fine now.
+    res = mig.migrate(src, "g1", dst)
+    assert res.record is not None and dst.status(res.record).state == "running"
