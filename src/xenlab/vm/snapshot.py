@@ -718,15 +718,18 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
                 f"snapshot {snap!r} has children ({names}): delete them first or use --children"
             )
         state = _liveness(ts, rec)
-        overlays: Mapping[str, Mapping[str, str]] = rec.extra.get(OVERLAYS, {})
+        # Each external snapshot must be the disks' top layer by the time
+        # its turn comes (descendants go first and pop their overlays).
+        tops = {v: o.get("file") for v, o in rec.extra.get(OVERLAYS, {}).items()}
         for s in order:
             if s.kind is not SnapshotKind.INTERNAL and s.state is SnapshotState.READY:
                 for d in s.disks:
-                    if overlays.get(d["vdev"], {}).get("file") != d["overlay"]:
+                    if tops.get(d["vdev"]) != d["overlay"]:
                         raise StateError(
                             f"snapshot {s.name!r}: overlay {d['overlay']} is no longer the top "
                             f"of disk {d['vdev']}; delete the snapshots above it first"
                         )
+                    tops[d["vdev"]] = d["file"]
         cur = _current_id(ts, rec)
         done: list[SnapshotRecord] = []
         for s in order:
