@@ -940,6 +940,8 @@ async def _send(paths: RuntimePaths, name: str, where: str, dhost: str, nbd_port
                 await qmp.execute("blockdev-mirror", {
                     "job-id": f"mig-{vdev}", "device": f"{vdev}-fmt", "target": f"mig-{vdev}",
                     "sync": "full", "copy-mode": "write-blocking",
+                    # kept after it ends, so a failure's reason can be read
+                    "auto-dismiss": False,
                 })
                 mirrors.append(f"mig-{vdev}")
             if mirrors:
@@ -952,7 +954,7 @@ async def _send(paths: RuntimePaths, name: str, where: str, dhost: str, nbd_port
             for job in mirrors:
                 # Ready, so cancelling completes the copy without a pivot.
                 await qmp.execute("block-job-cancel", {"device": job})
-            await _wait_jobs_gone(qmp, mirrors, 30)
+            await _dismiss_jobs(qmp, mirrors, 30)
             mirrors.clear()
             return info
         except BaseException:
@@ -962,7 +964,7 @@ async def _send(paths: RuntimePaths, name: str, where: str, dhost: str, nbd_port
                 with contextlib.suppress(BackendError):
                     await qmp.execute("block-job-cancel", {"device": job, "force": True})
             with contextlib.suppress(BackendError):
-                await _wait_jobs_gone(qmp, mirrors, 30)
+                await _dismiss_jobs(qmp, mirrors, 30)
             for node in nodes:
                 with contextlib.suppress(BackendError):
                     await qmp.execute("blockdev-del", {"node-name": node})
@@ -990,13 +992,12 @@ async def _wait_mirrors_ready(qmp: Qmp, jobs: Sequence[str], timeout: float,
         now = await _block_jobs(qmp)
         missing = [j for j in jobs if j not in now]
         if missing:
-            raise BackendError(f"disk mirror {missing[0]} ended before it was ready "
-                               "(destination NBD export gone?)")
+            raise BackendError(f"disk mirror {missing[0]} vanished before it was ready")
         mine = [now[j] for j in jobs]
         for j in mine:
-            if j.get("status") == "concluded" or j.get("error"):
+            if j.get("status") in ("aborting", "concluded", "null") or j.get("error"):
                 raise BackendError(f"disk mirror {j.get('device')} failed: "
-                                   f"{j.get('error', 'concluded early')}")
+                                   f"{j.get('error', 'ended before it was ready')}")
         done = sum(int(j.get("offset", 0)) for j in mine)
         total = sum(int(j.get("len", 0)) for j in mine)
         if progress is not None:
@@ -1009,13 +1010,22 @@ async def _wait_mirrors_ready(qmp: Qmp, jobs: Sequence[str], timeout: float,
         await asyncio.sleep(_POLL)
 
 
-async def _wait_jobs_gone(qmp: Qmp, jobs: Sequence[str], timeout: float) -> None:
+async def _dismiss_jobs(qmp: Qmp, jobs: Sequence[str], timeout: float) -> None:
+    """Wait until each of ``jobs`` has concluded, then dismiss it."""
     deadline = time.monotonic() + timeout
-    while jobs:
+    left = set(jobs)
+    while left:
         now = await _block_jobs(qmp)
-        if not any(j in now for j in jobs):
+        for job in sorted(left):
+            info = now.get(job)
+            if info is None:
+                left.discard(job)
+            elif info.get("status") == "concluded":
+                await qmp.execute("job-dismiss", {"id": job})
+                left.discard(job)
+        if not left:
             return
         if time.monotonic() > deadline:
-            raise BackendError(f"block jobs {', '.join(jobs)} still there after {timeout:g}s")
+            raise BackendError(f"block jobs {', '.join(sorted(left))} still running after "
+                               f"{timeout:g}s")
         await asyncio.sleep(_POLL)
-
