@@ -1,0 +1,777 @@
+"""xl's resource verbs on a domain: memory, vCPUs, affinity, rename and info (:func:`mem_set`, ...).
+
+Every verb is a function over a :class:`~xenlab.vm.domain.Toolstack` and a
+domain name or id.  Verbs that change a domain hold its lock; every wait on
+QEMU or the guest has a timeout.
+
+Design:
+    - Memory is the balloon model of ``vm.qemu``: QEMU was started with
+      ``-m MAXMEM`` and ``virtio-balloon-pci``; :func:`mem_set` moves the
+      balloon target (QMP ``balloon``, in bytes) and waits until the guest's
+      driver reports it (``BALLOON_CHANGE`` events, ``query-balloon``).
+      :func:`mem_max` lowers the ceiling for later ``mem_set`` calls, as xl's
+      ``mem-max`` does; it cannot raise it above the ``-m`` size QEMU runs
+      with (that needs a restart with a bigger ``maxmem``).
+    - vCPUs are QEMU's x86 CPU hotplug: the slots come from
+      ``query-hotpluggable-cpus``; :func:`vcpu_set` plugs free slots with
+      ``device_add`` (lowest topology first) and unplugs the highest with
+      ``device_del`` (ACPI eject: the guest kernel offlines the CPU itself).
+      A plugged CPU arrives offline in a guest without udev, so the verb
+      onlines it through the guest agent, as Xen's guest xenbus handler
+      onlines CPUs the toolstack makes available.
+    - Host affinity is set on QEMU's vCPU threads (``query-cpus-fast`` gives
+      their ids) with ``sched_setaffinity``; the config's ``cpus=`` is applied
+      by :func:`apply_affinity` at create and to CPUs plugged later.  Linux has
+      no soft affinity, so ``cpus_soft=`` is not applied.
+    - :func:`rename` changes the store (the source of truth) and the stored
+      config; a running QEMU keeps the name it was started with (``ps`` shows
+      it), recorded in the record's ``extra["qemu_name"]``.
+
+State kept in ``DomainRecord.extra`` (JSON):
+    ``maxmem_mib`` (set by mem_max), ``memory_mib`` (the last balloon target),
+    ``vcpus`` (the last vcpu_set count), ``qemu_name`` (the name QEMU runs
+    under, when a rename made it differ).
+
+Defaults (with reasons):
+    - Memory floor 64 MiB: below that the project's Debian guest kernel
+      (modules, page tables for ``maxmem``) runs out of memory and the OOM
+      killer takes the agent; xl has no floor and lets the guest die.
+    - Guest-report timeouts 5 s: the reports are extras, and a paused guest or
+      one without an agent must not hold the verb for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from xenlab.config import parse
+from xenlab.config.model import DomainConfig, domain_config
+from xenlab.config.specs.cpus import CpuSet, HostTopology, parse_cpus
+from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.vm.domain import SHUTOFF, Toolstack
+from xenlab.vm.qmp import CommandError, GuestAgent, Qmp
+from xenlab.vm.store import DomainRecord, effective_state, is_alive
+
+__all__ = [
+    "MIN_MEMORY_MIB",
+    "MemoryReport",
+    "VcpuInfo",
+    "VcpuReport",
+    "apply_affinity",
+    "format_vcpu_list",
+    "host_topology",
+    "info",
+    "mem_max",
+    "mem_set",
+    "rename",
+    "vcpu_list",
+    "vcpu_pin",
+    "vcpu_set",
+]
+
+MIN_MEMORY_MIB = 64
+_GUEST_TIMEOUT = 5.0
+_MIB = 1 << 20
+T = TypeVar("T")
+# QEMU throttles BALLOON_CHANGE to one a second; poll at that pace as well.
+_BALLOON_POLL = 1.0
+# The topology properties of a CPU slot, outermost first: the plug order.
+_TOPOLOGY = ("node-id", "drawer-id", "book-id", "socket-id", "die-id", "cluster-id",
+             "module-id", "core-id", "thread-id")
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryReport:
+    """What :func:`mem_set` achieved: the target, QEMU's view and the guest's.
+
+    ``actual_mib`` is ``query-balloon``'s ``actual``; ``guest_total_kib`` the
+    guest's ``MemTotal`` (None when its agent did not answer); ``reached``
+    whether ``actual`` got to the target within the timeout.
+    """
+
+    target_mib: int
+    actual_mib: int
+    guest_total_kib: int | None
+    reached: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuReport:
+    """What :func:`vcpu_set` achieved: plugged vCPUs and what the guest sees.
+
+    ``guest_online`` is the guest's ``nproc`` and ``guest_cpus`` its
+    ``/sys/devices/system/cpu/online`` (None when its agent did not answer).
+    """
+
+    vcpus: int
+    guest_online: int | None
+    guest_cpus: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuInfo:
+    """One row of ``vcpu-list``.
+
+    ``cpu`` is the host CPU the thread last ran on, ``state`` ``running``,
+    ``blocked`` (the vCPU thread sleeps: the guest idles), ``paused`` or
+    ``offline`` (plugged in QEMU, offlined in the guest by :func:`vcpu_set`),
+    ``time_s`` the thread's user+system CPU time, ``affinity`` its host CPUs.
+    """
+
+    name: str
+    domid: int
+    vcpu: int
+    cpu: int
+    state: str
+    time_s: float
+    affinity: frozenset[int]
+    thread_id: int
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def _live(ts: Toolstack, name: str) -> DomainRecord:
+    return ts._live(name)
+
+
+def _config(rec: DomainRecord) -> DomainConfig:
+    return domain_config(parse(rec.config_text, source=rec.config_path))
+
+
+def _dict(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BackendError(f"QMP {what}: unexpected reply {value!r}")
+    return value
+
+
+def _list(value: object, what: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise BackendError(f"QMP {what}: unexpected reply {value!r}")
+    return value
+
+
+def _set_extra(ts: Toolstack, domid: int, **values: object) -> DomainRecord:
+    """Re-read the record (another verb may have changed it) and merge ``values`` into extra."""
+    rec = ts.store.get(domid)
+    extra = dict(rec.extra)
+    for key, value in values.items():
+        if value is None:
+            extra.pop(key, None)
+        else:
+            extra[key] = value
+    return ts.store.update(replace(rec, extra=extra))
+
+
+async def _guest(ts: Toolstack, rec: DomainRecord, argv: list[str]) -> bytes | None:
+    """``argv``'s stdout in the guest, or None when the agent does not answer in time."""
+    try:
+        async with GuestAgent(ts.paths(rec).qga) as agent:
+            res = await agent.exec(argv, timeout=_GUEST_TIMEOUT)
+    except BackendError:
+        return None
+    return res.stdout if res.exitcode == 0 else None
+
+
+# --- memory ----------------------------------------------------------------------
+
+
+def _maxmem(rec: DomainRecord, dc: DomainConfig) -> int:
+    value = rec.extra.get("maxmem_mib")
+    return int(value) if isinstance(value, int) else dc.maxmem_mib
+
+
+def _target(rec: DomainRecord, dc: DomainConfig) -> int:
+    value = rec.extra.get("memory_mib")
+    return int(value) if isinstance(value, int) else dc.memory_mib
+
+
+async def _balloon_to(qmp: Qmp, target: int, timeout: float) -> tuple[int, bool]:
+    """Set the balloon to ``target`` bytes, wait for ``actual`` to get there: (actual, reached)."""
+    deadline = time.monotonic() + timeout
+    with qmp.listen("BALLOON_CHANGE") as changes:
+        await qmp.execute("balloon", {"value": target})
+        actual = int(_dict(await qmp.execute("query-balloon"), "query-balloon")["actual"])
+        while actual != target:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return actual, False
+            try:
+                ev = await changes.wait(min(_BALLOON_POLL, remaining))
+                actual = int(ev.get("data", {}).get("actual", actual))
+            except BackendError:
+                if not qmp.connected:
+                    raise
+                # No event this second (throttled or lost): ask directly.
+                reply = await qmp.execute("query-balloon")
+                actual = int(_dict(reply, "query-balloon")["actual"])
+    return actual, True
+
+
+def mem_set(ts: Toolstack, name: str, mib: int, *, timeout: float = 30.0) -> MemoryReport:
+    """Balloon domain ``name`` to ``mib`` MiB and report what QEMU and the guest see.
+
+    CLI: ``xenlab vm mem-set DOM MEMORY`` (xl's ``mem-set``; MEMORY in MiB, or
+    with a k/m/g suffix parsed by the caller).  Waits up to ``timeout``
+    seconds for the guest's balloon driver to reach the target; a guest that
+    has not got there by then is reported with ``reached=False`` (the target
+    stays set, as with xl, which does not wait at all).
+
+    :raise XenlabError: ``mib`` above the domain's maxmem (naming both) or
+        below :data:`MIN_MEMORY_MIB`; nothing is changed then.
+    :raise StateError: the domain is not running.
+    :raise BackendError: QEMU failed.
+    """
+    rec = _live(ts, name)
+    with ts.store.lock(rec.domid):
+        rec = ts.store.get(rec.domid)
+        dc = _config(rec)
+        maxmem = _maxmem(rec, dc)
+        if mib > maxmem:
+            how = ("raise it with mem-max first" if maxmem < dc.maxmem_mib else
+                   "a bigger maxmem needs a restart with a bigger maxmem=")
+            raise XenlabError(
+                f"domain {rec.name!r}: mem-set {mib} MiB is above its maxmem of {maxmem} MiB "
+                f"(xl cannot set memory beyond maxmem; {how})"
+            )
+        if mib < MIN_MEMORY_MIB:
+            raise XenlabError(
+                f"domain {rec.name!r}: mem-set {mib} MiB is below the {MIN_MEMORY_MIB} MiB "
+                "floor (the guest would run out of memory)"
+            )
+
+        async def go() -> tuple[int, bool, bytes | None]:
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                actual, reached = await _balloon_to(qmp, mib * _MIB, timeout)
+            meminfo = await _guest(ts, rec, ["cat", "/proc/meminfo"]) if reached else None
+            return actual, reached, meminfo
+
+        actual, reached, meminfo = _run(go())
+        _set_extra(ts, rec.domid, memory_mib=mib)
+    return MemoryReport(mib, actual // _MIB, _memtotal(meminfo), reached)
+
+
+def _memtotal(meminfo: bytes | None) -> int | None:
+    if meminfo is None:
+        return None
+    m = re.search(rb"^MemTotal:\s+(\d+)\s+kB", meminfo, re.MULTILINE)
+    return int(m.group(1)) if m else None
+
+
+def mem_max(ts: Toolstack, name: str, mib: int) -> int:
+    """Set the ceiling for later :func:`mem_set` calls on ``name``; returns it (MiB).
+
+    CLI: ``xenlab vm mem-max DOM MEMORY`` (xl's ``mem-max``).  As libxl does,
+    the ceiling cannot go below the current balloon target.  It cannot go
+    above the memory QEMU was started with either: the guest's address space
+    is fixed at start, so raising maxmem beyond it needs the domain restarted
+    with a bigger ``maxmem=``.
+
+    :raise XenlabError: ``mib`` out of those bounds; nothing is changed then.
+    :raise StateError: the domain is not running.
+    """
+    rec = _live(ts, name)
+    with ts.store.lock(rec.domid):
+        rec = ts.store.get(rec.domid)
+        dc = _config(rec)
+
+        async def size() -> int:
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                summary = _dict(await qmp.execute("query-memory-size-summary"),
+                                "query-memory-size-summary")
+            return int(summary["base-memory"]) // _MIB
+
+        started = _run(size())
+        if mib > started:
+            raise XenlabError(
+                f"domain {rec.name!r}: mem-max {mib} MiB is above the {started} MiB its QEMU "
+                f"was started with; raising it needs a restart with maxmem={mib}"
+            )
+        target = _target(rec, dc)
+        if mib < target:
+            raise XenlabError(
+                f"domain {rec.name!r}: mem-max {mib} MiB is below its current memory "
+                f"({target} MiB); mem-set it lower first"
+            )
+        _set_extra(ts, rec.domid, maxmem_mib=mib)
+    return mib
+
+
+# --- vCPUs -----------------------------------------------------------------------
+
+
+def host_topology() -> HostTopology:
+    """This host's CPUs and NUMA nodes, from ``/sys/devices/system``."""
+    nr = os.cpu_count() or 1
+    nodes: dict[int, frozenset[int]] = {}
+    base = Path("/sys/devices/system/node")
+    for d in sorted(base.glob("node[0-9]*")) if base.is_dir() else ():
+        try:
+            cpus = _cpulist((d / "cpulist").read_text())
+        except (OSError, ValueError):
+            continue
+        nodes[int(d.name[4:])] = frozenset(cpus)
+    return HostTopology(nr, nodes)
+
+
+def _cpulist(text: str) -> set[int]:
+    """Parse the kernel's ``0-3,5`` CPU list format."""
+    out: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _ranges(cpus: Iterable[int]) -> str:
+    """Write CPUs as ``0-3,5``."""
+    nums = sorted(cpus)
+    parts: list[str] = []
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        parts.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def _resolve(spec: CpuSet | str, host: HostTopology, what: str) -> frozenset[int]:
+    cpuset = parse_cpus(spec, source=what, host=host) if isinstance(spec, str) else spec
+    cpus = cpuset.resolve(host.nr_cpus, host.node_cpus)
+    if not cpus:
+        raise XenlabError(f"{what}: {str(cpuset)!r} names no CPU of this host")
+    return cpus
+
+
+def _pin_thread(tid: int, cpus: frozenset[int], what: str) -> None:
+    try:
+        os.sched_setaffinity(tid, cpus)
+    except OSError as err:
+        raise BackendError(
+            f"{what}: sched_setaffinity(thread {tid}, {_ranges(cpus)}): "
+            f"{err.strerror or err} (CPUs outside this process's cpuset?)"
+        ) from err
+
+
+async def _vcpu_threads(qmp: Qmp) -> list[tuple[int, int]]:
+    """(vCPU index, host thread id) of each plugged vCPU, by index."""
+    cpus = _list(await qmp.execute("query-cpus-fast"), "query-cpus-fast")
+    return sorted((int(c["cpu-index"]), int(c["thread-id"])) for c in cpus)
+
+
+def _affinity_for(dc: DomainConfig, vcpu: int) -> CpuSet | None:
+    if dc.cpus is None:
+        return None
+    if isinstance(dc.cpus, CpuSet):
+        return dc.cpus
+    # The list form: vCPUs beyond the list are left on all CPUs, as xl does.
+    return dc.cpus[vcpu] if vcpu < len(dc.cpus) else None
+
+
+def _apply(dc: DomainConfig, threads: Sequence[tuple[int, int]], name: str,
+           only: set[int] | None = None) -> dict[int, frozenset[int]]:
+    host = host_topology()
+    done: dict[int, frozenset[int]] = {}
+    for vcpu, tid in threads:
+        if only is not None and vcpu not in only:
+            continue
+        spec = _affinity_for(dc, vcpu)
+        if spec is None:
+            continue
+        cpus = _resolve(spec, host, f"domain {name!r} cpus= (vCPU {vcpu})")
+        _pin_thread(tid, cpus, f"domain {name!r} vCPU {vcpu}")
+        done[vcpu] = cpus
+    return done
+
+
+def apply_affinity(ts: Toolstack, rec: DomainRecord) -> dict[int, frozenset[int]]:
+    """Pin ``rec``'s vCPU threads as its config's ``cpus=`` says; {vCPU: host CPUs} pinned.
+
+    For ``create`` to call once QEMU runs (the domain's lock is re-entrant).
+    A single spec applies to every vCPU; the list form gives one spec per
+    vCPU and leaves the rest unpinned.  ``cpus_soft=`` has no Linux
+    counterpart and is ignored.
+
+    :raise XenlabError: a spec names no CPU of this host.
+    :raise BackendError: the kernel refused the affinity.
+    """
+    dc = _config(rec)
+    if dc.cpus is None:
+        return {}
+    with ts.store.lock(rec.domid):
+
+        async def threads() -> list[tuple[int, int]]:
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                return await _vcpu_threads(qmp)
+
+        return _apply(dc, _run(threads()), rec.name)
+
+
+def _slot_key(slot: Mapping[str, Any]) -> tuple[int, ...]:
+    props = slot.get("props", {})
+    return tuple(int(props.get(k, -1)) for k in _TOPOLOGY)
+
+
+def _slot_id(slot: Mapping[str, Any]) -> str:
+    props = slot.get("props", {})
+    return "vcpu-" + "-".join(str(props[k]) for k in _TOPOLOGY if k in props)
+
+
+async def _plug(qmp: Qmp, want: int) -> set[int]:
+    """Plug free CPU slots until ``want`` are present (never unplugs); the vCPU indexes added."""
+    slots = _list(await qmp.execute("query-hotpluggable-cpus"), "query-hotpluggable-cpus")
+    present = sum(1 for s in slots if "qom-path" in s)
+    free = sorted((s for s in slots if "qom-path" not in s), key=_slot_key)
+    if want <= present:
+        return set()
+    before = {i for i, _ in await _vcpu_threads(qmp)}
+    for slot in free[: want - present]:
+        args = {"driver": slot["type"], "id": _slot_id(slot), **slot.get("props", {})}
+        await qmp.execute("device_add", args)
+    return {i for i, _ in await _vcpu_threads(qmp)} - before
+
+
+_CPU_STATE = "cat /sys/devices/system/cpu/present /sys/devices/system/cpu/online"
+_NPROC = "nproc; cat /sys/devices/system/cpu/online"
+
+
+async def _guest_cpu_sets(agent: GuestAgent) -> tuple[set[int], set[int]]:
+    """The guest's (present, online) CPUs."""
+    res = await agent.exec(["sh", "-c", _CPU_STATE], timeout=_GUEST_TIMEOUT)
+    lines = res.stdout.decode("ascii", "replace").split()
+    if res.exitcode != 0 or len(lines) != 2:
+        raise BackendError(f"guest: {_CPU_STATE!r} failed: {res.stderr!r}")
+    return _cpulist(lines[0]), _cpulist(lines[1])
+
+
+async def _guest_online(ts: Toolstack, rec: DomainRecord, want: int, timeout: float
+                        ) -> tuple[int, str]:
+    """Online or offline guest CPUs until ``want`` are online; (nproc, online list).
+
+    Onlines the lowest offline CPUs and offlines the highest online ones
+    (never CPU 0), so guest CPU N stays QEMU's vCPU N.
+
+    :raise StateError: the agent does not answer, or the guest does not get
+        there within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        async with GuestAgent(ts.paths(rec).qga) as agent:
+            while True:
+                present, online = await _guest_cpu_sets(agent)
+                if len(online) == want:
+                    res = await agent.exec(["sh", "-c", _NPROC], timeout=_GUEST_TIMEOUT)
+                    nproc, cpus = res.stdout.decode("ascii", "replace").split()
+                    return int(nproc), cpus
+                if time.monotonic() >= deadline:
+                    raise StateError(
+                        f"domain {rec.name!r}: the guest has CPUs {_ranges(online)} online "
+                        f"(present {_ranges(present)}) after {timeout:g} s, not {want}"
+                    )
+                if len(online) < want:
+                    change = sorted(present - online)[: want - len(online)]
+                    value = 1
+                else:
+                    change = sorted(online - {0}, reverse=True)[: len(online) - want]
+                    value = 0
+                if change:
+                    script = "; ".join(
+                        f"echo {value} > /sys/devices/system/cpu/cpu{c}/online" for c in change)
+                    await agent.exec(["sh", "-c", script], timeout=_GUEST_TIMEOUT)
+                else:
+                    # A plugged CPU reaches the guest by an ACPI event a moment later.
+                    await asyncio.sleep(0.2)
+    except BackendError as err:
+        raise StateError(
+            f"domain {rec.name!r}: vCPUs are plugged in QEMU but the guest could not be told "
+            f"to online/offline them (its agent: {err})"
+        ) from err
+
+
+def vcpu_set(ts: Toolstack, name: str, n: int, *, timeout: float = 30.0) -> VcpuReport:
+    """Make ``n`` vCPUs online in domain ``name`` (1 <= n <= maxvcpus).
+
+    CLI: ``xenlab vm vcpu-set DOM VCPUS`` (xl's ``vcpu-set``).  Going up,
+    QEMU CPU slots not plugged yet are plugged with ``device_add`` (the
+    config's ``cpus=`` affinity is applied to their threads); then the guest
+    agent onlines CPUs up to ``n``.  Going down, the agent offlines the
+    highest CPUs, which stay plugged in QEMU, as Xen's vCPUs up to maxvcpus
+    stay allocated while the guest has them offline.  QEMU's ``device_del``
+    is not used: on QEMU 7.2 under TCG any CPU ``device_add`` after a CPU
+    unplug aborts QEMU ("double free or corruption").
+
+    :raise XenlabError: ``n`` out of range (naming maxvcpus).
+    :raise StateError: the domain is not running, or the guest (its agent)
+        did not online/offline the CPUs within ``timeout``.
+    :raise BackendError: QEMU refused.
+    """
+    rec = _live(ts, name)
+    with ts.store.lock(rec.domid):
+        rec = ts.store.get(rec.domid)
+        dc = _config(rec)
+
+        async def go() -> tuple[int, str]:
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                slots = _list(await qmp.execute("query-hotpluggable-cpus"),
+                              "query-hotpluggable-cpus")
+                if not 1 <= n <= len(slots):
+                    raise XenlabError(
+                        f"domain {rec.name!r}: vcpu-set {n} is out of range: it has "
+                        f"maxvcpus={len(slots)} (1 to {len(slots)})"
+                    )
+                added = await _plug(qmp, n)
+                if added:
+                    _apply(dc, await _vcpu_threads(qmp), rec.name, added)
+            return await _guest_online(ts, rec, n, timeout)
+
+        online, cpus = _run(go())
+        _set_extra(ts, rec.domid, vcpus=n)
+    return VcpuReport(n, online, cpus)
+
+
+def _thread_stat(pid: int, tid: int) -> tuple[str, float, int]:
+    """(state letter, user+system seconds, last host CPU) of thread ``tid``."""
+    text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    # Fields after the parenthesised name start at field 3 (the state).
+    fields = text.rsplit(")", 1)[1].split()
+    ticks = int(fields[14 - 3]) + int(fields[15 - 3])
+    return fields[0], ticks / os.sysconf("SC_CLK_TCK"), int(fields[39 - 3])
+
+
+def vcpu_list(ts: Toolstack, name: str) -> list[VcpuInfo]:
+    """One row per vCPU of domain ``name``, as ``xl vcpu-list`` shows them.
+
+    CLI: ``xenlab vm vcpu-list [DOM...]`` (xl's ``vcpu-list``; no DOM: every
+    running domain), printed with :func:`format_vcpu_list`.
+
+    :raise StateError: the domain is not running.
+    :raise BackendError: QEMU failed, or a vCPU thread vanished meanwhile.
+    """
+    rec = _live(ts, name)
+    assert rec.pid is not None
+
+    async def go() -> tuple[bool, list[tuple[int, int]]]:
+        async with Qmp.open(ts.paths(rec).qmp) as qmp:
+            status = _dict(await qmp.execute("query-status"), "query-status")
+            return bool(status.get("running")), await _vcpu_threads(qmp)
+
+    running, threads = _run(go())
+    # vcpu_set keeps guest CPUs 0..n-1 online (guest CPU N is QEMU's vCPU N).
+    set_to = rec.extra.get("vcpus")
+    online = int(set_to) if isinstance(set_to, int) else len(threads)
+    rows: list[VcpuInfo] = []
+    for vcpu, tid in threads:
+        try:
+            letter, seconds, cpu = _thread_stat(rec.pid, tid)
+            affinity = frozenset(os.sched_getaffinity(tid))
+        except (OSError, IndexError, ValueError) as err:
+            raise BackendError(f"domain {rec.name!r} vCPU {vcpu}: thread {tid}: {err}") from err
+        if vcpu >= online:
+            state = "offline"
+        elif not running:
+            state = "paused"
+        else:
+            state = "running" if letter == "R" else "blocked"
+        rows.append(VcpuInfo(rec.name, rec.domid, vcpu, cpu, state, seconds, affinity, tid))
+    return rows
+
+
+_XL_STATE = {"running": "r--", "blocked": "-b-", "paused": "--p", "offline": "---"}
+
+
+def format_vcpu_list(rows: Iterable[VcpuInfo], nr_host_cpus: int | None = None) -> str:
+    """``rows`` as xl prints vcpu-list (header included); affinity ``all`` when it is."""
+    nr = nr_host_cpus or os.cpu_count() or 1
+    everything = frozenset(range(nr))
+    lines = [f"{'Name':<32} {'ID':>5} {'VCPU':>5} {'CPU':>5} {'State':<5} {'Time(s)':>9} "
+             "Affinity (Hard / Soft)"]
+    for r in rows:
+        hard = "all" if r.affinity >= everything else _ranges(r.affinity)
+        lines.append(f"{r.name:<32} {r.domid:>5} {r.vcpu:>5} {r.cpu:>5} "
+                     f"{_XL_STATE.get(r.state, r.state):<5} {r.time_s:>9.1f} {hard} / all")
+    return "\n".join(lines) + "\n"
+
+
+def vcpu_pin(ts: Toolstack, name: str, vcpu: int | str, cpus: str | CpuSet
+             ) -> dict[int, frozenset[int]]:
+    """Set the host affinity of vCPU ``vcpu`` (an index or ``"all"``) to ``cpus``.
+
+    CLI: ``xenlab vm vcpu-pin DOM VCPU|all CPUS`` (xl's ``vcpu-pin``, hard
+    affinity; ``CPUS`` in xl's cpus syntax, e.g. ``0-1,^1`` or ``node:0``).
+    Returns {vCPU: host CPUs} for the threads pinned.  Like xl, this changes
+    the running domain only: CPUs plugged later get the config's ``cpus=``.
+
+    :raise XenlabError: an unknown vCPU, or a spec naming CPUs this host lacks.
+    :raise StateError: the domain is not running.
+    :raise BackendError: the kernel refused the affinity.
+    """
+    rec = _live(ts, name)
+    host = host_topology()
+    wanted = _resolve(cpus, host, "vcpu-pin")
+    with ts.store.lock(rec.domid):
+
+        async def go() -> list[tuple[int, int]]:
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                return await _vcpu_threads(qmp)
+
+        threads = _run(go())
+        if vcpu != "all":
+            index = vcpu if isinstance(vcpu, int) else _vcpu_index(vcpu)
+            threads = [(i, t) for i, t in threads if i == index]
+            if not threads:
+                raise XenlabError(f"domain {rec.name!r} has no vCPU {index}")
+        done: dict[int, frozenset[int]] = {}
+        for i, tid in threads:
+            _pin_thread(tid, wanted, f"domain {rec.name!r} vCPU {i}")
+            done[i] = wanted
+        return done
+
+
+def _vcpu_index(text: str) -> int:
+    if not text.isdigit():
+        raise XenlabError(f"vcpu-pin: {text!r} is not a vCPU number or 'all'")
+    return int(text)
+
+
+# --- rename and info -------------------------------------------------------------
+
+_NAME_BAD = re.compile(r"[\s\"'\\/\x00-\x1f\x7f]")
+
+
+def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
+    """Rename domain ``name`` to ``new``; the updated record.
+
+    CLI: ``xenlab vm rename DOM NEWNAME`` (xl's ``rename``).  The store and
+    the stored config take the new name; a running QEMU keeps the name it was
+    started with (``ps`` still shows ``guest=OLD``): it is kept in
+    ``extra["qemu_name"]`` so the record can still be matched to its process.
+
+    :raise XenlabError: ``new`` is taken, empty, all digits (it would read as
+        an id) or has quotes, slashes, white space or control characters.
+    :raise StateError: the domain's QEMU is gone (destroy it first).
+    """
+    if not new or new.isdigit() or _NAME_BAD.search(new):
+        raise XenlabError(
+            f"rename: {new!r} is not a usable domain name (empty, all digits, or has quotes, "
+            "slashes, white space or control characters)"
+        )
+    rec = ts.get(name)
+    if rec.state != SHUTOFF and not is_alive(rec):
+        raise StateError(
+            f"domain {rec.name!r} (id {rec.domid}) has stale state: `xenlab vm destroy "
+            f"{rec.name}` clears it"
+        )
+    with ts.store.global_lock(), ts.store.lock(rec.domid):
+        rec = ts.store.get(rec.domid)
+        if new == rec.name:
+            return rec
+        for other in ts.store.list():
+            if other.name == new:
+                raise XenlabError(f"rename: a domain named {new!r} already exists "
+                                  f"(id {other.domid})")
+        # Later settings win in an xl config, as with create's overrides.
+        text = rec.config_text.rstrip("\n") + f'\nname = "{new}"\n'
+        extra = dict(rec.extra)
+        if rec.state != SHUTOFF:
+            qemu_name = str(extra.get("qemu_name", rec.name))
+            if qemu_name == new:
+                extra.pop("qemu_name", None)
+            else:
+                extra["qemu_name"] = qemu_name
+        return ts.store.update(replace(rec, name=new, config_text=text, extra=extra))
+
+
+def info(ts: Toolstack, name: str) -> dict[str, Any]:
+    """The record of domain ``name`` plus live QMP facts, JSON-ready.
+
+    CLI: ``xenlab vm info DOM [--json]``.  Keys: the record's fields,
+    ``state`` (as ``list`` shows it), ``config`` (memory, maxmem, vcpus,
+    maxvcpus, cpus), ``extra``, and ``live`` (None unless QEMU runs): QEMU's
+    ``status``, ``accelerator``, ``balloon_mib``, ``memory_mib`` (the -m
+    size), ``vcpus`` (index, thread, topology, host affinity), ``maxvcpus``,
+    ``block`` (device, node, file, format, read-only), ``chardevs``.
+    """
+    rec = ts.get(name)
+    dc = _config(rec)
+    state = SHUTOFF if rec.state == SHUTOFF else effective_state(rec)
+    out: dict[str, Any] = {
+        "domid": rec.domid, "name": rec.name, "uuid": rec.uuid, "state": state,
+        "pid": rec.pid, "config_path": rec.config_path, "created": rec.created,
+        "accel": rec.accel, "extra": dict(rec.extra),
+        "config": {
+            "memory_mib": dc.memory_mib, "maxmem_mib": _maxmem(rec, dc),
+            "vcpus": dc.vcpus, "maxvcpus": dc.maxvcpus,
+            "cpus": None if dc.cpus is None else (
+                str(dc.cpus) if isinstance(dc.cpus, CpuSet) else [str(c) for c in dc.cpus]),
+        },
+        "live": None,
+    }
+    if rec.state == SHUTOFF or not is_alive(rec):
+        return out
+
+    async def go() -> dict[str, Any]:
+        async with Qmp.open(ts.paths(rec).qmp) as qmp:
+            status = _dict(await qmp.execute("query-status"), "query-status")
+            kvm = _dict(await qmp.execute("query-kvm"), "query-kvm")
+            try:
+                balloon: int | None = int(
+                    _dict(await qmp.execute("query-balloon"), "query-balloon")["actual"])
+            except CommandError:
+                balloon = None  # no balloon device (a hand-made QEMU)
+            size = _dict(await qmp.execute("query-memory-size-summary"),
+                         "query-memory-size-summary")
+            cpus = _list(await qmp.execute("query-cpus-fast"), "query-cpus-fast")
+            slots = _list(await qmp.execute("query-hotpluggable-cpus"),
+                          "query-hotpluggable-cpus")
+            block = _list(await qmp.execute("query-block"), "query-block")
+            chardevs = _list(await qmp.execute("query-chardev"), "query-chardev")
+        vcpus = []
+        for c in sorted(cpus, key=lambda c: int(c["cpu-index"])):
+            tid = int(c["thread-id"])
+            try:
+                affinity: str | None = _ranges(os.sched_getaffinity(tid))
+            except OSError:
+                affinity = None
+            vcpus.append({"vcpu": int(c["cpu-index"]), "thread_id": tid,
+                          "props": c.get("props", {}), "affinity": affinity})
+        disks = []
+        for b in block:
+            ins = b.get("inserted")
+            disks.append({
+                "device": b.get("qdev") or b.get("device"),
+                "node": None if ins is None else ins.get("node-name"),
+                "file": None if ins is None else ins.get("file"),
+                "format": None if ins is None else ins.get("drv"),
+                "read_only": None if ins is None else bool(ins.get("ro")),
+                "removable": bool(b.get("removable")),
+            })
+        return {
+            "status": status.get("status"),
+            "accelerator": "kvm" if kvm.get("enabled") else "tcg",
+            "balloon_mib": None if balloon is None else balloon // _MIB,
+            "memory_mib": int(size.get("base-memory", 0)) // _MIB,
+            "vcpus": vcpus,
+            "maxvcpus": len(slots),
+            "block": disks,
+            "chardevs": [{"label": c.get("label"), "filename": c.get("filename")}
+                         for c in chardevs],
+        }
+
+    out["live"] = _run(go())
+    out["qemu_name"] = rec.extra.get("qemu_name", rec.name)
+    return out
