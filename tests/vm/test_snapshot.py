@@ -278,6 +278,23 @@ def test_external_snapshots(ts: Toolstack, tmp_path: Path) -> None:
     assert not ov1.exists() and not Path(f"{disk}.E2.qcow2").exists()
     assert "overlays" not in ts.get("e1").extra
     assert _marker(ts, "e1") == "C"
+
+    # The memory cannot be written (a directory is in the way) after the
+    # disks switched: the snapshot is kept, broken, its overlays recorded,
+    # and deleting it commits them back.
+    mem_dir = ts.state_dir / "snapshots" / str(ts.get("e1").domid)
+    (mem_dir / "F1.mem").mkdir()
+    with pytest.raises(BackendError, match="marked broken"):
+        create_snapshot(ts, "e1", "F1", external=True, memory=True)
+    f1 = ts.store.get_snapshot(ts.get("e1").domid, "F1")
+    assert f1.state is SnapshotState.BROKEN
+    assert ts.get("e1").extra["overlays"]["xvda"]["file"] == f"{disk}.F1.qcow2"
+    assert ts.status(ts.get("e1")).state == "running"
+    with pytest.raises(StateError, match="broken"):
+        revert_snapshot(ts, "e1", "F1")
+    (mem_dir / "F1.mem").rmdir()
+    delete_snapshot(ts, "e1", "F1")
+    assert not Path(f"{disk}.F1.qcow2").exists() and "overlays" not in ts.get("e1").extra
     _write(ts, "e1", "D")  # the guest writes to the base image again
     assert ts.shutdown("e1") == "shutdown"
     assert _check(disk).returncode == 0

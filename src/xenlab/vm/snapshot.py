@@ -399,17 +399,21 @@ def create_snapshot(
         except BaseException as err:
             raise _create_failed(ts, rec, row, err) from err
         if kind is not SnapshotKind.INTERNAL:
-            rec = ts.store.get(rec.domid)
-            extra = _extra(rec)
-            extra[OVERLAYS] = {
-                **extra.get(OVERLAYS, {}),
-                **{e["vdev"]: {"file": e["overlay"], "node": e["overlay_node"]}
-                   for e in entries},
-            }
-            ts.store.update(replace(rec, extra=extra))
+            _record_overlays(ts, rec.domid, entries)
         ready = ts.store.set_snapshot_state(row.id, SnapshotState.READY)
         _set_current(ts, rec.domid, ready.id)
         return ready
+
+
+def _record_overlays(ts: Toolstack, domid: int, entries: Sequence[Mapping[str, Any]]) -> None:
+    """The disks' top layers are now these overlays."""
+    rec = ts.store.get(domid)
+    extra = _extra(rec)
+    extra[OVERLAYS] = {
+        **extra.get(OVERLAYS, {}),
+        **{e["vdev"]: {"file": e["overlay"], "node": e["overlay_node"]} for e in entries},
+    }
+    ts.store.update(replace(rec, extra=extra))
 
 
 def _entries(ts: Toolstack, rec: DomainRecord, disks: Sequence[_Disk], snap: str,
@@ -525,6 +529,15 @@ def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
     notes: list[str] = []
     gone = rec.state != SHUTOFF and not is_alive(rec)
     try:
+        if row.kind is not SnapshotKind.INTERNAL and any(
+            Path(e["overlay"]).exists() for e in row.disks
+        ):
+            # The disks switched to the overlays before the failure: they
+            # hold the guest's writes now, so keep them, recorded, for
+            # snapshot-delete to commit back.
+            _record_overlays(ts, rec.domid, row.disks)
+            raise BackendError("the disks run on its overlays now; snapshot-delete commits "
+                               "them back")
         if row.kind is SnapshotKind.INTERNAL:
             for d in row.disks:
                 if (gone or rec.state == SHUTOFF) and row.name in _img_tags(d["file"]):
@@ -722,8 +735,10 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
         # its turn comes (descendants go first and pop their overlays).
         tops = {v: o.get("file") for v, o in rec.extra.get(OVERLAYS, {}).items()}
         for s in order:
-            if s.kind is not SnapshotKind.INTERNAL and s.state is SnapshotState.READY:
+            if s.kind is not SnapshotKind.INTERNAL:
                 for d in s.disks:
+                    if not Path(d["overlay"]).exists():
+                        continue  # a broken create that never made it
                     if tops.get(d["vdev"]) != d["overlay"]:
                         raise StateError(
                             f"snapshot {s.name!r}: overlay {d['overlay']} is no longer the top "
@@ -768,7 +783,8 @@ def _delete_one(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, state: str,
         else:
             _run_async(_job_delete(ts, rec, s.name, [d["node"] for d in present], timeout))
         return
-    if s.state is SnapshotState.READY:
+    tops = {v: o.get("file") for v, o in ts.store.get(rec.domid).extra.get(OVERLAYS, {}).items()}
+    if all(tops.get(d["vdev"]) == d["overlay"] for d in s.disks):
         if state == SHUTOFF:
             for d in s.disks:
                 _img("commit", "-q", d["overlay"], timeout=timeout)
