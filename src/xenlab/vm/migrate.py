@@ -77,11 +77,12 @@ from typing import Any, TypeVar
 
 from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
-from xenlab.errors import BackendError, FormatError, TruncatedError, XenlabError
+from xenlab.errors import BackendError, FormatError, StateError, TruncatedError, XenlabError
 from xenlab.vm.domain import SHUTOFF, Toolstack, runtime_paths
 from xenlab.vm.qemu import RuntimePaths, qemu_argv
 from xenlab.vm.qmp import Qmp
-from xenlab.vm.store import DomainRecord, is_alive
+from xenlab.vm.snapshot import CURRENT, OVERLAYS
+from xenlab.vm.store import DomainRecord, SnapshotNode, is_alive
 
 __all__ = [
     "MAGIC",
@@ -467,6 +468,38 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+def _refuse_overlays(rec: DomainRecord, verb: str) -> None:
+    """External snapshot overlays are not in the config: a new QEMU would miss them."""
+    overlays = rec.extra.get(OVERLAYS) or {}
+    if overlays:
+        raise StateError(
+            f"domain {rec.name!r} runs on external snapshot overlays "
+            f"({', '.join(sorted(overlays))}): {verb} would start it again on the base "
+            "images; delete the external snapshots first"
+        )
+
+
+def _copy_snapshots(src: Toolstack, dst: Toolstack, rec: DomainRecord,
+                    new: DomainRecord) -> DomainRecord:
+    """Give ``new`` (in ``dst``) the snapshot tree of ``rec`` (in ``src``); parents first."""
+    ids: dict[int, int] = {}
+
+    def add(node: SnapshotNode, parent: int | None) -> None:
+        s = node.snapshot
+        made = dst.store.add_snapshot(replace(s, id=0, domid=new.domid, parent=parent))
+        ids[s.id] = made.id
+        for child in node.children:
+            add(child, made.id)
+
+    for root in src.store.snapshot_tree(rec.domid):
+        add(root, None)
+    extra = dict(new.extra)
+    cur = rec.extra.get(CURRENT)
+    if cur is not None and int(cur) in ids:
+        extra[CURRENT] = ids[int(cur)]
+    return dst.store.update(replace(new, extra=extra))
+
+
 # --- save / restore ----------------------------------------------------------------------
 
 
@@ -493,6 +526,7 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
     path = Path(path)
     with ts.store.lock(rec.domid):
         rec = ts._live(str(rec.domid))
+        _refuse_overlays(rec, "restoring the image")
         paths = ts.paths(rec)
         try:
             fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part",
@@ -846,6 +880,14 @@ def migrate(
     rec = ts._live(name)
     with ts.store.lock(rec.domid):
         rec = ts._live(str(rec.domid))
+        _refuse_overlays(rec, "the destination")
+        snaps = ts.store.list_snapshots(rec.domid)
+        if snaps and (with_storage or not isinstance(dest, Toolstack)):
+            raise StateError(
+                f"domain {rec.name!r} has {len(snaps)} snapshot(s): their records can only "
+                "follow it to a second toolstack on this host with shared disks (a storage "
+                "migration copies the disks' current state only); delete them first"
+            )
         paths = ts.paths(rec)
         dc, _ = ts._config_of(rec)
         disks = _mirrored(dc) if with_storage else []
@@ -894,6 +936,8 @@ def migrate(
                 with contextlib.suppress(BackendError):
                     _run(ts._qmp(rec, "cont"))
                 raise
+            if snaps:
+                dest_rec = _copy_snapshots(ts, dest, rec, dest_rec)  # type: ignore[arg-type]
         _quit(ts, rec, paths)
         shutil.rmtree(paths.rundir, ignore_errors=True)
         ts.store.remove(rec.domid)
