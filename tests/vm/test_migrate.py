@@ -239,6 +239,10 @@ def test_failed_save_leaves_the_domain_running(hosts: tuple[Toolstack, Toolstack
     mig.save(ts, "g1", tmp_path / "g1.save", keep_running=True)
     assert ts.status(ts.get("g1")).state == "running"
     assert _sh(ts, "g1", "echo still") == "still\n"
+    # Its image cannot be restored while the domain runs: the name is taken.
+    with pytest.raises(XenlabError, match="already exists"):
+        mig.restore(ts, tmp_path / "g1.save")
+    assert [r.domid for r in ts.store.list()] == [rec.domid]
 
     # Restoring what is not a xenlab image, or a cut-off one, fails and leaves nothing.
     ts.destroy("g1")
