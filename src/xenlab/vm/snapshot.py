@@ -397,7 +397,10 @@ def create_snapshot(
             else:
                 _run_async(_external_live(ts, rec, entries, mem_path, live, state, timeout))
         except BaseException as err:
-            raise _create_failed(ts, rec, row, err) from err
+            failure = _create_failed(ts, rec, row, err)
+            if failure is err:
+                raise
+            raise failure from err
         if kind is not SnapshotKind.INTERNAL:
             _record_overlays(ts, rec.domid, entries)
         ready = ts.store.set_snapshot_state(row.id, SnapshotState.READY)
