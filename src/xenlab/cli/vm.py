@@ -162,9 +162,91 @@ def exec_cmd(domain: str, argv: Sequence[str], timeout: float, state_dir: Path |
 @click.argument("domain")
 @_STATE
 def info_cmd(domain: str, state_dir: Path | None) -> None:
-    """DOMAIN's record and live state, as JSON."""
-    ts = _ts(state_dir)
-    emit_json(_status_json(ts.status(ts.get(domain))))
+    """DOMAIN's record, configuration sizes and live QEMU facts, as JSON."""
+    from xenlab.vm.resources import info
+
+    emit_json(info(_ts(state_dir), domain))
+
+
+@vm.command("mem-set")
+@click.argument("domain")
+@click.argument("mib", type=int)
+@click.option("--timeout", default=30.0, show_default=True)
+@_STATE
+def mem_set_cmd(domain: str, mib: int, timeout: float, state_dir: Path | None) -> None:
+    """Balloon DOMAIN to MIB MiB and show what the guest reports back."""
+    from xenlab.vm.resources import mem_set
+
+    r = mem_set(_ts(state_dir), domain, mib, timeout=timeout)
+    guest = f", guest MemTotal {r.guest_total_kib} kB" if r.guest_total_kib else ""
+    stdout.print(f"{domain}: target {r.target_mib} MiB, balloon reports {r.actual_mib} MiB"
+                 f"{guest}" + ("" if r.reached else " (target not reached yet)"))
+
+
+@vm.command("mem-max")
+@click.argument("domain")
+@click.argument("mib", type=int)
+@_STATE
+def mem_max_cmd(domain: str, mib: int, state_dir: Path | None) -> None:
+    """Set the most DOMAIN may be ballooned up to (within what it was started with)."""
+    from xenlab.vm.resources import mem_max
+
+    stdout.print(f"{domain}: maxmem {mem_max(_ts(state_dir), domain, mib)} MiB")
+
+
+@vm.command("vcpu-set")
+@click.argument("domain")
+@click.argument("count", type=int)
+@_STATE
+def vcpu_set_cmd(domain: str, count: int, state_dir: Path | None) -> None:
+    """Set the number of DOMAIN's online vCPUs (1..maxvcpus)."""
+    from xenlab.vm.resources import vcpu_set
+
+    r = vcpu_set(_ts(state_dir), domain, count)
+    stdout.print(f"{domain}: {r.vcpus} vCPU(s); the guest has {r.guest_online} online "
+                 f"({r.guest_cpus})")
+
+
+@vm.command("vcpu-list")
+@click.argument("domain")
+@click.option("--json", "as_json", is_flag=True)
+@_STATE
+def vcpu_list_cmd(domain: str, as_json: bool, state_dir: Path | None) -> None:
+    """DOMAIN's vCPUs: host CPU, state, time and affinity, as xl vcpu-list shows them."""
+    from xenlab.vm.resources import format_vcpu_list, vcpu_list
+
+    rows = vcpu_list(_ts(state_dir), domain)
+    if as_json:
+        emit_json([{"vcpu": r.vcpu, "cpu": r.cpu, "state": r.state, "time_s": r.time_s,
+                    "affinity": sorted(r.affinity), "thread_id": r.thread_id} for r in rows])
+    else:
+        click.echo(format_vcpu_list(rows))
+
+
+@vm.command("vcpu-pin")
+@click.argument("domain")
+@click.argument("vcpu")
+@click.argument("cpus")
+@_STATE
+def vcpu_pin_cmd(domain: str, vcpu: str, cpus: str, state_dir: Path | None) -> None:
+    """Pin DOMAIN's VCPU (a number or all) to host CPUS (xl's syntax: 0-1, ^1, all)."""
+    from xenlab.vm.resources import vcpu_pin
+
+    arg: int | str = vcpu if vcpu == "all" else int(vcpu)
+    for v, c in sorted(vcpu_pin(_ts(state_dir), domain, arg, cpus).items()):
+        stdout.print(f"vcpu {v}: {','.join(str(x) for x in sorted(c))}")
+
+
+@vm.command("rename")
+@click.argument("domain")
+@click.argument("new_name")
+@_STATE
+def rename_cmd(domain: str, new_name: str, state_dir: Path | None) -> None:
+    """Rename DOMAIN."""
+    from xenlab.vm.resources import rename
+
+    rec = rename(_ts(state_dir), domain, new_name)
+    stdout.print(f"renamed {printable(domain)} to {printable(rec.name)}")
 
 
 @click.group()

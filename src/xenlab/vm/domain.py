@@ -149,9 +149,12 @@ class Toolstack:
                     )
             created = self._check_disks(dc, create_disks)
             if old is not None:
+                extra = {k: v for k, v in old.extra.items()
+                         if k not in ("qemu_name", "vcpus", "memory_mib", "maxmem_mib")}
                 rec = self.store.update(replace(
                     old, config_path=str(cfg.resolve()), config_text=text, pid=None,
                     state="creating", created=time.time(), accel=self.accel.value,
+                    extra=extra,
                 ))
             else:
                 rec = self.store.add_domain(
@@ -186,6 +189,10 @@ class Toolstack:
                 state = _run_async(self._status(paths))
                 rec = replace(rec, rundir=str(paths.rundir), pid=pid, state=state)
                 self.store.update(rec)
+                if dc.cpus is not None:
+                    from xenlab.vm.resources import apply_affinity
+
+                    apply_affinity(self, rec)  # xl's cpus=: pin the vCPU threads
                 return rec
         except BaseException:
             self._kill(paths)
@@ -225,16 +232,19 @@ class Toolstack:
     def status(self, rec: DomainRecord) -> DomainStatus:
         """What the domain is now, asking QEMU when it is alive."""
         dc, _ = self._config_of(rec)
+        # mem-set and vcpu-set keep the current values in the record.
+        mem = int(str(rec.extra.get("memory_mib", dc.memory_mib)))
+        vcpus = int(str(rec.extra.get("vcpus", dc.vcpus)))
         if rec.state == SHUTOFF:
             return DomainStatus(rec, SHUTOFF, dc.memory_mib, dc.vcpus, 0.0)
         if not is_alive(rec):
-            return DomainStatus(rec, "stale (QEMU gone)", dc.memory_mib, dc.vcpus,
+            return DomainStatus(rec, "stale (QEMU gone)", mem, vcpus,
                                 time.time() - rec.created)
         try:
             state = _run_async(self._status(self.paths(rec)))
         except BackendError:
             state = "unresponsive"
-        return DomainStatus(rec, state, dc.memory_mib, dc.vcpus, time.time() - rec.created)
+        return DomainStatus(rec, state, mem, vcpus, time.time() - rec.created)
 
     def list(self) -> list[DomainStatus]:
         """Every domain in the store, live, shut off or stale, by id.

@@ -558,7 +558,9 @@ def is_alive(rec: DomainRecord) -> bool:
     """True when ``rec.pid`` is a QEMU running the domain named ``rec.name``.
 
     Checking the command line, not only the pid, keeps a recycled pid from
-    passing for a QEMU that is gone; a zombie has an empty command line.
+    passing for a QEMU that is gone; a zombie has an empty command line.  A
+    domain renamed while running keeps its QEMU's ``-name``, recorded as
+    ``rec.extra["qemu_name"]`` (see ``vm.resources.rename``).
     """
     if rec.pid is None or rec.pid <= 0:
         return False
@@ -569,7 +571,7 @@ def is_alive(rec: DomainRecord) -> bool:
     argv = [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
     if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
         return False
-    return _qemu_name(argv) == rec.name
+    return _qemu_name(argv) in (rec.name, rec.extra.get("qemu_name"))
 
 
 def effective_state(rec: DomainRecord) -> str:
