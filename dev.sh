@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # xenlab's one entry point for a fresh machine.
 #   ./dev.sh run    set up, then run the main job (check and show the example configs,
-#                   build and scan an early-microcode initrd)
+#                   build and scan an early-microcode initrd, boot a guest and
+#                   snapshot it)
 #   ./dev.sh test   set up, then run ruff, mypy and the test suite
 #   ./dev.sh bench  set up, then run every benchmark under bench/
 # Setup is idempotent: system packages via apt-get (when root and missing),
@@ -54,6 +55,21 @@ case "$cmd" in
     .venv/bin/xenlab ucode scan "$demo/initrd.new"
     .venv/bin/xenlab ucode select --cpu 0x906a4,0x80 "$demo/initrd.new"
     .venv/bin/xenlab ucode xen-cmdline "$demo/initrd.new" --cpu 0x906a4,0x80
+    # The toolstack: boot the tiny guest, snapshot it, change it, revert, show.
+    export XENLAB_STATE_DIR="$demo/state"
+    x=.venv/bin/xenlab
+    $x vm create examples/vm/tiny.cfg \
+        "disk=['format=qcow2,vdev=xvda,access=rw,target=$demo/tiny.qcow2']" \
+        'extra="xenlab.mkfs=1"' --create-disks 64M --wait 120
+    $x vm exec tiny -- sh -c 'echo A > /mnt/disk/marker; sync; cat /mnt/disk/marker'
+    $x vm snapshot-create tiny s1 --description "marker A"
+    $x vm exec tiny -- sh -c 'echo B > /mnt/disk/marker; sync; cat /mnt/disk/marker'
+    $x vm snapshot-revert tiny s1
+    echo "after reverting to s1 the guest reads: $($x vm exec tiny -- cat /mnt/disk/marker)"
+    $x vm snapshot-list tiny
+    $x vm list
+    $x vm destroy tiny
+    $x vm undefine tiny
     ;;
   test)
     setup

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,16 +44,22 @@ def vm() -> None:
 @click.option("-c", "console", is_flag=True, help="Attach to the console after creating it.")
 @click.option("--create-disks", metavar="SIZE",
               help="Create missing disk files of this size (e.g. 64M) with qemu-img.")
+@click.option("--wait", "wait", type=float, metavar="SECONDS",
+              help="Wait until the guest agent answers (the guest is up).")
 @_STATE
 def create_cmd(cfg: Path, overrides: Sequence[str], paused: bool, console: bool,
-               create_disks: str | None, state_dir: Path | None) -> None:
+               create_disks: str | None, wait: float | None, state_dir: Path | None) -> None:
     """Create a domain from CFG; OVERRIDES are key=value lines, as with xl create."""
     for o in overrides:
         if "=" not in o:
             raise click.UsageError(f"override {o!r} is not key=value")
     ts = _ts(state_dir)
+    t0 = time.perf_counter()
     rec = ts.create(cfg, overrides, paused=paused, create_disks=create_disks)
     stdout.print(f"created domain {printable(rec.name)} (id {rec.domid}), {rec.state}")
+    if wait is not None and not paused:
+        ts.wait_ready(rec.name, timeout=wait)
+        stdout.print(f"{printable(rec.name)}: guest up after {time.perf_counter() - t0:.1f} s")
     if console:
         from xenlab.vm.console import attach
 
@@ -269,3 +276,211 @@ def image_build_cmd(force: bool, as_json: bool) -> None:
     else:
         for k, v in data.items():
             stdout.print(f"{k:15} {v}")
+
+
+def _size(text: str) -> int:
+    """``64M``, ``1G``, ``4096`` (bytes) -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    mult = units.get(t[-1:], 1)
+    try:
+        return int(t[:-1] if t[-1:] in units else t) * mult
+    except ValueError as err:
+        raise click.BadParameter(f"{text!r} is not a size like 64M") from err
+
+
+@vm.command("save")
+@click.argument("domain")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-c", "--keep-running", is_flag=True, help="Leave the domain running after.")
+@_STATE
+def save_cmd(domain: str, file: Path, keep_running: bool, state_dir: Path | None) -> None:
+    """Save DOMAIN's memory and config to FILE (xl save); the domain stops unless -c."""
+    from xenlab.vm.migrate import save
+
+    save(_ts(state_dir), domain, file, keep_running=keep_running)
+    stdout.print(f"saved {printable(domain)} to {printable(str(file))}")
+
+
+@vm.command("restore")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("-p", "paused", is_flag=True, help="Leave the restored domain paused.")
+@_STATE
+def restore_cmd(file: Path, overrides: Sequence[str], paused: bool,
+                state_dir: Path | None) -> None:
+    """Restore a domain from FILE made by `xenlab vm save` (xl restore)."""
+    from xenlab.vm.migrate import restore
+
+    rec = restore(_ts(state_dir), file, paused=paused, overrides=overrides)
+    stdout.print(f"restored {printable(rec.name)} (id {rec.domid}), {rec.state}")
+
+
+def _print_progress(p: object) -> None:
+    from xenlab.vm.migrate import MigrationProgress
+
+    assert isinstance(p, MigrationProgress)
+    if p.total:
+        pct = 100 * (p.total - p.remaining) / p.total
+        click.echo(f"\r{p.phase}: {pct:5.1f}% of {p.total >> 20} MiB", nl=False, err=True)
+
+
+@vm.command("migrate")
+@click.argument("domain")
+@click.argument("dest")
+@click.option("--with-storage", is_flag=True, help="Mirror the disks to the destination first.")
+@click.option("--offline", is_flag=True, help="Pause the guest during the migration.")
+@click.option("--nbd-port", type=int, help="The destination's NBD port (default PORT+1).")
+@click.option("--dest-state-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Migrate to a second toolstack on this host (DEST is then its host name).")
+@_STATE
+def migrate_cmd(domain: str, dest: str, with_storage: bool, offline: bool,
+                nbd_port: int | None, dest_state_dir: Path | None,
+                state_dir: Path | None) -> None:
+    """Live-migrate DOMAIN to DEST (HOST:PORT where `xenlab vm migrate-receive` listens)."""
+    from xenlab.vm.migrate import migrate
+
+    target: Toolstack | str = Toolstack(dest_state_dir) if dest_state_dir else dest
+    r = migrate(_ts(state_dir), domain, target, live=not offline, with_storage=with_storage,
+                nbd_port=nbd_port, progress=_print_progress if sys.stderr.isatty() else None)
+    click.echo("", err=True)
+    stdout.print(f"migrated {printable(domain)} in {r.seconds:.2f} s (downtime "
+                 f"{r.downtime_ms} ms, {r.ram_transferred >> 20} MiB of RAM)")
+
+
+@vm.command("migrate-receive")
+@click.argument("cfg", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--port", type=int, required=True, help="TCP port to listen on.")
+@click.option("--listen", "host", default="0.0.0.0", show_default=True)
+@click.option("--with-storage", is_flag=True, help="Export blank disks for the mirror.")
+@click.option("--disk-size", "disk_sizes", multiple=True, metavar="VDEV=SIZE",
+              help="Size of a disk to create for --with-storage (e.g. xvda=32M).")
+@click.option("-p", "paused", is_flag=True)
+@_STATE
+def migrate_receive_cmd(cfg: Path, port: int, host: str, with_storage: bool,
+                        disk_sizes: Sequence[str], paused: bool,
+                        state_dir: Path | None) -> None:
+    """Wait for a migrating domain described by CFG (run on the destination host)."""
+    from xenlab.vm.migrate import abort_receive, finish_receive, receive
+
+    sizes = {}
+    for item in disk_sizes:
+        vdev, _, size = item.partition("=")
+        if not size:
+            raise click.BadParameter(f"{item!r} is not VDEV=SIZE")
+        sizes[vdev] = _size(size)
+    ts = _ts(state_dir)
+    inc = receive(ts, cfg.read_text(), port, host=host, with_storage=with_storage,
+                  disk_sizes=sizes, config_path=str(cfg.resolve()))
+    stdout.print(f"listening on {inc.host}:{inc.port}"
+                 + (f", disks on NBD port {inc.nbd_port}" if inc.nbd_port else ""))
+    try:
+        rec = finish_receive(ts, inc, paused=paused)
+    except BaseException:
+        abort_receive(ts, inc)
+        raise
+    stdout.print(f"received {printable(rec.name)} (id {rec.domid}), {rec.state}")
+
+
+@vm.command("snapshot-create")
+@click.argument("domain")
+@click.argument("name")
+@click.option("--disk-only", is_flag=True, help="Disks only, no memory.")
+@click.option("--memory", is_flag=True, help="With memory (the default for internal ones).")
+@click.option("--external", is_flag=True, help="qcow2 overlays instead of internal snapshots.")
+@click.option("--live", is_flag=True, help="External with memory, without pausing first.")
+@click.option("--description", default="")
+@_STATE
+def snapshot_create_cmd(domain: str, name: str, disk_only: bool, memory: bool, external: bool,
+                        live: bool, description: str, state_dir: Path | None) -> None:
+    """Take snapshot NAME of DOMAIN (running, paused or shut off)."""
+    from xenlab.vm.snapshot import create_snapshot
+
+    t0 = time.perf_counter()
+    s = create_snapshot(_ts(state_dir), domain, name, disk_only=disk_only, memory=memory,
+                        external=external, live=live, description=description)
+    stdout.print(f"snapshot {printable(s.name)} of {printable(domain)} ({s.kind.value}) "
+                 f"in {time.perf_counter() - t0:.2f} s")
+
+
+@vm.command("snapshot-list")
+@click.argument("domain")
+@click.option("--tree", is_flag=True, help="As a tree (the default prints one per line).")
+@click.option("--json", "as_json", is_flag=True)
+@_STATE
+def snapshot_list_cmd(domain: str, tree: bool, as_json: bool, state_dir: Path | None) -> None:
+    """DOMAIN's snapshots; * marks the current one."""
+    from xenlab.vm.snapshot import list_snapshots
+
+    st = list_snapshots(_ts(state_dir), domain)
+    if as_json:
+        emit_json(st.to_json())
+    elif tree:
+        for line in st.lines():
+            click.echo(printable(line))
+    else:
+        t = Table(box=None)
+        for col in ("Name", "Kind", "State", "Created", "Parent", "Description"):
+            t.add_column(col)
+
+        def walk(nodes: Sequence[object], parent: str) -> None:
+            from xenlab.vm.store import SnapshotNode
+
+            for n in nodes:
+                assert isinstance(n, SnapshotNode)
+                s = n.snapshot
+                mark = "*" if s.name == st.current else ""
+                t.add_row(printable(s.name) + mark, s.kind.value, s.state.value,
+                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created)),
+                          printable(parent), printable(s.description))
+                walk(n.children, s.name)
+
+        walk(st.roots, "-")
+        stdout.print(t)
+
+
+@vm.command("snapshot-revert")
+@click.argument("domain")
+@click.argument("name")
+@click.option("--running/--paused", default=None, help="State after the revert.")
+@_STATE
+def snapshot_revert_cmd(domain: str, name: str, running: bool | None,
+                        state_dir: Path | None) -> None:
+    """Revert DOMAIN to snapshot NAME."""
+    from xenlab.vm.snapshot import revert_snapshot
+
+    t0 = time.perf_counter()
+    rec = revert_snapshot(_ts(state_dir), domain, name, running=running)
+    stdout.print(f"{printable(domain)} reverted to {printable(name)} ({rec.state}) in "
+                 f"{time.perf_counter() - t0:.2f} s")
+
+
+@vm.command("snapshot-delete")
+@click.argument("domain")
+@click.argument("name")
+@click.option("--children", is_flag=True, help="Delete its descendants too.")
+@_STATE
+def snapshot_delete_cmd(domain: str, name: str, children: bool, state_dir: Path | None) -> None:
+    """Delete DOMAIN's snapshot NAME."""
+    from xenlab.vm.snapshot import delete_snapshot
+
+    gone = delete_snapshot(_ts(state_dir), domain, name, children=children)
+    stdout.print("deleted " + ", ".join(printable(s.name) for s in gone))
+
+
+@vm.command("snapshot-info")
+@click.argument("domain")
+@click.argument("name")
+@_STATE
+def snapshot_info_cmd(domain: str, name: str, state_dir: Path | None) -> None:
+    """One snapshot of DOMAIN, as JSON."""
+    from xenlab.vm.snapshot import snapshot_info
+
+    i = snapshot_info(_ts(state_dir), domain, name)
+    s = i.record
+    emit_json({
+        "name": s.name, "kind": s.kind.value, "state": s.state.value, "created": s.created,
+        "description": s.description, "parent": i.parent, "children": list(i.children),
+        "current": i.current, "memory": i.has_memory, "vm_state_bytes": i.vm_state_bytes,
+        "disks": [dict(d) for d in s.disks], "memory_path": s.memory_path,
+    })

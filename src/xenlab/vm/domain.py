@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
+from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm.qemu import Accel, RuntimePaths, balloon_target_mib, qemu_argv
 from xenlab.vm.qmp import GuestAgent, Qmp
@@ -147,6 +148,8 @@ class Toolstack:
                         f"domain {dc.name!r} has stale state (id {rec.domid}, QEMU gone): "
                         f"`xenlab vm destroy {dc.name}` clears it"
                     )
+            if old is not None:
+                dc = _on_overlays(dc, old)
             created = self._check_disks(dc, create_disks)
             if old is not None:
                 extra = {k: v for k, v in old.extra.items()
@@ -382,6 +385,35 @@ class Toolstack:
         with self.store.lock(rec.domid):
             _run_async(self._qmp(rec, "system_reset"))
 
+    def wait_ready(self, name_or_id: str, *, timeout: float = 60.0) -> float:
+        """Wait until the guest agent answers; returns the seconds waited.
+
+        The agent starts last in the project's image, so an answer means the
+        guest is up; guests with their own qemu-ga work the same way.
+        """
+        rec = self._live(name_or_id)
+        start = time.monotonic()
+
+        async def go() -> None:
+            while True:
+                agent = GuestAgent(self.paths(rec).qga)
+                try:
+                    await agent.ping(timeout=2.0)
+                    return
+                except BackendError as err:
+                    if time.monotonic() - start > timeout:
+                        raise
+                    if not is_alive(rec):
+                        raise BackendError(
+                            f"domain {rec.name!r}: QEMU exited while booting"
+                        ) from err
+                    await asyncio.sleep(0.2)
+                finally:
+                    await agent.close()
+
+        _run_async(go())
+        return time.monotonic() - start
+
     def exec(self, name_or_id: str, argv: Sequence[str], *, timeout: float = 60.0
              ) -> tuple[int, bytes, bytes]:
         """Run ``argv`` in the guest through its agent: (exit code, stdout, stderr)."""
@@ -405,6 +437,24 @@ class Toolstack:
         except ProcessLookupError:
             return
         _wait_gone(pid, 10)
+
+
+def _on_overlays(dc: DomainConfig, rec: DomainRecord) -> DomainConfig:
+    """``dc`` with each disk that has an external-snapshot overlay running on the overlay.
+
+    After an external snapshot the guest's writes go to the overlay; starting
+    the domain on the config's original files would silently drop them.
+    """
+    overlays = rec.extra.get("overlays") or {}
+    if not isinstance(overlays, dict) or not overlays:
+        return dc
+    disks = []
+    for d in dc.disks:
+        ov = overlays.get(d.vdev)
+        if isinstance(ov, dict) and ov.get("file"):
+            d = replace(d, pdev_path=str(ov["file"]), format=DiskFormat.QCOW2)
+        disks.append(d)
+    return replace(dc, disks=tuple(disks))
 
 
 def _wait_gone(pid: int | None, timeout: float) -> bool:
