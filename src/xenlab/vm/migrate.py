@@ -11,6 +11,13 @@ Save image
         N bytes of JSON            SaveHeader: version, name, uuid, config text, ...
         QEMU's migration stream    starts with QEMU's own magic "QEVM"
 
+    Version 2 adds ``disk_snapshots``: with ``save --snapshot`` each writable
+    qcow2 disk gets an internal snapshot taken while the guest is paused for
+    the save, and ``restore`` reverts the disks to it before loading the
+    memory, so the guest finds its disks as its memory remembers them even
+    if the domain was booted and wrote to them in between.  Version 1
+    images (no such field) are still read.
+
     :func:`pack_header` and :func:`parse_header` are the pure halves of the
     format.  The stream goes through a file descriptor handed to QEMU with
     ``getfd`` (migration URI ``fd:NAME``) rather than ``exec:cat > PATH``:
@@ -77,8 +84,10 @@ from typing import Any, TypeVar
 
 from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
+from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, FormatError, StateError, TruncatedError, XenlabError
 from xenlab.vm.domain import SHUTOFF, Toolstack, runtime_paths
+from xenlab.vm.mirror import DISK_PATHS
 from xenlab.vm.qemu import RuntimePaths, qemu_argv
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.snapshot import CURRENT, OVERLAYS
@@ -87,6 +96,7 @@ from xenlab.vm.store import DomainRecord, SnapshotNode, is_alive
 __all__ = [
     "MAGIC",
     "SAVE_VERSION",
+    "DiskSnapshot",
     "Incoming",
     "MigrationProgress",
     "MigrationResult",
@@ -103,7 +113,9 @@ __all__ = [
 ]
 
 MAGIC = b"XENLAB-SAVE\n"
-SAVE_VERSION = 1
+SAVE_VERSION = 2
+# Versions this xenlab still reads (1: before disk_snapshots).
+_READS = (1, 2)
 # QEMU_VM_FILE_MAGIC: every migration stream starts with it.
 _QEMU_MAGIC = b"QEVM"
 _LEN = struct.Struct(">I")
@@ -123,11 +135,22 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
+class DiskSnapshot:
+    """The internal snapshot ``save --snapshot`` took of one disk: vdev, image file, tag."""
+
+    vdev: str
+    file: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class SaveHeader:
     """What a save image records about its domain, ahead of QEMU's stream.
 
     ``state`` is the domain's run state when it was saved ("running" or
-    "paused"); ``qemu_version`` the saving QEMU's ``major.minor.micro``.
+    "paused"); ``qemu_version`` the saving QEMU's ``major.minor.micro``;
+    ``disk_snapshots`` the disks' internal snapshots taken with the memory
+    (empty unless saved with ``snapshot``; always empty in version 1).
     """
 
     name: str
@@ -138,6 +161,7 @@ class SaveHeader:
     created: float
     state: str
     version: int = SAVE_VERSION
+    disk_snapshots: tuple[DiskSnapshot, ...] = ()
 
 
 _HEADER_FIELDS: Mapping[str, type | tuple[type, ...]] = {
@@ -153,10 +177,20 @@ _HEADER_FIELDS: Mapping[str, type | tuple[type, ...]] = {
 
 
 def pack_header(h: SaveHeader) -> bytes:
-    """The bytes that precede QEMU's stream in a save image: magic, length, JSON."""
-    body = json.dumps(
-        {k: getattr(h, k) for k in _HEADER_FIELDS}, sort_keys=True, ensure_ascii=False
-    ).encode("utf-8", "surrogateescape")
+    """The bytes that precede QEMU's stream in a save image: magic, length, JSON.
+
+    A header of version 1 is written as version 1 wrote it (no disk snapshots).
+    """
+    if h.version not in _READS or (h.version == 1 and h.disk_snapshots):
+        raise ValueError(f"cannot write a version {h.version} header with "
+                         f"{len(h.disk_snapshots)} disk snapshot(s)")
+    obj: dict[str, object] = {k: getattr(h, k) for k in _HEADER_FIELDS}
+    if h.version >= 2:
+        obj["disk_snapshots"] = [
+            {"vdev": d.vdev, "file": d.file, "name": d.name} for d in h.disk_snapshots
+        ]
+    body = json.dumps(obj, sort_keys=True, ensure_ascii=False).encode(
+        "utf-8", "surrogateescape")
     return MAGIC + _LEN.pack(len(body)) + body
 
 
@@ -209,9 +243,10 @@ def parse_header(buf: bytes | bytearray | memoryview, source: str = "save image"
             raise FormatError(source, at, f"header.{key}",
                               f"found {_describe(value)}, expected "
                               f"{'a number' if key == 'created' else 'a ' + _kind_name(kind)}")
-    if version != SAVE_VERSION:
+    if version not in _READS:
         raise FormatError(source, at, "header.version",
-                          f"version {version}, expected {SAVE_VERSION}")
+                          f"version {version}, expected one of "
+                          f"{', '.join(map(str, _READS))}")
     created = float(obj["created"])
     if not math.isfinite(created):
         raise FormatError(source, at, "header.created", f"{created}, expected a time")
@@ -219,6 +254,7 @@ def parse_header(buf: bytes | bytearray | memoryview, source: str = "save image"
         name=obj["name"], uuid=obj["uuid"], config_text=obj["config_text"],
         config_path=obj["config_path"], qemu_version=obj["qemu_version"],
         created=created, state=obj["state"], version=version,
+        disk_snapshots=_disk_snapshots(obj, source, at) if version >= 2 else (),
     )
     at += n
     if len(mv) < at + len(_QEMU_MAGIC):
@@ -228,6 +264,26 @@ def parse_header(buf: bytes | bytearray | memoryview, source: str = "save image"
         raise FormatError(source, at, "stream magic",
                           f"found {found!r}, expected QEMU's {_QEMU_MAGIC!r}")
     return header, at
+
+
+def _disk_snapshots(obj: Mapping[str, Any], source: str, at: int) -> tuple[DiskSnapshot, ...]:
+    items = obj.get("disk_snapshots")
+    if not isinstance(items, list):
+        raise FormatError(source, at, "header.disk_snapshots",
+                          f"found {_describe(items)}, expected a list")
+    out: list[DiskSnapshot] = []
+    for i, item in enumerate(items):
+        field = f"header.disk_snapshots[{i}]"
+        if not isinstance(item, dict):
+            raise FormatError(source, at, field, f"found {_describe(item)}, expected an object")
+        for key in ("vdev", "file", "name"):
+            if not isinstance(item.get(key), str) or not item[key]:
+                raise FormatError(source, at, f"{field}.{key}",
+                                  f"found {_describe(item.get(key))}, expected a non-empty str")
+        out.append(DiskSnapshot(item["vdev"], item["file"], item["name"]))
+    if len({d.vdev for d in out}) != len(out):
+        raise FormatError(source, at, "header.disk_snapshots", "a disk appears twice")
+    return tuple(out)
 
 
 def _describe(value: object) -> str:
@@ -381,13 +437,15 @@ def _log_tail(paths: RuntimePaths, lines: int = 5) -> str:
 
 def _start_incoming(
     ts: Toolstack, dc: DomainConfig, text: str, *, config_path: str, uuid: str | None,
-    image: object | None,
+    image: object | None, prepare: Callable[[], None] | None = None,
 ) -> tuple[DomainRecord, RuntimePaths]:
     """Start ``dc``'s QEMU with ``-incoming defer -S`` and record it (state "incoming").
 
     The same checks as :meth:`Toolstack.create` (name taken, stale state; a
     shut-off domain of that name is started again under its id) and the same
-    spawn.  Nothing is left behind on failure.
+    spawn.  ``prepare`` runs under the domain's lock once the name is
+    secured and before QEMU starts (restore reverts the disks there).
+    Nothing is left behind on failure.
     """
     with ts.store.global_lock():
         old: DomainRecord | None = None
@@ -429,6 +487,8 @@ def _start_incoming(
                 replace(dc, uuid=rec.uuid), paths, accel=ts.accel, image=image,  # type: ignore[arg-type]
                 paused=True, incoming="defer",
             )
+            if prepare is not None:
+                prepare()
             ts._spawn(argv, paths)
             pid = int(paths.pidfile.read_text().strip())
             rec = ts.store.update(replace(rec, rundir=str(paths.rundir), pid=pid))
@@ -468,6 +528,18 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+def _refuse_mirrored(rec: DomainRecord, verb: str) -> None:
+    """A disk pivoted by a mirror is not in the config either (see vm.mirror)."""
+    moved = rec.extra.get(DISK_PATHS) or {}
+    if moved:
+        files = ", ".join(f"{v} -> {m.get('file')}" for v, m in sorted(moved.items()))
+        raise StateError(
+            f"domain {rec.name!r} runs on mirrored disks its config does not name ({files}): "
+            f"{verb} would start it again on the old files; point the config's disks at "
+            "the new files first"
+        )
+
+
 def _refuse_overlays(rec: DomainRecord, verb: str) -> None:
     """External snapshot overlays are not in the config: a new QEMU would miss them."""
     overlays = rec.extra.get(OVERLAYS) or {}
@@ -504,7 +576,7 @@ def _copy_snapshots(src: Toolstack, dst: Toolstack, rec: DomainRecord,
 
 
 def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
-         timeout: float = 300.0, max_bandwidth: int | None = None,
+         snapshot: bool = False, timeout: float = 300.0, max_bandwidth: int | None = None,
          progress: Progress | None = None) -> SaveHeader:
     """Save the domain's memory and device state to ``path``, with its config; xl save.
 
@@ -513,21 +585,34 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
     record goes, or stays shut off when it has snapshots), unless
     ``keep_running``, when it carries on as it was (paused stays paused).
 
-    CLI: ``xenlab vm save [-c|--keep-running] DOM FILE`` (xl save's ``-c``
-    leaves the domain running).
+    With ``snapshot`` every writable disk gets an internal snapshot named
+    ``xenlab-save-<time>`` (one QMP ``transaction``) while the guest is
+    paused for the save, recorded in the header's ``disk_snapshots``;
+    :func:`restore` reverts the disks to it.  The snapshot is taken after
+    ``stop`` and just before the stream starts, not after it ends: once the
+    stream is complete QEMU has handed its images over (inactivated them)
+    and refuses internal snapshots; the guest does not run in between, so
+    it is the same instant.  The snapshot stays in the images (so the save
+    image can be restored again); ``qemu-img snapshot -d`` drops it.
 
-    :raise XenlabError: ``path`` cannot be created (nothing else happened).
+    CLI: ``xenlab vm save [-c|--keep-running] [--snapshot] DOM FILE`` (xl
+    save's ``-c`` leaves the domain running).
+
+    :raise XenlabError: ``path`` cannot be created, or ``snapshot`` with a
+        disk that is not qcow2 (nothing else happened).
     :raise StateError: the domain is not running.
     :raise BackendError: QEMU failed the migration or it took longer than
-        ``timeout``; the domain runs (or stays paused) as before and no file
-        is left behind.
+        ``timeout``; the domain runs (or stays paused) as before, no file is
+        left behind and the disk snapshot is deleted again.
     """
     rec = ts._live(name)
     path = Path(path)
     with ts.store.lock(rec.domid):
         rec = ts._live(str(rec.domid))
         _refuse_overlays(rec, "restoring the image")
+        _refuse_mirrored(rec, "restoring the image")
         paths = ts.paths(rec)
+        snaps = _save_snapshots(ts, rec) if snapshot else ()
         try:
             fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part",
                                             dir=path.parent)
@@ -540,7 +625,7 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
             with os.fdopen(fd, "wb") as f:
                 header = _run(_save_stream(
                     paths, f, rec, keep_running=keep_running, timeout=timeout,
-                    max_bandwidth=max_bandwidth, progress=progress,
+                    max_bandwidth=max_bandwidth, progress=progress, snapshots=snaps,
                 ))
                 f.flush()
                 os.fsync(f.fileno())
@@ -566,9 +651,28 @@ def _fsync_dir(d: Path) -> None:
             os.close(dfd)
 
 
+def _save_snapshots(ts: Toolstack, rec: DomainRecord) -> tuple[DiskSnapshot, ...]:
+    """The disk snapshots ``save --snapshot`` will take: every writable disk, all qcow2."""
+    dc, _ = ts._config_of(rec)
+    tag = "xenlab-save-" + time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 10**9:09d}"
+    out: list[DiskSnapshot] = []
+    for d in dc.disks:
+        if d.is_cdrom or not d.readwrite or not d.pdev_path or d.format is DiskFormat.EMPTY:
+            continue  # read-only media cannot change behind the memory's back
+        if d.format is not DiskFormat.QCOW2:
+            raise XenlabError(
+                f"save --snapshot: disk {d.vdev} ({d.pdev_path}) is {d.format.value}; "
+                "only qcow2 images hold internal snapshots (save without --snapshot, or "
+                "convert the disk with qemu-img convert -O qcow2)"
+            )
+        out.append(DiskSnapshot(d.vdev, d.pdev_path, tag))
+    return tuple(out)
+
+
 async def _save_stream(paths: RuntimePaths, f: Any, rec: DomainRecord, *, keep_running: bool,
                        timeout: float, max_bandwidth: int | None,
-                       progress: Progress | None) -> SaveHeader:
+                       progress: Progress | None,
+                       snapshots: Sequence[DiskSnapshot] = ()) -> SaveHeader:
     started = time.monotonic()
     async with Qmp.open(paths.qmp) as qmp:
         state = await _status(qmp)
@@ -578,6 +682,7 @@ async def _save_stream(paths: RuntimePaths, f: Any, rec: DomainRecord, *, keep_r
             config_path=rec.config_path,
             qemu_version=_qemu_version(await qmp.execute("query-version")),
             created=time.time(), state="running" if was_running else "paused",
+            disk_snapshots=tuple(snapshots),
         )
         f.write(pack_header(header))
         f.flush()
@@ -585,19 +690,34 @@ async def _save_stream(paths: RuntimePaths, f: Any, rec: DomainRecord, *, keep_r
         old_bw = params.get("max-bandwidth") if isinstance(params, dict) else None
         await qmp.execute("migrate-set-parameters",
                           {"max-bandwidth": max_bandwidth or _UNLIMITED})
+        snapped = False
         try:
             if was_running:
                 await qmp.execute("stop")
+            if snapshots:
+                # One transaction: every disk at the same instant, or none.
+                await qmp.execute("transaction", {"actions": [
+                    {"type": "blockdev-snapshot-internal-sync",
+                     "data": {"device": f"{d.vdev}-fmt", "name": d.name}} for d in snapshots
+                ]}, timeout=timeout)
+                snapped = True
             await _send_fd(qmp, f.fileno(), _FD_NAME)
             await qmp.execute("migrate", {"uri": f"fd:{_FD_NAME}"})
             await _wait_migration(qmp, f"save {rec.name}", timeout, progress, started)
-        except BaseException:
+        except BaseException as err:
             with contextlib.suppress(BackendError):
                 await _cancel_migration(qmp)
                 with contextlib.suppress(BackendError):
                     await qmp.execute("closefd", {"fdname": _FD_NAME})
                 if was_running:
                     await qmp.execute("cont")
+            if snapped:
+                left = await _drop_disk_snapshots(qmp, snapshots)
+                if left and isinstance(err, Exception):
+                    raise BackendError(
+                        f"{err}; the disk snapshot {snapshots[0].name!r} could not be "
+                        f"deleted from {', '.join(left)} (qemu-img snapshot -d removes it)"
+                    ) from err
             raise
         finally:
             if old_bw is not None:
@@ -608,26 +728,99 @@ async def _save_stream(paths: RuntimePaths, f: Any, rec: DomainRecord, *, keep_r
     return header
 
 
+async def _drop_disk_snapshots(qmp: Qmp, snapshots: Sequence[DiskSnapshot]) -> list[str]:
+    """Delete a failed save's disk snapshots; the files where that did not work."""
+    left: list[str] = []
+    for d in snapshots:
+        try:
+            await qmp.execute("blockdev-snapshot-delete-internal-sync",
+                              {"device": f"{d.vdev}-fmt", "name": d.name})
+        except BackendError:
+            left.append(d.file)
+    return left
+
+
+def _revert_plan(dc: DomainConfig, header: SaveHeader, path: Path
+                 ) -> list[tuple[str, str]]:
+    """(file, tag) of each disk ``restore`` must revert; checked before anything changes.
+
+    The files are the ones the (possibly overridden) config names now: the
+    domain will run on those, so those must hold the snapshot.
+    """
+    by_vdev = {d.vdev: d for d in dc.disks}
+    plan: list[tuple[str, str]] = []
+    for s in header.disk_snapshots:
+        disk = by_vdev.get(s.vdev)
+        if disk is None or not disk.pdev_path:
+            raise XenlabError(
+                f"restore {path}: the image was saved with a snapshot of disk {s.vdev}, "
+                "which the config no longer has"
+            )
+        tags = _image_tags(disk.pdev_path)
+        if s.name not in tags:
+            raise XenlabError(
+                f"restore {path}: disk {s.vdev} ({disk.pdev_path}) has no snapshot "
+                f"{s.name!r} (saved with --snapshot from {s.file}); it is not the disk that "
+                "was saved, or the snapshot was deleted"
+            )
+        plan.append((disk.pdev_path, s.name))
+    return plan
+
+
+def _qemu_img(*args: str, timeout: float = 300.0) -> str:
+    """Run ``qemu-img ARGS``; its stdout, or BackendError with its message."""
+    try:
+        proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True,
+                              check=False, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise BackendError(f"qemu-img {args[0]}: {err}") from err
+    if proc.returncode != 0:
+        msg = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
+        raise BackendError(f"qemu-img {args[0]} {args[-1]}: {msg}")
+    return proc.stdout
+
+
+def _image_tags(file: str) -> set[str]:
+    """The internal snapshot tags in image ``file``; XenlabError if it cannot be read."""
+    try:
+        info = json.loads(_qemu_img("info", "-U", "--output=json", file))
+    except (BackendError, ValueError) as err:
+        raise XenlabError(f"disk {file}: cannot read it: {err}") from err
+    return {str(s.get("name")) for s in info.get("snapshots", ())}
+
+
 def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Sequence[str] = (),
             timeout: float = 300.0, image: object | None = None) -> DomainRecord:
     """Start the domain saved in ``path`` where it left off; its record; xl restore.
 
     The config comes from the image's header (``overrides`` are appended to
     it, xl-style ``key=value``); the domain keeps its name and uuid.  It runs
-    unless ``paused``.
+    unless ``paused``.  An image saved with ``snapshot`` first reverts each
+    disk to the snapshot taken with the memory (``qemu-img snapshot -a``,
+    with no QEMU running); everything written to the disks since is lost,
+    as it must be for the guest's memory to match them.
 
     CLI: ``xenlab vm restore [-p] FILE [key=value ...]``.
 
     :raise FormatError: ``path`` is not a xenlab save image.
-    :raise XenlabError: the name is taken, or the config no longer works here.
-    :raise BackendError: QEMU could not load the stream (a corrupt image, a
+    :raise XenlabError: the name is taken, the config no longer works here,
+        or a disk lacks the image's snapshot (nothing changed).
+    :raise BackendError: qemu-img could not revert a disk (one in use by
+        another QEMU), or QEMU could not load the stream (a corrupt image, a
         QEMU or config that does not match); no record and no QEMU is left.
     """
     path = Path(path)
     header, offset = read_header(path)
     dc, text = _parse_config(header.config_text, f"{path} (saved config)", overrides)
+    plan = _revert_plan(dc, header, path)
+
+    def revert() -> None:
+        for file, tag in plan:
+            _qemu_img("snapshot", "-a", tag, file)
+
     rec, paths = _start_incoming(ts, dc, text, config_path=header.config_path,
-                                 uuid=header.uuid, image=image)
+                                 uuid=header.uuid, image=image,
+                                 prepare=revert if plan else None)
     try:
         with ts.store.lock(rec.domid):
             try:
@@ -881,6 +1074,7 @@ def migrate(
     with ts.store.lock(rec.domid):
         rec = ts._live(str(rec.domid))
         _refuse_overlays(rec, "the destination")
+        _refuse_mirrored(rec, "the destination")
         snaps = ts.store.list_snapshots(rec.domid)
         if snaps and (with_storage or not isinstance(dest, Toolstack)):
             raise StateError(
