@@ -199,3 +199,17 @@ def test_guest_poweroff_ends_the_domain_like_xl(ts: Toolstack, tmp_path: Path) -
     while is_alive(rec) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [s.state for s in ts.list()] == ["stale (QEMU gone)"]
+
+
+def test_reboot_through_the_agent(ts: Toolstack, tmp_path: Path) -> None:
+    rec = ts.create(_cfg(tmp_path, "g10"), create_disks="32M")
+    _ready(ts, "g10")
+    boot_id = ts.exec("g10", ["cat", "/proc/sys/kernel/random/boot_id"])[1]
+    assert ts.reboot("g10") == "guest reboot"
+    log = ts.paths(rec).console_log
+    deadline = time.monotonic() + 60
+    while log.read_bytes().count(b"XENLAB-READY") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ts.wait_ready("g10", timeout=30)
+    assert ts.exec("g10", ["cat", "/proc/sys/kernel/random/boot_id"])[1] != boot_id
+    assert is_alive(rec)  # on_reboot=restart: the same QEMU carries on

@@ -23,7 +23,7 @@ from xenlab.errors import BackendError, FormatError, StateError, TruncatedError,
 from xenlab.vm import migrate as mig
 from xenlab.vm import snapshot
 from xenlab.vm.domain import Toolstack
-from xenlab.vm.migrate import MAGIC, SaveHeader, pack_header, parse_header
+from xenlab.vm.migrate import MAGIC, DiskSnapshot, SaveHeader, pack_header, parse_header
 from xenlab.vm.store import is_alive
 
 HEADER = SaveHeader(
@@ -50,6 +50,7 @@ def test_header_round_trip() -> None:
 
 def _fields(**change: object) -> dict[str, object]:
     fields: dict[str, object] = {k: getattr(HEADER, k) for k in SaveHeader.__slots__}
+    fields["disk_snapshots"] = []
     fields.update(change)
     return fields
 
@@ -90,6 +91,39 @@ def test_header_errors_name_the_place() -> None:
     assert (e.value.offset, e.value.field) == (16 + n, "stream magic")
 
 
+def test_header_v2_disk_snapshots_and_v1_still_read() -> None:
+    snaps = (DiskSnapshot("xvda", "/d/a.qcow2", "xenlab-save-1"),
+             DiskSnapshot("xvdb", "/d/b.qcow2", "xenlab-save-1"))
+    h2 = replace(HEADER, disk_snapshots=snaps)
+    assert h2.version == mig.SAVE_VERSION == 2
+    assert parse_header(pack_header(h2) + STREAM)[0] == h2
+    # A version 1 image (what the previous xenlab wrote) has no such field.
+    v1 = {k: getattr(HEADER, k) for k in SaveHeader.__slots__ if k != "disk_snapshots"}
+    v1["version"] = 1
+    h1, _ = parse_header(_raw(v1) + STREAM)
+    assert h1 == replace(HEADER, version=1) and h1.disk_snapshots == ()
+    # ...and a version 1 header packs as version 1 wrote it.
+    assert parse_header(pack_header(h1) + STREAM)[0] == h1
+    with pytest.raises(ValueError):
+        pack_header(replace(h2, version=1))
+    bad: list[tuple[object, str]] = [
+        (None, "header.disk_snapshots"),
+        ({"vdev": "xvda"}, "header.disk_snapshots"),
+        (["xvda"], "header.disk_snapshots[0]"),
+        ([{"vdev": "xvda", "file": "/a", "name": ""}], "header.disk_snapshots[0].name"),
+        ([{"vdev": "xvda", "file": 3, "name": "n"}], "header.disk_snapshots[0].file"),
+        ([{"vdev": "xvda", "file": "/a", "name": "n"}] * 2, "header.disk_snapshots"),
+    ]
+    for value, field in bad:
+        fields = _fields()
+        fields["disk_snapshots"] = value
+        with pytest.raises(FormatError) as e:
+            parse_header(_raw(fields) + STREAM)
+        assert (e.value.offset, e.value.field) == (16, field), value
+    with pytest.raises(FormatError, match="expected one of 1, 2"):
+        parse_header(_raw(_fields(version=0, disk_snapshots=[])) + STREAM)
+
+
 def test_every_cut_is_truncated() -> None:
     raw = pack_header(HEADER) + b"QEVM"
     for cut in range(len(raw)):
@@ -105,7 +139,8 @@ def test_random_bytes_raise_only_format_errors(data: bytes) -> None:
 
 
 @given(st.dictionaries(st.sampled_from(["version", "name", "uuid", "config_text", "state",
-                                        "config_path", "qemu_version", "created"]),
+                                        "config_path", "qemu_version", "created",
+                                        "disk_snapshots"]),
                        st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
                                  st.text(max_size=5))))
 def test_random_json_headers_raise_only_format_errors(obj: dict[str, object]) -> None:
@@ -404,4 +439,105 @@ def test_bad_destinations_are_refused(tmp_path: Path) -> None:
     cfg = CFG.format(name="g9", disk=tmp_path / "missing.qcow2")
     with pytest.raises(XenlabError, match="needs a blank image of the source's size"):
         mig.receive(ts, cfg, 0, with_storage=True)
+    assert ts.store.list() == []
+
+
+# --- save --snapshot ------------------------------------------------------------------
+
+
+def _tags(disk: Path) -> set[str]:
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(disk)],
+                                     capture_output=True, text=True, check=True).stdout)
+    return {s["name"] for s in info.get("snapshots", ())}
+
+
+@pytest.mark.integration
+def test_save_snapshot_restores_the_disk_with_the_memory(
+        hosts: tuple[Toolstack, Toolstack], tmp_path: Path) -> None:
+    ts, _ = hosts
+    _boot(ts, tmp_path)
+    disk = tmp_path / "g1.qcow2"
+    _sh(ts, "g1", "echo A > /mnt/disk/marker && sync")
+    before, boot_id = _uptime_and_boot(ts, "g1")
+    image = tmp_path / "g1.save"
+    t0 = time.monotonic()
+    header = mig.save(ts, "g1", image, snapshot=True)
+    save_s = time.monotonic() - t0
+    (snap,) = header.disk_snapshots
+    assert (snap.vdev, snap.file) == ("xvda", str(disk))
+    assert snap.name.startswith("xenlab-save-") and _tags(disk) == {snap.name}
+    assert mig.read_header(image)[0] == header and ts.store.list() == []
+    at_save = tmp_path / "at-save.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(disk), str(at_save)], check=True)
+
+    # The domain is booted again from its config and writes B over A.
+    ts.create(tmp_path / "g1.cfg")
+    log = ts.paths(ts.get("g1")).console_log
+    deadline = time.monotonic() + 60
+    while b"XENLAB-READY" not in log.read_bytes():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert _sh(ts, "g1", "cat /mnt/disk/marker") == "A\n"
+    _sh(ts, "g1", "echo B > /mnt/disk/marker && echo B > /mnt/disk/later && sync")
+    assert ts.shutdown("g1") == "shutdown"
+    assert _compare(at_save, disk).returncode == 1  # the disk moved on
+
+    t0 = time.monotonic()
+    rec = mig.restore(ts, image, paused=True)
+    restore_s = time.monotonic() - t0
+    assert rec.state == "paused"
+    cmp = _compare(at_save, disk)  # the disk is back where the memory left it
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    assert _tags(disk) == {snap.name}  # kept: the image can be restored again
+    ts.unpause("g1")
+    after, boot_after = _uptime_and_boot(ts, "g1")
+    assert boot_after == boot_id and after > before
+    # Read from the disk, not from the page cache the memory brought back.
+    assert _sh(ts, "g1", "echo 3 > /proc/sys/vm/drop_caches; cat /mnt/disk/marker; "
+                         "ls /mnt/disk") == "A\nlost+found\nmarker\n"
+    print(f"save --snapshot {save_s:.2f}s restore {restore_s:.2f}s")
+
+
+@pytest.mark.integration
+def test_save_snapshot_refusals_and_failures(hosts: tuple[Toolstack, Toolstack],
+                                             tmp_path: Path) -> None:
+    ts, _ = hosts
+    raw = tmp_path / "data.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "8M"], check=True)
+    cfg = tmp_path / "g1.cfg"
+    cfg.write_text(CFG.format(name="g1", disk=tmp_path / "g1.qcow2") + f"""\
+disk = [ "format=qcow2,vdev=xvda,access=rw,target={tmp_path / 'g1.qcow2'}",
+         "format=raw,vdev=xvdb,access=rw,target={raw}" ]
+""")
+    ts.create(cfg, create_disks="32M")
+    rec = ts.get("g1")
+    with pytest.raises(XenlabError, match=r"disk xvdb .*data.raw\) is raw; only qcow2"):
+        mig.save(ts, "g1", tmp_path / "g1.save", snapshot=True)
+    assert not (tmp_path / "g1.save").exists() and _tags(tmp_path / "g1.qcow2") == set()
+    assert ts.get("g1") == rec and ts.status(rec).state == "running"
+    ts.destroy("g1")
+
+    _boot(ts, tmp_path)
+    rec = ts.get("g1")
+    # A save that fails after the snapshot was taken deletes it again.
+    with pytest.raises(BackendError, match="not completed within"):
+        mig.save(ts, "g1", tmp_path / "slow.save", snapshot=True, timeout=0.5,
+                 max_bandwidth=1 << 20)
+    assert _tags(tmp_path / "g1.qcow2") == set() and not (tmp_path / "slow.save").exists()
+    assert ts.get("g1") == rec and ts.status(rec).state == "running"
+    # keep_running: the domain carries on, the snapshot is in the disk.
+    header = mig.save(ts, "g1", tmp_path / "g1.save", snapshot=True, keep_running=True)
+    assert _tags(tmp_path / "g1.qcow2") == {header.disk_snapshots[0].name}
+    assert _sh(ts, "g1", "echo alive") == "alive\n"
+    ts.destroy("g1")
+    # Restoring onto a disk without that snapshot is refused before anything changes.
+    other = tmp_path / "other.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(other), "32M"], check=True)
+    with pytest.raises(XenlabError, match=r"has no snapshot 'xenlab-save-.*not the disk"):
+        mig.restore(ts, tmp_path / "g1.save", overrides=[_disk_spec(other)])
+    assert ts.store.list() == []
+    # A disk held by another QEMU cannot be reverted: the restore fails cleanly.
+    _boot(hosts[1], tmp_path)
+    with pytest.raises(BackendError, match=r"qemu-img snapshot .*lock"):
+        mig.restore(ts, tmp_path / "g1.save")
     assert ts.store.list() == []

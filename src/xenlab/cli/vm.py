@@ -115,10 +115,12 @@ def shutdown_cmd(domain: str, timeout: float, force: bool, state_dir: Path | Non
 
 @vm.command("reboot")
 @click.argument("domain")
+@click.option("-F", "--force", is_flag=True, help="Reset at once instead of asking the guest.")
 @_STATE
-def reboot_cmd(domain: str, state_dir: Path | None) -> None:
-    """Reset DOMAIN."""
-    _ts(state_dir).reboot(domain)
+def reboot_cmd(domain: str, force: bool, state_dir: Path | None) -> None:
+    """Reboot DOMAIN: through its guest agent, else a reset."""
+    how = _ts(state_dir).reboot(domain, force=force)
+    stdout.print(f"{domain}: {how}")
 
 
 @vm.command("pause")

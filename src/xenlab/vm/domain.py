@@ -379,11 +379,28 @@ class Toolstack:
             self._gone(rec)
             return "destroyed"
 
-    def reboot(self, name_or_id: str) -> None:
-        """Reset the domain (QMP system_reset), as a hard reboot."""
+    def reboot(self, name_or_id: str, *, force: bool = False) -> str:
+        """Ask the guest to reboot through its agent; reset it when it cannot (or ``force``).
+
+        Returns how: ``"guest reboot"`` or ``"reset"``.
+        """
         rec = self._live(name_or_id)
         with self.store.lock(rec.domid):
+            if not force:
+                async def ask() -> None:
+                    agent = GuestAgent(self.paths(rec).qga)
+                    try:
+                        await agent.shutdown(mode="reboot", timeout=5)
+                    finally:
+                        await agent.close()
+
+                try:
+                    _run_async(ask())
+                    return "guest reboot"
+                except BackendError:
+                    pass  # no agent answering: fall back to a hard reset, as xl -F does
             _run_async(self._qmp(rec, "system_reset"))
+            return "reset"
 
     def wait_ready(self, name_or_id: str, *, timeout: float = 60.0) -> float:
         """Wait until the guest agent answers; returns the seconds waited.

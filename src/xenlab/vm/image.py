@@ -188,12 +188,16 @@ _POWER_BUTTON = "#!/bin/sh\nexec poweroff\n"
 
 #: qemu-ga's guest-shutdown runs ``/sbin/shutdown -P|-H|-r +0 message``;
 #: busybox has no ``shutdown``, so this maps it onto the applets above.
+# qemu-ga runs `shutdown -h -P|-H|-r +0 "message"`: the mode is not the first
+# argument, so every argument is looked at.
 _SHUTDOWN = """#!/bin/sh
-case "$1" in
--r) exec reboot ;;
--H) exec halt ;;
-*) exec poweroff ;;
-esac
+for a in "$@"; do
+  case "$a" in
+  -r) exec reboot ;;
+  -H) exec halt ;;
+  esac
+done
+exec poweroff
 """
 
 _DIRS = (

@@ -1,84 +1,170 @@
-"""Snapshots of domains, their tree and their life-cycle: :func:`create_snapshot` and its verbs.
+"""Snapshots of domains over pluggable disk backends, tree and life-cycle: :func:`create_snapshot`.
 
 The verbs (:func:`create_snapshot`, :func:`list_snapshots`,
 :func:`revert_snapshot`, :func:`delete_snapshot`, :func:`snapshot_info`)
 take a :class:`~xenlab.vm.domain.Toolstack` and a domain name, hold the
 domain's lock, and keep the store's snapshot rows in step with the disks.
+They never touch a disk themselves: each disk is handled by a
+:class:`DiskSnapshotBackend` chosen from :data:`BACKENDS` by what the disk
+is, so a new kind of storage is a new backend, not a new command.
 
-Kinds (``SnapshotKind``) and how each is made:
+Backends
+--------
+A backend works on one disk at a time (a :class:`SnapDisk`: its vdev, the
+image the domain runs on now, its format, its *path kind*) and on the
+per-disk mapping it planned for a snapshot (its *entry*, stored in the
+snapshot row's ``disks``, so it must be JSON-ready and hold every path the
+backend needs later):
 
-- ``internal``: inside the qcow2 images.  On a live domain (running or
-  paused) the QMP ``snapshot-save`` job stores the disks and the VM state
-  (in the first qcow2 disk's format node); with ``disk_only`` a
-  ``transaction`` of ``blockdev-snapshot-internal-sync`` takes every disk at
-  once and no VM state.  On a shut-off domain ``qemu-img snapshot -c`` takes
-  the disks (there is no VM state to save, so ``memory`` is refused).
-- ``disk-only`` (``external`` without ``memory``): a qcow2 overlay
-  ``<disk>.<snap>.qcow2`` next to each disk (``blockdev-snapshot-sync`` in
-  one transaction, or ``qemu-img create -b`` when shut off); the files as
-  they were are the snapshot, the overlays take the writes from then on.
-- ``external`` (with ``memory``): overlays as above plus the VM state in
-  ``<state_dir>/snapshots/<domid>/<snap>.mem``, written by QMP ``migrate``
-  to ``exec:cat > FILE`` (QEMU 7.2 has no ``file:`` URI).  The guest is
-  paused for the disk switch and the state; with ``live`` the state is
-  copied while the guest runs and the disks switch at the migration's
-  ``pre-switchover`` pause, so both are taken at the same instant.
+- ``can_snapshot(disk, live=)`` -> ``None`` or the reason it cannot (shown
+  to the user as is, so say what to do instead);
+- ``plan(disk, tag)`` -> the entry, before anything is made (the row is
+  stored ``creating`` first, so a crash leaves a record of what to clean);
+  raise :class:`XenlabError` if a file it would make exists;
+- ``create(entry, tag, qmp)``: take the snapshot; ``qmp`` is the domain's
+  QMP session when QEMU runs, ``None`` when it is shut off.  It either takes
+  effect or leaves nothing behind.  When the guest must be quiet the verb
+  has already paused it (QMP ``stop`` drains and flushes every disk, so the
+  image is crash-consistent at that instant);
+- ``action(entry, tag, node)``: a QMP ``transaction`` action that takes this
+  disk live, or ``None``.  When every disk offers one, a live snapshot of
+  all disks is one transaction (one instant, all or nothing); otherwise the
+  verb pauses the guest and calls ``create`` disk after disk;
+- ``revert(entry, tag)`` -> ``None``, or the new top image ``{"file",
+  "node"}`` the disk must run on from now on.  Only called with QEMU gone:
+  the verb shuts the domain off first (a snapshot without VM state is only
+  reverted on a shut-off domain, one with VM state is loaded into a QEMU
+  started afterwards on the reverted disks);
+- ``delete(entry, tag, qmp, top)`` -> ``None`` or the disk's new top
+  image; must succeed on what a half-made snapshot left;
+- ``discard(entry, tag, qmp)``: undo a create that failed or was
+  interrupted (the snapshot was never ready);
+- ``list(disk)`` -> the tags this backend finds on the disk;
+- ``layered``: True when a snapshot puts a new top image on the disk (the
+  qcow2 overlays); the verbs then record the top in the domain's
+  ``extra["overlays"]`` so a restart runs on it, and unreferenced layers are
+  pruned after a revert or a delete.
+
+:data:`BACKENDS` maps ``(style, format, path kind)`` to a backend, with
+``"*"`` matching anything; ``style`` is ``"internal"`` (the default) or
+``"external"`` (``--external``).  Path kinds come from the probes in
+:data:`PATH_KINDS` (first answer wins; ``"block"`` for block devices,
+``"file"`` otherwise).  Built in:
+
+=========  ======  =========  ==================================================
+style      format  path kind  backend
+=========  ======  =========  ==================================================
+internal   qcow2   any        ``qcow2-internal``: QMP when live, qemu-img when off
+internal   raw     file       ``raw-copy``: ``cp --reflink=auto`` to
+                              ``<disk>@<tag>``, shut-off domains only
+external   any     file       ``qcow2-external``: qcow2 overlays
+=========  ======  =========  ==================================================
+
+Adding LVM thin, btrfs or ZFS: write a class with the methods above and
+``register_backend(style, format, path_kind, backend)`` it, with a path-kind
+probe in :data:`PATH_KINDS` if the kind is new:
+
+- LVM thin: probe ``"lvm-thin"`` for a block device whose ``lvs -o
+  segtype`` says ``thin``; register it for ``("internal", "raw",
+  "lvm-thin")``.  ``create`` is ``lvcreate -s -n <lv>_<tag>`` (live too:
+  the guest is paused by the verb, and with no ``action`` the verb does
+  that), ``revert`` is ``lvconvert --merge`` of a fresh snapshot of the
+  tag's snapshot (so the tag survives the revert), ``delete`` is
+  ``lvremove``, ``list`` reads ``lvs``.  Not layered: the device path never
+  changes.
+- btrfs: probe ``"btrfs"`` for a file on btrfs (``stat -f``); ``create`` is
+  a reflink copy (``cp --reflink=always``) or a subvolume snapshot of the
+  disk's directory, ``revert`` copies it back, like ``raw-copy`` but allowed
+  live, since a reflink is atomic while the guest is paused.
+- ZFS: probe ``"zvol"`` for ``/dev/zvol/...``; ``zfs snapshot``,
+  ``zfs rollback -r`` (which destroys later snapshots: the backend must then
+  refuse a revert that would drop other tags, or clone instead), ``zfs
+  destroy``.
+
+What every backend must guarantee: the entry records everything needed to
+revert or delete later from a new process; ``create`` is all or nothing per
+disk; ``revert`` and ``delete`` are idempotent enough to be retried after a
+crash (the row stays ``broken`` until they succeed); nothing but the
+domain's own files is touched.
+
+Memory state is not the disk backends' business.  With ``--memory`` the
+verb saves the VM state beside the disks in
+``<state_dir>/snapshots/<domid>/<snap>.mem`` (QMP ``migrate`` to
+``exec:cat > FILE``, since QEMU 7.2 has no ``file:`` URI) while the guest
+is paused at the instant the disks are taken (with ``live`` at the
+migration's ``pre-switchover`` pause), and loads it on revert into a QEMU
+started with ``-incoming defer`` on the reverted disks.  The exception is
+the one format that can hold VM state itself: an internal snapshot of
+qcow2 disks on a live domain keeps it in the first disk's image
+(``snapshot-save``/``snapshot-load`` jobs over all disks at once).
+
+Kinds (``SnapshotKind``): ``internal`` when every disk is
+``qcow2-internal``; otherwise ``external`` with a memory file and
+``disk-only`` without.  Each entry names its ``backend`` (older rows
+without it are internal or qcow2-external by kind).
 
 Behaviours decided (and why):
 
 - The new snapshot's parent is the domain's *current* snapshot, kept in the
   domain record's ``extra["current_snapshot"]`` (a snapshot id); revert
   moves it, deleting it moves it to the deleted snapshot's parent.
-- Reverting a snapshot with VM state loads it with ``snapshot-load``; a
-  shut-off domain is started paused first (QEMU from its stored config),
-  so revert behaves the same whatever the domain's state.  The guest then
-  runs if it ran when the snapshot was taken, unless ``running`` says.
-- Reverting an internal snapshot *without* VM state needs the domain shut
-  off: QEMU cannot load an internal disk snapshot under a running guest
-  (there is no QMP command for it), and swapping disks under a running
-  kernel would corrupt its file systems anyway.  It is refused on a live
-  domain; ``qemu-img snapshot -a`` reverts each disk of a shut-off one.
-- Reverting external snapshots is refused (not supported yet): it needs the
-  domain restarted on new overlays over the snapshot's files, which means
-  changing the disks the stored config names.
-- Deleting an external snapshot commits its overlays back into the files
-  below (active ``block-commit`` and pivot, or ``qemu-img commit``) and so is
-  only possible while those overlays are the disks' top layer.
+- A snapshot with VM state reverts whatever the domain's state: the guest
+  then runs if it ran when the snapshot was taken, unless ``running`` says.
+  Internal ones are loaded with ``snapshot-load`` (a shut-off domain is
+  started paused first); external ones restart QEMU on new overlays.
+- A snapshot *without* VM state needs the domain shut off: QEMU cannot load
+  a disk snapshot under a running guest, and swapping disks under a running
+  kernel would corrupt its file systems anyway.  With ``running`` set the
+  domain is started afterwards.
+- Reverting an external snapshot puts a new overlay
+  ``<disk>.<snap>~<n>.qcow2`` over the images the snapshot froze (the files
+  that were under its overlays) and the domain runs on it; the abandoned
+  branch's overlays are kept while another snapshot's images need them
+  (they are in its backing chain) and removed when nothing does.
+- A snapshot stored in an image (internal, a raw copy) only reverts while
+  the disk runs on that image, not on an overlay above it (that would lose
+  or corrupt the overlay's writes): delete the external snapshots first.
+- Deleting an external snapshot whose images are right under the disk's top
+  commits the top into them (active ``block-commit`` and pivot, or
+  ``qemu-img commit``); otherwise (another branch is current) its layers are
+  just dropped when nothing else needs them.
 - A snapshot with children is deleted only with ``children=True``
   (descendants first); a snapshot's row is ``creating`` while it is made,
   ``deleting`` while it is removed and ``ready`` otherwise.  A failed
-  create removes what it made (a partial internal snapshot, new overlays)
-  and the row; if that cleanup fails too the row is left ``broken``.
+  create removes what it made and the row; if the disks already switched to
+  new overlays (they hold the guest's writes) or the cleanup fails, the row
+  is left ``broken`` for ``snapshot-delete``.
 - If QEMU dies during a verb, the disks are repaired with
   ``qemu-img check -r leaks`` (a killed ``snapshot-save`` leaks clusters),
   and the domain becomes shut off (it has snapshots), so the previous
   snapshots still revert.
 - A stale domain (QEMU gone without the toolstack knowing) is refused:
   ``xenlab vm destroy`` clears it first.
-
-The per-disk bookkeeping of each snapshot is its row's ``disks``: one
-mapping per disk with ``vdev``, ``file`` and ``node`` (the image holding an
-internal snapshot, or the image below an overlay), ``format``, and for
-external kinds ``overlay`` and ``overlay_node``; ``vmstate`` marks the disk
-holding internal VM state and ``guest`` records whether the guest ran.
+- Live operations find QEMU's node for an image by its file name
+  (``query-named-block-nodes``), so they work after a restart, which
+  renames the nodes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
 import shlex
+import shutil
+import stat
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
-from xenlab.vm.domain import SHUTOFF, Toolstack, _run_async
+from xenlab.vm.domain import SHUTOFF, Toolstack, _on_overlays, _run_async
 from xenlab.vm.qmp import Qmp, run_job
 from xenlab.vm.store import (
     DomainRecord,
@@ -90,11 +176,17 @@ from xenlab.vm.store import (
 )
 
 __all__ = [
+    "BACKENDS",
+    "PATH_KINDS",
+    "DiskSnapshotBackend",
+    "SnapDisk",
     "SnapshotInfo",
     "SnapshotTree",
+    "backend_for",
     "create_snapshot",
     "delete_snapshot",
     "list_snapshots",
+    "register_backend",
     "revert_snapshot",
     "snapshot_info",
 ]
@@ -103,22 +195,13 @@ __all__ = [
 JOB_TIMEOUT = 300.0
 
 # A name is a QEMU snapshot tag and part of a file name: keep it plain, and
-# never all digits, which qemu-img would take for a snapshot id.
+# never all digits, which qemu-img would take for a snapshot id.  '~' and
+# '@' are left out on purpose: revert overlays and raw copies use them, so
+# their file names never collide with a snapshot's.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
 
 CURRENT = "current_snapshot"
 OVERLAYS = "overlays"
-
-
-@dataclass(frozen=True, slots=True)
-class _Disk:
-    """A writable disk as QEMU has it now: its top image file and format node."""
-
-    vdev: str
-    file: str
-    format: str
-    node: str
-
 
 @dataclass(frozen=True, slots=True)
 class SnapshotTree:
@@ -171,6 +254,362 @@ class SnapshotInfo:
     vm_state_bytes: int | None  # internal VM state size as the image reports it
 
 
+
+# --- disks and backends -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SnapDisk:
+    """A writable disk as the domain has it now, as a backend sees it.
+
+    ``file`` is the image the domain runs on (the config's file, or the
+    newest overlay), ``format`` its format, ``node`` QEMU's format node for it
+    as last recorded, ``base`` the config's file, ``path_kind`` what
+    :data:`PATH_KINDS` says ``file`` is.
+    """
+
+    vdev: str
+    file: str
+    format: str
+    node: str
+    base: str
+    path_kind: str
+
+
+class DiskSnapshotBackend(Protocol):
+    """How snapshots of one kind of disk are made, reverted and deleted (module docstring)."""
+
+    name: str
+    layered: bool
+
+    def can_snapshot(self, disk: SnapDisk, *, live: bool) -> str | None:
+        """``None`` if this backend can snapshot ``disk`` now, else why not."""
+        ...
+
+    def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
+        """The JSON-ready entry for snapshot ``tag`` of ``disk``; nothing is made yet."""
+        ...
+
+    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
+        """A QMP transaction action taking the disk live, or ``None``."""
+        ...
+
+    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        """Take the snapshot (``qmp`` is ``None`` when the domain is shut off)."""
+        ...
+
+    async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
+        """Bring the disk back to ``tag`` (QEMU is not running); a new top, or ``None``."""
+        ...
+
+    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
+                     top: str) -> str | None:
+        """Remove ``tag``; the disk's new top image if it changed, else ``None``."""
+        ...
+
+    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        """Undo whatever a failed ``create`` of ``tag`` left."""
+        ...
+
+    def list(self, disk: SnapDisk) -> set[str]:
+        """The tags of this backend's snapshots found on ``disk``."""
+        ...
+
+
+def _block_or_file(path: str) -> str | None:
+    try:
+        return "block" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
+    except OSError:
+        return "file"
+
+
+# Probes that name what a disk's path is; the first that answers wins, so
+# a more specific probe (say "lvm-thin") goes in front with PATH_KINDS.insert(0, ...).
+PATH_KINDS: list[Callable[[str], str | None]] = [_block_or_file]
+
+BACKENDS: dict[tuple[str, str, str], DiskSnapshotBackend] = {}
+
+
+def register_backend(style: str, fmt: str, path_kind: str,
+                     backend: DiskSnapshotBackend) -> None:
+    """Use ``backend`` for ``style`` snapshots of ``fmt`` disks on ``path_kind`` ("*": any)."""
+    if style not in ("internal", "external"):
+        raise ValueError(f"style must be 'internal' or 'external', not {style!r}")
+    BACKENDS[(style, fmt, path_kind)] = backend
+
+
+def _path_kind(path: str) -> str:
+    for probe in PATH_KINDS:
+        kind = probe(path)
+        if kind:
+            return kind
+    return "file"
+
+
+def backend_for(disk: SnapDisk, style: str) -> DiskSnapshotBackend | None:
+    """The backend registered for ``disk`` and ``style``, most specific first."""
+    for key in ((style, disk.format, disk.path_kind), (style, disk.format, "*"),
+                (style, "*", disk.path_kind), (style, "*", "*")):
+        if key in BACKENDS:
+            return BACKENDS[key]
+    return None
+
+
+def _by_name(name: str) -> DiskSnapshotBackend:
+    for b in BACKENDS.values():
+        if b.name == name:
+            return b
+    raise StateError(f"no snapshot backend named {name!r} is registered here")
+
+
+def _entry_backend(s: SnapshotRecord, entry: Mapping[str, Any]) -> DiskSnapshotBackend:
+    name = entry.get("backend")
+    if name is None:  # rows written before backends were recorded
+        name = "qcow2-internal" if s.kind is SnapshotKind.INTERNAL else "qcow2-external"
+    return _by_name(str(name))
+
+
+async def _node_of(qmp: Qmp, file: str, fallback: str) -> str:
+    """QEMU's format node for image ``file`` (nodes are renamed when QEMU restarts)."""
+    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+    want = os.path.realpath(file)
+    if isinstance(nodes, list):
+        for n in nodes:
+            if (isinstance(n, dict) and n.get("drv") not in ("file", "host_device")
+                    and isinstance(n.get("file"), str)
+                    and os.path.realpath(n["file"]) == want and n.get("node-name")):
+                return str(n["node-name"])
+    return fallback
+
+
+def _backing(path: str) -> str | None:
+    """The backing file of image ``path`` (absolute), or None."""
+    info = json.loads(_img("info", "-U", "--output=json", path))
+    b = info.get("full-backing-filename") or info.get("backing-filename")
+    if not b:
+        return None
+    return os.path.realpath(os.path.join(os.path.dirname(path), str(b)))
+
+
+def _chain(path: str) -> list[str]:
+    """``path`` and every image below it, real paths; [] when ``path`` is missing."""
+    if not Path(path).exists():
+        return []
+    info = json.loads(_img("info", "-U", "--backing-chain", "--output=json", path))
+    out = []
+    for layer in info if isinstance(info, list) else [info]:
+        f = layer.get("filename")
+        if isinstance(f, str) and not f.startswith("json:"):
+            out.append(os.path.realpath(f))
+    return out
+
+
+class Qcow2Internal:
+    """Internal snapshots inside qcow2 images: QMP when live, qemu-img when shut off."""
+
+    name = "qcow2-internal"
+    layered = False
+
+    def can_snapshot(self, disk: SnapDisk, *, live: bool) -> str | None:
+        if disk.format != "qcow2":
+            return (f"it is {disk.format}: an internal snapshot needs qcow2 "
+                    "(use an external snapshot)")
+        return None
+
+    def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
+        return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node}
+
+    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
+        return {"type": "blockdev-snapshot-internal-sync",
+                "data": {"device": node, "name": tag}}
+
+    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        if qmp is None:
+            _img("snapshot", "-c", tag, entry["file"])
+        else:
+            node = await _node_of(qmp, entry["file"], entry["node"])
+            await qmp.execute("blockdev-snapshot-internal-sync", {"device": node, "name": tag})
+
+    async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
+        _img("snapshot", "-a", tag, entry["file"])
+        return None
+
+    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
+                     top: str) -> str | None:
+        await self.discard(entry, tag, qmp)
+        return None
+
+    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        f = entry["file"]
+        if not Path(f).exists() or tag not in _img_tags(f):
+            return
+        if qmp is None:
+            _img("snapshot", "-d", tag, f)
+        else:
+            # The snapshot-delete job, not the -sync command: the image may
+            # sit below an overlay, and the sync command only takes root nodes.
+            node = await _node_of(qmp, f, entry["node"])
+            await _job(qmp, "snapshot-delete", {"job-id": f"delete-{tag}-{entry['vdev']}",
+                                                "tag": tag, "devices": [node]}, JOB_TIMEOUT)
+
+    def list(self, disk: SnapDisk) -> set[str]:
+        return _img_tags(disk.file) if Path(disk.file).exists() else set()
+
+
+class Qcow2External:
+    """External snapshots: a qcow2 overlay ``<disk>.<tag>.qcow2`` takes the writes from then on."""
+
+    name = "qcow2-external"
+    layered = True
+
+    def can_snapshot(self, disk: SnapDisk, *, live: bool) -> str | None:
+        return None
+
+    def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
+        overlay = f"{disk.base}.{tag}.qcow2"
+        if Path(overlay).exists():
+            raise XenlabError(f"overlay {overlay} exists already")
+        return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node,
+                "overlay": overlay, "overlay_node": f"{disk.vdev}-{tag}"}
+
+    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
+        return {"type": "blockdev-snapshot-sync", "data": {
+            "node-name": node, "snapshot-file": entry["overlay"],
+            "snapshot-node-name": entry["overlay_node"], "format": "qcow2",
+            "mode": "absolute-paths"}}
+
+    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        if qmp is None:
+            _img("create", "-q", "-f", "qcow2", "-b", entry["file"], "-F", entry["format"],
+                 entry["overlay"])
+            return
+        node = await _node_of(qmp, entry["file"], entry["node"])
+        try:
+            await qmp.execute("transaction", {"actions": [self.action(entry, tag, node)]})
+        except BaseException:
+            Path(entry["overlay"]).unlink(missing_ok=True)
+            raise
+
+    async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
+        # A fresh overlay over the frozen images: the snapshot stays revertible.
+        stem = str(entry["overlay"])[: -len(".qcow2")]
+        n = 1
+        while Path(f"{stem}~{n}.qcow2").exists():
+            n += 1
+        new = f"{stem}~{n}.qcow2"
+        _img("create", "-q", "-f", "qcow2", "-b", entry["file"], "-F", entry["format"], new)
+        return {"file": new, "node": f"{entry['vdev']}-fmt"}
+
+    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
+                     top: str) -> str | None:
+        frozen = os.path.realpath(entry["file"])
+        if (not Path(top).exists() or os.path.realpath(top) == frozen
+                or _backing(top) != frozen):
+            return None  # another branch is current: nothing to merge, layers get pruned
+        # The top holds what happened since the snapshot: merge it down.
+        if qmp is None:
+            _img("commit", "-q", top, timeout=JOB_TIMEOUT)
+        else:
+            job = f"commit-{entry['vdev']}"
+            top_node = await _node_of(qmp, top, entry["overlay_node"])
+            base_node = await _node_of(qmp, entry["file"], entry["node"])
+            # Active commit: the top's data goes down into the node below and
+            # the device pivots onto it when the job completes.
+            await qmp.execute("block-commit", {
+                "job-id": job, "device": top_node, "base-node": base_node,
+                "auto-dismiss": False, "auto-finalize": True,
+            })
+            await run_job(qmp, job, JOB_TIMEOUT, complete_on_ready=True)
+        Path(top).unlink(missing_ok=True)
+        return str(entry["file"])
+
+    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        Path(entry["overlay"]).unlink(missing_ok=True)
+
+    def list(self, disk: SnapDisk) -> set[str]:
+        prefix = Path(disk.base).name + "."
+        out = set()
+        for p in Path(disk.base).parent.glob(glob_escape(prefix) + "*.qcow2"):
+            tag = p.name[len(prefix): -len(".qcow2")]
+            if _NAME.fullmatch(tag):
+                out.add(tag)
+        return out
+
+
+class RawCopy:
+    """Raw files of shut-off domains copied to ``<disk>@<tag>`` (reflinked where possible)."""
+
+    name = "raw-copy"
+    layered = False
+
+    def can_snapshot(self, disk: SnapDisk, *, live: bool) -> str | None:
+        if live:
+            return (f"it is {disk.format}: raw copies need the domain shut off "
+                    "(use --external for a qcow2 overlay)")
+        return None
+
+    def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
+        copy = f"{disk.file}@{tag}"
+        if Path(copy).exists():
+            raise XenlabError(f"snapshot copy {copy} exists already")
+        return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node,
+                "copy": copy}
+
+    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
+        return None
+
+    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        if qmp is not None:
+            raise StateError("raw copies need the domain shut off")
+        _copy(entry["file"], entry["copy"])
+
+    async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
+        if not Path(entry["copy"]).exists():
+            raise StateError(f"snapshot copy {entry['copy']} is missing")
+        _copy(entry["copy"], entry["file"])
+        return None
+
+    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
+                     top: str) -> str | None:
+        Path(entry["copy"]).unlink(missing_ok=True)
+        return None
+
+    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        Path(entry["copy"]).unlink(missing_ok=True)
+        Path(entry["copy"] + ".tmp").unlink(missing_ok=True)
+
+    def list(self, disk: SnapDisk) -> set[str]:
+        prefix = Path(disk.file).name + "@"
+        return {p.name[len(prefix):] for p in Path(disk.file).parent.glob(
+            glob_escape(prefix) + "*") if _NAME.fullmatch(p.name[len(prefix):])}
+
+
+def glob_escape(s: str) -> str:
+    """``s`` with glob's special characters taken literally."""
+    return re.sub(r"([*?\[])", r"[\1]", s)
+
+
+def _copy(src: str, dst: str) -> None:
+    """Copy ``src`` over ``dst`` all at once (a temporary file renamed): reflinked, sparse."""
+    tmp = f"{dst}.tmp"
+    try:
+        proc = subprocess.run(["cp", "--reflink=auto", "--sparse=always", src, tmp],
+                              capture_output=True, text=True, check=False, timeout=JOB_TIMEOUT)
+        if proc.returncode != 0:
+            raise BackendError(f"cp {src} {tmp}: {proc.stderr.strip() or proc.returncode}")
+        with contextlib.suppress(OSError):
+            shutil.copymode(dst if Path(dst).exists() else src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+register_backend("internal", "qcow2", "*", Qcow2Internal())
+register_backend("internal", "raw", "file", RawCopy())
+register_backend("external", "*", "file", Qcow2External())
+
+
 # --- helpers ----------------------------------------------------------------
 
 
@@ -204,41 +643,46 @@ def _img_tags(path: str) -> set[str]:
 def _repair(paths: Sequence[str]) -> None:
     """Fix leaked clusters (what a killed QEMU leaves); BackendError if an image is corrupt."""
     for p in paths:
+        if not Path(p).exists() or _format_of(p) != "qcow2":
+            continue
         proc = subprocess.run(["qemu-img", "check", "-q", "-r", "leaks", p],
                               capture_output=True, text=True, check=False, timeout=300)
         if proc.returncode not in (0, 3):
             raise BackendError(f"qemu-img check {p}: {proc.stderr.strip() or proc.returncode}")
 
 
+def _format_of(path: str) -> str:
+    try:
+        return str(json.loads(_img("info", "-U", "--output=json", path)).get("format"))
+    except (BackendError, ValueError):
+        return "?"
+
+
 def _extra(rec: DomainRecord) -> dict[str, Any]:
     return dict(rec.extra)
 
 
-def _disks(ts: Toolstack, rec: DomainRecord) -> list[_Disk]:
+def _disks(ts: Toolstack, rec: DomainRecord) -> list[SnapDisk]:
     """The domain's writable disks with media, on top of any external overlays."""
     dc, _ = ts._config_of(rec)
     overlays: Mapping[str, Mapping[str, str]] = rec.extra.get(OVERLAYS, {})
-    out: list[_Disk] = []
+    out: list[SnapDisk] = []
     for d in dc.disks:
         if d.is_cdrom or not d.readwrite or not d.pdev_path or d.format is DiskFormat.EMPTY:
             continue
         top = overlays.get(d.vdev)
         if top is not None:
-            out.append(_Disk(d.vdev, top["file"], "qcow2", top["node"]))
+            out.append(SnapDisk(d.vdev, top["file"], "qcow2", top["node"], d.pdev_path,
+                                _path_kind(top["file"])))
         else:
-            out.append(_Disk(d.vdev, d.pdev_path, d.format.value, f"{d.vdev}-fmt"))
+            out.append(SnapDisk(d.vdev, d.pdev_path, d.format.value, f"{d.vdev}-fmt",
+                                d.pdev_path, _path_kind(d.pdev_path)))
     return out
 
 
-def _qcow2_only(disks: Sequence[_Disk], what: str) -> None:
-    if not disks:
-        raise XenlabError("the domain has no writable disk to snapshot")
-    for d in disks:
-        if d.format != "qcow2":
-            raise XenlabError(
-                f"disk {d.vdev} ({d.file}) is {d.format}: {what} needs qcow2 "
-                "(use an external snapshot)"
-            )
+def _tops(ts: Toolstack, rec: DomainRecord) -> dict[str, str]:
+    """vdev -> the image each writable disk runs on now."""
+    return {d.vdev: d.file for d in _disks(ts, rec)}
 
 
 def _liveness(ts: Toolstack, rec: DomainRecord) -> str:
@@ -274,12 +718,58 @@ def _current_id(ts: Toolstack, rec: DomainRecord) -> int | None:
     return s.id if s.domid == rec.domid else None
 
 
+def _set_tops(ts: Toolstack, domid: int, tops: Mapping[str, Mapping[str, str] | None]) -> None:
+    """Record new top images per vdev (``None``: back on the config's file)."""
+    rec = ts.store.get(domid)
+    extra = _extra(rec)
+    overlays = dict(extra.get(OVERLAYS, {}))
+    dc, _ = ts._config_of(rec)
+    base = {d.vdev: d.pdev_path for d in dc.disks}
+    for vdev, top in tops.items():
+        if top is None or top["file"] == base.get(vdev):
+            overlays.pop(vdev, None)
+        else:
+            overlays[vdev] = dict(top)
+    if overlays:
+        extra[OVERLAYS] = overlays
+    else:
+        extra.pop(OVERLAYS, None)
+    ts.store.update(replace(rec, extra=extra))
+
+
+def _prune(ts: Toolstack, domid: int, candidates: set[str]) -> list[str]:
+    """Remove the overlay files in ``candidates`` that no snapshot and no disk needs any more.
+
+    Needed: every image a snapshot recorded, every disk's top, and the
+    backing chains of all of them.  Only files named like our overlays
+    (``<config disk>.<...>.qcow2``) are ever removed.
+    """
+    rec = ts.store.get(domid)
+    dc, _ = ts._config_of(rec)
+    bases = {os.path.realpath(d.pdev_path) for d in dc.disks if d.pdev_path}
+    roots = set(_tops(ts, rec).values())
+    for s in ts.store.list_snapshots(domid):
+        for e in s.disks:
+            roots.add(str(e["file"]))
+    needed: set[str] = set()
+    for r in roots:
+        needed.update(_chain(r) or [os.path.realpath(r)])
+    removed = []
+    for c in sorted(candidates):
+        real = os.path.realpath(c)
+        ours = any(real.startswith(b + ".") and real.endswith(".qcow2") for b in bases)
+        if ours and real not in needed and real not in bases and Path(real).exists():
+            Path(real).unlink()
+            removed.append(real)
+    return removed
+
+
 async def _job(qmp: Qmp, cmd: str, args: dict[str, object], timeout: float) -> None:
     await qmp.execute(cmd, args)
     await run_job(qmp, str(args["job-id"]), timeout)
 
 
-async def _wait_migration(qmp: Qmp, until: set[str], timeout: float) -> str:
+async def _wait_migration(qmp: Qmp, until: set[str], timeout: float, what: str) -> str:
     deadline = time.monotonic() + timeout
     while True:
         info = await qmp.execute("query-migrate")
@@ -288,9 +778,9 @@ async def _wait_migration(qmp: Qmp, until: set[str], timeout: float) -> str:
             return status
         if status in ("failed", "cancelled"):
             desc = info.get("error-desc", "") if isinstance(info, dict) else ""
-            raise BackendError(f"saving the VM state: migration {status}: {desc}")
+            raise BackendError(f"{what}: migration {status}: {desc}")
         if time.monotonic() > deadline:
-            raise BackendError(f"saving the VM state: not done within {timeout:g}s ({status})")
+            raise BackendError(f"{what}: not done within {timeout:g}s ({status})")
         await asyncio.sleep(0.02)
 
 
@@ -332,15 +822,16 @@ def create_snapshot(
 
     CLI: ``xenlab vm snapshot-create DOM NAME [--disk-only] [--memory]
     [--external] [--live] [--description TEXT]``.  Without flags a live
-    domain gets an internal snapshot with its VM state, a shut-off one an
-    internal disk snapshot.  ``memory`` asks for the VM state (internal
-    snapshots of live domains always have it unless ``disk_only``);
-    ``live`` (external with memory only) copies the memory while the guest
-    runs.
+    domain gets an internal snapshot with its VM state, a shut-off one a
+    disk snapshot (internal in qcow2, a copy of a raw file).  ``memory``
+    asks for the VM state (internal snapshots of live domains always have it
+    unless ``disk_only``); ``live`` (external with memory only) copies the
+    memory while the guest runs.
 
-    :raise XenlabError: unknown domain, bad or duplicate name, conflicting flags.
+    :raise XenlabError: unknown domain, bad or duplicate name, conflicting
+        flags, a disk no backend can snapshot now.
     :raise StateError: a stale domain, or memory asked of a shut-off one.
-    :raise BackendError: QEMU or qemu-img failed (what was made is undone).
+    :raise BackendError: QEMU or a disk tool failed (what was made is undone).
     """
     _check_name(snap)
     if disk_only and memory:
@@ -363,19 +854,34 @@ def create_snapshot(
         if any(s.name == snap for s in ts.store.list_snapshots(rec.domid)):
             raise XenlabError(f"domain {rec.name!r} already has a snapshot named {snap!r}")
         disks = _disks(ts, rec)
-        if external:
-            if not disks:
-                raise XenlabError("the domain has no writable disk to snapshot")
-            kind = SnapshotKind.EXTERNAL if memory else SnapshotKind.DISK_ONLY
-        else:
-            _qcow2_only(disks, "an internal snapshot")
+        if not disks:
+            raise XenlabError("the domain has no writable disk to snapshot")
+        style = "external" if external else "internal"
+        backends: list[DiskSnapshotBackend] = []
+        for d in disks:
+            b = backend_for(d, style)
+            why = (f"no {style} snapshot backend for {d.format} on a {d.path_kind}"
+                   if b is None else b.can_snapshot(d, live=not shutoff))
+            if b is None or why:
+                raise XenlabError(f"disk {d.vdev} ({d.file}): {why}")
+            backends.append(b)
+        all_internal = all(isinstance(b, Qcow2Internal) for b in backends)
+        if all_internal and not external:
             kind = SnapshotKind.INTERNAL
-        with_state = not shutoff and not disk_only and (memory or not external)
+        elif memory and not external:
+            raise XenlabError("--memory without --external needs every disk in qcow2 "
+                              "(add --external to save the memory to a file)")
+        else:
+            kind = SnapshotKind.EXTERNAL if memory else SnapshotKind.DISK_ONLY
+        with_state = kind is SnapshotKind.INTERNAL and not shutoff and not disk_only
         guest = "running" if state == "running" else ("shutoff" if shutoff else "paused")
-        entries = _entries(ts, rec, disks, snap, kind, with_state, guest)
-        for e in entries:
-            if "overlay" in e and Path(e["overlay"]).exists():
-                raise XenlabError(f"overlay {e['overlay']} exists already")
+        entries: list[dict[str, Any]] = []
+        for i, (d, b) in enumerate(zip(disks, backends, strict=True)):
+            e = b.plan(d, snap)
+            e.update({"backend": b.name, "guest": guest})
+            if kind is SnapshotKind.INTERNAL:
+                e["vmstate"] = with_state and i == 0
+            entries.append(e)
         mem_path = None
         if kind is SnapshotKind.EXTERNAL:
             mem_dir = ts.state_dir / "snapshots" / str(rec.domid)
@@ -386,139 +892,124 @@ def create_snapshot(
             created=time.time(), kind=kind, description=description,
             disks=tuple(entries), memory_path=mem_path, state=SnapshotState.CREATING,
         ))
+        pairs = list(zip(entries, backends, strict=True))
         try:
-            if kind is SnapshotKind.INTERNAL:
-                if shutoff:
-                    _internal_offline(disks, snap)
-                else:
-                    _run_async(_internal_live(ts, rec, disks, snap, with_state, timeout))
-            elif shutoff:
-                _external_offline(entries)
+            if shutoff:
+                _run_async(_take_offline(pairs, snap))
+            elif with_state:
+                _run_async(_internal_save(ts, rec, entries, snap, timeout))
             else:
-                _run_async(_external_live(ts, rec, entries, mem_path, live, state, timeout))
+                _run_async(_take_live(ts, rec, pairs, snap, mem_path, live, state, timeout))
         except BaseException as err:
             failure = _create_failed(ts, rec, row, err)
             if failure is err:
                 raise
             raise failure from err
-        if kind is not SnapshotKind.INTERNAL:
-            _record_overlays(ts, rec.domid, entries)
+        _record_layers(ts, rec.domid, pairs)
         ready = ts.store.set_snapshot_state(row.id, SnapshotState.READY)
         _set_current(ts, rec.domid, ready.id)
         return ready
 
 
-def _record_overlays(ts: Toolstack, domid: int, entries: Sequence[Mapping[str, Any]]) -> None:
-    """The disks' top layers are now these overlays."""
-    rec = ts.store.get(domid)
-    extra = _extra(rec)
-    extra[OVERLAYS] = {
-        **extra.get(OVERLAYS, {}),
-        **{e["vdev"]: {"file": e["overlay"], "node": e["overlay_node"]} for e in entries},
-    }
-    ts.store.update(replace(rec, extra=extra))
+Pair = tuple[Mapping[str, Any], DiskSnapshotBackend]
 
 
-def _entries(ts: Toolstack, rec: DomainRecord, disks: Sequence[_Disk], snap: str,
-             kind: SnapshotKind, with_state: bool, guest: str) -> list[dict[str, Any]]:
-    dc, _ = ts._config_of(rec)
-    base = {d.vdev: d.pdev_path for d in dc.disks}
-    out: list[dict[str, Any]] = []
-    for i, d in enumerate(disks):
-        e: dict[str, Any] = {"vdev": d.vdev, "file": d.file, "format": d.format,
-                             "node": d.node, "guest": guest}
-        if kind is SnapshotKind.INTERNAL:
-            e["vmstate"] = with_state and i == 0
-        else:
-            e["overlay"] = f"{base[d.vdev]}.{snap}.qcow2"
-            e["overlay_node"] = f"{d.vdev}-{snap}"
-        out.append(e)
-    return out
+def _record_layers(ts: Toolstack, domid: int, pairs: Sequence[Pair]) -> None:
+    """The disks of layered backends run on their new overlays now."""
+    tops = {e["vdev"]: {"file": e["overlay"], "node": e["overlay_node"]}
+            for e, b in pairs if b.layered and Path(e["overlay"]).exists()}
+    if tops:
+        _set_tops(ts, domid, tops)
 
 
-def _internal_offline(disks: Sequence[_Disk], snap: str) -> None:
-    done: list[str] = []
+async def _take_offline(pairs: Sequence[Pair], snap: str) -> None:
+    done: list[Pair] = []
     try:
-        for d in disks:
-            _img("snapshot", "-c", snap, d.file)
-            done.append(d.file)
+        for e, b in pairs:
+            await b.create(e, snap, None)
+            done.append((e, b))
     except BaseException:
-        for f in done:
-            _img("snapshot", "-d", snap, f)
+        for e, b in done:
+            await b.discard(e, snap, None)
         raise
 
 
-async def _internal_live(ts: Toolstack, rec: DomainRecord, disks: Sequence[_Disk], snap: str,
-                         with_state: bool, timeout: float) -> None:
+async def _take_disks(qmp: Qmp, pairs: Sequence[Pair], snap: str, state: str,
+                      timeout: float) -> None:
+    """Take every disk at one instant: one transaction, or one by one with the guest paused."""
+    actions = []
+    for e, b in pairs:
+        a = b.action(e, snap, await _node_of(qmp, e["file"], e["node"]))
+        if a is None:
+            break
+        actions.append(a)
+    else:
+        try:
+            await qmp.execute("transaction", {"actions": actions}, timeout=timeout)
+        except BaseException:
+            # A transaction that failed switched nothing: drop new overlay files.
+            for e, b in pairs:
+                if b.layered:
+                    await b.discard(e, snap, None)
+            raise
+        return
+    if state == "running":
+        await qmp.execute("stop")
+    done: list[Pair] = []
+    try:
+        for e, b in pairs:
+            await b.create(e, snap, qmp)
+            done.append((e, b))
+    except BaseException:
+        for e, b in done:
+            if not b.layered:
+                await b.discard(e, snap, qmp)
+        raise
+    finally:
+        if state == "running" and qmp.connected:
+            await qmp.execute("cont")
+
+
+async def _internal_save(ts: Toolstack, rec: DomainRecord, entries: Sequence[Mapping[str, Any]],
+                         snap: str, timeout: float) -> None:
+    """qcow2's own speciality: disks and VM state in the images, one snapshot-save job."""
     async with Qmp.open(ts.paths(rec).qmp) as qmp:
-        if with_state:
-            await _job(qmp, "snapshot-save", {
-                "job-id": f"save-{snap}", "tag": snap, "vmstate": disks[0].node,
-                "devices": [d.node for d in disks],
-            }, timeout)
-        else:
-            # One transaction: every disk at the same instant, or none.
-            await qmp.execute("transaction", {"actions": [
-                {"type": "blockdev-snapshot-internal-sync",
-                 "data": {"device": d.node, "name": snap}} for d in disks
-            ]}, timeout=timeout)
+        nodes = [await _node_of(qmp, e["file"], e["node"]) for e in entries]
+        await _job(qmp, "snapshot-save", {
+            "job-id": f"save-{snap}", "tag": snap, "vmstate": nodes[0], "devices": nodes,
+        }, timeout)
 
 
-def _external_offline(entries: Sequence[Mapping[str, Any]]) -> None:
-    done: list[str] = []
-    try:
-        for e in entries:
-            _img("create", "-q", "-f", "qcow2", "-b", e["file"], "-F", e["format"],
-                 e["overlay"])
-            done.append(e["overlay"])
-    except BaseException:
-        for f in done:
-            Path(f).unlink(missing_ok=True)
-        raise
-
-
-async def _external_live(ts: Toolstack, rec: DomainRecord, entries: Sequence[Mapping[str, Any]],
-                         mem_path: str | None, live: bool, state: str, timeout: float) -> None:
-    actions = [
-        {"type": "blockdev-snapshot-sync", "data": {
-            "node-name": e["node"], "snapshot-file": e["overlay"],
-            "snapshot-node-name": e["overlay_node"], "format": "qcow2",
-            "mode": "absolute-paths"}}
-        for e in entries
-    ]
+async def _take_live(ts: Toolstack, rec: DomainRecord, pairs: Sequence[Pair], snap: str,
+                     mem_path: str | None, live: bool, state: str, timeout: float) -> None:
     async with Qmp.open(ts.paths(rec).qmp) as qmp:
         if mem_path is None:
-            await qmp.execute("transaction", {"actions": actions}, timeout=timeout)
+            await _take_disks(qmp, pairs, snap, state, timeout)
             return
         uri = f"exec:cat > {shlex.quote(mem_path)}"
-        switched = False
+        what = "saving the VM state"
         try:
             if live:
-                # The disks switch at the pause before switch-over, when the
+                # The disks are taken at the pause before switch-over, when the
                 # guest has stopped and its last memory is about to be sent.
                 await qmp.execute("migrate-set-capabilities", {"capabilities": [
                     {"capability": "pause-before-switchover", "state": True}]})
                 try:
                     await qmp.execute("migrate", {"uri": uri})
-                    await _wait_migration(qmp, {"pre-switchover"}, timeout)
-                    await qmp.execute("transaction", {"actions": actions}, timeout=timeout)
-                    switched = True
+                    await _wait_migration(qmp, {"pre-switchover"}, timeout, what)
+                    await _take_disks(qmp, pairs, snap, "paused", timeout)
                     await qmp.execute("migrate-continue", {"state": "pre-switchover"})
-                    await _wait_migration(qmp, {"completed"}, timeout)
+                    await _wait_migration(qmp, {"completed"}, timeout, what)
                 finally:
                     await qmp.execute("migrate-set-capabilities", {"capabilities": [
                         {"capability": "pause-before-switchover", "state": False}]})
             else:
                 if state == "running":
                     await qmp.execute("stop")
-                await qmp.execute("transaction", {"actions": actions}, timeout=timeout)
-                switched = True
+                await _take_disks(qmp, pairs, snap, "paused", timeout)
                 await qmp.execute("migrate", {"uri": uri})
-                await _wait_migration(qmp, {"completed"}, timeout)
+                await _wait_migration(qmp, {"completed"}, timeout, what)
         except BaseException:
-            if not switched:
-                for e in entries:
-                    Path(e["overlay"]).unlink(missing_ok=True)
             Path(mem_path).unlink(missing_ok=True)
             raise
         finally:
@@ -532,24 +1023,24 @@ def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
     notes: list[str] = []
     gone = rec.state != SHUTOFF and not is_alive(rec)
     try:
-        if row.kind is not SnapshotKind.INTERNAL and any(
-            Path(e["overlay"]).exists() for e in row.disks
-        ):
+        layered = [e for e in row.disks if _entry_backend(row, e).layered
+                   and Path(e["overlay"]).exists()]
+        if layered:
             # The disks switched to the overlays before the failure: they
             # hold the guest's writes now, so keep them, recorded, for
             # snapshot-delete to commit back.
-            _record_overlays(ts, rec.domid, row.disks)
+            _set_tops(ts, rec.domid, {e["vdev"]: {"file": e["overlay"],
+                                                  "node": e["overlay_node"]} for e in layered})
             raise BackendError("the disks run on its overlays now; snapshot-delete commits "
                                "them back")
-        if row.kind is SnapshotKind.INTERNAL:
-            for d in row.disks:
-                if (gone or rec.state == SHUTOFF) and row.name in _img_tags(d["file"]):
-                    _img("snapshot", "-d", row.name, d["file"])
+        if gone or rec.state == SHUTOFF:
+            for e in row.disks:
+                _run_async(_entry_backend(row, e).discard(e, row.name, None))
             if gone:
-                _repair([d["file"] for d in row.disks])
+                _repair([e["file"] for e in row.disks])
                 notes.append("the disks were checked and their leaks repaired")
-            elif rec.state != SHUTOFF:
-                _run_async(_drop_partial_live(ts, rec, row))
+        else:
+            _run_async(_discard_live(ts, rec, row))
         ts.store.remove_snapshot(row.id)
         notes.append(f"snapshot {row.name!r} was not kept")
     except Exception as cleanup:
@@ -563,13 +1054,11 @@ def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
     return BackendError(msg) if isinstance(err, Exception) else err
 
 
-async def _drop_partial_live(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord) -> None:
-    """Delete whatever part of internal snapshot ``row`` a failed job left in live images."""
+async def _discard_live(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord) -> None:
+    """Remove whatever part of ``row`` a failed live create left in the images."""
     async with Qmp.open(ts.paths(rec).qmp) as qmp:
-        for d in row.disks:
-            if row.name in _img_tags(d["file"]):
-                await qmp.execute("blockdev-snapshot-delete-internal-sync",
-                                  {"device": d["node"], "name": row.name})
+        for e in row.disks:
+            await _entry_backend(row, e).discard(e, row.name, qmp)
 
 
 # --- list and info ----------------------------------------------------------
@@ -617,6 +1106,7 @@ def snapshot_info(ts: Toolstack, name: str, snap: str) -> SnapshotInfo:
                         vm_bytes)
 
 
+
 # --- revert -----------------------------------------------------------------
 
 
@@ -626,14 +1116,16 @@ def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool | None
 
     CLI: ``xenlab vm snapshot-revert DOM NAME [--running|--paused]``.  A
     snapshot with VM state leaves the guest running if it ran when taken,
-    unless ``running`` says otherwise (a shut-off domain is started).  A
-    disk-only internal snapshot needs the domain shut off; with ``running``
-    set the domain is started afterwards.
+    unless ``running`` says otherwise (a shut-off domain is started; a live
+    one on external snapshots is restarted on new overlays).  A snapshot
+    without VM state needs the domain shut off; with ``running`` set the
+    domain is started afterwards.
 
     :raise XenlabError: unknown domain or snapshot.
     :raise StateError: a stale domain, a broken snapshot, a disk-only
-        snapshot of a live domain, or an external snapshot.
-    :raise BackendError: QEMU or qemu-img failed.
+        snapshot of a live domain, or a snapshot stored in an image the
+        disk no longer runs on.
+    :raise BackendError: QEMU or a disk tool failed.
     """
     rec = ts.get(name)
     with ts.store.lock(rec.domid):
@@ -641,54 +1133,139 @@ def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool | None
         s = ts.store.get_snapshot(rec.domid, snap)
         if s.state is not SnapshotState.READY:
             raise StateError(f"snapshot {snap!r} is {s.state.value}: it cannot be reverted")
-        if s.kind is not SnapshotKind.INTERNAL:
-            raise StateError(
-                f"snapshot {snap!r} is {s.kind.value}: reverting external snapshots is not "
-                "supported yet (delete it to merge its overlays back)"
-            )
         state = _liveness(ts, rec)
-        if rec.extra.get(OVERLAYS):
-            raise StateError(
-                f"domain {rec.name!r} runs on external overlays: delete its external "
-                "snapshots before reverting an internal one"
-            )
-        if _has_memory(s):
-            if state == SHUTOFF:
-                rec = _start_paused(ts, rec)
-            go = _guest_ran(s) if running is None else running
-            try:
-                _run_async(_load(ts, rec, s, go, timeout))
-            except BaseException:
-                if not is_alive(rec):
-                    _repair([d["file"] for d in s.disks])
-                    ts._gone(ts.store.get(rec.domid))
-                raise
-            rec = ts.store.update(replace(ts.store.get(rec.domid),
-                                          state="running" if go else "paused"))
-        else:
-            if state != SHUTOFF:
+        pairs = [(e, _entry_backend(s, e)) for e in s.disks]
+        tops = _tops(ts, rec)
+        for e, b in pairs:
+            top = tops.get(e["vdev"])
+            if not b.layered and top is not None and os.path.realpath(top) != os.path.realpath(
+                    e["file"]):
                 raise StateError(
-                    f"snapshot {snap!r} has no VM state: its disks can only be reverted with "
-                    f"the domain shut off (`xenlab vm shutdown {rec.name}` first); QEMU cannot "
-                    "load a disk snapshot under a running guest"
+                    f"domain {rec.name!r} runs on external overlays: disk {e['vdev']} runs on "
+                    f"{top}, above the image holding {snap!r}; delete its external snapshots "
+                    "before reverting this one"
                 )
-            for d in s.disks:
-                _img("snapshot", "-a", snap, d["file"])
+        mem = _has_memory(s)
+        if not mem and state != SHUTOFF:
+            raise StateError(
+                f"snapshot {snap!r} has no VM state: its disks can only be reverted with "
+                f"the domain shut off (`xenlab vm shutdown {rec.name}` first); QEMU cannot "
+                "load a disk snapshot under a running guest"
+            )
+        go = _guest_ran(s) if running is None else running
+        if mem and s.kind is SnapshotKind.INTERNAL:
+            rec = _revert_internal_state(ts, rec, s, state, go, timeout)
+        elif mem:
+            rec = _revert_with_memory_file(ts, rec, s, pairs, state, go, timeout)
+        else:
+            previous = _revert_disks(ts, rec, s, pairs)
+            _prune(ts, rec.domid, set(previous.values()))
             if running is not None:
-                rec = _start_paused(ts, rec)
+                rec = _start_paused(ts, ts.store.get(rec.domid))
                 if running:
                     _run_async(ts._qmp(rec, "cont"))
                     rec = ts.store.update(replace(rec, state="running"))
         return _set_current(ts, rec.domid, s.id)
 
 
+def _revert_internal_state(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, state: str,
+                           go: bool, timeout: float) -> DomainRecord:
+    if state == SHUTOFF:
+        rec = _start_paused(ts, rec)
+    try:
+        _run_async(_load(ts, rec, s, go, timeout))
+    except BaseException:
+        if not is_alive(rec):
+            _repair([d["file"] for d in s.disks])
+            ts._gone(ts.store.get(rec.domid))
+        raise
+    return ts.store.update(replace(ts.store.get(rec.domid), state="running" if go else "paused"))
+
+
+def _revert_disks(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord,
+                  pairs: Sequence[Pair]) -> dict[str, str]:
+    """Revert every disk of ``s`` (QEMU is not running); the previous tops of moved disks.
+
+    Disks that moved to new overlays are recorded; the abandoned layers are
+    pruned when nothing needs them.  On failure, the new overlays are removed
+    and the disks stay on their previous tops.
+    """
+    old = _tops(ts, rec)
+    moved: dict[str, dict[str, str]] = {}
+    try:
+        for e, b in pairs:
+            top = _run_async(b.revert(e, s.name))
+            if top is not None:
+                moved[e["vdev"]] = top
+    except BaseException:
+        for top in moved.values():
+            Path(top["file"]).unlink(missing_ok=True)
+        raise
+    _set_tops(ts, rec.domid, moved)
+    return {v: old[v] for v in moved if v in old}
+
+
+def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord,
+                             pairs: Sequence[Pair], state: str, go: bool,
+                             timeout: float) -> DomainRecord:
+    """Shut the domain off, revert its disks, start QEMU on them and load the memory file."""
+    from xenlab.vm import migrate  # it imports this module
+
+    assert s.memory_path is not None
+    if not Path(s.memory_path).is_file():
+        raise StateError(f"snapshot {s.name!r}: its memory file {s.memory_path} is missing")
+    if state != SHUTOFF:
+        # Reverting discards the guest as it is now, as libvirt does.
+        ts._kill(ts.paths(rec), rec.pid)
+        ts._gone(rec)
+        _repair(list(_tops(ts, rec).values()))
+        rec = ts.store.get(rec.domid)
+    previous = _revert_disks(ts, rec, s, pairs)
+    rec = ts.store.get(rec.domid)
+    dc, text = ts._config_of(rec)
+    try:
+        started, paths = migrate._start_incoming(
+            ts, _on_overlays(dc, rec), text, config_path=rec.config_path, uuid=rec.uuid,
+            image=None)
+        try:
+            with open(s.memory_path, "rb") as f:
+                _run_async(_load_memory(migrate, paths, f.fileno(), go, timeout))
+        except BaseException as err:
+            ts._kill(paths, started.pid)
+            ts._gone(ts.store.get(rec.domid))
+            if isinstance(err, Exception):
+                raise BackendError(f"snapshot-revert {rec.name} {s.name}: loading the memory "
+                                   f"failed: {err}") from err
+            raise
+    except BaseException:
+        # Back on the disks as they were (the guest itself is gone, shut off).
+        new = {v: t for v, t in _tops(ts, ts.store.get(rec.domid)).items() if v in previous}
+        _set_tops(ts, rec.domid, {v: {"file": p, "node": f"{v}-fmt"}
+                                  for v, p in previous.items()})
+        for path in new.values():
+            Path(path).unlink(missing_ok=True)
+        raise
+    _prune(ts, rec.domid, set(previous.values()))
+    rec = ts.store.get(rec.domid)
+    return ts.store.update(replace(rec, state="running" if go else "paused"))
+
+
+async def _load_memory(migrate: Any, paths: Any, fd: int, go: bool, timeout: float) -> None:
+    async with Qmp.open(paths.qmp) as qmp:
+        await migrate._send_fd(qmp, fd, "snapshot-mem")
+        await qmp.execute("migrate-incoming", {"uri": "fd:snapshot-mem"})
+        await _wait_migration(qmp, {"completed"}, timeout, "loading the VM state")
+        if go:
+            await qmp.execute("cont")
+
+
 async def _load(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, go: bool,
                 timeout: float) -> None:
-    vm = next(d for d in s.disks if d.get("vmstate"))
     async with Qmp.open(ts.paths(rec).qmp) as qmp:
+        nodes = [await _node_of(qmp, d["file"], d["node"]) for d in s.disks]
+        vm = next(n for n, d in zip(nodes, s.disks, strict=True) if d.get("vmstate"))
         await _job(qmp, "snapshot-load", {
-            "job-id": f"load-{s.name}", "tag": s.name, "vmstate": vm["node"],
-            "devices": [d["node"] for d in s.disks],
+            "job-id": f"load-{s.name}", "tag": s.name, "vmstate": vm, "devices": nodes,
         }, timeout)
         st = await qmp.execute("query-status")
         status = st.get("status") if isinstance(st, dict) else None
@@ -707,12 +1284,12 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
 
     CLI: ``xenlab vm snapshot-delete DOM NAME [--children]``.  Returns the
     records deleted, descendants first.  Internal snapshots leave the
-    images; external ones are committed into the files below their overlays.
+    images; external ones are committed into the images below them when
+    those are right under the disk's top, and otherwise just dropped.
 
     :raise XenlabError: unknown domain or snapshot.
-    :raise StateError: children without ``children``, a stale domain, or an
-        external snapshot whose overlays are no longer the top layer.
-    :raise BackendError: QEMU or qemu-img failed (that snapshot stays, ``broken``).
+    :raise StateError: children without ``children``, or a stale domain.
+    :raise BackendError: QEMU or a disk tool failed (that snapshot stays, ``broken``).
     """
     rec = ts.get(name)
     with ts.store.lock(rec.domid):
@@ -734,26 +1311,12 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
                 f"snapshot {snap!r} has children ({names}): delete them first or use --children"
             )
         state = _liveness(ts, rec)
-        # Each external snapshot must be the disks' top layer by the time
-        # its turn comes (descendants go first and pop their overlays).
-        tops = {v: o.get("file") for v, o in rec.extra.get(OVERLAYS, {}).items()}
-        for s in order:
-            if s.kind is not SnapshotKind.INTERNAL:
-                for d in s.disks:
-                    if not Path(d["overlay"]).exists():
-                        continue  # a broken create that never made it
-                    if tops.get(d["vdev"]) != d["overlay"]:
-                        raise StateError(
-                            f"snapshot {s.name!r}: overlay {d['overlay']} is no longer the top "
-                            f"of disk {d['vdev']}; delete the snapshots above it first"
-                        )
-                    tops[d["vdev"]] = d["file"]
         cur = _current_id(ts, rec)
         done: list[SnapshotRecord] = []
         for s in order:
             ts.store.set_snapshot_state(s.id, SnapshotState.DELETING)
             try:
-                _delete_one(ts, rec, s, state, timeout)
+                _run_async(_delete_one(ts, rec, s, state))
             except BaseException as err:
                 ts.store.set_snapshot_state(s.id, SnapshotState.BROKEN)
                 if state != SHUTOFF and not is_alive(rec):
@@ -766,6 +1329,8 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
                     ) from err
                 raise
             ts.store.remove_snapshot(s.id)
+            _prune(ts, rec.domid, {str(e[k]) for e in s.disks for k in ("file", "overlay")
+                                   if k in e})
             done.append(s)
             if cur == s.id:
                 cur = top.parent
@@ -773,68 +1338,19 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
         return done
 
 
-def _delete_one(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, state: str,
-                timeout: float) -> None:
-    if s.kind is SnapshotKind.INTERNAL:
-        present = [d for d in s.disks if Path(d["file"]).exists() and s.name in
-                   _img_tags(d["file"])]
-        if not present:
-            return
-        if state == SHUTOFF:
-            for d in present:
-                _img("snapshot", "-d", s.name, d["file"])
-        else:
-            _run_async(_job_delete(ts, rec, s.name, [d["node"] for d in present], timeout))
-        return
-    tops = {v: o.get("file") for v, o in ts.store.get(rec.domid).extra.get(OVERLAYS, {}).items()}
-    if all(tops.get(d["vdev"]) == d["overlay"] for d in s.disks):
-        if state == SHUTOFF:
-            for d in s.disks:
-                _img("commit", "-q", d["overlay"], timeout=timeout)
-        else:
-            _run_async(_commit_live(ts, rec, s, timeout))
-        _pop_overlays(ts, rec.domid, s)
-    for d in s.disks:
-        Path(d["overlay"]).unlink(missing_ok=True)
+async def _delete_one(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, state: str) -> None:
+    async def each(qmp: Qmp | None) -> None:
+        for e in s.disks:
+            top = _tops(ts, ts.store.get(rec.domid)).get(e["vdev"], e["file"])
+            new = await _entry_backend(s, e).delete(e, s.name, qmp, top)
+            if new is not None:
+                _set_tops(ts, rec.domid, {e["vdev"]: {"file": new, "node": e["node"]}})
+
+    if state == SHUTOFF:
+        await each(None)
+    else:
+        async with Qmp.open(ts.paths(rec).qmp) as qmp:
+            await each(qmp)
     if s.memory_path:
         Path(s.memory_path).unlink(missing_ok=True)
 
-
-async def _job_delete(ts: Toolstack, rec: DomainRecord, tag: str, nodes: list[str],
-                      timeout: float) -> None:
-    async with Qmp.open(ts.paths(rec).qmp) as qmp:
-        await _job(qmp, "snapshot-delete",
-                   {"job-id": f"delete-{tag}", "tag": tag, "devices": nodes}, timeout)
-
-
-async def _commit_live(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord,
-                       timeout: float) -> None:
-    async with Qmp.open(ts.paths(rec).qmp) as qmp:
-        for d in s.disks:
-            job = f"commit-{d['vdev']}"
-            # Active commit: the overlay's data goes down into the node below
-            # and the device pivots onto it when the job completes.
-            await qmp.execute("block-commit", {
-                "job-id": job, "device": d["overlay_node"], "base-node": d["node"],
-                "auto-dismiss": False, "auto-finalize": True,
-            })
-            await run_job(qmp, job, timeout, complete_on_ready=True)
-
-
-def _pop_overlays(ts: Toolstack, domid: int, s: SnapshotRecord) -> None:
-    """After a commit the disks' top is what was below the overlays again."""
-    rec = ts.store.get(domid)
-    extra = _extra(rec)
-    overlays = dict(extra.get(OVERLAYS, {}))
-    dc, _ = ts._config_of(rec)
-    base = {d.vdev: d.pdev_path for d in dc.disks}
-    for d in s.disks:
-        if d["file"] == base.get(d["vdev"]):
-            overlays.pop(d["vdev"], None)
-        else:
-            overlays[d["vdev"]] = {"file": d["file"], "node": d["node"]}
-    if overlays:
-        extra[OVERLAYS] = overlays
-    else:
-        extra.pop(OVERLAYS, None)
-    ts.store.update(replace(rec, extra=extra))
