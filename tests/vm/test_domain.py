@@ -213,3 +213,20 @@ def test_reboot_through_the_agent(ts: Toolstack, tmp_path: Path) -> None:
     ts.wait_ready("g10", timeout=30)
     assert ts.exec("g10", ["cat", "/proc/sys/kernel/random/boot_id"])[1] != boot_id
     assert is_alive(rec)  # on_reboot=restart: the same QEMU carries on
+
+
+def test_console_reaches_a_shell(ts: Toolstack, tmp_path: Path) -> None:
+    from xenlab.vm.console import attach
+
+    rec = ts.create(_cfg(tmp_path, "g11"), create_disks="32M")
+    _ready(ts, "g11")
+    r, w = os.pipe()
+    os.write(w, b"echo con$((40+2))sole\n")
+    out_r, out_w = os.pipe()
+    try:
+        seen = attach(ts.paths(rec).console, stdin=r, stdout=out_w, until=b"con42sole",
+                      timeout=20)
+    finally:
+        for fd in (r, w, out_r, out_w):
+            os.close(fd)
+    assert b"con42sole" in seen

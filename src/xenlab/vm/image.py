@@ -177,6 +177,8 @@ else
     echo "xenlab-init: no $port, qemu-ga not started"
 fi
 echo XENLAB-READY
+# A root shell on the serial console, for `xenlab vm console` (a test image).
+( while :; do setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'; sleep 1; done ) &
 while :; do
     sleep 3600 &
     wait $!
