@@ -304,9 +304,8 @@ async def _mirror(paths: RuntimePaths, vdev: str, target: Path, fmt: str, pivot:
                     raise BackendError(f"the pivot did not happen: {vdev} is on {now}")
                 run.node, run.pivoted = node, True
                 # Nothing uses the old nodes now; deleting them closes the old file.
-                for old in (src, _file_child(src)):
-                    with contextlib.suppress(BackendError):
-                        await qmp.execute("blockdev-del", {"node-name": old})
+                with contextlib.suppress(BackendError):
+                    await _del_nodes(qmp, src)
             else:
                 await _del_nodes(qmp, node)
                 added = False
@@ -329,8 +328,11 @@ async def _mirror(paths: RuntimePaths, vdev: str, target: Path, fmt: str, pivot:
 
 
 async def _del_nodes(qmp: Qmp, node: str) -> None:
+    # Our file node was defined inside the blockdev-add, so it goes with its
+    # parent; vm.qemu's pairs are two -blockdev options and need both dels.
     await qmp.execute("blockdev-del", {"node-name": node})
-    await qmp.execute("blockdev-del", {"node-name": f"{node}-file"})
+    with contextlib.suppress(BackendError):
+        await qmp.execute("blockdev-del", {"node-name": _file_child(node)})
 
 
 async def _job(qmp: Qmp, job: str) -> dict[str, Any] | None:

@@ -1,0 +1,210 @@
+"""vm.mirror: disk mirroring of running guests (TCG), pivot and copy, refusals, QEMU killed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.vm import migrate as mig
+from xenlab.vm import snapshot
+from xenlab.vm.domain import Toolstack
+from xenlab.vm.mirror import DISK_NODES, DISK_PATHS, MirrorProgress, mirror
+from xenlab.vm.store import is_alive
+
+pytestmark = pytest.mark.integration
+
+CFG = """\
+name = "{name}"
+type = "hvm"
+memory = 192
+vcpus = 2
+disk = [ "format=qcow2,vdev=xvda,access=rw,target={disk}" ]
+extra = "xenlab.mkfs=1"
+"""
+
+
+@pytest.fixture
+def ts(tmp_path: Path, guest_image: object) -> Iterator[Toolstack]:
+    t = Toolstack(tmp_path / "state")
+    yield t
+    for rec in t.store.list():
+        if rec.state == "shutoff":
+            t.undefine(rec.name)
+        else:
+            t.destroy(rec.name)
+
+
+def _boot(ts: Toolstack, tmp_path: Path, overrides: tuple[str, ...] = ()) -> Path:
+    cfg = tmp_path / "g1.cfg"
+    if not cfg.exists():
+        cfg.write_text(CFG.format(name="g1", disk=tmp_path / "g1.qcow2"))
+    ts.create(cfg, list(overrides), create_disks="32M")
+    _ready(ts)
+    return cfg
+
+
+def _ready(ts: Toolstack) -> None:
+    log = ts.paths(ts.get("g1")).console_log
+    deadline = time.monotonic() + 90
+    while not (log.exists() and b"XENLAB-READY" in log.read_bytes()):
+        assert time.monotonic() < deadline, log.read_bytes()[-2000:]
+        time.sleep(0.1)
+
+
+def _sh(ts: Toolstack, script: str) -> str:
+    code, out, err = ts.exec("g1", ["sh", "-c", script])
+    assert code == 0, err
+    return out.decode()
+
+
+def _compare(a: Path, b: Path) -> int:
+    # -U: a running QEMU holds the image lock; the guest is paused while we compare.
+    return subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)],
+                          capture_output=True, check=False).returncode
+
+
+def _raw_bytes(image: Path, tmp_path: Path) -> bytes:
+    """The guest-visible bytes of ``image``: where a marker file's text can be found."""
+    out = tmp_path / f"{image.name}.{uuid.uuid4().hex}.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(image), str(out)], check=True)
+    try:
+        return out.read_bytes()
+    finally:
+        out.unlink()
+
+
+def test_mirror_pivots_the_guest_onto_the_target(ts: Toolstack, tmp_path: Path) -> None:
+    cfg = _boot(ts, tmp_path)
+    source = tmp_path / "g1.qcow2"
+    _sh(ts, "echo A > /mnt/disk/marker && dd if=/dev/urandom of=/mnt/disk/blob bs=64k "
+            "count=64 2>/dev/null && sync")
+    target = tmp_path / "moved.qcow2"
+    seen: list[MirrorProgress] = []
+    res = mirror(ts, "g1", "xvda", target, progress=seen.append)
+    assert res.pivoted and res.source == str(source) and res.target == str(target)
+    assert seen and seen[-1].ready and seen[-1].done == seen[-1].total == res.bytes > 0
+    assert res.record.extra[DISK_PATHS] == {"xvda": {"file": str(target), "format": "qcow2"}}
+    assert res.record.extra[DISK_NODES] == {"xvda": "xvda--mirror1"}
+    assert ts.get("g1") == res.record
+    # QEMU has let go of the old file: no -U needed, no lock held on it.
+    subprocess.run(["qemu-img", "check", str(source)], check=True, capture_output=True)
+    ts.pause("g1")
+    assert _compare(source, target) == 0
+    ts.unpause("g1")
+    # Marker C written after the pivot lands in the target only.
+    marker = f"MARKER-C-{uuid.uuid4().hex}"
+    _sh(ts, f"echo {marker} > /mnt/disk/c && sync && echo 3 > /proc/sys/vm/drop_caches")
+    assert marker.encode() in _raw_bytes(target, tmp_path)
+    assert marker.encode() not in _raw_bytes(source, tmp_path)
+    assert _compare(source, target) == 1
+    # Save and migrate would restart the domain on the config's old file: refused.
+    with pytest.raises(StateError, match="mirrored disks"):
+        mig.save(ts, "g1", tmp_path / "g1.save")
+    # A second mirror goes from where the disk is now (the first target).
+    again = mirror(ts, "g1", "xvda", tmp_path / "again.raw", format="raw")
+    assert again.source == str(target) and again.pivoted
+    assert again.record.extra[DISK_NODES] == {"xvda": "xvda--mirror2"}
+    _sh(ts, "sync")
+    ts.pause("g1")
+    assert _compare(target, tmp_path / "again.raw") == 0
+    # The guest restarted on the mirror's copy finds everything, marker C too.
+    ts.destroy("g1")
+    ts.create(cfg, ['disk = [ "format=raw,vdev=xvda,access=rw,target='
+                    f'{tmp_path / "again.raw"}" ]'])
+    _ready(ts)
+    assert _sh(ts, "cat /mnt/disk/c /mnt/disk/marker") == f"{marker}\nA\n"
+    print(f"mirror 32 MiB: {res.seconds:.2f}s (second, to raw: {again.seconds:.2f}s)")
+
+
+def test_mirror_copy_without_pivot_and_refusals(ts: Toolstack, tmp_path: Path) -> None:
+    _boot(ts, tmp_path)
+    source = tmp_path / "g1.qcow2"
+    _sh(ts, "echo A > /mnt/disk/marker && sync")
+    ts.pause("g1")
+    rec = ts.get("g1")
+    copy = tmp_path / "copy.raw"
+    res = mirror(ts, "g1", "xvda", copy, format="raw", pivot=False)
+    assert not res.pivoted and res.record == rec  # the record did not change
+    assert _compare(source, copy) == 0
+    nodes = asyncio.run(ts._qmp(rec, "query-named-block-nodes", {"flat": True}))
+    assert isinstance(nodes, list)
+    assert sorted(n["node-name"] for n in nodes) == ["xvda-file", "xvda-fmt"]
+    assert asyncio.run(ts._qmp(rec, "query-block-jobs")) == []
+    ts.unpause("g1")
+    _sh(ts, "echo D > /mnt/disk/d && sync && echo 3 > /proc/sys/vm/drop_caches")
+    assert _compare(source, copy) == 1  # the guest still writes to its own disk
+
+    # Bad input: a clear error and nothing changes.
+    with pytest.raises(XenlabError, match=r"has no disk 'xvdz' \(its disks: xvda\)"):
+        mirror(ts, "g1", "xvdz", tmp_path / "z.qcow2")
+    before = copy.read_bytes()
+    with pytest.raises(XenlabError, match="exists; give a new file name"):
+        mirror(ts, "g1", "xvda", copy)
+    assert copy.read_bytes() == before
+    with pytest.raises(XenlabError, match="target format 'vmdk'"):
+        mirror(ts, "g1", "xvda", tmp_path / "x.vmdk", format="vmdk")
+    with pytest.raises(XenlabError, match="cannot create it"):
+        mirror(ts, "g1", "xvda", tmp_path / "no-such-dir" / "x.qcow2")
+    with pytest.raises(XenlabError, match="no domain"):
+        mirror(ts, "nope", "xvda", tmp_path / "x.qcow2")
+    snapshot.create_snapshot(ts, "g1", "s1", disk_only=True)
+    with pytest.raises(StateError, match=r"1 snapshot.*--no-pivot"):
+        mirror(ts, "g1", "xvda", tmp_path / "x.qcow2")
+    # A failure inside QEMU (out of time) cancels the job and removes the target.
+    with pytest.raises(BackendError, match=r"not ready within .*still runs on .*was removed"):
+        mirror(ts, "g1", "xvda", tmp_path / "slow.qcow2", pivot=False, bandwidth=64 << 10,
+               timeout=0.5)
+    assert not (tmp_path / "slow.qcow2").exists()
+    assert asyncio.run(ts._qmp(rec, "query-block-jobs")) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".qcow2", ".raw")) == [
+        "copy.raw", "g1.qcow2"]
+    assert ts.get("g1").extra.get(DISK_PATHS) is None
+    assert _sh(ts, "cat /mnt/disk/marker") == "A\n"
+    ts.destroy("g1")
+    with pytest.raises(StateError, match="shut off"):
+        mirror(ts, "g1", "xvda", tmp_path / "x.qcow2")
+
+
+def test_qemu_killed_mid_mirror(ts: Toolstack, tmp_path: Path) -> None:
+    cfg = _boot(ts, tmp_path)
+    source = tmp_path / "g1.qcow2"
+    _sh(ts, "echo A > /mnt/disk/marker && dd if=/dev/urandom of=/mnt/disk/blob bs=64k "
+            "count=128 2>/dev/null && sync")
+    rec = ts.get("g1")
+    target = tmp_path / "target.qcow2"
+    killed: list[MirrorProgress] = []
+
+    def kill(p: MirrorProgress) -> None:
+        if p.done > 0 and not killed:
+            assert rec.pid is not None
+            os.kill(rec.pid, signal.SIGKILL)
+            killed.append(p)
+
+    t0 = time.monotonic()
+    with pytest.raises(BackendError) as e:
+        # 2 MiB/s over 8 MiB of data: the kill lands in the middle.
+        mirror(ts, "g1", "xvda", target, bandwidth=2 << 20, progress=kill)
+    took = time.monotonic() - t0
+    msg = str(e.value)
+    assert killed and killed[0].done < killed[0].total
+    assert "QEMU exited during the mirror" in msg
+    assert f"the unfinished {target} was removed" in msg
+    assert f"the source {source} passes qemu-img check" in msg
+    assert "g1 is gone from the store" in msg
+    assert not target.exists() and not is_alive(rec)
+    assert ts.store.list() == []  # no half-recorded pivot, no stale record
+    subprocess.run(["qemu-img", "check", str(source)], check=True, capture_output=True)
+    # The domain boots again on its own disk with its data.
+    ts.create(cfg)
+    _ready(ts)
+    assert _sh(ts, "cat /mnt/disk/marker; wc -c < /mnt/disk/blob") == "A\n8388608\n"
+    print(f"killed mirror reported in {took:.2f}s")
