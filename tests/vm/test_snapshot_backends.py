@@ -1,0 +1,324 @@
+"""vm.snapshot backends: the backend table, raw copies, and reverting external snapshots.
+
+The first tests need no guest: a shut-off domain is a store record, and
+``qemu-io`` writes and reads patterns in its images.  The last ones boot
+real guests under TCG.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xenlab.errors import StateError, XenlabError
+from xenlab.vm.domain import SHUTOFF, Toolstack
+from xenlab.vm.qmp import Qmp
+from xenlab.vm.snapshot import (
+    BACKENDS,
+    PATH_KINDS,
+    SnapDisk,
+    backend_for,
+    create_snapshot,
+    delete_snapshot,
+    list_snapshots,
+    register_backend,
+    revert_snapshot,
+    snapshot_info,
+)
+from xenlab.vm.store import DomainRecord, SnapshotKind
+
+CFG = """\
+name = "{name}"
+type = "hvm"
+memory = 192
+vcpus = 2
+disk = [ "format={fmt},vdev=xvda,access=rw,target={disk}" ]
+extra = "xenlab.mkfs=1"
+"""
+
+
+def _img(*args: str) -> str:
+    return subprocess.run(["qemu-img", *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _write(disk: Path, fmt: str, byte: int) -> None:
+    subprocess.run(["qemu-io", "-f", fmt, "-c", f"write -P {byte} 0 64k", str(disk)],
+                   capture_output=True, check=True)
+
+
+def _holds(disk: Path, fmt: str, byte: int) -> bool:
+    proc = subprocess.run(["qemu-io", "-f", fmt, "-c", f"read -P {byte} 0 64k", str(disk)],
+                          capture_output=True, text=True, check=True)
+    return "Pattern verification failed" not in proc.stdout
+
+
+def _offline(tmp_path: Path, fmt: str) -> tuple[Toolstack, Path]:
+    """A shut-off domain (a store record, no QEMU) on a new 8 MiB disk."""
+    disk = tmp_path / f"off.{fmt}"
+    _img("create", "-q", "-f", fmt, str(disk), "8M")
+    ts = Toolstack(tmp_path / "state")
+    ts.store.add_domain(DomainRecord(
+        domid=0, name="off", uuid="00000000-0000-0000-0000-000000000001",
+        config_path=str(tmp_path / "off.cfg"),
+        config_text=CFG.format(name="off", fmt=fmt, disk=disk), rundir="", pid=None,
+        state=SHUTOFF, created=time.time(), accel="tcg",
+    ))
+    return ts, disk
+
+
+def test_the_table_picks_a_backend_by_what_the_disk_is(tmp_path: Path) -> None:
+    def disk(fmt: str, kind: str = "file") -> SnapDisk:
+        return SnapDisk("xvda", str(tmp_path / "d"), fmt, "xvda-fmt", str(tmp_path / "d"), kind)
+
+    assert [backend_for(disk(f), s).name for f, s in [  # type: ignore[union-attr]
+        ("qcow2", "internal"), ("raw", "internal"), ("raw", "external"),
+        ("qcow2", "external"),
+    ]] == ["qcow2-internal", "raw-copy", "qcow2-external", "qcow2-external"]
+    assert backend_for(disk("qcow2", "block"), "internal").name == "qcow2-internal"  # type: ignore[union-attr]
+    assert backend_for(disk("raw", "block"), "internal") is None
+    raw = backend_for(disk("raw"), "internal")
+    assert raw is not None and "shut off" in str(raw.can_snapshot(disk("raw"), live=True))
+    assert raw.can_snapshot(disk("raw"), live=False) is None
+    with pytest.raises(ValueError):
+        register_backend("sideways", "raw", "file", raw)
+
+
+class _Tagged:
+    """A toy backend for a made-up path kind: it records calls and keeps tags in a set."""
+
+    name = "toy"
+    layered = False
+
+    def __init__(self) -> None:
+        self.tags: set[str] = set()
+        self.calls: list[str] = []
+
+    def can_snapshot(self, disk: SnapDisk, *, live: bool) -> str | None:
+        return None
+
+    def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
+        return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node}
+
+    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
+        return None
+
+    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        self.calls.append(f"create {tag}")
+        self.tags.add(tag)
+
+    async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
+        self.calls.append(f"revert {tag}")
+        return None
+
+    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
+                     top: str) -> str | None:
+        self.calls.append(f"delete {tag}")
+        self.tags.discard(tag)
+        return None
+
+    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        self.tags.discard(tag)
+
+    def list(self, disk: SnapDisk) -> set[str]:
+        return set(self.tags)
+
+
+def test_a_registered_backend_serves_the_unchanged_verbs(tmp_path: Path) -> None:
+    ts, disk = _offline(tmp_path, "raw")
+    toy = _Tagged()
+
+    def probe(path: str) -> str | None:
+        return "toy-kind" if path == str(disk) else None
+
+    PATH_KINDS.insert(0, probe)
+    register_backend("internal", "raw", "toy-kind", toy)
+    try:
+        s = create_snapshot(ts, "off", "T1")
+        assert s.kind is SnapshotKind.DISK_ONLY and s.disks[0]["backend"] == "toy"
+        revert_snapshot(ts, "off", "T1")
+        delete_snapshot(ts, "off", "T1")
+        assert toy.calls == ["create T1", "revert T1", "delete T1"] and toy.tags == set()
+    finally:
+        PATH_KINDS.remove(probe)
+        del BACKENDS[("internal", "raw", "toy-kind")]
+
+
+def test_raw_copies_of_a_shut_off_domain(tmp_path: Path) -> None:
+    ts, disk = _offline(tmp_path, "raw")
+    _write(disk, "raw", 0xA)
+    r1 = create_snapshot(ts, "off", "R1", description="raw")
+    copy = Path(f"{disk}@R1")
+    assert r1.kind is SnapshotKind.DISK_ONLY and copy.is_file()
+    assert not snapshot_info(ts, "off", "R1").has_memory
+    _write(disk, "raw", 0xB)
+    create_snapshot(ts, "off", "R2")
+    assert _holds(disk, "raw", 0xB)
+    revert_snapshot(ts, "off", "R1")
+    assert _holds(disk, "raw", 0xA) and list_snapshots(ts, "off").current == "R1"
+    revert_snapshot(ts, "off", "R2")
+    assert _holds(disk, "raw", 0xB)
+    with pytest.raises(XenlabError, match="exists already"):
+        copy2 = Path(f"{disk}@R3")
+        copy2.write_bytes(b"x")
+        create_snapshot(ts, "off", "R3")
+    assert [s.name for s in ts.store.list_snapshots(ts.get("off").domid)] == ["R1", "R2"]
+    delete_snapshot(ts, "off", "R1", children=True)
+    assert not copy.exists() and not Path(f"{disk}@R2").exists()
+    with pytest.raises(XenlabError, match="--memory"):
+        create_snapshot(ts, "off", "M", memory=True)
+
+
+def test_external_revert_of_a_shut_off_domain_prunes_what_nothing_needs(
+    tmp_path: Path,
+) -> None:
+    ts, disk = _offline(tmp_path, "qcow2")
+    _write(disk, "qcow2", 0xA)
+    create_snapshot(ts, "off", "E1", external=True)
+    ov1 = Path(f"{disk}.E1.qcow2")
+    _write(ov1, "qcow2", 0xB)
+    create_snapshot(ts, "off", "E2", external=True)  # freezes ov1
+    ov2 = Path(f"{disk}.E2.qcow2")
+    _write(ov2, "qcow2", 0xC)
+
+    revert_snapshot(ts, "off", "E1")
+    top = Path(ts.get("off").extra["overlays"]["xvda"]["file"])
+    assert top == Path(f"{disk}.E1~1.qcow2") and _holds(top, "qcow2", 0xA)
+    assert list_snapshots(ts, "off").current == "E1"
+    # E2 still needs ov1 (its frozen image); the abandoned top ov2 is gone.
+    assert ov1.exists() and not ov2.exists()
+    revert_snapshot(ts, "off", "E2")
+    top = Path(ts.get("off").extra["overlays"]["xvda"]["file"])
+    assert _holds(top, "qcow2", 0xB) and not Path(f"{disk}.E1~1.qcow2").exists()
+
+    _write(top, "qcow2", 0xD)
+    delete_snapshot(ts, "off", "E2")  # the top merges into ov1, which is the top now
+    assert ts.get("off").extra["overlays"]["xvda"]["file"] == str(ov1)
+    assert _holds(ov1, "qcow2", 0xD) and not top.exists()
+    delete_snapshot(ts, "off", "E1")
+    assert "overlays" not in ts.get("off").extra and not ov1.exists()
+    assert _holds(disk, "qcow2", 0xD)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["off.qcow2", "state"]
+    assert subprocess.run(["qemu-img", "check", str(disk)], capture_output=True).returncode == 0
+
+
+# --- real guests ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ts(tmp_path: Path, guest_image: object) -> Iterator[Toolstack]:
+    t = Toolstack(tmp_path / "state")
+    yield t
+    for rec in t.store.list():
+        if rec.state == SHUTOFF:
+            t.undefine(rec.name)
+        else:
+            t.destroy(rec.name)
+
+
+def _ready(ts: Toolstack, name: str, timeout: float = 60) -> None:
+    ts.wait_ready(name, timeout=timeout)
+
+
+def _sh(ts: Toolstack, name: str, cmd: str) -> str:
+    code, out, err = ts.exec(name, ["sh", "-c", cmd])
+    assert code == 0, err
+    return out.decode()
+
+
+def _mark(ts: Toolstack, name: str, marker: str) -> None:
+    _sh(ts, name, f"echo {marker} > /mnt/disk/marker && sync")
+
+
+def _marker(ts: Toolstack, name: str) -> str:
+    return _sh(ts, name, "cat /mnt/disk/marker").strip()
+
+
+def _uptime(ts: Toolstack, name: str) -> float:
+    return float(_sh(ts, name, "cat /proc/uptime").split()[0])
+
+
+@pytest.mark.integration
+def test_raw_disk_of_a_real_guest(ts: Toolstack, tmp_path: Path) -> None:
+    cfg = tmp_path / "r.cfg"
+    disk = tmp_path / "r.raw"
+    cfg.write_text(CFG.format(name="r", fmt="raw", disk=disk))
+    ts.create(cfg, create_disks="32M")
+    _ready(ts, "r")
+    _mark(ts, "r", "A")
+    with pytest.raises(XenlabError, match="raw copies need the domain shut off"):
+        create_snapshot(ts, "r", "R1")
+    # A domain without snapshots is forgotten when it shuts down (as with
+    # xl): an external snapshot keeps it defined, and deleting it while shut
+    # off commits the overlay back into the raw file.
+    create_snapshot(ts, "r", "X1", external=True, disk_only=True)
+    assert ts.shutdown("r") == "shutdown"
+    delete_snapshot(ts, "r", "X1")
+    assert ts.get("r").state == SHUTOFF and "overlays" not in ts.get("r").extra
+    create_snapshot(ts, "r", "R1")
+    ts.create(cfg)
+    _ready(ts, "r")
+    _mark(ts, "r", "B")
+    assert ts.shutdown("r") == "shutdown"
+    revert_snapshot(ts, "r", "R1", running=True)
+    _ready(ts, "r")
+    assert _marker(ts, "r") == "A"
+
+
+@pytest.mark.integration
+def test_external_snapshots_revert_with_and_without_memory(ts: Toolstack, tmp_path: Path) -> None:
+    cfg = tmp_path / "x.cfg"
+    disk = tmp_path / "x.qcow2"
+    cfg.write_text(CFG.format(name="x", fmt="qcow2", disk=disk))
+    ts.create(cfg, create_disks="32M")
+    _ready(ts, "x")
+    times: dict[str, float] = {}
+    _mark(ts, "x", "A")
+    t = time.monotonic()
+    create_snapshot(ts, "x", "E1", external=True, memory=True)
+    times["create E1 (memory)"] = time.monotonic() - t
+    at_e1 = _uptime(ts, "x")
+    _mark(ts, "x", "B")
+    create_snapshot(ts, "x", "E2", external=True)  # disk-only, holds B
+    _mark(ts, "x", "C")
+    time.sleep(1.5)
+    before = _uptime(ts, "x")
+
+    t = time.monotonic()
+    revert_snapshot(ts, "x", "E1")  # live: QEMU restarts on a new overlay, memory loaded
+    times["revert E1 (memory)"] = time.monotonic() - t
+    assert ts.status(ts.get("x")).state == "running"
+    assert _marker(ts, "x") == "A"
+    after = _uptime(ts, "x")
+    assert at_e1 - 1.0 <= after < before - 1.0, (at_e1, before, after)
+    assert list_snapshots(ts, "x").current == "E1"
+    # E2's frozen image (E1's overlay) stays; the abandoned top (E2's overlay) is gone.
+    assert Path(f"{disk}.E1.qcow2").exists() and not Path(f"{disk}.E2.qcow2").exists()
+
+    with pytest.raises(StateError, match="no VM state"):
+        revert_snapshot(ts, "x", "E2")
+    assert ts.shutdown("x") == "shutdown"
+    t = time.monotonic()
+    revert_snapshot(ts, "x", "E2", running=True)
+    times["revert E2 (disk-only, boots)"] = time.monotonic() - t
+    _ready(ts, "x")
+    assert _marker(ts, "x") == "B"
+    _mark(ts, "x", "D")
+    t = time.monotonic()
+    delete_snapshot(ts, "x", "E2")  # live commit of the top into E1's overlay
+    times["delete E2 (commit)"] = time.monotonic() - t
+    assert ts.get("x").extra["overlays"]["xvda"]["file"] == f"{disk}.E1.qcow2"
+    revert_snapshot(ts, "x", "E1")
+    assert _marker(ts, "x") == "A"
+    delete_snapshot(ts, "x", "E1")
+    assert "overlays" not in ts.get("x").extra
+    assert _marker(ts, "x") == "A"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state", "x.cfg", "x.qcow2"]
+    assert ts.shutdown("x") == "shutdown"
+    assert subprocess.run(["qemu-img", "check", str(disk)], capture_output=True).returncode == 0
+    print("external snapshot times (s):", {k: round(v, 2) for k, v in times.items()})
