@@ -265,7 +265,7 @@ def test_external_snapshots(ts: Toolstack, tmp_path: Path) -> None:
         capture_output=True, text=True, check=True,
     ).stdout
     assert chain.count("backing file:") == 3
-    with pytest.raises(StateError, match="no VM state.*shut off"):
+    with pytest.raises(StateError, match=r"no VM state.*shut off"):
         revert_snapshot(ts, "e1", "E1")  # disk-only, and the domain runs
     with pytest.raises(StateError, match="children"):
         delete_snapshot(ts, "e1", "E1")
