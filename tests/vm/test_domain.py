@@ -230,3 +230,27 @@ def test_console_reaches_a_shell(ts: Toolstack, tmp_path: Path) -> None:
         for fd in (r, w, out_r, out_w):
             os.close(fd)
     assert b"con42sole" in seen
+
+
+def test_define_snapshot_while_shut_off_start_and_keep(ts: Toolstack, tmp_path: Path) -> None:
+    import subprocess
+
+    from xenlab.vm.snapshot import create_snapshot
+
+    cfg = _cfg(tmp_path, "g12")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "g12.qcow2"),
+                    "32M"], check=True)
+    rec = ts.define(cfg)
+    assert [s.state for s in ts.list()] == ["shutoff"]
+    create_snapshot(ts, "g12", "cold")  # no QEMU: qemu-img
+    tags = subprocess.run(["qemu-img", "snapshot", "-l", str(tmp_path / "g12.qcow2")],
+                          capture_output=True, text=True, check=True).stdout
+    assert "cold" in tags
+    started = ts.create(cfg)
+    assert started.domid == rec.domid and started.state == "running"
+    assert ts.shutdown("g12") == "shutdown"
+    assert [s.state for s in ts.list()] == ["shutoff"]  # defined: kept
+    with pytest.raises(XenlabError, match="already exists"):
+        ts.define(cfg)
+    ts.undefine("g12")
+    assert ts.list() == []

@@ -93,6 +93,16 @@ def destroy_cmd(domain: str, state_dir: Path | None) -> None:
     stdout.print(f"destroyed {printable(rec.name)} (id {rec.domid})")
 
 
+@vm.command("define")
+@click.argument("cfg", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1)
+@_STATE
+def define_cmd(cfg: Path, overrides: Sequence[str], state_dir: Path | None) -> None:
+    """Record CFG's domain as shut off without starting it (it stays after shutdowns)."""
+    rec = _ts(state_dir).define(cfg, overrides)
+    stdout.print(f"defined {printable(rec.name)} (id {rec.domid}), shut off")
+
+
 @vm.command("undefine")
 @click.argument("domain")
 @_STATE
@@ -448,7 +458,8 @@ def snapshot_list_cmd(domain: str, tree: bool, as_json: bool, state_dir: Path | 
 @_STATE
 def snapshot_revert_cmd(domain: str, name: str, running: bool | None,
                         state_dir: Path | None) -> None:
-    """Revert DOMAIN to snapshot NAME."""
+    """Revert DOMAIN to snapshot NAME (internal or external; a running domain is
+    restarted when the snapshot holds memory it cannot load in place)."""
     from xenlab.vm.snapshot import revert_snapshot
 
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ Like xl, ``create`` takes ``key=value`` overrides appended to the config.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -287,10 +288,32 @@ class Toolstack:
 
     # -- changing ----------------------------------------------------------------
 
+    def define(self, cfg: Path, overrides: Sequence[str] = ()) -> DomainRecord:
+        """Record the domain ``cfg`` describes as shut off, without starting it.
+
+        Like ``virsh define``: a defined domain stays in the store when its
+        QEMU exits, so it can be snapshotted while shut off (qemu-img) and
+        started again with ``create``.
+        """
+        dc, text = self.load_config(cfg, overrides)
+        with self.store.global_lock():
+            for rec in self.store.list():
+                if rec.name == dc.name:
+                    raise XenlabError(f"domain {dc.name!r} already exists (id {rec.domid})")
+            self._check_disks(dc, None)
+            return self.store.add_domain(
+                DomainRecord(
+                    domid=0, name=dc.name, uuid=dc.uuid or str(uuidlib.uuid4()),
+                    config_path=str(cfg.resolve()), config_text=text, rundir="", pid=None,
+                    state=SHUTOFF, created=time.time(), accel=self.accel.value,
+                    extra={"defined": True},
+                )
+            )
+
     def _gone(self, rec: DomainRecord) -> None:
-        """QEMU has exited: keep the domain as shut off if it has snapshots, else forget it."""
+        """QEMU has exited: keep the domain as shut off if it is defined or has snapshots."""
         shutil.rmtree(self.paths(rec).rundir, ignore_errors=True)
-        if self.store.list_snapshots(rec.domid):
+        if rec.extra.get("defined") or self.store.list_snapshots(rec.domid):
             self.store.update(replace(rec, pid=None, state=SHUTOFF))
         else:
             self.store.remove(rec.domid)
@@ -366,10 +389,19 @@ class Toolstack:
         """
         rec = self._live(name_or_id)
         with self.store.lock(rec.domid):
-            _run_async(self._qmp(rec, "system_powerdown"))
-            if _wait_gone(rec.pid, timeout):
-                self._gone(rec)
-                return "shutdown"
+            deadline = time.monotonic() + timeout
+            while True:
+                # A guest still booting has no ACPI handler yet and drops the
+                # press: press again every few seconds until the deadline.
+                # QEMU going away between presses is the goal, not an error.
+                with contextlib.suppress(BackendError):
+                    _run_async(self._qmp(rec, "system_powerdown"))
+                left = deadline - time.monotonic()
+                if _wait_gone(rec.pid, min(5.0, max(left, 0.0))):
+                    self._gone(rec)
+                    return "shutdown"
+                if time.monotonic() >= deadline:
+                    break
             if not force:
                 raise StateError(
                     f"domain {rec.name!r} did not shut down within {timeout:g} s "
