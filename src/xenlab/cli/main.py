@@ -2,27 +2,49 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
 from xenlab import __version__
-from xenlab.cli.config import config
-from xenlab.cli.ucode import ucode
-from xenlab.cli.vm import image, vm
 from xenlab.errors import XenlabError
 
+# Each group is imported only when it runs: `xenlab vm list` should not pay
+# for numpy (microcode checksums) at start-up, and the reverse.
+GROUPS = {
+    "config": ("xenlab.cli.config", "config", "The xl domain-configuration language."),
+    "ucode": ("xenlab.cli.ucode", "ucode", "CPU microcode: scan, select, extract, build."),
+    "vm": ("xenlab.cli.vm", "vm", "Run guests from xl configs on QEMU."),
+    "image": ("xenlab.cli.vm", "image", "The project's guest image."),
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """A group whose subcommand modules are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *GROUPS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in GROUPS:
+            module, attr, _ = GROUPS[cmd_name]
+            cmd = getattr(importlib.import_module(module), attr)
+            assert isinstance(cmd, click.Command)
+            return cmd
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # The help line of each group without importing it.
+        rows = [(name, GROUPS[name][2]) for name in sorted(GROUPS)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="xenlab")
 def cli() -> None:
     """xenlab: an open toolkit for Xen-style virtualization work."""
-
-
-cli.add_command(config)
-cli.add_command(ucode)
-cli.add_command(vm)
-cli.add_command(image)
 
 
 def main(argv: list[str] | None = None) -> None:
