@@ -305,13 +305,18 @@ def _size(text: str) -> int:
 @click.argument("domain")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-c", "--keep-running", is_flag=True, help="Leave the domain running after.")
+@click.option("--snapshot", is_flag=True,
+              help="Snapshot the (qcow2) disks with the memory; restore reverts them.")
 @_STATE
-def save_cmd(domain: str, file: Path, keep_running: bool, state_dir: Path | None) -> None:
+def save_cmd(domain: str, file: Path, keep_running: bool, snapshot: bool,
+             state_dir: Path | None) -> None:
     """Save DOMAIN's memory and config to FILE (xl save); the domain stops unless -c."""
     from xenlab.vm.migrate import save
 
-    save(_ts(state_dir), domain, file, keep_running=keep_running)
-    stdout.print(f"saved {printable(domain)} to {printable(str(file))}")
+    h = save(_ts(state_dir), domain, file, keep_running=keep_running, snapshot=snapshot)
+    stdout.print(f"saved {printable(domain)} to {printable(str(file))}"
+                 + (f" (disk snapshot {printable(h.disk_snapshots[0].name)})"
+                    if h.disk_snapshots else ""))
 
 
 @vm.command("restore")
@@ -335,6 +340,40 @@ def _print_progress(p: object) -> None:
     if p.total:
         pct = 100 * (p.total - p.remaining) / p.total
         click.echo(f"\r{p.phase}: {pct:5.1f}% of {p.total >> 20} MiB", nl=False, err=True)
+
+
+def _print_mirror(p: object) -> None:
+    from xenlab.vm.mirror import MirrorProgress
+
+    assert isinstance(p, MirrorProgress)
+    if p.total:
+        click.echo(f"\r{p.vdev}: {100 * p.done / p.total:5.1f}% of {p.total >> 20} MiB"
+                   + (" (ready)" if p.ready else ""), nl=False, err=True)
+
+
+@vm.command("mirror")
+@click.argument("domain")
+@click.argument("vdev")
+@click.argument("target", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--no-pivot", is_flag=True, help="Only copy: the guest keeps its disk.")
+@click.option("--format", "fmt", type=click.Choice(["qcow2", "raw"]), default="qcow2",
+              show_default=True, help="The target image's format.")
+@click.option("--bandwidth", metavar="SIZE", help="Limit the copy, per second (e.g. 64M).")
+@click.option("--timeout", type=float, default=600.0, show_default=True)
+@_STATE
+def mirror_cmd(domain: str, vdev: str, target: Path, no_pivot: bool, fmt: str,
+               bandwidth: str | None, timeout: float, state_dir: Path | None) -> None:
+    """Copy DOMAIN's disk VDEV to a new image TARGET, then switch the guest to it."""
+    from xenlab.vm.mirror import mirror
+
+    r = mirror(_ts(state_dir), domain, vdev, target, format=fmt, pivot=not no_pivot,
+               bandwidth=_size(bandwidth) if bandwidth else None, timeout=timeout,
+               progress=_print_mirror if sys.stderr.isatty() else None)
+    click.echo("", err=True)
+    done = f"now runs on {printable(r.target)}" if r.pivoted else \
+        f"copied to {printable(r.target)}"
+    stdout.print(f"{printable(domain)} {vdev}: {done} ({r.bytes >> 20} MiB in "
+                 f"{r.seconds:.2f} s)")
 
 
 @vm.command("migrate")

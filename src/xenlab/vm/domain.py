@@ -150,11 +150,13 @@ class Toolstack:
                         f"`xenlab vm destroy {dc.name}` clears it"
                     )
             if old is not None:
-                dc = _on_overlays(dc, old)
+                dc = _on_overlays(_on_mirrors(dc, old), old)
             created = self._check_disks(dc, create_disks)
             if old is not None:
                 extra = {k: v for k, v in old.extra.items()
-                         if k not in ("qemu_name", "vcpus", "memory_mib", "maxmem_mib")}
+                         # disk_nodes name the old QEMU's nodes; a new one has <vdev>-fmt
+                         if k not in ("qemu_name", "vcpus", "memory_mib", "maxmem_mib",
+                                      "disk_nodes")}
                 rec = self.store.update(replace(
                     old, config_path=str(cfg.resolve()), config_text=text, pid=None,
                     state="creating", created=time.time(), accel=self.accel.value,
@@ -311,9 +313,11 @@ class Toolstack:
             )
 
     def _gone(self, rec: DomainRecord) -> None:
-        """QEMU has exited: keep the domain as shut off if it is defined or has snapshots."""
+        """QEMU has exited: keep the domain as shut off if it is defined, has snapshots, or
+        runs on mirrored disks (only its record says where they are now)."""
         shutil.rmtree(self.paths(rec).rundir, ignore_errors=True)
-        if rec.extra.get("defined") or self.store.list_snapshots(rec.domid):
+        if (rec.extra.get("defined") or rec.extra.get("disk_paths")
+                or self.store.list_snapshots(rec.domid)):
             self.store.update(replace(rec, pid=None, state=SHUTOFF))
         else:
             self.store.remove(rec.domid)
@@ -486,6 +490,24 @@ class Toolstack:
         except ProcessLookupError:
             return
         _wait_gone(pid, 10)
+
+
+def _on_mirrors(dc: DomainConfig, rec: DomainRecord) -> DomainConfig:
+    """``dc`` with each disk that ``vm.mirror`` pivoted on the file it moved to.
+
+    After a pivot the guest's writes go to the mirror's target; starting the
+    domain on the config's file would silently go back in time.
+    """
+    moved = rec.extra.get("disk_paths") or {}
+    if not isinstance(moved, dict) or not moved:
+        return dc
+    disks = []
+    for d in dc.disks:
+        m = moved.get(d.vdev)
+        if isinstance(m, dict) and m.get("file"):
+            d = replace(d, pdev_path=str(m["file"]), format=DiskFormat(str(m["format"])))
+        disks.append(d)
+    return replace(dc, disks=tuple(disks))
 
 
 def _on_overlays(dc: DomainConfig, rec: DomainRecord) -> DomainConfig:

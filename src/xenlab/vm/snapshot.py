@@ -666,17 +666,23 @@ def _disks(ts: Toolstack, rec: DomainRecord) -> list[SnapDisk]:
     """The domain's writable disks with media, on top of any external overlays."""
     dc, _ = ts._config_of(rec)
     overlays: Mapping[str, Mapping[str, str]] = rec.extra.get(OVERLAYS, {})
+    # A disk vm.mirror pivoted lives in another file, under another node.
+    moved: Mapping[str, Mapping[str, str]] = rec.extra.get("disk_paths") or {}
+    nodes: Mapping[str, str] = rec.extra.get("disk_nodes") or {}
     out: list[SnapDisk] = []
     for d in dc.disks:
         if d.is_cdrom or not d.readwrite or not d.pdev_path or d.format is DiskFormat.EMPTY:
             continue
+        base, fmt = d.pdev_path, d.format.value
+        if d.vdev in moved:
+            base, fmt = moved[d.vdev]["file"], moved[d.vdev]["format"]
         top = overlays.get(d.vdev)
         if top is not None:
-            out.append(SnapDisk(d.vdev, top["file"], "qcow2", top["node"], d.pdev_path,
+            out.append(SnapDisk(d.vdev, top["file"], "qcow2", top["node"], base,
                                 _path_kind(top["file"])))
         else:
-            out.append(SnapDisk(d.vdev, d.pdev_path, d.format.value, f"{d.vdev}-fmt",
-                                d.pdev_path, _path_kind(d.pdev_path)))
+            out.append(SnapDisk(d.vdev, base, fmt, nodes.get(d.vdev, f"{d.vdev}-fmt"),
+                                base, _path_kind(base)))
     return out
 
 
@@ -725,6 +731,7 @@ def _set_tops(ts: Toolstack, domid: int, tops: Mapping[str, Mapping[str, str] | 
     overlays = dict(extra.get(OVERLAYS, {}))
     dc, _ = ts._config_of(rec)
     base = {d.vdev: d.pdev_path for d in dc.disks}
+    base.update({v: m["file"] for v, m in (rec.extra.get("disk_paths") or {}).items()})
     for vdev, top in tops.items():
         if top is None or top["file"] == base.get(vdev):
             overlays.pop(vdev, None)
