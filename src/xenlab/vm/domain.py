@@ -30,7 +30,7 @@ from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
-from xenlab.vm.qemu import Accel, RuntimePaths, balloon_target_mib, qemu_argv
+from xenlab.vm.qemu import Accel, RuntimePaths, balloon_target_mib, probe_accel, qemu_argv
 from xenlab.vm.qmp import GuestAgent, Qmp
 from xenlab.vm.store import DomainRecord, Store, is_alive
 
@@ -74,10 +74,17 @@ def _run_async(coro: Coroutine[Any, Any, T]) -> T:
 class Toolstack:
     """The verbs of ``xenlab vm``, over one state store."""
 
-    def __init__(self, state_dir: Path | None = None, *, accel: Accel = Accel.TCG) -> None:
+    def __init__(self, state_dir: Path | None = None, *, accel: Accel | None = None) -> None:
         self.store = Store(state_dir)
         self.state_dir = self.store.state_dir
-        self.accel = accel
+        self._accel = accel
+
+    @property
+    def accel(self) -> Accel:
+        """KVM when a real probe boot proves it works here, else TCG; probed once."""
+        if self._accel is None:
+            self._accel = probe_accel()
+        return self._accel
 
     # -- create ------------------------------------------------------------------
 
