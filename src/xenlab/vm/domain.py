@@ -21,7 +21,7 @@ import signal
 import subprocess
 import time
 import uuid as uuidlib
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,6 +67,17 @@ def runtime_paths(state_dir: Path, domid: int) -> RuntimePaths:
     return RuntimePaths.under(rundir)
 
 
+def config_from_text(text: str, source: str, overrides: Sequence[str] = ()
+                     ) -> tuple[DomainConfig, str]:
+    """Parse xl config ``text`` with ``key=value`` ``overrides`` appended, as xl does.
+
+    Returns the config and the text it was parsed from (the record keeps it).
+    """
+    if overrides:
+        text = text.rstrip("\n") + "\n" + "\n".join(overrides) + "\n"
+    return domain_config(parse(text, source=source)), text
+
+
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
@@ -94,10 +105,7 @@ class Toolstack:
             text = cfg.read_text(encoding="utf-8", errors="surrogateescape")
         except OSError as err:
             raise XenlabError(f"{cfg}: cannot read: {err.strerror or err}") from err
-        if overrides:
-            text = text.rstrip("\n") + "\n" + "\n".join(overrides) + "\n"
-        dc = domain_config(parse(text, source=str(cfg)))
-        return dc, text
+        return config_from_text(text, str(cfg), overrides)
 
     def _check_disks(self, dc: DomainConfig, create_size: str | None) -> list[Path]:
         """Every disk file must exist, or be created when asked; returns the created ones."""
@@ -143,41 +151,82 @@ class Toolstack:
         disks this call created.
         """
         dc, text = self.load_config(cfg, overrides)
+        return self._start(dc, text, config_path=str(cfg.resolve()), paused=paused,
+                           image=image, create_disks=create_disks)
+
+    def _reusable(self, name: str) -> DomainRecord | None:
+        """The shut-off domain called ``name`` to start again, or None when the name is free.
+
+        XenlabError when a live domain has the name, or a stale one (QEMU
+        gone) still holds it.  The caller holds the store's global lock.
+        """
+        old: DomainRecord | None = None
+        for rec in self.store.list():
+            if rec.name != name:
+                continue
+            if rec.state == SHUTOFF and not is_alive(rec):
+                old = rec  # a shut-off domain kept for its snapshots: start it again
+                continue
+            if is_alive(rec):
+                raise XenlabError(f"domain {name!r} already exists (id {rec.domid})")
+            raise XenlabError(
+                f"domain {name!r} has stale state (id {rec.domid}, QEMU gone): "
+                f"`xenlab vm destroy {name}` clears it"
+            )
+        return old
+
+    def _start(
+        self,
+        dc: DomainConfig,
+        text: str,
+        *,
+        config_path: str,
+        uuid: str | None = None,
+        paused: bool = False,
+        incoming: str | None = None,
+        image: object | None = None,
+        create_disks: str | None = None,
+        prepare: Callable[[], None] | None = None,
+    ) -> DomainRecord:
+        """Start a QEMU for ``dc`` and record it: what create, restore, receive and revert share.
+
+        Refuses a taken name; a shut-off domain of that name is started again
+        under its id.  Without ``incoming`` (``create``) the disks are checked
+        (made when ``create_disks`` gives a size), the memory balloon set, the
+        vCPUs pinned, and the record says what QEMU runs as.  With ``incoming``
+        (``-incoming`` value, e.g. ``"defer"``) QEMU waits paused for a
+        migration stream and the record's state is "incoming".  ``prepare``
+        runs under the domain's lock once the name is secured and before QEMU
+        starts (restore reverts the disks there).  Nothing is left behind on
+        failure: no record, no run directory, no disks this call made.
+        """
+        fresh = incoming is None
+        new_uuid = uuid or dc.uuid or str(uuidlib.uuid4())
         with self.store.global_lock():
-            old: DomainRecord | None = None
-            for rec in self.store.list():
-                if rec.name == dc.name:
-                    if rec.state == SHUTOFF and not is_alive(rec):
-                        old = rec  # a shut-off domain kept for its snapshots: start it again
-                        continue
-                    if is_alive(rec):
-                        raise XenlabError(f"domain {dc.name!r} already exists (id {rec.domid})")
-                    raise XenlabError(
-                        f"domain {dc.name!r} has stale state (id {rec.domid}, QEMU gone): "
-                        f"`xenlab vm destroy {dc.name}` clears it"
-                    )
-            if old is not None:
+            old = self._reusable(dc.name)
+            if old is not None and fresh:
+                # create starts a kept domain on the disks it last ran on; restore,
+                # receive and revert bring the config to run as it is.
                 dc = _on_overlays(_on_mirrors(dc, old), old)
-            created = self._check_disks(dc, create_disks)
+            created = self._check_disks(dc, create_disks) if fresh else []
+            state = "creating" if fresh else "incoming"
             if old is not None:
-                extra = {k: v for k, v in old.extra.items()
-                         # disk_nodes name the old QEMU's nodes; a new one has <vdev>-fmt
-                         if k not in ("qemu_name", "vcpus", "memory_mib", "maxmem_mib",
-                                      "disk_nodes")}
+                # The facts of the old QEMU's run do not hold for a fresh start;
+                # disk_nodes name the old QEMU's nodes, a new one has <vdev>-fmt.
+                extra = old.extra if not fresh else {
+                    k: v for k, v in old.extra.items()
+                    if k not in ("qemu_name", "vcpus", "memory_mib", "maxmem_mib", "disk_nodes")}
                 rec = self.store.update(replace(
-                    old, config_path=str(cfg.resolve()), config_text=text, pid=None,
-                    state="creating", created=time.time(), accel=self.accel.value,
-                    extra=extra,
+                    old, config_path=config_path, config_text=text, pid=None, state=state,
+                    created=time.time(), accel=self.accel.value,
+                    uuid=old.uuid if fresh else new_uuid, extra=extra,
                 ))
             else:
-                rec = self.store.add_domain(
-                    DomainRecord(
-                        domid=0, name=dc.name, uuid=dc.uuid or str(uuidlib.uuid4()),
-                        config_path=str(cfg.resolve()), config_text=text, rundir="",
-                        pid=None, state="creating", created=time.time(),
-                        accel=self.accel.value,
-                    )
-                )
+                rec = self.store.add_domain(DomainRecord(
+                    domid=0, name=dc.name, uuid=new_uuid, config_path=config_path,
+                    config_text=text, rundir="", pid=None, state=state, created=time.time(),
+                    accel=self.accel.value,
+                ))
         paths = runtime_paths(self.state_dir, rec.domid)
         try:
             with self.store.lock(rec.domid):
@@ -190,19 +239,24 @@ class Toolstack:
                     image = build_image()
                 argv = qemu_argv(
                     replace(dc, uuid=rec.uuid), paths, accel=self.accel,
-                    image=image, paused=paused,  # type: ignore[arg-type]
+                    image=image,  # type: ignore[arg-type]
+                    # An incoming QEMU must not run before the stream has arrived.
+                    paused=paused or not fresh, incoming=incoming,
                 )
+                if prepare is not None:
+                    prepare()
                 self._spawn(argv, paths)
                 pid = int(paths.pidfile.read_text().strip())
-                target = balloon_target_mib(dc)
-                if target is not None:
-                    # xl's memory < maxmem: the guest sees maxmem and the balloon
-                    # takes it down to memory once its driver is up.
-                    _run_async(self._qmp_paths(paths, "balloon", {"value": target << 20}))
-                state = _run_async(self._status(paths))
-                rec = replace(rec, rundir=str(paths.rundir), pid=pid, state=state)
-                self.store.update(rec)
-                if dc.cpus is not None:
+                if fresh:
+                    target = balloon_target_mib(dc)
+                    if target is not None:
+                        # xl's memory < maxmem: the guest sees maxmem and the balloon
+                        # takes it down to memory once its driver is up.
+                        _run_async(self._qmp_paths(paths, "balloon", {"value": target << 20}))
+                    state = _run_async(self._status(paths))
+                rec = self.store.update(replace(rec, rundir=str(paths.rundir), pid=pid,
+                                                state=state))
+                if fresh and dc.cpus is not None:
                     from xenlab.vm.resources import apply_affinity
 
                     apply_affinity(self, rec)  # xl's cpus=: pin the vCPU threads

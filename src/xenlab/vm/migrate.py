@@ -76,19 +76,17 @@ import struct
 import subprocess
 import tempfile
 import time
-import uuid as uuidlib
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from xenlab.config import parse
-from xenlab.config.model import DomainConfig, domain_config
+from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, FormatError, StateError, TruncatedError, XenlabError
-from xenlab.vm.domain import SHUTOFF, Toolstack, runtime_paths
+from xenlab.vm.domain import Toolstack, config_from_text
 from xenlab.vm.mirror import DISK_PATHS
-from xenlab.vm.qemu import RuntimePaths, qemu_argv
+from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.snapshot import CURRENT, OVERLAYS
 from xenlab.vm.store import DomainRecord, SnapshotNode, is_alive
@@ -435,76 +433,6 @@ def _log_tail(paths: RuntimePaths, lines: int = 5) -> str:
     return " | ".join(text.splitlines()[-lines:])
 
 
-def _start_incoming(
-    ts: Toolstack, dc: DomainConfig, text: str, *, config_path: str, uuid: str | None,
-    image: object | None, prepare: Callable[[], None] | None = None,
-) -> tuple[DomainRecord, RuntimePaths]:
-    """Start ``dc``'s QEMU with ``-incoming defer -S`` and record it (state "incoming").
-
-    The same checks as :meth:`Toolstack.create` (name taken, stale state; a
-    shut-off domain of that name is started again under its id) and the same
-    spawn.  ``prepare`` runs under the domain's lock once the name is
-    secured and before QEMU starts (restore reverts the disks there).
-    Nothing is left behind on failure.
-    """
-    with ts.store.global_lock():
-        old: DomainRecord | None = None
-        for rec in ts.store.list():
-            if rec.name != dc.name:
-                continue
-            if rec.state == SHUTOFF and not is_alive(rec):
-                old = rec
-                continue
-            if is_alive(rec):
-                raise XenlabError(f"domain {dc.name!r} already exists (id {rec.domid})")
-            raise XenlabError(
-                f"domain {dc.name!r} has stale state (id {rec.domid}, QEMU gone): "
-                f"`xenlab vm destroy {dc.name}` clears it"
-            )
-        new_uuid = uuid or dc.uuid or str(uuidlib.uuid4())
-        if old is not None:
-            rec = ts.store.update(replace(
-                old, config_path=config_path, config_text=text, pid=None, state="incoming",
-                created=time.time(), accel=ts.accel.value, uuid=new_uuid,
-            ))
-        else:
-            rec = ts.store.add_domain(DomainRecord(
-                domid=0, name=dc.name, uuid=new_uuid, config_path=config_path,
-                config_text=text, rundir="", pid=None, state="incoming", created=time.time(),
-                accel=ts.accel.value,
-            ))
-    paths = runtime_paths(ts.state_dir, rec.domid)
-    try:
-        with ts.store.lock(rec.domid):
-            if paths.rundir.exists():
-                shutil.rmtree(paths.rundir)
-            paths.rundir.mkdir(parents=True)
-            if image is None and dc.kernel is None:
-                from xenlab.vm.image import build_image
-
-                image = build_image()
-            argv = qemu_argv(
-                replace(dc, uuid=rec.uuid), paths, accel=ts.accel, image=image,  # type: ignore[arg-type]
-                paused=True, incoming="defer",
-            )
-            if prepare is not None:
-                prepare()
-            ts._spawn(argv, paths)
-            pid = int(paths.pidfile.read_text().strip())
-            rec = ts.store.update(replace(rec, rundir=str(paths.rundir), pid=pid))
-            return rec, paths
-    except BaseException:
-        ts._kill(paths)
-        ts._gone(rec)
-        raise
-
-
-def _parse_config(text: str, source: str, overrides: Sequence[str]) -> tuple[DomainConfig, str]:
-    if overrides:
-        text = text.rstrip("\n") + "\n" + "\n".join(overrides) + "\n"
-    return domain_config(parse(text, source=source)), text
-
-
 def _quit(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths) -> None:
     """Make the domain's QEMU exit (QMP quit, SIGKILL if it lingers)."""
     with contextlib.suppress(BackendError):
@@ -811,16 +739,16 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
     """
     path = Path(path)
     header, offset = read_header(path)
-    dc, text = _parse_config(header.config_text, f"{path} (saved config)", overrides)
+    dc, text = config_from_text(header.config_text, f"{path} (saved config)", overrides)
     plan = _revert_plan(dc, header, path)
 
     def revert() -> None:
         for file, tag in plan:
             _qemu_img("snapshot", "-a", tag, file)
 
-    rec, paths = _start_incoming(ts, dc, text, config_path=header.config_path,
-                                 uuid=header.uuid, image=image,
-                                 prepare=revert if plan else None)
+    rec = ts._start(dc, text, config_path=header.config_path, uuid=header.uuid,
+                    incoming="defer", image=image, prepare=revert if plan else None)
+    paths = ts.paths(rec)
     try:
         with ts.store.lock(rec.domid):
             try:
@@ -918,7 +846,7 @@ def receive(
     :raise XenlabError: bad config, name taken, a missing disk without a size.
     :raise BackendError: QEMU refused the config, the port or the NBD export.
     """
-    dc, text = _parse_config(config_text, config_path or f"{host}:{port} (incoming)", overrides)
+    dc, text = config_from_text(config_text, config_path or f"{host}:{port} (incoming)", overrides)
     created: list[str] = []
     disks = _mirrored(dc) if with_storage else []
     for vdev, target, fmt in disks:
@@ -938,11 +866,12 @@ def receive(
             raise XenlabError(f"qemu-img create {target}: {proc.stderr.strip()}")
         created.append(target)
     try:
-        rec, paths = _start_incoming(ts, dc, text, config_path=config_path, uuid=uuid,
-                                     image=image)
+        rec = ts._start(dc, text, config_path=config_path, uuid=uuid, incoming="defer",
+                        image=image)
     except BaseException:
         _unlink(created)
         raise
+    paths = ts.paths(rec)
     try:
         if with_storage and nbd_port is None:
             nbd_port = port + 1 if port else _free_port(host)

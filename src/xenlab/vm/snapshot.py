@@ -1231,9 +1231,9 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
     rec = ts.store.get(rec.domid)
     dc, text = ts._config_of(rec)
     try:
-        started, paths = migrate._start_incoming(
-            ts, _on_overlays(dc, rec), text, config_path=rec.config_path, uuid=rec.uuid,
-            image=None)
+        started = ts._start(_on_overlays(dc, rec), text, config_path=rec.config_path,
+                            uuid=rec.uuid, incoming="defer")
+        paths = ts.paths(started)
         try:
             with open(s.memory_path, "rb") as f:
                 _run_async(_load_memory(migrate, paths, f.fileno(), go, timeout))
