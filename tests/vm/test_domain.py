@@ -12,62 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from xenlab.cli.main import main
+from tests.vm.guests import run_cli, wait_ready, write_config
 from xenlab.errors import StateError, XenlabError
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.store import is_alive
 
 pytestmark = pytest.mark.integration
 
-CFG = """\
-name = "{name}"
-type = "hvm"
-memory = {memory}
-maxmem = {maxmem}
-vcpus = 2
-disk = [ "format=qcow2,vdev=xvda,access=rw,target={disk}" ]
-"""
-
 
 def _cfg(tmp_path: Path, name: str = "g1", memory: int = 192, maxmem: int = 256) -> Path:
-    p = tmp_path / f"{name}.cfg"
-    p.write_text(CFG.format(name=name, memory=memory, maxmem=maxmem,
-                            disk=tmp_path / f"{name}.qcow2"))
-    return p
-
-
-@pytest.fixture
-def ts(tmp_path: Path, guest_image: object) -> Toolstack:
-    t = Toolstack(tmp_path / "state")
-    yield t  # type: ignore[misc]
-    for rec in t.store.list():
-        t.destroy(rec.name)
-
-
-def _ready(ts: Toolstack, name: str, timeout: float = 60) -> None:
-    log = ts.paths(ts.get(name)).console_log
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists() and b"XENLAB-READY" in log.read_bytes():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"guest not ready: {log.read_bytes()[-2000:]!r}")
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return write_config(tmp_path, name, memory=memory, maxmem=maxmem, mkfs=False)
 
 
 def test_lifecycle(ts: Toolstack, tmp_path: Path) -> None:
     rec = ts.create(_cfg(tmp_path), create_disks="32M")
     assert rec.domid == 1 and rec.state == "running" and is_alive(rec)
-    _ready(ts, "g1")
+    wait_ready(ts, "g1")
     code, out, _ = ts.exec("g1", ["nproc"])
     assert (code, out) == (0, b"2\n")
     # The guest boots with maxmem (256 MiB; MemTotal about 205 MiB after the
@@ -93,13 +53,13 @@ def test_lifecycle(ts: Toolstack, tmp_path: Path) -> None:
 def test_marker_survives_reboot_of_the_domain(ts: Toolstack, tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "g2")
     ts.create(cfg, ["extra = \"xenlab.mkfs=1\""], create_disks="32M")
-    _ready(ts, "g2")
+    wait_ready(ts, "g2")
     code, out, err = ts.exec("g2", ["sh", "-c", "echo A > /mnt/disk/marker && sync && "
                                                 "cat /mnt/disk/marker"])
     assert (code, out) == (0, b"A\n"), err
     assert ts.shutdown("g2") == "shutdown"
     ts.create(cfg)  # the disk is there now: no --create-disks needed
-    _ready(ts, "g2")
+    wait_ready(ts, "g2")
     assert ts.exec("g2", ["cat", "/mnt/disk/marker"])[1] == b"A\n"
 
 
@@ -112,7 +72,7 @@ def test_stale_state_is_reported_and_cleared(ts: Toolstack, tmp_path: Path,
     deadline = time.monotonic() + 10
     while is_alive(rec) and time.monotonic() < deadline:
         time.sleep(0.05)
-    code, out, _ = run(capsys, "vm", "list", "-l", "--state-dir", str(ts.state_dir))
+    code, out, _ = run_cli(capsys, "vm", "list", "-l", "--state-dir", str(ts.state_dir))
     assert code == 0
     assert [(d["name"], d["state"]) for d in json.loads(out)] == [("g3", "stale (QEMU gone)")]
     with pytest.raises(XenlabError, match="stale state"):
@@ -165,25 +125,25 @@ def test_cli_create_list_exec_destroy(tmp_path: Path, guest_image: object,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     state = str(tmp_path / "st")
     cfg = _cfg(tmp_path, "c1")
-    code, out, err = run(capsys, "vm", "create", str(cfg), "vcpus=1", "--create-disks", "32M",
+    code, out, err = run_cli(capsys, "vm", "create", str(cfg), "vcpus=1", "--create-disks", "32M",
                          "--state-dir", state)
     assert code == 0, err
     try:
         ts = Toolstack(Path(state))
-        _ready(ts, "c1")
-        code, out, _ = run(capsys, "vm", "list", "-l", "--state-dir", state)
+        wait_ready(ts, "c1")
+        code, out, _ = run_cli(capsys, "vm", "list", "-l", "--state-dir", state)
         (dom,) = json.loads(out)
         assert (dom["name"], dom["vcpus"], dom["state"]) == ("c1", 1, "running")
-        code, out, _ = run(capsys, "vm", "exec", "c1", "--state-dir", state, "--", "nproc")
+        code, out, _ = run_cli(capsys, "vm", "exec", "c1", "--state-dir", state, "--", "nproc")
         assert code == 0
     finally:
-        code, out, _ = run(capsys, "vm", "destroy", "c1", "--state-dir", state)
+        code, out, _ = run_cli(capsys, "vm", "destroy", "c1", "--state-dir", state)
     assert code == 0 and "destroyed c1" in out
 
 
 def test_guest_poweroff_ends_the_domain_like_xl(ts: Toolstack, tmp_path: Path) -> None:
     rec = ts.create(_cfg(tmp_path, "g8"), create_disks="32M")
-    _ready(ts, "g8")
+    wait_ready(ts, "g8")
     ts.exec("g8", ["sh", "-c", "(sleep 0.2; poweroff) >/dev/null 2>&1 &"])
     deadline = time.monotonic() + 30
     while is_alive(rec) and time.monotonic() < deadline:
@@ -203,7 +163,7 @@ def test_guest_poweroff_ends_the_domain_like_xl(ts: Toolstack, tmp_path: Path) -
 
 def test_reboot_through_the_agent(ts: Toolstack, tmp_path: Path) -> None:
     rec = ts.create(_cfg(tmp_path, "g10"), create_disks="32M")
-    _ready(ts, "g10")
+    wait_ready(ts, "g10")
     boot_id = ts.exec("g10", ["cat", "/proc/sys/kernel/random/boot_id"])[1]
     assert ts.reboot("g10") == "guest reboot"
     log = ts.paths(rec).console_log
@@ -219,7 +179,7 @@ def test_console_reaches_a_shell(ts: Toolstack, tmp_path: Path) -> None:
     from xenlab.vm.console import attach
 
     rec = ts.create(_cfg(tmp_path, "g11"), create_disks="32M")
-    _ready(ts, "g11")
+    wait_ready(ts, "g11")
     r, w = os.pipe()
     os.write(w, b"echo con$((40+2))sole\n")
     out_r, out_w = os.pipe()

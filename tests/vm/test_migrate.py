@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.vm.guests import boot, clear, config_text, sh, wait_ready
 from xenlab.errors import BackendError, FormatError, StateError, TruncatedError, XenlabError
 from xenlab.vm import migrate as mig
 from xenlab.vm import snapshot
@@ -165,17 +166,6 @@ def test_read_header_of_files(tmp_path: Path) -> None:
 
 # --- real guests ----------------------------------------------------------------------
 
-CFG = """\
-name = "{name}"
-type = "hvm"
-memory = 192
-maxmem = 256
-vcpus = 2
-disk = [ "format=qcow2,vdev=xvda,access=rw,target={disk}" ]
-extra = "xenlab.mkfs=1"
-"""
-
-
 def _disk_spec(path: Path) -> str:
     return f'disk = [ "format=qcow2,vdev=xvda,access=rw,target={path}" ]'
 
@@ -186,29 +176,11 @@ def hosts(tmp_path: Path, guest_image: object) -> Iterator[tuple[Toolstack, Tool
     a, b = Toolstack(tmp_path / "host-a"), Toolstack(tmp_path / "host-b")
     yield a, b
     for t in (a, b):
-        for rec in t.store.list():
-            t.destroy(rec.name)
-
-
-def _boot(ts: Toolstack, tmp_path: Path, name: str = "g1") -> None:
-    cfg = tmp_path / f"{name}.cfg"
-    cfg.write_text(CFG.format(name=name, disk=tmp_path / f"{name}.qcow2"))
-    ts.create(cfg, create_disks="32M")
-    log = ts.paths(ts.get(name)).console_log
-    deadline = time.monotonic() + 60
-    while not (log.exists() and b"XENLAB-READY" in log.read_bytes()):
-        assert time.monotonic() < deadline, log.read_bytes()[-2000:]
-        time.sleep(0.1)
-
-
-def _sh(ts: Toolstack, name: str, script: str) -> str:
-    code, out, err = ts.exec(name, ["sh", "-c", script])
-    assert code == 0, err
-    return out.decode()
+        clear(t)
 
 
 def _uptime_and_boot(ts: Toolstack, name: str) -> tuple[float, str]:
-    up, boot = _sh(ts, name, "cat /proc/uptime /proc/sys/kernel/random/boot_id").split("\n")[:2]
+    up, boot = sh(ts, name, "cat /proc/uptime /proc/sys/kernel/random/boot_id").split("\n")[:2]
     return float(up.split()[0]), boot
 
 
@@ -222,8 +194,8 @@ def _compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
 def test_save_restore_continues_the_guest(hosts: tuple[Toolstack, Toolstack],
                                           tmp_path: Path) -> None:
     ts, _ = hosts
-    _boot(ts, tmp_path)
-    _sh(ts, "g1", "echo A > /mnt/disk/marker && sync")
+    boot(ts, tmp_path, "g1")
+    sh(ts, "g1", "echo A > /mnt/disk/marker && sync")
     before, boot_id = _uptime_and_boot(ts, "g1")
     image = tmp_path / "g1 saved.img"  # a space: no shell anywhere
     t0 = time.monotonic()
@@ -248,7 +220,7 @@ def test_save_restore_continues_the_guest(hosts: tuple[Toolstack, Toolstack],
     after, boot_after = _uptime_and_boot(ts, "g1")
     assert boot_after == boot_id  # the same boot of the same kernel, not a new one
     assert after > before
-    assert _sh(ts, "g1", "cat /mnt/disk/marker") == "A\n"
+    assert sh(ts, "g1", "cat /mnt/disk/marker") == "A\n"
     print(f"save {save_s:.2f}s restore {restore_s:.2f}s")
 
 
@@ -256,7 +228,7 @@ def test_save_restore_continues_the_guest(hosts: tuple[Toolstack, Toolstack],
 def test_failed_save_leaves_the_domain_running(hosts: tuple[Toolstack, Toolstack],
                                                tmp_path: Path) -> None:
     ts, _ = hosts
-    _boot(ts, tmp_path)
+    boot(ts, tmp_path, "g1")
     rec = ts.get("g1")
     not_a_dir = tmp_path / "plain-file"
     not_a_dir.write_text("")
@@ -269,11 +241,11 @@ def test_failed_save_leaves_the_domain_running(hosts: tuple[Toolstack, Toolstack
         mig.save(ts, "g1", tmp_path / "slow.save", timeout=0.5, max_bandwidth=1 << 20)
     assert sorted(p.name for p in tmp_path.iterdir() if "save" in p.name) == []
     assert ts.get("g1") == rec and ts.status(rec).state == "running"
-    assert _sh(ts, "g1", "echo alive") == "alive\n"
+    assert sh(ts, "g1", "echo alive") == "alive\n"
     # keep_running (xl save -c): the image is made and the domain carries on.
     mig.save(ts, "g1", tmp_path / "g1.save", keep_running=True)
     assert ts.status(ts.get("g1")).state == "running"
-    assert _sh(ts, "g1", "echo still") == "still\n"
+    assert sh(ts, "g1", "echo still") == "still\n"
     # Its image cannot be restored while the domain runs: the name is taken.
     with pytest.raises(XenlabError, match="already exists"):
         mig.restore(ts, tmp_path / "g1.save")
@@ -294,14 +266,14 @@ def test_failed_save_leaves_the_domain_running(hosts: tuple[Toolstack, Toolstack
     assert not ts.paths(rec).rundir.exists()
     # ...and the whole image still restores.
     mig.restore(ts, tmp_path / "g1.save")
-    assert _sh(ts, "g1", "echo back") == "back\n"
+    assert sh(ts, "g1", "echo back") == "back\n"
 
 
 @pytest.mark.integration
 def test_live_migration_shared_disk(hosts: tuple[Toolstack, Toolstack], tmp_path: Path) -> None:
     src, dst = hosts
-    _boot(src, tmp_path)
-    _sh(src, "g1", "echo A > /mnt/disk/marker && sync")
+    boot(src, tmp_path, "g1")
+    sh(src, "g1", "echo A > /mnt/disk/marker && sync")
     before, boot_id = _uptime_and_boot(src, "g1")
     snapshot.create_snapshot(src, "g1", "s1", disk_only=True)
     # Snapshot records cannot go to another host yet: refused, nothing changes.
@@ -320,7 +292,7 @@ def test_live_migration_shared_disk(hosts: tuple[Toolstack, Toolstack], tmp_path
     assert seen and all(p.phase == "memory" for p in seen)
     after, boot_after = _uptime_and_boot(dst, "g1")
     assert boot_after == boot_id and after > before
-    assert _sh(dst, "g1", "cat /mnt/disk/marker") == "A\n"
+    assert sh(dst, "g1", "cat /mnt/disk/marker") == "A\n"
     # On shared disks the snapshot tree follows the domain to the other toolstack.
     tree = snapshot.list_snapshots(dst, "g1")
     assert [n.snapshot.name for n in tree.roots] == ["s1"] and tree.current == "s1"
@@ -335,8 +307,8 @@ def test_live_migration_shared_disk(hosts: tuple[Toolstack, Toolstack], tmp_path
 def test_live_migration_with_storage(hosts: tuple[Toolstack, Toolstack],
                                      tmp_path: Path) -> None:
     src, dst = hosts
-    _boot(src, tmp_path)
-    _sh(src, "g1", "echo A > /mnt/disk/marker && sync")
+    boot(src, tmp_path, "g1")
+    sh(src, "g1", "echo A > /mnt/disk/marker && sync")
     before, boot_id = _uptime_and_boot(src, "g1")
     target = tmp_path / "host-b-g1.qcow2"  # does not exist: made blank, same size
     seen: list[mig.MigrationProgress] = []
@@ -351,7 +323,7 @@ def test_live_migration_with_storage(hosts: tuple[Toolstack, Toolstack],
     after, boot_after = _uptime_and_boot(dst, "g1")
     assert boot_after == boot_id and after > before
     # The guest now writes to the destination's copy only.
-    _sh(dst, "g1", "cat /mnt/disk/marker && echo B > /mnt/disk/marker2 && sync")
+    sh(dst, "g1", "cat /mnt/disk/marker && echo B > /mnt/disk/marker2 && sync")
     assert _compare(tmp_path / "g1.qcow2", target).returncode == 1
     print(f"migrate --with-storage {res.seconds:.2f}s")
 
@@ -360,7 +332,7 @@ def test_live_migration_with_storage(hosts: tuple[Toolstack, Toolstack],
 def test_destination_killed_mid_migration(hosts: tuple[Toolstack, Toolstack],
                                           tmp_path: Path) -> None:
     src, dst = hosts
-    _boot(src, tmp_path)
+    boot(src, tmp_path, "g1")
     rec = src.get("g1")
     killed: list[int] = []
 
@@ -378,7 +350,7 @@ def test_destination_killed_mid_migration(hosts: tuple[Toolstack, Toolstack],
     assert src.get("g1") == rec and is_alive(rec)
     assert src.status(rec).state == "running"
     assert dst.store.list() == []
-    assert _sh(src, "g1", "echo alive") == "alive\n"
+    assert sh(src, "g1", "echo alive") == "alive\n"
 
     # The same while the disks are being mirrored: the mirror fails, and the
     # source is left with no job and no NBD node, and its own disk.
@@ -408,8 +380,8 @@ def test_two_host_flow_receive_then_migrate(hosts: tuple[Toolstack, Toolstack],
                                             tmp_path: Path) -> None:
     """What `migrate-receive CFG --port N` and `migrate DOM HOST:N` do on two hosts."""
     src, dst = hosts
-    _boot(src, tmp_path)
-    _sh(src, "g1", "echo A > /mnt/disk/marker && sync")
+    boot(src, tmp_path, "g1")
+    sh(src, "g1", "echo A > /mnt/disk/marker && sync")
     before, boot_id = _uptime_and_boot(src, "g1")
     target = tmp_path / "host-b-g1.qcow2"
     # destination: the config it was given, its own blank disk of the source's size
@@ -429,14 +401,14 @@ def test_two_host_flow_receive_then_migrate(hosts: tuple[Toolstack, Toolstack],
     dst.unpause("g1")
     after, boot_after = _uptime_and_boot(dst, "g1")
     assert boot_after == boot_id and after > before
-    assert _sh(dst, "g1", "cat /mnt/disk/marker") == "A\n"
+    assert sh(dst, "g1", "cat /mnt/disk/marker") == "A\n"
 
 
 def test_bad_destinations_are_refused(tmp_path: Path) -> None:
     ts = Toolstack(tmp_path / "st")
     with pytest.raises(XenlabError, match="no domain"):
         mig.migrate(ts, "nope", "127.0.0.1:4444")
-    cfg = CFG.format(name="g9", disk=tmp_path / "missing.qcow2")
+    cfg = config_text("g9", tmp_path / "missing.qcow2")
     with pytest.raises(XenlabError, match="needs a blank image of the source's size"):
         mig.receive(ts, cfg, 0, with_storage=True)
     assert ts.store.list() == []
@@ -455,9 +427,9 @@ def _tags(disk: Path) -> set[str]:
 def test_save_snapshot_restores_the_disk_with_the_memory(
         hosts: tuple[Toolstack, Toolstack], tmp_path: Path) -> None:
     ts, _ = hosts
-    _boot(ts, tmp_path)
+    boot(ts, tmp_path, "g1")
     disk = tmp_path / "g1.qcow2"
-    _sh(ts, "g1", "echo A > /mnt/disk/marker && sync")
+    sh(ts, "g1", "echo A > /mnt/disk/marker && sync")
     before, boot_id = _uptime_and_boot(ts, "g1")
     image = tmp_path / "g1.save"
     t0 = time.monotonic()
@@ -472,13 +444,9 @@ def test_save_snapshot_restores_the_disk_with_the_memory(
 
     # The domain is booted again from its config and writes B over A.
     ts.create(tmp_path / "g1.cfg")
-    log = ts.paths(ts.get("g1")).console_log
-    deadline = time.monotonic() + 60
-    while b"XENLAB-READY" not in log.read_bytes():
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert _sh(ts, "g1", "cat /mnt/disk/marker") == "A\n"
-    _sh(ts, "g1", "echo B > /mnt/disk/marker && echo B > /mnt/disk/later && sync")
+    wait_ready(ts, "g1")
+    assert sh(ts, "g1", "cat /mnt/disk/marker") == "A\n"
+    sh(ts, "g1", "echo B > /mnt/disk/marker && echo B > /mnt/disk/later && sync")
     assert ts.shutdown("g1") == "shutdown"
     assert _compare(at_save, disk).returncode == 1  # the disk moved on
 
@@ -493,7 +461,7 @@ def test_save_snapshot_restores_the_disk_with_the_memory(
     after, boot_after = _uptime_and_boot(ts, "g1")
     assert boot_after == boot_id and after > before
     # Read from the disk, not from the page cache the memory brought back.
-    assert _sh(ts, "g1", "echo 3 > /proc/sys/vm/drop_caches; cat /mnt/disk/marker; "
+    assert sh(ts, "g1", "echo 3 > /proc/sys/vm/drop_caches; cat /mnt/disk/marker; "
                          "ls /mnt/disk") == "A\nlost+found\nmarker\n"
     print(f"save --snapshot {save_s:.2f}s restore {restore_s:.2f}s")
 
@@ -505,7 +473,7 @@ def test_save_snapshot_refusals_and_failures(hosts: tuple[Toolstack, Toolstack],
     raw = tmp_path / "data.raw"
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "8M"], check=True)
     cfg = tmp_path / "g1.cfg"
-    cfg.write_text(CFG.format(name="g1", disk=tmp_path / "g1.qcow2") + f"""\
+    cfg.write_text(config_text("g1", tmp_path / "g1.qcow2") + f"""\
 disk = [ "format=qcow2,vdev=xvda,access=rw,target={tmp_path / 'g1.qcow2'}",
          "format=raw,vdev=xvdb,access=rw,target={raw}" ]
 """)
@@ -517,7 +485,7 @@ disk = [ "format=qcow2,vdev=xvda,access=rw,target={tmp_path / 'g1.qcow2'}",
     assert ts.get("g1") == rec and ts.status(rec).state == "running"
     ts.destroy("g1")
 
-    _boot(ts, tmp_path)
+    boot(ts, tmp_path, "g1")
     rec = ts.get("g1")
     # A save that fails after the snapshot was taken deletes it again.
     with pytest.raises(BackendError, match="not completed within"):
@@ -528,7 +496,7 @@ disk = [ "format=qcow2,vdev=xvda,access=rw,target={tmp_path / 'g1.qcow2'}",
     # keep_running: the domain carries on, the snapshot is in the disk.
     header = mig.save(ts, "g1", tmp_path / "g1.save", snapshot=True, keep_running=True)
     assert _tags(tmp_path / "g1.qcow2") == {header.disk_snapshots[0].name}
-    assert _sh(ts, "g1", "echo alive") == "alive\n"
+    assert sh(ts, "g1", "echo alive") == "alive\n"
     ts.destroy("g1")
     # Restoring onto a disk without that snapshot is refused before anything changes.
     other = tmp_path / "other.qcow2"
@@ -537,7 +505,7 @@ disk = [ "format=qcow2,vdev=xvda,access=rw,target={tmp_path / 'g1.qcow2'}",
         mig.restore(ts, tmp_path / "g1.save", overrides=[_disk_spec(other)])
     assert ts.store.list() == []
     # A disk held by another QEMU cannot be reverted: the restore fails cleanly.
-    _boot(hosts[1], tmp_path)
+    boot(hosts[1], tmp_path, "g1")
     with pytest.raises(BackendError, match=r"qemu-img snapshot .*lock"):
         mig.restore(ts, tmp_path / "g1.save")
     assert ts.store.list() == []

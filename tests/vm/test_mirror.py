@@ -8,11 +8,11 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.vm.guests import boot, sh, wait_ready
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm import migrate as mig
 from xenlab.vm import snapshot
@@ -22,48 +22,16 @@ from xenlab.vm.store import is_alive
 
 pytestmark = pytest.mark.integration
 
-CFG = """\
-name = "{name}"
-type = "hvm"
-memory = 192
-vcpus = 2
-disk = [ "format=qcow2,vdev=xvda,access=rw,target={disk}" ]
-extra = "xenlab.mkfs=1"
-"""
-
-
-@pytest.fixture
-def ts(tmp_path: Path, guest_image: object) -> Iterator[Toolstack]:
-    t = Toolstack(tmp_path / "state")
-    yield t
-    for rec in t.store.list():
-        if rec.state == "shutoff":
-            t.undefine(rec.name)
-        else:
-            t.destroy(rec.name)
-
-
 def _boot(ts: Toolstack, tmp_path: Path, overrides: tuple[str, ...] = ()) -> Path:
-    cfg = tmp_path / "g1.cfg"
-    if not cfg.exists():
-        cfg.write_text(CFG.format(name="g1", disk=tmp_path / "g1.qcow2"))
-    ts.create(cfg, list(overrides), create_disks="32M")
-    _ready(ts)
-    return cfg
+    return boot(ts, tmp_path, "g1", overrides=overrides, timeout=90, maxmem=None)
 
 
 def _ready(ts: Toolstack) -> None:
-    log = ts.paths(ts.get("g1")).console_log
-    deadline = time.monotonic() + 90
-    while not (log.exists() and b"XENLAB-READY" in log.read_bytes()):
-        assert time.monotonic() < deadline, log.read_bytes()[-2000:]
-        time.sleep(0.1)
+    wait_ready(ts, "g1", 90)
 
 
 def _sh(ts: Toolstack, script: str) -> str:
-    code, out, err = ts.exec("g1", ["sh", "-c", script])
-    assert code == 0, err
-    return out.decode()
+    return sh(ts, "g1", script)
 
 
 def _compare(a: Path, b: Path) -> int:

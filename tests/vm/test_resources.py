@@ -11,22 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm.guests import clear, wait_ready, write_config
 from xenlab.errors import XenlabError
 from xenlab.vm import resources as res
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.store import is_alive
 
 pytestmark = pytest.mark.integration
-
-CFG = """\
-name = "{name}"
-type = "hvm"
-memory = {memory}
-maxmem = {maxmem}
-vcpus = {vcpus}
-maxvcpus = {maxvcpus}
-disk = [ "format=qcow2,vdev=xvda,access=rw,target={disk}" ]
-"""
 
 HOST_CPUS = frozenset(os.sched_getaffinity(0))
 needs_two_cpus = pytest.mark.skipif(
@@ -36,10 +27,8 @@ needs_two_cpus = pytest.mark.skipif(
 
 def _cfg(tmp_path: Path, name: str, *, memory: int = 192, maxmem: int = 256, vcpus: int = 1,
          maxvcpus: int = 3, extra: str = "", disk: str | None = None) -> Path:
-    p = tmp_path / f"{disk or name}.cfg"
-    p.write_text(CFG.format(name=name, memory=memory, maxmem=maxmem, vcpus=vcpus,
-                            maxvcpus=maxvcpus, disk=tmp_path / f"{disk or name}.qcow2") + extra)
-    return p
+    return write_config(tmp_path, name, stem=disk, memory=memory, maxmem=maxmem, vcpus=vcpus,
+                        maxvcpus=maxvcpus, mkfs=False, tail=extra)
 
 
 @pytest.fixture
@@ -56,17 +45,7 @@ def ts(tmp_path: Path, guest_image: object) -> Iterator[Toolstack]:
                 cmdline = b""
             if b"qemu-system" in cmdline:
                 os.kill(rec.pid, signal.SIGKILL)
-        t.destroy(rec.name)
-
-
-def _ready(ts: Toolstack, name: str, timeout: float = 60) -> None:
-    log = ts.paths(ts.get(name)).console_log
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists() and b"XENLAB-READY" in log.read_bytes():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"guest not ready: {log.read_bytes()[-2000:]!r}")
+    clear(t)
 
 
 def _gone(pid: int) -> bool:
@@ -104,7 +83,7 @@ def _threads(ts: Toolstack, name: str) -> dict[int, int]:
 
 def test_mem_set_the_guest_reports_the_new_total(ts: Toolstack, tmp_path: Path) -> None:
     ts.create(_cfg(tmp_path, "m1"), create_disks="32M")
-    _ready(ts, "m1")
+    wait_ready(ts, "m1")
     # create set the balloon to memory=192; wait for the guest to get there.
     first = res.mem_set(ts, "m1", 192)
     assert first.reached and first.actual_mib == 192
@@ -150,7 +129,7 @@ def test_mem_set_the_guest_reports_the_new_total(ts: Toolstack, tmp_path: Path) 
 def test_vcpu_set_list_and_pin(ts: Toolstack, tmp_path: Path) -> None:
     rec = ts.create(_cfg(tmp_path, "v1", vcpus=1, maxvcpus=3), create_disks="32M")
     assert rec.pid is not None
-    _ready(ts, "v1")
+    wait_ready(ts, "v1")
     assert _nproc(ts, "v1") == 1
 
     up = res.vcpu_set(ts, "v1", 3)
@@ -210,7 +189,7 @@ def test_cpus_in_the_config_pins_every_vcpu_at_create(ts: Toolstack, tmp_path: P
     assert {v: os.sched_getaffinity(t) for v, t in _threads(ts, "p1").items()} == {
         0: {0}, 1: {0}}
     # A vCPU plugged later gets the config's affinity too.
-    _ready(ts, "p1")
+    wait_ready(ts, "p1")
     assert res.vcpu_set(ts, "p1", 3).guest_online == 3
     assert os.sched_getaffinity(_threads(ts, "p1")[2]) == {0}
 

@@ -7,12 +7,13 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
+from tests.vm.guests import boot, read_marker, uptime, wait_ready, write_marker
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.snapshot import (
@@ -28,68 +29,17 @@ pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
 
-# Two vCPUs: the guest then marks the TSC unstable and keeps time with the
-# HPET, whose counter snapshot-load restores.  A one-vCPU guest under TCG
-# keeps time with the TSC, which QEMU does not rewind on snapshot-load, so
-# its uptime would run on across a revert although memory is restored.
-CFG = """\
-name = "{name}"
-type = "hvm"
-memory = 192
-maxmem = 256
-vcpus = 2
-disk = [ "format=qcow2,vdev=xvda,access=rw,target={disk}" ]
-extra = "xenlab.mkfs=1"
-"""
-
-
-@pytest.fixture
-def ts(tmp_path: Path, guest_image: object) -> Iterator[Toolstack]:
-    t = Toolstack(tmp_path / "state")
-    yield t
-    for rec in t.store.list():
-        if rec.state == SHUTOFF:
-            t.undefine(rec.name)
-        else:
-            t.destroy(rec.name)
+# Two vCPUs (the guests' default): the guest then marks the TSC unstable
+# and keeps time with the HPET, whose counter snapshot-load restores.  A
+# one-vCPU guest under TCG keeps time with the TSC, which QEMU does not
+# rewind on snapshot-load, so its uptime would run on across a revert
+# although memory is restored.
 
 
 def _boot(ts: Toolstack, tmp_path: Path, name: str) -> Path:
     """Create domain ``name`` on a new 32 MiB disk and wait for the guest; the disk."""
-    cfg = tmp_path / f"{name}.cfg"
-    disk = tmp_path / f"{name}.qcow2"
-    cfg.write_text(CFG.format(name=name, disk=disk))
-    ts.create(cfg, create_disks="32M")
-    _ready(ts, name)
-    return disk
-
-
-def _ready(ts: Toolstack, name: str, timeout: float = 60) -> None:
-    log = ts.paths(ts.get(name)).console_log
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists() and b"XENLAB-READY" in log.read_bytes():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"guest not ready: {log.read_bytes()[-2000:]!r}")
-
-
-def _sh(ts: Toolstack, name: str, cmd: str) -> str:
-    code, out, err = ts.exec(name, ["sh", "-c", cmd])
-    assert code == 0, err
-    return out.decode()
-
-
-def _write(ts: Toolstack, name: str, marker: str) -> None:
-    _sh(ts, name, f"echo {marker} > /mnt/disk/marker && sync")
-
-
-def _marker(ts: Toolstack, name: str) -> str:
-    return _sh(ts, name, "cat /mnt/disk/marker").strip()
-
-
-def _uptime(ts: Toolstack, name: str) -> float:
-    return float(_sh(ts, name, "cat /proc/uptime").split()[0])
+    boot(ts, tmp_path, name)
+    return tmp_path / f"{name}.qcow2"
 
 
 def _check(disk: Path, *, shared: bool = False) -> subprocess.CompletedProcess[str]:
@@ -117,19 +67,19 @@ def _timed(what: str, times: dict[str, float], fn: Callable[..., T], *args: obje
 
 def test_memory_snapshot_reverts_disk_and_memory(ts: Toolstack, tmp_path: Path) -> None:
     disk = _boot(ts, tmp_path, "m1")
-    _write(ts, "m1", "A")
+    write_marker(ts, "m1", "A")
     times: dict[str, float] = {}
     s1 = _timed("create", times, create_snapshot, ts, "m1", "S1", description="before B")
     assert s1.kind is SnapshotKind.INTERNAL and s1.state is SnapshotState.READY
-    at_s1 = _uptime(ts, "m1")
-    _write(ts, "m1", "B")
+    at_s1 = uptime(ts, "m1")
+    write_marker(ts, "m1", "B")
     time.sleep(1.5)
-    before = _uptime(ts, "m1")
-    assert _marker(ts, "m1") == "B"
+    before = uptime(ts, "m1")
+    assert read_marker(ts, "m1") == "B"
     _timed("revert", times, revert_snapshot, ts, "m1", "S1")
     assert ts.status(ts.get("m1")).state == "running"
-    assert _marker(ts, "m1") == "A"
-    after = _uptime(ts, "m1")
+    assert read_marker(ts, "m1") == "A"
+    after = uptime(ts, "m1")
     # The guest's clock continues from S1: less time has passed than before the revert.
     assert after < before - 1.0 and after >= at_s1 - 1.0, (at_s1, before, after)
     info = snapshot_info(ts, "m1", "S1")
@@ -149,13 +99,13 @@ def test_tree_survives_a_new_toolstack_and_bad_input_changes_nothing(
     ts: Toolstack, tmp_path: Path
 ) -> None:
     _boot(ts, tmp_path, "t1")
-    _write(ts, "t1", "1")
+    write_marker(ts, "t1", "1")
     create_snapshot(ts, "t1", "S1")
-    _write(ts, "t1", "2")
+    write_marker(ts, "t1", "2")
     create_snapshot(ts, "t1", "S2")
     revert_snapshot(ts, "t1", "S1")
     assert list_snapshots(ts, "t1").current == "S1"
-    _write(ts, "t1", "3")
+    write_marker(ts, "t1", "3")
     create_snapshot(ts, "t1", "S3", disk_only=True)
     create_snapshot(ts, "t1", "S4")
     expect: list[object] = [("S1", [("S2", []), ("S3", [("S4", [])])])]
@@ -170,7 +120,7 @@ def test_tree_survives_a_new_toolstack_and_bad_input_changes_nothing(
     revert_snapshot(again, "t1", "S2", running=False)
     assert again.status(again.get("t1")).state == "paused"
     again.unpause("t1")
-    assert _marker(again, "t1") == "2"
+    assert read_marker(again, "t1") == "2"
     assert list_snapshots(ts, "t1").current == "S2"
 
     # Bad input: a clear error and nothing changed.
@@ -204,7 +154,7 @@ def test_tree_survives_a_new_toolstack_and_bad_input_changes_nothing(
 
 def test_disk_only_snapshots_and_a_shut_off_domain(ts: Toolstack, tmp_path: Path) -> None:
     disk = _boot(ts, tmp_path, "d1")
-    _write(ts, "d1", "A")
+    write_marker(ts, "d1", "A")
     live = create_snapshot(ts, "d1", "L1", disk_only=True)
     assert not snapshot_info(ts, "d1", "L1").has_memory and _tags(disk) == ["L1"]
     with pytest.raises(StateError, match="shut off"):
@@ -217,15 +167,15 @@ def test_disk_only_snapshots_and_a_shut_off_domain(ts: Toolstack, tmp_path: Path
     assert off.parent == live.id and _tags(disk) == ["L1", "O1"]
 
     revert_snapshot(ts, "d1", "O1", running=True)  # starts the domain
-    _ready(ts, "d1")
-    assert _marker(ts, "d1") == "A"
-    _write(ts, "d1", "B")
+    wait_ready(ts, "d1")
+    assert read_marker(ts, "d1") == "A"
+    write_marker(ts, "d1", "B")
     assert ts.shutdown("d1") == "shutdown"
     revert_snapshot(ts, "d1", "O1")  # qemu-img snapshot -a, stays shut off
     assert ts.get("d1").state == SHUTOFF
     revert_snapshot(ts, "d1", "L1", running=True)
-    _ready(ts, "d1")
-    assert _marker(ts, "d1") == "A"
+    wait_ready(ts, "d1")
+    assert read_marker(ts, "d1") == "A"
     assert list_snapshots(ts, "d1").current == "L1"
 
     # A domain whose QEMU is gone is refused, and nothing is recorded.
@@ -242,21 +192,21 @@ def test_disk_only_snapshots_and_a_shut_off_domain(ts: Toolstack, tmp_path: Path
 
 def test_external_snapshots(ts: Toolstack, tmp_path: Path) -> None:
     disk = _boot(ts, tmp_path, "e1")
-    _write(ts, "e1", "A")
+    write_marker(ts, "e1", "A")
     create_snapshot(ts, "e1", "I1")
     e1 = create_snapshot(ts, "e1", "E1", external=True)
     assert e1.kind is SnapshotKind.DISK_ONLY
     ov1 = Path(f"{disk}.E1.qcow2")
     assert ov1.exists()
-    _write(ts, "e1", "B")
+    write_marker(ts, "e1", "B")
     e2 = create_snapshot(ts, "e1", "E2", external=True, memory=True)
     assert e2.kind is SnapshotKind.EXTERNAL and e2.memory_path
     assert Path(e2.memory_path).stat().st_size > 1 << 20
     assert ts.status(ts.get("e1")).state == "running"
-    _write(ts, "e1", "C")
+    write_marker(ts, "e1", "C")
     e3 = create_snapshot(ts, "e1", "E3", external=True, memory=True, live=True)
     assert ts.status(ts.get("e1")).state == "running"
-    assert _marker(ts, "e1") == "C"
+    assert read_marker(ts, "e1") == "C"
     assert _shape(list_snapshots(ts, "e1").roots) == [
         ("I1", [("E1", [("E2", [("E3", [])])])])
     ]
@@ -277,7 +227,7 @@ def test_external_snapshots(ts: Toolstack, tmp_path: Path) -> None:
     delete_snapshot(ts, "e1", "E1", children=True)
     assert not ov1.exists() and not Path(f"{disk}.E2.qcow2").exists()
     assert "overlays" not in ts.get("e1").extra
-    assert _marker(ts, "e1") == "C"
+    assert read_marker(ts, "e1") == "C"
 
     # The memory cannot be written (a directory is in the way) after the
     # disks switched: the snapshot is kept, broken, its overlays recorded,
@@ -295,18 +245,18 @@ def test_external_snapshots(ts: Toolstack, tmp_path: Path) -> None:
     (mem_dir / "F1.mem").rmdir()
     delete_snapshot(ts, "e1", "F1")
     assert not Path(f"{disk}.F1.qcow2").exists() and "overlays" not in ts.get("e1").extra
-    _write(ts, "e1", "D")  # the guest writes to the base image again
+    write_marker(ts, "e1", "D")  # the guest writes to the base image again
     assert ts.shutdown("e1") == "shutdown"
     assert _check(disk).returncode == 0
     revert_snapshot(ts, "e1", "I1")
-    assert _marker(ts, "e1") == "A"
+    assert read_marker(ts, "e1") == "A"
 
 
 def test_qemu_killed_during_snapshot_save(ts: Toolstack, tmp_path: Path) -> None:
     disk = _boot(ts, tmp_path, "k1")
-    _write(ts, "k1", "A")
+    write_marker(ts, "k1", "A")
     create_snapshot(ts, "k1", "S1")
-    _write(ts, "k1", "B")
+    write_marker(ts, "k1", "B")
     pid = ts.get("k1").pid
     assert pid is not None
     start = disk.stat().st_size
@@ -343,4 +293,4 @@ def test_qemu_killed_during_snapshot_save(ts: Toolstack, tmp_path: Path) -> None
     assert _tags(disk) == ["S1"]
     revert_snapshot(ts, "k1", "S1")  # starts QEMU again and loads S1
     assert ts.status(ts.get("k1")).state == "running"
-    assert _marker(ts, "k1") == "A"
+    assert read_marker(ts, "k1") == "A"

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.vm.guests import boot, config_text, read_marker, uptime, write_marker
 from xenlab.errors import StateError, XenlabError
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.qmp import Qmp
@@ -31,15 +32,6 @@ from xenlab.vm.snapshot import (
     snapshot_info,
 )
 from xenlab.vm.store import DomainRecord, SnapshotKind
-
-CFG = """\
-name = "{name}"
-type = "hvm"
-memory = 192
-vcpus = 2
-disk = [ "format={fmt},vdev=xvda,access=rw,target={disk}" ]
-extra = "xenlab.mkfs=1"
-"""
 
 
 def _img(*args: str) -> str:
@@ -66,7 +58,7 @@ def _offline(tmp_path: Path, fmt: str) -> tuple[Toolstack, Path]:
     ts.store.add_domain(DomainRecord(
         domid=0, name="off", uuid="00000000-0000-0000-0000-000000000001",
         config_path=str(tmp_path / "off.cfg"),
-        config_text=CFG.format(name="off", fmt=fmt, disk=disk), rundir="", pid=None,
+        config_text=config_text("off", disk, fmt=fmt, maxmem=None), rundir="", pid=None,
         state=SHUTOFF, created=time.time(), accel="tcg",
     ))
     return ts, disk
@@ -210,47 +202,10 @@ def test_external_revert_of_a_shut_off_domain_prunes_what_nothing_needs(
 # --- real guests ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def ts(tmp_path: Path, guest_image: object) -> Iterator[Toolstack]:
-    t = Toolstack(tmp_path / "state")
-    yield t
-    for rec in t.store.list():
-        if rec.state == SHUTOFF:
-            t.undefine(rec.name)
-        else:
-            t.destroy(rec.name)
-
-
-def _ready(ts: Toolstack, name: str, timeout: float = 60) -> None:
-    ts.wait_ready(name, timeout=timeout)
-
-
-def _sh(ts: Toolstack, name: str, cmd: str) -> str:
-    code, out, err = ts.exec(name, ["sh", "-c", cmd])
-    assert code == 0, err
-    return out.decode()
-
-
-def _mark(ts: Toolstack, name: str, marker: str) -> None:
-    _sh(ts, name, f"echo {marker} > /mnt/disk/marker && sync")
-
-
-def _marker(ts: Toolstack, name: str) -> str:
-    return _sh(ts, name, "cat /mnt/disk/marker").strip()
-
-
-def _uptime(ts: Toolstack, name: str) -> float:
-    return float(_sh(ts, name, "cat /proc/uptime").split()[0])
-
-
 @pytest.mark.integration
 def test_raw_disk_of_a_real_guest(ts: Toolstack, tmp_path: Path) -> None:
-    cfg = tmp_path / "r.cfg"
-    disk = tmp_path / "r.raw"
-    cfg.write_text(CFG.format(name="r", fmt="raw", disk=disk))
-    ts.create(cfg, create_disks="32M")
-    _ready(ts, "r")
-    _mark(ts, "r", "A")
+    cfg = boot(ts, tmp_path, "r", fmt="raw", maxmem=None)
+    write_marker(ts, "r", "A")
     with pytest.raises(XenlabError, match="raw copies need the domain shut off"):
         create_snapshot(ts, "r", "R1")
     # A domain without snapshots is forgotten when it shuts down (as with
@@ -262,39 +217,36 @@ def test_raw_disk_of_a_real_guest(ts: Toolstack, tmp_path: Path) -> None:
     assert ts.get("r").state == SHUTOFF and "overlays" not in ts.get("r").extra
     create_snapshot(ts, "r", "R1")
     ts.create(cfg)
-    _ready(ts, "r")
-    _mark(ts, "r", "B")
+    ts.wait_ready("r")
+    write_marker(ts, "r", "B")
     assert ts.shutdown("r") == "shutdown"
     revert_snapshot(ts, "r", "R1", running=True)
-    _ready(ts, "r")
-    assert _marker(ts, "r") == "A"
+    ts.wait_ready("r")
+    assert read_marker(ts, "r") == "A"
 
 
 @pytest.mark.integration
 def test_external_snapshots_revert_with_and_without_memory(ts: Toolstack, tmp_path: Path) -> None:
-    cfg = tmp_path / "x.cfg"
+    boot(ts, tmp_path, "x", fmt="qcow2", maxmem=None)
     disk = tmp_path / "x.qcow2"
-    cfg.write_text(CFG.format(name="x", fmt="qcow2", disk=disk))
-    ts.create(cfg, create_disks="32M")
-    _ready(ts, "x")
     times: dict[str, float] = {}
-    _mark(ts, "x", "A")
+    write_marker(ts, "x", "A")
     t = time.monotonic()
     create_snapshot(ts, "x", "E1", external=True, memory=True)
     times["create E1 (memory)"] = time.monotonic() - t
-    at_e1 = _uptime(ts, "x")
-    _mark(ts, "x", "B")
+    at_e1 = uptime(ts, "x")
+    write_marker(ts, "x", "B")
     create_snapshot(ts, "x", "E2", external=True)  # disk-only, holds B
-    _mark(ts, "x", "C")
+    write_marker(ts, "x", "C")
     time.sleep(1.5)
-    before = _uptime(ts, "x")
+    before = uptime(ts, "x")
 
     t = time.monotonic()
     revert_snapshot(ts, "x", "E1")  # live: QEMU restarts on a new overlay, memory loaded
     times["revert E1 (memory)"] = time.monotonic() - t
     assert ts.status(ts.get("x")).state == "running"
-    assert _marker(ts, "x") == "A"
-    after = _uptime(ts, "x")
+    assert read_marker(ts, "x") == "A"
+    after = uptime(ts, "x")
     assert at_e1 - 1.0 <= after < before - 1.0, (at_e1, before, after)
     assert list_snapshots(ts, "x").current == "E1"
     # E2's frozen image (E1's overlay) stays; the abandoned top (E2's overlay) is gone.
@@ -306,18 +258,18 @@ def test_external_snapshots_revert_with_and_without_memory(ts: Toolstack, tmp_pa
     t = time.monotonic()
     revert_snapshot(ts, "x", "E2", running=True)
     times["revert E2 (disk-only, boots)"] = time.monotonic() - t
-    _ready(ts, "x")
-    assert _marker(ts, "x") == "B"
-    _mark(ts, "x", "D")
+    ts.wait_ready("x")
+    assert read_marker(ts, "x") == "B"
+    write_marker(ts, "x", "D")
     t = time.monotonic()
     delete_snapshot(ts, "x", "E2")  # live commit of the top into E1's overlay
     times["delete E2 (commit)"] = time.monotonic() - t
     assert ts.get("x").extra["overlays"]["xvda"]["file"] == f"{disk}.E1.qcow2"
     revert_snapshot(ts, "x", "E1")
-    assert _marker(ts, "x") == "A"
+    assert read_marker(ts, "x") == "A"
     delete_snapshot(ts, "x", "E1")
     assert "overlays" not in ts.get("x").extra
-    assert _marker(ts, "x") == "A"
+    assert read_marker(ts, "x") == "A"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state", "x.cfg", "x.qcow2"]
     assert ts.shutdown("x") == "shutdown"
     assert subprocess.run(["qemu-img", "check", str(disk)], capture_output=True).returncode == 0

@@ -7,40 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from xenlab.cli.main import main
+from tests.vm.guests import run_cli, write_config
 
 pytestmark = pytest.mark.integration
-
-CFG = """\
-name = "cli"
-type = "hvm"
-memory = 192
-maxmem = 256
-vcpus = 2
-disk = [ "format=qcow2,vdev=xvda,access=rw,target={disk}" ]
-extra = "xenlab.mkfs=1"
-"""
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_a_guests_life_through_the_cli(tmp_path: Path, guest_image: object,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = tmp_path / "cli.cfg"
-    cfg.write_text(CFG.format(disk=tmp_path / "cli.qcow2"))
+    cfg = write_config(tmp_path, "cli")
     st = ["--state-dir", str(tmp_path / "s")]
     st2 = ["--state-dir", str(tmp_path / "s2")]
 
     def ok(*args: str) -> str:
-        code, out, err = run(capsys, *args)
+        code, out, err = run_cli(capsys, *args)
         assert code == 0, (args, out, err)
         return out
 
@@ -54,7 +33,7 @@ def test_a_guests_life_through_the_cli(tmp_path: Path, guest_image: object,
         assert [(n["name"], n["current"]) for n in tree] == [("s1", True)]
         ok("vm", "snapshot-revert", "cli", "s1", *st)
         assert ok("vm", "exec", "cli", *st, "--", "cat", "/mnt/disk/m") == "A\n"
-        code, _, err = run(capsys, "vm", "snapshot-create", "cli", "s1", *st)
+        code, _, err = run_cli(capsys, "vm", "snapshot-create", "cli", "s1", *st)
         assert code == 1 and "s1" in err
         ok("vm", "snapshot-delete", "cli", "s1", *st)
         assert "balloon reports 160 MiB" in ok("vm", "mem-set", "cli", "160", *st)
@@ -75,6 +54,6 @@ def test_a_guests_life_through_the_cli(tmp_path: Path, guest_image: object,
         assert "shutdown" in ok("vm", "shutdown", "cli", *st2)
     finally:
         for s in (st, st2):
-            code, out, _ = run(capsys, "vm", "list", "-l", *s)
+            code, out, _ = run_cli(capsys, "vm", "list", "-l", *s)
             for d in json.loads(out) if code == 0 else []:
-                run(capsys, "vm", "destroy", d["name"], *s)
+                run_cli(capsys, "vm", "destroy", d["name"], *s)

@@ -1,0 +1,117 @@
+"""What the toolstack tests do to real guests, written once: :func:`boot` and its helpers.
+
+A config for the project's guest image (:func:`write_config`), booting it
+on a new disk and waiting for the image's ``XENLAB-READY`` console line
+(:func:`boot`, :func:`wait_ready`), shell commands through the guest agent
+(:func:`sh` and the marker file on the guest's disk), the ``xenlab`` CLI
+in-process (:func:`run_cli`), and clearing a toolstack's domains
+(:func:`clear`, used by the ``ts`` fixture in conftest.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from xenlab.cli.main import main
+from xenlab.vm.domain import SHUTOFF, Toolstack
+
+
+def config_text(name: str, disk: Path | str, *, fmt: str = "qcow2", memory: int = 192,
+                maxmem: int | None = 256, vcpus: int = 2, maxvcpus: int | None = None,
+                mkfs: bool = True, tail: str = "") -> str:
+    """An xl config for the guest image with one writable disk; ``tail`` is appended as is.
+
+    ``mkfs`` asks the image to make a file system on the disk and mount it
+    at /mnt/disk (where the marker file lives).
+    """
+    lines = [f'name = "{name}"', 'type = "hvm"', f"memory = {memory}"]
+    if maxmem is not None:
+        lines.append(f"maxmem = {maxmem}")
+    lines.append(f"vcpus = {vcpus}")
+    if maxvcpus is not None:
+        lines.append(f"maxvcpus = {maxvcpus}")
+    lines.append(f'disk = [ "format={fmt},vdev=xvda,access=rw,target={disk}" ]')
+    if mkfs:
+        lines.append('extra = "xenlab.mkfs=1"')
+    return "\n".join(lines) + "\n" + tail
+
+
+def write_config(tmp_path: Path, name: str, *, stem: str | None = None, fmt: str = "qcow2",
+                 **kw: object) -> Path:
+    """Write ``<stem>.cfg`` for domain ``name`` on disk ``<stem>.<fmt>`` in ``tmp_path``.
+
+    ``stem`` defaults to ``name``; the other keywords go to :func:`config_text`.
+    """
+    stem = stem or name
+    cfg = tmp_path / f"{stem}.cfg"
+    cfg.write_text(config_text(name, tmp_path / f"{stem}.{fmt}", fmt=fmt, **kw))  # type: ignore[arg-type]
+    return cfg
+
+
+def wait_ready(ts: Toolstack, name: str, timeout: float = 60, *, count: int = 1) -> None:
+    """Wait until the guest's console shows ``XENLAB-READY`` ``count`` times (once per boot)."""
+    log = ts.paths(ts.get(name)).console_log
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and log.read_bytes().count(b"XENLAB-READY") >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"guest not ready: {log.read_bytes()[-2000:]!r}")
+
+
+def boot(ts: Toolstack, tmp_path: Path, name: str, *, overrides: Sequence[str] = (),
+         timeout: float = 60, **kw: object) -> Path:
+    """Create domain ``name`` on a new 32 MiB disk and wait for the guest; its config.
+
+    The config ``<name>.cfg`` is (re)written with :func:`write_config` (``kw``).
+    """
+    cfg = write_config(tmp_path, name, **kw)
+    ts.create(cfg, list(overrides), create_disks="32M")
+    wait_ready(ts, name, timeout)
+    return cfg
+
+
+def sh(ts: Toolstack, name: str, script: str) -> str:
+    """Run ``sh -c script`` in the guest; its stdout (it must exit 0)."""
+    code, out, err = ts.exec(name, ["sh", "-c", script])
+    assert code == 0, err
+    return out.decode()
+
+
+def write_marker(ts: Toolstack, name: str, marker: str) -> None:
+    """Write ``marker`` to /mnt/disk/marker in the guest and sync it to the disk."""
+    sh(ts, name, f"echo {marker} > /mnt/disk/marker && sync")
+
+
+def read_marker(ts: Toolstack, name: str) -> str:
+    """What /mnt/disk/marker in the guest says."""
+    return sh(ts, name, "cat /mnt/disk/marker").strip()
+
+
+def uptime(ts: Toolstack, name: str) -> float:
+    """The guest's uptime in seconds (its own clock)."""
+    return float(sh(ts, name, "cat /proc/uptime").split()[0])
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run ``xenlab ARGS`` in-process; (exit code, stdout, stderr)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def clear(ts: Toolstack) -> None:
+    """Destroy every live or stale domain of ``ts`` and forget the shut-off ones."""
+    for rec in ts.store.list():
+        if rec.state == SHUTOFF:
+            ts.undefine(rec.name)
+        else:
+            ts.destroy(rec.name)
