@@ -21,10 +21,9 @@ import signal
 import subprocess
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
 
 from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
@@ -32,9 +31,8 @@ from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm.qemu import Accel, RuntimePaths, balloon_target_mib, probe_accel, qemu_argv
 from xenlab.vm.qmp import GuestAgent, Qmp
+from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.store import DomainRecord, Store, is_alive
-
-T = TypeVar("T")
 
 # A domain whose QEMU has exited but which is kept because it has snapshots
 # (like a defined, inactive libvirt domain); `create` starts it again.
@@ -76,10 +74,6 @@ def config_from_text(text: str, source: str, overrides: Sequence[str] = ()
     if overrides:
         text = text.rstrip("\n") + "\n" + "\n".join(overrides) + "\n"
     return domain_config(parse(text, source=source)), text
-
-
-def _run_async(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 class Toolstack:
@@ -125,14 +119,12 @@ class Toolstack:
             fmt_name = disk.format.value
             if fmt_name not in ("qcow2", "raw"):
                 raise XenlabError(f"cannot create disk {target!r}: format {fmt_name!r}")
-            proc = subprocess.run(
-                ["qemu-img", "create", "-q", "-f", str(fmt_name), str(path), create_size],
-                capture_output=True, text=True, check=False,
-            )
-            if proc.returncode != 0:
+            try:
+                create_image(str(path), fmt_name, create_size)
+            except XenlabError:
                 for p in created:
                     p.unlink(missing_ok=True)
-                raise XenlabError(f"qemu-img create {target}: {proc.stderr.strip()}")
+                raise
             created.append(path)
         return created
 
@@ -347,7 +339,7 @@ class Toolstack:
         return runtime_paths(self.state_dir, rec.domid)
 
     def _config_of(self, rec: DomainRecord) -> tuple[DomainConfig, str]:
-        return domain_config(parse(rec.config_text, source=rec.config_path)), rec.config_text
+        return config_from_text(rec.config_text, rec.config_path)
 
     # -- changing ----------------------------------------------------------------
 
@@ -553,6 +545,28 @@ class Toolstack:
         _wait_gone(pid, 10)
 
 
+def create_image(path: str, fmt: str, size: str) -> None:
+    """Make a blank disk image ``path`` of ``size`` (qemu-img syntax) in format ``fmt``.
+
+    :raise XenlabError: qemu-img refused, with its message.
+    """
+    proc = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, size],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise XenlabError(f"qemu-img create {path}: {proc.stderr.strip()}")
+
+
+def _on_disks(dc: DomainConfig, moves: dict[str, tuple[str, DiskFormat]]) -> DomainConfig:
+    """``dc`` with each disk named in ``moves`` (vdev: (file, format)) on that file."""
+    if not moves:
+        return dc
+    return replace(dc, disks=tuple(
+        replace(d, pdev_path=moves[d.vdev][0], format=moves[d.vdev][1]) if d.vdev in moves
+        else d
+        for d in dc.disks
+    ))
+
+
 def _on_mirrors(dc: DomainConfig, rec: DomainRecord) -> DomainConfig:
     """``dc`` with each disk that ``vm.mirror`` pivoted on the file it moved to.
 
@@ -560,15 +574,10 @@ def _on_mirrors(dc: DomainConfig, rec: DomainRecord) -> DomainConfig:
     domain on the config's file would silently go back in time.
     """
     moved = rec.extra.get("disk_paths") or {}
-    if not isinstance(moved, dict) or not moved:
+    if not isinstance(moved, dict):
         return dc
-    disks = []
-    for d in dc.disks:
-        m = moved.get(d.vdev)
-        if isinstance(m, dict) and m.get("file"):
-            d = replace(d, pdev_path=str(m["file"]), format=DiskFormat(str(m["format"])))
-        disks.append(d)
-    return replace(dc, disks=tuple(disks))
+    return _on_disks(dc, {v: (str(m["file"]), DiskFormat(str(m["format"])))
+                          for v, m in moved.items() if isinstance(m, dict) and m.get("file")})
 
 
 def _on_overlays(dc: DomainConfig, rec: DomainRecord) -> DomainConfig:
@@ -578,15 +587,10 @@ def _on_overlays(dc: DomainConfig, rec: DomainRecord) -> DomainConfig:
     the domain on the config's original files would silently drop them.
     """
     overlays = rec.extra.get("overlays") or {}
-    if not isinstance(overlays, dict) or not overlays:
+    if not isinstance(overlays, dict):
         return dc
-    disks = []
-    for d in dc.disks:
-        ov = overlays.get(d.vdev)
-        if isinstance(ov, dict) and ov.get("file"):
-            d = replace(d, pdev_path=str(ov["file"]), format=DiskFormat.QCOW2)
-        disks.append(d)
-    return replace(dc, disks=tuple(disks))
+    return _on_disks(dc, {v: (str(ov["file"]), DiskFormat.QCOW2)
+                          for v, ov in overlays.items() if isinstance(ov, dict) and ov.get("file")})
 
 
 def _wait_gone(pid: int | None, timeout: float) -> bool:

@@ -73,22 +73,22 @@ import os
 import shutil
 import socket
 import struct
-import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, FormatError, StateError, TruncatedError, XenlabError
-from xenlab.vm.domain import Toolstack, config_from_text
+from xenlab.vm.domain import Toolstack, config_from_text, create_image
 from xenlab.vm.mirror import DISK_PATHS
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
-from xenlab.vm.snapshot import CURRENT, OVERLAYS
+from xenlab.vm.qmp import run as _run
+from xenlab.vm.snapshot import CURRENT, OVERLAYS, _img, _img_tags
 from xenlab.vm.store import DomainRecord, SnapshotNode, is_alive
 
 __all__ = [
@@ -125,8 +125,6 @@ _HEADER_MAX = 16 << 20
 _UNLIMITED = 1 << 40
 _POLL = 0.05
 _FD_NAME = "xenlab-mig"
-
-T = TypeVar("T")
 
 
 # --- the save image header (pure) ------------------------------------------------------
@@ -451,11 +449,6 @@ async def _qmp_quit(paths: RuntimePaths) -> None:
             await qmp.execute("quit")
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run one coroutine in a fresh event loop (the verbs are synchronous)."""
-    return asyncio.run(coro)
-
-
 def _refuse_mirrored(rec: DomainRecord, verb: str) -> None:
     """A disk pivoted by a mirror is not in the config either (see vm.mirror)."""
     moved = rec.extra.get(DISK_PATHS) or {}
@@ -695,26 +688,12 @@ def _revert_plan(dc: DomainConfig, header: SaveHeader, path: Path
     return plan
 
 
-def _qemu_img(*args: str, timeout: float = 300.0) -> str:
-    """Run ``qemu-img ARGS``; its stdout, or BackendError with its message."""
-    try:
-        proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True,
-                              check=False, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise BackendError(f"qemu-img {args[0]}: {err}") from err
-    if proc.returncode != 0:
-        msg = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
-        raise BackendError(f"qemu-img {args[0]} {args[-1]}: {msg}")
-    return proc.stdout
-
-
 def _image_tags(file: str) -> set[str]:
     """The internal snapshot tags in image ``file``; XenlabError if it cannot be read."""
     try:
-        info = json.loads(_qemu_img("info", "-U", "--output=json", file))
+        return _img_tags(file)
     except (BackendError, ValueError) as err:
         raise XenlabError(f"disk {file}: cannot read it: {err}") from err
-    return {str(s.get("name")) for s in info.get("snapshots", ())}
 
 
 def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Sequence[str] = (),
@@ -744,7 +723,7 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
 
     def revert() -> None:
         for file, tag in plan:
-            _qemu_img("snapshot", "-a", tag, file)
+            _img("snapshot", "-a", tag, file, timeout=300.0)
 
     rec = ts._start(dc, text, config_path=header.config_path, uuid=header.uuid,
                     incoming="defer", image=image, prepare=revert if plan else None)
@@ -859,11 +838,11 @@ def receive(
                 f"disk {target!r} ({vdev}) does not exist on the destination; "
                 f"a storage migration needs a blank image of the source's size (--disk-size)"
             )
-        proc = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, target, str(size)],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
+        try:
+            create_image(target, fmt, str(size))
+        except XenlabError:
             _unlink(created)
-            raise XenlabError(f"qemu-img create {target}: {proc.stderr.strip()}")
+            raise
         created.append(target)
     try:
         rec = ts._start(dc, text, config_path=config_path, uuid=uuid, incoming="defer",

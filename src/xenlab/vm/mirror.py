@@ -56,9 +56,10 @@ from typing import Any
 
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
-from xenlab.vm.domain import Toolstack, _run_async
+from xenlab.vm.domain import Toolstack
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
+from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.store import DomainRecord, is_alive
 
 __all__ = [

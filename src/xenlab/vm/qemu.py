@@ -89,7 +89,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -414,8 +414,8 @@ def _check_vif(vif: VifSpec, where: str) -> None:
 # --- memory, vCPUs, NUMA ----------------------------------------------------
 
 
-def _ranges(cpus: Sequence[int]) -> list[str]:
-    """``[0, 1, 2, 5]`` -> ``["0-2", "5"]``."""
+def cpu_ranges(cpus: Iterable[int]) -> list[str]:
+    """CPU numbers as ranges, in order: ``[5, 0, 1, 2]`` -> ``["0-2", "5"]``."""
     out: list[str] = []
     ordered = sorted(cpus)
     i = 0
@@ -436,7 +436,7 @@ def _memory_and_cpus(dc: DomainConfig) -> list[str]:
         return argv
     for nodeid, node in enumerate(dc.vnuma):
         argv += ["-object", f"memory-backend-ram,id=vnode{nodeid},size={node.size_mib}M"]
-        cpus = "".join(f",cpus={r}" for r in _ranges(node.vcpus))
+        cpus = "".join(f",cpus={r}" for r in cpu_ranges(node.vcpus))
         argv += ["-numa", f"node,nodeid={nodeid}{cpus},memdev=vnode{nodeid}"]
     if len(dc.vnuma) > 1:
         for src, node in enumerate(dc.vnuma):

@@ -46,17 +46,18 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from xenlab.config import parse
-from xenlab.config.model import DomainConfig, domain_config
+from xenlab.config.model import DomainConfig
 from xenlab.config.specs.cpus import CpuSet, HostTopology, parse_cpus
 from xenlab.errors import BackendError, StateError, XenlabError
-from xenlab.vm.domain import SHUTOFF, Toolstack
+from xenlab.vm.domain import SHUTOFF, Toolstack, config_from_text
+from xenlab.vm.qemu import cpu_ranges
 from xenlab.vm.qmp import CommandError, GuestAgent, Qmp
+from xenlab.vm.qmp import run as _run
 from xenlab.vm.store import DomainRecord, effective_state, is_alive
 
 __all__ = [
@@ -79,7 +80,6 @@ __all__ = [
 MIN_MEMORY_MIB = 64
 _GUEST_TIMEOUT = 5.0
 _MIB = 1 << 20
-T = TypeVar("T")
 # QEMU throttles BALLOON_CHANGE to one a second; poll at that pace as well.
 _BALLOON_POLL = 1.0
 # The topology properties of a CPU slot, outermost first: the plug order.
@@ -138,16 +138,12 @@ class VcpuInfo:
 # --- helpers ---------------------------------------------------------------------
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
 def _live(ts: Toolstack, name: str) -> DomainRecord:
     return ts._live(name)
 
 
 def _config(rec: DomainRecord) -> DomainConfig:
-    return domain_config(parse(rec.config_text, source=rec.config_path))
+    return config_from_text(rec.config_text, rec.config_path)[0]
 
 
 def _dict(value: object, what: str) -> dict[str, Any]:
@@ -338,16 +334,7 @@ def _cpulist(text: str) -> set[int]:
 
 def _ranges(cpus: Iterable[int]) -> str:
     """Write CPUs as ``0-3,5``."""
-    nums = sorted(cpus)
-    parts: list[str] = []
-    i = 0
-    while i < len(nums):
-        j = i
-        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
-            j += 1
-        parts.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
-        i = j + 1
-    return ",".join(parts)
+    return ",".join(cpu_ranges(cpus))
 
 
 def _resolve(spec: CpuSet | str, host: HostTopology, what: str) -> frozenset[int]:

@@ -164,14 +164,16 @@ from typing import Any, Protocol
 
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
-from xenlab.vm.domain import SHUTOFF, Toolstack, _on_overlays, _run_async
+from xenlab.vm.domain import SHUTOFF, Toolstack, _on_overlays
 from xenlab.vm.qmp import Qmp, run_job
+from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.store import (
     DomainRecord,
     SnapshotKind,
     SnapshotNode,
     SnapshotRecord,
     SnapshotState,
+    descendants_first,
     is_alive,
 )
 
@@ -1302,16 +1304,7 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
     with ts.store.lock(rec.domid):
         rec = ts.get(name)
         top = ts.store.get_snapshot(rec.domid, snap)
-        snaps = ts.store.list_snapshots(rec.domid)
-        order: list[SnapshotRecord] = []
-
-        def collect(s: SnapshotRecord) -> None:
-            for c in snaps:
-                if c.parent == s.id:
-                    collect(c)
-            order.append(s)
-
-        collect(top)
+        order = descendants_first(top, ts.store.list_snapshots(rec.domid))
         if len(order) > 1 and not children:
             names = ", ".join(repr(s.name) for s in order[:-1])
             raise StateError(

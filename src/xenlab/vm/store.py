@@ -491,17 +491,10 @@ class Store:
             if row is None:
                 raise XenlabError(f"no snapshot with id {snap_id}")
             top = _snapshot(row)
-            order: builtins.list[SnapshotRecord] = []
-
-            def collect(s: SnapshotRecord) -> None:
-                rows = db.execute(
-                    "SELECT * FROM snapshots WHERE parent = ? ORDER BY created, id", (s.id,)
-                ).fetchall()
-                for r in rows:
-                    collect(_snapshot(r))
-                order.append(s)
-
-            collect(top)
+            rows = db.execute(
+                "SELECT * FROM snapshots WHERE domid = ? ORDER BY created, id", (top.domid,)
+            ).fetchall()
+            order = descendants_first(top, [_snapshot(r) for r in rows])
             if len(order) > 1 and not children:
                 names = ", ".join(repr(s.name) for s in order[:-1])
                 raise StateError(
@@ -511,6 +504,27 @@ class Store:
             for s in order:
                 db.execute("DELETE FROM snapshots WHERE id = ?", (s.id,))
         return order
+
+
+def descendants_first(top: SnapshotRecord, snaps: Sequence[SnapshotRecord]
+                      ) -> builtins.list[SnapshotRecord]:
+    """``top`` and its descendants among ``snaps``, each after its own children.
+
+    Children come in the order of ``snaps`` (oldest first from the store):
+    the order in which a subtree can be deleted.
+    """
+    kids: dict[int | None, builtins.list[SnapshotRecord]] = {}
+    for s in snaps:
+        kids.setdefault(s.parent, []).append(s)
+    order: builtins.list[SnapshotRecord] = []
+
+    def collect(s: SnapshotRecord) -> None:
+        for c in kids.get(s.id, ()):
+            collect(c)
+        order.append(s)
+
+    collect(top)
+    return order
 
 
 def _domain_row(rec: DomainRecord) -> tuple[object, ...]:
