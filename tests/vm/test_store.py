@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -198,50 +199,57 @@ def _child(code: str, state_dir: Path) -> subprocess.Popen[str]:
     )
 
 
-def _ready(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
+@contextlib.contextmanager
+def _running(code: str, state_dir: Path) -> Iterator[subprocess.Popen[str]]:
+    """Run ``code`` in a child process until it prints "ready"; killed (if still there) after."""
+    proc = _child(code, state_dir)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the child and wait until it is gone: a crash, no clean-up of its own."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
 
 
 def test_lock_contention_between_processes(tmp_path: Path) -> None:
     state = tmp_path / "st"
-    with Store(state) as s:
-        holder = _child(
-            """
+    with Store(state) as s, _running(
+        """
             s = Store(state)
             with s.lock(1):
                 print("ready", flush=True)
                 time.sleep(60)
             """,
-            state,
+        state,
+    ) as holder:
+        t0 = time.monotonic()
+        with pytest.raises(StateError) as info, s.lock(1, timeout=0.3):
+            pass
+        assert time.monotonic() - t0 >= 0.3
+        assert str(info.value).startswith(
+            "domain 1 is busy: another xenlab command holds its lock"
         )
-        try:
-            _ready(holder)
-            t0 = time.monotonic()
-            with pytest.raises(StateError) as info, s.lock(1, timeout=0.3):
-                pass
-            assert time.monotonic() - t0 >= 0.3
-            assert str(info.value).startswith(
-                "domain 1 is busy: another xenlab command holds its lock"
-            )
-            with s.lock(2, timeout=0.3):  # other domains are not blocked
-                pass
-            # the holder dies without releasing: the kernel drops its lock
-            holder.send_signal(signal.SIGKILL)
-            holder.wait(10)
-            with s.lock(1, timeout=5):
-                pass
-        finally:
-            if holder.poll() is None:
-                holder.kill()
-            holder.wait(10)
-            assert holder.stdout is not None
-            holder.stdout.close()
+        with s.lock(2, timeout=0.3):  # other domains are not blocked
+            pass
+        # the holder dies without releasing: the kernel drops its lock
+        _kill(holder)
+        with s.lock(1, timeout=5):
+            pass
 
 
 def test_waiter_gets_lock_when_released(tmp_path: Path) -> None:
     state = tmp_path / "st"
-    holder = _child(
+    with _running(
         """
         s = Store(state)
         with s.global_lock():
@@ -249,17 +257,10 @@ def test_waiter_gets_lock_when_released(tmp_path: Path) -> None:
             time.sleep(0.5)
         """,
         state,
-    )
-    try:
-        _ready(holder)
-        with Store(state) as s:
-            t0 = time.monotonic()
-            with s.global_lock(timeout=10):
-                assert time.monotonic() - t0 >= 0.2  # it did wait for the holder
-    finally:
-        holder.wait(10)
-        assert holder.stdout is not None
-        holder.stdout.close()
+    ), Store(state) as s:
+        t0 = time.monotonic()
+        with s.global_lock(timeout=10):
+            assert time.monotonic() - t0 >= 0.2  # it did wait for the holder
 
 
 def test_crash_inside_a_transaction(tmp_path: Path) -> None:
@@ -268,7 +269,7 @@ def test_crash_inside_a_transaction(tmp_path: Path) -> None:
         keep = s.add_domain(dom("keep"))
     # the child writes megabytes inside one transaction (enough to spill
     # uncommitted pages into the WAL), says so, and is killed before COMMIT
-    child = _child(
+    with _running(
         """
         s = Store(state)
         with s._tx() as db:
@@ -284,17 +285,9 @@ def test_crash_inside_a_transaction(tmp_path: Path) -> None:
             time.sleep(60)
         """,
         state,
-    )
-    try:
-        _ready(child)
+    ) as child:
         assert (state / "xenlab.db-wal").stat().st_size > 1_000_000  # pages did spill
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
-    finally:
-        if child.poll() is None:
-            child.kill()
-        assert child.stdout is not None
-        child.stdout.close()
+        _kill(child)
     with Store(state) as s:
         assert s.check() == []
         assert s.list() == [keep]  # none of the killed transaction is visible
@@ -303,7 +296,7 @@ def test_crash_inside_a_transaction(tmp_path: Path) -> None:
 
 def test_crash_during_a_stream_of_writes(tmp_path: Path) -> None:
     state = tmp_path / "st"
-    child = _child(
+    with _running(
         """
         s = Store(state)
         print("ready", flush=True)
@@ -320,17 +313,9 @@ def test_crash_during_a_stream_of_writes(tmp_path: Path) -> None:
             i += 1
         """,
         state,
-    )
-    try:
-        _ready(child)
+    ) as child:
         time.sleep(1.0)
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
-    finally:
-        if child.poll() is None:
-            child.kill()
-        assert child.stdout is not None
-        child.stdout.close()
+        _kill(child)
     with Store(state) as s:
         assert s.check() == []
         recs = s.list()
