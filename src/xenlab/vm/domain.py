@@ -248,10 +248,12 @@ class Toolstack:
                     state = _run_async(self._status(paths))
                 rec = self.store.update(replace(rec, rundir=str(paths.rundir), pid=pid,
                                                 state=state))
-                if fresh and dc.cpus is not None:
+                if dc.cpus is not None:
                     from xenlab.vm.resources import apply_affinity
 
-                    apply_affinity(self, rec)  # xl's cpus=: pin the vCPU threads
+                    # xl's cpus=: pin the vCPU threads (their threads exist
+                    # already when QEMU waits for an incoming stream).
+                    apply_affinity(self, rec)
                 return rec
         except BaseException:
             self._kill(paths)
