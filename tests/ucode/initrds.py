@@ -11,8 +11,8 @@ Microcode sources:
 
 * Intel: the real files under ``shared/data/microcode/intel`` when present,
   else updates made here by :func:`intel_update` (xenlab's
-  ``formats.intel_ucode.build_update`` when it imports, else the hand-written
-  :func:`make_intel_update`).
+  ``formats.intel_ucode.build_update``; the hand-written
+  :func:`make_intel_update` checks it byte for byte).
 * AMD: the real containers under ``shared/data/microcode/amd`` when present,
   else a container made by :func:`make_amd_container`.
 """
@@ -24,11 +24,12 @@ import random
 import shutil
 import struct
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.oracle import iucode
+from xenlab.formats.intel_ucode import build_update
 
 #: The kernel's early-microcode paths (arch/x86/kernel/cpu/microcode).
 INTEL_MEMBER = "kernel/x86/microcode/GenuineIntel.bin"
@@ -119,33 +120,16 @@ def intel_update(
     ext: Sequence[tuple[int, int]] = (),
     seed: int = 0,
 ) -> bytes:
-    """An Intel update from the project's writer when it imports, else :func:`make_intel_update`."""
-    build = _project_intel_builder()
-    if build is None:
-        return make_intel_update(
-            signature=signature, revision=revision, platform_mask=platform_mask,
-            date=date, data_size=data_size, ext=ext, seed=seed,
-        )  # fmt: skip
+    """An Intel update from the project's writer; :func:`make_intel_update` is its check."""
     payload = random.Random(seed).randbytes(data_size)
-    return build(
+    return build_update(
         signature=signature, revision=revision, platform_mask=platform_mask,
         date=date, payload=payload, ext=tuple(ext),
     )  # fmt: skip
 
 
-def _project_intel_builder() -> Callable[..., bytes] | None:
-    try:
-        from xenlab.formats.intel_ucode import build_update
-    except ImportError:
-        return None
-    return build_update
-
-
-def intel_builder_name() -> str:
-    """Which Intel writer :func:`intel_update` uses here (for reports and test ids)."""
-    if _project_intel_builder() is None:
-        return "tests.ucode.initrds.make_intel_update"
-    return "xenlab.formats.intel_ucode.build_update"
+#: Which Intel writer :func:`intel_update` uses (for reports and test ids).
+INTEL_BUILDER = "xenlab.formats.intel_ucode.build_update"
 
 
 def make_amd_container(
@@ -327,7 +311,7 @@ def intel_sources(shared: Path | None, workdir: Path) -> tuple[tuple[Path, ...],
     (workdir / "06-55-04").write_bytes(c)
     expect = ((0x50654, 0xB7, 0x2007006), (0x906A3, 0x80, 0x43A),
               (0x906A4, 0x40, 0xB), (0x906A4, 0x80, 0x43A))  # fmt: skip
-    return (workdir / "06-9a-04", workdir / "06-55-04"), expect, intel_builder_name()
+    return (workdir / "06-9a-04", workdir / "06-55-04"), expect, INTEL_BUILDER
 
 
 def amd_sources(shared: Path | None, workdir: Path) -> tuple[tuple[Path, ...], int, str]:
