@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from xenlab.errors import StateError
 from xenlab.ucode.cpu import CpuId, Vendor, this_cpu
-from xenlab.ucode.extract import firmware_files, write_tree
+from xenlab.ucode.extract import firmware_files, intel_name, write_tree
 from xenlab.ucode.select import Selection
 
 RELOAD = PurePosixPath("sys/devices/system/cpu/microcode/reload")
@@ -51,8 +51,6 @@ def plan_load(selection: Selection, root: Path = Path("/")) -> LoadPlan:
     files = firmware_files([chosen])
     if chosen.vendor is Vendor.INTEL:
         # Only the file for this CPU's signature matters to the loader.
-        from xenlab.ucode.extract import intel_name
-
         name = PurePosixPath("intel-ucode", intel_name(selection.cpu.signature))
         files = {name: files[name]}
     return LoadPlan(root, selection.cpu, files, root / RELOAD, chosen.unsigned_revision)

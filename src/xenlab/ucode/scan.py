@@ -26,7 +26,7 @@ from pathlib import Path
 from xenlab.errors import FormatError, ParseError, XenlabError
 from xenlab.formats import amd_ucode, cpio, intel_ucode
 from xenlab.formats._buffer import Buffer, skip_zeros
-from xenlab.formats.compress import Compression, open_stream
+from xenlab.formats.compress import Compression, detect, open_stream
 from xenlab.formats.cpio import CpioFormat, SegmentKind
 from xenlab.ucode.cpu import Vendor
 from xenlab.ucode.update import EARLY_NAMES, Container, Location, Update, from_amd, from_intel
@@ -427,8 +427,6 @@ def scan_buffer(
 
 def cpio_compressed(buf: Buffer) -> bool:
     """True when ``buf`` starts with a compression magic the kernel can unpack."""
-    from xenlab.formats.compress import detect
-
     return detect(buf, 0) is not None
 
 

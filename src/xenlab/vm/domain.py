@@ -317,10 +317,10 @@ class Toolstack:
         for rec in sorted(self.store.list(), key=lambda r: r.domid):
             if rec.state != SHUTOFF and not is_alive(rec) and self._powered_off(rec):
                 with self.store.lock(rec.domid):
-                    self._gone(rec)
-                if rec.domid not in {r.domid for r in self.store.list()}:
+                    kept = self._gone(rec)
+                if kept is None:
                     continue
-                rec = self.store.get(rec.domid)
+                rec = kept
             out.append(self.status(rec))
         return out
 
@@ -367,15 +367,18 @@ class Toolstack:
                 )
             )
 
-    def _gone(self, rec: DomainRecord) -> None:
+    def _gone(self, rec: DomainRecord) -> DomainRecord | None:
         """QEMU has exited: keep the domain as shut off if it is defined, has snapshots, or
-        runs on mirrored disks (only its record says where they are now)."""
+        runs on mirrored disks (only its record says where they are now).
+
+        Returns the kept record, or None when the domain was forgotten.
+        """
         shutil.rmtree(self.paths(rec).rundir, ignore_errors=True)
         if (rec.extra.get("defined") or rec.extra.get("disk_paths")
                 or self.store.list_snapshots(rec.domid)):
-            self.store.update(replace(rec, pid=None, state=SHUTOFF))
-        else:
-            self.store.remove(rec.domid)
+            return self.store.update(replace(rec, pid=None, state=SHUTOFF))
+        self.store.remove(rec.domid)
+        return None
 
     def undefine(self, name_or_id: str) -> DomainRecord:
         """Forget a shut-off domain and its snapshot records (disk files are left alone)."""
