@@ -260,8 +260,10 @@ def test_failed_save_leaves_the_domain_running(hosts: tuple[Toolstack, Toolstack
     data = (tmp_path / "g1.save").read_bytes()
     cut = tmp_path / "cut.save"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(BackendError, match="could not load the saved state"):
+    with pytest.raises(BackendError, match="could not load the saved state") as cut_err:
         mig.restore(ts, cut)
+    # QEMU's own words (its stderr after -daemonize, kept by -D) are quoted.
+    assert "load of migration failed" in str(cut_err.value), str(cut_err.value)
     assert ts.store.list() == []
     assert not ts.paths(rec).rundir.exists()
     # ...and the whole image still restores.

@@ -196,7 +196,7 @@ class RuntimePaths:
     qga: Path
     console: Path  # the serial console's socket
     pidfile: Path
-    log: Path
+    log: Path  # QEMU's stdout and, once daemonized, its stderr (``-D``)
 
     @classmethod
     def under(cls, rundir: Path) -> RuntimePaths:
@@ -695,6 +695,11 @@ def qemu_argv(
         f"unix:{_opt(paths.qmp)},server=on,wait=off",
         "-pidfile",
         str(paths.pidfile),
+        # -daemonize points QEMU's stderr at /dev/null unless a log file is
+        # set: with -D its later errors (a failed migration load, a
+        # device's complaint) land in the run directory, to be quoted.
+        "-D",
+        str(paths.log),
         "-chardev",
         f"socket,id=qga0,path={_opt(paths.qga)},server=on,wait=off",
         "-device",
