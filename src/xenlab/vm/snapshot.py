@@ -373,6 +373,15 @@ def _entry_backend(s: SnapshotRecord, entry: Mapping[str, Any]) -> DiskSnapshotB
 
 async def _node_of(qmp: Qmp, file: str, fallback: str) -> str:
     """QEMU's format node for image ``file`` (nodes are renamed when QEMU restarts)."""
+    return (await _node_and_tags(qmp, file, fallback))[0]
+
+
+async def _node_and_tags(qmp: Qmp, file: str, fallback: str) -> tuple[str, set[str] | None]:
+    """QEMU's format node for image ``file`` and the internal snapshot tags QEMU sees in it.
+
+    One QMP round trip instead of a ``qemu-img info`` process (about 25 ms);
+    the tags are None when QEMU has no node for the file.
+    """
     nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
     want = os.path.realpath(file)
     if isinstance(nodes, list):
@@ -380,8 +389,11 @@ async def _node_of(qmp: Qmp, file: str, fallback: str) -> str:
             if (isinstance(n, dict) and n.get("drv") not in ("file", "host_device")
                     and isinstance(n.get("file"), str)
                     and os.path.realpath(n["file"]) == want and n.get("node-name")):
-                return str(n["node-name"])
-    return fallback
+                image = n.get("image")
+                snaps = image.get("snapshots", ()) if isinstance(image, dict) else ()
+                return str(n["node-name"]), {str(t.get("name")) for t in snaps
+                                             if isinstance(t, dict)}
+    return fallback, None
 
 
 def _backing(path: str) -> str | None:
@@ -443,14 +455,17 @@ class Qcow2Internal:
 
     async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
         f = entry["file"]
-        if not Path(f).exists() or tag not in _img_tags(f):
+        if not Path(f).exists():
             return
         if qmp is None:
-            _img("snapshot", "-d", tag, f)
+            if tag in _img_tags(f):
+                _img("snapshot", "-d", tag, f)
         else:
+            node, tags = await _node_and_tags(qmp, f, entry["node"])
+            if tag not in (_img_tags(f) if tags is None else tags):
+                return
             # The snapshot-delete job, not the -sync command: the image may
             # sit below an overlay, and the sync command only takes root nodes.
-            node = await _node_of(qmp, f, entry["node"])
             await _job(qmp, "snapshot-delete", {"job-id": f"delete-{tag}-{entry['vdev']}",
                                                 "tag": tag, "devices": [node]}, JOB_TIMEOUT)
 
@@ -693,15 +708,22 @@ def _tops(ts: Toolstack, rec: DomainRecord) -> dict[str, str]:
     return {d.vdev: d.file for d in _disks(ts, rec)}
 
 
-def _liveness(ts: Toolstack, rec: DomainRecord) -> str:
-    """``"shutoff"``, or QEMU's run state; StateError for a stale domain."""
+def _shut_off(rec: DomainRecord) -> bool:
+    """True for a shut-off domain, False for a live one; StateError for a stale domain."""
     if rec.state == SHUTOFF:
-        return SHUTOFF
+        return True
     if not is_alive(rec):
         raise StateError(
             f"domain {rec.name!r} (id {rec.domid}) is not running: its QEMU is gone; "
             f"`xenlab vm destroy {rec.name}` clears it"
         )
+    return False
+
+
+def _liveness(ts: Toolstack, rec: DomainRecord) -> str:
+    """``"shutoff"``, or QEMU's run state; StateError for a stale domain."""
+    if _shut_off(rec):
+        return SHUTOFF
     return _run_async(ts._status(ts.paths(rec)))
 
 
@@ -756,6 +778,11 @@ def _prune(ts: Toolstack, domid: int, candidates: set[str]) -> list[str]:
     rec = ts.store.get(domid)
     dc, _ = ts._config_of(rec)
     bases = {os.path.realpath(d.pdev_path) for d in dc.disks if d.pdev_path}
+    maybe = {os.path.realpath(c) for c in candidates}
+    maybe = {r for r in maybe if r not in bases and r.endswith(".qcow2")
+             and any(r.startswith(b + ".") for b in bases) and Path(r).exists()}
+    if not maybe:
+        return []  # nothing could go: spare reading every backing chain
     roots = set(_tops(ts, rec).values())
     for s in ts.store.list_snapshots(domid):
         for e in s.disks:
@@ -764,12 +791,9 @@ def _prune(ts: Toolstack, domid: int, candidates: set[str]) -> list[str]:
     for r in roots:
         needed.update(_chain(r) or [os.path.realpath(r)])
     removed = []
-    for c in sorted(candidates):
-        real = os.path.realpath(c)
-        ours = any(real.startswith(b + ".") and real.endswith(".qcow2") for b in bases)
-        if ours and real not in needed and real not in bases and Path(real).exists():
-            Path(real).unlink()
-            removed.append(real)
+    for real in sorted(maybe - needed):
+        Path(real).unlink()
+        removed.append(real)
     return removed
 
 
@@ -1310,7 +1334,8 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
             raise StateError(
                 f"snapshot {snap!r} has children ({names}): delete them first or use --children"
             )
-        state = _liveness(ts, rec)
+        # Deleting needs no run state, only whether a QEMU holds the images.
+        state = SHUTOFF if _shut_off(rec) else "live"
         cur = _current_id(ts, rec)
         done: list[SnapshotRecord] = []
         for s in order:
