@@ -1,0 +1,222 @@
+"""Boot a guest whose primary display runs a given VGA BIOS, and show that it did: :func:`boot_rom`.
+
+The seed idea ("boot with a passed-through GPU as the primary display")
+failed on one step: getting the card's VGA BIOS to run in the guest.  Here
+the guest's firmware is SeaBIOS, which runs a PCI VGA ROM only when the
+ROM's PCI ids match the display device's and its checksum is right, at
+segment c000, before any other option ROM.  So the evidence is taken from
+three places, none of which trusts the ROM's own say-so:
+
+* SeaBIOS's debug log (QEMU's ``isa-debugcon`` on port 0x402, which every
+  domain gets as ``firmware.log`` in its run directory): between ``Scan for
+  VGA option rom`` and the next phase it prints ``Running option rom at
+  c000:0003`` only if it ran a VGA ROM, or ``Found option rom with bad
+  checksum`` when it refused one.  The VGA phase is told apart from the
+  later scan, where c000 may hold another ROM once no VGA ROM took it.
+* The VGA text buffer at 0xb8000, read with QMP ``pmemsave`` while the
+  guest is stopped: SeaBIOS prints its banner through the VGA BIOS's int 10h
+  handler, so text there means the ROM's code ran and drew it.
+* A QMP ``screendump`` (PNG) of the same moment, for people.
+
+Pure parts (:func:`parse_firmware_log`, :func:`screen_text`,
+:func:`qemu_vga_device`) are separate from the boot (:func:`boot_rom`),
+which goes through the toolstack like any domain.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from xenlab.errors import BackendError, XenlabError
+
+#: PCI vendor:device of QEMU's emulated VGA-class devices -> the ``-device``
+#: that presents those ids, so SeaBIOS will run a ROM built for them.
+VGA_DEVICES: Final[Mapping[tuple[int, int], str]] = {
+    (0x1234, 0x1111): "VGA",  # Bochs/std VGA (SeaVGABIOS stdvga)
+    (0x1013, 0x00B8): "cirrus-vga",  # Cirrus CLGD 5446
+    (0x1002, 0x5159): "ati-vga,model=rv100",  # ATI Radeon RV100 QY
+    (0x1002, 0x5046): "ati-vga,model=rage128p",  # ATI Rage 128 Pro
+    (0x15AD, 0x0405): "vmware-svga",
+    (0x1B36, 0x0100): "qxl-vga",
+    (0x1AF4, 0x1050): "virtio-vga",
+}
+
+# SeaBIOS's words, as its debug port prints them (src/optionroms.c, post.c).
+_VGA_SCAN: Final = "Scan for VGA option rom"
+_RUNNING: Final = "Running option rom at "
+_BAD_SUM: Final = "Found option rom with bad checksum"
+_PRIMARY: Final = "for primary VGA"
+# Lines that end the VGA phase: SeaBIOS gave up on a VGA ROM, or moved on.
+_VGA_PHASE_END: Final = ("Turning on vga text mode console", "Scan for option roms")
+_BOOTING: Final = ("Booting from ", "No bootable device")
+
+TEXT_BUFFER: Final = 0xB8000
+TEXT_COLS: Final = 80
+TEXT_ROWS: Final = 25
+
+
+def qemu_vga_device(vendor: int, device: int) -> str | None:
+    """The QEMU ``-device`` whose PCI ids are ``vendor:device``, or None when QEMU has none."""
+    return VGA_DEVICES.get((vendor, device))
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareReport:
+    """What SeaBIOS's debug log says about the VGA ROM (see :func:`parse_firmware_log`)."""
+
+    primary_vga: str | None  # the PCI address SeaBIOS took as primary VGA ("00:02.0")
+    vga_rom_at: str | None  # where it ran the VGA ROM ("c000:0003"), None if it ran none
+    vga_banner: str | None  # the first line the VGA ROM printed to the log, if any
+    problems: tuple[str, ...]  # SeaBIOS's complaints about ROMs (bad checksum, ...)
+    booted: str | None  # the first "Booting from ..." / "No bootable device" line
+    evidence: tuple[str, ...]  # the log lines the report rests on, in order
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON-ready values."""
+        return {
+            "primary_vga": self.primary_vga, "vga_rom_at": self.vga_rom_at,
+            "vga_banner": self.vga_banner, "problems": list(self.problems),
+            "booted": self.booted, "evidence": list(self.evidence),
+        }
+
+
+def parse_firmware_log(text: str) -> FirmwareReport:
+    """Read SeaBIOS's debug log: which ROM it ran as the VGA BIOS, and what it refused.
+
+    Only a ``Running option rom at c000:...`` inside the VGA phase (after
+    ``Scan for VGA option rom``, before SeaBIOS falls back to its own text
+    console or scans the other ROMs) counts as the VGA BIOS.
+    """
+    primary = rom_at = banner = booted = None
+    problems: list[str] = []
+    evidence: list[str] = []
+    in_vga = False
+    after_rom = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if _PRIMARY in line and primary is None:
+            # "PCI: Using 00:02.0 for primary VGA"
+            words = line.split()
+            primary = words[words.index("for") - 1] if "for" in words[1:] else None
+            evidence.append(line)
+        elif line.startswith(_VGA_SCAN):
+            in_vga = True
+            evidence.append(line)
+        elif _BAD_SUM in line:
+            problems.append(line)
+            evidence.append(line)
+        elif in_vga and line.startswith(_RUNNING):
+            rom_at = line[len(_RUNNING):].strip()
+            if rom_at.lower().startswith("c000:"):
+                after_rom = True
+            else:
+                rom_at = None
+            evidence.append(line)
+        elif after_rom and banner is None:
+            banner = line  # the VGA BIOS's own first words (SeaVGABIOS names itself)
+            evidence.append(line)
+            after_rom = False
+        elif in_vga and line.startswith(_VGA_PHASE_END):
+            in_vga = after_rom = False
+            evidence.append(line)
+        elif line.startswith(_BOOTING) and booted is None:
+            booted = line
+            evidence.append(line)
+    return FirmwareReport(primary, rom_at, banner, tuple(problems), booted, tuple(evidence))
+
+
+def screen_text(mem: bytes, cols: int = TEXT_COLS, rows: int = TEXT_ROWS) -> list[str]:
+    """The characters of a VGA text buffer (code page 437, attributes dropped), trailing
+    blank rows and spaces removed."""
+    chars = bytes(mem[0:cols * rows * 2:2])
+    lines = [chars[r * cols:(r + 1) * cols].decode("cp437").replace("\x00", " ").rstrip()
+             for r in range(rows)]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+@dataclass(frozen=True, slots=True)
+class RomBoot:
+    """The outcome of :func:`boot_rom`: what ran, what the screen showed, and the verdict."""
+
+    domain: str
+    rom: str
+    device: str  # the QEMU device the ROM was given to
+    firmware: FirmwareReport
+    screen: tuple[str, ...]  # the text on the guest's screen when SeaBIOS went to boot
+    screendump: str | None  # PNG of that moment
+    ran: bool  # the ROM ran as the primary VGA BIOS
+    verdict: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The result as JSON-ready values."""
+        return {
+            "domain": self.domain, "rom": self.rom, "device": self.device, "ran": self.ran,
+            "verdict": self.verdict, "firmware": self.firmware.to_json(),
+            "screen": list(self.screen), "screendump": self.screendump,
+        }
+
+
+def judge(firmware: FirmwareReport, screen: Sequence[str], device: str) -> tuple[bool, str]:
+    """Whether the ROM ran as the primary VGA BIOS, and one sentence saying why."""
+    if firmware.vga_rom_at is None:
+        if firmware.problems:
+            return False, f"SeaBIOS refused the VGA ROM: {firmware.problems[0]}"
+        return False, (f"SeaBIOS ran no VGA ROM on {device}: the ROM's PCI ids or code type "
+                       "do not match the device, or the device has no ROM")
+    shown = [ln for ln in screen if ln.strip()]
+    if not shown:
+        return False, (f"SeaBIOS ran the VGA ROM at {firmware.vga_rom_at}, but nothing "
+                       "reached the text screen: its int 10h output does not work")
+    return True, (f"the ROM ran as the primary VGA BIOS at {firmware.vga_rom_at} "
+                  f"(primary VGA {firmware.primary_vga or '?'}) and drew "
+                  f"{len(shown)} line(s) of text, e.g. {shown[0].strip()!r}")
+
+
+def wait_for_boot(log: Path, timeout: float, *, alive: Any = None) -> str:
+    """Wait until SeaBIOS's log shows it went to boot (or gave up); the log's text.
+
+    ``alive`` is a callable; when it returns False the wait ends early
+    (QEMU exited).  BackendError when the time runs out.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    text = ""
+    while True:
+        try:
+            text = log.read_text(encoding="latin-1")
+        except FileNotFoundError:
+            text = ""
+        if any(b in text for b in _BOOTING):
+            return text
+        if alive is not None and not alive():
+            raise BackendError(f"QEMU exited before the firmware went to boot ({log})")
+        if time.monotonic() > deadline:
+            raise BackendError(
+                f"the firmware did not reach its boot step within {timeout:g}s ({log}: "
+                f"{' | '.join(text.splitlines()[-3:]) or 'empty'})"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def check_rom_ids(vendor: int, device: int, qemu_device: str | None) -> str:
+    """The QEMU device to present a ROM built for ``vendor:device``; XenlabError when none fits."""
+    if qemu_device is not None:
+        return qemu_device
+    found = qemu_vga_device(vendor, device)
+    if found is None:
+        known = ", ".join(f"{v:04x}:{d:04x} ({n})" for (v, d), n in VGA_DEVICES.items())
+        raise XenlabError(
+            f"no emulated display has PCI ids {vendor:04x}:{device:04x}, so SeaBIOS would "
+            f"not run this ROM; pass a real device (--pci BDF, VFIO), rewrite the ids "
+            f"(xenlab rom fix --set-ids) for one of: {known}, or name --device"
+        )
+    return found
