@@ -313,6 +313,19 @@ def test_unknown_key_warns_with_its_line() -> None:
     assert "foo" not in dc.extra
 
 
+def test_xenlab_keys_are_known_to_xenlab_not_to_xl() -> None:
+    # vga_rom/vga_rom_device are xenlab's (xl ignores keys it does not know).
+    hvm = 'name = "g"\ntype = "hvm"\n'
+    dc = build(f'{hvm}vga_rom = "/roms/v.bin"\nvga_rom_device = "VGA"\n')
+    assert warnings(dc) == []
+    assert dc.extra["vga_rom"] == "/roms/v.bin" and dc.extra["vga_rom_device"] == "VGA"
+    assert "vga_rom" not in KEYS
+    dc = build(f'{hvm}vga_rom = ["a"]\n')
+    assert warnings(dc) == [
+        "g.cfg:3: warning: parameter 'vga_rom' is a list but should be a single value; ignored"
+    ]
+
+
 def test_list_for_a_string_key_is_ignored_with_a_warning() -> None:
     dc = build(f'{PV}ramdisk = ["a"]\n')
     assert dc.ramdisk is None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
-__all__ = ["ALL_TYPES", "KEYS", "KeyInfo", "KeyKind", "Severity", "key_info"]
+__all__ = ["ALL_TYPES", "KEYS", "XENLAB_KEYS", "KeyInfo", "KeyKind", "Severity", "key_info"]
 
 
 class KeyKind(enum.Enum):
@@ -321,6 +321,18 @@ _TABLE: Final[tuple[KeyInfo, ...]] = (
 
 #: Every key xl 4.17 reads from a domain config, by name.
 KEYS: Final[Mapping[str, KeyInfo]] = MappingProxyType({info.name: info for info in _TABLE})
+
+
+#: Keys xenlab reads that xl does not.  xl ignores keys it does not know, so a
+#: config that uses them still loads under Xen (without their effect).
+XENLAB_KEYS: Final[Mapping[str, KeyInfo]] = MappingProxyType({info.name: info for info in (
+    # The VGA BIOS behind the primary display (``xenlab rom boot``): QEMU's
+    # romfile= on the emulated VGA device, or on the passed-through one.
+    _s("vga_rom", types=_HVM),
+    # The QEMU display device that gets vga_rom, when the ROM's PCI ids are
+    # those of a device xl's vga= cannot name (ati-vga, vmware-svga, ...).
+    _s("vga_rom_device", types=_HVM),
+)})
 
 
 def key_info(name: str) -> KeyInfo | None:

@@ -48,7 +48,7 @@ from typing import Final
 
 from xenlab.config.clib import strtol0
 from xenlab.config.errors import ConfigError, ConfigWarning
-from xenlab.config.keys import KEYS, KeyInfo, KeyKind, Severity
+from xenlab.config.keys import KEYS, XENLAB_KEYS, KeyInfo, KeyKind, Severity
 from xenlab.config.specs.cpus import CpuSet, format_cpus, parse_cpus
 from xenlab.config.specs.disk import DiskSpec, disk_to_libxl_json, parse_disk
 from xenlab.config.specs.pci import PciSpec, RdmPolicy, parse_pci, pci_to_libxl_json
@@ -216,7 +216,7 @@ class _Reader:
             return None
         if not isinstance(setting.value, str):
             self.bad(
-                KEYS[name], setting, f"parameter {name!r} is a list but should be a single value"
+                _info(name), setting, f"parameter {name!r} is a list but should be a single value"
             )
             return None
         return setting.value
@@ -226,7 +226,7 @@ class _Reader:
         setting = self.setting(name)
         if setting is None:
             return None
-        info = KEYS[name]
+        info = _info(name)
         found = setting
 
         def report(message: str) -> None:
@@ -264,7 +264,7 @@ class _Reader:
             return None
         if isinstance(setting.value, str):
             self.bad(
-                KEYS[name], setting, f"parameter {name!r} is a single value but should be a list"
+                _info(name), setting, f"parameter {name!r} is a single value but should be a list"
             )
             return None
         return self.strings_of(name, setting, setting.value)
@@ -396,9 +396,14 @@ def _action(r: _Reader, name: str, default: ShutdownAction) -> ShutdownAction:
         return default
 
 
+def _info(name: str) -> KeyInfo:
+    """What xl, or xenlab for its own keys, expects of ``name``."""
+    return KEYS.get(name) or XENLAB_KEYS[name]
+
+
 def _check_known_keys(r: _Reader, dtype: DomainType) -> None:
     for name, setting in r.latest.items():
-        info = KEYS.get(name)
+        info = KEYS.get(name) or XENLAB_KEYS.get(name)
         if info is None:
             r.warnings.append(ConfigWarning(r.source, setting.name_line, f"unknown key {name!r}"))
             continue
@@ -419,7 +424,7 @@ def _check_values(r: _Reader, dtype: DomainType) -> None:
         "viridian", "mca_caps", "firmware", "mmio_hole", "bootloader_args", "passthrough",
     }  # fmt: skip
     for name in r.latest:
-        info = KEYS.get(name)
+        info = KEYS.get(name) or XENLAB_KEYS.get(name)
         if info is None or name in handled or dtype.value not in info.types:
             continue
         if info.kind is KeyKind.STRING:
@@ -758,7 +763,7 @@ def domain_config(
     extra = {
         key: setting.value
         for key, setting in r.latest.items()
-        if key in KEYS and key not in _TYPED_KEYS
+        if (key in KEYS or key in XENLAB_KEYS) and key not in _TYPED_KEYS
     }
     return DomainConfig(
         name=name,
