@@ -16,6 +16,7 @@ GROUPS = {
     "config": ("xenlab.cli.config", "config", "The xl domain-configuration language."),
     "ucode": ("xenlab.cli.ucode", "ucode", "CPU microcode: scan, select, extract, build."),
     "vm": ("xenlab.cli.vm", "vm", "Run guests from xl configs on QEMU."),
+    "rom": ("xenlab.cli.rom", "rom", "PCI option ROMs and VGA BIOSes: inspect, fix, dump."),
     "image": ("xenlab.cli.vm", "image", "The project's guest image."),
 }
 

@@ -336,18 +336,21 @@ def _fits(view: memoryview, pos: int, size: int) -> bool:
 def byte_sum(buf: Buffer, start: int, end: int) -> int:
     """Sum of ``buf[start:end]`` mod 256 (numpy, no copy); the range is clipped to ``buf``."""
     view = _flat(buf)
-    start = max(0, start)
-    end = min(end, len(view))
-    if end <= start:
-        return 0
-    part = view[start:end]
     try:
-        arr = np.frombuffer(part, dtype=np.uint8)
-        total = int(np.add.reduce(arr, dtype=np.uint8))
-        del arr
+        start = max(0, start)
+        end = min(end, len(view))
+        if end <= start:
+            return 0
+        part = view[start:end]
+        try:
+            arr = np.frombuffer(part, dtype=np.uint8)
+            total = int(np.add.reduce(arr, dtype=np.uint8))
+            del arr
+        finally:
+            part.release()
+        return total
     finally:
-        part.release()
-    return total
+        view.release()
 
 
 def _fill_of(view: memoryview, start: int, end: int) -> int | None:
@@ -381,16 +384,24 @@ def find_header(buf: Buffer, start: int = 0, end: int | None = None) -> int | No
     flash tools whose size is not a multiple of 512.
     """
     view = _flat(buf)
-    stop = len(view) if end is None else min(end, len(view))
-    for m in _HEADER_CANDIDATE.finditer(view, start, stop):
-        if _has_pcir(view, m.start()):
-            return m.start()
-    return None
+    try:
+        stop = len(view) if end is None else min(end, len(view))
+        for m in _HEADER_CANDIDATE.finditer(view, start, stop):
+            if _has_pcir(view, m.start()):
+                return m.start()
+        return None
+    finally:
+        view.release()
 
 
 def _flat(buf: Buffer) -> memoryview:
+    """A new flat byte view of ``buf``; the caller releases it (an mmap can then close)."""
     view = memoryview(buf)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+    if view.format == "B" and view.ndim == 1:
+        return view
+    flat = view.cast("B")
+    view.release()
+    return flat
 
 
 # --- the parts of an image -------------------------------------------------------
@@ -680,6 +691,13 @@ def parse_rom(buf: Buffer, *, source: str = "<rom>") -> OptionRom:
         other damage is reported in the result's problems.
     """
     view = _flat(buf)
+    try:
+        return _walk(view, source)
+    finally:
+        view.release()
+
+
+def _walk(view: memoryview, source: str) -> OptionRom:
     size = len(view)
     problems: list[RomProblem] = []
     # 55 AA at 0 starts the ROM when its pointer is 0 (an ISA ROM) or lands on
