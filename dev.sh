@@ -16,8 +16,10 @@ cd "$(dirname "$0")"
 #   real parts for tests: cpio, busybox-static, initramfs-tools-core (mkinitramfs,
 #   lsinitramfs, unmkinitramfs) and the compressors initrds use;
 #   the toolstack: QEMU and qemu-img run guests; qemu-guest-agent goes into the
-#   guest image (xenlab image build) with its libraries.
-APT_PACKAGES=(ca-certificates qemu-system-x86 qemu-utils qemu-guest-agent cpio busybox-static iucode-tool initramfs-tools-core zstd lz4 xz-utils bzip2 lzma)
+#   guest image (xenlab image build) with its libraries;
+#   hotplug: iproute2 (`ip`, the tests' oracle for the taps and bridges that
+#   xenlab.hotplug makes through pyroute2).
+APT_PACKAGES=(ca-certificates qemu-system-x86 qemu-utils qemu-guest-agent cpio busybox-static iucode-tool initramfs-tools-core zstd lz4 xz-utils bzip2 lzma iproute2)
 
 setup() {
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -17,6 +17,7 @@ from xenlab.vm.qemu import (
     Accel,
     RuntimePaths,
     balloon_target_mib,
+    nics,
     qemu_argv,
 )
 
@@ -56,6 +57,11 @@ def devices(argv: list[str], driver: str) -> list[dict[str, str]]:
     return out
 
 
+def taps_for(dc: DomainConfig) -> dict[int, str]:
+    """Tap names for the vifs that need one, as the toolstack would make them for domain 7."""
+    return {n.devid: f"vif7.{n.devid}" for n in nics(dc) if n.tap}
+
+
 def refused(text: str, key_prefix: str, **kwargs: object) -> str:
     with pytest.raises(XenlabError) as err:
         qemu_argv(dc_of(text), PATHS, **kwargs)  # type: ignore[arg-type]
@@ -72,7 +78,7 @@ BASE = 'name = "g"\ntype = "hvm"\nmemory = 256\n'
 
 def test_pv_guest_example() -> None:
     dc = dc_of((REPO / "examples/pv-guest.cfg").read_text(), "pv-guest.cfg")
-    argv = qemu_argv(dc, PATHS)
+    argv = qemu_argv(dc, PATHS, taps=taps_for(dc))
     assert argv[0] == "qemu-system-x86_64"
     assert argv[1:3] == ["-no-user-config", "-nodefaults"]
     assert one(argv, "-name") == "guest=pv-guest,debug-threads=on"
@@ -93,11 +99,16 @@ def test_pv_guest_example() -> None:
     assert devices(argv, "virtio-blk-pci") == [
         {"drive": "xvda-fmt", "id": "xvda", "serial": "xvda"}
     ]
-    # bridge=xenbr0 is xl's default network: user-mode networking, the vif's MAC.
-    assert one(argv, "-netdev") == "user,id=net0"
+    # bridge=xenbr0 names a bridge: a tap on it, opened by name (made by hotplug).
+    assert one(argv, "-netdev") == (
+        "tap,id=net0,ifname=vif7.0,script=no,downscript=no,vhost=off"
+    )
     assert devices(argv, "virtio-net-pci") == [
-        {"netdev": "net0", "mac": "00:16:3e:00:00:01", "id": "vif0"}
+        {"netdev": "net0", "mac": "00:16:3e:00:00:01", "id": "vif0", "addr": "0x10"}
     ]
+    # Without its tap the argv cannot be made: the toolstack brings vifs online first.
+    with pytest.raises(XenlabError, match=r"^vif 0: needs a tap"):
+        qemu_argv(dc, PATHS)
     assert one(argv, "-display") == "none"
     assert "-vnc" not in argv
     assert one(argv, "-serial") == "chardev:console0"
@@ -122,7 +133,7 @@ def test_hvm_vnuma_example_refuses_pci_then_maps_the_rest() -> None:
     with pytest.raises(XenlabError, match=r"^pci: PCI passthrough needs a VFIO device"):
         qemu_argv(dc_of(text), PATHS)
     dc = dc_of(re.sub(r"(?m)^pci = .*$", "", text))
-    argv = qemu_argv(dc, PATHS)
+    argv = qemu_argv(dc, PATHS, taps=taps_for(dc))
     assert one(argv, "-m") == "size=2048M"
     assert balloon_target_mib(dc) is None
     assert one(argv, "-smp") == "cpus=4,maxcpus=4"
@@ -165,8 +176,8 @@ SHARED_EXPECT = {
     "libvirt__libvirt__test-fullvirt-ovmf.cfg": "bios:",
     "libvirt__libvirt__test-spice-features.cfg": "spice:",
     "libvirt__libvirt__test-usbctrl.cfg": "usbctrl:",
-    "libvirt__libvirt__test-paravirt-cmdline.cfg": "vif 0: script='vif-bridge'",
-    "buildroot__buildroot__aarch64-dom1.cfg": "vif 0: bridge='br0'",
+    "libvirt__libvirt__test-paravirt-cmdline.cfg": None,
+    "buildroot__buildroot__aarch64-dom1.cfg": None,
     "xen-project__xen__xmexample.pv-grub.cfg": "disk: vdev 'hda1'",
     "xen-troops__meta-xt-prod-devel__doma-generic-h3.cfg": "iomem:",
 }
@@ -177,13 +188,13 @@ def test_shared_configs(shared_data: Path, name: str) -> None:
     dc = dc_of((shared_data / "xlcfg" / name).read_text(), name)
     expected = SHARED_EXPECT[name]
     if expected is None:
-        argv = qemu_argv(dc, PATHS)
+        argv = qemu_argv(dc, PATHS, taps=taps_for(dc))
         assert argv[0] == "qemu-system-x86_64"
         assert one(argv, "-m") == f"size={dc.maxmem_mib}M"
         assert one(argv, "-smp") == f"cpus={dc.vcpus},maxcpus={dc.maxvcpus}"
     else:
         with pytest.raises(XenlabError) as err:
-            qemu_argv(dc, PATHS)
+            qemu_argv(dc, PATHS, taps=taps_for(dc))
         assert str(err.value).startswith(expected), str(err.value)
 
 
@@ -201,7 +212,8 @@ def test_shared_pvlinux_details(shared_data: Path) -> None:
 
 def test_shared_xm_hvm_is_a_firmware_boot(shared_data: Path) -> None:
     name = "xen-project__xen__xmexample.hvm.cfg"
-    argv = qemu_argv(dc_of((shared_data / "xlcfg" / name).read_text(), name), PATHS)
+    dc = dc_of((shared_data / "xlcfg" / name).read_text(), name)
+    argv = qemu_argv(dc, PATHS, taps=taps_for(dc))
     assert "-kernel" not in argv  # kernel = "hvmloader" is Xen's firmware
     assert one(argv, "-boot") == "order=cd"
     assert devices(argv, "ide-cd") == [{"bus": "ide.1", "unit": "0", "id": "hdc"}]  # empty
@@ -337,19 +349,32 @@ def test_vifs_models_macs_and_mtu() -> None:
         BASE + "vif = [ 'model=rtl8139', 'mac=00:16:3e:aa:bb:cc,model=e1000',"
         " 'mtu=9000', 'devid=7,bridge=xenbr0' ]\n"
     )
-    argv = qemu_argv(dc, PATHS)
-    assert opts(argv, "-netdev") == ["user,id=net0", "user,id=net1", "user,id=net2", "user,id=net7"]
+    taps = {7: "vif9.7"}
+    argv = qemu_argv(dc, PATHS, taps=taps)
+    # No bridge and no script: user mode; an explicit bridge (xenbr0 too): a tap.
+    assert opts(argv, "-netdev") == [
+        "user,id=net0", "user,id=net1", "user,id=net2",
+        "tap,id=net7,ifname=vif9.7,script=no,downscript=no,vhost=off",
+    ]
     assert devices(argv, "rtl8139")[0]["id"] == "vif0"
-    assert devices(argv, "e1000") == [{"netdev": "net1", "mac": "00:16:3e:aa:bb:cc", "id": "vif1"}]
-    nics = devices(argv, "virtio-net-pci")
-    assert nics[0]["host_mtu"] == "9000"
-    assert [n["id"] for n in nics] == ["vif2", "vif7"]
+    assert devices(argv, "e1000") == [
+        {"netdev": "net1", "mac": "00:16:3e:aa:bb:cc", "id": "vif1", "addr": "0x11"}
+    ]
+    found = devices(argv, "virtio-net-pci")
+    assert found[0]["host_mtu"] == "9000"
+    assert [n["id"] for n in found] == ["vif2", "vif7"]
+    # Each vif has its own PCI slot, 0x10 + devid, whatever the order of the list.
+    assert [n["addr"] for n in found] == ["0x12", "0x17"]
     # Made-up MACs are stable for one domain and differ between vifs and domains.
-    again = devices(qemu_argv(dc, PATHS), "virtio-net-pci")
-    assert [n["mac"] for n in nics] == [n["mac"] for n in again]
-    assert nics[0]["mac"] != nics[1]["mac"]
+    again = devices(qemu_argv(dc, PATHS, taps=taps), "virtio-net-pci")
+    assert [n["mac"] for n in found] == [n["mac"] for n in again]
+    assert found[0]["mac"] != found[1]["mac"]
     other = dc_of(BASE.replace('"g"', '"h"') + "vif = [ 'mtu=9000' ]\n")
-    assert devices(qemu_argv(other, PATHS), "virtio-net-pci")[0]["mac"] != nics[0]["mac"]
+    assert devices(qemu_argv(other, PATHS), "virtio-net-pci")[0]["mac"] != found[0]["mac"]
+    # Which vifs need a tap: a bridge or a script (vif-route too), nothing else.
+    tapped = dc_of(BASE + "vif = [ '', 'bridge=br-lan', 'script=vif-route,ip=10.0.0.2',"
+                   " 'script=/x/my-vif,gatewaydev=eth0' ]\n")
+    assert [n.tap for n in nics(tapped)] == [False, True, True, True]
 
 
 @pytest.mark.parametrize(
@@ -412,8 +437,8 @@ def test_serial_actions_and_extra_keys() -> None:
         ('serial = [ "pty", "pty" ]\n', "serial: only one"),
         ('usb = 1\nusbdevice = "disk:/x"\n', "usbdevice: 'disk:/x'"),
         ("maxvcpus = 200\n", "maxvcpus: 200"),
-        ("vif = [ 'bridge=br-lan' ]\n", "vif 0: bridge='br-lan' needs a tap device"),
-        ("vif = [ 'script=vif-route' ]\n", "vif 0: script='vif-route'"),
+        ("vif = [ 'bridge=br-lan' ]\n", "vif 0: needs a tap"),
+        ("vif = [ 'script=vif-route' ]\n", "vif 0: needs a tap"),
         ("vif = [ 'rate=10Mb/s' ]\n", "vif 0: rate="),
         ("vif = [ 'model=virtio','devid=0' ]\n", "vif 0: devid given twice"),
         ("vif = [ 'model=i82551' ]\n", "vif 0: model='i82551' (expected one of"),

@@ -212,7 +212,7 @@ def test_disks_formats_access_and_cdroms(paths: RuntimePaths, tmp_path: Path) ->
 def test_vifs_user_network_and_macs(paths: RuntimePaths) -> None:
     dc = dc_of(
         'name = "net"\ntype = "hvm"\nmemory = 64\n'
-        "vif = [ 'mac=00:16:3e:12:34:56', 'model=e1000,bridge=xenbr0' ]\n"
+        "vif = [ 'mac=00:16:3e:12:34:56', 'model=e1000' ]\n"
     )
     mac0, model1, mac1, info = run(
         dc,
@@ -290,6 +290,9 @@ def test_hvm_vnuma_example_runs(paths: RuntimePaths, tmp_path: Path) -> None:
     text = "\n".join(
         line for line in text.splitlines() if not line.startswith(("pci", "vnclisten"))
     )
+    # bridge=xenbr0 would ask for a tap on that bridge (tests/vm/test_network.py);
+    # without it the vif runs on QEMU's user network.
+    text = text.replace(", bridge=xenbr0", "")
     memdevs, blocks, nic, vnc, usb = run(
         dc_of(text),
         paths,

@@ -536,3 +536,52 @@ def snapshot_info_cmd(domain: str, name: str, state_dir: Path | None) -> None:
         "current": i.current, "memory": i.has_memory, "vm_state_bytes": i.vm_state_bytes,
         "disks": [dict(d) for d in s.disks], "memory_path": s.memory_path,
     })
+
+
+@vm.command("network-attach")
+@click.argument("domain")
+@click.argument("items", nargs=-1)
+@_STATE
+def network_attach_cmd(domain: str, items: Sequence[str], state_dir: Path | None) -> None:
+    """Plug a NIC into running DOMAIN; ITEMS make one xl vif spec (bridge=xlbr0 mac=...)."""
+    from xenlab.vm.network import network_attach
+
+    i = network_attach(_ts(state_dir), domain, list(items))
+    where = f"tap {i.tap} ({i.mode}" + (f" on {i.bridge})" if i.bridge else ")") if i.tap \
+        else "user network"
+    stdout.print(f"{printable(domain)}: vif {i.devid} attached, {i.mac}, {where}")
+
+
+@vm.command("network-detach")
+@click.argument("domain")
+@click.argument("which", metavar="DEVID|MAC")
+@click.option("--timeout", default=30.0, show_default=True,
+              help="Seconds to wait for the guest to release the NIC.")
+@_STATE
+def network_detach_cmd(domain: str, which: str, timeout: float, state_dir: Path | None) -> None:
+    """Unplug NIC DEVID (or the one with MAC) from running DOMAIN and remove its tap."""
+    from xenlab.vm.network import network_detach
+
+    i = network_detach(_ts(state_dir), domain, which, timeout=timeout)
+    stdout.print(f"{printable(domain)}: vif {i.devid} ({i.mac}) detached")
+
+
+@vm.command("network-list")
+@click.argument("domain")
+@click.option("--json", "as_json", is_flag=True)
+@_STATE
+def network_list_cmd(domain: str, as_json: bool, state_dir: Path | None) -> None:
+    """DOMAIN's NICs: devid, MAC, model, how it reaches the host (user, bridge, script), tap."""
+    from xenlab.vm.network import network_list
+
+    rows = network_list(_ts(state_dir), domain)
+    if as_json:
+        emit_json([r.to_json() for r in rows])
+        return
+    t = Table(box=None)
+    for col in ("Idx", "MAC", "Model", "Mode", "Bridge", "Tap", "MTU"):
+        t.add_column(col, justify="right" if col in ("Idx", "MTU") else "left")
+    for r in rows:
+        t.add_row(str(r.devid), r.mac, r.model, r.mode, r.bridge or "-", r.tap or "-",
+                  str(r.mtu or "-"))
+    stdout.print(t)

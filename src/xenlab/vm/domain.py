@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -25,11 +26,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from xenlab import hotplug
 from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
-from xenlab.vm.qemu import Accel, RuntimePaths, balloon_target_mib, probe_accel, qemu_argv
+from xenlab.vm.qemu import (
+    Accel,
+    Nic,
+    RuntimePaths,
+    balloon_target_mib,
+    nics,
+    probe_accel,
+    qemu_argv,
+)
 from xenlab.vm.qmp import GuestAgent, Qmp
 from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.store import DomainRecord, Store, is_alive
@@ -40,6 +50,14 @@ SHUTOFF = "shutoff"
 
 # Unix socket paths must fit in sun_path (108 bytes with the NUL).
 _SOCKET_MAX = 100
+# DomainRecord.extra key: the host ends (hotplug.Vif as JSON) of the domain's
+# tapped vifs while its QEMU may run; whoever sees QEMU gone brings them offline.
+VIFS = "vifs"
+# DomainRecord.extra key: the domain's vif list (xl vif specs) once
+# network-attach/-detach changed it; a later start uses it over the file's.
+VIF_SPECS = "vif_specs"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +215,10 @@ class Toolstack:
         with self.store.global_lock():
             old = self._reusable(dc.name)
             if old is not None and fresh:
-                # create starts a kept domain on the disks it last ran on; restore,
-                # receive and revert bring the config to run as it is.
+                # create starts a kept domain on the disks it last ran on, with
+                # the NICs it last had; restore, receive and revert bring the
+                # config to run as it is.
+                dc, text = _on_vif_specs(dc, text, old)
                 dc = _on_overlays(_on_mirrors(dc, old), old)
             created = self._check_disks(dc, create_disks) if fresh else []
             state = "creating" if fresh else "incoming"
@@ -229,11 +249,13 @@ class Toolstack:
                     from xenlab.vm.image import build_image
 
                     image = build_image()
+                dc = replace(dc, uuid=rec.uuid)
+                rec, taps = self._vifs_online(rec, dc, fresh=fresh)
                 argv = qemu_argv(
-                    replace(dc, uuid=rec.uuid), paths, accel=self.accel,
+                    dc, paths, accel=self.accel,
                     image=image,  # type: ignore[arg-type]
                     # An incoming QEMU must not run before the stream has arrived.
-                    paused=paused or not fresh, incoming=incoming,
+                    paused=paused or not fresh, incoming=incoming, taps=taps,
                 )
                 if prepare is not None:
                     prepare()
@@ -261,6 +283,88 @@ class Toolstack:
             for p in created:
                 p.unlink(missing_ok=True)
             raise
+
+    def host_vif(self, rec: DomainRecord, nic: Nic, *, name: str | None = None) -> hotplug.Vif:
+        """The hotplug description of ``nic``'s host end in domain ``rec``.
+
+        The tap is named ``vifname=`` when the config gives one, else like
+        Xen's backend, ``vif<domid>.<devid>``; a vif with a bridge and no
+        script gets Xen's default script, vif-bridge.
+        """
+        spec = nic.spec
+        return hotplug.Vif(
+            domid=rec.domid, devid=nic.devid,
+            vifname=spec.ifname or hotplug.default_vifname(rec.domid, nic.devid),
+            script=spec.script or hotplug.DEFAULT_VIF_SCRIPT, bridge=spec.bridge,
+            mac=nic.mac, mtu=spec.mtu, ip=spec.ip, gatewaydev=spec.gatewaydev,
+            domname=name or rec.name,
+        )
+
+    def _vifs_online(self, rec: DomainRecord, dc: DomainConfig, *, fresh: bool
+                     ) -> tuple[DomainRecord, dict[int, str]]:
+        """Bring ``dc``'s tapped vifs online and record them; (record, tap name by devid).
+
+        A taken name is varied (``vif3.0-1``) unless the config chose it with
+        ``vifname=`` for a fresh start: an incoming domain (local migration)
+        runs beside its source, which holds the name.  All or nothing: a
+        failure brings the ones already up offline again.
+        """
+        wanted = [self.host_vif(rec, n, name=dc.name) for n in nics(dc) if n.tap]
+        if not wanted:
+            return rec, {}
+
+        async def go() -> list[hotplug.Vif]:
+            done: list[hotplug.Vif] = []
+            try:
+                for vif in wanted:
+                    chosen = any(n.devid == vif.devid and n.spec.ifname for n in nics(dc))
+                    done.append(await hotplug.online(vif, rename_if_taken=not (chosen and fresh)))
+            except BaseException:
+                for vif in reversed(done):
+                    with contextlib.suppress(hotplug.HotplugError):
+                        await hotplug.offline(vif)
+                raise
+            return done
+
+        up = _run_async(go())
+        extra = dict(rec.extra)
+        extra[VIFS] = [hotplug.vif_to_json(v) for v in up]
+        rec = self.store.update(replace(rec, extra=extra))
+        return rec, {v.devid: v.vifname for v in up}
+
+    def _vifs_offline(self, rec: DomainRecord) -> dict[str, object]:
+        """Bring every recorded vif of ``rec`` offline; its ``extra`` without them.
+
+        The store's copy of the record is read too: callers may hold one from
+        before the vifs came online.  Failures are logged, never raised: a
+        domain that is going away must go.
+        """
+        try:
+            stored = self.store.get(rec.domid).extra.get(VIFS) or []
+        except XenlabError:
+            stored = []
+        seen: set[str] = set()
+        vifs: list[hotplug.Vif] = []
+        for obj in [*stored, *(rec.extra.get(VIFS) or [])]:
+            try:
+                vif = hotplug.vif_from_json(obj)
+            except hotplug.HotplugError as err:
+                log.warning("domain %s: %s", rec.name, err)
+                continue
+            if vif.vifname not in seen:
+                seen.add(vif.vifname)
+                vifs.append(vif)
+
+        async def go() -> None:
+            for vif in vifs:
+                try:
+                    await hotplug.offline(vif)
+                except hotplug.HotplugError as err:
+                    log.warning("%s", err)
+
+        if vifs:
+            _run_async(go())
+        return {k: v for k, v in rec.extra.items() if k != VIFS}
 
     def _spawn(self, argv: list[str], paths: RuntimePaths) -> None:
         """Start QEMU daemonized: it returns once its devices are up, or fails with why."""
@@ -374,9 +478,10 @@ class Toolstack:
         Returns the kept record, or None when the domain was forgotten.
         """
         shutil.rmtree(self.paths(rec).rundir, ignore_errors=True)
+        extra = self._vifs_offline(rec)
         if (rec.extra.get("defined") or rec.extra.get("disk_paths")
                 or self.store.list_snapshots(rec.domid)):
-            return self.store.update(replace(rec, pid=None, state=SHUTOFF))
+            return self.store.update(replace(rec, pid=None, state=SHUTOFF, extra=extra))
         self.store.remove(rec.domid)
         return None
 
@@ -596,6 +701,25 @@ def _on_overlays(dc: DomainConfig, rec: DomainRecord) -> DomainConfig:
         return dc
     return _on_disks(dc, {v: (str(ov["file"]), DiskFormat.QCOW2)
                           for v, ov in overlays.items() if isinstance(ov, dict) and ov.get("file")})
+
+
+def _on_vif_specs(dc: DomainConfig, text: str, rec: DomainRecord) -> tuple[DomainConfig, str]:
+    """``dc`` (and its text) with the vif list network-attach/-detach left in ``rec``.
+
+    A NIC attached at run time stays across a restart, as with xl; the list
+    is appended to the text as a ``vif =`` line (later settings win).
+    """
+    specs = rec.extra.get(VIF_SPECS)
+    if not isinstance(specs, list):
+        return dc, text
+    return config_from_text(text, rec.config_path, [vif_line([str(s) for s in specs])])
+
+
+def vif_line(specs: Sequence[str]) -> str:
+    """An xl ``vif = [ ... ]`` setting listing ``specs``."""
+    from xenlab.config.writer import quote
+
+    return "vif = [ " + ", ".join(quote(s) for s in specs) + " ]"
 
 
 def _wait_gone(pid: int | None, timeout: float) -> bool:

@@ -25,9 +25,13 @@ Mapping (xl key -> QEMU)
     disk cdrom (any vdev)         ``ide-cd`` on ide.(N/2) unit N%2, empty
                                   when there is no target (as libxl)
     access=ro                     ``read-only=on`` on both nodes
-    vif                           ``-netdev user`` + ``virtio-net-pci``
+    vif (no bridge=, no script=)  ``-netdev user`` + ``virtio-net-pci``
                                   (or the ``model=``), ``mac=`` or a stable
-                                  ``00:16:3e`` address from the uuid/name
+                                  ``00:16:3e`` address from the uuid/name,
+                                  PCI slot 0x10 + devid (devid < 16)
+    vif with bridge= or script=   ``-netdev tap,ifname=TAP,script=no,``
+                                  ``downscript=no,vhost=off``; TAP from
+                                  ``taps`` (made by ``xenlab.hotplug``)
     serial=pty (HVM; always PV)   ``-chardev socket`` at ``paths.console``,
                                   ``-serial chardev:console0``
     vnc, vnclisten, vncdisplay    ``-vnc HOST:N`` when a display or listen
@@ -61,10 +65,12 @@ Choices (with reasons)
       guest may touch up to ``maxmem``, like a PoD guest without a balloon.
     * xvdX disks are virtio-blk, the QEMU counterpart of a Xen PV disk; hdX
       stay emulated IDE, and like libxl a read-only IDE hard disk is refused.
-    * Networking is QEMU's user mode (slirp): it needs no privileges.  Xen's
-      default bridge ``xenbr0`` is accepted as "the default network"; another
-      bridge or a hotplug ``script=`` needs a tap device, which this backend
-      does not set up yet, so it is an error rather than a silent change.
+    * A vif that names neither a bridge nor a script runs on QEMU's user
+      mode (slirp): it needs no privileges and no host setup.  A vif that
+      names a bridge (``xenbr0`` too: an explicit bridge always means a tap
+      on that bridge, and a missing bridge is an error, as with Xen's
+      vif-bridge) or a ``script=`` gets a host tap, made and configured
+      before QEMU starts by the hotplug layer and opened by name here.
     * ``cpus=``/``cpus_soft=`` are not in the argv: pinning is done on the
       vCPU threads (``query-cpus-fast`` gives their ids) by the caller.
     * ``backendtype=`` (phy, tap, qdisk) is how Xen serves a disk; QEMU opens
@@ -89,7 +95,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -104,8 +110,11 @@ __all__ = [
     "GUEST_AGENT_PORT",
     "Accel",
     "GuestImageLike",
+    "Nic",
     "RuntimePaths",
     "balloon_target_mib",
+    "nic",
+    "nics",
     "probe_accel",
     "qemu_argv",
 ]
@@ -119,8 +128,9 @@ _SOCKET_MAX: Final = 107
 _MAX_VCPUS: Final = 128
 # Xen's OUI, which libxl uses for the MACs it makes up.
 _XEN_OUI: Final = (0x00, 0x16, 0x3E)
-# libxl's default bridge: naming it asks for nothing beyond "the network".
-_DEFAULT_BRIDGE: Final = "xenbr0"
+# vifs 0-15 get fixed PCI slots 0x10-0x1f (see Nic.device).
+_NIC_SLOT_BASE: Final = 0x10
+_PINNED_NIC_SLOTS: Final = 16
 
 _FORMAT_DRIVERS: Final = {
     DiskFormat.RAW: "raw",
@@ -359,54 +369,126 @@ def _stable_mac(dc: DomainConfig, devid: int) -> str:
     return ":".join(f"{o:02x}" for o in octets)
 
 
-def _vifs(dc: DomainConfig) -> list[str]:
-    argv: list[str] = []
+@dataclass(frozen=True, slots=True)
+class Nic:
+    """One vif as QEMU runs it: devid, MAC (made up when the config gives none), QEMU model.
+
+    ``tap`` says whether it needs a host tap (the config names a bridge or a
+    hotplug script) or runs on QEMU's user-mode network.
+    """
+
+    devid: int
+    mac: str
+    model: str  # the QEMU device: virtio-net-pci, e1000, ...
+    spec: VifSpec
+
+    @property
+    def tap(self) -> bool:
+        """True when the vif names a bridge or a script: a tap on the host, not user mode."""
+        return self.spec.bridge is not None or self.spec.script is not None
+
+    @property
+    def netdev_id(self) -> str:
+        """The QEMU netdev's id: ``net<devid>``."""
+        return f"net{self.devid}"
+
+    @property
+    def device_id(self) -> str:
+        """The QEMU device's id: ``vif<devid>``."""
+        return f"vif{self.devid}"
+
+    def netdev(self, tap: str | None) -> dict[str, object]:
+        """The netdev's options (``-netdev``, QMP ``netdev_add``); ``tap`` names the host tap.
+
+        A tap is opened by name, already made and configured by the hotplug
+        layer: QEMU runs no ifup/ifdown script of its own (``script=no``),
+        and vhost stays off (TCG, and no /dev/vhost-net needed).
+        """
+        if not self.tap:
+            return {"type": "user", "id": self.netdev_id}
+        if tap is None:
+            raise _unsupported(
+                f"vif {self.devid}",
+                "needs a tap; the toolstack brings it online before QEMU starts",
+            )
+        return {"type": "tap", "id": self.netdev_id, "ifname": tap, "script": "no",
+                "downscript": "no", "vhost": False}
+
+    def device(self) -> dict[str, object]:
+        """The NIC's options (``-device``, QMP ``device_add``).
+
+        vifs 0-15 sit at PCI slot 0x10 + devid, so a NIC attached at run time
+        is where a restarted or restored QEMU puts it again (migration and
+        restore need the same slots on both sides).
+        """
+        opts: dict[str, object] = {"driver": self.model, "netdev": self.netdev_id,
+                                   "mac": self.mac, "id": self.device_id}
+        if self.devid < _PINNED_NIC_SLOTS:
+            opts["addr"] = f"{_NIC_SLOT_BASE + self.devid:#x}"
+        if self.spec.mtu is not None:
+            opts["host_mtu"] = self.spec.mtu
+        return opts
+
+
+def _argv_opts(opts: dict[str, object], head: str) -> str:
+    parts = [str(opts[head])]
+    for key, value in opts.items():
+        if key == head:
+            continue
+        text = ("on" if value else "off") if isinstance(value, bool) else str(value)
+        parts.append(f"{key}={_opt(text)}")
+    return ",".join(parts)
+
+
+def nic(dc: DomainConfig, vif: VifSpec, devid: int) -> Nic:
+    """vif ``devid`` of ``dc`` as QEMU runs it.
+
+    :raise XenlabError: the vif asks for something the backend cannot do
+        (``vif N: ...``).
+    """
+    where = f"vif {devid}"
+    _check_vif(vif, where)
+    model = _NIC_MODELS.get(vif.model)
+    if model is None:
+        known = ", ".join(sorted(k for k in _NIC_MODELS if k))
+        raise _unsupported(where, f"model={vif.model!r} (expected one of {known})")
+    if vif.mtu is not None and model != "virtio-net-pci":
+        raise _unsupported(where, "mtu= is only supported with the virtio model")
+    mac = ":".join(f"{o:02x}" for o in vif.mac) if vif.mac is not None else _stable_mac(dc, devid)
+    return Nic(devid=devid, mac=mac, model=model, spec=vif)
+
+
+def nics(dc: DomainConfig) -> tuple[Nic, ...]:
+    """Every vif of ``dc`` as QEMU runs it, with xl's devids (the list index unless ``devid=``).
+
+    :raise XenlabError: a devid is given twice, or a vif is refused (:func:`nic`).
+    """
+    out: list[Nic] = []
     seen: set[int] = set()
     for index, vif in enumerate(dc.vifs):
         devid = vif.devid if vif.devid is not None else index
-        where = f"vif {devid}"
         if devid in seen:
-            raise _unsupported(where, "devid given twice")
+            raise _unsupported(f"vif {devid}", "devid given twice")
         seen.add(devid)
-        _check_vif(vif, where)
-        model = _NIC_MODELS.get(vif.model)
-        if model is None:
-            known = ", ".join(sorted(k for k in _NIC_MODELS if k))
-            raise _unsupported(where, f"model={vif.model!r} (expected one of {known})")
-        mac = (
-            ":".join(f"{o:02x}" for o in vif.mac) if vif.mac is not None else _stable_mac(dc, devid)
-        )
-        extra = ""
-        if vif.mtu is not None:
-            if model != "virtio-net-pci":
-                raise _unsupported(where, "mtu= is only supported with the virtio model")
-            extra = f",host_mtu={vif.mtu}"
-        argv += [
-            "-netdev",
-            f"user,id=net{devid}",
-            "-device",
-            f"{model},netdev=net{devid},mac={mac},id=vif{devid}{extra}",
-        ]
+        out.append(nic(dc, vif, devid))
+    return tuple(out)
+
+
+def _vifs(dc: DomainConfig, taps: Mapping[int, str]) -> list[str]:
+    argv: list[str] = []
+    for n in nics(dc):
+        argv += ["-netdev", _argv_opts(n.netdev(taps.get(n.devid)), "type"),
+                 "-device", _argv_opts(n.device(), "driver")]
     return argv
 
 
 def _check_vif(vif: VifSpec, where: str) -> None:
-    if vif.script is not None:
-        raise _unsupported(
-            where, f"script={vif.script!r}: hotplug scripts need a tap device (not supported yet)"
-        )
-    if vif.bridge is not None and vif.bridge != _DEFAULT_BRIDGE:
-        raise _unsupported(
-            where,
-            f"bridge={vif.bridge!r} needs a tap device on that bridge (not supported yet);"
-            f" user-mode networking is used for no bridge or {_DEFAULT_BRIDGE!r}",
-        )
     if vif.rate_bytes_per_interval:
         raise _unsupported(where, "rate= limits are not supported")
     if vif.backend_domname is not None:
         raise _unsupported(where, "backend=: driver domains are Xen-only")
-    if vif.gatewaydev is not None:
-        raise _unsupported(where, "gatewaydev= needs vif-route hotplug (not supported)")
+    if vif.gatewaydev is not None and vif.script is None:
+        raise _unsupported(where, "gatewaydev= needs script=vif-route (or a script of yours)")
     if vif.colo or vif.coloft_forwarddev is not None:
         raise _unsupported(where, "COLO is not supported")
 
@@ -662,11 +744,14 @@ def qemu_argv(
     paused: bool = False,
     incoming: str | None = None,
     binary: str = "qemu-system-x86_64",
+    taps: Mapping[int, str] | None = None,
 ) -> list[str]:
     """The QEMU argv that runs ``dc`` (see the module notes for the mapping).
 
-    ``image`` gives the kernel, initrd and command line when the config names
-    no kernel; ``paused`` adds ``-S``; ``incoming`` is passed to ``-incoming``
+    ``taps`` names the host tap of each vif that needs one (by devid; see
+    :attr:`Nic.tap`), made beforehand by ``xenlab.hotplug``.  ``image``
+    gives the kernel, initrd and command line when the config names no
+    kernel; ``paused`` adds ``-S``; ``incoming`` is passed to ``-incoming``
     (``"defer"``, ``"unix:PATH"``, ``"exec:CMD"``...).  Pure: nothing is read
     or started, and relative paths stay relative.
 
@@ -711,7 +796,7 @@ def qemu_argv(
     ]
     argv += _actions(dc)
     argv += _disks(dc.disks)
-    argv += _vifs(dc)
+    argv += _vifs(dc, taps or {})
     argv += _usb(dc)
     if paused:
         argv.append("-S")

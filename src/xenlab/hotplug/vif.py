@@ -1,0 +1,224 @@
+"""Bringing vifs online and offline: :func:`online` and :func:`offline`, with the built-in scripts.
+
+``online`` makes the backend device (a persistent tap, as Xen's netback makes
+``vif<domid>.<devid>``), then runs the vif's script with ``online``:
+a built-in (:data:`VIF_SCRIPTS`) in-process over netlink, or a user's
+executable with Xen's calling convention (:mod:`xenlab.hotplug.script`).
+``offline`` runs the script with ``offline`` and removes the tap.
+
+Built-in scripts (each a :class:`VifScript`)
+    vif-bridge
+        The bridge (``bridge=``, else ``xenbr0`` as libxl) must exist and be a
+        bridge, or nothing is made; the tap gets the MAC fe:ff:ff:ff:ff:ff
+        (so the bridge never takes it), ``mtu=`` or else the bridge's MTU
+        (Xen's ``set_mtu``), is enslaved and set up.  Xen's
+        translation of a missing ``xenbrN`` to a bridge ``ethN`` is kept.
+    vif-route
+        The tap takes ``mtu=`` if given and is set up; each address of ``ip=``
+        gets a host route through it (Xen's script also gives the vif the
+        host's address and turns on proxy ARP: routing beyond the host is the
+        administrator's choice here).
+
+Design
+    * The tap name is the caller's (:attr:`Vif.vifname`); with
+      ``rename_if_taken`` a taken name gets the first free ``-1``, ``-2``...
+      suffix (cut to 15 bytes), which is how two toolstacks on one host, or a
+      local migration's two QEMUs, never fight over a name.  Choosing and
+      creating happen under a host-wide lock (:func:`netlink.host_lock`).
+    * ``online`` either succeeds or leaves nothing: a failing step (missing
+      bridge, failing user script) removes the tap it made.
+    * ``offline`` is idempotent and careful: a tap already gone is fine, and
+      an interface of that name that is not a tun/tap device is never removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from pathlib import PurePath
+from typing import Final, Protocol
+
+from xenlab.hotplug.device import DEFAULT_BRIDGE, IFNAMSIZ, HotplugError, Vif, VifAction
+from xenlab.hotplug.netlink import Link, Netlink, host_lock, netlink
+from xenlab.hotplug.script import run_vif_script
+
+__all__ = ["VIF_SCRIPTS", "VifBridge", "VifRoute", "VifScript", "builtin_script", "offline",
+           "online"]
+
+log = logging.getLogger(__name__)
+
+#: The MAC of a bridged tap's host end (the guest's MAC is inside QEMU), as Xen sets it.
+HOST_END_MAC: Final = "fe:ff:ff:ff:ff:ff"
+# How many "-N" suffixes to try before giving up on a free name.
+_MAX_VARIANTS: Final = 99
+
+
+class VifScript(Protocol):
+    """A built-in vif script: what Xen's script of that name does, over netlink."""
+
+    async def online(self, nl: Netlink, vif: Vif, tap: Link) -> None:
+        """Configure the freshly made ``tap`` (down, on no bridge) for ``vif``."""
+
+    async def offline(self, nl: Netlink, vif: Vif, tap: Link) -> None:
+        """Undo what :meth:`online` did that removing the tap would not undo."""
+
+
+def bridge_hint(name: str) -> str:
+    """How to make bridge ``name``, for error messages."""
+    return f"create it with `ip link add {name} type bridge && ip link set {name} up`"
+
+
+class VifBridge:
+    """``vif-bridge``: the tap joins a bridge, with the bridge's MTU unless ``mtu=``."""
+
+    async def _bridge(self, nl: Netlink, vif: Vif) -> Link:
+        name = vif.bridge or DEFAULT_BRIDGE
+        bridge = await nl.link(name)
+        if bridge is None and name.startswith("xenbr") and name[5:].isdigit():
+            # Xen's vif-bridge: old configs say xenbrN where the bridge is now ethN.
+            eth = await nl.link(f"eth{name[5:]}")
+            if eth is not None and eth.kind == "bridge":
+                bridge = eth
+        if bridge is None:
+            raise HotplugError(f"{vif.where}: bridge {name!r} does not exist; {bridge_hint(name)}")
+        if bridge.kind != "bridge":
+            raise HotplugError(
+                f"{vif.where}: {name!r} is not a bridge (it is a {bridge.kind or 'plain'} "
+                f"interface); {bridge_hint('NAME')} and name that"
+            )
+        return bridge
+
+    async def check(self, nl: Netlink, vif: Vif) -> None:
+        """Refuse before anything is made: the bridge must exist and be a bridge."""
+        await self._bridge(nl, vif)
+
+    async def online(self, nl: Netlink, vif: Vif, tap: Link) -> None:
+        bridge = await self._bridge(nl, vif)
+        # Xen's setup_bridge_port: a bridge takes the lowest MAC of its ports,
+        # so the host ends get the highest one and never become the bridge's.
+        await nl.set(tap, address=HOST_END_MAC)
+        await nl.set(tap, mtu=vif.mtu or bridge.mtu)
+        await nl.set(tap, master=bridge.index)
+        await nl.set(tap, state="up")
+
+    async def offline(self, nl: Netlink, vif: Vif, tap: Link) -> None:
+        return None  # a removed tap leaves its bridge by itself
+
+
+class VifRoute:
+    """``vif-route``: the tap up, and a host route through it for each address of ``ip=``."""
+
+    async def check(self, nl: Netlink, vif: Vif) -> None:
+        """Nothing to check before the tap exists."""
+
+    async def online(self, nl: Netlink, vif: Vif, tap: Link) -> None:
+        if vif.mtu:
+            await nl.set(tap, mtu=vif.mtu)
+        await nl.set(tap, state="up")
+        for addr in (vif.ip or "").split():
+            await nl.add_route(addr, tap)
+
+    async def offline(self, nl: Netlink, vif: Vif, tap: Link) -> None:
+        return None  # the kernel drops a link's routes with the link
+
+
+#: The built-in scripts by name (``script=vif-bridge``, or a path ending in the name).
+VIF_SCRIPTS: Final[dict[str, VifBridge | VifRoute]] = {
+    "vif-bridge": VifBridge(),
+    "vif-route": VifRoute(),
+}
+
+
+def builtin_script(script: str) -> VifBridge | VifRoute | None:
+    """The built-in for ``script`` (``vif-bridge``, ``/etc/xen/scripts/vif-route``...), or None."""
+    return VIF_SCRIPTS.get(PurePath(script).name)
+
+
+def _variant(name: str, n: int) -> str:
+    if n == 0:
+        return name
+    suffix = f"-{n}"
+    base = name
+    while len(os.fsencode(base + suffix)) >= IFNAMSIZ:
+        base = base[:-1]
+    return base + suffix
+
+
+async def online(vif: Vif, *, rename_if_taken: bool = False) -> Vif:
+    """Make ``vif``'s tap and run its script with ``online``; the vif as it came up.
+
+    The result differs from ``vif`` only in ``vifname`` (when the name was
+    taken and ``rename_if_taken``) and in ``uid``/``gid`` (filled in).
+
+    :raise HotplugError: the bridge is missing or not a bridge (with how to
+        create one), the name is taken, the script is missing or failed (its
+        stderr quoted), or the kernel refused; nothing is left behind then.
+    """
+    builtin = builtin_script(vif.script)
+    uid = os.getuid() if vif.uid is None else vif.uid
+    gid = os.getgid() if vif.gid is None else vif.gid
+    vif = replace(vif, uid=uid, gid=gid)
+    async with netlink() as nl:
+        if builtin is not None:
+            await builtin.check(nl, vif)
+        else:
+            from xenlab.hotplug.script import resolve_script
+
+            resolve_script(vif.script, vif.where)
+        async with host_lock():
+            for n in range(_MAX_VARIANTS + 1):
+                name = _variant(vif.vifname, n)
+                if await nl.link(name) is None:
+                    break
+                if not rename_if_taken:
+                    raise HotplugError(
+                        f"{vif.where}: interface {name} exists already (another domain's, or "
+                        f"left behind: `ip link del {name}` removes it)"
+                    )
+            else:
+                raise HotplugError(f"{vif.where}: no free name like {vif.vifname}")
+            vif = replace(vif, vifname=name)
+            tap = await nl.create_tap(name, uid=uid, gid=gid)
+        try:
+            if builtin is not None:
+                await builtin.online(nl, vif, tap)
+            else:
+                await run_vif_script(vif, VifAction.ONLINE)
+        except BaseException:
+            await nl.delete(name)
+            raise
+    log.info("%s online (%s)", vif.where, vif.script)
+    return vif
+
+
+async def offline(vif: Vif) -> bool:
+    """Run ``vif``'s script with ``offline`` and remove its tap; False if the tap was gone.
+
+    Safe to call again, and after QEMU was killed.  A user script that fails
+    here is logged, and the tap is removed all the same (a domain going away
+    must not keep its devices).
+
+    :raise HotplugError: the name belongs to an interface that is not a
+        tap (it is left alone), or the kernel refused to remove the tap.
+    """
+    builtin = builtin_script(vif.script)
+    async with netlink() as nl:
+        tap = await nl.link(vif.vifname)
+        if tap is None:
+            return False
+        if tap.kind != "tun":
+            raise HotplugError(
+                f"{vif.where}: {vif.vifname} is a {tap.kind or 'plain'} interface, not the "
+                "domain's tap; left alone"
+            )
+        try:
+            if builtin is not None:
+                await builtin.offline(nl, vif, tap)
+            else:
+                await run_vif_script(vif, VifAction.OFFLINE)
+        except HotplugError as err:
+            log.warning("%s", err)
+        await nl.delete(vif.vifname)
+    log.info("%s offline", vif.where)
+    return True

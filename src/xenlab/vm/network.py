@@ -1,0 +1,239 @@
+"""A running domain's NICs: :func:`network_attach`, :func:`network_detach`, :func:`network_list`.
+
+xl's verbs of the same names, over QMP.  Attaching brings the host end
+online first (``xenlab.hotplug``: a tap on the bridge, or a user's script),
+then ``netdev_add`` opens that tap by name and ``device_add`` plugs the NIC
+into the guest's PCI bus (ACPI hotplug: the guest sees a new interface).
+Detaching asks the guest to let the NIC go (``device_del``), waits for QEMU's
+``DEVICE_DELETED``, then removes the netdev and brings the tap offline.
+
+The domain's vif list lives in its record: the config text gets a ``vif =``
+line (later settings win, as with create's overrides), so ``info``, save,
+restore and migration see the NICs the domain has now; ``extra["vif_specs"]``
+keeps the list for a later ``create`` of a kept domain, and
+``extra["vifs"]`` the host ends to bring offline when the domain goes.  Each
+spec carries its ``devid=`` and ``mac=``, so a restart gives the guest the
+same NICs at the same PCI slots (see ``vm.qemu.Nic.device``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+from xenlab import hotplug
+from xenlab.config.specs.vif import VifSpec, format_vif, parse_vif
+from xenlab.errors import BackendError, XenlabError
+from xenlab.vm.domain import (
+    VIF_SPECS,
+    VIFS,
+    Toolstack,
+    config_from_text,
+    vif_line,
+)
+from xenlab.vm.qemu import Nic, nic, nics
+from xenlab.vm.qmp import CommandError, Qmp
+from xenlab.vm.qmp import run as _run
+from xenlab.vm.store import DomainRecord
+
+__all__ = ["NicInfo", "network_attach", "network_detach", "network_list"]
+
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+
+
+@dataclass(frozen=True, slots=True)
+class NicInfo:
+    """One vif of a domain as ``network-list`` shows it."""
+
+    devid: int
+    mac: str
+    model: str  # the QEMU device
+    mode: str  # "user" (QEMU's user network), or the hotplug script: "vif-bridge", ...
+    bridge: str | None
+    tap: str | None  # the host tap; None in user mode or while the domain does not run
+    mtu: int | None
+    ip: str | None
+    spec: str  # the xl vif spec, with its devid and mac
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON object with the field names."""
+        return {"devid": self.devid, "mac": self.mac, "model": self.model, "mode": self.mode,
+                "bridge": self.bridge, "tap": self.tap, "mtu": self.mtu, "ip": self.ip,
+                "spec": self.spec}
+
+
+def _pinned(n: Nic) -> VifSpec:
+    """``n``'s spec with its devid and MAC written in (they must not move on a restart)."""
+    mac = tuple(int(part, 16) for part in n.mac.split(":"))
+    return replace(n.spec, devid=n.devid, mac=mac)  # type: ignore[arg-type]
+
+
+def _info(n: Nic, taps: dict[int, str]) -> NicInfo:
+    mode = "user"
+    if n.tap:
+        mode = n.spec.script or hotplug.DEFAULT_VIF_SCRIPT
+    bridge = n.spec.bridge
+    if bridge is None and hotplug.builtin_script(mode) is hotplug.VIF_SCRIPTS["vif-bridge"]:
+        bridge = hotplug.DEFAULT_BRIDGE
+    return NicInfo(devid=n.devid, mac=n.mac, model=n.model, mode=mode, bridge=bridge,
+                   tap=taps.get(n.devid), mtu=n.spec.mtu, ip=n.spec.ip,
+                   spec=format_vif(_pinned(n)))
+
+
+def _taps(rec: DomainRecord) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for obj in rec.extra.get(VIFS) or []:
+        vif = hotplug.vif_from_json(obj)
+        out[vif.devid] = vif.vifname
+    return out
+
+
+def _nics(rec: DomainRecord) -> tuple[Nic, ...]:
+    dc, _ = config_from_text(rec.config_text, rec.config_path)
+    return nics(replace(dc, uuid=rec.uuid))
+
+
+def network_list(ts: Toolstack, name: str) -> list[NicInfo]:
+    """The vifs of domain ``name`` (running or not), by devid.
+
+    CLI: ``xenlab vm network-list DOM [--json]``.
+    """
+    rec = ts.get(name)
+    return sorted((_info(n, _taps(rec)) for n in _nics(rec)), key=lambda i: i.devid)
+
+
+def _keep(ts: Toolstack, rec: DomainRecord, specs: list[VifSpec],
+          vifs: list[dict[str, Any]]) -> DomainRecord:
+    """Record the domain's new vif list and host ends (config text and extra)."""
+    texts = [format_vif(s) for s in specs]
+    text = rec.config_text.rstrip("\n") + "\n" + vif_line(texts) + "\n"
+    extra = dict(rec.extra)
+    extra[VIF_SPECS] = texts
+    if vifs:
+        extra[VIFS] = vifs
+    else:
+        extra.pop(VIFS, None)
+    return ts.store.update(replace(rec, config_text=text, extra=extra))
+
+
+def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
+    """Plug a new NIC described by xl vif spec ``items`` into running domain ``name``.
+
+    CLI: ``xenlab vm network-attach DOM [bridge=xlbr0] [mac=...] ...``.  The
+    items are one vif spec (``bridge=xlbr0 mac=00:16:3e:..`` or
+    ``'bridge=xlbr0,mac=...'``), parsed strictly as ``xl network-attach``
+    does.  Without ``devid=`` the lowest free one is taken; without a bridge
+    or script the NIC is on QEMU's user network.
+
+    :raise ConfigError: a bad spec item.
+    :raise XenlabError: the devid or MAC is taken, or the backend cannot do it.
+    :raise HotplugError: the host end cannot come online (missing bridge...).
+    :raise BackendError: QEMU refused the device.
+    """
+    rec = ts._live(name)
+    text = ",".join(i.strip() for i in items if i.strip())
+    spec = parse_vif(text, source="network-attach", strict=True)
+    with ts.store.lock(rec.domid):
+        rec = ts.store.get(rec.domid)
+        current = _nics(rec)
+        used = {n.devid for n in current}
+        devid = spec.devid
+        if devid is None:
+            devid = next(i for i in range(len(used) + 1) if i not in used)
+        elif devid in used:
+            raise XenlabError(f"network-attach {rec.name}: devid {devid} is taken")
+        dc, _ = config_from_text(rec.config_text, rec.config_path)
+        new = nic(replace(dc, uuid=rec.uuid), replace(spec, devid=devid), devid)
+        for n in current:
+            if n.mac == new.mac:
+                raise XenlabError(
+                    f"network-attach {rec.name}: MAC {new.mac} is vif {n.devid}'s already")
+        up: hotplug.Vif | None = None
+
+        async def go() -> hotplug.Vif | None:
+            vif = None
+            if new.tap:
+                vif = await hotplug.online(ts.host_vif(rec, new),
+                                           rename_if_taken=not new.spec.ifname)
+            added_netdev = False
+            try:
+                async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                    await qmp.execute("netdev_add", new.netdev(vif.vifname if vif else None))
+                    added_netdev = True
+                    await qmp.execute("device_add", new.device())
+            except BaseException:
+                if added_netdev:
+                    async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                        await qmp.execute("netdev_del", {"id": new.netdev_id})
+                if vif is not None:
+                    await hotplug.offline(vif)
+                raise
+            return vif
+
+        up = _run(go())
+        vifs = list(rec.extra.get(VIFS) or [])
+        if up is not None:
+            vifs.append(hotplug.vif_to_json(up))
+        rec = _keep(ts, rec, [_pinned(n) for n in (*current, new)], vifs)
+    return _info(new, _taps(rec))
+
+
+def _find(rec: DomainRecord, current: tuple[Nic, ...], which: str) -> Nic:
+    for n in current:
+        if (which.isdigit() and n.devid == int(which)) or (
+                _MAC.fullmatch(which) and n.mac == which.lower()):
+            return n
+    raise XenlabError(
+        f"network-detach {rec.name}: no vif {which!r} (give a devid or a MAC; "
+        f"`xenlab vm network-list {rec.name}` lists them)"
+    )
+
+
+def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.0) -> NicInfo:
+    """Unplug vif ``which`` (a devid or a MAC) from running domain ``name``; what it was.
+
+    CLI: ``xenlab vm network-detach DOM DEVID|MAC``.  The guest must let the
+    device go (ACPI hotplug); its tap is brought offline after QEMU has
+    deleted the device.
+
+    :raise XenlabError: there is no such vif.
+    :raise BackendError: the guest did not release the NIC within ``timeout``
+        seconds (the NIC stays, with its tap), or QEMU refused.
+    """
+    rec = ts._live(name)
+    with ts.store.lock(rec.domid):
+        rec = ts.store.get(rec.domid)
+        current = _nics(rec)
+        gone = _find(rec, current, which)
+        taps = _taps(rec)
+
+        async def go() -> None:
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                with qmp.listen("DEVICE_DELETED",
+                                lambda ev: ev.get("data", {}).get("device") == gone.device_id
+                                ) as watch:
+                    try:
+                        await qmp.execute("device_del", {"id": gone.device_id})
+                    except CommandError as err:
+                        raise BackendError(
+                            f"network-detach {rec.name}: QEMU refused to remove vif "
+                            f"{gone.devid}: {err}") from err
+                    try:
+                        await watch.wait(timeout)
+                    except BackendError as err:
+                        raise BackendError(
+                            f"network-detach {rec.name}: the guest did not release vif "
+                            f"{gone.devid} within {timeout:g} s (no ACPI hotplug in the guest?)"
+                        ) from err
+                await qmp.execute("netdev_del", {"id": gone.netdev_id})
+            for obj in rec.extra.get(VIFS) or []:
+                vif = hotplug.vif_from_json(obj)
+                if vif.devid == gone.devid:
+                    await hotplug.offline(vif)
+
+        _run(go())
+        vifs = [obj for obj in rec.extra.get(VIFS) or []
+                if hotplug.vif_from_json(obj).devid != gone.devid]
+        _keep(ts, rec, [_pinned(n) for n in current if n.devid != gone.devid], vifs)
+    return _info(gone, taps)
