@@ -57,6 +57,9 @@ _MAX_VARIANTS: Final = 99
 class VifScript(Protocol):
     """A built-in vif script: what Xen's script of that name does, over netlink."""
 
+    async def check(self, nl: Netlink, vif: Vif) -> None:
+        """Refuse ``vif`` before its tap is made (a missing bridge...)."""
+
     async def online(self, nl: Netlink, vif: Vif, tap: Link) -> None:
         """Configure the freshly made ``tap`` (down, on no bridge) for ``vif``."""
 
@@ -124,13 +127,13 @@ class VifRoute:
 
 
 #: The built-in scripts by name (``script=vif-bridge``, or a path ending in the name).
-VIF_SCRIPTS: Final[dict[str, VifBridge | VifRoute]] = {
+VIF_SCRIPTS: Final[dict[str, VifScript]] = {
     "vif-bridge": VifBridge(),
     "vif-route": VifRoute(),
 }
 
 
-def builtin_script(script: str) -> VifBridge | VifRoute | None:
+def builtin_script(script: str) -> VifScript | None:
     """The built-in for ``script`` (``vif-bridge``, ``/etc/xen/scripts/vif-route``...), or None."""
     return VIF_SCRIPTS.get(PurePath(script).name)
 
@@ -156,6 +159,9 @@ async def online(vif: Vif, *, rename_if_taken: bool = False) -> Vif:
         stderr quoted), or the kernel refused; nothing is left behind then.
     """
     builtin = builtin_script(vif.script)
+    if builtin is None and "/" in vif.script and not os.path.isabs(vif.script):
+        # offline runs it again later, maybe from another directory.
+        vif = replace(vif, script=os.path.abspath(vif.script))
     uid = os.getuid() if vif.uid is None else vif.uid
     gid = os.getgid() if vif.gid is None else vif.gid
     vif = replace(vif, uid=uid, gid=gid)
