@@ -18,8 +18,10 @@ cd "$(dirname "$0")"
 #   the toolstack: QEMU and qemu-img run guests; qemu-guest-agent goes into the
 #   guest image (xenlab image build) with its libraries;
 #   hotplug: iproute2 (`ip`, the tests' oracle for the taps and bridges that
-#   xenlab.hotplug makes through pyroute2).
-APT_PACKAGES=(ca-certificates qemu-system-x86 qemu-utils qemu-guest-agent cpio busybox-static iucode-tool initramfs-tools-core zstd lz4 xz-utils bzip2 lzma iproute2)
+#   xenlab.hotplug makes through pyroute2);
+#   VGA BIOSes: seabios (the firmware QEMU boots, and its vgabios-*.bin that
+#   `xenlab rom boot` runs as the guest's primary display).
+APT_PACKAGES=(ca-certificates qemu-system-x86 qemu-utils seabios qemu-guest-agent cpio busybox-static iucode-tool initramfs-tools-core zstd lz4 xz-utils bzip2 lzma iproute2)
 
 setup() {
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from tests.vm.guests import clear, run_cli, sh, wait_ready, write_config
 from xenlab.errors import XenlabError
+from xenlab.vm.domain import Toolstack
 from xenlab.vm.vgaboot import (
     FirmwareReport,
+    boot_rom,
     check_rom_ids,
     judge,
     parse_firmware_log,
@@ -112,3 +118,110 @@ def test_report_json_round() -> None:
     j = r.to_json()
     assert FirmwareReport(**{**j, "problems": tuple(j["problems"]),
                              "evidence": tuple(j["evidence"])}) == r
+
+
+# --- real boots (QEMU under TCG, SeaBIOS, the seabios package's VGA BIOSes) -------------
+
+SEABIOS = Path("/usr/share/seabios")
+
+
+def _rom(name: str) -> Path:
+    path = SEABIOS / name
+    if not path.is_file():
+        pytest.fail(f"{path} missing: ./dev.sh installs Debian's seabios package")
+    return path
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+@pytest.mark.integration
+def test_stdvga_bios_runs_as_the_primary_display(tmp_path: Path, guest_image: object) -> None:
+    ts = Toolstack(tmp_path / "state")
+    out = tmp_path / "out"
+    try:
+        r = boot_rom(ts, _rom("vgabios-stdvga.bin"), out_dir=out, check=True)
+    finally:
+        clear(ts)
+    assert r.ran, r.verdict
+    assert r.device == "VGA"
+    assert r.firmware.primary_vga == "00:02.0" and r.firmware.vga_rom_at == "c000:0003"
+    assert r.firmware.vga_banner is not None
+    assert r.firmware.vga_banner.startswith("Start SeaVGABIOS")
+    assert r.firmware.booted is not None and r.firmware.problems == ()
+    # SeaBIOS's banner, drawn through the ROM's int 10h, is in the text buffer.
+    assert any(line.startswith("SeaBIOS (version") for line in r.screen), r.screen
+    assert _png_size(Path(str(r.screendump))) == (720, 400)  # 80x25 text, 9x16 glyphs
+    cfg = (out / f"{r.domain}.cfg").read_text()
+    assert 'boot = "c"' in cfg and f'vga_rom = "{SEABIOS}/vgabios-stdvga.bin"' in cfg
+    assert "Running option rom at c000:0003" in (out / f"{r.domain}-firmware.log").read_text()
+    assert ts.store.list() == []  # --check destroys the guest
+
+
+@pytest.mark.integration
+def test_ati_bios_gets_the_device_with_its_ids(tmp_path: Path, guest_image: object) -> None:
+    ts = Toolstack(tmp_path / "state")
+    try:
+        r = boot_rom(ts, _rom("vgabios-ati.bin"), out_dir=tmp_path, check=True)
+    finally:
+        clear(ts)
+    assert r.device == "ati-vga,model=rv100"
+    assert r.ran, r.verdict
+
+
+@pytest.mark.integration
+def test_broken_roms_are_refused_before_boot_and_seabios_agrees(tmp_path: Path,
+                                                                 guest_image: object) -> None:
+    data = bytearray(_rom("vgabios-stdvga.bin").read_bytes())
+    data[0x100] ^= 0xFF
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(data)
+    ts = Toolstack(tmp_path / "state")
+    try:
+        with pytest.raises(XenlabError, match=r"refused before boot: image 0: checksum"):
+            boot_rom(ts, bad, out_dir=tmp_path, check=True)
+        assert ts.store.list() == [] and not (tmp_path / "rom-bad.cfg").exists()
+        # Booted anyway: SeaBIOS refuses it too, and the screen stays empty.
+        r = boot_rom(ts, bad, out_dir=tmp_path, check=True, force=True)
+        assert not r.ran and r.firmware.vga_rom_at is None
+        assert r.firmware.problems and "bad checksum" in r.firmware.problems[0]
+        assert "refused the VGA ROM" in r.verdict and r.screen == ()
+        # The stdvga BIOS on a Cirrus card: ids differ, so SeaBIOS runs nothing.
+        with pytest.raises(XenlabError, match="no x86 image with ids 1013:00b8"):
+            boot_rom(ts, _rom("vgabios-stdvga.bin"), out_dir=tmp_path, device="cirrus-vga")
+        r = boot_rom(ts, _rom("vgabios-stdvga.bin"), out_dir=tmp_path, device="cirrus-vga",
+                     check=True, force=True)
+        assert not r.ran and "PCI ids" in r.verdict
+    finally:
+        clear(ts)
+
+
+@pytest.mark.integration
+def test_rom_boot_of_a_guest_config_keeps_it_running(tmp_path: Path, guest_image: object,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    ts = Toolstack(tmp_path / "state")
+    cfg = write_config(tmp_path, "vg1")
+    try:
+        ts._check_disks(ts.load_config(cfg)[0], "32M")
+        code, out, err = run_cli(capsys, "rom", "boot", str(_rom("vgabios-stdvga.bin")),
+                                 "--cfg", str(cfg), "--out", str(tmp_path / "out"), "--json",
+                                 "memory=160", "--state-dir", str(tmp_path / "state"))
+        assert code == 0, out + err
+        result = json.loads(out)
+        assert result["ran"] and result["domain"] == "vg1"
+        assert result["firmware"]["vga_rom_at"] == "c000:0003"
+        # Without --check the guest boots on: xenlab's image comes up and answers.
+        wait_ready(ts, "vg1")
+        assert sh(ts, "vg1", "cat /sys/bus/pci/devices/0000:00:02.0/vendor") == "0x1234\n"
+        written = (tmp_path / "out" / "vg1.cfg").read_text()
+        assert "memory=160" in written and "vga_rom = " in written
+    finally:
+        clear(ts)
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"\x55\xaa\x01" + bytes(509))  # a ROM without PCI data
+    code, out, err = run_cli(capsys, "rom", "boot", str(bad), "--check",
+                             "--state-dir", str(tmp_path / "state"))
+    assert code != 0 and "refused before boot" in err, (out, err)

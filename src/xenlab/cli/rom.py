@@ -269,3 +269,68 @@ def check_cmd(file: Path, ids: str | None, as_json: bool) -> None:
             stdout.print(f"[yellow]warning[/]: {_esc(w)}", soft_wrap=True)
     if not verdict.ok:
         raise click.exceptions.Exit(1)
+
+
+@rom.command("boot", context_settings={"ignore_unknown_options": True})
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--cfg", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Boot this xl config (default: a firmware-only guest).")
+@click.option("--check", is_flag=True,
+              help="Boot, take the evidence, destroy the guest; exit 0 only if the ROM ran.")
+@click.option("--device", metavar="QEMU-DEVICE",
+              help="The emulated display to give the ROM (default: the one with its PCI ids).")
+@click.option("--pci", metavar="BDF",
+              help="A host GPU bound to vfio-pci: gfx_passthru=1, pci=[BDF], x-vga=on.")
+@click.option("--name", help="The domain's name (default rom-<file stem>, or the config's).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("."), show_default=True,
+              help="Where the config, screendump (PNG) and firmware log are written.")
+@click.option("--force", is_flag=True, help="Boot a ROM the pre-boot check refuses.")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds for the firmware to reach its boot step.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              envvar="XENLAB_STATE_DIR", help="The toolstack's state (as `xenlab vm`).")
+@_JSON
+def boot_cmd(file: Path, overrides: tuple[str, ...], cfg: Path | None, check: bool,
+             device: str | None, pci: str | None, name: str | None, out_dir: Path, force: bool,
+             timeout: float, state_dir: Path | None, as_json: bool) -> None:
+    """Start a guest whose primary VGA runs the BIOS in FILE (SeaBIOS runs it at c000).
+
+    Extra KEY=VALUE arguments are xl overrides for --cfg.  The guest is stopped
+    for a moment when SeaBIOS goes to boot: the text on its screen, a PNG
+    screendump and SeaBIOS's debug log are taken as evidence.
+    """
+    from xenlab.vm.domain import Toolstack
+    from xenlab.vm.vgaboot import boot_rom
+
+    if overrides and cfg is None:
+        raise XenlabError("KEY=VALUE overrides need --cfg (the firmware guest takes none)")
+    result = boot_rom(Toolstack(state_dir), file, out_dir=out_dir, cfg=cfg,
+                      overrides=overrides, device=device, pci=pci, name=name, check=check,
+                      force=force, timeout=timeout)
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        fw = result.firmware
+        table = Table(title=f"{_esc(result.domain)}: {_esc(result.rom)} on {_esc(result.device)}",
+                      show_header=False)
+        table.add_row("primary VGA", fw.primary_vga or "-")
+        table.add_row("VGA ROM ran at", fw.vga_rom_at or "[red]not run[/]")
+        table.add_row("VGA BIOS says", _esc(fw.vga_banner or "-"))
+        for p in fw.problems:
+            table.add_row("[red]SeaBIOS[/]", _esc(p))
+        table.add_row("firmware booted", _esc(fw.booted or "-"))
+        table.add_row("screendump", _esc(result.screendump or "-"))
+        stdout.print(table)
+        if result.screen:
+            stdout.print("screen:")
+            for line in result.screen:
+                stdout.print("  | " + _esc(line), soft_wrap=True)
+        colour = "green" if result.ran else "red"
+        stdout.print(f"[{colour}]{'ran' if result.ran else 'did not run'}[/]: "
+                     f"{_esc(result.verdict)}", soft_wrap=True)
+        if not check:
+            stdout.print(f"the domain runs on: `xenlab vm destroy {_esc(result.domain)}` stops it")
+    if check and not result.ran:
+        raise click.exceptions.Exit(1)

@@ -36,6 +36,7 @@ from xenlab.vm.qemu import (
     Nic,
     RuntimePaths,
     balloon_target_mib,
+    needs_image,
     nics,
     probe_accel,
     qemu_argv,
@@ -245,7 +246,7 @@ class Toolstack:
                 if paths.rundir.exists():
                     shutil.rmtree(paths.rundir)
                 paths.rundir.mkdir(parents=True)
-                if image is None and dc.kernel is None:
+                if image is None and needs_image(dc):
                     from xenlab.vm.image import build_image
 
                     image = build_image()

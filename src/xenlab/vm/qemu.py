@@ -39,10 +39,19 @@ Mapping (xl key -> QEMU)
                                   ``paths.rundir/vnc.sock``; ``-device VGA``
                                   (``vga=cirrus`` -> ``cirrus-vga``);
                                   without vnc ``-display none``
+    vga_rom, vga_rom_device       (xenlab's keys) ``-device MODEL,romfile=ROM``
+                                  even without vnc: MODEL from
+                                  ``vga_rom_device``, else ``vga=``
+    pci (+ gfx_passthru)          ``-device vfio-pci,host=BDF`` per device
+                                  (``addr=`` from the vslot); with
+                                  ``gfx_passthru`` the first is the primary
+                                  VGA: ``x-vga=on`` (+ ``romfile=vga_rom``)
+                                  and no emulated VGA
     usb, usbdevice                ``-usb``, ``usb-tablet``/``usb-mouse``/``usb-kbd``
     kernel, ramdisk, cmdline      ``-kernel``/``-initrd``/``-append``; with no
                                   kernel the image's (config cmdline appended)
-    boot (HVM, firmware boot)     ``-boot order=``
+    boot (HVM, no kernel)         a firmware boot: ``-boot order=``, no image
+                                  (:func:`boots_firmware`)
     on_poweroff/on_reboot/on_crash ``-action`` (see :func:`_actions`)
     acpi, localtime               ``-machine acpi=off``, ``-rtc base=localtime``
     device_model_args[_hvm/_pv]   appended verbatim, as libxl does
@@ -51,7 +60,9 @@ Mapping (xl key -> QEMU)
     Always: ``-no-user-config -nodefaults -machine pc``, ``-accel tcg|kvm``,
     ``-cpu max`` (``host`` under KVM), ``virtio-serial-pci`` with a
     ``virtserialport`` named ``org.qemu.guest_agent.0`` on a socket at
-    ``paths.qga``, ``-qmp unix:PATH,server=on,wait=off``, ``-pidfile``;
+    ``paths.qga``, ``-qmp unix:PATH,server=on,wait=off``, ``-pidfile``,
+    ``-D paths.log`` (QEMU's stderr once daemonized), ``isa-debugcon`` on
+    port 0x402 into ``paths.firmware_log`` (SeaBIOS's debug output);
     ``-S`` when paused, ``-incoming`` when given.
 
 Choices (with reasons)
@@ -224,6 +235,11 @@ class RuntimePaths:
     def console_log(self) -> Path:
         """Everything the serial console printed, also while nobody was attached."""
         return self.rundir / "console.log"
+
+    @property
+    def firmware_log(self) -> Path:
+        """SeaBIOS's debug output (port 0x402), for every boot of this QEMU."""
+        return self.rundir / "firmware.log"
 
     @property
     def vnc(self) -> Path:
@@ -543,6 +559,22 @@ def _memory_and_cpus(dc: DomainConfig) -> list[str]:
 # --- boot ---------------------------------------------------------------------
 
 
+def boots_firmware(dc: DomainConfig) -> bool:
+    """True when ``dc`` boots through SeaBIOS from its disks, needing no guest image.
+
+    That is an HVM guest that gives ``boot=`` (xl's boot order: a firmware
+    boot) and no kernel (xl ignores ``kernel=`` for HVM guests, the xm-era
+    ``kernel="hvmloader"`` included).  Other guests without a kernel boot
+    xenlab's image.
+    """
+    return dc.type is DomainType.HVM and dc.kernel is None and dc.boot is not None
+
+
+def needs_image(dc: DomainConfig) -> bool:
+    """True when ``dc`` runs on xenlab's guest image (no kernel and no firmware boot)."""
+    return dc.kernel is None and not boots_firmware(dc)
+
+
 def _boot(dc: DomainConfig, image: GuestImageLike | None) -> list[str]:
     if dc.bootloader is not None:
         raise _unsupported(
@@ -552,9 +584,7 @@ def _boot(dc: DomainConfig, image: GuestImageLike | None) -> list[str]:
         )
     if "firmware" in dc.extra:
         raise _unsupported("firmware", "PV firmware (pvgrub, pvshim) is Xen-only; give kernel=")
-    kernel = dc.kernel
-    if dc.type is DomainType.HVM and kernel is not None and Path(kernel).name == "hvmloader":
-        kernel = None  # xm-era configs name Xen's HVM firmware: boot SeaBIOS instead
+    kernel = None if boots_firmware(dc) else dc.kernel
     if kernel is not None:
         argv = ["-kernel", kernel]
         if dc.ramdisk is not None:
@@ -564,7 +594,7 @@ def _boot(dc: DomainConfig, image: GuestImageLike | None) -> list[str]:
         return argv
     if dc.ramdisk is not None:
         raise _unsupported("ramdisk", "a ramdisk needs kernel= too")
-    if image is not None:
+    if image is not None and not boots_firmware(dc):
         cmdline = image.cmdline if not dc.cmdline else f"{image.cmdline} {dc.cmdline}"
         return ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline]
     if dc.type is not DomainType.HVM:
@@ -605,7 +635,7 @@ def _display(dc: DomainConfig, paths: RuntimePaths) -> list[str]:
     if sdl:
         raise _unsupported("sdl", "no local window; use vnc=1")
     if not vnc or dc.nographic:
-        return ["-display", "none"]
+        return ["-display", "none", *_video(dc, shown=False)]
     if listen is None and display is None:
         spec = f"unix:{_opt(paths.vnc)}"
     else:
@@ -617,8 +647,59 @@ def _display(dc: DomainConfig, paths: RuntimePaths) -> list[str]:
     if passwd:
         # The password itself is set over QMP (set_password), never on argv.
         spec += ",password=on"
-    vga = _vga(dc)
-    return ["-vnc", spec, *(["-device", vga] if vga else [])]
+    return ["-vnc", spec, *_video(dc, shown=True)]
+
+
+def _video(dc: DomainConfig, *, shown: bool) -> list[str]:
+    """The emulated display device: there when it is ``shown`` or carries ``vga_rom``.
+
+    A passed-through GPU (``gfx_passthru``) is the primary VGA instead, and
+    takes ``vga_rom`` itself (:func:`_pci`).
+    """
+    if dc.gfx_passthru:
+        return []
+    rom = dc.extra.get("vga_rom")
+    if isinstance(rom, str):
+        device = dc.extra.get("vga_rom_device")
+        model = device if isinstance(device, str) else _vga(dc)
+        if model is None:
+            raise _unsupported("vga_rom", 'a VGA BIOS needs a display device, not vga="none"')
+        if not re.fullmatch(r"[A-Za-z0-9_-]+(,[A-Za-z0-9_.-]+=[^,\s]+)*", model) or (
+                "romfile=" in model):
+            raise _unsupported("vga_rom_device", f"{model!r} (expected a QEMU display device "
+                               "such as VGA or ati-vga,model=rv100, without romfile=)")
+        return ["-device", f"{model},romfile={_opt(rom)}"]
+    vga = _vga(dc) if shown else None
+    return ["-device", vga] if vga else []
+
+
+def _pci(dc: DomainConfig) -> list[str]:
+    """VFIO passthrough of each ``pci=`` device; with ``gfx_passthru`` the first one is
+    the guest's primary VGA (``x-vga=on``, the legacy VGA ranges and its BIOS)."""
+    kind = dc.gfx_passthru_kind
+    if dc.gfx_passthru and kind not in (None, "default", "vga"):
+        raise _unsupported("gfx_passthru", f"{kind!r}: IGD passthrough is Xen's machine "
+                           "option; pass an IGD as a plain VGA device (gfx_passthru=1)")
+    if dc.gfx_passthru and not dc.pcis:
+        raise _unsupported("gfx_passthru", "it needs the GPU in pci=[...]")
+    argv: list[str] = []
+    for i, p in enumerate(dc.pcis):
+        bdf = f"{p.domain:04x}:{p.bus:02x}:{p.dev:02x}.{p.func}"
+        if p.all_functions:
+            raise _unsupported(f"pci {bdf}", "all functions (.*): list each function")
+        if p.seize:
+            raise _unsupported(f"pci {bdf}", "seize=1: bind the device to vfio-pci yourself "
+                               "(driverctl set-override BDF vfio-pci)")
+        opts = f"vfio-pci,host={bdf},id=hostdev{i}"
+        if p.vslot is not None:
+            opts += f",addr={p.vslot:#x}"
+        if dc.gfx_passthru and i == 0:
+            opts += ",x-vga=on"
+            rom = dc.extra.get("vga_rom")
+            if isinstance(rom, str):
+                opts += f",romfile={_opt(rom)}"
+        argv += ["-device", opts]
+    return argv
 
 
 def _vga(dc: DomainConfig) -> str | None:
@@ -708,10 +789,6 @@ def _extra_keys(dc: DomainConfig) -> tuple[list[str], list[str]]:
     bios = dc.extra.get("bios")
     if isinstance(bios, str) and bios not in ("seabios", "rombios"):
         raise _unsupported("bios", f"{bios!r}: only SeaBIOS is supported")
-    if dc.gfx_passthru:
-        raise _unsupported("gfx_passthru", "graphics passthrough needs VFIO")
-    if dc.pcis:
-        raise _unsupported("pci", "PCI passthrough needs a VFIO device and is not supported yet")
     machine: list[str] = []
     acpi = dc.extra.get("acpi")
     if isinstance(acpi, str) and acpi.strip() == "0":
@@ -793,11 +870,18 @@ def qemu_argv(
         f"virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT},id=qga-port0",
         "-device",
         "virtio-balloon-pci,id=balloon0",
+        # SeaBIOS (and SeaVGABIOS) print their debug log to port 0x402: keep it,
+        # so a guest that never reaches its kernel can still say why.
+        "-chardev",
+        f"file,id=fwlog,path={_opt(paths.firmware_log)}",
+        "-device",
+        "isa-debugcon,iobase=0x402,chardev=fwlog",
     ]
     argv += _actions(dc)
     argv += _disks(dc.disks)
     argv += _vifs(dc, taps or {})
     argv += _usb(dc)
+    argv += _pci(dc)
     if paused:
         argv.append("-S")
     if incoming is not None:

@@ -29,9 +29,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from xenlab.errors import BackendError, XenlabError
+
+if TYPE_CHECKING:
+    from xenlab.vm.domain import Toolstack
 
 #: PCI vendor:device of QEMU's emulated VGA-class devices -> the ``-device``
 #: that presents those ids, so SeaBIOS will run a ROM built for them.
@@ -220,3 +223,155 @@ def check_rom_ids(vendor: int, device: int, qemu_device: str | None) -> str:
             f"(xenlab rom fix --set-ids) for one of: {known}, or name --device"
         )
     return found
+
+
+# --- the boot ---------------------------------------------------------------------------
+
+#: QEMU device -> the PCI ids it presents (the inverse of VGA_DEVICES).
+_DEVICE_IDS: Final[Mapping[str, tuple[int, int]]] = {v: k for k, v in VGA_DEVICES.items()}
+
+_FIRMWARE_GUEST = """\
+# Written by `xenlab rom boot`: a firmware-only guest (no disk, no kernel) whose
+# primary display runs {rom}; SeaBIOS prints its banner and boot attempts on it.
+name = "{name}"
+type = "hvm"
+memory = 64
+vcpus = 1
+boot = "c"
+"""
+
+
+def _xl_string(value: str) -> str:
+    """``value`` as an xl string literal (double quotes, escapes for '"' and '\\')."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def rom_config(rom: Path, *, name: str, device: str | None, pci: str | None,
+               base_text: str | None = None) -> str:
+    """The xl config ``rom boot`` writes: ``base_text`` (a firmware-only guest when None)
+    plus the keys that put ``rom`` behind the primary display.
+
+    ``pci`` (a host BDF) is the passthrough case, xl's ``gfx_passthru=1`` +
+    ``pci=[...]``; otherwise an emulated ``device``.  ``vga_rom`` and
+    ``vga_rom_device`` are xenlab's keys (xl ignores keys it does not know).
+    """
+    text = base_text if base_text is not None else _FIRMWARE_GUEST.format(rom=rom, name=name)
+    lines = [text.rstrip("\n"), "", "# the VGA BIOS under test"]
+    if base_text is not None:
+        lines.append(f"name = {_xl_string(name)}")
+    lines.append(f"vga_rom = {_xl_string(str(rom))}")
+    if pci is not None:
+        lines += ["gfx_passthru = 1", f"pci = [ {_xl_string(pci)} ]"]
+    elif device is not None:
+        lines.append(f"vga_rom_device = {_xl_string(device)}")
+    return "\n".join(lines) + "\n"
+
+
+def plan_rom(rom: Path, *, device: str | None = None, pci: str | None = None,
+             force: bool = False) -> tuple[str | None, tuple[str, ...]]:
+    """Check ``rom`` the way SeaBIOS will, before any boot: (QEMU device, warnings).
+
+    The device is the one whose ids the ROM's x86 image names (or
+    ``device``); None for a passed-through ``pci`` device.  With ``force``
+    a ROM SeaBIOS would refuse is booted anyway (to watch it refuse).
+
+    :raise FormatError: ``rom`` holds no option ROM.
+    :raise XenlabError: the check failed (its problems named), or no
+        emulated display has the ROM's ids.
+    """
+    from xenlab.rom.check import check_vga_bios
+    from xenlab.rom.inspect import inspect_file
+
+    parsed = inspect_file(rom)
+    first = check_vga_bios(parsed)
+    ids: tuple[int, int] | None = None
+    if first.image is not None and first.image.pcir is not None:
+        ids = (first.image.pcir.vendor_id, first.image.pcir.device_id)
+    qdev: str | None = None
+    if pci is None:
+        if ids is None and device is None:
+            raise XenlabError(f"{rom}: refused before boot: {'; '.join(first.problems)}")
+        qdev = check_rom_ids(*(ids or (0, 0)), device)
+        ids = _DEVICE_IDS.get(qdev, ids)
+    verdict = check_vga_bios(parsed, vendor_id=ids[0] if ids else None,
+                             device_id=ids[1] if ids else None)
+    if not verdict.ok and not force:
+        raise XenlabError(f"{rom}: refused before boot: {'; '.join(verdict.problems)} "
+                          "(--force boots it anyway)")
+    return qdev, verdict.warnings + (verdict.problems if force else ())
+
+
+async def _capture(qmp_path: Path, screen_file: Path, png: Path, *, resume: bool) -> None:
+    from xenlab.vm.qmp import Qmp
+
+    async with Qmp.open(qmp_path) as qmp:
+        await qmp.execute("stop")
+        await qmp.execute("pmemsave", {"val": TEXT_BUFFER, "size": TEXT_COLS * TEXT_ROWS * 2,
+                                       "filename": str(screen_file)})
+        await qmp.execute("screendump", {"filename": str(png), "format": "png"})
+        if resume:
+            await qmp.execute("cont")
+
+
+def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None,
+             overrides: Sequence[str] = (), device: str | None = None, pci: str | None = None,
+             name: str | None = None, check: bool = False, force: bool = False,
+             timeout: float = 60.0) -> RomBoot:
+    """Start a guest whose primary VGA runs ``rom``, and report whether the ROM ran.
+
+    CLI: ``xenlab rom boot FILE [--cfg CFG] [--check]``.  The ROM is checked
+    first (:func:`plan_rom`).  The config (``cfg`` with ``overrides``, or a
+    firmware-only guest) gets the ROM keys (:func:`rom_config`) and is
+    written to ``out_dir/<name>.cfg``; the toolstack ``ts`` creates the
+    domain.  When SeaBIOS's log shows it went to boot, the guest is stopped
+    for a moment: the VGA text buffer and a PNG screendump
+    (``out_dir/<name>.png``) are taken, and the log is copied to
+    ``out_dir/<name>-firmware.log``.  With ``check`` the domain is then
+    destroyed, otherwise it runs on.
+
+    :raise XenlabError: the ROM was refused before boot, or the config is bad.
+    :raise BackendError: QEMU failed, or the firmware did not reach its boot
+        step within ``timeout`` (the domain is destroyed).
+    """
+    from xenlab.vm.store import is_alive
+
+    rom = Path(rom).resolve()
+    qdev, warnings = plan_rom(rom, device=device, pci=pci, force=force)
+    base: str | None = None
+    dom = name or f"rom-{_safe(rom.stem)}"
+    if cfg is not None:
+        dc, base = ts.load_config(cfg, overrides)
+        dom = name or dc.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_out = out_dir / f"{dom}.cfg"
+    cfg_out.write_text(rom_config(rom, name=dom, device=qdev, pci=pci, base_text=base))
+    rec = ts.create(cfg_out)
+    paths = ts.paths(rec)
+    log = paths.firmware_log
+    png = out_dir / f"{dom}.png"
+    screen_file = out_dir / f".{dom}.screen"
+    try:
+        wait_for_boot(log, timeout, alive=lambda: is_alive(rec))
+        from xenlab.vm.qmp import run
+
+        run(_capture(paths.qmp, screen_file, png, resume=not check))
+        firmware_text = log.read_text(encoding="latin-1")
+        screen = screen_text(screen_file.read_bytes())
+    except BaseException:
+        ts.destroy(dom)
+        raise
+    finally:
+        screen_file.unlink(missing_ok=True)
+    (out_dir / f"{dom}-firmware.log").write_text(firmware_text, encoding="latin-1")
+    if check:
+        ts.destroy(dom)
+    report = parse_firmware_log(firmware_text)
+    shown = "passed-through device" if pci is not None else str(qdev)
+    ran, verdict = judge(report, screen, shown)
+    if warnings:
+        verdict += " (note: " + "; ".join(warnings) + ")"
+    return RomBoot(dom, str(rom), shown, report, tuple(screen), str(png), ran, verdict)
+
+
+def _safe(stem: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in stem)[:40] or "rom"
