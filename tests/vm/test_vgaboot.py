@@ -225,3 +225,25 @@ def test_rom_boot_of_a_guest_config_keeps_it_running(tmp_path: Path, guest_image
     code, out, err = run_cli(capsys, "rom", "boot", str(bad), "--check",
                              "--state-dir", str(tmp_path / "state"))
     assert code != 0 and "refused before boot" in err, (out, err)
+
+
+def test_passthrough_needs_the_device_bound_to_vfio(tmp_path: Path) -> None:
+    # The kernel's shape of sysfs: devices/<BDF>/driver -> ../../../bus/pci/drivers/<name>.
+    from xenlab.vm.vgaboot import check_vfio
+
+    devs = tmp_path / "bus" / "pci" / "devices"
+    drivers = tmp_path / "bus" / "pci" / "drivers"
+    for name, drv in (("0000:01:00.0", "vfio-pci"), ("0000:02:00.0", "nouveau")):
+        (devs / name).mkdir(parents=True)
+        (drivers / drv).mkdir(parents=True, exist_ok=True)
+        (devs / name / "driver").symlink_to(drivers / drv)
+    (devs / "0000:03:00.0").mkdir()
+    assert check_vfio("01:00.0", sysfs=tmp_path) == "0000:01:00.0"
+    with pytest.raises(XenlabError, match="bound to nouveau, not vfio-pci: bind it"):
+        check_vfio("0000:02:00.0", sysfs=tmp_path)
+    with pytest.raises(XenlabError, match="bound to no driver"):
+        check_vfio("03:00.0", sysfs=tmp_path)
+    with pytest.raises(XenlabError, match="not on this host"):
+        check_vfio("04:00.0", sysfs=tmp_path)
+    with pytest.raises(XenlabError, match="not a PCI address"):
+        check_vfio("../../etc", sysfs=tmp_path)

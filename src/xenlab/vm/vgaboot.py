@@ -301,6 +301,29 @@ def plan_rom(rom: Path, *, device: str | None = None, pci: str | None = None,
     return qdev, verdict.warnings + (verdict.problems if force else ())
 
 
+def check_vfio(bdf: str, *, sysfs: Path = Path("/sys")) -> str:
+    """The sysfs name of host device ``bdf`` when it is bound to vfio-pci (what QEMU
+    needs to pass it through); XenlabError saying what to do otherwise."""
+    from xenlab.rom.sysfs import parse_bdf
+
+    try:
+        name = parse_bdf(bdf)
+    except ValueError as err:
+        raise XenlabError(str(err)) from err
+    dev = sysfs / "bus" / "pci" / "devices" / name
+    if not dev.exists():
+        raise XenlabError(f"PCI device {name}: not on this host ({dev} does not exist)")
+    driver = dev / "driver"
+    bound = driver.resolve().name if driver.exists() else None
+    if bound != "vfio-pci":
+        raise XenlabError(
+            f"PCI device {name} is bound to {bound or 'no driver'}, not vfio-pci: bind it "
+            f"first (`driverctl set-override {name} vfio-pci`, or echo vfio-pci > "
+            f"{dev}/driver_override and {name} > /sys/bus/pci/drivers_probe)"
+        )
+    return name
+
+
 async def _capture(qmp_path: Path, screen_file: Path, png: Path, *, resume: bool) -> None:
     from xenlab.vm.qmp import Qmp
 
@@ -336,6 +359,8 @@ def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None
     from xenlab.vm.store import is_alive
 
     rom = Path(rom).resolve()
+    if pci is not None:
+        pci = check_vfio(pci)
     qdev, warnings = plan_rom(rom, device=device, pci=pci, force=force)
     base: str | None = None
     dom = name or f"rom-{_safe(rom.stem)}"
