@@ -74,6 +74,9 @@ case "$cmd" in
     $x vm list
     $x vm destroy tiny
     $x vm undefine tiny
+    # VGA BIOS: SeaBIOS's stdvga BIOS inspected, then run as a guest's primary display.
+    $x rom inspect /usr/share/seabios/vgabios-stdvga.bin
+    $x rom boot /usr/share/seabios/vgabios-stdvga.bin --check --out "$demo/rom"
     ;;
   test)
     setup
