@@ -47,6 +47,7 @@ from qemu.qmp import (
     Runstate,
 )
 from qemu.qmp import QMPError as _LibError
+from qemu.qmp.qmp_client import NegotiationError
 
 from xenlab.errors import BackendError
 
@@ -66,6 +67,8 @@ EventMatch = Callable[[Event], bool]
 
 # How often connect() retries while QEMU is still creating its socket.
 _CONNECT_RETRY = 0.05
+# How many times connect() tries again after an event raced the negotiation.
+_NEGOTIATION_RETRIES = 5
 
 
 class CommandError(BackendError):
@@ -164,6 +167,7 @@ class Qmp:
         self._path = Path(path)
         deadline = time.monotonic() + timeout
         last: Exception | None = None
+        races = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -177,8 +181,16 @@ class Qmp:
                 last = err
             except ConnectError as err:
                 # A missing or refusing socket is normal while QEMU starts up;
-                # anything else (a bad greeting) will not get better by waiting.
-                if not isinstance(err.exc, FileNotFoundError | ConnectionRefusedError):
+                # anything else (a bad greeting) will not get better by waiting,
+                # except one race: QEMU may send an event (a MIGRATION status, say)
+                # between switching the session to command mode and its reply to
+                # qmp_capabilities, which the library takes for a bad reply.
+                negotiation = isinstance(err.exc, NegotiationError) and isinstance(
+                    err.exc.exc, AssertionError)
+                if negotiation:
+                    races += 1
+                if not (isinstance(err.exc, FileNotFoundError | ConnectionRefusedError)
+                        or (negotiation and races <= _NEGOTIATION_RETRIES)):
                     raise BackendError(f"QMP connect {path}: {err}") from err
                 last = err
             await asyncio.sleep(min(_CONNECT_RETRY, max(0.0, deadline - time.monotonic())))
