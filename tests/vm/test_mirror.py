@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.vm.guests import boot, sh, wait_ready
+from tests.vm.guests import boot, sh, wait_ready, write_config
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm import migrate as mig
 from xenlab.vm import snapshot
-from xenlab.vm.domain import Toolstack
+from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.mirror import DISK_NODES, DISK_PATHS, MirrorProgress, mirror
 from xenlab.vm.store import is_alive
 
@@ -74,9 +76,10 @@ def test_mirror_pivots_the_guest_onto_the_target(ts: Toolstack, tmp_path: Path) 
     assert marker.encode() in _raw_bytes(target, tmp_path)
     assert marker.encode() not in _raw_bytes(source, tmp_path)
     assert _compare(source, target) == 1
-    # Save and migrate would restart the domain on the config's old file: refused.
-    with pytest.raises(StateError, match="mirrored disks"):
-        mig.save(ts, "g1", tmp_path / "g1.save")
+    # A save says where the disk is now (restore runs on it: tests/vm/test_migrate.py).
+    header = mig.save(ts, "g1", tmp_path / "g1.save", keep_running=True)
+    assert header.disk_paths == (mig.DiskMove("xvda", str(target), "qcow2"),)
+    (tmp_path / "g1.save").unlink()
     # A second mirror goes from where the disk is now (the first target).
     again = mirror(ts, "g1", "xvda", tmp_path / "again.raw", format="raw")
     assert again.source == str(target) and again.pivoted
@@ -138,8 +141,10 @@ def test_mirror_copy_without_pivot_and_refusals(ts: Toolstack, tmp_path: Path) -
     assert ts.get("g1").extra.get(DISK_PATHS) is None
     assert _sh(ts, "cat /mnt/disk/marker") == "A\n"
     ts.destroy("g1")
-    with pytest.raises(StateError, match="shut off"):
+    # Shut off (kept for its snapshot): a pivot would still leave the snapshot behind.
+    with pytest.raises(StateError, match=r"1 snapshot.*--no-pivot"):
         mirror(ts, "g1", "xvda", tmp_path / "x.qcow2")
+    assert not (tmp_path / "x.qcow2").exists()
 
 
 def test_qemu_killed_mid_mirror(ts: Toolstack, tmp_path: Path) -> None:
@@ -176,3 +181,62 @@ def test_qemu_killed_mid_mirror(ts: Toolstack, tmp_path: Path) -> None:
     _ready(ts)
     assert _sh(ts, "cat /mnt/disk/marker; wc -c < /mnt/disk/blob") == "A\n8388608\n"
     print(f"killed mirror reported in {took:.2f}s")
+
+
+@contextlib.contextmanager
+def _tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs at ``where`` (a file system that fills up, or is read-only)."""
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_mirror_of_a_shut_off_domain(ts: Toolstack, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, "g1", maxmem=None)
+    source = tmp_path / "g1.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), "32M"], check=True)
+    ts.define(cfg)
+    ts.create(cfg)
+    _ready(ts)
+    _sh(ts, "echo A > /mnt/disk/marker && dd if=/dev/urandom of=/mnt/disk/blob bs=64k "
+            "count=64 2>/dev/null && sync")
+    assert ts.shutdown("g1") == "shutdown"
+    kept = ts.get("g1")
+    assert kept.state == SHUTOFF
+
+    # Failures leave the old path in force and no file behind.
+    with _tmpfs(tmp_path / "small", "1M") as small:
+        with pytest.raises(BackendError, match=r"qemu-img convert: .*g1 stays on"):
+            mirror(ts, "g1", "xvda", small / "full.qcow2")
+        assert list(small.iterdir()) == []
+        subprocess.run(["mount", "-o", "remount,ro", str(small)], check=True)
+        with pytest.raises(XenlabError, match="cannot create it: Read-only file system"):
+            mirror(ts, "g1", "xvda", small / "ro.qcow2")
+    assert ts.get("g1") == kept and ts.get("g1").extra.get(DISK_PATHS) is None
+
+    target = tmp_path / "offline.raw"
+    seen: list[MirrorProgress] = []
+    res = mirror(ts, "g1", "xvda", target, format="raw", progress=seen.append)
+    assert res.pivoted and res.source == str(source) and res.record.state == SHUTOFF
+    assert res.record.extra[DISK_PATHS] == {"xvda": {"file": str(target), "format": "raw"}}
+    assert DISK_NODES not in res.record.extra
+    assert seen and seen[-1].done == seen[-1].total == 32 << 20
+    assert sorted(p.name for p in tmp_path.iterdir() if ".part" in p.name) == []
+    assert _compare(source, target) == 0
+    # create boots on the target: the guest's writes go there, not to the old file.
+    ts.create(cfg)
+    _ready(ts)
+    blocks = asyncio.run(ts._qmp(ts.get("g1"), "query-block"))
+    assert isinstance(blocks, list)
+    assert [b["inserted"]["file"] for b in blocks if b.get("inserted")] == [str(target)]
+    marker = f"MARKER-E-{uuid.uuid4().hex}"
+    assert _sh(ts, f"cat /mnt/disk/marker; echo {marker} > /mnt/disk/e && sync && "
+                   "echo 3 > /proc/sys/vm/drop_caches") == "A\n"
+    assert marker.encode() in _raw_bytes(target, tmp_path)
+    assert marker.encode() not in _raw_bytes(source, tmp_path)

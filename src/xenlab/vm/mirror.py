@@ -1,4 +1,4 @@
-"""Disk mirroring of a running domain: :func:`mirror` copies one disk to a new image and pivots.
+"""Disk mirroring: :func:`mirror` copies one disk of a domain to a new image and pivots.
 
 ``xenlab vm mirror DOM VDEV TARGET`` is libvirt's ``virsh blockcopy
 --pivot`` over QMP, in QEMU's documented steps
@@ -27,6 +27,14 @@ later ``create`` must use instead of the config's file) and
 runs).  The record changes only once QEMU has confirmed the pivot, so it
 never names a file the guest does not use.
 
+A shut-off domain (defined, or kept for its snapshots or mirrored disks)
+has no QEMU to mirror with: its disk is copied with ``qemu-img convert``
+(``-p``'s percentages are the progress) into a temporary file beside
+``TARGET``, which is fsynced and renamed over the (empty, ``O_EXCL``-made)
+target once whole, and the record then says where the disk is, as after a
+live pivot; the next ``create`` boots on it.  A failed copy removes both
+files and leaves the record as it was.
+
 A pivot is refused on a disk running on external snapshot overlays and on a
 domain with snapshots: their records name the current files, which the guest
 would leave behind (``pivot=False`` copies such a disk, overlays flattened).
@@ -46,8 +54,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -56,7 +67,7 @@ from typing import Any
 
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
-from xenlab.vm.domain import Toolstack
+from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run_async
@@ -133,7 +144,9 @@ def mirror(
 ) -> MirrorResult:
     """Copy disk ``vdev`` of running domain ``name`` to new image ``target``, then pivot.
 
-    ``format`` is the target's ("qcow2" or "raw").  With ``pivot`` the guest
+    ``format`` is the target's ("qcow2" or "raw").  A shut-off domain's
+    disk is copied with ``qemu-img convert`` instead (see the module
+    docstring).  With ``pivot`` the guest
     goes on with ``target`` as its disk (recorded in the domain record, see
     the module docstring); without, ``target`` is a copy of the disk as it
     was when the mirror converged.  ``bandwidth`` caps the copy in bytes/s
@@ -145,8 +158,8 @@ def mirror(
 
     :raise XenlabError: unknown domain or disk, a disk without media, a bad
         format, a ``target`` that exists or cannot be created (nothing changed).
-    :raise StateError: the domain is not running, or ``pivot`` on a disk with
-        external overlays or a domain with snapshots.
+    :raise StateError: the domain's QEMU is gone (stale), or ``pivot`` on a
+        disk with external overlays or a domain with snapshots.
     :raise BackendError: QEMU failed the mirror or it did not finish within
         ``timeout`` (the domain runs on its disk as before, no target left),
         or QEMU died during it (the message says what became of the domain,
@@ -158,18 +171,15 @@ def mirror(
                           f"{', '.join(_FORMATS)}")
     # QEMU runs daemonized in "/": a relative path would be its, not ours.
     target = Path(os.path.abspath(target))
+    rec = ts.get(name)
+    if rec.state == SHUTOFF:
+        return _mirror_offline(ts, rec, vdev, target, format, pivot, timeout, progress,
+                               started)
     rec = ts._live(name)
     with ts.store.lock(rec.domid):
         rec = ts._live(str(rec.domid))
         source = _source_file(ts, rec, vdev, pivot)
-        if target.exists() or target.is_symlink():
-            raise XenlabError(f"mirror target {target} exists; give a new file name")
-        try:
-            # O_EXCL: the file is ours from here on, and nobody else's is overwritten.
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        except OSError as err:
-            raise XenlabError(f"mirror target {target}: cannot create it: "
-                              f"{err.strerror or err}") from err
+        _claim(target)
         run = _Run()
         try:
             _run_async(_mirror(ts.paths(rec), vdev, target, format, pivot, bandwidth,
@@ -182,6 +192,17 @@ def mirror(
             rec = ts.store.get(rec.domid)
     return MirrorResult(rec, vdev, source, str(target), format, run.pivoted, run.length,
                         time.monotonic() - started)
+
+
+def _claim(target: Path) -> None:
+    """Make ``target`` empty and ours (O_EXCL: nobody else's file is overwritten)."""
+    if target.exists() or target.is_symlink():
+        raise XenlabError(f"mirror target {target} exists; give a new file name")
+    try:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except OSError as err:
+        raise XenlabError(f"mirror target {target}: cannot create it: "
+                          f"{err.strerror or err}") from err
 
 
 def _source_file(ts: Toolstack, rec: DomainRecord, vdev: str, pivot: bool) -> str:
@@ -218,13 +239,116 @@ def _source_file(ts: Toolstack, rec: DomainRecord, vdev: str, pivot: bool) -> st
 
 
 def _record_pivot(ts: Toolstack, domid: int, vdev: str, target: Path, fmt: str,
-                  node: str) -> DomainRecord:
+                  node: str | None) -> DomainRecord:
     rec = ts.store.get(domid)
     extra = dict(rec.extra)
     extra[DISK_PATHS] = {**(extra.get(DISK_PATHS) or {}),
                          vdev: {"file": str(target), "format": fmt}}
-    extra[DISK_NODES] = {**(extra.get(DISK_NODES) or {}), vdev: node}
+    if node is not None:
+        extra[DISK_NODES] = {**(extra.get(DISK_NODES) or {}), vdev: node}
     return ts.store.update(replace(rec, extra=extra))
+
+
+# --- a shut-off domain: qemu-img convert ------------------------------------------------
+
+# qemu-img convert -p rewrites one line: "    (12.34/100%)\r"
+_PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: Path, fmt: str,
+                    pivot: bool, timeout: float, progress: Progress | None,
+                    started: float) -> MirrorResult:
+    with ts.store.lock(rec.domid):
+        rec = ts.store.get(rec.domid)
+        if rec.state != SHUTOFF:
+            raise StateError(f"domain {rec.name!r} was started meanwhile; mirror again")
+        source = _source_file(ts, rec, vdev, pivot)
+        size = _virtual_size(source)
+        _claim(target)
+        tmp: Path | None = None
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
+                                        dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+            _convert(source, tmp, fmt, vdev, size, timeout, progress, started)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                # Once, before the rename: the copy is whole on disk when the
+                # record starts naming it.
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+            tmp = None
+        except BaseException as err:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            target.unlink(missing_ok=True)
+            what = f"mirror {rec.name} {vdev} -> {target} failed"
+            if isinstance(err, OSError):
+                raise XenlabError(f"{what}: {err.strerror or err}; {rec.name} stays on "
+                                  f"{source}") from err
+            if isinstance(err, XenlabError):
+                raise BackendError(f"{what}: {err}; {rec.name} stays on {source}") from err
+            raise
+        if pivot:
+            rec = _record_pivot(ts, rec.domid, vdev, target, fmt, None)
+    return MirrorResult(rec, vdev, source, str(target), fmt, pivot, size,
+                        time.monotonic() - started)
+
+
+def _virtual_size(image: str) -> int:
+    proc = subprocess.run(["qemu-img", "info", "--output=json", image], capture_output=True,
+                          text=True, check=False, timeout=60)
+    if proc.returncode != 0:
+        raise XenlabError(f"qemu-img info {image}: {proc.stderr.strip()}")
+    return int(json.loads(proc.stdout)["virtual-size"])
+
+
+def _convert(source: str, out: Path, fmt: str, vdev: str, size: int, timeout: float,
+             progress: Progress | None, started: float) -> None:
+    """``qemu-img convert -p`` ``source`` to ``out``, reporting its percentages."""
+    deadline = time.monotonic() + timeout
+    proc = subprocess.Popen(["qemu-img", "convert", "-p", "-O", fmt, source, str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        os.set_blocking(proc.stdout.fileno(), False)
+        buf = b""
+        while True:
+            if time.monotonic() > deadline:
+                raise BackendError(f"qemu-img convert not done within {timeout:g}s")
+            try:
+                chunk = os.read(proc.stdout.fileno(), 4096)
+            except BlockingIOError:
+                chunk = None
+            if chunk:
+                buf = (buf + chunk)[-256:]
+                found = _PERCENT.findall(buf)
+                if found and progress is not None:
+                    done = int(size * float(found[-1]) / 100)
+                    progress(MirrorProgress(vdev, "copying", done, size, False,
+                                            time.monotonic() - started))
+                continue
+            if chunk == b"" or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        rc = proc.wait(max(0.0, deadline - time.monotonic()))
+        if rc != 0:
+            err = proc.stderr.read().decode(errors="replace").strip()
+            raise BackendError(f"qemu-img convert: {err or f'exit {rc}'}")
+        if progress is not None:
+            progress(MirrorProgress(vdev, "concluded", size, size, True,
+                                    time.monotonic() - started))
+    except subprocess.TimeoutExpired as err:
+        raise BackendError(f"qemu-img convert not done within {timeout:g}s") from err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 # --- the QMP side --------------------------------------------------------------------
