@@ -6,12 +6,16 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import shutil
 import signal
+import socket
 import struct
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,9 +27,10 @@ from tests.vm.guests import boot, clear, config_text, sh, wait_ready
 from xenlab.errors import BackendError, FormatError, StateError, TruncatedError, XenlabError
 from xenlab.vm import migrate as mig
 from xenlab.vm import snapshot
-from xenlab.vm.domain import Toolstack
+from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.migrate import MAGIC, DiskSnapshot, SaveHeader, pack_header, parse_header
-from xenlab.vm.store import is_alive
+from xenlab.vm.mirror import DISK_PATHS, mirror
+from xenlab.vm.store import DomainRecord, is_alive
 
 HEADER = SaveHeader(
     name="g1", uuid="0b5e0a4c-1111-2222-3333-444455556666",
@@ -51,7 +56,7 @@ def test_header_round_trip() -> None:
 
 def _fields(**change: object) -> dict[str, object]:
     fields: dict[str, object] = {k: getattr(HEADER, k) for k in SaveHeader.__slots__}
-    fields["disk_snapshots"] = []
+    fields.update(disk_snapshots=[], disk_paths={}, overlays={})
     fields.update(change)
     return fields
 
@@ -96,10 +101,11 @@ def test_header_v2_disk_snapshots_and_v1_still_read() -> None:
     snaps = (DiskSnapshot("xvda", "/d/a.qcow2", "xenlab-save-1"),
              DiskSnapshot("xvdb", "/d/b.qcow2", "xenlab-save-1"))
     h2 = replace(HEADER, disk_snapshots=snaps)
-    assert h2.version == mig.SAVE_VERSION == 2
+    assert h2.version == mig.SAVE_VERSION == 3
     assert parse_header(pack_header(h2) + STREAM)[0] == h2
     # A version 1 image (what the previous xenlab wrote) has no such field.
-    v1 = {k: getattr(HEADER, k) for k in SaveHeader.__slots__ if k != "disk_snapshots"}
+    v1 = {k: getattr(HEADER, k) for k in SaveHeader.__slots__
+          if k not in ("disk_snapshots", "disk_paths", "overlays")}
     v1["version"] = 1
     h1, _ = parse_header(_raw(v1) + STREAM)
     assert h1 == replace(HEADER, version=1) and h1.disk_snapshots == ()
@@ -116,13 +122,51 @@ def test_header_v2_disk_snapshots_and_v1_still_read() -> None:
         ([{"vdev": "xvda", "file": "/a", "name": "n"}] * 2, "header.disk_snapshots"),
     ]
     for value, field in bad:
-        fields = _fields()
+        fields = _fields(version=2)
+        del fields["disk_paths"], fields["overlays"]
         fields["disk_snapshots"] = value
         with pytest.raises(FormatError) as e:
             parse_header(_raw(fields) + STREAM)
         assert (e.value.offset, e.value.field) == (16, field), value
-    with pytest.raises(FormatError, match="expected one of 1, 2"):
-        parse_header(_raw(_fields(version=0, disk_snapshots=[])) + STREAM)
+    with pytest.raises(FormatError, match="expected one of 1, 2, 3"):
+        parse_header(_raw(_fields(version=0)) + STREAM)
+
+
+def test_header_v3_disk_paths_and_overlays_and_v2_still_read() -> None:
+    h3 = replace(HEADER, disk_paths=(mig.DiskMove("xvda", "/d/moved.raw", "raw"),),
+                 overlays=(mig.DiskMove("xvdb", "/d/b.s1.qcow2", "qcow2"),))
+    raw = pack_header(h3) + STREAM
+    assert parse_header(raw)[0] == h3
+    body = json.loads(raw[16: 16 + struct.unpack_from(">I", raw, 12)[0]])
+    assert body["disk_paths"] == {"xvda": {"file": "/d/moved.raw", "format": "raw"}}
+    assert body["overlays"] == {"xvdb": {"file": "/d/b.s1.qcow2", "format": "qcow2"}}
+    # The channel carries the same object.
+    assert mig.header_from_json(mig.header_to_json(h3)) == h3
+    # What version 2 wrote (no such fields) is still read, and written back as such.
+    v2 = {k: getattr(HEADER, k) for k in SaveHeader.__slots__
+          if k not in ("disk_paths", "overlays")}
+    v2.update(version=2, disk_snapshots=[])
+    h2, _ = parse_header(_raw(v2) + STREAM)
+    assert h2 == replace(HEADER, version=2) and h2.disk_paths == h2.overlays == ()
+    assert "disk_paths" not in json.loads(pack_header(h2)[16:])
+    with pytest.raises(ValueError):
+        pack_header(replace(h3, version=2))
+    bad: list[tuple[str, object, str]] = [
+        ("disk_paths", None, "header.disk_paths"),
+        ("disk_paths", [], "header.disk_paths"),
+        ("overlays", {"xvda": "/x"}, "header.overlays.xvda"),
+        ("disk_paths", {"xvda": {"file": "", "format": "raw"}}, "header.disk_paths.xvda.file"),
+        ("disk_paths", {"xvda": {"file": "/x"}}, "header.disk_paths.xvda.format"),
+        ("disk_paths", {"xvda": {"file": "/x", "format": "vmdk"}},
+         "header.disk_paths.xvda.format"),
+        ("overlays", {"": {"file": "/x", "format": "qcow2"}}, "header.overlays"),
+    ]
+    for key, value, field in bad:
+        fields = _fields(version=3, disk_paths={}, overlays={})
+        fields[key] = value
+        with pytest.raises(FormatError) as e:
+            parse_header(_raw(fields) + STREAM)
+        assert (e.value.offset, e.value.field) == (16, field), (key, value)
 
 
 def test_every_cut_is_truncated() -> None:
@@ -141,7 +185,7 @@ def test_random_bytes_raise_only_format_errors(data: bytes) -> None:
 
 @given(st.dictionaries(st.sampled_from(["version", "name", "uuid", "config_text", "state",
                                         "config_path", "qemu_version", "created",
-                                        "disk_snapshots"]),
+                                        "disk_snapshots", "disk_paths", "overlays"]),
                        st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
                                  st.text(max_size=5))))
 def test_random_json_headers_raise_only_format_errors(obj: dict[str, object]) -> None:
@@ -222,6 +266,34 @@ def test_save_restore_continues_the_guest(hosts: tuple[Toolstack, Toolstack],
     assert after > before
     assert sh(ts, "g1", "cat /mnt/disk/marker") == "A\n"
     print(f"save {save_s:.2f}s restore {restore_s:.2f}s")
+
+
+@pytest.mark.integration
+def test_save_restore_of_a_mirrored_domain(hosts: tuple[Toolstack, Toolstack],
+                                           tmp_path: Path) -> None:
+    """The header says where the disk went; restore runs on it, the disk as saved."""
+    ts, _ = hosts
+    boot(ts, tmp_path, "g1")
+    moved = tmp_path / "moved.qcow2"
+    mirror(ts, "g1", "xvda", moved)
+    sh(ts, "g1", "echo M > /mnt/disk/marker && sync")
+    image = tmp_path / "g1.save"
+    header = mig.save(ts, "g1", image)
+    assert header.disk_paths == (mig.DiskMove("xvda", str(moved), "qcow2"),)
+    assert header.version == 3 and mig.read_header(image)[0] == header
+    (kept,) = ts.store.list()  # shut off: only its record says where the disk is
+    assert kept.state == SHUTOFF and not is_alive(kept)
+    at_save = tmp_path / "at-save.qcow2"
+    shutil.copyfile(moved, at_save)
+    rec = mig.restore(ts, image, paused=True)
+    assert rec.domid == kept.domid and rec.state == "paused"
+    assert rec.extra[DISK_PATHS] == {"xvda": {"file": str(moved), "format": "qcow2"}}
+    assert _block_files(ts, "g1") == {"xvda": str(moved)}
+    cmp = _compare(at_save, moved)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    ts.unpause("g1")
+    # Read from the disk, not from the page cache the memory brought back.
+    assert sh(ts, "g1", "echo 3 > /proc/sys/vm/drop_caches; cat /mnt/disk/marker") == "M\n"
 
 
 @pytest.mark.integration
@@ -377,39 +449,174 @@ def test_destination_killed_mid_migration(hosts: tuple[Toolstack, Toolstack],
     assert res.record is not None and dst.status(res.record).state == "running"
 
 
+class _Receiver(threading.Thread):
+    """``serve_receive`` on its own toolstack (its own thread: SQLite objects stay in theirs)."""
+
+    def __init__(self, state_dir: Path, overrides: Sequence[str] = ()) -> None:
+        super().__init__(daemon=True)
+        self.state_dir, self.overrides = state_dir, overrides
+        self.port: queue.Queue[int] = queue.Queue()
+        self.result: DomainRecord | BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = mig.serve_receive(
+                Toolstack(self.state_dir), "127.0.0.1:0", overrides=self.overrides,
+                accept_timeout=60, timeout=120, on_listen=lambda _h, p: self.port.put(p))
+        except BaseException as err:  # handed to the test
+            self.result = err
+            self.port.put(0)
+
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port.get(timeout=30)}"
+
+    def outcome(self) -> DomainRecord | BaseException | None:
+        self.join(60)
+        assert not self.is_alive()
+        return self.result
+
+
+def _block_files(ts: Toolstack, name: str) -> dict[str, str]:
+    """vdev -> the file QEMU has open for it (query-block)."""
+    blocks = asyncio.run(ts._qmp(ts.get(name), "query-block"))
+    assert isinstance(blocks, list)
+    return {b["qdev"].split("/")[3]: b["inserted"]["file"] for b in blocks
+            if b.get("inserted") and b.get("qdev", "").startswith("/machine/peripheral/")}
+
+
 @pytest.mark.integration
-def test_two_host_flow_receive_then_migrate(hosts: tuple[Toolstack, Toolstack],
-                                            tmp_path: Path) -> None:
-    """What `migrate-receive CFG --port N` and `migrate DOM HOST:N` do on two hosts."""
+def test_two_host_migration_over_the_control_channel(hosts: tuple[Toolstack, Toolstack],
+                                                     tmp_path: Path) -> None:
+    """`receive --listen` and `migrate DOM HOST:PORT` on two state dirs, a mirrored disk."""
     src, dst = hosts
     boot(src, tmp_path, "g1")
+    moved = tmp_path / "moved.qcow2"
+    mirror(src, "g1", "xvda", moved)  # the config still names g1.qcow2
     sh(src, "g1", "echo A > /mnt/disk/marker && sync")
     before, boot_id = _uptime_and_boot(src, "g1")
-    target = tmp_path / "host-b-g1.qcow2"
-    # destination: the config it was given, its own blank disk of the source's size
-    inc = mig.receive(dst, (tmp_path / "g1.cfg").read_text(), 0, host="127.0.0.1",
-                      overrides=[_disk_spec(target)], with_storage=True,
-                      disk_sizes={"xvda": 32 << 20})
-    assert inc.port > 0 and inc.nbd_port is not None and inc.disks == ("xvda",)
-    assert dst.get("g1").state == "incoming"
-    # source: only HOST:PORT (and the NBD port) are known to it
-    res = mig.migrate(src, "g1", f"127.0.0.1:{inc.port}", with_storage=True,
-                      nbd_port=inc.nbd_port)
-    assert res.record is None and src.store.list() == []
-    rec = mig.finish_receive(dst, inc, paused=True)
-    assert rec.state == "paused"
-    cmp = _compare(tmp_path / "g1.qcow2", target)
-    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
-    dst.unpause("g1")
+    # Shared disks: the destination runs on the mirror's target, and says so.
+    recv = _Receiver(dst.state_dir)
+    recv.start()
+    res = mig.migrate(src, "g1", recv.address())
+    got = recv.outcome()
+    assert isinstance(got, DomainRecord), got
+    assert res.record is None and src.store.list() == [] and res.ram_transferred > 0
+    assert got.state == "running" and dst.get("g1") == got and is_alive(got)
+    assert got.extra[DISK_PATHS] == {"xvda": {"file": str(moved), "format": "qcow2"}}
+    assert _block_files(dst, "g1") == {"xvda": str(moved)}
     after, boot_after = _uptime_and_boot(dst, "g1")
     assert boot_after == boot_id and after > before
     assert sh(dst, "g1", "cat /mnt/disk/marker") == "A\n"
+
+    # And back with storage, onto a new disk the receiver's override names:
+    # the source mirrors from the node its disk runs on now (the pivot's).
+    copy = tmp_path / "host-a-copy.qcow2"
+    recv = _Receiver(src.state_dir, [_disk_spec(copy)])
+    recv.start()
+    back = mig.migrate(dst, "g1", recv.address(), with_storage=True, paused=True)
+    got = recv.outcome()
+    assert isinstance(got, DomainRecord), got
+    assert back.disks == ("xvda",) and dst.store.list() == [] and got.state == "paused"
+    assert DISK_PATHS not in got.extra and _block_files(src, "g1") == {"xvda": str(copy)}
+    cmp = _compare(moved, copy)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    src.unpause("g1")
+    assert sh(src, "g1", "cat /mnt/disk/marker") == "A\n"
+    assert _uptime_and_boot(src, "g1")[1] == boot_id
+
+
+@pytest.mark.integration
+def test_receiver_killed_after_the_stream_the_source_resumes(
+        hosts: tuple[Toolstack, Toolstack], tmp_path: Path) -> None:
+    src, dst = hosts
+    boot(src, tmp_path, "g1")
+    rec = src.get("g1")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from xenlab.cli.main import main; main()", "vm", "receive",
+         "--listen", "127.0.0.1:0", "--state-dir", str(dst.state_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line + proc.stderr.read()
+        killed: list[str] = []
+
+        def kill_receiver(p: mig.MigrationProgress) -> None:
+            # QEMU has sent everything: the receiver dies before it says "loaded"
+            # or hears "go".
+            if p.status == "completed" and not killed:
+                proc.kill()
+                proc.wait()
+                killed.append(p.status)
+
+        with pytest.raises(BackendError, match=r"did not take the guest .*g1 was resumed here"):
+            mig.migrate(src, "g1", line.split()[-1], progress=kill_receiver)
+        assert killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert src.get("g1") == rec and src.status(rec).state == "running"
+    assert sh(src, "g1", "echo alive") == "alive\n"
+    # The receiver's QEMU got the guest but was never told to run it.
+    (left,) = dst.store.list()
+    assert dst.status(left).state != "running"
+
+
+@pytest.mark.integration
+def test_receiver_refuses_and_cleans_up_after_a_vanished_source(
+        hosts: tuple[Toolstack, Toolstack], tmp_path: Path) -> None:
+    _, dst = hosts
+
+    def source(prepare: dict[str, object]) -> tuple[socket.socket, list[dict[str, object]]]:
+        recv = _Receiver(dst.state_dir)
+        recv.start()
+        host, port = recv.address().split(":")
+        ctl = socket.create_connection((host, int(port)), timeout=30)
+        f = ctl.makefile("rwb")
+        said = [json.loads(f.readline())]
+        f.write(json.dumps(prepare).encode() + b"\n")
+        f.flush()
+        said.append(json.loads(f.readline()))
+        source.recv = recv  # type: ignore[attr-defined]
+        return ctl, said
+
+    # A header that is not one: the receiver says why and keeps nothing.
+    ctl, said = source({"msg": "prepare", "header": {"version": 3}})
+    assert said[0] == {"msg": "hello", "protocol": 1}
+    assert said[1]["msg"] == "error" and "header.name" in str(said[1]["error"])
+    ctl.close()
+    assert isinstance(source.recv.outcome(), FormatError)  # type: ignore[attr-defined]
+    assert dst.store.list() == []
+
+    # A source that vanishes in the middle of the stream: the incoming QEMU is
+    # killed and no record is left.
+    header = mig.header_to_json(replace(
+        HEADER, config_text=config_text("g1", tmp_path / "g1.qcow2"), config_path=""))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "g1.qcow2"),
+                    "32M"], check=True)
+    ctl, said = source({"msg": "prepare", "header": header, "with_storage": False,
+                        "disk_sizes": {}})
+    assert said[1]["msg"] == "listening" and said[1]["nbd_port"] is None
+    (incoming,) = dst.store.list()
+    assert incoming.state == "incoming" and is_alive(incoming)
+    data = socket.create_connection(("127.0.0.1", int(str(said[1]["port"]))), timeout=30)
+    data.sendall(b"QEVM\x00\x00\x00\x03" + os.urandom(4096)[:100])
+    ctl.close()  # the source is gone
+    data.close()
+    err = source.recv.outcome()  # type: ignore[attr-defined]
+    assert isinstance(err, BackendError), err
+    assert "source" in str(err) or "exited" in str(err)
+    assert dst.store.list() == [] and not is_alive(incoming)
+    assert not dst.paths(incoming).rundir.exists()
 
 
 def test_bad_destinations_are_refused(tmp_path: Path) -> None:
     ts = Toolstack(tmp_path / "st")
     with pytest.raises(XenlabError, match="no domain"):
         mig.migrate(ts, "nope", "127.0.0.1:4444")
+    with pytest.raises(XenlabError, match="expected HOST:PORT"):
+        mig.serve_receive(ts, "nowhere")
     cfg = config_text("g9", tmp_path / "missing.qcow2")
     with pytest.raises(XenlabError, match="needs a blank image of the source's size"):
         mig.receive(ts, cfg, 0, with_storage=True)

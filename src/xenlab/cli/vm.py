@@ -381,56 +381,54 @@ def mirror_cmd(domain: str, vdev: str, target: Path, no_pivot: bool, fmt: str,
 @click.argument("dest")
 @click.option("--with-storage", is_flag=True, help="Mirror the disks to the destination first.")
 @click.option("--offline", is_flag=True, help="Pause the guest during the migration.")
-@click.option("--nbd-port", type=int, help="The destination's NBD port (default PORT+1).")
+@click.option("-p", "paused", is_flag=True, help="Leave the domain paused at the destination.")
+@click.option("--max-bandwidth", metavar="SIZE", help="Limit the stream, per second (e.g. 64M).")
 @click.option("--dest-state-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Migrate to a second toolstack on this host (DEST is then its host name).")
 @_STATE
-def migrate_cmd(domain: str, dest: str, with_storage: bool, offline: bool,
-                nbd_port: int | None, dest_state_dir: Path | None,
+def migrate_cmd(domain: str, dest: str, with_storage: bool, offline: bool, paused: bool,
+                max_bandwidth: str | None, dest_state_dir: Path | None,
                 state_dir: Path | None) -> None:
-    """Live-migrate DOMAIN to DEST (HOST:PORT where `xenlab vm migrate-receive` listens)."""
+    """Live-migrate DOMAIN to DEST (HOST:PORT where `xenlab vm receive --listen` waits)."""
     from xenlab.vm.migrate import migrate
 
     target: Toolstack | str = Toolstack(dest_state_dir) if dest_state_dir else dest
     r = migrate(_ts(state_dir), domain, target, live=not offline, with_storage=with_storage,
-                nbd_port=nbd_port, progress=_print_progress if sys.stderr.isatty() else None)
+                paused=paused, max_bandwidth=_size(max_bandwidth) if max_bandwidth else None,
+                progress=_print_progress if sys.stderr.isatty() else None)
     click.echo("", err=True)
     stdout.print(f"migrated {printable(domain)} in {r.seconds:.2f} s (downtime "
                  f"{r.downtime_ms} ms, {r.ram_transferred >> 20} MiB of RAM)")
 
 
-@vm.command("migrate-receive")
-@click.argument("cfg", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--port", type=int, required=True, help="TCP port to listen on.")
-@click.option("--listen", "host", default="0.0.0.0", show_default=True)
-@click.option("--with-storage", is_flag=True, help="Export blank disks for the mirror.")
-@click.option("--disk-size", "disk_sizes", multiple=True, metavar="VDEV=SIZE",
-              help="Size of a disk to create for --with-storage (e.g. xvda=32M).")
-@click.option("-p", "paused", is_flag=True)
+@vm.command("receive")
+@click.option("--listen", "listen", required=True, metavar="HOST:PORT",
+              help="Where to wait for `xenlab vm migrate` (port 0: any free port).")
+@click.argument("overrides", nargs=-1)
+@click.option("-p", "paused", is_flag=True, help="Leave the received domain paused.")
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Seconds to wait for the stream.")
 @_STATE
-def migrate_receive_cmd(cfg: Path, port: int, host: str, with_storage: bool,
-                        disk_sizes: Sequence[str], paused: bool,
-                        state_dir: Path | None) -> None:
-    """Wait for a migrating domain described by CFG (run on the destination host)."""
-    from xenlab.vm.migrate import abort_receive, finish_receive, receive
+def receive_cmd(listen: str, overrides: Sequence[str], paused: bool, timeout: float,
+                state_dir: Path | None) -> None:
+    """Receive one domain migrated here (xl migrate-receive); OVERRIDES are key=value
+    lines appended to its config (e.g. disk paths on this host)."""
+    from xenlab.vm.migrate import serve_receive
 
-    sizes = {}
-    for item in disk_sizes:
-        vdev, _, size = item.partition("=")
-        if not size:
-            raise click.BadParameter(f"{item!r} is not VDEV=SIZE")
-        sizes[vdev] = _size(size)
-    ts = _ts(state_dir)
-    inc = receive(ts, cfg.read_text(), port, host=host, with_storage=with_storage,
-                  disk_sizes=sizes, config_path=str(cfg.resolve()))
-    stdout.print(f"listening on {inc.host}:{inc.port}"
-                 + (f", disks on NBD port {inc.nbd_port}" if inc.nbd_port else ""))
-    try:
-        rec = finish_receive(ts, inc, paused=paused)
-    except BaseException:
-        abort_receive(ts, inc)
-        raise
+    for o in overrides:
+        if "=" not in o:
+            raise click.UsageError(f"override {o!r} is not key=value")
+
+    def listening(host: str, port: int) -> None:
+        click.echo(f"listening on {host}:{port}")
+        sys.stdout.flush()
+
+    rec = serve_receive(_ts(state_dir), listen, overrides=overrides, paused=paused,
+                        timeout=timeout, on_listen=listening)
     stdout.print(f"received {printable(rec.name)} (id {rec.domid}), {rec.state}")
+
+
+vm.add_command(receive_cmd, "migrate-receive")
 
 
 @vm.command("snapshot-create")

@@ -15,8 +15,12 @@ Save image
     qcow2 disk gets an internal snapshot taken while the guest is paused for
     the save, and ``restore`` reverts the disks to it before loading the
     memory, so the guest finds its disks as its memory remembers them even
-    if the domain was booted and wrote to them in between.  Version 1
-    images (no such field) are still read.
+    if the domain was booted and wrote to them in between.  Version 3 adds
+    ``disk_paths`` and ``overlays`` (``{vdev: {"file", "format"}}``): the
+    files the disks really ran on when a mirror had pivoted them
+    (vm.mirror) or an external snapshot had put an overlay on them
+    (vm.snapshot), which the config does not name; ``restore`` starts the
+    domain on those files and records them.  Versions 1 and 2 are still read.
 
     :func:`pack_header` and :func:`parse_header` are the pure halves of the
     format.  The stream goes through a file descriptor handed to QEMU with
@@ -24,30 +28,75 @@ Save image
     no shell, no quoting, an unwritable path fails in ``open`` before the
     domain is touched, and QEMU writes (or reads) from the descriptor's
     current offset, just behind the header we wrote (or skipped).  The image
-    is written to a temporary file beside the target and renamed into place
-    once QEMU reports ``completed``, so a failed save leaves no file.
+    is written to a temporary file beside the target, fsynced and renamed
+    into place once QEMU reports ``completed`` and before QEMU quits, so a
+    failed save leaves no file and a finished one is on disk.
+
+Waiting on QEMU
+    Save, restore and migration wait on QEMU's MIGRATION events (the
+    ``events`` migration capability, turned on in both QEMUs), as a one-shot
+    QMP client does, and ask ``query-migrate`` once at the end: for the
+    error text of a failure, or a migration's figures.  With a progress
+    callback ``query-migrate`` is also asked every 0.1 s.
 
 Live migration
     The destination is a QEMU started from the same config with
     ``-incoming defer -S`` and told ``migrate-incoming tcp:HOST:PORT``
-    (:func:`receive`); the source sends with ``migrate tcp:HOST:PORT``
-    (:func:`migrate`); once the stream is complete the destination resumes
+    (:func:`receive`); the source sends with ``migrate tcp:HOST:PORT``;
+    once the stream is complete the destination resumes
     (:func:`finish_receive`) and only then does the source QEMU quit and its
-    record go.  Between two hosts the two halves are two commands::
+    record go.  On one host ``dest`` may be a second :class:`Toolstack`
+    (another state directory standing for the other host), and
+    :func:`migrate` runs both halves itself.  Between two hosts the halves
+    are two commands that talk over a control connection::
 
-        dest$   xenlab vm migrate-receive guest.cfg --port 4444 [--with-storage]
+        dest$   xenlab vm receive --listen 0.0.0.0:4444 [key=value ...]
         source$ xenlab vm migrate guest dest.example:4444 [--with-storage]
 
-    On one host ``dest`` may be a second :class:`Toolstack` (another state
-    directory standing for the other host), and :func:`migrate` runs both
-    halves itself.
+Control protocol (two hosts)
+    One TCP connection to the receiver's HOST:PORT; each message one line
+    of JSON with a ``"msg"`` key, in the order of xl's migration handshake
+    (the receiver says it has the guest, the sender says go, the receiver
+    reports the guest resumed, and only then does the sender destroy its
+    copy)::
+
+        R -> S  {"msg": "hello", "protocol": 1}
+        S -> R  {"msg": "prepare", "header": {SaveHeader as in a save image},
+                 "with_storage": bool, "disk_sizes": {vdev: bytes}}
+        R -> S  {"msg": "listening", "port": N, "nbd_port": M | null}
+                (R started its QEMU with -incoming; the stream goes to HOST:N,
+                 the disks' NBD exports are on HOST:M)
+        ....    S mirrors the disks (with_storage) and migrates to HOST:N
+        R -> S  {"msg": "loaded"}      R's QEMU completed the stream and is paused
+        S -> R  {"msg": "go", "paused": bool}
+        R -> S  {"msg": "resumed", "domid": D, "state": "running" | "paused"}
+        ....    S quits its QEMU and forgets the domain
+
+    Either side may send ``{"msg": "error", "error": TEXT}`` (the receiver)
+    or ``{"msg": "abort", "error": TEXT}`` (the sender) instead of its next
+    message, and then closes.  Rules:
+
+    - The receiver resumes its QEMU only after "go", and answers "error"
+      only once its QEMU is killed and its record gone.  If the sender gives
+      up or the connection ends before "go" (a source that vanishes in the
+      middle of the stream), it kills its QEMU and leaves no record.
+    - Before "go" the sender may take the guest back: an error, a closed
+      connection (also one closed just before "go" is sent) or no "loaded"
+      within 120 s, and it resumes its own copy and reports why.  After
+      "go", a "resumed" makes it quit; an "error" makes it resume its copy.
+    - A connection lost after "go" and before the answer leaves the sender
+      unable to know whether the destination runs the guest: like xl, it
+      then neither destroys nor resumes its copy, leaves it paused and says
+      to check the destination (resuming both would run one guest twice on
+      the same disks).
 
     ``with_storage`` copies the disks too, QEMU's documented NBD flow
     (docs/interop/live-block-operations.rst): the destination exports its
     blank images of the same size over NBD (``nbd-server-start`` on port
     PORT+1 unless told otherwise, ``block-export-add`` writable); the source
     attaches each export as an ``nbd`` blockdev, runs ``blockdev-mirror
-    sync=full`` into it, waits until every mirror is ready, migrates, and
+    sync=full`` into it (from the node the disk runs on, a mirror's target
+    after a pivot), waits until every mirror is ready, migrates, and
     then ends each mirror with ``block-job-cancel`` (a ready mirror cancelled
     completes without pivoting: the source keeps its own disk).  Mirrors run
     in ``write-blocking`` mode, so once ready every guest write reaches the
@@ -60,14 +109,18 @@ Failures
     cancels the stream and the mirrors, removes the NBD nodes, resumes the
     source if it was running, kills a local destination and forgets its
     record, and raises :class:`BackendError` saying what happened and that
-    the domain still runs here.
+    the domain still runs here.  An incoming QEMU that fails after it
+    started is quoted from its log (qemu.log in its run directory).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -76,24 +129,26 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, FormatError, StateError, TruncatedError, XenlabError
-from xenlab.vm.domain import Toolstack, config_from_text, create_image
-from xenlab.vm.mirror import DISK_PATHS
+from xenlab.vm.domain import Toolstack, _on_disks, config_from_text, create_image
+from xenlab.vm.mirror import DISK_NODES, DISK_PATHS
 from xenlab.vm.qemu import RuntimePaths
-from xenlab.vm.qmp import Qmp
+from xenlab.vm.qmp import EventWatch, Qmp
 from xenlab.vm.qmp import run as _run
 from xenlab.vm.snapshot import CURRENT, OVERLAYS, _img, _img_tags
+from xenlab.vm.snapshot import _disks as _snap_disks
 from xenlab.vm.store import DomainRecord, SnapshotNode, is_alive
 
 __all__ = [
     "MAGIC",
     "SAVE_VERSION",
+    "DiskMove",
     "DiskSnapshot",
     "Incoming",
     "MigrationProgress",
@@ -101,6 +156,8 @@ __all__ = [
     "SaveHeader",
     "abort_receive",
     "finish_receive",
+    "header_from_json",
+    "header_to_json",
     "migrate",
     "pack_header",
     "parse_header",
@@ -108,12 +165,16 @@ __all__ = [
     "receive",
     "restore",
     "save",
+    "serve_receive",
 ]
 
+_log = logging.getLogger(__name__)
+
 MAGIC = b"XENLAB-SAVE\n"
-SAVE_VERSION = 2
-# Versions this xenlab still reads (1: before disk_snapshots).
-_READS = (1, 2)
+SAVE_VERSION = 3
+# Versions this xenlab still reads (1: before disk_snapshots, 2: before
+# disk_paths and overlays).
+_READS = (1, 2, 3)
 # QEMU_VM_FILE_MAGIC: every migration stream starts with it.
 _QEMU_MAGIC = b"QEVM"
 _LEN = struct.Struct(">I")
@@ -124,6 +185,15 @@ _HEADER_MAX = 16 << 20
 # lift the limit unless the caller asks for one.
 _UNLIMITED = 1 << 40
 _POLL = 0.05
+# How often a migration with a progress callback asks QEMU how far it got.
+_TICK = 0.1
+# How often a save starts the kernel writing out what QEMU wrote so far, so
+# the fsync at the end has little left to wait for.
+_KICK = 0.005
+# The control protocol's version (the receiver's hello says it).
+_PROTOCOL = 1
+# How long one side waits for the other to start or load a QEMU.
+_START_TIMEOUT = 120.0
 
 
 def _poll(since: float) -> float:
@@ -150,13 +220,30 @@ class DiskSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskMove:
+    """Where disk ``vdev`` really is, when that is not the file its config names.
+
+    In ``SaveHeader.disk_paths``: the file a mirror pivoted it to (the
+    record's ``extra["disk_paths"]``); in ``SaveHeader.overlays``: the
+    external-snapshot overlay it runs on (``extra["overlays"]``, always
+    qcow2).  ``format`` is a :class:`DiskFormat` value.
+    """
+
+    vdev: str
+    file: str
+    format: str
+
+
+@dataclass(frozen=True, slots=True)
 class SaveHeader:
     """What a save image records about its domain, ahead of QEMU's stream.
 
     ``state`` is the domain's run state when it was saved ("running" or
     "paused"); ``qemu_version`` the saving QEMU's ``major.minor.micro``;
     ``disk_snapshots`` the disks' internal snapshots taken with the memory
-    (empty unless saved with ``snapshot``; always empty in version 1).
+    (empty unless saved with ``snapshot``; always empty in version 1);
+    ``disk_paths`` and ``overlays`` the disks that ran elsewhere than the
+    config says (always empty before version 3).
     """
 
     name: str
@@ -168,6 +255,8 @@ class SaveHeader:
     state: str
     version: int = SAVE_VERSION
     disk_snapshots: tuple[DiskSnapshot, ...] = ()
+    disk_paths: tuple[DiskMove, ...] = ()
+    overlays: tuple[DiskMove, ...] = ()
 
 
 _HEADER_FIELDS: Mapping[str, type | tuple[type, ...]] = {
@@ -182,20 +271,36 @@ _HEADER_FIELDS: Mapping[str, type | tuple[type, ...]] = {
 }
 
 
-def pack_header(h: SaveHeader) -> bytes:
-    """The bytes that precede QEMU's stream in a save image: magic, length, JSON.
+def header_to_json(h: SaveHeader) -> dict[str, object]:
+    """The header as the JSON object a save image (or the migration channel) carries.
 
-    A header of version 1 is written as version 1 wrote it (no disk snapshots).
+    Each version is written as it was: no field a version did not have.
+
+    :raise ValueError: ``h`` has something its version cannot say.
     """
-    if h.version not in _READS or (h.version == 1 and h.disk_snapshots):
+    if h.version not in _READS or (h.version == 1 and h.disk_snapshots) or (
+            h.version < 3 and (h.disk_paths or h.overlays)):
         raise ValueError(f"cannot write a version {h.version} header with "
-                         f"{len(h.disk_snapshots)} disk snapshot(s)")
+                         f"{len(h.disk_snapshots)} disk snapshot(s), "
+                         f"{len(h.disk_paths) + len(h.overlays)} moved disk(s)")
     obj: dict[str, object] = {k: getattr(h, k) for k in _HEADER_FIELDS}
     if h.version >= 2:
         obj["disk_snapshots"] = [
             {"vdev": d.vdev, "file": d.file, "name": d.name} for d in h.disk_snapshots
         ]
-    body = json.dumps(obj, sort_keys=True, ensure_ascii=False).encode(
+    if h.version >= 3:
+        obj["disk_paths"] = {m.vdev: {"file": m.file, "format": m.format}
+                             for m in h.disk_paths}
+        obj["overlays"] = {m.vdev: {"file": m.file, "format": m.format} for m in h.overlays}
+    return obj
+
+
+def pack_header(h: SaveHeader) -> bytes:
+    """The bytes that precede QEMU's stream in a save image: magic, length, JSON.
+
+    A header of an older version is written as that version wrote it.
+    """
+    body = json.dumps(header_to_json(h), sort_keys=True, ensure_ascii=False).encode(
         "utf-8", "surrogateescape")
     return MAGIC + _LEN.pack(len(body)) + body
 
@@ -236,6 +341,24 @@ def parse_header(buf: bytes | bytearray | memoryview, source: str = "save image"
         obj = json.loads(bytes(mv[at: at + n]).decode("utf-8", "surrogateescape"))
     except (ValueError, RecursionError) as err:
         raise FormatError(source, at, "header", f"not JSON: {err}") from None
+    header = header_from_json(obj, source, at)
+    at += n
+    if len(mv) < at + len(_QEMU_MAGIC):
+        raise TruncatedError(source, at, "stream magic", len(_QEMU_MAGIC), len(mv) - at)
+    found = bytes(mv[at: at + len(_QEMU_MAGIC)])
+    if found != _QEMU_MAGIC:
+        raise FormatError(source, at, "stream magic",
+                          f"found {found!r}, expected QEMU's {_QEMU_MAGIC!r}")
+    return header, at
+
+
+def header_from_json(obj: object, source: str = "header", at: int = 0) -> SaveHeader:
+    """The :class:`SaveHeader` a decoded JSON value describes (versions 1 to 3).
+
+    ``at`` is the offset reported in errors (where the JSON starts).
+
+    :raise FormatError: ``obj`` is not a header of a version this xenlab reads.
+    """
     if not isinstance(obj, dict):
         raise FormatError(source, at, "header",
                           f"a JSON {type(obj).__name__}, expected an object")
@@ -256,20 +379,14 @@ def parse_header(buf: bytes | bytearray | memoryview, source: str = "save image"
     created = float(obj["created"])
     if not math.isfinite(created):
         raise FormatError(source, at, "header.created", f"{created}, expected a time")
-    header = SaveHeader(
+    return SaveHeader(
         name=obj["name"], uuid=obj["uuid"], config_text=obj["config_text"],
         config_path=obj["config_path"], qemu_version=obj["qemu_version"],
         created=created, state=obj["state"], version=version,
         disk_snapshots=_disk_snapshots(obj, source, at) if version >= 2 else (),
+        disk_paths=_disk_moves(obj, "disk_paths", source, at) if version >= 3 else (),
+        overlays=_disk_moves(obj, "overlays", source, at) if version >= 3 else (),
     )
-    at += n
-    if len(mv) < at + len(_QEMU_MAGIC):
-        raise TruncatedError(source, at, "stream magic", len(_QEMU_MAGIC), len(mv) - at)
-    found = bytes(mv[at: at + len(_QEMU_MAGIC)])
-    if found != _QEMU_MAGIC:
-        raise FormatError(source, at, "stream magic",
-                          f"found {found!r}, expected QEMU's {_QEMU_MAGIC!r}")
-    return header, at
 
 
 def _disk_snapshots(obj: Mapping[str, Any], source: str, at: int) -> tuple[DiskSnapshot, ...]:
@@ -289,6 +406,33 @@ def _disk_snapshots(obj: Mapping[str, Any], source: str, at: int) -> tuple[DiskS
         out.append(DiskSnapshot(item["vdev"], item["file"], item["name"]))
     if len({d.vdev for d in out}) != len(out):
         raise FormatError(source, at, "header.disk_snapshots", "a disk appears twice")
+    return tuple(out)
+
+
+def _disk_moves(obj: Mapping[str, Any], key: str, source: str, at: int
+                ) -> tuple[DiskMove, ...]:
+    items = obj.get(key)
+    if not isinstance(items, dict):
+        raise FormatError(source, at, f"header.{key}",
+                          f"found {_describe(items)}, expected an object (vdev: place)")
+    out: list[DiskMove] = []
+    for vdev, item in sorted(items.items()):
+        field = f"header.{key}.{vdev}"
+        if not vdev:
+            raise FormatError(source, at, f"header.{key}", "an empty vdev")
+        if not isinstance(item, dict):
+            raise FormatError(source, at, field, f"found {_describe(item)}, expected an object")
+        for k in ("file", "format"):
+            if not isinstance(item.get(k), str) or not item[k]:
+                raise FormatError(source, at, f"{field}.{k}",
+                                  f"found {_describe(item.get(k))}, expected a non-empty str")
+        try:
+            DiskFormat(item["format"])
+        except ValueError:
+            raise FormatError(source, at, f"{field}.format",
+                              f"{item['format']!r}, expected a disk format "
+                              f"({', '.join(f.value for f in DiskFormat)})") from None
+        out.append(DiskMove(vdev, item["file"], item["format"]))
     return tuple(out)
 
 
@@ -381,32 +525,80 @@ async def _query_migrate(qmp: Qmp) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
-async def _wait_migration(qmp: Qmp, what: str, timeout: float, progress: Progress | None,
-                          started: float) -> dict[str, Any]:
-    """Poll ``query-migrate`` until it is completed; its last answer.
+async def _migration_events(qmp: Qmp) -> None:
+    """Ask QEMU for a MIGRATION event at each change of the migration's status.
+
+    Off by default in QEMU; it has to be on in the QEMU that sends and in
+    the one that receives (before ``migrate-incoming``).
+    """
+    await qmp.execute("migrate-set-capabilities",
+                      {"capabilities": [{"capability": "events", "state": True}]})
+
+
+def _report(progress: Progress | None, info: Mapping[str, Any], status: str,
+            started: float) -> None:
+    ram = info.get("ram") or {}
+    if progress is not None and ram:
+        progress(MigrationProgress(
+            "memory", status, int(ram.get("transferred", 0)), int(ram.get("remaining", 0)),
+            int(ram.get("total", 0)), time.monotonic() - started,
+        ))
+
+
+async def _wait_migration(qmp: Qmp, watch: EventWatch, what: str, timeout: float,
+                          progress: Progress | None, started: float, *,
+                          stats: bool = False, check_first: bool = False,
+                          tick: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Wait on QEMU's MIGRATION events until the migration has completed.
+
+    ``watch`` must listen to "MIGRATION" since before the command that
+    started the migration (or ``check_first`` asks ``query-migrate`` once,
+    for a migration that may have ended before the watch).  Returns the
+    final ``query-migrate`` when ``stats`` (or a progress report is wanted),
+    else nothing: the event says all a save or a restore needs.  Progress is
+    reported every ``_TICK`` seconds from ``query-migrate`` while it runs,
+    and once at the end with status "completed".  ``tick`` is called every
+    ``_KICK`` seconds while it runs.
 
     :raise BackendError: the migration failed or was cancelled (QEMU's
-        ``error-desc`` in the message), QEMU went away, or ``timeout`` passed.
+        ``error-desc``, asked once, in the message), QEMU went away, or
+        ``timeout`` passed.
     """
-    begin = time.monotonic()
-    deadline = begin + timeout
-    while True:
-        info = await _query_migrate(qmp)
-        status = str(info.get("status", "none"))
-        if status == "completed":
-            return info
-        if status in ("failed", "cancelled"):
-            why = info.get("error-desc") or status
-            raise BackendError(f"{what}: QEMU reports the migration {status}: {why}")
-        ram = info.get("ram") or {}
-        if progress is not None and ram:
-            progress(MigrationProgress(
-                "memory", status, int(ram.get("transferred", 0)), int(ram.get("remaining", 0)),
-                int(ram.get("total", 0)), time.monotonic() - started,
-            ))
-        if time.monotonic() > deadline:
+    deadline = time.monotonic() + timeout
+    status = "unknown"
+    if check_first:
+        status = str((await _query_migrate(qmp)).get("status", "none"))
+    while status not in ("completed", "failed", "cancelled"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            with contextlib.suppress(BackendError):
+                status = str((await _query_migrate(qmp)).get("status", status))
             raise BackendError(f"{what}: not completed within {timeout:g}s (status {status})")
-        await asyncio.sleep(_poll(begin))
+        wait = remaining
+        if progress is not None:
+            wait = min(wait, _TICK)
+        if tick is not None:
+            wait = min(wait, _KICK)
+            tick()
+        try:
+            ev = await watch.wait(wait)
+        except BackendError as err:
+            if not qmp.connected:
+                raise BackendError(f"{what}: {err}") from err
+            if progress is not None:
+                info = await _query_migrate(qmp)
+                _report(progress, info, str(info.get("status", status)), started)
+            continue
+        status = str((ev.get("data") or {}).get("status", status))
+    if status != "completed":
+        info = await _query_migrate(qmp)
+        why = info.get("error-desc") or status
+        raise BackendError(f"{what}: QEMU reports the migration {status}: {why}")
+    if not stats and progress is None:
+        return {}
+    info = await _query_migrate(qmp)
+    _report(progress, info, "completed", started)
+    return info
 
 
 async def _cancel_migration(qmp: Qmp) -> None:
@@ -431,7 +623,74 @@ def _qemu_version(v: object) -> str:
     return "unknown"
 
 
-# --- starting an incoming QEMU -----------------------------------------------------------
+# --- where the disks are ------------------------------------------------------------------
+
+
+def _moves_of(rec: DomainRecord) -> tuple[tuple[DiskMove, ...], tuple[DiskMove, ...]]:
+    """(mirror targets, external overlays) the domain's disks run on, from its record."""
+    moved: Mapping[str, Any] = rec.extra.get(DISK_PATHS) or {}
+    overlays: Mapping[str, Any] = rec.extra.get(OVERLAYS) or {}
+    paths = tuple(DiskMove(v, str(m["file"]), str(m.get("format") or "qcow2"))
+                  for v, m in sorted(moved.items()) if isinstance(m, dict) and m.get("file"))
+    tops = tuple(DiskMove(v, str(o["file"]), DiskFormat.QCOW2.value)
+                 for v, o in sorted(overlays.items()) if isinstance(o, dict) and o.get("file"))
+    return paths, tops
+
+
+@dataclass(frozen=True, slots=True)
+class _Placed:
+    """A config with its moved disks on their files, and the record facts that say so."""
+
+    config: DomainConfig
+    disk_paths: dict[str, dict[str, str]]
+    overlays: dict[str, dict[str, str]]
+
+    def extra(self, old: Mapping[str, Any]) -> dict[str, Any]:
+        """``old`` (a record's extra) saying where the disks are now, for a fresh QEMU."""
+        extra = {k: v for k, v in old.items() if k not in (DISK_PATHS, OVERLAYS, DISK_NODES)}
+        if self.disk_paths:
+            extra[DISK_PATHS] = self.disk_paths
+        if self.overlays:
+            extra[OVERLAYS] = self.overlays
+        return extra
+
+
+def _place(text_dc: DomainConfig, dc: DomainConfig, disk_paths: Sequence[DiskMove],
+           overlays: Sequence[DiskMove], source: str) -> _Placed:
+    """``dc`` with each moved disk on the file it moved to.
+
+    ``text_dc`` is the config as saved (no overrides): a disk that the
+    overrides point at another file keeps the override (the caller moved
+    it on purpose); the others go where the domain last ran, overlays on
+    top of mirror targets.  A moved disk the config no longer has is an
+    error: the guest's memory expects it.
+    """
+    saved = {d.vdev: d.pdev_path for d in text_dc.disks}
+    now = {d.vdev: d.pdev_path for d in dc.disks}
+    moves: dict[str, tuple[str, DiskFormat]] = {}
+    paths: dict[str, dict[str, str]] = {}
+    tops: dict[str, dict[str, str]] = {}
+    for kind, items in (("mirror", disk_paths), ("overlay", overlays)):
+        for m in items:
+            if m.vdev not in now:
+                raise XenlabError(f"{source}: disk {m.vdev} ran on {m.file} ({kind}), "
+                                  "but the config has no such disk")
+            if now[m.vdev] != saved.get(m.vdev):
+                continue  # overridden
+            moves[m.vdev] = (m.file, DiskFormat(m.format))
+            if kind == "mirror":
+                paths[m.vdev] = {"file": m.file, "format": m.format}
+            else:
+                # A fresh QEMU names the disk's top node <vdev>-fmt (vm.qemu).
+                tops[m.vdev] = {"file": m.file, "node": f"{m.vdev}-fmt"}
+    for vdev, (file, _) in sorted(moves.items()):
+        if not Path(file).exists():
+            raise XenlabError(f"{source}: disk {vdev} ran on {file}, which does not exist "
+                              "(give the disk's place with a disk=[...] override)")
+    return _Placed(_on_disks(dc, moves), paths, tops)
+
+
+# --- shared steps ---------------------------------------------------------------------------
 
 
 def _log_tail(paths: RuntimePaths, lines: int = 5) -> str:
@@ -442,10 +701,19 @@ def _log_tail(paths: RuntimePaths, lines: int = 5) -> str:
     return " | ".join(text.splitlines()[-lines:])
 
 
+def _qemu_said(paths: RuntimePaths) -> str:
+    tail = _log_tail(paths)
+    return f"; QEMU said: {tail}" if tail else ""
+
+
 def _quit(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths) -> None:
     """Make the domain's QEMU exit (QMP quit, SIGKILL if it lingers)."""
     with contextlib.suppress(BackendError):
         _run(_qmp_quit(paths))
+    _wait_quit(ts, rec, paths)
+
+
+def _wait_quit(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths) -> None:
     begin = time.monotonic()
     while is_alive(rec) and time.monotonic() < begin + 10:
         time.sleep(_poll(begin))
@@ -455,32 +723,13 @@ def _quit(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths) -> None:
 
 async def _qmp_quit(paths: RuntimePaths) -> None:
     async with Qmp.open(paths.qmp) as qmp:
-        # QEMU may close the socket before or after the reply.
-        with contextlib.suppress(BackendError):
-            await qmp.execute("quit")
+        await _quit_in(qmp)
 
 
-def _refuse_mirrored(rec: DomainRecord, verb: str) -> None:
-    """A disk pivoted by a mirror is not in the config either (see vm.mirror)."""
-    moved = rec.extra.get(DISK_PATHS) or {}
-    if moved:
-        files = ", ".join(f"{v} -> {m.get('file')}" for v, m in sorted(moved.items()))
-        raise StateError(
-            f"domain {rec.name!r} runs on mirrored disks its config does not name ({files}): "
-            f"{verb} would start it again on the old files; point the config's disks at "
-            "the new files first"
-        )
-
-
-def _refuse_overlays(rec: DomainRecord, verb: str) -> None:
-    """External snapshot overlays are not in the config: a new QEMU would miss them."""
-    overlays = rec.extra.get(OVERLAYS) or {}
-    if overlays:
-        raise StateError(
-            f"domain {rec.name!r} runs on external snapshot overlays "
-            f"({', '.join(sorted(overlays))}): {verb} would start it again on the base "
-            "images; delete the external snapshots first"
-        )
+async def _quit_in(qmp: Qmp) -> None:
+    # QEMU may close the socket before or after the reply.
+    with contextlib.suppress(BackendError):
+        await qmp.execute("quit")
 
 
 def _copy_snapshots(src: Toolstack, dst: Toolstack, rec: DomainRecord,
@@ -504,6 +753,19 @@ def _copy_snapshots(src: Toolstack, dst: Toolstack, rec: DomainRecord,
     return dst.store.update(replace(new, extra=extra))
 
 
+@functools.cache
+def _default_image() -> object:
+    """The project's guest image, looked up once per process (restore and receive
+    start QEMU often; finding the cached image costs an ldd and some hashing)."""
+    from xenlab.vm.image import build_image
+
+    return build_image()
+
+
+def _image_for(dc: DomainConfig, image: object | None) -> object | None:
+    return image if image is not None or dc.kernel is not None else _default_image()
+
+
 # --- save / restore ----------------------------------------------------------------------
 
 
@@ -514,8 +776,11 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
 
     The domain is paused, its migration stream written behind a
     :class:`SaveHeader`, and then it is stopped (its QEMU quits and its
-    record goes, or stays shut off when it has snapshots), unless
-    ``keep_running``, when it carries on as it was (paused stays paused).
+    record goes, or stays shut off when it has snapshots or mirrored disks),
+    unless ``keep_running``, when it carries on as it was (paused stays
+    paused).  The header names the files the disks really run on (a
+    mirror's target, an external snapshot's overlay), so :func:`restore`
+    starts on them.
 
     With ``snapshot`` every writable disk gets an internal snapshot named
     ``xenlab-save-<time>`` (one QMP ``transaction``) while the guest is
@@ -526,6 +791,11 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
     and refuses internal snapshots; the guest does not run in between, so
     it is the same instant.  The snapshot stays in the images (so the save
     image can be restored again); ``qemu-img snapshot -d`` drops it.
+
+    Durability: the image is written to a temporary file beside ``path``
+    (the kernel is told to start writing it out while QEMU still writes),
+    fsynced, and renamed into place (the directory fsynced), all before QEMU
+    quits; so the guest's state is on disk before its only other copy goes.
 
     CLI: ``xenlab vm save [-c|--keep-running] [--snapshot] DOM FILE`` (xl
     save's ``-c`` leaves the domain running).
@@ -541,10 +811,9 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
     path = Path(path)
     with ts.store.lock(rec.domid):
         rec = ts._live(str(rec.domid))
-        _refuse_overlays(rec, "restoring the image")
-        _refuse_mirrored(rec, "restoring the image")
         paths = ts.paths(rec)
         snaps = _save_snapshots(ts, rec) if snapshot else ()
+        disk_paths, overlays = _moves_of(rec)
         try:
             fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part",
                                             dir=path.parent)
@@ -553,23 +822,28 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
                 f"{path}: cannot write the save image: {err.strerror or err}"
             ) from err
         tmp = Path(tmp_name)
+
+        def commit() -> None:
+            # Once, before the rename: the image is whole on disk before QEMU
+            # quits (most of it already is: see _write_out); then the rename.
+            os.fsync(fd)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+
         try:
             with os.fdopen(fd, "wb") as f:
                 header = _run(_save_stream(
                     paths, f, rec, keep_running=keep_running, timeout=timeout,
                     max_bandwidth=max_bandwidth, progress=progress, snapshots=snaps,
+                    disk_paths=disk_paths, overlays=overlays, commit=commit,
                 ))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         if keep_running:
             ts.store.update(replace(rec, state=header.state))
         else:
-            _quit(ts, rec, paths)
+            _wait_quit(ts, rec, paths)
             ts._gone(rec)
         return header
 
@@ -584,27 +858,41 @@ def _fsync_dir(d: Path) -> None:
 
 
 def _save_snapshots(ts: Toolstack, rec: DomainRecord) -> tuple[DiskSnapshot, ...]:
-    """The disk snapshots ``save --snapshot`` will take: every writable disk, all qcow2."""
+    """The disk snapshots ``save --snapshot`` will take: every writable disk, all qcow2.
+
+    Each is taken in the image the disk runs on now (a mirror's target, an
+    overlay), which is the file :func:`restore` will start it on.
+    """
     dc, _ = ts._config_of(rec)
     tag = "xenlab-save-" + time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 10**9:09d}"
     out: list[DiskSnapshot] = []
+    by_vdev = {d.vdev: d for d in _snap_disks(ts, rec)}
     for d in dc.disks:
         if d.is_cdrom or not d.readwrite or not d.pdev_path or d.format is DiskFormat.EMPTY:
             continue  # read-only media cannot change behind the memory's back
-        if d.format is not DiskFormat.QCOW2:
+        now = by_vdev.get(d.vdev)
+        file, fmt = (now.file, now.format) if now is not None else (d.pdev_path, d.format.value)
+        if fmt != DiskFormat.QCOW2.value:
             raise XenlabError(
-                f"save --snapshot: disk {d.vdev} ({d.pdev_path}) is {d.format.value}; "
+                f"save --snapshot: disk {d.vdev} ({file}) is {fmt}; "
                 "only qcow2 images hold internal snapshots (save without --snapshot, or "
                 "convert the disk with qemu-img convert -O qcow2)"
             )
-        out.append(DiskSnapshot(d.vdev, d.pdev_path, tag))
+        out.append(DiskSnapshot(d.vdev, file, tag))
     return tuple(out)
 
 
 async def _save_stream(paths: RuntimePaths, f: Any, rec: DomainRecord, *, keep_running: bool,
                        timeout: float, max_bandwidth: int | None,
                        progress: Progress | None,
-                       snapshots: Sequence[DiskSnapshot] = ()) -> SaveHeader:
+                       snapshots: Sequence[DiskSnapshot] = (),
+                       disk_paths: tuple[DiskMove, ...] = (),
+                       overlays: tuple[DiskMove, ...] = (),
+                       commit: Callable[[], None] = lambda: None) -> SaveHeader:
+    """Write the header and QEMU's stream to ``f``, ``commit`` it, then quit or go on.
+
+    One QMP session for all of it, as a one-shot client would do it.
+    """
     started = time.monotonic()
     async with Qmp.open(paths.qmp) as qmp:
         state = await _status(qmp)
@@ -614,28 +902,38 @@ async def _save_stream(paths: RuntimePaths, f: Any, rec: DomainRecord, *, keep_r
             config_path=rec.config_path,
             qemu_version=_qemu_version(await qmp.execute("query-version")),
             created=time.time(), state="running" if was_running else "paused",
-            disk_snapshots=tuple(snapshots),
+            disk_snapshots=tuple(snapshots), disk_paths=disk_paths, overlays=overlays,
         )
         f.write(pack_header(header))
         f.flush()
-        params = await qmp.execute("query-migrate-parameters")
-        old_bw = params.get("max-bandwidth") if isinstance(params, dict) else None
+        old_bw: object = None
+        if keep_running:
+            # Only a QEMU that goes on needs its own limit back.
+            params = await qmp.execute("query-migrate-parameters")
+            old_bw = params.get("max-bandwidth") if isinstance(params, dict) else None
         await qmp.execute("migrate-set-parameters",
                           {"max-bandwidth": max_bandwidth or _UNLIMITED})
+        await _migration_events(qmp)
         snapped = False
         try:
             if was_running:
                 await qmp.execute("stop")
             if snapshots:
                 # One transaction: every disk at the same instant, or none.
+                nodes = await _device_nodes(qmp)
                 await qmp.execute("transaction", {"actions": [
                     {"type": "blockdev-snapshot-internal-sync",
-                     "data": {"device": f"{d.vdev}-fmt", "name": d.name}} for d in snapshots
+                     "data": {"device": nodes.get(d.vdev, f"{d.vdev}-fmt"), "name": d.name}}
+                    for d in snapshots
                 ]}, timeout=timeout)
                 snapped = True
             await _send_fd(qmp, f.fileno(), _FD_NAME)
-            await qmp.execute("migrate", {"uri": f"fd:{_FD_NAME}"})
-            await _wait_migration(qmp, f"save {rec.name}", timeout, progress, started)
+            with qmp.listen("MIGRATION") as watch:
+                await qmp.execute("migrate", {"uri": f"fd:{_FD_NAME}"})
+                await _wait_migration(qmp, watch, f"save {rec.name}", timeout, progress,
+                                      started, tick=functools.partial(_write_out, f.fileno()))
+            f.flush()
+            commit()
         except BaseException as err:
             with contextlib.suppress(BackendError):
                 await _cancel_migration(qmp)
@@ -650,23 +948,54 @@ async def _save_stream(paths: RuntimePaths, f: Any, rec: DomainRecord, *, keep_r
                         f"{err}; the disk snapshot {snapshots[0].name!r} could not be "
                         f"deleted from {', '.join(left)} (qemu-img snapshot -d removes it)"
                     ) from err
+            if isinstance(err, OSError):
+                raise XenlabError(f"save {rec.name}: cannot write the image: "
+                                  f"{err.strerror or err}; the domain goes on") from err
             raise
-        finally:
-            if old_bw is not None:
-                with contextlib.suppress(BackendError):
-                    await qmp.execute("migrate-set-parameters", {"max-bandwidth": old_bw})
-        if keep_running and was_running:
+        if not keep_running:
+            await _quit_in(qmp)
+            return header
+        if old_bw is not None:
+            with contextlib.suppress(BackendError):
+                await qmp.execute("migrate-set-parameters", {"max-bandwidth": old_bw})
+        if was_running:
             await qmp.execute("cont")
     return header
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _write_out(fd: int) -> None:
+    """Start writing ``fd``'s dirty pages to disk, without waiting for them
+    (sync_file_range(SYNC_FILE_RANGE_WRITE); the page cache is kept, unlike
+    with posix_fadvise, so a restore right after reads from memory)."""
+    _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
+
+
+async def _device_nodes(qmp: Qmp) -> dict[str, str]:
+    """vdev -> the node its guest device is attached to now (query-block)."""
+    blocks = await qmp.execute("query-block")
+    out: dict[str, str] = {}
+    for b in blocks if isinstance(blocks, list) else ():
+        qdev = str(b.get("qdev", ""))
+        # vm.qemu's devices have id=<vdev>: /machine/peripheral/<vdev>/<backend>
+        vdev = qdev.split("/")[3] if qdev.startswith("/machine/peripheral/") else qdev
+        node = (b.get("inserted") or {}).get("node-name")
+        if vdev and node:
+            out[vdev] = str(node)
+    return out
+
+
 async def _drop_disk_snapshots(qmp: Qmp, snapshots: Sequence[DiskSnapshot]) -> list[str]:
     """Delete a failed save's disk snapshots; the files where that did not work."""
+    nodes = await _device_nodes(qmp)
     left: list[str] = []
     for d in snapshots:
         try:
             await qmp.execute("blockdev-snapshot-delete-internal-sync",
-                              {"device": f"{d.vdev}-fmt", "name": d.name})
+                              {"device": nodes.get(d.vdev, f"{d.vdev}-fmt"), "name": d.name})
         except BackendError:
             left.append(d.file)
     return left
@@ -676,8 +1005,8 @@ def _revert_plan(dc: DomainConfig, header: SaveHeader, path: Path
                  ) -> list[tuple[str, str]]:
     """(file, tag) of each disk ``restore`` must revert; checked before anything changes.
 
-    The files are the ones the (possibly overridden) config names now: the
-    domain will run on those, so those must hold the snapshot.
+    The files are the ones the (possibly overridden, moved) config names now:
+    the domain will run on those, so those must hold the snapshot.
     """
     by_vdev = {d.vdev: d for d in dc.disks}
     plan: list[tuple[str, str]] = []
@@ -712,24 +1041,33 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
     """Start the domain saved in ``path`` where it left off; its record; xl restore.
 
     The config comes from the image's header (``overrides`` are appended to
-    it, xl-style ``key=value``); the domain keeps its name and uuid.  It runs
-    unless ``paused``.  An image saved with ``snapshot`` first reverts each
-    disk to the snapshot taken with the memory (``qemu-img snapshot -a``,
-    with no QEMU running); everything written to the disks since is lost,
-    as it must be for the guest's memory to match them.
+    it, xl-style ``key=value``); the domain keeps its name and uuid.  Disks
+    that ran on a mirror's target or an external overlay when it was saved
+    (the header says which) start on those files again, and the record says
+    so, unless an override points the disk elsewhere.  It runs unless
+    ``paused``.  An image saved with ``snapshot`` first reverts each disk to
+    the snapshot taken with the memory (``qemu-img snapshot -a``, with no
+    QEMU running); everything written to the disks since is lost, as it
+    must be for the guest's memory to match them.
 
     CLI: ``xenlab vm restore [-p] FILE [key=value ...]``.
 
     :raise FormatError: ``path`` is not a xenlab save image.
     :raise XenlabError: the name is taken, the config no longer works here,
-        or a disk lacks the image's snapshot (nothing changed).
+        a disk the domain ran on is missing, or a disk lacks the image's
+        snapshot (nothing changed).
     :raise BackendError: qemu-img could not revert a disk (one in use by
         another QEMU), or QEMU could not load the stream (a corrupt image, a
-        QEMU or config that does not match); no record and no QEMU is left.
+        QEMU or config that does not match; QEMU's own words are quoted); no
+        record and no QEMU is left.
     """
     path = Path(path)
     header, offset = read_header(path)
-    dc, text = config_from_text(header.config_text, f"{path} (saved config)", overrides)
+    source = f"{path} (saved config)"
+    dc, text = config_from_text(header.config_text, source, overrides)
+    text_dc = config_from_text(header.config_text, source)[0] if overrides else dc
+    placed = _place(text_dc, dc, header.disk_paths, header.overlays, f"restore {path}")
+    dc = placed.config
     plan = _revert_plan(dc, header, path)
 
     def revert() -> None:
@@ -737,7 +1075,8 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
             _img("snapshot", "-a", tag, file, timeout=300.0)
 
     rec = ts._start(dc, text, config_path=header.config_path, uuid=header.uuid,
-                    incoming="defer", image=image, prepare=revert if plan else None)
+                    incoming="defer", image=_image_for(dc, image),
+                    prepare=revert if plan else None)
     paths = ts.paths(rec)
     try:
         with ts.store.lock(rec.domid):
@@ -747,14 +1086,14 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
                     _run(_load_stream(paths, f.fileno(), timeout, paused))
             except BackendError as err:
                 if not is_alive(rec):
-                    tail = _log_tail(paths)
                     raise BackendError(
                         f"restore {path}: QEMU could not load the saved state and exited "
                         f"(a corrupt image, or one saved by an incompatible QEMU/config)"
-                        + (f": {tail}" if tail else "") + f" [{err}]"
+                        + (f": {_log_tail(paths)}" if _log_tail(paths) else "") + f" [{err}]"
                     ) from err
-                raise BackendError(f"restore {path}: {err}") from err
-            return ts.store.update(replace(rec, state="paused" if paused else "running"))
+                raise BackendError(f"restore {path}: {err}{_qemu_said(paths)}") from err
+            return ts.store.update(replace(rec, state="paused" if paused else "running",
+                                           extra=placed.extra(rec.extra)))
     except BaseException:
         ts._kill(paths, rec.pid)
         ts._gone(rec)
@@ -764,9 +1103,11 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
 async def _load_stream(paths: RuntimePaths, fd: int, timeout: float, paused: bool) -> None:
     started = time.monotonic()
     async with Qmp.open(paths.qmp) as qmp:
+        await _migration_events(qmp)
         await _send_fd(qmp, fd, _FD_NAME)
-        await qmp.execute("migrate-incoming", {"uri": f"fd:{_FD_NAME}"})
-        await _wait_migration(qmp, "restore", timeout, None, started)
+        with qmp.listen("MIGRATION") as watch:
+            await qmp.execute("migrate-incoming", {"uri": f"fd:{_FD_NAME}"})
+            await _wait_migration(qmp, watch, "restore", timeout, None, started)
         if not paused:
             await qmp.execute("cont")
 
@@ -780,7 +1121,8 @@ class Incoming:
 
     ``port`` is the migration port really bound (useful when 0 was asked);
     ``nbd_port`` is set when the disks are exported for ``with_storage``;
-    ``disks`` are the exported vdevs; ``created`` the disk files made for it.
+    ``disks`` are the exported vdevs; ``created`` the disk files made for it;
+    ``extra`` the record's extra once it runs (where its disks are).
     """
 
     record: DomainRecord
@@ -789,6 +1131,7 @@ class Incoming:
     nbd_port: int | None
     disks: tuple[str, ...]
     created: tuple[str, ...]
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _uri_host(host: str) -> str:
@@ -817,26 +1160,42 @@ def receive(
     overrides: Sequence[str] = (), with_storage: bool = False, nbd_port: int | None = None,
     disk_sizes: Mapping[str, int] | None = None, config_path: str = "",
     uuid: str | None = None, image: object | None = None,
+    disk_paths: Sequence[DiskMove] = (), overlays: Sequence[DiskMove] = (),
 ) -> Incoming:
     """Start the destination of a migration: QEMU listening on ``host:port``.
 
-    The domain is ``config_text`` plus ``overrides``; it is recorded with
-    state "incoming" and starts paused.  With ``with_storage`` its writable
-    disks are exported over NBD on ``nbd_port`` (default ``port + 1``, or a
-    free port when ``port`` is 0) for the source to mirror into; a disk file
-    that does not exist is created when ``disk_sizes`` gives its size in
-    bytes (by vdev), blank, in the config's format.  Follow with
-    :func:`finish_receive` once the source has sent everything, or
-    :func:`abort_receive`.
-
-    CLI: ``xenlab vm migrate-receive CFG --port N [--listen HOST]
-    [--with-storage [--disk-size VDEV=SIZE ...]] [-p]``, which runs this,
-    then waits in :func:`finish_receive`.
+    The domain is ``config_text`` plus ``overrides``, with the disks in
+    ``disk_paths`` (mirror targets) and ``overlays`` (external snapshot
+    overlays) on those files unless an override moved them; it is recorded
+    with state "incoming" and starts paused.  With ``with_storage`` its
+    writable disks are exported over NBD on ``nbd_port`` (default
+    ``port + 1``, or a free port when ``port`` is 0) for the source to
+    mirror into; a disk file that does not exist is created when
+    ``disk_sizes`` gives its size in bytes (by vdev), blank, in the config's
+    format.  Follow with :func:`finish_receive` once the source has sent
+    everything, or :func:`abort_receive`.  :func:`serve_receive` does all of
+    it for a source on another host.
 
     :raise XenlabError: bad config, name taken, a missing disk without a size.
-    :raise BackendError: QEMU refused the config, the port or the NBD export.
+    :raise BackendError: QEMU refused the config, the port or the NBD export
+        (QEMU's own words quoted).
     """
-    dc, text = config_from_text(config_text, config_path or f"{host}:{port} (incoming)", overrides)
+    source = config_path or f"{host}:{port} (incoming)"
+    dc, text = config_from_text(config_text, source, overrides)
+    text_dc = config_from_text(config_text, source)[0] if overrides else dc
+    where = f"incoming {dc.name}"
+    if with_storage:
+        # The destination's disks are blank until mirrored: they need not exist yet.
+        saved = {d.vdev: d.pdev_path for d in text_dc.disks}
+        now = {d.vdev: d.pdev_path for d in dc.disks}
+        keep = {m.vdev: (m.file, DiskFormat(m.format)) for m in (*disk_paths, *overlays)
+                if m.vdev in now and now[m.vdev] == saved.get(m.vdev)}
+        dc = _on_disks(dc, keep)
+        placed = _Placed(dc, {m.vdev: {"file": m.file, "format": m.format}
+                              for m in disk_paths if m.vdev in keep}, {})
+    else:
+        placed = _place(text_dc, dc, disk_paths, overlays, where)
+        dc = placed.config
     created: list[str] = []
     disks = _mirrored(dc) if with_storage else []
     for vdev, target, fmt in disks:
@@ -857,7 +1216,7 @@ def receive(
         created.append(target)
     try:
         rec = ts._start(dc, text, config_path=config_path, uuid=uuid, incoming="defer",
-                        image=image)
+                        image=_image_for(dc, image))
     except BaseException:
         _unlink(created)
         raise
@@ -866,13 +1225,19 @@ def receive(
         if with_storage and nbd_port is None:
             nbd_port = port + 1 if port else _free_port(host)
         bound = _run(_listen(paths, host, port, [v for v, _, _ in disks],
-                               nbd_port if with_storage else None))
+                             nbd_port if with_storage else None))
         return Incoming(rec, host, bound, nbd_port if with_storage else None,
-                        tuple(v for v, _, _ in disks), tuple(created))
-    except BaseException:
+                        tuple(v for v, _, _ in disks), tuple(created),
+                        placed.extra(rec.extra))
+    except BaseException as err:
+        alive = is_alive(rec)
         ts._kill(paths, rec.pid)
+        said = _qemu_said(paths)
         ts._gone(rec)
         _unlink(created)
+        if isinstance(err, BackendError) and said:
+            raise BackendError(f"{where}: {err}" + ("" if alive else " (QEMU exited)")
+                               + said) from err
         raise
 
 
@@ -884,6 +1249,7 @@ def _unlink(files: Sequence[str]) -> None:
 async def _listen(paths: RuntimePaths, host: str, port: int, disks: Sequence[str],
                   nbd_port: int | None) -> int:
     async with Qmp.open(paths.qmp) as qmp:
+        await _migration_events(qmp)
         if nbd_port is not None:
             await qmp.execute("nbd-server-start", {
                 "addr": {"type": "inet", "data": {"host": host, "port": str(nbd_port)}},
@@ -918,29 +1284,51 @@ def finish_receive(ts: Toolstack, incoming: Incoming, *, paused: bool = False,
         try:
             _run(_finish(paths, incoming, paused, timeout))
         except BaseException as err:
-            alive = is_alive(rec)
-            ts._kill(paths, rec.pid)
-            ts._gone(rec)
-            if isinstance(err, BackendError) and not alive:
-                raise BackendError(
-                    f"incoming {rec.name}: the destination QEMU exited during the migration "
-                    f"(the stream broke off or could not be loaded) [{err}]"
-                ) from err
-            raise
-        return ts.store.update(replace(rec, state="paused" if paused else "running"))
+            raise _receive_failed(ts, incoming, err) from err
+        return ts.store.update(replace(rec, state="paused" if paused else "running",
+                                       extra=incoming.extra))
+
+
+def _receive_failed(ts: Toolstack, incoming: Incoming, err: BaseException) -> BaseException:
+    """Kill and forget an incoming domain after ``err``; the error to raise, saying why."""
+    rec = incoming.record
+    paths = ts.paths(rec)
+    alive = is_alive(rec)
+    ts._kill(paths, rec.pid)
+    said = _qemu_said(paths)
+    ts._gone(rec)
+    _unlink(incoming.created)
+    if isinstance(err, BackendError) and not alive:
+        return BackendError(
+            f"incoming {rec.name}: the destination QEMU exited during the migration "
+            f"(the stream broke off or could not be loaded) [{err}]{said}"
+        )
+    if isinstance(err, BackendError):
+        return BackendError(f"incoming {rec.name}: {err}{said}")
+    return err
 
 
 async def _finish(paths: RuntimePaths, inc: Incoming, paused: bool, timeout: float) -> None:
     async with Qmp.open(paths.qmp) as qmp:
-        await _wait_migration(qmp, f"incoming {inc.record.name}", timeout, None,
-                              time.monotonic())
-        if inc.nbd_port is not None:
-            for vdev in inc.disks:
-                with contextlib.suppress(BackendError):
-                    await qmp.execute("block-export-del", {"id": f"mig-{vdev}"})
-            await qmp.execute("nbd-server-stop")
-        if not paused:
-            await qmp.execute("cont")
+        with qmp.listen("MIGRATION") as watch:
+            await _wait_migration(qmp, watch, f"incoming {inc.record.name}", timeout, None,
+                                  time.monotonic(), check_first=True)
+        await _resume_incoming(qmp, inc, paused)
+
+
+async def _resume_incoming(qmp: Qmp, inc: Incoming, paused: bool) -> None:
+    """End the NBD exports of a storage migration, check QEMU holds the guest, ``cont``."""
+    if inc.nbd_port is not None:
+        for vdev in inc.disks:
+            with contextlib.suppress(BackendError):
+                await qmp.execute("block-export-del", {"id": f"mig-{vdev}"})
+        await qmp.execute("nbd-server-stop")
+    status = await _status(qmp)
+    if status not in ("paused", "prelaunch"):
+        raise BackendError(f"the incoming QEMU is {status!r} after the stream, "
+                           "expected 'paused'")
+    if not paused:
+        await qmp.execute("cont")
 
 
 def abort_receive(ts: Toolstack, incoming: Incoming) -> None:
@@ -954,8 +1342,8 @@ def abort_receive(ts: Toolstack, incoming: Incoming) -> None:
 
 def _parse_dest(dest: str) -> tuple[str, int]:
     host, sep, port = dest.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise XenlabError(f"migration destination {dest!r}: expected HOST:PORT")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise XenlabError(f"migration address {dest!r}: expected HOST:PORT")
     return host.strip("[]"), int(port)
 
 
@@ -971,29 +1359,34 @@ def migrate(
     ``dest`` is a :class:`Toolstack` on this host (its destination QEMU is
     started here, listening on ``host``, with ``dest_overrides`` appended to
     the config, e.g. other disk paths) or ``"HOST:PORT"`` where
-    ``xenlab vm migrate-receive`` listens (NBD on ``nbd_port``, default
-    PORT+1).  ``live=False`` pauses the domain first (virsh migrate without
-    --live).  ``with_storage`` mirrors the writable disks to the destination
-    first.  ``paused`` leaves a local destination paused.  ``max_bandwidth``
-    is in bytes/s (default: unlimited).
+    :func:`serve_receive` (``xenlab vm receive --listen``) waits; the two
+    then speak the control protocol of the module docstring, and the source
+    QEMU quits only once the destination has said it runs the guest.
+    ``live=False`` pauses the domain first (virsh migrate without --live).
+    ``with_storage`` mirrors the writable disks to the destination first.
+    ``paused`` leaves the destination paused.  ``max_bandwidth`` is in
+    bytes/s (default: unlimited).  Disks on a mirror's target (or a local
+    destination's overlays) go on running on those files at the destination.
 
     On success the source QEMU has quit and its record is gone; the
     destination runs.
 
-    CLI: ``xenlab vm migrate DOM HOST:PORT [--with-storage] [--offline]
+    CLI: ``xenlab vm migrate DOM HOST:PORT [--with-storage] [--offline] [-p]
     [--max-bandwidth BYTES]`` (and ``--dest-state-dir DIR`` for a second
     toolstack on this host).
 
-    :raise StateError: the domain is not running.
-    :raise BackendError: the migration failed (destination gone, timeout, a
-        mirror error); the domain still runs here and the message says so.
+    :raise StateError: the domain is not running, or has snapshots and the
+        destination is not a toolstack on this host sharing the disks.
+    :raise BackendError: the migration failed (destination gone or refusing,
+        timeout, a mirror error); the domain still runs here and the message
+        says so; or the control connection broke after the destination was
+        told to go (the message says to check both ends; the domain is left
+        paused here).
     """
     started = time.monotonic()
     rec = ts._live(name)
     with ts.store.lock(rec.domid):
         rec = ts._live(str(rec.domid))
-        _refuse_overlays(rec, "the destination")
-        _refuse_mirrored(rec, "the destination")
         snaps = ts.store.list_snapshots(rec.domid)
         if snaps and (with_storage or not isinstance(dest, Toolstack)):
             raise StateError(
@@ -1002,55 +1395,55 @@ def migrate(
                 "migration copies the disks' current state only); delete them first"
             )
         paths = ts.paths(rec)
+        disk_paths, overlays = _moves_of(rec)
         dc, _ = ts._config_of(rec)
-        disks = _mirrored(dc) if with_storage else []
-        incoming: Incoming | None = None
-        if isinstance(dest, Toolstack):
-            sizes = _run(_disk_sizes(paths, [v for v, _, _ in disks])) if disks else {}
+        disks = _mirrored(_place(dc, dc, disk_paths, overlays, f"migrate {rec.name}").config
+                          ) if with_storage else []
+        vdevs = [v for v, _, _ in disks]
+        nodes = {v: str((rec.extra.get(DISK_NODES) or {}).get(v, f"{v}-fmt")) for v in vdevs}
+        if not isinstance(dest, Toolstack):
+            info = _migrate_remote(ts, rec, paths, dest, disk_paths, overlays, vdevs, nodes,
+                                   live=live, paused=paused, max_bandwidth=max_bandwidth,
+                                   timeout=timeout, progress=progress, started=started)
+            dest_rec: DomainRecord | None = None
+        else:
+            sizes = _run(_disk_sizes(paths, nodes)) if disks else {}
             incoming = receive(
                 dest, rec.config_text, 0, host=host, overrides=dest_overrides,
                 with_storage=with_storage, nbd_port=nbd_port, disk_sizes=sizes,
-                config_path=rec.config_path, uuid=rec.uuid,
+                config_path=rec.config_path, uuid=rec.uuid, disk_paths=disk_paths,
+                overlays=overlays,
             )
-            dhost, dport, dnbd = host, incoming.port, incoming.nbd_port
-        else:
-            dhost, dport = _parse_dest(dest)
-            dnbd = (nbd_port or dport + 1) if with_storage else None
-        where = f"{_uri_host(dhost)}:{dport}"
-        try:
-            info = _run(_send(paths, rec.name, where, dhost, dnbd,
-                                [v for v, _, _ in disks], live=live,
-                                max_bandwidth=max_bandwidth, timeout=timeout,
-                                progress=progress, started=started))
-        except BaseException as err:
-            if incoming is not None:
+            where = f"{_uri_host(host)}:{incoming.port}"
+            try:
+                sent = _run(_send(paths, rec.name, where, host, incoming.nbd_port, nodes,
+                                  live=live, max_bandwidth=max_bandwidth, timeout=timeout,
+                                  progress=progress, started=started))
+            except BaseException as err:
                 dead = not is_alive(incoming.record)
-                abort_receive(dest, incoming)  # type: ignore[arg-type]
+                abort_receive(dest, incoming)
                 if isinstance(err, BackendError) and dead:
                     raise BackendError(
                         f"migrate {rec.name} to {where}: the destination QEMU went away "
                         f"during the migration; {rec.name} still runs here [{err}]"
                     ) from err
-            if isinstance(err, BackendError):
-                raise BackendError(
-                    f"migrate {rec.name} to {where} failed; {rec.name} still runs here "
-                    f"[{err}]"
-                ) from err
-            raise
-        dest_rec: DomainRecord | None = None
-        if incoming is not None:
+                if isinstance(err, BackendError):
+                    raise BackendError(
+                        f"migrate {rec.name} to {where} failed; {rec.name} still runs here "
+                        f"[{err}]"
+                    ) from err
+                raise
             try:
-                dest_rec = finish_receive(dest, incoming, paused=paused,  # type: ignore[arg-type]
-                                          timeout=timeout)
+                dest_rec = finish_receive(dest, incoming, paused=paused, timeout=timeout)
             except BaseException:
                 # The destination could not take over: the source has every
                 # page and its disks, so it carries on.
-                _unlink(incoming.created)
                 with contextlib.suppress(BackendError):
-                    _run(ts._qmp(rec, "cont"))
+                    _run(_resume_source(paths, sent))
                 raise
             if snaps:
-                dest_rec = _copy_snapshots(ts, dest, rec, dest_rec)  # type: ignore[arg-type]
+                dest_rec = _copy_snapshots(ts, dest, rec, dest_rec)
+            info = sent.info
         _quit(ts, rec, paths)
         shutil.rmtree(paths.rundir, ignore_errors=True)
         ts.store.remove(rec.domid)
@@ -1059,81 +1452,465 @@ def migrate(
         record=dest_rec, seconds=time.monotonic() - started,
         total_ms=int(info.get("total-time", 0)), downtime_ms=int(info.get("downtime", 0)),
         ram_transferred=int(ram.get("transferred", 0)),
-        disks=tuple(v for v, _, _ in disks),
+        disks=tuple(vdevs),
     )
 
 
-async def _disk_sizes(paths: RuntimePaths, vdevs: Sequence[str]) -> dict[str, int]:
+async def _disk_sizes(paths: RuntimePaths, nodes: Mapping[str, str]) -> dict[str, int]:
+    """vdev -> virtual size of the node it runs on (``nodes``: vdev -> node name)."""
     async with Qmp.open(paths.qmp) as qmp:
-        nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
-    sizes: dict[str, int] = {}
-    for node in nodes if isinstance(nodes, list) else ():
-        name = str(node.get("node-name", ""))
-        if name.endswith("-fmt") and name[:-4] in vdevs:
-            sizes[name[:-4]] = int(node["image"]["virtual-size"])
-    return sizes
+        return await _node_sizes(qmp, nodes)
+
+
+async def _node_sizes(qmp: Qmp, nodes: Mapping[str, str]) -> dict[str, int]:
+    listed = await qmp.execute("query-named-block-nodes", {"flat": True})
+    by_node = {str(n.get("node-name", "")): n for n in listed if isinstance(n, dict)
+               } if isinstance(listed, list) else {}
+    return {v: int(by_node[n]["image"]["virtual-size"]) for v, n in nodes.items()
+            if n in by_node}
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """A completed stream: QEMU's final ``query-migrate``, whether the guest ran
+    before, and the bandwidth limit to give back if the source has to go on."""
+
+    info: dict[str, Any]
+    was_running: bool
+    old_bw: object
+
+
+async def _resume_source(paths: RuntimePaths, sent: _Sent) -> None:
+    """Let the source go on after a completed stream the destination did not take."""
+    async with Qmp.open(paths.qmp) as qmp:
+        if sent.old_bw is not None:
+            with contextlib.suppress(BackendError):
+                await qmp.execute("migrate-set-parameters", {"max-bandwidth": sent.old_bw})
+        if sent.was_running:
+            await qmp.execute("cont")
 
 
 async def _send(paths: RuntimePaths, name: str, where: str, dhost: str, nbd_port: int | None,
-                disks: Sequence[str], *, live: bool, max_bandwidth: int | None,
-                timeout: float, progress: Progress | None, started: float) -> dict[str, Any]:
-    async with Qmp.open(paths.qmp) as qmp:
-        was_running = await _status(qmp) == "running"
-        params = await qmp.execute("query-migrate-parameters")
-        old_bw = params.get("max-bandwidth") if isinstance(params, dict) else None
-        await qmp.execute("migrate-set-parameters",
-                          {"max-bandwidth": max_bandwidth or _UNLIMITED})
-        mirrors: list[str] = []
-        nodes: list[str] = []
-        completed = False
-        try:
-            for vdev in disks:
-                assert nbd_port is not None
-                await qmp.execute("blockdev-add", {
-                    "driver": "nbd", "node-name": f"mig-{vdev}", "export": vdev,
-                    "server": {"type": "inet", "host": dhost, "port": str(nbd_port)},
-                })
-                nodes.append(f"mig-{vdev}")
-                await qmp.execute("blockdev-mirror", {
-                    "job-id": f"mig-{vdev}", "device": f"{vdev}-fmt", "target": f"mig-{vdev}",
-                    "sync": "full", "copy-mode": "write-blocking",
-                    # kept after it ends, so a failure's reason can be read
-                    "auto-dismiss": False,
-                })
-                mirrors.append(f"mig-{vdev}")
-            if mirrors:
-                await _wait_mirrors_ready(qmp, mirrors, timeout, progress, started)
-            if not live and was_running:
-                await qmp.execute("stop")
+                nodes: Mapping[str, str], *, live: bool, max_bandwidth: int | None,
+                timeout: float, progress: Progress | None, started: float,
+                qmp: Qmp | None = None) -> _Sent:
+    """Mirror ``nodes`` (vdev -> source node) to the NBD exports, migrate, end the mirrors.
+
+    The source is left stopped (postmigrate).  On failure everything is
+    undone and the guest resumed if it ran.  ``qmp``: a session to use
+    instead of a new one.
+    """
+    if qmp is None:
+        async with Qmp.open(paths.qmp) as session:
+            return await _send(paths, name, where, dhost, nbd_port, nodes, live=live,
+                               max_bandwidth=max_bandwidth, timeout=timeout,
+                               progress=progress, started=started, qmp=session)
+    was_running = await _status(qmp) == "running"
+    params = await qmp.execute("query-migrate-parameters")
+    old_bw = params.get("max-bandwidth") if isinstance(params, dict) else None
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": max_bandwidth or _UNLIMITED})
+    await _migration_events(qmp)
+    mirrors: list[str] = []
+    added: list[str] = []
+    completed = False
+    try:
+        for vdev, node in nodes.items():
+            assert nbd_port is not None
+            await qmp.execute("blockdev-add", {
+                "driver": "nbd", "node-name": f"mig-{vdev}", "export": vdev,
+                "server": {"type": "inet", "host": dhost, "port": str(nbd_port)},
+            })
+            added.append(f"mig-{vdev}")
+            await qmp.execute("blockdev-mirror", {
+                "job-id": f"mig-{vdev}", "device": node, "target": f"mig-{vdev}",
+                "sync": "full", "copy-mode": "write-blocking",
+                # kept after it ends, so a failure's reason can be read
+                "auto-dismiss": False,
+            })
+            mirrors.append(f"mig-{vdev}")
+        if mirrors:
+            await _wait_mirrors_ready(qmp, mirrors, timeout, progress, started)
+        if not live and was_running:
+            await qmp.execute("stop")
+        with qmp.listen("MIGRATION") as watch:
             await qmp.execute("migrate", {"uri": f"tcp:{where}"})
-            info = await _wait_migration(qmp, f"migrate {name}", timeout, progress, started)
-            completed = True
-            for job in mirrors:
-                # Ready, so cancelling completes the copy without a pivot.
-                await qmp.execute("block-job-cancel", {"device": job})
-            await _dismiss_jobs(qmp, mirrors, 30)
-            mirrors.clear()
-            return info
-        except BaseException:
-            if not completed:
-                await _cancel_migration(qmp)
-            for job in mirrors:
-                with contextlib.suppress(BackendError):
-                    await qmp.execute("block-job-cancel", {"device": job, "force": True})
+            info = await _wait_migration(qmp, watch, f"migrate {name}", timeout, progress,
+                                         started, stats=True)
+        completed = True
+        for job in mirrors:
+            # Ready, so cancelling completes the copy without a pivot.
+            await qmp.execute("block-job-cancel", {"device": job})
+        await _dismiss_jobs(qmp, mirrors, 30)
+        mirrors.clear()
+        return _Sent(info, was_running, old_bw)
+    except BaseException:
+        if not completed:
+            await _cancel_migration(qmp)
+        for job in mirrors:
             with contextlib.suppress(BackendError):
-                await _dismiss_jobs(qmp, mirrors, 30)
-            for node in nodes:
-                with contextlib.suppress(BackendError):
-                    await qmp.execute("blockdev-del", {"node-name": node})
-            if not completed and was_running:
-                with contextlib.suppress(BackendError):
-                    if await _status(qmp) != "running":
-                        await qmp.execute("cont")
+                await qmp.execute("block-job-cancel", {"device": job, "force": True})
+        with contextlib.suppress(BackendError):
+            await _dismiss_jobs(qmp, mirrors, 30)
+        for node in added:
+            with contextlib.suppress(BackendError):
+                await qmp.execute("blockdev-del", {"node-name": node})
+        if was_running:
+            with contextlib.suppress(BackendError):
+                if await _status(qmp) != "running":
+                    await qmp.execute("cont")
+        if old_bw is not None:
+            with contextlib.suppress(BackendError):
+                await qmp.execute("migrate-set-parameters", {"max-bandwidth": old_bw})
+        raise
+
+
+# --- the control channel between two hosts --------------------------------------------------
+
+
+class _Lost(BackendError):
+    """The peer closed the control connection (or it broke)."""
+
+
+class _Refused(BackendError):
+    """The peer answered with an error message."""
+
+
+class _Channel:
+    """Newline-delimited JSON messages over one TCP connection.
+
+    The socket is non-blocking and read with the running loop's
+    ``sock_recv``, so the channel outlives the event loops of the steps
+    between its messages (each toolstack step runs its own).
+    """
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.peer = peer
+        self._buf = bytearray()
+        self._eof = False
+
+    async def send(self, msg: Mapping[str, object]) -> None:
+        data = json.dumps(msg, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n"
+        try:
+            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+        except OSError as err:
+            raise _Lost(f"control connection to {self.peer}: cannot send "
+                        f"{msg.get('msg')!r}: {err.strerror or err}") from err
+
+    async def quiet_send(self, msg: Mapping[str, object]) -> None:
+        """Send, best effort: for an error report whose peer may be gone already."""
+        with contextlib.suppress(BackendError):
+            await asyncio.wait_for(self.send(msg), 5)
+
+    async def recv(self, timeout: float, what: str) -> dict[str, Any]:
+        """The next message; ``what`` says what is awaited, for the errors.
+
+        :raise _Refused: the peer sent an error message.
+        :raise _Lost: the connection closed or broke.
+        :raise BackendError: nothing within ``timeout``, or not a message.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            if self._eof:
+                raise _Lost(f"{self.peer} closed the control connection "
+                            f"(while waiting for {what})")
+            try:
+                chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 16),
+                                               max(0.0, deadline - time.monotonic()))
+            except TimeoutError as err:
+                raise BackendError(f"{self.peer}: nothing within {timeout:g}s while waiting "
+                                   f"for {what}") from err
+            except OSError as err:
+                raise _Lost(f"control connection to {self.peer} broke (while waiting for "
+                            f"{what}): {err.strerror or err}") from err
+            if not chunk:
+                self._eof = True
+            self._buf += chunk
+            if len(self._buf) > _HEADER_MAX:
+                raise BackendError(f"{self.peer}: a control message longer than "
+                                   f"{_HEADER_MAX} bytes")
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf = bytearray(rest)
+        try:
+            msg = json.loads(line.decode("utf-8", "surrogateescape"))
+        except (ValueError, RecursionError):
+            msg = None
+        if not isinstance(msg, dict) or not isinstance(msg.get("msg"), str):
+            raise BackendError(f"{self.peer}: {line[:200]!r} is not a control message "
+                               f"(while waiting for {what})")
+        if msg["msg"] == "error":
+            raise _Refused(f"{self.peer}: {msg.get('error')}")
+        return msg
+
+    def closed(self) -> bool:
+        """True when the peer has closed the connection (looked at without waiting)."""
+        if self._eof:
+            return True
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return not data
+
+
+def _expect(msg: Mapping[str, Any], kind: str, peer: str) -> None:
+    if msg.get("msg") != kind:
+        raise BackendError(f"{peer}: sent {msg.get('msg')!r}, expected {kind!r}")
+
+
+def _migrate_remote(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths, dest: str,
+                    disk_paths: tuple[DiskMove, ...], overlays: tuple[DiskMove, ...],
+                    vdevs: Sequence[str], nodes: Mapping[str, str], *, live: bool,
+                    paused: bool, max_bandwidth: int | None, timeout: float,
+                    progress: Progress | None, started: float) -> dict[str, Any]:
+    """The sending side of the control protocol; QEMU's final ``query-migrate``."""
+    host, port = _parse_dest(dest)
+    try:
+        sock = socket.create_connection((host, port), timeout=10)
+    except OSError as err:
+        raise BackendError(f"migrate {rec.name}: cannot reach a receiver at {dest}: "
+                           f"{err.strerror or err}; {rec.name} still runs here") from err
+    try:
+        return _run(_sender(_Channel(sock, dest), rec, paths, host, disk_paths, overlays,
+                            nodes, live=live, paused=paused, max_bandwidth=max_bandwidth,
+                            timeout=timeout, progress=progress, started=started))
+    finally:
+        sock.close()
+
+
+async def _sender(ch: _Channel, rec: DomainRecord, paths: RuntimePaths, host: str,
+                  disk_paths: tuple[DiskMove, ...], overlays: tuple[DiskMove, ...],
+                  nodes: Mapping[str, str], *, live: bool, paused: bool,
+                  max_bandwidth: int | None, timeout: float, progress: Progress | None,
+                  started: float) -> dict[str, Any]:
+    what = f"migrate {rec.name} to {ch.peer}"
+    here = f"{rec.name} still runs here"
+    async with Qmp.open(paths.qmp) as qmp:
+        state = await _status(qmp)
+        header = SaveHeader(
+            name=rec.name, uuid=rec.uuid, config_text=rec.config_text,
+            config_path=rec.config_path,
+            qemu_version=_qemu_version(await qmp.execute("query-version")),
+            created=time.time(), state="running" if state == "running" else "paused",
+            disk_paths=disk_paths, overlays=overlays,
+        )
+        sizes = await _node_sizes(qmp, nodes) if nodes else {}
+        try:
+            hello = await ch.recv(30, "the receiver's greeting")
+            if hello.get("msg") != "hello" or hello.get("protocol") != _PROTOCOL:
+                raise BackendError(f"{ch.peer} is not a xenlab receiver speaking protocol "
+                                   f"{_PROTOCOL} (it said {str(hello)[:200]})")
+            await ch.send({"msg": "prepare", "header": header_to_json(header),
+                           "with_storage": bool(nodes), "disk_sizes": sizes})
+            listening = await ch.recv(_START_TIMEOUT, "the destination QEMU to listen")
+            _expect(listening, "listening", ch.peer)
+            dport, nbd = listening.get("port"), listening.get("nbd_port")
+            if not isinstance(dport, int) or (nodes and not isinstance(nbd, int)):
+                raise BackendError(f"{ch.peer}: no port to send to in {listening}")
+        except BackendError as err:
+            raise BackendError(f"{what}: {err}; {here}") from err
+        where = f"{_uri_host(host)}:{dport}"
+        try:
+            sent = await _send(paths, rec.name, where, host, nbd if nodes else None, nodes,
+                               live=live, max_bandwidth=max_bandwidth, timeout=timeout,
+                               progress=progress, started=started, qmp=qmp)
+        except BaseException as err:
+            await ch.quiet_send({"msg": "abort", "error": str(err)})
+            if isinstance(err, BackendError):
+                raise BackendError(f"{what} failed; {here} [{err}]") from err
             raise
-        finally:
-            if old_bw is not None:
-                with contextlib.suppress(BackendError):
-                    await qmp.execute("migrate-set-parameters", {"max-bandwidth": old_bw})
+        # The stream is complete: the source is stopped, the destination holds
+        # the guest, paused.  Until "go" is sent, the source may take it back.
+        try:
+            _expect(await ch.recv(_START_TIMEOUT, "the destination's report that it "
+                                                  "loaded the stream"), "loaded", ch.peer)
+            await asyncio.sleep(0)
+            if ch.closed():
+                raise _Lost(f"{ch.peer} closed the control connection before it was "
+                            "told to start the guest")
+            await ch.send({"msg": "go", "paused": paused})
+        except BaseException as err:
+            await ch.quiet_send({"msg": "abort", "error": str(err)})
+            with contextlib.suppress(BackendError):
+                await _resume_in(qmp, sent)
+            if isinstance(err, BackendError):
+                raise BackendError(f"{what}: the destination did not take the guest "
+                                   f"({err}); {rec.name} was resumed here") from err
+            raise
+        # Past the point of no return: the destination may be running the guest.
+        try:
+            done = await ch.recv(_START_TIMEOUT, "the destination's report")
+            _expect(done, "resumed", ch.peer)
+        except _Refused as err:
+            # A receiver that fails here has killed its QEMU before saying so.
+            with contextlib.suppress(BackendError):
+                await _resume_in(qmp, sent)
+            raise BackendError(f"{what}: the destination could not start the guest "
+                               f"({err}); {rec.name} was resumed here") from err
+        except BackendError as err:
+            raise BackendError(
+                f"{what}: the control connection broke after the destination was told to "
+                f"start the guest ({err}); it may run there: {rec.name} is left paused "
+                f"here. Check the destination, then `xenlab vm unpause {rec.name}` here "
+                f"only if it does not run there, else `xenlab vm destroy {rec.name}` here"
+            ) from err
+        await _quit_in(qmp)
+        return sent.info
+
+
+async def _resume_in(qmp: Qmp, sent: _Sent) -> None:
+    if sent.old_bw is not None:
+        with contextlib.suppress(BackendError):
+            await qmp.execute("migrate-set-parameters", {"max-bandwidth": sent.old_bw})
+    if sent.was_running:
+        await qmp.execute("cont")
+
+
+def serve_receive(
+    ts: Toolstack, listen: str, *, overrides: Sequence[str] = (), paused: bool = False,
+    timeout: float = 600.0, accept_timeout: float | None = None,
+    on_listen: Callable[[str, int], None] | None = None, image: object | None = None,
+) -> DomainRecord:
+    """Receive one domain migrated with :func:`migrate` to ``HOST:PORT``; its record; xl
+    migrate-receive.
+
+    Listens on ``listen`` (port 0: any; ``on_listen(host, port)`` is told
+    the port bound), accepts one control connection and follows the
+    protocol of the module docstring: the domain's config comes from the
+    source (``overrides`` appended, e.g. other disk paths), a QEMU is
+    started listening for the stream on a port of its own, and the guest
+    is resumed (unless ``paused`` here or asked by the source) only when
+    the source says go, after which the source quits.
+
+    CLI: ``xenlab vm receive --listen HOST:PORT [-p] [key=value ...]``.
+
+    :raise XenlabError: the config cannot run here (the source is told and
+        its domain goes on).
+    :raise BackendError: nobody connected within ``accept_timeout``, the
+        source went away or gave up, or QEMU could not load or resume the
+        guest; no QEMU and no record is left (the source resumes its guest).
+    """
+    host, port = _parse_dest(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        srv = socket.create_server((host, port), family=family)
+    except OSError as err:
+        raise BackendError(f"receive: cannot listen on {listen}: {err.strerror or err}"
+                           ) from err
+    with srv:
+        if on_listen is not None:
+            on_listen(host, int(srv.getsockname()[1]))
+        srv.settimeout(accept_timeout)
+        try:
+            conn, addr = srv.accept()
+        except TimeoutError as err:
+            raise BackendError(f"receive on {listen}: no source connected within "
+                               f"{accept_timeout:g}s") from err
+    with conn:
+        ch = _Channel(conn, f"{_uri_host(str(addr[0]))}:{addr[1]}")
+        return _serve(ts, ch, host, overrides, paused, timeout, image)
+
+
+def _serve(ts: Toolstack, ch: _Channel, host: str, overrides: Sequence[str], paused: bool,
+           timeout: float, image: object | None) -> DomainRecord:
+    try:
+        prep = _run(_hello(ch))
+        header = header_from_json(prep.get("header"), f"migration from {ch.peer}")
+        sizes = prep.get("disk_sizes") or {}
+        if not isinstance(sizes, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in sizes.values()):
+            raise BackendError(f"{ch.peer}: disk_sizes {str(sizes)[:200]} is not "
+                               "vdev: bytes")
+        inc = receive(ts, header.config_text, 0, host=host, overrides=overrides,
+                      with_storage=bool(prep.get("with_storage")), disk_sizes=sizes,
+                      config_path=header.config_path, uuid=header.uuid, image=image,
+                      disk_paths=header.disk_paths, overlays=header.overlays)
+    except XenlabError as err:
+        _run(ch.quiet_send({"msg": "error", "error": str(err)}))
+        raise
+    paths = ts.paths(inc.record)
+    try:
+        go = _run(_await_stream(ch, paths, inc, timeout))
+        rec = inc.record
+        with ts.store.lock(rec.domid):
+            still = bool(paused or go.get("paused"))
+            _run(_resume_session(paths, inc, still))
+            rec = ts.store.update(replace(rec, state="paused" if still else "running",
+                                          extra=inc.extra))
+    except BaseException as err:
+        failed = _receive_failed(ts, inc, err)
+        # Only now, with the QEMU gone, may the source take its guest back.
+        _run(ch.quiet_send({"msg": "error", "error": str(failed)}))
+        if failed is err:
+            raise
+        raise failed from err
+    try:
+        _run(ch.send({"msg": "resumed", "domid": rec.domid, "state": rec.state}))
+    except BackendError as err:
+        # It runs here now; the source, without the report, keeps its copy paused.
+        _log.warning("receive %s: %s; the source was not told that it runs here", rec.name,
+                     err)
+    return rec
+
+
+async def _hello(ch: _Channel) -> dict[str, Any]:
+    await ch.send({"msg": "hello", "protocol": _PROTOCOL})
+    prep = await ch.recv(30, "the source's domain")
+    _expect(prep, "prepare", ch.peer)
+    return prep
+
+
+async def _await_stream(ch: _Channel, paths: RuntimePaths, inc: Incoming,
+                        timeout: float) -> dict[str, Any]:
+    """Tell the source where to send, wait for the stream, report it, wait for "go"."""
+    await ch.send({"msg": "listening", "port": inc.port, "nbd_port": inc.nbd_port})
+    name = inc.record.name
+    async with Qmp.open(paths.qmp) as qmp:
+        with qmp.listen("MIGRATION") as watch:
+            stream = asyncio.ensure_future(_wait_migration(
+                qmp, watch, f"incoming {name}", timeout, None, time.monotonic(),
+                check_first=True))
+            # The source says nothing until the stream is done, unless it gives up
+            # or vanishes: either ends the wait at once.
+            control = asyncio.ensure_future(ch.recv(timeout, "the stream"))
+            try:
+                await asyncio.wait({stream, control}, return_when=asyncio.FIRST_COMPLETED)
+                if not stream.done():
+                    msg = control.result()
+                    raise BackendError(f"the source {ch.peer} gave up: "
+                                       f"{msg.get('error') or msg.get('msg')}")
+                stream.result()
+            except _Lost as err:
+                raise BackendError(f"the source went away in the middle of the stream "
+                                   f"({err})") from err
+            finally:
+                for fut in (stream, control):
+                    if not fut.done():
+                        fut.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, BackendError):
+                            await fut
+        status = await _status(qmp)
+        if status not in ("paused", "prelaunch"):
+            raise BackendError(f"the incoming QEMU is {status!r} after the stream, "
+                               "expected 'paused'")
+    await ch.send({"msg": "loaded"})
+    go = await ch.recv(_START_TIMEOUT, "permission to start the guest")
+    if go.get("msg") == "abort":
+        raise BackendError(f"the source {ch.peer} gave up: {go.get('error')}")
+    _expect(go, "go", ch.peer)
+    return go
+
+
+async def _resume_session(paths: RuntimePaths, inc: Incoming, paused: bool) -> None:
+    async with Qmp.open(paths.qmp) as qmp:
+        await _resume_incoming(qmp, inc, paused)
+
+
+# --- block jobs of a storage migration ------------------------------------------------------
 
 
 async def _block_jobs(qmp: Qmp) -> dict[str, dict[str, Any]]:
