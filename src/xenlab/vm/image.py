@@ -54,11 +54,14 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zstandard
 
 from xenlab.errors import BackendError, XenlabError
-from xenlab.formats.cpio import CpioMember, write_newc
+
+if TYPE_CHECKING:
+    from xenlab.formats.cpio import CpioMember
 
 #: Bumped whenever the builder's output changes for the same inputs.
 BUILDER_VERSION = 2
@@ -551,6 +554,10 @@ def load_order(wanted: Iterable[str], depends: Mapping[str, Iterable[str]]) -> l
 
 
 def _build(package: KernelPackage, deb: Path, libs: list[Path], work: Path, say: Progress) -> None:
+    # Imported here: the cpio writer pulls in numpy, which a cached image never needs
+    # (every create looks the image up; importing numpy there cost 80 ms).
+    from xenlab.formats.cpio import CpioMember, write_newc
+
     say(f"unpacking {deb.name}")
     unpacked = work / "deb"
     _run(["dpkg", "-x", str(deb), str(unpacked)])
@@ -626,6 +633,7 @@ def _build(package: KernelPackage, deb: Path, libs: list[Path], work: Path, say:
 
 def _applet_links() -> list[CpioMember]:
     """Links to busybox for every applet it has, at the paths it lists."""
+    from xenlab.formats.cpio import CpioMember
     out = _run([str(BUSYBOX), "--list-full"])
     links = []
     for line in out.split():
