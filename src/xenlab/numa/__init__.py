@@ -1,0 +1,1 @@
+"""Host topology (pCPUs, caches, sockets, NUMA nodes), shared by the simulator and the toolstack."""

@@ -1,0 +1,241 @@
+"""The simulated host: :class:`Host` runs domains' vCPUs on pCPUs under one scheduler.
+
+This is the part of Xen's xen/common/sched/core.c that the policies plug
+into, reduced to its rules:
+
+* A reschedule of a pCPU (:meth:`Host.tickle` queues one, like raising
+  ``SCHEDULE_SOFTIRQ``; several at one instant become one) accounts the
+  running vCPU's time, asks the scheduler's ``do_schedule`` what runs next
+  and for how long, switches, and arms one timer per pCPU: the end of the
+  slice or of the vCPU's current burst, whichever is first.
+* When that timer fires and the burst is done, the vCPU's workload says
+  what next: another burst (it keeps running) or none (it blocks: the
+  scheduler's ``sleep``).  Either way the pCPU reschedules.
+* A workload's activation (:meth:`Host.activate`) wakes a blocked vCPU:
+  ``pick_resource`` says where it should go, ``wake`` queues it and tickles
+  the pCPUs that should reschedule.
+* Forced idle (PowerClamp, :mod:`xenlab.sim.powerclamp`): while
+  ``pcpu.inject_until`` is ahead, ``do_schedule`` is called with
+  ``idle_forced`` (Xen's ``tasklet_work_scheduled``) and must return idle.
+
+The host checks the scheduler: choosing a vCPU that is not runnable, runs
+elsewhere, or is outside its affinity, or a slice that is not positive, is
+a :class:`SimError` naming the time, the pCPU and the vCPU.  Nothing here
+reads the wall clock; a run is a function of its inputs and seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from xenlab.errors import SimError
+from xenlab.sim.engine import INFINITY, SCHEDULE, Engine
+from xenlab.sim.model import Domain, Pcpu, RunState, Vcpu
+
+if TYPE_CHECKING:
+    from xenlab.numa.topology import Topology
+    from xenlab.sim.schedulers.base import Scheduler
+    from xenlab.sim.workload import Workload
+
+_RUNNING = RunState.RUNNING
+_RUNNABLE = RunState.RUNNABLE
+_BLOCKED = RunState.BLOCKED
+
+
+class Host:
+    """pCPUs, domains and one scheduler, on one engine."""
+
+    def __init__(self, topology: Topology, scheduler: Scheduler, *, seed: int = 0,
+                 trace: tuple[int, int] | None = None) -> None:
+        self.topology = topology
+        self.engine = Engine(seed)
+        self.pcpus = [Pcpu(c) for c in topology.cpus]
+        self.domains: list[Domain] = []
+        self.vcpus: list[Vcpu] = []
+        self.sched = scheduler
+        self.started = False
+        self.end_ns = 0
+        #: (start, end) of the window whose run segments are kept for Gantt charts.
+        self.trace_window = trace
+        #: Run segments in the window: (pcpu, start, end, vCPU name or None for idle).
+        self.segments: list[tuple[int, int, int, str | None]] = []
+        self.observers: list[Any] = []  # objects with on_switch(pcpu, prev, nxt, now)
+        scheduler.attach(self)
+
+    # -- building ------------------------------------------------------------------
+
+    def add_domain(self, name: str, workloads: Sequence[Workload], *,
+                   params: Mapping[str, Any] | None = None,
+                   affinity: frozenset[int] | None = None) -> Domain:
+        """A domain ``name`` with one vCPU per workload, given to the scheduler."""
+        if self.started:
+            raise SimError(f"domain {name}: domains are added before the run starts")
+        if not workloads:
+            raise SimError(f"domain {name}: a domain needs at least one vCPU")
+        if affinity is not None:
+            bad = sorted(c for c in affinity if not 0 <= c < len(self.pcpus))
+            if bad or not affinity:
+                raise SimError(f"domain {name}: affinity names pCPUs {bad or '(none)'} that "
+                               f"this host (pCPUs 0-{len(self.pcpus) - 1}) does not have")
+        dom = Domain(len(self.domains), name, params or {})
+        self.domains.append(dom)
+        for i, w in enumerate(workloads):
+            v = Vcpu(dom, i, w, affinity)
+            v.processor = min(affinity) if affinity else (len(self.vcpus) % len(self.pcpus))
+            dom.vcpus.append(v)
+            self.vcpus.append(v)
+        for v in dom.vcpus:
+            self.sched.insert_unit(v)
+        return dom
+
+    # -- running -------------------------------------------------------------------
+
+    def run(self, duration_ns: int) -> None:
+        """Run the host from time 0 (or where it stopped) for ``duration_ns`` more."""
+        if duration_ns <= 0:
+            raise SimError(f"a run needs a positive duration, not {duration_ns} ns")
+        if not self.started:
+            self.started = True
+            for v in self.vcpus:
+                v.workload.start(self, v)
+        end = self.engine.now + duration_ns
+        self.engine.run(end)
+        for p in self.pcpus:
+            self._account(p, end)
+        self.end_ns = end
+
+    def finish(self) -> None:
+        """Close the books: workloads count what is still pending (jobs past deadline)."""
+        for v in self.vcpus:
+            v.workload.finish(self, v)
+        if self.trace_window is not None:
+            for p in self.pcpus:
+                self._segment(p, self.end_ns)
+
+    # -- called by workloads ---------------------------------------------------------
+
+    def activate(self, v: Vcpu, work_ns: int) -> None:
+        """Give blocked ``v`` a burst of ``work_ns`` of CPU work and wake it."""
+        if v.state is not _BLOCKED:
+            raise SimError(f"t={self.engine.now}: {v.name} activated while {v.state.value}")
+        if work_ns <= 0:
+            raise SimError(f"t={self.engine.now}: {v.name} activated with {work_ns} ns of work")
+        v.work_left = work_ns
+        v.state = _RUNNABLE
+        v.woken_at = self.engine.now
+        v.processor = self.sched.pick_resource(v)
+        self.sched.wake(v)
+
+    # -- called by schedulers ------------------------------------------------------------
+
+    def tickle(self, pcpu: int) -> None:
+        """Reschedule pCPU ``pcpu`` now (after the other events of this instant)."""
+        p = self.pcpus[pcpu]
+        if not p.pending:
+            p.pending = True
+            self.engine.at(self.engine.now, lambda: self._schedule(p), SCHEDULE)
+
+    def burned(self, p: Pcpu, now: int) -> int:
+        """How long ``p``'s current vCPU has run since it was put on (for budgets)."""
+        return now - p.since
+
+    # -- the dispatcher ------------------------------------------------------------------
+
+    def _account(self, p: Pcpu, now: int) -> None:
+        d = now - p.last_acct
+        if d <= 0:
+            return
+        v = p.curr
+        if v is not None:
+            v.cpu_ns += d
+            v.work_left -= d
+            p.busy_ns += d
+        else:
+            p.idle_ns += d
+            if p.inject_until > p.last_acct:
+                p.injected_ns += min(now, p.inject_until) - p.last_acct
+        p.last_acct = now
+
+    def _segment(self, p: Pcpu, now: int) -> None:
+        w = self.trace_window
+        if w is None:
+            return
+        start, end = max(p.since, w[0]), min(now, w[1])
+        if start < end:
+            self.segments.append((p.id, start, end, p.curr.name if p.curr else None))
+
+    def _schedule(self, p: Pcpu) -> None:
+        p.pending = False
+        now = self.engine.now
+        self._account(p, now)
+        if p.timer is not None:
+            p.timer.cancel()
+            p.timer = None
+        forced = p.inject_until > now
+        prev = p.curr
+        dec = self.sched.do_schedule(p, now, forced)
+        nxt = dec.vcpu
+        if nxt is not None:
+            if forced:
+                raise SimError(f"t={now}: {self.sched.name} ran {nxt.name} on pCPU {p.id} "
+                               "during forced idle")
+            if nxt.state is not _RUNNABLE and not (nxt is prev and nxt.state is _RUNNING):
+                raise SimError(f"t={now}: {self.sched.name} chose {nxt.name} for pCPU {p.id} "
+                               f"but it is {nxt.state.value}"
+                               + (f" on pCPU {nxt.processor}" if nxt.state is _RUNNING else ""))
+            if nxt.affinity is not None and p.id not in nxt.affinity:
+                raise SimError(f"t={now}: {self.sched.name} put {nxt.name} on pCPU {p.id}, "
+                               "outside its affinity")
+        if nxt is not prev:
+            self._segment(p, now)
+            p.switches += 1
+            if prev is not None and prev.state is _RUNNING:
+                prev.state = _RUNNABLE
+                prev.preemptions += 1
+            if nxt is not None:
+                nxt.state = _RUNNING
+                nxt.dispatches += 1
+                nxt.processor = p.id
+                if nxt.last_pcpu != p.id:
+                    if nxt.last_pcpu >= 0:
+                        nxt.migrations += 1
+                    nxt.last_pcpu = p.id
+                if nxt.woken_at is not None:
+                    nxt.wake_latency_ns.append(now - nxt.woken_at)
+                    nxt.woken_at = None
+            p.curr = nxt
+            p.since = now
+            for o in self.observers:
+                o.on_switch(p, prev, nxt, now)
+            if prev is not None:
+                self.sched.context_saved(prev)
+        elif nxt is not None and nxt.woken_at is not None:
+            nxt.wake_latency_ns.append(now - nxt.woken_at)  # kept running through a wake
+            nxt.woken_at = None
+        end = INFINITY
+        if dec.slice_ns is not None:
+            if dec.slice_ns <= 0:
+                raise SimError(f"t={now}: {self.sched.name} gave pCPU {p.id} a slice of "
+                               f"{dec.slice_ns} ns")
+            end = now + dec.slice_ns
+        if nxt is not None and now + nxt.work_left < end:
+            end = now + nxt.work_left
+        if forced and p.inject_until < end:
+            end = p.inject_until
+        if end < INFINITY:
+            p.timer = self.engine.at(end, lambda: self._expire(p))
+
+    def _expire(self, p: Pcpu) -> None:
+        p.timer = None
+        now = self.engine.now
+        self._account(p, now)
+        v = p.curr
+        if v is not None and v.work_left <= 0:
+            more = v.workload.burst_done(self, v)
+            if more > 0:
+                v.work_left = more
+            else:
+                v.state = _BLOCKED
+                self.sched.sleep(v)
+        self._schedule(p)

@@ -1,0 +1,151 @@
+"""The scheduler interface, in the shape of Xen's ``struct scheduler``: :class:`Scheduler`.
+
+Hook names are Xen's (xen/common/sched/private.h), so a model maps onto the
+C it stands for:
+
+``insert_unit(v)`` / ``remove_unit(v)``
+    a vCPU joins or leaves the scheduler (domain creation, destruction).
+``wake(v)``
+    ``v`` became runnable (the host set its state and ``woken_at``); put it
+    on a run queue and ``host.tickle(pcpu)`` every pCPU that should
+    reschedule now (an idle one, or one running something less urgent).
+``sleep(v)``
+    ``v`` blocked; take it off the run queue.  When it was running, the host
+    reschedules its pCPU right after.
+``do_schedule(pcpu, now, idle_forced)``
+    the heart: account the current vCPU's run time (``pcpu.curr``, on since
+    ``pcpu.since``), put it back on a run queue if it is still runnable,
+    and choose what runs next on ``pcpu``: a :class:`Decision` with the vCPU
+    (None: idle) and how long at most (None: until something happens).
+    ``idle_forced`` (Xen's ``tasklet_work_scheduled``, used here for
+    PowerClamp's idle injection) means: return idle, keep the vCPUs queued.
+    A vCPU running on another pCPU must never be chosen.
+``pick_resource(v)``
+    the pCPU ``v`` should go to when it wakes (Xen's ``pick_resource``,
+    ``pick_cpu`` before 4.15); the host stores it in ``v.processor``
+    before calling ``wake``.
+``context_saved(v)``
+    ``v`` is off its pCPU now (optional).
+``yield_(v)``
+    ``v`` gives up the rest of its slice (optional).
+``adjust(dom, params)``
+    change a domain's parameters at run time (xl sched-*); returns what
+    they are now.
+``dump()``
+    the scheduler's state as JSON-ready values (``xl debug-keys r``).
+
+Times are integer nanoseconds.  :class:`SchedulerBase` gives the optional
+hooks as no-ops and the plumbing every scheduler needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from xenlab.errors import SimError
+
+if TYPE_CHECKING:
+    from xenlab.sim.host import Host
+    from xenlab.sim.model import Domain, Pcpu, Vcpu
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What ``do_schedule`` chose: ``vcpu`` (None: idle) for at most ``slice_ns``."""
+
+    vcpu: Vcpu | None
+    slice_ns: int | None = None
+
+
+IDLE = Decision(None, None)
+
+
+class Scheduler(Protocol):
+    """What the host calls; see the module notes for each hook's contract."""
+
+    name: ClassVar[str]
+
+    def attach(self, host: Host) -> None: ...
+    def insert_unit(self, v: Vcpu) -> None: ...
+    def remove_unit(self, v: Vcpu) -> None: ...
+    def wake(self, v: Vcpu) -> None: ...
+    def sleep(self, v: Vcpu) -> None: ...
+    def do_schedule(self, pcpu: Pcpu, now: int, idle_forced: bool) -> Decision: ...
+    def pick_resource(self, v: Vcpu) -> int: ...
+    def context_saved(self, v: Vcpu) -> None: ...
+    def yield_(self, v: Vcpu) -> None: ...
+    def adjust(self, dom: Domain, params: Mapping[str, Any]) -> dict[str, Any]: ...
+    def dump(self) -> dict[str, Any]: ...
+
+
+class SchedulerBase:
+    """Plumbing for schedulers: the host, parameter checks, no-op optional hooks.
+
+    Subclasses set ``name`` and ``PARAMS`` (the per-domain parameters they
+    read, with defaults) and implement the required hooks.
+    """
+
+    name: ClassVar[str] = "base"
+    #: Per-domain parameters (xl sched-* names) and their defaults.
+    PARAMS: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self._host: Host | None = None
+
+    @property
+    def host(self) -> Host:
+        """The host this scheduler runs (set by :meth:`attach`)."""
+        if self._host is None:
+            raise SimError(f"scheduler {self.name} is not attached to a host")
+        return self._host
+
+    def attach(self, host: Host) -> None:
+        """Called once by the host before any vCPU is inserted."""
+        self._host = host
+
+    def params_of(self, dom: Domain) -> dict[str, Any]:
+        """The domain's parameters for this scheduler: defaults, then the domain's own.
+
+        SimError for a parameter this scheduler does not know.
+        """
+        unknown = sorted(set(dom.params) - set(self.PARAMS))
+        if unknown:
+            known = ", ".join(sorted(self.PARAMS)) or "none"
+            raise SimError(f"domain {dom.name}: {self.name} has no parameter "
+                           f"{', '.join(unknown)} (it takes: {known})")
+        return {**self.PARAMS, **dom.params}
+
+    def sleep(self, v: Vcpu) -> None:
+        """Required hook (see the module notes)."""
+        raise NotImplementedError
+
+    def remove_unit(self, v: Vcpu) -> None:
+        """Default: sleep it (off every queue)."""
+        self.sleep(v)
+
+    def context_saved(self, v: Vcpu) -> None:
+        """Optional hook: nothing to do."""
+
+    def yield_(self, v: Vcpu) -> None:
+        """Optional hook: nothing to do."""
+
+    def pick_resource(self, v: Vcpu) -> int:
+        """Default: where it ran last, if allowed, else the first allowed pCPU."""
+        if v.affinity is None or v.processor in v.affinity:
+            return v.processor
+        return min(v.affinity)
+
+    def adjust(self, dom: Domain, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Default: check and store the parameters; they apply from the next decision."""
+        merged = {**dom.params, **params}
+        probe = type(dom)(dom.id, dom.name, merged)
+        self.params_of(probe)
+        dom.params = merged
+        return self.params_of(dom)
+
+    def dump(self) -> dict[str, Any]:
+        """Default: the name only."""
+        return {"scheduler": self.name}
