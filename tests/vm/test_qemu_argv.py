@@ -96,8 +96,9 @@ def test_pv_guest_example() -> None:
         "driver=file,filename=/var/lib/xenlab/pv-guest.qcow2,node-name=xvda-file,read-only=off",
         "driver=qcow2,file=xvda-file,node-name=xvda-fmt,read-only=off",
     ]
+    # xvda-xvdh sit at fixed slots 0x08-0x0f (a hot-added disk keeps its place).
     assert devices(argv, "virtio-blk-pci") == [
-        {"drive": "xvda-fmt", "id": "xvda", "serial": "xvda"}
+        {"drive": "xvda-fmt", "id": "xvda", "serial": "xvda", "addr": "0x8"}
     ]
     # bridge=xenbr0 names a bridge: a tap on it, opened by name (made by hotplug).
     assert one(argv, "-netdev") == (

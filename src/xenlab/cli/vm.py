@@ -583,3 +583,54 @@ def network_list_cmd(domain: str, as_json: bool, state_dir: Path | None) -> None
         t.add_row(str(r.devid), r.mac, r.model, r.mode, r.bridge or "-", r.tap or "-",
                   str(r.mtu or "-"))
     stdout.print(t)
+
+
+@vm.command("block-attach")
+@click.argument("domain")
+@click.argument("spec")
+@click.option("--create-disks", "create_size", metavar="SIZE",
+              help="Create the target (qemu-img) when it does not exist.")
+@_STATE
+def block_attach_cmd(domain: str, spec: str, create_size: str | None,
+                     state_dir: Path | None) -> None:
+    """Plug the disk xl disk SPEC describes into running DOMAIN (virtio, xvda-xvdh)."""
+    from xenlab.vm.disks import block_attach
+
+    d = block_attach(_ts(state_dir), domain, spec, create_size=create_size)
+    stdout.print(f"{printable(domain)}: {d.vdev} attached ({printable(d.file or '-')}, "
+                 f"{d.format}, {d.mode}, PCI slot {d.slot:#x})")
+
+
+@vm.command("block-detach")
+@click.argument("domain")
+@click.argument("vdev")
+@click.option("--timeout", default=30.0, show_default=True,
+              help="Seconds to wait for the guest to release the disk.")
+@_STATE
+def block_detach_cmd(domain: str, vdev: str, timeout: float, state_dir: Path | None) -> None:
+    """Unplug disk VDEV from running DOMAIN (the image file stays)."""
+    from xenlab.vm.disks import block_detach
+
+    d = block_detach(_ts(state_dir), domain, vdev, timeout=timeout)
+    stdout.print(f"{printable(domain)}: {d.vdev} detached ({printable(d.file or '-')} kept)")
+
+
+@vm.command("block-list")
+@click.argument("domain")
+@click.option("--json", "as_json", is_flag=True)
+@_STATE
+def block_list_cmd(domain: str, as_json: bool, state_dir: Path | None) -> None:
+    """DOMAIN's disks: vdev, device, the file in use now, format, mode, PCI slot."""
+    from xenlab.vm.disks import block_list
+
+    rows = block_list(_ts(state_dir), domain)
+    if as_json:
+        emit_json([r.to_json() for r in rows])
+        return
+    t = Table(box=None)
+    for col in ("Vdev", "Device", "File", "Format", "Mode", "Slot"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r.vdev, r.device, printable(r.file or "-"), r.format, r.mode,
+                  f"{r.slot:#x}" if r.slot is not None else "-")
+    stdout.print(t)

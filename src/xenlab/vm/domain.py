@@ -57,6 +57,8 @@ VIFS = "vifs"
 # DomainRecord.extra key: the domain's vif list (xl vif specs) once
 # network-attach/-detach changed it; a later start uses it over the file's.
 VIF_SPECS = "vif_specs"
+# The disk list block-attach/-detach left (xl disk specs), for a later create.
+DISK_SPECS = "disk_specs"
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +222,7 @@ class Toolstack:
                 # the NICs it last had; restore, receive and revert bring the
                 # config to run as it is.
                 dc, text = _on_vif_specs(dc, text, old)
+                dc, text = _on_disk_specs(dc, text, old)
                 dc = _on_overlays(_on_mirrors(dc, old), old)
             created = self._check_disks(dc, create_disks) if fresh else []
             state = "creating" if fresh else "incoming"
@@ -714,6 +717,21 @@ def _on_vif_specs(dc: DomainConfig, text: str, rec: DomainRecord) -> tuple[Domai
     if not isinstance(specs, list):
         return dc, text
     return config_from_text(text, rec.config_path, [vif_line([str(s) for s in specs])])
+
+
+def _on_disk_specs(dc: DomainConfig, text: str, rec: DomainRecord) -> tuple[DomainConfig, str]:
+    """``dc`` (and its text) with the disk list block-attach/-detach left in ``rec``."""
+    specs = rec.extra.get(DISK_SPECS)
+    if not isinstance(specs, list):
+        return dc, text
+    return config_from_text(text, rec.config_path, [disk_line([str(s) for s in specs])])
+
+
+def disk_line(specs: Sequence[str]) -> str:
+    """An xl ``disk = [ ... ]`` setting listing ``specs``."""
+    from xenlab.config.writer import quote
+
+    return "disk = [ " + ", ".join(quote(s) for s in specs) + " ]"
 
 
 def vif_line(specs: Sequence[str]) -> str:

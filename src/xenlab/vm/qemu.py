@@ -139,7 +139,10 @@ _SOCKET_MAX: Final = 107
 _MAX_VCPUS: Final = 128
 # Xen's OUI, which libxl uses for the MACs it makes up.
 _XEN_OUI: Final = (0x00, 0x16, 0x3E)
-# vifs 0-15 get fixed PCI slots 0x10-0x1f (see Nic.device).
+# xvda-xvdh get fixed PCI slots 0x08-0x0f (see disk_slot), vifs 0-15 0x10-0x1f
+# (see Nic.device): what is hot-added sits where a restart puts it.
+_DISK_SLOT_BASE: Final = 0x08
+_PINNED_DISK_SLOTS: Final = 8
 _NIC_SLOT_BASE: Final = 0x10
 _PINNED_NIC_SLOTS: Final = 16
 
@@ -283,7 +286,8 @@ def _vdev_index(vdev: str) -> tuple[str, int]:
     return m.group(1), number - 1
 
 
-def _check_disk(disk: DiskSpec) -> None:
+def check_disk(disk: DiskSpec) -> None:
+    """XenlabError (``disk VDEV: ...``) when the QEMU backend cannot run ``disk``."""
     where = f"disk {disk.vdev}"
     if disk.script is not None:
         raise _unsupported(where, f"script={disk.script!r}: hotplug scripts are not supported")
@@ -297,20 +301,53 @@ def _check_disk(disk: DiskSpec) -> None:
         )
 
 
+def blockdev_nodes(disk: DiskSpec, node: str) -> tuple[dict[str, object], dict[str, object]]:
+    """A disk image's protocol node and format node, as ``blockdev-add`` arguments.
+
+    The same dicts give the ``-blockdev`` options at start and the QMP
+    arguments of ``block-attach``, so a hot-added disk is the disk a restart
+    would make.
+    """
+    assert disk.pdev_path is not None
+    path = disk.pdev_path
+    proto: dict[str, object] = {
+        "driver": "host_device" if path.startswith("/dev/") else "file",
+        "filename": path, "node-name": f"{node}-file", "read-only": not disk.readwrite}
+    fmt: dict[str, object] = {
+        "driver": _FORMAT_DRIVERS[disk.format], "file": f"{node}-file",
+        "node-name": f"{node}-fmt", "read-only": not disk.readwrite}
+    if disk.discard_enable:
+        proto["discard"] = fmt["discard"] = "unmap"
+    return proto, fmt
+
+
 def _blockdev(disk: DiskSpec, node: str) -> list[str]:
     """The two -blockdev options of a disk's image: a protocol node and a format node."""
-    assert disk.pdev_path is not None
-    ro = "off" if disk.readwrite else "on"
-    path = disk.pdev_path
-    proto = "host_device" if path.startswith("/dev/") else "file"
-    discard = ",discard=unmap" if disk.discard_enable else ""
-    return [
-        "-blockdev",
-        f"driver={proto},filename={_opt(path)},node-name={node}-file,read-only={ro}{discard}",
-        "-blockdev",
-        f"driver={_FORMAT_DRIVERS[disk.format]},file={node}-file,node-name={node}-fmt,"
-        f"read-only={ro}{discard}",
-    ]
+    # -blockdev takes every key spelled out (keyval syntax: no implied "driver").
+    proto, fmt = blockdev_nodes(disk, node)
+    return ["-blockdev", _argv_opts(proto, None), "-blockdev", _argv_opts(fmt, None)]
+
+
+def disk_slot(vdev: str) -> int | None:
+    """The fixed PCI slot of virtio disk ``vdev`` (xvda-xvdh: 0x08-0x0f), None for others.
+
+    Fixed so that a disk attached at run time (block-attach) sits where a
+    restart, a restore or a migration destination puts it.
+    """
+    kind, number = _vdev_index(vdev)
+    if kind == "xvd" and number < _PINNED_DISK_SLOTS:
+        return _DISK_SLOT_BASE + number
+    return None
+
+
+def disk_device(disk: DiskSpec) -> dict[str, object]:
+    """The ``device_add`` arguments of virtio disk ``disk`` (an xvdX)."""
+    opts: dict[str, object] = {"driver": "virtio-blk-pci", "drive": f"{disk.vdev}-fmt",
+                               "id": disk.vdev, "serial": disk.vdev}
+    slot = disk_slot(disk.vdev)
+    if slot is not None:
+        opts["addr"] = f"{slot:#x}"
+    return opts
 
 
 def _disks(disks: Sequence[DiskSpec]) -> list[str]:
@@ -325,7 +362,7 @@ def _disks(disks: Sequence[DiskSpec]) -> list[str]:
         if disk.vdev in seen:
             raise _unsupported(f"disk {disk.vdev}", "vdev given twice")
         seen.add(disk.vdev)
-        _check_disk(disk)
+        check_disk(disk)
         node = disk.vdev
         has_media = disk.pdev_path not in (None, "") and disk.format is not DiskFormat.EMPTY
         if disk.is_cdrom or kind == "hd":
@@ -359,10 +396,7 @@ def _disks(disks: Sequence[DiskSpec]) -> list[str]:
             raise _unsupported(f"disk {disk.vdev}", "no target (only a cdrom may be empty)")
         argv += _blockdev(disk, node)
         if kind == "xvd":
-            argv += [
-                "-device",
-                f"virtio-blk-pci,drive={node}-fmt,id={disk.vdev},serial={disk.vdev}",
-            ]
+            argv += ["-device", _argv_opts(disk_device(disk), "driver")]
         else:
             if not scsi:
                 argv += ["-device", "virtio-scsi-pci,id=scsi0"]
@@ -446,8 +480,9 @@ class Nic:
         return opts
 
 
-def _argv_opts(opts: dict[str, object], head: str) -> str:
-    parts = [str(opts[head])]
+def _argv_opts(opts: dict[str, object], head: str | None) -> str:
+    """``opts`` as a QEMU option string; the ``head`` key's value goes first, bare."""
+    parts = [_opt(str(opts[head]))] if head is not None else []
     for key, value in opts.items():
         if key == head:
             continue

@@ -1,0 +1,243 @@
+"""A domain's disks, and adding or removing them while it runs: :func:`block_attach`,
+:func:`block_detach`, :func:`block_list`.
+
+xl's verbs of the same names, over QMP.  Attaching opens the image as one
+``blockdev-add`` (a format node with its protocol node inline, the options
+``vm.qemu.blockdev_nodes`` gives a disk at start) and plugs a
+``virtio-blk-pci`` device at the disk's fixed PCI slot (``vm.qemu.disk_slot``:
+xvda-xvdh at 0x08-0x0f), so a restart, a restore or a migration puts it
+where the guest saw it.  Detaching asks the guest to let the device go
+(``device_del``), waits for QEMU's ``DEVICE_DELETED``, then deletes the
+nodes so QEMU closes the file (its image lock goes with it).
+
+Only virtio disks (xvdX) can come and go: an IDE disk cannot be hot-plugged
+on QEMU's PIIX bus (nor on Xen's emulated one), and a cdrom keeps its drive
+while its medium changes.  A disk that a snapshot records cannot be
+detached: reverting that snapshot would need it.
+
+The disk list lives in the record as network-attach keeps vifs: the config
+text gets a ``disk =`` line (later settings win), and ``extra["disk_specs"]``
+the list for a later ``create`` of a kept domain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from xenlab.config.specs.disk import DiskSpec, format_disk, parse_disk
+from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.vm.domain import (
+    DISK_SPECS,
+    Toolstack,
+    _on_mirrors,
+    _on_overlays,
+    config_from_text,
+    create_image,
+    disk_line,
+)
+from xenlab.vm.qemu import blockdev_nodes, check_disk, disk_device, disk_slot
+from xenlab.vm.qmp import CommandError, Qmp
+from xenlab.vm.qmp import run as _run
+from xenlab.vm.store import DomainRecord
+
+__all__ = ["DiskInfo", "block_attach", "block_detach", "block_list"]
+
+
+@dataclass(frozen=True, slots=True)
+class DiskInfo:
+    """One disk of a domain as ``block-list`` shows it."""
+
+    vdev: str
+    device: str  # virtio-blk, ide-hd, ide-cd, scsi-hd
+    target: str | None  # the config's file
+    file: str | None  # the file the guest writes now (after mirrors and overlays)
+    format: str
+    mode: str  # "rw" or "ro"
+    slot: int | None  # fixed PCI slot (virtio disks xvda-xvdh)
+    spec: str
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON object with the field names."""
+        return {"vdev": self.vdev, "device": self.device, "target": self.target,
+                "file": self.file, "format": self.format, "mode": self.mode,
+                "slot": self.slot, "spec": self.spec}
+
+
+def _device_kind(d: DiskSpec) -> str:
+    if d.is_cdrom:
+        return "ide-cd"
+    if d.vdev.startswith("xvd"):
+        return "virtio-blk"
+    if d.vdev.startswith("sd"):
+        return "scsi-hd"
+    return "ide-hd"
+
+
+def block_list(ts: Toolstack, name: str) -> list[DiskInfo]:
+    """The disks of domain ``name`` (running or not), in config order.
+
+    CLI: ``xenlab vm block-list DOM [--json]``.
+    """
+    rec = ts.get(name)
+    dc, _ = config_from_text(rec.config_text, rec.config_path)
+    now = {d.vdev: d for d in _on_overlays(_on_mirrors(dc, rec), rec).disks}
+    return [
+        DiskInfo(vdev=d.vdev, device=_device_kind(d), target=d.pdev_path,
+                 file=now[d.vdev].pdev_path, format=now[d.vdev].format.value,
+                 mode="rw" if d.readwrite else "ro", slot=disk_slot(d.vdev),
+                 spec=format_disk(d))
+        for d in dc.disks
+    ]
+
+
+def _keep(ts: Toolstack, rec: DomainRecord, disks: list[DiskSpec],
+          extra_changes: dict[str, Any] | None = None) -> DomainRecord:
+    """Record the domain's new disk list (config text and extra)."""
+    texts = [format_disk(d) for d in disks]
+    text = rec.config_text.rstrip("\n") + "\n" + disk_line(texts) + "\n"
+    extra = dict(rec.extra)
+    extra[DISK_SPECS] = texts
+    for key, value in (extra_changes or {}).items():
+        if value is None:
+            extra.pop(key, None)
+        else:
+            extra[key] = value
+    return ts.store.update(replace(rec, config_text=text, extra=extra))
+
+
+def block_attach(ts: Toolstack, name: str, spec: str, *,
+                 create_size: str | None = None) -> DiskInfo:
+    """Plug the disk xl disk ``spec`` describes into running domain ``name``.
+
+    CLI: ``xenlab vm block-attach DOM 'format=qcow2,vdev=xvdb,access=rw,
+    target=/srv/data.qcow2' [--create-disks SIZE]``.  The target must exist
+    (or is made with ``create_size``, then removed again if the attach fails).
+
+    :raise ConfigError: a bad spec.
+    :raise XenlabError: the vdev is taken, the disk kind cannot be
+        hot-plugged, or the target is missing.
+    :raise BackendError: QEMU refused (the image is not opened, nothing kept).
+    """
+    rec = ts._live(name)
+    disk = parse_disk(spec, source="block-attach")
+    where = f"block-attach {rec.name}: disk {disk.vdev}"
+    if disk.is_cdrom or not disk.vdev.startswith("xvd"):
+        raise XenlabError(f"{where}: only virtio disks (xvdX) can be hot-plugged; IDE and "
+                          "SCSI disks and cdroms are fixed at start")
+    if disk_slot(disk.vdev) is None:
+        raise XenlabError(f"{where}: hot-plugged disks are xvda-xvdh (they keep a fixed "
+                          "PCI slot)")
+    if not disk.pdev_path:
+        raise XenlabError(f"{where}: no target")
+    check_disk(disk)  # the checks a start makes (format, script=, backend=...)
+    created = False
+    with ts.store.lock(rec.domid):
+        rec = ts.store.get(rec.domid)
+        dc, _ = config_from_text(rec.config_text, rec.config_path)
+        if any(d.vdev == disk.vdev for d in dc.disks):
+            raise XenlabError(f"{where}: the domain has a disk {disk.vdev} already")
+        target = disk.pdev_path
+        if not Path(target).exists():
+            if create_size is None or target.startswith("/dev/"):
+                raise XenlabError(f"{where}: {target} does not exist (create it with "
+                                  "qemu-img, or pass --create-disks SIZE)")
+            create_image(target, disk.format.value, create_size)
+            created = True
+        proto, fmt = blockdev_nodes(disk, disk.vdev)
+        fmt["file"] = {k: v for k, v in proto.items()}
+
+        async def go() -> None:
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                try:
+                    await qmp.execute("blockdev-add", fmt)
+                except CommandError as err:
+                    raise BackendError(f"{where}: QEMU cannot open {target}: {err}") from err
+                try:
+                    await qmp.execute("device_add", disk_device(disk))
+                except BaseException as err:
+                    await qmp.execute("blockdev-del", {"node-name": fmt["node-name"]})
+                    if isinstance(err, CommandError):
+                        raise BackendError(f"{where}: QEMU refused the device: {err}") from err
+                    raise
+
+        try:
+            _run(go())
+        except BaseException:
+            if created:
+                Path(target).unlink(missing_ok=True)
+            raise
+        rec = _keep(ts, rec, [*dc.disks, disk])
+    return next(i for i in block_list(ts, rec.name) if i.vdev == disk.vdev)
+
+
+async def _release_nodes(qmp: Qmp, names: list[str]) -> None:
+    """Delete what is left of a detached disk's nodes (QEMU then closes its files)."""
+    for node in names:
+        try:
+            await qmp.execute("blockdev-del", {"node-name": node})
+        except CommandError:
+            continue  # gone with its parent (an inline child), or never there
+
+
+def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) -> DiskInfo:
+    """Unplug disk ``vdev`` from running domain ``name``; what it was.
+
+    CLI: ``xenlab vm block-detach DOM VDEV``.  The image file stays.
+
+    :raise XenlabError: there is no such disk, or it cannot be unplugged.
+    :raise StateError: a snapshot records the disk (delete those first).
+    :raise BackendError: the guest did not release it within ``timeout``
+        seconds (the disk stays), or QEMU refused.
+    """
+    rec = ts._live(name)
+    with ts.store.lock(rec.domid):
+        rec = ts.store.get(rec.domid)
+        info = {i.vdev: i for i in block_list(ts, rec.name)}
+        where = f"block-detach {rec.name}: disk {vdev}"
+        if vdev not in info:
+            raise XenlabError(f"{where}: no such disk (the domain has "
+                              f"{', '.join(info) or 'none'})")
+        if info[vdev].device != "virtio-blk":
+            raise XenlabError(f"{where}: only virtio disks (xvdX) can be unplugged; it is "
+                              f"{info[vdev].device}")
+        used = [s.name for s in ts.store.list_snapshots(rec.domid)
+                if any(e.get("vdev") == vdev for e in s.disks)]
+        if used:
+            raise StateError(f"{where}: snapshots {', '.join(used)} record it; delete them "
+                             "first (reverting one would need the disk)")
+
+        async def go() -> None:
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                root: str | None = None
+                blocks = await qmp.execute("query-block")
+                qdevs = (vdev, f"/machine/peripheral/{vdev}/virtio-backend")
+                for b in blocks if isinstance(blocks, list) else []:
+                    if isinstance(b, dict) and b.get("qdev") in qdevs:
+                        root = (b.get("inserted") or {}).get("node-name")
+                with qmp.listen("DEVICE_DELETED",
+                                lambda ev: ev.get("data", {}).get("device") == vdev) as watch:
+                    try:
+                        await qmp.execute("device_del", {"id": vdev})
+                    except CommandError as err:
+                        raise BackendError(f"{where}: QEMU refused: {err}") from err
+                    try:
+                        await watch.wait(timeout)
+                    except BackendError as err:
+                        raise BackendError(f"{where}: the guest did not release it within "
+                                           f"{timeout:g} s (no PCI hotplug in the guest?)"
+                                           ) from err
+                names = [n for n in (root, f"{root}-file" if root else None,
+                                     f"{vdev}-fmt", f"{vdev}-file") if n]
+                await _release_nodes(qmp, list(dict.fromkeys(names)))
+
+        _run(go())
+        dc, _ = config_from_text(rec.config_text, rec.config_path)
+        moved = dict(rec.extra.get("disk_paths") or {})
+        moved.pop(vdev, None)
+        nodes = dict(rec.extra.get("disk_nodes") or {})
+        nodes.pop(vdev, None)
+        _keep(ts, rec, [d for d in dc.disks if d.vdev != vdev],
+              {"disk_paths": moved or None, "disk_nodes": nodes or None})
+    return info[vdev]
