@@ -11,9 +11,11 @@ from typing import Any
 
 from xenlab.errors import SimError
 from xenlab.sim.schedulers.base import Decision, Scheduler, SchedulerBase
+from xenlab.sim.schedulers.credit import Credit
 from xenlab.sim.schedulers.null import Null
 
 SCHEDULERS: Mapping[str, Callable[..., Scheduler]] = {
+    "credit": Credit,
     "null": Null,
 }
 

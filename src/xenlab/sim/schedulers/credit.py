@@ -1,0 +1,646 @@
+"""Xen's credit scheduler (credit1): :class:`Credit`, proportional shares by weight, with caps.
+
+The model of xen/common/sched/credit.c, read hook by hook; the names are
+Xen's (``csched_acct``, ``csched_tick``, ``__runq_tickle``,
+``csched_load_balance``, ``_csched_cpu_pick``) so each part maps onto the C.
+
+Design
+------
+* **Credits.**  Every accounting period (``tslice_ms``, 30 ms) the master
+  accounting (:meth:`Credit._acct`) hands the pool's credit (one period of
+  CPU time per pCPU) to the *active* vCPUs in proportion to their domain's
+  ``weight``, never more than a domain can use (one period per active vCPU)
+  nor more than its ``cap``; what a domain cannot use goes back to the
+  others.  A running vCPU burns credit at the rate it runs
+  (``burn_credits``, at every tick and every reschedule).  Credits are kept
+  in nanoseconds of CPU time (Xen counts 10 credits per ms with a
+  remainder; the same quantity, without the rounding).
+* **Priorities.**  At accounting a vCPU with credit >= 0 is UNDER, one below
+  0 is OVER.  A vCPU that wakes from a block while UNDER is BOOSTed (it
+  preempts UNDER and OVER work, for I/O latency) until a tick finds it
+  running, i.e. until it uses a non-negligible amount of CPU.  A vCPU of a
+  capped domain whose credit falls below its share of the cap is *parked*
+  (Xen pauses it): off every run queue until accounting brings its credit
+  back to 0 or more; it is not boosted when it comes back.
+* **Active set.**  Only active vCPUs earn credit.  A tick that finds a vCPU
+  running makes it active; accounting makes a vCPU with more than one
+  period of credit inactive and halves its credit (it stops hoarding).
+* **Tick.**  Every ``tslice_ms / 3`` (10 ms) a busy pCPU's tick accounts
+  the running vCPU (burn, end of BOOST, activation), asks whether it would
+  be better placed elsewhere (``_csched_cpu_pick``: an idle core wins; if
+  so it migrates), and re-sorts the run queue after an accounting.  Ticks
+  stop while a pCPU idles and restart aligned to the tick when it wakes.
+* **Choosing.**  ``do_schedule`` burns the current vCPU's credit, keeps it
+  for the rest of ``ratelimit_us`` if it has run less than that (Xen's
+  ``sched_ratelimit_us``), else puts it back on its run queue and takes the
+  head.  If the head is OVER or idle it first tries to steal strictly
+  better work from a busy peer (``csched_load_balance``), node by node,
+  starting after the last pCPU it stole from.  Slices are ``tslice_ms``.
+* **Wake.**  ``pick_resource`` (``_csched_cpu_pick``) prefers the vCPU's
+  current pCPU if it is idle, else the idle pCPU with the most idle
+  neighbours (sibling threads on one socket, whole cores across sockets,
+  which must be twice as idle to be worth leaving the socket).  ``wake``
+  queues the vCPU and tickles (``__runq_tickle``): its pCPU if idle, else
+  an idle pCPU it may run on (which will steal it), else its own pCPU if
+  it beats what runs there; when it preempts and the preempted vCPU could
+  run on an idler, that one is kicked over.
+* **Forced idle** (PowerClamp): ``idle_forced`` returns idle and keeps the
+  vCPUs queued; a pCPU in forced idle is not an idler (wakers go
+  elsewhere) and nobody steals from its queue, as in Xen where the idle
+  vCPU runs the tasklet at BOOST priority.
+* **Affinity** is honoured by the pick, the tickle, the steal and the
+  kick: a vCPU is never queued on, stolen to or tickled for a pCPU outside
+  it.
+
+Queue scheme
+------------
+One run queue per pCPU, a list sorted by priority (BOOST, UNDER, OVER) and
+FIFO within one priority; the running vCPU is not on it.  Priorities change
+only at accounting, so a queue can be out of order until the pCPU's next
+tick re-sorts it (``csched_runq_sort``, a stable partition), as in Xen.
+
+Where this model differs from the C, and why
+---------------------------------------------
+* An idle pCPU always tries to steal; the load-balance rate limit
+  (``lb_ratelimit_us``, Xen's ``load-balance-ratelimit``) applies only to
+  balancing on behalf of OVER work.  In Xen a pCPU that goes idle inside
+  the window is soon tickled again by interrupts; in a model where nothing
+  else wakes it, it would sit idle next to queued work.
+* ``pick_resource`` on a wake counts the vCPU's own pCPU as idle only if
+  that vCPU is what runs there (Xen counts it whenever its run queue is
+  empty, even while another vCPU runs; the comment in the C says the
+  former is the intent).
+* No soft affinity, no cpupools, no SMT-power-savings mode.
+
+Defaults (with reasons)
+-----------------------
+* ``weight`` 256, ``cap`` 0 (none): Xen's defaults.
+* ``tslice_ms`` 30: Xen's ``sched_credit_tslice_ms``; the accounting period
+  and the slice are the same, and the tick is a third of it.
+* ``ratelimit_us`` 1000: Xen's ``sched_ratelimit_us``; a vCPU keeps the pCPU
+  that long before a wake-up can preempt it (cache warmth over latency).
+* ``lb_ratelimit_us`` 1000: Xen's ``load-balance-ratelimit``.
+* ``migration_delay_us`` 0: Xen's ``vcpu_migration_delay`` (a vCPU that ran
+  this recently is cache-hot and is not stolen).
+* :data:`MIN_TIMER` 50 us: Xen's ``XEN_SYSCTL_SCHED_RATELIMIT_MIN``, the
+  shortest slice worth arming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+from xenlab.errors import SimError
+from xenlab.sim.engine import NS_PER_MS, NS_PER_US, Timer
+from xenlab.sim.model import Domain, Pcpu, RunState, Vcpu
+from xenlab.sim.schedulers.base import IDLE, Decision, SchedulerBase
+
+if TYPE_CHECKING:
+    from xenlab.sim.host import Host
+
+#: Priorities (Xen's CSCHED_PRI_*): higher runs first.
+BOOST: Final = 0
+UNDER: Final = -1
+OVER: Final = -2
+IDLE_PRI: Final = -64
+PRI_NAMES: Final = {BOOST: "boost", UNDER: "under", OVER: "over", IDLE_PRI: "idle"}
+
+TICKS_PER_TSLICE: Final = 3
+MIN_TIMER: Final = 50 * NS_PER_US
+#: Xen's credit unit: 10 credits per ms of CPU time, i.e. 100 us each (for dump).
+NS_PER_CREDIT: Final = 100 * NS_PER_US
+
+_RUNNING = RunState.RUNNING
+_RUNNABLE = RunState.RUNNABLE
+
+
+@dataclass(slots=True)
+class _Dom:
+    """Per-domain state (``struct csched_dom``)."""
+
+    weight: int  # set by insert_unit/adjust; read by _acct
+    cap: int  # percent of one pCPU, 0 = none; set by insert_unit/adjust; read by _acct
+    #: The domain's active vCPUs, in activation order (a dict as an ordered set).
+    #: Set by _acct_start, cleared by _acct_stop; read by _acct.
+    active: dict[_Unit, None] = field(default_factory=dict)
+
+
+@dataclass(eq=False, slots=True)
+class _Unit:
+    """Per-vCPU state (``struct csched_unit``)."""
+
+    v: Vcpu
+    sdom: _Dom
+    pri: int = UNDER  # set by _acct (UNDER/OVER), wake (BOOST), _unit_acct (BOOST->UNDER)
+    credit: int = 0  # ns of CPU time; +_acct, -_burn
+    start: int = 0  # burned up to here while running; set by do_schedule/_burn
+    last_sched: int = 0  # when it last left a pCPU; checked by the steal (cache-hot)
+    on_runq: bool = False  # set by _runq_insert, cleared by _runq_remove
+    parked: bool = False  # set/cleared by _acct (cap); checked by wake/do_schedule
+    yielding: bool = False  # set by yield_, cleared when it leaves a run queue
+    #: Placed by a pick, not woken from a block: not boosted.  Set by
+    #: insert_unit (Xen's csched_res_pick flag), cleared by wake.
+    migrating: bool = False
+    move_pending: bool = False  # the tick or a tickle wants it elsewhere; do_schedule moves it
+
+
+@dataclass(slots=True)
+class _Pcpu:
+    """Per-pCPU state (``struct csched_pcpu``)."""
+
+    runq: list[_Unit] = field(default_factory=list)  # sorted by pri, FIFO within
+    sort_last: int = 0  # the accounting epoch of the last sort; checked by _tick
+    last_lb: int = -(1 << 62)  # last load balance (for lb_ratelimit)
+    idle_bias: int = 0  # where _cpu_pick starts among this core's idle threads
+    tick: Timer | None = None  # the 10 ms tick; stopped while idle
+
+
+def _cycle(n: int, ordered: list[int]) -> int:
+    """Xen's ``cpumask_cycle``: the first id after ``n`` in ``ordered``, wrapping."""
+    for c in ordered:
+        if c > n:
+            return c
+    return ordered[0]
+
+
+class Credit(SchedulerBase):
+    """Xen's credit1: weights, caps, BOOST/UNDER/OVER, per-pCPU queues, stealing."""
+
+    name: ClassVar[str] = "credit"
+    PARAMS: ClassVar[Mapping[str, Any]] = {"weight": 256, "cap": 0}
+
+    def __init__(self, *, tslice_ms: int = 30, ratelimit_us: int = 1000,
+                 lb_ratelimit_us: int = 1000, migration_delay_us: int = 0) -> None:
+        super().__init__(tslice_ms=tslice_ms, ratelimit_us=ratelimit_us,
+                         lb_ratelimit_us=lb_ratelimit_us,
+                         migration_delay_us=migration_delay_us)
+        for key, value, lo, hi in (("tslice_ms", tslice_ms, 1, 1000),
+                                   ("ratelimit_us", ratelimit_us, 0, 500_000),
+                                   ("lb_ratelimit_us", lb_ratelimit_us, 0, 1_000_000),
+                                   ("migration_delay_us", migration_delay_us, 0, 100_000)):
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise SimError(f"scheduler credit: option {key} must be an integer in "
+                               f"{lo}..{hi}, not {value!r}")
+        self.tslice = tslice_ms * NS_PER_MS
+        self.tick_period = self.tslice // TICKS_PER_TSLICE
+        # Xen: a rate limit above the slice is undefined and is set to the slice.
+        self.ratelimit = min(ratelimit_us * NS_PER_US, self.tslice)
+        self.lb_ratelimit = lb_ratelimit_us * NS_PER_US
+        self.migr_delay = migration_delay_us * NS_PER_US
+        self.idlers: set[int] = set()  # pCPUs that chose idle (not forced); cleared by tickles
+        self.weight = 0  # sum of weights of active vCPUs (prv->weight)
+        self.credit = 0  # credit handed out per period: one period per pCPU
+        self.credit_balance = 0  # what the last accounting left over (may be < 0)
+        self.active_sdom: list[_Dom] = []  # domains with active vCPUs, in Xen's order
+        self.runq_sort = 0  # accounting epoch; pCPUs re-sort once per epoch
+        self.last_tickle = 0
+        self._pcpus: list[_Pcpu] = []
+        self._cpus: list[int] = []
+        self._siblings: list[frozenset[int]] = []  # same core
+        self._socket: list[frozenset[int]] = []  # same socket (Xen's cpu_core_mask)
+        self._nodes: list[list[int]] = []
+        self._node_of: list[int] = []
+        self._balance_bias: list[int] = []
+        self._acct_timer: Timer | None = None
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def attach(self, host: Host) -> None:
+        super().attach(host)
+        topo = host.topology
+        self._cpus = [c.id for c in topo.cpus]
+        self._pcpus = [_Pcpu() for _ in self._cpus]
+        for p, st in zip(host.pcpus, self._pcpus, strict=True):
+            p.priv = st
+        self._siblings = [frozenset(d.id for d in topo.cpus if d.core == c.core)
+                          for c in topo.cpus]
+        self._socket = [frozenset(d.id for d in topo.cpus if d.socket == c.socket)
+                        for c in topo.cpus]
+        nodes = sorted({c.node for c in topo.cpus})
+        self._nodes = [[c.id for c in topo.cpus if c.node == n] for n in nodes]
+        self._node_of = [nodes.index(c.node) for c in topo.cpus]
+        self._balance_bias = [0] * len(nodes)
+        self.idlers = set(self._cpus)
+        self.credit = self.tslice * len(self._cpus)
+        self._acct_timer = host.engine.at(self.tslice, self._acct)
+
+    def insert_unit(self, v: Vcpu) -> None:
+        params = self.params_of(v.dom)
+        self._check(v.dom, params)
+        if v.dom.priv is None:
+            v.dom.priv = _Dom(params["weight"], params["cap"])
+        # Xen's insert goes through csched_res_pick, whose flag spares the first wake a BOOST.
+        u = _Unit(v, v.dom.priv, migrating=True)
+        v.priv = u
+        v.processor = self._cpu_pick(v, commit=True)
+
+    def remove_unit(self, v: Vcpu) -> None:
+        u: _Unit = v.priv
+        if u.on_runq:
+            self._runq_remove(u)
+        u.parked = False
+        if u in u.sdom.active:
+            self._acct_stop(u)
+
+    def _check(self, dom: Domain, params: Mapping[str, Any]) -> None:
+        w, cap = params["weight"], params["cap"]
+        if not isinstance(w, int) or isinstance(w, bool) or not 1 <= w <= 65535:
+            raise SimError(f"domain {dom.name}: credit weight must be an integer in 1..65535, "
+                           f"not {w!r}")
+        if not isinstance(cap, int) or isinstance(cap, bool) or not 0 <= cap <= 65535:
+            raise SimError(f"domain {dom.name}: credit cap must be an integer percent in "
+                           f"0..65535 (0 = none), not {cap!r}")
+
+    # -- run queues ----------------------------------------------------------------------
+
+    def _runq_insert(self, u: _Unit) -> None:
+        """``__runq_insert``: after everything of its priority or higher."""
+        runq = self._pcpus[u.v.processor].runq
+        pri = u.pri
+        i = 0
+        n = len(runq)
+        while i < n and runq[i].pri >= pri:
+            i += 1
+        if u.yielding and i < n:
+            i += 1  # a yielder goes behind one lower-priority vCPU if it can
+        runq.insert(i, u)
+        u.on_runq = True
+
+    def _runq_remove(self, u: _Unit) -> None:
+        self._pcpus[u.v.processor].runq.remove(u)
+        u.on_runq = False
+        u.yielding = False
+
+    def queued(self, pcpu: int) -> list[Vcpu]:
+        """The vCPUs waiting on pCPU ``pcpu``'s run queue, head first (for checks and dump)."""
+        return [u.v for u in self._pcpus[pcpu].runq]
+
+    # -- accounting ----------------------------------------------------------------------
+
+    def _burn(self, u: _Unit, now: int) -> None:
+        """``burn_credits``: charge the running vCPU for its time since ``start``."""
+        d = now - u.start
+        if d > 0:
+            u.credit -= d
+            u.start = now
+
+    def _acct_start(self, u: _Unit) -> None:
+        sdom = u.sdom
+        if u not in sdom.active:
+            sdom.active[u] = None
+            self.weight += sdom.weight
+            if sdom not in self.active_sdom:
+                self.active_sdom.append(sdom)
+
+    def _acct_stop(self, u: _Unit) -> None:
+        sdom = u.sdom
+        del sdom.active[u]
+        self.weight -= sdom.weight
+        if not sdom.active:
+            self.active_sdom.remove(sdom)
+
+    def _acct(self) -> None:
+        """``csched_acct``: hand out one period's credit by weight, within peaks and caps."""
+        host = self.host
+        self._acct_timer = host.engine.after(self.tslice, self._acct)
+        weight_total = self.weight
+        credit_total = self.credit
+        tslice = self.tslice
+        if self.credit_balance < 0:  # converge the balance towards 0
+            credit_total -= self.credit_balance
+        if weight_total == 0:
+            self.credit_balance = 0
+            return
+        weight_left = weight_total
+        balance = 0
+        xtra = False
+        for sdom in list(self.active_sdom):
+            n = len(sdom.active)
+            weight_left -= sdom.weight * n
+            # At most one period per active vCPU, more only while the pool is in debt.
+            peak = n * tslice
+            if self.credit_balance < 0:
+                peak += (-self.credit_balance * sdom.weight * n + weight_total - 1) // weight_total
+            cap_per_unit = 0
+            if sdom.cap:
+                credit_cap = (sdom.cap * tslice + 99) // 100
+                peak = min(peak, credit_cap)
+                cap_per_unit = (credit_cap + n - 1) // n
+            fair = (credit_total * sdom.weight * n + weight_total - 1) // weight_total
+            if fair < peak:
+                xtra = True
+            else:
+                if weight_left:
+                    # What this domain cannot use goes to the ones after it.
+                    credit_total += ((fair - peak) * weight_total + weight_left - 1) // weight_left
+                if xtra:
+                    # Lazily keep the domains that had extra at the head of the list.
+                    self.active_sdom.remove(sdom)
+                    self.active_sdom.insert(0, sdom)
+                fair = peak
+            fair = (fair + n - 1) // n
+            for u in list(sdom.active):
+                u.credit += fair
+                credit = u.credit
+                if credit < 0:
+                    u.pri = OVER
+                    if sdom.cap and credit < -cap_per_unit and not u.parked:
+                        self._park(u)
+                    if credit < -tslice:
+                        credit = u.credit = -tslice
+                else:
+                    u.pri = UNDER
+                    if u.parked:
+                        self._unpark(u)
+                    if credit > tslice:
+                        # It stops earning; it restarts with half, a little ahead.
+                        self._acct_stop(u)
+                        credit = u.credit = credit // 2
+                balance += credit
+        self.credit_balance = balance
+        self.runq_sort += 1
+
+    def _park(self, u: _Unit) -> None:
+        """Xen pauses a capped-out vCPU: off its queue, off its pCPU."""
+        u.parked = True
+        v = u.v
+        if u.on_runq:
+            self._runq_remove(u)
+        elif v.state is _RUNNING:
+            self.host.tickle(v.processor)
+
+    def _unpark(self, u: _Unit) -> None:
+        """Unpause: a runnable vCPU goes back on its queue (not boosted, as Xen)."""
+        u.parked = False
+        v = u.v
+        if v.state is _RUNNABLE and not u.on_runq and self.host.pcpus[v.processor].curr is not v:
+            self._runq_insert(u)
+            self._runq_tickle(u)
+
+    def _tick(self, cpu: int) -> None:
+        """``csched_tick``: account the running vCPU, re-sort the queue after an accounting."""
+        host = self.host
+        now = host.engine.now
+        st = self._pcpus[cpu]
+        st.tick = host.engine.at(now + self.tick_period, lambda: self._tick(cpu))
+        v = host.pcpus[cpu].curr
+        if v is not None:
+            self._unit_acct(v.priv, cpu, now)
+        if st.sort_last != self.runq_sort:
+            st.sort_last = self.runq_sort
+            runq = st.runq
+            # A stable partition: UNDER (and BOOST) ahead of OVER.
+            runq[:] = [u for u in runq if u.pri >= UNDER] + [u for u in runq if u.pri < UNDER]
+
+    def _unit_acct(self, u: _Unit, cpu: int, now: int) -> None:
+        """``csched_unit_acct``: end a BOOST, burn, activate, or look for a better pCPU."""
+        if u.pri == BOOST:
+            u.pri = UNDER
+        self._burn(u, now)
+        if u not in u.sdom.active:
+            self._acct_start(u)
+        elif not u.move_pending:
+            new = self._cpu_pick(u.v, commit=False)
+            if new != cpu:
+                u.move_pending = True
+                self.host.tickle(cpu)
+
+    # -- placement -----------------------------------------------------------------------
+
+    def _allowed(self, v: Vcpu) -> list[int]:
+        if v.affinity is None:
+            return self._cpus
+        return sorted(v.affinity)
+
+    def _cpu_pick(self, v: Vcpu, *, commit: bool) -> int:
+        """``_csched_cpu_pick``: stay if idle, else the idle pCPU with the most idle neighbours."""
+        allowed = self._allowed(v)
+        here = v.processor
+        cpu = here if (v.affinity is None or here in v.affinity) else _cycle(here, allowed)
+        idlers = set(self.idlers)
+        if cpu == here and not self._pcpus[cpu].runq and self.host.pcpus[cpu].curr is v:
+            idlers.add(cpu)  # v itself is all that runs here: as good as idle
+        cand = idlers.intersection(allowed)
+        if cpu not in cand and cand:
+            cpu = _cycle(cpu, sorted(cand))
+        cand.discard(cpu)
+        bias_owner = -1
+        while cand:
+            nxt = _cycle(cpu, sorted(cand))
+            if nxt in self._socket[cpu]:
+                factor = 1  # same socket: compare idle threads of the two cores
+                cpu_idle = idlers & self._siblings[cpu]
+                nxt_idle = idlers & self._siblings[nxt]
+            else:
+                factor = 2  # another socket must be twice as idle to be worth it
+                cpu_idle = idlers & self._socket[cpu]
+                nxt_idle = idlers & self._socket[nxt]
+            if len(cpu_idle) * factor < len(nxt_idle):
+                pool = sorted(nxt_idle & cand)
+                bias_owner = nxt
+                cpu = _cycle(self._pcpus[nxt].idle_bias, pool)
+                cand -= self._siblings[cpu]
+            else:
+                cand -= nxt_idle
+                cand.discard(nxt)
+        if commit and bias_owner >= 0:
+            self._pcpus[bias_owner].idle_bias = cpu
+        return cpu
+
+    def pick_resource(self, v: Vcpu) -> int:
+        return self._cpu_pick(v, commit=True)
+
+    def _runq_tickle(self, new: _Unit) -> None:
+        """``__runq_tickle``: wake the pCPU(s) that should run ``new`` now."""
+        host = self.host
+        cpu = new.v.processor
+        p = host.pcpus[cpu]
+        cur = p.curr
+        if p.inject_until > host.engine.now:
+            cur_pri = BOOST  # forced idle runs at BOOST in Xen: nothing preempts it
+        else:
+            cur_pri = IDLE_PRI if cur is None else cur.priv.pri
+        idle = self.idlers
+        target = -1
+        if cur_pri == IDLE_PRI or (not idle and new.pri > cur_pri):
+            target = cpu
+        elif idle:
+            aff = new.v.affinity
+            suitable = sorted(idle if aff is None else idle & aff)
+            if not suitable:
+                if new.pri > cur_pri:
+                    if cur is not None:
+                        cu: _Unit = cur.priv
+                        caff = cur.affinity
+                        if caff is None or not idle.isdisjoint(caff):
+                            cu.move_pending = True  # kicked over to an idler
+                    target = cpu
+            else:
+                self.last_tickle = _cycle(self.last_tickle, suitable)
+                target = self.last_tickle
+        if target >= 0:
+            self.idlers.discard(target)
+            host.tickle(target)
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def wake(self, v: Vcpu) -> None:
+        u: _Unit = v.priv
+        if u.on_runq or self.host.pcpus[v.processor].curr is v:
+            return
+        if u.parked:
+            return  # paused by its cap: it comes back at the accounting that unparks it
+        migrating = u.migrating
+        u.migrating = False
+        if not migrating and u.pri == UNDER:
+            u.pri = BOOST  # a waker with credit: low wake-up latency
+        self._runq_insert(u)
+        self._runq_tickle(u)
+
+    def sleep(self, v: Vcpu) -> None:
+        u: _Unit = v.priv
+        if u.on_runq:
+            self._runq_remove(u)
+
+    def yield_(self, v: Vcpu) -> None:
+        u: _Unit = v.priv
+        u.yielding = True
+
+    def do_schedule(self, pcpu: Pcpu, now: int, idle_forced: bool) -> Decision:
+        """``csched_schedule``: rate limit, re-queue, pick the head or steal, keep the tick."""
+        cpu = pcpu.id
+        st: _Pcpu = pcpu.priv
+        prev = pcpu.curr
+        pu: _Unit | None = None
+        mover: _Unit | None = None
+        if prev is not None:
+            pu = prev.priv
+            assert pu is not None
+            self._burn(pu, now)
+            pu.last_sched = now
+            runnable = prev.state is _RUNNING and not pu.parked
+            if runnable and pu.move_pending:
+                runnable = False
+                mover = pu
+            if (runnable and not idle_forced and not pu.yielding and self.ratelimit
+                    and now - pcpu.since < self.ratelimit):
+                pu.start = now
+                return Decision(prev, max(self.ratelimit - (now - pcpu.since), MIN_TIMER))
+            if runnable:
+                self._runq_insert(pu)
+        runq = st.runq
+        snext: _Unit | None
+        if idle_forced:
+            snext = None
+        else:
+            pri = runq[0].pri if runq else IDLE_PRI
+            if pri == IDLE_PRI or (pri <= OVER and now - st.last_lb > self.lb_ratelimit):
+                st.last_lb = now
+                snext = self._load_balance(cpu, pri)
+                if snext is None and runq:
+                    snext = runq[0]
+                    self._runq_remove(snext)
+            else:
+                snext = runq[0]
+                self._runq_remove(snext)
+        if snext is None and not idle_forced:
+            self.idlers.add(cpu)
+        else:
+            self.idlers.discard(cpu)
+        if mover is not None:
+            self._migrate(mover)
+        if snext is None:
+            if prev is not None and st.tick is not None:
+                st.tick.cancel()
+                st.tick = None
+            return IDLE
+        snext.start = now
+        if st.tick is None:
+            period = self.tick_period
+            st.tick = self.host.engine.at(now + period - now % period,
+                                          lambda: self._tick(cpu))
+        return Decision(snext.v, self.tslice)
+
+    def _migrate(self, u: _Unit) -> None:
+        """Xen's ``_VPF_migrating``: off this pCPU, re-picked, queued and tickled there."""
+        u.move_pending = False
+        v = u.v
+        v.processor = self._cpu_pick(v, commit=True)
+        self._runq_insert(u)  # straight on the queue: a migration is no wake-up, no BOOST
+        self._runq_tickle(u)
+
+    def _load_balance(self, cpu: int, pri: int) -> _Unit | None:
+        """``csched_load_balance``: steal strictly better work from a busy peer, near first."""
+        host = self.host
+        now = host.engine.now
+        pcpus = host.pcpus
+        node = self._node_of[cpu]
+        nnodes = len(self._nodes)
+        for k in range(nnodes):
+            peer_node = (node + k) % nnodes
+            workers = [c for c in self._nodes[peer_node]
+                       if c != cpu and c not in self.idlers and pcpus[c].curr is not None
+                       and self._pcpus[c].runq]
+            if not workers:
+                continue
+            first = _cycle(self._balance_bias[peer_node], workers)
+            i = workers.index(first)
+            for peer in workers[i:] + workers[:i]:
+                for su in self._pcpus[peer].runq:
+                    if su.pri <= pri:
+                        break  # nothing better than what we have, further down
+                    if su.yielding:
+                        continue
+                    sv = su.v
+                    if sv.affinity is not None and cpu not in sv.affinity:
+                        continue
+                    if self.migr_delay and now - su.last_sched < self.migr_delay:
+                        continue  # cache-hot over there
+                    self._runq_remove(su)
+                    sv.processor = cpu
+                    self._balance_bias[peer_node] = peer
+                    return su
+        return None
+
+    # -- control -------------------------------------------------------------------------
+
+    def adjust(self, dom: Domain, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``xl sched-credit -d dom -w W -c C``: from the next accounting on."""
+        merged = {**dom.params, **params}
+        probe = Domain(dom.id, dom.name, merged)
+        full = self.params_of(probe)
+        self._check(dom, full)
+        dom.params = merged
+        sdom: _Dom | None = dom.priv
+        if sdom is not None:
+            n = len(sdom.active)
+            self.weight += (full["weight"] - sdom.weight) * n
+            sdom.weight = full["weight"]
+            sdom.cap = full["cap"]
+        return self.params_of(dom)
+
+    def dump(self) -> dict[str, Any]:
+        """``xl debug-keys r`` for credit: globals, per-pCPU queues, per-domain credits."""
+        host = self.host
+
+        def unit(v: Vcpu) -> dict[str, Any]:
+            u: _Unit = v.priv
+            return {"vcpu": v.name, "pri": PRI_NAMES[u.pri], "credit": u.credit // NS_PER_CREDIT,
+                    "credit_ns": u.credit, "parked": u.parked,
+                    "active": u in u.sdom.active}
+
+        return {
+            "scheduler": self.name,
+            "tslice_ns": self.tslice, "tick_ns": self.tick_period,
+            "ratelimit_ns": self.ratelimit, "weight": self.weight,
+            "credit_balance_ns": self.credit_balance,
+            "idlers": sorted(self.idlers),
+            "pcpus": [{"id": p.id, "curr": unit(p.curr) if p.curr else None,
+                       "runq": [unit(u.v) for u in self._pcpus[p.id].runq]}
+                      for p in host.pcpus],
+            "domains": [{"name": d.name, "weight": d.priv.weight, "cap": d.priv.cap,
+                         "vcpus": [unit(v) for v in d.vcpus]}
+                        for d in host.domains if d.priv is not None],
+        }

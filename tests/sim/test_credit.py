@@ -1,0 +1,204 @@
+"""sim.schedulers.credit: shares by weight, caps, BOOST, stealing, affinity, adjust."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xenlab.errors import SimError
+from xenlab.numa.topology import uniform
+from xenlab.sim.engine import URGENT
+from xenlab.sim.host import Host
+from xenlab.sim.metrics import RunMetrics, summarize
+from xenlab.sim.schedulers import make
+from xenlab.sim.schedulers.credit import Credit
+from xenlab.sim.workload import CyclicProbe, Hog, IoBound
+
+MS = 1_000_000
+S = 1000 * MS
+
+
+def _hogs(pcpus: int, weights: list[int], *, seconds: int = 10, seed: int = 1) -> RunMetrics:
+    h = Host(uniform(cores=pcpus), make("credit"), seed=seed)
+    for w in weights:
+        h.add_domain(f"w{w}", [Hog()], params={"weight": w})
+    h.run(seconds * S)
+    h.finish()
+    return summarize(h, seed=seed)
+
+
+@pytest.mark.parametrize("pcpus", [1, 2])
+def test_shares_follow_weights(pcpus: int) -> None:
+    weights = [256, 512, 768]
+    m = _hogs(pcpus, weights)
+    total = sum(v.cpu_ns for v in m.vcpus)
+    assert total == pcpus * 10 * S  # work conserving: no pCPU ever idles
+    for w, v in zip(weights, m.vcpus, strict=True):
+        share = v.cpu_ns / total
+        assert share == pytest.approx(w / sum(weights), abs=0.01), (v.name, share)
+
+
+def test_a_single_vcpu_cannot_take_more_than_one_pcpu() -> None:
+    # 4 pCPUs, weights 256/256/512/1024: the heavy ones are capped by having one vCPU
+    # each, so every hog gets a whole pCPU.
+    m = _hogs(4, [256, 256, 512, 1024], seconds=2)
+    for v in m.vcpus:
+        assert v.cpu_ns == pytest.approx(2 * S, rel=0.002)
+
+
+@pytest.mark.parametrize("cap", [10, 25, 60])
+def test_cap_holds_even_on_an_idle_host(cap: int) -> None:
+    h = Host(uniform(cores=2), make("credit"), seed=1)
+    h.add_domain("capped", [Hog()], params={"cap": cap})
+    h.run(10 * S)
+    h.finish()
+    m = summarize(h)
+    pct = 100 * m.vcpu("capped.0").cpu_ns / m.duration_ns
+    assert cap - 1.0 <= pct <= cap + 0.5, pct
+
+
+def test_cap_next_to_a_competitor_leaves_it_the_rest() -> None:
+    h = Host(uniform(cores=1), make("credit"), seed=1)
+    h.add_domain("capped", [Hog()], params={"cap": 25, "weight": 1024})
+    h.add_domain("other", [Hog()])
+    h.run(10 * S)
+    h.finish()
+    m = summarize(h)
+    assert 100 * m.vcpu("capped.0").cpu_ns / m.duration_ns <= 25.5
+    assert 100 * m.vcpu("other.0").cpu_ns / m.duration_ns >= 74.5
+
+
+def _latency(ratelimit_us: int, *, heavy: bool = False) -> RunMetrics:
+    h = Host(uniform(cores=2), Credit(ratelimit_us=ratelimit_us), seed=3)
+    for i in range(4):
+        h.add_domain(f"hog{i}", [Hog()])
+    if heavy:
+        # A waker that computes a lot: it spends its credit, turns OVER and loses BOOST.
+        h.add_domain("heavy", [IoBound(40 * MS, 2 * MS)])
+    else:
+        h.add_domain("probe", [CyclicProbe(7 * MS, run_ns=20_000)])
+        h.add_domain("io", [IoBound(100_000, 5 * MS)])
+    h.run(10 * S)
+    h.finish()
+    return summarize(h)
+
+
+def test_boost_gives_wakers_low_latency_next_to_hogs() -> None:
+    m = _latency(1000)
+    for name in ("probe.0", "io.0"):
+        lat = m.vcpu(name).wake_latency
+        assert lat.count > 1000
+        # BOOST preempts a hog as soon as the hog has had its 1 ms rate limit.
+        assert lat.p99_ns <= 1 * MS, (name, lat)
+    heavy = _latency(1000, heavy=True).vcpu("heavy.0").wake_latency
+    assert heavy.p99_ns > 10 * MS  # OVER waits its turn behind the hogs' 30 ms slices
+    # Without the rate limit a boosted wake-up preempts at once.
+    m0 = _latency(0)
+    assert m0.vcpu("probe.0").wake_latency.p99_ns == 0
+    assert m0.vcpu("io.0").wake_latency.p99_ns == 0
+
+
+def test_no_pcpu_idles_while_work_waits_that_it_may_run() -> None:
+    """Sampled every 100 us: an idle pCPU never sits next to queued work it may run."""
+    h = Host(uniform(sockets=2, cores=2, threads=2), make("credit"), seed=5)
+    for i in range(6):
+        h.add_domain(f"io{i}", [IoBound(2 * MS, 2 * MS)])
+    for i in range(5):
+        h.add_domain(f"hog{i}", [Hog()], affinity=frozenset({i, i + 3}))
+    h.add_domain("pinned", [Hog(), Hog()], affinity=frozenset({7}))
+    sched = h.sched
+    assert isinstance(sched, Credit)
+    bad: list[tuple[int, int, str]] = []
+    samples = 0
+
+    def check() -> None:
+        nonlocal samples
+        samples += 1
+        now = h.engine.now
+        for p in h.pcpus:
+            if p.curr is None and p.inject_until <= now:
+                for q in h.pcpus:
+                    bad.extend((now, p.id, v.name) for v in sched.queued(q.id)
+                               if v.affinity is None or p.id in v.affinity)
+        h.engine.after(100_000, check, URGENT)  # URGENT: after the last instant settled
+
+    h.engine.at(0, check, URGENT)
+    h.run(3 * S)
+    h.finish()
+    m = summarize(h)
+    assert samples >= 30_000 and bad == []
+    # The pinned pair shares pCPU 7 and never runs anywhere else.
+    assert m.vcpu("pinned.0").cpu_ns + m.vcpu("pinned.1").cpu_ns == pytest.approx(
+        3 * S, rel=0.001)
+    assert abs(m.vcpu("pinned.0").cpu_ns - m.vcpu("pinned.1").cpu_ns) < 0.02 * 3 * S
+
+
+def test_affinity_is_honoured_everywhere() -> None:
+    seen: dict[str, set[int]] = {}
+
+    class Where:
+        def on_switch(self, p: object, prev: object, nxt: object, now: int) -> None:
+            if nxt is not None:
+                seen.setdefault(nxt.name, set()).add(p.id)  # type: ignore[attr-defined]
+
+    h = Host(uniform(cores=4), make("credit"), seed=2)
+    h.observers.append(Where())
+    h.add_domain("a", [Hog(), Hog(), Hog()], affinity=frozenset({0, 1}))
+    h.add_domain("b", [IoBound(1 * MS, 1 * MS) for _ in range(3)], affinity=frozenset({2}))
+    h.add_domain("free", [IoBound(3 * MS, 1 * MS) for _ in range(3)])
+    h.run(2 * S)
+    for i in range(3):
+        assert seen[f"a.{i}"] <= {0, 1}
+        assert seen[f"b.{i}"] == {2}
+    assert set().union(*(seen[f"free.{i}"] for i in range(3))) == {0, 1, 2, 3}
+
+
+def test_same_seed_same_bytes() -> None:
+    def run() -> str:
+        h = Host(uniform(cores=2), make("credit"), seed=9)
+        h.add_domain("hog", [Hog(), Hog()], params={"weight": 512})
+        h.add_domain("io", [IoBound(500_000, 3 * MS)])
+        h.add_domain("probe", [CyclicProbe(2 * MS)], params={"cap": 20})
+        h.run(2 * S)
+        h.finish()
+        return json.dumps(summarize(h, seed=9).to_json()) + json.dumps(h.sched.dump())
+
+    assert run() == run()
+
+
+def test_adjust_changes_shares_at_run_time() -> None:
+    h = Host(uniform(cores=1), make("credit"), seed=1)
+    a = h.add_domain("a", [Hog()])
+    h.add_domain("b", [Hog()])
+    h.run(5 * S)
+    half = [v.cpu_ns for v in h.vcpus]
+    assert half[0] == pytest.approx(2.5 * S, rel=0.02)
+    assert h.sched.adjust(a, {"weight": 768}) == {"weight": 768, "cap": 0}
+    h.run(5 * S)
+    delta = [v.cpu_ns - x for v, x in zip(h.vcpus, half, strict=True)]
+    assert delta[0] / sum(delta) == pytest.approx(0.75, abs=0.015)
+    h.sched.adjust(a, {"cap": 10})
+    before = h.vcpus[0].cpu_ns
+    h.run(5 * S)
+    assert (h.vcpus[0].cpu_ns - before) / (5 * S) <= 0.11
+    dump = h.sched.dump()
+    assert dump["domains"][0] == {"name": "a", "weight": 768, "cap": 10,
+                                  "vcpus": [dump["domains"][0]["vcpus"][0]]}
+    assert [len(p["runq"]) for p in dump["pcpus"]] == [len(h.sched.queued(0))]  # type: ignore[attr-defined]
+
+
+def test_bad_parameters_and_options_are_refused() -> None:
+    h = Host(uniform(cores=1), make("credit"))
+    with pytest.raises(SimError, match=r"domain d: credit weight must be an integer in 1\.\.65535"):
+        h.add_domain("d", [Hog()], params={"weight": 0})
+    with pytest.raises(SimError, match="credit has no parameter period"):
+        h.add_domain("e", [Hog()], params={"period": 5})
+    ok = h.add_domain("f", [Hog()])
+    with pytest.raises(SimError, match="domain f: credit cap"):
+        h.sched.adjust(ok, {"cap": -1})
+    assert ok.params == {}
+    with pytest.raises(SimError, match=r"option tslice_ms must be an integer in 1\.\.1000"):
+        make("credit", tslice_ms=0)
+    with pytest.raises(TypeError):
+        make("credit", nope=1)
