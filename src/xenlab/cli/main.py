@@ -18,6 +18,7 @@ GROUPS = {
     "vm": ("xenlab.cli.vm", "vm", "Run guests from xl configs on QEMU."),
     "rom": ("xenlab.cli.rom", "rom", "PCI option ROMs and VGA BIOSes: inspect, fix, dump."),
     "image": ("xenlab.cli.vm", "image", "The project's guest image."),
+    "sim": ("xenlab.cli.sim", "sim", "The hypervisor simulator: scenarios, compare, sweep."),
 }
 
 

@@ -12,7 +12,7 @@ for it.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ def compare_png(reports: Sequence[RunReport]) -> bytes:
     return _png(fig)
 
 
-def sweep_png(xs: Sequence[str], series: dict[str, Sequence[float]], *, xlabel: str,
+def sweep_png(xs: Sequence[str], series: Mapping[str, Sequence[float]], *, xlabel: str,
               ylabel: str, title: str) -> bytes:
     """One line per scheduler over the sweep's points (``xs`` are the points' labels)."""
     fig = _figure(HEIGHT_IN)

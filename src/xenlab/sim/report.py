@@ -41,6 +41,7 @@ __all__ = [
     "Verdict",
     "check",
     "compare_json",
+    "csv_text",
     "dumps",
     "pcpus_csv",
     "report_json",
@@ -255,7 +256,8 @@ _VCPU_FIELDS = ("scheduler", "vcpu", "domain", "cpu_ns", "cpu_pct", "jobs", "mis
 _PCPU_FIELDS = ("scheduler", "pcpu", "busy_ns", "idle_ns", "injected_ns", "idle_pct", "switches")
 
 
-def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """CSV text (``\n`` line ends) with a header row."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -275,11 +277,11 @@ def vcpus_csv(reports: Sequence[RunReport]) -> str:
                          v.response.p99_ns, v.response.max_ns, v.wake_latency.count,
                          v.wake_latency.min_ns, v.wake_latency.avg_ns, v.wake_latency.p99_ns,
                          v.wake_latency.max_ns))
-    return _csv(_VCPU_FIELDS, rows)
+    return csv_text(_VCPU_FIELDS, rows)
 
 
 def pcpus_csv(reports: Sequence[RunReport]) -> str:
     """pcpus.csv: one row per pCPU (per run)."""
     rows = [(r.choice.name, p.id, p.busy_ns, p.idle_ns, p.injected_ns, f"{p.idle_pct:.6f}",
              p.switches) for r in reports for p in r.metrics.pcpus]
-    return _csv(_PCPU_FIELDS, rows)
+    return csv_text(_PCPU_FIELDS, rows)
