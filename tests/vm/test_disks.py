@@ -88,3 +88,44 @@ def test_a_disk_comes_survives_a_restore_and_goes(
     assert _head(data, len(MARK)) == MARK
     with pytest.raises(XenlabError, match="no such disk"):
         block_detach(ts, "d1", "xvdb")
+
+
+async def _medium(ts: Toolstack, name: str, vdev: str) -> str | None:
+    from xenlab.vm.qmp import Qmp
+
+    async with Qmp.open(ts.paths(ts.get(name)).qmp) as qmp:
+        blocks = await qmp.execute("query-block")
+    for b in blocks if isinstance(blocks, list) else []:
+        if b.get("qdev") == vdev or b.get("qdev", "").endswith(f"/{vdev}"):
+            inserted = b.get("inserted")
+            return str(inserted["file"]) if inserted else None
+    raise AssertionError(f"no block device {vdev}: {blocks}")
+
+
+def test_cd_insert_and_eject(ts: Toolstack, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    from xenlab.vm.disks import cd_eject, cd_insert
+    from xenlab.vm.qmp import run
+
+    boot(ts, tmp_path, "c1", tail='disk = [ "format=qcow2,vdev=xvda,access=rw,target='
+         f'{tmp_path}/c1.qcow2", "vdev=hdc,devtype=cdrom,format=empty" ]\n')
+    iso = tmp_path / "one.iso"
+    iso.write_bytes(b"\0" * 32768 + b"\1CD001" + b"\0" * 2043)
+    assert run(_medium(ts, "c1", "hdc")) is None  # empty, as libxl makes it
+    d = cd_insert(ts, "c1", "hdc", str(iso))
+    assert d.file == str(iso) and d.device == "ide-cd"
+    assert run(_medium(ts, "c1", "hdc")) == str(iso)  # what QEMU has in the drive
+    with pytest.raises(XenlabError, match="xvda is not a cdrom"):
+        cd_insert(ts, "c1", "xvda", str(iso))
+    with pytest.raises(XenlabError, match="does not exist"):
+        cd_insert(ts, "c1", "hdc", str(tmp_path / "none.iso"))
+    # The record keeps the medium: a save/restore starts QEMU with it in the drive.
+    mig.save(ts, "c1", tmp_path / "c1.save")
+    mig.restore(ts, tmp_path / "c1.save")
+    assert run(_medium(ts, "c1", "hdc")) == str(iso)
+    code, _, err = run_cli(capsys, "vm", "cd-eject", "c1", "hdc",
+                             "--state-dir", str(ts.state_dir))
+    assert code == 0, err
+    assert run(_medium(ts, "c1", "hdc")) is None
+    assert [d.file for d in block_list(ts, "c1") if d.vdev == "hdc"] == [None]
+    assert cd_eject(ts, "c1", "hdc").file is None  # ejecting an empty drive is fine

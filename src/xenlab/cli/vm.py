@@ -634,3 +634,31 @@ def block_list_cmd(domain: str, as_json: bool, state_dir: Path | None) -> None:
         t.add_row(r.vdev, r.device, printable(r.file or "-"), r.format, r.mode,
                   f"{r.slot:#x}" if r.slot is not None else "-")
     stdout.print(t)
+
+
+@vm.command("cd-insert")
+@click.argument("domain")
+@click.argument("vdev")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", default="raw", show_default=True,
+              type=click.Choice(["raw", "qcow2"]), help="The image's format.")
+@_STATE
+def cd_insert_cmd(domain: str, vdev: str, target: Path, fmt: str,
+                  state_dir: Path | None) -> None:
+    """Put TARGET (an ISO) in running DOMAIN's cdrom drive VDEV (xl cd-insert)."""
+    from xenlab.vm.disks import cd_insert
+
+    d = cd_insert(_ts(state_dir), domain, vdev, str(target), fmt=fmt)
+    stdout.print(f"{printable(domain)}: {d.vdev} holds {printable(d.file or '-')}")
+
+
+@vm.command("cd-eject")
+@click.argument("domain")
+@click.argument("vdev")
+@_STATE
+def cd_eject_cmd(domain: str, vdev: str, state_dir: Path | None) -> None:
+    """Take the medium out of running DOMAIN's cdrom drive VDEV (xl cd-eject)."""
+    from xenlab.vm.disks import cd_eject
+
+    d = cd_eject(_ts(state_dir), domain, vdev)
+    stdout.print(f"{printable(domain)}: {d.vdev} is empty")

@@ -42,7 +42,7 @@ from xenlab.vm.qmp import CommandError, Qmp
 from xenlab.vm.qmp import run as _run
 from xenlab.vm.store import DomainRecord
 
-__all__ = ["DiskInfo", "block_attach", "block_detach", "block_list"]
+__all__ = ["DiskInfo", "block_attach", "block_detach", "block_list", "cd_eject", "cd_insert"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,3 +241,81 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
         _keep(ts, rec, [d for d in dc.disks if d.vdev != vdev],
               {"disk_paths": moved or None, "disk_nodes": nodes or None})
     return info[vdev]
+
+
+def _cdrom(ts: Toolstack, rec: DomainRecord, vdev: str, verb: str) -> tuple[list[DiskSpec], int]:
+    dc, _ = config_from_text(rec.config_text, rec.config_path)
+    for i, d in enumerate(dc.disks):
+        if d.vdev == vdev:
+            if not d.is_cdrom:
+                raise XenlabError(f"{verb} {rec.name}: {vdev} is not a cdrom")
+            return list(dc.disks), i
+    cdroms = ", ".join(d.vdev for d in dc.disks if d.is_cdrom) or "none"
+    raise XenlabError(f"{verb} {rec.name}: no cdrom {vdev} (the domain's cdroms: {cdroms})")
+
+
+def cd_insert(ts: Toolstack, name: str, vdev: str, target: str, *,
+              fmt: str = "raw") -> DiskInfo:
+    """Put the image ``target`` in running domain ``name``'s cdrom drive ``vdev``.
+
+    CLI: ``xenlab vm cd-insert DOM VDEV TARGET``, as ``xl cd-insert``.  A
+    medium already in the drive is replaced (the tray opens, as on real
+    hardware, and the guest sees a media change).
+
+    :raise XenlabError: no such cdrom, or the target is missing.
+    :raise BackendError: QEMU refused (the drive keeps what it had).
+    """
+    rec = ts._live(name)
+    if not Path(target).is_file() and not target.startswith("/dev/"):
+        raise XenlabError(f"cd-insert {rec.name}: {target} does not exist")
+    from xenlab.config.specs.disk import DiskFormat
+
+    try:
+        disk_format = DiskFormat(fmt)
+    except ValueError:
+        raise XenlabError(f"cd-insert {rec.name}: format {fmt!r} (expected raw or qcow2)"
+                          ) from None
+    with ts.store.lock(rec.domid):
+        rec = ts.store.get(rec.domid)
+        disks, i = _cdrom(ts, rec, vdev, "cd-insert")
+
+        async def go() -> None:
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                try:
+                    await qmp.execute("blockdev-change-medium", {
+                        "id": vdev, "filename": str(Path(target).resolve()),
+                        "format": disk_format.value, "read-only-mode": "read-only"})
+                except CommandError as err:
+                    raise BackendError(f"cd-insert {rec.name} {vdev}: {err}") from err
+
+        _run(go())
+        disks[i] = replace(disks[i], pdev_path=str(Path(target).resolve()),
+                           format=disk_format)
+        rec = _keep(ts, rec, disks)
+    return next(d for d in block_list(ts, rec.name) if d.vdev == vdev)
+
+
+def cd_eject(ts: Toolstack, name: str, vdev: str) -> DiskInfo:
+    """Take the medium out of running domain ``name``'s cdrom drive ``vdev``.
+
+    CLI: ``xenlab vm cd-eject DOM VDEV``, as ``xl cd-eject`` (forced: a guest
+    that locked the tray does not keep the medium).
+    """
+    rec = ts._live(name)
+    with ts.store.lock(rec.domid):
+        rec = ts.store.get(rec.domid)
+        disks, i = _cdrom(ts, rec, vdev, "cd-eject")
+
+        async def go() -> None:
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                try:
+                    await qmp.execute("eject", {"id": vdev, "force": True})
+                except CommandError as err:
+                    raise BackendError(f"cd-eject {rec.name} {vdev}: {err}") from err
+
+        _run(go())
+        from xenlab.config.specs.disk import DiskFormat
+
+        disks[i] = replace(disks[i], pdev_path=None, format=DiskFormat.EMPTY)
+        rec = _keep(ts, rec, disks)
+    return next(d for d in block_list(ts, rec.name) if d.vdev == vdev)
