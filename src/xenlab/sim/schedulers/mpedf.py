@@ -1,0 +1,328 @@
+"""Multiprocessor EDF with CBS servers, one run queue per set of pCPUs: :class:`MpEdf`.
+
+Phases 3 and 4 of the seed idea "Temporal Isolation and Multiprocessor
+Support in the SEDF Scheduler", built on :mod:`~xenlab.sim.schedulers.cbs`.
+
+Design
+    Every vCPU is a Constant Bandwidth Server (budget Q every period T;
+    the rules are in :class:`~xenlab.sim.schedulers._edf.CbsServer`).
+    The pCPUs are split into run queues by the option ``runqueue``
+    (``topology.group(level)``): "cpu" (one per pCPU), "core", "llc",
+    "socket", "node" or "global" (one for the host).  Within a run queue
+    the earliest deadline runs first on any of its pCPUs (global EDF inside
+    the set); equal deadlines go to the vCPU queued first, then to the
+    lower vCPU index.  With ``runqueue="global"`` and budget = WCET this is
+    G-EDF; with ``runqueue="cpu"`` and pinned vCPUs it is P-EDF.
+
+Placement and balancing
+    At insert a vCPU joins the first run queue (in topology order) within
+    its affinity whose reserved utilisation still fits (first fit, at most
+    one pCPU's worth per pCPU), else the least loaded one.  With ``balance``
+    (the default, except for ``runqueue="cpu"`` where the default is a
+    partitioned scheduler that never migrates):
+
+    * push on wake: a waking vCPU goes to a run queue with an idle pCPU in
+      its affinity (its own first), else to the one whose latest running
+      deadline is latest, when that is later than its own deadline;
+    * pull on idle: a pCPU that finds nothing it may run in its own run
+      queue takes the earliest-deadline vCPU it may run from the others.
+
+    Each move between run queues is counted (``migrations`` in :meth:`dump`;
+    the host counts pCPU changes per vCPU).
+
+Queue scheme
+    Per run queue an :class:`~xenlab.sim.schedulers._edf.EdfQueue` of the
+    runnable vCPUs that are not running; a running vCPU is off the queue
+    (as in Xen's RTDS) and goes back at its next do_schedule if still
+    runnable.  Hard-reservation vCPUs with no budget are on no queue until
+    their replenishment timer.  ``tickled`` holds pCPUs asked to reschedule
+    at this instant, so two wake-ups at one instant do not both pick the
+    same pCPU (Xen's ``prv->tickled``).
+
+Parameters (per domain, microseconds as ``xl sched-rtds -p -b``)
+    ``period`` (default 10000: RTDS's default period) and ``budget``
+    (default 4000: RTDS's default budget); ``hard`` (default False: the
+    original soft CBS, which postpones the deadline and recharges at once;
+    True: hard reservation, the vCPU waits for its deadline).  For a
+    periodic rt-app vCPU, budget = run time and period = period.
+
+Options: ``runqueue`` (default "global"), ``balance`` (see above).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from xenlab.errors import SimError
+from xenlab.sim.model import RunState
+from xenlab.sim.schedulers._edf import CbsServer, EdfQueue, check_flag, check_reservation
+from xenlab.sim.schedulers.base import IDLE, Decision, SchedulerBase
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from xenlab.sim.host import Host
+    from xenlab.sim.model import Domain, Pcpu, Vcpu
+
+_RUNNING = RunState.RUNNING
+_RUNNABLE = RunState.RUNNABLE
+#: Idle pCPUs compare later than any deadline.
+_IDLE_KEY = (1 << 62,)
+_LEVELS = ("cpu", "core", "llc", "socket", "node", "global")
+
+
+class _RunQueue:
+    """One run queue: its pCPUs, its queued vCPUs and their reserved utilisation."""
+
+    __slots__ = ("cpus", "id", "load", "queue")
+
+    def __init__(self, rq_id: int, cpus: tuple[int, ...]) -> None:
+        self.id = rq_id
+        self.cpus = cpus
+        self.queue = EdfQueue()
+        self.load = 0.0  # sum of Q/T of the vCPUs placed here; insert/remove/migrate
+
+
+class MpEdf(SchedulerBase):
+    """EDF over CBS servers with one run queue per set of pCPUs (see the module notes)."""
+
+    name: ClassVar[str] = "mpedf"
+    PARAMS: ClassVar[Mapping[str, Any]] = {"period": 10_000, "budget": 4_000, "hard": False}
+
+    def __init__(self, *, runqueue: str = "global", balance: bool | None = None) -> None:
+        super().__init__(runqueue=runqueue, balance=balance)
+        if runqueue not in _LEVELS:
+            raise SimError(f"{self.name}: runqueue {runqueue!r} is not one of "
+                           f"{', '.join(_LEVELS)}")
+        self.level = runqueue
+        self.balance = runqueue != "cpu" if balance is None else bool(balance)
+        self.rqs: list[_RunQueue] = []
+        self.rq_of: list[int] = []  # pCPU -> run queue id
+        self.tickled: set[int] = set()
+        self.migrations = 0  # moves between run queues
+
+    def attach(self, host: Host) -> None:
+        super().attach(host)
+        groups = host.topology.group(self.level)
+        self.rqs = [_RunQueue(i, g) for i, g in enumerate(groups)]
+        self.rq_of = [0] * len(host.pcpus)
+        for rq in self.rqs:
+            for c in rq.cpus:
+                self.rq_of[c] = rq.id
+
+    # -- units ---------------------------------------------------------------------
+
+    def _server(self, dom: Domain, index: int) -> CbsServer:
+        params = self.params_of(dom)
+        budget, period = check_reservation(dom, self.name, params, "budget")
+        return CbsServer(budget, period, check_flag(dom, self.name, params, "hard"), index)
+
+    def _allowed(self, v: Vcpu, rq: _RunQueue) -> bool:
+        aff = v.affinity
+        return aff is None or any(c in aff for c in rq.cpus)
+
+    def insert_unit(self, v: Vcpu) -> None:
+        s = self._server(v.dom, len(self.host.vcpus) - len(v.dom.vcpus) + v.id)
+        cands = [rq for rq in self.rqs if self._allowed(v, rq)]
+        u = s.utilisation
+        fit = [rq for rq in cands if rq.load + u <= len(rq.cpus) + 1e-9]
+        rq = fit[0] if fit else min(cands, key=lambda r: (r.load / len(r.cpus), r.id))
+        rq.load += u
+        s.rq = rq.id
+        v.priv = s
+        v.processor = self._home_cpu(v, rq)
+
+    def _home_cpu(self, v: Vcpu, rq: _RunQueue) -> int:
+        if v.processor in rq.cpus and (v.affinity is None or v.processor in v.affinity):
+            return v.processor
+        return next(c for c in rq.cpus if v.affinity is None or c in v.affinity)
+
+    def remove_unit(self, v: Vcpu) -> None:
+        s: CbsServer = v.priv
+        self.sleep(v)
+        if s.timer is not None:
+            s.timer.cancel()
+        self.rqs[s.rq].load -= s.utilisation
+
+    def pick_resource(self, v: Vcpu) -> int:
+        return int(v.processor)
+
+    # -- queues --------------------------------------------------------------------
+
+    def _enqueue(self, v: Vcpu, s: CbsServer) -> None:
+        e = s.key(v)
+        s.entry = e
+        self.rqs[s.rq].queue.insert(e)
+
+    def _dequeue(self, s: CbsServer) -> None:
+        if s.entry is not None:
+            self.rqs[s.rq].queue.remove(s.entry)
+            s.entry = None
+
+    def _move(self, v: Vcpu, s: CbsServer, rq: _RunQueue) -> None:
+        """Reassign ``v`` (not queued) to ``rq``."""
+        if rq.id != s.rq:
+            u = s.utilisation
+            self.rqs[s.rq].load -= u
+            rq.load += u
+            s.rq = rq.id
+            self.migrations += 1
+
+    def _running_key(self, c: int, now: int) -> tuple[Any, ...] | None:
+        """The key of what runs on pCPU ``c`` (idle: ``_IDLE_KEY``), None if unusable now."""
+        p = self.host.pcpus[c]
+        if p.inject_until > now:
+            return None  # forced idle: nothing can run there
+        cur = p.curr
+        if cur is None or cur.state is not _RUNNING:
+            return _IDLE_KEY
+        cs: CbsServer = cur.priv
+        return cs.key(cur)
+
+    def _tickle(self, v: Vcpu, s: CbsServer, now: int) -> None:
+        """Reschedule the pCPU of ``v``'s run queue it should preempt (idle first)."""
+        rq = self.rqs[s.rq]
+        aff = v.affinity
+        best: int | None = None
+        best_key: tuple[Any, ...] = ()
+        order = sorted(rq.cpus, key=lambda c: (c != v.processor, c))
+        for c in order:
+            if c in self.tickled or (aff is not None and c not in aff):
+                continue
+            k = self._running_key(c, now)
+            if k is None:
+                continue
+            if k is _IDLE_KEY:
+                best = c
+                break
+            if best is None or k > best_key:
+                best, best_key = c, k
+        if best is None:
+            return
+        if best_key and not s.key(v) < best_key:
+            return
+        self.tickled.add(best)
+        self.host.tickle(best)
+
+    def _push_target(self, v: Vcpu, s: CbsServer, now: int) -> _RunQueue:
+        """Where a waking vCPU should queue (see "Placement and balancing")."""
+        own = self.rqs[s.rq]
+        if not self.balance or len(self.rqs) == 1:
+            return own
+        key = s.key(v)
+        best: _RunQueue = own
+        best_latest: tuple[Any, ...] | None = None
+        for rq in sorted(self.rqs, key=lambda r: r.id != own.id):
+            latest: tuple[Any, ...] | None = None
+            for c in rq.cpus:
+                if v.affinity is not None and c not in v.affinity:
+                    continue
+                if c in self.tickled:
+                    continue
+                k = self._running_key(c, now)
+                if k is not None and (latest is None or k > latest):
+                    latest = k
+            if latest is _IDLE_KEY:
+                return rq
+            if latest is not None and latest > key and (best_latest is None
+                                                        or latest > best_latest):
+                best, best_latest = rq, latest
+        return best
+
+    # -- hooks ---------------------------------------------------------------------
+
+    def wake(self, v: Vcpu) -> None:
+        s: CbsServer = v.priv
+        if s.entry is not None:
+            return
+        now = self.host.engine.now
+        s.wake(now)
+        if s.throttled:
+            return  # the replenishment queues it
+        rq = self._push_target(v, s, now)
+        if rq.id != s.rq:
+            self._move(v, s, rq)
+            v.processor = self._home_cpu(v, rq)
+        self._enqueue(v, s)
+        self._tickle(v, s, now)
+
+    def sleep(self, v: Vcpu) -> None:
+        s: CbsServer = v.priv
+        self._dequeue(s)
+
+    def _replenisher(self, v: Vcpu) -> Callable[[], None]:
+        return lambda: self._replenish(v)
+
+    def _replenish(self, v: Vcpu) -> None:
+        s: CbsServer = v.priv
+        now = self.host.engine.now
+        s.replenish(now)
+        if v.state is _RUNNABLE and s.entry is None:
+            self._enqueue(v, s)
+            self._tickle(v, s, now)
+
+    def do_schedule(self, pcpu: Pcpu, now: int, idle_forced: bool) -> Decision:
+        self.tickled.discard(pcpu.id)
+        prev = pcpu.curr
+        if prev is not None:
+            s: CbsServer = prev.priv
+            if s.charge(now - s.last_start):
+                s.timer = self.host.engine.at(max(now, s.deadline),
+                                              self._replenisher(prev))
+            elif prev.state is _RUNNING:
+                self._enqueue(prev, s)
+        if idle_forced:
+            return IDLE
+        rq = self.rqs[self.rq_of[pcpu.id]]
+        e = rq.queue.first(pcpu.id)
+        if e is None and self.balance:
+            e = self._pull(pcpu.id, rq)
+        if e is None:
+            return IDLE
+        rq.queue.remove(e)
+        v = e[4]
+        s = v.priv
+        s.entry = None
+        s.last_start = now
+        return Decision(v, s.left)
+
+    def _pull(self, c: int, into: _RunQueue) -> Any:
+        """The earliest vCPU another run queue has that may run on ``c``, moved to ``into``."""
+        best = None
+        for rq in self.rqs:
+            if rq is into:
+                continue
+            e = rq.queue.first(c)
+            if e is not None and (best is None or e < best):
+                best = e
+        if best is None:
+            return None
+        v = best[4]
+        s: CbsServer = v.priv
+        self._dequeue(s)
+        self._move(v, s, into)
+        e = s.key(v)
+        s.entry = e
+        into.queue.insert(e)
+        return e
+
+    def adjust(self, dom: Domain, params: Mapping[str, Any]) -> dict[str, Any]:
+        """New parameters; each vCPU's server takes them (deadline and budget kept)."""
+        out = super().adjust(dom, params)
+        for v in dom.vcpus:
+            s: CbsServer = v.priv
+            new = self._server(dom, s.index)
+            self.rqs[s.rq].load += new.utilisation - s.utilisation
+            s.budget_ns, s.period_ns, s.hard = new.budget_ns, new.period_ns, new.hard
+            s.left = min(s.left, s.budget_ns)
+        return out
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "scheduler": self.name, "runqueue": self.level, "balance": self.balance,
+            "migrations": self.migrations,
+            "runqueues": [
+                {"cpus": list(rq.cpus), "load": round(rq.load, 6),
+                 "queued": [{"vcpu": e[4].name, "deadline": e[1]} for e in rq.queue.items]}
+                for rq in self.rqs],
+        }
