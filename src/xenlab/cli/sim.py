@@ -86,8 +86,10 @@ def _host_line(r: RunReport) -> str:
     idle = sum(p.idle_pct for p in m.pcpus) / len(m.pcpus)
     inj = sum(p.injected_ns for p in m.pcpus) / max(1, m.duration_ns * len(m.pcpus)) * 100
     sw = sum(p.switches for p in m.pcpus)
+    energy = dict(r.extra).get("energy", {})
+    watts = f", {energy['joules']:.2f} J ({energy['avg_w']:.1f} W)" if energy else ""
     return (f"{escape(r.choice.name)}: {len(m.pcpus)} pCPUs, idle {idle:.1f} % "
-            f"(forced {inj:.1f} %), {sw} context switches, {m.events} events")
+            f"(forced {inj:.1f} %), {sw} switches, {m.events} events{watts}")
 
 
 def _verdicts(reports: Sequence[RunReport]) -> bool:

@@ -28,6 +28,8 @@ DPI = 100
 WIDTH_IN = 10.0
 #: Height of the line plots, inches.
 HEIGHT_IN = 5.0
+#: Samples in the idle plot's running mean (with report.IDLE_STEP_MIN_NS, >= 100 ms).
+ROLLING = 5
 
 
 def gantt_size(nr_pcpus: int) -> tuple[int, int]:
@@ -126,7 +128,14 @@ def idle_png(r: RunReport) -> bytes:
     fig = _figure(HEIGHT_IN)
     ax = fig.add_axes((0.08, 0.12, 0.88, 0.8))
     ts = [t / 1e6 for t, _ in r.idle_series]
-    ax.plot(ts, [pct for _, pct in r.idle_series], label="measured idle")
+    raw = [pct for _, pct in r.idle_series]
+    # Injection comes in cycles of tens of ms: a single sample swings between 0
+    # and 100 %, so the line to read is the mean over the last ROLLING samples.
+    k = ROLLING
+    smooth = [sum(raw[max(0, i - k + 1):i + 1]) / len(raw[max(0, i - k + 1):i + 1])
+              for i in range(len(raw))]
+    ax.plot(ts, raw, color="tab:blue", alpha=0.25, linewidth=0.8, label="idle per sample")
+    ax.plot(ts, smooth, color="tab:blue", label=f"idle, mean of {k} samples")
     if r.idle_target is not None:
         ax.axhline(r.idle_target, color="red", linestyle="--", label="target")
     ax.set_ylim(0, 100)

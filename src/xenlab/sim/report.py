@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xenlab.sim.metrics import RunMetrics, summarize
+from xenlab.sim.power import PowerMeter
 from xenlab.sim.scenario import (
     Expectation,
     Scenario,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IDLE_SAMPLES",
+    "IDLE_STEP_MIN_NS",
     "RunReport",
     "Verdict",
     "check",
@@ -53,6 +55,9 @@ __all__ = [
 #: Points in the idle-vs-target series: enough for a smooth line over any
 #: run length, few enough that sampling costs nothing next to the run.
 IDLE_SAMPLES = 200
+#: The shortest idle sampling step: two of PowerClamp's cycles at 25 % (24 ms
+#: each), so a sample sees whole cycles rather than one injection or none.
+IDLE_STEP_MIN_NS = 20_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,14 +135,16 @@ def run_scenario(scenario: Scenario, scheduler: str | None = None,
     seed = scenario.seed if seed is None else seed
     host = build_host(scenario, scheduler, seed)
     clamp = attach_powerclamp(scenario, host)
+    meter = PowerMeter(host, scenario.power)
     sampler = None
     if clamp is not None:
-        sampler = _IdleSampler(host, max(1, scenario.duration_ns // IDLE_SAMPLES))
+        step = max(IDLE_STEP_MIN_NS, scenario.duration_ns // IDLE_SAMPLES)
+        sampler = _IdleSampler(host, step)
     host.run(scenario.duration_ns)
     host.finish()
     metrics = summarize(host, seed=seed)
     choice = scenario.choice(scheduler)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"energy": meter.report().to_json()}
     target = None
     if clamp is not None:
         target = float(dict(scenario.powerclamp or ()).get("target", 0))
@@ -160,7 +167,7 @@ def _measure(e: Expectation, bound: str, m: RunMetrics) -> float:
     vcpus = [v for v in m.vcpus
              if (e.vcpu is None or v.name == e.vcpu) and (e.domain is None or v.domain == e.domain)]
     dur = m.duration_ns or 1
-    if bound == "misses_max":
+    if bound.startswith("misses"):
         return float(sum(v.misses for v in vcpus))
     if bound == "jobs_min":
         return float(sum(v.jobs for v in vcpus))

@@ -45,7 +45,12 @@ Format
     budget = 4000
 
     [powerclamp]                   # idle injection (xenlab.sim.powerclamp)
-    target = 25                    # percent idle; other keys go to the model as options
+    target = 25                    # percent idle (cur_state); duration_ms, window_size, cpus
+
+    [power]                        # the energy model (xenlab.sim.power; these are defaults)
+    busy_w = 10.0
+    cstates = [{ name = "C1", watts = 3.0, after_us = 0 },
+               { name = "C6", watts = 0.5, after_us = 600 }]
 
     [[expect]]                     # claims `xenlab sim run --check` and the tests verify
     schedulers = ["sedf-cbs", "rtds"]   # default: every scheduler
@@ -108,6 +113,7 @@ from xenlab.sim.workload import CyclicProbe, Hog, IoBound, Periodic, Sporadic
 if TYPE_CHECKING:
     from xenlab.sim.host import Host
     from xenlab.sim.model import Vcpu
+    from xenlab.sim.power import PowerModel
     from xenlab.sim.powerclamp import PowerClamp
     from xenlab.sim.schedulers.base import Scheduler
     from xenlab.sim.workload import Workload
@@ -239,6 +245,7 @@ class Expectation:
 #: Bounds an ``[[expect]]`` entry may give, and what each one reads.
 EXPECT_BOUNDS = {
     "misses_max": "deadline misses (vCPU, domain or host total)",
+    "misses_min": "deadline misses (a baseline that is expected to fail)",
     "jobs_min": "jobs released",
     "cpu_pct_min": "CPU time in percent of one pCPU over the run",
     "cpu_pct_max": "CPU time in percent of one pCPU over the run",
@@ -266,6 +273,7 @@ class Scenario:
     domains: tuple[DomainSpec, ...]
     trace_ns: tuple[int, int]
     powerclamp: tuple[tuple[str, Any], ...] | None
+    power: PowerModel
     expect: tuple[Expectation, ...]
     raw_json: str
 
@@ -512,7 +520,7 @@ def _show(value: Any) -> str:
 
 # -- the scenario ------------------------------------------------------------------------------
 
-_TOP = ("sim", "scheduler", "host", "domain", "powerclamp", "expect", "name")
+_TOP = ("sim", "scheduler", "host", "domain", "powerclamp", "power", "expect", "name")
 _SIM = ("duration_ns", "duration_us", "duration_ms", "duration_s", "seed", "scheduler",
         "compare", "trace_ns", "trace_us", "trace_ms", "trace_s")
 _HOST = ("pcpus", "sockets", "cores", "threads", "llc_per_socket", "nodes_per_socket", "cpus",
@@ -572,13 +580,15 @@ def scenario_from_dict(raw: Mapping[str, Any], *, source: str) -> Scenario:
     domains = _domains(ck, raw.get("domain"), topology, registry, variants)
     trace = _trace(ck, sim, duration)
     clamp = _powerclamp(ck, raw.get("powerclamp"))
+    power = _power(ck, raw.get("power", {}))
     kinds = {c.kind for c in (default, *variants.values(), *compare)}
     for d in domains:
         for kind in sorted(kinds):
             _check_params(ck, d, kind, registry)
     expect = _expect(ck, raw.get("expect", []), domains, registry, variants)
     return Scenario(source, name, duration, seed, default, tuple(compare),
-                    tuple(variants.values()), topology, domains, trace, clamp, expect, raw_json)
+                    tuple(variants.values()), topology, domains, trace, clamp, power, expect,
+                    raw_json)
 
 
 def _known_scheduler(ck: _Checker, name: str, key: str, registry: Mapping[str, Any],
@@ -695,6 +705,41 @@ def _powerclamp(ck: _Checker, value: Any) -> tuple[tuple[str, Any], ...] | None:
         if isinstance(v, Mapping):
             raise ck.fail(f"powerclamp.{k}", f"expected a number or a list, got {_show(v)}")
     return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(tbl.items()))
+
+
+def _power(ck: _Checker, value: Any) -> PowerModel:
+    """``[power]``: busy_w and cstates = [{name, watts, after_us}] (default: sim.power's)."""
+    from xenlab.sim.power import CState, PowerModel
+
+    tbl = ck.table(value, "power")
+    ck.only(tbl, "power", ("busy_w", "cstates"))
+    default = PowerModel()
+    busy = tbl.get("busy_w", default.busy_w)
+    if isinstance(busy, bool) or not isinstance(busy, int | float) or busy < 0:
+        raise ck.fail("power.busy_w", f"expected watts (a number >= 0), got {_show(busy)}")
+    cstates = default.cstates
+    if "cstates" in tbl:
+        rows = tbl["cstates"]
+        if not isinstance(rows, list) or not rows:
+            raise ck.fail("power.cstates", "expected a non-empty list of {name, watts, after_us}")
+        got = []
+        for i, row in enumerate(rows):
+            where = f"power.cstates[{i}]"
+            row = ck.table(row, where)
+            ck.only(row, where, ("name", "watts", *(f"after_{u}" for u in _UNITS)))
+            name, watts = row.get("name"), row.get("watts")
+            if not isinstance(name, str):
+                raise ck.fail(f"{where}.name", "missing or not a string")
+            if isinstance(watts, bool) or not isinstance(watts, int | float) or watts < 0:
+                raise ck.fail(f"{where}.watts", f"expected watts (>= 0), got {_show(watts)}")
+            after = _req(ck.duration(row, "after", where, required=False, positive=False,
+                                     default=0))
+            got.append(CState(name, float(watts), after))
+        cstates = tuple(got)
+    try:
+        return PowerModel(float(busy), cstates)
+    except XenlabError as err:
+        raise ck.fail("power.cstates", str(err)) from err
 
 
 def attach_powerclamp(scenario: Scenario, host: Host) -> PowerClamp | None:
