@@ -193,7 +193,7 @@ class MpEdf(SchedulerBase):
             if k is None:
                 continue
             if k is _IDLE_KEY:
-                best = c
+                best, best_key = c, ()
                 break
             if best is None or k > best_key:
                 best, best_key = c, k

@@ -19,7 +19,8 @@ Design
 The special cases (what CBS replaces)
     On wake at t, with period begin b and deadline d:
 
-    * first wake ever: d = t + slice (not t + period);
+    * first wake ever: d = t + slice (not t + period), then the rules below
+      (so the first wake is already a short block);
     * t < b ("unblocking in extra time"): nothing changes;
     * b <= t < d ("short block"): no more real-time this period, d += period,
       a fresh slice from the next period on, and the slice left is owed as
