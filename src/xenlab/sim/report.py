@@ -104,14 +104,15 @@ class RunReport:
 class _IdleSampler:
     """Every ``step`` ns, the mean idle share of the pCPUs since the last sample."""
 
-    __slots__ = ("host", "last", "out", "step")
+    __slots__ = ("host", "last", "last_t", "out", "step")
 
     def __init__(self, host: Host, step: int) -> None:
         self.host = host
         self.step = step
         self.last = [0] * len(host.pcpus)
+        self.last_t = 0
         self.out: list[tuple[int, float]] = []
-        host.engine.at(step, self.sample)
+        host.engine.at(step, self._tick)
 
     def _idle(self) -> list[int]:
         now = self.host.engine.now
@@ -119,14 +120,20 @@ class _IdleSampler:
         return [p.idle_ns + (now - p.last_acct if p.curr is None else 0)
                 for p in self.host.pcpus]
 
+    def _tick(self) -> None:
+        self.sample()
+        self.host.engine.at(self.host.engine.now + self.step, self._tick)
+
     def sample(self) -> None:
+        """Record the idle share since the last sample (nothing when no time passed)."""
         now = self.host.engine.now
+        if now <= self.last_t:
+            return
         idle = self._idle()
-        span = self.step * len(idle)
+        span = (now - self.last_t) * len(idle)
         pct = 100.0 * sum(i - j for i, j in zip(idle, self.last, strict=True)) / span
         self.out.append((now, round(pct, 6)))
-        self.last = idle
-        self.host.engine.at(now + self.step, self.sample)
+        self.last, self.last_t = idle, now
 
 
 def run_scenario(scenario: Scenario, scheduler: str | None = None,
@@ -141,6 +148,8 @@ def run_scenario(scenario: Scenario, scheduler: str | None = None,
         step = max(IDLE_STEP_MIN_NS, scenario.duration_ns // IDLE_SAMPLES)
         sampler = _IdleSampler(host, step)
     host.run(scenario.duration_ns)
+    if sampler is not None:
+        sampler.sample()  # the last interval, up to the end of the run
     host.finish()
     metrics = summarize(host, seed=seed)
     choice = scenario.choice(scheduler)

@@ -404,9 +404,6 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 def _resolve(path: Path, shown: str, chain: tuple[Path, ...]) -> dict[str, Any]:
     """The file with its includes merged in and its rt-app files read."""
     real = path.resolve()
-    if real in chain:
-        names = " -> ".join(p.name for p in (*chain[chain.index(real):], real))
-        raise ScenarioError(shown, "include", f"cyclic include: {names}")
     data = _read_toml(path, shown)
     inc = data.pop("include", None)
     merged: dict[str, Any] = {}
@@ -418,6 +415,11 @@ def _resolve(path: Path, shown: str, chain: tuple[Path, ...]) -> dict[str, Any]:
             target = path.parent / name
             if not target.is_file():
                 raise ScenarioError(shown, "include", f"no such file {name!r}")
+            seen = (*chain, real)
+            if target.resolve() in seen:  # named in the file whose include closes the cycle
+                loop = seen[seen.index(target.resolve()):]
+                names = " -> ".join(p.name for p in (*loop, target.resolve()))
+                raise ScenarioError(shown, "include", f"cyclic include: {names}")
             merged = _merge(merged, _resolve(target, str(target), (*chain, real)))
     _inline_rtapp(data, path, shown)
     return _merge(merged, data)
