@@ -80,6 +80,18 @@ def test_strip_header_and_trailer() -> None:
     assert len(res.changes) == 2
 
 
+def test_image_zero_with_a_broken_pcir_pointer_is_not_a_header() -> None:
+    # 55 AA at 0 whose size reaches the next image is image 0 with a bad PCIR
+    # pointer: reported as such, and strip-header must not delete it.
+    data = bytearray(b.multi())
+    data[0x18] ^= 0xFF
+    rom = parse_rom(bytes(data))
+    assert rom.header_offset == 0 and rom.images[0].offset == 0
+    assert any(p.offset == 0x18 and "PCIR pointer" in p.message for p in rom.all_problems())
+    with pytest.raises(FormatError, match="PCIR pointer"):
+        fix_rom(bytes(data), strip_header=True)
+
+
 def test_header_kept_without_strip() -> None:
     data = b.rom(b.x86_image(checksum=False), header=bytes(0x123))
     res = fix_rom(data)

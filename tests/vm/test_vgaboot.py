@@ -247,3 +247,25 @@ def test_passthrough_needs_the_device_bound_to_vfio(tmp_path: Path) -> None:
         check_vfio("04:00.0", sysfs=tmp_path)
     with pytest.raises(XenlabError, match="not a PCI address"):
         check_vfio("../../etc", sysfs=tmp_path)
+
+
+@pytest.mark.integration
+def test_relative_out_and_odd_names(tmp_path: Path, guest_image: object,
+                                    monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # QEMU runs in / once daemonized: a relative --out must still land here.
+    monkeypatch.chdir(tmp_path)
+    state = str(tmp_path / "state")
+    code, out, err = run_cli(capsys, "rom", "boot", str(_rom("vgabios-stdvga.bin")), "--check",
+                             "--out", "rel", "--name", 'we"ird', "--json", "--state-dir", state)
+    assert code == 0, out + err
+    result = json.loads(out)
+    assert result["ran"] and result["domain"] == 'we"ird'
+    assert (tmp_path / "rel" / "we-ird.png").is_file()
+    assert 'name = "we\\"ird"' in (tmp_path / "rel" / "we-ird.cfg").read_text()
+    # --cfg in the output directory would be overwritten: refused before anything starts.
+    cfg = write_config(tmp_path / "rel", "vg2")
+    code, out, err = run_cli(capsys, "rom", "boot", str(_rom("vgabios-stdvga.bin")),
+                             "--cfg", str(cfg), "--out", "rel", "--state-dir", state)
+    assert code == 1 and "would be overwritten" in err
+    assert Toolstack(tmp_path / "state").store.list() == []

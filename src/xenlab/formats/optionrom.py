@@ -707,6 +707,11 @@ def _walk(view: memoryview, source: str) -> OptionRom:
     found = None
     if not at_zero or (_u16(view, 0x18) and not _has_pcir(view, 0)):
         found = find_header(view)
+        if at_zero and found is not None and len(view) > 2 and 0 < found <= view[2] * UNIT:
+            # 55 AA at 0 whose size reaches the next image is image 0 with a broken
+            # PCIR pointer, not a vendor header: walk it and report the pointer
+            # (stripping it as a header would delete a BIOS).
+            found = None
     if at_zero and found is None:
         start = 0
     else:

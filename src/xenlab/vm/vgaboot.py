@@ -233,7 +233,7 @@ _DEVICE_IDS: Final[Mapping[str, tuple[int, int]]] = {v: k for k, v in VGA_DEVICE
 _FIRMWARE_GUEST = """\
 # Written by `xenlab rom boot`: a firmware-only guest (no disk, no kernel) whose
 # primary display runs {rom}; SeaBIOS prints its banner and boot attempts on it.
-name = "{name}"
+name = {name}
 type = "hvm"
 memory = 64
 vcpus = 1
@@ -255,7 +255,8 @@ def rom_config(rom: Path, *, name: str, device: str | None, pci: str | None,
     ``pci=[...]``; otherwise an emulated ``device``.  ``vga_rom`` and
     ``vga_rom_device`` are xenlab's keys (xl ignores keys it does not know).
     """
-    text = base_text if base_text is not None else _FIRMWARE_GUEST.format(rom=rom, name=name)
+    text = base_text if base_text is not None else _FIRMWARE_GUEST.format(
+        rom=str(rom).encode("unicode_escape").decode("ascii"), name=_xl_string(name))
     lines = [text.rstrip("\n"), "", "# the VGA BIOS under test"]
     if base_text is not None:
         lines.append(f"name = {_xl_string(name)}")
@@ -358,7 +359,11 @@ def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None
     """
     from xenlab.vm.store import is_alive
 
-    rom = Path(rom).resolve()
+    # Absolute: QEMU, which writes the screen files, runs in / once daemonized.
+    rom, out_dir = Path(rom).resolve(), Path(out_dir).resolve()
+    if any(ord(c) < 0x20 or c == "\x7f" for c in str(rom)):
+        raise XenlabError(f"{str(rom)!r}: a ROM path with control characters cannot go "
+                          "into an xl config")
     if pci is not None:
         pci = check_vfio(pci)
     qdev, warnings = plan_rom(rom, device=device, pci=pci, force=force)
@@ -367,14 +372,22 @@ def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None
     if cfg is not None:
         dc, base = ts.load_config(cfg, overrides)
         dom = name or dc.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg_out = out_dir / f"{dom}.cfg"
-    cfg_out.write_text(rom_config(rom, name=dom, device=qdev, pci=pci, base_text=base))
+    stem = _safe(dom)  # file names in out_dir come from the domain's name
+    cfg_out = out_dir / f"{stem}.cfg"
+    if cfg is not None and cfg_out == Path(cfg).resolve():
+        raise XenlabError(f"{cfg_out} would be overwritten by the config rom boot writes; "
+                          "give --out another directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg_out.write_text(rom_config(rom, name=dom, device=qdev, pci=pci, base_text=base))
+    except OSError as err:
+        raise XenlabError(f"{out_dir}: cannot write the boot's files: "
+                          f"{err.strerror or err}") from err
     rec = ts.create(cfg_out)
     paths = ts.paths(rec)
     log = paths.firmware_log
-    png = out_dir / f"{dom}.png"
-    screen_file = out_dir / f".{dom}.screen"
+    png = out_dir / f"{stem}.png"
+    screen_file = out_dir / f".{stem}.screen"
     try:
         wait_for_boot(log, timeout, alive=lambda: is_alive(rec))
         from xenlab.vm.qmp import run
@@ -387,7 +400,7 @@ def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None
         raise
     finally:
         screen_file.unlink(missing_ok=True)
-    (out_dir / f"{dom}-firmware.log").write_text(firmware_text, encoding="latin-1")
+    (out_dir / f"{stem}-firmware.log").write_text(firmware_text, encoding="latin-1")
     if check:
         ts.destroy(dom)
     report = parse_firmware_log(firmware_text)
