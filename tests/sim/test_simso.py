@@ -19,8 +19,6 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 
-import pytest
-
 from tests.oracle.simso import (
     Outcome,
     Task,
@@ -114,11 +112,6 @@ def test_simso_is_read_as_the_reference_model() -> None:
     assert not bad, ", ".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mpedf._tickle: when the waking vCPU's own pCPU is busy and another is idle, the idle one "
-    "is chosen but best_key keeps the busy pCPU's key, so a later-deadline wake tickles "
-    "nobody and waits (seed 22 here: misses (2, 2, 0, 0, 0), SimSo (0, 0, 0, 0, 0)); "
-    "remove this marker with the fix"))
 def test_gedf_matches_simso() -> None:
     bad, missed, misses = [], 0, 0
     for seed, m, tasks in _sets(2, SETS):
