@@ -151,16 +151,42 @@ def _lock_path() -> Path:
     return Path(tempfile.gettempdir()) / f"{_LOCK_NAME}.{os.getuid()}"
 
 
+def _open_lock(path: Path) -> int:
+    """A read-only descriptor on the lock file, made if missing (flock needs no write access).
+
+    Read-only because another user may own the file (0644 after their
+    umask).  An existing file is opened without O_CREAT: a sticky /run/lock
+    under fs.protected_regular refuses O_CREAT on another user's file.
+    """
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pass
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except PermissionError:
+        # Another user made it between the two opens (protected_regular).
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
 @contextlib.asynccontextmanager
-async def host_lock(timeout: float = 30.0) -> AsyncIterator[None]:
+async def host_lock(timeout: float = 30.0, *, path: Path | None = None) -> AsyncIterator[None]:
     """The host-wide hotplug lock: choosing a free name and creating it is one step.
 
     Interface names are one namespace per host while domain ids are one per
     state store, so toolstacks on other state directories race for the same
-    names; an flock on a file in /run/lock serialises them.
+    names; an flock on a file in /run/lock serialises them (``path`` is for
+    tests).  Any user's toolstack can take it: the file is opened read-only.
+
+    :raise HotplugError: the lock file cannot be opened or made (naming it),
+        or the lock is still held after ``timeout`` seconds.
     """
-    path = _lock_path()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    path = _lock_path() if path is None else path
+    try:
+        fd = _open_lock(path)
+    except OSError as err:
+        raise HotplugError(f"hotplug lock {path}: cannot open it: {err.strerror or err}"
+                           ) from err
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
