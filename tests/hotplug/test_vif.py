@@ -216,3 +216,33 @@ def test_a_failing_script_is_reported_with_its_stderr_and_the_tap_removed(
     with pytest.raises(HotplugError, match="nope is not a file"):
         asyncio.run(online(missing))
     assert not link_exists(missing.vifname)
+
+
+def test_only_bare_names_and_xens_own_scripts_are_the_built_ins() -> None:
+    from xenlab.hotplug import VIF_SCRIPTS, builtin_script
+
+    bridge, route = VIF_SCRIPTS["vif-bridge"], VIF_SCRIPTS["vif-route"]
+    assert builtin_script("vif-bridge") is bridge
+    assert builtin_script("/etc/xen/scripts/vif-route") is route
+    assert builtin_script("/etc/xen/scripts/../scripts/vif-bridge") is bridge
+    for site in ("/opt/site/vif-bridge", "./vif-bridge", "scripts/vif-route",
+                 "/etc/xen/scripts/my-vif", "vif-nat"):
+        assert builtin_script(site) is None, site
+
+
+def test_a_site_script_named_like_a_built_in_is_run(tmp_path: Path, bridge: str) -> None:
+    log = tmp_path / "calls.log"
+    site = tmp_path / "site"
+    site.mkdir()
+    script = site / "vif-bridge"
+    script.write_text(RECORDER.format(log=log))
+    script.chmod(0o755)
+    up = asyncio.run(online(new_vif(script=str(script), bridge=bridge)))
+    try:
+        assert link(up.vifname)["master"] == bridge
+        # The site's script ran, not the built-in: the tap keeps its own MAC.
+        assert link(up.vifname)["address"] != "fe:ff:ff:ff:ff:ff"
+    finally:
+        asyncio.run(offline(up))
+    assert [c.split("\n")[0] for c in log.read_text().split("argv: ")[1:]] == [
+        "online type_if=vif", "offline type_if=vif"]

@@ -19,8 +19,9 @@ does the same for xenlab's QEMU guests, behind one small API::
 - :func:`online` (``vif``) makes the backend device, a persistent tap named
   like Xen's backend ``vif<domid>.<devid>`` (or ``vifname=``) and owned by
   the caller's user so QEMU opens it with ``ifname=``, then runs the script:
-  the built-ins ``vif-bridge`` and ``vif-route`` run in-process
-  (:data:`VIF_SCRIPTS`, a :class:`VifScript` each); any other ``script=``
+  the built-ins ``vif-bridge`` and ``vif-route`` (named bare or as Xen's
+  ``/etc/xen/scripts/NAME``) run in-process (:data:`VIF_SCRIPTS`, a
+  :class:`VifScript` each); any other ``script=``, ``/opt/site/vif-bridge`` too,
   is a user's executable, run with Xen's calling convention
   (:mod:`xenlab.hotplug.script` documents exactly what it gets).
   :func:`offline` runs the script with ``offline`` and removes the tap.

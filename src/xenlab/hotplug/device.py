@@ -52,8 +52,9 @@ class Vif:
 
     ``vifname`` is the tap's name: Xen's backend name ``vif<domid>.<devid>``
     (:func:`default_vifname`) unless the config's ``vifname=`` gives one.
-    ``script`` is a built-in (``vif-bridge``, ``vif-route``, also when given
-    as a path ending in that name) or a user's executable.  ``bridge`` is the
+    ``script`` is a built-in (``vif-bridge``, ``vif-route``, bare or as Xen's
+    ``/etc/xen/scripts/NAME``) or a user's executable (any other path, even
+    one ending in a built-in's name).  ``bridge`` is the
     config's ``bridge=`` (vif-bridge uses :data:`DEFAULT_BRIDGE` without
     one).  ``mac`` is the guest's address (``00:16:3e:..``); ``mtu`` None
     means "the bridge's" (as libxl's 0); ``ip`` is xl's ``ip=``, a

@@ -7,6 +7,9 @@ executable with Xen's calling convention (:mod:`xenlab.hotplug.script`).
 ``offline`` runs the script with ``offline`` and removes the tap.
 
 Built-in scripts (each a :class:`VifScript`)
+    They stand in for ``script=NAME`` and for Xen's own
+    ``/etc/xen/scripts/NAME`` (:func:`builtin_script`); a script of the same
+    name anywhere else is the site's own and is run as a user's script.
     vif-bridge
         The bridge (``bridge=``, else ``xenbr0`` as libxl) must exist and be a
         bridge, or nothing is made; the tap gets the MAC fe:ff:ff:ff:ff:ff
@@ -41,7 +44,7 @@ from typing import Final, Protocol
 
 from xenlab.hotplug.device import DEFAULT_BRIDGE, IFNAMSIZ, HotplugError, Vif, VifAction
 from xenlab.hotplug.netlink import Link, Netlink, host_lock, netlink
-from xenlab.hotplug.script import run_vif_script
+from xenlab.hotplug.script import XEN_SCRIPT_DIR, run_vif_script
 
 __all__ = ["VIF_SCRIPTS", "VifBridge", "VifRoute", "VifScript", "builtin_script", "offline",
            "online"]
@@ -126,7 +129,7 @@ class VifRoute:
         return None  # the kernel drops a link's routes with the link
 
 
-#: The built-in scripts by name (``script=vif-bridge``, or a path ending in the name).
+#: The built-in scripts by name (``script=vif-bridge`` or Xen's /etc/xen/scripts/vif-bridge).
 VIF_SCRIPTS: Final[dict[str, VifScript]] = {
     "vif-bridge": VifBridge(),
     "vif-route": VifRoute(),
@@ -134,8 +137,17 @@ VIF_SCRIPTS: Final[dict[str, VifScript]] = {
 
 
 def builtin_script(script: str) -> VifScript | None:
-    """The built-in for ``script`` (``vif-bridge``, ``/etc/xen/scripts/vif-route``...), or None."""
-    return VIF_SCRIPTS.get(PurePath(script).name)
+    """The built-in standing in for ``script``, or None when it is a user's script to run.
+
+    A bare name (``vif-bridge``) or Xen's own script of that name
+    (``/etc/xen/scripts/vif-route``, :data:`~xenlab.hotplug.script.XEN_SCRIPT_DIR`)
+    is the built-in; any other path is the site's script and is run, even
+    when it is called ``vif-bridge`` too (``/opt/site/vif-bridge``).
+    """
+    if "/" not in script:
+        return VIF_SCRIPTS.get(script)
+    path = PurePath(os.path.normpath(script))  # "./vif-bridge" stays a path: the user's
+    return VIF_SCRIPTS.get(path.name) if path.parent == XEN_SCRIPT_DIR else None
 
 
 def _variant(name: str, n: int) -> str:
