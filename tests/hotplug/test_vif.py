@@ -102,6 +102,32 @@ def test_an_interface_that_is_not_a_bridge_is_refused() -> None:
         ip("link", "del", dummy, check=False)
 
 
+def test_a_stale_record_never_removes_a_newer_tap_of_the_same_name(bridge: str) -> None:
+    # Store A's domain had the tap; it went (QEMU killed, the host end cleaned
+    # up elsewhere) but A's record still names it.  Store B's domain then got
+    # a tap of the same name.
+    first = asyncio.run(online(new_vif(bridge=bridge)))
+    assert first.ifindex == link(first.vifname)["ifindex"] and first.boot_id
+    stale = vif_to_json(first)
+    ip("link", "del", first.vifname)
+    second = asyncio.run(online(new_vif(bridge=bridge, vifname=first.vifname)))
+    try:
+        assert second.ifindex != first.ifindex
+        # A's clean-up, from its record: B's tap is not A's, it stays (and enslaved).
+        assert asyncio.run(offline(vif_from_json(stale))) is False
+        assert link(second.vifname)["master"] == bridge
+        # A record from before the reboot the tap was made in names no tap either.
+        rebooted = vif_from_json({**vif_to_json(second), "boot_id": "an-earlier-boot"})
+        assert asyncio.run(offline(rebooted)) is False
+        assert link_exists(second.vifname)
+        # Records from before ifindexes were kept: any tap of the name, as before.
+        old = {k: v for k, v in vif_to_json(second).items() if k not in ("ifindex", "boot_id")}
+        assert asyncio.run(offline(vif_from_json(old))) is True
+        assert not link_exists(second.vifname)
+    finally:
+        asyncio.run(offline(second))
+
+
 def test_a_taken_name_is_refused_or_varied(bridge: str) -> None:
     first = asyncio.run(online(new_vif(bridge=bridge, vifname="xlvif-longname0")))
     try:
@@ -136,7 +162,8 @@ def test_vif_route_brings_the_tap_up_with_host_routes() -> None:
 
 def test_vif_json_round_trip() -> None:
     vif = Vif(domid=3, devid=1, vifname="vif3.1", script="/x/y", bridge="br", mac="m",
-              mtu=9000, ip="1.2.3.4", gatewaydev="eth0", domname="g", uid=5, gid=6)
+              mtu=9000, ip="1.2.3.4", gatewaydev="eth0", domname="g", uid=5, gid=6,
+              ifindex=42, boot_id="b")
     assert vif_from_json(vif_to_json(vif)) == vif
     with pytest.raises(HotplugError, match="needs domid, devid and vifname"):
         vif_from_json({"domid": 3})

@@ -61,6 +61,10 @@ class Vif:
     space-separated list of addresses; ``gatewaydev`` is xl's
     ``gatewaydev=`` (Xen's ``netdev``).  ``uid``/``gid`` own the tap so an
     unprivileged QEMU of that user can open it (None: this process's).
+    ``ifindex`` and ``boot_id`` (the kernel's ``random/boot_id``) say which
+    tap :func:`~xenlab.hotplug.online` made: names are reused, by this host's
+    other toolstacks too, so ``offline`` removes a tap of that name only when
+    it is that one (None, as in records from before: any tap of the name).
     """
 
     domid: int
@@ -75,6 +79,8 @@ class Vif:
     domname: str | None = None
     uid: int | None = None
     gid: int | None = None
+    ifindex: int | None = None
+    boot_id: str | None = None
 
     @property
     def where(self) -> str:
@@ -89,7 +95,7 @@ def default_vifname(domid: int, devid: int) -> str:
 
 
 _FIELDS: Final = ("domid", "devid", "vifname", "script", "bridge", "mac", "mtu", "ip",
-                  "gatewaydev", "domname", "uid", "gid")
+                  "gatewaydev", "domname", "uid", "gid", "ifindex", "boot_id")
 
 
 def vif_to_json(vif: Vif) -> dict[str, Any]:
@@ -120,5 +126,6 @@ def vif_from_json(obj: Mapping[str, Any]) -> Vif:
         script=str(obj.get("script") or DEFAULT_VIF_SCRIPT), bridge=opt_str("bridge"),
         mac=opt_str("mac"), mtu=opt_int("mtu"), ip=opt_str("ip"),
         gatewaydev=opt_str("gatewaydev"), domname=opt_str("domname"),
-        uid=opt_int("uid"), gid=opt_int("gid"),
+        uid=opt_int("uid"), gid=opt_int("gid"), ifindex=opt_int("ifindex"),
+        boot_id=opt_str("boot_id"),
     )

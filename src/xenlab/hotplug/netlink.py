@@ -107,10 +107,18 @@ class Netlink:
             raise HotplugError(f"interface {link.name}: cannot set {what}: {_message(err)}"
                                ) from err
 
-    async def delete(self, name: str) -> bool:
-        """Remove interface ``name``; False when it was not there (not an error)."""
+    async def delete(self, name: str, *, index: int | None = None) -> bool:
+        """Remove interface ``name``; False when it was not there (not an error).
+
+        With ``index``, the interface with that ifindex is removed (``name``
+        is for messages): a name can pass to another interface between a
+        lookup and the removal, an ifindex is not reused.
+        """
         try:
-            await self._ipr.link("del", ifname=name)
+            if index is None:
+                await self._ipr.link("del", ifname=name)
+            else:
+                await self._ipr.link("del", index=index)
         except Exception as err:
             if getattr(err, "code", None) == errno.ENODEV:
                 return False

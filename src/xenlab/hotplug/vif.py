@@ -32,6 +32,9 @@ Design
       bridge, failing user script) removes the tap it made.
     * ``offline`` is idempotent and careful: a tap already gone is fine, and
       an interface of that name that is not a tun/tap device is never removed.
+      ``online`` records the tap's ifindex and the boot it was made in, and
+      ``offline`` removes only that tap (by ifindex): a stale record in one
+      state store never removes another toolstack's live tap of the same name.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import replace
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Final, Protocol
 
 from xenlab.hotplug.device import DEFAULT_BRIDGE, IFNAMSIZ, HotplugError, Vif, VifAction
@@ -53,6 +56,8 @@ log = logging.getLogger(__name__)
 
 #: The MAC of a bridged tap's host end (the guest's MAC is inside QEMU), as Xen sets it.
 HOST_END_MAC: Final = "fe:ff:ff:ff:ff:ff"
+#: Where Linux says which boot this is (a new random id at every boot).
+_BOOT_ID: Final = Path("/proc/sys/kernel/random/boot_id")
 # How many "-N" suffixes to try before giving up on a free name.
 _MAX_VARIANTS: Final = 99
 
@@ -196,18 +201,35 @@ async def online(vif: Vif, *, rename_if_taken: bool = False) -> Vif:
                     )
             else:
                 raise HotplugError(f"{vif.where}: no free name like {vif.vifname}")
-            vif = replace(vif, vifname=name)
             tap = await nl.create_tap(name, uid=uid, gid=gid)
+            vif = replace(vif, vifname=name, ifindex=tap.index, boot_id=_boot_id())
         try:
             if builtin is not None:
                 await builtin.online(nl, vif, tap)
             else:
                 await run_vif_script(vif, VifAction.ONLINE)
         except BaseException:
-            await nl.delete(name)
+            await nl.delete(name, index=tap.index)
             raise
     log.info("%s online (%s)", vif.where, vif.script)
     return vif
+
+
+def _boot_id() -> str | None:
+    """This boot's id: an ifindex recorded before a reboot names nothing."""
+    try:
+        return _BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _is_the_tap(vif: Vif, tap: Link) -> bool:
+    """Whether ``tap`` is the one :func:`online` made for ``vif`` (old records: any)."""
+    if vif.ifindex is None:
+        return True
+    if vif.boot_id is not None and vif.boot_id != _boot_id():
+        return False  # made before a reboot: that tap died with the boot
+    return tap.index == vif.ifindex
 
 
 async def offline(vif: Vif) -> bool:
@@ -215,7 +237,9 @@ async def offline(vif: Vif) -> bool:
 
     Safe to call again, and after QEMU was killed.  A user script that fails
     here is logged, and the tap is removed all the same (a domain going away
-    must not keep its devices).
+    must not keep its devices).  An interface of the name that is not the
+    tap ``online`` made (:attr:`Vif.ifindex`: another toolstack's, made since)
+    counts as gone and is left alone.
 
     :raise HotplugError: the name belongs to an interface that is not a
         tap (it is left alone), or the kernel refused to remove the tap.
@@ -224,6 +248,10 @@ async def offline(vif: Vif) -> bool:
     async with netlink() as nl:
         tap = await nl.link(vif.vifname)
         if tap is None:
+            return False
+        if not _is_the_tap(vif, tap):
+            log.info("%s: %s is another interface now (ifindex %d, the vif's was %s); "
+                     "left alone", vif.where, vif.vifname, tap.index, vif.ifindex)
             return False
         if tap.kind != "tun":
             raise HotplugError(
@@ -237,6 +265,6 @@ async def offline(vif: Vif) -> bool:
                 await run_vif_script(vif, VifAction.OFFLINE)
         except HotplugError as err:
             log.warning("%s", err)
-        await nl.delete(vif.vifname)
+        await nl.delete(vif.vifname, index=tap.index)
     log.info("%s offline", vif.where)
     return True
