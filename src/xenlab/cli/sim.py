@@ -97,7 +97,8 @@ def _verdicts(reports: Sequence[RunReport]) -> bool:
     for r in reports:
         for v in r.verdicts:
             style = "green" if v.ok else "red"
-            stdout.print(f"[{style}]{escape(r.choice.name)}: {escape(str(v))}[/]")
+            stdout.print(f"[{style}]{escape(r.choice.name)}: {escape(str(v))}[/]",
+                         soft_wrap=True)
             ok = ok and v.ok
     return ok
 
@@ -141,7 +142,7 @@ def run(scenario: Path, sched: str | None, seed: int | None, out: Path | None, a
         click.echo(data.decode(), nl=False)
     else:
         stdout.print(_vcpu_table([r]))
-        stdout.print(_host_line(r))
+        stdout.print(_host_line(r), soft_wrap=True)
         _verdicts([r])
         if out is not None:
             stdout.print(f"wrote {escape(str(out))}/")
@@ -183,7 +184,7 @@ def compare(scenario: Path, sched: str | None, seed: int | None, out: Path | Non
     else:
         stdout.print(_vcpu_table(reports))
         for r in reports:
-            stdout.print(_host_line(r))
+            stdout.print(_host_line(r), soft_wrap=True)
         _verdicts(reports)
     if check and not all(r.ok for r in reports):
         bad = ", ".join(r.choice.name for r in reports if not r.ok)
@@ -264,7 +265,7 @@ def check_cmd(scenarios: tuple[Path, ...]) -> None:
         vcpus = sum(len(d.workloads) for d in sc.domains)
         stdout.print(f"{escape(str(path))}: ok: {len(sc.domains)} domains, {vcpus} vCPUs on "
                      f"{sc.topology.nr_cpus} pCPUs, {sc.duration_ns / 1e6:g} ms, schedulers "
-                     f"{escape(', '.join(c.name for c in sc.compare))}")
+                     f"{escape(', '.join(c.name for c in sc.compare))}", soft_wrap=True)
 
 
 @sim.command("schedulers")

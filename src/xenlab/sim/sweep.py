@@ -143,14 +143,16 @@ def run_point(raw_json: str, source: str, point: Point) -> PointResult:
 
 
 def run_sweep(scenario: Scenario, points: Sequence[Point], *, jobs: int | None = None,
-              cluster: str | None = None) -> Iterator[PointResult]:
+              cluster: str | None = None, connect_timeout: float = 30.0
+              ) -> Iterator[PointResult]:
     """Run ``points``, yielding each result as it finishes (in any order).
 
-    ``cluster``: the address of a Dask scheduler (``tcp://host:8786``);
-    otherwise ``jobs`` local processes (None: one per core; 1: in this process).
+    ``cluster``: the address of a Dask scheduler (``tcp://host:8786``),
+    reached within ``connect_timeout`` seconds; otherwise ``jobs`` local
+    processes (None: one per core; 1: in this process).
     """
     if cluster is not None:
-        yield from _on_dask(scenario, points, cluster)
+        yield from _on_dask(scenario, points, cluster, connect_timeout)
         return
     workers = min(jobs or os.cpu_count() or 1, max(1, len(points)))
     if workers <= 1:
@@ -168,7 +170,8 @@ def run_sweep(scenario: Scenario, points: Sequence[Point], *, jobs: int | None =
                 f.cancel()
 
 
-def _on_dask(scenario: Scenario, points: Sequence[Point], address: str) -> Iterator[PointResult]:
+def _on_dask(scenario: Scenario, points: Sequence[Point], address: str,
+             timeout: float) -> Iterator[PointResult]:
     try:
         from dask.distributed import Client
         from dask.distributed import as_completed as dask_completed
@@ -176,7 +179,7 @@ def _on_dask(scenario: Scenario, points: Sequence[Point], address: str) -> Itera
         raise XenlabError("--cluster needs dask.distributed: pip install 'xenlab[cluster]'"
                           ) from err
     try:
-        client = Client(address, timeout=30)  # type: ignore[no-untyped-call]
+        client = Client(address, timeout=timeout)  # type: ignore[no-untyped-call]
     except (OSError, TimeoutError) as err:
         raise XenlabError(f"--cluster {address}: cannot reach the Dask scheduler: {err}") from err
     try:

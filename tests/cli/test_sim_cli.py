@@ -1,0 +1,135 @@
+"""``xenlab sim``: run, compare, sweep, check, schedulers through main(), as a user runs them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from xenlab.cli.main import main
+
+SCENARIO = """
+[sim]
+duration_ms = 100
+seed = 2
+scheduler = "credit"
+compare = ["credit", "null"]
+[host]
+pcpus = 2
+[[domain]]
+name = "rt"
+workload = { kind = "periodic", run_ms = 1, period_ms = 10 }
+[[domain]]
+name = "io"
+workload = { kind = "io", run_us = 300, block_us = 900 }
+[[expect]]
+vcpu = "rt.0"
+misses_max = 0
+"""
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def scenario(tmp_path: Path) -> Path:
+    p = tmp_path / "cli.toml"
+    p.write_text(SCENARIO)
+    return p
+
+
+def test_run_writes_the_report_and_json_is_stable(capsys: pytest.CaptureFixture[str],
+                                                  scenario: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, text, err = run(capsys, "sim", "run", str(scenario), "--out", str(out), "--json")
+    assert code == 0, err
+    assert json.loads(text)["scheduler"]["name"] == "credit"
+    assert (out / "results.json").read_text() == text
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gantt.png", "latency.png", "pcpus.csv", "results.json", "vcpus.csv"]
+    rows = list(csv.DictReader(io.StringIO((out / "vcpus.csv").read_text())))
+    assert [r["vcpu"] for r in rows] == ["rt.0", "io.0"] and rows[0]["jobs"] == "10"
+    png = (out / "gantt.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1000, 250)
+    code, again, _ = run(capsys, "sim", "run", str(scenario), "--json")
+    assert again == text
+    code, other, _ = run(capsys, "sim", "run", str(scenario), "--json", "--seed", "3")
+    assert code == 0 and other != text and json.loads(other)["seed"] == 3
+
+
+def test_run_table_and_check(capsys: pytest.CaptureFixture[str], scenario: Path,
+                             tmp_path: Path) -> None:
+    code, text, _ = run(capsys, "sim", "run", str(scenario), "--sched", "null", "--check")
+    assert code == 0
+    assert "rt.0" in text and "expect[0] rt.0: misses_max 0: got 0 (ok)" in text
+    # A claim that fails: --check exits 1 and says which.
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SCENARIO.replace("misses_max = 0", "jobs_min = 50"))
+    code, text, err = run(capsys, "sim", "run", str(bad), "--check")
+    assert code == 1 and "FAILED" in text and "1 claim(s) failed under credit" in err
+    code, _, _ = run(capsys, "sim", "run", str(bad))
+    assert code == 0  # without --check a failed claim is reported, not an error
+
+
+def test_compare_one_table_and_plots(capsys: pytest.CaptureFixture[str], scenario: Path,
+                                     tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    code, text, err = run(capsys, "sim", "compare", str(scenario), "--out", str(out), "--json")
+    assert code == 0, err
+    data = json.loads(text)
+    assert [r["scheduler"]["name"] for r in data["runs"]] == ["credit", "null"]
+    assert {"compare.png", "gantt-credit.png", "gantt-null.png", "latency-null.png",
+            "compare.json", "vcpus.csv", "pcpus.csv"} <= {p.name for p in out.iterdir()}
+    code, text, _ = run(capsys, "sim", "compare", str(scenario), "--sched", "null,credit")
+    assert code == 0 and text.index("null") < text.index("credit")
+
+
+def test_sweep_table_json_and_files(capsys: pytest.CaptureFixture[str], scenario: Path,
+                                    tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    code, text, err = run(capsys, "sim", "sweep", str(scenario), "--param",
+                          "domain.rt.workload.run_ms=1,12", "--sched", "credit,null",
+                          "--jobs", "1", "--out", str(out), "--json")
+    assert code == 0, err
+    pts = json.loads(text)["points"]
+    assert [(p["params"]["domain.rt.workload.run_ms"], p["scheduler"]) for p in pts] == [
+        (1, "credit"), (1, "null"), (12, "credit"), (12, "null")]
+    assert pts[0]["misses"] == 0 and pts[2]["domains"]["rt"]["misses"] > 0  # 12 ms every 10
+    assert pts[2]["ok"] is False
+    assert (out / "sweep.json").read_text() == text
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    code, text, _ = run(capsys, "sim", "sweep", str(scenario), "--param", "host.pcpus=1,2",
+                        "--jobs", "1")
+    assert code == 0 and "pcpus=1" in text and "pcpus=2" in text
+
+
+def test_errors_and_exit_codes(capsys: pytest.CaptureFixture[str], scenario: Path,
+                               tmp_path: Path) -> None:
+    bad = tmp_path / "neg.toml"
+    bad.write_text(SCENARIO.replace("run_ms = 1,", "run_ms = -1,"))
+    code, _, err = run(capsys, "sim", "run", str(bad))
+    assert code == 1 and err.strip() == (
+        f"{bad}: domain.rt.workload.run_ms: must be positive, got -1")
+    code, _, err = run(capsys, "sim", "run", str(scenario), "--sched", "bfs")
+    assert code == 1 and "scheduler: unknown scheduler 'bfs'" in err
+    code, _, err = run(capsys, "sim", "sweep", str(scenario), "--param", "host.pcpus")
+    assert code == 1 and "expected KEY=V1,V2" in err
+    code, _, err = run(capsys, "sim", "run", str(tmp_path / "missing.toml"))
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(capsys, "sim", "run", str(scenario), "--seed", "-1")
+    assert code == 2
+    code, text, _ = run(capsys, "sim", "check", str(scenario))
+    assert code == 0 and "ok: 2 domains, 2 vCPUs on 2 pCPUs, 100 ms" in text
+    code, text, _ = run(capsys, "sim", "schedulers")
+    assert code == 0 and "credit" in text and "weight=256" in text

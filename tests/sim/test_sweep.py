@@ -1,0 +1,93 @@
+"""sim.sweep: the grid, seeds per point, and the same results in-process, on a pool and on Dask."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from xenlab.errors import XenlabError
+from xenlab.sim.scenario import ScenarioError, load_scenario
+from xenlab.sim.sweep import grid, parse_param, point_seed, run_sweep, sweep_csv, sweep_json
+
+SCENARIO = """
+[sim]
+duration_ms = 200
+seed = 5
+scheduler = "credit"
+[host]
+pcpus = 2
+[[domain]]
+name = "io"
+vcpus = 2
+workload = { kind = "io", run_us = 400, block_us = 600 }
+[[domain]]
+name = "hog"
+workload = { kind = "hog" }
+sched = { weight = 256 }
+"""
+
+
+@pytest.fixture
+def sc_path(tmp_path: Path) -> Path:
+    p = tmp_path / "sw.toml"
+    p.write_text(SCENARIO)
+    return p
+
+
+def test_grid_is_the_product_with_seeds_from_values(sc_path: Path) -> None:
+    sc = load_scenario(sc_path)
+    params = [parse_param("domain.hog.sched.weight=128,512"), parse_param("host.pcpus=1,2")]
+    assert params[0] == ("domain.hog.sched.weight", (128, 512))
+    pts = grid(sc, params, ["credit", "null"])
+    assert len(pts) == 8 and [p.index for p in pts] == list(range(8))
+    # The same values give the same seed under every scheduler ...
+    assert pts[0].seed == pts[1].seed and pts[0].scheduler != pts[1].scheduler
+    # ... and a seed depends on the values, not on the grid they are in.
+    alone = grid(sc, [parse_param("domain.hog.sched.weight=512"),
+                      parse_param("host.pcpus=2")], ["credit"])
+    assert alone[0].seed == pts[6].seed == point_seed(5, pts[6].params)
+    assert len({p.seed for p in pts}) == 4
+    with pytest.raises(ScenarioError, match=r"sw\.toml: host\.pcpus: expected a positive "
+                       "integer, got 0"):
+        grid(sc, [parse_param("host.pcpus=2,0")], ["credit"])
+    with pytest.raises(XenlabError, match="expected KEY=V1,V2"):
+        parse_param("host.pcpus")
+    with pytest.raises(ScenarioError, match="unknown scheduler 'bfs'"):
+        grid(sc, [], ["bfs"])
+
+
+def test_pool_and_in_process_give_the_same_files(sc_path: Path) -> None:
+    sc = load_scenario(sc_path)
+    pts = grid(sc, [parse_param("domain.hog.sched.weight=128,1024"),
+                    parse_param("domain.io.workload.run_us=200,800")], ["credit", "null"])
+    here = list(run_sweep(sc, pts, jobs=1))
+    pool = list(run_sweep(sc, pts, jobs=2))
+    assert sweep_json(sc, here) == sweep_json(sc, pool)
+    data = json.loads(sweep_json(sc, pool))
+    assert [p["index"] for p in data["points"]] == list(range(8))
+    # The parameters took effect: more I/O work per burst, more CPU for the io domain.
+    cpu = {(p["scheduler"], p["params"]["domain.io.workload.run_us"],
+            p["params"]["domain.hog.sched.weight"]): p["domains"]["io"]["cpu_pct"]
+           for p in data["points"]}
+    assert cpu[("credit", 800, 128)] > cpu[("credit", 200, 128)]
+    rows = list(csv.DictReader(io.StringIO(sweep_csv(pool))))
+    assert len(rows) == 8 and rows[3]["domain.io.workload.run_us"] == "800"
+    assert int(rows[0]["io.jobs"]) == data["points"][0]["domains"]["io"]["jobs"]
+
+
+def test_a_dask_local_cluster_runs_the_same_sweep(sc_path: Path) -> None:
+    from dask.distributed import LocalCluster
+
+    sc = load_scenario(sc_path)
+    pts = grid(sc, [parse_param("domain.hog.sched.weight=64,256,1024")], ["credit"])
+    here = sweep_json(sc, list(run_sweep(sc, pts, jobs=1)))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        got = list(run_sweep(sc, pts, cluster=cluster.scheduler_address))
+    assert sweep_json(sc, got) == here
+    with pytest.raises(XenlabError, match="cannot reach the Dask scheduler"):
+        list(run_sweep(sc, pts, cluster="tcp://127.0.0.1:1", connect_timeout=1))
