@@ -129,3 +129,56 @@ def test_cd_insert_and_eject(ts: Toolstack, tmp_path: Path,
     assert run(_medium(ts, "c1", "hdc")) is None
     assert [d.file for d in block_list(ts, "c1") if d.vdev == "hdc"] == [None]
     assert cd_eject(ts, "c1", "hdc").file is None  # ejecting an empty drive is fine
+
+
+async def _qmp(ts: Toolstack, name: str, command: str, args: dict[str, object]) -> object:
+    from xenlab.vm.qmp import Qmp
+
+    async with Qmp.open(ts.paths(ts.get(name)).qmp) as qmp:
+        return await qmp.execute(command, args)
+
+
+def test_a_relative_target_a_late_release_and_a_node_qemu_kept(
+        ts: Toolstack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from xenlab.vm.disks import STALE_NODES
+    from xenlab.vm.qmp import run
+
+    boot(ts, tmp_path, "d2")
+    # A relative target is the caller's file, not one relative to QEMU's / .
+    monkeypatch.chdir(tmp_path)
+    d = block_attach(ts, "d2", "format=qcow2,vdev=xvdb,access=rw,target=rel.qcow2",
+                     create_size="16M")
+    assert d.target == d.file == str(tmp_path / "rel.qcow2")
+    _wait_for(ts, "d2", "ls /sys/block | grep -c vd", "2\n")
+
+    # The guest lets go only after the detach gave up: the record keeps the disk,
+    # and a second detach finds the device gone and only cleans up.
+    with pytest.raises(XenlabError, match="did not release it within 0 s"):
+        block_detach(ts, "d2", "xvdb", timeout=0)
+    assert [x.vdev for x in block_list(ts, "d2")] == ["xvda", "xvdb"]
+    _wait_for(ts, "d2", "ls /sys/block | grep -c vd", "1\n")
+    assert block_detach(ts, "d2", "xvdb").vdev == "xvdb"
+    assert [x.vdev for x in block_list(ts, "d2")] == ["xvda"]
+    subprocess.run(["qemu-img", "info", "rel.qcow2"], check=True, capture_output=True)
+
+    # A clean-up QEMU refuses (another node holds the disk's node): the record
+    # says the disk is gone all the same, and names what QEMU kept.
+    block_attach(ts, "d2", "format=qcow2,vdev=xvdb,access=rw,target=rel.qcow2")
+    _wait_for(ts, "d2", "ls /sys/block | grep -c vd", "2\n")
+    run(_qmp(ts, "d2", "blockdev-add", {"driver": "raw", "node-name": "holder",
+                                        "file": "xvdb-fmt", "read-only": True}))
+    with caplog.at_level("WARNING", logger="xenlab.vm.disks"):
+        block_detach(ts, "d2", "xvdb")
+    assert "detached, but QEMU keeps its nodes (xvdb-fmt: " in caplog.text
+    assert [x.vdev for x in block_list(ts, "d2")] == ["xvda"]
+    assert "xvdb-fmt" in ts.get("d2").extra[STALE_NODES]["xvdb"]
+    # While the node is held, an attach says so and changes nothing ...
+    with pytest.raises(XenlabError, match="QEMU keeps nodes of an earlier xvdb: xvdb-fmt"):
+        block_attach(ts, "d2", "format=qcow2,vdev=xvdb,access=rw,target=rel.qcow2")
+    assert [x.vdev for x in block_list(ts, "d2")] == ["xvda"]
+    # ... once it is free, the attach finishes the removal and the disk is back.
+    run(_qmp(ts, "d2", "blockdev-del", {"node-name": "holder"}))
+    block_attach(ts, "d2", "format=qcow2,vdev=xvdb,access=rw,target=rel.qcow2")
+    _wait_for(ts, "d2", "ls /sys/block | grep -c vd", "2\n")
+    assert STALE_NODES not in ts.get("d2").extra

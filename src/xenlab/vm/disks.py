@@ -10,6 +10,12 @@ where the guest saw it.  Detaching asks the guest to let the device go
 (``device_del``), waits for QEMU's ``DEVICE_DELETED``, then deletes the
 nodes so QEMU closes the file (its image lock goes with it).
 
+Once QEMU reports the device deleted the record drops the disk first, and
+the node clean-up after it is best effort: nodes QEMU keeps are listed in
+``extra["stale_nodes"]`` and deleted by the next attach of that vdev.  A
+detach that timed out keeps the disk in the record; run again after the
+guest let go, it finds the device gone and only cleans up.
+
 Only virtio disks (xvdX) can come and go: an IDE disk cannot be hot-plugged
 on QEMU's PIIX bus (nor on Xen's emulated one), and a cdrom keeps its drive
 while its medium changes.  A disk that a snapshot records cannot be
@@ -22,6 +28,8 @@ the list for a later ``create`` of a kept domain.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +50,15 @@ from xenlab.vm.qmp import CommandError, Qmp
 from xenlab.vm.qmp import run as _run
 from xenlab.vm.store import DomainRecord
 
-__all__ = ["DiskInfo", "block_attach", "block_detach", "block_list", "cd_eject", "cd_insert"]
+__all__ = ["DiskInfo", "block_attach", "block_detach", "block_list", "cd_eject", "cd_insert",
+           "qdev_ids"]
+
+log = logging.getLogger(__name__)
+
+#: ``extra`` key: by vdev, the nodes of a detached disk that QEMU has not
+#: released yet (a failed clean-up); the next block-attach of that vdev
+#: deletes them first.  Names of the running QEMU's nodes only.
+STALE_NODES = "stale_nodes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +123,37 @@ def _keep(ts: Toolstack, rec: DomainRecord, disks: list[DiskSpec],
     return ts.store.update(replace(rec, config_text=text, extra=extra))
 
 
+async def qdev_ids(qmp: Qmp) -> frozenset[str]:
+    """The ids of the devices QEMU has now (``-device id=`` / ``device_add``'s ``id``)."""
+    listed = await qmp.execute("qom-list", {"path": "/machine/peripheral"})
+    return frozenset(str(p["name"]) for p in listed if isinstance(p, dict)
+                     and str(p.get("type", "")).startswith("child<")
+                     ) if isinstance(listed, list) else frozenset()
+
+
+async def _node_names(qmp: Qmp) -> frozenset[str]:
+    listed = await qmp.execute("query-named-block-nodes", {"flat": True})
+    return frozenset(str(n["node-name"]) for n in listed if isinstance(n, dict)
+                     ) if isinstance(listed, list) else frozenset()
+
+
+async def _release_nodes(qmp: Qmp, names: list[str]) -> dict[str, str]:
+    """Delete what is left of a detached disk's nodes (QEMU then closes its files).
+
+    Parents come first in ``names``; a name QEMU does not know is fine (gone
+    with its parent, or never there).  What QEMU still has after: ``{node:
+    why}``.
+    """
+    why: dict[str, str] = {}
+    for node in names:
+        try:
+            await qmp.execute("blockdev-del", {"node-name": node})
+        except CommandError as err:
+            why[node] = err.desc
+    left = await _node_names(qmp)
+    return {n: why.get(n, "still there") for n in names if n in left}
+
+
 def block_attach(ts: Toolstack, name: str, spec: str, *,
                  create_size: str | None = None) -> DiskInfo:
     """Plug the disk xl disk ``spec`` describes into running domain ``name``.
@@ -131,6 +178,9 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
                           "PCI slot)")
     if not disk.pdev_path:
         raise XenlabError(f"{where}: no target")
+    # QEMU runs in / (daemonized): a relative target means the caller's directory.
+    target = os.path.abspath(disk.pdev_path)
+    disk = replace(disk, pdev_path=target)
     check_disk(disk)  # the checks a start makes (format, script=, backend=...)
     created = False
     with ts.store.lock(rec.domid):
@@ -138,7 +188,6 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
         dc, _ = config_from_text(rec.config_text, rec.config_path)
         if any(d.vdev == disk.vdev for d in dc.disks):
             raise XenlabError(f"{where}: the domain has a disk {disk.vdev} already")
-        target = disk.pdev_path
         if not Path(target).exists():
             if create_size is None or target.startswith("/dev/"):
                 raise XenlabError(f"{where}: {target} does not exist (create it with "
@@ -147,9 +196,12 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
             created = True
         proto, fmt = blockdev_nodes(disk, disk.vdev)
         fmt["file"] = {k: v for k, v in proto.items()}
+        stale = list((rec.extra.get(STALE_NODES) or {}).get(disk.vdev) or [])
 
         async def go() -> None:
             async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                await _finish_removal(qmp, where, disk.vdev,
+                                      [*stale, str(fmt["node-name"]), str(proto["node-name"])])
                 try:
                     await qmp.execute("blockdev-add", fmt)
                 except CommandError as err:
@@ -168,28 +220,45 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
             if created:
                 Path(target).unlink(missing_ok=True)
             raise
-        rec = _keep(ts, rec, [*dc.disks, disk])
+        pending = dict(rec.extra.get(STALE_NODES) or {})
+        pending.pop(disk.vdev, None)
+        rec = _keep(ts, rec, [*dc.disks, disk], {STALE_NODES: pending or None})
     return next(i for i in block_list(ts, rec.name) if i.vdev == disk.vdev)
 
 
-async def _release_nodes(qmp: Qmp, names: list[str]) -> None:
-    """Delete what is left of a detached disk's nodes (QEMU then closes its files)."""
-    for node in names:
-        try:
-            await qmp.execute("blockdev-del", {"node-name": node})
-        except CommandError:
-            continue  # gone with its parent (an inline child), or never there
+async def _finish_removal(qmp: Qmp, where: str, vdev: str, names: list[str]) -> None:
+    """Before ``vdev`` is attached: delete the nodes an earlier detach of it left.
+
+    :raise BackendError: QEMU still has a device ``vdev`` the record does not
+        list, or keeps an old node (it says why).
+    """
+    if vdev in await qdev_ids(qmp):
+        raise BackendError(f"{where}: QEMU still has a device {vdev} that the record does not "
+                           "list (an interrupted attach?); it must go first")
+    present = await _node_names(qmp)
+    old = [n for n in dict.fromkeys(names) if n in present]
+    if not old:
+        return
+    kept = await _release_nodes(qmp, old)
+    if kept:
+        raise BackendError(
+            f"{where}: QEMU keeps nodes of an earlier {vdev}: "
+            + "; ".join(f"{n}: {why}" for n, why in kept.items()))
+    log.info("%s: released the nodes an earlier detach left: %s", where, ", ".join(old))
 
 
 def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) -> DiskInfo:
     """Unplug disk ``vdev`` from running domain ``name``; what it was.
 
-    CLI: ``xenlab vm block-detach DOM VDEV``.  The image file stays.
+    CLI: ``xenlab vm block-detach DOM VDEV``.  The image file stays.  Once
+    QEMU has deleted the device the record drops the disk; nodes QEMU then
+    fails to delete are logged and kept for the next attach of ``vdev``.
+    A device an earlier, timed-out detach left going is only cleaned up.
 
     :raise XenlabError: there is no such disk, or it cannot be unplugged.
     :raise StateError: a snapshot records the disk (delete those first).
     :raise BackendError: the guest did not release it within ``timeout``
-        seconds (the disk stays), or QEMU refused.
+        seconds (the disk stays in the record), or QEMU refused.
     """
     rec = ts._live(name)
     with ts.store.lock(rec.domid):
@@ -208,7 +277,10 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
             raise StateError(f"{where}: snapshots {', '.join(used)} record it; delete them "
                              "first (reverting one would need the disk)")
 
-        async def go() -> None:
+        pivoted = (rec.extra.get("disk_nodes") or {}).get(vdev)
+
+        async def unplug() -> list[str]:
+            """The device gone from QEMU (maybe by an earlier, timed-out detach); its nodes."""
             async with Qmp.open(ts.paths(rec).qmp) as qmp:
                 root: str | None = None
                 blocks = await qmp.execute("query-block")
@@ -216,30 +288,57 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
                 for b in blocks if isinstance(blocks, list) else []:
                     if isinstance(b, dict) and b.get("qdev") in qdevs:
                         root = (b.get("inserted") or {}).get("node-name")
-                with qmp.listen("DEVICE_DELETED",
-                                lambda ev: ev.get("data", {}).get("device") == vdev) as watch:
-                    try:
-                        await qmp.execute("device_del", {"id": vdev})
-                    except CommandError as err:
-                        raise BackendError(f"{where}: QEMU refused: {err}") from err
-                    try:
-                        await watch.wait(timeout)
-                    except BackendError as err:
-                        raise BackendError(f"{where}: the guest did not release it within "
-                                           f"{timeout:g} s (no PCI hotplug in the guest?)"
-                                           ) from err
-                names = [n for n in (root, f"{root}-file" if root else None,
-                                     f"{vdev}-fmt", f"{vdev}-file") if n]
-                await _release_nodes(qmp, list(dict.fromkeys(names)))
+                if vdev in await qdev_ids(qmp):
+                    with qmp.listen("DEVICE_DELETED",
+                                    lambda ev: ev.get("data", {}).get("device") == vdev
+                                    ) as watch:
+                        try:
+                            await qmp.execute("device_del", {"id": vdev})
+                        except CommandError as err:
+                            raise BackendError(f"{where}: QEMU refused: {err}") from err
+                        try:
+                            await watch.wait(timeout)
+                        except BackendError as err:
+                            raise BackendError(
+                                f"{where}: the guest did not release it within {timeout:g} s "
+                                "(no PCI hotplug in the guest?); it stays in the record, and "
+                                "block-detach again finishes once the guest lets it go"
+                            ) from err
+                tops = (root, pivoted, f"{vdev}-fmt")
+                names = [x for t in tops if t for x in (t, f"{t}-file")]
+                return list(dict.fromkeys(names))
 
-        _run(go())
+        async def clean(names: list[str]) -> dict[str, str]:
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                return await _release_nodes(qmp, names)
+
+        names = _run(unplug())
+        # QEMU has no device now: the record says so before any clean-up can fail.
         dc, _ = config_from_text(rec.config_text, rec.config_path)
         moved = dict(rec.extra.get("disk_paths") or {})
         moved.pop(vdev, None)
         nodes = dict(rec.extra.get("disk_nodes") or {})
         nodes.pop(vdev, None)
-        _keep(ts, rec, [d for d in dc.disks if d.vdev != vdev],
-              {"disk_paths": moved or None, "disk_nodes": nodes or None})
+        pending = dict(rec.extra.get(STALE_NODES) or {})
+        pending[vdev] = names
+        rec = _keep(ts, rec, [d for d in dc.disks if d.vdev != vdev],
+                    {"disk_paths": moved or None, "disk_nodes": nodes or None,
+                     STALE_NODES: pending})
+        try:
+            kept = _run(clean(names))
+        except XenlabError as err:  # no QMP session: QEMU keeps them all, as far as we know
+            kept = dict.fromkeys(names, str(err))
+        if kept:
+            pending[vdev] = [n for n in names if n in kept]
+            log.warning("%s: detached, but QEMU keeps its nodes (%s); the next block-attach of "
+                        "%s deletes them", where,
+                        "; ".join(f"{n}: {why}" for n, why in kept.items()), vdev)
+        else:
+            del pending[vdev]
+        extra = {k: v for k, v in rec.extra.items() if k != STALE_NODES}
+        if pending:
+            extra[STALE_NODES] = pending
+        ts.store.update(replace(rec, extra=extra))
     return info[vdev]
 
 
