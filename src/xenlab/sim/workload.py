@@ -55,7 +55,8 @@ class Workload(Protocol):
 class Periodic:
     """rt-app's periodic task: ``run_ns`` of work every ``period_ns`` from ``offset_ns``."""
 
-    __slots__ = ("backlog", "current", "deadline_ns", "offset_ns", "period_ns", "run_ns")
+    __slots__ = ("_release_cb", "backlog", "current", "deadline_ns", "offset_ns", "period_ns",
+                 "run_ns")
 
     def __init__(self, run_ns: int, period_ns: int, *, deadline_ns: int | None = None,
                  offset_ns: int = 0) -> None:
@@ -67,11 +68,13 @@ class Periodic:
         self.backlog: deque[int] = deque()  # releases waiting behind it
 
     def start(self, host: Host, v: Vcpu) -> None:
-        host.engine.at(self.offset_ns, lambda: self._release(host, v))
+        # One bound callback for every release of the run (not a closure per job).
+        self._release_cb = lambda: self._release(host, v)
+        host.engine.at(self.offset_ns, self._release_cb)
 
     def _release(self, host: Host, v: Vcpu) -> None:
         now = host.engine.now
-        host.engine.at(now + self.period_ns, lambda: self._release(host, v))
+        host.engine.at(now + self.period_ns, self._release_cb)
         v.jobs += 1
         if self.current is None:
             self.current = now
@@ -115,7 +118,7 @@ class Sporadic(Periodic):
     def _release(self, host: Host, v: Vcpu) -> None:
         now = host.engine.now
         gap = host.engine.rng.randint(self.period_ns, self.max_gap_ns)
-        host.engine.at(now + gap, lambda: self._release(host, v))
+        host.engine.at(now + gap, self._release_cb)
         v.jobs += 1
         if self.current is None:
             self.current = now

@@ -51,6 +51,7 @@ Options: ``runqueue`` (default "global"), ``balance`` (see above).
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from xenlab.errors import SimError
@@ -74,11 +75,12 @@ _LEVELS = ("cpu", "core", "llc", "socket", "node", "global")
 class _RunQueue:
     """One run queue: its pCPUs, its queued vCPUs and their reserved utilisation."""
 
-    __slots__ = ("cpus", "id", "load", "queue")
+    __slots__ = ("cpus", "id", "load", "members", "queue")
 
     def __init__(self, rq_id: int, cpus: tuple[int, ...]) -> None:
         self.id = rq_id
         self.cpus = cpus
+        self.members = frozenset(cpus)
         self.queue = EdfQueue()
         self.load = 0.0  # sum of Q/T of the vCPUs placed here; insert/remove/migrate
 
@@ -185,9 +187,13 @@ class MpEdf(SchedulerBase):
         aff = v.affinity
         best: int | None = None
         best_key: tuple[Any, ...] = ()
-        order = sorted(rq.cpus, key=lambda c: (c != v.processor, c))
-        for c in order:
-            if c in self.tickled or (aff is not None and c not in aff):
+        own = v.processor
+        # Its own pCPU first, then the run queue's in order (no sort per wake: at
+        # 64 pCPUs sorting here was half of a run).
+        mine = own in rq.members
+        for i, c in enumerate(itertools.chain((own,) if mine else (), rq.cpus)):
+            if (mine and i > 0 and c == own) or c in self.tickled or (
+                    aff is not None and c not in aff):
                 continue
             k = self._running_key(c, now)
             if k is None:
