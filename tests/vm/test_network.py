@@ -156,3 +156,68 @@ def test_a_user_script_runs_at_create_and_destroy_and_failures_are_reported(
             ts.create(cfg, create_disks="32M")
         assert ts.store.list() == []
         assert ip_json("link", "show", "master", br) == []
+
+
+async def _qmp(ts: Toolstack, name: str, command: str, args: dict[str, object]) -> object:
+    from xenlab.vm.qmp import Qmp
+
+    async with Qmp.open(ts.paths(ts.get(name)).qmp) as qmp:
+        return await qmp.execute(command, args)
+
+
+def test_a_late_release_and_a_failed_clean_up_are_finished_later(
+        ts: Toolstack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from xenlab import hotplug
+    from xenlab.vm.network import network_attach, network_detach, network_list
+    from xenlab.vm.qmp import run
+
+    def nics_in_guest() -> str:
+        return sh(ts, "netc", "ls /sys/class/net | grep -c eth")
+
+    with bridge() as br:
+        cfg = write_config(tmp_path, "netc", tail=f"vif = [ 'bridge={br}' ]\n")
+        ts.create(cfg, create_disks="32M")
+        wait_ready(ts, "netc")
+        network_attach(ts, "netc", [f"bridge={br}", "devid=1"])
+        tap1 = tap_of(ts, "netc", 1)
+        wait_for(lambda: nics_in_guest() == "2\n")
+
+        # The guest lets go only after the detach gave up: the record keeps the
+        # NIC and its tap; a second detach finds the device gone and cleans up.
+        with pytest.raises(XenlabError, match="did not release vif 1 within 0 s"):
+            network_detach(ts, "netc", "1", timeout=0)
+        assert [n.devid for n in network_list(ts, "netc")] == [0, 1]
+        wait_for(lambda: nics_in_guest() == "1\n")
+        assert link_exists(tap1)
+        network_detach(ts, "netc", "1")
+        assert [n.devid for n in network_list(ts, "netc")] == [0]
+        assert not link_exists(tap1)
+
+        # A clean-up that fails after QEMU deleted the NIC: the record says the
+        # NIC is gone all the same, and keeps its host end to finish later.
+        network_attach(ts, "netc", [f"bridge={br}", "devid=1"])
+        tap1 = tap_of(ts, "netc", 1)
+        wait_for(lambda: nics_in_guest() == "2\n")
+
+        async def refused(vif: hotplug.Vif) -> bool:
+            raise hotplug.HotplugError(f"{vif.where}: the kernel refused (simulated)")
+
+        with monkeypatch.context() as m, caplog.at_level("WARNING", "xenlab.vm.network"):
+            m.setattr(hotplug, "offline", refused)
+            network_detach(ts, "netc", "1")
+        assert "vif 1 is detached, but cleaning up failed: vif 1 " in caplog.text
+        assert [n.devid for n in network_list(ts, "netc")] == [0]
+        assert link_exists(tap1)
+        assert [v["devid"] for v in ts.get("netc").extra["vifs"]] == [0, 1]
+        # And a netdev a detach failed to delete (made here as QEMU would keep it).
+        run(_qmp(ts, "netc", "netdev_add", {"type": "user", "id": "net1"}))
+
+        # The next attach of devid 1 removes both and gets the tap's own name back.
+        network_attach(ts, "netc", [f"bridge={br}", "devid=1"])
+        assert tap_of(ts, "netc", 1) == tap1
+        assert [v["devid"] for v in ts.get("netc").extra["vifs"]] == [0, 1]
+        assert ip_json("link", "show", "dev", tap1)[0]["master"] == br
+        wait_for(lambda: nics_in_guest() == "2\n")
+        ts.destroy("netc")
+        assert not link_exists(tap1)

@@ -14,10 +14,19 @@ keeps the list for a later ``create`` of a kept domain, and
 ``extra["vifs"]`` the host ends to bring offline when the domain goes.  Each
 spec carries its ``devid=`` and ``mac=``, so a restart gives the guest the
 same NICs at the same PCI slots (see ``vm.qemu.Nic.device``).
+
+Once QEMU reports the NIC deleted the record drops it first; removing the
+netdev and bringing the tap offline come after, as best effort: a host end
+that failed stays in ``extra["vifs"]`` (with no vif spec), and the next
+network-attach (or the domain's end) brings it offline, as it deletes a
+netdev an earlier detach left.  A detach that timed out keeps the NIC in
+the record; run again after the guest let go, it only cleans up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,6 +34,7 @@ from typing import Any
 from xenlab import hotplug
 from xenlab.config.specs.vif import VifSpec, format_vif, parse_vif
 from xenlab.errors import BackendError, XenlabError
+from xenlab.vm.disks import qdev_ids
 from xenlab.vm.domain import (
     VIF_SPECS,
     VIFS,
@@ -38,6 +48,8 @@ from xenlab.vm.qmp import run as _run
 from xenlab.vm.store import DomainRecord
 
 __all__ = ["NicInfo", "network_attach", "network_detach", "network_list"]
+
+log = logging.getLogger(__name__)
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
@@ -150,8 +162,31 @@ def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
                 raise XenlabError(
                     f"network-attach {rec.name}: MAC {new.mac} is vif {n.devid}'s already")
         up: hotplug.Vif | None = None
+        live = {n.devid for n in current}
+        stale = [obj for obj in rec.extra.get(VIFS) or []
+                 if hotplug.vif_from_json(obj).devid not in live]
+        cleared: list[dict[str, Any]] = []
+
+        async def finish_removals() -> None:
+            """What earlier detaches left: a netdev of this devid, host ends of gone NICs."""
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                if new.device_id in await qdev_ids(qmp):
+                    raise BackendError(
+                        f"network-attach {rec.name}: QEMU still has a device {new.device_id} "
+                        "that the record does not list (an interrupted attach?); it must go "
+                        "first")
+                # The record lists no vif of this devid: a netdev of its id is a leftover.
+                with contextlib.suppress(CommandError):
+                    await qmp.execute("netdev_del", {"id": new.netdev_id})
+            for obj in stale:
+                try:
+                    await hotplug.offline(hotplug.vif_from_json(obj))
+                    cleared.append(obj)
+                except hotplug.HotplugError as err:
+                    log.warning("network-attach %s: an earlier host end: %s", rec.name, err)
 
         async def go() -> hotplug.Vif | None:
+            await finish_removals()
             vif = None
             if new.tap:
                 vif = await hotplug.online(ts.host_vif(rec, new),
@@ -172,7 +207,7 @@ def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
             return vif
 
         up = _run(go())
-        vifs = list(rec.extra.get(VIFS) or [])
+        vifs = [obj for obj in rec.extra.get(VIFS) or [] if obj not in cleared]
         if up is not None:
             vifs.append(hotplug.vif_to_json(up))
         rec = _keep(ts, rec, [_pinned(n) for n in (*current, new)], vifs)
@@ -194,12 +229,15 @@ def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.
     """Unplug vif ``which`` (a devid or a MAC) from running domain ``name``; what it was.
 
     CLI: ``xenlab vm network-detach DOM DEVID|MAC``.  The guest must let the
-    device go (ACPI hotplug); its tap is brought offline after QEMU has
-    deleted the device.
+    device go (ACPI hotplug).  Once QEMU has deleted the device the record
+    drops the vif; its netdev is removed and its tap brought offline after
+    that, and what fails there is logged (the next network-attach or the
+    domain's end retries the tap).  A NIC an earlier, timed-out detach left
+    going is only cleaned up.
 
     :raise XenlabError: there is no such vif.
     :raise BackendError: the guest did not release the NIC within ``timeout``
-        seconds (the NIC stays, with its tap), or QEMU refused.
+        seconds (the NIC stays in the record, with its tap), or QEMU refused.
     """
     rec = ts._live(name)
     with ts.store.lock(rec.domid):
@@ -208,8 +246,10 @@ def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.
         gone = _find(rec, current, which)
         taps = _taps(rec)
 
-        async def go() -> None:
+        async def unplug() -> None:
             async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                if gone.device_id not in await qdev_ids(qmp):
+                    return  # an earlier detach timed out, and the guest let go since
                 with qmp.listen("DEVICE_DELETED",
                                 lambda ev: ev.get("data", {}).get("device") == gone.device_id
                                 ) as watch:
@@ -224,16 +264,45 @@ def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.
                     except BackendError as err:
                         raise BackendError(
                             f"network-detach {rec.name}: the guest did not release vif "
-                            f"{gone.devid} within {timeout:g} s (no ACPI hotplug in the guest?)"
+                            f"{gone.devid} within {timeout:g} s (no ACPI hotplug in the "
+                            "guest?); it stays in the record, and network-detach again "
+                            "finishes once the guest lets it go"
                         ) from err
-                await qmp.execute("netdev_del", {"id": gone.netdev_id})
-            for obj in rec.extra.get(VIFS) or []:
-                vif = hotplug.vif_from_json(obj)
-                if vif.devid == gone.devid:
-                    await hotplug.offline(vif)
 
-        _run(go())
-        vifs = [obj for obj in rec.extra.get(VIFS) or []
-                if hotplug.vif_from_json(obj).devid != gone.devid]
-        _keep(ts, rec, [_pinned(n) for n in current if n.devid != gone.devid], vifs)
+        ends = [obj for obj in rec.extra.get(VIFS) or []
+                if hotplug.vif_from_json(obj).devid == gone.devid]
+        problems: list[str] = []
+        offlined: list[dict[str, Any]] = []
+
+        async def clean() -> None:
+            try:
+                async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                    await qmp.execute("netdev_del", {"id": gone.netdev_id})
+            except BackendError as err:
+                problems.append(f"netdev {gone.netdev_id}: {err}")
+            for obj in ends:
+                try:
+                    await hotplug.offline(hotplug.vif_from_json(obj))
+                    offlined.append(obj)
+                except hotplug.HotplugError as err:
+                    problems.append(str(err))
+
+        _run(unplug())
+        # QEMU has no device now: the record says so before any clean-up can fail
+        # (the host ends stay listed until they are offline).
+        rec = _keep(ts, rec, [_pinned(n) for n in current if n.devid != gone.devid],
+                    list(rec.extra.get(VIFS) or []))
+        _run(clean())
+        if offlined:
+            extra = dict(rec.extra)
+            left = [obj for obj in rec.extra.get(VIFS) or [] if obj not in offlined]
+            if left:
+                extra[VIFS] = left
+            else:
+                extra.pop(VIFS, None)
+            rec = ts.store.update(replace(rec, extra=extra))
+        if problems:
+            log.warning("network-detach %s: vif %d is detached, but cleaning up failed: %s "
+                        "(the next network-attach or the domain's end retries the tap)",
+                        rec.name, gone.devid, "; ".join(problems))
     return _info(gone, taps)
