@@ -14,6 +14,11 @@ into, reduced to its rules:
 * A workload's activation (:meth:`Host.activate`) wakes a blocked vCPU:
   ``pick_resource`` says where it should go, ``wake`` queues it and tickles
   the pCPUs that should reschedule.
+* Cpupools (xl cpupool-create): the pCPUs are split into pools, each with
+  its own scheduler instance; a domain lives in one pool.  Pool-0 has the
+  pCPUs no other pool took.  A domain of a pool that does not span the host
+  gets the pool's pCPUs as its vCPUs' affinity (within any it asked for), and
+  each scheduler is attached with its pool's pCPUs only.
 * Forced idle (PowerClamp, :mod:`xenlab.sim.powerclamp`): while
   ``pcpu.inject_until`` is ahead, ``do_schedule`` is called with
   ``idle_forced`` (Xen's ``tasklet_work_scheduled``) and must return idle.
@@ -26,7 +31,8 @@ reads the wall clock; a run is a function of its inputs and seed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from xenlab.errors import SimError
@@ -43,11 +49,24 @@ _RUNNABLE = RunState.RUNNABLE
 _BLOCKED = RunState.BLOCKED
 
 
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """A cpupool: a name, its scheduler and its pCPUs."""
+
+    name: str
+    sched: Scheduler
+    cpus: tuple[int, ...]
+
+
+POOL0 = "Pool-0"
+
+
 class Host:
-    """pCPUs, domains and one scheduler, on one engine."""
+    """pCPUs, domains and their schedulers (one per cpupool), on one engine."""
 
     def __init__(self, topology: Topology, scheduler: Scheduler, *, seed: int = 0,
-                 trace: tuple[int, int] | None = None) -> None:
+                 trace: tuple[int, int] | None = None,
+                 pools: Sequence[tuple[str, Scheduler, Iterable[int]]] = ()) -> None:
         self.topology = topology
         self.engine = Engine(seed)
         self.pcpus = [Pcpu(c) for c in topology.cpus]
@@ -65,7 +84,49 @@ class Host:
         #: Run segments in the window: (pcpu, start, end, vCPU name or None for idle).
         self.segments: list[tuple[int, int, int, str | None]] = []
         self.observers: list[Any] = []  # objects with on_switch(pcpu, prev, nxt, now)
-        scheduler.attach(self)
+        self.pools = self._make_pools(scheduler, pools)
+        for pool in self.pools:
+            for c in pool.cpus:
+                self.pcpus[c].sched = pool.sched
+                self.pcpus[c].pool = pool.name
+            pool.sched.attach(self, cpus=pool.cpus if len(self.pools) > 1 else None)
+
+    def _make_pools(self, scheduler: Scheduler,
+                    pools: Sequence[tuple[str, Scheduler, Iterable[int]]]) -> list[Pool]:
+        n = len(self.pcpus)
+        taken: dict[int, str] = {}
+        out: list[Pool] = []
+        for name, sched, cpus in pools:
+            ids = tuple(sorted(set(cpus)))
+            if name == POOL0 or any(p.name == name for p in out):
+                raise SimError(f"cpupool {name}: the name is taken")
+            if not ids:
+                raise SimError(f"cpupool {name}: a pool needs at least one pCPU")
+            bad = [c for c in ids if not 0 <= c < n]
+            if bad:
+                raise SimError(f"cpupool {name}: pCPUs {bad} are not on this host "
+                               f"(0-{n - 1})")
+            twice = [c for c in ids if c in taken]
+            if twice:
+                raise SimError(f"cpupool {name}: pCPUs {twice} are in cpupool "
+                               f"{taken[twice[0]]} already")
+            if any(sched is p.sched for p in out) or sched is scheduler:
+                raise SimError(f"cpupool {name}: each pool needs its own scheduler instance")
+            taken.update((c, name) for c in ids)
+            out.append(Pool(name, sched, ids))
+        rest = tuple(c for c in range(n) if c not in taken)
+        if not rest:
+            raise SimError(f"cpupool {POOL0} would have no pCPU left (every pool takes "
+                           "pCPUs from it)")
+        return [Pool(POOL0, scheduler, rest), *out]
+
+    def pool(self, name: str) -> Pool:
+        """The cpupool called ``name``."""
+        for p in self.pools:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.pools)
+        raise SimError(f"no cpupool {name!r} (the host has {known})")
 
     @staticmethod
     def _bind(fn: Callable[[Pcpu], None], p: Pcpu) -> Callable[[], None]:
@@ -75,8 +136,8 @@ class Host:
 
     def add_domain(self, name: str, workloads: Sequence[Workload], *,
                    params: Mapping[str, Any] | None = None,
-                   affinity: frozenset[int] | None = None) -> Domain:
-        """A domain ``name`` with one vCPU per workload, given to the scheduler."""
+                   affinity: frozenset[int] | None = None, pool: str = POOL0) -> Domain:
+        """A domain ``name`` with one vCPU per workload, given to its cpupool's scheduler."""
         if self.started:
             raise SimError(f"domain {name}: domains are added before the run starts")
         if not workloads:
@@ -86,15 +147,23 @@ class Host:
             if bad or not affinity:
                 raise SimError(f"domain {name}: affinity names pCPUs {bad or '(none)'} that "
                                f"this host (pCPUs 0-{len(self.pcpus) - 1}) does not have")
+        where = self.pool(pool)
+        if len(where.cpus) < len(self.pcpus):
+            outside = sorted(affinity - set(where.cpus)) if affinity is not None else []
+            if outside:
+                raise SimError(f"domain {name}: affinity names pCPUs {outside} outside "
+                               f"cpupool {pool} ({', '.join(map(str, where.cpus))})")
+            affinity = affinity if affinity is not None else frozenset(where.cpus)
         dom = Domain(len(self.domains), name, params or {})
         self.domains.append(dom)
         for i, w in enumerate(workloads):
             v = Vcpu(dom, i, w, affinity)
+            v.sched = where.sched
             v.processor = min(affinity) if affinity else (len(self.vcpus) % len(self.pcpus))
             dom.vcpus.append(v)
             self.vcpus.append(v)
         for v in dom.vcpus:
-            self.sched.insert_unit(v)
+            where.sched.insert_unit(v)
         return dom
 
     # -- running -------------------------------------------------------------------
@@ -132,8 +201,9 @@ class Host:
         v.work_left = work_ns
         v.state = _RUNNABLE
         v.woken_at = self.engine.now
-        v.processor = self.sched.pick_resource(v)
-        self.sched.wake(v)
+        sched: Scheduler = v.sched
+        v.processor = sched.pick_resource(v)
+        sched.wake(v)
 
     # -- called by schedulers ------------------------------------------------------------
 
@@ -182,18 +252,19 @@ class Host:
             p.timer = None
         forced = p.inject_until > now
         prev = p.curr
-        dec = self.sched.do_schedule(p, now, forced)
+        sched: Scheduler = p.sched
+        dec = sched.do_schedule(p, now, forced)
         nxt = dec.vcpu
         if nxt is not None:
             if forced:
-                raise SimError(f"t={now}: {self.sched.name} ran {nxt.name} on pCPU {p.id} "
+                raise SimError(f"t={now}: {sched.name} ran {nxt.name} on pCPU {p.id} "
                                "during forced idle")
             if nxt.state is not _RUNNABLE and not (nxt is prev and nxt.state is _RUNNING):
-                raise SimError(f"t={now}: {self.sched.name} chose {nxt.name} for pCPU {p.id} "
+                raise SimError(f"t={now}: {sched.name} chose {nxt.name} for pCPU {p.id} "
                                f"but it is {nxt.state.value}"
                                + (f" on pCPU {nxt.processor}" if nxt.state is _RUNNING else ""))
             if nxt.affinity is not None and p.id not in nxt.affinity:
-                raise SimError(f"t={now}: {self.sched.name} put {nxt.name} on pCPU {p.id}, "
+                raise SimError(f"t={now}: {sched.name} put {nxt.name} on pCPU {p.id}, "
                                "outside its affinity")
         if nxt is not prev:
             if self.trace_window is not None:
@@ -218,14 +289,14 @@ class Host:
             for o in self.observers:
                 o.on_switch(p, prev, nxt, now)
             if prev is not None:
-                self.sched.context_saved(prev)
+                sched.context_saved(prev)
         elif nxt is not None and nxt.woken_at is not None:
             nxt.wake_latency_ns.append(now - nxt.woken_at)  # kept running through a wake
             nxt.woken_at = None
         end = INFINITY
         if dec.slice_ns is not None:
             if dec.slice_ns <= 0:
-                raise SimError(f"t={now}: {self.sched.name} gave pCPU {p.id} a slice of "
+                raise SimError(f"t={now}: {sched.name} gave pCPU {p.id} a slice of "
                                f"{dec.slice_ns} ns")
             end = now + dec.slice_ns
         if nxt is not None and now + nxt.work_left < end:
@@ -246,5 +317,5 @@ class Host:
                 v.work_left = more
             else:
                 v.state = _BLOCKED
-                self.sched.sleep(v)
+                v.sched.sleep(v)
         self._schedule(p)

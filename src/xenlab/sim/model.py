@@ -55,7 +55,7 @@ class Vcpu:
 
     __slots__ = (
         "affinity", "cpu_ns", "dispatches", "dom", "id", "jobs", "last_pcpu", "migrations",
-        "misses", "name", "preemptions", "priv", "processor", "response_ns", "state",
+        "misses", "name", "preemptions", "priv", "processor", "response_ns", "sched", "state",
         "wake_latency_ns", "woken_at", "work_left", "workload",
     )  # fmt: skip
 
@@ -72,6 +72,7 @@ class Vcpu:
         self.work_left = 0
         self.woken_at: int | None = None
         self.priv: Any = None  # the scheduler's per-unit state
+        self.sched: Any = None  # the scheduler of its domain's cpupool (set by the host)
         # Counters, read by sim.metrics.
         self.cpu_ns = 0
         self.dispatches = 0  # times it was put on a pCPU
@@ -96,7 +97,7 @@ class Pcpu:
 
     __slots__ = (
         "busy_ns", "cpu", "curr", "id", "idle_ns", "inject_until", "injected_ns", "last_acct",
-        "pending", "priv", "since", "switches", "timer",
+        "pending", "pool", "priv", "sched", "since", "switches", "timer",
     )  # fmt: skip
 
     def __init__(self, cpu: Cpu) -> None:
@@ -109,6 +110,8 @@ class Pcpu:
         self.pending = False  # a reschedule is queued (Xen's SCHEDULE_SOFTIRQ)
         self.inject_until = 0  # forced idle (PowerClamp) until this time
         self.priv: Any = None  # the scheduler's per-pCPU state
+        self.sched: Any = None  # the scheduler of its cpupool (set by the host)
+        self.pool = ""  # the name of its cpupool
         self.busy_ns = 0
         self.idle_ns = 0
         self.injected_ns = 0  # of idle_ns, the part that was forced

@@ -11,8 +11,8 @@ from typing import Any
 
 from xenlab.errors import SimError
 from xenlab.sim.schedulers.base import Decision, Scheduler, SchedulerBase
-from xenlab.sim.schedulers.credit import Credit
 from xenlab.sim.schedulers.cbs import SedfCbs
+from xenlab.sim.schedulers.credit import Credit
 from xenlab.sim.schedulers.mpedf import MpEdf
 from xenlab.sim.schedulers.null import Null
 from xenlab.sim.schedulers.rtds import Rtds

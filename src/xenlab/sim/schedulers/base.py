@@ -3,6 +3,10 @@
 Hook names are Xen's (xen/common/sched/private.h), so a model maps onto the
 C it stands for:
 
+``attach(host, cpus=)``
+    once, before anything else: the host, and the pCPUs of this scheduler's
+    cpupool (``self.pool_cpus`` in :class:`SchedulerBase`); a scheduler only
+    ever looks at, queues for or tickles those pCPUs.
 ``insert_unit(v)`` / ``remove_unit(v)``
     a vCPU joins or leaves the scheduler (domain creation, destruction).
 ``wake(v)``
@@ -67,7 +71,7 @@ class Scheduler(Protocol):
 
     name: ClassVar[str]
 
-    def attach(self, host: Host) -> None: ...
+    def attach(self, host: Host, *, cpus: tuple[int, ...] | None = None) -> None: ...
     def insert_unit(self, v: Vcpu) -> None: ...
     def remove_unit(self, v: Vcpu) -> None: ...
     def wake(self, v: Vcpu) -> None: ...
@@ -102,9 +106,15 @@ class SchedulerBase:
             raise SimError(f"scheduler {self.name} is not attached to a host")
         return self._host
 
-    def attach(self, host: Host) -> None:
-        """Called once by the host before any vCPU is inserted."""
+    def attach(self, host: Host, *, cpus: tuple[int, ...] | None = None) -> None:
+        """Called once by the host before any vCPU is inserted.
+
+        ``cpus`` are the pCPUs of this scheduler's cpupool (None: all of them);
+        a scheduler touches no other pCPU (their ``priv`` is another's).
+        """
         self._host = host
+        self.pool_cpus: tuple[int, ...] = (
+            tuple(range(len(host.pcpus))) if cpus is None else tuple(cpus))
 
     def params_of(self, dom: Domain) -> dict[str, Any]:
         """The domain's parameters for this scheduler: defaults, then the domain's own.

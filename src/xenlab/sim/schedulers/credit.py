@@ -207,20 +207,23 @@ class Credit(SchedulerBase):
 
     # -- setup ---------------------------------------------------------------------------
 
-    def attach(self, host: Host) -> None:
-        super().attach(host)
+    def attach(self, host: Host, *, cpus: tuple[int, ...] | None = None) -> None:
+        super().attach(host, cpus=cpus)
         topo = host.topology
-        self._cpus = [c.id for c in topo.cpus]
-        self._pcpus = [_Pcpu() for _ in self._cpus]
-        for p, st in zip(host.pcpus, self._pcpus, strict=True):
-            p.priv = st
-        self._siblings = [frozenset(d.id for d in topo.cpus if d.core == c.core)
+        mine = set(self.pool_cpus)
+        self._cpus = list(self.pool_cpus)
+        # Indexed by pCPU id; only this pool's entries are used (and given as priv).
+        self._pcpus = [_Pcpu() for _ in topo.cpus]
+        for c in self._cpus:
+            host.pcpus[c].priv = self._pcpus[c]
+        self._siblings = [frozenset(d.id for d in topo.cpus if d.core == c.core and d.id in mine)
                           for c in topo.cpus]
-        self._socket = [frozenset(d.id for d in topo.cpus if d.socket == c.socket)
+        self._socket = [frozenset(d.id for d in topo.cpus
+                                  if d.socket == c.socket and d.id in mine)
                         for c in topo.cpus]
-        nodes = sorted({c.node for c in topo.cpus})
-        self._nodes = [[c.id for c in topo.cpus if c.node == n] for n in nodes]
-        self._node_of = [nodes.index(c.node) for c in topo.cpus]
+        nodes = sorted({topo.cpus[c].node for c in self._cpus})
+        self._nodes = [[c for c in self._cpus if topo.cpus[c].node == n] for n in nodes]
+        self._node_of = [nodes.index(c.node) if c.node in nodes else 0 for c in topo.cpus]
         self._balance_bias = [0] * len(nodes)
         self.idlers = set(self._cpus)
         self.credit = self.tslice * len(self._cpus)
@@ -639,8 +642,9 @@ class Credit(SchedulerBase):
             "idlers": sorted(self.idlers),
             "pcpus": [{"id": p.id, "curr": unit(p.curr) if p.curr else None,
                        "runq": [unit(u.v) for u in self._pcpus[p.id].runq]}
-                      for p in host.pcpus],
+                      for p in (host.pcpus[c] for c in self._cpus)],
             "domains": [{"name": d.name, "weight": d.priv.weight, "cap": d.priv.cap,
                          "vcpus": [unit(v) for v in d.vcpus]}
-                        for d in host.domains if d.priv is not None],
+                        for d in host.domains
+                        if d.priv is not None and d.vcpus and d.vcpus[0].sched is self],
         }

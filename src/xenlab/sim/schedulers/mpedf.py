@@ -103,9 +103,11 @@ class MpEdf(SchedulerBase):
         self.tickled: set[int] = set()
         self.migrations = 0  # moves between run queues
 
-    def attach(self, host: Host) -> None:
-        super().attach(host)
-        groups = host.topology.group(self.level)
+    def attach(self, host: Host, *, cpus: tuple[int, ...] | None = None) -> None:
+        super().attach(host, cpus=cpus)
+        mine = set(self.pool_cpus)
+        groups = [g for g in (tuple(c for c in grp if c in mine)
+                              for grp in host.topology.group(self.level)) if g]
         self.rqs = [_RunQueue(i, g) for i, g in enumerate(groups)]
         self.rq_of = [0] * len(host.pcpus)
         for rq in self.rqs:

@@ -39,7 +39,8 @@ class Null(SchedulerBase):
 
     def insert_unit(self, v: Vcpu) -> None:
         self.params_of(v.dom)
-        pcpus = [p for p in self.host.pcpus if v.affinity is None or p.id in v.affinity]
+        pcpus = [self.host.pcpus[c] for c in self.pool_cpus
+                 if v.affinity is None or c in v.affinity]
         home = min(pcpus, key=lambda p: (len(self._state(p).assigned), p.id))
         self._state(home).assigned.append(v)
         v.priv = home.id
@@ -80,5 +81,5 @@ class Null(SchedulerBase):
 
     def dump(self) -> dict[str, Any]:
         return {"scheduler": self.name,
-                "pcpus": {p.id: [v.name for v in self._state(p).assigned]
-                          for p in self.host.pcpus}}
+                "pcpus": {c: [v.name for v in self._state(self.host.pcpus[c]).assigned]
+                          for c in self.pool_cpus}}
