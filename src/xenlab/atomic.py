@@ -1,5 +1,8 @@
 """Atomic file writes, the one way xenlab puts files on disk: :func:`atomic_write_bytes`.
 
+:func:`fsync_dir` makes a name made some other way (a rename, an ``O_EXCL``
+create) durable.
+
 A reader sees the old file or the new one, never a mix: the data goes to a
 temporary file in the same directory, is flushed and fsynced, then renamed
 over the target; the directory is fsynced so the rename survives a crash.
@@ -35,7 +38,15 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> N
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync ``directory``, so the names created or renamed in it survive a crash.
+
+    :raise OSError: it cannot be opened or synced.
+    """
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
     finally:

@@ -17,10 +17,12 @@ import pytest
 from tests.vm.guests import boot, sh, wait_ready, write_config
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm import migrate as mig
+from xenlab.vm import mirror as mirror_mod
 from xenlab.vm import snapshot
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.mirror import DISK_NODES, DISK_PATHS, MirrorProgress, mirror
-from xenlab.vm.store import is_alive
+from xenlab.vm.qemu import Accel
+from xenlab.vm.store import DomainRecord, is_alive
 
 pytestmark = pytest.mark.integration
 
@@ -240,3 +242,71 @@ def test_mirror_of_a_shut_off_domain(ts: Toolstack, tmp_path: Path) -> None:
                    "echo 3 > /proc/sys/vm/drop_caches") == "A\n"
     assert marker.encode() in _raw_bytes(target, tmp_path)
     assert marker.encode() not in _raw_bytes(source, tmp_path)
+
+
+def _defined(tmp_path: Path, fmt: str) -> Toolstack:
+    """A toolstack holding domain g1, defined (shut off) on the disk ``g1.<fmt>``."""
+    ts = Toolstack(tmp_path / "state", accel=Accel.TCG)
+    ts.define(write_config(tmp_path, "g1", fmt=fmt, maxmem=None))
+    return ts
+
+
+def test_offline_mirror_reads_a_raw_disk_as_raw(tmp_path: Path) -> None:
+    """A guest owns every byte of its raw disk: a qcow2 header it writes there, naming a
+    host file as backing file, must not make the copy read that file."""
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"HOST-SECRET!" * (1 << 16))
+    evil = tmp_path / "evil.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw",
+                    str(evil), "1M"], check=True)
+    data = evil.read_bytes().ljust(2 << 20, b"\0")
+    disk = tmp_path / "g1.raw"
+    disk.write_bytes(data)
+    ts = _defined(tmp_path, "raw")
+    target = tmp_path / "copy.raw"
+    res = mirror(ts, "g1", "xvda", target, format="raw")
+    assert res.bytes == len(data)
+    copied = target.read_bytes()
+    assert b"HOST-SECRET!" not in copied
+    assert copied == data
+    # The check after a killed mirror reads it as raw too (qemu-img check -r
+    # would otherwise "repair" a qcow2 the guest made up, inside its disk).
+    assert mirror_mod._check_source(str(disk), "raw") == (
+        f"the source {disk} is unchanged (a mirror only reads it)")
+    assert disk.read_bytes() == data
+
+
+def test_offline_mirror_is_durable_before_it_is_recorded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The directory is fsynced after the O_EXCL claim and after the rename, before the
+    record names the target: after a power cut it cannot name a 0-byte file."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "g1.qcow2"),
+                    "4M"], check=True)
+    ts = _defined(tmp_path, "qcow2")
+    target = tmp_path / "copy.qcow2"
+    events: list[str] = []
+    fsync, rename, update = os.fsync, os.replace, ts.store.update
+
+    def logged_fsync(fd: int) -> None:
+        events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
+        fsync(fd)
+
+    def logged_replace(a: str | Path, b: str | Path) -> None:
+        events.append(f"replace {b}")
+        rename(a, b)
+
+    def logged_update(rec: DomainRecord) -> DomainRecord:
+        events.append("record")
+        return update(rec)
+
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "replace", logged_replace)
+    monkeypatch.setattr(ts.store, "update", logged_update)
+    mirror(ts, "g1", "xvda", target)
+    at = events.index(f"replace {target}")
+    # The claim, then the copy itself, are on disk before the rename...
+    assert events[0] == f"fsync {tmp_path}"
+    assert events[1].startswith(f"fsync {tmp_path}/.copy.qcow2.") and events[1].endswith(".part")
+    # ...and the rename before the record.
+    assert events[at + 1:] == [f"fsync {tmp_path}", "record"]
+    assert ts.get("g1").extra[DISK_PATHS] == {"xvda": {"file": str(target), "format": "qcow2"}}

@@ -31,9 +31,12 @@ A shut-off domain (defined, or kept for its snapshots or mirrored disks)
 has no QEMU to mirror with: its disk is copied with ``qemu-img convert``
 (``-p``'s percentages are the progress) into a temporary file beside
 ``TARGET``, which is fsynced and renamed over the (empty, ``O_EXCL``-made)
-target once whole, and the record then says where the disk is, as after a
-live pivot; the next ``create`` boots on it.  A failed copy removes both
-files and leaves the record as it was.
+target once whole, the directory fsynced, and the record then says where
+the disk is, as after a live pivot; the next ``create`` boots on it.  A
+failed copy removes both files and leaves the record as it was.  qemu-img
+is always told the source's format (``-f``, from the config or the record),
+never left to probe it: a guest owns every byte of a raw disk, and a qcow2
+header it wrote there could name a host file as backing file.
 
 A pivot is refused on a disk running on external snapshot overlays and on a
 domain with snapshots: their records name the current files, which the guest
@@ -65,10 +68,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from xenlab.atomic import fsync_dir
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm.domain import SHUTOFF, Toolstack
-from xenlab.vm.qemu import RuntimePaths
+from xenlab.vm.qemu import _FORMAT_DRIVERS, RuntimePaths
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.store import DomainRecord, is_alive
@@ -178,14 +182,14 @@ def mirror(
     rec = ts._live(name)
     with ts.store.lock(rec.domid):
         rec = ts._live(str(rec.domid))
-        source = _source_file(ts, rec, vdev, pivot)
+        source, source_fmt = _source_file(ts, rec, vdev, pivot)
         _claim(target)
         run = _Run()
         try:
             _run_async(_mirror(ts.paths(rec), vdev, target, format, pivot, bandwidth,
                                timeout, progress, started, run))
         except BaseException as err:
-            raise _failed(ts, rec, vdev, source, target, format, run, err) from err
+            raise _failed(ts, rec, vdev, source, source_fmt, target, format, run, err) from err
         if run.pivoted:
             rec = _record_pivot(ts, rec.domid, vdev, target, format, run.node)
         else:
@@ -195,7 +199,12 @@ def mirror(
 
 
 def _claim(target: Path) -> None:
-    """Make ``target`` empty and ours (O_EXCL: nobody else's file is overwritten)."""
+    """Make ``target`` empty and ours (O_EXCL: nobody else's file is overwritten).
+
+    The directory is fsynced: a live mirror's record will name this very
+    file (QEMU writes into it, the name stays), so its entry must outlive a
+    power cut before that.
+    """
     if target.exists() or target.is_symlink():
         raise XenlabError(f"mirror target {target} exists; give a new file name")
     try:
@@ -203,10 +212,23 @@ def _claim(target: Path) -> None:
     except OSError as err:
         raise XenlabError(f"mirror target {target}: cannot create it: "
                           f"{err.strerror or err}") from err
+    try:
+        fsync_dir(target.parent)
+    except OSError as err:
+        target.unlink(missing_ok=True)
+        raise XenlabError(f"mirror target {target}: cannot sync its directory: "
+                          f"{err.strerror or err}") from err
 
 
-def _source_file(ts: Toolstack, rec: DomainRecord, vdev: str, pivot: bool) -> str:
-    """The file disk ``vdev`` runs on now; refuses what cannot be mirrored (or pivoted)."""
+def _source_file(ts: Toolstack, rec: DomainRecord, vdev: str, pivot: bool
+                 ) -> tuple[str, str]:
+    """(file, qemu-img format) disk ``vdev`` runs on now; refuses what cannot be mirrored
+    (or pivoted).
+
+    The format is the one the config or the record says, never probed: a guest
+    owns every byte of a raw disk and could write a qcow2 header there that
+    names a host file as its backing file.
+    """
     dc, _ = ts._config_of(rec)
     disk = next((d for d in dc.disks if d.vdev == vdev), None)
     if disk is None:
@@ -231,11 +253,25 @@ def _source_file(ts: Toolstack, rec: DomainRecord, vdev: str, pivot: bool) -> st
                 "or mirror with --no-pivot for a copy"
             )
     if vdev in overlays:
-        return str(overlays[vdev]["file"])
+        # vm.snapshot's overlays are always qcow2.
+        return str(overlays[vdev]["file"]), _driver(DiskFormat.QCOW2, rec, vdev)
     moved: Mapping[str, Mapping[str, str]] = rec.extra.get(DISK_PATHS) or {}
     if vdev in moved:
-        return str(moved[vdev]["file"])
-    return disk.pdev_path
+        try:
+            fmt = DiskFormat(str(moved[vdev].get("format") or DiskFormat.QCOW2.value))
+        except ValueError:
+            fmt = DiskFormat.UNKNOWN
+        return str(moved[vdev]["file"]), _driver(fmt, rec, vdev)
+    return disk.pdev_path, _driver(disk.format, rec, vdev)
+
+
+def _driver(fmt: DiskFormat, rec: DomainRecord, vdev: str) -> str:
+    """QEMU's name for disk format ``fmt``; refuses a format xenlab does not run."""
+    driver = _FORMAT_DRIVERS.get(fmt)
+    if driver is None:
+        raise XenlabError(f"disk {vdev} of {rec.name!r}: format {fmt.value!r}, expected one "
+                          f"of {', '.join(f.value for f in _FORMAT_DRIVERS)}")
+    return driver
 
 
 def _record_pivot(ts: Toolstack, domid: int, vdev: str, target: Path, fmt: str,
@@ -262,8 +298,8 @@ def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: Path, f
         rec = ts.store.get(rec.domid)
         if rec.state != SHUTOFF:
             raise StateError(f"domain {rec.name!r} was started meanwhile; mirror again")
-        source = _source_file(ts, rec, vdev, pivot)
-        size = _virtual_size(source)
+        source, source_fmt = _source_file(ts, rec, vdev, pivot)
+        size = _virtual_size(source, source_fmt)
         _claim(target)
         tmp: Path | None = None
         try:
@@ -271,7 +307,7 @@ def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: Path, f
                                         dir=target.parent)
             os.close(fd)
             tmp = Path(name)
-            _convert(source, tmp, fmt, vdev, size, timeout, progress, started)
+            _convert(source, source_fmt, tmp, fmt, vdev, size, timeout, progress, started)
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 # Once, before the rename: the copy is whole on disk when the
@@ -281,6 +317,9 @@ def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: Path, f
                 os.close(fd)
             os.replace(tmp, target)
             tmp = None
+            # The rename must be on disk before the record names the file: else
+            # a power cut could leave the record on the empty claimed file.
+            fsync_dir(target.parent)
         except BaseException as err:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
@@ -298,20 +337,21 @@ def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: Path, f
                         time.monotonic() - started)
 
 
-def _virtual_size(image: str) -> int:
-    proc = subprocess.run(["qemu-img", "info", "--output=json", image], capture_output=True,
-                          text=True, check=False, timeout=60)
+def _virtual_size(image: str, fmt: str) -> int:
+    proc = subprocess.run(["qemu-img", "info", "-f", fmt, "--output=json", image],
+                          capture_output=True, text=True, check=False, timeout=60)
     if proc.returncode != 0:
         raise XenlabError(f"qemu-img info {image}: {proc.stderr.strip()}")
     return int(json.loads(proc.stdout)["virtual-size"])
 
 
-def _convert(source: str, out: Path, fmt: str, vdev: str, size: int, timeout: float,
-             progress: Progress | None, started: float) -> None:
-    """``qemu-img convert -p`` ``source`` to ``out``, reporting its percentages."""
+def _convert(source: str, source_fmt: str, out: Path, fmt: str, vdev: str, size: int,
+             timeout: float, progress: Progress | None, started: float) -> None:
+    """``qemu-img convert -p`` ``source`` (of format ``source_fmt``) to ``out``, reporting
+    its percentages."""
     deadline = time.monotonic() + timeout
-    proc = subprocess.Popen(["qemu-img", "convert", "-p", "-O", fmt, source, str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(["qemu-img", "convert", "-p", "-f", source_fmt, "-O", fmt, source,
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     try:
         os.set_blocking(proc.stdout.fileno(), False)
@@ -509,8 +549,8 @@ async def _wait_concluded(qmp: Qmp, job: str, deadline: float, timeout: float
 # --- failures ------------------------------------------------------------------------
 
 
-def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, target: Path, fmt: str,
-            run: _Run, err: BaseException) -> BaseException:
+def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, source_fmt: str,
+            target: Path, fmt: str, run: _Run, err: BaseException) -> BaseException:
     """Leave things consistent after a failed mirror; the error to raise, saying what happened."""
     what = f"mirror {rec.name} {vdev} -> {target}"
     deadline = time.monotonic() + 5
@@ -534,7 +574,7 @@ def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, target: Pa
     else:
         target.unlink(missing_ok=True)
         notes.append(f"the unfinished {target} was removed")
-    notes.append(_check_source(source))
+    notes.append(_check_source(source, source_fmt))
     ts._gone(ts.store.get(rec.domid))
     kept = any(r.domid == rec.domid for r in ts.store.list())
     notes.append(f"{rec.name} is now shut off (it has snapshots)" if kept
@@ -543,10 +583,14 @@ def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, target: Pa
     return BackendError(msg) if isinstance(err, Exception) else err
 
 
-def _check_source(source: str) -> str:
-    """``qemu-img check -r leaks`` the source (a killed QEMU may leak clusters); what it found."""
+def _check_source(source: str, fmt: str) -> str:
+    """``qemu-img check -r leaks`` the source (a killed QEMU may leak clusters); what it found.
+
+    ``fmt`` is the source's format, never probed (a guest could make a raw
+    disk look like a qcow2 whose "repair" would write into it).
+    """
     try:
-        proc = subprocess.run(["qemu-img", "check", "-r", "leaks", source],
+        proc = subprocess.run(["qemu-img", "check", "-f", fmt, "-r", "leaks", source],
                               capture_output=True, text=True, check=False, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"the source {source} could not be checked ({err})"
