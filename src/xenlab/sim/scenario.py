@@ -28,8 +28,14 @@ Format
     [host]                         # numa.topology.from_spec keys, or sysfs = true
     pcpus = 4
 
+    [[pool]]                       # a cpupool (xl cpupool-create); Pool-0 keeps the rest
+    name = "rt-pool"               # and runs sim.scheduler (or --sched)
+    scheduler = "rtds"             # fixed: --sched does not change a pool's scheduler
+    cpus = "2-3"
+
     [[domain]]
     name = "rt"
+    pool = "rt-pool"               # default: Pool-0
     vcpus = 2                      # default: 1, or as many as workloads / rt-app tasks
     affinity = "0-3,^2"            # xl cpus= syntax (N, A-B, ^, all, node:N, nodes:A-B)
                                    # or a list of pCPU ids; default: every pCPU
@@ -207,6 +213,8 @@ class DomainSpec:
     common: tuple[tuple[str, Any], ...]
     #: Per scheduler kind (``[domain.sched.NAME]``), name -> parameters.
     by_sched: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+    #: The cpupool it lives in (``pool =``); None: Pool-0.
+    pool: str | None = None
 
     def params_for(self, kind: str, known: Iterable[str]) -> dict[str, Any]:
         """The parameters scheduler ``kind`` (taking ``known``) gets for this domain."""
@@ -225,6 +233,15 @@ class SchedChoice:
     name: str
     kind: str
     options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """A cpupool (``[[pool]]``): its name, its scheduler and its pCPUs."""
+
+    name: str
+    choice: SchedChoice
+    cpus: frozenset[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +293,7 @@ class Scenario:
     power: PowerModel
     expect: tuple[Expectation, ...]
     raw_json: str
+    pools: tuple[PoolSpec, ...] = ()
 
     def raw(self) -> dict[str, Any]:
         """A fresh copy of the merged scenario as plain data."""
@@ -522,12 +540,14 @@ def _show(value: Any) -> str:
 
 # -- the scenario ------------------------------------------------------------------------------
 
-_TOP = ("sim", "scheduler", "host", "domain", "powerclamp", "power", "expect", "name")
+_TOP = ("sim", "scheduler", "host", "pool", "domain", "powerclamp", "power", "expect", "name")
+_POOL = ("name", "scheduler", "cpus")
 _SIM = ("duration_ns", "duration_us", "duration_ms", "duration_s", "seed", "scheduler",
         "compare", "trace_ns", "trace_us", "trace_ms", "trace_s")
 _HOST = ("pcpus", "sockets", "cores", "threads", "llc_per_socket", "nodes_per_socket", "cpus",
          "distances", "sysfs")
-_DOMAIN = ("name", "vcpus", "affinity", "like", "workload", "workloads", "rtapp", "sched")
+_DOMAIN = ("name", "vcpus", "affinity", "like", "workload", "workloads", "rtapp", "sched",
+           "pool")
 
 
 def scenario_from_dict(raw: Mapping[str, Any], *, source: str) -> Scenario:
@@ -579,18 +599,65 @@ def scenario_from_dict(raw: Mapping[str, Any], *, source: str) -> Scenario:
         compare.append(by_name[n])
 
     topology = _host(ck, raw.get("host", {}))
+    pools = _pools(ck, raw.get("pool", []), topology, registry, variants)
     domains = _domains(ck, raw.get("domain"), topology, registry, variants)
+    by_pool = {p.name: p for p in pools}
+    for d in domains:
+        if d.pool is not None and d.pool not in by_pool:
+            known = ", ".join(by_pool) or "none: add a [[pool]]"
+            raise ck.fail(f"domain.{d.name}.pool", f"no cpupool {d.pool!r} (pools: {known})")
+        if d.pool is not None and d.affinity is not None and not d.affinity <= by_pool[d.pool].cpus:
+            raise ck.fail(f"domain.{d.name}.affinity",
+                          f"pCPUs {sorted(d.affinity - by_pool[d.pool].cpus)} are outside "
+                          f"cpupool {d.pool}")
     trace = _trace(ck, sim, duration)
     clamp = _powerclamp(ck, raw.get("powerclamp"))
     power = _power(ck, raw.get("power", {}))
     kinds = {c.kind for c in (default, *variants.values(), *compare)}
     for d in domains:
-        for kind in sorted(kinds):
+        # A pool's domains run under the pool's scheduler whatever --sched says.
+        for kind in sorted({by_pool[d.pool].choice.kind} if d.pool else kinds):
             _check_params(ck, d, kind, registry)
     expect = _expect(ck, raw.get("expect", []), domains, registry, variants)
     return Scenario(source, name, duration, seed, default, tuple(compare),
                     tuple(variants.values()), topology, domains, trace, clamp, power, expect,
-                    raw_json)
+                    raw_json, pools)
+
+
+def _pools(ck: _Checker, value: Any, topo: Topology, registry: Mapping[str, Any],
+           variants: Mapping[str, SchedChoice]) -> tuple[PoolSpec, ...]:
+    """``[[pool]]`` tables: cpupools beside Pool-0, which keeps the pCPUs left over."""
+    if not isinstance(value, list):
+        raise ck.fail("pool", "expected [[pool]] tables")
+    out: list[PoolSpec] = []
+    taken: dict[int, str] = {}
+    for i, row in enumerate(value):
+        row = ck.table(row, f"pool[{i}]")
+        name = row.get("name")
+        if not isinstance(name, str) or not name or "." in name or name == "Pool-0":
+            raise ck.fail(f"pool[{i}].name", "missing or not a name (a non-empty string "
+                          "without '.', not Pool-0)")
+        where = f"pool.{name}"
+        if any(p.name == name for p in out):
+            raise ck.fail(f"{where}.name", "a pool of that name is already defined")
+        ck.only(row, where, _POOL)
+        sched = row.get("scheduler")
+        if not isinstance(sched, str):
+            raise ck.fail(f"{where}.scheduler", "missing (required: a scheduler name)")
+        _known_scheduler(ck, sched, f"{where}.scheduler", registry, variants)
+        choice = variants.get(sched) or SchedChoice(sched, sched)
+        cpus = _affinity(ck, row.get("cpus"), f"{where}.cpus", topo)
+        if cpus is None:
+            raise ck.fail(f"{where}.cpus", "missing (required: the pool's pCPUs)")
+        twice = sorted(c for c in cpus if c in taken)
+        if twice:
+            raise ck.fail(f"{where}.cpus", f"pCPUs {twice} are in pool {taken[twice[0]]} "
+                          "already")
+        taken.update((c, name) for c in cpus)
+        out.append(PoolSpec(name, choice, cpus))
+    if len(taken) >= topo.nr_cpus and out:
+        raise ck.fail("pool", "the pools take every pCPU: Pool-0 needs at least one")
+    return tuple(out)
 
 
 def _known_scheduler(ck: _Checker, name: str, key: str, registry: Mapping[str, Any],
@@ -872,7 +939,11 @@ def _domain(ck: _Checker, row: Mapping[str, Any], topo: Topology, registry: Mapp
             _param_value(ck, key, v)
             common.append((k, v))
     _ratio(ck, dict(common), f"{where}.sched")
-    return DomainSpec(name, works, affinity, tuple(sorted(common)), tuple(sorted(by_sched)))
+    pool = row.get("pool")
+    if pool is not None and not isinstance(pool, str):
+        raise ck.fail(f"{where}.pool", f"expected a pool name, got {_show(pool)}")
+    return DomainSpec(name, works, affinity, tuple(sorted(common)), tuple(sorted(by_sched)),
+                      pool)
 
 
 def _param_value(ck: _Checker, key: str, v: Any) -> None:
@@ -1203,14 +1274,21 @@ def build_host(scenario: Scenario, scheduler: str | None = None, seed: int | Non
     for d in scenario.domains:
         _check_params(ck, d, choice.kind, registry)
     sched = make_scheduler(scenario, choice)
-    host = Host(scenario.topology, sched, seed=scenario.seed if seed is None else seed,
-                trace=scenario.trace_ns if trace else None)
-    known = getattr(registry[choice.kind], "PARAMS", None)
+    pools = [(p.name, make_scheduler(scenario, p.choice), sorted(p.cpus))
+             for p in scenario.pools]
+    try:
+        host = Host(scenario.topology, sched, seed=scenario.seed if seed is None else seed,
+                    trace=scenario.trace_ns if trace else None, pools=pools)
+    except XenlabError as err:
+        raise ScenarioError(scenario.source, "pool", str(err)) from err
+    kinds = {p.name: p.choice.kind for p in scenario.pools}
     for d in scenario.domains:
-        params = d.params_for(choice.kind, known if isinstance(known, Mapping) else ())
+        kind = kinds[d.pool] if d.pool else choice.kind
+        known = getattr(registry[kind], "PARAMS", None)
+        params = d.params_for(kind, known if isinstance(known, Mapping) else ())
         try:
             host.add_domain(d.name, [w.build() for w in d.workloads], params=params,
-                            affinity=d.affinity)
+                            affinity=d.affinity, pool=d.pool or "Pool-0")
         except XenlabError as err:
             raise ScenarioError(scenario.source, f"domain.{d.name}", str(err)) from err
     return host
