@@ -449,6 +449,45 @@ def test_destination_killed_mid_migration(hosts: tuple[Toolstack, Toolstack],
     assert res.record is not None and dst.status(res.record).state == "running"
 
 
+@pytest.mark.integration
+def test_storage_migration_again_after_the_destination_failed(
+        hosts: tuple[Toolstack, Toolstack], tmp_path: Path) -> None:
+    """The destination dies once the stream is sent: the source resumes without the NBD
+    nodes it added, so the next storage migration can add them again."""
+    src, dst = hosts
+    boot(src, tmp_path, "g1")
+    sh(src, "g1", "echo A > /mnt/disk/marker && sync")
+    rec = src.get("g1")
+    target = tmp_path / "host-b-g1.qcow2"
+    killed: list[int] = []
+
+    def kill_after_the_stream(p: mig.MigrationProgress) -> None:
+        if p.phase == "memory" and p.status == "completed" and not killed:
+            (incoming,) = dst.store.list()
+            assert incoming.pid is not None
+            os.kill(incoming.pid, signal.SIGKILL)
+            killed.append(incoming.pid)
+
+    with pytest.raises(BackendError, match="destination QEMU exited"):
+        mig.migrate(src, "g1", dst, with_storage=True, dest_overrides=[_disk_spec(target)],
+                    progress=kill_after_the_stream)
+    assert killed and dst.store.list() == []
+    assert src.get("g1") == rec and src.status(rec).state == "running"
+    nodes = asyncio.run(src._qmp(rec, "query-named-block-nodes", {"flat": True}))
+    assert isinstance(nodes, list)
+    assert sorted(n["node-name"] for n in nodes) == ["xvda-file", "xvda-fmt"]
+    # A node of that name left by an older xenlab is cleared before the next one.
+    asyncio.run(src._qmp(rec, "blockdev-add", {"driver": "null-co", "node-name": "mig-xvda"}))
+    sh(src, "g1", "echo B > /mnt/disk/marker && sync")
+    res = mig.migrate(src, "g1", dst, with_storage=True, paused=True,
+                      dest_overrides=[_disk_spec(target)])
+    assert res.disks == ("xvda",) and src.store.list() == []
+    cmp = _compare(tmp_path / "g1.qcow2", target)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    dst.unpause("g1")
+    assert sh(dst, "g1", "cat /mnt/disk/marker") == "B\n"
+
+
 class _Receiver(threading.Thread):
     """``serve_receive`` on its own toolstack (its own thread: SQLite objects stay in theirs)."""
 

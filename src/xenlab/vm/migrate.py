@@ -98,7 +98,9 @@ Control protocol (two hosts)
     sync=full`` into it (from the node the disk runs on, a mirror's target
     after a pivot), waits until every mirror is ready, migrates, and
     then ends each mirror with ``block-job-cancel`` (a ready mirror cancelled
-    completes without pivoting: the source keeps its own disk).  Mirrors run
+    completes without pivoting: the source keeps its own disk) and deletes
+    its ``nbd`` node at once, so a source that has to resume (the
+    destination failed after the stream) can migrate with storage again.  Mirrors run
     in ``write-blocking`` mode, so once ready every guest write reaches the
     destination before the guest sees it complete, and the destination's disk
     is whole when the memory stream ends.
@@ -1513,6 +1515,8 @@ async def _send(paths: RuntimePaths, name: str, where: str, dhost: str, nbd_port
     mirrors: list[str] = []
     added: list[str] = []
     completed = False
+    if nodes:
+        await _del_stale_nodes(qmp, [f"mig-{vdev}" for vdev in nodes])
     try:
         for vdev, node in nodes.items():
             assert nbd_port is not None
@@ -1542,6 +1546,15 @@ async def _send(paths: RuntimePaths, name: str, where: str, dhost: str, nbd_port
             await qmp.execute("block-job-cancel", {"device": job})
         await _dismiss_jobs(qmp, mirrors, 30)
         mirrors.clear()
+        # The NBD nodes go with their mirrors, now: whatever the destination
+        # does next, the source needs them no more, and if it has to resume, a
+        # later storage migration adds them again under the same names.
+        for node in added:
+            try:
+                await qmp.execute("blockdev-del", {"node-name": node})
+            except BackendError as err:
+                _log.warning("migrate %s: NBD node %s not deleted: %s", name, node, err)
+        added.clear()
         return _Sent(info, was_running, old_bw)
     except BaseException:
         if not completed:
@@ -1942,6 +1955,17 @@ async def _wait_mirrors_ready(qmp: Qmp, jobs: Sequence[str], timeout: float,
         if time.monotonic() > deadline:
             raise BackendError(f"disk mirrors not ready within {timeout:g}s")
         await asyncio.sleep(_POLL)
+
+
+async def _del_stale_nodes(qmp: Qmp, names: Sequence[str]) -> None:
+    """Delete nodes ``names`` left in QEMU by an earlier migration (no job uses them)."""
+    listed = await qmp.execute("query-named-block-nodes", {"flat": True})
+    have = {str(n.get("node-name")) for n in listed if isinstance(n, dict)
+            } if isinstance(listed, list) else set()
+    for node in names:
+        if node in have:
+            with contextlib.suppress(BackendError):
+                await qmp.execute("blockdev-del", {"node-name": node})
 
 
 async def _dismiss_jobs(qmp: Qmp, jobs: Sequence[str], timeout: float) -> None:
