@@ -133,3 +133,41 @@ def test_global_edf_invariant_holds_at_every_instant(sched: str) -> None:
         assert max(running) <= queued.items[0][1], e.now
         checked += 1
     assert checked > 100
+
+
+@pytest.mark.parametrize("runqueue", ["global", "socket"])
+def test_kept_idle_and_deadline_lists_decide_like_the_scan(
+        runqueue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Large pools keep sorted idle/busy lists instead of scanning every pCPU on a
+    # wake: the runs must be the same, decision for decision.
+    from xenlab.sim import schedulers
+    from xenlab.sim.schedulers import mpedf
+    from xenlab.sim.workload import Hog, Periodic
+
+    def run() -> str:
+        rng = random.Random(5)
+        h = Host(uniform(sockets=2, cores=16), schedulers.make("mpedf", runqueue=runqueue),
+                 seed=5)
+        for i in range(70):  # about 38 pCPUs of load on 32: every path is taken
+            period = rng.choice([5, 7, 10, 14, 20]) * 1000
+            run_us = rng.randint(500, period * 9 // 10)
+            h.add_domain(f"t{i}", [Periodic(run_us * 1000, period * 1000)],
+                         params={"budget": run_us, "period": period})
+        h.add_domain("hog", [Hog()], params={"budget": 5000, "period": 10000})
+        h.run(300_000_000)
+        h.finish()
+        return json.dumps(summarize(h).to_json())
+
+    calls = {"busy": 0}
+    latest = mpedf.MpEdf._latest_running
+
+    def counted(self: mpedf.MpEdf, *args: object) -> object:
+        found = latest(self, *args)  # type: ignore[arg-type]
+        calls["busy"] += found is not None
+        return found
+
+    monkeypatch.setattr(mpedf.MpEdf, "_latest_running", counted)
+    tracked = run()
+    assert calls["busy"] > 100  # the kept deadline list decided many wakes
+    monkeypatch.setattr(mpedf, "_TRACK_MIN_CPUS", 10**9)
+    assert run() == tracked
