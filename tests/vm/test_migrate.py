@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.vm.guests import boot, clear, config_text, sh, wait_ready
+from tests.vm.guests import boot, clear, config_text, run_cli, sh, wait_ready
 from xenlab.errors import BackendError, FormatError, StateError, TruncatedError, XenlabError
 from xenlab.vm import migrate as mig
 from xenlab.vm import snapshot
@@ -352,7 +352,7 @@ def test_live_migration_shared_disk(hosts: tuple[Toolstack, Toolstack], tmp_path
     snapshot.create_snapshot(src, "g1", "s1", disk_only=True)
     # Snapshot records cannot go to another host yet: refused, nothing changes.
     with pytest.raises(StateError, match="1 snapshot"):
-        mig.migrate(src, "g1", "127.0.0.1:4444")
+        mig.migrate(src, "g1", "127.0.0.1:4444", token="t")
     old = src.get("g1")
     assert src.status(old).state == "running"
     seen: list[mig.MigrationProgress] = []
@@ -491,17 +491,21 @@ def test_storage_migration_again_after_the_destination_failed(
 class _Receiver(threading.Thread):
     """``serve_receive`` on its own toolstack (its own thread: SQLite objects stay in theirs)."""
 
-    def __init__(self, state_dir: Path, overrides: Sequence[str] = ()) -> None:
+    def __init__(self, state_dir: Path, overrides: Sequence[str] = (),
+                 accept_timeout: float = 60) -> None:
         super().__init__(daemon=True)
         self.state_dir, self.overrides = state_dir, overrides
+        self.accept_timeout = accept_timeout
+        self.token = mig.new_token()
         self.port: queue.Queue[int] = queue.Queue()
         self.result: DomainRecord | BaseException | None = None
 
     def run(self) -> None:
         try:
             self.result = mig.serve_receive(
-                Toolstack(self.state_dir), "127.0.0.1:0", overrides=self.overrides,
-                accept_timeout=60, timeout=120, on_listen=lambda _h, p: self.port.put(p))
+                Toolstack(self.state_dir), "127.0.0.1:0", token=self.token,
+                overrides=self.overrides, accept_timeout=self.accept_timeout, timeout=120,
+                on_listen=lambda _h, p: self.port.put(p))
         except BaseException as err:  # handed to the test
             self.result = err
             self.port.put(0)
@@ -536,7 +540,7 @@ def test_two_host_migration_over_the_control_channel(hosts: tuple[Toolstack, Too
     # Shared disks: the destination runs on the mirror's target, and says so.
     recv = _Receiver(dst.state_dir)
     recv.start()
-    res = mig.migrate(src, "g1", recv.address())
+    res = mig.migrate(src, "g1", recv.address(), token=recv.token)
     got = recv.outcome()
     assert isinstance(got, DomainRecord), got
     assert res.record is None and src.store.list() == [] and res.ram_transferred > 0
@@ -552,7 +556,8 @@ def test_two_host_migration_over_the_control_channel(hosts: tuple[Toolstack, Too
     copy = tmp_path / "host-a-copy.qcow2"
     recv = _Receiver(src.state_dir, [_disk_spec(copy)])
     recv.start()
-    back = mig.migrate(dst, "g1", recv.address(), with_storage=True, paused=True)
+    back = mig.migrate(dst, "g1", recv.address(), with_storage=True, paused=True,
+                       token=recv.token)
     got = recv.outcome()
     assert isinstance(got, DomainRecord), got
     assert back.disks == ("xvda",) and dst.store.list() == [] and got.state == "paused"
@@ -578,6 +583,8 @@ def test_receiver_killed_after_the_stream_the_source_resumes(
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("listening on 127.0.0.1:"), line + proc.stderr.read()
+        address, token = line.split()[2], line.split()[-1]
+        assert line.split()[3] == "token" and len(token) >= 43  # 256 bits, base64
         killed: list[str] = []
 
         def kill_receiver(p: mig.MigrationProgress) -> None:
@@ -589,7 +596,7 @@ def test_receiver_killed_after_the_stream_the_source_resumes(
                 killed.append(p.status)
 
         with pytest.raises(BackendError, match=r"did not take the guest .*g1 was resumed here"):
-            mig.migrate(src, "g1", line.split()[-1], progress=kill_receiver)
+            mig.migrate(src, "g1", address, progress=kill_receiver, token=token)
         assert killed
     finally:
         if proc.poll() is None:
@@ -614,7 +621,7 @@ def test_receiver_refuses_and_cleans_up_after_a_vanished_source(
         ctl = socket.create_connection((host, int(port)), timeout=30)
         f = ctl.makefile("rwb")
         said = [json.loads(f.readline())]
-        f.write(json.dumps(prepare).encode() + b"\n")
+        f.write(json.dumps({**prepare, "token": recv.token}).encode() + b"\n")
         f.flush()
         said.append(json.loads(f.readline()))
         source.recv = recv  # type: ignore[attr-defined]
@@ -622,7 +629,7 @@ def test_receiver_refuses_and_cleans_up_after_a_vanished_source(
 
     # A header that is not one: the receiver says why and keeps nothing.
     ctl, said = source({"msg": "prepare", "header": {"version": 3}})
-    assert said[0] == {"msg": "hello", "protocol": 1}
+    assert said[0] == {"msg": "hello", "protocol": 2}
     assert said[1]["msg"] == "error" and "header.name" in str(said[1]["error"])
     ctl.close()
     assert isinstance(source.recv.outcome(), FormatError)  # type: ignore[attr-defined]
@@ -650,12 +657,93 @@ def test_receiver_refuses_and_cleans_up_after_a_vanished_source(
     assert not dst.paths(incoming).rundir.exists()
 
 
-def test_bad_destinations_are_refused(tmp_path: Path) -> None:
+def _ask(address: str, prepare: dict[str, object]) -> dict[str, object]:
+    """Connect to a receiver as a source would, send ``prepare``; its answer."""
+    host, port = address.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as ctl:
+        f = ctl.makefile("rwb")
+        assert json.loads(f.readline()) == {"msg": "hello", "protocol": 2}
+        f.write(json.dumps(prepare).encode() + b"\n")
+        f.flush()
+        answer = json.loads(f.readline())
+        assert isinstance(answer, dict)
+        return answer
+
+
+RISKY = """\
+device_model_args_hvm = [ "-monitor", "unix:/tmp/evil,server=on,wait=off" ]
+vif = [ "bridge=xenbr0,script=/tmp/evil-script" ]
+vga_rom = "/etc/shadow"
+"""
+
+
+def test_the_receiver_hears_only_its_token_and_refuses_risky_settings(tmp_path: Path) -> None:
+    """No token or a wrong one: "error", nothing started, the receiver waits on; with the
+    token, settings that run programs or hand host files to the guest are refused."""
+    recv = _Receiver(tmp_path / "dst")
+    recv.start()
+    address = recv.address()
+    header = mig.header_to_json(replace(
+        HEADER, config_text=config_text("g1", tmp_path / "g1.qcow2", tail=RISKY),
+        config_path=""))
+    prepare: dict[str, object] = {"msg": "prepare", "header": header, "with_storage": True,
+                                  "disk_sizes": {"xvda": 32 << 20}}
+    said = _ask(address, prepare)
+    assert said["msg"] == "error" and "no migration token" in str(said["error"]), said
+    said = _ask(address, {**prepare, "token": recv.token[:-1] + "x"})
+    assert said["msg"] == "error" and "wrong migration token" in str(said["error"]), said
+    # Nothing was started or created, and the receiver still waits for its source.
+    assert recv.is_alive() and Toolstack(tmp_path / "dst").store.list() == []
+    assert not (tmp_path / "g1.qcow2").exists()
+    said = _ask(address, {**prepare, "token": recv.token})
+    error = str(said["error"])
+    assert said["msg"] == "error", said
+    for why in ("device_model_args_hvm (QEMU arguments, passed as they are)",
+                "vif script= (an executable run here)",
+                "vga_rom (a host file read into the guest)", "--trust-peer-config"):
+        assert why in error, error
+    got = recv.outcome()
+    assert isinstance(got, XenlabError) and str(got) == error
+    assert Toolstack(tmp_path / "dst").store.list() == []
+    assert not (tmp_path / "g1.qcow2").exists()
+
+
+def test_the_receivers_overrides_may_set_what_the_wire_may_not() -> None:
+    text = config_text("g1", "/srv/g1.qcow2", tail=RISKY)
+    assert [w.split(" (")[0] for w in mig._untrusted(text, (), "peer")] == [
+        "device_model_args_hvm", "vga_rom", "vif script="]
+    mine = ('device_model_args_hvm = [ "-no-hpet" ]', 'vga_rom = "/srv/roms/vga.bin"',
+            'vif = [ "bridge=xenbr0,script=vif-bridge" ]')
+    assert mig._untrusted(text, mine, "peer") == []
+    # vif += keeps the peer's entries, and with them the peer's script.
+    assert [w.split(" (")[0] for w in mig._untrusted(
+        text, (*mine[:2], 'vif += [ "bridge=xenbr1" ]'), "peer")] == ["vif script="]
+    plain = config_text("g1", "/srv/g1.qcow2", tail='vif = [ "bridge=xenbr0" ]\n')
+    assert mig._untrusted(plain, (), "peer") == []
+
+
+def test_bad_destinations_are_refused(tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
     ts = Toolstack(tmp_path / "st")
+    st = ("--state-dir", str(tmp_path / "st"))
+    (tmp_path / "empty").write_text("\n")
+    code, _, err = run_cli(capsys, "vm", "migrate", "g1", "127.0.0.1:4444", "--token-file",
+                           str(tmp_path / "empty"), *st)
+    assert code == 1 and "empty, expected a migration token" in err
+    code, _, err = run_cli(capsys, "vm", "receive", "--listen", "127.0.0.1:0", "--token-file",
+                           str(tmp_path / "missing"), *st)
+    assert code == 1 and "missing: cannot read the migration token" in err
+    code, _, err = run_cli(capsys, "vm", "migrate", "g1", "127.0.0.1:4444", "--token", "t",
+                           "--token-file", str(tmp_path / "empty"), *st)
+    assert code == 2 and "not both" in err
     with pytest.raises(XenlabError, match="no domain"):
+        mig.migrate(ts, "nope", "127.0.0.1:4444", token="t")
+    with pytest.raises(XenlabError, match="wants the token it printed"):
         mig.migrate(ts, "nope", "127.0.0.1:4444")
     with pytest.raises(XenlabError, match="expected HOST:PORT"):
-        mig.serve_receive(ts, "nowhere")
+        mig.serve_receive(ts, "nowhere", token="t")
+    with pytest.raises(XenlabError, match="empty migration token"):
+        mig.serve_receive(ts, "127.0.0.1:0", token="")
     cfg = config_text("g9", tmp_path / "missing.qcow2")
     with pytest.raises(XenlabError, match="needs a blank image of the source's size"):
         mig.receive(ts, cfg, 0, with_storage=True)

@@ -385,17 +385,26 @@ def mirror_cmd(domain: str, vdev: str, target: Path, no_pivot: bool, fmt: str,
 @click.option("--max-bandwidth", metavar="SIZE", help="Limit the stream, per second (e.g. 64M).")
 @click.option("--dest-state-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Migrate to a second toolstack on this host (DEST is then its host name).")
+@click.option("--token", metavar="TOKEN",
+              help="The token `xenlab vm receive` printed (others on this host can see it "
+                   "in ps: --token-file is safer).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A file holding the receiver's token.")
 @_STATE
 def migrate_cmd(domain: str, dest: str, with_storage: bool, offline: bool, paused: bool,
-                max_bandwidth: str | None, dest_state_dir: Path | None,
-                state_dir: Path | None) -> None:
-    """Live-migrate DOMAIN to DEST (HOST:PORT where `xenlab vm receive --listen` waits)."""
-    from xenlab.vm.migrate import migrate
+                max_bandwidth: str | None, dest_state_dir: Path | None, token: str | None,
+                token_file: Path | None, state_dir: Path | None) -> None:
+    """Live-migrate DOMAIN to DEST (HOST:PORT where `xenlab vm receive --listen` waits,
+    with the token it printed)."""
+    from xenlab.vm.migrate import migrate, read_token
 
+    if token is not None and token_file is not None:
+        raise click.UsageError("give --token or --token-file, not both")
     target: Toolstack | str = Toolstack(dest_state_dir) if dest_state_dir else dest
     r = migrate(_ts(state_dir), domain, target, live=not offline, with_storage=with_storage,
                 paused=paused, max_bandwidth=_size(max_bandwidth) if max_bandwidth else None,
-                progress=_print_progress if sys.stderr.isatty() else None)
+                progress=_print_progress if sys.stderr.isatty() else None,
+                token=read_token(token_file) if token_file is not None else token)
     click.echo("", err=True)
     stdout.print(f"migrated {printable(domain)} in {r.seconds:.2f} s (downtime "
                  f"{r.downtime_ms} ms, {r.ram_transferred >> 20} MiB of RAM)")
@@ -408,23 +417,41 @@ def migrate_cmd(domain: str, dest: str, with_storage: bool, offline: bool, pause
 @click.option("-p", "paused", is_flag=True, help="Leave the received domain paused.")
 @click.option("--timeout", type=float, default=600.0, show_default=True,
               help="Seconds to wait for the stream.")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Take the token from this file instead of making a new one.")
+@click.option("--trust-peer-config", is_flag=True,
+              help="Take device_model_args*, bootloader, vif script=, vga_rom and pci from "
+                   "the source's config too (they run programs or hand host resources to "
+                   "the guest here).")
 @_STATE
 def receive_cmd(listen: str, overrides: Sequence[str], paused: bool, timeout: float,
+                token_file: Path | None, trust_peer_config: bool,
                 state_dir: Path | None) -> None:
     """Receive one domain migrated here (xl migrate-receive); OVERRIDES are key=value
-    lines appended to its config (e.g. disk paths on this host)."""
-    from xenlab.vm.migrate import serve_receive
+    lines appended to its config (e.g. disk paths on this host).
+
+    Prints the address and a new one-time token (unless --token-file gives
+    it): only a `xenlab vm migrate ... --token TOKEN` that has it is heard.
+    The token travels in clear, and the ports QEMU opens for the stream and
+    the disks take any connection while the migration runs (xl migrates
+    over ssh): listen on a private network (a management VLAN, a VPN), never
+    on an address strangers reach.
+    """
+    from xenlab.vm.migrate import new_token, read_token, serve_receive
 
     for o in overrides:
         if "=" not in o:
             raise click.UsageError(f"override {o!r} is not key=value")
+    token = read_token(token_file) if token_file is not None else new_token()
 
     def listening(host: str, port: int) -> None:
-        click.echo(f"listening on {host}:{port}")
+        shown = f"(token from {token_file})" if token_file is not None else f"token {token}"
+        click.echo(f"listening on {host}:{port} {shown}")
         sys.stdout.flush()
 
-    rec = serve_receive(_ts(state_dir), listen, overrides=overrides, paused=paused,
-                        timeout=timeout, on_listen=listening)
+    rec = serve_receive(_ts(state_dir), listen, token=token,
+                        trust_peer_config=trust_peer_config, overrides=overrides,
+                        paused=paused, timeout=timeout, on_listen=listening)
     stdout.print(f"received {printable(rec.name)} (id {rec.domid}), {rec.state}")
 
 

@@ -50,8 +50,9 @@ Live migration
     :func:`migrate` runs both halves itself.  Between two hosts the halves
     are two commands that talk over a control connection::
 
-        dest$   xenlab vm receive --listen 0.0.0.0:4444 [key=value ...]
-        source$ xenlab vm migrate guest dest.example:4444 [--with-storage]
+        dest$   xenlab vm receive --listen 10.0.0.2:4444 [key=value ...]
+                listening on 10.0.0.2:4444 token 3q2-7wE...
+        source$ xenlab vm migrate guest 10.0.0.2:4444 --token 3q2-7wE... [--with-storage]
 
 Control protocol (two hosts)
     One TCP connection to the receiver's HOST:PORT; each message one line
@@ -60,8 +61,9 @@ Control protocol (two hosts)
     reports the guest resumed, and only then does the sender destroy its
     copy)::
 
-        R -> S  {"msg": "hello", "protocol": 1}
-        S -> R  {"msg": "prepare", "header": {SaveHeader as in a save image},
+        R -> S  {"msg": "hello", "protocol": 2}
+        S -> R  {"msg": "prepare", "token": TOKEN,
+                 "header": {SaveHeader as in a save image},
                  "with_storage": bool, "disk_sizes": {vdev: bytes}}
         R -> S  {"msg": "listening", "port": N, "nbd_port": M | null}
                 (R started its QEMU with -incoming; the stream goes to HOST:N,
@@ -89,6 +91,34 @@ Control protocol (two hosts)
       then neither destroys nor resumes its copy, leaves it paused and says
       to check the destination (resuming both would run one guest twice on
       the same disks).
+
+Who may migrate here
+    A receiver starts a QEMU from the config its peer sends, so it takes
+    only a peer that proves it was sent by whoever started the receiver:
+    :func:`serve_receive` has a one-time token (``xenlab vm receive`` makes
+    one with :func:`new_token` and prints it beside the address, or reads it
+    with ``--token-file``), and the sender's "prepare" must carry it
+    (``xenlab vm migrate ... --token TOKEN`` or ``--token-file``; compared
+    with :func:`hmac.compare_digest`).  A connection without it, or with
+    another one, is answered "error" and closed, and nothing is started: the
+    receiver goes on waiting for its source (a port scan does not end it).
+    Even with the token, the settings that run programs or hand host
+    resources to the guest are refused from the wire (see
+    :data:`_UNTRUSTED`: ``device_model_args*`` go to QEMU as they are, a vif
+    ``script=`` runs an executable, ``bootloader`` a program, ``vga_rom``
+    reads a host file into the guest, ``pci`` passes a host device through);
+    the receiver's own ``key=value`` overrides may set them, and
+    ``--trust-peer-config`` (``trust_peer_config``) takes them from the peer.
+    Disk paths still come from the peer (and, with ``with_storage``, a
+    missing one is created and exported writable): the token is what
+    stands between them and a stranger.
+
+    The token travels in clear, and the stream and NBD ports QEMU opens for
+    the migration take any connection while it runs (as with xl, which
+    migrates over ssh): listen on a private network only (a management
+    VLAN, a VPN), never on an address strangers reach.  An ssh tunnel of the
+    control port alone is not enough: the source also connects to the
+    ports "listening" names, on the same host.
 
     ``with_storage`` copies the disks too, QEMU's documented NBD flow
     (docs/interop/live-block-operations.rst): the destination exports its
@@ -121,10 +151,12 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import hmac
 import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import socket
 import struct
@@ -161,9 +193,11 @@ __all__ = [
     "header_from_json",
     "header_to_json",
     "migrate",
+    "new_token",
     "pack_header",
     "parse_header",
     "read_header",
+    "read_token",
     "receive",
     "restore",
     "save",
@@ -192,8 +226,11 @@ _TICK = 0.1
 # How often a save starts the kernel writing out what QEMU wrote so far, so
 # the fsync at the end has little left to wait for.
 _KICK = 0.005
-# The control protocol's version (the receiver's hello says it).
-_PROTOCOL = 1
+# The control protocol's version (the receiver's hello says it).  2: the
+# sender's "prepare" carries the receiver's token.
+_PROTOCOL = 2
+# How long a connection may take to say who it is (its "prepare").
+_AUTH_TIMEOUT = 30.0
 # How long one side waits for the other to start or load a QEMU.
 _START_TIMEOUT = 120.0
 
@@ -1354,7 +1391,7 @@ def migrate(
     with_storage: bool = False, paused: bool = False, host: str = "127.0.0.1",
     nbd_port: int | None = None, dest_overrides: Sequence[str] = (),
     max_bandwidth: int | None = None, timeout: float = 600.0,
-    progress: Progress | None = None,
+    progress: Progress | None = None, token: str | None = None,
 ) -> MigrationResult:
     """Move the running domain ``name`` to ``dest``; xl migrate.
 
@@ -1363,7 +1400,8 @@ def migrate(
     the config, e.g. other disk paths) or ``"HOST:PORT"`` where
     :func:`serve_receive` (``xenlab vm receive --listen``) waits; the two
     then speak the control protocol of the module docstring, and the source
-    QEMU quits only once the destination has said it runs the guest.
+    QEMU quits only once the destination has said it runs the guest;
+    ``token`` is the one the receiver printed (needed for ``"HOST:PORT"``).
     ``live=False`` pauses the domain first (virsh migrate without --live).
     ``with_storage`` mirrors the writable disks to the destination first.
     ``paused`` leaves the destination paused.  ``max_bandwidth`` is in
@@ -1373,10 +1411,12 @@ def migrate(
     On success the source QEMU has quit and its record is gone; the
     destination runs.
 
-    CLI: ``xenlab vm migrate DOM HOST:PORT [--with-storage] [--offline] [-p]
-    [--max-bandwidth BYTES]`` (and ``--dest-state-dir DIR`` for a second
-    toolstack on this host).
+    CLI: ``xenlab vm migrate DOM HOST:PORT --token TOKEN|--token-file FILE
+    [--with-storage] [--offline] [-p] [--max-bandwidth BYTES]`` (and
+    ``--dest-state-dir DIR`` for a second toolstack on this host).
 
+    :raise XenlabError: ``dest`` is ``"HOST:PORT"`` and no ``token`` is given
+        (nothing happened).
     :raise StateError: the domain is not running, or has snapshots and the
         destination is not a toolstack on this host sharing the disks.
     :raise BackendError: the migration failed (destination gone or refusing,
@@ -1386,6 +1426,11 @@ def migrate(
         paused here).
     """
     started = time.monotonic()
+    if not isinstance(dest, Toolstack):
+        _parse_dest(dest)
+        if not token:
+            raise XenlabError(f"migrate {name} to {dest}: the receiver wants the token it "
+                              "printed (--token TOKEN or --token-file FILE)")
     rec = ts._live(name)
     with ts.store.lock(rec.domid):
         rec = ts._live(str(rec.domid))
@@ -1406,7 +1451,8 @@ def migrate(
         if not isinstance(dest, Toolstack):
             info = _migrate_remote(ts, rec, paths, dest, disk_paths, overlays, vdevs, nodes,
                                    live=live, paused=paused, max_bandwidth=max_bandwidth,
-                                   timeout=timeout, progress=progress, started=started)
+                                   timeout=timeout, progress=progress, started=started,
+                                   token=str(token))
             dest_rec: DomainRecord | None = None
         else:
             sizes = _run(_disk_sizes(paths, nodes)) if disks else {}
@@ -1679,7 +1725,8 @@ def _migrate_remote(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths, dest:
                     disk_paths: tuple[DiskMove, ...], overlays: tuple[DiskMove, ...],
                     vdevs: Sequence[str], nodes: Mapping[str, str], *, live: bool,
                     paused: bool, max_bandwidth: int | None, timeout: float,
-                    progress: Progress | None, started: float) -> dict[str, Any]:
+                    progress: Progress | None, started: float, token: str
+                    ) -> dict[str, Any]:
     """The sending side of the control protocol; QEMU's final ``query-migrate``."""
     host, port = _parse_dest(dest)
     try:
@@ -1690,7 +1737,8 @@ def _migrate_remote(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths, dest:
     try:
         return _run(_sender(_Channel(sock, dest), rec, paths, host, disk_paths, overlays,
                             nodes, live=live, paused=paused, max_bandwidth=max_bandwidth,
-                            timeout=timeout, progress=progress, started=started))
+                            timeout=timeout, progress=progress, started=started,
+                            token=token))
     finally:
         sock.close()
 
@@ -1699,7 +1747,7 @@ async def _sender(ch: _Channel, rec: DomainRecord, paths: RuntimePaths, host: st
                   disk_paths: tuple[DiskMove, ...], overlays: tuple[DiskMove, ...],
                   nodes: Mapping[str, str], *, live: bool, paused: bool,
                   max_bandwidth: int | None, timeout: float, progress: Progress | None,
-                  started: float) -> dict[str, Any]:
+                  started: float, token: str) -> dict[str, Any]:
     what = f"migrate {rec.name} to {ch.peer}"
     here = f"{rec.name} still runs here"
     async with Qmp.open(paths.qmp) as qmp:
@@ -1717,7 +1765,7 @@ async def _sender(ch: _Channel, rec: DomainRecord, paths: RuntimePaths, host: st
             if hello.get("msg") != "hello" or hello.get("protocol") != _PROTOCOL:
                 raise BackendError(f"{ch.peer} is not a xenlab receiver speaking protocol "
                                    f"{_PROTOCOL} (it said {str(hello)[:200]})")
-            await ch.send({"msg": "prepare", "header": header_to_json(header),
+            await ch.send({"msg": "prepare", "token": token, "header": header_to_json(header),
                            "with_storage": bool(nodes), "disk_sizes": sizes})
             listening = await ch.recv(_START_TIMEOUT, "the destination QEMU to listen")
             _expect(listening, "listening", ch.peer)
@@ -1783,8 +1831,29 @@ async def _resume_in(qmp: Qmp, sent: _Sent) -> None:
         await qmp.execute("cont")
 
 
+def new_token() -> str:
+    """A new one-time migration token for :func:`serve_receive` (256 random bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def read_token(path: Path) -> str:
+    """The token in file ``path`` (its text, blanks around it dropped).
+
+    :raise XenlabError: the file cannot be read or holds no token.
+    """
+    try:
+        token = Path(path).read_text(encoding="utf-8", errors="surrogateescape").strip()
+    except OSError as err:
+        raise XenlabError(f"{path}: cannot read the migration token: "
+                          f"{err.strerror or err}") from err
+    if not token:
+        raise XenlabError(f"{path}: empty, expected a migration token")
+    return token
+
+
 def serve_receive(
-    ts: Toolstack, listen: str, *, overrides: Sequence[str] = (), paused: bool = False,
+    ts: Toolstack, listen: str, *, token: str, trust_peer_config: bool = False,
+    overrides: Sequence[str] = (), paused: bool = False,
     timeout: float = 600.0, accept_timeout: float | None = None,
     on_listen: Callable[[str, int], None] | None = None, image: object | None = None,
 ) -> DomainRecord:
@@ -1792,21 +1861,31 @@ def serve_receive(
     migrate-receive.
 
     Listens on ``listen`` (port 0: any; ``on_listen(host, port)`` is told
-    the port bound), accepts one control connection and follows the
-    protocol of the module docstring: the domain's config comes from the
-    source (``overrides`` appended, e.g. other disk paths), a QEMU is
-    started listening for the stream on a port of its own, and the guest
-    is resumed (unless ``paused`` here or asked by the source) only when
-    the source says go, after which the source quits.
+    the port bound) for a source whose "prepare" carries ``token`` (see
+    "Who may migrate here" in the module docstring: other connections are
+    told why and closed, and the wait goes on), then follows the protocol
+    of the module docstring: the domain's config comes from the source
+    (``overrides`` appended, e.g. other disk paths), a QEMU is started
+    listening for the stream on a port of its own, and the guest is resumed
+    (unless ``paused`` here or asked by the source) only when the source
+    says go, after which the source quits.  Settings in :data:`_UNTRUSTED`
+    are refused from the source unless ``trust_peer_config`` (the
+    ``overrides`` may set them).  Listen on a private network only: the
+    token travels in clear, and the ports QEMU opens take any connection.
 
-    CLI: ``xenlab vm receive --listen HOST:PORT [-p] [key=value ...]``.
+    CLI: ``xenlab vm receive --listen HOST:PORT [--token-file FILE]
+    [--trust-peer-config] [-p] [key=value ...]``.
 
-    :raise XenlabError: the config cannot run here (the source is told and
-        its domain goes on).
-    :raise BackendError: nobody connected within ``accept_timeout``, the
-        source went away or gave up, or QEMU could not load or resume the
-        guest; no QEMU and no record is left (the source resumes its guest).
+    :raise XenlabError: an empty ``token``; the config cannot run here or
+        sets what is not taken from the wire (the source is told and its
+        domain goes on).
+    :raise BackendError: no source with the token connected within
+        ``accept_timeout``, the source went away or gave up, or QEMU could
+        not load or resume the guest; no QEMU and no record is left (the
+        source resumes its guest).
     """
+    if not token:
+        raise XenlabError("receive: an empty migration token would let anyone in")
     host, port = _parse_dest(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
@@ -1814,25 +1893,85 @@ def serve_receive(
     except OSError as err:
         raise BackendError(f"receive: cannot listen on {listen}: {err.strerror or err}"
                            ) from err
+    deadline = None if accept_timeout is None else time.monotonic() + accept_timeout
     with srv:
         if on_listen is not None:
             on_listen(host, int(srv.getsockname()[1]))
-        srv.settimeout(accept_timeout)
-        try:
-            conn, addr = srv.accept()
-        except TimeoutError as err:
-            raise BackendError(f"receive on {listen}: no source connected within "
-                               f"{accept_timeout:g}s") from err
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            srv.settimeout(left)
+            try:
+                conn, addr = srv.accept()
+            except TimeoutError as err:
+                raise BackendError(f"receive on {listen}: no source with the token connected "
+                                   f"within {accept_timeout:g}s") from err
+            ch = _Channel(conn, f"{_uri_host(str(addr[0]))}:{addr[1]}")
+            try:
+                prep = _run(_hello(ch, token))
+                break
+            except BackendError as err:
+                # Not our source (or not one yet): tell it, hang up, wait on.
+                _log.warning("receive on %s: refused %s: %s", listen, ch.peer, err)
+                if not isinstance(err, _Lost):
+                    _run(ch.quiet_send({"msg": "error", "error": str(err)}))
+                conn.close()
     with conn:
-        ch = _Channel(conn, f"{_uri_host(str(addr[0]))}:{addr[1]}")
-        return _serve(ts, ch, host, overrides, paused, timeout, image)
+        return _serve(ts, ch, prep, host, overrides, paused, timeout, image,
+                      trust_peer_config)
 
 
-def _serve(ts: Toolstack, ch: _Channel, host: str, overrides: Sequence[str], paused: bool,
-           timeout: float, image: object | None) -> DomainRecord:
+# Settings a receiver does not take from its peer's config (unless it trusts
+# the peer): what they would make this host do.
+_UNTRUSTED: Mapping[str, str] = {
+    "device_model_args": "QEMU arguments, passed as they are",
+    "device_model_args_hvm": "QEMU arguments, passed as they are",
+    "device_model_args_pv": "QEMU arguments, passed as they are",
+    "bootloader": "a program run here",
+    "vif script=": "an executable run here",
+    "vga_rom": "a host file read into the guest",
+    "pci": "a host PCI device handed to the guest",
+}
+
+
+def _untrusted(config_text: str, overrides: Sequence[str], source: str) -> list[str]:
+    """The settings of :data:`_UNTRUSTED` that ``config_text`` (from the peer) makes the
+    domain run with, ``overrides`` (the receiver's own) applied; each with why.
+
+    A setting the overrides replace is the receiver's, not the peer's; one the
+    overrides leave as the peer said it (a ``vif +=`` keeps the peer's
+    entries) is the peer's.
+    """
+    peer, _ = config_from_text(config_text, source)
+    final = config_from_text(config_text, source, overrides)[0] if overrides else peer
+    found: list[str] = []
+    for key in ("device_model_args", "device_model_args_hvm", "device_model_args_pv",
+                "vga_rom"):
+        value = final.extra.get(key)
+        if value is not None and value == peer.extra.get(key):
+            found.append(key)
+    if final.bootloader is not None and final.bootloader == peer.bootloader:
+        found.append("bootloader")
+    if any(v.script is not None and v in peer.vifs for v in final.vifs):
+        found.append("vif script=")
+    if any(p in peer.pcis for p in final.pcis):
+        found.append("pci")
+    return [f"{key} ({_UNTRUSTED[key]})" for key in found]
+
+
+def _serve(ts: Toolstack, ch: _Channel, prep: Mapping[str, Any], host: str,
+           overrides: Sequence[str], paused: bool, timeout: float, image: object | None,
+           trust_peer_config: bool) -> DomainRecord:
     try:
-        prep = _run(_hello(ch))
         header = header_from_json(prep.get("header"), f"migration from {ch.peer}")
+        if not trust_peer_config:
+            risky = _untrusted(header.config_text, overrides,
+                               header.config_path or f"migration from {ch.peer}")
+            if risky:
+                raise XenlabError(
+                    f"migration from {ch.peer}: the config of {header.name!r} sets "
+                    f"{'; '.join(risky)}: not taken from the source; the receiver may set "
+                    "them itself (key=value overrides), or trust the source "
+                    "(--trust-peer-config)")
         sizes = prep.get("disk_sizes") or {}
         if not isinstance(sizes, dict) or not all(
                 isinstance(v, int) and not isinstance(v, bool) for v in sizes.values()):
@@ -1870,10 +2009,21 @@ def _serve(ts: Toolstack, ch: _Channel, host: str, overrides: Sequence[str], pau
     return rec
 
 
-async def _hello(ch: _Channel) -> dict[str, Any]:
+async def _hello(ch: _Channel, token: str) -> dict[str, Any]:
+    """Greet a new connection; its "prepare" once it has shown ``token``.
+
+    :raise BackendError: it said something else, nothing, or not the token.
+    """
     await ch.send({"msg": "hello", "protocol": _PROTOCOL})
-    prep = await ch.recv(30, "the source's domain")
+    prep = await ch.recv(_AUTH_TIMEOUT, "the source's domain")
     _expect(prep, "prepare", ch.peer)
+    got = prep.get("token")
+    if not isinstance(got, str) or not got:
+        raise BackendError("no migration token in the request: give the one the receiver "
+                           "printed (xenlab vm migrate ... --token TOKEN)")
+    if not hmac.compare_digest(got.encode("utf-8", "surrogateescape"),
+                               token.encode("utf-8", "surrogateescape")):
+        raise BackendError("wrong migration token: give the one the receiver printed")
     return prep
 
 
