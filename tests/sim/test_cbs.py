@@ -7,10 +7,13 @@ import pytest
 from xenlab.errors import SimError
 from xenlab.numa.topology import uniform
 from xenlab.sim.host import Host
+from xenlab.sim.model import Vcpu
 from xenlab.sim.schedulers import make
+from xenlab.sim.schedulers._edf import CbsServer
 from xenlab.sim.workload import Hog, Periodic, Workload
 
 MS = 1_000_000
+US = 1_000
 T_MS = 10  # the victim's reservation: Q = 2 ms every T = 10 ms
 Q_MS = 2
 
@@ -140,3 +143,57 @@ def test_bad_parameters_name_domain_and_key(params: dict[str, object], message: 
     h = Host(uniform(cores=1), make("sedf-cbs"))
     with pytest.raises(SimError, match=message):
         h.add_domain("d", [Hog()], params=params)
+
+
+class _RunSleep:
+    """Runs ``run_ns``, sleeps ``sleep_ns``, again and again from time 0."""
+
+    def __init__(self, run_ns: int, sleep_ns: int) -> None:
+        self.run_ns, self.sleep_ns = run_ns, sleep_ns
+
+    def start(self, host: Host, v: Vcpu) -> None:
+        host.engine.at(0, lambda: host.activate(v, self.run_ns))
+
+    def burst_done(self, host: Host, v: Vcpu) -> int:
+        host.engine.after(self.sleep_ns, lambda: host.activate(v, self.run_ns))
+        return 0
+
+    def finish(self, host: Host, v: Vcpu) -> None:
+        """Nothing pending to count."""
+
+
+def test_the_wake_rule_stops_a_frequent_waker_from_renewing_its_deadline() -> None:
+    # The neighbour (1 ms every 2 ms) runs 0.9 ms and sleeps 10 us, over and over.  At each
+    # wake its budget left is small against (d - t) Q / T, so CBS keeps its (c, d): it stays
+    # within 1/2 of the pCPU and the victim (5 ms every 10 ms, utilisation 0.5) never misses.
+    # Were every wake a fresh server job (d = t + T), the neighbour would run ahead of the
+    # victim's deadline each time and the victim would miss almost every job (99 of 100).
+    h = Host(uniform(cores=1), make("sedf-cbs"), seed=1)
+    h.add_domain("victim", [Periodic(5 * MS, 10 * MS)],
+                 params={"budget": 5000, "period": 10_000})
+    h.add_domain("nb", [_RunSleep(900 * US, 10 * US)], params={"budget": 1000, "period": 2000})
+    h.run(1000 * MS)
+    h.finish()
+    victim, nb = h.vcpus
+    assert victim.jobs == 100 and victim.misses == 0
+    assert max(victim.response_ns) <= 10 * MS
+    assert nb.cpu_ns <= 500 * MS + 1 * MS  # its reservation, give or take the last period
+
+
+@pytest.mark.parametrize(("left_us", "deadline_us", "now_us", "expect"), [
+    # keep: c T = 300 * 10000 < (d - t) Q = 8000 * 1000
+    (300, 10_000, 2_000, (300, 10_000)),
+    # reset although d is still ahead: c T = 900 * 10000 >= (d - t) Q = 8000 * 1000
+    (900, 10_000, 2_000, (1000, 12_000)),
+    # the boundary: c T == (d - t) Q resets
+    (800, 10_000, 2_000, (1000, 12_000)),
+    # reset because the deadline passed (even with no budget left)
+    (0, 10_000, 10_500, (1000, 20_500)),
+])
+def test_cbs_wake_rule(left_us: int, deadline_us: int, now_us: int,
+                       expect: tuple[int, int]) -> None:
+    s = CbsServer(budget_ns=1000 * US, period_ns=10_000 * US, hard=False, index=0,
+                  deadline=deadline_us * US, left=left_us * US)
+    s.wake(now_us * US)
+    assert (s.left, s.deadline) == (expect[0] * US, expect[1] * US)
+    assert s.ready_since == now_us * US
