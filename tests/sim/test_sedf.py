@@ -10,8 +10,9 @@ from xenlab.errors import SimError
 from xenlab.numa.topology import uniform
 from xenlab.sim.host import Host
 from xenlab.sim.metrics import summarize
+from xenlab.sim.model import Vcpu
 from xenlab.sim.schedulers import make
-from xenlab.sim.workload import Hog, IoBound, Periodic
+from xenlab.sim.workload import FOREVER, Hog, IoBound, Periodic, Workload
 
 MS = 1_000_000
 
@@ -38,6 +39,50 @@ def test_extratime_is_shared_by_utilisation() -> None:
     h.add_domain("b", [Hog()], params={"period": 10_000, "slice": 1000})
     h.run(1000 * MS)
     assert [v.cpu_ns for v in h.vcpus] == [750 * MS, 250 * MS]
+
+
+class _RunThenHog:
+    """Runs ``run_ns`` from 0, blocks ``block_ns``, then always has work."""
+
+    def __init__(self, run_ns: int, block_ns: int) -> None:
+        self.run_ns, self.block_ns, self.blocked = run_ns, block_ns, False
+
+    def start(self, host: Host, v: Vcpu) -> None:
+        host.engine.at(0, lambda: host.activate(v, self.run_ns))
+
+    def burst_done(self, host: Host, v: Vcpu) -> int:
+        if self.blocked:
+            return FOREVER
+        self.blocked = True
+        host.engine.after(self.block_ns, lambda: host.activate(v, FOREVER))
+        return 0
+
+    def finish(self, host: Host, v: Vcpu) -> None:
+        """Nothing pending to count."""
+
+
+def _share(h: Host, name: str, lo: int, hi: int) -> float:
+    return sum(min(e, hi) - max(s, lo) for _p, s, e, who in h.segments
+               if who == name and e > lo and s < hi) / (hi - lo)
+
+
+@pytest.mark.parametrize("late", ["joins-late", "wakes-after-long-block"])
+def test_a_late_best_effort_vcpu_shares_extratime_at_once(late: str) -> None:
+    # Two best-effort hogs (slice 0: extratime only).  b joins at 1 s, or wakes at 1 s after
+    # a 0.9 s block (it shared the pCPU for its first 50 ms of work), while a ran alone.
+    # Xen's relative scores bring b back at most one stride ahead, so from 1 s on they
+    # alternate 500 us quanta; an absolute pass kept over the absence gave b the whole
+    # pCPU until it caught up (b 100 %, a 0 % for the next second, or 0.9 s).
+    b: Workload = (Hog(offset_ns=1000 * MS) if late == "joins-late"
+                   else _RunThenHog(50 * MS, 900 * MS))
+    h = Host(uniform(cores=1), make("sedf"), seed=1, trace=(0, 2000 * MS))
+    h.add_domain("a", [Hog()], params={"period": 100_000, "slice": 0})
+    h.add_domain("b", [b], params={"period": 100_000, "slice": 0})
+    h.run(2000 * MS)
+    h.finish()
+    for lo in range(1000, 2000, 100):
+        for name in ("a.0", "b.0"):
+            assert abs(_share(h, name, lo * MS, (lo + 100) * MS) - 0.5) <= 0.01
 
 
 def test_no_multiprocessor_support_all_vcpu0s_share_pcpu0() -> None:

@@ -44,8 +44,17 @@ Multiprocessor
 
 Queue scheme (per pCPU)
     ``runq`` (deadline order), ``waitq`` (period-begin order), ``penq``
-    (penalty score order), ``utilq`` (stride pass order); the running vCPU
+    (penalty score order), ``utilq`` (stride order); the running vCPU
     stays on its queues, as in Xen.  Equal keys keep insertion order.
+
+    The utilisation queue's scores are relative, as Xen's: after an
+    extratime run the runner's score becomes its stride (period/slice) and
+    every other queued score drops by the runner's old score.  A vCPU off
+    the queue (blocked, or not yet started) keeps its score, so one that
+    joins late or wakes after a long block is at most one stride ahead of
+    the others: it shares extratime at once instead of taking all of it
+    until an absolute pass caught up.  The drop is one per-pCPU base
+    (``util_base``) instead of a walk over the queue.
 
 Left out
     Latency scaling (``latency``) and weight-driven domains (``weight``):
@@ -127,7 +136,11 @@ class _Info:
     want_pen: bool = False  # owed penalty extratime; short-block wake, desched_extra
     short_block_lost: int = 0
     pen_score: int = 0
-    util_pass: int = 0  # stride pass on the utilisation queue; desched_extra
+    # Xen's score[EXTRA_UTIL_Q], relative to the utilisation queue's base (see _Cpu): its
+    # stride after an extratime run (desched_extra); frozen while off the queue, so a vCPU
+    # that joins late or wakes after a long block comes back at most one stride ahead of
+    # the others, not with the pass it had when it left.  Read and written by _util_add/_del.
+    util_score: int = 0
     edf_item: _Item | None = None  # on runq or waitq (which: edf_on_runq)
     edf_on_runq: bool = False
     pen_item: _Item | None = None
@@ -146,6 +159,10 @@ class _Cpu:
     penq: _Sorted = field(default_factory=_Sorted)
     utilq: _Sorted = field(default_factory=_Sorted)
     slice_expires: int = 0  # current_slice_expires; do_schedule, read by wake
+    # What Xen subtracts from every score on the utilisation queue after an extratime run
+    # (extraq_add_sort_update's ``sub``), added here once instead: an entry's key is its
+    # score plus the base at the time it was queued.  Raised by desched_extra.
+    util_base: int = 0
 
 
 class Sedf(SchedulerBase):
@@ -194,11 +211,14 @@ class Sedf(SchedulerBase):
 
     def _util_add(self, v: Vcpu, inf: _Info) -> None:
         if inf.util_item is None:
-            inf.util_item = self._cpu(inf.pcpu).utilq.add(self._item(inf.util_pass, v))
+            cpu = self._cpu(inf.pcpu)
+            inf.util_item = cpu.utilq.add(self._item(inf.util_score + cpu.util_base, v))
 
     def _util_del(self, inf: _Info) -> None:
         if inf.util_item is not None:
-            self._cpu(inf.pcpu).utilq.drop(inf.util_item)
+            cpu = self._cpu(inf.pcpu)
+            cpu.utilq.drop(inf.util_item)
+            inf.util_score = inf.util_item[0] - cpu.util_base
             inf.util_item = None
 
     # -- units ---------------------------------------------------------------------
@@ -354,7 +374,10 @@ class Sedf(SchedulerBase):
             inf.want_pen = False
         else:
             self._util_del(inf)
-            inf.util_pass += ((inf.period << 10) // inf.slice if inf.slice
+            # Everyone queued moves up by the runner's old score (it was the lowest, so
+            # none goes negative); the runner goes back with its stride.
+            self._cpu(inf.pcpu).util_base += inf.util_score
+            inf.util_score = ((inf.period << 10) // inf.slice if inf.slice
                               else _BEST_EFFORT_STRIDE)
             if runnable and inf.extra_aware:
                 self._util_add(v, inf)
