@@ -636,6 +636,13 @@ async def _wait_migration(qmp: Qmp, watch: EventWatch, what: str, timeout: float
     if not stats and progress is None:
         return {}
     info = await _query_migrate(qmp)
+    # QEMU sends "completed" before it has computed the totals (migration.c
+    # sets the state, then migration_calculate_complete): ask again briefly.
+    for _ in range(40):
+        if info.get("total-time") or info.get("status") != "completed":
+            break
+        await asyncio.sleep(0.005)
+        info = await _query_migrate(qmp)
     _report(progress, info, "completed", started)
     return info
 
