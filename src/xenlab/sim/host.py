@@ -22,6 +22,12 @@ into, reduced to its rules:
 * Forced idle (PowerClamp, :mod:`xenlab.sim.powerclamp`): while
   ``pcpu.inject_until`` is ahead, ``do_schedule`` is called with
   ``idle_forced`` (Xen's ``tasklet_work_scheduled``) and must return idle.
+  :meth:`Host.inject` starts or ends such a stretch; it accounts the pCPU
+  up to now first, so the idle before the stretch is not counted as forced.
+* Observers (``host.observers``) get ``on_switch(pcpu, prev, nxt, now)`` when
+  a different vCPU (or idle) is put on, and, if they have it,
+  ``on_inject(pcpu, start, end)`` when a forced-idle stretch is set to run
+  from ``start`` to ``end`` (``end == start``: it ends now).
 
 The host checks the scheduler: choosing a vCPU that is not runnable, runs
 elsewhere, or is outside its affinity, or a slice that is not positive, is
@@ -83,7 +89,7 @@ class Host:
         self.trace_window = trace
         #: Run segments in the window: (pcpu, start, end, vCPU name or None for idle).
         self.segments: list[tuple[int, int, int, str | None]] = []
-        self.observers: list[Any] = []  # objects with on_switch(pcpu, prev, nxt, now)
+        self.observers: list[Any] = []  # on_switch(...), optionally on_inject(...)
         self.pools = self._make_pools(scheduler, pools)
         for pool in self.pools:
             for c in pool.cpus:
@@ -213,6 +219,26 @@ class Host:
         if not p.pending:
             p.pending = True
             self.engine.at(self.engine.now, self._schedule_cb[pcpu], SCHEDULE)
+
+    # -- called by idle injection -------------------------------------------------------
+
+    def inject(self, pcpu: int, until: int) -> None:
+        """Force pCPU ``pcpu`` idle from now until ``until`` (``until <= now``: stop now).
+
+        The pCPU's time is accounted up to now before ``inject_until`` moves, so
+        only the stretch from now on counts as injected; observers with an
+        ``on_inject`` hook hear of it; the pCPU reschedules at once.
+        """
+        p = self.pcpus[pcpu]
+        now = self.engine.now
+        self._account(p, now)
+        end = until if until > now else now
+        p.inject_until = end
+        for o in self.observers:
+            hook = getattr(o, "on_inject", None)  # optional: most observers only watch switches
+            if hook is not None:
+                hook(p, now, end)
+        self.tickle(pcpu)
 
     def burned(self, p: Pcpu, now: int) -> int:
         """How long ``p``'s current vCPU has run since it was put on (for budgets)."""
