@@ -126,3 +126,30 @@ def test_cooling_device_interface() -> None:
         PowerClamp(h, duration_ms=2)
     with pytest.raises(SimError, match=r"cpus \[7\] are not pCPUs of this host \(0-1\)"):
         PowerClamp(h, cpus=[0, 7])
+
+
+def test_injected_ns_counts_only_the_forced_stretches() -> None:
+    # One pCPU, a guest that does nothing for 300 ms; 25 % = 6 ms every 24 ms from t=0.
+    # Injections at 0 and 24 ms; the window that closes at 48 ms measures 100 % idle with
+    # the ratio at its floor, so the clamp skips (the next cycle, 600 ms on, is past the end).
+    # Forced: [0, 6) and [24, 30) = 12 ms; the natural idle around them is not injected.
+    h = Host(uniform(cores=1), make("credit"), seed=1)
+    h.add_domain("quiet", [Periodic(1 * MS, 10_000 * MS, offset_ns=999 * MS)])
+    clamp = PowerClamp(h)
+    clamp.cur_state = 25
+    h.run(300 * MS)
+    p = h.pcpus[0]
+    assert [(s.time_ns, s.idle_pm, s.skipped) for s in clamp.history] == [(48 * MS, 1000, True)]
+    assert p.injected_ns == 12 * MS
+    assert p.idle_ns == 300 * MS
+
+
+def test_injected_ns_on_a_loaded_pcpu() -> None:
+    # A 1 ms job every 10 ms (from 3 ms) beside the same clamp: the injections at 0 and
+    # 24 ms are 6 ms each whatever ran before them.
+    h = Host(uniform(cores=1), make("credit"), seed=1)
+    h.add_domain("light", [Periodic(1 * MS, 10 * MS, offset_ns=3 * MS)])
+    clamp = PowerClamp(h)
+    clamp.cur_state = 25
+    h.run(47 * MS)
+    assert h.pcpus[0].injected_ns == 12 * MS

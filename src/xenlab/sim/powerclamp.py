@@ -12,10 +12,13 @@ framework it runs on)
   ratio``.  The first injection is aligned to a multiple of the interval,
   so pCPUs with the same ratio idle together (the point, on real hardware,
   is the package C-state that only comes when every core idles).
-* **Injection.**  At the start of a forced-idle stretch the controller sets
-  ``pcpu.inject_until`` and tickles the pCPU; the host then calls the
-  scheduler's ``do_schedule`` with ``idle_forced`` (Xen's
-  ``tasklet_work_scheduled``) until that time, and reschedules at its end.
+* **Injection.**  At the start of a forced-idle stretch the controller calls
+  :meth:`Host.inject <xenlab.sim.host.Host.inject>` (which accounts the pCPU
+  up to now, sets ``pcpu.inject_until``, tells observers such as the power
+  meter, and tickles the pCPU); the host then calls the scheduler's
+  ``do_schedule`` with ``idle_forced`` (Xen's ``tasklet_work_scheduled``)
+  until that time, and reschedules at its end.  ``pcpu.injected_ns`` counts
+  the forced stretches only, not the natural idle around them.
 * **Window and feedback.**  Every ``window_size`` cycles (2, Linux's
   default) a pCPU measures its idle ratio over the window, forced and
   natural idle together (the host's counters; Linux reads the package
@@ -182,10 +185,8 @@ class PowerClamp:
         for c in self._ctl.values():
             if c.timer is not None:
                 c.timer.cancel()
-            p = self.host.pcpus[c.cpu]
-            if p.inject_until > now:
-                p.inject_until = now
-                self.host.tickle(c.cpu)
+            if self.host.pcpus[c.cpu].inject_until > now:
+                self.host.inject(c.cpu, now)
         self._ctl.clear()
 
     def _begin(self, c: _Ctl) -> None:
@@ -201,8 +202,7 @@ class PowerClamp:
         interval = self._interval(c.ratio_pm)
         c.timer = host.engine.at(now + interval, partial(self._begin, c))
         if not c.skip:
-            p.inject_until = now + self.duration
-            host.tickle(c.cpu)
+            host.inject(c.cpu, now + self.duration)
 
     def _window(self, c: _Ctl, p: Pcpu, now: int) -> None:
         """``powerclamp_adjust_controls``: measure the window, correct the ratio, skip or not."""
