@@ -72,11 +72,62 @@ def test_forced_idle_goes_deep_at_once_and_saves_energy() -> None:
     busy_j, _ = run(0)
     assert busy_j == pytest.approx(12.0)
     j, res = run(25)
-    # 6 ms every 24 ms from t=0: 50 injections, straight into C6, but for the first:
-    # the pCPU was idle from t=0 before the clamp forced it, so that one walks down.
-    assert res == {"C0": 900 * MS, "C1": 600 * US, "C6": 299_400 * US}
-    assert j == pytest.approx(10 * 0.9 + 3 * 0.0006 + 0.5 * 0.2994)
+    # 6 ms every 24 ms from t=0: 50 injections, each straight into C6 (the first one too:
+    # the clamp forces the pCPU idle at t=0 before the hog is put on).
+    assert res == {"C0": 900 * MS, "C1": 0, "C6": 300 * MS}
+    assert j == pytest.approx(10 * 0.9 + 0.5 * 0.3)
     assert j < busy_j - 2.8
+
+
+def test_forced_stretches_by_hand() -> None:
+    # One pCPU, a 4 ms job every 20 ms, 40 ms; forced idle set by hand:
+    # * at 4 ms, as the job ends, until 10 ms: a busy pCPU goes into forced idle, which
+    #   runs on into natural idle up to the next injection;
+    # * at 14 ms, on the idle pCPU, until 18 ms: natural idle, then forced, then natural.
+    h = Host(uniform(cores=1), make("null"), seed=1)
+    h.add_domain("rt", [Periodic(4 * MS, 20 * MS)])
+    meter = PowerMeter(h)
+    h.run(4 * MS)  # the job's end at 4 ms has not been handled yet
+    h.inject(0, 10 * MS)
+    h.run(10 * MS)
+    h.inject(0, 18 * MS)
+    h.run(26 * MS)
+    # C0 [0,4) [20,24); forced [4,10) 6 ms and [14,18) 4 ms, all C6;
+    # natural [10,14) 0.6 + 3.4, [18,20) 0.6 + 1.4, [24,40) 0.6 + 15.4 ms.
+    res = meter.report().pcpus[0].residency_ns
+    assert res == {"C0": 8 * MS, "C1": 1800 * US, "C6": 30_200 * US}
+    # 10 W x 8 ms + 3 W x 1.8 ms + 0.5 W x 30.2 ms = 0.08 + 0.0054 + 0.0151 J.
+    assert meter.report().joules == pytest.approx(0.1005)
+    assert h.pcpus[0].injected_ns == 10 * MS
+
+
+def test_clamped_idle_pcpu_by_hand() -> None:
+    # Nothing runs for 300 ms; the clamp (25 %) forces [0,6) and [24,30), then skips
+    # (tests/sim/test_powerclamp.py): 12 ms of C6, natural [6,24) and [30,300) walk down.
+    h = Host(uniform(cores=1), make("credit"), seed=1)
+    h.add_domain("quiet", [Periodic(1 * MS, 10_000 * MS, offset_ns=999 * MS)])
+    meter = PowerMeter(h)
+    PowerClamp(h).cur_state = 25
+    h.run(300 * MS)
+    r = meter.report()
+    # C6: 12 + 17.4 + 269.4 ms; C1: 2 x 0.6 ms.
+    assert r.pcpus[0].residency_ns == {"C0": 0, "C1": 1200 * US, "C6": 298_800 * US}
+    assert r.joules == pytest.approx(3 * 0.0012 + 0.5 * 0.2988)
+
+
+def test_an_injection_stopped_early_ends_the_forced_stretch() -> None:
+    # Idle pCPU forced from 0 to 50 ms, stopped at 10 ms; a 1 ms job at 10.3 ms.
+    # Forced [0,10) C6; natural [10,10.3) C1; C0 [10.3,11.3); natural [11.3,100): 0.6 + 88.1.
+    h = Host(uniform(cores=1), make("null"), seed=1)
+    h.add_domain("once", [Periodic(1 * MS, 10_000 * MS, offset_ns=10_300 * US)])
+    meter = PowerMeter(h)
+    h.inject(0, 50 * MS)
+    h.run(10 * MS)
+    h.inject(0, 0)
+    h.run(90 * MS)
+    assert meter.report().pcpus[0].residency_ns == {"C0": 1 * MS, "C1": 900 * US,
+                                                    "C6": 98_100 * US}
+    assert h.pcpus[0].injected_ns == 10 * MS
 
 
 def test_bad_models_are_refused() -> None:

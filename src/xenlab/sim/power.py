@@ -9,12 +9,16 @@ Design
   deepest one to the end.  So a 100 us idle stays in C1 while a 10 ms one
   spends 600 us in C1 and the rest in C6.
 * Forced idle (PowerClamp) goes straight to the deepest state, as
-  intel_powerclamp asks MWAIT for the deepest hint: an idle stretch that
-  *begins* while ``pcpu.inject_until`` is ahead counts as forced.
-* :class:`PowerMeter` is a host observer (``on_switch``) that records each
-  pCPU's stretches as they end; :meth:`PowerMeter.report` closes the open
-  ones at the end of the run.  Residency is integer nanoseconds; energy
-  is watts x seconds (joules).
+  intel_powerclamp asks MWAIT for the deepest hint, for exactly the forced
+  time: the host's ``on_inject`` hook says when a forced stretch starts and
+  ends.  Natural idle before it is a stretch of its own (it walked down the
+  states until the injection); natural idle after it, when nothing wants
+  the pCPU at its end, is a new stretch that walks down from the shallowest
+  state (the injection's timer woke the pCPU; the idle governor starts over).
+* :class:`PowerMeter` is a host observer (``on_switch``, ``on_inject``) that
+  records each pCPU's stretches as they end; :meth:`PowerMeter.report`
+  closes the open ones at the end of the run.  Residency is integer
+  nanoseconds; energy is watts x seconds (joules).
 
 Defaults (with reasons): a server core of the 2010s, round numbers that
 make hand checks easy: 10 W busy, C1 3 W from the first ns (HLT/MWAIT C1
@@ -108,11 +112,16 @@ class PowerReport:
 
 @dataclass(slots=True)
 class _Track:
-    """One pCPU's open stretch and its totals so far."""
+    """One pCPU's open stretch and its totals so far.
+
+    An idle stretch is forced from ``start`` to ``until`` (if ``until`` is
+    later) and natural after that: set by on_switch and on_inject, read by
+    _close.
+    """
 
     start: int = 0
     busy: bool = False
-    forced: bool = False
+    until: int = 0  # the forced part's end (the pCPU's inject_until when last told)
     res: list[int] = field(default_factory=list)  # C0, then each idle state
 
 
@@ -127,7 +136,7 @@ class PowerMeter:
         self.model = model or PowerModel()
         n = len(self.model.cstates) + 1
         now = host.engine.now
-        self._t = [_Track(now, p.curr is not None, p.inject_until > now, [0] * n)
+        self._t = [_Track(now, p.curr is not None, p.inject_until, [0] * n)
                    for p in host.pcpus]
         host.observers.append(self)
 
@@ -135,11 +144,17 @@ class PowerMeter:
         d = now - t.start
         if d <= 0:
             return
+        res = t.res
         if t.busy:
-            t.res[0] += d
-        else:
-            for i, ns in enumerate(self.model.split_idle(d, forced=t.forced)):
-                t.res[i + 1] += ns
+            res[0] += d
+            return
+        forced = min(max(t.until - t.start, 0), d)
+        if forced:
+            for i, ns in enumerate(self.model.split_idle(forced, forced=True)):
+                res[i + 1] += ns
+        if d > forced:
+            for i, ns in enumerate(self.model.split_idle(d - forced)):
+                res[i + 1] += ns
 
     def on_switch(self, p: Pcpu, prev: Vcpu | None, nxt: Vcpu | None, now: int) -> None:
         """Host observer hook: a stretch of ``p`` ends, a busy or idle one begins."""
@@ -150,7 +165,21 @@ class PowerMeter:
         self._close(t, now)
         t.start = now
         t.busy = busy
-        t.forced = not busy and p.inject_until > now
+        t.until = p.inject_until
+
+    def on_inject(self, p: Pcpu, start: int, end: int) -> None:
+        """Host observer hook: ``p`` is forced idle from ``start`` to ``end`` (or no more).
+
+        ``end <= start`` ends a forced stretch early.
+        """
+        t = self._t[p.id]
+        if t.busy:
+            return  # the host's reschedule at this instant puts idle on: on_switch sees it
+        if end <= start and t.until <= start:
+            return  # nothing forced is running: the natural stretch goes on
+        self._close(t, start)
+        t.start = start
+        t.until = end
 
     def report(self) -> PowerReport:
         """Residency and energy from the start of watching to the host's current time."""
@@ -161,7 +190,7 @@ class PowerMeter:
         span = 0
         for pid, t in enumerate(self._t):
             res = list(t.res)
-            tmp = _Track(t.start, t.busy, t.forced, res)
+            tmp = _Track(t.start, t.busy, t.until, res)
             self._close(tmp, now)
             span = max(span, sum(res))
             joules = sum(w * ns for w, ns in zip(watts, res, strict=True)) / 1e9
