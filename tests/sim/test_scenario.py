@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,12 @@ def test_scheduler_refusals_surface_with_file_and_domain(tmp_path: Path) -> None
     assert host.domains[0].params == {}
     with pytest.raises(ScenarioError, match=r"s\.toml: scheduler: unknown scheduler 'nope'"):
         build_host(sc, "nope")
+
+
+def test_scenario_errors_pickle_with_their_parts() -> None:
+    # Sweeps carry them back from worker processes and Dask workers.
+    for e in (ScenarioError("a.toml", "domain.x.sched.weight", "must be positive"),
+              ScenarioError("b.toml", "", "not valid TOML")):
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is ScenarioError and str(back) == str(e)
+        assert (back.file, back.key, back.reason) == (e.file, e.key, e.reason)

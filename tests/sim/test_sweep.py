@@ -11,7 +11,15 @@ import pytest
 
 from xenlab.errors import XenlabError
 from xenlab.sim.scenario import ScenarioError, load_scenario
-from xenlab.sim.sweep import grid, parse_param, point_seed, run_sweep, sweep_csv, sweep_json
+from xenlab.sim.sweep import (
+    Point,
+    grid,
+    parse_param,
+    point_seed,
+    run_sweep,
+    sweep_csv,
+    sweep_json,
+)
 
 SCENARIO = """
 [sim]
@@ -60,6 +68,36 @@ def test_grid_is_the_product_with_seeds_from_values(sc_path: Path) -> None:
         grid(sc, [], ["bfs"])
 
 
+def test_grid_builds_every_point_under_each_scheduler(sc_path: Path) -> None:
+    # The file is fine with weight 0; credit refuses it when the host is built: the grid
+    # finds it before anything runs (and null, which has no weight, does not care).
+    sc = load_scenario(sc_path)
+    with pytest.raises(ScenarioError) as err:
+        grid(sc, [parse_param("domain.hog.sched.weight=256,0")], ["null", "credit"])
+    assert str(err.value) == (f"{sc_path}: domain.hog: credit weight must be an integer "
+                              "in 1..65535, not 0")
+    assert len(grid(sc, [parse_param("domain.hog.sched.weight=256,0")], ["null"])) == 2
+
+
+def _unchecked(sc_path: Path) -> tuple[list[Point], str]:
+    """A good point and one the grid would refuse, made by hand (as an old client might)."""
+    good = grid(load_scenario(sc_path), [parse_param("domain.hog.sched.weight=512")],
+                ["credit"])
+    bad = Point(1, (("domain.hog.sched.weight", "abc"),), "credit", 7)
+    return [*good, bad], (f"{sc_path}: domain.hog: credit weight must be an integer in "
+                          "1..65535, not 'abc'")
+
+
+def test_a_point_failing_in_a_worker_process_reports_its_error(sc_path: Path) -> None:
+    # A ScenarioError raised in a worker crosses back (it pickles with its three parts)
+    # instead of breaking the pool.
+    pts, message = _unchecked(sc_path)
+    with pytest.raises(ScenarioError) as err:
+        list(run_sweep(load_scenario(sc_path), pts, jobs=2))
+    assert str(err.value) == message
+    assert (err.value.key, err.value.reason) == ("domain.hog", message.split(": ", 2)[2])
+
+
 def test_pool_and_in_process_give_the_same_files(sc_path: Path) -> None:
     sc = load_scenario(sc_path)
     pts = grid(sc, [parse_param("domain.hog.sched.weight=128,1024"),
@@ -88,6 +126,11 @@ def test_a_dask_local_cluster_runs_the_same_sweep(sc_path: Path) -> None:
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster:
         got = list(run_sweep(sc, pts, cluster=cluster.scheduler_address))
-    assert sweep_json(sc, got) == here
+        assert sweep_json(sc, got) == here
+        # A point failing on a worker: its ScenarioError comes back whole.
+        bad, message = _unchecked(sc_path)
+        with pytest.raises(ScenarioError) as err:
+            list(run_sweep(sc, bad, cluster=cluster.scheduler_address))
+        assert str(err.value) == message
     with pytest.raises(XenlabError, match="cannot reach the Dask scheduler"):
         list(run_sweep(sc, pts, cluster="tcp://127.0.0.1:1", connect_timeout=1))

@@ -157,6 +157,11 @@ class ScenarioError(XenlabError, ValueError):
         self.reason = reason
         super().__init__(f"{file}: {key}: {reason}" if key else f"{file}: {reason}")
 
+    def __reduce__(self) -> tuple[type[ScenarioError], tuple[str, str, str]]:
+        # Exceptions pickle as cls(*args), and args holds the one message: a sweep's
+        # worker process or Dask worker could not send this error back without it.
+        return (ScenarioError, (self.file, self.key, self.reason))
+
 
 class WorkloadKind(enum.Enum):
     """What a vCPU runs."""
@@ -1290,5 +1295,7 @@ def build_host(scenario: Scenario, scheduler: str | None = None, seed: int | Non
             host.add_domain(d.name, [w.build() for w in d.workloads], params=params,
                             affinity=d.affinity, pool=d.pool or "Pool-0")
         except XenlabError as err:
-            raise ScenarioError(scenario.source, f"domain.{d.name}", str(err)) from err
+            # The host and schedulers name the domain themselves; the key already does.
+            reason = str(err).removeprefix(f"domain {d.name}: ")
+            raise ScenarioError(scenario.source, f"domain.{d.name}", reason) from err
     return host

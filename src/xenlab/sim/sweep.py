@@ -10,8 +10,12 @@ Design
   position: adding a value to a sweep leaves the other points' results
   unchanged, and every scheduler sees the same random workload at a point
   (common random numbers, so differences come from the schedulers).
-* **Checked first.**  Every point's scenario is built and checked before
-  anything runs, so a bad value fails at once with ``file: key: reason``.
+* **Checked first.**  Every point's scenario is read and checked, and its
+  host built (without running) under each of its schedulers, before
+  anything runs: a bad value, or one only the scheduler refuses, fails at
+  once with ``file: key: reason``.  A point that still fails in a worker
+  sends its error back (a :class:`ScenarioError` pickles whole), and a
+  worker process that dies is an error naming the sweep, not a traceback.
 * **Where it runs.**  ``jobs=1`` runs in this process; otherwise a pool of
   ``jobs`` processes (default: every core), started with ``spawn`` so a
   worker never inherits the parent's threads (the progress bar's);
@@ -35,12 +39,20 @@ import multiprocessing
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 from xenlab.errors import XenlabError
 from xenlab.sim.report import csv_text, dumps, run_scenario
-from xenlab.sim.scenario import Scenario, parse_value, scenario_from_dict, with_params
+from xenlab.sim.scenario import (
+    Scenario,
+    attach_powerclamp,
+    build_host,
+    parse_value,
+    scenario_from_dict,
+    with_params,
+)
 
 __all__ = [
     "Point",
@@ -105,7 +117,8 @@ def grid(scenario: Scenario, params: Sequence[tuple[str, Sequence[Any]]],
          schedulers: Sequence[str]) -> list[Point]:
     """Every combination of ``params`` values, under each scheduler, each point checked.
 
-    A parameter given twice or a scheduler the scenario cannot run is an error.
+    A parameter given twice, a scheduler the scenario cannot run, or a point
+    whose host cannot be built (a value its scheduler refuses) is an error.
     """
     keys = [k for k, _ in params]
     dup = sorted({k for k in keys if keys.count(k) > 1})
@@ -119,7 +132,9 @@ def grid(scenario: Scenario, params: Sequence[tuple[str, Sequence[Any]]],
         checked = with_params(scenario, dict(values))  # fails here, before anything runs
         seed = point_seed(scenario.seed, values)
         for name in schedulers:
-            checked.choice(name)
+            # Built, not run: the scheduler's own checks (weight ranges, parameters it
+            # refuses) happen here rather than in a worker.
+            attach_powerclamp(checked, build_host(checked, name, seed, trace=False))
             points.append(Point(len(points), values, name, seed))
     return points
 
@@ -165,6 +180,9 @@ def run_sweep(scenario: Scenario, points: Sequence[Point], *, jobs: int | None =
         try:
             for f in as_completed(futures):
                 yield f.result()
+        except BrokenProcessPool as err:
+            raise XenlabError(f"sweep {scenario.name}: a worker process died ({err}); "
+                              "run with --jobs 1 to see the point that kills it") from err
         finally:
             for f in futures:
                 f.cancel()
