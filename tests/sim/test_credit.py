@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -11,6 +12,7 @@ from xenlab.numa.topology import uniform
 from xenlab.sim.engine import URGENT
 from xenlab.sim.host import Host
 from xenlab.sim.metrics import RunMetrics, summarize
+from xenlab.sim.model import Vcpu
 from xenlab.sim.schedulers import make
 from xenlab.sim.schedulers.credit import Credit
 from xenlab.sim.workload import CyclicProbe, Hog, IoBound
@@ -202,3 +204,99 @@ def test_bad_parameters_and_options_are_refused() -> None:
         make("credit", tslice_ms=0)
     with pytest.raises(TypeError):
         make("credit", nope=1)
+
+
+def _old_cpu_pick(sched: Credit, v: Vcpu, *, commit: bool) -> int:
+    """``_cpu_pick`` as it was before masks: Xen's walk, one candidate idler at a time.
+
+    Kept as the reference the mask version must agree with, decision for decision.
+    """
+    def ids(mask: int) -> set[int]:
+        return {c for c in range(mask.bit_length()) if mask >> c & 1}
+
+    def cycle(n: int, ordered: list[int]) -> int:
+        return next((c for c in ordered if c > n), ordered[0])
+
+    siblings = [ids(m) for m in sched._sib]
+    socket = [ids(sched._sockets[sched._sock_ix[c]]) for c in range(len(sched._sib))]
+    allowed = sorted(v.affinity) if v.affinity is not None else list(sched._cpus)
+    here = v.processor
+    cpu = here if (v.affinity is None or here in v.affinity) else cycle(here, allowed)
+    idlers = set(sched.idlers)
+    if cpu == here and not sched._pcpus[cpu].runq and sched.host.pcpus[cpu].curr is v:
+        idlers.add(cpu)
+    cand = idlers.intersection(allowed)
+    if cpu not in cand and cand:
+        cpu = cycle(cpu, sorted(cand))
+    cand.discard(cpu)
+    bias_owner = -1
+    while cand:
+        nxt = cycle(cpu, sorted(cand))
+        if nxt in socket[cpu]:
+            factor, cpu_idle, nxt_idle = 1, idlers & siblings[cpu], idlers & siblings[nxt]
+        else:
+            factor, cpu_idle, nxt_idle = 2, idlers & socket[cpu], idlers & socket[nxt]
+        if len(cpu_idle) * factor < len(nxt_idle):
+            bias_owner = nxt
+            cpu = cycle(sched._pcpus[nxt].idle_bias, sorted(nxt_idle & cand))
+            cand -= siblings[cpu]
+        else:
+            cand -= nxt_idle
+            cand.discard(nxt)
+    if commit and bias_owner >= 0:
+        sched._pcpus[bias_owner].idle_bias = cpu
+    return cpu
+
+
+@pytest.mark.parametrize(("sockets", "cores", "threads"),
+                         [(1, 8, 1), (1, 4, 2), (2, 3, 2), (4, 2, 2), (3, 2, 4), (2, 8, 1)])
+def test_cpu_pick_agrees_with_xens_walk(sockets: int, cores: int, threads: int) -> None:
+    # Random idlers, affinities, positions and idle biases: the mask pick chooses the
+    # same pCPU and moves the same idle bias as the walk over one candidate at a time.
+    h = Host(uniform(sockets=sockets, cores=cores, threads=threads), make("credit"), seed=1)
+    n = len(h.pcpus)
+    rng = random.Random(n * 7 + threads)
+    for i in range(6):
+        aff = None if i < 2 else frozenset(rng.sample(range(n), rng.randint(1, n)))
+        h.add_domain(f"d{i}", [Hog()], affinity=aff)
+    sched = h.vcpus[0].sched
+    assert isinstance(sched, Credit)
+    for _ in range(400):
+        for c in range(n):
+            (sched._idle_on if rng.random() < 0.6 else sched._idle_off)(c)
+            sched._pcpus[c].idle_bias = rng.randrange(n)
+        v = rng.choice(h.vcpus)
+        v.processor = rng.randrange(n)
+        h.pcpus[v.processor].curr = v if rng.random() < 0.5 else None
+        before = [p.idle_bias for p in sched._pcpus]
+        want = _old_cpu_pick(sched, v, commit=True)
+        want_biases = [p.idle_bias for p in sched._pcpus]
+        for p, b in zip(sched._pcpus, before, strict=True):
+            p.idle_bias = b
+        assert sched._cpu_pick(v, commit=True) == want
+        assert [p.idle_bias for p in sched._pcpus] == want_biases
+        h.pcpus[v.processor].curr = None
+
+
+def test_cpu_pick_run_matches_the_walk_byte_for_byte() -> None:
+    # A mid-size SMT host (2 sockets x 6 cores x 2 threads) with I/O, hogs, caps,
+    # affinities: the same metrics with either pick.
+    def run(reference: bool) -> str:
+        h = Host(uniform(sockets=2, cores=6, threads=2), make("credit"), seed=5)
+        for i in range(10):
+            h.add_domain(f"io{i}", [IoBound(300_000, 900_000), IoBound(100_000, 2 * MS)],
+                         params={"weight": 128 + 64 * (i % 4)})
+        for i in range(3):
+            h.add_domain(f"hog{i}", [Hog(), Hog()], params={"cap": 150 if i % 2 else 0})
+        h.add_domain("pinned", [Hog(), IoBound(200_000, 500_000)],
+                     affinity=frozenset({0, 1, 13, 20}))
+        h.add_domain("probe", [CyclicProbe(1 * MS)], affinity=frozenset(range(12, 24)))
+        sched = h.vcpus[0].sched
+        assert isinstance(sched, Credit)
+        if reference:
+            sched._cpu_pick = (  # type: ignore[method-assign]
+                lambda v, *, commit: _old_cpu_pick(sched, v, commit=commit))
+        h.run(300 * MS)
+        h.finish()
+        return json.dumps(summarize(h, seed=5).to_json())
+    assert run(reference=False) == run(reference=True)

@@ -58,6 +58,10 @@ One run queue per pCPU, a list sorted by priority (BOOST, UNDER, OVER) and
 FIFO within one priority; the running vCPU is not on it.  Priorities change
 only at accounting, so a queue can be out of order until the pCPU's next
 tick re-sorts it (``csched_runq_sort``, a stable partition), as in Xen.
+The idle pCPUs, the pCPUs with queued work, affinities, cores, sockets and
+nodes are integer bit masks, as Xen's cpumasks: a wake's pick and tickle
+and an idle pCPU's steal cost a few mask operations whatever the number of
+pCPUs (about 4 us per event at 16 pCPUs and 5 us at 256).
 
 Where this model differs from the C, and why
 ---------------------------------------------
@@ -88,7 +92,7 @@ Defaults (with reasons)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
@@ -144,6 +148,7 @@ class _Unit:
     #: insert_unit (Xen's csched_res_pick flag), cleared by wake.
     migrating: bool = False
     move_pending: bool = False  # the tick or a tickle wants it elsewhere; do_schedule moves it
+    aff_mask: int = 0  # its affinity as a bit mask (the pool's when none); set by insert_unit
 
 
 @dataclass(slots=True)
@@ -157,12 +162,22 @@ class _Pcpu:
     tick: Timer | None = None  # the 10 ms tick; stopped while idle
 
 
-def _cycle(n: int, ordered: list[int]) -> int:
-    """Xen's ``cpumask_cycle``: the first id after ``n`` in ``ordered``, wrapping."""
-    for c in ordered:
-        if c > n:
-            return c
-    return ordered[0]
+def _bits(mask: int) -> list[int]:
+    """The pCPUs in ``mask``, lowest first."""
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
+
+
+def _cycle(n: int, mask: int) -> int:
+    """Xen's ``cpumask_cycle``: the first pCPU after ``n`` in ``mask`` (not 0), wrapping."""
+    high = mask >> (n + 1)
+    if high:
+        return n + (high & -high).bit_length()
+    return (mask & -mask).bit_length() - 1
 
 
 class Credit(SchedulerBase):
@@ -189,7 +204,11 @@ class Credit(SchedulerBase):
         self.ratelimit = min(ratelimit_us * NS_PER_US, self.tslice)
         self.lb_ratelimit = lb_ratelimit_us * NS_PER_US
         self.migr_delay = migration_delay_us * NS_PER_US
-        self.idlers: set[int] = set()  # pCPUs that chose idle (not forced); cleared by tickles
+        # pCPUs that chose idle (not forced), bit c for pCPU c: set by do_schedule, cleared by
+        # do_schedule and tickles (_idle_on/_idle_off).  Masks, as Xen's cpumasks, so a pick
+        # or a tickle costs a few integer operations, not a walk over every pCPU.
+        self._idle = 0
+        self._queued = 0  # pCPUs whose run queue is not empty; _runq_insert/_runq_remove
         self.weight = 0  # sum of weights of active vCPUs (prv->weight)
         self.credit = 0  # credit handed out per period: one period per pCPU
         self.credit_balance = 0  # what the last accounting left over (may be < 0)
@@ -198,9 +217,17 @@ class Credit(SchedulerBase):
         self.last_tickle = 0
         self._pcpus: list[_Pcpu] = []
         self._cpus: list[int] = []
-        self._siblings: list[frozenset[int]] = []  # same core
-        self._socket: list[frozenset[int]] = []  # same socket (Xen's cpu_core_mask)
+        self._all = 0  # the pool's pCPUs
+        self._sib: list[int] = []  # per pCPU: its core's pCPUs (Xen's cpu_sibling_mask)
+        self._sock_ix: list[int] = []  # per pCPU: index into _sockets
+        self._sockets: list[int] = []  # per socket: its pCPUs (Xen's cpu_core_mask)
+        # Hyper-threads only: per socket, per count k of idle threads, the pCPUs of the cores
+        # with k idle threads (kept by _idle_on/_idle_off, read by _cpu_pick).
+        self._smt = False
+        self._core_idle: list[int] = []  # per pCPU's core (indexed by its lowest pCPU)
+        self._levels: list[list[int]] = []
         self._nodes: list[list[int]] = []
+        self._node_mask: list[int] = []
         self._node_of: list[int] = []
         self._balance_bias: list[int] = []
         self._acct_timer: Timer | None = None
@@ -216,16 +243,29 @@ class Credit(SchedulerBase):
         self._pcpus = [_Pcpu() for _ in topo.cpus]
         for c in self._cpus:
             host.pcpus[c].priv = self._pcpus[c]
-        self._siblings = [frozenset(d.id for d in topo.cpus if d.core == c.core and d.id in mine)
-                          for c in topo.cpus]
-        self._socket = [frozenset(d.id for d in topo.cpus
-                                  if d.socket == c.socket and d.id in mine)
-                        for c in topo.cpus]
+        def mask(ids: Iterable[int]) -> int:
+            return sum(1 << d for d in ids if d in mine)
+
+        self._all = mask(self._cpus)
+        self._sib = [mask(d.id for d in topo.cpus if d.core == c.core) for c in topo.cpus]
+        sockets = sorted({topo.cpus[c].socket for c in self._cpus})
+        self._sockets = [mask(d.id for d in topo.cpus if d.socket == s) for s in sockets]
+        self._sock_ix = [sockets.index(c.socket) if c.socket in sockets else 0
+                         for c in topo.cpus]
+        threads = max(self._sib[c].bit_count() for c in self._cpus)
+        self._smt = threads > 1
+        self._core_idle = [0] * len(topo.cpus)
+        self._levels = [[0] * (threads + 1) for _ in sockets]
+        for c in self._cpus:  # every core starts with no idle thread, then all go idle
+            if c == (self._sib[c] & -self._sib[c]).bit_length() - 1:
+                self._levels[self._sock_ix[c]][0] |= self._sib[c]
         nodes = sorted({topo.cpus[c].node for c in self._cpus})
         self._nodes = [[c for c in self._cpus if topo.cpus[c].node == n] for n in nodes]
+        self._node_mask = [mask(ids) for ids in self._nodes]
         self._node_of = [nodes.index(c.node) if c.node in nodes else 0 for c in topo.cpus]
         self._balance_bias = [0] * len(nodes)
-        self.idlers = set(self._cpus)
+        for c in self._cpus:
+            self._idle_on(c)
         self.credit = self.tslice * len(self._cpus)
         self._acct_timer = host.engine.at(self.tslice, self._acct)
 
@@ -236,6 +276,7 @@ class Credit(SchedulerBase):
             v.dom.priv = _Dom(params["weight"], params["cap"])
         # Xen's insert goes through csched_res_pick, whose flag spares the first wake a BOOST.
         u = _Unit(v, v.dom.priv, migrating=True)
+        u.aff_mask = self._all if v.affinity is None else sum(1 << c for c in v.affinity)
         v.priv = u
         v.processor = self._cpu_pick(v, commit=True)
 
@@ -270,11 +311,47 @@ class Credit(SchedulerBase):
             i += 1  # a yielder goes behind one lower-priority vCPU if it can
         runq.insert(i, u)
         u.on_runq = True
+        self._queued |= 1 << u.v.processor
 
     def _runq_remove(self, u: _Unit) -> None:
-        self._pcpus[u.v.processor].runq.remove(u)
+        cpu = u.v.processor
+        runq = self._pcpus[cpu].runq
+        runq.remove(u)
+        if not runq:
+            self._queued &= ~(1 << cpu)
         u.on_runq = False
         u.yielding = False
+
+    @property
+    def idlers(self) -> frozenset[int]:
+        """The pCPUs that chose idle and have not been tickled since (for checks and dump)."""
+        return frozenset(c for c in self._cpus if self._idle >> c & 1)
+
+    def _idle_on(self, cpu: int) -> None:
+        bit = 1 << cpu
+        if self._idle & bit:
+            return
+        self._idle |= bit
+        if self._smt:
+            self._level_move(cpu, 1)
+
+    def _idle_off(self, cpu: int) -> None:
+        bit = 1 << cpu
+        if not self._idle & bit:
+            return
+        self._idle &= ~bit
+        if self._smt:
+            self._level_move(cpu, -1)
+
+    def _level_move(self, cpu: int, by: int) -> None:
+        """One more (``by`` = 1) or one fewer idle thread on ``cpu``'s core."""
+        sib = self._sib[cpu]
+        core = (sib & -sib).bit_length() - 1
+        k = self._core_idle[core]
+        levels = self._levels[self._sock_ix[cpu]]
+        levels[k] &= ~sib
+        levels[k + by] |= sib
+        self._core_idle[core] = k + by
 
     def queued(self, pcpu: int) -> list[Vcpu]:
         """The vCPUs waiting on pCPU ``pcpu``'s run queue, head first (for checks and dump)."""
@@ -412,42 +489,55 @@ class Credit(SchedulerBase):
 
     # -- placement -----------------------------------------------------------------------
 
-    def _allowed(self, v: Vcpu) -> list[int]:
-        if v.affinity is None:
-            return self._cpus
-        return sorted(v.affinity)
-
     def _cpu_pick(self, v: Vcpu, *, commit: bool) -> int:
-        """``_csched_cpu_pick``: stay if idle, else the idle pCPU with the most idle neighbours."""
-        allowed = self._allowed(v)
+        """``_csched_cpu_pick``: stay if idle, else the idle pCPU with the most idle neighbours.
+
+        Xen walks the candidate idlers one by one from ``cpu``: a candidate whose core
+        (same socket) or socket (another socket, which must be twice as idle) has more
+        idle threads than ``cpu``'s becomes ``cpu``; any other is dropped with its idle
+        neighbours.  A dropped candidate can never win later (``cpu`` only moves to
+        more idle cores and sockets), so the walk is the same as jumping to the first
+        candidate after ``cpu`` that wins, computed with masks; the jumps number at
+        most a few (threads per core, then log2 of the pCPUs across sockets).
+        """
+        u: _Unit = v.priv
+        allowed = u.aff_mask
         here = v.processor
-        cpu = here if (v.affinity is None or here in v.affinity) else _cycle(here, allowed)
-        idlers = set(self.idlers)
-        if cpu == here and not self._pcpus[cpu].runq and self.host.pcpus[cpu].curr is v:
-            idlers.add(cpu)  # v itself is all that runs here: as good as idle
-        cand = idlers.intersection(allowed)
-        if cpu not in cand and cand:
-            cpu = _cycle(cpu, sorted(cand))
-        cand.discard(cpu)
+        cpu = here if allowed >> here & 1 else _cycle(here, allowed)
+        idle = self._idle
+        if (cpu == here and not idle >> cpu & 1 and not self._pcpus[cpu].runq
+                and self.host.pcpus[cpu].curr is v):
+            # v itself is all that runs here: as good as idle.  _levels does not count it,
+            # which cannot matter: this core is where the walk starts, so it is never one
+            # that wins (cpu only ever moves to cores with more idle threads).
+            idle |= 1 << cpu
+        cand = idle & allowed
+        if cand and not cand >> cpu & 1:
+            cpu = _cycle(cpu, cand)
+        cand &= ~(1 << cpu)
+        sockets = self._sockets
         bias_owner = -1
         while cand:
-            nxt = _cycle(cpu, sorted(cand))
-            if nxt in self._socket[cpu]:
-                factor = 1  # same socket: compare idle threads of the two cores
-                cpu_idle = idlers & self._siblings[cpu]
-                nxt_idle = idlers & self._siblings[nxt]
-            else:
-                factor = 2  # another socket must be twice as idle to be worth it
-                cpu_idle = idlers & self._socket[cpu]
-                nxt_idle = idlers & self._socket[nxt]
-            if len(cpu_idle) * factor < len(nxt_idle):
-                pool = sorted(nxt_idle & cand)
-                bias_owner = nxt
-                cpu = _cycle(self._pcpus[nxt].idle_bias, pool)
-                cand -= self._siblings[cpu]
-            else:
-                cand -= nxt_idle
-                cand.discard(nxt)
+            s_ix = self._sock_ix[cpu]
+            here_sock = sockets[s_ix]
+            win = 0
+            if cand & ~here_sock:  # other sockets: twice as many idle threads
+                need = 2 * (idle & here_sock).bit_count()
+                for i, m in enumerate(sockets):
+                    if i != s_ix and cand & m and (idle & m).bit_count() > need:
+                        win |= cand & m
+            if self._smt and cand & here_sock:  # this socket: more idle threads on a core
+                levels = self._levels[s_ix]
+                have = (idle & self._sib[cpu]).bit_count()
+                for k in range(have + 1, len(levels)):
+                    win |= levels[k] & cand
+            if not win:
+                break
+            nxt = _cycle(cpu, win)
+            group = self._sib[nxt] if here_sock >> nxt & 1 else sockets[self._sock_ix[nxt]]
+            bias_owner = nxt
+            cpu = _cycle(self._pcpus[nxt].idle_bias, idle & group & cand)
+            cand &= ~self._sib[cpu]
         if commit and bias_owner >= 0:
             self._pcpus[bias_owner].idle_bias = cpu
         return cpu
@@ -465,26 +555,24 @@ class Credit(SchedulerBase):
             cur_pri = BOOST  # forced idle runs at BOOST in Xen: nothing preempts it
         else:
             cur_pri = IDLE_PRI if cur is None else cur.priv.pri
-        idle = self.idlers
+        idle = self._idle
         target = -1
         if cur_pri == IDLE_PRI or (not idle and new.pri > cur_pri):
             target = cpu
         elif idle:
-            aff = new.v.affinity
-            suitable = sorted(idle if aff is None else idle & aff)
+            suitable = idle & new.aff_mask
             if not suitable:
                 if new.pri > cur_pri:
                     if cur is not None:
                         cu: _Unit = cur.priv
-                        caff = cur.affinity
-                        if caff is None or not idle.isdisjoint(caff):
+                        if idle & cu.aff_mask:
                             cu.move_pending = True  # kicked over to an idler
                     target = cpu
             else:
                 self.last_tickle = _cycle(self.last_tickle, suitable)
                 target = self.last_tickle
         if target >= 0:
-            self.idlers.discard(target)
+            self._idle_off(target)
             host.tickle(target)
 
     # -- hooks ---------------------------------------------------------------------------
@@ -549,9 +637,9 @@ class Credit(SchedulerBase):
                 snext = runq[0]
                 self._runq_remove(snext)
         if snext is None and not idle_forced:
-            self.idlers.add(cpu)
+            self._idle_on(cpu)
         else:
-            self.idlers.discard(cpu)
+            self._idle_off(cpu)
         if mover is not None:
             self._migrate(mover)
         if snext is None:
@@ -581,16 +669,15 @@ class Credit(SchedulerBase):
         pcpus = host.pcpus
         node = self._node_of[cpu]
         nnodes = len(self._nodes)
+        busy = self._queued & ~self._idle & ~(1 << cpu)
         for k in range(nnodes):
             peer_node = (node + k) % nnodes
-            workers = [c for c in self._nodes[peer_node]
-                       if c != cpu and c not in self.idlers and pcpus[c].curr is not None
-                       and self._pcpus[c].runq]
-            if not workers:
-                continue
-            first = _cycle(self._balance_bias[peer_node], workers)
-            i = workers.index(first)
-            for peer in workers[i:] + workers[:i]:
+            workers = busy & self._node_mask[peer_node]
+            # Peers with queued work, from the one after the last stolen from, wrapping.
+            bias = self._balance_bias[peer_node] + 1
+            for peer in _bits(workers >> bias << bias) + _bits(workers & ((1 << bias) - 1)):
+                if pcpus[peer].curr is None:
+                    continue
                 for su in self._pcpus[peer].runq:
                     if su.pri <= pri:
                         break  # nothing better than what we have, further down
