@@ -300,3 +300,24 @@ def test_cpu_pick_run_matches_the_walk_byte_for_byte() -> None:
         h.finish()
         return json.dumps(summarize(h, seed=5).to_json())
     assert run(reference=False) == run(reference=True)
+
+
+@pytest.mark.parametrize("ratelimit_us", [0, 300, 1000, 2000])
+def test_ratelimit_keeps_a_hog_on_its_pcpu_that_long_before_a_waker_preempts(
+        ratelimit_us: int) -> None:
+    # One pCPU: a hog and a probe that wakes every 400 us for 5 us.  The probe wakes
+    # BOOSTed, but the hog was put back on the pCPU at most 395 us earlier: it keeps the
+    # pCPU until it has run ratelimit_us, so the probe waits ratelimit - 400 us or more
+    # (and never more than the rate limit); with a limit under 395 us it preempts at once.
+    # The first wake is a placement, not a wake-up from a block (no BOOST): left out.
+    h = Host(uniform(cores=1), make("credit", ratelimit_us=ratelimit_us), seed=1)
+    h.add_domain("hog", [Hog()])
+    h.add_domain("probe", [CyclicProbe(400_000, run_ns=5_000)])
+    h.run(200 * MS)
+    h.finish()
+    lat = h.vcpus[1].wake_latency_ns[1:]
+    assert len(lat) >= 80
+    lo = max(0, ratelimit_us - 400) * 1000
+    assert lo <= min(lat) and max(lat) <= ratelimit_us * 1000
+    if ratelimit_us < 395:
+        assert max(lat) == 0
