@@ -15,7 +15,7 @@ from xenlab.sim.metrics import RunMetrics, summarize
 from xenlab.sim.model import Vcpu
 from xenlab.sim.schedulers import make
 from xenlab.sim.schedulers.credit import Credit
-from xenlab.sim.workload import CyclicProbe, Hog, IoBound
+from xenlab.sim.workload import CyclicProbe, Hog, IoBound, Periodic
 
 MS = 1_000_000
 S = 1000 * MS
@@ -321,3 +321,37 @@ def test_ratelimit_keeps_a_hog_on_its_pcpu_that_long_before_a_waker_preempts(
     assert lo <= min(lat) and max(lat) <= ratelimit_us * 1000
     if ratelimit_us < 395:
         assert max(lat) == 0
+
+
+def test_a_preempted_vcpu_is_not_kicked_to_an_idle_pcpu_as_in_xen_since_4_13() -> None:
+    # Two pinned wakers take turns (w0 on pCPU 0 at 3 + 20 k ms, w1 on pCPU 1 at 13 + 20 k
+    # ms, 3 ms each) next to an unpinned hog.  A waker may run on no idler, so it preempts
+    # the hog; Xen since 4.13 tests the *waker's* hard affinity for the kick-away, which
+    # never meets an idler there: the hog waits on its queue while the other pCPU idles,
+    # 3 ms in every 20 (Xen 4.8-4.12 tested the hog's and moved it: 100 %).
+    h = Host(uniform(cores=2), make("credit"), seed=1)
+    h.add_domain("w0", [Periodic(3 * MS, 20 * MS, offset_ns=3 * MS)], affinity=frozenset({0}))
+    h.add_domain("w1", [Periodic(3 * MS, 20 * MS, offset_ns=13 * MS)],
+                 affinity=frozenset({1}))
+    h.add_domain("hog", [Hog()])
+    h.run(S)
+    h.finish()
+    w0, w1, hog = h.vcpus
+    assert w0.misses == w1.misses == 0
+    assert 0.84 * S <= hog.cpu_ns <= 0.86 * S
+    assert hog.migrations <= 1
+    assert sum(p.idle_ns for p in h.pcpus) >= 0.84 * S
+
+
+def test_newly_active_domains_go_to_the_head_of_the_active_list() -> None:
+    # Xen's csched_acct hands out credit walking active_sdom from the head, and
+    # csched_unit_acct_start puts a newly active domain there (list_add): hogs that start
+    # 10 ms apart (each made active by the first tick that finds it running) are listed
+    # latest first.
+    h = Host(uniform(cores=3), make("credit"), seed=1)
+    for i in range(3):
+        h.add_domain(f"d{i}", [Hog(offset_ns=i * 10 * MS + 1 * MS)])
+    h.run(35 * MS)
+    sched = h.vcpus[0].sched
+    assert isinstance(sched, Credit)
+    assert sched.active_sdom == [h.domains[2].priv, h.domains[1].priv, h.domains[0].priv]

@@ -42,8 +42,7 @@ Design
   which must be twice as idle to be worth leaving the socket).  ``wake``
   queues the vCPU and tickles (``__runq_tickle``): its pCPU if idle, else
   an idle pCPU it may run on (which will steal it), else its own pCPU if
-  it beats what runs there; when it preempts and the preempted vCPU could
-  run on an idler, that one is kicked over.
+  it beats what runs there.
 * **Forced idle** (PowerClamp): ``idle_forced`` returns idle and keeps the
   vCPUs queued; a pCPU in forced idle is not an idler (wakers go
   elsewhere) and nobody steals from its queue, as in Xen where the idle
@@ -74,7 +73,19 @@ Where this model differs from the C, and why
   that vCPU is what runs there (Xen counts it whenever its run queue is
   empty, even while another vCPU runs; the comment in the C says the
   former is the intent).
-* No soft affinity, no cpupools, no SMT-power-savings mode.
+* No soft affinity, no SMT-power-savings mode.
+
+Where it follows today's C rather than the intent
+-------------------------------------------------
+* The kick-away in ``__runq_tickle``: when a waker may run on no idler and
+  preempts ``cur``, Xen 4.8 to 4.12 marked ``cur`` for migration if *cur's*
+  hard affinity met an idler, so both ran.  Since 4.13 (commit 8a04eaa8ea,
+  the sched_unit rework) the test reads the *new* unit's hard affinity,
+  which this branch already found disjoint from the idlers (in Xen it can
+  only meet them through pCPUs outside the cpupool, which the host here
+  refuses): ``cur`` is never kicked and waits on the queue until the next
+  idle pCPU steals it or the tick moves it.  The model does the same; the
+  test is kept in Xen's form so the two read alike.
 
 Defaults (with reasons)
 -----------------------
@@ -126,7 +137,8 @@ class _Dom:
 
     weight: int  # set by insert_unit/adjust; read by _acct
     cap: int  # percent of one pCPU, 0 = none; set by insert_unit/adjust; read by _acct
-    #: The domain's active vCPUs, in activation order (a dict as an ordered set).
+    #: The domain's active vCPUs, the latest activated first as Xen's list_add (a dict as
+    #: an ordered set).
     #: Set by _acct_start, cleared by _acct_stop; read by _acct.
     active: dict[_Unit, None] = field(default_factory=dict)
 
@@ -212,7 +224,9 @@ class Credit(SchedulerBase):
         self.weight = 0  # sum of weights of active vCPUs (prv->weight)
         self.credit = 0  # credit handed out per period: one period per pCPU
         self.credit_balance = 0  # what the last accounting left over (may be < 0)
-        self.active_sdom: list[_Dom] = []  # domains with active vCPUs, in Xen's order
+        # Domains with active vCPUs, in Xen's order: a newly active domain goes to the head
+        # (list_add), and so does one that had credit to spare at an accounting.
+        self.active_sdom: list[_Dom] = []
         self.runq_sort = 0  # accounting epoch; pCPUs re-sort once per epoch
         self.last_tickle = 0
         self._pcpus: list[_Pcpu] = []
@@ -369,10 +383,10 @@ class Credit(SchedulerBase):
     def _acct_start(self, u: _Unit) -> None:
         sdom = u.sdom
         if u not in sdom.active:
-            sdom.active[u] = None
+            sdom.active = {u: None, **sdom.active}
             self.weight += sdom.weight
             if sdom not in self.active_sdom:
-                self.active_sdom.append(sdom)
+                self.active_sdom.insert(0, sdom)
 
     def _acct_stop(self, u: _Unit) -> None:
         sdom = u.sdom
@@ -563,10 +577,12 @@ class Credit(SchedulerBase):
             suitable = idle & new.aff_mask
             if not suitable:
                 if new.pri > cur_pri:
-                    if cur is not None:
+                    # Xen kicks cur over to an idler if the hard affinity it tests meets
+                    # the idlers: since 4.13 that is new's (here known to meet none of
+                    # them), so cur stays (see "Where this model differs").
+                    if cur is not None and idle & new.aff_mask:
                         cu: _Unit = cur.priv
-                        if idle & cu.aff_mask:
-                            cu.move_pending = True  # kicked over to an idler
+                        cu.move_pending = True
                     target = cpu
             else:
                 self.last_tickle = _cycle(self.last_tickle, suitable)
