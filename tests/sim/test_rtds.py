@@ -100,3 +100,26 @@ def test_bad_parameters(params: dict[str, object], message: str) -> None:
     h = Host(uniform(cores=1), make("rtds"))
     with pytest.raises(SimError, match=message):
         h.add_domain("d", [Hog()], params=params)
+
+
+def test_an_extratime_vcpu_back_at_level_0_is_not_tickled_as_in_xen() -> None:
+    # One pCPU, two extratime hogs: x (1 ms every 3 ms) and y (6 ms every 10 ms), 0.93 in
+    # all.  x spends its budget, runs on at level 1 and sits on the run queue; when its
+    # period ends it is back at level 0 with the earlier deadline, but repl_timer_handler
+    # tickles only running or depleted vCPUs, so y's level-0 slice goes on: x gets nothing
+    # in 30 of its 100 periods.  (A tickle there would give it 1 ms in every one.)
+    h = Host(uniform(cores=1), make("rtds"), seed=1, trace=(0, 300 * MS))
+    h.add_domain("x", [Hog()], params={"budget": 1000, "period": 3000})
+    h.add_domain("y", [Hog()], params={"budget": 6000, "period": 10_000})
+    h.run(300 * MS)
+    h.finish()
+    got = [0] * 100
+    for _p, start, end, who in h.segments:
+        t = start
+        while who == "x.0" and t < end:
+            k = t // (3 * MS)
+            stop = min(end, (k + 1) * 3 * MS)
+            got[k] += stop - t
+            t = stop
+    assert sum(1 for g in got if g < 1 * MS) == 30
+    assert sum(1 for g in got if g == 0) == 30

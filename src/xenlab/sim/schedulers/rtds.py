@@ -32,6 +32,20 @@ State (per vCPU, :class:`_Unit`)
     which of runq/depletedq holds it (set by insert, cleared by removal);
     ``on_replq`` set by wake, cleared by sleep.
 
+Where it follows rt.c rather than the intent
+    The replenishment (``repl_timer_handler``) tickles only for a refilled
+    vCPU that is running (the run-queue head, if that now beats it) or one
+    that was *depleted* (out of budget without extratime, waiting on
+    ``depletedq``).  A vCPU that ran out of budget *with* extratime was
+    refilled at a higher level, not depleted; when its period ends it drops
+    back to level 0 on ``runq`` without a tickle, so even if a pCPU is
+    running an extratime vCPU (a higher level) or a later deadline, it waits
+    for that pCPU's next scheduling point (slice end, block, another
+    tickle).  Xen does the same; the model keeps it.  On one pCPU with x
+    (1 ms every 3 ms) and y (6 ms every 10 ms), both extratime hogs (0.93
+    reserved), x gets nothing in 30 of its 100 periods; a tickle there would
+    give it 1 ms in each (tests/sim/test_rtds.py).
+
 Parameters (per domain, as ``xl sched-rtds -p -b -e``)
     ``period`` (us, default 10000) and ``budget`` (us, default 4000):
     Xen's RTDS_DEFAULT_PERIOD/BUDGET; period and budget at least 10 us
@@ -292,6 +306,7 @@ class Rtds(SchedulerBase):
                     self._tickle(head[4], head[4].priv, now)
             elif u.depleted and u.on_q != _NOWHERE:
                 self._tickle(v, u, now)
+            # An extratime vCPU back at level 0 on runq is not tickled (module notes).
             u.depleted = False
             self._serial += 1
             u.repl_serial = self._serial
