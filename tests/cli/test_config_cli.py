@@ -7,19 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from xenlab.cli.main import main
+from tests.clirun import run_cli as run
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_check_ok_and_bad(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

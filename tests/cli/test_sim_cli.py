@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from xenlab.cli.main import main
+from tests.clirun import run_cli as run
 
 SCENARIO = """
 [sim]
@@ -32,14 +32,6 @@ misses_max = 0
 """
 
 
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

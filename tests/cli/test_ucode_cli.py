@@ -9,21 +9,13 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from tests.clirun import run_cli as run
 from tests.ucode import builders as b
-from xenlab.cli.main import main
 from xenlab.formats.cpio import CpioMember, write_newc
 
 ALL = b.INTEL_OLD + b.INTEL_NEW + b.INTEL_PF40
 
 
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

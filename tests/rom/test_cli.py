@@ -7,19 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.clirun import run_cli as run
 from tests.rom import builders as b
 from tests.rom.test_sysfs import BDF, FakeKernelRom, device
-from xenlab.cli.main import main
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_inspect_json(capsys: pytest.CaptureFixture[str], shared_data: Path) -> None:

@@ -3,9 +3,9 @@
 A config for the project's guest image (:func:`write_config`), booting it
 on a new disk and waiting for the image's ``XENLAB-READY`` console line
 (:func:`boot`, :func:`wait_ready`), shell commands through the guest agent
-(:func:`sh` and the marker file on the guest's disk), the ``xenlab`` CLI
-in-process (:func:`run_cli`), and clearing a toolstack's domains
-(:func:`clear`, used by the ``ts`` fixture in conftest.py).
+(:func:`sh` and the marker file on the guest's disk), and clearing a
+toolstack's domains (:func:`clear`, used by the ``ts`` fixture in
+conftest.py).  The CLI in-process is :func:`tests.clirun.run_cli`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-
-from xenlab.cli.main import main
 from xenlab.vm.domain import SHUTOFF, Toolstack
 
 
@@ -97,15 +94,6 @@ def uptime(ts: Toolstack, name: str) -> float:
     return float(sh(ts, name, "cat /proc/uptime").split()[0])
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Run ``xenlab ARGS`` in-process; (exit code, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def clear(ts: Toolstack) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.guests import boot, run_cli, sh
+from tests.clirun import run_cli
+from tests.vm.guests import boot, sh
 from xenlab.config.errors import ConfigError
 from xenlab.errors import StateError, XenlabError
 from xenlab.vm import migrate as mig

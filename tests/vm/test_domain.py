@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.guests import run_cli, wait_ready, write_config
+from tests.clirun import run_cli
+from tests.vm.guests import wait_ready, write_config
 from xenlab.errors import StateError, XenlabError
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.store import is_alive

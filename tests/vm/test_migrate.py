@@ -23,7 +23,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.vm.guests import boot, clear, config_text, run_cli, sh, wait_ready
+from tests.clirun import run_cli
+from tests.vm.guests import boot, clear, config_text, sh, wait_ready
 from xenlab.errors import BackendError, FormatError, StateError, TruncatedError, XenlabError
 from xenlab.vm import migrate as mig
 from xenlab.vm import snapshot

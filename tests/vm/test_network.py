@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.clirun import run_cli
 from tests.hotplug.bridges import bridge, ip_json, link_exists, need_net_admin, unique_name
-from tests.vm.guests import run_cli, sh, wait_ready, write_config
+from tests.vm.guests import sh, wait_ready, write_config
 from xenlab.errors import XenlabError
 from xenlab.vm.domain import Toolstack
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.guests import clear, run_cli, sh, wait_ready, write_config
+from tests.clirun import run_cli
+from tests.vm.guests import clear, sh, wait_ready, write_config
 from xenlab.errors import XenlabError
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.vgaboot import (

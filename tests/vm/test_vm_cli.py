@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.guests import run_cli, write_config
+from tests.clirun import run_cli
+from tests.vm.guests import write_config
 
 pytestmark = pytest.mark.integration
 
