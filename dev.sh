@@ -2,7 +2,8 @@
 # xenlab's one entry point for a fresh machine.
 #   ./dev.sh run    set up, then run the main job (check and show the example configs,
 #                   build and scan an early-microcode initrd, boot a guest and
-#                   snapshot it)
+#                   snapshot it, boot a VGA BIOS as a guest's display, compare
+#                   schedulers in the simulator)
 #   ./dev.sh test   set up, then run ruff, mypy and the test suite
 #   ./dev.sh bench  set up, then run every benchmark under bench/
 # Setup is idempotent: system packages via apt-get (when root and missing),
@@ -77,6 +78,9 @@ case "$cmd" in
     # VGA BIOS: SeaBIOS's stdvga BIOS inspected, then run as a guest's primary display.
     $x rom inspect /usr/share/seabios/vgabios-stdvga.bin
     $x rom boot /usr/share/seabios/vgabios-stdvga.bin --check --out "$demo/rom"
+    # The simulator: a real-time guest next to a misbehaving one under legacy SEDF,
+    # SEDF with CBS and RTDS (tables; JSON, CSV and PNG plots in $demo/sim).
+    $x sim compare examples/sim/isolation.toml --out "$demo/sim" --check
     ;;
   test)
     setup
