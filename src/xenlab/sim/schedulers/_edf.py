@@ -20,7 +20,8 @@ visible to ``dump``.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -202,3 +203,30 @@ def check_flag(dom: Domain, sched: str, params: Mapping[str, Any], key: str) -> 
         return bool(value)
     raise SimError(f"domain {dom.name}: {sched} {key} must be a boolean (or 0/1), "
                    f"not {value!r}")
+
+
+#: The key of an idle pCPU in a preemption scan: later than any deadline.
+IDLE_KEY: tuple[int, ...] = (1 << 62,)
+
+
+def preemption_target(order: Iterable[int], tickled: AbstractSet[int],
+                      affinity: AbstractSet[int] | None,
+                      running_key: Callable[[int, int], tuple[Any, ...] | None], now: int
+                      ) -> tuple[int | None, tuple[Any, ...]]:
+    """The pCPU a waking vCPU should preempt, scanning ``order``: the first idle one
+    (key ``IDLE_KEY``), else the one running the latest key.  pCPUs ``tickled``
+    already, outside ``affinity`` or whose ``running_key(c, now)`` is None (forced
+    idle) are passed over.  Returns (pCPU or None, its key; () for an idle pCPU)."""
+    best: int | None = None
+    best_key: tuple[Any, ...] = ()
+    for c in order:
+        if c in tickled or (affinity is not None and c not in affinity):
+            continue
+        k = running_key(c, now)
+        if k is None:
+            continue
+        if k is IDLE_KEY:
+            return c, ()
+        if best is None or k > best_key:
+            best, best_key = c, k
+    return best, best_key

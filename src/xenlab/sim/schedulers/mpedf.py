@@ -57,7 +57,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from xenlab.errors import SimError
 from xenlab.sim.model import RunState
-from xenlab.sim.schedulers._edf import CbsServer, EdfQueue, check_flag, check_reservation
+from xenlab.sim.schedulers._edf import (
+    IDLE_KEY,
+    CbsServer,
+    EdfQueue,
+    check_flag,
+    check_reservation,
+    preemption_target,
+)
 from xenlab.sim.schedulers.base import IDLE, Decision, SchedulerBase
 
 if TYPE_CHECKING:
@@ -69,7 +76,7 @@ if TYPE_CHECKING:
 _RUNNING = RunState.RUNNING
 _RUNNABLE = RunState.RUNNABLE
 #: Idle pCPUs compare later than any deadline.
-_IDLE_KEY = (1 << 62,)
+_IDLE_KEY = IDLE_KEY
 _LEVELS = ("cpu", "core", "llc", "socket", "node", "global")
 
 
@@ -275,18 +282,11 @@ class MpEdf(SchedulerBase):
             return
         # Its own pCPU first, then the run queue's in order (no sort per wake: at
         # 64 pCPUs sorting here was half of a run).
-        for i, c in enumerate(itertools.chain((own,) if mine else (), rq.cpus)):
-            if (mine and i > 0 and c == own) or c in self.tickled or (
-                    aff is not None and c not in aff):
-                continue
-            k = self._running_key(c, now)
-            if k is None:
-                continue
-            if k is _IDLE_KEY:
-                best, best_key = c, ()
-                break
-            if best is None or k > best_key:
-                best, best_key = c, k
+        tickled = self.tickled
+        order = itertools.chain((own,) if mine else (),
+                                (c for c in rq.cpus if not (mine and c == own)))
+        best, best_key = preemption_target(
+            order, tickled, aff, self._running_key, now)
         if best is None:
             return
         if best_key and not s.key(v) < best_key:

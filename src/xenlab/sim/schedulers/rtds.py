@@ -60,7 +60,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from xenlab.sim.model import RunState
-from xenlab.sim.schedulers._edf import EdfQueue, Entry, check_flag, check_reservation
+from xenlab.sim.schedulers._edf import (
+    IDLE_KEY,
+    EdfQueue,
+    Entry,
+    check_flag,
+    check_reservation,
+    preemption_target,
+)
 from xenlab.sim.schedulers.base import IDLE, Decision, SchedulerBase
 
 if TYPE_CHECKING:
@@ -71,7 +78,7 @@ if TYPE_CHECKING:
 
 _RUNNING = RunState.RUNNING
 _RUNNABLE = RunState.RUNNABLE
-_IDLE_KEY = (1 << 62,)
+_IDLE_KEY = IDLE_KEY
 _NOWHERE, _RUNQ, _DEPLETEDQ = 0, 1, 2
 
 
@@ -218,20 +225,9 @@ class Rtds(SchedulerBase):
         aff = v.affinity
         n = len(self.host.pcpus)
         start = v.processor
-        best: int | None = None
-        best_key: tuple[Any, ...] = ()
-        for i in range(n):
-            c = (start + i) % n
-            if c in self.tickled or (aff is not None and c not in aff):
-                continue
-            k = self._running_key(c, now)
-            if k is None:
-                continue
-            if k is _IDLE_KEY:
-                best, best_key = c, ()
-                break
-            if best is None or k > best_key:
-                best, best_key = c, k
+        tickled = self.tickled
+        best, best_key = preemption_target(
+            ((start + i) % n for i in range(n)), tickled, aff, self._running_key, now)
         if best is None or (best_key and not u.key(v) < best_key):
             return
         self.tickled.add(best)
