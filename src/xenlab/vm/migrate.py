@@ -986,7 +986,7 @@ async def _save_stream(paths: RuntimePaths, f: Any, rec: DomainRecord, *, keep_r
                 with contextlib.suppress(BackendError):
                     await qmp.execute("closefd", {"fdname": _FD_NAME})
                 if was_running:
-                    await qmp.execute("cont")
+                    await _cont_after_migration(qmp)
             if snapped:
                 left = await _drop_disk_snapshots(qmp, snapshots)
                 if left and isinstance(err, Exception):
@@ -1005,7 +1005,7 @@ async def _save_stream(paths: RuntimePaths, f: Any, rec: DomainRecord, *, keep_r
             with contextlib.suppress(BackendError):
                 await qmp.execute("migrate-set-parameters", {"max-bandwidth": old_bw})
         if was_running:
-            await qmp.execute("cont")
+            await _cont_after_migration(qmp)
     return header
 
 
@@ -1538,11 +1538,30 @@ class _Sent:
 async def _resume_source(paths: RuntimePaths, sent: _Sent) -> None:
     """Let the source go on after a completed stream the destination did not take."""
     async with Qmp.open(paths.qmp) as qmp:
-        if sent.old_bw is not None:
-            with contextlib.suppress(BackendError):
-                await qmp.execute("migrate-set-parameters", {"max-bandwidth": sent.old_bw})
-        if sent.was_running:
+        await _resume_in(qmp, sent)
+
+
+async def _cont_after_migration(qmp: Qmp, timeout: float = 10.0) -> None:
+    """``cont`` a source whose outgoing migration has ended, once QEMU has finished it.
+
+    QEMU reports "completed" while its migration thread still holds the VM in
+    finish-migrate; it sets postmigrate only after that.  A ``cont`` in between
+    starts the vCPUs and is then overwritten: the guest runs while QEMU says
+    postmigrate.  So wait for finish-migrate to end, ``cont``, and check.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await _status(qmp)
+        if status == "running":
+            return
+        if status != "finish-migrate":
             await qmp.execute("cont")
+            status = await _status(qmp)
+            if status == "running":
+                return
+        if time.monotonic() > deadline:
+            raise BackendError(f"the source QEMU did not resume: it is {status!r}")
+        await asyncio.sleep(0.005)
 
 
 async def _send(paths: RuntimePaths, name: str, where: str, dhost: str, nbd_port: int | None,
@@ -1622,8 +1641,7 @@ async def _send(paths: RuntimePaths, name: str, where: str, dhost: str, nbd_port
                 await qmp.execute("blockdev-del", {"node-name": node})
         if was_running:
             with contextlib.suppress(BackendError):
-                if await _status(qmp) != "running":
-                    await qmp.execute("cont")
+                await _cont_after_migration(qmp)
         if old_bw is not None:
             with contextlib.suppress(BackendError):
                 await qmp.execute("migrate-set-parameters", {"max-bandwidth": old_bw})
@@ -1835,7 +1853,7 @@ async def _resume_in(qmp: Qmp, sent: _Sent) -> None:
         with contextlib.suppress(BackendError):
             await qmp.execute("migrate-set-parameters", {"max-bandwidth": sent.old_bw})
     if sent.was_running:
-        await qmp.execute("cont")
+        await _cont_after_migration(qmp)
 
 
 def new_token() -> str:
