@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from xenlab.config.specs.disk import DiskSpec, format_disk, parse_disk
+from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk, parse_disk
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm.domain import (
     DISK_SPECS,
@@ -353,6 +353,28 @@ def _cdrom(ts: Toolstack, rec: DomainRecord, vdev: str, verb: str) -> tuple[list
     raise XenlabError(f"{verb} {rec.name}: no cdrom {vdev} (the domain's cdroms: {cdroms})")
 
 
+def _set_medium(ts: Toolstack, name: str, vdev: str, verb: str, command: str,
+                args: dict[str, object], path: str | None, fmt: DiskFormat) -> DiskInfo:
+    """Run QMP ``command`` on cdrom drive ``vdev`` of running domain ``name``, then record
+    the drive's new medium (``path`` in format ``fmt``; None: empty)."""
+    rec = ts._live(name)
+    with ts.store.lock(rec.domid):
+        rec = ts.store.get(rec.domid)
+        disks, i = _cdrom(ts, rec, vdev, verb)
+
+        async def go() -> None:
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                try:
+                    await qmp.execute(command, args)
+                except CommandError as err:
+                    raise BackendError(f"{verb} {rec.name} {vdev}: {err}") from err
+
+        _run(go())
+        disks[i] = replace(disks[i], pdev_path=path, format=fmt)
+        rec = _keep(ts, rec, disks)
+    return next(d for d in block_list(ts, rec.name) if d.vdev == vdev)
+
+
 def cd_insert(ts: Toolstack, name: str, vdev: str, target: str, *,
               fmt: str = "raw") -> DiskInfo:
     """Put the image ``target`` in running domain ``name``'s cdrom drive ``vdev``.
@@ -364,34 +386,17 @@ def cd_insert(ts: Toolstack, name: str, vdev: str, target: str, *,
     :raise XenlabError: no such cdrom, or the target is missing.
     :raise BackendError: QEMU refused (the drive keeps what it had).
     """
-    rec = ts._live(name)
     if not Path(target).is_file() and not target.startswith("/dev/"):
-        raise XenlabError(f"cd-insert {rec.name}: {target} does not exist")
-    from xenlab.config.specs.disk import DiskFormat
-
+        raise XenlabError(f"cd-insert {ts._live(name).name}: {target} does not exist")
     try:
         disk_format = DiskFormat(fmt)
     except ValueError:
-        raise XenlabError(f"cd-insert {rec.name}: format {fmt!r} (expected raw or qcow2)"
+        raise XenlabError(f"cd-insert {name}: format {fmt!r} (expected raw or qcow2)"
                           ) from None
-    with ts.store.lock(rec.domid):
-        rec = ts.store.get(rec.domid)
-        disks, i = _cdrom(ts, rec, vdev, "cd-insert")
-
-        async def go() -> None:
-            async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                try:
-                    await qmp.execute("blockdev-change-medium", {
-                        "id": vdev, "filename": str(Path(target).resolve()),
-                        "format": disk_format.value, "read-only-mode": "read-only"})
-                except CommandError as err:
-                    raise BackendError(f"cd-insert {rec.name} {vdev}: {err}") from err
-
-        _run(go())
-        disks[i] = replace(disks[i], pdev_path=str(Path(target).resolve()),
-                           format=disk_format)
-        rec = _keep(ts, rec, disks)
-    return next(d for d in block_list(ts, rec.name) if d.vdev == vdev)
+    path = str(Path(target).resolve())
+    return _set_medium(ts, name, vdev, "cd-insert", "blockdev-change-medium",
+                       {"id": vdev, "filename": path, "format": disk_format.value,
+                        "read-only-mode": "read-only"}, path, disk_format)
 
 
 def cd_eject(ts: Toolstack, name: str, vdev: str) -> DiskInfo:
@@ -400,21 +405,5 @@ def cd_eject(ts: Toolstack, name: str, vdev: str) -> DiskInfo:
     CLI: ``xenlab vm cd-eject DOM VDEV``, as ``xl cd-eject`` (forced: a guest
     that locked the tray does not keep the medium).
     """
-    rec = ts._live(name)
-    with ts.store.lock(rec.domid):
-        rec = ts.store.get(rec.domid)
-        disks, i = _cdrom(ts, rec, vdev, "cd-eject")
-
-        async def go() -> None:
-            async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                try:
-                    await qmp.execute("eject", {"id": vdev, "force": True})
-                except CommandError as err:
-                    raise BackendError(f"cd-eject {rec.name} {vdev}: {err}") from err
-
-        _run(go())
-        from xenlab.config.specs.disk import DiskFormat
-
-        disks[i] = replace(disks[i], pdev_path=None, format=DiskFormat.EMPTY)
-        rec = _keep(ts, rec, disks)
-    return next(d for d in block_list(ts, rec.name) if d.vdev == vdev)
+    return _set_medium(ts, name, vdev, "cd-eject", "eject", {"id": vdev, "force": True},
+                       None, DiskFormat.EMPTY)
