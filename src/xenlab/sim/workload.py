@@ -72,9 +72,13 @@ class Periodic:
         self._release_cb = lambda: self._release(host, v)
         host.engine.at(self.offset_ns, self._release_cb)
 
+    def _gap(self, host: Host) -> int:
+        """How long until the next release."""
+        return self.period_ns
+
     def _release(self, host: Host, v: Vcpu) -> None:
         now = host.engine.now
-        host.engine.at(now + self.period_ns, self._release_cb)
+        host.engine.at(now + self._gap(host), self._release_cb)
         v.jobs += 1
         if self.current is None:
             self.current = now
@@ -115,16 +119,8 @@ class Sporadic(Periodic):
         super().__init__(run_ns, min_gap_ns, deadline_ns=deadline_ns, offset_ns=offset_ns)
         self.max_gap_ns = max_gap_ns
 
-    def _release(self, host: Host, v: Vcpu) -> None:
-        now = host.engine.now
-        gap = host.engine.rng.randint(self.period_ns, self.max_gap_ns)
-        host.engine.at(now + gap, self._release_cb)
-        v.jobs += 1
-        if self.current is None:
-            self.current = now
-            host.activate(v, self.run_ns)
-        else:
-            self.backlog.append(now)
+    def _gap(self, host: Host) -> int:
+        return host.engine.rng.randint(self.period_ns, self.max_gap_ns)
 
 
 class Hog:

@@ -75,8 +75,6 @@ if TYPE_CHECKING:
 
 _RUNNING = RunState.RUNNING
 _RUNNABLE = RunState.RUNNABLE
-#: Idle pCPUs compare later than any deadline.
-_IDLE_KEY = IDLE_KEY
 _LEVELS = ("cpu", "core", "llc", "socket", "node", "global")
 
 
@@ -199,13 +197,13 @@ class MpEdf(SchedulerBase):
             self.migrations += 1
 
     def _running_key(self, c: int, now: int) -> tuple[Any, ...] | None:
-        """The key of what runs on pCPU ``c`` (idle: ``_IDLE_KEY``), None if unusable now."""
+        """The key of what runs on pCPU ``c`` (idle: ``IDLE_KEY``), None if unusable now."""
         p = self.host.pcpus[c]
         if p.inject_until > now:
             return None  # forced idle: nothing can run there
         cur = p.curr
         if cur is None or cur.state is not _RUNNING:
-            return _IDLE_KEY
+            return IDLE_KEY
         cs: CbsServer = cur.priv
         return cs.key(cur)
 
@@ -312,7 +310,7 @@ class MpEdf(SchedulerBase):
                 k = self._running_key(c, now)
                 if k is not None and (latest is None or k > latest):
                     latest = k
-            if latest is _IDLE_KEY:
+            if latest is IDLE_KEY:
                 return rq
             if latest is not None and latest > key and (best_latest is None
                                                         or latest > best_latest):

@@ -78,7 +78,6 @@ if TYPE_CHECKING:
 
 _RUNNING = RunState.RUNNING
 _RUNNABLE = RunState.RUNNABLE
-_IDLE_KEY = IDLE_KEY
 _NOWHERE, _RUNQ, _DEPLETEDQ = 0, 1, 2
 
 
@@ -216,7 +215,7 @@ class Rtds(SchedulerBase):
             return None
         cur = p.curr
         if cur is None or cur.state is not _RUNNING:
-            return _IDLE_KEY
+            return IDLE_KEY
         cu: _Unit = cur.priv
         return cu.key(cur)
 
