@@ -240,10 +240,6 @@ class Host:
                 hook(p, now, end)
         self.tickle(pcpu)
 
-    def burned(self, p: Pcpu, now: int) -> int:
-        """How long ``p``'s current vCPU has run since it was put on (for budgets)."""
-        return now - p.since
-
     # -- the dispatcher ------------------------------------------------------------------
 
     def _account(self, p: Pcpu, now: int) -> None:
