@@ -91,7 +91,7 @@ case "$cmd" in
     ;;
   bench)
     setup
-    for b in bench/*.py; do .venv/bin/python "$b"; done
+    for b in bench/[!_]*.py; do .venv/bin/python "$b"; done
     ;;
   *)
     echo "usage: $0 run|test|bench" >&2

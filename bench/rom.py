@@ -19,13 +19,12 @@ import random
 import struct
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from _timing import best  # noqa: E402  (bench/ is the script's directory)
 from xenlab.rom.inspect import inspect_file  # noqa: E402
 
 KIB = 1024
@@ -50,14 +49,6 @@ def image(size: int, *, efi: bool, last: bool, seed: int) -> bytes:
     return bytes(img)
 
 
-def best(fn: Callable[[], object], rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:

@@ -27,13 +27,13 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from _timing import best  # noqa: E402  (bench/ is the script's directory)
 from xenlab.formats.cpio import CpioMember, write_newc  # noqa: E402
 from xenlab.formats.intel_ucode import build_update  # noqa: E402
 from xenlab.ucode.early import build_early  # noqa: E402
@@ -104,14 +104,6 @@ def make_initrd(size: int) -> Path:
     return path
 
 
-def best(fn: Callable[[], object], rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def peer(args: list[str]) -> Callable[[], object]:
