@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from xenlab.atomic import atomic_write_text
-from xenlab.cli.output import emit_json
+from xenlab.cli.output import emit_json, stdout
 from xenlab.config import ConfigError, parse
 from xenlab.config.model import domain_config, domain_config_to_json
 from xenlab.config.specs.disk import disk_to_libxl_json, parse_disk
@@ -100,7 +99,7 @@ def show(file: Path, as_json: bool) -> None:
     if as_json:
         emit_json(data)
         return
-    console = Console()
+    console = stdout
     summary = Table(title=f"{file}", title_justify="left", show_header=False)
     summary.add_column("key", style="bold")
     summary.add_column("value")
