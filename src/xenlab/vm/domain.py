@@ -9,28 +9,54 @@ domain's lock, so two commands on one domain never interleave; ``create``
 holds the store's global lock while it picks the id and name.
 
 Like xl, ``create`` takes ``key=value`` overrides appended to the config.
+
+Rules that keep the store true:
+
+- A verb resolves its domain, takes the domain's lock, and then reads the
+  record again by id (:meth:`Toolstack.locked`): a record read before the
+  lock may be another verb's past.  If the domain was replaced meanwhile
+  (another uuid under the id, or another name), the verb stops and says so.
+  Writes go through ``Store.patch``, which changes only the fields a verb
+  means to change.
+- A verb that passes through states that are not true at rest records a
+  job first (``vm.jobs``); the next command that finds the job with its
+  owner dead finishes or undoes the step (:meth:`Toolstack.converge`) and
+  logs what it did.  ``create`` records the run directory before QEMU
+  starts, so a QEMU whose pid never reached the record is still found (by
+  its pidfile, checked against its command line) and stopped.
+- A QEMU is only ever signalled after ``store.is_domain_qemu`` has read its
+  command line: this user's QEMU with this domain's pidfile.
+- Names are refused at create when a verb could not handle them later
+  (:func:`check_domain_name`); relative paths in a config are made absolute
+  against the config's directory at create and define, so later commands
+  run from anywhere find the same files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Final
 
 from xenlab import hotplug
 from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
-from xenlab.config.specs.disk import DiskFormat
+from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk
 from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.files import read_text_bounded
+from xenlab.vm.jobs import JOB, Job, job_of, new_job
 from xenlab.vm.qemu import (
     Accel,
     Nic,
@@ -43,14 +69,18 @@ from xenlab.vm.qemu import (
 )
 from xenlab.vm.qmp import GuestAgent, Qmp
 from xenlab.vm.qmp import run as _run_async
-from xenlab.vm.store import DomainRecord, Store, is_alive
+from xenlab.vm.rundir import checked_rundir, default_rundir, make_rundir
+from xenlab.vm.store import DomainRecord, Store, is_alive, is_domain_qemu
 
 # A domain whose QEMU has exited but which is kept because it has snapshots
 # (like a defined, inactive libvirt domain); `create` starts it again.
 SHUTOFF = "shutoff"
 
-# Unix socket paths must fit in sun_path (108 bytes with the NUL).
-_SOCKET_MAX = 100
+# The longest domain name (libvirt's limit is the file system's; xl's is
+# xenstore's): long enough for any real name, short enough for file names.
+NAME_MAX: Final = 64
+# Names that would be ids, paths, hidden files, option syntax or terminal tricks.
+_NAME_OK = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@:,=-]*")
 # DomainRecord.extra key: the host ends (hotplug.Vif as JSON) of the domain's
 # tapped vifs while its QEMU may run; whoever sees QEMU gone brings them offline.
 VIFS = "vifs"
@@ -74,16 +104,29 @@ class DomainStatus:
     seconds: float
 
 
-def runtime_paths(state_dir: Path, domid: int) -> RuntimePaths:
-    """Where domain ``domid``'s sockets live; short enough for unix sockets."""
-    rundir = state_dir / "run" / str(domid)
-    if len(str(rundir / "qmp.sock")) > _SOCKET_MAX:
-        # Deep state directories (pytest's tmp_path) would overflow sun_path.
-        import hashlib
+def check_domain_name(name: str) -> str:
+    """``name`` when every verb can handle it as a domain name; else XenlabError saying why.
 
-        tag = hashlib.sha1(str(state_dir).encode()).hexdigest()[:10]
-        rundir = Path("/tmp") / f"xenlab-{os.getuid()}-{tag}" / str(domid)
-    return RuntimePaths.under(rundir)
+    Refused: empty, longer than :data:`NAME_MAX`, all digits (xl reads that as
+    a domain id), ``.``/``..``-like or starting with ``.`` or ``-`` (a hidden
+    file, an option), and any character outside letters, digits and
+    ``_ . + @ : , = -`` (slashes, white space, quotes, control characters).
+    A comma is allowed: QEMU sees it doubled (``web,,prod``) and the store
+    reads it back.
+    """
+    why = None
+    if not name:
+        why = "it is empty"
+    elif len(name) > NAME_MAX:
+        why = f"it is longer than {NAME_MAX} characters"
+    elif name.isdigit():
+        why = "it is all digits, which xl reads as a domain id"
+    elif not _NAME_OK.fullmatch(name):
+        why = ("use letters, digits and _ . + @ : , = - only (no slash, space, quote or "
+               "control character), starting with a letter, digit or _")
+    if why is not None:
+        raise XenlabError(f"domain name {name!r} is not usable: {why}")
+    return name
 
 
 def config_from_text(text: str, source: str, overrides: Sequence[str] = ()
@@ -95,6 +138,37 @@ def config_from_text(text: str, source: str, overrides: Sequence[str] = ()
     if overrides:
         text = text.rstrip("\n") + "\n" + "\n".join(overrides) + "\n"
     return domain_config(parse(text, source=source)), text
+
+
+def absolute_paths(dc: DomainConfig, text: str, base: Path, source: str
+                   ) -> tuple[DomainConfig, str]:
+    """``dc`` and its text with relative disk, kernel and ramdisk paths made absolute.
+
+    Relative paths are taken against ``base`` (the config file's directory)
+    and the absolute ones appended to the text as settings (later settings
+    win), so the stored text means the same files from any directory.
+    """
+    fixes: list[str] = []
+    from xenlab.config.writer import quote
+
+    def absolute(p: str) -> str:
+        return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+
+    def local(d: DiskSpec) -> bool:
+        # A target a script interprets (iscsi:, drbd:...) is not a file here.
+        return bool(d.pdev_path) and d.script is None
+
+    if any(local(d) and not os.path.isabs(str(d.pdev_path)) for d in dc.disks):
+        specs = [format_disk(replace(d, pdev_path=absolute(str(d.pdev_path)))
+                             if local(d) else d) for d in dc.disks]
+        fixes.append(disk_line(specs))
+    for key in ("kernel", "ramdisk"):
+        value = getattr(dc, key, None)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            fixes.append(f"{key} = {quote(absolute(value))}")
+    if not fixes:
+        return dc, text
+    return config_from_text(text, source, fixes)
 
 
 class Toolstack:
@@ -115,12 +189,16 @@ class Toolstack:
     # -- create ------------------------------------------------------------------
 
     def load_config(self, cfg: Path, overrides: Sequence[str] = ()) -> tuple[DomainConfig, str]:
-        """Parse ``cfg`` with xl-style ``key=value`` overrides appended; (config, text)."""
-        try:
-            text = cfg.read_text(encoding="utf-8", errors="surrogateescape")
-        except OSError as err:
-            raise XenlabError(f"{cfg}: cannot read: {err.strerror or err}") from err
-        return config_from_text(text, str(cfg), overrides)
+        """Parse ``cfg`` with xl-style ``key=value`` overrides appended; (config, text).
+
+        The file is read with a bound (``files.CONFIG_LIMIT``), the name
+        checked (:func:`check_domain_name`) and relative paths made absolute
+        against the file's directory (:func:`absolute_paths`).
+        """
+        text = read_text_bounded(cfg, what="config")
+        dc, text = config_from_text(text, str(cfg), overrides)
+        check_domain_name(dc.name)
+        return absolute_paths(dc, text, Path(cfg).absolute().parent, str(cfg))
 
     def _check_disks(self, dc: DomainConfig, create_size: str | None) -> list[Path]:
         """Every disk file must exist, or be created when asked; returns the created ones."""
@@ -212,43 +290,64 @@ class Toolstack:
         runs under the domain's lock once the name is secured and before QEMU
         starts (restore reverts the disks there).  Nothing is left behind on
         failure: no record, no run directory, no disks this call made.
+
+        Crash safety: the record (state "creating" or "incoming", a job of
+        this process) exists before anything else, and names the run
+        directory before QEMU starts; a killed ``_start`` is undone by the
+        next command (:meth:`converge`).  The domain's lock is taken before
+        the global lock is let go, so no other command sees the record half
+        made.
         """
+        check_domain_name(dc.name)
         fresh = incoming is None
         new_uuid = uuid or dc.uuid or str(uuidlib.uuid4())
-        with self.store.global_lock():
-            old = self._reusable(dc.name)
-            if old is not None and fresh:
-                # create starts a kept domain on the disks it last ran on, with
-                # the NICs it last had; restore, receive and revert bring the
-                # config to run as it is.
-                dc, text = _on_vif_specs(dc, text, old)
-                dc, text = _on_disk_specs(dc, text, old)
-                dc = _on_overlays(_on_mirrors(dc, old), old)
-            created = self._check_disks(dc, create_disks) if fresh else []
-            state = "creating" if fresh else "incoming"
-            if old is not None:
-                # The facts of the old QEMU's run do not hold for a fresh start;
-                # disk_nodes name the old QEMU's nodes, a new one has <vdev>-fmt.
-                extra = old.extra if not fresh else {
-                    k: v for k, v in old.extra.items()
-                    if k not in ("qemu_name", "vcpus", "memory_mib", "maxmem_mib", "disk_nodes")}
-                rec = self.store.update(replace(
-                    old, config_path=config_path, config_text=text, pid=None, state=state,
-                    created=time.time(), accel=self.accel.value,
-                    uuid=old.uuid if fresh else new_uuid, extra=extra,
-                ))
-            else:
-                rec = self.store.add_domain(DomainRecord(
-                    domid=0, name=dc.name, uuid=new_uuid, config_path=config_path,
-                    config_text=text, rundir="", pid=None, state=state, created=time.time(),
-                    accel=self.accel.value,
-                ))
-        paths = runtime_paths(self.state_dir, rec.domid)
-        try:
-            with self.store.lock(rec.domid):
-                if paths.rundir.exists():
-                    shutil.rmtree(paths.rundir)
-                paths.rundir.mkdir(parents=True)
+        created: list[Path] = []
+        with contextlib.ExitStack() as held:
+            with self.store.global_lock():
+                old = self._reusable(dc.name)
+                if old is not None and fresh:
+                    # create starts a kept domain on the disks it last ran on, with
+                    # the NICs it last had; restore, receive and revert bring the
+                    # config to run as it is.
+                    dc, text = _on_vif_specs(dc, text, old)
+                    dc, text = _on_disk_specs(dc, text, old)
+                    dc = _on_overlays(_on_mirrors(dc, old), old)
+                created = self._check_disks(dc, create_disks) if fresh else []
+                state = "creating" if fresh else "incoming"
+                # A verb that is restarting its own domain (a revert) keeps its job.
+                running = job_of(old) if old is not None else None
+                job = running if running is not None and running.mine() else new_job(
+                    "create" if fresh else "incoming")
+                try:
+                    if old is not None:
+                        held.enter_context(self.store.lock(old.domid))
+                        # The facts of the old QEMU's run do not hold for a fresh start;
+                        # disk_nodes name the old QEMU's nodes, a new one has <vdev>-fmt.
+                        drop = ["qemu_name", "vcpus", "memory_mib", "maxmem_mib",
+                                "disk_nodes"] if fresh else []
+                        rec = self.store.patch(
+                            old.domid, expect_uuid=old.uuid, config_path=config_path,
+                            config_text=text, pid=None, state=state, rundir="",
+                            created=time.time(), accel=self.accel.value,
+                            **({} if fresh else {"uuid": new_uuid}),
+                            extra_set={JOB: job.to_json()}, extra_drop=drop)
+                    else:
+                        rec = self.store.add_domain(DomainRecord(
+                            domid=0, name=dc.name, uuid=new_uuid, config_path=config_path,
+                            config_text=text, rundir="", pid=None, state=state,
+                            created=time.time(), accel=self.accel.value,
+                            extra={JOB: job.to_json()},
+                        ))
+                        held.enter_context(self.store.lock(rec.domid))
+                except BaseException:
+                    for p in created:
+                        p.unlink(missing_ok=True)
+                    raise
+            try:
+                rundir = make_rundir(self.state_dir, rec.domid)
+                # Intent first: the record names where QEMU's pidfile will be.
+                rec = self.store.patch(rec.domid, rundir=str(rundir))
+                paths = RuntimePaths.under(rundir)
                 if image is None and needs_image(dc):
                     from xenlab.vm.image import build_image
 
@@ -264,7 +363,9 @@ class Toolstack:
                 if prepare is not None:
                     prepare()
                 self._spawn(argv, paths)
-                pid = int(paths.pidfile.read_text().strip())
+                pid = _read_pid(paths)
+                if pid is None:
+                    raise BackendError(f"QEMU wrote no pid to {paths.pidfile}")
                 if fresh:
                     target = balloon_target_mib(dc)
                     if target is not None:
@@ -272,8 +373,9 @@ class Toolstack:
                         # takes it down to memory once its driver is up.
                         _run_async(self._qmp_paths(paths, "balloon", {"value": target << 20}))
                     state = _run_async(self._status(paths))
-                rec = self.store.update(replace(rec, rundir=str(paths.rundir), pid=pid,
-                                                state=state))
+                # A restore or receive ends its own job once the stream is in.
+                done = [JOB] if fresh and job.verb == "create" else []
+                rec = self.store.patch(rec.domid, pid=pid, state=state, extra_drop=done)
                 if dc.cpus is not None:
                     from xenlab.vm.resources import apply_affinity
 
@@ -281,12 +383,21 @@ class Toolstack:
                     # already when QEMU waits for an incoming stream).
                     apply_affinity(self, rec)
                 return rec
-        except BaseException:
-            self._kill(paths)
-            self._gone(rec)
-            for p in created:
-                p.unlink(missing_ok=True)
-            raise
+            except BaseException:
+                self._undo_start(rec.domid)
+                for p in created:
+                    p.unlink(missing_ok=True)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _undo_start(self, domid: int) -> None:
+        """Stop whatever QEMU a failed start left and forget it (kept domains stay shut off)."""
+        try:
+            rec = self.store.get(domid)
+        except XenlabError:
+            return
+        self._kill_domain(rec)
+        self._gone(rec)
 
     def host_vif(self, rec: DomainRecord, nic: Nic, *, name: str | None = None) -> hotplug.Vif:
         """The hotplug description of ``nic``'s host end in domain ``rec``.
@@ -331,9 +442,8 @@ class Toolstack:
             return done
 
         up = _run_async(go())
-        extra = dict(rec.extra)
-        extra[VIFS] = [hotplug.vif_to_json(v) for v in up]
-        rec = self.store.update(replace(rec, extra=extra))
+        rec = self.store.patch(rec.domid, extra_set={
+            VIFS: [hotplug.vif_to_json(v) for v in up]})
         return rec, {v.devid: v.vifname for v in up}
 
     def _vifs_offline(self, rec: DomainRecord) -> dict[str, object]:
@@ -371,14 +481,26 @@ class Toolstack:
         return {k: v for k, v in rec.extra.items() if k != VIFS}
 
     def _spawn(self, argv: list[str], paths: RuntimePaths) -> None:
-        """Start QEMU daemonized: it returns once its devices are up, or fails with why."""
-        with paths.log.open("ab") as log:
-            proc = subprocess.run(
-                [*argv, "-daemonize"], stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.PIPE, check=False, timeout=120,
-            )
+        """Start QEMU daemonized: it returns once its devices are up, or fails with why.
+
+        QEMU runs with umask 077: its sockets, logs and the memory files it
+        writes (snapshots, saves) are this user's alone.  A refusal quotes
+        QEMU's own words, from its stderr or, once it has daemonized, from
+        its ``-D`` log.
+        """
+        old = os.umask(0o077)
+        try:
+            with paths.log.open("ab") as log:
+                proc = subprocess.run(
+                    [*argv, "-daemonize"], stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.PIPE, check=False, timeout=120,
+                )
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise BackendError(f"QEMU could not be started: {err}") from err
+        finally:
+            os.umask(old)
         if proc.returncode != 0:
-            msg = proc.stderr.decode("utf-8", "replace").strip()
+            msg = proc.stderr.decode("utf-8", "replace").strip() or qemu_said(paths)
             raise BackendError(f"QEMU refused the domain: {msg or f'exit {proc.returncode}'}")
 
     async def _status(self, paths: RuntimePaths) -> str:
@@ -395,8 +517,87 @@ class Toolstack:
     # -- looking ---------------------------------------------------------------
 
     def get(self, name_or_id: str) -> DomainRecord:
-        """The record of a domain by name or id; XenlabError if there is none."""
+        """The record of a domain by id or name (ids first, as xl); XenlabError if none."""
         return self.store.get(name_or_id)
+
+    @contextlib.contextmanager
+    def locked(self, name_or_id: str | int, *, timeout: float | None = None
+               ) -> Iterator[DomainRecord]:
+        """Hold the domain's lock for a ``with`` block; yields its record as of now.
+
+        The record is read again under the lock, and a job that a killed
+        command left is finished or undone first (:meth:`converge`).
+
+        :raise XenlabError: no such domain (also when it went away while this
+            command waited for the lock).
+        :raise StateError: the domain was replaced meanwhile (another uuid or
+            name under its id), or its lock stayed busy.
+        """
+        rec = self.get(str(name_or_id))
+        with self.store.lock(rec.domid, timeout):
+            try:
+                now = self.store.get(rec.domid)
+            except XenlabError:
+                raise XenlabError(f"domain {rec.name!r} (id {rec.domid}) went away while "
+                                  "this command waited for it") from None
+            if now.uuid != rec.uuid or (now.name != rec.name and str(name_or_id) == rec.name):
+                raise StateError(
+                    f"domain {rec.name!r} (id {rec.domid}) was replaced by {now.name!r} "
+                    "while this command waited for it; nothing was done")
+            kept = self.converge(now)
+            if kept is None:
+                raise XenlabError(f"domain {rec.name!r} is gone: an interrupted "
+                                  f"{(job_of(now) or Job('?', 0, 0)).verb} was undone")
+            yield kept
+
+    def converge(self, rec: DomainRecord) -> DomainRecord | None:
+        """Finish or undo what a killed command left of ``rec``; the record then (None: gone).
+
+        Called with the domain's lock held.  A job whose owner still runs, or
+        one of this process, is left alone.  What was done is logged as a
+        warning (the CLI prints it).
+        """
+        job = job_of(rec)
+        if job is None or job.owner_alive():
+            return rec
+        if rec.state in ("creating", "incoming") and job.verb in ("create", "incoming"):
+            # QEMU may have started (its pid only in the pidfile): stop it,
+            # bring the vifs down, forget the half-made domain.
+            self._kill_domain(rec)
+            kept = self._gone(rec)
+            log.warning("domain %s: a %s killed before it finished was undone%s",
+                        rec.name, "create" if job.verb == "create" else "restore/receive",
+                        "; it is shut off" if kept is not None else "")
+            return kept
+        module = RECOVERY.get(job.verb)
+        if module is None:
+            # A job of a verb that needs nothing finished (or from a newer
+            # xenlab): its owner is gone, so is the job.
+            return self.store.patch(rec.domid, extra_drop=[JOB])
+        recover = importlib.import_module(module).recover_job
+        kept = recover(self, rec, job)
+        assert kept is None or isinstance(kept, DomainRecord)
+        if kept is not None and job_of(kept) is not None:
+            kept = self.store.patch(rec.domid, extra_drop=[JOB])
+        return kept
+
+    @contextlib.contextmanager
+    def job(self, rec: DomainRecord, verb: str, **detail: Any) -> Iterator[DomainRecord]:
+        """Record a job of this process on ``rec`` for a ``with`` block (see ``vm.jobs``).
+
+        The job goes when the block ends, whether it succeeded or raised; a
+        killed process leaves it for :meth:`converge`.
+        """
+        job = new_job(verb, **detail)
+        rec = self.store.patch(rec.domid, extra_set={JOB: job.to_json()})
+        try:
+            yield rec
+        finally:
+            with contextlib.suppress(XenlabError):
+                now = self.store.get(rec.domid)
+                mine = job_of(now)
+                if mine is not None and mine.pid == job.pid and mine.since == job.since:
+                    self.store.patch(rec.domid, extra_drop=[JOB])
 
     def status(self, rec: DomainRecord) -> DomainStatus:
         """What the domain is now, asking QEMU when it is alive."""
@@ -411,7 +612,7 @@ class Toolstack:
                                 time.time() - rec.created)
         try:
             state = _run_async(self._status(self.paths(rec)))
-        except BackendError:
+        except (BackendError, StateError):
             state = "unresponsive"
         return DomainStatus(rec, state, mem, vcpus, time.time() - rec.created)
 
@@ -420,21 +621,38 @@ class Toolstack:
 
         A domain whose guest powered itself off cleanly is gone, as with xl:
         its record is cleared here (kept as shut off if it has snapshots).
+        A domain that a killed command left half-way is brought to a true
+        state first (:meth:`converge`).  A domain another command holds
+        locked is shown as the store has it.
         """
         out = []
         for rec in sorted(self.store.list(), key=lambda r: r.domid):
-            if rec.state != SHUTOFF and not is_alive(rec) and self._powered_off(rec):
-                with self.store.lock(rec.domid):
-                    kept = self._gone(rec)
-                if kept is None:
+            job = job_of(rec)
+            dead_job = job is not None and not job.owner_alive()
+            off = rec.state != SHUTOFF and not is_alive(rec) and self._powered_off(rec)
+            if dead_job or off:
+                try:
+                    with self.store.lock(rec.domid, timeout=1.0):
+                        now = self.converge(self.store.get(rec.domid))
+                        if (now is not None and now.state != SHUTOFF and not is_alive(now)
+                                and self._powered_off(now)):
+                            now = self._gone(now)
+                except StateError:
+                    now = rec  # busy: another command is on it right now
+                except XenlabError:
+                    continue  # it went away meanwhile
+                if now is None:
                     continue
-                rec = kept
+                rec = now
             out.append(self.status(rec))
         return out
 
     def _powered_off(self, rec: DomainRecord) -> bool:
         """True when the console shows the guest kernel's clean power-off as its last words."""
-        log = self.paths(rec).console_log
+        paths = self._paths_or_none(rec)
+        if paths is None:
+            return False
+        log = paths.console_log
         try:
             with log.open("rb") as f:
                 f.seek(max(0, log.stat().st_size - 4096))
@@ -445,8 +663,22 @@ class Toolstack:
         return bool(lines) and lines[-1].rstrip().endswith(b"reboot: Power down")
 
     def paths(self, rec: DomainRecord) -> RuntimePaths:
-        """The domain's runtime paths."""
-        return runtime_paths(self.state_dir, rec.domid)
+        """The domain's runtime paths, in the run directory its record names.
+
+        :raise StateError: the recorded run directory is not a private
+            directory of this user (see ``vm.rundir``): nothing in it is trusted.
+        """
+        paths = self._paths_or_none(rec)
+        if paths is None:
+            raise StateError(
+                f"domain {rec.name!r}: its run directory {rec.rundir} is missing, or is not "
+                "a private directory of this user (0700, not a symlink); refusing to use it")
+        return paths
+
+    def _paths_or_none(self, rec: DomainRecord) -> RuntimePaths | None:
+        if not rec.rundir:
+            return RuntimePaths.under(default_rundir(self.state_dir, rec.domid))
+        return checked_rundir(rec.rundir)
 
     def _config_of(self, rec: DomainRecord) -> tuple[DomainConfig, str]:
         return config_from_text(rec.config_text, rec.config_path)
@@ -479,27 +711,33 @@ class Toolstack:
         """QEMU has exited: keep the domain as shut off if it is defined, has snapshots, or
         runs on mirrored disks (only its record says where they are now).
 
-        Returns the kept record, or None when the domain was forgotten.
+        Returns the kept record, or None when the domain was forgotten.  The
+        store's copy is read again, so fields other verbs wrote are kept.
         """
-        shutil.rmtree(self.paths(rec).rundir, ignore_errors=True)
-        extra = self._vifs_offline(rec)
+        try:
+            rec = self.store.get(rec.domid)
+        except XenlabError:
+            return None
+        paths = self._paths_or_none(rec)
+        if paths is not None and rec.rundir:
+            shutil.rmtree(paths.rundir, ignore_errors=True)
+        self._vifs_offline(rec)
         if (rec.extra.get("defined") or rec.extra.get("disk_paths")
                 or self.store.list_snapshots(rec.domid)):
-            return self.store.update(replace(rec, pid=None, state=SHUTOFF, extra=extra))
+            return self.store.patch(rec.domid, pid=None, state=SHUTOFF, rundir="",
+                                    extra_drop=[VIFS, JOB])
         self.store.remove(rec.domid)
         return None
 
     def undefine(self, name_or_id: str) -> DomainRecord:
         """Forget a shut-off domain and its snapshot records (disk files are left alone)."""
-        rec = self.get(name_or_id)
-        with self.store.lock(rec.domid):
+        with self.locked(name_or_id) as rec:
             if rec.state != SHUTOFF:
                 raise StateError(f"domain {rec.name!r} is not shut off; destroy it first")
             self.store.remove(rec.domid)
         return rec
 
-    def _live(self, name_or_id: str) -> DomainRecord:
-        rec = self.get(name_or_id)
+    def _check_live(self, rec: DomainRecord) -> DomainRecord:
         if rec.state == SHUTOFF:
             raise StateError(
                 f"domain {rec.name!r} (id {rec.domid}) is shut off; `xenlab vm create` starts it"
@@ -510,6 +748,16 @@ class Toolstack:
                 f"`xenlab vm destroy {rec.name}` clears it"
             )
         return rec
+
+    def _live(self, name_or_id: str) -> DomainRecord:
+        return self._check_live(self.get(name_or_id))
+
+    @contextlib.contextmanager
+    def live(self, name_or_id: str, *, timeout: float | None = None
+             ) -> Iterator[DomainRecord]:
+        """:meth:`locked`, for a domain whose QEMU must run (StateError otherwise)."""
+        with self.locked(name_or_id, timeout=timeout) as rec:
+            yield self._check_live(rec)
 
     async def _qmp(self, rec: DomainRecord, cmd: str, args: dict[str, object] | None = None
                    ) -> object:
@@ -526,30 +774,35 @@ class Toolstack:
 
     def pause(self, name_or_id: str) -> None:
         """Stop the domain's vCPUs (QMP stop)."""
-        rec = self._live(name_or_id)
-        with self.store.lock(rec.domid):
+        with self.live(name_or_id) as rec:
             _run_async(self._qmp(rec, "stop"))
-            self.store.update(replace(rec, state="paused"))
+            self.store.patch(rec.domid, expect_uuid=rec.uuid, state="paused")
 
     def unpause(self, name_or_id: str) -> None:
         """Resume the domain's vCPUs (QMP cont)."""
-        rec = self._live(name_or_id)
-        with self.store.lock(rec.domid):
+        with self.live(name_or_id) as rec:
             _run_async(self._qmp(rec, "cont"))
-            self.store.update(replace(rec, state="running"))
+            self.store.patch(rec.domid, expect_uuid=rec.uuid, state="running")
 
     def destroy(self, name_or_id: str) -> DomainRecord:
-        """Kill the domain's QEMU now and forget it (a stale record is cleared too)."""
-        rec = self.get(name_or_id)
-        with self.store.lock(rec.domid):
+        """Kill the domain's QEMU now and forget it (a stale record is cleared too).
+
+        A domain kept for its snapshots (or defined) stays, shut off, with its
+        snapshots, disks and disk records; ``undefine`` forgets it.  Destroy
+        writes to the store only after QEMU is dead, so it works on a full disk
+        as far as it can: the QEMU goes whatever the store can record.
+        """
+        with self.locked(name_or_id) as rec:
             if rec.state == SHUTOFF:
                 raise StateError(
                     f"domain {rec.name!r} is shut off already; `xenlab vm undefine` forgets it"
                 )
-            paths = self.paths(rec)
-            if is_alive(rec):
-                self._kill(paths, rec.pid)
-            self._gone(rec)
+            self._kill_domain(rec)
+            try:
+                self._gone(rec)
+            except StateError as err:
+                raise StateError(f"domain {rec.name!r}: its QEMU is stopped, but {err}; "
+                                 "destroy it again once there is room") from err
         return rec
 
     def shutdown(self, name_or_id: str, *, timeout: float = 60.0, force: bool = False
@@ -558,8 +811,7 @@ class Toolstack:
 
         Returns how it ended: ``"shutdown"`` or ``"destroyed"``.
         """
-        rec = self._live(name_or_id)
-        with self.store.lock(rec.domid):
+        with self.live(name_or_id) as rec:
             deadline = time.monotonic() + timeout
             while True:
                 # A guest still booting has no ACPI handler yet and drops the
@@ -578,7 +830,7 @@ class Toolstack:
                     f"domain {rec.name!r} did not shut down within {timeout:g} s "
                     "(add --force to destroy it then)"
                 )
-            self._kill(self.paths(rec), rec.pid)
+            self._kill_domain(rec)
             self._gone(rec)
             return "destroyed"
 
@@ -587,8 +839,7 @@ class Toolstack:
 
         Returns how: ``"guest reboot"`` or ``"reset"``.
         """
-        rec = self._live(name_or_id)
-        with self.store.lock(rec.domid):
+        with self.live(name_or_id) as rec:
             if not force:
                 async def ask() -> None:
                     agent = GuestAgent(self.paths(rec).qga)
@@ -636,27 +887,88 @@ class Toolstack:
 
     def exec(self, name_or_id: str, argv: Sequence[str], *, timeout: float = 60.0
              ) -> tuple[int, bytes, bytes]:
-        """Run ``argv`` in the guest through its agent: (exit code, stdout, stderr)."""
+        """Run ``argv`` in the guest through its agent: (exit code, stdout, stderr).
+
+        :raise StateError: the guest is paused (its agent cannot answer).
+        """
         rec = self._live(name_or_id)
+        paths = self.paths(rec)
 
         async def go() -> tuple[int, bytes, bytes]:
-            agent = GuestAgent(self.paths(rec).qga)
+            state = await self._status(paths)
+            if state != "running":
+                raise StateError(
+                    f"domain {rec.name!r} is {state}: its guest agent cannot answer until "
+                    f"it runs (`xenlab vm unpause {rec.name}`)")
+            agent = GuestAgent(paths.qga)
             res = await agent.exec(list(argv), timeout=timeout)
             return res.exitcode, res.stdout, res.stderr
 
         return _run_async(go())
 
     def _kill(self, paths: RuntimePaths, pid: int | None = None) -> None:
+        """SIGKILL the QEMU of ``paths`` (its pidfile's pid, or ``pid``) and wait for it.
+
+        Only a QEMU of this user whose ``-pidfile`` is the one in ``paths``
+        is signalled: a recycled or planted pid is left alone.
+        """
         if pid is None:
-            try:
-                pid = int(paths.pidfile.read_text().strip())
-            except (OSError, ValueError):
-                return
+            pid = _read_pid(paths)
+        probe = DomainRecord(domid=0, name="", uuid="", config_path="", config_text="",
+                             rundir=str(paths.rundir), pid=pid, state="", created=0.0,
+                             accel="")
+        if pid is None or not is_domain_qemu(pid, probe):
+            return
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             return
         _wait_gone(pid, 10)
+
+    def _kill_domain(self, rec: DomainRecord) -> None:
+        """SIGKILL domain ``rec``'s QEMU, found by the record's pid or its pidfile."""
+        pids = [rec.pid]
+        paths = self._paths_or_none(rec)
+        if rec.rundir and paths is not None:
+            pids.append(_read_pid(paths))
+        for pid in dict.fromkeys(pids):
+            if pid is not None and is_domain_qemu(pid, rec):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                _wait_gone(pid, 10)
+
+
+# Verbs whose interrupted jobs another module finishes or undoes (its
+# ``recover_job(ts, rec, job) -> DomainRecord | None``); imported only when
+# such a job is found, so a `vm list` does not load the snapshot code.
+RECOVERY: dict[str, str] = {
+    "snapshot-create": "xenlab.vm.snapshot",
+    "snapshot-revert": "xenlab.vm.snapshot",
+    "snapshot-delete": "xenlab.vm.snapshot",
+}
+
+
+def _read_pid(paths: RuntimePaths) -> int | None:
+    """The pid in ``paths``' pidfile, or None (missing, empty, not a number)."""
+    try:
+        text = paths.pidfile.read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and len(text) < 10 else None
+
+
+def qemu_said(paths: RuntimePaths, lines: int = 5) -> str:
+    """The last lines of QEMU's log in ``paths`` (its own words on a failure), or ""."""
+    try:
+        with paths.log.open("rb") as f:
+            f.seek(max(0, paths.log.stat().st_size - 8192))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    said = [ln.strip() for ln in tail.splitlines() if ln.strip()][-lines:]
+    return "; ".join(said)
 
 
 def create_image(path: str, fmt: str, size: str) -> None:

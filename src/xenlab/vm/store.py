@@ -18,6 +18,14 @@ Design:
     - A record can outlive its QEMU (killed, host rebooted): :func:`is_alive`
       checks the pid *and* that the process is QEMU running that domain, so
       a recycled pid is not mistaken for it.
+    - State is private: the state directory is 0700 (an existing one is
+      tightened; one owned by another user is refused), the database and
+      lock files 0600.  Lock files are opened without following symlinks.
+    - Writers change only what they mean to: :meth:`Store.patch` rewrites
+      the named fields and ``extra`` keys of the row as it is *now*, inside
+      one transaction, so two verbs never undo each other's fields.
+    - SQLite's own failures (a full disk, an I/O error, a locked or corrupt
+      file) are :class:`StoreError`, a StateError naming the database.
 
 Defaults (with reasons):
     - State dir: ``$XENLAB_STATE_DIR``, else ``$XDG_STATE_HOME/xenlab``, else
@@ -31,15 +39,17 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import sqlite3
+import stat
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from xenlab.errors import StateError, XenlabError
 
@@ -50,14 +60,91 @@ __all__ = [
     "SnapshotRecord",
     "SnapshotState",
     "Store",
+    "StoreError",
     "default_state_dir",
     "effective_state",
     "is_alive",
+    "is_domain_qemu",
+    "private_dir",
+    "qemu_opts",
 ]
 
 DB_NAME = "xenlab.db"
 LOCK_TIMEOUT = 10.0
 STALE = "stale (QEMU gone)"
+
+
+class StoreError(StateError):
+    """SQLite could not read or write the state store (full disk, I/O error, corrupt file).
+
+    ``path`` is the database; ``detail`` SQLite's own words.
+    """
+
+    def __init__(self, path: Path, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        hint = ""
+        low = detail.lower()
+        if "full" in low or "i/o" in low or "readonly" in low or "read-only" in low:
+            hint = " (is the file system full or read-only?)"
+        super().__init__(f"state store {path}: {detail}{hint}")
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _sql_errors(fn: Callable[_P, _T]) -> Callable[_P, _T]:
+    """Turn SQLite's exceptions raised by a Store method into :class:`StoreError`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return fn(*args, **kwargs)
+        except sqlite3.Error as err:
+            store = args[0]
+            assert isinstance(store, Store)
+            raise StoreError(store.path, str(err)) from err
+
+    return wrapper
+
+
+def private_dir(path: Path, *, create: bool = True) -> Path:
+    """Make sure ``path`` is a directory only this user can enter (0700); returns it.
+
+    Created 0700 when missing (parents too, as ``mkdir -p`` with umask 077);
+    an existing one of ours is tightened to 0700.  A symlink, a non-directory
+    or a directory owned by another user is refused: whoever owns it could
+    replace the files we trust there.
+
+    :raise StateError: naming the path and what is wrong with it.
+    """
+    if create:
+        old = os.umask(0o077)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StateError(f"{path}: cannot create: {err.strerror or err}") from err
+        finally:
+            os.umask(old)
+    try:
+        st = os.lstat(path)
+    except OSError as err:
+        raise StateError(f"{path}: {err.strerror or err}") from err
+    if stat.S_ISLNK(st.st_mode):
+        raise StateError(f"{path}: is a symbolic link; xenlab keeps its state only in a "
+                         "real directory of its own")
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateError(f"{path}: is not a directory")
+    if st.st_uid != os.geteuid():
+        raise StateError(f"{path}: belongs to uid {st.st_uid}, not to this user "
+                         f"({os.geteuid()}); refusing to keep state there")
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as err:
+            raise StateError(f"{path}: cannot make private: {err.strerror or err}") from err
+    return path
 
 
 def default_state_dir() -> Path:
@@ -166,6 +253,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+# DomainRecord fields Store.patch may change (not domid; extra through its own arguments).
+_PATCHABLE = frozenset({"name", "uuid", "config_path", "config_text", "rundir", "pid",
+                        "state", "created", "accel"})
 
 
 class Store:
@@ -177,17 +267,30 @@ class Store:
     def __init__(self, state_dir: Path | None = None, *, lock_timeout: float = LOCK_TIMEOUT):
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self.lock_timeout = lock_timeout
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "locks").mkdir(exist_ok=True)
+        private_dir(self.state_dir)
+        private_dir(self.state_dir / "locks")
         self.path = self.state_dir / DB_NAME
         self._held: dict[str, tuple[int, int]] = {}  # lock name -> (fd, depth)
-        # isolation_level=None: no implicit transactions; _tx() says BEGIN.
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        # The database and its -wal/-shm files are made by SQLite with the
+        # process umask: make them 0600 from the start, and tighten old ones.
+        old = os.umask(0o077)
+        try:
+            # isolation_level=None: no implicit transactions; _tx() says BEGIN.
+            self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.Error as err:
+            raise StoreError(self.path, str(err)) from err
+        finally:
+            os.umask(old)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                f = Path(f"{self.path}{suffix}")
+                if f.stat().st_mode & 0o077:
+                    f.chmod(0o600)
 
     # --- plumbing ---
 
@@ -211,10 +314,13 @@ class Store:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # A failed COMMIT (disk full) leaves the transaction open; a
+            # ROLLBACK that fails too must not hide the first error.
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
         with self._tx() as db:
@@ -234,10 +340,12 @@ class Store:
             db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
     @property
+    @_sql_errors
     def schema_version(self) -> int:
         """The schema version of the open database."""
         return int(self._db.execute("SELECT version FROM schema_version").fetchone()[0])
 
+    @_sql_errors
     def check(self) -> list[str]:
         """SQLite's integrity and foreign-key checks; an empty list when all is well."""
         problems = [
@@ -263,7 +371,12 @@ class Store:
                 self._held[name] = (fd, depth - 1)
             return
         bound = self.lock_timeout if timeout is None else timeout
-        fd = os.open(self.state_dir / "locks" / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.state_dir / "locks" / f"{name}.lock",
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise StateError(f"{self.state_dir / 'locks' / name}.lock: cannot open: "
+                             f"{err.strerror or err}") from err
         try:
             deadline = time.monotonic() + bound
             delay = 0.005
@@ -308,6 +421,7 @@ class Store:
 
     # --- domains ---
 
+    @_sql_errors
     def add_domain(self, rec: DomainRecord) -> DomainRecord:
         """Store ``rec`` under the smallest free domid >= 1; the stored record.
 
@@ -332,8 +446,13 @@ class Store:
             )
         return stored
 
+    @_sql_errors
     def get(self, name_or_id: str | int) -> DomainRecord:
         """The domain with this id (an int or all digits) or name.
+
+        As with xl, all digits is an id first (domain names are never all
+        digits: see ``vm.domain.check_domain_name``); an older record whose
+        name is all digits is still found by name when no id matches.
 
         :raise XenlabError: when there is none.
         """
@@ -343,19 +462,24 @@ class Store:
             if found is None:
                 raise XenlabError(f"no domain with id {name_or_id}")
             return _domain(found)
-        found = self._db.execute("SELECT * FROM domains WHERE name = ?", (name_or_id,)).fetchone()
-        if found is None and name_or_id.isdigit():
+        found = None
+        if name_or_id.isdigit() and name_or_id.isascii() and len(name_or_id) < 10:
             found = self._db.execute(
                 "SELECT * FROM domains WHERE domid = ?", (int(name_or_id),)
             ).fetchone()
         if found is None:
+            found = self._db.execute(
+                "SELECT * FROM domains WHERE name = ?", (name_or_id,)).fetchone()
+        if found is None:
             raise XenlabError(f"no domain named {name_or_id!r}")
         return _domain(found)
 
+    @_sql_errors
     def list(self) -> list[DomainRecord]:
         """Every stored domain, by id."""
         return [_domain(r) for r in self._db.execute("SELECT * FROM domains ORDER BY domid")]
 
+    @_sql_errors
     def update(self, rec: DomainRecord) -> DomainRecord:
         """Replace the stored record with id ``rec.domid`` by ``rec``.
 
@@ -377,6 +501,49 @@ class Store:
                 raise XenlabError(f"no domain with id {rec.domid}")
         return rec
 
+    @_sql_errors
+    def patch(self, domid: int, *, expect_uuid: str | None = None,
+              extra_set: Mapping[str, Any] | None = None, extra_drop: Sequence[str] = (),
+              **fields: Any) -> DomainRecord:
+        """Change only the named ``fields`` and ``extra`` keys of domain ``domid``; the result.
+
+        The row is read and written in one transaction, so what other verbs
+        wrote meanwhile (other fields, other ``extra`` keys) is kept.
+        ``expect_uuid``, when given, must still be the domain's: a record that
+        was replaced by another domain under the same id is not touched.
+
+        :raise StateError: the domain is gone, or its uuid changed.
+        :raise XenlabError: an unknown field, or another domain has the new name.
+        """
+        unknown = set(fields) - _PATCHABLE
+        if unknown:
+            raise XenlabError(f"cannot patch domain fields {sorted(unknown)}")
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM domains WHERE domid = ?", (domid,)).fetchone()
+            if row is None:
+                raise StateError(f"domain {domid} is gone from the store")
+            rec = _domain(row)
+            if expect_uuid is not None and rec.uuid != expect_uuid:
+                raise StateError(f"domain {domid} is another domain now ({rec.name!r})")
+            extra = dict(rec.extra)
+            extra.update(extra_set or {})
+            for key in extra_drop:
+                extra.pop(key, None)
+            new = replace(rec, extra=extra, **fields)
+            if new.name != rec.name:
+                clash = db.execute("SELECT domid FROM domains WHERE name = ? AND domid != ?",
+                                   (new.name, domid)).fetchone()
+                if clash is not None:
+                    raise XenlabError(
+                        f"a domain named {new.name!r} already exists (id {clash[0]})")
+            db.execute(
+                "UPDATE domains SET name=?, uuid=?, config_path=?, config_text=?, rundir=?,"
+                " pid=?, state=?, created=?, accel=?, extra=? WHERE domid=?",
+                (*_domain_row(new)[1:], domid),
+            )
+        return new
+
+    @_sql_errors
     def remove(self, domid: int) -> None:
         """Forget domain ``domid`` and its snapshots (a missing domain is not an error)."""
         with self._tx() as db:
@@ -385,6 +552,7 @@ class Store:
 
     # --- snapshots ---
 
+    @_sql_errors
     def add_snapshot(self, snap: SnapshotRecord) -> SnapshotRecord:
         """Store ``snap`` with a new id; the stored record.
 
@@ -422,6 +590,7 @@ class Store:
             assert cur.lastrowid is not None
             return replace(snap, id=int(cur.lastrowid))
 
+    @_sql_errors
     def get_snapshot(self, domid: int, name: str) -> SnapshotRecord:
         """Domain ``domid``'s snapshot ``name``.
 
@@ -434,6 +603,7 @@ class Store:
             raise XenlabError(f"domain {domid} has no snapshot named {name!r}")
         return _snapshot(row)
 
+    @_sql_errors
     def snapshot_by_id(self, snap_id: int) -> SnapshotRecord:
         """The snapshot with id ``snap_id``.
 
@@ -444,6 +614,7 @@ class Store:
             raise XenlabError(f"no snapshot with id {snap_id}")
         return _snapshot(row)
 
+    @_sql_errors
     def list_snapshots(self, domid: int) -> builtins.list[SnapshotRecord]:
         """Domain ``domid``'s snapshots, oldest first."""
         rows = self._db.execute(
@@ -451,6 +622,7 @@ class Store:
         )
         return [_snapshot(r) for r in rows]
 
+    @_sql_errors
     def snapshot_tree(self, domid: int) -> tuple[SnapshotNode, ...]:
         """Domain ``domid``'s snapshots as a forest: the roots, each with its descendants."""
         snaps = self.list_snapshots(domid)
@@ -463,6 +635,7 @@ class Store:
 
         return tuple(node(s) for s in kids.get(None, ()))
 
+    @_sql_errors
     def set_snapshot_state(self, snap_id: int, state: SnapshotState) -> SnapshotRecord:
         """Move snapshot ``snap_id`` to ``state``; the updated record.
 
@@ -476,6 +649,7 @@ class Store:
                 raise XenlabError(f"no snapshot with id {snap_id}")
         return self.snapshot_by_id(snap_id)
 
+    @_sql_errors
     def remove_snapshot(
         self, snap_id: int, *, children: bool = False
     ) -> builtins.list[SnapshotRecord]:
@@ -553,39 +727,85 @@ def _snapshot(row: sqlite3.Row) -> SnapshotRecord:
     )
 
 
+def qemu_opts(value: str) -> list[str]:
+    """A QEMU ``key=value,...`` option string split into its parts, ``,,`` read as a comma."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if ch == ",":
+            if value.startswith(",,", i):
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
 def _qemu_name(argv: Sequence[str]) -> str | None:
-    """The guest name in a QEMU argv: ``-name NAME`` or ``-name guest=NAME,...``."""
+    """The guest name in a QEMU argv: ``-name NAME`` or ``-name guest=NAME,...`` (``,,`` undone)."""
     for i, arg in enumerate(argv[:-1]):
         if arg in ("-name", "--name"):
-            value = argv[i + 1]
-            first = value.split(",", 1)[0]
-            if first.startswith("guest="):
-                return first[len("guest="):]
-            for part in value.split(","):
+            parts = qemu_opts(argv[i + 1])
+            for part in parts:
                 if part.startswith("guest="):
                     return part[len("guest="):]
-            return first
+            # The implied key of -name is guest: a first part without '='.
+            return parts[0] if "=" not in parts[0] else None
     return None
 
 
-def is_alive(rec: DomainRecord) -> bool:
-    """True when ``rec.pid`` is a QEMU running the domain named ``rec.name``.
+def _arg_after(argv: Sequence[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv[:-1]):
+        if arg in (flag, "-" + flag):
+            return argv[i + 1]
+    return None
 
-    Checking the command line, not only the pid, keeps a recycled pid from
-    passing for a QEMU that is gone; a zombie has an empty command line.  A
-    domain renamed while running keeps its QEMU's ``-name``, recorded as
-    ``rec.extra["qemu_name"]`` (see ``vm.resources.rename``).
-    """
-    if rec.pid is None or rec.pid <= 0:
-        return False
+
+def _qemu_argv(pid: int) -> list[str] | None:
+    """The argv of process ``pid`` if it is a QEMU of this user, else None."""
     try:
-        raw = Path(f"/proc/{rec.pid}/cmdline").read_bytes()
+        if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
+            return None  # another user's process, whatever its command line says
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return False
+        return None
     argv = [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
     if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
+        return None
+    return argv
+
+
+def is_domain_qemu(pid: int | None, rec: DomainRecord) -> bool:
+    """True when ``pid`` is this user's QEMU running domain ``rec``.
+
+    A QEMU started by xenlab names its pidfile in the domain's run directory
+    (``-pidfile RUNDIR/qemu.pid``), which no other domain shares; QEMUs of
+    records without a run directory are matched by ``-name`` (as the
+    record's name, or ``extra["qemu_name"]`` after a rename while running).
+    A zombie has an empty command line, a recycled pid another one.
+    """
+    if pid is None or pid <= 0:
         return False
+    argv = _qemu_argv(pid)
+    if argv is None:
+        return False
+    pidfile = _arg_after(argv, "-pidfile")
+    if rec.rundir and pidfile is not None:
+        return os.path.normpath(pidfile) == os.path.normpath(
+            os.path.join(rec.rundir, "qemu.pid"))
     return _qemu_name(argv) in (rec.name, rec.extra.get("qemu_name"))
+
+
+def is_alive(rec: DomainRecord) -> bool:
+    """True when ``rec.pid`` is a QEMU running the domain ``rec`` (see :func:`is_domain_qemu`)."""
+    return is_domain_qemu(rec.pid, rec)
 
 
 def effective_state(rec: DomainRecord) -> str:

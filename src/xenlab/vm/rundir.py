@@ -1,0 +1,102 @@
+"""A domain's run directory, private and never guessed: :func:`make_rundir`, :func:`rundir_of`.
+
+The run directory holds a QEMU's sockets (QMP, agent, console), its pidfile
+and its logs.  Whoever can write there can make xenlab talk to another
+process or kill another pid, so it is this user's alone (0700) and its name
+is never predictable by others: ``<state_dir>/run/<domid>`` (inside the
+private state directory) when its socket paths fit in ``sun_path``, else a
+fresh ``mkdtemp`` directory in ``$XDG_RUNTIME_DIR`` or ``/tmp``.  The chosen
+path is kept in the domain's record; a recorded directory is used only
+after ``lstat`` shows a real directory of this user with no access for
+others (:func:`checked_rundir`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Final
+
+from xenlab.errors import StateError
+from xenlab.vm.qemu import RuntimePaths
+from xenlab.vm.store import private_dir
+
+__all__ = ["SOCKET_MAX", "checked_rundir", "default_rundir", "make_rundir"]
+
+# Unix socket paths must fit in sun_path (108 bytes with the NUL); the
+# longest socket name in a run directory is "console.sock".
+SOCKET_MAX: Final = 100
+_LONGEST: Final = "console.sock"
+
+
+def _fits(rundir: Path) -> bool:
+    return len(os.fsencode(rundir / _LONGEST)) <= SOCKET_MAX
+
+
+def default_rundir(state_dir: Path, domid: int) -> Path:
+    """Where domain ``domid``'s run directory goes when the path is short enough."""
+    return state_dir / "run" / str(domid)
+
+
+def make_rundir(state_dir: Path, domid: int) -> Path:
+    """A new, empty, private run directory for domain ``domid``.
+
+    ``<state_dir>/run/<domid>`` (an old one of that name is removed first)
+    when its sockets fit, else a new random directory in a private place.
+
+    :raise StateError: no private directory could be made.
+    """
+    preferred = default_rundir(state_dir, domid)
+    if _fits(preferred):
+        private_dir(preferred.parent)
+        if preferred.is_symlink():
+            preferred.unlink()
+        elif preferred.exists():
+            shutil.rmtree(preferred)
+        return private_dir(preferred)
+    for base in _short_bases():
+        prefix = f"xenlab-{domid}-"
+        # mkdtemp makes a fresh 0700 directory with a random name, atomically:
+        # nobody can have made it beforehand.
+        if not _fits(Path(base) / (prefix + "x" * 8)):
+            continue
+        try:
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+        except OSError:
+            continue
+    raise StateError(f"no private run directory short enough for unix sockets: "
+                     f"{preferred} is too long and $XDG_RUNTIME_DIR and /tmp are unusable")
+
+
+def _short_bases() -> list[str]:
+    out = []
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and _is_private(xdg):
+        out.append(xdg)
+    out.append(tempfile.gettempdir())
+    if "/tmp" not in out:
+        out.append("/tmp")
+    return out
+
+
+def _is_private(path: str | Path) -> bool:
+    """True for a real directory of this user that nobody else may enter."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+            and not st.st_mode & 0o077)
+
+
+def checked_rundir(path: str | Path) -> RuntimePaths | None:
+    """The runtime paths under a recorded run directory, or None when it is not safe to use.
+
+    Not safe: missing, a symlink, not a directory, another user's, or open
+    to others.  Callers then treat the domain's QEMU as unreachable rather
+    than talk to, or kill, whatever such a directory names.
+    """
+    return RuntimePaths.under(Path(path)) if _is_private(path) else None
