@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from xenlab.errors import SimError
 from xenlab.sim.engine import NS_PER_US
+from xenlab.sim.schedulers.base import ParamError
 
 if TYPE_CHECKING:
     from xenlab.sim.engine import Timer
@@ -159,50 +160,66 @@ class CbsServer:
         self.left = self.budget_ns
 
 
-def check_reservation(dom: Domain, sched: str, params: Mapping[str, Any], budget_key: str,
-                      *, allow_zero_budget: bool = False,
-                      min_budget_us: int = MIN_BUDGET_US) -> tuple[int, int]:
-    """``(budget_ns, period_ns)`` from a domain's ``period``/``budget_key`` in microseconds.
+def reservation(sched: str, params: Mapping[str, Any], budget_key: str, *,
+                allow_zero_budget: bool = False,
+                min_budget_us: int = MIN_BUDGET_US) -> tuple[int, int]:
+    """``(budget_ns, period_ns)`` from ``period``/``budget_key`` in microseconds (pure).
 
-    SimError naming the domain, the key and the rule for a non-integer,
+    :class:`ParamError` naming the key and the rule for a non-integer,
     negative, zero or too small period, a budget out of range, or a budget
     above the period.
     """
     def num(key: str) -> int:
         value = params[key]
         if isinstance(value, bool) or not isinstance(value, int):
-            raise SimError(f"domain {dom.name}: {sched} {key} must be an integer number of "
-                           f"microseconds, not {value!r}")
+            raise ParamError(key, f"{sched} {key} must be an integer number of "
+                             f"microseconds, not {value!r}")
         return value
 
     period, budget = num("period"), num(budget_key)
     if period <= 0:
-        raise SimError(f"domain {dom.name}: {sched} period must be positive (us), "
-                       f"not {period}")
+        raise ParamError("period", f"{sched} period must be positive (us), not {period}")
     if not MIN_PERIOD_US <= period <= MAX_PERIOD_US:
-        raise SimError(f"domain {dom.name}: {sched} period {period} us is outside "
-                       f"[{MIN_PERIOD_US}, {MAX_PERIOD_US}] us")
+        raise ParamError("period", f"{sched} period {period} us is outside "
+                         f"[{MIN_PERIOD_US}, {MAX_PERIOD_US}] us")
     if budget < 0:
-        raise SimError(f"domain {dom.name}: {sched} {budget_key} must not be negative, "
-                       f"not {budget}")
+        raise ParamError(budget_key, f"{sched} {budget_key} must not be negative, not {budget}")
     if budget == 0 and allow_zero_budget:
         return 0, period * NS_PER_US
     if budget < min_budget_us:
-        raise SimError(f"domain {dom.name}: {sched} {budget_key} {budget} us is below the "
-                       f"minimum of {min_budget_us} us")
+        raise ParamError(budget_key, f"{sched} {budget_key} {budget} us is below the "
+                         f"minimum of {min_budget_us} us")
     if budget > period:
-        raise SimError(f"domain {dom.name}: {sched} {budget_key} {budget} us is above the "
-                       f"period {period} us")
+        raise ParamError(budget_key, f"{sched} {budget_key} {budget} us is above the "
+                         f"period {period} us", related=("period",))
     return budget * NS_PER_US, period * NS_PER_US
 
 
-def check_flag(dom: Domain, sched: str, params: Mapping[str, Any], key: str) -> bool:
-    """A boolean parameter (xl's 0/1 accepted); SimError naming domain and key otherwise."""
+def flag(sched: str, params: Mapping[str, Any], key: str) -> bool:
+    """A boolean parameter (xl's 0/1 accepted; pure); :class:`ParamError` otherwise."""
     value = params[key]
     if value in (0, 1) and not isinstance(value, float):
         return bool(value)
-    raise SimError(f"domain {dom.name}: {sched} {key} must be a boolean (or 0/1), "
-                   f"not {value!r}")
+    raise ParamError(key, f"{sched} {key} must be a boolean (or 0/1), not {value!r}")
+
+
+def check_reservation(dom: Domain, sched: str, params: Mapping[str, Any], budget_key: str,
+                      *, allow_zero_budget: bool = False,
+                      min_budget_us: int = MIN_BUDGET_US) -> tuple[int, int]:
+    """:func:`reservation` for domain ``dom``: its errors name the domain."""
+    try:
+        return reservation(sched, params, budget_key, allow_zero_budget=allow_zero_budget,
+                           min_budget_us=min_budget_us)
+    except ParamError as err:
+        raise err.for_domain(dom.name) from None
+
+
+def check_flag(dom: Domain, sched: str, params: Mapping[str, Any], key: str) -> bool:
+    """:func:`flag` for domain ``dom``: its errors name the domain."""
+    try:
+        return flag(sched, params, key)
+    except ParamError as err:
+        raise err.for_domain(dom.name) from None
 
 
 #: The key of an idle pCPU in a preemption scan: later than any deadline.

@@ -38,6 +38,12 @@ C it stands for:
 ``dump()``
     the scheduler's state as JSON-ready values (``xl debug-keys r``).
 
+``check_params(params)`` (a classmethod of :class:`SchedulerBase`) is the pure
+form of the checks ``insert_unit`` and ``adjust`` make on a domain's
+parameters: a scenario checks a file with it, without building a host, and
+gets the same answer a run would.  Refusals are :class:`ParamError`, which
+names the parameter (or the constructor's option) in ``key``.
+
 Times are integer nanoseconds.  :class:`SchedulerBase` gives the optional
 hooks as no-ops and the plumbing every scheduler needs.
 """
@@ -64,6 +70,37 @@ class Decision:
 
 
 IDLE = Decision(None, None)
+
+
+class ParamError(SimError):
+    """A scheduler parameter or option is refused; ``key`` names it, ``reason`` says why.
+
+    ``related`` are the other keys the broken rule reads (a budget's period),
+    so a caller can name the one its user actually wrote.  ``domain`` is set
+    when the parameters are a domain's; the message then starts ``domain
+    NAME:``, as the host's other errors about a domain do.
+    """
+
+    def __init__(self, key: str, reason: str, *, related: tuple[str, ...] = (),
+                 domain: str | None = None) -> None:
+        self.key = key
+        self.reason = reason
+        self.related = related
+        self.domain = domain
+        super().__init__(f"domain {domain}: {reason}" if domain is not None else reason)
+
+    def for_domain(self, name: str) -> ParamError:
+        """The same refusal, about domain ``name``."""
+        return ParamError(self.key, self.reason, related=self.related, domain=name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A sweep's worker sends errors back pickled; args alone hold only the message.
+        return (_param_error, (self.key, self.reason, self.related, self.domain))
+
+
+def _param_error(key: str, reason: str, related: tuple[str, ...],
+                 domain: str | None) -> ParamError:
+    return ParamError(key, reason, related=related, domain=domain)
 
 
 class Scheduler(Protocol):
@@ -115,6 +152,26 @@ class SchedulerBase:
         self._host = host
         self.pool_cpus: tuple[int, ...] = (
             tuple(range(len(host.pcpus))) if cpus is None else tuple(cpus))
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The parameters a domain giving ``params`` runs with (defaults filled in).
+
+        Pure: the same checks ``insert_unit`` and ``adjust`` make, without a host.
+        :class:`ParamError` naming the first parameter refused.
+        """
+        unknown = sorted(set(params) - set(cls.PARAMS))
+        if unknown:
+            known = ", ".join(sorted(cls.PARAMS)) or "none"
+            raise ParamError(unknown[0], f"{cls.name} has no parameter {', '.join(unknown)} "
+                             f"(it takes: {known})")
+        full = {**cls.PARAMS, **params}
+        cls.check_values(full)
+        return full
+
+    @classmethod
+    def check_values(cls, params: Mapping[str, Any]) -> None:
+        """Check a full set of parameters (every key of ``PARAMS``); none to check here."""
 
     def params_of(self, dom: Domain) -> dict[str, Any]:
         """The domain's parameters for this scheduler: defaults, then the domain's own.

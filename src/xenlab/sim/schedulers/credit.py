@@ -107,10 +107,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from xenlab.errors import SimError
 from xenlab.sim.engine import NS_PER_MS, NS_PER_US, Timer
 from xenlab.sim.model import Domain, Pcpu, RunState, Vcpu
-from xenlab.sim.schedulers.base import IDLE, Decision, SchedulerBase
+from xenlab.sim.schedulers.base import IDLE, Decision, ParamError, SchedulerBase
 
 if TYPE_CHECKING:
     from xenlab.sim.host import Host
@@ -208,8 +207,8 @@ class Credit(SchedulerBase):
                                    ("lb_ratelimit_us", lb_ratelimit_us, 0, 1_000_000),
                                    ("migration_delay_us", migration_delay_us, 0, 100_000)):
             if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-                raise SimError(f"scheduler credit: option {key} must be an integer in "
-                               f"{lo}..{hi}, not {value!r}")
+                raise ParamError(key, f"scheduler credit: option {key} must be an integer in "
+                                 f"{lo}..{hi}, not {value!r}")
         self.tslice = tslice_ms * NS_PER_MS
         self.tick_period = self.tslice // TICKS_PER_TSLICE
         # Xen: a rate limit above the slice is undefined and is set to the slice.
@@ -303,13 +302,21 @@ class Credit(SchedulerBase):
             self._acct_stop(u)
 
     def _check(self, dom: Domain, params: Mapping[str, Any]) -> None:
+        try:
+            self.check_values(params)
+        except ParamError as err:
+            raise err.for_domain(dom.name) from None
+
+    @classmethod
+    def check_values(cls, params: Mapping[str, Any]) -> None:
+        """weight in 1..65535 and cap in 0..65535, integers, as ``xl sched-credit`` (pure)."""
         w, cap = params["weight"], params["cap"]
         if not isinstance(w, int) or isinstance(w, bool) or not 1 <= w <= 65535:
-            raise SimError(f"domain {dom.name}: credit weight must be an integer in 1..65535, "
-                           f"not {w!r}")
+            raise ParamError("weight", f"credit weight must be an integer in 1..65535, "
+                             f"not {w!r}")
         if not isinstance(cap, int) or isinstance(cap, bool) or not 0 <= cap <= 65535:
-            raise SimError(f"domain {dom.name}: credit cap must be an integer percent in "
-                           f"0..65535 (0 = none), not {cap!r}")
+            raise ParamError("cap", f"credit cap must be an integer percent in "
+                             f"0..65535 (0 = none), not {cap!r}")
 
     # -- run queues ----------------------------------------------------------------------
 

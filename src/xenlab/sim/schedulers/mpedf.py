@@ -55,7 +55,6 @@ import bisect
 import itertools
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from xenlab.errors import SimError
 from xenlab.sim.model import RunState
 from xenlab.sim.schedulers._edf import (
     IDLE_KEY,
@@ -63,9 +62,11 @@ from xenlab.sim.schedulers._edf import (
     EdfQueue,
     check_flag,
     check_reservation,
+    flag,
     preemption_target,
+    reservation,
 )
-from xenlab.sim.schedulers.base import IDLE, Decision, SchedulerBase
+from xenlab.sim.schedulers.base import IDLE, Decision, ParamError, SchedulerBase
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -106,8 +107,8 @@ class MpEdf(SchedulerBase):
     def __init__(self, *, runqueue: str = "global", balance: bool | None = None) -> None:
         super().__init__(runqueue=runqueue, balance=balance)
         if runqueue not in _LEVELS:
-            raise SimError(f"{self.name}: runqueue {runqueue!r} is not one of "
-                           f"{', '.join(_LEVELS)}")
+            raise ParamError("runqueue", f"{self.name}: runqueue {runqueue!r} is not one of "
+                             f"{', '.join(_LEVELS)}")
         self.level = runqueue
         self.balance = runqueue != "cpu" if balance is None else bool(balance)
         self.rqs: list[_RunQueue] = []
@@ -139,6 +140,12 @@ class MpEdf(SchedulerBase):
                 self.rq_of[c] = rq.id
 
     # -- units ---------------------------------------------------------------------
+
+    @classmethod
+    def check_values(cls, params: Mapping[str, Any]) -> None:
+        """What :meth:`_server` checks: the reservation, then hard (pure)."""
+        reservation(cls.name, params, "budget")
+        flag(cls.name, params, "hard")
 
     def _server(self, dom: Domain, index: int) -> CbsServer:
         params = self.params_of(dom)

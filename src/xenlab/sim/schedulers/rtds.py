@@ -66,7 +66,9 @@ from xenlab.sim.schedulers._edf import (
     Entry,
     check_flag,
     check_reservation,
+    flag,
     preemption_target,
+    reservation,
 )
 from xenlab.sim.schedulers.base import IDLE, Decision, SchedulerBase
 
@@ -140,6 +142,12 @@ class Rtds(SchedulerBase):
         self._serial = 0
         self.repl_timer: Timer | None = None
         self.tickled: set[int] = set()
+
+    @classmethod
+    def check_values(cls, params: Mapping[str, Any]) -> None:
+        """What :meth:`_unit` checks: the reservation, then extratime (pure)."""
+        reservation(cls.name, params, "budget")
+        flag(cls.name, params, "extratime")
 
     def _unit(self, dom: Domain, index: int) -> _Unit:
         params = self.params_of(dom)

@@ -77,8 +77,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 from xenlab.errors import SimError
 from xenlab.sim.engine import NS_PER_US
 from xenlab.sim.model import RunState
-from xenlab.sim.schedulers._edf import check_flag, check_reservation
-from xenlab.sim.schedulers.base import IDLE, Decision, SchedulerBase
+from xenlab.sim.schedulers._edf import flag, reservation
+from xenlab.sim.schedulers.base import IDLE, Decision, ParamError, SchedulerBase
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -223,13 +223,28 @@ class Sedf(SchedulerBase):
 
     # -- units ---------------------------------------------------------------------
 
+    @classmethod
+    def check_values(cls, params: Mapping[str, Any]) -> None:
+        """What :meth:`_info` checks (pure)."""
+        cls._reservation(params)
+
+    @classmethod
+    def _reservation(cls, params: Mapping[str, Any]) -> tuple[int, int, bool]:
+        """``(slice_ns, period_ns, extratime)``; :class:`ParamError` naming the key."""
+        extra = flag(cls.name, params, "extratime")
+        sl, period = reservation(cls.name, params, "slice", allow_zero_budget=True,
+                                 min_budget_us=SLICE_MIN_US)
+        if sl == 0 and not extra:
+            raise ParamError("slice", "sedf slice 0 (best effort) needs extratime",
+                             related=("extratime",))
+        return sl, period, extra
+
     def _info(self, dom: Domain, pcpu: int) -> _Info:
         params = self.params_of(dom)
-        extra = check_flag(dom, self.name, params, "extratime")
-        sl, period = check_reservation(dom, self.name, params, "slice",
-                                       allow_zero_budget=True, min_budget_us=SLICE_MIN_US)
-        if sl == 0 and not extra:
-            raise SimError(f"domain {dom.name}: sedf slice 0 (best effort) needs extratime")
+        try:
+            sl, period, extra = self._reservation(params)
+        except ParamError as err:
+            raise err.for_domain(dom.name) from None
         return _Info(period, sl, extra, pcpu)
 
     def insert_unit(self, v: Vcpu) -> None:
