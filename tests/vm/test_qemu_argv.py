@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
+from tests.vm.test_qemu_escaping import qemu_split
 from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
 from xenlab.errors import XenlabError
@@ -47,14 +49,34 @@ def one(argv: list[str], name: str) -> str:
     return values[0]
 
 
+def _text(value: object) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
+def parsed(option: str) -> dict[str, str]:
+    """An option's settings, from its JSON or its key=value form (",," is a comma)."""
+    if option.startswith("{"):
+        return {k: _text(v) for k, v in json.loads(option).items()}
+    return dict(qemu_split(option))
+
+
 def devices(argv: list[str], driver: str) -> list[dict[str, str]]:
-    """The -device options of one driver, as key=value dicts."""
+    """The -device options of one driver, as dicts without the driver."""
     out = []
     for d in opts(argv, "-device"):
-        head, _, rest = d.partition(",")
-        if head == driver:
-            out.append(dict(kv.split("=", 1) for kv in rest.split(",") if kv))
+        settings = parsed(d)
+        if settings.pop("driver") == driver:
+            out.append(settings)
     return out
+
+
+def blockdevs(argv: list[str]) -> list[dict[str, str]]:
+    return [parsed(b) for b in opts(argv, "-blockdev")]
+
+
+def node(driver: str, **settings: str) -> dict[str, str]:
+    """A -blockdev node as :func:`parsed` gives it (``node_name`` for ``node-name``)."""
+    return {"driver": driver, **{k.replace("_", "-"): v for k, v in settings.items()}}
 
 
 def taps_for(dc: DomainConfig) -> dict[int, str]:
@@ -82,7 +104,7 @@ def test_pv_guest_example() -> None:
     assert argv[0] == "qemu-system-x86_64"
     assert argv[1:3] == ["-no-user-config", "-nodefaults"]
     assert one(argv, "-name") == "guest=pv-guest,debug-threads=on"
-    assert one(argv, "-machine") == "pc"
+    assert one(argv, "-machine") == "type=pc"
     assert one(argv, "-accel") == "tcg"
     assert one(argv, "-cpu") == "max"
     # The guest sees maxmem; xl's memory is the balloon target at start.
@@ -92,18 +114,18 @@ def test_pv_guest_example() -> None:
     assert one(argv, "-kernel") == "/boot/vmlinuz-guest"
     assert one(argv, "-initrd") == "/boot/initrd-guest.img"
     assert one(argv, "-append") == "console=hvc0 root=/dev/xvda1 ro"
-    assert opts(argv, "-blockdev") == [
-        "driver=file,filename=/var/lib/xenlab/pv-guest.qcow2,node-name=xvda-file,read-only=off",
-        "driver=qcow2,file=xvda-file,node-name=xvda-fmt,read-only=off",
+    assert blockdevs(argv) == [
+        node("file", filename="/var/lib/xenlab/pv-guest.qcow2", node_name="xvda-file",
+             read_only="off"),
+        node("qcow2", file="xvda-file", node_name="xvda-fmt", read_only="off"),
     ]
     # xvda-xvdh sit at fixed slots 0x08-0x0f (a hot-added disk keeps its place).
     assert devices(argv, "virtio-blk-pci") == [
         {"drive": "xvda-fmt", "id": "xvda", "serial": "xvda", "addr": "0x8"}
     ]
     # bridge=xenbr0 names a bridge: a tap on it, opened by name (made by hotplug).
-    assert one(argv, "-netdev") == (
-        "tap,id=net0,ifname=vif7.0,script=no,downscript=no,vhost=off"
-    )
+    assert parsed(one(argv, "-netdev")) == {"type": "tap", "id": "net0", "ifname": "vif7.0",
+                                            "script": "no", "downscript": "no", "vhost": "off"}
     assert devices(argv, "virtio-net-pci") == [
         {"netdev": "net0", "mac": "00:16:3e:00:00:01", "id": "vif0", "addr": "0x10"}
     ]
@@ -113,16 +135,17 @@ def test_pv_guest_example() -> None:
     assert one(argv, "-display") == "none"
     assert "-vnc" not in argv
     assert one(argv, "-serial") == "chardev:console0"
-    assert ("socket,id=console0,path=/run/xl/7/console.sock,server=on,wait=off,"
-            "logfile=/run/xl/7/console.log,logappend=on") in opts(
-        argv, "-chardev"
-    )
-    assert "socket,id=qga0,path=/run/xl/7/qga.sock,server=on,wait=off" in opts(argv, "-chardev")
+    assert ("backend=socket,id=console0,path=/run/xl/7/console.sock,server=on,wait=off,"
+            "logfile=/run/xl/7/console.log,logappend=on") in opts(argv, "-chardev")
+    assert ("backend=socket,id=qga0,path=/run/xl/7/qga.sock,server=on,wait=off"
+            in opts(argv, "-chardev"))
     assert devices(argv, "virtserialport") == [
         {"bus": "vser0.0", "chardev": "qga0", "name": GUEST_AGENT_PORT, "id": "qga-port0"}
     ]
     assert devices(argv, "virtio-balloon-pci") == [{"id": "balloon0"}]
-    assert one(argv, "-qmp") == "unix:/run/xl/7/qmp.sock,server=on,wait=off"
+    assert ("backend=socket,id=qmp0,path=/run/xl/7/qmp.sock,server=on,wait=off"
+            in opts(argv, "-chardev"))
+    assert one(argv, "-mon") == "chardev=qmp0,mode=control"
     assert one(argv, "-pidfile") == "/run/xl/7/qemu.pid"
     # on_crash=coredump-restart: QEMU keeps running, the toolstack restarts.
     assert one(argv, "-action") == "reboot=reset,shutdown=poweroff,panic=none"
@@ -139,14 +162,14 @@ def test_hvm_vnuma_example() -> None:
     assert balloon_target_mib(dc) is None
     assert one(argv, "-smp") == "cpus=4,maxcpus=4"
     assert opts(argv, "-object") == [
-        "memory-backend-ram,id=vnode0,size=1024M",
-        "memory-backend-ram,id=vnode1,size=1024M",
+        "qom-type=memory-backend-ram,id=vnode0,size=1024M",
+        "qom-type=memory-backend-ram,id=vnode1,size=1024M",
     ]
     assert opts(argv, "-numa") == [
-        "node,nodeid=0,cpus=0-1,memdev=vnode0",
-        "node,nodeid=1,cpus=2-3,memdev=vnode1",
-        "dist,src=0,dst=1,val=20",
-        "dist,src=1,dst=0,val=20",
+        "type=node,nodeid=0,cpus=0-1,memdev=vnode0",
+        "type=node,nodeid=1,cpus=2-3,memdev=vnode1",
+        "type=dist,src=0,dst=1,val=20",
+        "type=dist,src=1,dst=0,val=20",
     ]
     # hda on IDE 0/0, the empty-prefixed ISO as a read-only cdrom on IDE 1/0.
     assert devices(argv, "ide-hd") == [
@@ -155,12 +178,11 @@ def test_hvm_vnuma_example() -> None:
     assert devices(argv, "ide-cd") == [
         {"bus": "ide.1", "unit": "0", "id": "hdc", "drive": "hdc-fmt"}
     ]
-    assert "driver=file,filename=/srv/install.iso,node-name=hdc-file,read-only=on" in opts(
-        argv, "-blockdev"
-    )
+    assert node("file", filename="/srv/install.iso", node_name="hdc-file",
+                read_only="on") in blockdevs(argv)
     assert devices(argv, "e1000")[0]["netdev"] == "net0"
-    assert one(argv, "-vnc") == "127.0.0.1:0"
-    assert devices(argv, "VGA") == [{}]
+    assert one(argv, "-vnc") == "vnc=127.0.0.1:0"
+    assert devices(argv, "VGA") == [{"id": "video0"}]
     assert "-display" not in argv
     assert "-usb" in argv and devices(argv, "usb-tablet") == [{}]
     # No kernel and no image: SeaBIOS boots the disks in xl's boot= order.
@@ -205,7 +227,8 @@ def test_shared_pvlinux_details(shared_data: Path) -> None:
     assert one(argv, "-kernel") == "/boot/vmlinuz"
     assert one(argv, "-append") == "root=/dev/xvda1"
     # A target under /dev/ is a block device for QEMU.
-    assert opts(argv, "-blockdev")[0].startswith("driver=host_device,filename=/dev/vg/guest-volume")
+    assert blockdevs(argv)[0]["driver"] == "host_device"
+    assert blockdevs(argv)[0]["filename"].startswith("/dev/vg/guest-volume")
     # vif = [ '' ]: one default vif with a stable made-up MAC under Xen's OUI.
     (nic,) = devices(argv, "virtio-net-pci")
     assert re.fullmatch(r"00:16:3e:[0-7][0-9a-f](:[0-9a-f]{2}){2}", nic["mac"])
@@ -218,7 +241,7 @@ def test_shared_xm_hvm_is_a_firmware_boot(shared_data: Path) -> None:
     assert "-kernel" not in argv  # kernel = "hvmloader" is Xen's firmware
     assert one(argv, "-boot") == "order=cd"
     assert devices(argv, "ide-cd") == [{"bus": "ide.1", "unit": "0", "id": "hdc"}]  # empty
-    assert one(argv, "-vnc") == "unix:/run/xl/7/vnc.sock"
+    assert one(argv, "-vnc") == "vnc=unix:/run/xl/7/vnc.sock"
 
 
 # --- inline configs -------------------------------------------------------------
@@ -249,8 +272,9 @@ def test_paths_with_commas_are_escaped() -> None:
     paths = RuntimePaths.under(Path("/run/a,b"))
     # A target with a comma only fits xl's syntax as target=, the last item.
     argv = qemu_argv(dc_of(BASE + "disk = ['vdev=xvda, target=/img/x,y.raw']\n"), paths)
-    assert one(argv, "-qmp") == "unix:/run/a,,b/qmp.sock,server=on,wait=off"
-    assert opts(argv, "-blockdev")[0].startswith("driver=file,filename=/img/x,,y.raw,")
+    assert "backend=socket,id=qmp0,path=/run/a,,b/qmp.sock,server=on,wait=off" in opts(
+        argv, "-chardev")
+    assert blockdevs(argv)[0]["filename"] == "/img/x,y.raw"  # JSON: no escape needed
     assert one(argv, "-pidfile") == "/run/a,b/qemu.pid"  # a plain argument: no escape
 
 
@@ -293,17 +317,17 @@ def test_vnuma_non_contiguous_vcpus_and_three_nodes() -> None:
     argv = qemu_argv(dc, PATHS)
     assert one(argv, "-smp") == "cpus=6,maxcpus=6"
     assert opts(argv, "-numa")[:3] == [
-        "node,nodeid=0,cpus=0,cpus=2,cpus=4-5,memdev=vnode0",
-        "node,nodeid=1,cpus=1,memdev=vnode1",
-        "node,nodeid=2,cpus=3,memdev=vnode2",
+        "type=node,nodeid=0,cpus=0,cpus=2,cpus=4-5,memdev=vnode0",
+        "type=node,nodeid=1,cpus=1,memdev=vnode1",
+        "type=node,nodeid=2,cpus=3,memdev=vnode2",
     ]
-    assert "dist,src=0,dst=2,val=31" in opts(argv, "-numa")
+    assert "type=dist,src=0,dst=2,val=31" in opts(argv, "-numa")
     assert len(opts(argv, "-numa")) == 3 + 6
 
 
 def test_single_vnode_has_no_distances() -> None:
     dc = dc_of(BASE + "vnuma = [ ['pnode=0','size=256','vcpus=0','vdistances=10'] ]\n")
-    assert opts(qemu_argv(dc, PATHS), "-numa") == ["node,nodeid=0,cpus=0,memdev=vnode0"]
+    assert opts(qemu_argv(dc, PATHS), "-numa") == ["type=node,nodeid=0,cpus=0,memdev=vnode0"]
 
 
 def test_disks_by_vdev_kind_format_and_access() -> None:
@@ -316,15 +340,13 @@ def test_disks_by_vdev_kind_format_and_access() -> None:
         "  'vdev=hdd,devtype=cdrom' ]\n"
     )
     argv = qemu_argv(dc, PATHS)
-    blockdevs = opts(argv, "-blockdev")
-    assert "driver=raw,file=xvda-file,node-name=xvda-fmt,read-only=on" in blockdevs
-    assert "driver=qcow2,file=xvdb-file,node-name=xvdb-fmt,read-only=off" in blockdevs
-    assert "driver=vpc,file=sdb-file,node-name=sdb-fmt,read-only=off" in blockdevs
-    assert "driver=qcow,file=hdb-file,node-name=hdb-fmt,read-only=off" in blockdevs
-    assert (
-        "driver=file,filename=/i/d.qed,node-name=xvdaa-file,read-only=off,discard=unmap"
-        in blockdevs
-    )
+    nodes = blockdevs(argv)
+    assert node("raw", file="xvda-file", node_name="xvda-fmt", read_only="on") in nodes
+    assert node("qcow2", file="xvdb-file", node_name="xvdb-fmt", read_only="off") in nodes
+    assert node("vpc", file="sdb-file", node_name="sdb-fmt", read_only="off") in nodes
+    assert node("qcow", file="hdb-file", node_name="hdb-fmt", read_only="off") in nodes
+    assert node("file", filename="/i/d.qed", node_name="xvdaa-file", read_only="off",
+                discard="unmap") in nodes
     # virtio disks in vdev order, whatever the config order: xvda is the guest's vda.
     assert [d["id"] for d in devices(argv, "virtio-blk-pci")] == ["xvda", "xvdb", "xvdaa"]
     assert devices(argv, "virtio-scsi-pci") == [{"id": "scsi0"}]
@@ -353,9 +375,11 @@ def test_vifs_models_macs_and_mtu() -> None:
     taps = {7: "vif9.7"}
     argv = qemu_argv(dc, PATHS, taps=taps)
     # No bridge and no script: user mode; an explicit bridge (xenbr0 too): a tap.
-    assert opts(argv, "-netdev") == [
-        "user,id=net0", "user,id=net1", "user,id=net2",
-        "tap,id=net7,ifname=vif9.7,script=no,downscript=no,vhost=off",
+    assert [parsed(n) for n in opts(argv, "-netdev")] == [
+        {"type": "user", "id": "net0"}, {"type": "user", "id": "net1"},
+        {"type": "user", "id": "net2"},
+        {"type": "tap", "id": "net7", "ifname": "vif9.7", "script": "no", "downscript": "no",
+         "vhost": "off"},
     ]
     assert devices(argv, "rtl8139")[0]["id"] == "vif0"
     assert devices(argv, "e1000") == [
@@ -381,10 +405,11 @@ def test_vifs_models_macs_and_mtu() -> None:
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
-        ("vnc = 1\n", ["-vnc", "unix:/run/xl/7/vnc.sock"]),
-        ("vnc = 1\nvncdisplay = 3\n", ["-vnc", "127.0.0.1:3"]),
-        ('vnc = 1\nvnclisten = "0.0.0.0:5"\n', ["-vnc", "0.0.0.0:5"]),
-        ('vnc = 1\nvncpasswd = "s3cret"\n', ["-vnc", "unix:/run/xl/7/vnc.sock,password=on"]),
+        ("vnc = 1\n", ["-vnc", "vnc=unix:/run/xl/7/vnc.sock"]),
+        ("vnc = 1\nvncdisplay = 3\n", ["-vnc", "vnc=127.0.0.1:3"]),
+        ('vnc = 1\nvnclisten = "0.0.0.0:5"\n', ["-vnc", "vnc=0.0.0.0:5"]),
+        ('vnc = 1\nvncpasswd = "s3cret"\n',
+         ["-vnc", "vnc=unix:/run/xl/7/vnc.sock,password=on"]),
         ("vnc = 1\nnographic = 1\n", ["-display", "none"]),
         ("vnc = 0\n", ["-display", "none"]),
     ],
@@ -398,17 +423,17 @@ def test_vnc(settings: str, expected: list[str]) -> None:
 
 def test_vga_choice_and_pv_vfb() -> None:
     argv = qemu_argv(dc_of(BASE + 'vnc = 1\nvga = "cirrus"\n'), PATHS)
-    assert devices(argv, "cirrus-vga") == [{}] and devices(argv, "VGA") == []
+    assert devices(argv, "cirrus-vga") == [{"id": "video0"}] and devices(argv, "VGA") == []
     argv = qemu_argv(dc_of(BASE + 'vnc = 1\nvga = "none"\n'), PATHS)
     assert "VGA" not in " ".join(opts(argv, "-device"))
     pv = dc_of('name = "p"\nkernel = "/k"\nvfb = [ "vnc=1,vncdisplay=2" ]\n')
-    assert one(qemu_argv(pv, PATHS), "-vnc") == "127.0.0.1:2"
+    assert one(qemu_argv(pv, PATHS), "-vnc") == "vnc=127.0.0.1:2"
 
 
 def test_serial_actions_and_extra_keys() -> None:
     argv = qemu_argv(dc_of(BASE + 'serial = "none"\n'), PATHS)
     assert one(argv, "-serial") == "none"
-    assert not any(c.startswith("socket,id=console0") for c in opts(argv, "-chardev"))
+    assert not any("id=console0" in c for c in opts(argv, "-chardev"))
     argv = qemu_argv(
         dc_of(
             BASE + 'on_reboot = "destroy"\non_poweroff = "preserve"\non_crash = "preserve"\n'
@@ -419,7 +444,7 @@ def test_serial_actions_and_extra_keys() -> None:
         PATHS,
     )
     assert one(argv, "-action") == "reboot=shutdown,shutdown=pause,panic=pause"
-    assert one(argv, "-machine") == "pc,acpi=off"
+    assert one(argv, "-machine") == "type=pc,acpi=off"
     assert one(argv, "-rtc") == "base=localtime"
     assert argv[-2:] == ["-global", "kvm-pit.lost_tick_policy=discard"]
     assert "-ignored" not in argv
@@ -505,8 +530,8 @@ def test_probe_kernel_is_a_valid_multiboot_header() -> None:
 def test_every_domain_logs_its_firmware_and_qemu_stderr() -> None:
     argv = qemu_argv(dc_of(BASE), PATHS, image=Image())
     assert one(argv, "-D") == "/run/xl/7/qemu.log"
-    assert "file,id=fwlog,path=/run/xl/7/firmware.log" in opts(argv, "-chardev")
-    assert devices(argv, "isa-debugcon") == [{"iobase": "0x402", "chardev": "fwlog"}]
+    assert "backend=file,id=fwlog,path=/run/xl/7/firmware.log" in opts(argv, "-chardev")
+    assert devices(argv, "isa-debugcon") == [{"iobase": str(0x402), "chardev": "fwlog"}]
 
 
 def test_boot_order_means_a_firmware_boot_without_the_image() -> None:
@@ -526,13 +551,14 @@ def test_boot_order_means_a_firmware_boot_without_the_image() -> None:
 def test_vga_rom_goes_on_the_display_device_even_without_vnc() -> None:
     argv = qemu_argv(dc_of(BASE + 'boot = "c"\nvga_rom = "/roms/a,b.bin"\n'), PATHS)
     assert one(argv, "-display") == "none"
-    assert opts(argv, "-device").count("VGA,romfile=/roms/a,,b.bin") == 1
+    assert devices(argv, "VGA") == [{"id": "video0", "romfile": "/roms/a,b.bin"}]
+    assert "driver=VGA,id=video0,romfile=/roms/a,,b.bin" in opts(argv, "-device")
     argv = qemu_argv(dc_of(BASE + 'vga = "cirrus"\nvga_rom = "/r.bin"\nvnc = 1\n'), PATHS,
                      image=Image())
-    assert devices(argv, "cirrus-vga") == [{"romfile": "/r.bin"}]
+    assert devices(argv, "cirrus-vga") == [{"id": "video0", "romfile": "/r.bin"}]
     argv = qemu_argv(dc_of(BASE + 'vga_rom = "/r.bin"\nvga_rom_device = "ati-vga,model=rv100"\n'),
                      PATHS, image=Image())
-    assert devices(argv, "ati-vga") == [{"model": "rv100", "romfile": "/r.bin"}]
+    assert devices(argv, "ati-vga") == [{"id": "video0", "model": "rv100", "romfile": "/r.bin"}]
     assert devices(argv, "VGA") == []
     refused(BASE + 'vga = "none"\nvga_rom = "/r.bin"\n', "vga_rom: a VGA BIOS needs",
             image=Image())

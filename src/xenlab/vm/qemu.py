@@ -8,62 +8,77 @@ the xl key and what is supported.  :func:`probe_accel` decides, by a real
 short boot, whether KVM can run guests here; otherwise TCG.
 
 Mapping (xl key -> QEMU)
-    ============================  ==============================================
+    ============================  ==============================================================
     name, uuid                    ``-name guest=NAME``, ``-uuid``
-    memory, maxmem                ``-m MAXMEM`` + ``virtio-balloon-pci`` (id
-                                  ``balloon0``); the balloon target ``memory``
-                                  is set over QMP after start
+    memory, maxmem                ``-m MAXMEM`` + ``virtio-balloon-pci`` (id ``balloon0``); the
+                                  balloon target ``memory`` is set over QMP after start
                                   (:func:`balloon_target_mib`)
     vcpus, maxvcpus               ``-smp cpus=VCPUS,maxcpus=MAXVCPUS``
     vnuma                         ``-object memory-backend-ram`` per vnode,
-                                  ``-numa node,nodeid=,cpus=,memdev=`` and
-                                  ``-numa dist,src=,dst=,val=``
-    disk xvdX                     ``-blockdev`` file + format node,
-                                  ``virtio-blk-pci`` (id and serial = vdev)
+                                  ``-numa type=node,nodeid=,cpus=,memdev=`` and
+                                  ``-numa type=dist,src=,dst=,val=``
+    disk xvdX                     ``-blockdev`` file + format node, ``virtio-blk-pci`` (id and
+                                  serial = vdev)
     disk hdX                      ``ide-hd`` on the PIIX IDE bus
     disk sdX                      ``scsi-hd`` on one ``virtio-scsi-pci``
-    disk cdrom (any vdev)         ``ide-cd`` on ide.(N/2) unit N%2, empty
-                                  when there is no target (as libxl)
+    disk cdrom (any vdev)         ``ide-cd`` on ide.(N/2) unit N%2, empty when there is no
+                                  target (as libxl)
     access=ro                     ``read-only=on`` on both nodes
-    vif (no bridge=, no script=)  ``-netdev user`` + ``virtio-net-pci``
-                                  (or the ``model=``), ``mac=`` or a stable
-                                  ``00:16:3e`` address from the uuid/name,
+    vif (no bridge=, no script=)  ``-netdev user`` + ``virtio-net-pci`` (or the ``model=``),
+                                  ``mac=`` or a stable ``00:16:3e`` address from the uuid/name,
                                   PCI slot 0x10 + devid (devid < 16)
     vif with bridge= or script=   ``-netdev tap,ifname=TAP,script=no,``
-                                  ``downscript=no,vhost=off``; TAP from
-                                  ``taps`` (made by ``xenlab.hotplug``)
+                                  ``downscript=no,vhost=off``; TAP from ``taps`` (made by
+                                  ``xenlab.hotplug``)
     serial=pty (HVM; always PV)   ``-chardev socket`` at ``paths.console``,
                                   ``-serial chardev:console0``
-    vnc, vnclisten, vncdisplay    ``-vnc HOST:N`` when a display or listen
-                                  address is given, else ``-vnc unix:`` at
-                                  ``paths.rundir/vnc.sock``; ``-device VGA``
-                                  (``vga=cirrus`` -> ``cirrus-vga``);
-                                  without vnc ``-display none``
-    vga_rom, vga_rom_device       (xenlab's keys) ``-device MODEL,romfile=ROM``
-                                  even without vnc: MODEL from
-                                  ``vga_rom_device``, else ``vga=``
-    pci (+ gfx_passthru)          ``-device vfio-pci,host=BDF`` per device
-                                  (``addr=`` from the vslot); with
-                                  ``gfx_passthru`` the first is the primary
-                                  VGA: ``x-vga=on`` (+ ``romfile=vga_rom``)
-                                  and no emulated VGA
+    vnc, vnclisten, vncdisplay    ``-vnc vnc=HOST:N`` when a display or listen address is given,
+                                  else ``-vnc vnc=unix:`` at ``paths.rundir/vnc.sock``; the
+                                  display device ``VGA`` (``vga=cirrus`` -> ``cirrus-vga``, id
+                                  ``video0``); without vnc ``-display none``
+    vga_rom, vga_rom_device       (xenlab's keys) ``-device MODEL,romfile=ROM`` even without
+                                  vnc: MODEL from ``vga_rom_device``, else ``vga=``
+    pci (+ gfx_passthru)          ``-device vfio-pci,host=BDF`` per device (``addr=`` from the
+                                  vslot); with ``gfx_passthru`` the first is the primary VGA:
+                                  ``x-vga=on`` (+ ``romfile=vga_rom``) and no emulated VGA
     usb, usbdevice                ``-usb``, ``usb-tablet``/``usb-mouse``/``usb-kbd``
-    kernel, ramdisk, cmdline      ``-kernel``/``-initrd``/``-append``; with no
-                                  kernel the image's (config cmdline appended)
+    kernel, ramdisk, cmdline      ``-kernel``/``-initrd``/``-append``; with no kernel the
+                                  image's (config cmdline appended)
     boot (HVM, no kernel)         a firmware boot: ``-boot order=``, no image
                                   (:func:`boots_firmware`)
     on_poweroff/on_reboot/on_crash ``-action`` (see :func:`_actions`)
     acpi, localtime               ``-machine acpi=off``, ``-rtc base=localtime``
-    device_model_args[_hvm/_pv]   appended verbatim, as libxl does
-    ============================  ==============================================
+    device_model_args[_hvm/_pv]   appended verbatim, as libxl does: they are the user's own QEMU
+                                  arguments (only a NUL or an unencodable character is refused)
+    ============================  ==============================================================
 
     Always: ``-no-user-config -nodefaults -machine pc``, ``-accel tcg|kvm``,
     ``-cpu max`` (``host`` under KVM), ``virtio-serial-pci`` with a
     ``virtserialport`` named ``org.qemu.guest_agent.0`` on a socket at
-    ``paths.qga``, ``-qmp unix:PATH,server=on,wait=off``, ``-pidfile``,
+    ``paths.qga``, QMP on a socket chardev ``qmp0`` at ``paths.qmp``
+    (``-mon chardev=qmp0,mode=control``), ``-pidfile``,
     ``-D paths.log`` (QEMU's stderr once daemonized), ``isa-debugcon`` on
     port 0x402 into ``paths.firmware_log`` (SeaBIOS's debug output);
     ``-S`` when paused, ``-incoming`` when given.
+
+Option strings (what reaches QEMU)
+    QEMU reads ``-name``, ``-vnc``, ``-chardev``, ``-numa``... as
+    ``key=value,...``: a comma ends a value, ``,,`` is a comma inside one, and
+    a bare first part is the implied key (a path with ``=`` would split).
+    :func:`qemu_opts` builds every such string from (key, value) pairs, keys
+    spelled out, values doubled by :func:`qemu_opt_value`.  ``-blockdev``,
+    ``-device`` and ``-netdev`` are JSON (:func:`qemu_json`): no escaping;
+    only a value that is not UTF-8 (raw file-name bytes, which QEMU's JSON
+    parser refuses) falls back to ``key=value``.  ``-kernel``, ``-initrd``,
+    ``-append``, ``-pidfile``, ``-D``, ``-uuid`` are never split
+    (:func:`qemu_arg`).  :class:`QemuOptionError` names the key of a NUL (C
+    strings end there), a control character (no path, name or address needs
+    one; QEMU's log, HMP answers and ``ps`` are read by lines; ``-append``
+    takes them), an unencodable character, a ``vnclisten`` that is not an
+    address or host name with an optional ``:DISPLAY``, a ``ramdisk`` with a
+    comma or space (QEMU's multiboot loader splits modules there), a ``%`` in
+    the run directory (``-D`` reads a format).  ``-name`` is
+    ``guest=NAME,debug-threads=on``, NAME's commas doubled.
 
 Choices (with reasons)
     * Machine ``pc`` (i440fx + PIIX): Xen's HVM device model is built on it,
@@ -102,6 +117,8 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import ipaddress
+import json
 import os
 import re
 import subprocess
@@ -116,18 +133,24 @@ from xenlab.config.specs.disk import DiskFormat, DiskSpec
 from xenlab.config.specs.vif import VifSpec
 from xenlab.config.values import Value
 from xenlab.errors import XenlabError
+from xenlab.vm.qemuimg import FORMAT_DRIVERS
 
 __all__ = [
     "GUEST_AGENT_PORT",
     "Accel",
     "GuestImageLike",
     "Nic",
+    "QemuOptionError",
     "RuntimePaths",
     "balloon_target_mib",
     "nic",
     "nics",
     "probe_accel",
+    "qemu_arg",
     "qemu_argv",
+    "qemu_json",
+    "qemu_opt_value",
+    "qemu_opts",
 ]
 
 #: The virtio-serial port name qemu-ga looks for in the guest.
@@ -146,24 +169,11 @@ _PINNED_DISK_SLOTS: Final = 8
 _NIC_SLOT_BASE: Final = 0x10
 _PINNED_NIC_SLOTS: Final = 16
 
-_FORMAT_DRIVERS: Final = {
-    DiskFormat.RAW: "raw",
-    DiskFormat.QCOW2: "qcow2",
-    DiskFormat.QCOW: "qcow",
-    DiskFormat.VHD: "vpc",
-    DiskFormat.QED: "qed",
-}
-_NIC_MODELS: Final = {
-    None: "virtio-net-pci",
-    "virtio": "virtio-net-pci",
-    "virtio-net": "virtio-net-pci",
-    "virtio-net-pci": "virtio-net-pci",
-    "e1000": "e1000",
-    "e1000e": "e1000e",
-    "rtl8139": "rtl8139",
-    "ne2k_pci": "ne2k_pci",
-    "pcnet": "pcnet",
-}
+# vm/mirror.py still imports this name; qemuimg.FORMAT_DRIVERS is the table.
+_FORMAT_DRIVERS: Final = FORMAT_DRIVERS
+_NIC_MODELS: Final[dict[str | None, str]] = {
+    None: "virtio-net-pci", "virtio": "virtio-net-pci", "virtio-net": "virtio-net-pci",
+    **{m: m for m in ("virtio-net-pci", "e1000", "e1000e", "rtl8139", "ne2k_pci", "pcnet")}}
 _USB_DEVICES: Final = {"tablet": "usb-tablet", "mouse": "usb-mouse", "keyboard": "usb-kbd"}
 _VGA_DEVICES: Final = {"stdvga": "VGA", "cirrus": "cirrus-vga", "qxl": "qxl-vga", "none": None}
 
@@ -225,14 +235,9 @@ class RuntimePaths:
     @classmethod
     def under(cls, rundir: Path) -> RuntimePaths:
         """The standard names inside ``rundir``."""
-        return cls(
-            rundir=rundir,
-            qmp=rundir / "qmp.sock",
-            qga=rundir / "qga.sock",
-            console=rundir / "console.sock",
-            pidfile=rundir / "qemu.pid",
-            log=rundir / "qemu.log",
-        )
+        return cls(rundir=rundir, qmp=rundir / "qmp.sock", qga=rundir / "qga.sock",
+                   console=rundir / "console.sock", pidfile=rundir / "qemu.pid",
+                   log=rundir / "qemu.log")
 
     @property
     def console_log(self) -> Path:
@@ -250,9 +255,87 @@ class RuntimePaths:
         return self.rundir / "vnc.sock"
 
 
-def _opt(value: str | Path) -> str:
-    """One value inside a QEMU ``key=value,...`` option: commas are doubled."""
-    return str(value).replace(",", ",,")
+class QemuOptionError(XenlabError):
+    """A value cannot go on QEMU's command line; ``key`` names the xl key (or the path's role)."""
+
+    def __init__(self, key: str, value: str, reason: str) -> None:
+        self.key = key
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{key}: {value!r} {reason}")
+
+
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+_OPT_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+
+
+def qemu_arg(value: str | os.PathLike[str], *, key: str, controls: bool = False) -> str:
+    """``value`` as a plain argv element (``-kernel``, ``-append``...), checked (module notes).
+
+    ``controls`` lets control characters other than NUL through (``-append``).
+
+    :raise QemuOptionError: a NUL, a control character, or text no file name
+        can encode (a lone surrogate that is not an undecodable byte).
+    """
+    text = os.fspath(value)
+    if "\0" in text:
+        raise QemuOptionError(key, text, "contains a NUL byte: QEMU would see the value cut there")
+    bad = None if controls else _CONTROL.search(text)
+    if bad is not None:
+        raise QemuOptionError(key, text, f"contains the control character {bad.group()!r}, "
+                              "which QEMU's command line does not take here")
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError as err:
+        raise QemuOptionError(key, text, "holds characters that cannot be encoded") from err
+    return text
+
+
+def _text(value: object, key: str) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return qemu_arg(value if isinstance(value, os.PathLike) else str(value), key=key)
+
+
+def qemu_opt_value(value: object, *, key: str) -> str:
+    """``value`` as one value inside a QEMU ``key=value,...`` string: commas doubled.
+
+    Booleans are ``on``/``off``; other values are checked as :func:`qemu_arg`.
+    """
+    return _text(value, key).replace(",", ",,")
+
+
+def qemu_opts(pairs: Iterable[tuple[str, object]], *, key: str) -> str:
+    """The one way a ``key=value,...`` option string is made: ``path=/a,,b,server=on``.
+
+    Every key is spelled out (no implied first key, which a value with ``=``
+    would break) and every value goes through :func:`qemu_opt_value`; ``key``
+    names the xl key in errors.
+    """
+    parts = []
+    for name, value in pairs:
+        if not _OPT_NAME.fullmatch(name):
+            raise QemuOptionError(key, name, "is not a QEMU option name")
+        parts.append(f"{name}={qemu_opt_value(value, key=key)}")
+    return ",".join(parts)
+
+
+def qemu_json(opts: Mapping[str, object], *, key: str) -> str:
+    """``opts`` as the JSON QEMU takes for ``-blockdev``, ``-device`` and ``-netdev``.
+
+    Strings are checked as :func:`qemu_arg`.  QEMU's JSON parser takes UTF-8
+    only: when a value carries other bytes (surrogate-escaped), the option
+    is made by :func:`qemu_opts` instead, which passes bytes through.
+    """
+    for value in opts.values():
+        if isinstance(value, str):
+            qemu_arg(value, key=key)
+    text = json.dumps(dict(opts), ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return qemu_opts(opts.items(), key=key)
+    return text
 
 
 def _unsupported(key: str, message: str) -> XenlabError:
@@ -295,10 +378,9 @@ def check_disk(disk: DiskSpec) -> None:
         raise _unsupported(where, "backend=: driver domains are Xen-only")
     if disk.colo_enable:
         raise _unsupported(where, "colo: COLO replication is not supported")
-    if disk.format is not DiskFormat.EMPTY and disk.format not in _FORMAT_DRIVERS:
-        raise _unsupported(
-            where, f"format={disk.format.value} (expected raw, qcow2, qcow, vhd or qed)"
-        )
+    if disk.format is not DiskFormat.EMPTY and disk.format not in FORMAT_DRIVERS:
+        raise _unsupported(where, f"format={disk.format.value} "
+                           "(expected raw, qcow2, qcow, vhd or qed)")
 
 
 def blockdev_nodes(disk: DiskSpec, node: str) -> tuple[dict[str, object], dict[str, object]]:
@@ -314,7 +396,7 @@ def blockdev_nodes(disk: DiskSpec, node: str) -> tuple[dict[str, object], dict[s
         "driver": "host_device" if path.startswith("/dev/") else "file",
         "filename": path, "node-name": f"{node}-file", "read-only": not disk.readwrite}
     fmt: dict[str, object] = {
-        "driver": _FORMAT_DRIVERS[disk.format], "file": f"{node}-file",
+        "driver": FORMAT_DRIVERS[disk.format], "file": f"{node}-file",
         "node-name": f"{node}-fmt", "read-only": not disk.readwrite}
     if disk.discard_enable:
         proto["discard"] = fmt["discard"] = "unmap"
@@ -323,9 +405,14 @@ def blockdev_nodes(disk: DiskSpec, node: str) -> tuple[dict[str, object], dict[s
 
 def _blockdev(disk: DiskSpec, node: str) -> list[str]:
     """The two -blockdev options of a disk's image: a protocol node and a format node."""
-    # -blockdev takes every key spelled out (keyval syntax: no implied "driver").
     proto, fmt = blockdev_nodes(disk, node)
-    return ["-blockdev", _argv_opts(proto, None), "-blockdev", _argv_opts(fmt, None)]
+    key = f"disk {disk.vdev}"
+    return ["-blockdev", qemu_json(proto, key=key), "-blockdev", qemu_json(fmt, key=key)]
+
+
+def _device(opts: Mapping[str, object], key: str) -> list[str]:
+    """One ``-device`` option, as JSON (:func:`qemu_json`)."""
+    return ["-device", qemu_json(opts, key=key)]
 
 
 def disk_slot(vdev: str) -> int | None:
@@ -367,44 +454,35 @@ def _disks(disks: Sequence[DiskSpec]) -> list[str]:
         has_media = disk.pdev_path not in (None, "") and disk.format is not DiskFormat.EMPTY
         if disk.is_cdrom or kind == "hd":
             if number >= 4:
-                raise _unsupported(
-                    f"disk {disk.vdev}",
-                    "only the first 4 emulated IDE devices exist (hda-hdd or index 0-3)",
-                )
+                raise _unsupported(f"disk {disk.vdev}", "only the first 4 emulated IDE devices "
+                                   "exist (hda-hdd or index 0-3)")
             if number in ide_slots:
-                raise _unsupported(
-                    f"disk {disk.vdev}",
-                    f"IDE slot {number} is already taken by {ide_slots[number]}",
-                )
+                raise _unsupported(f"disk {disk.vdev}",
+                                   f"IDE slot {number} is already taken by {ide_slots[number]}")
             ide_slots[number] = disk.vdev
             if not disk.is_cdrom and not disk.readwrite:
                 # libxl refuses this too: ide-hd cannot sit on a read-only node.
-                raise _unsupported(
-                    f"disk {disk.vdev}",
-                    "a read-only IDE hard disk is not supported (use xvdX or devtype=cdrom)",
-                )
+                raise _unsupported(f"disk {disk.vdev}", "a read-only IDE hard disk is not "
+                                   "supported (use xvdX or devtype=cdrom)")
+            ide: dict[str, object] = {"driver": "ide-cd" if disk.is_cdrom else "ide-hd",
+                                      "bus": f"ide.{number // 2}", "unit": number % 2,
+                                      "id": disk.vdev}
             if has_media:
                 argv += _blockdev(disk, node)
-            device = "ide-cd" if disk.is_cdrom else "ide-hd"
-            drive = f",drive={node}-fmt" if has_media else ""
-            argv += [
-                "-device",
-                f"{device},bus=ide.{number // 2},unit={number % 2},id={disk.vdev}{drive}",
-            ]
+                ide["drive"] = f"{node}-fmt"
+            argv += _device(ide, f"disk {disk.vdev}")
             continue
         if not has_media:
             raise _unsupported(f"disk {disk.vdev}", "no target (only a cdrom may be empty)")
         argv += _blockdev(disk, node)
         if kind == "xvd":
-            argv += ["-device", _argv_opts(disk_device(disk), "driver")]
+            argv += _device(disk_device(disk), f"disk {disk.vdev}")
         else:
             if not scsi:
-                argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+                argv += _device({"driver": "virtio-scsi-pci", "id": "scsi0"}, "disk")
                 scsi = True
-            argv += [
-                "-device",
-                f"scsi-hd,bus=scsi0.0,scsi-id={number},lun=0,drive={node}-fmt,id={disk.vdev}",
-            ]
+            argv += _device({"driver": "scsi-hd", "bus": "scsi0.0", "scsi-id": number, "lun": 0,
+                             "drive": f"{node}-fmt", "id": disk.vdev}, f"disk {disk.vdev}")
     return argv
 
 
@@ -457,10 +535,8 @@ class Nic:
         if not self.tap:
             return {"type": "user", "id": self.netdev_id}
         if tap is None:
-            raise _unsupported(
-                f"vif {self.devid}",
-                "needs a tap; the toolstack brings it online before QEMU starts",
-            )
+            raise _unsupported(f"vif {self.devid}",
+                               "needs a tap; the toolstack brings it online before QEMU starts")
         return {"type": "tap", "id": self.netdev_id, "ifname": tap, "script": "no",
                 "downscript": "no", "vhost": False}
 
@@ -478,17 +554,6 @@ class Nic:
         if self.spec.mtu is not None:
             opts["host_mtu"] = self.spec.mtu
         return opts
-
-
-def _argv_opts(opts: dict[str, object], head: str | None) -> str:
-    """``opts`` as a QEMU option string; the ``head`` key's value goes first, bare."""
-    parts = [_opt(str(opts[head]))] if head is not None else []
-    for key, value in opts.items():
-        if key == head:
-            continue
-        text = ("on" if value else "off") if isinstance(value, bool) else str(value)
-        parts.append(f"{key}={_opt(text)}")
-    return ",".join(parts)
 
 
 def nic(dc: DomainConfig, vif: VifSpec, devid: int) -> Nic:
@@ -528,8 +593,9 @@ def nics(dc: DomainConfig) -> tuple[Nic, ...]:
 def _vifs(dc: DomainConfig, taps: Mapping[int, str]) -> list[str]:
     argv: list[str] = []
     for n in nics(dc):
-        argv += ["-netdev", _argv_opts(n.netdev(taps.get(n.devid)), "type"),
-                 "-device", _argv_opts(n.device(), "driver")]
+        key = f"vif {n.devid}"
+        argv += ["-netdev", qemu_json(n.netdev(taps.get(n.devid)), key=key),
+                 *_device(n.device(), key)]
     return argv
 
 
@@ -564,30 +630,31 @@ def cpu_ranges(cpus: Iterable[int]) -> list[str]:
 def _memory_and_cpus(dc: DomainConfig) -> list[str]:
     if dc.maxvcpus > _MAX_VCPUS:
         raise _unsupported("maxvcpus", f"{dc.maxvcpus} is above {_MAX_VCPUS} (Xen's HVM limit)")
-    argv = ["-m", f"size={dc.maxmem_mib}M", "-smp", f"cpus={dc.vcpus},maxcpus={dc.maxvcpus}"]
+    argv = ["-m", qemu_opts([("size", f"{dc.maxmem_mib}M")], key="maxmem"),
+            "-smp", qemu_opts([("cpus", dc.vcpus), ("maxcpus", dc.maxvcpus)], key="vcpus")]
     if not dc.vnuma:
         return argv
     for nodeid, node in enumerate(dc.vnuma):
-        argv += ["-object", f"memory-backend-ram,id=vnode{nodeid},size={node.size_mib}M"]
-        cpus = "".join(f",cpus={r}" for r in cpu_ranges(node.vcpus))
-        argv += ["-numa", f"node,nodeid={nodeid}{cpus},memdev=vnode{nodeid}"]
+        argv += ["-object", qemu_opts([("qom-type", "memory-backend-ram"),
+                                       ("id", f"vnode{nodeid}"), ("size", f"{node.size_mib}M")],
+                                      key="vnuma")]
+        cpus = [("cpus", r) for r in cpu_ranges(node.vcpus)]
+        argv += ["-numa", qemu_opts([("type", "node"), ("nodeid", nodeid), *cpus,
+                                     ("memdev", f"vnode{nodeid}")], key="vnuma")]
     if len(dc.vnuma) > 1:
         for src, node in enumerate(dc.vnuma):
             for dst, val in enumerate(node.vdistances):
                 if src == dst:
                     if val != 10:
                         # QEMU (and ACPI SLIT) fix the local distance at 10.
-                        raise _unsupported(
-                            "vnuma",
-                            f"vnode {src}: local distance {val} (QEMU needs 10)",
-                        )
+                        raise _unsupported("vnuma",
+                                           f"vnode {src}: local distance {val} (QEMU needs 10)")
                     continue
                 if val <= 10:
-                    raise _unsupported(
-                        "vnuma",
-                        f"vnode {src}: distance {val} to vnode {dst} (QEMU needs more than 10)",
-                    )
-                argv += ["-numa", f"dist,src={src},dst={dst},val={val}"]
+                    raise _unsupported("vnuma", f"vnode {src}: distance {val} to vnode {dst} "
+                                       "(QEMU needs more than 10)")
+                argv += ["-numa", qemu_opts([("type", "dist"), ("src", src), ("dst", dst),
+                                             ("val", val)], key="vnuma")]
     return argv
 
 
@@ -612,35 +679,41 @@ def needs_image(dc: DomainConfig) -> bool:
 
 def _boot(dc: DomainConfig, image: GuestImageLike | None) -> list[str]:
     if dc.bootloader is not None:
-        raise _unsupported(
-            "bootloader",
-            f"{dc.bootloader!r} is not supported; give kernel=/ramdisk=/cmdline="
-            " (or none, to boot xenlab's image)",
-        )
+        raise _unsupported("bootloader",
+                           f"{dc.bootloader!r} is not supported; give kernel=/ramdisk=/cmdline="
+                           " (or none, to boot xenlab's image)")
     if "firmware" in dc.extra:
         raise _unsupported("firmware", "PV firmware (pvgrub, pvshim) is Xen-only; give kernel=")
     kernel = None if boots_firmware(dc) else dc.kernel
     if kernel is not None:
-        argv = ["-kernel", kernel]
+        argv = ["-kernel", qemu_arg(kernel, key="kernel")]
         if dc.ramdisk is not None:
-            argv += ["-initrd", dc.ramdisk]
+            # QEMU's multiboot loader (a Xen or other multiboot kernel=) splits
+            # -initrd into modules at commas and their arguments at spaces;
+            # its Linux loader does not: one name would mean different files.
+            if re.search(r"[, ]", dc.ramdisk):
+                raise QemuOptionError("ramdisk", dc.ramdisk, "contains a comma or a space, "
+                                      "where QEMU's multiboot loader splits modules")
+            argv += ["-initrd", qemu_arg(dc.ramdisk, key="ramdisk")]
         if dc.cmdline:
-            argv += ["-append", dc.cmdline]
+            argv += ["-append", qemu_arg(dc.cmdline, key="cmdline", controls=True)]
         return argv
     if dc.ramdisk is not None:
         raise _unsupported("ramdisk", "a ramdisk needs kernel= too")
     if image is not None and not boots_firmware(dc):
         cmdline = image.cmdline if not dc.cmdline else f"{image.cmdline} {dc.cmdline}"
-        return ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline]
+        # The image's kernel is Linux: its initrd is one file, whatever its name.
+        return ["-kernel", qemu_arg(image.kernel, key="guest image"),
+                "-initrd", qemu_arg(image.initrd, key="guest image"),
+                "-append", qemu_arg(cmdline, key="cmdline", controls=True)]
     if dc.type is not DomainType.HVM:
-        raise _unsupported(
-            "kernel", f"a {dc.type.value} guest needs kernel= (or xenlab's guest image)"
-        )
+        raise _unsupported("kernel", f"a {dc.type.value} guest needs kernel= "
+                           "(or xenlab's guest image)")
     # An HVM guest without a kernel boots from its disks through SeaBIOS, as under Xen.
     order = dc.boot or "cd"
     if not re.fullmatch(r"[a-dn]+", order):
         raise _unsupported("boot", f"{order!r} (expected letters from a, b, c, d, n)")
-    return ["-boot", f"order={order}"]
+    return ["-boot", qemu_opts([("order", order)], key="boot")]
 
 
 # --- display, serial, USB -------------------------------------------------------
@@ -648,13 +721,8 @@ def _boot(dc: DomainConfig, image: GuestImageLike | None) -> list[str]:
 
 def _vfb_settings(dc: DomainConfig) -> dict[str, str]:
     """The key=value settings of the first vfb= entry (PV framebuffer)."""
-    if not dc.vfb:
-        return {}
-    out: dict[str, str] = {}
-    for item in dc.vfb[0].split(","):
-        key, _, value = item.strip().partition("=")
-        out[key] = value
-    return out
+    items = (item.strip().partition("=") for item in dc.vfb[0].split(",")) if dc.vfb else ()
+    return {key: value for key, _, value in items}
 
 
 def _display(dc: DomainConfig, paths: RuntimePaths) -> list[str]:
@@ -672,17 +740,47 @@ def _display(dc: DomainConfig, paths: RuntimePaths) -> list[str]:
     if not vnc or dc.nographic:
         return ["-display", "none", *_video(dc, shown=False)]
     if listen is None and display is None:
-        spec = f"unix:{_opt(paths.vnc)}"
+        pairs: list[tuple[str, object]] = [("vnc", f"unix:{paths.vnc}")]
     else:
-        host = listen or "127.0.0.1"
-        if ":" in host:
-            host, _, shown = host.rpartition(":")
-            display = int(shown) if shown.isdigit() else display
-        spec = f"{host}:{display or 0}"
+        pairs = [("vnc", _vnc_address(listen, display))]
     if passwd:
         # The password itself is set over QMP (set_password), never on argv.
-        spec += ",password=on"
-    return ["-vnc", spec, *_video(dc, shown=True)]
+        pairs.append(("password", True))
+    # "vnc=" spelled out: a bare first value with "=" in it would split.
+    return ["-vnc", qemu_opts(pairs, key="run directory"), *_video(dc, shown=True)]
+
+
+_HOSTNAME: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
+# QEMU's VNC display N listens on TCP port 5900 + N.
+_MAX_DISPLAY: Final = 65535 - 5900
+
+
+def _vnc_address(listen: str | None, display: int | None) -> str:
+    """``HOST:DISPLAY`` for ``-vnc`` from xl's vnclisten (``ADDRESS[:DISPLAY]``) and vncdisplay.
+
+    Only an address or a host name is taken: the value ends up inside
+    QEMU's ``-vnc`` option, where anything else would be read as options.
+    """
+    text = host = listen or "127.0.0.1"
+    shown = None
+    if host.startswith("["):  # [v6] or [v6]:N
+        inner, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            host = ""
+        else:
+            host, shown = inner, rest[1:] if rest else None
+    elif host.count(":") == 1:
+        host, _, shown = host.partition(":")
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if (ip is None and not _HOSTNAME.fullmatch(host)) or (
+            shown is not None and not (shown.isdigit() and int(shown) <= _MAX_DISPLAY)):
+        raise QemuOptionError("vnclisten", text, "is not an address or host name with an "
+                              f"optional :DISPLAY (0-{_MAX_DISPLAY})")
+    number = int(shown) if shown is not None else display or 0
+    return f"[{host}]:{number}" if ip is not None and ip.version == 6 else f"{host}:{number}"
 
 
 def _video(dc: DomainConfig, *, shown: bool) -> list[str]:
@@ -700,12 +798,16 @@ def _video(dc: DomainConfig, *, shown: bool) -> list[str]:
         if model is None:
             raise _unsupported("vga_rom", 'a VGA BIOS needs a display device, not vga="none"')
         if not re.fullmatch(r"[A-Za-z0-9_-]+(,[A-Za-z0-9_.-]+=[^,\s]+)*", model) or (
-                "romfile=" in model):
+                re.search(r",(romfile|id)=", model)):
             raise _unsupported("vga_rom_device", f"{model!r} (expected a QEMU display device "
-                               "such as VGA or ati-vga,model=rv100, without romfile=)")
-        return ["-device", f"{model},romfile={_opt(rom)}"]
+                               "such as VGA or ati-vga,model=rv100, without romfile= or id=)")
+        driver, *settings = model.split(",")
+        pairs: list[tuple[str, object]] = [("driver", driver), ("id", "video0")]
+        pairs += [(k, v) for k, _, v in (item.partition("=") for item in settings)]
+        return ["-device", qemu_opts(pairs, key="vga_rom_device") + ","
+                + qemu_opts([("romfile", rom)], key="vga_rom")]
     vga = _vga(dc) if shown else None
-    return ["-device", vga] if vga else []
+    return _device({"driver": vga, "id": "video0"}, "vga") if vga else []
 
 
 def _pci(dc: DomainConfig) -> list[str]:
@@ -725,15 +827,15 @@ def _pci(dc: DomainConfig) -> list[str]:
         if p.seize:
             raise _unsupported(f"pci {bdf}", "seize=1: bind the device to vfio-pci yourself "
                                "(driverctl set-override BDF vfio-pci)")
-        opts = f"vfio-pci,host={bdf},id=hostdev{i}"
+        opts: dict[str, object] = {"driver": "vfio-pci", "host": bdf, "id": f"hostdev{i}"}
         if p.vslot is not None:
-            opts += f",addr={p.vslot:#x}"
+            opts["addr"] = f"{p.vslot:#x}"
         if dc.gfx_passthru and i == 0:
-            opts += ",x-vga=on"
+            opts["x-vga"] = True
             rom = dc.extra.get("vga_rom")
             if isinstance(rom, str):
-                opts += f",romfile={_opt(rom)}"
-        argv += ["-device", opts]
+                opts["romfile"] = qemu_arg(rom, key="vga_rom")
+        argv += _device(opts, f"pci {bdf}")
     return argv
 
 
@@ -748,21 +850,24 @@ def _vga(dc: DomainConfig) -> str | None:
     return "VGA"
 
 
+def _socket(chardev: str, path: Path, *more: tuple[str, object]) -> list[str]:
+    """A listening unix socket chardev at ``path`` (in the run directory)."""
+    return ["-chardev", qemu_opts([("backend", "socket"), ("id", chardev), ("path", path),
+                                   ("server", True), ("wait", False), *more],
+                                  key="run directory")]
+
+
 def _serial(dc: DomainConfig, paths: RuntimePaths) -> list[str]:
-    chardev = (
-        f"socket,id=console0,path={_opt(paths.console)},server=on,wait=off,"
-        f"logfile={_opt(paths.console_log)},logappend=on"
-    )
     kinds = dc.serial or ("pty",)
     if len(kinds) > 1:
         raise _unsupported("serial", "only one serial port (the console) is supported")
     if kinds[0] == "none":
         return ["-serial", "none"]
     if kinds[0] != "pty":
-        raise _unsupported(
-            "serial", f"{kinds[0]!r}: only 'pty' (the console socket) or 'none' is supported"
-        )
-    return ["-chardev", chardev, "-serial", "chardev:console0"]
+        raise _unsupported("serial", f"{kinds[0]!r}: only 'pty' (the console socket) or 'none' "
+                           "is supported")
+    return [*_socket("console0", paths.console, ("logfile", paths.console_log),
+                     ("logappend", True)), "-serial", "chardev:console0"]
 
 
 def _usb(dc: DomainConfig) -> list[str]:
@@ -772,10 +877,9 @@ def _usb(dc: DomainConfig) -> list[str]:
     for name in dc.usbdevice:
         device = _USB_DEVICES.get(name)
         if device is None:
-            raise _unsupported(
-                "usbdevice", f"{name!r} (expected {', '.join(sorted(_USB_DEVICES))})"
-            )
-        argv += ["-device", device]
+            known = ", ".join(sorted(_USB_DEVICES))
+            raise _unsupported("usbdevice", f"{name!r} (expected {known})")
+        argv += _device({"driver": device}, "usbdevice")
     return argv
 
 
@@ -789,75 +893,63 @@ def _actions(dc: DomainConfig) -> list[str]:
     the domain, QEMU resets it: the guest cannot tell), otherwise QEMU stops
     and the toolstack destroys or keeps it.  ``preserve`` pauses.
     """
-    restart_like = {
-        ShutdownAction.RESTART,
-        ShutdownAction.RENAME_RESTART,
-        ShutdownAction.COREDUMP_RESTART,
-        ShutdownAction.SOFT_RESET,
-    }
+    restart_like = {ShutdownAction.RESTART, ShutdownAction.RENAME_RESTART,
+                    ShutdownAction.COREDUMP_RESTART, ShutdownAction.SOFT_RESET}
     reboot = "reset" if dc.on_reboot in restart_like else "shutdown"
     shutdown = "pause" if dc.on_poweroff is ShutdownAction.PRESERVE else "poweroff"
     panic = "pause" if dc.on_crash is ShutdownAction.PRESERVE else "shutdown"
     if dc.on_crash in restart_like:
         panic = "none"  # the toolstack sees GUEST_PANICKED and resets
-    return [
-        "-action",
-        f"reboot={reboot},shutdown={shutdown},panic={panic}",
-        "-device",
-        "pvpanic",
-    ]
+    return ["-action", qemu_opts([("reboot", reboot), ("shutdown", shutdown), ("panic", panic)],
+                                 key="on_crash"), *_device({"driver": "pvpanic"}, "on_crash")]
 
 
 def _strings(value: Value | None) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
+    if value is None or isinstance(value, str):
+        return [] if value is None else [value]
     return [v for v in value if isinstance(v, str)]
 
 
 def _extra_keys(dc: DomainConfig) -> tuple[list[str], list[str]]:
-    """(machine options, trailing argv) from the keys without a field of their own."""
+    """(``-machine`` option, trailing argv) from the keys without a field of their own."""
     for key, why in _UNSUPPORTED_KEYS.items():
         if key in dc.extra:
             raise _unsupported(key, f"not supported by the QEMU backend ({why})")
     bios = dc.extra.get("bios")
     if isinstance(bios, str) and bios not in ("seabios", "rombios"):
         raise _unsupported("bios", f"{bios!r}: only SeaBIOS is supported")
-    machine: list[str] = []
+    machine: list[tuple[str, object]] = [("type", "pc")]
     acpi = dc.extra.get("acpi")
     if isinstance(acpi, str) and acpi.strip() == "0":
-        machine.append("acpi=off")
+        machine.append(("acpi", False))
     tail: list[str] = []
     localtime = dc.extra.get("localtime")
     if isinstance(localtime, str) and localtime.strip() not in ("", "0"):
-        tail += ["-rtc", "base=localtime"]
-    tail += _strings(dc.extra.get("device_model_args"))
+        tail += ["-rtc", qemu_opts([("base", "localtime")], key="localtime")]
+    # The user's own QEMU arguments, on purpose as they are (as libxl passes
+    # them); only what no argv can carry is refused.
     kind = "device_model_args_hvm" if dc.type is DomainType.HVM else "device_model_args_pv"
-    tail += _strings(dc.extra.get(kind))
-    return machine, tail
+    for key in ("device_model_args", kind):
+        tail += [qemu_arg(a, key=key, controls=True) for a in _strings(dc.extra.get(key))]
+    return ["-machine", qemu_opts(machine, key="acpi")], tail
 
 
 def _check_paths(paths: RuntimePaths) -> None:
+    for path in (paths.rundir, paths.pidfile, paths.log, paths.qmp, paths.qga, paths.console):
+        qemu_arg(path, key="run directory")
+    if "%" in str(paths.log):
+        raise QemuOptionError("run directory", str(paths.log),
+                              "contains '%', which QEMU's -D reads as a format")
     for what, path in (("qmp", paths.qmp), ("qga", paths.qga), ("console", paths.console)):
         if len(os.fsencode(path)) > _SOCKET_MAX:
-            raise XenlabError(
-                f"{what} socket path {str(path)!r} is longer than {_SOCKET_MAX} bytes"
-                " (a unix socket limit); use a shorter run directory"
-            )
+            raise XenlabError(f"{what} socket path {str(path)!r} is longer than {_SOCKET_MAX} "
+                              "bytes (a unix socket limit); use a shorter run directory")
 
 
-def qemu_argv(
-    dc: DomainConfig,
-    paths: RuntimePaths,
-    *,
-    accel: Accel = Accel.TCG,
-    image: GuestImageLike | None = None,
-    paused: bool = False,
-    incoming: str | None = None,
-    binary: str = "qemu-system-x86_64",
-    taps: Mapping[int, str] | None = None,
-) -> list[str]:
+def qemu_argv(dc: DomainConfig, paths: RuntimePaths, *, accel: Accel = Accel.TCG,
+               image: GuestImageLike | None = None, paused: bool = False,
+               incoming: str | None = None, binary: str = "qemu-system-x86_64",
+               taps: Mapping[int, str] | None = None) -> list[str]:
     """The QEMU argv that runs ``dc`` (see the module notes for the mapping).
 
     ``taps`` names the host tap of each vif that needs one (by devid; see
@@ -871,46 +963,36 @@ def qemu_argv(
         the message starts with the xl key (``disk xvdb: ...``, ``pci: ...``).
     """
     _check_paths(paths)
-    machine_opts, tail = _extra_keys(dc)
-    argv = [
-        binary,
-        "-no-user-config",
-        "-nodefaults",
-        "-name",
-        f"guest={_opt(dc.name)},debug-threads=on",
-    ]
+    machine, tail = _extra_keys(dc)
+    argv = [binary, "-no-user-config", "-nodefaults",
+            "-name", qemu_opts([("guest", dc.name), ("debug-threads", True)], key="name")]
     if dc.uuid is not None:
-        argv += ["-uuid", dc.uuid]
-    argv += ["-machine", ",".join(["pc", *machine_opts])]
+        argv += ["-uuid", qemu_arg(dc.uuid, key="uuid")]
+    argv += machine
     argv += ["-accel", accel.value, "-cpu", "host" if accel is Accel.KVM else "max"]
     argv += _memory_and_cpus(dc)
     argv += _boot(dc, image)
     argv += _display(dc, paths)
     argv += _serial(dc, paths)
     argv += [
-        "-qmp",
-        f"unix:{_opt(paths.qmp)},server=on,wait=off",
-        "-pidfile",
-        str(paths.pidfile),
+        # QMP on a chardev whose path is a named key: -qmp's "unix:PATH" form
+        # has the path as its implied key, which a "=" in the path breaks.
+        *_socket("qmp0", paths.qmp), "-mon", "chardev=qmp0,mode=control",
+        "-pidfile", str(paths.pidfile),
         # -daemonize points QEMU's stderr at /dev/null unless a log file is
         # set: with -D its later errors (a failed migration load, a
         # device's complaint) land in the run directory, to be quoted.
-        "-D",
-        str(paths.log),
-        "-chardev",
-        f"socket,id=qga0,path={_opt(paths.qga)},server=on,wait=off",
-        "-device",
-        "virtio-serial-pci,id=vser0",
-        "-device",
-        f"virtserialport,bus=vser0.0,chardev=qga0,name={GUEST_AGENT_PORT},id=qga-port0",
-        "-device",
-        "virtio-balloon-pci,id=balloon0",
+        "-D", str(paths.log),
+        *_socket("qga0", paths.qga),
+        *_device({"driver": "virtio-serial-pci", "id": "vser0"}, "qga"),
+        *_device({"driver": "virtserialport", "bus": "vser0.0", "chardev": "qga0",
+                  "name": GUEST_AGENT_PORT, "id": "qga-port0"}, "qga"),
+        *_device({"driver": "virtio-balloon-pci", "id": "balloon0"}, "memory"),
         # SeaBIOS (and SeaVGABIOS) print their debug log to port 0x402: keep it,
         # so a guest that never reaches its kernel can still say why.
-        "-chardev",
-        f"file,id=fwlog,path={_opt(paths.firmware_log)}",
-        "-device",
-        "isa-debugcon,iobase=0x402,chardev=fwlog",
+        "-chardev", qemu_opts([("backend", "file"), ("id", "fwlog"),
+                               ("path", paths.firmware_log)], key="run directory"),
+        *_device({"driver": "isa-debugcon", "iobase": 0x402, "chardev": "fwlog"}, "firmware"),
     ]
     argv += _actions(dc)
     argv += _disks(dc.disks)
@@ -920,7 +1002,7 @@ def qemu_argv(
     if paused:
         argv.append("-S")
     if incoming is not None:
-        argv += ["-incoming", incoming]
+        argv += ["-incoming", qemu_arg(incoming, key="incoming")]
     argv += tail
     return argv
 
@@ -956,14 +1038,8 @@ def _boots(binary: str, accel: Accel, timeout: float) -> bool:
             "-kernel", str(kernel),
         ]  # fmt: skip
         try:
-            done = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=timeout,
-                check=False,
-            )
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, timeout=timeout, check=False)
         except (OSError, subprocess.TimeoutExpired):
             return False
     return done.returncode == _PROBE_EXIT
