@@ -38,6 +38,7 @@ from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk, parse_di
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm.domain import (
     DISK_SPECS,
+    SHUTOFF,
     Toolstack,
     _on_mirrors,
     _on_overlays,
@@ -45,10 +46,11 @@ from xenlab.vm.domain import (
     create_image,
     disk_line,
 )
+from xenlab.vm.jobs import Job
 from xenlab.vm.qemu import blockdev_nodes, check_disk, disk_device, disk_slot
 from xenlab.vm.qmp import CommandError, Qmp
 from xenlab.vm.qmp import run as _run
-from xenlab.vm.store import DomainRecord
+from xenlab.vm.store import DomainRecord, is_alive
 
 __all__ = ["DiskInfo", "block_attach", "block_detach", "block_list", "cd_eject", "cd_insert",
            "qdev_ids"]
@@ -113,14 +115,11 @@ def _keep(ts: Toolstack, rec: DomainRecord, disks: list[DiskSpec],
     """Record the domain's new disk list (config text and extra)."""
     texts = [format_disk(d) for d in disks]
     text = rec.config_text.rstrip("\n") + "\n" + disk_line(texts) + "\n"
-    extra = dict(rec.extra)
-    extra[DISK_SPECS] = texts
-    for key, value in (extra_changes or {}).items():
-        if value is None:
-            extra.pop(key, None)
-        else:
-            extra[key] = value
-    return ts.store.update(replace(rec, config_text=text, extra=extra))
+    changes = extra_changes or {}
+    return ts.store.patch(
+        rec.domid, expect_uuid=rec.uuid, config_text=text,
+        extra_set={DISK_SPECS: texts, **{k: v for k, v in changes.items() if v is not None}},
+        extra_drop=[k for k, v in changes.items() if v is None])
 
 
 async def qdev_ids(qmp: Qmp) -> frozenset[str]:
@@ -167,9 +166,8 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
         hot-plugged, or the target is missing.
     :raise BackendError: QEMU refused (the image is not opened, nothing kept).
     """
-    rec = ts._live(name)
     disk = parse_disk(spec, source="block-attach")
-    where = f"block-attach {rec.name}: disk {disk.vdev}"
+    where = f"block-attach {name}: disk {disk.vdev}"
     if disk.is_cdrom or not disk.vdev.startswith("xvd"):
         raise XenlabError(f"{where}: only virtio disks (xvdX) can be hot-plugged; IDE and "
                           "SCSI disks and cdroms are fixed at start")
@@ -182,26 +180,23 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
     target = os.path.abspath(disk.pdev_path)
     disk = replace(disk, pdev_path=target)
     check_disk(disk)  # the checks a start makes (format, script=, backend=...)
-    created = False
-    with ts.store.lock(rec.domid):
-        rec = ts.store.get(rec.domid)
+    with ts.live(name) as rec:
+        where = f"block-attach {rec.name}: disk {disk.vdev}"
         dc, _ = config_from_text(rec.config_text, rec.config_path)
         if any(d.vdev == disk.vdev for d in dc.disks):
             raise XenlabError(f"{where}: the domain has a disk {disk.vdev} already")
-        if not Path(target).exists():
-            if create_size is None or target.startswith("/dev/"):
-                raise XenlabError(f"{where}: {target} does not exist (create it with "
-                                  "qemu-img, or pass --create-disks SIZE)")
-            create_image(target, disk.format.value, create_size)
-            created = True
+        create = not Path(target).exists()
+        if create and (create_size is None or target.startswith("/dev/")):
+            raise XenlabError(f"{where}: {target} does not exist (create it with "
+                              "qemu-img, or pass --create-disks SIZE)")
         proto, fmt = blockdev_nodes(disk, disk.vdev)
         fmt["file"] = {k: v for k, v in proto.items()}
         stale = list((rec.extra.get(STALE_NODES) or {}).get(disk.vdev) or [])
+        nodes = [str(fmt["node-name"]), str(proto["node-name"])]
 
         async def go() -> None:
             async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                await _finish_removal(qmp, where, disk.vdev,
-                                      [*stale, str(fmt["node-name"]), str(proto["node-name"])])
+                await _finish_removal(qmp, where, disk.vdev, [*stale, *nodes])
                 try:
                     await qmp.execute("blockdev-add", fmt)
                 except CommandError as err:
@@ -214,16 +209,66 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
                         raise BackendError(f"{where}: QEMU refused the device: {err}") from err
                     raise
 
-        try:
-            _run(go())
-        except BaseException:
-            if created:
-                Path(target).unlink(missing_ok=True)
-            raise
-        pending = dict(rec.extra.get(STALE_NODES) or {})
-        pending.pop(disk.vdev, None)
-        rec = _keep(ts, rec, [*dc.disks, disk], {STALE_NODES: pending or None})
+        # The job says what is about to be plugged and made: a killed attach
+        # is finished (QEMU has the device) or undone by the next command.
+        with ts.job(rec, "block-attach", spec=format_disk(disk), nodes=nodes,
+                    created=target if create else None) as rec:
+            if create:
+                assert create_size is not None
+                create_image(target, disk.format.value, create_size)
+            try:
+                _run(go())
+            except BaseException:
+                if create:
+                    Path(target).unlink(missing_ok=True)
+                raise
+            rec = _attached(ts, rec, disk)
     return next(i for i in block_list(ts, rec.name) if i.vdev == disk.vdev)
+
+
+def _attached(ts: Toolstack, rec: DomainRecord, disk: DiskSpec) -> DomainRecord:
+    """Record ``disk`` as attached (QEMU has its device now)."""
+    dc, _ = config_from_text(rec.config_text, rec.config_path)
+    pending = dict(rec.extra.get(STALE_NODES) or {})
+    pending.pop(disk.vdev, None)
+    return _keep(ts, rec, [*(d for d in dc.disks if d.vdev != disk.vdev), disk],
+                 {STALE_NODES: pending or None})
+
+
+def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
+    """Finish or undo a block-attach that was killed (``Toolstack.converge`` calls this).
+
+    QEMU has the device: the disk is recorded (finished).  It has not: the
+    nodes the attach may have added are deleted and a target it made is
+    removed (undone).  A domain whose QEMU is gone has nothing to finish.
+    """
+    if job.verb != "block-attach":
+        return rec
+    disk = parse_disk(str(job.detail.get("spec", "")), source="interrupted block-attach")
+    where = f"block-attach {rec.name}: disk {disk.vdev}"
+    created = job.detail.get("created")
+    if rec.state == SHUTOFF or not is_alive(rec):
+        if isinstance(created, str):
+            Path(created).unlink(missing_ok=True)
+        return rec
+
+    async def look() -> bool:
+        async with Qmp.open(ts.paths(rec).qmp) as qmp:
+            if disk.vdev in await qdev_ids(qmp):
+                return True
+            nodes = [str(n) for n in job.detail.get("nodes") or []]
+            await _release_nodes(qmp, [n for n in nodes if n in await _node_names(qmp)])
+            return False
+
+    if _run(look()):
+        rec = _attached(ts, rec, disk)
+        log.warning("%s: an attach killed before it was recorded is finished: the guest has "
+                    "the disk, and the record now lists it", where)
+    else:
+        if isinstance(created, str):
+            Path(created).unlink(missing_ok=True)
+        log.warning("%s: an attach killed before QEMU had the device is undone", where)
+    return rec
 
 
 async def _finish_removal(qmp: Qmp, where: str, vdev: str, names: list[str]) -> None:
@@ -260,9 +305,7 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
     :raise BackendError: the guest did not release it within ``timeout``
         seconds (the disk stays in the record), or QEMU refused.
     """
-    rec = ts._live(name)
-    with ts.store.lock(rec.domid):
-        rec = ts.store.get(rec.domid)
+    with ts.live(name) as rec:
         info = {i.vdev: i for i in block_list(ts, rec.name)}
         where = f"block-detach {rec.name}: disk {vdev}"
         if vdev not in info:
@@ -335,10 +378,8 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
                         "; ".join(f"{n}: {why}" for n, why in kept.items()), vdev)
         else:
             del pending[vdev]
-        extra = {k: v for k, v in rec.extra.items() if k != STALE_NODES}
-        if pending:
-            extra[STALE_NODES] = pending
-        ts.store.update(replace(rec, extra=extra))
+        ts.store.patch(rec.domid, extra_set={STALE_NODES: pending} if pending else {},
+                       extra_drop=[] if pending else [STALE_NODES])
     return info[vdev]
 
 
@@ -357,9 +398,7 @@ def _set_medium(ts: Toolstack, name: str, vdev: str, verb: str, command: str,
                 args: dict[str, object], path: str | None, fmt: DiskFormat) -> DiskInfo:
     """Run QMP ``command`` on cdrom drive ``vdev`` of running domain ``name``, then record
     the drive's new medium (``path`` in format ``fmt``; None: empty)."""
-    rec = ts._live(name)
-    with ts.store.lock(rec.domid):
-        rec = ts.store.get(rec.domid)
+    with ts.live(name) as rec:
         disks, i = _cdrom(ts, rec, vdev, verb)
 
         async def go() -> None:

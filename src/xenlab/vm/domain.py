@@ -944,9 +944,10 @@ class Toolstack:
 # ``recover_job(ts, rec, job) -> DomainRecord | None``); imported only when
 # such a job is found, so a `vm list` does not load the snapshot code.
 RECOVERY: dict[str, str] = {
-    "snapshot-create": "xenlab.vm.snapshot",
-    "snapshot-revert": "xenlab.vm.snapshot",
-    "snapshot-delete": "xenlab.vm.snapshot",
+    "block-attach": "xenlab.vm.disks",
+    "snapshot-create": "xenlab.vm.snaprecover",
+    "snapshot-revert": "xenlab.vm.snaprecover",
+    "snapshot-delete": "xenlab.vm.snaprecover",
 }
 
 

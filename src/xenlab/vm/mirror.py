@@ -57,22 +57,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import re
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from xenlab.atomic import fsync_dir
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.vm import qemuimg
 from xenlab.vm.domain import SHUTOFF, Toolstack
-from xenlab.vm.qemu import _FORMAT_DRIVERS, RuntimePaths
+from xenlab.vm.qemu import RuntimePaths
+from xenlab.vm.qemuimg import FORMAT_DRIVERS
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.store import DomainRecord, is_alive
@@ -179,9 +178,7 @@ def mirror(
     if rec.state == SHUTOFF:
         return _mirror_offline(ts, rec, vdev, target, format, pivot, timeout, progress,
                                started)
-    rec = ts._live(name)
-    with ts.store.lock(rec.domid):
-        rec = ts._live(str(rec.domid))
+    with ts.live(name) as rec:
         source, source_fmt = _source_file(ts, rec, vdev, pivot)
         _claim(target)
         run = _Run()
@@ -267,35 +264,29 @@ def _source_file(ts: Toolstack, rec: DomainRecord, vdev: str, pivot: bool
 
 def _driver(fmt: DiskFormat, rec: DomainRecord, vdev: str) -> str:
     """QEMU's name for disk format ``fmt``; refuses a format xenlab does not run."""
-    driver = _FORMAT_DRIVERS.get(fmt)
+    driver = FORMAT_DRIVERS.get(fmt)
     if driver is None:
         raise XenlabError(f"disk {vdev} of {rec.name!r}: format {fmt.value!r}, expected one "
-                          f"of {', '.join(f.value for f in _FORMAT_DRIVERS)}")
+                          f"of {', '.join(f.value for f in FORMAT_DRIVERS)}")
     return driver
 
 
 def _record_pivot(ts: Toolstack, domid: int, vdev: str, target: Path, fmt: str,
                   node: str | None) -> DomainRecord:
     rec = ts.store.get(domid)
-    extra = dict(rec.extra)
-    extra[DISK_PATHS] = {**(extra.get(DISK_PATHS) or {}),
-                         vdev: {"file": str(target), "format": fmt}}
+    changes: dict[str, Any] = {DISK_PATHS: {**(rec.extra.get(DISK_PATHS) or {}),
+                                            vdev: {"file": str(target), "format": fmt}}}
     if node is not None:
-        extra[DISK_NODES] = {**(extra.get(DISK_NODES) or {}), vdev: node}
-    return ts.store.update(replace(rec, extra=extra))
+        changes[DISK_NODES] = {**(rec.extra.get(DISK_NODES) or {}), vdev: node}
+    return ts.store.patch(domid, extra_set=changes)
 
 
 # --- a shut-off domain: qemu-img convert ------------------------------------------------
 
-# qemu-img convert -p rewrites one line: "    (12.34/100%)\r"
-_PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
-
-
 def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: Path, fmt: str,
                     pivot: bool, timeout: float, progress: Progress | None,
                     started: float) -> MirrorResult:
-    with ts.store.lock(rec.domid):
-        rec = ts.store.get(rec.domid)
+    with ts.locked(str(rec.domid)) as rec:
         if rec.state != SHUTOFF:
             raise StateError(f"domain {rec.name!r} was started meanwhile; mirror again")
         source, source_fmt = _source_file(ts, rec, vdev, pivot)
@@ -338,57 +329,22 @@ def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: Path, f
 
 
 def _virtual_size(image: str, fmt: str) -> int:
-    proc = subprocess.run(["qemu-img", "info", "-f", fmt, "--output=json", image],
-                          capture_output=True, text=True, check=False, timeout=60)
-    if proc.returncode != 0:
-        raise XenlabError(f"qemu-img info {image}: {proc.stderr.strip()}")
-    return int(json.loads(proc.stdout)["virtual-size"])
+    return qemuimg.virtual_size(image, fmt)
 
 
 def _convert(source: str, source_fmt: str, out: Path, fmt: str, vdev: str, size: int,
              timeout: float, progress: Progress | None, started: float) -> None:
-    """``qemu-img convert -p`` ``source`` (of format ``source_fmt``) to ``out``, reporting
-    its percentages."""
-    deadline = time.monotonic() + timeout
-    proc = subprocess.Popen(["qemu-img", "convert", "-p", "-f", source_fmt, "-O", fmt, source,
-                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
-        os.set_blocking(proc.stdout.fileno(), False)
-        buf = b""
-        while True:
-            if time.monotonic() > deadline:
-                raise BackendError(f"qemu-img convert not done within {timeout:g}s")
-            try:
-                chunk = os.read(proc.stdout.fileno(), 4096)
-            except BlockingIOError:
-                chunk = None
-            if chunk:
-                buf = (buf + chunk)[-256:]
-                found = _PERCENT.findall(buf)
-                if found and progress is not None:
-                    done = int(size * float(found[-1]) / 100)
-                    progress(MirrorProgress(vdev, "copying", done, size, False,
-                                            time.monotonic() - started))
-                continue
-            if chunk == b"" or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        rc = proc.wait(max(0.0, deadline - time.monotonic()))
-        if rc != 0:
-            err = proc.stderr.read().decode(errors="replace").strip()
-            raise BackendError(f"qemu-img convert: {err or f'exit {rc}'}")
+    """``qemu-img convert`` ``source`` (of format ``source_fmt``) to ``out``, reporting progress."""
+
+    def report(percent: float) -> None:
         if progress is not None:
-            progress(MirrorProgress(vdev, "concluded", size, size, True,
+            progress(MirrorProgress(vdev, "copying", int(size * percent / 100), size, False,
                                     time.monotonic() - started))
-    except subprocess.TimeoutExpired as err:
-        raise BackendError(f"qemu-img convert not done within {timeout:g}s") from err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+
+    qemuimg.convert(source, source_fmt, out, fmt, timeout=timeout, progress=report)
+    if progress is not None:
+        progress(MirrorProgress(vdev, "concluded", size, size, True,
+                                time.monotonic() - started))
 
 
 # --- the QMP side --------------------------------------------------------------------
@@ -431,10 +387,7 @@ async def _mirror(paths: RuntimePaths, vdev: str, target: Path, fmt: str, pivot:
         while f"{vdev}--mirror{n}" in names or f"{vdev}--mirror{n}-file" in names:
             n += 1
         node = f"{vdev}--mirror{n}"
-        proc = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(target), str(size)],
-                              capture_output=True, text=True, check=False, timeout=120)
-        if proc.returncode != 0:
-            raise BackendError(f"qemu-img create {target}: {proc.stderr.strip()}")
+        qemuimg.create(target, fmt, size)
         added = False
         running = False
         try:
@@ -590,15 +543,13 @@ def _check_source(source: str, fmt: str) -> str:
     disk look like a qcow2 whose "repair" would write into it).
     """
     try:
-        proc = subprocess.run(["qemu-img", "check", "-f", fmt, "-r", "leaks", source],
-                              capture_output=True, text=True, check=False, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as err:
+        result = qemuimg.check(source, fmt, repair=True)
+    except XenlabError as err:
         return f"the source {source} could not be checked ({err})"
-    if proc.returncode == 0:
-        repaired = "repaired" in proc.stdout
-        return (f"the source {source} passes qemu-img check"
-                + (" (leaked clusters repaired)" if repaired else ""))
-    if proc.returncode == 63:  # not a format that qemu-img can check: raw
+    if not result.checked:  # raw: no metadata to check
         return f"the source {source} is unchanged (a mirror only reads it)"
+    if result.ok:
+        return (f"the source {source} passes qemu-img check"
+                + (" (leaked clusters repaired)" if result.repaired else ""))
     return (f"the source {source} FAILS qemu-img check: "
-            f"{(proc.stdout + proc.stderr).strip().splitlines()[-1:]}")
+            f"{result.message.splitlines()[-1:]}")

@@ -120,13 +120,9 @@ def _keep(ts: Toolstack, rec: DomainRecord, specs: list[VifSpec],
     """Record the domain's new vif list and host ends (config text and extra)."""
     texts = [format_vif(s) for s in specs]
     text = rec.config_text.rstrip("\n") + "\n" + vif_line(texts) + "\n"
-    extra = dict(rec.extra)
-    extra[VIF_SPECS] = texts
-    if vifs:
-        extra[VIFS] = vifs
-    else:
-        extra.pop(VIFS, None)
-    return ts.store.update(replace(rec, config_text=text, extra=extra))
+    return ts.store.patch(rec.domid, expect_uuid=rec.uuid, config_text=text,
+                          extra_set={VIF_SPECS: texts, **({VIFS: vifs} if vifs else {})},
+                          extra_drop=[] if vifs else [VIFS])
 
 
 def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
@@ -143,11 +139,9 @@ def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
     :raise HotplugError: the host end cannot come online (missing bridge...).
     :raise BackendError: QEMU refused the device.
     """
-    rec = ts._live(name)
     text = ",".join(i.strip() for i in items if i.strip())
     spec = parse_vif(text, source="network-attach", strict=True)
-    with ts.store.lock(rec.domid):
-        rec = ts.store.get(rec.domid)
+    with ts.live(name) as rec:
         current = _nics(rec)
         used = {n.devid for n in current}
         devid = spec.devid
@@ -239,9 +233,7 @@ def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.
     :raise BackendError: the guest did not release the NIC within ``timeout``
         seconds (the NIC stays in the record, with its tap), or QEMU refused.
     """
-    rec = ts._live(name)
-    with ts.store.lock(rec.domid):
-        rec = ts.store.get(rec.domid)
+    with ts.live(name) as rec:
         current = _nics(rec)
         gone = _find(rec, current, which)
         taps = _taps(rec)
@@ -294,13 +286,9 @@ def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.
                     list(rec.extra.get(VIFS) or []))
         _run(clean())
         if offlined:
-            extra = dict(rec.extra)
             left = [obj for obj in rec.extra.get(VIFS) or [] if obj not in offlined]
-            if left:
-                extra[VIFS] = left
-            else:
-                extra.pop(VIFS, None)
-            rec = ts.store.update(replace(rec, extra=extra))
+            rec = ts.store.patch(rec.domid, extra_set={VIFS: left} if left else {},
+                                 extra_drop=[] if left else [VIFS])
         if problems:
             log.warning("network-detach %s: vif %d is detached, but cleaning up failed: %s "
                         "(the next network-attach or the domain's end retries the tap)",

@@ -57,8 +57,10 @@ __all__ = [
     "ExecResult",
     "GuestAgent",
     "Qmp",
+    "job_ids",
     "run",
     "run_job",
+    "settle_job",
 ]
 
 T = TypeVar("T")
@@ -343,6 +345,35 @@ async def run_job(
     if error:
         kind = (info or {}).get("type", "job")
         raise BackendError(f"job {job_id} ({kind}) failed: {error}")
+
+
+async def settle_job(qmp: Qmp, job_id: str, timeout: float, *,
+                     complete_on_ready: bool = False) -> tuple[bool, str | None]:
+    """Let a job that an earlier, killed command started end, and dismiss it.
+
+    Returns ``(found, error)``: whether QEMU had a job ``job_id``, and its
+    error if it failed.  A job left undismissed blocks its id for good
+    ("Job ID ... already in use"), so every command that starts a job of a
+    fixed id settles the old one first.
+
+    :raise BackendError: the job did not end within ``timeout`` seconds.
+    """
+    if await _job_info(qmp, job_id) is None:
+        return False, None
+    try:
+        await run_job(qmp, job_id, timeout, complete_on_ready=complete_on_ready)
+    except BackendError as err:
+        if "not concluded within" in str(err):
+            raise
+        return True, str(err)
+    return True, None
+
+
+async def job_ids(qmp: Qmp) -> dict[str, str]:
+    """QEMU's jobs now: ``{id: status}``."""
+    jobs = await qmp.execute("query-jobs")
+    return {str(j.get("id")): str(j.get("status")) for j in jobs if isinstance(j, dict)
+            } if isinstance(jobs, list) else {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,15 +159,9 @@ def _list(value: object, what: str) -> list[dict[str, Any]]:
 
 
 def _set_extra(ts: Toolstack, domid: int, **values: object) -> DomainRecord:
-    """Re-read the record (another verb may have changed it) and merge ``values`` into extra."""
-    rec = ts.store.get(domid)
-    extra = dict(rec.extra)
-    for key, value in values.items():
-        if value is None:
-            extra.pop(key, None)
-        else:
-            extra[key] = value
-    return ts.store.update(replace(rec, extra=extra))
+    """Merge ``values`` into the stored record's extra (None: drop the key), nothing else."""
+    return ts.store.patch(domid, extra_set={k: v for k, v in values.items() if v is not None},
+                          extra_drop=[k for k, v in values.items() if v is None])
 
 
 async def _guest(ts: Toolstack, rec: DomainRecord, argv: list[str]) -> bytes | None:
@@ -229,9 +223,7 @@ def mem_set(ts: Toolstack, name: str, mib: int, *, timeout: float = 30.0) -> Mem
     :raise StateError: the domain is not running.
     :raise BackendError: QEMU failed.
     """
-    rec = _live(ts, name)
-    with ts.store.lock(rec.domid):
-        rec = ts.store.get(rec.domid)
+    with ts.live(name) as rec:
         dc = _config(rec)
         maxmem = _maxmem(rec, dc)
         if mib > maxmem:
@@ -277,9 +269,7 @@ def mem_max(ts: Toolstack, name: str, mib: int) -> int:
     :raise XenlabError: ``mib`` out of those bounds; nothing is changed then.
     :raise StateError: the domain is not running.
     """
-    rec = _live(ts, name)
-    with ts.store.lock(rec.domid):
-        rec = ts.store.get(rec.domid)
+    with ts.live(name) as rec:
         dc = _config(rec)
 
         async def size() -> int:
@@ -507,9 +497,7 @@ def vcpu_set(ts: Toolstack, name: str, n: int, *, timeout: float = 30.0) -> Vcpu
         did not online/offline the CPUs within ``timeout``.
     :raise BackendError: QEMU refused.
     """
-    rec = _live(ts, name)
-    with ts.store.lock(rec.domid):
-        rec = ts.store.get(rec.domid)
+    with ts.live(name) as rec:
         dc = _config(rec)
 
         async def go() -> tuple[int, str]:
@@ -607,10 +595,9 @@ def vcpu_pin(ts: Toolstack, name: str, vcpu: int | str, cpus: str | CpuSet
     :raise StateError: the domain is not running.
     :raise BackendError: the kernel refused the affinity.
     """
-    rec = _live(ts, name)
     host = host_topology()
     wanted = _resolve(cpus, host, "vcpu-pin")
-    with ts.store.lock(rec.domid):
+    with ts.live(name) as rec:
 
         async def go() -> list[tuple[int, int]]:
             async with Qmp.open(ts.paths(rec).qmp) as qmp:
@@ -663,8 +650,11 @@ def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
             f"domain {rec.name!r} (id {rec.domid}) has stale state: `xenlab vm destroy "
             f"{rec.name}` clears it"
         )
-    with ts.store.global_lock(), ts.store.lock(rec.domid):
-        rec = ts.store.get(rec.domid)
+    with ts.store.global_lock(), ts.locked(str(rec.domid)) as now:
+        if now.uuid != rec.uuid:
+            raise StateError(f"domain {rec.name!r} was replaced while rename waited for it; "
+                             "nothing was done")
+        rec = now
         if new == rec.name:
             return rec
         for other in ts.store.list():
@@ -680,7 +670,9 @@ def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
                 extra.pop("qemu_name", None)
             else:
                 extra["qemu_name"] = qemu_name
-        return ts.store.update(replace(rec, name=new, config_text=text, extra=extra))
+        return ts.store.patch(rec.domid, expect_uuid=rec.uuid, name=new, config_text=text,
+                              extra_set=extra, extra_drop=[k for k in rec.extra
+                                                           if k not in extra])
 
 
 def info(ts: Toolstack, name: str) -> dict[str, Any]:

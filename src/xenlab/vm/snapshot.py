@@ -149,7 +149,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import shlex
@@ -158,14 +157,15 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.vm import qemuimg
 from xenlab.vm.domain import SHUTOFF, Toolstack, _on_overlays
-from xenlab.vm.qmp import Qmp, run_job
+from xenlab.vm.qmp import Qmp, run_job, settle_job
 from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.store import (
     DomainRecord,
@@ -175,6 +175,7 @@ from xenlab.vm.store import (
     SnapshotState,
     descendants_first,
     is_alive,
+    private_dir,
 )
 
 __all__ = [
@@ -364,7 +365,7 @@ def _by_name(name: str) -> DiskSnapshotBackend:
     raise StateError(f"no snapshot backend named {name!r} is registered here")
 
 
-def _entry_backend(s: SnapshotRecord, entry: Mapping[str, Any]) -> DiskSnapshotBackend:
+def entry_backend(s: SnapshotRecord, entry: Mapping[str, Any]) -> DiskSnapshotBackend:
     name = entry.get("backend")
     if name is None:  # rows written before backends were recorded
         name = "qcow2-internal" if s.kind is SnapshotKind.INTERNAL else "qcow2-external"
@@ -373,10 +374,10 @@ def _entry_backend(s: SnapshotRecord, entry: Mapping[str, Any]) -> DiskSnapshotB
 
 async def _node_of(qmp: Qmp, file: str, fallback: str) -> str:
     """QEMU's format node for image ``file`` (nodes are renamed when QEMU restarts)."""
-    return (await _node_and_tags(qmp, file, fallback))[0]
+    return (await node_and_tags(qmp, file, fallback))[0]
 
 
-async def _node_and_tags(qmp: Qmp, file: str, fallback: str) -> tuple[str, set[str] | None]:
+async def node_and_tags(qmp: Qmp, file: str, fallback: str) -> tuple[str, set[str] | None]:
     """QEMU's format node for image ``file`` and the internal snapshot tags QEMU sees in it.
 
     One QMP round trip instead of a ``qemu-img info`` process (about 25 ms);
@@ -396,26 +397,21 @@ async def _node_and_tags(qmp: Qmp, file: str, fallback: str) -> tuple[str, set[s
     return fallback, None
 
 
-def _backing(path: str) -> str | None:
-    """The backing file of image ``path`` (absolute), or None."""
-    info = json.loads(_img("info", "-U", "--output=json", path))
-    b = info.get("full-backing-filename") or info.get("backing-filename")
-    if not b:
-        return None
-    return os.path.realpath(os.path.join(os.path.dirname(path), str(b)))
+async def qemu_uses(qmp: Qmp, file: str) -> bool:
+    """True when QEMU has a block node on image ``file`` (it may be writing to it)."""
+    node, _ = await node_and_tags(qmp, file, "")
+    return bool(node)
 
 
-def _chain(path: str) -> list[str]:
+def _backing(path: str, fmt: str = "qcow2") -> str | None:
+    """The backing file of image ``path`` (absolute, real), or None."""
+    found = qemuimg.backing_of(path, fmt)
+    return None if found is None else found[0]
+
+
+def _chain(path: str, fmt: str) -> list[str]:
     """``path`` and every image below it, real paths; [] when ``path`` is missing."""
-    if not Path(path).exists():
-        return []
-    info = json.loads(_img("info", "-U", "--backing-chain", "--output=json", path))
-    out = []
-    for layer in info if isinstance(info, list) else [info]:
-        f = layer.get("filename")
-        if isinstance(f, str) and not f.startswith("json:"):
-            out.append(os.path.realpath(f))
-    return out
+    return qemuimg.backing_chain(path, fmt)
 
 
 class Qcow2Internal:
@@ -439,13 +435,13 @@ class Qcow2Internal:
 
     async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
         if qmp is None:
-            _img("snapshot", "-c", tag, entry["file"])
+            qemuimg.snapshot("create", tag, entry["file"])
         else:
             node = await _node_of(qmp, entry["file"], entry["node"])
             await qmp.execute("blockdev-snapshot-internal-sync", {"device": node, "name": tag})
 
     async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
-        _img("snapshot", "-a", tag, entry["file"])
+        qemuimg.snapshot("apply", tag, entry["file"])
         return None
 
     async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
@@ -458,11 +454,11 @@ class Qcow2Internal:
         if not Path(f).exists():
             return
         if qmp is None:
-            if tag in _img_tags(f):
-                _img("snapshot", "-d", tag, f)
+            if tag in qemuimg.snapshot_tags(f):
+                qemuimg.snapshot("delete", tag, f)
         else:
-            node, tags = await _node_and_tags(qmp, f, entry["node"])
-            if tag not in (_img_tags(f) if tags is None else tags):
+            node, tags = await node_and_tags(qmp, f, entry["node"])
+            if tag not in (qemuimg.snapshot_tags(f) if tags is None else tags):
                 return
             # The snapshot-delete job, not the -sync command: the image may
             # sit below an overlay, and the sync command only takes root nodes.
@@ -470,7 +466,7 @@ class Qcow2Internal:
                                                 "tag": tag, "devices": [node]}, JOB_TIMEOUT)
 
     def list(self, disk: SnapDisk) -> set[str]:
-        return _img_tags(disk.file) if Path(disk.file).exists() else set()
+        return qemuimg.snapshot_tags(disk.file) if Path(disk.file).exists() else set()
 
 
 class Qcow2External:
@@ -497,8 +493,8 @@ class Qcow2External:
 
     async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
         if qmp is None:
-            _img("create", "-q", "-f", "qcow2", "-b", entry["file"], "-F", entry["format"],
-                 entry["overlay"])
+            qemuimg.create(entry["overlay"], "qcow2", backing=entry["file"],
+                           backing_fmt=entry["format"])
             return
         node = await _node_of(qmp, entry["file"], entry["node"])
         try:
@@ -514,7 +510,7 @@ class Qcow2External:
         while Path(f"{stem}~{n}.qcow2").exists():
             n += 1
         new = f"{stem}~{n}.qcow2"
-        _img("create", "-q", "-f", "qcow2", "-b", entry["file"], "-F", entry["format"], new)
+        qemuimg.create(new, "qcow2", backing=entry["file"], backing_fmt=entry["format"])
         return {"file": new, "node": f"{entry['vdev']}-fmt"}
 
     async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
@@ -525,9 +521,10 @@ class Qcow2External:
             return None  # another branch is current: nothing to merge, layers get pruned
         # The top holds what happened since the snapshot: merge it down.
         if qmp is None:
-            _img("commit", "-q", top, timeout=JOB_TIMEOUT)
+            qemuimg.commit(top, "qcow2", timeout=JOB_TIMEOUT)
         else:
             job = f"commit-{entry['vdev']}"
+            await settle_job(qmp, job, JOB_TIMEOUT, complete_on_ready=True)
             top_node = await _node_of(qmp, top, entry["overlay_node"])
             base_node = await _node_of(qmp, entry["file"], entry["node"])
             # Active commit: the top's data goes down into the node below and
@@ -541,7 +538,11 @@ class Qcow2External:
         return str(entry["file"])
 
     async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
-        Path(entry["overlay"]).unlink(missing_ok=True)
+        overlay = str(entry["overlay"])
+        if qmp is not None and await qemu_uses(qmp, overlay):
+            # The guest writes there: removing it would lose its writes.
+            raise BackendError(f"QEMU runs disk {entry['vdev']} on {overlay}: not removed")
+        Path(overlay).unlink(missing_ok=True)
 
     def list(self, disk: SnapDisk) -> set[str]:
         prefix = Path(disk.base).name + "."
@@ -639,7 +640,7 @@ def _check_name(snap: str) -> None:
 
 
 def _img(*args: str, timeout: float = 120.0) -> str:
-    """Run ``qemu-img ARGS``; its stdout, or BackendError with its message."""
+    """Run ``qemu-img ARGS`` (kept for vm.migrate until it calls vm.qemuimg itself)."""
     try:
         proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True,
                               check=False, timeout=timeout)
@@ -652,34 +653,31 @@ def _img(*args: str, timeout: float = 120.0) -> str:
 
 
 def _img_tags(path: str) -> set[str]:
-    """The internal snapshot names in image ``path`` (read with -U: QEMU may hold it)."""
-    info = json.loads(_img("info", "-U", "--output=json", path))
-    return {str(s.get("name")) for s in info.get("snapshots", ())}
+    """The internal snapshot names in qcow2 image ``path`` (kept for vm.migrate)."""
+    return qemuimg.snapshot_tags(path)
 
 
-def _repair(paths: Sequence[str]) -> None:
-    """Fix leaked clusters (what a killed QEMU leaves); BackendError if an image is corrupt."""
-    for p in paths:
-        if not Path(p).exists() or _format_of(p) != "qcow2":
+def repair_images(images: Sequence[tuple[str, str]]) -> None:
+    """Fix leaked clusters (what a killed QEMU leaves) in ``(file, format)`` images.
+
+    The format is the one the config or record gives, never probed: a raw
+    disk's content is the guest's, and "repairing" it as qcow2 would write
+    into it.  BackendError if an image is corrupt.
+    """
+    for path, fmt in images:
+        if not Path(path).exists():
             continue
-        proc = subprocess.run(["qemu-img", "check", "-q", "-r", "leaks", p],
-                              capture_output=True, text=True, check=False, timeout=300)
-        if proc.returncode not in (0, 3):
-            raise BackendError(f"qemu-img check {p}: {proc.stderr.strip() or proc.returncode}")
+        result = qemuimg.check(path, fmt, repair=True)
+        if not result.ok:
+            raise BackendError(f"qemu-img check {path}: {result.message}")
 
 
-def _format_of(path: str) -> str:
-    try:
-        return str(json.loads(_img("info", "-U", "--output=json", path)).get("format"))
-    except (BackendError, ValueError):
-        return "?"
+def entry_images(disks: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """The ``(file, format)`` of each snapshot entry's image."""
+    return [(str(e["file"]), str(e.get("format", "qcow2"))) for e in disks]
 
 
-def _extra(rec: DomainRecord) -> dict[str, Any]:
-    return dict(rec.extra)
-
-
-def _disks(ts: Toolstack, rec: DomainRecord) -> list[SnapDisk]:
+def snap_disks(ts: Toolstack, rec: DomainRecord) -> list[SnapDisk]:
     """The domain's writable disks with media, on top of any external overlays."""
     dc, _ = ts._config_of(rec)
     overlays: Mapping[str, Mapping[str, str]] = rec.extra.get(OVERLAYS, {})
@@ -703,12 +701,15 @@ def _disks(ts: Toolstack, rec: DomainRecord) -> list[SnapDisk]:
     return out
 
 
-def _tops(ts: Toolstack, rec: DomainRecord) -> dict[str, str]:
+_disks = snap_disks  # vm.migrate's name for it, until it moves to snap_disks
+
+
+def tops_of(ts: Toolstack, rec: DomainRecord) -> dict[str, str]:
     """vdev -> the image each writable disk runs on now."""
-    return {d.vdev: d.file for d in _disks(ts, rec)}
+    return {d.vdev: d.file for d in snap_disks(ts, rec)}
 
 
-def _shut_off(rec: DomainRecord) -> bool:
+def shut_off(rec: DomainRecord) -> bool:
     """True for a shut-off domain, False for a live one; StateError for a stale domain."""
     if rec.state == SHUTOFF:
         return True
@@ -722,22 +723,18 @@ def _shut_off(rec: DomainRecord) -> bool:
 
 def _liveness(ts: Toolstack, rec: DomainRecord) -> str:
     """``"shutoff"``, or QEMU's run state; StateError for a stale domain."""
-    if _shut_off(rec):
+    if shut_off(rec):
         return SHUTOFF
     return _run_async(ts._status(ts.paths(rec)))
 
 
-def _set_current(ts: Toolstack, domid: int, snap_id: int | None) -> DomainRecord:
-    rec = ts.store.get(domid)
-    extra = _extra(rec)
+def set_current(ts: Toolstack, domid: int, snap_id: int | None) -> DomainRecord:
     if snap_id is None:
-        extra.pop(CURRENT, None)
-    else:
-        extra[CURRENT] = snap_id
-    return ts.store.update(replace(rec, extra=extra))
+        return ts.store.patch(domid, extra_drop=[CURRENT])
+    return ts.store.patch(domid, extra_set={CURRENT: snap_id})
 
 
-def _current_id(ts: Toolstack, rec: DomainRecord) -> int | None:
+def current_id(ts: Toolstack, rec: DomainRecord) -> int | None:
     cur = rec.extra.get(CURRENT)
     if cur is None:
         return None
@@ -748,11 +745,10 @@ def _current_id(ts: Toolstack, rec: DomainRecord) -> int | None:
     return s.id if s.domid == rec.domid else None
 
 
-def _set_tops(ts: Toolstack, domid: int, tops: Mapping[str, Mapping[str, str] | None]) -> None:
+def set_tops(ts: Toolstack, domid: int, tops: Mapping[str, Mapping[str, str] | None]) -> None:
     """Record new top images per vdev (``None``: back on the config's file)."""
     rec = ts.store.get(domid)
-    extra = _extra(rec)
-    overlays = dict(extra.get(OVERLAYS, {}))
+    overlays = dict(rec.extra.get(OVERLAYS, {}))
     dc, _ = ts._config_of(rec)
     base = {d.vdev: d.pdev_path for d in dc.disks}
     base.update({v: m["file"] for v, m in (rec.extra.get("disk_paths") or {}).items()})
@@ -762,13 +758,12 @@ def _set_tops(ts: Toolstack, domid: int, tops: Mapping[str, Mapping[str, str] | 
         else:
             overlays[vdev] = dict(top)
     if overlays:
-        extra[OVERLAYS] = overlays
+        ts.store.patch(domid, extra_set={OVERLAYS: overlays})
     else:
-        extra.pop(OVERLAYS, None)
-    ts.store.update(replace(rec, extra=extra))
+        ts.store.patch(domid, extra_drop=[OVERLAYS])
 
 
-def _prune(ts: Toolstack, domid: int, candidates: set[str]) -> list[str]:
+def prune(ts: Toolstack, domid: int, candidates: set[str]) -> list[str]:
     """Remove the overlay files in ``candidates`` that no snapshot and no disk needs any more.
 
     Needed: every image a snapshot recorded, every disk's top, and the
@@ -783,13 +778,12 @@ def _prune(ts: Toolstack, domid: int, candidates: set[str]) -> list[str]:
              and any(r.startswith(b + ".") for b in bases) and Path(r).exists()}
     if not maybe:
         return []  # nothing could go: spare reading every backing chain
-    roots = set(_tops(ts, rec).values())
+    roots = {(d.file, d.format) for d in snap_disks(ts, rec)}
     for s in ts.store.list_snapshots(domid):
-        for e in s.disks:
-            roots.add(str(e["file"]))
+        roots.update(entry_images(s.disks))
     needed: set[str] = set()
-    for r in roots:
-        needed.update(_chain(r) or [os.path.realpath(r)])
+    for r, fmt in roots:
+        needed.update(_chain(r, fmt) or [os.path.realpath(r)])
     removed = []
     for real in sorted(maybe - needed):
         Path(real).unlink()
@@ -798,11 +792,15 @@ def _prune(ts: Toolstack, domid: int, candidates: set[str]) -> list[str]:
 
 
 async def _job(qmp: Qmp, cmd: str, args: dict[str, object], timeout: float) -> None:
+    job_id = str(args["job-id"])
+    # A killed command may have left a job of this id in QEMU: its id is
+    # taken until it is dismissed.
+    await settle_job(qmp, job_id, timeout)
     await qmp.execute(cmd, args)
-    await run_job(qmp, str(args["job-id"]), timeout)
+    await run_job(qmp, job_id, timeout)
 
 
-async def _wait_migration(qmp: Qmp, until: set[str], timeout: float, what: str) -> str:
+async def wait_migration(qmp: Qmp, until: set[str], timeout: float, what: str) -> str:
     deadline = time.monotonic() + timeout
     while True:
         info = await qmp.execute("query-migrate")
@@ -817,23 +815,18 @@ async def _wait_migration(qmp: Qmp, until: set[str], timeout: float, what: str) 
         await asyncio.sleep(0.02)
 
 
-def _guest_ran(s: SnapshotRecord) -> bool:
+def guest_ran(s: SnapshotRecord) -> bool:
     return bool(s.disks) and s.disks[0].get("guest") == "running"
 
 
-def _has_memory(s: SnapshotRecord) -> bool:
+def has_memory(s: SnapshotRecord) -> bool:
     return s.memory_path is not None or any(d.get("vmstate") for d in s.disks)
 
 
 def _start_paused(ts: Toolstack, rec: DomainRecord) -> DomainRecord:
     """Start a shut-off domain paused from its stored config (create keeps its domid)."""
-    cfg_dir = ts.state_dir / "snapshots" / str(rec.domid)
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    cfg = cfg_dir / "start.cfg"
-    cfg.write_text(rec.config_text, encoding="utf-8", errors="surrogateescape")
-    started = ts.create(cfg, paused=True)
-    # create recorded our copy as the config's path; keep the user's.
-    return ts.store.update(replace(started, config_path=rec.config_path, extra=rec.extra))
+    dc, text = ts._config_of(rec)
+    return ts._start(dc, text, config_path=rec.config_path, paused=True)
 
 
 # --- create -----------------------------------------------------------------
@@ -874,9 +867,7 @@ def create_snapshot(
             "--live needs --external --memory: internal snapshots pause the guest while "
             "its state is saved"
         )
-    rec = ts.get(name)
-    with ts.store.lock(rec.domid):
-        rec = ts.get(name)
+    with ts.locked(name) as rec:
         state = _liveness(ts, rec)
         shutoff = state == SHUTOFF
         if shutoff and memory:
@@ -886,7 +877,7 @@ def create_snapshot(
             )
         if any(s.name == snap for s in ts.store.list_snapshots(rec.domid)):
             raise XenlabError(f"domain {rec.name!r} already has a snapshot named {snap!r}")
-        disks = _disks(ts, rec)
+        disks = snap_disks(ts, rec)
         if not disks:
             raise XenlabError("the domain has no writable disk to snapshot")
         style = "external" if external else "internal"
@@ -917,31 +908,41 @@ def create_snapshot(
             entries.append(e)
         mem_path = None
         if kind is SnapshotKind.EXTERNAL:
-            mem_dir = ts.state_dir / "snapshots" / str(rec.domid)
-            mem_dir.mkdir(parents=True, exist_ok=True)
+            # Guest memory: this user's only (QEMU writes it with umask 077).
+            mem_dir = private_dir(ts.state_dir / "snapshots" / str(rec.domid))
             mem_path = str(mem_dir / f"{snap}.mem")
-        row = ts.store.add_snapshot(SnapshotRecord(
-            id=0, domid=rec.domid, name=snap, parent=_current_id(ts, rec),
-            created=time.time(), kind=kind, description=description,
-            disks=tuple(entries), memory_path=mem_path, state=SnapshotState.CREATING,
-        ))
-        pairs = list(zip(entries, backends, strict=True))
-        try:
-            if shutoff:
-                _run_async(_take_offline(pairs, snap))
-            elif with_state:
-                _run_async(_internal_save(ts, rec, entries, snap, timeout))
-            else:
-                _run_async(_take_live(ts, rec, pairs, snap, mem_path, live, state, timeout))
-        except BaseException as err:
-            failure = _create_failed(ts, rec, row, err)
-            if failure is err:
-                raise
-            raise failure from err
-        _record_layers(ts, rec.domid, pairs)
-        ready = ts.store.set_snapshot_state(row.id, SnapshotState.READY)
-        _set_current(ts, rec.domid, ready.id)
-        return ready
+        # The job comes before the row: a killed create is finished or undone
+        # by the next command (recover_job), whatever step it died in.
+        with ts.job(rec, "snapshot-create", name=snap, guest=guest) as rec:
+            row = ts.store.add_snapshot(SnapshotRecord(
+                id=0, domid=rec.domid, name=snap, parent=current_id(ts, rec),
+                created=time.time(), kind=kind, description=description,
+                disks=tuple(entries), memory_path=mem_path, state=SnapshotState.CREATING,
+            ))
+            pairs = list(zip(entries, backends, strict=True))
+            try:
+                if shutoff:
+                    _run_async(_take_offline(pairs, snap))
+                elif with_state:
+                    _run_async(_internal_save(ts, rec, entries, snap, timeout))
+                else:
+                    _run_async(_take_live(ts, rec, pairs, snap, mem_path, live, state,
+                                          timeout))
+            except BaseException as err:
+                failure = _create_failed(ts, rec, row, err)
+                if failure is err:
+                    raise
+                raise failure from err
+            return record_created(ts, rec.domid, row, pairs)
+
+
+def record_created(ts: Toolstack, domid: int, row: SnapshotRecord, pairs: Sequence[Pair]
+             ) -> SnapshotRecord:
+    """Snapshot ``row`` is whole: its overlays recorded as tops, ready, current."""
+    _record_layers(ts, domid, pairs)
+    ready = ts.store.set_snapshot_state(row.id, SnapshotState.READY)
+    set_current(ts, domid, ready.id)
+    return ready
 
 
 Pair = tuple[Mapping[str, Any], DiskSnapshotBackend]
@@ -952,7 +953,7 @@ def _record_layers(ts: Toolstack, domid: int, pairs: Sequence[Pair]) -> None:
     tops = {e["vdev"]: {"file": e["overlay"], "node": e["overlay_node"]}
             for e, b in pairs if b.layered and Path(e["overlay"]).exists()}
     if tops:
-        _set_tops(ts, domid, tops)
+        set_tops(ts, domid, tops)
 
 
 async def _take_offline(pairs: Sequence[Pair], snap: str) -> None:
@@ -1029,10 +1030,10 @@ async def _take_live(ts: Toolstack, rec: DomainRecord, pairs: Sequence[Pair], sn
                     {"capability": "pause-before-switchover", "state": True}]})
                 try:
                     await qmp.execute("migrate", {"uri": uri})
-                    await _wait_migration(qmp, {"pre-switchover"}, timeout, what)
+                    await wait_migration(qmp, {"pre-switchover"}, timeout, what)
                     await _take_disks(qmp, pairs, snap, "paused", timeout)
                     await qmp.execute("migrate-continue", {"state": "pre-switchover"})
-                    await _wait_migration(qmp, {"completed"}, timeout, what)
+                    await wait_migration(qmp, {"completed"}, timeout, what)
                 finally:
                     await qmp.execute("migrate-set-capabilities", {"capabilities": [
                         {"capability": "pause-before-switchover", "state": False}]})
@@ -1041,7 +1042,7 @@ async def _take_live(ts: Toolstack, rec: DomainRecord, pairs: Sequence[Pair], sn
                     await qmp.execute("stop")
                 await _take_disks(qmp, pairs, snap, "paused", timeout)
                 await qmp.execute("migrate", {"uri": uri})
-                await _wait_migration(qmp, {"completed"}, timeout, what)
+                await wait_migration(qmp, {"completed"}, timeout, what)
         except BaseException:
             Path(mem_path).unlink(missing_ok=True)
             raise
@@ -1056,21 +1057,21 @@ def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
     notes: list[str] = []
     gone = rec.state != SHUTOFF and not is_alive(rec)
     try:
-        layered = [e for e in row.disks if _entry_backend(row, e).layered
+        layered = [e for e in row.disks if entry_backend(row, e).layered
                    and Path(e["overlay"]).exists()]
         if layered:
             # The disks switched to the overlays before the failure: they
             # hold the guest's writes now, so keep them, recorded, for
             # snapshot-delete to commit back.
-            _set_tops(ts, rec.domid, {e["vdev"]: {"file": e["overlay"],
+            set_tops(ts, rec.domid, {e["vdev"]: {"file": e["overlay"],
                                                   "node": e["overlay_node"]} for e in layered})
             raise BackendError("the disks run on its overlays now; snapshot-delete commits "
                                "them back")
         if gone or rec.state == SHUTOFF:
             for e in row.disks:
-                _run_async(_entry_backend(row, e).discard(e, row.name, None))
+                _run_async(entry_backend(row, e).discard(e, row.name, None))
             if gone:
-                _repair([e["file"] for e in row.disks])
+                repair_images(entry_images(row.disks))
                 notes.append("the disks were checked and their leaks repaired")
         else:
             _run_async(_discard_live(ts, rec, row))
@@ -1091,7 +1092,7 @@ async def _discard_live(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord) -
     """Remove whatever part of ``row`` a failed live create left in the images."""
     async with Qmp.open(ts.paths(rec).qmp) as qmp:
         for e in row.disks:
-            await _entry_backend(row, e).discard(e, row.name, qmp)
+            await entry_backend(row, e).discard(e, row.name, qmp)
 
 
 # --- list and info ----------------------------------------------------------
@@ -1105,7 +1106,7 @@ def list_snapshots(ts: Toolstack, name: str) -> SnapshotTree:
     :raise XenlabError: unknown domain.
     """
     rec = ts.get(name)
-    cur = _current_id(ts, rec)
+    cur = current_id(ts, rec)
     current = None if cur is None else ts.store.snapshot_by_id(cur).name
     return SnapshotTree(rec.name, ts.store.snapshot_tree(rec.domid), current)
 
@@ -1127,7 +1128,7 @@ def snapshot_info(ts: Toolstack, name: str, snap: str) -> SnapshotInfo:
         for d in s.disks:
             if d.get("vmstate") and Path(d["file"]).exists():
                 try:
-                    info = json.loads(_img("info", "-U", "--output=json", d["file"]))
+                    info = qemuimg.info(d["file"], "qcow2")
                 except BackendError:
                     break
                 for item in info.get("snapshots", ()):
@@ -1135,7 +1136,7 @@ def snapshot_info(ts: Toolstack, name: str, snap: str) -> SnapshotInfo:
                         vm_bytes = int(item.get("vm-state-size", 0))
     elif s.memory_path and Path(s.memory_path).exists():
         vm_bytes = Path(s.memory_path).stat().st_size
-    return SnapshotInfo(s, parent, children, _current_id(ts, rec) == s.id, _has_memory(s),
+    return SnapshotInfo(s, parent, children, current_id(ts, rec) == s.id, has_memory(s),
                         vm_bytes)
 
 
@@ -1160,15 +1161,13 @@ def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool | None
         disk no longer runs on.
     :raise BackendError: QEMU or a disk tool failed.
     """
-    rec = ts.get(name)
-    with ts.store.lock(rec.domid):
-        rec = ts.get(name)
+    with ts.locked(name) as rec:
         s = ts.store.get_snapshot(rec.domid, snap)
         if s.state is not SnapshotState.READY:
             raise StateError(f"snapshot {snap!r} is {s.state.value}: it cannot be reverted")
         state = _liveness(ts, rec)
-        pairs = [(e, _entry_backend(s, e)) for e in s.disks]
-        tops = _tops(ts, rec)
+        pairs = [(e, entry_backend(s, e)) for e in s.disks]
+        tops = tops_of(ts, rec)
         for e, b in pairs:
             top = tops.get(e["vdev"])
             if not b.layered and top is not None and os.path.realpath(top) != os.path.realpath(
@@ -1178,27 +1177,29 @@ def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool | None
                     f"{top}, above the image holding {snap!r}; delete its external snapshots "
                     "before reverting this one"
                 )
-        mem = _has_memory(s)
+        mem = has_memory(s)
         if not mem and state != SHUTOFF:
             raise StateError(
                 f"snapshot {snap!r} has no VM state: its disks can only be reverted with "
                 f"the domain shut off (`xenlab vm shutdown {rec.name}` first); QEMU cannot "
                 "load a disk snapshot under a running guest"
             )
-        go = _guest_ran(s) if running is None else running
-        if mem and s.kind is SnapshotKind.INTERNAL:
-            rec = _revert_internal_state(ts, rec, s, state, go, timeout)
-        elif mem:
-            rec = _revert_with_memory_file(ts, rec, s, pairs, state, go, timeout)
-        else:
-            previous = _revert_disks(ts, rec, s, pairs)
-            _prune(ts, rec.domid, set(previous.values()))
-            if running is not None:
-                rec = _start_paused(ts, ts.store.get(rec.domid))
-                if running:
-                    _run_async(ts._qmp(rec, "cont"))
-                    rec = ts.store.update(replace(rec, state="running"))
-        return _set_current(ts, rec.domid, s.id)
+        go = guest_ran(s) if running is None else running
+        with ts.job(rec, "snapshot-revert", name=snap, go=go, start=running is not None,
+                    was=state) as rec:
+            if mem and s.kind is SnapshotKind.INTERNAL:
+                rec = _revert_internal_state(ts, rec, s, state, go, timeout)
+            elif mem:
+                rec = _revert_with_memory_file(ts, rec, s, pairs, state, go, timeout)
+            else:
+                previous = revert_disks(ts, rec, s, pairs)
+                prune(ts, rec.domid, set(previous.values()))
+                if running is not None:
+                    rec = _start_paused(ts, ts.store.get(rec.domid))
+                    if running:
+                        _run_async(ts._qmp(rec, "cont"))
+                        rec = ts.store.patch(rec.domid, state="running")
+            return set_current(ts, rec.domid, s.id)
 
 
 def _revert_internal_state(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, state: str,
@@ -1209,13 +1210,13 @@ def _revert_internal_state(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, 
         _run_async(_load(ts, rec, s, go, timeout))
     except BaseException:
         if not is_alive(rec):
-            _repair([d["file"] for d in s.disks])
+            repair_images(entry_images(s.disks))
             ts._gone(ts.store.get(rec.domid))
         raise
-    return ts.store.update(replace(ts.store.get(rec.domid), state="running" if go else "paused"))
+    return ts.store.patch(rec.domid, state="running" if go else "paused")
 
 
-def _revert_disks(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord,
+def revert_disks(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord,
                   pairs: Sequence[Pair]) -> dict[str, str]:
     """Revert every disk of ``s`` (QEMU is not running); the previous tops of moved disks.
 
@@ -1223,7 +1224,7 @@ def _revert_disks(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord,
     pruned when nothing needs them.  On failure, the new overlays are removed
     and the disks stay on their previous tops.
     """
-    old = _tops(ts, rec)
+    old = tops_of(ts, rec)
     moved: dict[str, dict[str, str]] = {}
     try:
         for e, b in pairs:
@@ -1234,7 +1235,7 @@ def _revert_disks(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord,
         for top in moved.values():
             Path(top["file"]).unlink(missing_ok=True)
         raise
-    _set_tops(ts, rec.domid, moved)
+    set_tops(ts, rec.domid, moved)
     return {v: old[v] for v in moved if v in old}
 
 
@@ -1251,9 +1252,9 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
         # Reverting discards the guest as it is now, as libvirt does.
         ts._kill(ts.paths(rec), rec.pid)
         ts._gone(rec)
-        _repair(list(_tops(ts, rec).values()))
+        repair_images([(d.file, d.format) for d in snap_disks(ts, rec)])
         rec = ts.store.get(rec.domid)
-    previous = _revert_disks(ts, rec, s, pairs)
+    previous = revert_disks(ts, rec, s, pairs)
     rec = ts.store.get(rec.domid)
     dc, text = ts._config_of(rec)
     try:
@@ -1272,22 +1273,21 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
             raise
     except BaseException:
         # Back on the disks as they were (the guest itself is gone, shut off).
-        new = {v: t for v, t in _tops(ts, ts.store.get(rec.domid)).items() if v in previous}
-        _set_tops(ts, rec.domid, {v: {"file": p, "node": f"{v}-fmt"}
+        new = {v: t for v, t in tops_of(ts, ts.store.get(rec.domid)).items() if v in previous}
+        set_tops(ts, rec.domid, {v: {"file": p, "node": f"{v}-fmt"}
                                   for v, p in previous.items()})
         for path in new.values():
             Path(path).unlink(missing_ok=True)
         raise
-    _prune(ts, rec.domid, set(previous.values()))
-    rec = ts.store.get(rec.domid)
-    return ts.store.update(replace(rec, state="running" if go else "paused"))
+    prune(ts, rec.domid, set(previous.values()))
+    return ts.store.patch(rec.domid, state="running" if go else "paused")
 
 
 async def _load_memory(migrate: Any, paths: Any, fd: int, go: bool, timeout: float) -> None:
     async with Qmp.open(paths.qmp) as qmp:
         await migrate._send_fd(qmp, fd, "snapshot-mem")
         await qmp.execute("migrate-incoming", {"uri": "fd:snapshot-mem"})
-        await _wait_migration(qmp, {"completed"}, timeout, "loading the VM state")
+        await wait_migration(qmp, {"completed"}, timeout, "loading the VM state")
         if go:
             await qmp.execute("cont")
 
@@ -1324,9 +1324,7 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
     :raise StateError: children without ``children``, or a stale domain.
     :raise BackendError: QEMU or a disk tool failed (that snapshot stays, ``broken``).
     """
-    rec = ts.get(name)
-    with ts.store.lock(rec.domid):
-        rec = ts.get(name)
+    with ts.locked(name) as rec:
         top = ts.store.get_snapshot(rec.domid, snap)
         order = descendants_first(top, ts.store.list_snapshots(rec.domid))
         if len(order) > 1 and not children:
@@ -1335,41 +1333,42 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
                 f"snapshot {snap!r} has children ({names}): delete them first or use --children"
             )
         # Deleting needs no run state, only whether a QEMU holds the images.
-        state = SHUTOFF if _shut_off(rec) else "live"
-        cur = _current_id(ts, rec)
-        done: list[SnapshotRecord] = []
-        for s in order:
-            ts.store.set_snapshot_state(s.id, SnapshotState.DELETING)
-            try:
-                _run_async(_delete_one(ts, rec, s, state))
-            except BaseException as err:
-                ts.store.set_snapshot_state(s.id, SnapshotState.BROKEN)
-                if state != SHUTOFF and not is_alive(rec):
-                    _repair([d["file"] for d in s.disks])
-                    ts._gone(ts.store.get(rec.domid))
-                if isinstance(err, Exception):
-                    raise BackendError(
-                        f"snapshot-delete {rec.name} {s.name} failed: {err}; it is marked "
-                        "broken (delete it again to retry)"
-                    ) from err
-                raise
-            ts.store.remove_snapshot(s.id)
-            _prune(ts, rec.domid, {str(e[k]) for e in s.disks for k in ("file", "overlay")
-                                   if k in e})
-            done.append(s)
-            if cur == s.id:
-                cur = top.parent
-                _set_current(ts, rec.domid, cur)
-        return done
+        state = SHUTOFF if shut_off(rec) else "live"
+        cur = current_id(ts, rec)
+        with ts.job(rec, "snapshot-delete", name=snap, children=children) as rec:
+            done: list[SnapshotRecord] = []
+            for s in order:
+                ts.store.set_snapshot_state(s.id, SnapshotState.DELETING)
+                try:
+                    _run_async(delete_one(ts, rec, s, state))
+                except BaseException as err:
+                    ts.store.set_snapshot_state(s.id, SnapshotState.BROKEN)
+                    if state != SHUTOFF and not is_alive(rec):
+                        repair_images(entry_images(s.disks))
+                        ts._gone(ts.store.get(rec.domid))
+                    if isinstance(err, Exception):
+                        raise BackendError(
+                            f"snapshot-delete {rec.name} {s.name} failed: {err}; it is marked "
+                            "broken (delete it again to retry)"
+                        ) from err
+                    raise
+                ts.store.remove_snapshot(s.id)
+                prune(ts, rec.domid, {str(e[k]) for e in s.disks for k in ("file", "overlay")
+                                       if k in e})
+                done.append(s)
+                if cur == s.id:
+                    cur = top.parent
+                    set_current(ts, rec.domid, cur)
+            return done
 
 
-async def _delete_one(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, state: str) -> None:
+async def delete_one(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, state: str) -> None:
     async def each(qmp: Qmp | None) -> None:
         for e in s.disks:
-            top = _tops(ts, ts.store.get(rec.domid)).get(e["vdev"], e["file"])
-            new = await _entry_backend(s, e).delete(e, s.name, qmp, top)
+            top = tops_of(ts, ts.store.get(rec.domid)).get(e["vdev"], e["file"])
+            new = await entry_backend(s, e).delete(e, s.name, qmp, top)
             if new is not None:
-                _set_tops(ts, rec.domid, {e["vdev"]: {"file": new, "node": e["node"]}})
+                set_tops(ts, rec.domid, {e["vdev"]: {"file": new, "node": e["node"]}})
 
     if state == SHUTOFF:
         await each(None)

@@ -650,6 +650,25 @@ class Store:
         return self.snapshot_by_id(snap_id)
 
     @_sql_errors
+    def update_snapshot(self, snap_id: int, *, kind: SnapshotKind | None = None,
+                        drop_memory: bool = False,
+                        state: SnapshotState | None = None) -> SnapshotRecord:
+        """Change snapshot ``snap_id``'s kind or state, or forget its memory file; the result.
+
+        :raise XenlabError: when there is no such snapshot.
+        """
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
+            if row is None:
+                raise XenlabError(f"no snapshot with id {snap_id}")
+            old = _snapshot(row)
+            new = replace(old, kind=kind or old.kind, state=state or old.state,
+                          memory_path=None if drop_memory else old.memory_path)
+            db.execute("UPDATE snapshots SET kind = ?, memory_path = ?, state = ? WHERE id = ?",
+                       (new.kind.value, new.memory_path, new.state.value, snap_id))
+        return new
+
+    @_sql_errors
     def remove_snapshot(
         self, snap_id: int, *, children: bool = False
     ) -> builtins.list[SnapshotRecord]:

@@ -1,0 +1,569 @@
+"""Save and restore of domains, xl save / xl restore: :func:`save`, :func:`restore`; and where
+a domain's disks are when it starts again from a stream (:func:`moves_of`, :func:`place`).
+
+``save`` pauses the domain and writes a :mod:`~xenlab.vm.saveimage` image:
+the header (config, where the disks really run, the disk snapshots of
+``--snapshot``) and QEMU's stream in checksummed frames
+(:func:`~xenlab.vm.vmstate.write_frames`).  The image goes to a temporary
+file beside the target, is fsynced and renamed into place once QEMU reports
+the stream complete and before QEMU quits, so a failed save leaves no file
+and a finished one is on disk before the guest's only other copy goes.
+
+``restore`` checks the whole image first (:func:`~xenlab.vm.saveimage.check_image`:
+the header's checksum, every frame, the trailer, nothing after it), so a
+damaged or cut image is refused naming its offset before any disk is
+reverted or any QEMU started; then it starts QEMU with ``-incoming defer``
+and feeds it the frames, each checked again on the way.  Images of versions
+1 to 3 carry no checksums: they are restored as before, with a warning.
+
+Rules: qemu-img is run only through :mod:`xenlab.vm.qemuimg`, told the
+format the config or the record gives, never probing a disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from xenlab.config.model import DomainConfig
+from xenlab.config.specs.disk import DiskFormat
+from xenlab.errors import BackendError, XenlabError
+from xenlab.vm import qemuimg, vmstate
+from xenlab.vm.domain import Toolstack, _on_disks, config_from_text
+from xenlab.vm.mirror import DISK_NODES, DISK_PATHS
+from xenlab.vm.qemu import RuntimePaths
+from xenlab.vm.qmp import Qmp
+from xenlab.vm.qmp import run as _run
+from xenlab.vm.saveimage import (
+    DiskMove,
+    DiskSnapshot,
+    SaveHeader,
+    check_image,
+    header_seed,
+    pack_header,
+)
+from xenlab.vm.snapshot import OVERLAYS
+from xenlab.vm.store import DomainRecord, is_alive
+from xenlab.vm.vmstate import Progress
+
+__all__ = [
+    "Placed",
+    "image_for",
+    "moves_of",
+    "place",
+    "qemu_said",
+    "quit_domain",
+    "quit_qemu",
+    "restore",
+    "save",
+    "wait_quit",
+]
+
+_log = logging.getLogger(__name__)
+
+
+def _poll(since: float) -> float:
+    """How long to sleep before asking again: 2 ms at first, then longer, up to 50 ms.
+
+    Most operations on a small guest end within tens of milliseconds; a
+    fixed 50 ms period added half of that to each of them on average.
+    """
+    return min(0.05, max(0.002, (time.monotonic() - since) / 8))
+
+
+# --- where the disks are --------------------------------------------------------------------
+
+
+def moves_of(rec: DomainRecord) -> tuple[tuple[DiskMove, ...], tuple[DiskMove, ...]]:
+    """(mirror targets, external overlays) the domain's disks run on, from its record."""
+    moved: Mapping[str, Any] = rec.extra.get(DISK_PATHS) or {}
+    overlays: Mapping[str, Any] = rec.extra.get(OVERLAYS) or {}
+    paths = tuple(DiskMove(v, str(m["file"]), str(m.get("format") or "qcow2"))
+                  for v, m in sorted(moved.items()) if isinstance(m, dict) and m.get("file"))
+    tops = tuple(DiskMove(v, str(o["file"]), DiskFormat.QCOW2.value)
+                 for v, o in sorted(overlays.items()) if isinstance(o, dict) and o.get("file"))
+    return paths, tops
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """A config with its moved disks on their files, and the record facts that say so."""
+
+    config: DomainConfig
+    disk_paths: dict[str, dict[str, str]]
+    overlays: dict[str, dict[str, str]]
+
+    def extra(self, old: Mapping[str, Any]) -> dict[str, Any]:
+        """``old`` (a record's extra) saying where the disks are now, for a fresh QEMU."""
+        extra = {k: v for k, v in old.items() if k not in (DISK_PATHS, OVERLAYS, DISK_NODES)}
+        if self.disk_paths:
+            extra[DISK_PATHS] = self.disk_paths
+        if self.overlays:
+            extra[OVERLAYS] = self.overlays
+        return extra
+
+
+def place(text_dc: DomainConfig, dc: DomainConfig, disk_paths: Sequence[DiskMove],
+          overlays: Sequence[DiskMove], source: str) -> Placed:
+    """``dc`` with each moved disk on the file it moved to.
+
+    ``text_dc`` is the config as saved (no overrides): a disk that the
+    overrides point at another file keeps the override (the caller moved
+    it on purpose); the others go where the domain last ran, overlays on
+    top of mirror targets.  A moved disk the config no longer has is an
+    error: the guest's memory expects it.
+    """
+    saved = {d.vdev: d.pdev_path for d in text_dc.disks}
+    now = {d.vdev: d.pdev_path for d in dc.disks}
+    moves: dict[str, tuple[str, DiskFormat]] = {}
+    paths: dict[str, dict[str, str]] = {}
+    tops: dict[str, dict[str, str]] = {}
+    for kind, items in (("mirror", disk_paths), ("overlay", overlays)):
+        for m in items:
+            if m.vdev not in now:
+                raise XenlabError(f"{source}: disk {m.vdev} ran on {m.file} ({kind}), "
+                                  "but the config has no such disk")
+            if now[m.vdev] != saved.get(m.vdev):
+                continue  # overridden
+            moves[m.vdev] = (m.file, DiskFormat(m.format))
+            if kind == "mirror":
+                paths[m.vdev] = {"file": m.file, "format": m.format}
+            else:
+                # A fresh QEMU names the disk's top node <vdev>-fmt (vm.qemu).
+                tops[m.vdev] = {"file": m.file, "node": f"{m.vdev}-fmt"}
+    for vdev, (file, _) in sorted(moves.items()):
+        if not Path(file).exists():
+            raise XenlabError(f"{source}: disk {vdev} ran on {file}, which does not exist "
+                              "(give the disk's place with a disk=[...] override)")
+    return Placed(_on_disks(dc, moves), paths, tops)
+
+
+# --- QEMU's process -------------------------------------------------------------------------
+
+
+def _log_tail(paths: RuntimePaths, lines: int = 5) -> str:
+    try:
+        text = paths.log.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return " | ".join(text.splitlines()[-lines:])
+
+
+def qemu_said(paths: RuntimePaths) -> str:
+    """``"; QEMU said: ..."`` with the last lines of its log, or "" when it logged nothing."""
+    tail = _log_tail(paths)
+    return f"; QEMU said: {tail}" if tail else ""
+
+
+def quit_domain(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths) -> None:
+    """Make the domain's QEMU exit (QMP quit, SIGKILL if it lingers)."""
+    with contextlib.suppress(BackendError):
+        _run(_qmp_quit(paths))
+    wait_quit(ts, rec, paths)
+
+
+def wait_quit(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths) -> None:
+    """Wait up to 10 s for the domain's QEMU to exit, then kill it."""
+    begin = time.monotonic()
+    while is_alive(rec) and time.monotonic() < begin + 10:
+        time.sleep(_poll(begin))
+    if is_alive(rec):
+        ts._kill(paths, rec.pid)
+
+
+async def _qmp_quit(paths: RuntimePaths) -> None:
+    async with Qmp.open(paths.qmp) as qmp:
+        await quit_qemu(qmp)
+
+
+async def quit_qemu(qmp: Qmp) -> None:
+    """QMP ``quit``; QEMU may close the socket before or after its reply."""
+    with contextlib.suppress(BackendError):
+        await qmp.execute("quit")
+
+
+@functools.cache
+def _default_image() -> object:
+    """The project's guest image, looked up once per process (restore and receive
+    start QEMU often; finding the cached image costs an ldd and some hashing)."""
+    from xenlab.vm.image import build_image
+
+    return build_image()
+
+
+def image_for(dc: DomainConfig, image: object | None) -> object | None:
+    """The guest image to start ``dc`` on: ``image``, none when it has a kernel, else ours."""
+    return image if image is not None or dc.kernel is not None else _default_image()
+
+
+# --- save -------------------------------------------------------------------------------------
+
+
+def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
+         snapshot: bool = False, timeout: float = 300.0, max_bandwidth: int | None = None,
+         progress: Progress | None = None) -> SaveHeader:
+    """Save the domain's memory and device state to ``path``, with its config; xl save.
+
+    The domain is paused, its migration stream written as checksummed frames
+    behind a :class:`SaveHeader`, and then it is stopped (its QEMU quits and
+    its record goes, or stays shut off when it has snapshots or mirrored
+    disks), unless ``keep_running``, when it carries on as it was (paused
+    stays paused).  The header names the files the disks really run on (a
+    mirror's target, an external snapshot's overlay), so :func:`restore`
+    starts on them.
+
+    With ``snapshot`` every writable disk gets an internal snapshot named
+    ``xenlab-save-<time>`` (one QMP ``transaction``) while the guest is
+    paused for the save, recorded in the header's ``disk_snapshots``;
+    :func:`restore` reverts the disks to it.  The snapshot is taken after
+    ``stop`` and just before the stream starts, not after it ends: once the
+    stream is complete QEMU has handed its images over (inactivated them)
+    and refuses internal snapshots; the guest does not run in between, so
+    it is the same instant.  The snapshot stays in the images (so the save
+    image can be restored again); ``qemu-img snapshot -d`` drops it.
+
+    Durability: the image is written to a temporary file beside ``path``
+    (the kernel is told to start writing it out while QEMU still writes),
+    fsynced, and renamed into place (the directory fsynced), all before QEMU
+    quits; so the guest's state is on disk before its only other copy goes.
+
+    CLI: ``xenlab vm save [-c|--keep-running] [--snapshot] DOM FILE`` (xl
+    save's ``-c`` leaves the domain running).
+
+    :raise XenlabError: ``path`` cannot be created or written (a full disk),
+        or ``snapshot`` with a disk that is not qcow2 (nothing else happened).
+    :raise StateError: the domain is not running.
+    :raise BackendError: QEMU failed the migration or it took longer than
+        ``timeout``; the domain runs (or stays paused) as before, no file is
+        left behind and the disk snapshot is deleted again.
+    """
+    rec = ts._live(name)
+    path = Path(path)
+    with ts.store.lock(rec.domid):
+        rec = ts._live(str(rec.domid))
+        paths = ts.paths(rec)
+        snaps = _save_snapshots(ts, rec) if snapshot else ()
+        disk_paths, overlays = moves_of(rec)
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part",
+                                            dir=path.parent)
+        except OSError as err:
+            raise XenlabError(
+                f"{path}: cannot write the save image: {err.strerror or err}"
+            ) from err
+        tmp = Path(tmp_name)
+
+        def commit() -> None:
+            # Once, before the rename: the image is whole on disk before QEMU
+            # quits (most of it already is: see _write_out); then the rename.
+            os.fsync(fd)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+
+        try:
+            with os.fdopen(fd, "wb") as f:
+                header = _run(_save_stream(
+                    paths, f, rec, keep_running=keep_running, timeout=timeout,
+                    max_bandwidth=max_bandwidth, progress=progress, snapshots=snaps,
+                    disk_paths=disk_paths, overlays=overlays, commit=commit,
+                ))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if keep_running:
+            ts.store.update(replace(rec, state=header.state))
+        else:
+            wait_quit(ts, rec, paths)
+            ts._gone(rec)
+        return header
+
+
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _save_snapshots(ts: Toolstack, rec: DomainRecord) -> tuple[DiskSnapshot, ...]:
+    """The disk snapshots ``save --snapshot`` will take: every writable disk, all qcow2.
+
+    Each is taken in the image the disk runs on now (an overlay over a
+    mirror's target over the config's file), which is the file
+    :func:`restore` will start it on.
+    """
+    dc, _ = ts._config_of(rec)
+    tag = "xenlab-save-" + time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 10**9:09d}"
+    disk_paths, overlays = moves_of(rec)
+    now = {m.vdev: (m.file, m.format) for m in (*disk_paths, *overlays)}  # overlays win
+    out: list[DiskSnapshot] = []
+    for d in dc.disks:
+        if d.is_cdrom or not d.readwrite or not d.pdev_path or d.format is DiskFormat.EMPTY:
+            continue  # read-only media cannot change behind the memory's back
+        file, fmt = now.get(d.vdev, (d.pdev_path, d.format.value))
+        if fmt != DiskFormat.QCOW2.value:
+            raise XenlabError(
+                f"save --snapshot: disk {d.vdev} ({file}) is {fmt}; "
+                "only qcow2 images hold internal snapshots (save without --snapshot, or "
+                "convert the disk with qemu-img convert -O qcow2)"
+            )
+        out.append(DiskSnapshot(d.vdev, file, tag))
+    return tuple(out)
+
+
+async def _save_stream(paths: RuntimePaths, f: BinaryIO, rec: DomainRecord, *,
+                       keep_running: bool, timeout: float, max_bandwidth: int | None,
+                       progress: Progress | None,
+                       snapshots: Sequence[DiskSnapshot] = (),
+                       disk_paths: tuple[DiskMove, ...] = (),
+                       overlays: tuple[DiskMove, ...] = (),
+                       commit: Callable[[], None] = lambda: None) -> SaveHeader:
+    """Write the header and QEMU's framed stream to ``f``, ``commit`` it, then quit or go on.
+
+    One QMP session for all of it, as a one-shot client would do it.
+    """
+    started = time.monotonic()
+    async with Qmp.open(paths.qmp) as qmp:
+        state = await vmstate.status(qmp)
+        was_running = state == "running"
+        header = SaveHeader(
+            name=rec.name, uuid=rec.uuid, config_text=rec.config_text,
+            config_path=rec.config_path,
+            qemu_version=vmstate.qemu_version(await qmp.execute("query-version")),
+            created=time.time(), state="running" if was_running else "paused",
+            disk_snapshots=tuple(snapshots), disk_paths=disk_paths, overlays=overlays,
+        )
+        head = pack_header(header)
+        f.write(head)
+        f.flush()
+        old_bw: object = None
+        if keep_running:
+            # Only a QEMU that goes on needs its own limit back.
+            params = await qmp.execute("query-migrate-parameters")
+            old_bw = params.get("max-bandwidth") if isinstance(params, dict) else None
+        await qmp.execute("migrate-set-parameters",
+                          {"max-bandwidth": max_bandwidth or vmstate.UNLIMITED})
+        snapped = False
+        try:
+            if was_running:
+                await qmp.execute("stop")
+            if snapshots:
+                # One transaction: every disk at the same instant, or none.
+                nodes = await _device_nodes(qmp)
+                await qmp.execute("transaction", {"actions": [
+                    {"type": "blockdev-snapshot-internal-sync",
+                     "data": {"device": nodes.get(d.vdev, f"{d.vdev}-fmt"), "name": d.name}}
+                    for d in snapshots
+                ]}, timeout=timeout)
+                snapped = True
+            await vmstate.write_frames(
+                qmp, f.fileno(), seed=header_seed(head), what=f"save {rec.name}",
+                timeout=timeout, progress=progress, started=started,
+                tick=functools.partial(_write_out, f.fileno()))
+            commit()
+        except BaseException as err:
+            if was_running:
+                with contextlib.suppress(BackendError):
+                    await vmstate.cont_after_migration(qmp)
+            if snapped:
+                left = await _drop_disk_snapshots(qmp, snapshots)
+                if left and isinstance(err, Exception):
+                    raise BackendError(
+                        f"{err}; the disk snapshot {snapshots[0].name!r} could not be "
+                        f"deleted from {', '.join(left)} (qemu-img snapshot -d removes it)"
+                    ) from err
+            if isinstance(err, OSError):
+                raise XenlabError(f"save {rec.name}: cannot write the image: "
+                                  f"{err.strerror or err}; the domain goes on") from err
+            raise
+        if not keep_running:
+            await quit_qemu(qmp)
+            return header
+        if old_bw is not None:
+            with contextlib.suppress(BackendError):
+                await qmp.execute("migrate-set-parameters", {"max-bandwidth": old_bw})
+        if was_running:
+            await vmstate.cont_after_migration(qmp)
+    return header
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _write_out(fd: int) -> None:
+    """Start writing ``fd``'s dirty pages to disk, without waiting for them
+    (sync_file_range(SYNC_FILE_RANGE_WRITE); the page cache is kept, unlike
+    with posix_fadvise, so a restore right after reads from memory)."""
+    _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
+
+
+async def _device_nodes(qmp: Qmp) -> dict[str, str]:
+    """vdev -> the node its guest device is attached to now (query-block)."""
+    blocks = await qmp.execute("query-block")
+    out: dict[str, str] = {}
+    for b in blocks if isinstance(blocks, list) else ():
+        qdev = str(b.get("qdev", ""))
+        # vm.qemu's devices have id=<vdev>: /machine/peripheral/<vdev>/<backend>
+        vdev = qdev.split("/")[3] if qdev.startswith("/machine/peripheral/") else qdev
+        node = (b.get("inserted") or {}).get("node-name")
+        if vdev and node:
+            out[vdev] = str(node)
+    return out
+
+
+async def _drop_disk_snapshots(qmp: Qmp, snapshots: Sequence[DiskSnapshot]) -> list[str]:
+    """Delete a failed save's disk snapshots; the files where that did not work."""
+    nodes = await _device_nodes(qmp)
+    left: list[str] = []
+    for d in snapshots:
+        try:
+            await qmp.execute("blockdev-snapshot-delete-internal-sync",
+                              {"device": nodes.get(d.vdev, f"{d.vdev}-fmt"), "name": d.name})
+        except BackendError:
+            left.append(d.file)
+    return left
+
+
+# --- restore ----------------------------------------------------------------------------------
+
+
+def _revert_plan(dc: DomainConfig, header: SaveHeader, path: Path) -> list[tuple[str, str]]:
+    """(file, tag) of each disk ``restore`` must revert; checked before anything changes.
+
+    The files are the ones the (possibly overridden, moved) config names now:
+    the domain will run on those, so those must hold the snapshot.  Only a
+    disk the config calls qcow2 can; it is read as qcow2, never probed (a raw
+    disk holding a qcow2 header is the guest's data, not an image to open).
+    """
+    by_vdev = {d.vdev: d for d in dc.disks}
+    plan: list[tuple[str, str]] = []
+    for s in header.disk_snapshots:
+        disk = by_vdev.get(s.vdev)
+        if disk is None or not disk.pdev_path:
+            raise XenlabError(
+                f"restore {path}: the image was saved with a snapshot of disk {s.vdev}, "
+                "which the config no longer has"
+            )
+        if disk.format is not DiskFormat.QCOW2:
+            raise XenlabError(
+                f"restore {path}: disk {s.vdev} ({disk.pdev_path}) is {disk.format.value}, "
+                f"so it holds no snapshot {s.name!r} (saved with --snapshot from {s.file}, "
+                "a qcow2 image); it is not the disk that was saved"
+            )
+        try:
+            tags = qemuimg.snapshot_tags(disk.pdev_path)
+        except BackendError as err:
+            raise XenlabError(f"restore {path}: disk {disk.pdev_path}: cannot read it: "
+                              f"{err}") from err
+        if s.name not in tags:
+            raise XenlabError(
+                f"restore {path}: disk {s.vdev} ({disk.pdev_path}) has no snapshot "
+                f"{s.name!r} (saved with --snapshot from {s.file}); it is not the disk that "
+                "was saved, or the snapshot was deleted"
+            )
+        plan.append((disk.pdev_path, s.name))
+    return plan
+
+
+def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Sequence[str] = (),
+            timeout: float = 300.0, image: object | None = None) -> DomainRecord:
+    """Start the domain saved in ``path`` where it left off; its record; xl restore.
+
+    The whole image is checked first (its header's checksum, every frame of
+    QEMU's stream, the trailer): a damaged or cut image is refused before
+    anything else happens.  The config comes from the image's header
+    (``overrides`` are appended to it, xl-style ``key=value``); the domain
+    keeps its name and uuid.  Disks that ran on a mirror's target or an
+    external overlay when it was saved (the header says which) start on
+    those files again, and the record says so, unless an override points
+    the disk elsewhere.  It runs unless ``paused``.  An image saved with
+    ``snapshot`` first reverts each disk to the snapshot taken with the
+    memory (``qemu-img snapshot -a``, with no QEMU running); everything
+    written to the disks since is lost, as it must be for the guest's
+    memory to match them.  Images of versions 1-3 have no checksums: they
+    are restored unchecked, with a warning.
+
+    CLI: ``xenlab vm restore [-p] FILE [key=value ...]``.
+
+    :raise FormatError: ``path`` is not a xenlab save image, or it is damaged
+        or cut short (the message names the offset); nothing happened.
+    :raise XenlabError: the name is taken, the config no longer works here,
+        a disk the domain ran on is missing, or a disk lacks the image's
+        snapshot (nothing changed).
+    :raise BackendError: qemu-img could not revert a disk (one in use by
+        another QEMU), or QEMU could not load the stream (a QEMU or config
+        that does not match; QEMU's own words are quoted); no record and no
+        QEMU is left.
+    """
+    path = Path(path)
+    layout, _ = check_image(path)
+    header = layout.header
+    if layout.seed is None:
+        _log.warning("%s: a version %d save image carries no checksums: restored unchecked",
+                     path, header.version)
+    source = f"{path} (saved config)"
+    dc, text = config_from_text(header.config_text, source, overrides)
+    text_dc = config_from_text(header.config_text, source)[0] if overrides else dc
+    placed = place(text_dc, dc, header.disk_paths, header.overlays, f"restore {path}")
+    dc = placed.config
+    plan = _revert_plan(dc, header, path)
+
+    def revert() -> None:
+        for file, tag in plan:
+            qemuimg.snapshot("apply", tag, file)
+
+    rec = ts._start(dc, text, config_path=header.config_path, uuid=header.uuid,
+                    incoming="defer", image=image_for(dc, image),
+                    prepare=revert if plan else None)
+    paths = ts.paths(rec)
+    try:
+        with ts.store.lock(rec.domid):
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    f.seek(layout.stream_offset)
+                    _run(_load(paths, f, layout.seed, str(path), layout.stream_offset,
+                               timeout, paused))
+            except BackendError as err:
+                if not is_alive(rec):
+                    raise BackendError(
+                        f"restore {path}: QEMU could not load the saved state and exited "
+                        f"(a corrupt image, or one saved by an incompatible QEMU/config)"
+                        + (f": {_log_tail(paths)}" if _log_tail(paths) else "") + f" [{err}]"
+                    ) from err
+                raise BackendError(f"restore {path}: {err}{qemu_said(paths)}") from err
+            return ts.store.update(replace(rec, state="paused" if paused else "running",
+                                           extra=placed.extra(rec.extra)))
+    except BaseException:
+        ts._kill(paths, rec.pid)
+        ts._gone(rec)
+        raise
+
+
+async def _load(paths: RuntimePaths, f: BinaryIO, seed: int | None, source: str,
+                offset: int, timeout: float, paused: bool) -> None:
+    async with Qmp.open(paths.qmp) as qmp:
+        if seed is None:
+            # Versions 1-3: QEMU reads its stream from the file itself.
+            started = time.monotonic()
+            await vmstate.enable_events(qmp)
+            await vmstate.send_fd(qmp, f.fileno(), "xenlab-restore")
+            with qmp.listen("MIGRATION") as watch:
+                await qmp.execute("migrate-incoming", {"uri": "fd:xenlab-restore"})
+                await vmstate.wait_migration(qmp, watch, "restore", timeout, None, started)
+        else:
+            await vmstate.feed_frames(qmp, f, seed=seed, source=source, offset=offset,
+                                      what="restore", timeout=timeout)
+        if not paused:
+            await qmp.execute("cont")
