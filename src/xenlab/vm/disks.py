@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk, parse_disk
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm.domain import (
@@ -201,8 +202,10 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
                     await qmp.execute("blockdev-add", fmt)
                 except CommandError as err:
                     raise BackendError(f"{where}: QEMU cannot open {target}: {err}") from err
+                faults.point("block-attach.node-added")
                 try:
                     await qmp.execute("device_add", disk_device(disk))
+                    faults.point("block-attach.device-added")
                 except BaseException as err:
                     await qmp.execute("blockdev-del", {"node-name": fmt["node-name"]})
                     if isinstance(err, CommandError):
@@ -213,6 +216,7 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
         # is finished (QEMU has the device) or undone by the next command.
         with ts.job(rec, "block-attach", spec=format_disk(disk), nodes=nodes,
                     created=target if create else None) as rec:
+            faults.point("block-attach.job")
             if create:
                 assert create_size is not None
                 create_image(target, disk.format.value, create_size)

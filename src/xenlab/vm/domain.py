@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
-from xenlab import hotplug
+from xenlab import faults, hotplug
 from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
 from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk
@@ -343,11 +343,14 @@ class Toolstack:
                     for p in created:
                         p.unlink(missing_ok=True)
                     raise
+            step = "create" if fresh else "incoming"
             try:
+                faults.point(f"{step}.recorded")
                 rundir = make_rundir(self.state_dir, rec.domid)
                 # Intent first: the record names where QEMU's pidfile will be.
                 rec = self.store.patch(rec.domid, rundir=str(rundir))
                 paths = RuntimePaths.under(rundir)
+                faults.point(f"{step}.rundir")
                 if image is None and needs_image(dc):
                     from xenlab.vm.image import build_image
 
@@ -360,9 +363,11 @@ class Toolstack:
                     # An incoming QEMU must not run before the stream has arrived.
                     paused=paused or not fresh, incoming=incoming, taps=taps,
                 )
+                faults.point(f"{step}.vifs")
                 if prepare is not None:
                     prepare()
                 self._spawn(argv, paths)
+                faults.point(f"{step}.spawned")
                 pid = _read_pid(paths)
                 if pid is None:
                     raise BackendError(f"QEMU wrote no pid to {paths.pidfile}")

@@ -161,6 +161,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm import qemuimg
@@ -533,6 +534,7 @@ class Qcow2External:
                 "job-id": job, "device": top_node, "base-node": base_node,
                 "auto-dismiss": False, "auto-finalize": True,
             })
+            faults.point("snapshot-delete.commit-started")
             await run_job(qmp, job, JOB_TIMEOUT, complete_on_ready=True)
         Path(top).unlink(missing_ok=True)
         return str(entry["file"])
@@ -797,6 +799,7 @@ async def _job(qmp: Qmp, cmd: str, args: dict[str, object], timeout: float) -> N
     # taken until it is dismissed.
     await settle_job(qmp, job_id, timeout)
     await qmp.execute(cmd, args)
+    faults.point(f"job.{cmd}.started")
     await run_job(qmp, job_id, timeout)
 
 
@@ -914,12 +917,14 @@ def create_snapshot(
         # The job comes before the row: a killed create is finished or undone
         # by the next command (recover_job), whatever step it died in.
         with ts.job(rec, "snapshot-create", name=snap, guest=guest) as rec:
+            faults.point("snapshot-create.job")
             row = ts.store.add_snapshot(SnapshotRecord(
                 id=0, domid=rec.domid, name=snap, parent=current_id(ts, rec),
                 created=time.time(), kind=kind, description=description,
                 disks=tuple(entries), memory_path=mem_path, state=SnapshotState.CREATING,
             ))
             pairs = list(zip(entries, backends, strict=True))
+            faults.point("snapshot-create.row")
             try:
                 if shutoff:
                     _run_async(_take_offline(pairs, snap))
@@ -933,6 +938,7 @@ def create_snapshot(
                 if failure is err:
                     raise
                 raise failure from err
+            faults.point("snapshot-create.taken")
             return record_created(ts, rec.domid, row, pairs)
 
 
@@ -961,6 +967,7 @@ async def _take_offline(pairs: Sequence[Pair], snap: str) -> None:
     try:
         for e, b in pairs:
             await b.create(e, snap, None)
+            faults.point("snapshot-create.offline-disk")
             done.append((e, b))
     except BaseException:
         for e, b in done:
@@ -980,6 +987,7 @@ async def _take_disks(qmp: Qmp, pairs: Sequence[Pair], snap: str, state: str,
     else:
         try:
             await qmp.execute("transaction", {"actions": actions}, timeout=timeout)
+            faults.point("snapshot-create.switched")
         except BaseException:
             # A transaction that failed switched nothing: drop new overlay files.
             for e, b in pairs:
@@ -1040,9 +1048,12 @@ async def _take_live(ts: Toolstack, rec: DomainRecord, pairs: Sequence[Pair], sn
             else:
                 if state == "running":
                     await qmp.execute("stop")
+                faults.point("snapshot-create.stopped")
                 await _take_disks(qmp, pairs, snap, "paused", timeout)
                 await qmp.execute("migrate", {"uri": uri})
+                faults.point("snapshot-create.memory-started")
                 await wait_migration(qmp, {"completed"}, timeout, what)
+                faults.point("snapshot-create.memory-done")
         except BaseException:
             Path(mem_path).unlink(missing_ok=True)
             raise
@@ -1187,6 +1198,7 @@ def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool | None
         go = guest_ran(s) if running is None else running
         with ts.job(rec, "snapshot-revert", name=snap, go=go, start=running is not None,
                     was=state) as rec:
+            faults.point("snapshot-revert.job")
             if mem and s.kind is SnapshotKind.INTERNAL:
                 rec = _revert_internal_state(ts, rec, s, state, go, timeout)
             elif mem:
@@ -1250,11 +1262,13 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
         raise StateError(f"snapshot {s.name!r}: its memory file {s.memory_path} is missing")
     if state != SHUTOFF:
         # Reverting discards the guest as it is now, as libvirt does.
-        ts._kill(ts.paths(rec), rec.pid)
+        ts._kill_domain(rec)
         ts._gone(rec)
+        faults.point("snapshot-revert.killed")
         repair_images([(d.file, d.format) for d in snap_disks(ts, rec)])
         rec = ts.store.get(rec.domid)
     previous = revert_disks(ts, rec, s, pairs)
+    faults.point("snapshot-revert.disks")
     rec = ts.store.get(rec.domid)
     dc, text = ts._config_of(rec)
     try:
@@ -1287,6 +1301,7 @@ async def _load_memory(migrate: Any, paths: Any, fd: int, go: bool, timeout: flo
     async with Qmp.open(paths.qmp) as qmp:
         await migrate._send_fd(qmp, fd, "snapshot-mem")
         await qmp.execute("migrate-incoming", {"uri": "fd:snapshot-mem"})
+        faults.point("snapshot-revert.loading")
         await wait_migration(qmp, {"completed"}, timeout, "loading the VM state")
         if go:
             await qmp.execute("cont")
@@ -1339,8 +1354,10 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
             done: list[SnapshotRecord] = []
             for s in order:
                 ts.store.set_snapshot_state(s.id, SnapshotState.DELETING)
+                faults.point("snapshot-delete.deleting")
                 try:
                     _run_async(delete_one(ts, rec, s, state))
+                    faults.point("snapshot-delete.disks-done")
                 except BaseException as err:
                     ts.store.set_snapshot_state(s.id, SnapshotState.BROKEN)
                     if state != SHUTOFF and not is_alive(rec):
