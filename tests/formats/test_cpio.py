@@ -99,7 +99,7 @@ def test_newc_entry_fields_and_offsets() -> None:
         gid=100, nlink=1, mtime=0x5F5E1000, ino=0x1234, devmajor=8, devminor=1,
         rdevmajor=0, rdevminor=0, filesize=4, check=0,
         data_offset=124,  # 110 + 13 = 123, aligned to 124
-        end=128,
+        end=128, namesize=13,
     )  # fmt: skip
     assert buf[first.data_offset : first.data_offset + 4] == b"xen\n"
     assert bytes(entry_data(buf, first)) == b"xen\n"

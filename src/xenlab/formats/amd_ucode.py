@@ -37,6 +37,16 @@ Family: a patch's family is ``0xf + (processor_rev_id >> 12)`` (Linux
 ``verify_patch``): equivalence id 0x8012 is family 0x17.  `family_of` gives the
 family of a CPU signature (base family, plus the extended family when the base
 is 0xf).
+
+Bounds: section and table lengths are checked against the data before they
+are read.  Neither AMD nor the loaders bound how many equivalence entries or
+patches a container holds; real ones have a few dozen, so more than
+``MAX_EQUIV_ENTRIES`` entries (before the terminator) or ``MAX_PATCHES``
+patches raise ``LimitError`` instead of becoming millions of objects (in
+recover mode the container ends at the limit, noted in ``problems``).  The
+table's terminator is found with numpy, and `find_containers` stops with
+``LimitError`` once rejected candidates have cost a multiple of the searched
+length, so overlapping candidates cannot make it quadratic.
 """
 
 from __future__ import annotations
@@ -46,8 +56,10 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from xenlab.errors import FormatError, TruncatedError
-from xenlab.formats._buffer import Buffer
+from xenlab.formats._buffer import Buffer, LimitError, size_text
 from xenlab.formats.intel_ucode import decode_bcd_date, dword_sum, encode_bcd_date
 
 CONTAINER_MAGIC = 0x00414D44
@@ -63,6 +75,13 @@ _PATCH = struct.Struct("<IIHBBIIIHBBB3x8I")
 _M32 = 0xFFFFFFFF
 # A container starts with the magic and the equivalence-table type 0.
 _CANDIDATE = re.compile(re.escape(_MAGIC + struct.pack("<I", EQUIV_TYPE)))
+# What one container may hold before LimitError (see the module's Bounds).
+MAX_EQUIV_ENTRIES = 1024
+MAX_PATCHES = 1024
+# find_containers may scan this many times the searched length (plus the
+# floor) in candidates it rejects before it gives up.
+_SEARCH_WORK_FACTOR = 8
+_SEARCH_WORK_FLOOR = 64 << 20
 
 # Maximum patch sizes (the section length) per family, from Xen's
 # verify_patch_size and Linux's F1XH/F14H limits.  Families not listed
@@ -247,11 +266,10 @@ def _parse(
     table_at = offset + CONTAINER_HEADER_SIZE
     if elen > limit - table_at:
         raise TruncatedError(source, table_at, "equivalence table", elen, limit - table_at)
+    count = _equiv_count(view, table_at, elen, source)
     entries = []
-    for i in range(elen // EQUIV_ENTRY_SIZE):
+    for i in range(count):
         cpu, mask, compare, equiv_id, _res = _EQUIV.unpack_from(view, table_at + 16 * i)
-        if cpu == 0:
-            break
         entries.append(EquivEntry(cpu, mask, compare, equiv_id))
     equiv_ids = frozenset(e.equiv_id for e in entries)
 
@@ -282,6 +300,13 @@ def _parse(
                 raise TruncatedError(
                     source, pos, "patch section", SECTION_HEADER_SIZE + slen, limit - pos
                 )
+            if len(patches) >= MAX_PATCHES:
+                raise LimitError(
+                    source, pos, "patch section",
+                    f"more than {MAX_PATCHES} patches in one container (real ones have a "
+                    "few dozen); the rest not read",
+                    MAX_PATCHES,
+                )
         except FormatError as err:
             if not recover:
                 raise
@@ -297,6 +322,32 @@ def _parse(
         patches=tuple(patches),
         problems=tuple(problems),
     )
+
+
+def _equiv_count(view: memoryview, table_at: int, elen: int, source: str) -> int:
+    """How many entries come before the table's terminator (installed_cpu 0) or its end.
+
+    Found in C: only the entries that count become objects, and a table
+    with more than ``MAX_EQUIV_ENTRIES`` of them raises ``LimitError``.
+    """
+    total = elen // EQUIV_ENTRY_SIZE
+    scan = min(total, MAX_EQUIV_ENTRIES + 1)
+    part = view[table_at : table_at + scan * EQUIV_ENTRY_SIZE]
+    try:
+        cpus = np.frombuffer(part, dtype="<u4")[:: EQUIV_ENTRY_SIZE // 4]
+        zeros = np.flatnonzero(cpus == 0)
+        count = int(zeros[0]) if len(zeros) else scan
+        del cpus, zeros
+    finally:
+        part.release()
+    if count > MAX_EQUIV_ENTRIES:
+        raise LimitError(
+            source, table_at, "equivalence table",
+            f"more than {MAX_EQUIV_ENTRIES} entries before its terminator (real tables "
+            "have a few dozen); not read",
+            MAX_EQUIV_ENTRIES,
+        )
+    return count
 
 
 def _limit(view: memoryview, end: int | None) -> int:
@@ -328,17 +379,30 @@ def iter_containers(
 
 
 def find_containers(
-    buf: Buffer, start: int = 0, end: int | None = None, source: str = "<data>"
+    buf: Buffer,
+    start: int = 0,
+    end: int | None = None,
+    source: str = "<data>",
+    *,
+    work: int | None = None,
 ) -> Iterator[AmdContainer]:
     """Recover the containers found anywhere in ``buf[start:end]``, at any alignment.
 
     A candidate is the magic followed by table type 0; one with a bad table is
-    skipped, and a bad section ends its container (noted in ``problems``), as
-    Linux's loader does.  Never raises on bad data.
+    skipped, and a bad section (or one past ``MAX_PATCHES``) ends its
+    container (noted in ``problems``), as Linux's loader does.
+
+    :raise LimitError: rejected candidates (whose tables are scanned, up to
+        ``MAX_EQUIV_ENTRIES`` entries each) cost more than ``work`` bytes
+        (default: 8 times the searched length, plus 64 MiB); the containers
+        yielded before it stand, the rest is not searched.
     """
     with _view(buf) as view:
         limit = _limit(view, end)
         pos = max(0, start)
+        if work is None:
+            work = _SEARCH_WORK_FACTOR * max(0, limit - pos) + _SEARCH_WORK_FLOOR
+        spent = 0
         while pos < limit:
             match = _CANDIDATE.search(view, pos, limit)
             if match is None:
@@ -347,13 +411,29 @@ def find_containers(
             try:
                 container = _parse(view, at, limit, source, recover=True)
             except FormatError:
-                pos = at + 1
-                continue
-            if not container.equiv_table and not container.patches:
+                container = None
+            if container is None or (not container.equiv_table and not container.patches):
+                spent += _rejected_cost(view, at, limit)
+                if spent > work:
+                    raise LimitError(
+                        source, at, "search",
+                        f"rejected candidates overlap so much that checking them took more "
+                        f"than {size_text(work)}; the rest ({at + 1:#x}..{limit:#x}) is "
+                        "not searched",
+                        work,
+                    )
                 pos = at + 1
                 continue
             yield container
             pos = max(container.end, at + 1)
+
+
+def _rejected_cost(view: memoryview, at: int, limit: int) -> int:
+    """The bytes a rejected candidate at ``at`` may have made ``_parse`` look at."""
+    if limit - at < CONTAINER_HEADER_SIZE:
+        return CONTAINER_HEADER_SIZE
+    elen: int = struct.unpack_from("<I", view, at + 8)[0]
+    return CONTAINER_HEADER_SIZE + min(elen, (MAX_EQUIV_ENTRIES + 1) * EQUIV_ENTRY_SIZE)
 
 
 def build_patch(

@@ -36,10 +36,23 @@ Kernel rules kept
     - LZO is detected but not decompressed (no maintained library is a
       dependency); ``open_stream`` raises ``FormatError``.
 
+Limits (decompression bombs)
+    A few KB of zstd or bzip2 can stand for gigabytes of output, so a
+    stream never hands out more than ``limit`` bytes (``DEFAULT_LIMIT``,
+    1 GiB, unless the caller passes its own budget or None): past it, reads
+    raise ``LimitError``.  ``decompressed`` counts what the decoder has
+    produced, so a caller can charge one budget across many streams.  The
+    decoder's own memory is bounded too: an lzma dictionary or a zstd window
+    over ``DECODER_MEMORY`` (128 MiB, zstd's default cap and more than ``xz
+    -9``'s 64 MiB) is refused with ``LimitError`` before anything is
+    allocated, since the decoder touches all of it as output flows.  Nested
+    compression is never followed here: a stream's output is only bytes.
+
 Errors
     Corrupt or truncated input raises ``FormatError`` whose offset is the
     start of the input chunk the decompressor was fed when it failed (or,
-    for zstd and LZ4 legacy, the block header at fault).
+    for zstd and LZ4 legacy, the block header at fault).  A limit raises
+    ``LimitError`` (a ``FormatError``) at the stream's offset.
 """
 
 from __future__ import annotations
@@ -58,12 +71,27 @@ import lz4.frame
 import zstandard
 
 from xenlab.errors import FormatError, TruncatedError
-from xenlab.formats._buffer import Buffer, as_bytes_buffer
+from xenlab.formats._buffer import Buffer, LimitError, as_bytes_buffer, size_text
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
-__all__ = ["Compression", "DecompressedStream", "detect", "open_stream"]
+__all__ = [
+    "DECODER_MEMORY",
+    "DEFAULT_LIMIT",
+    "Compression",
+    "DecompressedStream",
+    "LimitError",
+    "detect",
+    "open_stream",
+]
+
+# What one stream may decompress to unless the caller says otherwise: far more
+# than any initramfs, far less than the gigabytes a few KB of zstd can claim.
+DEFAULT_LIMIT = 1 << 30
+# The most memory a decoder may use for its history (an lzma dictionary, a
+# zstd window): zstd's own default cap, and twice what xz -9 needs.
+DECODER_MEMORY = 128 << 20
 
 
 class Compression(enum.Enum):
@@ -100,9 +128,9 @@ _MAGICS: tuple[tuple[bytes, Compression], ...] = (
 )
 _MAGIC_PEEK = max(len(m) for m, _ in _MAGICS)
 
-# liblzma's .lzma header may ask for a dictionary of up to 4 GiB; the kernel
-# caps what it allocates, and so do we, so that random headers fail cleanly.
-_LZMA_MEMLIMIT = 1 << 28
+# liblzma counts a little more than the dictionary (probability tables, the
+# range decoder); the margin keeps a DECODER_MEMORY dictionary accepted.
+_LZMA_MEMLIMIT = DECODER_MEMORY + (16 << 20)
 
 _LZ4_LEGACY_MAGIC = 0x184C2102
 # The legacy format does not record block sizes; the kernel (and lz4) use 8 MiB.
@@ -210,6 +238,16 @@ class _LibDecoder:
                 self._fed += len(data)
             try:
                 out = obj.decompress(data, max_out)
+            except lzma.LZMAError as err:
+                # liblzma reports LZMA_MEMLIMIT_ERROR only through this text.
+                if "Memory usage limit" in str(err):
+                    raise LimitError(
+                        self._source, self._last, self._name,
+                        f"the stream needs more than {size_text(_LZMA_MEMLIMIT)} of decoder "
+                        "memory (its dictionary); not decompressed",
+                        _LZMA_MEMLIMIT,
+                    ) from err
+                raise _corrupt(self._source, self._name, self._last, self._fed, err) from err
             except _LIB_ERRORS as err:
                 raise _corrupt(self._source, self._name, self._last, self._fed, err) from err
             if out:
@@ -267,7 +305,7 @@ class _ZstdDecoder:
         # past it, so the frame's end is the stream's compressed end.
         self._src = _SliceReader(buf, offset, self._frame_end)
         # zstandard only calls read() on its source; the stub asks for IO[bytes].
-        self._reader = zstandard.ZstdDecompressor().stream_reader(
+        self._reader = zstandard.ZstdDecompressor(max_window_size=DECODER_MEMORY).stream_reader(
             cast("IO[bytes]", self._src), read_size=chunk, read_across_frames=False
         )
         self.eof = False
@@ -298,11 +336,28 @@ def _zstd_frame_end(buf: Buffer, offset: int, source: str) -> int:
             source, pos, "zstd frame header", f"{fhd:#04x} has the reserved bit 3 set"
         )
     single_segment = (fhd >> 5) & 1
-    size = 1 + (0 if single_segment else 1)  # descriptor + window descriptor
-    size += (0, 1, 2, 4)[fhd & 3]  # dictionary id
-    size += (single_segment, 2, 4, 8)[fhd >> 6]  # frame content size
+    did_size = (0, 1, 2, 4)[fhd & 3]  # dictionary id
+    fcs_size = (single_segment, 2, 4, 8)[fhd >> 6]  # frame content size
+    size = 1 + (0 if single_segment else 1) + did_size + fcs_size
     if pos + size > n:
         raise TruncatedError(source, pos, "zstd frame header", size, n - pos)
+    if single_segment:
+        # The window is the whole content (RFC 8878, 3.1.1.1.2); 2-byte sizes
+        # count from 256.
+        at = pos + 1 + did_size
+        window = int.from_bytes(bytes(buf[at : at + fcs_size]), "little")
+        window += 256 if fcs_size == 2 else 0
+    else:
+        descriptor = buf[pos + 1]
+        base = 1 << (10 + (descriptor >> 3))
+        window = base + (base >> 3) * (descriptor & 7)
+    if window > DECODER_MEMORY:
+        raise LimitError(
+            source, offset, "zstd window",
+            f"{window:#x} bytes, more than the {size_text(DECODER_MEMORY)} a decoder may use; "
+            "not decompressed",
+            DECODER_MEMORY,
+        )
     pos += size
     while True:
         if pos + 3 > n:
@@ -399,11 +454,14 @@ class DecompressedStream(io.RawIOBase):
 
     Reads return the size asked for, fewer bytes only at the end; apart from
     what a read returns, memory stays bounded by about
-    ``chunk`` bytes of input and output (8 MiB for LZ4 legacy blocks),
-    whatever the size of the output.  ``compressed_end`` is None until the
-    end of the stream has been read, then the offset in the buffer just past
-    the compressed stream.  Reading raises ``FormatError`` on corrupt or
-    truncated input.
+    ``chunk`` bytes of input and output (8 MiB for LZ4 legacy blocks) plus
+    the decoder's history (at most ``DECODER_MEMORY``), whatever the size of
+    the output.  ``compressed_end`` is None until the end of the stream has
+    been read, then the offset in the buffer just past the compressed stream.
+    Reading raises ``FormatError`` on corrupt or truncated input, and
+    ``LimitError`` once the decoder would produce more than ``limit`` bytes
+    (None: no limit).  ``decompressed`` is how many bytes the decoder has
+    produced, read or not.
     """
 
     def __init__(
@@ -415,12 +473,16 @@ class DecompressedStream(io.RawIOBase):
         *,
         source: str,
         chunk: int,
+        limit: int | None = DEFAULT_LIMIT,
     ) -> None:
         super().__init__()
         self.compression = compression
         self.offset = offset
         self.source = source
+        self.limit = limit
         self.compressed_end: int | None = None
+        self.decompressed = 0
+        self._over: LimitError | None = None
         self._decoder: _Decoder | None = decoder
         self._chunk = chunk
         self._pending = b""
@@ -468,11 +530,28 @@ class DecompressedStream(io.RawIOBase):
         if size <= 0:
             return b""
         while self._ppos >= len(self._pending):
+            if self._over is not None:
+                raise self._over
             decoder = self._decoder
             if decoder is None:
                 return b""
             self._pending = b""  # let the spent output go before making more
-            out = decoder.step(self._chunk)
+            out = decoder.step(self._next_size())
+            self.decompressed += len(out)
+            if self.limit is not None and self.decompressed > self.limit:
+                # The output up to the limit is still handed out; after it,
+                # every read fails the same way: a stream over its limit must
+                # not look like one that ended.
+                out = out[: len(out) - (self.decompressed - self.limit)]
+                self._decoder = None
+                self._over = LimitError(
+                    self.source, self.offset, self.compression.value,
+                    f"decompresses to more than {size_text(self.limit)} (the limit); "
+                    f"stopped after {self.limit:#x} bytes of output",
+                    self.limit,
+                )
+                if not out:
+                    raise self._over
             if not out:
                 self.compressed_end = decoder.end
                 self._decoder = None
@@ -490,6 +569,12 @@ class DecompressedStream(io.RawIOBase):
         self._position += len(data)
         return data
 
+    def _next_size(self) -> int:
+        """How much output to ask the decoder for: a chunk, or one byte past the limit."""
+        if self.limit is None:
+            return self._chunk
+        return max(1, min(self._chunk, self.limit - self.decompressed + 1))
+
     def close(self) -> None:
         self._decoder = None
         self._pending = b""
@@ -502,12 +587,19 @@ def open_stream(
     compression: Compression,
     source: str = "<data>",
     chunk: int = 1 << 20,
+    *,
+    limit: int | None = DEFAULT_LIMIT,
 ) -> DecompressedStream:
-    """Open the compressed stream at ``offset`` for streaming reads.
+    """Open the compressed stream at ``offset`` for streaming reads of at most ``limit`` bytes.
 
     :raise FormatError: the magic at ``offset`` is not ``compression``'s, or
         the format is LZO (not supported); corrupt data is reported by reads.
+    :raise LimitError: the header asks for a decoder history (lzma
+        dictionary, zstd window) over ``DECODER_MEMORY``; output past
+        ``limit`` is reported by reads.
     """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must not be negative, not {limit}")
     buf = as_bytes_buffer(buf)
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, not {chunk}")
@@ -527,6 +619,7 @@ def open_stream(
     elif compression is Compression.BZIP2:
         decoder = _LibDecoder(buf, offset, "bzip2", bz2.BZ2Decompressor, source, chunk)
     elif compression is Compression.LZMA:
+        _check_lzma_dictionary(buf, offset, source)
         decoder = _LibDecoder(buf, offset, "lzma", _lzma_alone, source, chunk)
     elif compression is Compression.XZ:
         decoder = _LibDecoder(buf, offset, "xz", _lzma_xz, source, chunk)
@@ -545,7 +638,24 @@ def open_stream(
             "lzo",
             "lzo-compressed data is not supported (no LZO library is a dependency)",
         )
-    return DecompressedStream(buf, offset, compression, decoder, source=source, chunk=chunk)
+    return DecompressedStream(
+        buf, offset, compression, decoder, source=source, chunk=chunk, limit=limit
+    )
+
+
+def _check_lzma_dictionary(buf: Buffer, offset: int, source: str) -> None:
+    """Refuse an .lzma header whose dictionary (le32 at +1) is over ``DECODER_MEMORY``.
+
+    liblzma would refuse it too (memlimit), but only once fed; this names the field.
+    """
+    raw = bytes(buf[offset + 1 : offset + 5])
+    if len(raw) == 4 and (dict_size := int.from_bytes(raw, "little")) > DECODER_MEMORY:
+        raise LimitError(
+            source, offset + 1, "lzma dictionary",
+            f"{dict_size:#x} bytes, more than the {size_text(DECODER_MEMORY)} a decoder may "
+            "use; not decompressed",
+            DECODER_MEMORY,
+        )
 
 
 def _lzma_alone() -> lzma.LZMADecompressor:

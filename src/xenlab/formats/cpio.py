@@ -26,6 +26,12 @@ Kernel rules (init/initramfs.c, lib/earlycpio.c, Xen's xen/lib/earlycpio.c)
       The readers here read all three and say which in ``CpioEntry.format``.
     - A name is the bytes before its first NUL; the last byte counted by
       namesize must be a NUL ("name without nulterm").
+    - The unpacker skips an entry whose namesize is over ``PATH_MAX``
+      (4096): it is neither created nor a trailer, and the walk goes on
+      after its data.  Readers here never copy more than ``PATH_MAX`` bytes
+      of a name: such an entry comes back with ``name_too_long`` set and the
+      bytes of its first ``PATH_MAX`` up to a NUL as ``name``, so a caller
+      can say what it skipped.
     - The early loader (``find_early``) walks newc/crc headers, skips NUL
       words 4 bytes at a time, takes only regular files
       (``mode & 0o170000 == 0o100000``) and matches by name prefix.
@@ -33,6 +39,11 @@ Kernel rules (init/initramfs.c, lib/earlycpio.c, Xen's xen/lib/earlycpio.c)
 Errors name the offset of the field at fault: a bad magic, a field with a
 non-digit (and which field), namesize 0, a name or data past the end
 (``TruncatedError``), an archive that ends without its trailer.
+
+Bounds: a buffer walk copies at most a header and ``PATH_MAX`` bytes per
+entry; ``iter_stream`` holds at most that plus the data of entries the caller
+wants (so ``want`` must bound ``filesize``) and skips everything else in
+1 MiB reads, whatever the header fields claim.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ from xenlab.formats._buffer import Buffer, as_bytes_buffer, require, skip_zeros
 from xenlab.formats.compress import Compression, detect
 
 __all__ = [
+    "PATH_MAX",
     "TRAILER",
     "CpioEntry",
     "CpioFormat",
@@ -70,6 +82,8 @@ __all__ = [
 ]
 
 TRAILER = "TRAILER!!!"
+# Linux's PATH_MAX, which init/initramfs.c compares namesize with.
+PATH_MAX = 4096
 
 S_IFMT = 0o170000
 S_IFREG = 0o100000
@@ -139,6 +153,8 @@ class CpioEntry:
     For odc, ``dev`` and ``rdev`` are in ``devmajor`` and ``rdevmajor`` and
     the minors are 0.  ``check`` is the crc format's data checksum, not
     verified here (compare ``cpio_checksum`` of the data), and 0 otherwise.
+    ``namesize`` is the header's field; over ``PATH_MAX`` the kernel skips
+    the entry (``name_too_long``) and ``name`` is only its first bytes.
     """
 
     format: CpioFormat
@@ -158,6 +174,12 @@ class CpioEntry:
     check: int
     data_offset: int
     end: int
+    namesize: int
+
+    @property
+    def name_too_long(self) -> bool:
+        """namesize is over ``PATH_MAX``: the kernel's unpacker skips this entry."""
+        return self.namesize > PATH_MAX
 
     @property
     def is_regular(self) -> bool:
@@ -176,8 +198,8 @@ class CpioEntry:
 
     @property
     def is_trailer(self) -> bool:
-        """The entry that ends an archive."""
-        return self.name == TRAILER
+        """The entry that ends an archive (one with a name too long is skipped, never one)."""
+        return self.name == TRAILER and not self.name_too_long
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +254,7 @@ class _Header:
             check=self.check,
             data_offset=self.data_offset(),
             end=self.end(),
+            namesize=self.namesize,
         )
 
 
@@ -308,8 +331,15 @@ def _decode_odc(hdr: bytes, offset: int, source: str) -> _Header:
     )  # fmt: skip
 
 
-def _decode_name(raw: bytes, offset: int, source: str) -> str:
-    """The name: bytes up to the first NUL; the last byte must be a NUL."""
+def _decode_name(raw: bytes, offset: int, source: str, namesize: int) -> str:
+    """The name: bytes up to the first NUL; the last byte must be a NUL.
+
+    ``raw`` is the whole name, or its first ``PATH_MAX`` bytes when
+    ``namesize`` is larger: the kernel skips such an entry without reading
+    its name, so there is nothing to check, only something to show.
+    """
+    if namesize > PATH_MAX:
+        return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
     if raw[-1] != 0:
         raise FormatError(
             source,
@@ -345,8 +375,8 @@ def _read_entry(buf: Buffer, offset: int, source: str) -> CpioEntry:
     end = head.end()
     if end > n:
         raise TruncatedError(source, data_at, "filesize", end - data_at, n - data_at)
-    name = _decode_name(bytes(buf[name_at : name_at + head.namesize]), name_at, source)
-    return head.entry(name)
+    raw = bytes(buf[name_at : name_at + min(head.namesize, PATH_MAX)])
+    return head.entry(_decode_name(raw, name_at, source, head.namesize))
 
 
 def iter_archive(buf: Buffer, offset: int = 0, source: str = "<data>") -> Iterator[CpioEntry]:
@@ -363,7 +393,7 @@ def iter_archive(buf: Buffer, offset: int = 0, source: str = "<data>") -> Iterat
             raise TruncatedError(source, offset, "trailer", MAGIC_SIZE, 0)
         entry = _read_entry(buf, offset, source)
         yield entry
-        if entry.name == TRAILER:
+        if entry.is_trailer:
             return
         offset = entry.end
 
@@ -453,7 +483,7 @@ def next_segment(buf: Buffer, offset: int, source: str = "<data>") -> Segment | 
             entry = _read_entry(buf, at, source)
             entries.append(entry)
             at = entry.end
-            if entry.name == TRAILER or at >= n or buf[at] != 0x30:
+            if entry.is_trailer or at >= n or buf[at] != 0x30:
                 break
         return Segment(SegmentKind.CPIO, offset, at, None, tuple(entries))
     compression = detect(buf, offset)
@@ -497,7 +527,9 @@ def find_early(buf: Buffer, path: str, offset: int = 0, source: str = "<data>") 
             return None
         name_at = at + NEWC_HEADER_SIZE
         if head.mode & S_IFMT == S_IFREG and head.namesize >= len(want):
-            raw = bytes(buf[name_at : name_at + head.namesize])
+            # earlycpio compares only the prefix and has no PATH_MAX rule; the
+            # name shown is read no further than PATH_MAX bytes.
+            raw = bytes(buf[name_at : name_at + min(head.namesize, PATH_MAX)])
             if raw.startswith(want):
                 name = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 return head.entry(name)
@@ -611,9 +643,14 @@ def iter_stream(
     Archives may follow each other, with NUL padding between them, as in a
     decompressed initramfs; a following archive must start on a 4-byte
     aligned stream position (the kernel's "broken padding" otherwise).
-    Data is read only for entries where ``want(entry)`` is true and skipped
-    in bounded chunks otherwise.  An empty (or all-NUL) stream yields
-    nothing.  Offsets are stream positions counted from the first read.
+    Data is read whole only for entries where ``want(entry)`` is true (so
+    ``want`` must bound ``entry.filesize``); any other entry is yielded
+    *before* its data is skipped in bounded chunks, so a caller hears of a
+    member that claims gigabytes before the stream is read through it.  An
+    entry whose name is over ``PATH_MAX`` is never wanted (the kernel skips
+    it); only ``PATH_MAX`` bytes of its name are read.  An empty (or
+    all-NUL) stream yields nothing.  Offsets are stream positions counted
+    from the first read.
 
     :raise FormatError: as ``read_entry``; junk between archives; a stream
         that ends within an archive (``TruncatedError``, field ``trailer``
@@ -641,16 +678,20 @@ def iter_stream(
         head = _decode_header(fmt, magic + reader.take(size - MAGIC_SIZE, "header"), at, source)
         name_at = reader.pos
         data_at = head.data_offset()
-        raw = reader.read_data(data_at - name_at, "namesize")
-        entry = head.entry(_decode_name(raw[: head.namesize], name_at, source))
-        data: bytes | None = None
-        if want(entry):
+        if head.namesize > PATH_MAX:
+            raw = reader.take(PATH_MAX, "namesize")
+        else:
+            raw = reader.take(data_at - name_at, "namesize")[: head.namesize]
+        entry = head.entry(_decode_name(raw, name_at, source, head.namesize))
+        if not entry.name_too_long and want(entry):
+            reader.skip(data_at - reader.pos, "namesize")
             data = reader.read_data(head.filesize, "filesize")
             reader.skip(entry.end - reader.pos, "filesize")
+            yield entry, data
         else:
-            reader.skip(entry.end - data_at, "filesize")
-        yield entry, data
-        if entry.name == TRAILER:
+            yield entry, None
+            reader.skip(entry.end - reader.pos, "filesize")
+        if entry.is_trailer:
             in_archive = False
 
 

@@ -35,19 +35,29 @@ total size a multiple of 1024 that holds header and data, an extended table
 that fits its space exactly.  Things the loaders check but that a reader must
 still be able to *show* (a wrong checksum, a bad BCD date, revision 0) are
 reported in ``checksum_ok`` and ``problems``, never raised.
+
+Bounds: a header's sizes are checked against the data before anything is
+read, so they cannot make a reader allocate; an extended table of more than
+``MAX_EXT_SIGNATURES`` entries (real updates have a handful) raises
+``LimitError`` rather than becoming a million objects; and `find_updates`,
+which sums every candidate whose checksum fails and then searches inside it,
+stops with ``LimitError`` once that summing passes a multiple of the
+searched length, so overlapping candidates cannot make it quadratic.
 """
 
 from __future__ import annotations
 
+import array
 import re
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from xenlab.errors import FormatError, ParseError, TruncatedError
-from xenlab.formats._buffer import Buffer
+from xenlab.formats._buffer import Buffer, LimitError, size_text
 
 HEADER_SIZE = 48
 EXT_HEADER_SIZE = 20
@@ -58,6 +68,15 @@ _HEADER = struct.Struct("<IiIIIIIIIIII")
 _EXT_HEADER = struct.Struct("<5I")
 _EXT_ENTRY = struct.Struct("<3I")
 _M32 = 0xFFFFFFFF
+# The most extended signatures read from one update.  The SDM sets no bound;
+# real updates list at most a few (06-97-05: 6), and each entry becomes
+# Python objects about 16 times its 12 bytes.
+MAX_EXT_SIGNATURES = 1024
+# find_updates may sum this many times the length it searches (plus the
+# floor) in candidates whose checksum fails before it gives up: real data
+# has few such candidates; crafted data can overlap one every 48 bytes.
+_SEARCH_WORK_FACTOR = 8
+_SEARCH_WORK_FLOOR = 64 << 20
 
 # The bytes every real update has at fixed places: header version 1, loader
 # version 1 at +20 and the reserved upper bytes of the platform flags at +25.
@@ -242,19 +261,13 @@ def _parse(view: memoryview, offset: int, limit: int, source: str) -> IntelUpdat
     if total_size > have:
         raise TruncatedError(source, offset, "update (total_size)", total_size, have)
 
-    problems: list[str] = []
-    checksum_ok = True
-    main_sum = dword_sum(view, offset, HEADER_SIZE + data_size)
-    if main_sum:
-        checksum_ok = False
-        problems.append(
-            f"checksum: dword sum of header+data at {offset:#x} is {main_sum:#010x}, expected 0"
-        )
-
+    # Every structural rule is checked before any summing, so a candidate
+    # that fails costs no more than its header (find_updates counts on it).
     ext_at = offset + HEADER_SIZE + data_size
     ext_size = total_size - HEADER_SIZE - data_size
     ext: tuple[ExtSignature, ...] = ()
     ext_checksum: int | None = None
+    count = 0
     if ext_size:
         if ext_size < EXT_HEADER_SIZE:
             raise FormatError(
@@ -274,6 +287,26 @@ def _parse(view: memoryview, offset: int, limit: int, source: str) -> IntelUpdat
                 f"{count} entries need {EXT_HEADER_SIZE + EXT_ENTRY_SIZE * count} bytes,"
                 f" the table has {ext_size}",
             )
+        if count > MAX_EXT_SIGNATURES:
+            raise LimitError(
+                source,
+                ext_at,
+                "ext_count",
+                f"{count} extended signatures, more than the {MAX_EXT_SIGNATURES} read from "
+                "one update (real updates have a few); not read",
+                MAX_EXT_SIGNATURES,
+            )
+
+    problems: list[str] = []
+    checksum_ok = True
+    main_sum = dword_sum(view, offset, HEADER_SIZE + data_size)
+    if main_sum:
+        checksum_ok = False
+        problems.append(
+            f"checksum: dword sum of header+data at {offset:#x} is {main_sum:#010x}, expected 0"
+        )
+
+    if ext_size:
         table_sum = dword_sum(view, ext_at, ext_size)
         if table_sum:
             checksum_ok = False
@@ -372,20 +405,32 @@ def _nonzero_from(view: memoryview, pos: int, limit: int) -> int:
 
 
 def find_updates(
-    buf: Buffer, start: int = 0, end: int | None = None, source: str = "<data>"
+    buf: Buffer,
+    start: int = 0,
+    end: int | None = None,
+    source: str = "<data>",
+    *,
+    work: int | None = None,
 ) -> Iterator[IntelUpdate]:
     """Recover the updates found anywhere in ``buf[start:end]``, at any alignment.
 
     Candidates are found by their fixed bytes, then checked like `parse_update`;
-    structurally bad candidates are skipped silently.  An update whose
-    checksums hold is skipped over whole (its payload is not searched); one
-    whose checksum fails is yielded with ``checksum_ok=False`` and the search
-    goes on inside it, so a false match cannot hide a real update.
-    Never raises on bad data.
+    structurally bad candidates (and those over ``MAX_EXT_SIGNATURES``) are
+    skipped silently.  An update whose checksums hold is skipped over whole
+    (its payload is not searched); one whose checksum fails is yielded with
+    ``checksum_ok=False`` and the search goes on inside it, so a false match
+    cannot hide a real update.
+
+    :raise LimitError: the bytes summed in candidates whose checksum failed
+        passed ``work`` (default: 8 times the searched length, plus 64 MiB);
+        the updates yielded before it stand, the rest is not searched.
     """
     with _view(buf) as view:
         limit = _limit(view, end)
         pos = max(0, start)
+        if work is None:
+            work = _SEARCH_WORK_FACTOR * max(0, limit - pos) + _SEARCH_WORK_FLOOR
+        spent = 0
         while pos + HEADER_SIZE <= limit:
             pos = _nonzero_from(view, pos, limit)
             chunk_end = min(limit, (pos // _SCAN_CHUNK + 1) * _SCAN_CHUNK)
@@ -400,7 +445,21 @@ def find_updates(
                 pos = at + 1
                 continue
             yield update
-            pos = update.end if update.checksum_ok else at + 1
+            if update.checksum_ok:
+                pos = update.end
+                continue
+            spent += update.total_size
+            if spent > work:
+                raise LimitError(
+                    source,
+                    at,
+                    "search",
+                    f"candidates whose checksum fails overlap so much that checking them "
+                    f"took more than {size_text(work)}; the rest "
+                    f"({at + 1:#x}..{limit:#x}) is not searched",
+                    work,
+                )
+            pos = at + 1
 
 
 # --- Intel .dat text -----------------------------------------------------------
@@ -428,7 +487,8 @@ def parse_dat(text: str, source: str = "<text>") -> bytes:
     :raise ParseError: at the line and column of the first thing that is not a
         comment, separator or 32-bit hex number.
     """
-    words: list[int] = []
+    # 4 bytes a word (a list of ints would be 9 to 36): the text may be large.
+    words = array.array("I")
     line = 1
     line_start = 0
     pos = 0
@@ -471,7 +531,9 @@ def parse_dat(text: str, source: str = "<text>") -> bytes:
             pos = close + 2
         else:
             pos = m.end()
-    return struct.pack(f"<{len(words)}I", *words)
+    if sys.byteorder == "big":  # the words are little-endian dwords
+        words.byteswap()
+    return words.tobytes()
 
 
 # --- writing -------------------------------------------------------------------
