@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.vm.test_qemu_real import _session
 from xenlab.config import parse
@@ -469,3 +471,14 @@ def test_the_option_builder_refuses_bad_names() -> None:
         qemu.qemu_opts([("a,b", "x")], key="vga_rom_device")
     assert qemu.qemu_opts([("path", "/a,b"), ("server", True), ("n", 3)], key="k") == (
         "path=/a,,b,server=on,n=3")
+
+
+_names = st.from_regex(r"[a-z][a-z0-9_.-]{0,8}", fullmatch=True)
+_values = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_names, _values), min_size=1, max_size=6))
+def test_option_strings_read_back_as_built(pairs: list[tuple[str, str]]) -> None:
+    """QEMU's reading of what qemu_opts builds gives the same pairs, whatever the values."""
+    assert qemu_split(qemu.qemu_opts(pairs, key="k")) == pairs

@@ -258,6 +258,22 @@ def test_direct_kernel_boot_runs_guest_code(paths: RuntimePaths, tmp_path: Path)
     assert done.returncode == (0x2A << 1) | 1, done.stderr.decode()
 
 
+def test_plain_arguments_keep_their_commas(paths: RuntimePaths, tmp_path: Path) -> None:
+    """-kernel and -append are never split at commas: a config kernel named a,b=c.bin boots."""
+    kernel = tmp_path / "stub,x=1 y.bin"
+    kernel.write_bytes(qemu._probe_kernel())
+    dc = dc_of(
+        f'name = "k,1"\ntype = "pvh"\nmemory = 32\nkernel = "{kernel}"\n'
+        'cmdline = "a=1,b=2 c,,d"\n'
+        "device_model_args = [ '-device', 'isa-debug-exit,iobase=0xf4,iosize=0x04' ]\n"
+    )
+    argv = qemu_argv(dc, paths)
+    assert argv[argv.index("-kernel") + 1] == str(kernel)
+    assert argv[argv.index("-append") + 1] == "a=1,b=2 c,,d"
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    assert done.returncode == (0x2A << 1) | 1, done.stderr.decode()
+
+
 def test_incoming_defer_waits_for_migration(paths: RuntimePaths) -> None:
     dc = dc_of('name = "in"\ntype = "hvm"\nmemory = 64\n')
     (status,) = run(dc, paths, "query-status", incoming="defer")
