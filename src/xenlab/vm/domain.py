@@ -526,12 +526,14 @@ class Toolstack:
         return self.store.get(name_or_id)
 
     @contextlib.contextmanager
-    def locked(self, name_or_id: str | int, *, timeout: float | None = None
-               ) -> Iterator[DomainRecord]:
+    def locked(self, name_or_id: str | int, *, timeout: float | None = None,
+               strict: bool = True) -> Iterator[DomainRecord]:
         """Hold the domain's lock for a ``with`` block; yields its record as of now.
 
         The record is read again under the lock, and a job that a killed
-        command left is finished or undone first (:meth:`converge`).
+        command left is finished or undone first (:meth:`converge`); if that
+        fails, the error is raised, or with ``strict=False`` (destroy, which
+        must work whatever state the domain is in) logged.
 
         :raise XenlabError: no such domain (also when it went away while this
             command waited for the lock).
@@ -549,7 +551,14 @@ class Toolstack:
                 raise StateError(
                     f"domain {rec.name!r} (id {rec.domid}) was replaced by {now.name!r} "
                     "while this command waited for it; nothing was done")
-            kept = self.converge(now)
+            try:
+                kept = self.converge(now)
+            except XenlabError as err:
+                if strict:
+                    raise
+                log.warning("domain %s: could not finish what a killed command left: %s",
+                            now.name, err)
+                kept = self.store.get(now.domid)
             if kept is None:
                 raise XenlabError(f"domain {rec.name!r} is gone: an interrupted "
                                   f"{(job_of(now) or Job('?', 0, 0)).verb} was undone")
@@ -637,20 +646,36 @@ class Toolstack:
             off = rec.state != SHUTOFF and not is_alive(rec) and self._powered_off(rec)
             if dead_job or off:
                 try:
-                    with self.store.lock(rec.domid, timeout=1.0):
-                        now = self.converge(self.store.get(rec.domid))
-                        if (now is not None and now.state != SHUTOFF and not is_alive(now)
-                                and self._powered_off(now)):
-                            now = self._gone(now)
+                    now = self._converged(rec)
                 except StateError:
                     now = rec  # busy: another command is on it right now
-                except XenlabError:
-                    continue  # it went away meanwhile
                 if now is None:
                     continue
                 rec = now
             out.append(self.status(rec))
         return out
+
+    def _converged(self, rec: DomainRecord) -> DomainRecord | None:
+        """``rec`` brought to a true state under its lock (1 s at most); None when gone.
+
+        A failure to converge is logged and the record shown as it is: a
+        listing never hides a domain.
+        """
+        with self.store.lock(rec.domid, timeout=1.0):
+            try:
+                now = self.store.get(rec.domid)
+            except XenlabError:
+                return None  # it went away meanwhile
+            try:
+                kept = self.converge(now)
+            except XenlabError as err:
+                log.warning("domain %s: could not finish what a killed command left: %s",
+                            rec.name, err)
+                return self.store.get(rec.domid)
+            if (kept is not None and kept.state != SHUTOFF and not is_alive(kept)
+                    and self._powered_off(kept)):
+                kept = self._gone(kept)
+            return kept
 
     def _powered_off(self, rec: DomainRecord) -> bool:
         """True when the console shows the guest kernel's clean power-off as its last words."""
@@ -797,7 +822,7 @@ class Toolstack:
         writes to the store only after QEMU is dead, so it works on a full disk
         as far as it can: the QEMU goes whatever the store can record.
         """
-        with self.locked(name_or_id) as rec:
+        with self.locked(name_or_id, strict=False) as rec:
             if rec.state == SHUTOFF:
                 raise StateError(
                     f"domain {rec.name!r} is shut off already; `xenlab vm undefine` forgets it"

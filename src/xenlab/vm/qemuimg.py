@@ -203,20 +203,23 @@ class CheckResult:
     ok: bool
     repaired: bool
     message: str
+    corrupt: bool = False  # errors, not only leaked clusters (no harm to data)
 
 
 def check(path: str | Path, fmt: DiskFormat | str, *, repair: bool = False,
           timeout: float = 300.0) -> CheckResult:
     """``qemu-img check`` image ``path`` of format ``fmt``; with ``repair``, fix leaked clusters.
 
-    Formats without metadata (raw) are not checked, never "repaired".
+    Formats without metadata (raw) are not checked, never "repaired".  A check
+    without repair may run while QEMU uses the image (it only reads); a
+    repair needs the image unused.
     """
     drv = driver(fmt)
     if drv not in _REPAIRABLE:
         return CheckResult(str(path), False, True, False, f"{drv}: nothing to check")
-    args = ["-f", drv]
-    if repair:
-        args += ["-r", "leaks"]
+    # A plain check only reads (-U: QEMU may hold the image); a repair writes,
+    # so it must get the image's lock.
+    args = ["-f", drv, *(["-r", "leaks"] if repair else ["-U"])]
     # 0 consistent, 2 corrupted, 3 leaks (left or repaired), 63 cannot check
     proc = _run("check", path, [*args, str(path)], timeout=timeout, ok=(0, 2, 3, 63))
     text = (proc.stdout + proc.stderr).strip()
@@ -224,7 +227,7 @@ def check(path: str | Path, fmt: DiskFormat | str, *, repair: bool = False,
         return CheckResult(str(path), False, True, False, text)
     repaired = repair and "repaired" in text.lower()
     ok = proc.returncode == 0 or (proc.returncode == 3 and repaired)
-    return CheckResult(str(path), True, ok, repaired, text)
+    return CheckResult(str(path), True, ok, repaired, text, corrupt=proc.returncode == 2)
 
 
 # qemu-img convert -p rewrites one line: "    (12.34/100%)\r"

@@ -38,6 +38,7 @@ from xenlab.vm.qmp import run as _run
 from xenlab.vm.snapshot import (
     current_id,
     delete_one,
+    drop_nodes_on,
     entry_backend,
     entry_images,
     has_memory,
@@ -78,8 +79,9 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
     if job.verb == "snapshot-revert" and rec.state == "incoming":
         return _recover_incoming_revert(ts, rec, job, name)
     if live:
-        _sync_tops(ts, rec)
+        # QEMU's jobs first: a commit it completes moves a disk to another file.
         _run(_settle_jobs(ts, rec, name))
+        _sync_tops(ts, rec)
     rec = ts.store.get(rec.domid)
     if job.verb == "snapshot-create":
         _recover_create(ts, rec, name, live)
@@ -148,7 +150,16 @@ async def _settle_jobs_in(qmp: Qmp, rec: DomainRecord, name: str) -> None:
             log.warning("domain %s: QEMU job %s (%s when found) %s", rec.name, job_id, status,
                         f"failed: {error}" if error else "is done and dismissed")
     # A killed --live snapshot leaves QEMU waiting at pre-switchover with the
-    # capability on, and a memory save may still be running or done.
+    # capability on; it can only be turned off once no migration runs (after
+    # _memory_complete let the memory save end).
+    await _capability_off(qmp)
+
+
+async def _capability_off(qmp: Qmp) -> None:
+    info = await qmp.execute("query-migrate")
+    status = str(info.get("status")) if isinstance(info, dict) else "none"
+    if status in ("active", "setup", "device", "pre-switchover", "cancelling"):
+        return
     await qmp.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "pause-before-switchover", "state": False}]})
 
@@ -274,10 +285,11 @@ def _memory_complete(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
                 if st == "pre-switchover":
                     await qmp.execute("migrate-continue", {"state": "pre-switchover"})
                 try:
-                    return await wait_migration(qmp, {"completed"}, _SETTLE, "memory save")
+                    st = await wait_migration(qmp, {"completed"}, _SETTLE, "memory save")
                 except BackendError:
                     await qmp.execute("migrate_cancel")
-                    return "cancelled"
+                    st = "cancelled"
+                await _capability_off(qmp)
             return st
 
     return _run(status()) == "completed"
@@ -326,6 +338,8 @@ def _recover_delete(ts: Toolstack, rec: DomainRecord, live: bool) -> None:
             continue
         where = f"domain {rec.name}: snapshot {s.name!r}"
         try:
+            if live:
+                _run(_drop_overlay_nodes(ts, rec, s))
             _run(delete_one(ts, rec, s, state))
         except XenlabError as err:
             ts.store.set_snapshot_state(s.id, SnapshotState.BROKEN)
@@ -339,6 +353,14 @@ def _recover_delete(ts: Toolstack, rec: DomainRecord, live: bool) -> None:
         if cur == s.id:
             set_current(ts, rec.domid, s.parent)
         log.warning("%s: its delete was killed; it is finished (deleted)", where)
+
+
+async def _drop_overlay_nodes(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord) -> None:
+    """Nodes on ``s``'s overlays that a commit QEMU finished alone left in its graph."""
+    async with Qmp.open(ts.paths(rec).qmp) as qmp:
+        for e in s.disks:
+            if "overlay" in e:
+                await drop_nodes_on(qmp, str(e["overlay"]))
 
 
 # --- revert -----------------------------------------------------------------------------

@@ -398,6 +398,30 @@ async def node_and_tags(qmp: Qmp, file: str, fallback: str) -> tuple[str, set[st
     return fallback, None
 
 
+async def drop_nodes_on(qmp: Qmp, file: str) -> list[str]:
+    """Delete QEMU's block nodes on image ``file`` that no device uses any more; their names.
+
+    Nodes made with ``-blockdev`` or ``blockdev-add`` outlive a commit or a
+    pivot away from them, and keep the image below them "busy" for the next
+    snapshot.  A node still in use is left (QEMU refuses), silently.
+    """
+    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+    want = os.path.realpath(file)
+    on = [n for n in nodes if isinstance(n, dict) and isinstance(n.get("file"), str)
+          and os.path.realpath(n["file"]) == want and n.get("node-name")
+          ] if isinstance(nodes, list) else []
+    # Format nodes before their protocol (file) nodes: a parent goes first.
+    on.sort(key=lambda n: n.get("drv") in ("file", "host_device"))
+    dropped = []
+    for n in on:
+        try:
+            await qmp.execute("blockdev-del", {"node-name": n["node-name"]})
+        except BackendError:
+            continue
+        dropped.append(str(n["node-name"]))
+    return dropped
+
+
 async def qemu_uses(qmp: Qmp, file: str) -> bool:
     """True when QEMU has a block node on image ``file`` (it may be writing to it)."""
     node, _ = await node_and_tags(qmp, file, "")
@@ -536,6 +560,9 @@ class Qcow2External:
             })
             faults.point("snapshot-delete.commit-started")
             await run_job(qmp, job, JOB_TIMEOUT, complete_on_ready=True)
+            # A top opened with -blockdev (a restart on an overlay) stays in
+            # QEMU's graph after the pivot, holding the image below "busy".
+            await drop_nodes_on(qmp, top)
         Path(top).unlink(missing_ok=True)
         return str(entry["file"])
 
