@@ -356,3 +356,28 @@ def test_sqlite_errors_never_escape_as_tracebacks(tmp_path: Path) -> None:
         Store(state)
     assert issubclass(StoreError, StateError)
     assert not issubclass(StoreError, sqlite3.Error)
+
+
+# --- backing chains checked before QEMU opens them -------------------------------------
+
+
+def test_create_refuses_a_disk_backed_by_a_host_file(tmp_path: Path) -> None:
+    """The review's case: a qcow2 over /etc/shadow booted, and the guest read it."""
+    from xenlab.vm import qemuimg
+
+    disk = tmp_path / "x.qcow2"
+    qemuimg.create(disk, "qcow2", backing="/etc/shadow", backing_fmt="raw")
+    cfg = tmp_path / "x.cfg"
+    cfg.write_text(f'name = "x"\ntype = "hvm"\nmemory = 64\n'
+                   f'disk = [ "format=qcow2,vdev=xvda,access=rw,target={disk}" ]\n')
+    ts = Toolstack(tmp_path / "state")
+    for verb in (ts.create, ts.define):
+        with pytest.raises(XenlabError, match=r"names backing file /etc/shadow, outside"):
+            verb(cfg)
+        assert ts.store.list() == []
+    # A chain inside the disk's own directory is fine.
+    base = tmp_path / "base.qcow2"
+    qemuimg.create(base, "qcow2", "16M")
+    disk.unlink()
+    qemuimg.create(disk, "qcow2", backing=base, backing_fmt="qcow2")
+    assert ts.define(cfg).name == "x"

@@ -258,12 +258,16 @@ def test_relative_out_and_odd_names(tmp_path: Path, guest_image: object,
     monkeypatch.chdir(tmp_path)
     state = str(tmp_path / "state")
     code, out, err = run_cli(capsys, "rom", "boot", str(_rom("vgabios-stdvga.bin")), "--check",
-                             "--out", "rel", "--name", 'we"ird', "--json", "--state-dir", state)
+                             "--out", "rel", "--name", "we,ird", "--json", "--state-dir", state)
     assert code == 0, out + err
     result = json.loads(out)
-    assert result["ran"] and result["domain"] == 'we"ird'
+    assert result["ran"] and result["domain"] == "we,ird"
     assert (tmp_path / "rel" / "we-ird.png").is_file()
-    assert 'name = "we\\"ird"' in (tmp_path / "rel" / "we-ird.cfg").read_text()
+    assert 'name = "we,ird"' in (tmp_path / "rel" / "we-ird.cfg").read_text()
+    # A name no verb could handle later is refused before anything starts.
+    code, out, err = run_cli(capsys, "rom", "boot", str(_rom("vgabios-stdvga.bin")), "--check",
+                             "--out", "rel", "--name", 'we"ird', "--state-dir", state)
+    assert code == 1 and "is not usable" in err
     # --cfg in the output directory would be overwritten: refused before anything starts.
     cfg = write_config(tmp_path / "rel", "vg2")
     code, out, err = run_cli(capsys, "rom", "boot", str(_rom("vgabios-stdvga.bin")),

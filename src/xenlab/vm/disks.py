@@ -47,6 +47,7 @@ from xenlab.vm.domain import (
     create_image,
     disk_line,
 )
+from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
 from xenlab.vm.jobs import Job
 from xenlab.vm.qemu import blockdev_nodes, check_disk, disk_device, disk_slot
 from xenlab.vm.qmp import CommandError, Qmp
@@ -221,6 +222,7 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
                 assert create_size is not None
                 create_image(target, disk.format.value, create_size)
             try:
+                check_disk_image(target, disk.format, allowed_backing_dirs(target))
                 _run(go())
             except BaseException:
                 if create:

@@ -56,6 +56,7 @@ from xenlab.config.model import DomainConfig, domain_config
 from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.files import read_text_bounded
+from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
 from xenlab.vm.jobs import JOB, Job, job_of, new_job
 from xenlab.vm.qemu import (
     Accel,
@@ -313,6 +314,14 @@ class Toolstack:
                     dc, text = _on_disk_specs(dc, text, old)
                     dc = _on_overlays(_on_mirrors(dc, old), old)
                 created = self._check_disks(dc, create_disks) if fresh else []
+                try:
+                    # Every file QEMU will open through the disks (backing
+                    # files, data files) is checked before anything starts.
+                    check_images(dc)
+                except BaseException:
+                    for p in created:
+                        p.unlink(missing_ok=True)
+                    raise
                 state = "creating" if fresh else "incoming"
                 # A verb that is restarting its own domain (a revert) keeps its job.
                 running = job_of(old) if old is not None else None
@@ -728,6 +737,7 @@ class Toolstack:
                 if rec.name == dc.name:
                     raise XenlabError(f"domain {dc.name!r} already exists (id {rec.domid})")
             self._check_disks(dc, None)
+            check_images(dc)
             return self.store.add_domain(
                 DomainRecord(
                     domid=0, name=dc.name, uuid=dc.uuid or str(uuidlib.uuid4()),
@@ -979,6 +989,20 @@ RECOVERY: dict[str, str] = {
     "snapshot-revert": "xenlab.vm.snaprecover",
     "snapshot-delete": "xenlab.vm.snaprecover",
 }
+
+
+def check_images(dc: DomainConfig) -> None:
+    """Refuse a disk whose image would make QEMU open a file outside its allowed directories.
+
+    See ``vm.imagecheck``: backing and data files must lie in the disk's own
+    directory tree or in ``$XENLAB_BACKING_DIRS``.
+
+    :raise UnsafeImageError: naming the disk, the file and why.
+    """
+    for disk in dc.disks:
+        if disk.pdev_path and disk.format is not DiskFormat.EMPTY and disk.script is None \
+                and Path(disk.pdev_path).exists():
+            check_disk_image(disk.pdev_path, disk.format, allowed_backing_dirs(disk.pdev_path))
 
 
 def _read_pid(paths: RuntimePaths) -> int | None:
