@@ -1,16 +1,18 @@
-"""vm.migrate: the save image header, and save/restore/migrate on real guests (TCG)."""
+"""vm.migrate, vm.saverestore, vm.receiver: save, restore and migration on real guests (TCG).
+
+The save image format alone is tested in test_saveimage.py; the receiver
+against hostile peers in test_receive_hostile.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import queue
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -20,17 +22,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from tests.clirun import run_cli
 from tests.vm.guests import boot, clear, config_text, sh, wait_ready
-from xenlab.errors import BackendError, FormatError, StateError, TruncatedError, XenlabError
+from xenlab.errors import BackendError, FormatError, StateError, XenlabError
 from xenlab.vm import migrate as mig
-from xenlab.vm import snapshot
+from xenlab.vm import saveimage, snapshot
 from xenlab.vm.domain import SHUTOFF, Toolstack
-from xenlab.vm.migrate import MAGIC, DiskSnapshot, SaveHeader, pack_header, parse_header
+from xenlab.vm.migrate import SaveHeader
 from xenlab.vm.mirror import DISK_PATHS, mirror
+from xenlab.vm.saveimage import ChecksumError, CutShortError
 from xenlab.vm.store import DomainRecord, is_alive
 
 HEADER = SaveHeader(
@@ -39,174 +40,6 @@ HEADER = SaveHeader(
     qemu_version="7.2.22", created=1700000000.5, state="running",
 )
 STREAM = b"QEVM\x00\x00\x00\x03rest of the stream"
-
-
-# --- the header, pure -----------------------------------------------------------------
-
-
-def test_header_round_trip() -> None:
-    raw = pack_header(HEADER) + STREAM
-    assert raw.startswith(MAGIC)
-    (n,) = struct.unpack_from(">I", raw, 12)
-    header, offset = parse_header(raw)
-    assert header == HEADER
-    assert offset == 16 + n and raw[offset:].startswith(b"QEVM")
-    # memoryviews and bytearrays parse the same
-    assert parse_header(memoryview(bytearray(raw)))[0] == HEADER
-
-
-def _fields(**change: object) -> dict[str, object]:
-    fields: dict[str, object] = {k: getattr(HEADER, k) for k in SaveHeader.__slots__}
-    fields.update(disk_snapshots=[], disk_paths={}, overlays={})
-    fields.update(change)
-    return fields
-
-
-def _raw(obj: object) -> bytes:
-    body = json.dumps(obj).encode()
-    return MAGIC + struct.pack(">I", len(body)) + body
-
-
-def test_header_errors_name_the_place() -> None:
-    raw = pack_header(HEADER) + STREAM
-    n = struct.unpack_from(">I", raw, 12)[0]
-    with pytest.raises(FormatError, match="not a xenlab save image") as e:
-        parse_header(b"\x7fELF" + raw[4:], "f")
-    assert (e.value.offset, e.value.field) == (0, "magic")
-    with pytest.raises(FormatError, match="not a xenlab save image"):
-        parse_header(b"QEVM")
-    with pytest.raises(FormatError) as e:
-        parse_header(MAGIC + struct.pack(">I", 1 << 30))
-    assert (e.value.offset, e.value.field) == (12, "header length")
-    with pytest.raises(FormatError, match="not JSON") as e:
-        parse_header(MAGIC + struct.pack(">I", 3) + b"{{{" + STREAM)
-    assert e.value.offset == 16
-    with pytest.raises(FormatError, match="expected an object"):
-        parse_header(MAGIC + struct.pack(">I", 2) + b"[]" + STREAM)
-    with pytest.raises(FormatError, match="found a int, expected a str") as e:
-        parse_header(_raw(_fields(state=7)) + STREAM)
-    assert (e.value.offset, e.value.field) == (16, "header.state")
-    with pytest.raises(FormatError, match="found nothing") as e:
-        parse_header(_raw(_fields(uuid=None)) + STREAM)
-    assert e.value.field == "header.uuid"
-    with pytest.raises(FormatError, match="newer than this xenlab"):
-        parse_header(_raw(_fields(version=9)) + STREAM)
-    with pytest.raises(FormatError, match="expected a time"):
-        parse_header(_raw(_fields(created=float("inf"))) + STREAM)
-    with pytest.raises(FormatError, match="expected QEMU's") as e:
-        parse_header(pack_header(HEADER) + b"JUNKJUNK")
-    assert (e.value.offset, e.value.field) == (16 + n, "stream magic")
-
-
-def test_header_v2_disk_snapshots_and_v1_still_read() -> None:
-    snaps = (DiskSnapshot("xvda", "/d/a.qcow2", "xenlab-save-1"),
-             DiskSnapshot("xvdb", "/d/b.qcow2", "xenlab-save-1"))
-    h2 = replace(HEADER, disk_snapshots=snaps)
-    assert h2.version == mig.SAVE_VERSION == 3
-    assert parse_header(pack_header(h2) + STREAM)[0] == h2
-    # A version 1 image (what the previous xenlab wrote) has no such field.
-    v1 = {k: getattr(HEADER, k) for k in SaveHeader.__slots__
-          if k not in ("disk_snapshots", "disk_paths", "overlays")}
-    v1["version"] = 1
-    h1, _ = parse_header(_raw(v1) + STREAM)
-    assert h1 == replace(HEADER, version=1) and h1.disk_snapshots == ()
-    # ...and a version 1 header packs as version 1 wrote it.
-    assert parse_header(pack_header(h1) + STREAM)[0] == h1
-    with pytest.raises(ValueError):
-        pack_header(replace(h2, version=1))
-    bad: list[tuple[object, str]] = [
-        (None, "header.disk_snapshots"),
-        ({"vdev": "xvda"}, "header.disk_snapshots"),
-        (["xvda"], "header.disk_snapshots[0]"),
-        ([{"vdev": "xvda", "file": "/a", "name": ""}], "header.disk_snapshots[0].name"),
-        ([{"vdev": "xvda", "file": 3, "name": "n"}], "header.disk_snapshots[0].file"),
-        ([{"vdev": "xvda", "file": "/a", "name": "n"}] * 2, "header.disk_snapshots"),
-    ]
-    for value, field in bad:
-        fields = _fields(version=2)
-        del fields["disk_paths"], fields["overlays"]
-        fields["disk_snapshots"] = value
-        with pytest.raises(FormatError) as e:
-            parse_header(_raw(fields) + STREAM)
-        assert (e.value.offset, e.value.field) == (16, field), value
-    with pytest.raises(FormatError, match="expected one of 1, 2, 3"):
-        parse_header(_raw(_fields(version=0)) + STREAM)
-
-
-def test_header_v3_disk_paths_and_overlays_and_v2_still_read() -> None:
-    h3 = replace(HEADER, disk_paths=(mig.DiskMove("xvda", "/d/moved.raw", "raw"),),
-                 overlays=(mig.DiskMove("xvdb", "/d/b.s1.qcow2", "qcow2"),))
-    raw = pack_header(h3) + STREAM
-    assert parse_header(raw)[0] == h3
-    body = json.loads(raw[16: 16 + struct.unpack_from(">I", raw, 12)[0]])
-    assert body["disk_paths"] == {"xvda": {"file": "/d/moved.raw", "format": "raw"}}
-    assert body["overlays"] == {"xvdb": {"file": "/d/b.s1.qcow2", "format": "qcow2"}}
-    # The channel carries the same object.
-    assert mig.header_from_json(mig.header_to_json(h3)) == h3
-    # What version 2 wrote (no such fields) is still read, and written back as such.
-    v2 = {k: getattr(HEADER, k) for k in SaveHeader.__slots__
-          if k not in ("disk_paths", "overlays")}
-    v2.update(version=2, disk_snapshots=[])
-    h2, _ = parse_header(_raw(v2) + STREAM)
-    assert h2 == replace(HEADER, version=2) and h2.disk_paths == h2.overlays == ()
-    assert "disk_paths" not in json.loads(pack_header(h2)[16:])
-    with pytest.raises(ValueError):
-        pack_header(replace(h3, version=2))
-    bad: list[tuple[str, object, str]] = [
-        ("disk_paths", None, "header.disk_paths"),
-        ("disk_paths", [], "header.disk_paths"),
-        ("overlays", {"xvda": "/x"}, "header.overlays.xvda"),
-        ("disk_paths", {"xvda": {"file": "", "format": "raw"}}, "header.disk_paths.xvda.file"),
-        ("disk_paths", {"xvda": {"file": "/x"}}, "header.disk_paths.xvda.format"),
-        ("disk_paths", {"xvda": {"file": "/x", "format": "vmdk"}},
-         "header.disk_paths.xvda.format"),
-        ("overlays", {"": {"file": "/x", "format": "qcow2"}}, "header.overlays"),
-    ]
-    for key, value, field in bad:
-        fields = _fields(version=3, disk_paths={}, overlays={})
-        fields[key] = value
-        with pytest.raises(FormatError) as e:
-            parse_header(_raw(fields) + STREAM)
-        assert (e.value.offset, e.value.field) == (16, field), (key, value)
-
-
-def test_every_cut_is_truncated() -> None:
-    raw = pack_header(HEADER) + b"QEVM"
-    for cut in range(len(raw)):
-        with pytest.raises(TruncatedError):
-            parse_header(raw[:cut])
-
-
-@given(st.binary(max_size=200))
-def test_random_bytes_raise_only_format_errors(data: bytes) -> None:
-    for buf in (data, MAGIC + data, MAGIC + struct.pack(">I", len(data)) + data + b"QEVM"):
-        with contextlib.suppress(FormatError):
-            parse_header(buf)
-
-
-@given(st.dictionaries(st.sampled_from(["version", "name", "uuid", "config_text", "state",
-                                        "config_path", "qemu_version", "created",
-                                        "disk_snapshots", "disk_paths", "overlays"]),
-                       st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
-                                 st.text(max_size=5))))
-def test_random_json_headers_raise_only_format_errors(obj: dict[str, object]) -> None:
-    try:
-        h, _ = parse_header(_raw(obj) + b"QEVM")
-    except FormatError:
-        return
-    assert isinstance(h.name, str) and isinstance(h.created, float)
-
-
-def test_read_header_of_files(tmp_path: Path) -> None:
-    good = tmp_path / "good.save"
-    good.write_bytes(pack_header(HEADER) + STREAM)
-    assert mig.read_header(good)[0] == HEADER
-    text = tmp_path / "notes.txt"
-    text.write_text("hello\n")
-    with pytest.raises(FormatError, match=f"{text}.*not a xenlab save image"):
-        mig.read_header(text)
-    with pytest.raises(XenlabError, match="cannot read"):
-        mig.read_header(tmp_path / "missing.save")
 
 
 # --- real guests ----------------------------------------------------------------------
@@ -247,8 +80,10 @@ def test_save_restore_continues_the_guest(hosts: tuple[Toolstack, Toolstack],
     header = mig.save(ts, "g1", image)
     save_s = time.monotonic() - t0
     assert ts.store.list() == []  # xl save: the domain is gone
-    assert header.name == "g1" and header.state == "running"
+    assert header.name == "g1" and header.state == "running" and header.version == 4
     assert mig.read_header(image)[0] == header
+    _, summary = saveimage.check_image(image)  # every frame and the trailer
+    assert summary is not None and summary.end == image.stat().st_size
     assert "xenlab.mkfs=1" in header.config_text
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
     at_save = tmp_path / "at-save.qcow2"
@@ -281,7 +116,7 @@ def test_save_restore_of_a_mirrored_domain(hosts: tuple[Toolstack, Toolstack],
     image = tmp_path / "g1.save"
     header = mig.save(ts, "g1", image)
     assert header.disk_paths == (mig.DiskMove("xvda", str(moved), "qcow2"),)
-    assert header.version == 3 and mig.read_header(image)[0] == header
+    assert header.version == 4 and mig.read_header(image)[0] == header
     (kept,) = ts.store.list()  # shut off: only its record says where the disk is
     assert kept.state == SHUTOFF and not is_alive(kept)
     at_save = tmp_path / "at-save.qcow2"
@@ -333,15 +168,159 @@ def test_failed_save_leaves_the_domain_running(hosts: tuple[Toolstack, Toolstack
     data = (tmp_path / "g1.save").read_bytes()
     cut = tmp_path / "cut.save"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(BackendError, match="could not load the saved state") as cut_err:
+    with pytest.raises(CutShortError, match=rf"cut short: the data ends at \+{len(data) // 2:#x}"):
         mig.restore(ts, cut)
-    # QEMU's own words (its stderr after -daemonize, kept by -D) are quoted.
-    assert "load of migration failed" in str(cut_err.value), str(cut_err.value)
     assert ts.store.list() == []
     assert not ts.paths(rec).rundir.exists()
     # ...and the whole image still restores.
     mig.restore(ts, tmp_path / "g1.save")
     assert sh(ts, "g1", "echo back") == "back\n"
+
+
+class _QemuWatch(threading.Thread):
+    """Every QEMU process started for the domain ``uuid`` while it watches (polled)."""
+
+    def __init__(self, uuid: str) -> None:
+        super().__init__(daemon=True)
+        self.needle = b"-uuid\0" + uuid.encode() + b"\0"
+        self.seen: set[int] = set()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"qemu-system" in argv and self.needle in argv:
+                    self.seen.add(int(pid))
+            time.sleep(0.002)
+
+    def __enter__(self) -> _QemuWatch:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.join()
+
+
+def _unframed(image: Path, version: int = 3) -> bytes:
+    """The version 4 image at ``image`` as a version ``version`` xenlab wrote it: no
+    checksums, QEMU's stream right behind the header."""
+    layout = saveimage.read_image(image)
+    with image.open("rb") as f:
+        f.seek(layout.stream_offset)
+        stream = b"".join(bytes(d) for d in saveimage.iter_frames(f, seed=layout.seed or 0))
+    return saveimage.pack_header(replace(layout.header, version=version)) + stream
+
+
+@pytest.mark.integration
+def test_damaged_images_never_start_a_qemu_and_old_ones_still_restore(
+        hosts: tuple[Toolstack, Toolstack], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Item 4: a flipped byte in any section, a cut, junk appended: refused naming the
+    offset, before any QEMU starts or any record is made; versions 1-3 still restore."""
+    ts, _ = hosts
+    boot(ts, tmp_path, "g1")
+    sh(ts, "g1", "echo A > /mnt/disk/marker && sync")
+    image = tmp_path / "g1.save"
+    header = mig.save(ts, "g1", image)
+    data = image.read_bytes()
+    layout, summary = saveimage.check_image(image)
+    assert summary is not None and summary.frames > 3
+    first = layout.stream_offset
+    size = len(data)
+    middle = first + (summary.frames // 2) * (saveimage.FRAME_MAX + 12) + 1000
+    cases: list[tuple[str, bytes, type[Exception], str]] = []
+    for name, pos, kind, field in [
+        ("header", 40, ChecksumError, "header checksum"),
+        ("header checksum", first - 3, ChecksumError, "header checksum"),
+        ("frame data", middle, ChecksumError, "frame"),
+        ("frame checksum", first + 4 + saveimage.FRAME_MAX + 2, ChecksumError, "frame 0"),
+        ("frame length", first + 1, FormatError, "frame 0"),
+        ("trailer", size - 20, ChecksumError, "trailer"),
+    ]:
+        bad = bytearray(data)
+        bad[pos] ^= 0x04
+        cases.append((name, bytes(bad), kind, field))
+    cases.append(("cut", data[: size - 100], CutShortError, "frame"))
+    cases.append(("cut at the trailer", data[: size - 28], CutShortError, "frame"))
+    cases.append(("junk", data + b"\0junk", FormatError, "end"))
+    damaged = tmp_path / "damaged.save"
+    for name, raw, kind, field in cases:
+        damaged.write_bytes(raw)
+        with _QemuWatch(header.uuid) as watch, pytest.raises(kind) as e:
+            mig.restore(ts, damaged)
+        err = e.value
+        assert isinstance(err, FormatError) and err.field.startswith(field), (name, str(err))
+        assert str(err).startswith(f"{damaged}+0x"), str(err)
+        assert watch.seen == set(), name
+        assert ts.store.list() == [], name
+    # The CLI says it in one line, exit 1.
+    damaged.write_bytes(cases[2][1])
+    code, _, err_text = run_cli_capture(["vm", "restore", str(damaged), "--state-dir",
+                                         str(ts.state_dir)])
+    assert code == 1 and err_text.count("\n") == 1 and "frame" in err_text, err_text
+    assert "Traceback" not in err_text
+
+    # Version 3 (and 1) images carry no checksums: restored, with a warning.
+    old = tmp_path / "old.save"
+    old.write_bytes(_unframed(image))
+    assert saveimage.read_image(old).seed is None
+    with caplog.at_level("WARNING"):
+        rec = mig.restore(ts, old)
+    assert "version 3 save image carries no checksums" in caplog.text
+    assert rec.state == "running" and sh(ts, "g1", "cat /mnt/disk/marker") == "A\n"
+    ts.destroy("g1")
+    # A cut one reaches QEMU, which refuses it; its own words are quoted.
+    old.write_bytes(_unframed(image)[: size // 2])
+    with pytest.raises(BackendError, match="could not load the saved state") as cut_err:
+        mig.restore(ts, old)
+    assert "load of migration failed" in str(cut_err.value), str(cut_err.value)
+    assert ts.store.list() == []
+    # ...and the version 4 image itself still restores.
+    mig.restore(ts, image)
+    assert sh(ts, "g1", "cat /mnt/disk/marker") == "A\n"
+
+
+def run_cli_capture(args: Sequence[str]) -> tuple[int, str, str]:
+    """``xenlab ARGS`` in its own process: (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "-c", "from xenlab.cli.main import main; main()",
+                           *args], capture_output=True, text=True, check=False, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_restore_reads_a_raw_disk_as_raw(tmp_path: Path) -> None:
+    """Item 5: a save --snapshot image restored onto a disk the config calls raw, whose
+    content is a qcow2 header naming a host file as backing: refused, the file never opened
+    (a FIFO nobody reads), nothing started."""
+    from tests.vm.test_receive_hostile import _qcow2_header
+
+    fifo = tmp_path / "host-secret"
+    os.mkfifo(fifo)
+    disk = tmp_path / "g1.raw"
+    disk.write_bytes(_qcow2_header(str(fifo)).ljust(1 << 20, b"\0"))
+    header = replace(HEADER, config_text=config_text("g1", disk, fmt="raw"), disk_snapshots=(
+        saveimage.DiskSnapshot("xvda", str(disk), "xenlab-save-1"),))
+    image = tmp_path / "g1.save"
+    head = saveimage.pack_header(header)
+    with image.open("wb") as f:
+        f.write(head)
+        f.flush()
+        w = saveimage.FrameWriter(f.fileno(), seed=saveimage.header_seed(head))
+        w.frame(b"QEVM" + bytes(100))
+        w.finish()
+    ts = Toolstack(tmp_path / "state")
+    with pytest.raises(XenlabError, match=r"disk xvda \(.*g1.raw\) is raw, so it holds no "
+                                          r"snapshot 'xenlab-save-1'"):
+        mig.restore(ts, image)
+    with pytest.raises(OSError):  # ENXIO: nobody opened the FIFO for reading
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert ts.store.list() == []
 
 
 @pytest.mark.integration
@@ -493,9 +472,9 @@ class _Receiver(threading.Thread):
     """``serve_receive`` on its own toolstack (its own thread: SQLite objects stay in theirs)."""
 
     def __init__(self, state_dir: Path, overrides: Sequence[str] = (),
-                 accept_timeout: float = 60) -> None:
+                 accept_timeout: float = 60, disk_dir: Path | None = None) -> None:
         super().__init__(daemon=True)
-        self.state_dir, self.overrides = state_dir, overrides
+        self.state_dir, self.overrides, self.disk_dir = state_dir, overrides, disk_dir
         self.accept_timeout = accept_timeout
         self.token = mig.new_token()
         self.port: queue.Queue[int] = queue.Queue()
@@ -506,6 +485,7 @@ class _Receiver(threading.Thread):
             self.result = mig.serve_receive(
                 Toolstack(self.state_dir), "127.0.0.1:0", token=self.token,
                 overrides=self.overrides, accept_timeout=self.accept_timeout, timeout=120,
+                disk_dir=self.disk_dir,
                 on_listen=lambda _h, p: self.port.put(p))
         except BaseException as err:  # handed to the test
             self.result = err
@@ -538,8 +518,9 @@ def test_two_host_migration_over_the_control_channel(hosts: tuple[Toolstack, Too
     mirror(src, "g1", "xvda", moved)  # the config still names g1.qcow2
     sh(src, "g1", "echo A > /mnt/disk/marker && sync")
     before, boot_id = _uptime_and_boot(src, "g1")
-    # Shared disks: the destination runs on the mirror's target, and says so.
-    recv = _Receiver(dst.state_dir)
+    # Shared disks: the destination runs on the mirror's target, and says so (the
+    # source may name files in tmp_path only because the receiver allows it).
+    recv = _Receiver(dst.state_dir, disk_dir=tmp_path)
     recv.start()
     res = mig.migrate(src, "g1", recv.address(), token=recv.token)
     got = recv.outcome()
@@ -578,7 +559,8 @@ def test_receiver_killed_after_the_stream_the_source_resumes(
     rec = src.get("g1")
     proc = subprocess.Popen(
         [sys.executable, "-c", "from xenlab.cli.main import main; main()", "vm", "receive",
-         "--listen", "127.0.0.1:0", "--state-dir", str(dst.state_dir)],
+         "--listen", "127.0.0.1:0", "--state-dir", str(dst.state_dir),
+         "--disk-dir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -615,26 +597,26 @@ def test_receiver_refuses_and_cleans_up_after_a_vanished_source(
         hosts: tuple[Toolstack, Toolstack], tmp_path: Path) -> None:
     _, dst = hosts
 
+    recv = _Receiver(dst.state_dir, disk_dir=tmp_path)
+    recv.start()
+    address = recv.address()
+
     def source(prepare: dict[str, object]) -> tuple[socket.socket, list[dict[str, object]]]:
-        recv = _Receiver(dst.state_dir)
-        recv.start()
-        host, port = recv.address().split(":")
+        host, port = address.split(":")
         ctl = socket.create_connection((host, int(port)), timeout=30)
         f = ctl.makefile("rwb")
         said = [json.loads(f.readline())]
         f.write(json.dumps({**prepare, "token": recv.token}).encode() + b"\n")
         f.flush()
         said.append(json.loads(f.readline()))
-        source.recv = recv  # type: ignore[attr-defined]
         return ctl, said
 
-    # A header that is not one: the receiver says why and keeps nothing.
+    # A header that is not one: the receiver says why, keeps nothing, and waits on.
     ctl, said = source({"msg": "prepare", "header": {"version": 3}})
     assert said[0] == {"msg": "hello", "protocol": 2}
     assert said[1]["msg"] == "error" and "header.name" in str(said[1]["error"])
     ctl.close()
-    assert isinstance(source.recv.outcome(), FormatError)  # type: ignore[attr-defined]
-    assert dst.store.list() == []
+    assert recv.is_alive() and dst.store.list() == []
 
     # A source that vanishes in the middle of the stream: the incoming QEMU is
     # killed and no record is left.
@@ -651,76 +633,11 @@ def test_receiver_refuses_and_cleans_up_after_a_vanished_source(
     data.sendall(b"QEVM\x00\x00\x00\x03" + os.urandom(4096)[:100])
     ctl.close()  # the source is gone
     data.close()
-    err = source.recv.outcome()  # type: ignore[attr-defined]
+    err = recv.outcome()
     assert isinstance(err, BackendError), err
     assert "source" in str(err) or "exited" in str(err)
     assert dst.store.list() == [] and not is_alive(incoming)
     assert not dst.paths(incoming).rundir.exists()
-
-
-def _ask(address: str, prepare: dict[str, object]) -> dict[str, object]:
-    """Connect to a receiver as a source would, send ``prepare``; its answer."""
-    host, port = address.split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as ctl:
-        f = ctl.makefile("rwb")
-        assert json.loads(f.readline()) == {"msg": "hello", "protocol": 2}
-        f.write(json.dumps(prepare).encode() + b"\n")
-        f.flush()
-        answer = json.loads(f.readline())
-        assert isinstance(answer, dict)
-        return answer
-
-
-RISKY = """\
-device_model_args_hvm = [ "-monitor", "unix:/tmp/evil,server=on,wait=off" ]
-vif = [ "bridge=xenbr0,script=/tmp/evil-script" ]
-vga_rom = "/etc/shadow"
-"""
-
-
-def test_the_receiver_hears_only_its_token_and_refuses_risky_settings(tmp_path: Path) -> None:
-    """No token or a wrong one: "error", nothing started, the receiver waits on; with the
-    token, settings that run programs or hand host files to the guest are refused."""
-    recv = _Receiver(tmp_path / "dst")
-    recv.start()
-    address = recv.address()
-    header = mig.header_to_json(replace(
-        HEADER, config_text=config_text("g1", tmp_path / "g1.qcow2", tail=RISKY),
-        config_path=""))
-    prepare: dict[str, object] = {"msg": "prepare", "header": header, "with_storage": True,
-                                  "disk_sizes": {"xvda": 32 << 20}}
-    said = _ask(address, prepare)
-    assert said["msg"] == "error" and "no migration token" in str(said["error"]), said
-    said = _ask(address, {**prepare, "token": recv.token[:-1] + "x"})
-    assert said["msg"] == "error" and "wrong migration token" in str(said["error"]), said
-    # Nothing was started or created, and the receiver still waits for its source.
-    assert recv.is_alive() and Toolstack(tmp_path / "dst").store.list() == []
-    assert not (tmp_path / "g1.qcow2").exists()
-    said = _ask(address, {**prepare, "token": recv.token})
-    error = str(said["error"])
-    assert said["msg"] == "error", said
-    for why in ("device_model_args_hvm (QEMU arguments, passed as they are)",
-                "vif script= (an executable run here)",
-                "vga_rom (a host file read into the guest)", "--trust-peer-config"):
-        assert why in error, error
-    got = recv.outcome()
-    assert isinstance(got, XenlabError) and str(got) == error
-    assert Toolstack(tmp_path / "dst").store.list() == []
-    assert not (tmp_path / "g1.qcow2").exists()
-
-
-def test_the_receivers_overrides_may_set_what_the_wire_may_not() -> None:
-    text = config_text("g1", "/srv/g1.qcow2", tail=RISKY)
-    assert [w.split(" (")[0] for w in mig._untrusted(text, (), "peer")] == [
-        "device_model_args_hvm", "vga_rom", "vif script="]
-    mine = ('device_model_args_hvm = [ "-no-hpet" ]', 'vga_rom = "/srv/roms/vga.bin"',
-            'vif = [ "bridge=xenbr0,script=vif-bridge" ]')
-    assert mig._untrusted(text, mine, "peer") == []
-    # vif += keeps the peer's entries, and with them the peer's script.
-    assert [w.split(" (")[0] for w in mig._untrusted(
-        text, (*mine[:2], 'vif += [ "bridge=xenbr1" ]'), "peer")] == ["vif script="]
-    plain = config_text("g1", "/srv/g1.qcow2", tail='vif = [ "bridge=xenbr0" ]\n')
-    assert mig._untrusted(plain, (), "peer") == []
 
 
 def test_bad_destinations_are_refused(tmp_path: Path,
@@ -733,7 +650,7 @@ def test_bad_destinations_are_refused(tmp_path: Path,
     assert code == 1 and "empty, expected a migration token" in err
     code, _, err = run_cli(capsys, "vm", "receive", "--listen", "127.0.0.1:0", "--token-file",
                            str(tmp_path / "missing"), *st)
-    assert code == 1 and "missing: cannot read the migration token" in err
+    assert code == 1 and "missing: cannot read" in err
     code, _, err = run_cli(capsys, "vm", "migrate", "g1", "127.0.0.1:4444", "--token", "t",
                            "--token-file", str(tmp_path / "empty"), *st)
     assert code == 2 and "not both" in err

@@ -310,8 +310,12 @@ def _size(text: str) -> int:
 @_STATE
 def save_cmd(domain: str, file: Path, keep_running: bool, snapshot: bool,
              state_dir: Path | None) -> None:
-    """Save DOMAIN's memory and config to FILE (xl save); the domain stops unless -c."""
-    from xenlab.vm.migrate import save
+    """Save DOMAIN's memory and config to FILE (xl save); the domain stops unless -c.
+
+    The image carries XXH64 checksums of its header and of every MiB of the
+    state, so restore refuses a damaged or cut image.
+    """
+    from xenlab.vm.saverestore import save
 
     h = save(_ts(state_dir), domain, file, keep_running=keep_running, snapshot=snapshot)
     stdout.print(f"saved {printable(domain)} to {printable(str(file))}"
@@ -326,15 +330,20 @@ def save_cmd(domain: str, file: Path, keep_running: bool, snapshot: bool,
 @_STATE
 def restore_cmd(file: Path, overrides: Sequence[str], paused: bool,
                 state_dir: Path | None) -> None:
-    """Restore a domain from FILE made by `xenlab vm save` (xl restore)."""
-    from xenlab.vm.migrate import restore
+    """Restore a domain from FILE made by `xenlab vm save` (xl restore).
+
+    The whole image is checked first: a damaged or cut one is refused,
+    naming the offset, before any QEMU starts.  Images from before
+    checksums are restored with a warning.
+    """
+    from xenlab.vm.saverestore import restore
 
     rec = restore(_ts(state_dir), file, paused=paused, overrides=overrides)
     stdout.print(f"restored {printable(rec.name)} (id {rec.domid}), {rec.state}")
 
 
 def _print_progress(p: object) -> None:
-    from xenlab.vm.migrate import MigrationProgress
+    from xenlab.vm.vmstate import MigrationProgress
 
     assert isinstance(p, MigrationProgress)
     if p.total:
@@ -396,7 +405,8 @@ def migrate_cmd(domain: str, dest: str, with_storage: bool, offline: bool, pause
                 token_file: Path | None, state_dir: Path | None) -> None:
     """Live-migrate DOMAIN to DEST (HOST:PORT where `xenlab vm receive --listen` waits,
     with the token it printed)."""
-    from xenlab.vm.migrate import migrate, read_token
+    from xenlab.vm.control import read_token
+    from xenlab.vm.migrate import migrate
 
     if token is not None and token_file is not None:
         raise click.UsageError("give --token or --token-file, not both")
@@ -419,25 +429,30 @@ def migrate_cmd(domain: str, dest: str, with_storage: bool, offline: bool, pause
               help="Seconds to wait for the stream.")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Take the token from this file instead of making a new one.")
+@click.option("--disk-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The directory the source may name disks (and kernel/ramdisk) in; "
+                   "without it only OVERRIDES name files here.")
 @click.option("--trust-peer-config", is_flag=True,
-              help="Take device_model_args*, bootloader, vif script=, vga_rom and pci from "
-                   "the source's config too (they run programs or hand host resources to "
-                   "the guest here).")
+              help="Take the whole config from the source, files and settings that run "
+                   "programs or hand host resources to the guest included.")
 @_STATE
 def receive_cmd(listen: str, overrides: Sequence[str], paused: bool, timeout: float,
-                token_file: Path | None, trust_peer_config: bool,
+                token_file: Path | None, disk_dir: Path | None, trust_peer_config: bool,
                 state_dir: Path | None) -> None:
     """Receive one domain migrated here (xl migrate-receive); OVERRIDES are key=value
     lines appended to its config (e.g. disk paths on this host).
 
     Prints the address and a new one-time token (unless --token-file gives
     it): only a `xenlab vm migrate ... --token TOKEN` that has it is heard.
-    The token travels in clear, and the ports QEMU opens for the stream and
-    the disks take any connection while the migration runs (xl migrates
-    over ssh): listen on a private network (a management VLAN, a VPN), never
-    on an address strangers reach.
+    From the source's config only keys known to be safe are taken; disk
+    paths only inside --disk-dir.  Refused requests are reported and the
+    wait goes on.  The token travels in clear, and the ports QEMU opens for
+    the stream and the disks take any connection while the migration runs
+    (xl migrates over ssh): listen on a private network (a management VLAN,
+    a VPN), never on an address strangers reach.
     """
-    from xenlab.vm.migrate import new_token, read_token, serve_receive
+    from xenlab.vm.control import new_token, read_token
+    from xenlab.vm.receiver import serve_receive
 
     for o in overrides:
         if "=" not in o:
@@ -450,8 +465,9 @@ def receive_cmd(listen: str, overrides: Sequence[str], paused: bool, timeout: fl
         sys.stdout.flush()
 
     rec = serve_receive(_ts(state_dir), listen, token=token,
-                        trust_peer_config=trust_peer_config, overrides=overrides,
-                        paused=paused, timeout=timeout, on_listen=listening)
+                        trust_peer_config=trust_peer_config, disk_dir=disk_dir,
+                        overrides=overrides, paused=paused, timeout=timeout,
+                        on_listen=listening)
     stdout.print(f"received {printable(rec.name)} (id {rec.domid}), {rec.state}")
 
 

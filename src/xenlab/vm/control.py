@@ -42,7 +42,9 @@ __all__ = [
     "Refused",
     "expect",
     "new_token",
+    "parse_address",
     "read_token",
+    "uri_host",
 ]
 
 #: The control protocol's version (the receiver's hello says it).  2: the
@@ -118,15 +120,21 @@ class Channel:
         with contextlib.suppress(BackendError, TimeoutError):
             await asyncio.wait_for(self.send(msg), 5)
 
-    def refuse(self, why: str) -> None:
-        """Tell the peer ``why`` in an error message if its socket takes it now, and close.
+    def refuse(self, why: str, *, close: bool = True) -> None:
+        """Tell the peer ``why`` in an error message if its socket takes it now, and close
+        (or, without ``close``, only shut the connection down: the descriptor stays for
+        whoever still has it registered in an event loop to close).
 
         Never waits: a peer that does not read is not worth a blocked receiver.
         """
         data = json.dumps({"msg": "error", "error": why}, ensure_ascii=True).encode() + b"\n"
         with contextlib.suppress(OSError):
             self.sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-        self.close()
+        if close:
+            self.close()
+        else:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         """Close the connection."""
@@ -153,8 +161,8 @@ class Channel:
                 raise Lost(f"{self.peer} closed the control connection "
                            f"(while waiting for {what})")
             try:
-                chunk = await asyncio.wait_for(loop.sock_recv(self.sock, _CHUNK),
-                                               max(0.0, deadline - time.monotonic()))
+                async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
+                    chunk = await loop.sock_recv(self.sock, _CHUNK)
             except TimeoutError as err:
                 raise ChannelError(self.peer, f"nothing within {timeout:g}s while waiting "
                                    f"for {what}") from err
@@ -225,3 +233,19 @@ def read_token(path: Path) -> str:
     if not token:
         raise XenlabError(f"{path}: empty, expected a migration token")
     return token
+
+
+def parse_address(dest: str) -> tuple[str, int]:
+    """(host, port) of ``HOST:PORT`` (``[v6]:PORT`` too).
+
+    :raise XenlabError: not of that form.
+    """
+    host, sep, port = dest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise XenlabError(f"migration address {dest!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def uri_host(host: str) -> str:
+    """``host`` as a URI writes it (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

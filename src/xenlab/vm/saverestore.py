@@ -30,7 +30,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -38,7 +38,8 @@ from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, XenlabError
 from xenlab.vm import qemuimg, vmstate
-from xenlab.vm.domain import Toolstack, _on_disks, config_from_text
+from xenlab.vm.domain import Toolstack, _on_disks, config_from_text, qemu_said
+from xenlab.vm.jobs import JOB
 from xenlab.vm.mirror import DISK_NODES, DISK_PATHS
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
@@ -60,11 +61,12 @@ __all__ = [
     "image_for",
     "moves_of",
     "place",
-    "qemu_said",
     "quit_domain",
     "quit_qemu",
     "restore",
+    "said",
     "save",
+    "settle",
     "wait_quit",
 ]
 
@@ -150,18 +152,20 @@ def place(text_dc: DomainConfig, dc: DomainConfig, disk_paths: Sequence[DiskMove
 # --- QEMU's process -------------------------------------------------------------------------
 
 
-def _log_tail(paths: RuntimePaths, lines: int = 5) -> str:
-    try:
-        text = paths.log.read_text(errors="replace").strip()
-    except OSError:
-        return ""
-    return " | ".join(text.splitlines()[-lines:])
-
-
-def qemu_said(paths: RuntimePaths) -> str:
-    """``"; QEMU said: ..."`` with the last lines of its log, or "" when it logged nothing."""
-    tail = _log_tail(paths)
+def said(paths: RuntimePaths) -> str:
+    """``"; QEMU said: ..."`` with the last lines of QEMU's log, or "" when it logged nothing."""
+    tail = qemu_said(paths)
     return f"; QEMU said: {tail}" if tail else ""
+
+
+def settle(ts: Toolstack, rec: DomainRecord, state: str, extra: Mapping[str, Any]
+           ) -> DomainRecord:
+    """Record that ``rec`` now runs (``state``) on the disks ``extra`` says (a
+    :meth:`Placed.extra`), its restore or receive job done."""
+    moved = (DISK_PATHS, OVERLAYS, DISK_NODES)
+    return ts.store.patch(rec.domid, expect_uuid=rec.uuid, state=state,
+                          extra_set={k: extra[k] for k in moved if k in extra},
+                          extra_drop=[*(k for k in moved if k not in extra), JOB])
 
 
 def quit_domain(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths) -> None:
@@ -246,10 +250,8 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
         ``timeout``; the domain runs (or stays paused) as before, no file is
         left behind and the disk snapshot is deleted again.
     """
-    rec = ts._live(name)
     path = Path(path)
-    with ts.store.lock(rec.domid):
-        rec = ts._live(str(rec.domid))
+    with ts.live(name) as rec:
         paths = ts.paths(rec)
         snaps = _save_snapshots(ts, rec) if snapshot else ()
         disk_paths, overlays = moves_of(rec)
@@ -280,7 +282,7 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
             tmp.unlink(missing_ok=True)
             raise
         if keep_running:
-            ts.store.update(replace(rec, state=header.state))
+            ts.store.patch(rec.domid, expect_uuid=rec.uuid, state=header.state)
         else:
             wait_quit(ts, rec, paths)
             ts._gone(rec)
@@ -540,11 +542,10 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
                     raise BackendError(
                         f"restore {path}: QEMU could not load the saved state and exited "
                         f"(a corrupt image, or one saved by an incompatible QEMU/config)"
-                        + (f": {_log_tail(paths)}" if _log_tail(paths) else "") + f" [{err}]"
+                        + (f": {qemu_said(paths)}" if qemu_said(paths) else "") + f" [{err}]"
                     ) from err
-                raise BackendError(f"restore {path}: {err}{qemu_said(paths)}") from err
-            return ts.store.update(replace(rec, state="paused" if paused else "running",
-                                           extra=placed.extra(rec.extra)))
+                raise BackendError(f"restore {path}: {err}{said(paths)}") from err
+            return settle(ts, rec, "paused" if paused else "running", placed.extra(rec.extra))
     except BaseException:
         ts._kill(paths, rec.pid)
         ts._gone(rec)
