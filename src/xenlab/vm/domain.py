@@ -517,9 +517,9 @@ class Toolstack:
             msg = proc.stderr.decode("utf-8", "replace").strip() or qemu_said(paths)
             raise BackendError(f"QEMU refused the domain: {msg or f'exit {proc.returncode}'}")
 
-    async def _status(self, paths: RuntimePaths) -> str:
+    async def _status(self, paths: RuntimePaths, timeout: float = 10.0) -> str:
         qmp = Qmp()
-        await qmp.connect(paths.qmp, timeout=10)
+        await qmp.connect(paths.qmp, timeout=timeout)
         try:
             st = await qmp.execute("query-status")
         finally:
@@ -935,7 +935,12 @@ class Toolstack:
         paths = self.paths(rec)
 
         async def go() -> tuple[int, bytes, bytes]:
-            state = await self._status(paths)
+            try:
+                # QEMU takes one QMP client at a time: when another command
+                # holds it, go on to the agent rather than wait.
+                state = await self._status(paths, timeout=2.0)
+            except BackendError:
+                state = "running"
             if state != "running":
                 raise StateError(
                     f"domain {rec.name!r} is {state}: its guest agent cannot answer until "
