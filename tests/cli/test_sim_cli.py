@@ -117,11 +117,12 @@ def test_errors_and_exit_codes(capsys: pytest.CaptureFixture[str], scenario: Pat
     assert code == 1 and "scheduler: unknown scheduler 'bfs'" in err
     code, _, err = run(capsys, "sim", "sweep", str(scenario), "--param", "host.pcpus")
     assert code == 1 and "expected KEY=V1,V2" in err
-    # A value the scheduler refuses: the message, not a broken process pool.
+    # A value the scheduler refuses: the message naming the parameter's key, not a broken
+    # process pool.
     code, _, err = run(capsys, "sim", "sweep", str(scenario), "--param",
                        "domain.io.sched.weight=0,abc", "--jobs", "2")
-    assert code == 1 and err.strip() == (
-        f"{scenario}: domain.io: credit weight must be an integer in 1..65535, not 0")
+    assert code == 1 and err.strip() == (f"{scenario}: domain.io.sched.weight: credit weight "
+                                         "must be an integer in 1..65535, not 0")
     code, _, err = run(capsys, "sim", "run", str(tmp_path / "missing.toml"))
     assert code == 2 and "does not exist" in err
     code, _, err = run(capsys, "sim", "run", str(scenario), "--seed", "-1")

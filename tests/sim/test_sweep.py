@@ -68,15 +68,16 @@ def test_grid_is_the_product_with_seeds_from_values(sc_path: Path) -> None:
         grid(sc, [], ["bfs"])
 
 
-def test_grid_builds_every_point_under_each_scheduler(sc_path: Path) -> None:
-    # The file is fine with weight 0; credit refuses it when the host is built: the grid
-    # finds it before anything runs (and null, which has no weight, does not care).
+def test_grid_checks_every_point_before_running(sc_path: Path) -> None:
+    # weight 0 is refused by credit: the grid finds it before anything runs, at the
+    # parameter's key.  A [domain.sched] parameter is checked for every scheduler that
+    # takes it (--sched may choose any), so a null-only grid refuses it too.
     sc = load_scenario(sc_path)
-    with pytest.raises(ScenarioError) as err:
-        grid(sc, [parse_param("domain.hog.sched.weight=256,0")], ["null", "credit"])
-    assert str(err.value) == (f"{sc_path}: domain.hog: credit weight must be an integer "
-                              "in 1..65535, not 0")
-    assert len(grid(sc, [parse_param("domain.hog.sched.weight=256,0")], ["null"])) == 2
+    for scheds in (["null", "credit"], ["null"]):
+        with pytest.raises(ScenarioError) as err:
+            grid(sc, [parse_param("domain.hog.sched.weight=256,0")], scheds)
+        assert str(err.value) == (f"{sc_path}: domain.hog.sched.weight: credit weight must "
+                                  "be an integer in 1..65535, not 0")
 
 
 def _unchecked(sc_path: Path) -> tuple[list[Point], str]:
@@ -84,8 +85,8 @@ def _unchecked(sc_path: Path) -> tuple[list[Point], str]:
     good = grid(load_scenario(sc_path), [parse_param("domain.hog.sched.weight=512")],
                 ["credit"])
     bad = Point(1, (("domain.hog.sched.weight", "abc"),), "credit", 7)
-    return [*good, bad], (f"{sc_path}: domain.hog: credit weight must be an integer in "
-                          "1..65535, not 'abc'")
+    return [*good, bad], (f"{sc_path}: domain.hog.sched.weight: credit weight must be an "
+                          "integer in 1..65535, not 'abc'")
 
 
 def test_a_point_failing_in_a_worker_process_reports_its_error(sc_path: Path) -> None:
@@ -95,7 +96,8 @@ def test_a_point_failing_in_a_worker_process_reports_its_error(sc_path: Path) ->
     with pytest.raises(ScenarioError) as err:
         list(run_sweep(load_scenario(sc_path), pts, jobs=2))
     assert str(err.value) == message
-    assert (err.value.key, err.value.reason) == ("domain.hog", message.split(": ", 2)[2])
+    assert (err.value.key, err.value.reason) == ("domain.hog.sched.weight",
+                                                 message.split(": ", 2)[2])
 
 
 def test_pool_and_in_process_give_the_same_files(sc_path: Path) -> None:

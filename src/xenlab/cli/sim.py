@@ -22,7 +22,7 @@ from xenlab.sim.report import (
     run_scenario,
     vcpus_csv,
 )
-from xenlab.sim.scenario import Scenario, load_scenario
+from xenlab.sim.scenario import Scenario, check_builds, load_scenario
 
 _SCENARIO = click.Path(exists=True, dir_okay=False, path_type=Path)
 _OUT = click.Path(file_okay=False, path_type=Path)
@@ -49,6 +49,9 @@ def _names(text: str | None) -> list[str] | None:
     if not names:
         raise click.BadParameter("expected scheduler names separated by commas",
                                  param_hint="--sched")
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:  # each name is a whole run (or a run per sweep point)
+        raise click.BadParameter(f"{twice!r} is named twice", param_hint="--sched")
     return names
 
 
@@ -259,9 +262,15 @@ def _sweep_plot(sc: Scenario, results: Sequence[object], names: Sequence[str]) -
 @sim.command("check")
 @click.argument("scenarios", nargs=-1, required=True, type=_SCENARIO)
 def check_cmd(scenarios: tuple[Path, ...]) -> None:
-    """Check scenario files without running them."""
+    """Check scenario files without running them.
+
+    Everything a run checks: the file, its includes and rt-app files, the
+    parameters under every scheduler --sched could choose, and each host
+    built (not run).
+    """
     for path in scenarios:
         sc = load_scenario(path)
+        check_builds(sc)
         vcpus = sum(len(d.workloads) for d in sc.domains)
         stdout.print(f"{escape(str(path))}: ok: {len(sc.domains)} domains, {vcpus} vCPUs on "
                      f"{sc.topology.nr_cpus} pCPUs, {sc.duration_ns / 1e6:g} ms, schedulers "

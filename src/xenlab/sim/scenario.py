@@ -70,11 +70,20 @@ of exponential draws), ``cyclictest`` (interval, run? = 5 us, offset?).
 A periodic task whose ``run`` exceeds its budget is a misbehaving guest.
 
 Scheduler parameters are passed to the scheduler as written (its own
-units: rtds takes microseconds, as ``xl sched-rtds``).  The checks made
-here for any scheduler: a parameter the scheduler does not take is an
-unknown key; numbers are not negative; ``budget`` and ``slice`` are not
-above ``period``.  Anything else the scheduler itself refuses is reported
-with the file and the domain when the host is built.
+units: rtds takes microseconds, as ``xl sched-rtds``).  They are checked
+when the file is read, each by the scheduler's own pure ``check_params``
+(what it checks when the host is built), naming the key the value was
+given at.  ``[domain.sched.NAME]`` is checked for scheduler NAME;
+``[domain.sched]`` for every scheduler that takes the parameter, since
+``--sched`` may choose any; a pool's domains for the pool's scheduler.
+So a file is valid or not whatever scheduler a run picks.
+
+Bounds
+======
+
+Everything that sizes memory, time or a loop is bounded (sizes of hosts,
+domains, files, times, the events a run makes): the limits and the value
+checks are in :mod:`xenlab.sim.validate` and docs/sim-scenarios.md.
 
 rt-app
 ======
@@ -105,6 +114,7 @@ import enum
 import inspect
 import json
 import math
+import os
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -113,7 +123,30 @@ from typing import TYPE_CHECKING, Any
 
 from xenlab.errors import XenlabError
 from xenlab.numa.topology import Topology, from_spec, from_sysfs
-from xenlab.sim.engine import NS_PER_MS
+from xenlab.sim.engine import NS_PER_MS, NS_PER_US
+from xenlab.sim.validate import (
+    MAX_DOMAIN_VCPUS,
+    MAX_EVENTS,
+    MAX_LOOPS,
+    MAX_PCPUS,
+    MAX_TRACE_EVENTS,
+    MAX_VARIANTS,
+    MAX_VCPUS,
+    UNITS,
+    Checker,
+    Files,
+    ScenarioError,
+    about,
+    affinity,
+    check_host_sizes,
+    check_params,
+    check_plain,
+    estimate_events,
+    join,
+    parse_json,
+    parse_toml,
+    show,
+)
 from xenlab.sim.workload import CyclicProbe, Hog, IoBound, Periodic, Sporadic
 
 if TYPE_CHECKING:
@@ -134,6 +167,7 @@ __all__ = [
     "WorkloadSpec",
     "attach_powerclamp",
     "build_host",
+    "check_builds",
     "load_scenario",
     "parse_value",
     "scenario_from_dict",
@@ -144,23 +178,7 @@ __all__ = [
 #: few periods of typical 10 ms real-time tasks, short enough to stay readable.
 DEFAULT_TRACE_NS = 50 * NS_PER_MS
 
-_UNITS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
 _RATIO_PAIRS = (("budget", "period"), ("slice", "period"))
-
-
-class ScenarioError(XenlabError, ValueError):
-    """A scenario file is wrong: ``file: key: reason``."""
-
-    def __init__(self, file: str, key: str, reason: str) -> None:
-        self.file = file
-        self.key = key
-        self.reason = reason
-        super().__init__(f"{file}: {key}: {reason}" if key else f"{file}: {reason}")
-
-    def __reduce__(self) -> tuple[type[ScenarioError], tuple[str, str, str]]:
-        # Exceptions pickle as cls(*args), and args holds the one message: a sweep's
-        # worker process or Dask worker could not send this error back without it.
-        return (ScenarioError, (self.file, self.key, self.reason))
 
 
 class WorkloadKind(enum.Enum):
@@ -387,17 +405,12 @@ def _registry() -> Mapping[str, Any]:
     return SCHEDULERS
 
 
-def _read_toml(path: Path, shown: str) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ScenarioError(shown, "", f"cannot read: {err.strerror or err}") from err
-    except UnicodeDecodeError as err:
-        raise ScenarioError(shown, "", f"not UTF-8 text: {err}") from err
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ScenarioError(shown, "", f"not valid TOML: {err}") from err
+def _read_toml(path: Path, shown: str, files: Files, by: str = "", key: str = "",
+               ) -> dict[str, Any]:
+    """File ``path`` (named ``shown`` in messages; named at ``by``'s ``key`` if included)."""
+    data = parse_toml(files.read(path, by or shown, key), shown)
+    check_plain(data, shown)
+    return data
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -424,10 +437,17 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _resolve(path: Path, shown: str, chain: tuple[Path, ...]) -> dict[str, Any]:
+def _real(path: Path) -> Path:
+    # realpath, not Path.resolve: a symlink loop is then a path that cannot be read
+    # (an error naming it), not a RuntimeError.
+    return Path(os.path.realpath(path))
+
+
+def _resolve(path: Path, shown: str, chain: tuple[Path, ...], files: Files,
+             by: str = "") -> dict[str, Any]:
     """The file with its includes merged in and its rt-app files read."""
-    real = path.resolve()
-    data = _read_toml(path, shown)
+    real = _real(path)
+    data = _read_toml(path, shown, files, by, "include" if by else "")
     inc = data.pop("include", None)
     merged: dict[str, Any] = {}
     if inc is not None:
@@ -436,19 +456,19 @@ def _resolve(path: Path, shown: str, chain: tuple[Path, ...]) -> dict[str, Any]:
             raise ScenarioError(shown, "include", "expected a file name or a list of them")
         for name in incs:
             target = path.parent / name
-            if not target.is_file():
-                raise ScenarioError(shown, "include", f"no such file {name!r}")
+            if "\x00" in name:
+                raise ScenarioError(shown, "include", "a file name with a NUL character")
             seen = (*chain, real)
-            if target.resolve() in seen:  # named in the file whose include closes the cycle
-                loop = seen[seen.index(target.resolve()):]
-                names = " -> ".join(p.name for p in (*loop, target.resolve()))
+            if _real(target) in seen:  # named in the file whose include closes the cycle
+                loop = seen[seen.index(_real(target)):]
+                names = " -> ".join(p.name for p in (*loop, _real(target)))
                 raise ScenarioError(shown, "include", f"cyclic include: {names}")
-            merged = _merge(merged, _resolve(target, str(target), (*chain, real)))
-    _inline_rtapp(data, path, shown)
+            merged = _merge(merged, _resolve(target, str(target), (*chain, real), files, shown))
+    _inline_rtapp(data, path, shown, files)
     return _merge(merged, data)
 
 
-def _inline_rtapp(data: dict[str, Any], path: Path, shown: str) -> None:
+def _inline_rtapp(data: dict[str, Any], path: Path, shown: str, files: Files) -> None:
     """Replace each domain's ``rtapp = "file.json"`` by the file's content."""
     domains = data.get("domain")
     if not isinstance(domains, list):
@@ -457,90 +477,19 @@ def _inline_rtapp(data: dict[str, Any], path: Path, shown: str) -> None:
         if not isinstance(d, dict) or not isinstance(d.get("rtapp"), str):
             continue
         target = path.parent / d["rtapp"]
-        key = f"domain.{d.get('name', i)}.rtapp"
-        try:
-            d["rtapp"] = json.loads(target.read_text(encoding="utf-8"))
-        except OSError as err:
-            raise ScenarioError(shown, key, f"cannot read {d['rtapp']!r}: "
-                                f"{err.strerror or err}") from err
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ScenarioError(str(target), "", f"not valid JSON: {err}") from err
+        name = d.get("name")
+        key = f"domain.{name if isinstance(name, str) else i}.rtapp"
+        doc = parse_json(files.read(target, shown, key), str(target))
+        check_plain(doc, str(target))
+        d["rtapp"] = doc
         d["_rtapp_source"] = str(target)
 
 
 def load_scenario(path: Path | str) -> Scenario:
     """Read and check the scenario at ``path``; ScenarioError ``file: key: reason``."""
     p = Path(path)
-    raw = _resolve(p, str(p), ())
+    raw = _resolve(p, str(p), (), Files())
     return scenario_from_dict(raw, source=str(p))
-
-
-# -- checking values ----------------------------------------------------------------------------
-
-
-class _Checker:
-    """Reads values out of a table, raising ScenarioError with the file and dotted key."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, key: str, reason: str) -> ScenarioError:
-        return ScenarioError(self.source, key, reason)
-
-    def table(self, value: Any, key: str) -> Mapping[str, Any]:
-        if not isinstance(value, Mapping):
-            raise self.fail(key, f"expected a table, got {_show(value)}")
-        return value
-
-    def only(self, tbl: Mapping[str, Any], where: str, allowed: Iterable[str]) -> None:
-        ok = set(allowed)
-        for k in tbl:
-            if k not in ok and not k.startswith("_"):
-                raise self.fail(_join(where, k),
-                                f"unknown key (expected one of {', '.join(sorted(ok))})")
-
-    def integer(self, tbl: Mapping[str, Any], key: str, where: str, default: int | None = None,
-                *, minimum: int | None = None) -> int:
-        value = tbl.get(key, default)
-        if value is None:
-            raise self.fail(_join(where, key), "missing (required)")
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise self.fail(_join(where, key), f"expected an integer, got {_show(value)}")
-        if minimum is not None and value < minimum:
-            raise self.fail(_join(where, key), f"must be at least {minimum}, got {value}")
-        return value
-
-    def duration(self, tbl: Mapping[str, Any], base: str, where: str, *,
-                 required: bool = True, positive: bool = True,
-                 default: int | None = None) -> int | None:
-        """``base_ns``/``_us``/``_ms``/``_s`` (exactly one) as integer ns."""
-        found = [(f"{base}_{u}", m) for u, m in _UNITS.items() if f"{base}_{u}" in tbl]
-        if len(found) > 1:
-            raise self.fail(_join(where, found[1][0]),
-                            f"{base} is given twice ({found[0][0]} and {found[1][0]})")
-        if not found:
-            if required:
-                raise self.fail(_join(where, f"{base}_us"),
-                                f"missing (required: {base}_ns, _us, _ms or _s)")
-            return default
-        key, mult = found[0]
-        value = tbl[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) \
-                or not math.isfinite(value):
-            raise self.fail(_join(where, key), f"expected a number, got {_show(value)}")
-        ns = round(value * mult)
-        if ns < 0 or (positive and ns == 0):
-            raise self.fail(_join(where, key),
-                            f"must be {'positive' if positive else 'at least 0'}, got {value}")
-        return int(ns)
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def _show(value: Any) -> str:
-    return repr(value) if not isinstance(value, Mapping | list) else type(value).__name__
 
 
 # -- the scenario ------------------------------------------------------------------------------
@@ -557,15 +506,13 @@ _DOMAIN = ("name", "vcpus", "affinity", "like", "workload", "workloads", "rtapp"
 
 def scenario_from_dict(raw: Mapping[str, Any], *, source: str) -> Scenario:
     """Check a merged scenario (``load_scenario``'s second half; sweeps call it per point)."""
-    ck = _Checker(source)
-    try:
-        raw_json = json.dumps(raw, sort_keys=True, separators=(",", ":"))
-    except (TypeError, ValueError) as err:
-        raise ck.fail("", f"holds a value that is not plain data (dates?): {err}") from err
+    ck = Checker(source)
+    check_plain(raw, source)
+    raw_json = json.dumps(raw, sort_keys=True, separators=(",", ":"))
     ck.only(raw, "", _TOP)
     name = raw.get("name", Path(source).stem)
     if not isinstance(name, str):
-        raise ck.fail("name", f"expected a string, got {_show(name)}")
+        raise ck.fail("name", f"expected a string, got {show(name)}")
 
     sim = ck.table(raw.get("sim", {}), "sim")
     ck.only(sim, "sim", _SIM)
@@ -580,7 +527,7 @@ def scenario_from_dict(raw: Mapping[str, Any], *, source: str) -> Scenario:
     default_name = sim.get("scheduler")
     if not isinstance(default_name, str):
         raise ck.fail("sim.scheduler", "missing (required: a scheduler name)"
-                      if default_name is None else f"expected a name, got {_show(default_name)}")
+                      if default_name is None else f"expected a name, got {show(default_name)}")
     options = ck.table(sched_tbl.get("options", {}), "scheduler.options")
     if default_name in variants:
         if options:
@@ -596,8 +543,10 @@ def scenario_from_dict(raw: Mapping[str, Any], *, source: str) -> Scenario:
             or not all(isinstance(n, str) for n in compare_names):
         raise ck.fail("sim.compare", "expected a non-empty list of scheduler names")
     by_name = {default.name: default, **variants}
-    compare = []
+    compare: list[SchedChoice] = []
     for i, n in enumerate(compare_names):
+        if n in compare_names[:i]:
+            raise ck.fail(f"sim.compare[{i}]", f"{n!r} is named twice")
         if n not in by_name:
             _known_scheduler(ck, n, f"sim.compare[{i}]", registry, variants)
             by_name[n] = SchedChoice(n, n)
@@ -616,20 +565,49 @@ def scenario_from_dict(raw: Mapping[str, Any], *, source: str) -> Scenario:
                           f"pCPUs {sorted(d.affinity - by_pool[d.pool].cpus)} are outside "
                           f"cpupool {d.pool}")
     trace = _trace(ck, sim, duration)
-    clamp = _powerclamp(ck, raw.get("powerclamp"))
+    clamp = _powerclamp(ck, raw.get("powerclamp"), topology)
     power = _power(ck, raw.get("power", {}))
-    kinds = {c.kind for c in (default, *variants.values(), *compare)}
+    # --sched may choose any scheduler, so a domain's parameters are checked for every
+    # one (the scenario's own first, so a refusal names the one the user meant); a
+    # pool's domains run under the pool's scheduler whatever --sched says.
+    choices = list({c.name: c for c in (default, *compare, *variants.values(),
+                                        *(SchedChoice(k, k) for k in registry))}.values())
+    kinds = list(dict.fromkeys(c.kind for c in choices))
     for d in domains:
-        # A pool's domains run under the pool's scheduler whatever --sched says.
-        for kind in sorted({by_pool[d.pool].choice.kind} if d.pool else kinds):
-            _check_params(ck, d, kind, registry)
+        for kind in [by_pool[d.pool].choice.kind] if d.pool else kinds:
+            check_params(ck, d, kind, registry[kind])
     expect = _expect(ck, raw.get("expect", []), domains, registry, variants)
+    _check_time(ck, sim, duration, trace, domains, pools, topology, choices, clamp)
     return Scenario(source, name, duration, seed, default, tuple(compare),
                     tuple(variants.values()), topology, domains, trace, clamp, power, expect,
                     raw_json, pools)
 
 
-def _pools(ck: _Checker, value: Any, topo: Topology, registry: Mapping[str, Any],
+def _check_time(ck: Checker, sim: Mapping[str, Any], duration: int, trace: tuple[int, int],
+                domains: Sequence[DomainSpec], pools: Sequence[PoolSpec], topo: Topology,
+                choices: Sequence[SchedChoice], clamp: tuple[tuple[str, Any], ...] | None
+                ) -> None:
+    """A run under any of ``choices`` within MAX_EVENTS, its trace within MAX_TRACE_EVENTS."""
+    registry = _registry()
+    opts = dict(clamp) if clamp is not None else None
+    dkey = next(f"sim.duration_{u}" for u in UNITS if f"duration_{u}" in sim)
+    tkey = next((f"sim.trace_{u}" for u in UNITS if f"trace_{u}" in sim), dkey)
+    what = "(workload releases, budget refills and ticks; most from domain {})"
+    for span, key, limit, where in ((duration, dkey, MAX_EVENTS, ""),
+                                    (trace[1] - trace[0], tkey, MAX_TRACE_EVENTS,
+                                     " in the trace window")):
+        for c in choices:
+            n, busiest = estimate_events(span, domains, pools, topo.nr_cpus, c, registry, opts)
+            if n > limit:
+                span_text = f"{duration / (1000 * NS_PER_MS):g} s" if duration >= 1000 * NS_PER_MS \
+                    else f"{duration / NS_PER_MS:g} ms"
+                raise ck.fail(key, f"a run of {span_text} under {c.name} makes "
+                              f"about {about(n)} events{where}, at most {limit:,} "
+                              f"{what.format(busiest)}: shorten the run"
+                              f"{' or the trace' if where else ''} or lengthen the periods")
+
+
+def _pools(ck: Checker, value: Any, topo: Topology, registry: Mapping[str, Any],
            variants: Mapping[str, SchedChoice]) -> tuple[PoolSpec, ...]:
     """``[[pool]]`` tables: cpupools beside Pool-0, which keeps the pCPUs left over."""
     if not isinstance(value, list):
@@ -651,7 +629,7 @@ def _pools(ck: _Checker, value: Any, topo: Topology, registry: Mapping[str, Any]
             raise ck.fail(f"{where}.scheduler", "missing (required: a scheduler name)")
         _known_scheduler(ck, sched, f"{where}.scheduler", registry, variants)
         choice = variants.get(sched) or SchedChoice(sched, sched)
-        cpus = _affinity(ck, row.get("cpus"), f"{where}.cpus", topo)
+        cpus = affinity(ck, row.get("cpus"), f"{where}.cpus", topo)
         if cpus is None:
             raise ck.fail(f"{where}.cpus", "missing (required: the pool's pCPUs)")
         twice = sorted(c for c in cpus if c in taken)
@@ -665,14 +643,14 @@ def _pools(ck: _Checker, value: Any, topo: Topology, registry: Mapping[str, Any]
     return tuple(out)
 
 
-def _known_scheduler(ck: _Checker, name: str, key: str, registry: Mapping[str, Any],
+def _known_scheduler(ck: Checker, name: str, key: str, registry: Mapping[str, Any],
                      variants: Mapping[str, SchedChoice]) -> None:
     if name not in registry and name not in variants:
         known = ", ".join(sorted({*registry, *variants}))
         raise ck.fail(key, f"unknown scheduler {name!r} (expected one of {known})")
 
 
-def _options(ck: _Checker, kind: str, options: Mapping[str, Any],
+def _options(ck: Checker, kind: str, options: Mapping[str, Any],
              where: str) -> tuple[tuple[str, Any], ...]:
     """Scheduler options, checked against what the scheduler's constructor takes."""
     cls = _registry()[kind]
@@ -691,17 +669,28 @@ def _options(ck: _Checker, kind: str, options: Mapping[str, Any],
     for k, v in options.items():
         if allowed is not None and k not in allowed:
             takes = ", ".join(sorted(allowed)) or "none"
-            raise ck.fail(_join(where, k), f"unknown option for {kind} (it takes: {takes})")
+            raise ck.fail(join(where, k), f"unknown option for {kind} (it takes: {takes})")
         if isinstance(v, Mapping | list):
-            raise ck.fail(_join(where, k), f"expected a number, string or boolean, "
-                          f"got {_show(v)}")
+            raise ck.fail(join(where, k), f"expected a number, string or boolean, "
+                          f"got {show(v)}")
+    from xenlab.sim.schedulers.base import ParamError
+
+    try:  # constructors are pure: the one check of an option's value is building one
+        cls(**options)
+    except ParamError as err:
+        raise ck.fail(join(where, err.key), err.reason) from err
+    except XenlabError as err:
+        raise ck.fail(where, str(err)) from err
     return tuple(sorted(options.items()))
 
 
-def _variants(ck: _Checker, tbl: Mapping[str, Any],
+def _variants(ck: Checker, tbl: Mapping[str, Any],
               registry: Mapping[str, Any]) -> dict[str, SchedChoice]:
     out: dict[str, SchedChoice] = {}
-    for vname, spec in ck.table(tbl.get("variant", {}), "scheduler.variant").items():
+    table = ck.table(tbl.get("variant", {}), "scheduler.variant")
+    if len(table) > MAX_VARIANTS:
+        raise ck.fail("scheduler.variant", f"{len(table)} variants, at most {MAX_VARIANTS}")
+    for vname, spec in table.items():
         where = f"scheduler.variant.{vname}"
         spec = ck.table(spec, where)
         ck.only(spec, where, ("base", "options"))
@@ -719,14 +708,19 @@ def _variants(ck: _Checker, tbl: Mapping[str, Any],
     return out
 
 
-def _host(ck: _Checker, value: Any) -> Topology:
+def _host(ck: Checker, value: Any) -> Topology:
     tbl = ck.table(value, "host")
     ck.only(tbl, "host", _HOST)
+    check_host_sizes(ck, tbl)
     try:
         if tbl.get("sysfs"):
             if len(tbl) > 1:
                 raise ck.fail("host.sysfs", "sysfs = true takes no other host keys")
-            return from_sysfs()
+            topo = from_sysfs()
+            if topo.nr_cpus > MAX_PCPUS:
+                raise ck.fail("host.sysfs", f"this machine has {topo.nr_cpus} pCPUs, at most "
+                              f"{MAX_PCPUS}")
+            return topo
         if "pcpus" in tbl and any(k in tbl for k in ("sockets", "cores", "threads", "cpus")):
             raise ck.fail("host.pcpus", "give pcpus, or sockets/cores/threads, or cpus: "
                           "one of them")
@@ -741,23 +735,24 @@ def _host(ck: _Checker, value: Any) -> Topology:
         raise ck.fail("host", msg) from err
 
 
-def _trace(ck: _Checker, sim: Mapping[str, Any], duration: int) -> tuple[int, int]:
+def _trace(ck: Checker, sim: Mapping[str, Any], duration: int) -> tuple[int, int]:
     found = [k for k in ("trace_ns", "trace_us", "trace_ms", "trace_s") if k in sim]
     if not found:
         return (0, min(duration, DEFAULT_TRACE_NS))
     key = found[0]
     value = sim[key]
-    mult = _UNITS[key.rsplit("_", 1)[1]]
-    if not (isinstance(value, list) and len(value) == 2 and all(
-            isinstance(x, int | float) and not isinstance(x, bool) for x in value)):
+    mult = UNITS[key.rsplit("_", 1)[1]]
+    if not (isinstance(value, list) and len(value) == 2):
         raise ck.fail(f"sim.{key}", "expected [start, end]")
-    start, end = (round(x * mult) for x in value)
-    if not 0 <= start < end:
-        raise ck.fail(f"sim.{key}", f"expected 0 <= start < end, got {value}")
-    return (int(start), int(min(end, duration)))
+    start, end = (ck.time(x, f"sim.{key}[{i}]", mult, positive=False)
+                  for i, x in enumerate(value))
+    if not 0 <= start < end or start >= duration:
+        raise ck.fail(f"sim.{key}", f"expected 0 <= start < end, start within the run, "
+                      f"got {value}")
+    return (start, min(end, duration))
 
 
-def _powerclamp(ck: _Checker, value: Any) -> tuple[tuple[str, Any], ...] | None:
+def _powerclamp(ck: Checker, value: Any, topo: Topology) -> tuple[tuple[str, Any], ...] | None:
     if value is None:
         return None
     from xenlab.sim.powerclamp import MAX_STATE, PowerClamp
@@ -768,7 +763,7 @@ def _powerclamp(ck: _Checker, value: Any) -> tuple[tuple[str, Any], ...] | None:
         raise ck.fail("powerclamp.target", f"missing (required: percent idle, 0-{MAX_STATE - 1})")
     if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < MAX_STATE:
         raise ck.fail("powerclamp.target", f"expected a percentage of idle time, an integer "
-                      f"0-{MAX_STATE - 1} (max_state {MAX_STATE}), got {_show(target)}")
+                      f"0-{MAX_STATE - 1} (max_state {MAX_STATE}), got {show(target)}")
     sig = inspect.signature(PowerClamp)
     takes = sorted(n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY)
     for k, v in tbl.items():
@@ -777,11 +772,16 @@ def _powerclamp(ck: _Checker, value: Any) -> tuple[tuple[str, Any], ...] | None:
         if k not in takes:
             raise ck.fail(f"powerclamp.{k}", f"unknown key (expected target, {', '.join(takes)})")
         if isinstance(v, Mapping):
-            raise ck.fail(f"powerclamp.{k}", f"expected a number or a list, got {_show(v)}")
+            raise ck.fail(f"powerclamp.{k}", f"expected a number or a list, got {show(v)}")
+    if "cpus" in tbl:
+        if not isinstance(tbl["cpus"], list):
+            raise ck.fail("powerclamp.cpus", f"expected a list of pCPU ids, got "
+                          f"{show(tbl['cpus'])}")
+        affinity(ck, tbl["cpus"], "powerclamp.cpus", topo)  # ids, on the host
     return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(tbl.items()))
 
 
-def _power(ck: _Checker, value: Any) -> PowerModel:
+def _power(ck: Checker, value: Any) -> PowerModel:
     """``[power]``: busy_w and cstates = [{name, watts, after_us}] (default: sim.power's)."""
     from xenlab.sim.power import CState, PowerModel
 
@@ -790,7 +790,7 @@ def _power(ck: _Checker, value: Any) -> PowerModel:
     default = PowerModel()
     busy = tbl.get("busy_w", default.busy_w)
     if isinstance(busy, bool) or not isinstance(busy, int | float) or busy < 0:
-        raise ck.fail("power.busy_w", f"expected watts (a number >= 0), got {_show(busy)}")
+        raise ck.fail("power.busy_w", f"expected watts (a number >= 0), got {show(busy)}")
     cstates = default.cstates
     if "cstates" in tbl:
         rows = tbl["cstates"]
@@ -800,12 +800,12 @@ def _power(ck: _Checker, value: Any) -> PowerModel:
         for i, row in enumerate(rows):
             where = f"power.cstates[{i}]"
             row = ck.table(row, where)
-            ck.only(row, where, ("name", "watts", *(f"after_{u}" for u in _UNITS)))
+            ck.only(row, where, ("name", "watts", *(f"after_{u}" for u in UNITS)))
             name, watts = row.get("name"), row.get("watts")
             if not isinstance(name, str):
                 raise ck.fail(f"{where}.name", "missing or not a string")
             if isinstance(watts, bool) or not isinstance(watts, int | float) or watts < 0:
-                raise ck.fail(f"{where}.watts", f"expected watts (>= 0), got {_show(watts)}")
+                raise ck.fail(f"{where}.watts", f"expected watts (>= 0), got {show(watts)}")
             after = _req(ck.duration(row, "after", where, required=False, positive=False,
                                      default=0))
             got.append(CState(name, float(watts), after))
@@ -828,14 +828,18 @@ def attach_powerclamp(scenario: Scenario, host: Host) -> PowerClamp | None:
         clamp = PowerClamp(host, **opts)
         clamp.cur_state = target
     except XenlabError as err:
-        raise ScenarioError(scenario.source, "powerclamp", str(err)) from err
+        # "powerclamp: duration_ms must be ...": the option it names is the key.
+        reason = str(err).removeprefix("powerclamp: ")
+        option = reason.split(" ", 1)[0]
+        raise ScenarioError(scenario.source, f"powerclamp.{option}" if option in opts
+                            else "powerclamp", reason) from err
     return clamp
 
 
 # -- domains ----------------------------------------------------------------------------------
 
 
-def _resolve_like(ck: _Checker, rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _resolve_like(ck: Checker, rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Each domain with its ``like`` chain applied (a cycle is an error)."""
     by_name = {r["name"]: r for r in rows}
     done: dict[str, dict[str, Any]] = {}
@@ -850,7 +854,7 @@ def _resolve_like(ck: _Checker, rows: list[Mapping[str, Any]]) -> list[dict[str,
         else:
             key = f"domain.{name}.like"
             if not isinstance(like, str):
-                raise ck.fail(key, f"expected a domain name, got {_show(like)}")
+                raise ck.fail(key, f"expected a domain name, got {show(like)}")
             if like not in by_name:
                 raise ck.fail(key, f"no domain named {like!r}")
             if like in chain or like == name:
@@ -870,7 +874,7 @@ def _resolve_like(ck: _Checker, rows: list[Mapping[str, Any]]) -> list[dict[str,
     return [get(r["name"], ()) for r in rows]
 
 
-def _domains(ck: _Checker, value: Any, topo: Topology, registry: Mapping[str, Any],
+def _domains(ck: Checker, value: Any, topo: Topology, registry: Mapping[str, Any],
              variants: Mapping[str, SchedChoice]) -> tuple[DomainSpec, ...]:
     if value is None:
         raise ck.fail("domain", "missing (a scenario needs at least one [[domain]])")
@@ -889,10 +893,19 @@ def _domains(ck: _Checker, value: Any, topo: Topology, registry: Mapping[str, An
         seen.add(name)
         ck.only(row, f"domain.{name}", _DOMAIN)
         rows.append(row)
-    return tuple(_domain(ck, r, topo, registry, variants) for r in _resolve_like(ck, rows))
+    out: list[DomainSpec] = []
+    total = 0
+    for r in _resolve_like(ck, rows):
+        out.append(_domain(ck, r, topo, registry, variants))
+        total += len(out[-1].workloads)
+        if total > MAX_VCPUS:
+            given = next(k for k in ("vcpus", "workloads", "rtapp", "workload") if k in r)
+            raise ck.fail(f"domain.{r['name']}.{given}", f"{total} vCPUs in all, at most "
+                          f"{MAX_VCPUS}")
+    return tuple(out)
 
 
-def _domain(ck: _Checker, row: Mapping[str, Any], topo: Topology, registry: Mapping[str, Any],
+def _domain(ck: Checker, row: Mapping[str, Any], topo: Topology, registry: Mapping[str, Any],
             variants: Mapping[str, SchedChoice]) -> DomainSpec:
     name: str = row["name"]
     where = f"domain.{name}"
@@ -902,7 +915,7 @@ def _domain(ck: _Checker, row: Mapping[str, Any], topo: Topology, registry: Mapp
                       + (f" (got {', '.join(given)})" if given else ""))
     count = row.get("vcpus")
     if count is not None:
-        count = ck.integer(row, "vcpus", where, minimum=1)
+        count = ck.integer(row, "vcpus", where, minimum=1, maximum=MAX_DOMAIN_VCPUS)
     if "workload" in row:
         w = _workload(ck, row["workload"], f"{where}.workload")
         works = tuple([w] * (count or 1))
@@ -910,6 +923,9 @@ def _domain(ck: _Checker, row: Mapping[str, Any], topo: Topology, registry: Mapp
         items = row["workloads"]
         if not isinstance(items, list) or not items:
             raise ck.fail(f"{where}.workloads", "expected a non-empty list of tables")
+        if len(items) > MAX_DOMAIN_VCPUS:
+            raise ck.fail(f"{where}.workloads", f"{len(items)} vCPUs, at most "
+                          f"{MAX_DOMAIN_VCPUS}")
         works = tuple(_workload(ck, t, f"{where}.workloads[{i}]") for i, t in enumerate(items))
         if count is not None and count != len(works):
             raise ck.fail(f"{where}.vcpus", f"{count} vCPUs but {len(works)} workloads")
@@ -918,7 +934,7 @@ def _domain(ck: _Checker, row: Mapping[str, Any], topo: Topology, registry: Mapp
         if count is not None and count != len(works):
             raise ck.fail(f"{where}.vcpus", f"{count} vCPUs but the rt-app tasks make "
                           f"{len(works)}")
-    affinity = _affinity(ck, row.get("affinity"), f"{where}.affinity", topo)
+    aff = affinity(ck, row.get("affinity"), f"{where}.affinity", topo)
     sched = ck.table(row.get("sched", {}), f"{where}.sched")
     kinds = set(registry)
     common: list[tuple[str, Any]] = []
@@ -946,96 +962,23 @@ def _domain(ck: _Checker, row: Mapping[str, Any], topo: Topology, registry: Mapp
     _ratio(ck, dict(common), f"{where}.sched")
     pool = row.get("pool")
     if pool is not None and not isinstance(pool, str):
-        raise ck.fail(f"{where}.pool", f"expected a pool name, got {_show(pool)}")
-    return DomainSpec(name, works, affinity, tuple(sorted(common)), tuple(sorted(by_sched)),
+        raise ck.fail(f"{where}.pool", f"expected a pool name, got {show(pool)}")
+    return DomainSpec(name, works, aff, tuple(sorted(common)), tuple(sorted(by_sched)),
                       pool)
 
 
-def _param_value(ck: _Checker, key: str, v: Any) -> None:
+def _param_value(ck: Checker, key: str, v: Any) -> None:
     if isinstance(v, Mapping | list):
-        raise ck.fail(key, f"expected a number, string or boolean, got {_show(v)}")
+        raise ck.fail(key, f"expected a number, string or boolean, got {show(v)}")
     if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
         raise ck.fail(key, f"must not be negative, got {v}")
 
 
-def _ratio(ck: _Checker, params: Mapping[str, Any], where: str) -> None:
+def _ratio(ck: Checker, params: Mapping[str, Any], where: str) -> None:
     for part, whole in _RATIO_PAIRS:
         a, b = params.get(part), params.get(whole)
         if isinstance(a, int | float) and isinstance(b, int | float) and a > b:
             raise ck.fail(f"{where}.{part}", f"{part} {a} is greater than {whole} {b}")
-
-
-def _check_params(ck: _Checker, d: DomainSpec, kind: str, registry: Mapping[str, Any]) -> None:
-    """The parameters ``kind`` would get: each one it takes, budget <= period after merging."""
-    cls = registry[kind]
-    known = getattr(cls, "PARAMS", None)
-    if not isinstance(known, Mapping):
-        return
-    for sched, params in d.by_sched:
-        if sched != kind:
-            continue
-        for k, _ in params:
-            if k not in known:
-                raise ck.fail(f"domain.{d.name}.sched.{kind}.{k}",
-                              f"unknown key: {kind} takes {', '.join(sorted(known)) or 'none'}")
-    merged = {**known, **d.params_for(kind, known)}
-    _ratio(ck, merged, f"domain.{d.name}.sched.{kind}")
-
-
-def _affinity(ck: _Checker, value: Any, key: str, topo: Topology) -> frozenset[int] | None:
-    if value is None:
-        return None
-    n = topo.nr_cpus
-    if isinstance(value, list):
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in value):
-            raise ck.fail(key, "expected pCPU ids (integers)")
-        cpus = set(value)
-    elif isinstance(value, str):
-        cpus = set()
-        for term in (t.strip() for t in value.split(",")):
-            if not term:
-                continue
-            exclude = term.startswith("^")
-            body = term[1:] if exclude else term
-            chosen = _cpu_term(ck, key, body, term, topo)
-            if exclude:
-                cpus -= chosen
-            else:
-                cpus |= chosen
-    else:
-        raise ck.fail(key, f"expected an xl cpus string or a list of pCPU ids, "
-                      f"got {_show(value)}")
-    bad = sorted(c for c in cpus if not 0 <= c < n)
-    if bad:
-        raise ck.fail(key, f"pCPU {bad[0]} is outside the host (pCPUs 0-{n - 1})")
-    if not cpus:
-        raise ck.fail(key, "names no pCPU")
-    return frozenset(cpus)
-
-
-def _cpu_term(ck: _Checker, key: str, body: str, term: str, topo: Topology) -> set[int]:
-    if body == "all":
-        if term.startswith("^"):
-            raise ck.fail(key, "'^all' removes every pCPU")
-        return set(range(topo.nr_cpus))
-    nodes = False
-    for prefix in ("node:", "nodes:"):
-        if body.startswith(prefix):
-            nodes, body = True, body[len(prefix):]
-    lo, dash, hi = body.partition("-")
-    if not lo.isdigit() or (dash and not hi.isdigit()):
-        raise ck.fail(key, f"bad term {term!r} (expected N, A-B, all, node:N or nodes:A-B, "
-                      "optionally after ^)")
-    first, last = int(lo), int(hi) if dash else int(lo)
-    if last < first:
-        raise ck.fail(key, f"range {body!r} goes backwards")
-    if not nodes:
-        return set(range(first, last + 1))
-    missing = [x for x in range(first, last + 1) if x not in topo.nodes]
-    if missing:
-        raise ck.fail(key, f"node {missing[0]} is not on the host (nodes: "
-                      f"{', '.join(map(str, topo.nodes))})")
-    return {c.id for c in topo.cpus if first <= c.node <= last}
 
 
 # -- workloads ---------------------------------------------------------------------------------
@@ -1049,16 +992,16 @@ _WORKLOAD_KEYS = {
 }
 
 
-def _workload(ck: _Checker, value: Any, where: str) -> WorkloadSpec:
+def _workload(ck: Checker, value: Any, where: str) -> WorkloadSpec:
     tbl = ck.table(value, where)
     kind_name = tbl.get("kind")
     kinds = {k.value: k for k in _WORKLOAD_KEYS}
-    if kind_name not in kinds:
+    if not isinstance(kind_name, str) or kind_name not in kinds:
         raise ck.fail(f"{where}.kind", f"expected one of {', '.join(kinds)}, "
-                      f"got {_show(kind_name)}")
+                      f"got {show(kind_name)}")
     kind = kinds[kind_name]
     bases = _WORKLOAD_KEYS[kind]
-    ck.only(tbl, where, ("kind", *(f"{b}_{u}" for b in bases for u in _UNITS)))
+    ck.only(tbl, where, ("kind", *(f"{b}_{u}" for b in bases for u in UNITS)))
 
     def dur(base: str, *, required: bool = True, positive: bool = True,
             default: int | None = None) -> int | None:
@@ -1098,26 +1041,29 @@ _RTAPP_IGNORED = ("policy", "priority", "cpus")
 _RTAPP_TASK = ("instance", "loop", "run", "runtime", "timer", "sleep", "delay", *_RTAPP_IGNORED)
 
 
-def _rtapp(value: Any, source: str, where: str, outer: _Checker) -> tuple[WorkloadSpec, ...]:
+def _rtapp(value: Any, source: str, where: str, outer: Checker) -> tuple[WorkloadSpec, ...]:
     """rt-app tasks as workloads (see the module notes for what is supported)."""
     inline = source == outer.source
-    ck = outer if inline else _Checker(source)
+    ck = outer if inline else Checker(source)
     base = where if inline else ""
     doc = ck.table(value, base or "rt-app")
     ck.only(doc, base, ("tasks", "global"))
-    tasks = ck.table(doc.get("tasks"), _join(base, "tasks"))
+    tasks = ck.table(doc.get("tasks"), join(base, "tasks"))
     if not tasks:
-        raise ck.fail(_join(base, "tasks"), "no tasks")
+        raise ck.fail(join(base, "tasks"), "no tasks")
     out: list[WorkloadSpec] = []
     for tname, task in tasks.items():
-        w = _join(base, f"tasks.{tname}")
+        w = join(base, f"tasks.{tname}")
         task = ck.table(task, w)
         for k in task:
             if k not in _RTAPP_TASK:
                 raise ck.fail(f"{w}.{k}", "not supported here (supported: "
                               f"{', '.join(_RTAPP_TASK)})")
-        instance = ck.integer(task, "instance", w, 1, minimum=1)
-        loop = ck.integer(task, "loop", w, -1, minimum=-1)
+        instance = ck.integer(task, "instance", w, 1, minimum=1, maximum=MAX_DOMAIN_VCPUS)
+        if len(out) + instance > MAX_DOMAIN_VCPUS:
+            raise ck.fail(f"{w}.instance", f"the tasks make {len(out) + instance} vCPUs, at "
+                          f"most {MAX_DOMAIN_VCPUS}")
+        loop = ck.integer(task, "loop", w, -1, minimum=-1, maximum=MAX_LOOPS)
         if "run" in task and "runtime" in task:
             raise ck.fail(f"{w}.runtime", "give run or runtime, not both")
         run_key = "runtime" if "runtime" in task else "run"
@@ -1146,22 +1092,22 @@ def _rtapp(value: Any, source: str, where: str, outer: _Checker) -> tuple[Worklo
     return tuple(out)
 
 
-def _us(ck: _Checker, tbl: Mapping[str, Any], key: str, where: str, *,
+def _us(ck: Checker, tbl: Mapping[str, Any], key: str, where: str, *,
         required: bool = False, positive: bool = True) -> int:
     """An rt-app time (integer microseconds) as ns."""
     if key not in tbl:
         if required:
-            raise ck.fail(_join(where, key), "missing (required, microseconds)")
+            raise ck.fail(join(where, key), "missing (required, microseconds)")
         return 0
     v = tbl[key]
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
             or v < 0 or (positive and v == 0):
-        raise ck.fail(_join(where, key), f"expected {'a positive' if positive else 'a'} "
-                      f"number of microseconds, got {_show(v)}")
-    return round(v * 1_000)
+        raise ck.fail(join(where, key), f"expected {'a positive' if positive else 'a'} "
+                      f"number of microseconds, got {show(v)}")
+    return ck.time(v, join(where, key), NS_PER_US, positive=positive)
 
 
-def _expect(ck: _Checker, value: Any, domains: Sequence[DomainSpec],
+def _expect(ck: Checker, value: Any, domains: Sequence[DomainSpec],
             registry: Mapping[str, Any],
             variants: Mapping[str, SchedChoice]) -> tuple[Expectation, ...]:
     if not isinstance(value, list):
@@ -1179,6 +1125,10 @@ def _expect(ck: _Checker, value: Any, domains: Sequence[DomainSpec],
         for j, s in enumerate(scheds):
             _known_scheduler(ck, s, f"{where}.schedulers[{j}]", registry, variants)
         vcpu, dom = row.get("vcpu"), row.get("domain")
+        if vcpu is not None:
+            ck.name(vcpu, f"{where}.vcpu", "a vCPU name")
+        if dom is not None:
+            ck.name(dom, f"{where}.domain", "a domain name")
         if vcpu is not None and dom is not None:
             raise ck.fail(where, "give vcpu or domain, not both")
         if vcpu is not None and vcpu not in vcpus:
@@ -1191,7 +1141,7 @@ def _expect(ck: _Checker, value: Any, domains: Sequence[DomainSpec],
             if k in row:
                 v = row[k]
                 if isinstance(v, bool) or not isinstance(v, int | float):
-                    raise ck.fail(f"{where}.{k}", f"expected a number, got {_show(v)}")
+                    raise ck.fail(f"{where}.{k}", f"expected a number, got {show(v)}")
                 bounds.append((k, float(v)))
         if not bounds:
             raise ck.fail(where, f"no bound given (one of {', '.join(EXPECT_BOUNDS)})")
@@ -1204,9 +1154,11 @@ def _expect(ck: _Checker, value: Any, domains: Sequence[DomainSpec],
 
 def parse_value(text: str) -> Any:
     """A value given on the command line: a TOML literal (1, 2.5, true, "x") or a bare string."""
+    if "\n" in text or "\r" in text:  # one value, not more lines of TOML
+        return text
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # not a literal, or nested beyond sense
         return text
 
 
@@ -1234,8 +1186,8 @@ def with_params(scenario: Scenario, params: Mapping[str, Any]) -> Scenario:
             node = child
         last = rest[-1]
         stem, _, unit = last.rpartition("_")
-        if stem and unit in _UNITS:  # a time in one unit replaces the same time in another
-            for u in _UNITS:
+        if stem and unit in UNITS:  # a time in one unit replaces the same time in another
+            for u in UNITS:
                 node.pop(f"{stem}_{u}", None)
         node[last] = value
     return scenario_from_dict(raw, source=scenario.source)
@@ -1267,17 +1219,20 @@ def build_host(scenario: Scenario, scheduler: str | None = None, seed: int | Non
                trace: bool = True) -> Host:
     """A host ready to run ``scenario`` under ``scheduler`` (a name or variant; default its own).
 
-    Scheduler parameters are checked for the chosen scheduler; whatever the
-    scheduler itself refuses is a ScenarioError naming the file and domain.
-    With ``trace`` the host keeps the run segments of ``scenario.trace_ns``.
+    Scheduler parameters are checked for the chosen scheduler, each refusal a
+    ScenarioError naming the parameter's key; whatever else the host refuses
+    names the domain.  With ``trace`` the host keeps the run segments of
+    ``scenario.trace_ns``.
     """
     from xenlab.sim.host import Host
 
     choice = scenario.choice(scheduler)
     registry = _registry()
-    ck = _Checker(scenario.source)
+    ck = Checker(scenario.source)
+    kinds = {p.name: p.choice.kind for p in scenario.pools}
     for d in scenario.domains:
-        _check_params(ck, d, choice.kind, registry)
+        kind = kinds[d.pool] if d.pool else choice.kind
+        check_params(ck, d, kind, registry[kind])
     sched = make_scheduler(scenario, choice)
     pools = [(p.name, make_scheduler(scenario, p.choice), sorted(p.cpus))
              for p in scenario.pools]
@@ -1286,7 +1241,6 @@ def build_host(scenario: Scenario, scheduler: str | None = None, seed: int | Non
                     trace=scenario.trace_ns if trace else None, pools=pools)
     except XenlabError as err:
         raise ScenarioError(scenario.source, "pool", str(err)) from err
-    kinds = {p.name: p.choice.kind for p in scenario.pools}
     for d in scenario.domains:
         kind = kinds[d.pool] if d.pool else choice.kind
         known = getattr(registry[kind], "PARAMS", None)
@@ -1299,3 +1253,18 @@ def build_host(scenario: Scenario, scheduler: str | None = None, seed: int | Non
             reason = str(err).removeprefix(f"domain {d.name}: ")
             raise ScenarioError(scenario.source, f"domain.{d.name}", reason) from err
     return host
+
+
+def check_builds(scenario: Scenario) -> tuple[str, ...]:
+    """Build ``scenario``'s host, without running it, under every scheduler a run may use.
+
+    That is the scenario's own schedulers and variants and every registry
+    scheduler (``--sched`` takes any), each with its powerclamp attached: what
+    ``xenlab sim check`` does, so a file it passes is one every run accepts.
+    Returns the names built; the first refusal is a ScenarioError.
+    """
+    names = list(dict.fromkeys([scenario.scheduler.name, *(c.name for c in scenario.compare),
+                                *(v.name for v in scenario.variants), *sorted(_registry())]))
+    for name in names:
+        attach_powerclamp(scenario, build_host(scenario, name, trace=False))
+    return tuple(names)
