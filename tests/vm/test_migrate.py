@@ -168,7 +168,8 @@ def test_failed_save_leaves_the_domain_running(hosts: tuple[Toolstack, Toolstack
     data = (tmp_path / "g1.save").read_bytes()
     cut = tmp_path / "cut.save"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CutShortError, match=rf"cut short: the data ends at \+{len(data) // 2:#x}"):
+    with pytest.raises(CutShortError, match=rf"cut.save\+{len(data) // 2:#x}: trailer: cut "
+                                            "short: the data ends here"):
         mig.restore(ts, cut)
     assert ts.store.list() == []
     assert not ts.paths(rec).rundir.exists()
@@ -208,13 +209,12 @@ class _QemuWatch(threading.Thread):
         self.join()
 
 
-def _unframed(image: Path, version: int = 3) -> bytes:
+def _unchecked(image: Path, version: int = 3) -> bytes:
     """The version 4 image at ``image`` as a version ``version`` xenlab wrote it: no
-    checksums, QEMU's stream right behind the header."""
-    layout = saveimage.read_image(image)
-    with image.open("rb") as f:
-        f.seek(layout.stream_offset)
-        stream = b"".join(bytes(d) for d in saveimage.iter_frames(f, seed=layout.seed or 0))
+    checksums, QEMU's stream right behind the header and nothing after it."""
+    layout, summary = saveimage.check_image(image)
+    assert summary is not None
+    stream = image.read_bytes()[layout.stream_offset: layout.stream_offset + summary.bytes]
     return saveimage.pack_header(replace(layout.header, version=version)) + stream
 
 
@@ -231,24 +231,26 @@ def test_damaged_images_never_start_a_qemu_and_old_ones_still_restore(
     header = mig.save(ts, "g1", image)
     data = image.read_bytes()
     layout, summary = saveimage.check_image(image)
-    assert summary is not None and summary.frames > 3
+    assert summary is not None and summary.chunks > 3
     first = layout.stream_offset
     size = len(data)
-    middle = first + (summary.frames // 2) * (saveimage.FRAME_MAX + 12) + 1000
+    table = first + summary.bytes
+    middle = first + (summary.chunks // 2) * saveimage.CHUNK + 1000
     cases: list[tuple[str, bytes, type[Exception], str]] = []
-    for name, pos, kind, field in [
+    damages: list[tuple[str, int, type[Exception], str]] = [
         ("header", 40, ChecksumError, "header checksum"),
         ("header checksum", first - 3, ChecksumError, "header checksum"),
-        ("frame data", middle, ChecksumError, "frame"),
-        ("frame checksum", first + 4 + saveimage.FRAME_MAX + 2, ChecksumError, "frame 0"),
-        ("frame length", first + 1, FormatError, "frame 0"),
+        ("stream", middle, ChecksumError, f"stream chunk {summary.chunks // 2}"),
+        ("checksum table", table + 13, ChecksumError, "checksum table"),
         ("trailer", size - 20, ChecksumError, "trailer"),
-    ]:
+    ]
+    for name, pos, kind, field in damages:
         bad = bytearray(data)
         bad[pos] ^= 0x04
         cases.append((name, bytes(bad), kind, field))
-    cases.append(("cut", data[: size - 100], CutShortError, "frame"))
-    cases.append(("cut at the trailer", data[: size - 28], CutShortError, "frame"))
+    cases.append(("cut", data[: size - 100], CutShortError, "trailer"))
+    cases.append(("cut in the stream", data[: first + 5 * saveimage.CHUNK], CutShortError,
+                  "trailer"))
     cases.append(("junk", data + b"\0junk", FormatError, "end"))
     damaged = tmp_path / "damaged.save"
     for name, raw, kind, field in cases:
@@ -269,7 +271,7 @@ def test_damaged_images_never_start_a_qemu_and_old_ones_still_restore(
 
     # Version 3 (and 1) images carry no checksums: restored, with a warning.
     old = tmp_path / "old.save"
-    old.write_bytes(_unframed(image))
+    old.write_bytes(_unchecked(image))
     assert saveimage.read_image(old).seed is None
     with caplog.at_level("WARNING"):
         rec = mig.restore(ts, old)
@@ -277,7 +279,7 @@ def test_damaged_images_never_start_a_qemu_and_old_ones_still_restore(
     assert rec.state == "running" and sh(ts, "g1", "cat /mnt/disk/marker") == "A\n"
     ts.destroy("g1")
     # A cut one reaches QEMU, which refuses it; its own words are quoted.
-    old.write_bytes(_unframed(image)[: size // 2])
+    old.write_bytes(_unchecked(image)[: size // 2])
     with pytest.raises(BackendError, match="could not load the saved state") as cut_err:
         mig.restore(ts, old)
     assert "load of migration failed" in str(cut_err.value), str(cut_err.value)
@@ -308,12 +310,10 @@ def test_restore_reads_a_raw_disk_as_raw(tmp_path: Path) -> None:
         saveimage.DiskSnapshot("xvda", str(disk), "xenlab-save-1"),))
     image = tmp_path / "g1.save"
     head = saveimage.pack_header(header)
-    with image.open("wb") as f:
-        f.write(head)
+    with image.open("w+b") as f:  # read too: the hasher reads what was written
+        f.write(head + b"QEVM" + bytes(100))
         f.flush()
-        w = saveimage.FrameWriter(f.fileno(), seed=saveimage.header_seed(head))
-        w.frame(b"QEVM" + bytes(100))
-        w.finish()
+        saveimage.StreamHasher(f.fileno(), len(head), seed=saveimage.header_seed(head)).finish()
     ts = Toolstack(tmp_path / "state")
     with pytest.raises(XenlabError, match=r"disk xvda \(.*g1.raw\) is raw, so it holds no "
                                           r"snapshot 'xenlab-save-1'"):
@@ -563,7 +563,7 @@ def test_receiver_killed_after_the_stream_the_source_resumes(
          "--disk-dir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stderr is not None
         line = proc.stdout.readline()
         assert line.startswith("listening on 127.0.0.1:"), line + proc.stderr.read()
         address, token = line.split()[2], line.split()[-1]

@@ -473,11 +473,15 @@ def test_a_real_source_migrates_in_while_the_receiver_is_attacked(
     port: list[int] = []
     ready = threading.Event()
 
+    def listening(_host: str, bound: int) -> None:
+        port.append(bound)
+        ready.set()
+
     def serve() -> None:
         try:
             got.append(mig.serve_receive(
                 dst, "127.0.0.1:0", token=token, disk_dir=tmp_path, accept_timeout=120,
-                timeout=120, on_listen=lambda _h, p: (port.append(p), ready.set())))
+                timeout=120, on_listen=listening))
         except BaseException as err:  # handed to the test
             got.append(err)
             ready.set()

@@ -1,23 +1,26 @@
-"""The save image format: :func:`pack_header`, :func:`parse_header`, :class:`FrameWriter`,
-:func:`iter_frames` and :func:`check_image`.
+"""The save image format: :func:`pack_header`, :func:`parse_header`, :class:`StreamHasher`,
+:func:`check_image` and :func:`check_stream`.
 
 A save image is a JSON header (the domain's config and where its disks
-are) followed by QEMU's migration stream.  Since version 4 every byte
-xenlab writes is covered by an XXH64 checksum: the header has its own, and
-QEMU's stream is cut into frames of at most :data:`FRAME_MAX` bytes, each
-with the checksum of its length and data, closed by a trailer that says
-how many frames and bytes the stream holds.  A reader verifies each frame
-before it hands the frame's data on, so a damaged image is refused naming
-the offset of the damaged frame, and a cut one naming where it ends.
-Versions 1 to 3 (no checksums, QEMU's stream right after the header) are
-still read.  The layout, byte by byte, is in docs/migration.md.
+are) followed by QEMU's migration stream.  Since version 4 every byte is
+covered by an XXH64 checksum: the header has its own, right behind it; QEMU's
+stream follows as QEMU wrote it, and after it comes a table with the
+checksum of each MiB of the stream and a trailer that says how long the
+stream is and holds the table's checksum and its own.  A reader checks the
+whole image before QEMU sees a byte of it, so a damaged image is refused
+naming the damaged bytes, and a cut one naming where it ends (it has no
+trailer).  Versions 1 to 3 (no checksums) are still read.  The layout, byte
+by byte, is in docs/migration.md.
 
-Rules: this module is the format only.  It reads and writes bytes through
-file objects and descriptors its caller opens (:mod:`xenlab.vm.vmstate`
-connects them to QEMU); it starts no process and speaks no QMP.  Errors are
-:class:`~xenlab.errors.FormatError` subclasses at ``source+0xOFFSET``.
-Frame seeds chain to the header's checksum, so frames cannot be moved
-between images, reordered, dropped or repeated without a checksum failing.
+Rules: this module is the format only.  It reads and writes through file
+descriptors its caller opens (:mod:`xenlab.vm.vmstate` hands them to QEMU);
+it starts no process and speaks no QMP.  Errors are
+:class:`~xenlab.errors.FormatError` subclasses at ``source+0xOFFSET``.  The
+checksums chain to the header's (chunk ``i`` is hashed with seed
+``header checksum + i``), so chunks cannot be moved between images or
+reordered without a checksum failing.  QEMU's stream is never copied
+through xenlab: QEMU writes and reads the file itself, and xenlab hashes
+what is in the page cache, which is what costs least.
 """
 
 from __future__ import annotations
@@ -25,13 +28,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import select
 import struct
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import Any, Final
 
 import xxhash
 
@@ -40,37 +41,39 @@ from xenlab.errors import FormatError, TruncatedError, XenlabError
 
 __all__ = [
     "CHECKED_VERSION",
-    "FRAME_MAX",
+    "CHUNK",
     "HEADER_MAX",
     "MAGIC",
     "QEMU_MAGIC",
     "READS",
     "SAVE_VERSION",
     "STREAM_MAGIC",
+    "TRAILER_MAGIC",
+    "TRAILER_SIZE",
     "ChecksumError",
     "CutShortError",
     "DiskMove",
     "DiskSnapshot",
-    "FrameWriter",
     "ImageLayout",
     "SaveHeader",
+    "StreamHasher",
     "StreamSummary",
     "check_image",
+    "check_open",
     "check_stream",
     "check_stream_file",
+    "check_stream_open",
     "header_from_json",
     "header_seed",
     "header_to_json",
-    "iter_frames",
     "pack_header",
     "parse_header",
-    "pump",
     "read_header",
     "read_image",
 ]
 
 MAGIC: Final = b"XENLAB-SAVE\n"
-#: What a bare framed stream (a snapshot's memory file) starts with.
+#: What a checked VM state file (a snapshot's memory file) starts with.
 STREAM_MAGIC: Final = b"XENLAB-STREAM\n"
 SAVE_VERSION: Final = 4
 #: The first version with checksums.
@@ -80,15 +83,10 @@ CHECKED_VERSION: Final = 4
 READS: Final = (1, 2, 3, 4)
 #: QEMU_VM_FILE_MAGIC: every migration stream starts with it.
 QEMU_MAGIC: Final = b"QEVM"
-#: The largest frame: big enough that the per-frame cost (two reads, a hash
-#: setup) vanishes, small enough that a frame is one pipe's worth of data.
-FRAME_MAX: Final = 1 << 20
 #: A config is a few KiB; anything near this is not a header.
 HEADER_MAX: Final = 16 << 20
 _LEN: Final = struct.Struct(">I")
 _SUM: Final = struct.Struct(">Q")
-# u32 0 (an empty frame ends the stream), u64 frames, u64 data bytes.
-_TRAILER: Final = struct.Struct(">IQQ")
 _MASK: Final = (1 << 64) - 1
 
 
@@ -197,7 +195,7 @@ def pack_header(h: SaveHeader) -> bytes:
 @dataclass(frozen=True, slots=True)
 class ImageLayout:
     """Where the parts of a save image are: its header, where the stream starts, and the
-    seed its frames chain to (the header's checksum; None: versions 1-3, no checksums)."""
+    seed its checksums chain to (the header's checksum; None: versions 1-3, no checksums)."""
 
     header: SaveHeader
     stream_offset: int
@@ -206,12 +204,11 @@ class ImageLayout:
 
 def parse_header(buf: bytes | bytearray | memoryview, source: str = "save image"
                  ) -> tuple[SaveHeader, int]:
-    """Parse a save image's header; (header, offset of QEMU's stream or of the first frame).
+    """Parse a save image's header; (header, offset of QEMU's stream).
 
-    ``buf`` must hold at least the header and the start of the stream
-    behind it (QEMU's magic; in version 4 the first frame's length and
-    QEMU's magic), which are checked too, so an image cut right after its
-    header is refused here rather than by QEMU.
+    ``buf`` must hold at least the header (in version 4 with its checksum)
+    and the 4 bytes of QEMU's magic behind it, which are checked too, so an
+    image cut right after its header is refused here rather than by QEMU.
 
     :raise TruncatedError: ``buf`` ends inside the header or the stream's start.
     :raise FormatError: wrong magic, an oversized length, a damaged header
@@ -267,16 +264,11 @@ def _layout(buf: bytes | bytearray | memoryview, source: str) -> ImageLayout:
                           f"found {bytes(mv[end:end + 4])!r}, expected QEMU's {QEMU_MAGIC!r} "
                           f"(a version {header.version} image has no checksums)")
     first = end + _SUM.size
-    if len(mv) < first + _LEN.size + len(QEMU_MAGIC):
-        raise TruncatedError(source, first, "frame 0", _LEN.size + len(QEMU_MAGIC),
-                             len(mv) - first)
-    (length,) = _LEN.unpack_from(mv, first)
-    if not 0 < length <= FRAME_MAX:
-        raise FormatError(source, first, "frame 0 length",
-                          f"{length}, expected 1 to {FRAME_MAX}")
-    found = bytes(mv[first + _LEN.size: first + _LEN.size + len(QEMU_MAGIC)])
+    if len(mv) < first + len(QEMU_MAGIC):
+        raise TruncatedError(source, first, "stream magic", len(QEMU_MAGIC), len(mv) - first)
+    found = bytes(mv[first: first + len(QEMU_MAGIC)])
     if found != QEMU_MAGIC:
-        raise FormatError(source, first + _LEN.size, "stream magic",
+        raise FormatError(source, first, "stream magic",
                           f"found {found!r}, expected QEMU's {QEMU_MAGIC!r}")
     return ImageLayout(header, first, stored)
 
@@ -397,8 +389,8 @@ def read_image(path: Path) -> ImageLayout:
             n = _LEN.unpack_from(head, len(MAGIC))[0] if (
                 len(head) == len(MAGIC) + _LEN.size and head.startswith(MAGIC)) else 0
             if n <= HEADER_MAX:
-                # The checksum, the first frame's length and QEMU's magic.
-                head += f.read(n + _SUM.size + _LEN.size + len(QEMU_MAGIC))
+                # The checksum and QEMU's magic.
+                head += f.read(n + _SUM.size + len(QEMU_MAGIC))
     except OSError as err:
         raise XenlabError(f"{path}: cannot read: {err.strerror or err}") from err
     return _layout(head, str(path))
@@ -414,12 +406,12 @@ def read_header(path: Path) -> tuple[SaveHeader, int]:
     return layout.header, layout.stream_offset
 
 
-# --- frames -------------------------------------------------------------------------------
+# --- the checked stream -------------------------------------------------------------------
 
 
 class ChecksumError(FormatError):
-    """Bytes ``start`` to ``end`` of the source do not match their checksum at ``offset``:
-    ``stored`` is the checksum written, ``actual`` the one the bytes have now."""
+    """Bytes ``start`` to ``end`` of the source do not match their checksum: ``stored`` is
+    the checksum written, ``actual`` the one the bytes have now."""
 
     def __init__(self, source: str, offset: int, field: str, stored: int, actual: int,
                  start: int, end: int) -> None:
@@ -434,252 +426,282 @@ class ChecksumError(FormatError):
 
 
 class CutShortError(TruncatedError):
-    """The data ends inside a frame or before the trailer: it was cut short (a full
-    disk, an interrupted copy); ``end`` is the offset where it ends."""
+    """The data ends without the trailer that ends a complete stream: it was cut short (a
+    full disk, an interrupted copy); ``offset`` is where it ends."""
 
-    def __init__(self, source: str, offset: int, field: str, need: int, have: int) -> None:
-        self.need = need
-        self.have = have
-        self.end = offset + have
-        where = ("where the next frame or the trailer should start" if have == 0 else
-                 f"{have} of the {need} bytes this part needs")
-        FormatError.__init__(
-            self, source, offset, field,
-            f"cut short: the data ends at +{self.end:#x}, {where}; a complete stream "
-            "ends with a trailer")
+    def __init__(self, source: str, offset: int, field: str) -> None:
+        self.need = TRAILER_SIZE
+        self.have = 0
+        self.end = offset
+        FormatError.__init__(self, source, offset, field,
+                             "cut short: the data ends here, without the trailer that ends "
+                             "a complete stream")
 
 
 @dataclass(frozen=True, slots=True)
 class StreamSummary:
-    """A framed stream checked to its trailer: ``frames`` and data ``bytes`` it holds,
-    ``end`` the offset just after its trailer (the end of the file)."""
+    """A checked stream: QEMU's ``bytes`` in ``chunks`` checksums; ``end`` the offset
+    just after the trailer (the end of the file)."""
 
-    frames: int
+    chunks: int
     bytes: int
     end: int
 
 
-def _frame_sum(seed: int, index: int, head: bytes | memoryview,
-               data: bytes | bytearray | memoryview) -> int:
-    h = xxhash.xxh64(head, seed=(seed + index) & _MASK)
-    h.update(data)
-    return h.intdigest()
+#: Bytes per checksum: big enough that a checksum costs nothing next to its
+#: data, small enough that a damaged one names a place worth looking at.
+CHUNK: Final = 1 << 20
+TRAILER_MAGIC: Final = b"XLSAVEND"
+_READ: Final = 128 << 10
+# magic, QEMU's stream bytes, chunk size, reserved (0), checksum of the table.
+_TRAILER: Final = struct.Struct(">8sQIIQ")
+#: The trailer: the fields above and their own checksum.
+TRAILER_SIZE: Final = _TRAILER.size + _SUM.size
 
 
-def _write_all(fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
-    """``writev`` until every byte of ``parts`` is written (a short write goes on)."""
-    left = [memoryview(p).cast("B") for p in parts if len(p)]
-    while left:
-        n = os.writev(fd, left)
-        while n:
-            if n >= len(left[0]):
-                n -= len(left[0])
-                left.pop(0)
-            else:
-                left[0] = left[0][n:]
-                n = 0
+def _chunks(nbytes: int) -> int:
+    return -(-nbytes // CHUNK)
 
 
-class FrameWriter:
-    """Writes data as checksummed frames to file descriptor ``fd``, then the trailer.
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
-    ``seed`` is the header's checksum in a save image (0 in a bare stream):
-    frame ``i`` is hashed with seed ``seed + i``.  Each :meth:`frame` call
-    writes one frame; :meth:`finish` writes the trailer, which says the
-    stream is complete; call it only once the data is.
+
+class StreamHasher:
+    """Checksums QEMU's stream as it lands in file ``fd`` (open for reading and writing)
+    from offset ``start``, then appends the checksum table and the trailer (:meth:`finish`).
+
+    QEMU appends to the file and never goes back, so every byte below the
+    file's size is final: :meth:`update` (called while QEMU writes) hashes
+    the whole chunks there are, from the page cache, and :meth:`finish` the
+    rest.  ``seed`` is the header's checksum in a save image (0 in a bare
+    stream): chunk ``i`` is hashed with seed ``seed + i``.
     """
 
-    def __init__(self, fd: int, *, seed: int = 0) -> None:
+    def __init__(self, fd: int, start: int, *, seed: int = 0) -> None:
         self.fd = fd
+        self.start = start
         self.seed = seed
-        self.frames = 0
-        self.bytes = 0
+        self.sums: list[int] = []
+        self._buf = bytearray(CHUNK)
 
-    def frame(self, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` (1 to :data:`FRAME_MAX` bytes) as the next frame."""
-        n = len(data)
-        if not 0 < n <= FRAME_MAX:
-            raise ValueError(f"a frame holds 1 to {FRAME_MAX} bytes, not {n}")
-        head = _LEN.pack(n)
-        _write_all(self.fd, (head, data, _SUM.pack(_frame_sum(self.seed, self.frames,
-                                                              head, data))))
-        self.frames += 1
-        self.bytes += n
+    def _hash(self, length: int) -> None:
+        view = memoryview(self._buf)[:length]
+        at = self.start + len(self.sums) * CHUNK
+        got = os.preadv(self.fd, [view], at)
+        if got != length:
+            raise OSError(f"read {got} of {length} bytes at {at:#x} of the stream")
+        self.sums.append(xxhash.xxh64_intdigest(view, seed=(self.seed + len(self.sums)) & _MASK))
+
+    def update(self) -> None:
+        """Hash every whole chunk written so far."""
+        written = os.fstat(self.fd).st_size - self.start
+        while written - len(self.sums) * CHUNK >= CHUNK:
+            self._hash(CHUNK)
 
     def finish(self) -> StreamSummary:
-        """Write the trailer; what the stream holds (``end`` is relative to its start)."""
-        body = _TRAILER.pack(0, self.frames, self.bytes)
-        _write_all(self.fd, (body, _SUM.pack(_frame_sum(self.seed, self.frames, body, b""))))
-        return StreamSummary(self.frames, self.bytes,
-                             self.bytes + self.frames * (_LEN.size + _SUM.size)
-                             + _TRAILER.size + _SUM.size)
+        """The stream is complete: hash the rest, append the table and the trailer; what the
+        stream holds (``end`` is the file's new size).
+
+        :raise OSError: the file cannot be read or written (a full disk).
+        :raise ValueError: no stream (QEMU wrote nothing).
+        """
+        nbytes = os.fstat(self.fd).st_size - self.start
+        if nbytes < len(QEMU_MAGIC):
+            raise ValueError(f"QEMU wrote {nbytes} bytes, not a stream")
+        self.update()
+        rest = nbytes - len(self.sums) * CHUNK
+        if rest:
+            self._hash(rest)
+        count = len(self.sums)
+        table = b"".join(_SUM.pack(s) for s in self.sums)
+        body = _TRAILER.pack(TRAILER_MAGIC, nbytes, CHUNK, 0,
+                             xxhash.xxh64_intdigest(table, seed=(self.seed + count) & _MASK))
+        tail = table + body + _SUM.pack(
+            xxhash.xxh64_intdigest(body, seed=(self.seed + count + 1) & _MASK))
+        _pwrite_all(self.fd, tail, self.start + nbytes)
+        return StreamSummary(count, nbytes, self.start + nbytes + len(tail))
 
 
-def pump(src: int, writer: FrameWriter, *, stop: threading.Event | None = None,
-         poll: float = 0.1) -> None:
-    """Read ``src`` (a pipe QEMU writes) to its end, writing full frames to ``writer``.
-
-    Frames are :data:`FRAME_MAX` bytes but the last.  ``src`` is read with
-    ``poll`` so that ``stop`` (set by the caller, e.g. when QEMU hangs) ends
-    the pump within ``poll`` seconds; the trailer is not written here (only
-    the caller knows whether the stream completed).
-    """
-    buf = bytearray(FRAME_MAX)
-    mv = memoryview(buf)
-    filled = 0
-    poller = select.poll()
-    poller.register(src, select.POLLIN | select.POLLHUP | select.POLLERR)
-    while True:
-        if stop is not None and stop.is_set():
-            return
-        if not poller.poll(poll * 1000):
-            continue
-        try:
-            n = os.readv(src, [mv[filled:]])
-        except BlockingIOError:
-            continue
-        if n == 0:
+def _read_at(fd: int, size: int, offset: int) -> bytes:
+    out = os.pread(fd, size, offset)
+    while len(out) < size:
+        more = os.pread(fd, size - len(out), offset + len(out))
+        if not more:
             break
-        filled += n
-        if filled == FRAME_MAX:
-            writer.frame(mv)
-            filled = 0
-    if filled:
-        writer.frame(mv[:filled])
+        out += more
+    return out
 
 
-def _read_exact(f: BinaryIO, mv: memoryview) -> int:
-    """Fill ``mv`` from ``f``; the bytes read (fewer only at the end of ``f``)."""
-    got = 0
-    while got < len(mv):
-        n = f.readinto(mv[got:])  # type: ignore[attr-defined]
-        if not n:
-            break
-        got += n
-    return got
+def _trailer_at(fd: int, at: int, start: int, seed: int) -> tuple[int, int, int, bool] | None:
+    """(stream bytes, chunk size, table checksum, own checksum right) of the trailer at
+    ``at``, or None when there is no trailer magic there."""
+    raw = _read_at(fd, TRAILER_SIZE, at)
+    if len(raw) < TRAILER_SIZE or not raw.startswith(TRAILER_MAGIC):
+        return None
+    _, nbytes, chunk, _, table_sum = _TRAILER.unpack_from(raw)
+    (stored,) = _SUM.unpack_from(raw, _TRAILER.size)
+    count = _chunks(nbytes) if chunk == CHUNK else 0
+    actual = xxhash.xxh64_intdigest(raw[: _TRAILER.size], seed=(seed + count + 1) & _MASK)
+    return nbytes, chunk, table_sum, stored == actual
 
 
-def iter_frames(f: BinaryIO, *, seed: int = 0, source: str = "stream", offset: int = 0
-                ) -> Iterator[memoryview]:
-    """The data of each frame of the framed stream ``f`` reads, each checked before it is
-    yielded; then the trailer and the end of ``f`` are checked.
-
-    ``f`` is positioned at the first frame, which is at ``offset`` of the
-    source (for the messages).  A yielded view is valid until the next one.
-    Memory is one frame whatever ``f`` holds.
-
-    :raise ChecksumError: a frame or the trailer does not match its checksum.
-    :raise CutShortError: ``f`` ends inside a frame or before the trailer.
-    :raise FormatError: a frame length above :data:`FRAME_MAX`, a trailer that
-        disagrees with the frames, or bytes after the trailer.
-    """
-    buf = bytearray(_LEN.size + FRAME_MAX + _SUM.size)
-    mv = memoryview(buf)
-    index = total = 0
-    at = offset
-    while True:
-        field = f"frame {index}"
-        got = _read_exact(f, mv[: _LEN.size])
-        if got < _LEN.size:
-            raise CutShortError(source, at, field, _LEN.size, got)
-        (length,) = _LEN.unpack_from(mv)
-        if length == 0:
-            break
-        if length > FRAME_MAX:
-            raise FormatError(source, at, f"{field} length",
-                              f"{length} bytes, more than the {FRAME_MAX} a frame holds: "
-                              "the image is damaged here")
-        need = length + _SUM.size
-        got = _read_exact(f, mv[_LEN.size: _LEN.size + need])
-        if got < need:
-            raise CutShortError(source, at, field, _LEN.size + need, _LEN.size + got)
-        data = mv[_LEN.size: _LEN.size + length]
-        (stored,) = _SUM.unpack_from(mv, _LEN.size + length)
-        actual = _frame_sum(seed, index, mv[: _LEN.size], data)
-        end = at + _LEN.size + length
-        if stored != actual:
-            raise ChecksumError(source, end, field, stored, actual, at, end)
-        yield data
-        index += 1
-        total += length
-        at = end + _SUM.size
-    rest = _TRAILER.size + _SUM.size - _LEN.size
-    got = _read_exact(f, mv[_LEN.size: _LEN.size + rest])
-    if got < rest:
-        raise CutShortError(source, at, "trailer", _LEN.size + rest, _LEN.size + got)
-    _, frames, nbytes = _TRAILER.unpack_from(mv)
-    (stored,) = _SUM.unpack_from(mv, _TRAILER.size)
-    actual = _frame_sum(seed, index, mv[: _TRAILER.size], b"")
-    if stored != actual:
-        raise ChecksumError(source, at + _TRAILER.size, "trailer", stored, actual, at,
-                            at + _TRAILER.size)
-    if (frames, nbytes) != (index, total):
-        raise FormatError(source, at, "trailer",
-                          f"says {frames} frames and {nbytes} bytes, the stream has "
-                          f"{index} and {total}")
-    end = at + _TRAILER.size + _SUM.size
-    extra = _read_exact(f, mv[:1])
-    if extra:
-        raise FormatError(source, end, "end",
-                          "bytes after the trailer: something was appended to the image")
+def _earlier_trailer(fd: int, start: int, below: int, seed: int) -> int | None:
+    """The end of the last valid trailer that starts between ``start`` and ``below``."""
+    hi = below + len(TRAILER_MAGIC) - 1
+    while hi > start:
+        lo = max(start, hi - CHUNK)
+        window = _read_at(fd, hi - lo, lo)
+        pos = window.rfind(TRAILER_MAGIC)
+        while pos >= 0:
+            found = _trailer_at(fd, lo + pos, start, seed) if lo + pos < below else None
+            if found is not None and found[3]:
+                return lo + pos + TRAILER_SIZE
+            pos = window.rfind(TRAILER_MAGIC, 0, pos + len(TRAILER_MAGIC) - 1)
+        hi = lo + len(TRAILER_MAGIC) - 1 if lo > start else start
+    return None
 
 
-def check_stream(f: BinaryIO, *, seed: int = 0, source: str = "stream", offset: int = 0
+def check_stream(fd: int, *, start: int, seed: int = 0, source: str = "stream"
                  ) -> StreamSummary:
-    """Check every frame and the trailer of the framed stream ``f`` reads (see
-    :func:`iter_frames` for where it starts and what it raises); what it holds."""
-    frames = nbytes = 0
-    for data in iter_frames(f, seed=seed, source=source, offset=offset):
-        frames += 1
-        nbytes += len(data)
-    return StreamSummary(frames, nbytes, offset + nbytes
-                         + frames * (_LEN.size + _SUM.size) + _TRAILER.size + _SUM.size)
+    """Check the stream of file ``fd`` that starts at ``start`` whole: its trailer at the
+    end of the file, the checksum table before it, and every chunk of QEMU's stream.
+
+    Reads the file once, a chunk at a time (memory: one chunk and the table,
+    8 bytes per MiB); leaves its offset alone.
+
+    :raise CutShortError: no trailer at the end (it names where the data ends).
+    :raise ChecksumError: the trailer, the table or a chunk does not match its
+        checksum (it names the damaged bytes).
+    :raise FormatError: a trailer that does not fit the file, bytes after the
+        trailer, or a stream that is not QEMU's.
+    """
+    size = os.fstat(fd).st_size
+    at = size - TRAILER_SIZE
+    found = _trailer_at(fd, at, start, seed) if at >= start else None
+    if found is None or not found[3]:
+        # Junk appended after a complete image (a valid trailer earlier on)?
+        # Searched backwards a MiB at a time: only a refused image pays for it.
+        end = _earlier_trailer(fd, start, at, seed)
+        if end is not None:
+            raise FormatError(source, end, "end",
+                              f"{size - end} bytes after the trailer: something was "
+                              "appended to the image")
+    if found is None:
+        raise CutShortError(source, size, "trailer")
+    nbytes, chunk, table_sum, trailer_ok = found
+    if not trailer_ok:
+        raw = _read_at(fd, TRAILER_SIZE, at)
+        count = _chunks(nbytes) if chunk == CHUNK else 0
+        raise ChecksumError(source, at, "trailer", _SUM.unpack_from(raw, _TRAILER.size)[0],
+                            xxhash.xxh64_intdigest(raw[: _TRAILER.size],
+                                                   seed=(seed + count + 1) & _MASK),
+                            at, at + _TRAILER.size)
+    count = _chunks(nbytes)
+    if chunk != CHUNK or nbytes < len(QEMU_MAGIC) or start + nbytes + count * _SUM.size != at:
+        raise FormatError(source, at, "trailer",
+                          f"says {nbytes} bytes in chunks of {chunk}, which do not fit the "
+                          f"{at - start} bytes before it")
+    table_at = start + nbytes
+    table = _read_at(fd, count * _SUM.size, table_at)
+    actual = xxhash.xxh64_intdigest(table, seed=(seed + count) & _MASK)
+    if actual != table_sum:
+        raise ChecksumError(source, table_at, "checksum table", table_sum, actual, table_at, at)
+    # Read in pieces that stay in the CPU's cache while they are hashed: the
+    # copy out of the page cache is most of this pass's cost.
+    buf = bytearray(_READ)
+    head = _read_at(fd, len(QEMU_MAGIC), start)
+    if head != QEMU_MAGIC:
+        raise FormatError(source, start, "stream magic",
+                          f"found {head!r}, expected QEMU's {QEMU_MAGIC!r}")
+    for i in range(count):
+        begin = start + i * CHUNK
+        length = min(CHUNK, nbytes - i * CHUNK)
+        h = xxhash.xxh64(seed=(seed + i) & _MASK)
+        for at in range(begin, begin + length, _READ):
+            view = memoryview(buf)[: min(_READ, begin + length - at)]
+            if os.preadv(fd, [view], at) != len(view):
+                raise CutShortError(source, at, f"stream chunk {i}")  # shrank meanwhile
+            h.update(view)
+        (stored,) = _SUM.unpack_from(table, i * _SUM.size)
+        got = h.intdigest()
+        if got != stored:
+            raise ChecksumError(source, begin, f"stream chunk {i}", stored, got, begin,
+                                begin + length)
+    return StreamSummary(count, nbytes, size)
 
 
 def check_image(path: Path) -> tuple[ImageLayout, StreamSummary | None]:
-    """Check the save image at ``path`` whole: header, every frame, trailer, end of file.
-
-    Reads the file once, one frame at a time.  For versions 1 to 3, which
-    carry no checksums, only the header is checked (the summary is None).
-
-    :raise XenlabError: the file cannot be read.
-    :raise FormatError: see :func:`parse_header` and :func:`iter_frames`.
-    """
-    layout = read_image(path)
-    if layout.seed is None:
-        return layout, None
+    """Check the save image at ``path`` whole: header, every chunk, table, trailer, end of
+    file (:func:`check_open` on a descriptor of its own)."""
     try:
-        with open(path, "rb", buffering=0) as f:
-            f.seek(layout.stream_offset)
-            summary = check_stream(f, seed=layout.seed, source=str(path),
-                                   offset=layout.stream_offset)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
         raise XenlabError(f"{path}: cannot read: {err.strerror or err}") from err
-    return layout, summary
+    try:
+        return check_open(fd, str(path))
+    finally:
+        os.close(fd)
+
+
+def check_open(fd: int, source: str) -> tuple[ImageLayout, StreamSummary | None]:
+    """Check the save image open at ``fd`` (``source`` names it): its header, and for
+    version 4 all of the stream (:func:`check_stream`).  Versions 1 to 3 carry no
+    checksums: only the header is checked (the summary is None).
+
+    :raise XenlabError: the file cannot be read.
+    :raise FormatError: see :func:`parse_header` and :func:`check_stream`.
+    """
+    try:
+        head = _read_at(fd, len(MAGIC) + _LEN.size, 0)
+        n = _LEN.unpack_from(head, len(MAGIC))[0] if (
+            len(head) == len(MAGIC) + _LEN.size and head.startswith(MAGIC)) else 0
+        if n <= HEADER_MAX:
+            head += _read_at(fd, n + _SUM.size + len(QEMU_MAGIC), len(head))
+        layout = _layout(head, source)
+        if layout.seed is None:
+            return layout, None
+        return layout, check_stream(fd, start=layout.stream_offset, seed=layout.seed,
+                                    source=source)
+    except OSError as err:
+        raise XenlabError(f"{source}: cannot read: {err.strerror or err}") from err
 
 
 def check_stream_file(path: Path) -> StreamSummary | None:
     """Check a VM state file written by :func:`xenlab.vm.vmstate.write_stream` whole (a
-    snapshot's memory file): magic, every frame, trailer; None for an older file that is
-    QEMU's raw stream (nothing to check).
+    snapshot's memory file): magic, every chunk, table, trailer; None for an older file
+    that is QEMU's raw stream (nothing to check).
 
     :raise XenlabError: the file cannot be read.
     :raise FormatError: neither kind of file, or damaged, or cut short.
     """
     try:
-        with open(path, "rb", buffering=0) as f:
-            head = f.read(len(STREAM_MAGIC))
-            if head.startswith(QEMU_MAGIC):
-                return None
-            if head != STREAM_MAGIC:
-                raise FormatError(str(path), 0, "magic", f"found {head!r}, expected "
-                                  f"{STREAM_MAGIC!r}: not a xenlab VM state")
-            return check_stream(f, source=str(path), offset=len(STREAM_MAGIC))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
         raise XenlabError(f"{path}: cannot read: {err.strerror or err}") from err
+    try:
+        return check_stream_open(fd, str(path))
+    except OSError as err:
+        raise XenlabError(f"{path}: cannot read: {err.strerror or err}") from err
+    finally:
+        os.close(fd)
+
+
+def check_stream_open(fd: int, source: str) -> StreamSummary | None:
+    """:func:`check_stream_file` on an open descriptor (its offset is left alone)."""
+    head = _read_at(fd, len(STREAM_MAGIC), 0)
+    if head.startswith(QEMU_MAGIC):
+        return None
+    if head != STREAM_MAGIC:
+        raise FormatError(source, 0, "magic", f"found {head!r}, expected "
+                          f"{STREAM_MAGIC!r}: not a xenlab VM state")
+    return check_stream(fd, start=len(STREAM_MAGIC), source=source)
 
 
 def header_seed(packed: bytes) -> int:
-    """The seed the frames behind ``packed`` chain to: the checksum that ends a version 4
-    header from :func:`pack_header`."""
+    """The seed the checksums behind ``packed`` chain to: the checksum that ends a version
+    4 header from :func:`pack_header`."""
     return int(_SUM.unpack_from(packed, len(packed) - _SUM.size)[0])

@@ -3,18 +3,19 @@ a domain's disks are when it starts again from a stream (:func:`moves_of`, :func
 
 ``save`` pauses the domain and writes a :mod:`~xenlab.vm.saveimage` image:
 the header (config, where the disks really run, the disk snapshots of
-``--snapshot``) and QEMU's stream in checksummed frames
-(:func:`~xenlab.vm.vmstate.write_frames`).  The image goes to a temporary
+``--snapshot``) with its checksum, QEMU's stream, and the stream's checksum
+table and trailer (:func:`~xenlab.vm.vmstate.write_checked`).  The image goes to a temporary
 file beside the target, is fsynced and renamed into place once QEMU reports
 the stream complete and before QEMU quits, so a failed save leaves no file
 and a finished one is on disk before the guest's only other copy goes.
 
-``restore`` checks the whole image first (:func:`~xenlab.vm.saveimage.check_image`:
-the header's checksum, every frame, the trailer, nothing after it), so a
-damaged or cut image is refused naming its offset before any disk is
-reverted or any QEMU started; then it starts QEMU with ``-incoming defer``
-and feeds it the frames, each checked again on the way.  Images of versions
-1 to 3 carry no checksums: they are restored as before, with a warning.
+``restore`` checks the whole image first (:func:`~xenlab.vm.saveimage.check_open`:
+the header's checksum, every MiB of the stream, the table, the trailer,
+nothing after it), so a damaged or cut image is refused naming its offset
+before any disk is reverted or any QEMU started; then QEMU, started with
+``-incoming defer``, reads the same open file, and a file changed meanwhile
+is refused before the guest runs.  Images of versions 1 to 3 carry no
+checksums: they are restored as before, with a warning.
 
 Rules: qemu-img is run only through :mod:`xenlab.vm.qemuimg`, told the
 format the config or the record gives, never probing a disk.
@@ -48,7 +49,7 @@ from xenlab.vm.saveimage import (
     DiskMove,
     DiskSnapshot,
     SaveHeader,
-    check_image,
+    check_open,
     header_seed,
     pack_header,
 )
@@ -217,8 +218,8 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
          progress: Progress | None = None) -> SaveHeader:
     """Save the domain's memory and device state to ``path``, with its config; xl save.
 
-    The domain is paused, its migration stream written as checksummed frames
-    behind a :class:`SaveHeader`, and then it is stopped (its QEMU quits and
+    The domain is paused, its migration stream written behind a
+    :class:`SaveHeader` and checksummed, and then it is stopped (its QEMU quits and
     its record goes, or stays shut off when it has snapshots or mirrored
     disks), unless ``keep_running``, when it carries on as it was (paused
     stays paused).  The header names the files the disks really run on (a
@@ -331,7 +332,7 @@ async def _save_stream(paths: RuntimePaths, f: BinaryIO, rec: DomainRecord, *,
                        disk_paths: tuple[DiskMove, ...] = (),
                        overlays: tuple[DiskMove, ...] = (),
                        commit: Callable[[], None] = lambda: None) -> SaveHeader:
-    """Write the header and QEMU's framed stream to ``f``, ``commit`` it, then quit or go on.
+    """Write the header and QEMU's checked stream to ``f``, ``commit`` it, then quit or go on.
 
     One QMP session for all of it, as a one-shot client would do it.
     """
@@ -369,7 +370,7 @@ async def _save_stream(paths: RuntimePaths, f: BinaryIO, rec: DomainRecord, *,
                     for d in snapshots
                 ]}, timeout=timeout)
                 snapped = True
-            await vmstate.write_frames(
+            await vmstate.write_checked(
                 qmp, f.fileno(), seed=header_seed(head), what=f"save {rec.name}",
                 timeout=timeout, progress=progress, started=started,
                 tick=functools.partial(_write_out, f.fileno()))
@@ -483,7 +484,7 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
             timeout: float = 300.0, image: object | None = None) -> DomainRecord:
     """Start the domain saved in ``path`` where it left off; its record; xl restore.
 
-    The whole image is checked first (its header's checksum, every frame of
+    The whole image is checked first (its header's checksum, every MiB of
     QEMU's stream, the trailer): a damaged or cut image is refused before
     anything else happens.  The config comes from the image's header
     (``overrides`` are appended to it, xl-style ``key=value``); the domain
@@ -510,61 +511,69 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
         QEMU is left.
     """
     path = Path(path)
-    layout, _ = check_image(path)
-    header = layout.header
-    if layout.seed is None:
-        _log.warning("%s: a version %d save image carries no checksums: restored unchecked",
-                     path, header.version)
-    source = f"{path} (saved config)"
-    dc, text = config_from_text(header.config_text, source, overrides)
-    text_dc = config_from_text(header.config_text, source)[0] if overrides else dc
-    placed = place(text_dc, dc, header.disk_paths, header.overlays, f"restore {path}")
-    dc = placed.config
-    plan = _revert_plan(dc, header, path)
-
-    def revert() -> None:
-        for file, tag in plan:
-            qemuimg.snapshot("apply", tag, file)
-
-    rec = ts._start(dc, text, config_path=header.config_path, uuid=header.uuid,
-                    incoming="defer", image=image_for(dc, image),
-                    prepare=revert if plan else None)
-    paths = ts.paths(rec)
     try:
-        with ts.store.lock(rec.domid):
-            try:
-                with open(path, "rb", buffering=0) as f:
-                    f.seek(layout.stream_offset)
-                    _run(_load(paths, f, layout.seed, str(path), layout.stream_offset,
-                               timeout, paused))
-            except BackendError as err:
-                if not is_alive(rec):
-                    raise BackendError(
-                        f"restore {path}: QEMU could not load the saved state and exited "
-                        f"(a corrupt image, or one saved by an incompatible QEMU/config)"
-                        + (f": {qemu_said(paths)}" if qemu_said(paths) else "") + f" [{err}]"
-                    ) from err
-                raise BackendError(f"restore {path}: {err}{said(paths)}") from err
-            return settle(ts, rec, "paused" if paused else "running", placed.extra(rec.extra))
-    except BaseException:
-        ts._kill(paths, rec.pid)
-        ts._gone(rec)
-        raise
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise XenlabError(f"{path}: cannot read: {err.strerror or err}") from err
+    with contextlib.closing(_Fd(fd)):
+        # Checked on the descriptor QEMU will read, before anything else happens.
+        checked = vmstate.file_identity(fd)
+        layout, _ = check_open(fd, str(path))
+        header = layout.header
+        if layout.seed is None:
+            _log.warning("%s: a version %d save image carries no checksums: restored "
+                         "unchecked", path, header.version)
+        source = f"{path} (saved config)"
+        dc, text = config_from_text(header.config_text, source, overrides)
+        text_dc = config_from_text(header.config_text, source)[0] if overrides else dc
+        placed = place(text_dc, dc, header.disk_paths, header.overlays, f"restore {path}")
+        dc = placed.config
+        plan = _revert_plan(dc, header, path)
+
+        def revert() -> None:
+            for file, tag in plan:
+                qemuimg.snapshot("apply", tag, file)
+
+        rec = ts._start(dc, text, config_path=header.config_path, uuid=header.uuid,
+                        incoming="defer", image=image_for(dc, image),
+                        prepare=revert if plan else None)
+        paths = ts.paths(rec)
+        try:
+            with ts.store.lock(rec.domid):
+                try:
+                    _run(_load(paths, fd, layout.stream_offset, checked, str(path), timeout,
+                               paused))
+                except BackendError as err:
+                    if not is_alive(rec):
+                        tail = qemu_said(paths)
+                        raise BackendError(
+                            f"restore {path}: QEMU could not load the saved state and "
+                            "exited (a corrupt image, or one saved by an incompatible "
+                            f"QEMU/config){': ' + tail if tail else ''} [{err}]"
+                        ) from err
+                    raise BackendError(f"restore {path}: {err}{said(paths)}") from err
+                return settle(ts, rec, "paused" if paused else "running",
+                              placed.extra(rec.extra))
+        except BaseException:
+            ts._kill(paths, rec.pid)
+            ts._gone(rec)
+            raise
 
 
-async def _load(paths: RuntimePaths, f: BinaryIO, seed: int | None, source: str,
-                offset: int, timeout: float, paused: bool) -> None:
+@dataclass(frozen=True, slots=True)
+class _Fd:
+    """A descriptor for :func:`contextlib.closing`."""
+
+    fd: int
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+async def _load(paths: RuntimePaths, fd: int, offset: int, checked: tuple[int, ...],
+                source: str, timeout: float, paused: bool) -> None:
     async with Qmp.open(paths.qmp) as qmp:
-        if seed is None:
-            # Versions 1-3: QEMU reads its stream from the file itself.
-            started = time.monotonic()
-            await vmstate.enable_events(qmp)
-            await vmstate.send_fd(qmp, f.fileno(), "xenlab-restore")
-            with qmp.listen("MIGRATION") as watch:
-                await qmp.execute("migrate-incoming", {"uri": "fd:xenlab-restore"})
-                await vmstate.wait_migration(qmp, watch, "restore", timeout, None, started)
-        else:
-            await vmstate.feed_frames(qmp, f, seed=seed, source=source, offset=offset,
-                                      what="restore", timeout=timeout)
+        await vmstate.load_checked(qmp, fd, start=offset, checked=checked, source=source,
+                                   what="restore", timeout=timeout)
         if not paused:
             await qmp.execute("cont")

@@ -1,39 +1,35 @@
-"""QEMU's VM state stream over QMP: :func:`write_frames` / :func:`feed_frames` (checksummed
-files), :func:`write_stream` / :func:`load_stream` (for snapshot memory files), and the
-migration helpers save, restore and migrate share (:func:`wait_migration`, ...).
+"""QEMU's VM state stream over QMP into and out of checked files: :func:`write_checked` /
+:func:`load_checked` (save images), :func:`write_stream` / :func:`load_stream` (snapshot
+memory files), and the migration helpers save, restore and migrate share
+(:func:`wait_migration`, ...).
 
-QEMU never touches a xenlab file directly.  Saving, it writes its stream into
-a pipe handed over with ``getfd`` (migration URI ``fd:NAME``); a thread reads
-the pipe and writes :mod:`~xenlab.vm.saveimage` frames, each with its XXH64
-checksum, and the trailer once QEMU reports the migration completed.
-Loading, a thread checks each frame and only then writes its data into the
-pipe QEMU reads; the caller has checked the whole file before it started
-QEMU (:func:`~xenlab.vm.saveimage.check_image`), so a damaged file never
-reaches QEMU, and a file changed between the two passes stops at the first
-bad frame: QEMU's load then fails on a stream that ends early.
+QEMU reads and writes the file itself, through a descriptor handed over
+with ``getfd`` (migration URI ``fd:NAME``), as before checksums: nothing of
+its stream is copied through xenlab.  Saving, the chunks QEMU has written
+are hashed from the page cache while it writes, and the checksum table and
+trailer of :mod:`~xenlab.vm.saveimage` are appended once QEMU reports the
+stream complete.  Loading, the caller has checked the whole file before it
+started QEMU (:func:`~xenlab.vm.saveimage.check_image`), so a damaged file
+never reaches a QEMU; QEMU then reads the same open file, and a file that
+changed after the check (its size, times or inode) is refused before the
+guest runs.
 
-Rules: the threads poll with a short timeout and stop when told, so no
-coroutine here returns while one of its threads still runs (asyncio.run
-waits for them); every pipe end is closed on every path.  Waiting on QEMU
-is by its MIGRATION events (the ``events`` capability), as a one-shot QMP
-client does; ``query-migrate`` is asked once at the end, or every
-``_TICK`` seconds when a progress callback wants figures.
+Rules: waiting on QEMU is by its MIGRATION events (the ``events``
+capability), as a one-shot QMP client does; ``query-migrate`` is asked once
+at the end, or every ``_TICK`` seconds when a progress callback wants
+figures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import functools
 import logging
 import os
-import select
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Final
+from typing import Any, Final
 
 from xenlab.errors import BackendError, FormatError
 from xenlab.vm import saveimage
@@ -46,14 +42,15 @@ __all__ = [
     "cancel_migration",
     "cont_after_migration",
     "enable_events",
-    "feed_frames",
+    "file_identity",
+    "load_checked",
     "load_stream",
     "qemu_version",
     "query_migrate",
     "send_fd",
     "status",
     "wait_migration",
-    "write_frames",
+    "write_checked",
     "write_stream",
 ]
 
@@ -66,14 +63,8 @@ UNLIMITED: Final = 1 << 40
 _POLL: Final = 0.05
 # How often a migration with a progress callback asks QEMU how far it got.
 _TICK: Final = 0.1
-# How often a save starts the kernel writing out what QEMU wrote so far.
+# How often a save hashes what QEMU wrote so far (and starts the kernel writing it out).
 _KICK: Final = 0.005
-# How long the pipe threads sleep in poll() before looking at their stop flag.
-_THREAD_POLL: Final = 0.1
-# After QEMU says "completed" it closes its end of the pipe at once; the
-# pump then drains what is left.  Far more than that takes.
-_DRAIN_TIMEOUT: Final = 60.0
-_F_SETPIPE_SZ: Final = 1031
 _FD_NAME: Final = "xenlab-vmstate"
 
 
@@ -253,99 +244,44 @@ async def cont_after_migration(qmp: Qmp, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
-# --- the pipe between QEMU and a framed file ---------------------------------------------------
+# --- QEMU's stream into and out of a checked file ------------------------------------------
 
 
-def _pipe() -> tuple[int, int]:
-    """A pipe (read end, write end) with room for one frame, where the kernel allows it."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    with contextlib.suppress(OSError):
-        # Fewer wake-ups per frame; above /proc/sys/fs/pipe-max-size it is refused.
-        fcntl.fcntl(w, _F_SETPIPE_SZ, saveimage.FRAME_MAX)
-    return r, w
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _feed(f: BinaryIO, w: int, *, seed: int, source: str, offset: int,
-          stop: threading.Event) -> None:
-    """Write the data of each checked frame of ``f`` into pipe ``w``; close ``w`` at the end.
+async def write_checked(qmp: Qmp, fd: int, *, seed: int, what: str, timeout: float,
+                        progress: Progress | None = None, started: float | None = None,
+                        tick: Callable[[], None] | None = None,
+                        at_switchover: Callable[[], Awaitable[None]] | None = None,
+                        ) -> saveimage.StreamSummary:
+    """Migrate QEMU's state into ``fd`` from its current offset, then append the checksum
+    table and trailer (:class:`~xenlab.vm.saveimage.StreamHasher`).
 
-    A damaged frame raises before any of its bytes are written, and closing
-    the pipe then leaves QEMU with a stream that ends early.
-    """
-    try:
-        os.set_blocking(w, False)
-        poller = select.poll()
-        poller.register(w, select.POLLOUT | select.POLLERR)
-        for data in saveimage.iter_frames(f, seed=seed, source=source, offset=offset):
-            view = data
-            while view:
-                if stop.is_set():
-                    return
-                if not poller.poll(_THREAD_POLL * 1000):
-                    continue
-                try:
-                    n = os.write(w, view)
-                except BlockingIOError:
-                    continue
-                view = view[n:]
-    finally:
-        os.close(w)
-
-
-async def _race(migration: Awaitable[dict[str, Any]], thread: asyncio.Future[Any]
-                ) -> dict[str, Any]:
-    """Await ``migration``; if ``thread`` fails first, its error wins (the migration task is
-    cancelled): a damaged frame or a full disk says more than QEMU's broken stream."""
-    task = asyncio.ensure_future(migration)
-    try:
-        await asyncio.wait({task, thread}, return_when=asyncio.FIRST_COMPLETED)
-        if thread.done() and thread.exception() is not None and not task.done():
-            raise thread.exception()  # type: ignore[misc]
-        return await task
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, BackendError):
-                await task
-
-
-async def write_frames(qmp: Qmp, fd: int, *, seed: int, what: str, timeout: float,
-                       progress: Progress | None = None, started: float | None = None,
-                       tick: Callable[[], None] | None = None,
-                       at_switchover: Callable[[], Awaitable[None]] | None = None,
-                       ) -> saveimage.StreamSummary:
-    """Migrate QEMU's state into ``fd`` as checksummed frames, then the trailer.
-
-    ``fd`` is written from its current offset.  QEMU writes into a pipe; the
-    frames are written as the data comes, the trailer only once QEMU has
-    reported the migration completed and closed its end.  With
-    ``at_switchover`` QEMU pauses before the switch-over (its
-    ``pause-before-switchover`` capability), the callback runs (the guest is
-    stopped and its last pages not yet sent: a snapshot takes the disks
-    here), and the migration goes on.  The events capability is turned on
-    here.  Returns what the stream holds (``end`` counts from ``fd``'s offset).
+    QEMU writes the file itself; every ``_KICK`` seconds the chunks it has
+    written are hashed from the page cache (and ``tick`` called), the rest
+    once QEMU reports the migration completed.  With ``at_switchover`` QEMU
+    pauses before the switch-over (its ``pause-before-switchover``
+    capability), the callback runs (the guest is stopped and its last pages
+    not yet sent: a snapshot takes the disks here), and the migration goes
+    on.  The events capability is turned on here.  Returns what the stream
+    holds.
 
     :raise BackendError: QEMU failed or cancelled the migration, or it took
-        longer than ``timeout`` (the migration is cancelled; nothing is
-        written after what QEMU had sent).
-    :raise OSError: ``fd`` could not be written (a full disk).
+        longer than ``timeout`` (the migration is cancelled).
+    :raise OSError: ``fd`` could not be read or written (a full disk).
     """
     started = time.monotonic() if started is None else started
+    hasher = saveimage.StreamHasher(fd, os.lseek(fd, 0, os.SEEK_CUR), seed=seed)
+
+    def kick() -> None:
+        hasher.update()
+        if tick is not None:
+            tick()
+
     await enable_events(qmp)
-    r, w = _pipe()
-    try:
-        await send_fd(qmp, w, _FD_NAME)
-    except BaseException:
-        os.close(r)
-        raise
-    finally:
-        os.close(w)  # QEMU holds its own copy now
-    writer = saveimage.FrameWriter(fd, seed=seed)
-    stop = threading.Event()
-    loop = asyncio.get_running_loop()
-    pumping = loop.run_in_executor(None, functools.partial(saveimage.pump, r, writer,
-                                                           stop=stop, poll=_THREAD_POLL))
-    done = False
+    await send_fd(qmp, fd, _FD_NAME)
     try:
         if at_switchover is not None:
             await qmp.execute("migrate-set-capabilities", {"capabilities": [
@@ -354,124 +290,96 @@ async def write_frames(qmp: Qmp, fd: int, *, seed: int, what: str, timeout: floa
             with qmp.listen("MIGRATION") as watch:
                 await qmp.execute("migrate", {"uri": f"fd:{_FD_NAME}"})
                 if at_switchover is not None:
-                    await _race(wait_migration(qmp, watch, what, timeout, None, started,
-                                               until=frozenset({"pre-switchover"})), pumping)
+                    await wait_migration(qmp, watch, what, timeout, None, started, tick=kick,
+                                         until=frozenset({"pre-switchover"}))
                     await at_switchover()
                     await qmp.execute("migrate-continue", {"state": "pre-switchover"})
-                await _race(wait_migration(qmp, watch, what, timeout, progress, started,
-                                           tick=tick), pumping)
+                await wait_migration(qmp, watch, what, timeout, progress, started, tick=kick)
         finally:
             if at_switchover is not None:
                 with contextlib.suppress(BackendError):
                     await qmp.execute("migrate-set-capabilities", {"capabilities": [
                         {"capability": "pause-before-switchover", "state": False}]})
-        try:
-            await asyncio.wait_for(asyncio.shield(pumping), _DRAIN_TIMEOUT)
-        except TimeoutError as err:
-            raise BackendError(f"{what}: QEMU completed the migration but did not close "
-                               f"its end of the stream within {_DRAIN_TIMEOUT:g}s") from err
-        done = True
-        return writer.finish()
     except BaseException:
-        if not done:
-            with contextlib.suppress(BackendError):
-                await cancel_migration(qmp)
-            with contextlib.suppress(BackendError):
-                await qmp.execute("closefd", {"fdname": _FD_NAME})
+        with contextlib.suppress(BackendError):
+            await cancel_migration(qmp)
+        with contextlib.suppress(BackendError):
+            await qmp.execute("closefd", {"fdname": _FD_NAME})
         raise
-    finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await pumping
-        os.close(r)
+    try:
+        return hasher.finish()
+    except ValueError as err:
+        raise BackendError(f"{what}: {err}") from err
 
 
-async def feed_frames(qmp: Qmp, f: BinaryIO, *, seed: int, source: str, offset: int,
-                      what: str, timeout: float) -> None:
-    """Load QEMU's state from the framed stream ``f`` reads (positioned at its first frame,
-    ``offset`` in ``source``), each frame checked before QEMU sees its bytes.
+async def load_checked(qmp: Qmp, fd: int, *, start: int, checked: tuple[int, ...],
+                       source: str, what: str, timeout: float) -> None:
+    """Load QEMU's state from file ``fd`` at ``start``, a stream already checked whole while
+    the file was as ``checked`` (:func:`file_identity` then) says.
 
-    QEMU must wait with ``-incoming defer``; it is left paused.
+    QEMU reads the file itself; once it has loaded the stream the file is
+    looked at again, and a file that changed since it was checked (another
+    writer: its size, times or inode differ) is refused, so QEMU is never
+    resumed on bytes nobody checked.  QEMU waits with ``-incoming defer``
+    and is left paused.
 
-    :raise FormatError: a frame, the trailer or the end of ``f`` is wrong (the
-        file changed since it was checked); QEMU got a stream that ends early.
+    :raise FormatError: the file changed while QEMU read it.
     :raise BackendError: QEMU could not load the stream, or ``timeout`` passed.
     """
     started = time.monotonic()
+    os.lseek(fd, start, os.SEEK_SET)
     await enable_events(qmp)
-    r, w = _pipe()
-    try:
-        await send_fd(qmp, r, _FD_NAME)
-    except BaseException:
-        os.close(w)
-        raise
-    finally:
-        os.close(r)
-    stop = threading.Event()
-    loop = asyncio.get_running_loop()
-    feeding = loop.run_in_executor(None, functools.partial(
-        _feed, f, w, seed=seed, source=source, offset=offset, stop=stop))
-    try:
-        with qmp.listen("MIGRATION") as watch:
-            await qmp.execute("migrate-incoming", {"uri": f"fd:{_FD_NAME}"})
-            try:
-                await _race(wait_migration(qmp, watch, what, timeout, None, started), feeding)
-            except BackendError:
-                # A stream cut by a damaged frame fails in QEMU too: the frame says why.
-                if feeding.done() and isinstance(feeding.exception(), FormatError):
-                    raise feeding.exception() from None  # type: ignore[misc]
-                raise
-        # QEMU took the whole stream; the feeder has still to check the trailer.
-        await asyncio.wait_for(asyncio.shield(feeding), _DRAIN_TIMEOUT)
-    finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await feeding
+    await send_fd(qmp, fd, _FD_NAME)
+    with qmp.listen("MIGRATION") as watch:
+        await qmp.execute("migrate-incoming", {"uri": f"fd:{_FD_NAME}"})
+        await wait_migration(qmp, watch, what, timeout, None, started)
+    if _identity(os.fstat(fd)) != checked:
+        raise FormatError(source, start, "stream",
+                          "the file changed after it was checked and while QEMU read it; "
+                          "its state was not used")
+
+
+def file_identity(fd: int) -> tuple[int, ...]:
+    """What :func:`load_checked` compares: device, inode, size and times of file ``fd``."""
+    return _identity(os.fstat(fd))
 
 
 async def write_stream(qmp: Qmp, fd: int, *, timeout: float = 300.0,
                        at_switchover: Callable[[], Awaitable[None]] | None = None,
                        ) -> saveimage.StreamSummary:
-    """Write QEMU's state to ``fd`` as a bare framed stream (a snapshot's memory file):
-    :data:`~xenlab.vm.saveimage.STREAM_MAGIC`, checksummed frames, trailer.
+    """Write QEMU's state to the empty file ``fd`` as a checked VM state file (a
+    snapshot's memory file): :data:`~xenlab.vm.saveimage.STREAM_MAGIC`, QEMU's
+    stream, the checksum table and trailer.
 
     The guest is left as the migration leaves it (postmigrate); see
-    :func:`write_frames` for ``at_switchover`` and the errors.  The caller
+    :func:`write_checked` for ``at_switchover`` and the errors.  The caller
     fsyncs and renames.
     """
     os.write(fd, saveimage.STREAM_MAGIC)
-    return await write_frames(qmp, fd, seed=0, what="saving the VM state", timeout=timeout,
-                              at_switchover=at_switchover)
+    return await write_checked(qmp, fd, seed=0, what="saving the VM state", timeout=timeout,
+                               at_switchover=at_switchover)
 
 
 async def load_stream(qmp: Qmp, fd: int, *, timeout: float = 300.0,
                       source: str = "VM state") -> None:
-    """Load QEMU's state from ``fd`` (at its current offset): a framed stream from
-    :func:`write_stream`, each frame checked before QEMU sees it, or (older files) QEMU's
-    raw stream, unchecked, with a warning.  QEMU waits with ``-incoming defer`` and is
-    left paused.  Check the file with :func:`~xenlab.vm.saveimage.check_stream_file`
-    before starting QEMU.
+    """Load QEMU's state from the VM state file ``fd``: one from :func:`write_stream`,
+    checked whole first, or (older files) QEMU's raw stream, unchecked, with a warning.
 
-    :raise FormatError: neither kind of stream, or a damaged frame.
+    QEMU waits with ``-incoming defer`` and is left paused.  Call
+    :func:`~xenlab.vm.saveimage.check_stream_file` before starting QEMU, to
+    refuse a damaged file before there is a QEMU to stop; this checks again,
+    on the descriptor QEMU gets.
+
+    :raise FormatError: neither kind of file, damaged, cut short, or changed
+        while QEMU read it.
     :raise BackendError: QEMU could not load it, or ``timeout`` passed.
     """
-    head = os.pread(fd, len(saveimage.STREAM_MAGIC), os.lseek(fd, 0, os.SEEK_CUR))
-    start = os.lseek(fd, 0, os.SEEK_CUR)
-    if head.startswith(saveimage.QEMU_MAGIC):
-        _log.warning("%s: an unframed VM state (written before checksums): loaded unchecked",
-                     source)
-        await enable_events(qmp)
-        await send_fd(qmp, fd, _FD_NAME)
-        with qmp.listen("MIGRATION") as watch:
-            await qmp.execute("migrate-incoming", {"uri": f"fd:{_FD_NAME}"})
-            await wait_migration(qmp, watch, f"loading {source}", timeout, None,
-                                 time.monotonic())
-        return
-    if head != saveimage.STREAM_MAGIC:
-        raise FormatError(source, start, "magic", f"found {head!r}, expected "
-                          f"{saveimage.STREAM_MAGIC!r}: not a xenlab VM state")
-    with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-        f.seek(start + len(saveimage.STREAM_MAGIC))
-        await feed_frames(qmp, f, seed=0, source=source,
-                          offset=start + len(saveimage.STREAM_MAGIC),
-                          what=f"loading {source}", timeout=timeout)
+    checked = file_identity(fd)
+    summary = saveimage.check_stream_open(fd, source)
+    if summary is None:
+        _log.warning("%s: a VM state written before checksums: loaded unchecked", source)
+        start = 0
+    else:
+        start = len(saveimage.STREAM_MAGIC)
+    await load_checked(qmp, fd, start=start, checked=checked, source=source,
+                       what=f"loading {source}", timeout=timeout)
