@@ -131,3 +131,23 @@ def test_errors_and_exit_codes(capsys: pytest.CaptureFixture[str], scenario: Pat
     assert code == 0 and "ok: 2 domains, 2 vCPUs on 2 pCPUs, 100 ms" in text
     code, text, _ = run(capsys, "sim", "schedulers")
     assert code == 0 and "credit" in text and "weight=256" in text
+
+
+def test_a_scheduler_named_twice_is_a_usage_error(capsys: pytest.CaptureFixture[str],
+                                                  scenario: Path) -> None:
+    for cmd in ("compare", "sweep"):
+        code, _, err = run(capsys, "sim", cmd, str(scenario), "--sched", "credit,null,credit")
+        assert code == 2 and "'credit' is named twice" in err
+
+
+def test_check_builds_the_host_under_every_scheduler(capsys: pytest.CaptureFixture[str],
+                                                     tmp_path: Path) -> None:
+    # A powerclamp option PowerClamp refuses is only seen when the clamp is attached to a
+    # host: check attaches it (as run does), and names the option's key.
+    bad = tmp_path / "clamp.toml"
+    bad.write_text(SCENARIO + "[powerclamp]\ntarget = 20\nwindow_size = 50\n")
+    for cmd in ("check", "run"):
+        code, out, err = run(capsys, "sim", cmd, str(bad))
+        assert (code, out) == (1, "") and err == (
+            f"{bad}: powerclamp.window_size: window_size must be an integer in 2..10, "
+            "not 50\n")

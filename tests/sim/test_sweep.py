@@ -136,3 +136,21 @@ def test_a_dask_local_cluster_runs_the_same_sweep(sc_path: Path) -> None:
         assert str(err.value) == message
     with pytest.raises(XenlabError, match="cannot reach the Dask scheduler"):
         list(run_sweep(sc, pts, cluster="tcp://127.0.0.1:1", connect_timeout=1))
+
+
+def test_a_grid_has_a_bounded_number_of_points(sc_path: Path) -> None:
+    # 101 x 100 values x 1 scheduler: refused before a single point is built or checked.
+    sc = load_scenario(sc_path)
+    values = ",".join(str(w) for w in range(1, 102))
+    params = [parse_param(f"domain.hog.sched.weight={values}"),
+              parse_param("domain.io.workload.run_us=" + ",".join(map(str, range(1, 101))))]
+    with pytest.raises(XenlabError, match=r"^--param: 101 x 100 values under 1 scheduler "
+                       r"make 10100 points, at most 10000$"):
+        grid(sc, params, ["credit"])
+    with pytest.raises(XenlabError, match=r"^--param host\.pcpus: the value 2 is given twice$"):
+        grid(sc, [parse_param("host.pcpus=2,1,2")], ["credit"])
+
+
+def test_command_line_values_nested_beyond_sense_are_strings() -> None:
+    deep = "[" * 5000 + "]" * 5000
+    assert parse_param(f"sim.seed={deep}") == ("sim.seed", (deep,))

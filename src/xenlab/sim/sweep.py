@@ -10,6 +10,8 @@ Design
   position: adding a value to a sweep leaves the other points' results
   unchanged, and every scheduler sees the same random workload at a point
   (common random numbers, so differences come from the schedulers).
+* **Bounded.**  At most ``MAX_POINTS`` (10,000) points, counted before any
+  is built; no value is given twice for a parameter.
 * **Checked first.**  Every point's scenario is read and checked, and its
   host built (without running) under each of its schedulers, before
   anything runs: a bad value, or one only the scheduler refuses, fails at
@@ -35,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -53,6 +56,7 @@ from xenlab.sim.scenario import (
     scenario_from_dict,
     with_params,
 )
+from xenlab.sim.validate import MAX_POINTS
 
 __all__ = [
     "Point",
@@ -117,13 +121,26 @@ def grid(scenario: Scenario, params: Sequence[tuple[str, Sequence[Any]]],
          schedulers: Sequence[str]) -> list[Point]:
     """Every combination of ``params`` values, under each scheduler, each point checked.
 
-    A parameter given twice, a scheduler the scenario cannot run, or a point
-    whose host cannot be built (a value its scheduler refuses) is an error.
+    A parameter or value given twice, a grid of more than ``MAX_POINTS``
+    points, a scheduler the scenario cannot run, or a point whose host cannot
+    be built (a value its scheduler refuses) is an error.
     """
     keys = [k for k, _ in params]
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
         raise XenlabError(f"--param {dup[0]} is given twice")
+    for key, vals in params:
+        # Compared as JSON: 1 and true differ, as they do in the scenario.
+        seen = [json.dumps(v, sort_keys=True) for v in vals]
+        again = next((v for i, v in enumerate(vals) if seen[i] in seen[:i]), None)
+        if again is not None:
+            raise XenlabError(f"--param {key}: the value {again!r} is given twice")
+    size = math.prod(len(v) for _, v in params) * len(schedulers)
+    if size > MAX_POINTS:  # counted before a point is built: each is checked whole
+        counts = " x ".join(str(len(v)) for _, v in params)
+        many = "s" if len(schedulers) != 1 else ""
+        raise XenlabError(f"--param: {counts} values under {len(schedulers)} scheduler{many} "
+                          f"make {size} points, at most {MAX_POINTS}")
     for name in schedulers:
         scenario.choice(name)
     points: list[Point] = []
