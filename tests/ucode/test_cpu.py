@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from xenlab.errors import ParseError, StateError
+from xenlab.files import InputTooLargeError
 from xenlab.ucode.cpu import (
     CpuId,
     Vendor,
@@ -422,6 +423,16 @@ def test_this_cpu_short_cpuid_device_is_ignored(tmp_path: Path) -> None:
     (root / "dev" / "cpu" / "0").mkdir(parents=True)
     (root / "dev" / "cpu" / "0" / "cpuid").write_bytes(b"\x01\x02")
     assert this_cpu(root).source == "cpuinfo"
+
+
+def test_this_cpu_huge_cpuinfo_is_refused(tmp_path: Path) -> None:
+    """Under --root, proc/cpuinfo may be anything: past 16 MiB it is not read through."""
+    root = _tree(tmp_path, cpuinfo=ALDER_LAKE)
+    with (root / "proc" / "cpuinfo").open("r+b") as f:
+        f.truncate(20 << 20)
+    with pytest.raises(InputTooLargeError) as exc:
+        this_cpu(root)
+    assert str(exc.value) == f"{root}/proc/cpuinfo: CPU information larger than 16 MiB: not read"
 
 
 def test_this_cpu_nothing_readable(tmp_path: Path) -> None:

@@ -1,4 +1,10 @@
-"""``xenlab ucode``: scan, select, extract and build early microcode, advise on Xen's ucode=."""
+"""``xenlab ucode``: scan, select, extract and build early microcode, advise on Xen's ucode=.
+
+What a scan skipped (a member over a limit, a name over PATH_MAX, the rest
+of a decompression bomb) is printed on stderr, one ``skipped:`` line each,
+after the output; JSON objects carry it as a ``skipped`` list, and ``scan``
+exits 1 when anything was skipped, as when a broken part stopped it.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from xenlab.ucode.extract import (
     write_tree,
 )
 from xenlab.ucode.load import apply_load, plan_load
-from xenlab.ucode.scan import ScanResult, scan_buffer, scan_file
+from xenlab.ucode.scan import ScanResult, map_input, scan_buffer, scan_file, skipped_to_json
 from xenlab.ucode.select import Selection, select
 from xenlab.ucode.update import Update, location_to_json, update_to_json
 
@@ -91,6 +97,12 @@ def _warn(results: Sequence[ScanResult]) -> None:
     for r in results:
         for f in r.findings:
             stderr.print(f"[yellow]warning[/]: {_esc(str(f))}", soft_wrap=True)
+        for item in r.skipped:
+            stderr.print(f"[yellow]skipped[/]: {_esc(str(item))}", soft_wrap=True)
+
+
+def _skipped_json(results: Sequence[ScanResult]) -> list[dict[str, object]]:
+    return [skipped_to_json(item) for r in results for item in r.skipped]
 
 
 def _sigs(u: Update) -> str:
@@ -147,9 +159,11 @@ def scan_cmd(files: Sequence[Path], early_only: bool, vendor: str | None, as_jso
     results = _scan_all(files, early_only=early_only)
     updates = _filter_vendor([u for r in results for u in r.updates], vendor)
     if as_json:
+        # The contract is a list of updates; what was skipped goes to stderr
+        # (and the exit status), as warnings do.
         emit_json([update_to_json(u) for u in updates])
         _warn(results)
-        if any(f.severity == "error" for r in results for f in r.findings):
+        if not all(r.complete for r in results):
             raise click.exceptions.Exit(1)
         return
     for r in results:
@@ -162,13 +176,15 @@ def scan_cmd(files: Sequence[Path], early_only: bool, vendor: str | None, as_jso
                      + _esc(parts or "nothing recognised"))
     stdout.print(_table(updates))
     bad = sum(1 for u in updates if not u.checksum_ok)
-    stdout.print(f"{len(updates)} update(s), {bad} failing checks")
+    skipped = sum(len(r.skipped) for r in results)
+    stdout.print(f"{len(updates)} update(s), {bad} failing checks"
+                 + (f", {skipped} thing(s) skipped (see stderr)" if skipped else ""))
     _warn(results)
-    if any(f.severity == "error" for r in results for f in r.findings):
+    if not all(r.complete for r in results):
         raise click.exceptions.Exit(1)
 
 
-def _selection_json(sel: Selection) -> dict[str, object]:
+def _selection_json(sel: Selection, results: Sequence[ScanResult]) -> dict[str, object]:
     return {
         "cpu": {
             "vendor": sel.cpu.vendor.value if sel.cpu.vendor else None,
@@ -184,6 +200,7 @@ def _selection_json(sel: Selection) -> dict[str, object]:
              "chosen": v.chosen, "reason": v.reason, "source": location_to_json(v.update.source)}
             for v in sel.verdicts
         ],
+        "skipped": _skipped_json(results),
     }
 
 
@@ -200,7 +217,7 @@ def select_cmd(files: Sequence[Path], cpu_spec: str | None, this: bool, show_all
     results = _scan_all(files)
     sel = select([u for r in results for u in r.updates], cpu)
     if as_json:
-        emit_json(_selection_json(sel))
+        emit_json(_selection_json(sel, results))
     else:
         pf = f", platform mask {cpu.platform_mask:#x}" if cpu.platform_mask is not None else ""
         vendor = cpu.vendor.value if cpu.vendor else "any vendor"
@@ -273,7 +290,8 @@ def extract_cmd(files: Sequence[Path], output: Path | None, bundle: Path | None,
         assert output is not None
         written = [str(p) for p in write_tree(output, firmware_files(updates))]
     if as_json:
-        emit_json({"written": written, "updates": [update_to_json(u) for u in updates]})
+        emit_json({"written": written, "updates": [update_to_json(u) for u in updates],
+                   "skipped": _skipped_json(results)})
     else:
         for w in written:
             stdout.print(f"wrote {_esc(w)}")
@@ -299,13 +317,15 @@ def build_early_cmd(out: Path, sources: Sequence[Path], append_initrd: Path | No
     """Build OUT: an early-microcode cpio (Xen ucode=scan and Linux read it), optionally
     followed by an existing initrd."""
     updates, results = _chosen_updates(sources, cpu_spec, this, vendor, False)
-    initrd = append_initrd.read_bytes() if append_initrd else None
+    # Mapped, not read: only the part kept is copied into the image.
+    initrd = map_input(append_initrd) if append_initrd else None
     image = build_early(updates, initrd, keep_old_early=keep_old_early,
                         source=str(append_initrd))
     report: dict[str, object] = {
         "output": str(out), "size": len(image.data), "early_size": image.early_size,
         "intel": image.intel_count, "amd": image.amd_count,
         "replaced_old_early_bytes": image.replaced_early,
+        "skipped": _skipped_json(results),
     }
     if check:
         # Checked in memory, before OUT is touched: a failed check leaves it as it was.
@@ -342,9 +362,10 @@ def xen_cmdline_cmd(file: Path, module_index: int | None, cpu_spec: str | None, 
                     as_json: bool) -> None:
     """What to put on Xen's command line so it loads microcode from FILE."""
     cpu = _cpu_option(cpu_spec, this) if (cpu_spec or this) else None
-    adv = advise(scan_file(file), module_index=module_index, cpu=cpu)
+    result = scan_file(file)
+    adv = advise(result, module_index=module_index, cpu=cpu)
     if as_json:
-        emit_json(advice_to_json(adv))
+        emit_json({**advice_to_json(adv), "skipped": _skipped_json([result])})
     else:
         if adv.option:
             stdout.print(f"Xen option: [bold]{adv.option}[/]")
@@ -356,6 +377,8 @@ def xen_cmdline_cmd(file: Path, module_index: int | None, cpu_spec: str | None, 
             stdout.print(f"[red]problem[/]: {_esc(p)}", soft_wrap=True)
         for n in adv.notes:
             stdout.print(f"- {_esc(n)}", soft_wrap=True)
+    for item in result.skipped:
+        stderr.print(f"[yellow]skipped[/]: {_esc(str(item))}", soft_wrap=True)
     if not adv.ok:
         raise click.exceptions.Exit(1)
 
@@ -369,7 +392,9 @@ def xen_cmdline_cmd(file: Path, module_index: int | None, cpu_spec: str | None, 
 def load_cmd(files: Sequence[Path], do_apply: bool, root: Path) -> None:
     """Late-load the best update in FILES on this running Linux host (dry run by default)."""
     cpu = this_cpu(root)
-    sel = select([u for r in _scan_all(files) for u in r.updates], cpu)
+    results = _scan_all(files)
+    _warn(results)
+    sel = select([u for r in results for u in r.updates], cpu)
     plan = plan_load(sel, root)
     for line in plan.describe():
         stdout.print(("" if do_apply else "would ") + _esc(line))

@@ -33,7 +33,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from xenlab.errors import ParseError, StateError
+from xenlab.errors import ParseError, StateError, XenlabError
+from xenlab.files import CONFIG_LIMIT, InputTooLargeError, read_bounded
 
 __all__ = [
     "CpuId",
@@ -377,9 +378,17 @@ def _pread(path: Path, size: int, offset: int) -> bytes | None:
 
 
 def _read_text(path: Path) -> str | None:
+    """A small text file under the root, or None if it cannot be read.
+
+    Bounded: under ``--root`` any of these may be a huge file or a device;
+    past ``CONFIG_LIMIT`` (16 MiB; a 1024-CPU cpuinfo is under 2 MB) it is
+    an ``InputTooLargeError``, not something to read through.
+    """
     try:
-        return path.read_text(encoding="ascii", errors="replace")
-    except OSError:
+        return read_bounded(path, CONFIG_LIMIT, what="CPU information").decode("ascii", "replace")
+    except InputTooLargeError:
+        raise
+    except XenlabError:
         return None
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
-import os
 import re
 import stat
 from collections.abc import Callable
@@ -264,6 +263,14 @@ class _Walker:
         reason = f"{err.field}: {err.detail}" + (f"; {then}" if then else "")
         self.skip(reason, err.offset)
 
+    def skip_at(self, where: Location, reason: str) -> None:
+        """Report something not read at ``where``: a place in the file, or in a member's data."""
+        if where.member is None:
+            self.skip(reason, where.offset)
+        else:
+            # The record names the member (at its header); the reason says where in its data.
+            self.skip(f"at +{where.offset:#x} of its data: {reason}")
+
     def keep(self, update: Update) -> None:
         """Add ``update`` to the result, within ``limits.held``; past it the walk ends."""
         signatures = max(len(update.platforms), len(update.signatures))
@@ -271,11 +278,11 @@ class _Walker:
         if self.transient:
             cost += update.size
         if self.held + cost > self.limits.held:
-            self.skip(
-                f"the result would hold more than {size_text(self.limits.held)} (the held "
-                f"limit) with the update at {update.source}; it and the rest of the file "
+            self.skip_at(
+                update.source,
+                f"with this update the result would hold more than "
+                f"{size_text(self.limits.held)} (the held limit); it and the rest of the file "
                 "are not scanned",
-                update.source.offset if update.source.member is None else None,
             )
             raise _Stop
         if self.transient:
@@ -340,9 +347,7 @@ class _Walker:
                 if last.source.offset + last.size >= err.offset:
                     return found  # the recovered patches reach the padding
         if isinstance(err, LimitError):
-            where = loc(err.offset)
-            self.skip(f"{where}: {err.field}: {err.detail}", err.offset if where.member is None
-                      else None)  # fmt: skip
+            self.skip_at(loc(err.offset), f"{err.field}: {err.detail}")
         elif not (zero_tail and err.offset == good_end):
             self.warn(str(loc(err.offset)), f"{err.field}: {err.detail}")
         return found
@@ -386,9 +391,7 @@ class _Walker:
         return n
 
     def _search_limit(self, err: LimitError, loc: Callable[[int], Location]) -> None:
-        where = loc(err.offset)
-        self.skip(f"recover-mode search at {where}: {err.detail}",
-                  err.offset if where.member is None else None)  # fmt: skip
+        self.skip_at(loc(err.offset), f"recover-mode search: {err.detail}")
 
     def blob(self, data: Buffer, loc: Callable[[int], Location], *, named: bool) -> int:
         """A member's data: a bundle if it starts like one, else searched if named so."""
@@ -409,10 +412,10 @@ class _Walker:
         """Intel ``.dat`` text: converted to binary, then read as a bundle."""
         where = loc(0)
         if len(data) > self.limits.member:
-            self.skip(
-                f"{where}: .dat text of {len(data)} bytes, over the "
-                f"{size_text(self.limits.member)} member limit: not parsed",
-                0 if where.member is None else None,
+            self.skip_at(
+                where,
+                f".dat text of {len(data)} bytes is over the {size_text(self.limits.member)} "
+                "member limit: not parsed",
             )
             return 0
         try:
@@ -723,10 +726,12 @@ def map_input(path: Path) -> Buffer:
     is unmapped when the last of them goes.
     """
     try:
+        # Decided before opening: a FIFO must be opened once only (a second
+        # open waits for a writer that has gone).
+        mode = path.stat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            return read_bounded(path, _READ_LIMIT, what="pipe or device input")
         with path.open("rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-                return read_bounded(path, _READ_LIMIT, what="input that cannot be mapped")
             if f.seek(0, 2) == 0:
                 return b""
             return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
