@@ -146,3 +146,62 @@ def test_cpu_json_is_self_consistent(capsys: pytest.CaptureFixture[str]) -> None
     assert cpu["vendor"] in ("intel", "amd")
     assert cpu["signature"] & 0x0FFF3FFF == signature_from_fms(
         cpu["family"], cpu["model"], cpu["stepping"])
+
+
+# ------------------------------------------------- what a scan skipped (issue item 13)
+
+
+UCODE = b"kernel/x86/microcode/GenuineIntel.bin"
+EARLY = b.early_cpio(b.INTEL_OLD, b.AMD_CONTAINER)
+
+
+@pytest.fixture
+def small_bomb(tmp_path: Path) -> Path:
+    """A member named like microcode claiming 64 MiB (over the member limit), quick to scan."""
+    main = [b.newc_header(UCODE, 64 << 20), (0, 64 << 20), b.trailer()]
+    p = tmp_path / "initrd.img"
+    p.write_bytes(EARLY + b.zstd_frame(main))
+    return p
+
+
+SKIP_JSON_KEYS = ["file", "member", "offset", "archive_offset", "compression", "reason"]
+
+
+def test_scan_table_lists_skips_below(capsys: pytest.CaptureFixture[str], small_bomb: Path
+                                      ) -> None:
+    code, out, err = run(capsys, "ucode", "scan", str(small_bomb))
+    assert code == 1
+    assert "3 update(s), 0 failing checks, 1 thing(s) skipped (see stderr)" in out
+    assert err.splitlines() == [
+        f"skipped: {small_bomb}[zstd@{len(EARLY):#x}]+0x0: member "
+        "'kernel/x86/microcode/GenuineIntel.bin': filesize 0x4000000 is over the 32 MiB member "
+        "limit: not read"]
+
+
+def test_scan_json_keeps_its_list(capsys: pytest.CaptureFixture[str], small_bomb: Path) -> None:
+    code, out, err = run(capsys, "ucode", "scan", "--json", str(small_bomb))
+    assert code == 1
+    data = json.loads(out)
+    assert isinstance(data, list) and len(data) == 3
+    assert list(data[0]) == ["vendor", "signatures", "platform_mask", "revision", "date", "size",
+                             "checksum_ok", "source", "platforms", "equiv_id", "family",
+                             "problems"]  # fmt: skip
+    assert err.startswith("skipped: ")
+
+
+@pytest.mark.parametrize("command", ["select", "extract", "build-early", "xen-cmdline"])
+def test_json_objects_carry_skipped(capsys: pytest.CaptureFixture[str], small_bomb: Path,
+                                    tmp_path: Path, command: str) -> None:
+    args = {
+        "select": ["select", "--cpu", "0x906a4,0x80", str(small_bomb)],
+        "extract": ["extract", str(small_bomb), "-o", str(tmp_path / "fw")],
+        "build-early": ["build-early", str(tmp_path / "e.cpio"), "--from", str(small_bomb)],
+        "xen-cmdline": ["xen-cmdline", str(small_bomb)],
+    }[command]
+    code, out, err = run(capsys, "ucode", *args, "--json")
+    assert code == 0, err
+    (skip,) = json.loads(out)["skipped"]
+    assert list(skip) == SKIP_JSON_KEYS
+    assert (skip["member"], skip["offset"], skip["archive_offset"]) == (
+        UCODE.decode(), 0, len(EARLY))
+    assert "skipped: " in err

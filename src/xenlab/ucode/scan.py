@@ -22,8 +22,9 @@ Limits
     bytes of one member read into memory (32 MiB; also the most ``.dat``
     text parsed), bytes the result holds (64 MiB: copies of updates from
     decompressed members and an estimate of each update's objects) and
-    members walked in decompressed archives (131072, since tiny members cost
-    time their bytes do not show).  Names over ``PATH_MAX`` are skipped as
+    members walked in decompressed archives, each compressed stream counting
+    as one too (65536: tiny members and empty streams cost time their bytes
+    do not show).  Names over ``PATH_MAX`` are skipped as
     the kernel skips them; the format readers bound their own tables and
     recover-mode searches (``LimitError``).  Whatever a limit stops, and each
     entry the kernel skips, is a :class:`Skipped` in ``ScanResult.skipped``
@@ -97,13 +98,14 @@ class ScanLimits:
     into memory, and the most ``.dat`` text parsed.  ``held``: bytes the
     result may hold (copies of updates from decompressed members, plus an
     estimate of each update's objects).  ``members``: members walked in
-    decompressed archives.
+    decompressed archives plus compressed streams opened (real initrds have a
+    few thousand members and a stream or two; each costs 10 to 40 us).
     """
 
     decompressed: int = 1 << 30
     member: int = 32 << 20
     held: int = 64 << 20
-    members: int = 1 << 17
+    members: int = 1 << 16
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -492,6 +494,14 @@ class _Walker:
         name = comp.name.lower()
         unfinished = Part("compressed", seg.offset, None, name)
         left = self.limits.decompressed - self.decompressed
+        self.members += 1
+        if self.members > self.limits.members:
+            self.skip(
+                f"{name} stream not decompressed: more than {self.limits.members} members and "
+                "compressed streams (the members limit); the rest of the file is not scanned",
+                seg.offset,
+            )
+            return unfinished
         if left <= 0:
             self.skip(
                 f"{name} stream not decompressed: the scan's decompression budget of "
@@ -525,9 +535,9 @@ class _Walker:
                 self.place = _Place(entry.name, entry.offset, seg.offset, name)
                 if self.members > self.limits.members:
                     self.skip(
-                        f"more than {self.limits.members} members in decompressed archives "
-                        "(the members limit): this one, the rest of the stream and of the "
-                        "file are not scanned"
+                        f"more than {self.limits.members} members and compressed streams (the "
+                        "members limit): this one, the rest of the stream and of the file are "
+                        "not scanned"
                     )
                     return dataclasses.replace(unfinished, members=members)
                 if entry.name_too_long:
