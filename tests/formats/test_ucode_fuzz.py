@@ -1,16 +1,22 @@
-"""Arbitrary and mutated bytes: microcode readers raise only FormatError, finders never raise."""
+"""Arbitrary and mutated bytes: readers raise only FormatError, finders only LimitError.
+
+Also the stream side: random data behind compression magics stays within
+its output limit, and cpio archives with huge fields keep names under PATH_MAX.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import struct
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xenlab.errors import FormatError, ParseError
-from xenlab.formats import amd_ucode, intel_ucode
+from xenlab.formats import amd_ucode, cpio, intel_ucode
 from xenlab.formats._buffer import Buffer
+from xenlab.formats.compress import Compression, open_stream
 
 INTEL = intel_ucode.build_update(
     signature=0x906A3,
@@ -130,3 +136,71 @@ def test_parse_dat_random_text(text: str) -> None:
         assert err.line >= 1 and err.col >= 1
     else:
         assert len(out) % 4 == 0
+
+
+# ------------------------------------------ streams, names and limits (issue item 13)
+
+STREAM_MAGICS = [
+    (bytes.fromhex("1f8b08"), Compression.GZIP),
+    (b"BZh9", Compression.BZIP2),
+    (bytes.fromhex("fd377a585a00"), Compression.XZ),
+    (bytes.fromhex("5d0000"), Compression.LZMA),
+    (bytes.fromhex("28b52ffd"), Compression.ZSTD),
+    (bytes.fromhex("02214c18"), Compression.LZ4_LEGACY),
+    (bytes.fromhex("04224d18"), Compression.LZ4_FRAME),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(STREAM_MAGICS),
+    tail=st.binary(max_size=600),
+    limit=st.integers(0, 1 << 20),
+)
+def test_streams_stay_within_their_limit(
+    kind: tuple[bytes, Compression], tail: bytes, limit: int
+) -> None:
+    """Random bytes behind a magic: only FormatError (LimitError among them), never more
+    than ``limit`` bytes out, and ``decompressed`` counts at most one block past it."""
+    magic, compression = kind
+    total = 0
+    stream = None
+    try:
+        stream = open_stream(magic + tail, 0, compression, limit=limit)
+        while chunk := stream.read(1 << 16):
+            total += len(chunk)
+    except FormatError:
+        pass
+    assert total <= limit
+    if stream is not None:
+        assert stream.decompressed <= limit + (8 << 20) + 1
+
+
+NEWC_FIELD = st.sampled_from([b"FFFFFFFF", b"7FFFFFFF", b"00001001", b"00000000", b"0000000A"])
+
+
+@st.composite
+def newc_with_fields(draw: st.DrawFn) -> bytes:
+    members = [cpio.CpioMember(n, d) for n, d in (("a", b"x" * 5), ("intel-ucode/x", INTEL[:64]))]
+    out = bytearray(cpio.write_newc(members))
+    headers = [i for i in range(0, len(out), 4) if out.startswith(b"070701", i)][:2]
+    for _ in range(draw(st.integers(1, 3))):
+        entry = draw(st.sampled_from(headers))
+        field = draw(st.integers(1, 12))
+        out[entry + 6 + 8 * field : entry + 14 + 8 * field] = draw(NEWC_FIELD)
+    return bytes(out[: draw(st.integers(0, len(out)))]) + bytes(draw(st.integers(0, 64)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=newc_with_fields())
+def test_archives_with_huge_fields(data: bytes) -> None:
+    """Buffers and streams alike: only FormatError, names never longer than PATH_MAX."""
+    with contextlib.suppress(FormatError):
+        for entry in cpio.iter_archive(data):
+            assert len(entry.name) <= cpio.PATH_MAX
+    with contextlib.suppress(FormatError):
+        for entry, got in cpio.iter_stream(io.BytesIO(data), want=lambda e: e.filesize < 4096):
+            assert len(entry.name) <= cpio.PATH_MAX
+            assert got is None or len(got) == entry.filesize
+    found = cpio.find_early(data, "intel-ucode/")
+    assert found is None or len(found.name) <= cpio.PATH_MAX
