@@ -1,7 +1,16 @@
-"""``xenlab config``: check, show, print and convert xl domain configuration files."""
+"""``xenlab config``: check, show, print and convert xl domain configuration files.
+
+Every input (a FILE, or ``-`` for standard input, named ``<stdin>`` in
+messages) is read with a bound, :data:`xenlab.files.CONFIG_LIMIT`: a file or
+stream holding more is refused at the limit plus one byte, so ``/dev/zero`` or
+an endless FIFO ends at once.  Files are written atomically; a path that is a
+symlink is written through to its target, which keeps its mode, and the link
+stays.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,12 +29,47 @@ from xenlab.config.specs.vif import parse_vif, vif_to_libxl_json
 from xenlab.config.values import value_to_json
 from xenlab.config.writer import format_config
 from xenlab.config.xm import convert_xm
+from xenlab.errors import XenlabError
+from xenlab.files import CONFIG_LIMIT, InputTooLargeError, read_bounded
 
-_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_FILE = click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path)
+_STDIN = "<stdin>"
+
+
+def _is_stdin(path: Path) -> bool:
+    return str(path) == "-"
+
+
+def _name(path: Path) -> str:
+    """How messages name ``path``."""
+    return _STDIN if _is_stdin(path) else str(path)
 
 
 def _read(path: Path) -> bytes:
-    return path.read_bytes()
+    """The bytes of ``path`` (``-``: standard input), at most CONFIG_LIMIT of them."""
+    if not _is_stdin(path):
+        return read_bounded(path, CONFIG_LIMIT, what="config")
+    stream = getattr(sys.stdin, "buffer", None)  # None: no standard input at all
+    try:
+        if stream is None:
+            raise OSError("no standard input")
+        data: bytes = stream.read(CONFIG_LIMIT + 1)  # buffered: at most this many held
+    except OSError as err:
+        raise XenlabError(f"{_STDIN}: cannot read: {err.strerror or err}") from err
+    if len(data) > CONFIG_LIMIT:
+        raise InputTooLargeError(_STDIN, CONFIG_LIMIT, "config")
+    return data
+
+
+def _write(path: Path, text: str) -> None:
+    """``text`` to ``path`` atomically, through a symlink to its target (the link stays)."""
+    # realpath follows a chain of links (relative ones from their own directory); the
+    # rename then replaces the target, which keeps its mode, instead of the link.
+    target = Path(os.path.realpath(path))
+    try:
+        atomic_write_text(target, text)
+    except OSError as err:
+        raise XenlabError(f"{path}: cannot write: {err.strerror or err}") from err
 
 
 @click.group()
@@ -42,9 +86,10 @@ def check(files: Sequence[Path], syntax_only: bool, as_json: bool) -> None:
     results: list[dict[str, object]] = []
     failed = False
     for path in files:
-        result: dict[str, object] = {"file": str(path), "ok": True, "errors": [], "warnings": []}
+        result: dict[str, object] = {"file": _name(path), "ok": True, "errors": [],
+                                     "warnings": []}
         try:
-            parsed = parse(_read(path), source=str(path))
+            parsed = parse(_read(path), source=_name(path))
             if not syntax_only:
                 dc = domain_config(parsed)
                 result["warnings"] = [str(w) for w in dc.warnings]
@@ -94,13 +139,13 @@ def _records_table(title: str, records: Sequence[Mapping[str, object]]) -> Table
 @click.option("--json", "as_json", is_flag=True, help="Print the typed domain as JSON.")
 def show(file: Path, as_json: bool) -> None:
     """Show the domain FILE describes, as tables."""
-    dc = domain_config(parse(_read(file), source=str(file)))
+    dc = domain_config(parse(_read(file), source=_name(file)))
     data = domain_config_to_json(dc)
     if as_json:
         emit_json(data)
         return
     console = stdout
-    summary = Table(title=f"{file}", title_justify="left", show_header=False)
+    summary = Table(title=_name(file), title_justify="left", show_header=False)
     summary.add_column("key", style="bold")
     summary.add_column("value")
     device_tables: list[Table] = []
@@ -130,7 +175,7 @@ def show(file: Path, as_json: bool) -> None:
 )
 def json_cmd(file: Path, raw: bool) -> None:
     """Print FILE as JSON: the typed domain, or with --raw the language's values."""
-    parsed = parse(_read(file), source=str(file))
+    parsed = parse(_read(file), source=_name(file))
     if raw:
         emit_json({k: value_to_json(v) for k, v in parsed.effective().items()})
     else:
@@ -139,14 +184,19 @@ def json_cmd(file: Path, raw: bool) -> None:
 
 @config.command("fmt")
 @click.argument("file", type=_FILE)
-@click.option("-w", "--write", is_flag=True, help="Rewrite FILE in place (atomically).")
+@click.option("-w", "--write", is_flag=True,
+              help="Rewrite FILE in place (atomically; through a symlink to its target).")
 def fmt(file: Path, write: bool) -> None:
     """Print FILE in canonical form (comments are dropped)."""
-    text = format_config(parse(_read(file), source=str(file)))
+    if write and _is_stdin(file):
+        raise click.BadParameter("cannot rewrite standard input", param_hint="-w")
+    text = format_config(parse(_read(file), source=_name(file)))
     if write:
-        atomic_write_text(file, text)
+        _write(file, text)
     else:
-        click.echo(text, nl=False)
+        # As bytes: a string that is not UTF-8 is a valid xl value (bytes, as libxlutil
+        # reads them), and a text console would print its escape instead.
+        click.echo(text.encode("utf-8", "surrogateescape"), nl=False)
 
 
 def _spec_command(
@@ -189,13 +239,14 @@ _spec_command(
 @config.command("from-xm")
 @click.argument("file", type=_FILE)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the xl config here (atomically) instead of stdout.")
+              help="Write the xl config here (atomically; through a symlink to its target) "
+                   "instead of stdout.")
 def from_xm(file: Path, output: Path | None) -> None:
     """Convert an xm-era (Python) config FILE to xl, without running it."""
-    result = convert_xm(_read(file), source=str(file))
+    result = convert_xm(_read(file), source=_name(file))
     for note in result.notes:
         click.echo(str(note), err=True)
     if output is None:
         sys.stdout.write(result.text)
     else:
-        atomic_write_text(output, result.text)
+        _write(output, result.text)
