@@ -475,11 +475,10 @@ async def _sender(ch: Channel, rec: DomainRecord, paths: RuntimePaths, host: str
             await ch.send({"msg": "go", "paused": paused})
         except BaseException as err:
             await ch.quiet_send({"msg": "abort", "error": str(err)})
-            with contextlib.suppress(BackendError):
-                await _resume_in(qmp, sent)
+            back = await _take_back(qmp, sent, rec.name)
             if isinstance(err, BackendError):
                 raise BackendError(f"{what}: the destination did not take the guest "
-                                   f"({err}); {rec.name} was resumed here") from err
+                                   f"({err}); {back}") from err
             raise
         # Past the point of no return: the destination may be running the guest.
         try:
@@ -487,10 +486,9 @@ async def _sender(ch: Channel, rec: DomainRecord, paths: RuntimePaths, host: str
             expect(done, "resumed", ch.peer)
         except Refused as err:
             # A receiver that fails here has killed its QEMU before saying so.
-            with contextlib.suppress(BackendError):
-                await _resume_in(qmp, sent)
+            back = await _take_back(qmp, sent, rec.name)
             raise BackendError(f"{what}: the destination could not start the guest "
-                               f"({err}); {rec.name} was resumed here") from err
+                               f"({err}); {back}") from err
         except BackendError as err:
             raise BackendError(
                 f"{what}: the control connection broke after the destination was told to "
@@ -500,6 +498,21 @@ async def _sender(ch: Channel, rec: DomainRecord, paths: RuntimePaths, host: str
             ) from err
         await quit_qemu(qmp)
         return sent.info
+
+
+async def _take_back(qmp: Qmp, sent: _Sent, name: str) -> str:
+    """Resume the source after the destination did not take the guest; what happened.
+
+    Resuming can fail: a destination QEMU that outlived its receiver holds the
+    shared disks' locks.  The guest then stays paused here, and the message
+    says so rather than claiming it runs.
+    """
+    try:
+        await _resume_in(qmp, sent)
+    except BackendError as err:
+        return (f"{name} is left paused here: resuming it failed ({err}); once no "
+                f"destination QEMU holds its disks, `xenlab vm unpause {name}`")
+    return f"{name} was resumed here"
 
 
 async def _resume_in(qmp: Qmp, sent: _Sent) -> None:
