@@ -151,3 +151,16 @@ def test_check_builds_the_host_under_every_scheduler(capsys: pytest.CaptureFixtu
         assert (code, out) == (1, "") and err == (
             f"{bad}: powerclamp.window_size: window_size must be an integer in 2..10, "
             "not 50\n")
+
+
+def test_out_files_write_through_symlinks(capsys: pytest.CaptureFixture[str], scenario: Path,
+                                          tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = tmp_path / "kept.json"
+    kept.write_text("{}")
+    (out / "results.json").symlink_to(kept)
+    code, text, err = run(capsys, "sim", "run", str(scenario), "--out", str(out), "--json",
+                          "--no-plots")
+    assert code == 0, err
+    assert (out / "results.json").is_symlink() and kept.read_text() == text

@@ -1,7 +1,13 @@
-"""``xenlab sim``: run, compare and sweep scheduler scenarios on the simulated host."""
+"""``xenlab sim``: run, compare and sweep scheduler scenarios on the simulated host.
+
+Scenario files are read and checked by :mod:`xenlab.sim.scenario` (bounded:
+see :mod:`xenlab.sim.validate`); ``--out`` files are written atomically, through
+a symlink to its target.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +43,8 @@ def _write(out: Path, files: dict[str, bytes]) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
-            atomic_write_bytes(out / name, data)
+            # Through a symlink to its target (the link stays), as config fmt -w does.
+            atomic_write_bytes(Path(os.path.realpath(out / name)), data)
     except OSError as err:
         raise XenlabError(f"{out}: cannot write the report: {err.strerror or err}") from err
 
