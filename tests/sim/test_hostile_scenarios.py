@@ -153,6 +153,16 @@ CASES = [
                              "".join(f'[[domain]]\nname = "h{i}"\nvcpus = 1000\n'
                                      'workload = { kind = "hog" }\n' for i in range(5))),
          "domain.h4.vcpus", "5001 vCPUs in all, at most 4096"),
+    Case("like-chain-1500",
+         base('[[domain]]\nname = "b"\nworkload = { kind = "hog" }',
+              "".join(f'[[domain]]\nname = "d{i}"\nlike = "d{i + 1}"\n' for i in range(1499))
+              + '[[domain]]\nname = "d1499"\nworkload = { kind = "hog" }\n'),
+         "domain.d0.like", "a chain of more than 32 like references"),
+    Case("cstates-many", BASE + "[power]\ncstates = [" + ", ".join(
+        f'{{ name = "C{i}", watts = 1, after_us = {i} }}' for i in range(100)) + "]\n",
+         "power.cstates", "100 C-states, at most 16"),
+    Case("expect-many", BASE + '[[expect]]\ndomain = "a"\nmisses_max = 0\n' * 300,
+         "expect", "300 claims, at most 256"),
     Case("variants-many", BASE + "".join(f'[scheduler.variant.v{i}]\nbase = "credit"\n'
                                          for i in range(17)),
          "scheduler.variant", "17 variants, at most 16"),

@@ -125,8 +125,11 @@ from xenlab.errors import XenlabError
 from xenlab.numa.topology import Topology, from_spec, from_sysfs
 from xenlab.sim.engine import NS_PER_MS, NS_PER_US
 from xenlab.sim.validate import (
+    MAX_CSTATES,
     MAX_DOMAIN_VCPUS,
     MAX_EVENTS,
+    MAX_EXPECT,
+    MAX_LIKE_CHAIN,
     MAX_LOOPS,
     MAX_PCPUS,
     MAX_TRACE_EVENTS,
@@ -796,6 +799,8 @@ def _power(ck: Checker, value: Any) -> PowerModel:
         rows = tbl["cstates"]
         if not isinstance(rows, list) or not rows:
             raise ck.fail("power.cstates", "expected a non-empty list of {name, watts, after_us}")
+        if len(rows) > MAX_CSTATES:
+            raise ck.fail("power.cstates", f"{len(rows)} C-states, at most {MAX_CSTATES}")
         got = []
         for i, row in enumerate(rows):
             where = f"power.cstates[{i}]"
@@ -861,6 +866,10 @@ def _resolve_like(ck: Checker, rows: list[Mapping[str, Any]]) -> list[dict[str, 
                 start = chain[chain.index(like):] if like in chain else ()
                 cycle = " -> ".join((*start, name, like))
                 raise ck.fail(key, f"cyclic reference: {cycle}")
+            if len(chain) >= MAX_LIKE_CHAIN:  # and this recursion stays shallow
+                raise ck.fail(f"domain.{chain[0]}.like", f"a chain of more than "
+                              f"{MAX_LIKE_CHAIN} like references ({chain[0]} -> {chain[1]} "
+                              "-> ...)")
             base = {k: v for k, v in get(like, (*chain, name)).items()
                     if k not in ("name", "like")}
             # A domain's own workload keys replace the base's (they exclude each other).
@@ -1112,6 +1121,8 @@ def _expect(ck: Checker, value: Any, domains: Sequence[DomainSpec],
             variants: Mapping[str, SchedChoice]) -> tuple[Expectation, ...]:
     if not isinstance(value, list):
         raise ck.fail("expect", "expected [[expect]] tables")
+    if len(value) > MAX_EXPECT:  # each is measured over every vCPU after a run
+        raise ck.fail("expect", f"{len(value)} claims, at most {MAX_EXPECT}")
     vcpus = {f"{d.name}.{i}" for d in domains for i in range(len(d.workloads))}
     names = {d.name for d in domains}
     out = []

@@ -19,8 +19,10 @@ Rules
   finite floats; integers within 64 bits; strings without NUL or lone surrogates.
 * **Sizes.**  :data:`MAX_PCPUS` pCPUs however the host is given,
   :data:`MAX_DOMAIN_VCPUS` vCPUs per domain and :data:`MAX_VCPUS` in all,
-  :data:`MAX_VARIANTS` scheduler variants, times up to :data:`MAX_TIME_NS`, rt-app
-  loops up to :data:`MAX_LOOPS`, sweeps of :data:`MAX_POINTS` points.
+  :data:`MAX_VARIANTS` scheduler variants, :data:`MAX_LIKE_CHAIN` ``like`` links in
+  a row, :data:`MAX_CSTATES` C-states, :data:`MAX_EXPECT` claims, times up to
+  :data:`MAX_TIME_NS`, rt-app loops up to :data:`MAX_LOOPS`, sweeps of
+  :data:`MAX_POINTS` points.
 * **Time.**  :func:`estimate_events` counts what makes a run long (workload
   releases, budget replenishments, credit's ticks, idle injections): at most
   :data:`MAX_EVENTS` in a run, :data:`MAX_TRACE_EVENTS` inside the kept trace.
@@ -51,11 +53,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FILE_LIMIT",
+    "MAX_CSTATES",
     "MAX_DEPTH",
     "MAX_DOMAIN_VCPUS",
     "MAX_EVENTS",
+    "MAX_EXPECT",
     "MAX_FILES",
     "MAX_KEY_PARTS",
+    "MAX_LIKE_CHAIN",
     "MAX_LOOPS",
     "MAX_PCPUS",
     "MAX_POINTS",
@@ -100,6 +105,12 @@ MAX_EVENTS: Final = 2_000_000
 MAX_TRACE_EVENTS: Final = 500_000
 #: ``[scheduler.variant.*]`` tables (each is built, and run by compare).
 MAX_VARIANTS: Final = 16
+#: ``like`` references in a row (``a`` like ``b`` like ``c``: 2).
+MAX_LIKE_CHAIN: Final = 32
+#: C-states of the power model (every idle stretch walks them); Intel's go to C10.
+MAX_CSTATES: Final = 16
+#: ``[[expect]]`` claims (each is measured over every vCPU after a run).
+MAX_EXPECT: Final = 256
 #: rt-app's loop counter is a C int.
 MAX_LOOPS: Final = 2**31 - 1
 #: Points of one sweep (parameter values x schedulers), each built before any runs.
