@@ -93,8 +93,8 @@ def test_snapshot_create_internal(guest: tuple[Toolstack, Path], point: str) -> 
 
 
 EXTERNAL = ["snapshot-create.job", "snapshot-create.row", "snapshot-create.stopped",
-            "snapshot-create.switched", "snapshot-create.memory-started",
-            "snapshot-create.memory-done", "snapshot-create.taken"]
+            "snapshot-create.switched", "snapshot-create.memory-done",
+            "snapshot-create.taken"]
 
 
 @pytest.mark.parametrize("point", EXTERNAL)

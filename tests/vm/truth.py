@@ -18,7 +18,7 @@ from xenlab.vm import qemuimg
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as run_async
-from xenlab.vm.store import SnapshotState, is_alive, is_domain_qemu
+from xenlab.vm.store import SnapshotState, is_alive, is_domain_qemu, qemu_opts
 
 XENLAB = str(Path(sys.executable).with_name("xenlab"))
 
@@ -62,9 +62,10 @@ def qemus_named(names: set[str]) -> list[int]:
         if not argv or not os.path.basename(argv[0]).startswith(b"qemu-system"):
             continue
         for i, a in enumerate(argv[:-1]):
-            if a == b"-name" and argv[i + 1].split(b",")[0].removeprefix(b"guest=") in {
-                    n.encode() for n in names}:
-                out.append(int(d.name))
+            if a == b"-name":
+                first = qemu_opts(argv[i + 1].decode("utf-8", "surrogateescape"))[0]
+                if first.removeprefix("guest=") in names:
+                    out.append(int(d.name))
     return out
 
 

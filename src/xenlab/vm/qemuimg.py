@@ -184,9 +184,14 @@ def snapshot_tags(path: str | Path) -> set[str]:
 
 
 def snapshot(op: str, tag: str, path: str | Path) -> None:
-    """``qemu-img snapshot`` on qcow2 image ``path``: ``op`` is create, apply or delete."""
+    """``qemu-img snapshot`` on qcow2 image ``path``: ``op`` is create, apply or delete.
+
+    ``qemu-img snapshot`` has no ``-f``: the format is given as image
+    options (``driver=qcow2``), so it is never probed here either.
+    """
     flag = {"create": "-c", "apply": "-a", "delete": "-d"}[op]
-    _run("snapshot", path, ["-f", "qcow2", flag, tag, str(path)])
+    opts = f"driver=qcow2,file.driver=file,file.filename={str(path).replace(',', ',,')}"
+    _run("snapshot", path, ["--image-opts", flag, tag, opts])
 
 
 def commit(path: str | Path, fmt: DiskFormat | str, *, timeout: float = TIMEOUT) -> None:

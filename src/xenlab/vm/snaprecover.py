@@ -30,7 +30,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from xenlab.errors import BackendError, XenlabError
+from xenlab.errors import BackendError, FormatError, XenlabError
+from xenlab.vm import saveimage
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job
 from xenlab.vm.qmp import Qmp, job_ids, settle_job
@@ -292,7 +293,33 @@ def _memory_complete(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
                 await _capability_off(qmp)
             return st
 
-    return _run(status()) == "completed"
+    if _run(status()) != "completed":
+        return False
+    return _finish_stream(row.memory_path)
+
+
+def _finish_stream(path: str) -> bool:
+    """Make the memory file QEMU completed alone a whole checked VM state file.
+
+    The killed xenlab did not append its checksum table and trailer: every
+    byte QEMU wrote is final (it completed), so they are computed now.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        try:
+            saveimage.check_stream_open(fd, path)
+            return True  # whole already
+        except FormatError:
+            pass
+        try:
+            saveimage.StreamHasher(fd, len(saveimage.STREAM_MAGIC)).finish()
+            os.fsync(fd)
+            saveimage.check_stream_open(fd, path)
+        except (FormatError, OSError, ValueError):
+            return False
+        return True
+    finally:
+        os.close(fd)
 
 
 def _discard(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, live: bool) -> None:

@@ -151,7 +151,6 @@ import asyncio
 import contextlib
 import os
 import re
-import shlex
 import shutil
 import stat
 import subprocess
@@ -164,8 +163,9 @@ from typing import Any, Protocol
 from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
-from xenlab.vm import qemuimg
+from xenlab.vm import qemuimg, saveimage, vmstate
 from xenlab.vm.domain import SHUTOFF, Toolstack, _on_overlays
+from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp, run_job, settle_job
 from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.store import (
@@ -1055,38 +1055,43 @@ async def _take_live(ts: Toolstack, rec: DomainRecord, pairs: Sequence[Pair], sn
         if mem_path is None:
             await _take_disks(qmp, pairs, snap, state, timeout)
             return
-        uri = f"exec:cat > {shlex.quote(mem_path)}"
-        what = "saving the VM state"
+        # The memory file is made here, private (0600), and handed to QEMU:
+        # QEMU's own files are 0640 (it daemonizes with umask 027).  It is a
+        # checked VM state file (vm.vmstate.write_stream: XXH64 per chunk), so
+        # a damaged one is refused at revert.
+        try:
+            fd = os.open(mem_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise BackendError(f"cannot make the memory file {mem_path}: "
+                               f"{err.strerror or err}") from err
+        migrated = False
         try:
             if live:
-                # The disks are taken at the pause before switch-over, when the
-                # guest has stopped and its last memory is about to be sent.
-                await qmp.execute("migrate-set-capabilities", {"capabilities": [
-                    {"capability": "pause-before-switchover", "state": True}]})
-                try:
-                    await qmp.execute("migrate", {"uri": uri})
-                    await wait_migration(qmp, {"pre-switchover"}, timeout, what)
+                async def take() -> None:
+                    # The guest has stopped and its last pages are not sent yet.
                     await _take_disks(qmp, pairs, snap, "paused", timeout)
-                    await qmp.execute("migrate-continue", {"state": "pre-switchover"})
-                    await wait_migration(qmp, {"completed"}, timeout, what)
-                finally:
-                    await qmp.execute("migrate-set-capabilities", {"capabilities": [
-                        {"capability": "pause-before-switchover", "state": False}]})
+
+                migrated = True
+                await vmstate.write_stream(qmp, fd, timeout=timeout, at_switchover=take)
             else:
                 if state == "running":
                     await qmp.execute("stop")
                 faults.point("snapshot-create.stopped")
                 await _take_disks(qmp, pairs, snap, "paused", timeout)
-                await qmp.execute("migrate", {"uri": uri})
-                faults.point("snapshot-create.memory-started")
-                await wait_migration(qmp, {"completed"}, timeout, what)
-                faults.point("snapshot-create.memory-done")
+                migrated = True
+                await vmstate.write_stream(qmp, fd, timeout=timeout)
+            faults.point("snapshot-create.memory-done")
+            os.fsync(fd)
         except BaseException:
             Path(mem_path).unlink(missing_ok=True)
             raise
         finally:
+            os.close(fd)
             if state == "running" and qmp.connected:
-                await qmp.execute("cont")
+                if migrated:
+                    await vmstate.cont_after_migration(qmp)
+                else:
+                    await qmp.execute("cont")
 
 
 def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
@@ -1282,11 +1287,11 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
                              pairs: Sequence[Pair], state: str, go: bool,
                              timeout: float) -> DomainRecord:
     """Shut the domain off, revert its disks, start QEMU on them and load the memory file."""
-    from xenlab.vm import migrate  # it imports this module
-
     assert s.memory_path is not None
     if not Path(s.memory_path).is_file():
         raise StateError(f"snapshot {s.name!r}: its memory file {s.memory_path} is missing")
+    # A damaged memory file is refused before the domain is touched.
+    saveimage.check_stream_file(Path(s.memory_path))
     if state != SHUTOFF:
         # Reverting discards the guest as it is now, as libvirt does.
         ts._kill_domain(rec)
@@ -1304,7 +1309,8 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
         paths = ts.paths(started)
         try:
             with open(s.memory_path, "rb") as f:
-                _run_async(_load_memory(migrate, paths, f.fileno(), go, timeout))
+                _run_async(_load_memory(paths, f.fileno(), go, timeout,
+                                        f"snapshot {s.name!r} memory {s.memory_path}"))
         except BaseException as err:
             ts._kill(paths, started.pid)
             ts._gone(ts.store.get(rec.domid))
@@ -1324,12 +1330,11 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
     return ts.store.patch(rec.domid, state="running" if go else "paused")
 
 
-async def _load_memory(migrate: Any, paths: Any, fd: int, go: bool, timeout: float) -> None:
+async def _load_memory(paths: RuntimePaths, fd: int, go: bool, timeout: float,
+                       source: str) -> None:
     async with Qmp.open(paths.qmp) as qmp:
-        await migrate._send_fd(qmp, fd, "snapshot-mem")
-        await qmp.execute("migrate-incoming", {"uri": "fd:snapshot-mem"})
         faults.point("snapshot-revert.loading")
-        await wait_migration(qmp, {"completed"}, timeout, "loading the VM state")
+        await vmstate.load_stream(qmp, fd, timeout=timeout, source=source)
         if go:
             await qmp.execute("cont")
 
