@@ -102,8 +102,9 @@ def test_qemus_own_refusal_is_quoted(ts: Toolstack, tmp_path: Path) -> None:
     assert ts.store.list() == []
     # A disk another QEMU holds: QEMU's lock message.
     boot(ts, tmp_path, "holder", memory=128, maxmem=None, vcpus=1)
+    held = tmp_path / "holder.qcow2"
     cfg.write_text(f'name = "thief"\ntype = "hvm"\nmemory = 64\n'
-                   f'disk = [ "format=qcow2,vdev=xvda,access=rw,target={tmp_path}/holder.qcow2" ]\n')
+                   f'disk = [ "format=qcow2,vdev=xvda,access=rw,target={held}" ]\n')
     with pytest.raises(BackendError, match="lock"):
         ts.create(cfg)
 
