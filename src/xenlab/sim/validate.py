@@ -26,9 +26,8 @@ Rules
 * **Time.**  :func:`estimate_events` counts what makes a run long (workload
   releases, budget replenishments, credit's ticks, idle injections): at most
   :data:`MAX_EVENTS` in a run, :data:`MAX_TRACE_EVENTS` inside the kept trace.
-  Measured: about 10^5 such events a second and 50 bytes each, 200 more per
-  event inside the trace window, so a run stays within tens of seconds and a few
-  hundred MB.
+  Measured near both bounds: 26 s and 55 MB for a run, 222 MB with the trace's
+  plots (docs/sim-scenarios.md has the runs).
 
 Pure: no I/O except :meth:`Files.read`, the one place scenario files are read.
 """
@@ -100,9 +99,9 @@ MAX_VCPUS: Final = 4096
 #: Any time in a scenario: one hour of simulated time.
 MAX_TIME_NS: Final = 3600 * 1000 * NS_PER_MS
 #: Workload releases, replenishments, ticks and injections in one run (tens of seconds),
-#: and inside the trace window (whose every switch is kept: ~200 bytes each).
+#: and inside the trace window (whose every switch is kept, and drawn with --out).
 MAX_EVENTS: Final = 2_000_000
-MAX_TRACE_EVENTS: Final = 500_000
+MAX_TRACE_EVENTS: Final = 200_000
 #: ``[scheduler.variant.*]`` tables (each is built, and run by compare).
 MAX_VARIANTS: Final = 16
 #: ``like`` references in a row (``a`` like ``b`` like ``c``: 2).
