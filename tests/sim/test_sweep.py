@@ -154,3 +154,17 @@ def test_a_grid_has_a_bounded_number_of_points(sc_path: Path) -> None:
 def test_command_line_values_nested_beyond_sense_are_strings() -> None:
     deep = "[" * 5000 + "]" * 5000
     assert parse_param(f"sim.seed={deep}") == ("sim.seed", (deep,))
+
+
+def test_command_line_values_are_checked_as_file_values_are(sc_path: Path) -> None:
+    # A TOML literal from --param is a value like any in the file: a date or nan is named
+    # at its key (a date once failed the whole scenario's JSON, with no key).
+    sc = load_scenario(sc_path)
+    with pytest.raises(ScenarioError) as err:
+        grid(sc, [parse_param("sim.seed=1979-05-27")], ["credit"])
+    assert str(err.value) == (f"{sc_path}: sim.seed: expected a number, string, boolean, "
+                              "list or table, got a date")
+    with pytest.raises(ScenarioError) as err:
+        grid(sc, [parse_param("domain.io.workload.run_us=nan")], ["credit"])
+    assert str(err.value) == (f"{sc_path}: domain.io.workload.run_us: expected a finite "
+                              "number, got nan")

@@ -131,7 +131,7 @@ def grid(scenario: Scenario, params: Sequence[tuple[str, Sequence[Any]]],
         raise XenlabError(f"--param {dup[0]} is given twice")
     for key, vals in params:
         # Compared as JSON: 1 and true differ, as they do in the scenario.
-        seen = [json.dumps(v, sort_keys=True) for v in vals]
+        seen = [json.dumps(v, sort_keys=True, default=repr) for v in vals]
         again = next((v for i, v in enumerate(vals) if seen[i] in seen[:i]), None)
         if again is not None:
             raise XenlabError(f"--param {key}: the value {again!r} is given twice")
