@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Final
 from xenlab.errors import XenlabError
 from xenlab.files import read_bounded
 from xenlab.sim.engine import NS_PER_MS, NS_PER_US
+from xenlab.sim.schedulers.credit import TICKS_PER_TSLICE
 
 if TYPE_CHECKING:
     from xenlab.numa.topology import Topology
@@ -343,13 +344,12 @@ class Checker:
         key, mult = found[0]
         return self.time(tbl[key], join(where, key), mult, positive=positive)
 
-    def time(self, value: Any, key: str, mult: int, *, positive: bool = True,
-             unit: str = "") -> int:
+    def time(self, value: Any, key: str, mult: int, *, positive: bool = True) -> int:
         """A number of ``mult`` ns as integer ns: finite, not negative, at most an hour."""
         if isinstance(value, bool) or not isinstance(value, int | float) \
                 or not math.isfinite(value):
             raise self.fail(key, f"expected a{' finite' if isinstance(value, float) else ''} "
-                            f"number{unit}, got {show(value)}")
+                            f"number, got {show(value)}")
         ns = round(value * mult)
         if ns < 0 or (positive and ns == 0):
             raise self.fail(key, f"must be {'positive' if positive else 'at least 0'}, "
@@ -531,16 +531,15 @@ def estimate_events(span_ns: int, domains: Sequence[DomainSpec], pools: Sequence
     pool_cpus = [(p.choice, len(p.cpus)) for p in pools]
     for c, cpus in [(choice, nr_cpus - sum(n for _, n in pool_cpus)), *pool_cpus]:
         if c.kind == "credit":
-            from xenlab.sim.schedulers.credit import TICKS_PER_TSLICE
-
-            tslice = dict(c.options).get("tslice_ms", 30)
-            total += cpus * span_ns * TICKS_PER_TSLICE // (max(1, tslice) * NS_PER_MS)
+            tslice = dict(c.options).get("tslice_ms")
+            tslice = tslice if isinstance(tslice, int) and tslice > 0 else 30  # credit's default
+            total += cpus * span_ns * TICKS_PER_TSLICE // (tslice * NS_PER_MS)
     if clamp is not None:
-        cycle = clamp.get("duration_ms", 6)
+        cycle = clamp.get("duration_ms")
+        cycle = cycle if isinstance(cycle, int) and cycle > 0 else 6  # PowerClamp's default
         clamped = clamp.get("cpus")
         cpus = len(clamped) if isinstance(clamped, Sequence) else nr_cpus
-        total += 2 * cpus * span_ns // (max(1, cycle if isinstance(cycle, int) else 6)
-                                         * NS_PER_MS)
+        total += 2 * cpus * span_ns // (cycle * NS_PER_MS)
     busiest = max(per_dom, key=lambda k: per_dom[k]) if per_dom else ""
     return total, busiest
 
