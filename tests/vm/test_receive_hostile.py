@@ -479,8 +479,9 @@ def test_a_real_source_migrates_in_while_the_receiver_is_attacked(
 
     def serve() -> None:
         try:
+            # Its own toolstack: SQLite objects stay in the thread that made them.
             got.append(mig.serve_receive(
-                dst, "127.0.0.1:0", token=token, disk_dir=tmp_path, accept_timeout=120,
+                Toolstack(tmp_path / "host-b"), "127.0.0.1:0", token=token, disk_dir=tmp_path, accept_timeout=120,
                 timeout=120, on_listen=listening))
         except BaseException as err:  # handed to the test
             got.append(err)
@@ -493,8 +494,8 @@ def test_a_real_source_migrates_in_while_the_receiver_is_attacked(
         server.start()
         assert ready.wait(30) and port, got
         addr = ("127.0.0.1", port[0])
-        idle = [socket.create_connection(addr) for _ in range(3)]
         flood = [socket.create_connection(addr) for _ in range(300)]
+        idle = [socket.create_connection(addr) for _ in range(3)]  # among the newest 32
         bad = socket.create_connection(addr)
         bad.sendall(b'{"msg":"prepare","token":"\\ud800"}\n')
         t0 = time.monotonic()
@@ -508,6 +509,17 @@ def test_a_real_source_migrates_in_while_the_receiver_is_attacked(
         # The source's greeting came at once: not after the idle ones' 5 s each.
         assert took < 25, took
         assert sh(dst, "g1", "cat /mnt/disk/marker") == "A\n"
+        # The peers still waiting were told, once the source was taken; the port is shut.
+        for s in idle:
+            s.settimeout(10)
+            lines = s.makefile("rb").read().splitlines()
+            assert json.loads(lines[0]) == HELLO
+            said = json.loads(lines[1])
+            assert said["msg"] == "error" and (
+                "another source is migrating here" in said["error"]
+                or "within 5s" in said["error"]), said
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(addr, timeout=5)
         for s in [*idle, *flood, bad]:
             s.close()
     finally:
