@@ -37,15 +37,14 @@ from typing import Any
 from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk, parse_disk
 from xenlab.errors import BackendError, StateError, XenlabError
-from xenlab.vm.domain import (
+from xenlab.vm.domain import SHUTOFF, Toolstack
+from xenlab.vm.domconfig import (
     DISK_SPECS,
-    SHUTOFF,
-    Toolstack,
-    _on_mirrors,
-    _on_overlays,
     config_from_text,
     create_image,
     disk_line,
+    on_mirrors,
+    on_overlays,
 )
 from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
 from xenlab.vm.jobs import Job
@@ -102,7 +101,7 @@ def block_list(ts: Toolstack, name: str) -> list[DiskInfo]:
     """
     rec = ts.get(name)
     dc, _ = config_from_text(rec.config_text, rec.config_path)
-    now = {d.vdev: d for d in _on_overlays(_on_mirrors(dc, rec), rec).disks}
+    now = {d.vdev: d for d in on_overlays(on_mirrors(dc, rec), rec).disks}
     return [
         DiskInfo(vdev=d.vdev, device=_device_kind(d), target=d.pdev_path,
                  file=now[d.vdev].pdev_path, format=now[d.vdev].format.value,

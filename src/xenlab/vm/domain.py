@@ -39,7 +39,6 @@ import contextlib
 import importlib
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -48,15 +47,29 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from xenlab import faults, hotplug
-from xenlab.config import parse
-from xenlab.config.model import DomainConfig, domain_config
-from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk
+from xenlab.config.model import DomainConfig
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.files import read_text_bounded
-from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
+from xenlab.vm.domconfig import (
+    DISK_SPECS,
+    VIF_SPECS,
+    VIFS,
+    absolute_paths,
+    check_domain_name,
+    check_images,
+    config_from_text,
+    create_image,
+    disk_line,
+    on_disk_specs,
+    on_disks,
+    on_mirrors,
+    on_overlays,
+    on_vif_specs,
+    vif_line,
+)
 from xenlab.vm.jobs import JOB, Job, job_of, new_job
 from xenlab.vm.qemu import (
     Accel,
@@ -77,21 +90,16 @@ from xenlab.vm.store import DomainRecord, Store, is_alive, is_domain_qemu
 # (like a defined, inactive libvirt domain); `create` starts it again.
 SHUTOFF = "shutoff"
 
-# The longest domain name (libvirt's limit is the file system's; xl's is
-# xenstore's): long enough for any real name, short enough for file names.
-NAME_MAX: Final = 64
-# Names that would be ids, paths, hidden files, option syntax or terminal tricks.
-_NAME_OK = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@:,=-]*")
-# DomainRecord.extra key: the host ends (hotplug.Vif as JSON) of the domain's
-# tapped vifs while its QEMU may run; whoever sees QEMU gone brings them offline.
-VIFS = "vifs"
-# DomainRecord.extra key: the domain's vif list (xl vif specs) once
-# network-attach/-detach changed it; a later start uses it over the file's.
-VIF_SPECS = "vif_specs"
-# The disk list block-attach/-detach left (xl disk specs), for a later create.
-DISK_SPECS = "disk_specs"
-
 log = logging.getLogger(__name__)
+
+__all__ = ["DISK_SPECS", "SHUTOFF", "VIFS", "VIF_SPECS", "DomainStatus", "Toolstack",
+           "absolute_paths", "check_domain_name", "config_from_text", "create_image",
+           "disk_line", "on_disks", "qemu_said", "vif_line"]
+
+# The names other modules imported from here before vm.domconfig held them.
+_on_disks = on_disks
+_on_mirrors = on_mirrors
+_on_overlays = on_overlays
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,73 +111,6 @@ class DomainStatus:
     memory_mib: int | None
     vcpus: int | None
     seconds: float
-
-
-def check_domain_name(name: str) -> str:
-    """``name`` when every verb can handle it as a domain name; else XenlabError saying why.
-
-    Refused: empty, longer than :data:`NAME_MAX`, all digits (xl reads that as
-    a domain id), ``.``/``..``-like or starting with ``.`` or ``-`` (a hidden
-    file, an option), and any character outside letters, digits and
-    ``_ . + @ : , = -`` (slashes, white space, quotes, control characters).
-    A comma is allowed: QEMU sees it doubled (``web,,prod``) and the store
-    reads it back.
-    """
-    why = None
-    if not name:
-        why = "it is empty"
-    elif len(name) > NAME_MAX:
-        why = f"it is longer than {NAME_MAX} characters"
-    elif name.isdigit():
-        why = "it is all digits, which xl reads as a domain id"
-    elif not _NAME_OK.fullmatch(name):
-        why = ("use letters, digits and _ . + @ : , = - only (no slash, space, quote or "
-               "control character), starting with a letter, digit or _")
-    if why is not None:
-        raise XenlabError(f"domain name {name!r} is not usable: {why}")
-    return name
-
-
-def config_from_text(text: str, source: str, overrides: Sequence[str] = ()
-                     ) -> tuple[DomainConfig, str]:
-    """Parse xl config ``text`` with ``key=value`` ``overrides`` appended, as xl does.
-
-    Returns the config and the text it was parsed from (the record keeps it).
-    """
-    if overrides:
-        text = text.rstrip("\n") + "\n" + "\n".join(overrides) + "\n"
-    return domain_config(parse(text, source=source)), text
-
-
-def absolute_paths(dc: DomainConfig, text: str, base: Path, source: str
-                   ) -> tuple[DomainConfig, str]:
-    """``dc`` and its text with relative disk, kernel and ramdisk paths made absolute.
-
-    Relative paths are taken against ``base`` (the config file's directory)
-    and the absolute ones appended to the text as settings (later settings
-    win), so the stored text means the same files from any directory.
-    """
-    fixes: list[str] = []
-    from xenlab.config.writer import quote
-
-    def absolute(p: str) -> str:
-        return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
-
-    def local(d: DiskSpec) -> bool:
-        # A target a script interprets (iscsi:, drbd:...) is not a file here.
-        return bool(d.pdev_path) and d.script is None
-
-    if any(local(d) and not os.path.isabs(str(d.pdev_path)) for d in dc.disks):
-        specs = [format_disk(replace(d, pdev_path=absolute(str(d.pdev_path)))
-                             if local(d) else d) for d in dc.disks]
-        fixes.append(disk_line(specs))
-    for key in ("kernel", "ramdisk"):
-        value = getattr(dc, key, None)
-        if isinstance(value, str) and value and not os.path.isabs(value):
-            fixes.append(f"{key} = {quote(absolute(value))}")
-    if not fixes:
-        return dc, text
-    return config_from_text(text, source, fixes)
 
 
 class Toolstack:
@@ -310,9 +251,9 @@ class Toolstack:
                     # create starts a kept domain on the disks it last ran on, with
                     # the NICs it last had; restore, receive and revert bring the
                     # config to run as it is.
-                    dc, text = _on_vif_specs(dc, text, old)
-                    dc, text = _on_disk_specs(dc, text, old)
-                    dc = _on_overlays(_on_mirrors(dc, old), old)
+                    dc, text = on_vif_specs(dc, text, old)
+                    dc, text = on_disk_specs(dc, text, old)
+                    dc = on_overlays(on_mirrors(dc, old), old)
                 created = self._check_disks(dc, create_disks) if fresh else []
                 try:
                     # Every file QEMU will open through the disks (backing
@@ -996,20 +937,6 @@ RECOVERY: dict[str, str] = {
 }
 
 
-def check_images(dc: DomainConfig) -> None:
-    """Refuse a disk whose image would make QEMU open a file outside its allowed directories.
-
-    See ``vm.imagecheck``: backing and data files must lie in the disk's own
-    directory tree or in ``$XENLAB_BACKING_DIRS``.
-
-    :raise UnsafeImageError: naming the disk, the file and why.
-    """
-    for disk in dc.disks:
-        if disk.pdev_path and disk.format is not DiskFormat.EMPTY and disk.script is None \
-                and Path(disk.pdev_path).exists():
-            check_disk_image(disk.pdev_path, disk.format, allowed_backing_dirs(disk.pdev_path))
-
-
 def _read_pid(paths: RuntimePaths) -> int | None:
     """The pid in ``paths``' pidfile, or None (missing, empty, not a number)."""
     try:
@@ -1029,88 +956,6 @@ def qemu_said(paths: RuntimePaths, lines: int = 5) -> str:
         return ""
     said = [ln.strip() for ln in tail.splitlines() if ln.strip()][-lines:]
     return "; ".join(said)
-
-
-def create_image(path: str, fmt: str, size: str) -> None:
-    """Make a blank disk image ``path`` of ``size`` (qemu-img syntax) in format ``fmt``.
-
-    :raise XenlabError: qemu-img refused, with its message.
-    """
-    proc = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, size],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise XenlabError(f"qemu-img create {path}: {proc.stderr.strip()}")
-
-
-def _on_disks(dc: DomainConfig, moves: dict[str, tuple[str, DiskFormat]]) -> DomainConfig:
-    """``dc`` with each disk named in ``moves`` (vdev: (file, format)) on that file."""
-    if not moves:
-        return dc
-    return replace(dc, disks=tuple(
-        replace(d, pdev_path=moves[d.vdev][0], format=moves[d.vdev][1]) if d.vdev in moves
-        else d
-        for d in dc.disks
-    ))
-
-
-def _on_mirrors(dc: DomainConfig, rec: DomainRecord) -> DomainConfig:
-    """``dc`` with each disk that ``vm.mirror`` pivoted on the file it moved to.
-
-    After a pivot the guest's writes go to the mirror's target; starting the
-    domain on the config's file would silently go back in time.
-    """
-    moved = rec.extra.get("disk_paths") or {}
-    if not isinstance(moved, dict):
-        return dc
-    return _on_disks(dc, {v: (str(m["file"]), DiskFormat(str(m["format"])))
-                          for v, m in moved.items() if isinstance(m, dict) and m.get("file")})
-
-
-def _on_overlays(dc: DomainConfig, rec: DomainRecord) -> DomainConfig:
-    """``dc`` with each disk that has an external-snapshot overlay running on the overlay.
-
-    After an external snapshot the guest's writes go to the overlay; starting
-    the domain on the config's original files would silently drop them.
-    """
-    overlays = rec.extra.get("overlays") or {}
-    if not isinstance(overlays, dict):
-        return dc
-    return _on_disks(dc, {v: (str(ov["file"]), DiskFormat.QCOW2)
-                          for v, ov in overlays.items() if isinstance(ov, dict) and ov.get("file")})
-
-
-def _on_vif_specs(dc: DomainConfig, text: str, rec: DomainRecord) -> tuple[DomainConfig, str]:
-    """``dc`` (and its text) with the vif list network-attach/-detach left in ``rec``.
-
-    A NIC attached at run time stays across a restart, as with xl; the list
-    is appended to the text as a ``vif =`` line (later settings win).
-    """
-    specs = rec.extra.get(VIF_SPECS)
-    if not isinstance(specs, list):
-        return dc, text
-    return config_from_text(text, rec.config_path, [vif_line([str(s) for s in specs])])
-
-
-def _on_disk_specs(dc: DomainConfig, text: str, rec: DomainRecord) -> tuple[DomainConfig, str]:
-    """``dc`` (and its text) with the disk list block-attach/-detach left in ``rec``."""
-    specs = rec.extra.get(DISK_SPECS)
-    if not isinstance(specs, list):
-        return dc, text
-    return config_from_text(text, rec.config_path, [disk_line([str(s) for s in specs])])
-
-
-def disk_line(specs: Sequence[str]) -> str:
-    """An xl ``disk = [ ... ]`` setting listing ``specs``."""
-    from xenlab.config.writer import quote
-
-    return "disk = [ " + ", ".join(quote(s) for s in specs) + " ]"
-
-
-def vif_line(specs: Sequence[str]) -> str:
-    """An xl ``vif = [ ... ]`` setting listing ``specs``."""
-    from xenlab.config.writer import quote
-
-    return "vif = [ " + ", ".join(quote(s) for s in specs) + " ]"
 
 
 def _wait_gone(pid: int | None, timeout: float) -> bool:

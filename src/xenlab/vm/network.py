@@ -35,13 +35,8 @@ from xenlab import hotplug
 from xenlab.config.specs.vif import VifSpec, format_vif, parse_vif
 from xenlab.errors import BackendError, XenlabError
 from xenlab.vm.disks import qdev_ids
-from xenlab.vm.domain import (
-    VIF_SPECS,
-    VIFS,
-    Toolstack,
-    config_from_text,
-    vif_line,
-)
+from xenlab.vm.domain import Toolstack
+from xenlab.vm.domconfig import VIF_SPECS, VIFS, config_from_text, vif_line
 from xenlab.vm.qemu import Nic, nic, nics
 from xenlab.vm.qmp import CommandError, Qmp
 from xenlab.vm.qmp import run as _run

@@ -54,7 +54,8 @@ from typing import Any
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.cpus import CpuSet, HostTopology, parse_cpus
 from xenlab.errors import BackendError, StateError, XenlabError
-from xenlab.vm.domain import SHUTOFF, Toolstack, config_from_text
+from xenlab.vm.domain import SHUTOFF, Toolstack
+from xenlab.vm.domconfig import config_from_text
 from xenlab.vm.qemu import cpu_ranges
 from xenlab.vm.qmp import CommandError, GuestAgent, Qmp
 from xenlab.vm.qmp import run as _run

@@ -164,7 +164,8 @@ from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm import qemuimg, saveimage, vmstate
-from xenlab.vm.domain import SHUTOFF, Toolstack, _on_overlays
+from xenlab.vm.domain import SHUTOFF, Toolstack
+from xenlab.vm.domconfig import on_overlays
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp, run_job, settle_job
 from xenlab.vm.qmp import run as _run_async
@@ -1304,7 +1305,7 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
     rec = ts.store.get(rec.domid)
     dc, text = ts._config_of(rec)
     try:
-        started = ts._start(_on_overlays(dc, rec), text, config_path=rec.config_path,
+        started = ts._start(on_overlays(dc, rec), text, config_path=rec.config_path,
                             uuid=rec.uuid, incoming="defer")
         paths = ts.paths(started)
         try:
