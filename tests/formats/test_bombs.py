@@ -304,6 +304,22 @@ def test_intel_search_over_overlapping_candidates_is_bounded() -> None:
     assert f"({96 * 48 + 1:#x}..{4 * MiB:#x}) is not searched" in str(err)
 
 
+def test_intel_search_over_rejected_candidates_is_linear() -> None:
+    """A candidate every 48 bytes that breaks a size rule: 4 MiB took 23 s (the zero-chunk
+    check rescanned its chunk after each), and each still costs an exception."""
+    head = struct.pack("<12I", 1, 1, 0x01012020, 0x906A4, 0x1234, 1, 1, 1, 1024, 0, 0, 0)
+    data = b.INTEL_OLD + (head * (16 * MiB // 48 + 1))[: 16 * MiB]
+    start = time.perf_counter()
+    found = []
+    with pytest.raises(LimitError) as exc:
+        found.extend(intel_ucode.find_updates(data, source="d.bin"))
+    assert time.perf_counter() - start < 5
+    assert [u.revision for u in found] == [0x10]
+    # 4 KiB a rejection against 8 x 16 MiB + 64 MiB: about 49,000 of them (the
+    # header holds three candidates), in the first MiB.
+    assert exc.value.offset < MiB and exc.value.limit == 8 * len(data) + 64 * MiB
+
+
 def test_intel_search_work_is_a_parameter() -> None:
     data = _overlapping_intel(64 * 1024, 32 * 1024)
     with pytest.raises(LimitError):
@@ -375,6 +391,20 @@ def test_amd_search_over_overlapping_candidates_is_bounded() -> None:
     assert found == []
     assert time.perf_counter() - start < 20
     assert peak < 8 * MiB, peak
+
+
+def test_amd_search_over_rejected_candidates_is_bounded() -> None:
+    """A candidate every 12 bytes whose table length is 0: 4 KiB of work each."""
+    data = b.AMD_CONTAINER + (b"DMA\0" + bytes(8)) * (16 * MiB // 12)
+    start = time.perf_counter()
+    found = []
+    with pytest.raises(LimitError) as exc:
+        found.extend(amd_ucode.find_containers(data, source="d.bin"))
+    assert time.perf_counter() - start < 5
+    assert [len(c.patches) for c in found] == [2]
+    # Charged 4 KiB each against 8 x the length + 64 MiB.
+    rejections = (8 * len(data) + 64 * MiB) // 4096
+    assert exc.value.offset == len(b.AMD_CONTAINER) + rejections * 12
 
 
 # ------------------------------------------------------------ .dat text

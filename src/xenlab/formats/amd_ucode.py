@@ -82,6 +82,8 @@ MAX_PATCHES = 1024
 # floor) in candidates it rejects before it gives up.
 _SEARCH_WORK_FACTOR = 8
 _SEARCH_WORK_FLOOR = 64 << 20
+# The least a rejected candidate is charged: about what its Python costs.
+_REJECT_COST = 4096
 
 # Maximum patch sizes (the section length) per family, from Xen's
 # verify_patch_size and Linux's F1XH/F14H limits.  Families not listed
@@ -431,9 +433,10 @@ def find_containers(
 def _rejected_cost(view: memoryview, at: int, limit: int) -> int:
     """The bytes a rejected candidate at ``at`` may have made ``_parse`` look at."""
     if limit - at < CONTAINER_HEADER_SIZE:
-        return CONTAINER_HEADER_SIZE
+        return _REJECT_COST
     elen: int = struct.unpack_from("<I", view, at + 8)[0]
-    return CONTAINER_HEADER_SIZE + min(elen, (MAX_EQUIV_ENTRIES + 1) * EQUIV_ENTRY_SIZE)
+    table = min(elen, (MAX_EQUIV_ENTRIES + 1) * EQUIV_ENTRY_SIZE)
+    return max(_REJECT_COST, CONTAINER_HEADER_SIZE + table)
 
 
 def build_patch(

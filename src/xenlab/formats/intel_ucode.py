@@ -77,6 +77,10 @@ MAX_EXT_SIGNATURES = 1024
 # has few such candidates; crafted data can overlap one every 48 bytes.
 _SEARCH_WORK_FACTOR = 8
 _SEARCH_WORK_FLOOR = 64 << 20
+# What a candidate that fails a structural rule is charged: about what its
+# Python costs (an exception, some 15 us) in numpy summing.  Random data has
+# no candidates (28 fixed bytes); crafted data can put one every 48 bytes.
+_REJECT_COST = 4096
 
 # The bytes every real update has at fixed places: header version 1, loader
 # version 1 at +20 and the reserved upper bytes of the platform flags at +25.
@@ -421,7 +425,8 @@ def find_updates(
     ``checksum_ok=False`` and the search goes on inside it, so a false match
     cannot hide a real update.
 
-    :raise LimitError: the bytes summed in candidates whose checksum failed
+    :raise LimitError: the work on candidates that failed (the bytes summed
+        in those whose checksum fails, 4 KiB for one that breaks a size rule)
         passed ``work`` (default: 8 times the searched length, plus 64 MiB);
         the updates yielded before it stand, the rest is not searched.
     """
@@ -431,8 +436,13 @@ def find_updates(
         if work is None:
             work = _SEARCH_WORK_FACTOR * max(0, limit - pos) + _SEARCH_WORK_FLOOR
         spent = 0
+        checked = -1  # the end of the chunk last found to hold a nonzero byte
         while pos + HEADER_SIZE <= limit:
-            pos = _nonzero_from(view, pos, limit)
+            # Once per chunk: checking again after each rejected candidate
+            # rescanned the rest of the chunk every time (quadratic).
+            if pos >= checked:
+                pos = _nonzero_from(view, pos, limit)
+                checked = min(limit, (pos // _SCAN_CHUNK + 1) * _SCAN_CHUNK)
             chunk_end = min(limit, (pos // _SCAN_CHUNK + 1) * _SCAN_CHUNK)
             match = _CANDIDATE.search(view, pos, min(limit, chunk_end + _CANDIDATE_LEN - 1))
             if match is None or match.start() >= chunk_end:
@@ -442,20 +452,20 @@ def find_updates(
             try:
                 update = _parse(view, at, limit, source)
             except FormatError:
-                pos = at + 1
-                continue
-            yield update
-            if update.checksum_ok:
-                pos = update.end
-                continue
-            spent += update.total_size
+                spent += _REJECT_COST
+            else:
+                yield update
+                if update.checksum_ok:
+                    pos = update.end
+                    continue
+                spent += update.total_size
             if spent > work:
                 raise LimitError(
                     source,
                     at,
                     "search",
-                    f"candidates whose checksum fails overlap so much that checking them "
-                    f"took more than {size_text(work)}; the rest "
+                    f"candidates that fail their checks overlap so much that checking them "
+                    f"took more than {size_text(work)} of work; the rest "
                     f"({at + 1:#x}..{limit:#x}) is not searched",
                     work,
                 )
