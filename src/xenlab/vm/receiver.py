@@ -407,6 +407,11 @@ def serve_receive(
                 _log.warning("receive on %s: refused %s: %s", listen, ch.peer, err)
                 ch.refuse(str(err))
                 continue
+            except Exception as err:  # a bug on a peer's input must not end the receiver
+                _log.warning("receive on %s: refused %s: %s: %s", listen, ch.peer,
+                             type(err).__name__, err)
+                ch.refuse(f"the receiver failed on this request ({type(err).__name__})")
+                continue
             break
     with contextlib.closing(ch.sock):
         return _serve(ts, ch, inc, paused, timeout)
