@@ -190,8 +190,8 @@ def check_request(prep: Mapping[str, Any], *, peer: str, overrides: Sequence[str
 
     ``overrides`` are the receiver's ``key=value`` settings, ``disk_dir`` the
     directory the peer may name files in, ``trust`` the receiver's
-    ``--trust-peer-config``.  Reads existing images in ``disk_dir`` (qemu-img
-    info, in their declared format); changes nothing.
+    ``--trust-peer-config``.  Reads the headers of existing images in
+    ``disk_dir`` (vm.imagecheck, in their declared format); changes nothing.
 
     :raise FormatError: the header is not one.
     :raise ConfigError: the config does not parse.
