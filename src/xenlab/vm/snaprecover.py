@@ -36,14 +36,12 @@ from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job
 from xenlab.vm.qmp import Qmp, job_ids, settle_job
 from xenlab.vm.qmp import run as _run
+from xenlab.vm.snapbackends import drop_nodes_on, entry_backend, node_and_tags
 from xenlab.vm.snapshot import (
     current_id,
     delete_one,
-    drop_nodes_on,
-    entry_backend,
     entry_images,
     has_memory,
-    node_and_tags,
     prune,
     record_created,
     repair_images,

@@ -1,164 +1,27 @@
-"""Snapshots of domains over pluggable disk backends, tree and life-cycle: :func:`create_snapshot`.
+"""Snapshots of domains, their tree and life-cycle: :func:`create_snapshot` and the other verbs.
 
 The verbs (:func:`create_snapshot`, :func:`list_snapshots`,
 :func:`revert_snapshot`, :func:`delete_snapshot`, :func:`snapshot_info`)
 take a :class:`~xenlab.vm.domain.Toolstack` and a domain name, hold the
-domain's lock, and keep the store's snapshot rows in step with the disks.
-They never touch a disk themselves: each disk is handled by a
-:class:`DiskSnapshotBackend` chosen from :data:`BACKENDS` by what the disk
-is, so a new kind of storage is a new backend, not a new command.
-
-Backends
---------
-A backend works on one disk at a time (a :class:`SnapDisk`: its vdev, the
-image the domain runs on now, its format, its *path kind*) and on the
-per-disk mapping it planned for a snapshot (its *entry*, stored in the
-snapshot row's ``disks``, so it must be JSON-ready and hold every path the
-backend needs later):
-
-- ``can_snapshot(disk, live=)`` -> ``None`` or the reason it cannot (shown
-  to the user as is, so say what to do instead);
-- ``plan(disk, tag)`` -> the entry, before anything is made (the row is
-  stored ``creating`` first, so a crash leaves a record of what to clean);
-  raise :class:`XenlabError` if a file it would make exists;
-- ``create(entry, tag, qmp)``: take the snapshot; ``qmp`` is the domain's
-  QMP session when QEMU runs, ``None`` when it is shut off.  It either takes
-  effect or leaves nothing behind.  When the guest must be quiet the verb
-  has already paused it (QMP ``stop`` drains and flushes every disk, so the
-  image is crash-consistent at that instant);
-- ``action(entry, tag, node)``: a QMP ``transaction`` action that takes this
-  disk live, or ``None``.  When every disk offers one, a live snapshot of
-  all disks is one transaction (one instant, all or nothing); otherwise the
-  verb pauses the guest and calls ``create`` disk after disk;
-- ``revert(entry, tag)`` -> ``None``, or the new top image ``{"file",
-  "node"}`` the disk must run on from now on.  Only called with QEMU gone:
-  the verb shuts the domain off first (a snapshot without VM state is only
-  reverted on a shut-off domain, one with VM state is loaded into a QEMU
-  started afterwards on the reverted disks);
-- ``delete(entry, tag, qmp, top)`` -> ``None`` or the disk's new top
-  image; must succeed on what a half-made snapshot left;
-- ``discard(entry, tag, qmp)``: undo a create that failed or was
-  interrupted (the snapshot was never ready);
-- ``list(disk)`` -> the tags this backend finds on the disk;
-- ``layered``: True when a snapshot puts a new top image on the disk (the
-  qcow2 overlays); the verbs then record the top in the domain's
-  ``extra["overlays"]`` so a restart runs on it, and unreferenced layers are
-  pruned after a revert or a delete.
-
-:data:`BACKENDS` maps ``(style, format, path kind)`` to a backend, with
-``"*"`` matching anything; ``style`` is ``"internal"`` (the default) or
-``"external"`` (``--external``).  Path kinds come from the probes in
-:data:`PATH_KINDS` (first answer wins; ``"block"`` for block devices,
-``"file"`` otherwise).  Built in:
-
-=========  ======  =========  ==================================================
-style      format  path kind  backend
-=========  ======  =========  ==================================================
-internal   qcow2   any        ``qcow2-internal``: QMP when live, qemu-img when off
-internal   raw     file       ``raw-copy``: ``cp --reflink=auto`` to
-                              ``<disk>@<tag>``, shut-off domains only
-external   any     file       ``qcow2-external``: qcow2 overlays
-=========  ======  =========  ==================================================
-
-Adding LVM thin, btrfs or ZFS: write a class with the methods above and
-``register_backend(style, format, path_kind, backend)`` it, with a path-kind
-probe in :data:`PATH_KINDS` if the kind is new:
-
-- LVM thin: probe ``"lvm-thin"`` for a block device whose ``lvs -o
-  segtype`` says ``thin``; register it for ``("internal", "raw",
-  "lvm-thin")``.  ``create`` is ``lvcreate -s -n <lv>_<tag>`` (live too:
-  the guest is paused by the verb, and with no ``action`` the verb does
-  that), ``revert`` is ``lvconvert --merge`` of a fresh snapshot of the
-  tag's snapshot (so the tag survives the revert), ``delete`` is
-  ``lvremove``, ``list`` reads ``lvs``.  Not layered: the device path never
-  changes.
-- btrfs: probe ``"btrfs"`` for a file on btrfs (``stat -f``); ``create`` is
-  a reflink copy (``cp --reflink=always``) or a subvolume snapshot of the
-  disk's directory, ``revert`` copies it back, like ``raw-copy`` but allowed
-  live, since a reflink is atomic while the guest is paused.
-- ZFS: probe ``"zvol"`` for ``/dev/zvol/...``; ``zfs snapshot``,
-  ``zfs rollback -r`` (which destroys later snapshots: the backend must then
-  refuse a revert that would drop other tags, or clone instead), ``zfs
-  destroy``.
-
-What every backend must guarantee: the entry records everything needed to
-revert or delete later from a new process; ``create`` is all or nothing per
-disk; ``revert`` and ``delete`` are idempotent enough to be retried after a
-crash (the row stays ``broken`` until they succeed); nothing but the
-domain's own files is touched.
-
-Memory state is not the disk backends' business.  With ``--memory`` the
-verb saves the VM state beside the disks in
-``<state_dir>/snapshots/<domid>/<snap>.mem`` (QMP ``migrate`` to
-``exec:cat > FILE``, since QEMU 7.2 has no ``file:`` URI) while the guest
-is paused at the instant the disks are taken (with ``live`` at the
-migration's ``pre-switchover`` pause), and loads it on revert into a QEMU
-started with ``-incoming defer`` on the reverted disks.  The exception is
-the one format that can hold VM state itself: an internal snapshot of
-qcow2 disks on a live domain keeps it in the first disk's image
-(``snapshot-save``/``snapshot-load`` jobs over all disks at once).
-
-Kinds (``SnapshotKind``): ``internal`` when every disk is
-``qcow2-internal``; otherwise ``external`` with a memory file and
-``disk-only`` without.  Each entry names its ``backend`` (older rows
-without it are internal or qcow2-external by kind).
-
-Behaviours decided (and why):
-
-- The new snapshot's parent is the domain's *current* snapshot, kept in the
-  domain record's ``extra["current_snapshot"]`` (a snapshot id); revert
-  moves it, deleting it moves it to the deleted snapshot's parent.
-- A snapshot with VM state reverts whatever the domain's state: the guest
-  then runs if it ran when the snapshot was taken, unless ``running`` says.
-  Internal ones are loaded with ``snapshot-load`` (a shut-off domain is
-  started paused first); external ones restart QEMU on new overlays.
-- A snapshot *without* VM state needs the domain shut off: QEMU cannot load
-  a disk snapshot under a running guest, and swapping disks under a running
-  kernel would corrupt its file systems anyway.  With ``running`` set the
-  domain is started afterwards.
-- Reverting an external snapshot puts a new overlay
-  ``<disk>.<snap>~<n>.qcow2`` over the images the snapshot froze (the files
-  that were under its overlays) and the domain runs on it; the abandoned
-  branch's overlays are kept while another snapshot's images need them
-  (they are in its backing chain) and removed when nothing does.
-- A snapshot stored in an image (internal, a raw copy) only reverts while
-  the disk runs on that image, not on an overlay above it (that would lose
-  or corrupt the overlay's writes): delete the external snapshots first.
-- Deleting an external snapshot whose images are right under the disk's top
-  commits the top into them (active ``block-commit`` and pivot, or
-  ``qemu-img commit``); otherwise (another branch is current) its layers are
-  just dropped when nothing else needs them.
-- A snapshot with children is deleted only with ``children=True``
-  (descendants first); a snapshot's row is ``creating`` while it is made,
-  ``deleting`` while it is removed and ``ready`` otherwise.  A failed
-  create removes what it made and the row; if the disks already switched to
-  new overlays (they hold the guest's writes) or the cleanup fails, the row
-  is left ``broken`` for ``snapshot-delete``.
-- If QEMU dies during a verb, the disks are repaired with
-  ``qemu-img check -r leaks`` (a killed ``snapshot-save`` leaks clusters),
-  and the domain becomes shut off (it has snapshots), so the previous
-  snapshots still revert.
-- A stale domain (QEMU gone without the toolstack knowing) is refused:
-  ``xenlab vm destroy`` clears it first.
-- Live operations find QEMU's node for an image by its file name
-  (``query-named-block-nodes``), so they work after a restart, which
-  renames the nodes.
+domain's lock, record a job (``vm.jobs``: a killed verb is finished or undone
+by ``vm.snaprecover``), and keep the store's snapshot rows in step with the
+disks.  They never touch a disk themselves: each disk is handled by a backend
+of ``vm.snapbackends`` (qcow2-internal, qcow2-external, raw-copy), chosen by
+what the disk is.  Memory goes to a checked VM state file (``vm.vmstate``)
+except for internal snapshots of qcow2 disks, which keep it in the first
+image.  The design, the backend contract and the behaviours decided are in
+docs/snapshots.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import re
-import shutil
-import stat
-import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat
@@ -167,8 +30,24 @@ from xenlab.vm import qemuimg, saveimage, vmstate
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import on_overlays
 from xenlab.vm.qemu import RuntimePaths
-from xenlab.vm.qmp import Qmp, run_job, settle_job
+from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run_async
+from xenlab.vm.snapbackends import (
+    BACKENDS,
+    JOB_TIMEOUT,
+    PATH_KINDS,
+    SNAPSHOT_NAME,
+    DiskSnapshotBackend,
+    Qcow2Internal,
+    SnapDisk,
+    backend_for,
+    backing_chain,
+    entry_backend,
+    node_of,
+    path_kind,
+    qmp_job,
+    register_backend,
+)
 from xenlab.vm.store import (
     DomainRecord,
     SnapshotKind,
@@ -195,15 +74,6 @@ __all__ = [
     "revert_snapshot",
     "snapshot_info",
 ]
-
-# Jobs that copy the guest's memory: generous under TCG, bounded all the same.
-JOB_TIMEOUT = 300.0
-
-# A name is a QEMU snapshot tag and part of a file name: keep it plain, and
-# never all digits, which qemu-img would take for a snapshot id.  '~' and
-# '@' are left out on purpose: revert overlays and raw copies use them, so
-# their file names never collide with a snapshot's.
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
 
 CURRENT = "current_snapshot"
 OVERLAYS = "overlays"
@@ -260,431 +130,15 @@ class SnapshotInfo:
 
 
 
-# --- disks and backends -----------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SnapDisk:
-    """A writable disk as the domain has it now, as a backend sees it.
-
-    ``file`` is the image the domain runs on (the config's file, or the
-    newest overlay), ``format`` its format, ``node`` QEMU's format node for it
-    as last recorded, ``base`` the config's file, ``path_kind`` what
-    :data:`PATH_KINDS` says ``file`` is.
-    """
-
-    vdev: str
-    file: str
-    format: str
-    node: str
-    base: str
-    path_kind: str
-
-
-class DiskSnapshotBackend(Protocol):
-    """How snapshots of one kind of disk are made, reverted and deleted (module docstring)."""
-
-    name: str
-    layered: bool
-
-    def can_snapshot(self, disk: SnapDisk, *, live: bool) -> str | None:
-        """``None`` if this backend can snapshot ``disk`` now, else why not."""
-        ...
-
-    def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
-        """The JSON-ready entry for snapshot ``tag`` of ``disk``; nothing is made yet."""
-        ...
-
-    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
-        """A QMP transaction action taking the disk live, or ``None``."""
-        ...
-
-    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
-        """Take the snapshot (``qmp`` is ``None`` when the domain is shut off)."""
-        ...
-
-    async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
-        """Bring the disk back to ``tag`` (QEMU is not running); a new top, or ``None``."""
-        ...
-
-    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
-                     top: str) -> str | None:
-        """Remove ``tag``; the disk's new top image if it changed, else ``None``."""
-        ...
-
-    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
-        """Undo whatever a failed ``create`` of ``tag`` left."""
-        ...
-
-    def list(self, disk: SnapDisk) -> set[str]:
-        """The tags of this backend's snapshots found on ``disk``."""
-        ...
-
-
-def _block_or_file(path: str) -> str | None:
-    try:
-        return "block" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
-    except OSError:
-        return "file"
-
-
-# Probes that name what a disk's path is; the first that answers wins, so
-# a more specific probe (say "lvm-thin") goes in front with PATH_KINDS.insert(0, ...).
-PATH_KINDS: list[Callable[[str], str | None]] = [_block_or_file]
-
-BACKENDS: dict[tuple[str, str, str], DiskSnapshotBackend] = {}
-
-
-def register_backend(style: str, fmt: str, path_kind: str,
-                     backend: DiskSnapshotBackend) -> None:
-    """Use ``backend`` for ``style`` snapshots of ``fmt`` disks on ``path_kind`` ("*": any)."""
-    if style not in ("internal", "external"):
-        raise ValueError(f"style must be 'internal' or 'external', not {style!r}")
-    BACKENDS[(style, fmt, path_kind)] = backend
-
-
-def _path_kind(path: str) -> str:
-    for probe in PATH_KINDS:
-        kind = probe(path)
-        if kind:
-            return kind
-    return "file"
-
-
-def backend_for(disk: SnapDisk, style: str) -> DiskSnapshotBackend | None:
-    """The backend registered for ``disk`` and ``style``, most specific first."""
-    for key in ((style, disk.format, disk.path_kind), (style, disk.format, "*"),
-                (style, "*", disk.path_kind), (style, "*", "*")):
-        if key in BACKENDS:
-            return BACKENDS[key]
-    return None
-
-
-def _by_name(name: str) -> DiskSnapshotBackend:
-    for b in BACKENDS.values():
-        if b.name == name:
-            return b
-    raise StateError(f"no snapshot backend named {name!r} is registered here")
-
-
-def entry_backend(s: SnapshotRecord, entry: Mapping[str, Any]) -> DiskSnapshotBackend:
-    name = entry.get("backend")
-    if name is None:  # rows written before backends were recorded
-        name = "qcow2-internal" if s.kind is SnapshotKind.INTERNAL else "qcow2-external"
-    return _by_name(str(name))
-
-
-async def _node_of(qmp: Qmp, file: str, fallback: str) -> str:
-    """QEMU's format node for image ``file`` (nodes are renamed when QEMU restarts)."""
-    return (await node_and_tags(qmp, file, fallback))[0]
-
-
-async def node_and_tags(qmp: Qmp, file: str, fallback: str) -> tuple[str, set[str] | None]:
-    """QEMU's format node for image ``file`` and the internal snapshot tags QEMU sees in it.
-
-    One QMP round trip instead of a ``qemu-img info`` process (about 25 ms);
-    the tags are None when QEMU has no node for the file.
-    """
-    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
-    want = os.path.realpath(file)
-    if isinstance(nodes, list):
-        for n in nodes:
-            if (isinstance(n, dict) and n.get("drv") not in ("file", "host_device")
-                    and isinstance(n.get("file"), str)
-                    and os.path.realpath(n["file"]) == want and n.get("node-name")):
-                image = n.get("image")
-                snaps = image.get("snapshots", ()) if isinstance(image, dict) else ()
-                return str(n["node-name"]), {str(t.get("name")) for t in snaps
-                                             if isinstance(t, dict)}
-    return fallback, None
-
-
-async def drop_nodes_on(qmp: Qmp, file: str) -> list[str]:
-    """Delete QEMU's block nodes on image ``file`` that no device uses any more; their names.
-
-    Nodes made with ``-blockdev`` or ``blockdev-add`` outlive a commit or a
-    pivot away from them, and keep the image below them "busy" for the next
-    snapshot.  A node still in use is left (QEMU refuses), silently.
-    """
-    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
-    want = os.path.realpath(file)
-    on = [n for n in nodes if isinstance(n, dict) and isinstance(n.get("file"), str)
-          and os.path.realpath(n["file"]) == want and n.get("node-name")
-          ] if isinstance(nodes, list) else []
-    # Format nodes before their protocol (file) nodes: a parent goes first.
-    on.sort(key=lambda n: n.get("drv") in ("file", "host_device"))
-    dropped = []
-    for n in on:
-        try:
-            await qmp.execute("blockdev-del", {"node-name": n["node-name"]})
-        except BackendError:
-            continue
-        dropped.append(str(n["node-name"]))
-    return dropped
-
-
-async def qemu_uses(qmp: Qmp, file: str) -> bool:
-    """True when QEMU has a block node on image ``file`` (it may be writing to it)."""
-    node, _ = await node_and_tags(qmp, file, "")
-    return bool(node)
-
-
-def _backing(path: str, fmt: str = "qcow2") -> str | None:
-    """The backing file of image ``path`` (absolute, real), or None."""
-    found = qemuimg.backing_of(path, fmt)
-    return None if found is None else found[0]
-
-
-def _chain(path: str, fmt: str) -> list[str]:
-    """``path`` and every image below it, real paths; [] when ``path`` is missing."""
-    return qemuimg.backing_chain(path, fmt)
-
-
-class Qcow2Internal:
-    """Internal snapshots inside qcow2 images: QMP when live, qemu-img when shut off."""
-
-    name = "qcow2-internal"
-    layered = False
-
-    def can_snapshot(self, disk: SnapDisk, *, live: bool) -> str | None:
-        if disk.format != "qcow2":
-            return (f"it is {disk.format}: an internal snapshot needs qcow2 "
-                    "(use an external snapshot)")
-        return None
-
-    def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
-        return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node}
-
-    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
-        return {"type": "blockdev-snapshot-internal-sync",
-                "data": {"device": node, "name": tag}}
-
-    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
-        if qmp is None:
-            qemuimg.snapshot("create", tag, entry["file"])
-        else:
-            node = await _node_of(qmp, entry["file"], entry["node"])
-            await qmp.execute("blockdev-snapshot-internal-sync", {"device": node, "name": tag})
-
-    async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
-        qemuimg.snapshot("apply", tag, entry["file"])
-        return None
-
-    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
-                     top: str) -> str | None:
-        await self.discard(entry, tag, qmp)
-        return None
-
-    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
-        f = entry["file"]
-        if not Path(f).exists():
-            return
-        if qmp is None:
-            if tag in qemuimg.snapshot_tags(f):
-                qemuimg.snapshot("delete", tag, f)
-        else:
-            node, tags = await node_and_tags(qmp, f, entry["node"])
-            if tag not in (qemuimg.snapshot_tags(f) if tags is None else tags):
-                return
-            # The snapshot-delete job, not the -sync command: the image may
-            # sit below an overlay, and the sync command only takes root nodes.
-            await _job(qmp, "snapshot-delete", {"job-id": f"delete-{tag}-{entry['vdev']}",
-                                                "tag": tag, "devices": [node]}, JOB_TIMEOUT)
-
-    def list(self, disk: SnapDisk) -> set[str]:
-        return qemuimg.snapshot_tags(disk.file) if Path(disk.file).exists() else set()
-
-
-class Qcow2External:
-    """External snapshots: a qcow2 overlay ``<disk>.<tag>.qcow2`` takes the writes from then on."""
-
-    name = "qcow2-external"
-    layered = True
-
-    def can_snapshot(self, disk: SnapDisk, *, live: bool) -> str | None:
-        return None
-
-    def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
-        overlay = f"{disk.base}.{tag}.qcow2"
-        if Path(overlay).exists():
-            raise XenlabError(f"overlay {overlay} exists already")
-        return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node,
-                "overlay": overlay, "overlay_node": f"{disk.vdev}-{tag}"}
-
-    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
-        return {"type": "blockdev-snapshot-sync", "data": {
-            "node-name": node, "snapshot-file": entry["overlay"],
-            "snapshot-node-name": entry["overlay_node"], "format": "qcow2",
-            "mode": "absolute-paths"}}
-
-    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
-        if qmp is None:
-            qemuimg.create(entry["overlay"], "qcow2", backing=entry["file"],
-                           backing_fmt=entry["format"])
-            return
-        node = await _node_of(qmp, entry["file"], entry["node"])
-        try:
-            await qmp.execute("transaction", {"actions": [self.action(entry, tag, node)]})
-        except BaseException:
-            Path(entry["overlay"]).unlink(missing_ok=True)
-            raise
-
-    async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
-        # A fresh overlay over the frozen images: the snapshot stays revertible.
-        stem = str(entry["overlay"])[: -len(".qcow2")]
-        n = 1
-        while Path(f"{stem}~{n}.qcow2").exists():
-            n += 1
-        new = f"{stem}~{n}.qcow2"
-        qemuimg.create(new, "qcow2", backing=entry["file"], backing_fmt=entry["format"])
-        return {"file": new, "node": f"{entry['vdev']}-fmt"}
-
-    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
-                     top: str) -> str | None:
-        frozen = os.path.realpath(entry["file"])
-        if (not Path(top).exists() or os.path.realpath(top) == frozen
-                or _backing(top) != frozen):
-            return None  # another branch is current: nothing to merge, layers get pruned
-        # The top holds what happened since the snapshot: merge it down.
-        if qmp is None:
-            qemuimg.commit(top, "qcow2", timeout=JOB_TIMEOUT)
-        else:
-            job = f"commit-{entry['vdev']}"
-            await settle_job(qmp, job, JOB_TIMEOUT, complete_on_ready=True)
-            top_node = await _node_of(qmp, top, entry["overlay_node"])
-            base_node = await _node_of(qmp, entry["file"], entry["node"])
-            # Active commit: the top's data goes down into the node below and
-            # the device pivots onto it when the job completes.
-            await qmp.execute("block-commit", {
-                "job-id": job, "device": top_node, "base-node": base_node,
-                "auto-dismiss": False, "auto-finalize": True,
-            })
-            faults.point("snapshot-delete.commit-started")
-            await run_job(qmp, job, JOB_TIMEOUT, complete_on_ready=True)
-            # A top opened with -blockdev (a restart on an overlay) stays in
-            # QEMU's graph after the pivot, holding the image below "busy".
-            await drop_nodes_on(qmp, top)
-        Path(top).unlink(missing_ok=True)
-        return str(entry["file"])
-
-    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
-        overlay = str(entry["overlay"])
-        if qmp is not None and await qemu_uses(qmp, overlay):
-            # The guest writes there: removing it would lose its writes.
-            raise BackendError(f"QEMU runs disk {entry['vdev']} on {overlay}: not removed")
-        Path(overlay).unlink(missing_ok=True)
-
-    def list(self, disk: SnapDisk) -> set[str]:
-        prefix = Path(disk.base).name + "."
-        out = set()
-        for p in Path(disk.base).parent.glob(glob_escape(prefix) + "*.qcow2"):
-            tag = p.name[len(prefix): -len(".qcow2")]
-            if _NAME.fullmatch(tag):
-                out.add(tag)
-        return out
-
-
-class RawCopy:
-    """Raw files of shut-off domains copied to ``<disk>@<tag>`` (reflinked where possible)."""
-
-    name = "raw-copy"
-    layered = False
-
-    def can_snapshot(self, disk: SnapDisk, *, live: bool) -> str | None:
-        if live:
-            return (f"it is {disk.format}: raw copies need the domain shut off "
-                    "(use --external for a qcow2 overlay)")
-        return None
-
-    def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
-        copy = f"{disk.file}@{tag}"
-        if Path(copy).exists():
-            raise XenlabError(f"snapshot copy {copy} exists already")
-        return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node,
-                "copy": copy}
-
-    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
-        return None
-
-    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
-        if qmp is not None:
-            raise StateError("raw copies need the domain shut off")
-        _copy(entry["file"], entry["copy"])
-
-    async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
-        if not Path(entry["copy"]).exists():
-            raise StateError(f"snapshot copy {entry['copy']} is missing")
-        _copy(entry["copy"], entry["file"])
-        return None
-
-    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
-                     top: str) -> str | None:
-        Path(entry["copy"]).unlink(missing_ok=True)
-        return None
-
-    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
-        Path(entry["copy"]).unlink(missing_ok=True)
-        Path(entry["copy"] + ".tmp").unlink(missing_ok=True)
-
-    def list(self, disk: SnapDisk) -> set[str]:
-        prefix = Path(disk.file).name + "@"
-        return {p.name[len(prefix):] for p in Path(disk.file).parent.glob(
-            glob_escape(prefix) + "*") if _NAME.fullmatch(p.name[len(prefix):])}
-
-
-def glob_escape(s: str) -> str:
-    """``s`` with glob's special characters taken literally."""
-    return re.sub(r"([*?\[])", r"[\1]", s)
-
-
-def _copy(src: str, dst: str) -> None:
-    """Copy ``src`` over ``dst`` all at once (a temporary file renamed): reflinked, sparse."""
-    tmp = f"{dst}.tmp"
-    try:
-        proc = subprocess.run(["cp", "--reflink=auto", "--sparse=always", src, tmp],
-                              capture_output=True, text=True, check=False, timeout=JOB_TIMEOUT)
-        if proc.returncode != 0:
-            raise BackendError(f"cp {src} {tmp}: {proc.stderr.strip() or proc.returncode}")
-        with contextlib.suppress(OSError):
-            shutil.copymode(dst if Path(dst).exists() else src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-register_backend("internal", "qcow2", "*", Qcow2Internal())
-register_backend("internal", "raw", "file", RawCopy())
-register_backend("external", "*", "file", Qcow2External())
-
-
 # --- helpers ----------------------------------------------------------------
 
 
 def _check_name(snap: str) -> None:
-    if not _NAME.fullmatch(snap) or snap.isdigit() or snap in (".", ".."):
+    if not SNAPSHOT_NAME.fullmatch(snap) or snap.isdigit() or snap in (".", ".."):
         raise XenlabError(
             f"bad snapshot name {snap!r}: use 1-64 letters, digits, '_', '.', '+', '-' "
             "(not all digits)"
         )
-
-
-def _img(*args: str, timeout: float = 120.0) -> str:
-    """Run ``qemu-img ARGS`` (kept for vm.migrate until it calls vm.qemuimg itself)."""
-    try:
-        proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True,
-                              check=False, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise BackendError(f"qemu-img {' '.join(args)}: {err}") from err
-    if proc.returncode != 0:
-        msg = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
-        raise BackendError(f"qemu-img {args[0]} {args[-1]}: {msg}")
-    return proc.stdout
-
-
-def _img_tags(path: str) -> set[str]:
-    """The internal snapshot names in qcow2 image ``path`` (kept for vm.migrate)."""
-    return qemuimg.snapshot_tags(path)
 
 
 def repair_images(images: Sequence[tuple[str, str]]) -> None:
@@ -724,14 +178,11 @@ def snap_disks(ts: Toolstack, rec: DomainRecord) -> list[SnapDisk]:
         top = overlays.get(d.vdev)
         if top is not None:
             out.append(SnapDisk(d.vdev, top["file"], "qcow2", top["node"], base,
-                                _path_kind(top["file"])))
+                                path_kind(top["file"])))
         else:
             out.append(SnapDisk(d.vdev, base, fmt, nodes.get(d.vdev, f"{d.vdev}-fmt"),
-                                base, _path_kind(base)))
+                                base, path_kind(base)))
     return out
-
-
-_disks = snap_disks  # vm.migrate's name for it, until it moves to snap_disks
 
 
 def tops_of(ts: Toolstack, rec: DomainRecord) -> dict[str, str]:
@@ -813,22 +264,12 @@ def prune(ts: Toolstack, domid: int, candidates: set[str]) -> list[str]:
         roots.update(entry_images(s.disks))
     needed: set[str] = set()
     for r, fmt in roots:
-        needed.update(_chain(r, fmt) or [os.path.realpath(r)])
+        needed.update(backing_chain(r, fmt) or [os.path.realpath(r)])
     removed = []
     for real in sorted(maybe - needed):
         Path(real).unlink()
         removed.append(real)
     return removed
-
-
-async def _job(qmp: Qmp, cmd: str, args: dict[str, object], timeout: float) -> None:
-    job_id = str(args["job-id"])
-    # A killed command may have left a job of this id in QEMU: its id is
-    # taken until it is dismissed.
-    await settle_job(qmp, job_id, timeout)
-    await qmp.execute(cmd, args)
-    faults.point(f"job.{cmd}.started")
-    await run_job(qmp, job_id, timeout)
 
 
 async def wait_migration(qmp: Qmp, until: set[str], timeout: float, what: str) -> str:
@@ -1008,7 +449,7 @@ async def _take_disks(qmp: Qmp, pairs: Sequence[Pair], snap: str, state: str,
     """Take every disk at one instant: one transaction, or one by one with the guest paused."""
     actions = []
     for e, b in pairs:
-        a = b.action(e, snap, await _node_of(qmp, e["file"], e["node"]))
+        a = b.action(e, snap, await node_of(qmp, e["file"], e["node"]))
         if a is None:
             break
         actions.append(a)
@@ -1044,8 +485,8 @@ async def _internal_save(ts: Toolstack, rec: DomainRecord, entries: Sequence[Map
                          snap: str, timeout: float) -> None:
     """qcow2's own speciality: disks and VM state in the images, one snapshot-save job."""
     async with Qmp.open(ts.paths(rec).qmp) as qmp:
-        nodes = [await _node_of(qmp, e["file"], e["node"]) for e in entries]
-        await _job(qmp, "snapshot-save", {
+        nodes = [await node_of(qmp, e["file"], e["node"]) for e in entries]
+        await qmp_job(qmp, "snapshot-save", {
             "job-id": f"save-{snap}", "tag": snap, "vmstate": nodes[0], "devices": nodes,
         }, timeout)
 
@@ -1343,9 +784,9 @@ async def _load_memory(paths: RuntimePaths, fd: int, go: bool, timeout: float,
 async def _load(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, go: bool,
                 timeout: float) -> None:
     async with Qmp.open(ts.paths(rec).qmp) as qmp:
-        nodes = [await _node_of(qmp, d["file"], d["node"]) for d in s.disks]
+        nodes = [await node_of(qmp, d["file"], d["node"]) for d in s.disks]
         vm = next(n for n, d in zip(nodes, s.disks, strict=True) if d.get("vmstate"))
-        await _job(qmp, "snapshot-load", {
+        await qmp_job(qmp, "snapshot-load", {
             "job-id": f"load-{s.name}", "tag": s.name, "vmstate": vm, "devices": nodes,
         }, timeout)
         st = await qmp.execute("query-status")

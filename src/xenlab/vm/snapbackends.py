@@ -1,0 +1,473 @@
+"""How each kind of disk is snapshotted: :class:`DiskSnapshotBackend` and the built-in backends.
+
+A backend works on one disk at a time (a :class:`SnapDisk`) and on the JSON
+entry it planned for a snapshot; :data:`BACKENDS` maps ``(style, format,
+path kind)`` to one, with ``"*"`` for anything, and :func:`register_backend`
+adds more (LVM thin, btrfs, ZFS: see docs/snapshots.md for the contract and
+how).  Built in: ``qcow2-internal`` (QMP when live, qemu-img when shut off),
+``qcow2-external`` (an overlay ``<disk>.<tag>.qcow2``) and ``raw-copy``
+(``cp --reflink`` to ``<disk>@<tag>``, shut-off domains only).  Live
+operations find QEMU's node for an image by its file name, so they work
+after a restart renamed the nodes; nothing here removes a file QEMU still
+writes to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from xenlab import faults
+from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.vm import qemuimg
+from xenlab.vm.qmp import Qmp, run_job, settle_job
+from xenlab.vm.store import SnapshotKind, SnapshotRecord
+
+__all__ = [
+    "BACKENDS",
+    "JOB_TIMEOUT",
+    "PATH_KINDS",
+    "SNAPSHOT_NAME",
+    "DiskSnapshotBackend",
+    "Qcow2External",
+    "Qcow2Internal",
+    "RawCopy",
+    "SnapDisk",
+    "backend_for",
+    "backing_chain",
+    "backing_file",
+    "drop_nodes_on",
+    "entry_backend",
+    "glob_escape",
+    "node_and_tags",
+    "node_of",
+    "path_kind",
+    "qemu_uses",
+    "qmp_job",
+    "register_backend",
+]
+
+# Jobs that copy the guest's memory: generous under TCG, bounded all the same.
+JOB_TIMEOUT = 300.0
+
+# A name is a QEMU snapshot tag and part of a file name: keep it plain, and
+# never all digits, which qemu-img would take for a snapshot id.  '~' and
+# '@' are left out on purpose: revert overlays and raw copies use them, so
+# their file names never collide with a snapshot's.
+SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class SnapDisk:
+    """A writable disk as the domain has it now, as a backend sees it.
+
+    ``file`` is the image the domain runs on (the config's file, or the
+    newest overlay), ``format`` its format, ``node`` QEMU's format node for it
+    as last recorded, ``base`` the config's file, ``path_kind`` what
+    :data:`PATH_KINDS` says ``file`` is.
+    """
+
+    vdev: str
+    file: str
+    format: str
+    node: str
+    base: str
+    path_kind: str
+
+
+class DiskSnapshotBackend(Protocol):
+    """How snapshots of one kind of disk are made, reverted and deleted (module docstring)."""
+
+    name: str
+    layered: bool
+
+    def can_snapshot(self, disk: SnapDisk, *, live: bool) -> str | None:
+        """``None`` if this backend can snapshot ``disk`` now, else why not."""
+        ...
+
+    def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
+        """The JSON-ready entry for snapshot ``tag`` of ``disk``; nothing is made yet."""
+        ...
+
+    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
+        """A QMP transaction action taking the disk live, or ``None``."""
+        ...
+
+    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        """Take the snapshot (``qmp`` is ``None`` when the domain is shut off)."""
+        ...
+
+    async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
+        """Bring the disk back to ``tag`` (QEMU is not running); a new top, or ``None``."""
+        ...
+
+    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
+                     top: str) -> str | None:
+        """Remove ``tag``; the disk's new top image if it changed, else ``None``."""
+        ...
+
+    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        """Undo whatever a failed ``create`` of ``tag`` left."""
+        ...
+
+    def list(self, disk: SnapDisk) -> set[str]:
+        """The tags of this backend's snapshots found on ``disk``."""
+        ...
+
+
+def _block_or_file(path: str) -> str | None:
+    try:
+        return "block" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
+    except OSError:
+        return "file"
+
+
+# Probes that name what a disk's path is; the first that answers wins, so
+# a more specific probe (say "lvm-thin") goes in front with PATH_KINDS.insert(0, ...).
+PATH_KINDS: list[Callable[[str], str | None]] = [_block_or_file]
+
+BACKENDS: dict[tuple[str, str, str], DiskSnapshotBackend] = {}
+
+
+def register_backend(style: str, fmt: str, path_kind: str,
+                     backend: DiskSnapshotBackend) -> None:
+    """Use ``backend`` for ``style`` snapshots of ``fmt`` disks on ``path_kind`` ("*": any)."""
+    if style not in ("internal", "external"):
+        raise ValueError(f"style must be 'internal' or 'external', not {style!r}")
+    BACKENDS[(style, fmt, path_kind)] = backend
+
+
+def path_kind(path: str) -> str:
+    for probe in PATH_KINDS:
+        kind = probe(path)
+        if kind:
+            return kind
+    return "file"
+
+
+def backend_for(disk: SnapDisk, style: str) -> DiskSnapshotBackend | None:
+    """The backend registered for ``disk`` and ``style``, most specific first."""
+    for key in ((style, disk.format, disk.path_kind), (style, disk.format, "*"),
+                (style, "*", disk.path_kind), (style, "*", "*")):
+        if key in BACKENDS:
+            return BACKENDS[key]
+    return None
+
+
+def _by_name(name: str) -> DiskSnapshotBackend:
+    for b in BACKENDS.values():
+        if b.name == name:
+            return b
+    raise StateError(f"no snapshot backend named {name!r} is registered here")
+
+
+def entry_backend(s: SnapshotRecord, entry: Mapping[str, Any]) -> DiskSnapshotBackend:
+    name = entry.get("backend")
+    if name is None:  # rows written before backends were recorded
+        name = "qcow2-internal" if s.kind is SnapshotKind.INTERNAL else "qcow2-external"
+    return _by_name(str(name))
+
+
+async def node_of(qmp: Qmp, file: str, fallback: str) -> str:
+    """QEMU's format node for image ``file`` (nodes are renamed when QEMU restarts)."""
+    return (await node_and_tags(qmp, file, fallback))[0]
+
+
+async def node_and_tags(qmp: Qmp, file: str, fallback: str) -> tuple[str, set[str] | None]:
+    """QEMU's format node for image ``file`` and the internal snapshot tags QEMU sees in it.
+
+    One QMP round trip instead of a ``qemu-img info`` process (about 25 ms);
+    the tags are None when QEMU has no node for the file.
+    """
+    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+    want = os.path.realpath(file)
+    if isinstance(nodes, list):
+        for n in nodes:
+            if (isinstance(n, dict) and n.get("drv") not in ("file", "host_device")
+                    and isinstance(n.get("file"), str)
+                    and os.path.realpath(n["file"]) == want and n.get("node-name")):
+                image = n.get("image")
+                snaps = image.get("snapshots", ()) if isinstance(image, dict) else ()
+                return str(n["node-name"]), {str(t.get("name")) for t in snaps
+                                             if isinstance(t, dict)}
+    return fallback, None
+
+
+async def drop_nodes_on(qmp: Qmp, file: str) -> list[str]:
+    """Delete QEMU's block nodes on image ``file`` that no device uses any more; their names.
+
+    Nodes made with ``-blockdev`` or ``blockdev-add`` outlive a commit or a
+    pivot away from them, and keep the image below them "busy" for the next
+    snapshot.  A node still in use is left (QEMU refuses), silently.
+    """
+    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+    want = os.path.realpath(file)
+    on = [n for n in nodes if isinstance(n, dict) and isinstance(n.get("file"), str)
+          and os.path.realpath(n["file"]) == want and n.get("node-name")
+          ] if isinstance(nodes, list) else []
+    # Format nodes before their protocol (file) nodes: a parent goes first.
+    on.sort(key=lambda n: n.get("drv") in ("file", "host_device"))
+    dropped = []
+    for n in on:
+        try:
+            await qmp.execute("blockdev-del", {"node-name": n["node-name"]})
+        except BackendError:
+            continue
+        dropped.append(str(n["node-name"]))
+    return dropped
+
+
+async def qemu_uses(qmp: Qmp, file: str) -> bool:
+    """True when QEMU has a block node on image ``file`` (it may be writing to it)."""
+    node, _ = await node_and_tags(qmp, file, "")
+    return bool(node)
+
+
+def backing_file(path: str, fmt: str = "qcow2") -> str | None:
+    """The backing file of image ``path`` (absolute, real), or None."""
+    found = qemuimg.backing_of(path, fmt)
+    return None if found is None else found[0]
+
+
+def backing_chain(path: str, fmt: str) -> list[str]:
+    """``path`` and every image below it, real paths; [] when ``path`` is missing."""
+    return qemuimg.backing_chain(path, fmt)
+
+
+class Qcow2Internal:
+    """Internal snapshots inside qcow2 images: QMP when live, qemu-img when shut off."""
+
+    name = "qcow2-internal"
+    layered = False
+
+    def can_snapshot(self, disk: SnapDisk, *, live: bool) -> str | None:
+        if disk.format != "qcow2":
+            return (f"it is {disk.format}: an internal snapshot needs qcow2 "
+                    "(use an external snapshot)")
+        return None
+
+    def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
+        return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node}
+
+    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
+        return {"type": "blockdev-snapshot-internal-sync",
+                "data": {"device": node, "name": tag}}
+
+    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        if qmp is None:
+            qemuimg.snapshot("create", tag, entry["file"])
+        else:
+            node = await node_of(qmp, entry["file"], entry["node"])
+            await qmp.execute("blockdev-snapshot-internal-sync", {"device": node, "name": tag})
+
+    async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
+        qemuimg.snapshot("apply", tag, entry["file"])
+        return None
+
+    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
+                     top: str) -> str | None:
+        await self.discard(entry, tag, qmp)
+        return None
+
+    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        f = entry["file"]
+        if not Path(f).exists():
+            return
+        if qmp is None:
+            if tag in qemuimg.snapshot_tags(f):
+                qemuimg.snapshot("delete", tag, f)
+        else:
+            node, tags = await node_and_tags(qmp, f, entry["node"])
+            if tag not in (qemuimg.snapshot_tags(f) if tags is None else tags):
+                return
+            # The snapshot-delete job, not the -sync command: the image may
+            # sit below an overlay, and the sync command only takes root nodes.
+            await qmp_job(qmp, "snapshot-delete", {"job-id": f"delete-{tag}-{entry['vdev']}",
+                                                "tag": tag, "devices": [node]}, JOB_TIMEOUT)
+
+    def list(self, disk: SnapDisk) -> set[str]:
+        return qemuimg.snapshot_tags(disk.file) if Path(disk.file).exists() else set()
+
+
+class Qcow2External:
+    """External snapshots: a qcow2 overlay ``<disk>.<tag>.qcow2`` takes the writes from then on."""
+
+    name = "qcow2-external"
+    layered = True
+
+    def can_snapshot(self, disk: SnapDisk, *, live: bool) -> str | None:
+        return None
+
+    def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
+        overlay = f"{disk.base}.{tag}.qcow2"
+        if Path(overlay).exists():
+            raise XenlabError(f"overlay {overlay} exists already")
+        return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node,
+                "overlay": overlay, "overlay_node": f"{disk.vdev}-{tag}"}
+
+    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
+        return {"type": "blockdev-snapshot-sync", "data": {
+            "node-name": node, "snapshot-file": entry["overlay"],
+            "snapshot-node-name": entry["overlay_node"], "format": "qcow2",
+            "mode": "absolute-paths"}}
+
+    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        if qmp is None:
+            qemuimg.create(entry["overlay"], "qcow2", backing=entry["file"],
+                           backing_fmt=entry["format"])
+            return
+        node = await node_of(qmp, entry["file"], entry["node"])
+        try:
+            await qmp.execute("transaction", {"actions": [self.action(entry, tag, node)]})
+        except BaseException:
+            Path(entry["overlay"]).unlink(missing_ok=True)
+            raise
+
+    async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
+        # A fresh overlay over the frozen images: the snapshot stays revertible.
+        stem = str(entry["overlay"])[: -len(".qcow2")]
+        n = 1
+        while Path(f"{stem}~{n}.qcow2").exists():
+            n += 1
+        new = f"{stem}~{n}.qcow2"
+        qemuimg.create(new, "qcow2", backing=entry["file"], backing_fmt=entry["format"])
+        return {"file": new, "node": f"{entry['vdev']}-fmt"}
+
+    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
+                     top: str) -> str | None:
+        frozen = os.path.realpath(entry["file"])
+        if (not Path(top).exists() or os.path.realpath(top) == frozen
+                or backing_file(top) != frozen):
+            return None  # another branch is current: nothing to merge, layers get pruned
+        # The top holds what happened since the snapshot: merge it down.
+        if qmp is None:
+            qemuimg.commit(top, "qcow2", timeout=JOB_TIMEOUT)
+        else:
+            job = f"commit-{entry['vdev']}"
+            await settle_job(qmp, job, JOB_TIMEOUT, complete_on_ready=True)
+            top_node = await node_of(qmp, top, entry["overlay_node"])
+            base_node = await node_of(qmp, entry["file"], entry["node"])
+            # Active commit: the top's data goes down into the node below and
+            # the device pivots onto it when the job completes.
+            await qmp.execute("block-commit", {
+                "job-id": job, "device": top_node, "base-node": base_node,
+                "auto-dismiss": False, "auto-finalize": True,
+            })
+            faults.point("snapshot-delete.commit-started")
+            await run_job(qmp, job, JOB_TIMEOUT, complete_on_ready=True)
+            # A top opened with -blockdev (a restart on an overlay) stays in
+            # QEMU's graph after the pivot, holding the image below "busy".
+            await drop_nodes_on(qmp, top)
+        Path(top).unlink(missing_ok=True)
+        return str(entry["file"])
+
+    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        overlay = str(entry["overlay"])
+        if qmp is not None and await qemu_uses(qmp, overlay):
+            # The guest writes there: removing it would lose its writes.
+            raise BackendError(f"QEMU runs disk {entry['vdev']} on {overlay}: not removed")
+        Path(overlay).unlink(missing_ok=True)
+
+    def list(self, disk: SnapDisk) -> set[str]:
+        prefix = Path(disk.base).name + "."
+        out = set()
+        for p in Path(disk.base).parent.glob(glob_escape(prefix) + "*.qcow2"):
+            tag = p.name[len(prefix): -len(".qcow2")]
+            if SNAPSHOT_NAME.fullmatch(tag):
+                out.add(tag)
+        return out
+
+
+class RawCopy:
+    """Raw files of shut-off domains copied to ``<disk>@<tag>`` (reflinked where possible)."""
+
+    name = "raw-copy"
+    layered = False
+
+    def can_snapshot(self, disk: SnapDisk, *, live: bool) -> str | None:
+        if live:
+            return (f"it is {disk.format}: raw copies need the domain shut off "
+                    "(use --external for a qcow2 overlay)")
+        return None
+
+    def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
+        copy = f"{disk.file}@{tag}"
+        if Path(copy).exists():
+            raise XenlabError(f"snapshot copy {copy} exists already")
+        return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node,
+                "copy": copy}
+
+    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
+        return None
+
+    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        if qmp is not None:
+            raise StateError("raw copies need the domain shut off")
+        copy_whole(entry["file"], entry["copy"])
+
+    async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
+        if not Path(entry["copy"]).exists():
+            raise StateError(f"snapshot copy {entry['copy']} is missing")
+        copy_whole(entry["copy"], entry["file"])
+        return None
+
+    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
+                     top: str) -> str | None:
+        Path(entry["copy"]).unlink(missing_ok=True)
+        return None
+
+    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+        Path(entry["copy"]).unlink(missing_ok=True)
+        Path(entry["copy"] + ".tmp").unlink(missing_ok=True)
+
+    def list(self, disk: SnapDisk) -> set[str]:
+        prefix = Path(disk.file).name + "@"
+        return {p.name[len(prefix):] for p in Path(disk.file).parent.glob(
+            glob_escape(prefix) + "*") if SNAPSHOT_NAME.fullmatch(p.name[len(prefix):])}
+
+
+def glob_escape(s: str) -> str:
+    """``s`` with glob's special characters taken literally."""
+    return re.sub(r"([*?\[])", r"[\1]", s)
+
+
+def copy_whole(src: str, dst: str) -> None:
+    """Copy ``src`` over ``dst`` all at once (a temporary file renamed): reflinked, sparse."""
+    tmp = f"{dst}.tmp"
+    try:
+        proc = subprocess.run(["cp", "--reflink=auto", "--sparse=always", src, tmp],
+                              capture_output=True, text=True, check=False, timeout=JOB_TIMEOUT)
+        if proc.returncode != 0:
+            raise BackendError(f"cp {src} {tmp}: {proc.stderr.strip() or proc.returncode}")
+        with contextlib.suppress(OSError):
+            shutil.copymode(dst if Path(dst).exists() else src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+
+
+
+async def qmp_job(qmp: Qmp, cmd: str, args: dict[str, object], timeout: float) -> None:
+    job_id = str(args["job-id"])
+    # A killed command may have left a job of this id in QEMU: its id is
+    # taken until it is dismissed.
+    await settle_job(qmp, job_id, timeout)
+    await qmp.execute(cmd, args)
+    faults.point(f"job.{cmd}.started")
+    await run_job(qmp, job_id, timeout)
+
+
+register_backend("internal", "qcow2", "*", Qcow2Internal())
+register_backend("internal", "raw", "file", RawCopy())
+register_backend("external", "*", "file", Qcow2External())
