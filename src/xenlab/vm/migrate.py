@@ -205,9 +205,7 @@ def migrate(
         if not token:
             raise XenlabError(f"migrate {name} to {dest}: the receiver wants the token it "
                               "printed (--token TOKEN or --token-file FILE)")
-    rec = ts._live(name)
-    with ts.store.lock(rec.domid):
-        rec = ts._live(str(rec.domid))
+    with ts.live(name) as rec:
         snaps = ts.store.list_snapshots(rec.domid)
         if snaps and (with_storage or not isinstance(dest, Toolstack)):
             raise StateError(
