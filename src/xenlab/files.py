@@ -55,20 +55,20 @@ def read_bounded(path: str | Path, limit: int, *, what: str = "file") -> bytes:
     try:
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             raise XenlabError(f"{name}: is a directory")
-        parts: list[bytes] = []
-        have = 0
-        while have <= limit:
+        # One buffer, grown as data comes: the peak stays near the limit
+        # (a list of chunks joined at the end would need twice that).
+        buf = bytearray()
+        while len(buf) <= limit:
             try:
-                chunk = os.read(fd, min(_CHUNK, limit + 1 - have))
+                chunk = os.read(fd, min(_CHUNK, limit + 1 - len(buf)))
             except OSError as err:
                 raise XenlabError(f"{name}: cannot read: {err.strerror or err}") from err
             if not chunk:
                 break
-            parts.append(chunk)
-            have += len(chunk)
-        if have > limit:
+            buf += chunk
+        if len(buf) > limit:
             raise InputTooLargeError(name, limit, what)
-        return b"".join(parts)
+        return bytes(buf)
     finally:
         os.close(fd)
 
