@@ -481,8 +481,8 @@ def test_a_real_source_migrates_in_while_the_receiver_is_attacked(
         try:
             # Its own toolstack: SQLite objects stay in the thread that made them.
             got.append(mig.serve_receive(
-                Toolstack(tmp_path / "host-b"), "127.0.0.1:0", token=token, disk_dir=tmp_path, accept_timeout=120,
-                timeout=120, on_listen=listening))
+                Toolstack(tmp_path / "host-b"), "127.0.0.1:0", token=token,
+                disk_dir=tmp_path, accept_timeout=120, timeout=120, on_listen=listening))
         except BaseException as err:  # handed to the test
             got.append(err)
             ready.set()

@@ -49,7 +49,7 @@ from xenlab.config.errors import ConfigError
 from xenlab.config.specs.disk import DiskFormat, parse_disk
 from xenlab.config.specs.vif import parse_vif
 from xenlab.errors import XenlabError
-from xenlab.vm.domain import check_domain_name, config_from_text
+from xenlab.vm.domconfig import check_domain_name, config_from_text
 from xenlab.vm.imagecheck import UnsafeImageError, check_disk_image
 from xenlab.vm.saveimage import DiskMove, SaveHeader, header_from_json
 

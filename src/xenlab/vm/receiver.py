@@ -54,7 +54,8 @@ from xenlab.vm.control import (
     parse_address,
     uri_host,
 )
-from xenlab.vm.domain import Toolstack, _on_disks, config_from_text
+from xenlab.vm.domain import Toolstack
+from xenlab.vm.domconfig import config_from_text, on_disks
 from xenlab.vm.peerconfig import check_request
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
@@ -189,7 +190,7 @@ def receive(
         now = {d.vdev: d.pdev_path for d in dc.disks}
         keep = {m.vdev: (m.file, DiskFormat(m.format)) for m in (*disk_paths, *overlays)
                 if m.vdev in now and now[m.vdev] == saved.get(m.vdev)}
-        dc = _on_disks(dc, keep)
+        dc = on_disks(dc, keep)
         placed = Placed(dc, {m.vdev: {"file": m.file, "format": m.format}
                              for m in disk_paths if m.vdev in keep}, {})
     else:

@@ -39,7 +39,8 @@ from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, XenlabError
 from xenlab.vm import qemuimg, vmstate
-from xenlab.vm.domain import Toolstack, _on_disks, config_from_text, qemu_said
+from xenlab.vm.domain import Toolstack, qemu_said
+from xenlab.vm.domconfig import config_from_text, on_disks
 from xenlab.vm.jobs import JOB
 from xenlab.vm.mirror import DISK_NODES, DISK_PATHS
 from xenlab.vm.qemu import RuntimePaths
@@ -147,7 +148,7 @@ def place(text_dc: DomainConfig, dc: DomainConfig, disk_paths: Sequence[DiskMove
         if not Path(file).exists():
             raise XenlabError(f"{source}: disk {vdev} ran on {file}, which does not exist "
                               "(give the disk's place with a disk=[...] override)")
-    return Placed(_on_disks(dc, moves), paths, tops)
+    return Placed(on_disks(dc, moves), paths, tops)
 
 
 # --- QEMU's process -------------------------------------------------------------------------
