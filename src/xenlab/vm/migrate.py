@@ -84,9 +84,6 @@ from xenlab.vm.snapshot import CURRENT
 from xenlab.vm.store import DomainRecord, SnapshotNode, is_alive
 from xenlab.vm.vmstate import MigrationProgress, Progress
 
-# vm.snapshot still calls migrate._send_fd (until it uses vmstate.load_stream).
-from xenlab.vm.vmstate import send_fd as _send_fd  # noqa: F401
-
 __all__ = [
     "MAGIC",
     "SAVE_VERSION",
