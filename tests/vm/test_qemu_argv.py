@@ -13,7 +13,7 @@ from tests.vm.test_qemu_escaping import qemu_split
 from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
 from xenlab.errors import XenlabError
-from xenlab.vm import qemu
+from xenlab.vm.accel import probe_kernel
 from xenlab.vm.qemu import (
     GUEST_AGENT_PORT,
     Accel,
@@ -516,7 +516,7 @@ def test_vnuma_distances_at_or_below_local_are_refused() -> None:
 
 
 def test_probe_kernel_is_a_valid_multiboot_header() -> None:
-    blob = qemu._probe_kernel()
+    blob = probe_kernel()
     words = [int.from_bytes(blob[i : i + 4], "little") for i in range(0, 32, 4)]
     assert words[0] == 0x1BADB002
     assert (words[0] + words[1] + words[2]) & 0xFFFFFFFF == 0

@@ -38,7 +38,7 @@ from xenlab.config.keys import KEYS, XENLAB_KEYS, KeyKind
 from xenlab.config.model import DomainConfig, domain_config
 from xenlab.config.writer import quote
 from xenlab.errors import XenlabError
-from xenlab.vm import qemu
+from xenlab.vm import qemuopts
 from xenlab.vm.qemu import QemuOptionError, RuntimePaths, qemu_argv
 
 PATHS = RuntimePaths.under(Path("/run/xl/7"))
@@ -468,8 +468,8 @@ def test_real_vfio_options_parse(rundir: Path) -> None:
 
 def test_the_option_builder_refuses_bad_names() -> None:
     with pytest.raises(QemuOptionError, match=r"^vga_rom_device: 'a,b' "):
-        qemu.qemu_opts([("a,b", "x")], key="vga_rom_device")
-    assert qemu.qemu_opts([("path", "/a,b"), ("server", True), ("n", 3)], key="k") == (
+        qemuopts.qemu_opts([("a,b", "x")], key="vga_rom_device")
+    assert qemuopts.qemu_opts([("path", "/a,b"), ("server", True), ("n", 3)], key="k") == (
         "path=/a,,b,server=on,n=3")
 
 
@@ -481,4 +481,4 @@ _values = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=30)
 @given(st.lists(st.tuples(_names, _values), min_size=1, max_size=6))
 def test_option_strings_read_back_as_built(pairs: list[tuple[str, str]]) -> None:
     """QEMU's reading of what qemu_opts builds gives the same pairs, whatever the values."""
-    assert qemu_split(qemu.qemu_opts(pairs, key="k")) == pairs
+    assert qemu_split(qemuopts.qemu_opts(pairs, key="k")) == pairs

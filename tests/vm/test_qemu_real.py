@@ -24,6 +24,7 @@ from qemu.qmp import ConnectError, QMPClient
 from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
 from xenlab.vm import qemu
+from xenlab.vm.accel import boots, probe_accel, probe_kernel
 from xenlab.vm.qemu import GUEST_AGENT_PORT, Accel, RuntimePaths, qemu_argv
 
 pytestmark = pytest.mark.skipif(
@@ -244,7 +245,7 @@ def test_no_vnc_means_no_display(paths: RuntimePaths) -> None:
 def test_direct_kernel_boot_runs_guest_code(paths: RuntimePaths, tmp_path: Path) -> None:
     """The image's kernel really runs: a multiboot stub exits QEMU through isa-debug-exit."""
     kernel = tmp_path / "stub.bin"
-    kernel.write_bytes(qemu._probe_kernel())
+    kernel.write_bytes(probe_kernel())
     initrd = tmp_path / "module.bin"
     initrd.write_bytes(b"module")
     image = Image(kernel=kernel, initrd=initrd, cmdline="xenlab-test")
@@ -261,7 +262,7 @@ def test_direct_kernel_boot_runs_guest_code(paths: RuntimePaths, tmp_path: Path)
 def test_plain_arguments_keep_their_commas(paths: RuntimePaths, tmp_path: Path) -> None:
     """-kernel and -append are never split at commas: a config kernel named a,b=c.bin boots."""
     kernel = tmp_path / "stub,x=1 y.bin"
-    kernel.write_bytes(qemu._probe_kernel())
+    kernel.write_bytes(probe_kernel())
     dc = dc_of(
         f'name = "k,1"\ntype = "pvh"\nmemory = 32\nkernel = "{kernel}"\n'
         'cmdline = "a=1,b=2 c,,d"\n'
@@ -281,17 +282,17 @@ def test_incoming_defer_waits_for_migration(paths: RuntimePaths) -> None:
 
 
 def test_probe_stub_boots_under_tcg() -> None:
-    assert qemu._boots("qemu-system-x86_64", Accel.TCG, timeout=20)
+    assert boots("qemu-system-x86_64", Accel.TCG, timeout=20)
 
 
 def test_probe_accel_answers_quickly() -> None:
     start = time.monotonic()
-    accel = qemu.probe_accel(timeout=10)
+    accel = probe_accel(timeout=10)
     assert time.monotonic() - start < 10
     # Here /dev/kvm opens but QEMU aborts setting MSRs under -cpu host, so the
     # answer must be TCG; a host with working KVM would boot the stub.
     with contextlib.suppress(OSError):
-        if not qemu._boots("qemu-system-x86_64", Accel.KVM, timeout=10):
+        if not boots("qemu-system-x86_64", Accel.KVM, timeout=10):
             assert accel is Accel.TCG
             return
     assert accel in (Accel.TCG, Accel.KVM)

@@ -1,11 +1,13 @@
-"""The QEMU command line of a domain: :func:`qemu_argv`, and :func:`probe_accel`.
+"""The QEMU command line of a domain: :func:`qemu_argv`.
 
 :func:`qemu_argv` turns a :class:`~xenlab.config.model.DomainConfig` into the
 argv of ``qemu-system-x86_64``, as a Xen user expects the xl keys to behave.
 It is pure: it reads no file and starts nothing, so every mapping is a unit
 test.  Anything the QEMU backend cannot do raises :class:`XenlabError` naming
-the xl key and what is supported.  :func:`probe_accel` decides, by a real
-short boot, whether KVM can run guests here; otherwise TCG.
+the xl key and what is supported.  Option strings are made by
+:mod:`xenlab.vm.qemuopts`; the accelerator (:class:`Accel`) is chosen by
+:func:`xenlab.vm.accel.probe_accel`.  Both are re-exported here for the
+callers that import them from this module.
 
 Mapping (xl key -> QEMU)
     ============================  ==============================================================
@@ -62,19 +64,12 @@ Mapping (xl key -> QEMU)
     ``-S`` when paused, ``-incoming`` when given.
 
 Option strings (what reaches QEMU)
-    QEMU reads ``-name``, ``-vnc``, ``-chardev``, ``-numa``... as
-    ``key=value,...``: a comma ends a value, ``,,`` is a comma inside one, and
-    a bare first part is the implied key (a path with ``=`` would split).
-    :func:`qemu_opts` builds every such string from (key, value) pairs, keys
-    spelled out, values doubled by :func:`qemu_opt_value`.  ``-blockdev``,
-    ``-device`` and ``-netdev`` are JSON (:func:`qemu_json`): no escaping;
-    only a value that is not UTF-8 (raw file-name bytes, which QEMU's JSON
-    parser refuses) falls back to ``key=value``.  ``-kernel``, ``-initrd``,
-    ``-append``, ``-pidfile``, ``-D``, ``-uuid`` are never split
-    (:func:`qemu_arg`).  :class:`QemuOptionError` names the key of a NUL (C
-    strings end there), a control character (no path, name or address needs
-    one; QEMU's log, HMP answers and ``ps`` are read by lines; ``-append``
-    takes them), an unencodable character, a ``vnclisten`` that is not an
+    Every ``key=value,...`` string is made by :func:`qemu_opts`, every
+    ``-blockdev``, ``-device`` and ``-netdev`` by :func:`qemu_json`, and
+    ``-kernel``, ``-initrd``, ``-append``, ``-pidfile``, ``-D``, ``-uuid`` are
+    never split (:func:`qemu_arg`); :mod:`xenlab.vm.qemuopts` has the rules.
+    Besides what those refuse (a NUL, a control character, an unencodable
+    character), :class:`QemuOptionError` names a ``vnclisten`` that is not an
     address or host name with an optional ``:DISPLAY``, a ``ramdisk`` with a
     comma or space (QEMU's multiboot loader splits modules there), a ``%`` in
     the run directory (``-D`` reads a format).  ``-name`` is
@@ -115,14 +110,10 @@ than ``pty``/``none``.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import ipaddress
-import json
 import os
 import re
-import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +124,12 @@ from xenlab.config.specs.disk import DiskFormat, DiskSpec
 from xenlab.config.specs.vif import VifSpec
 from xenlab.config.values import Value
 from xenlab.errors import XenlabError
+from xenlab.vm.accel import Accel, probe_accel
 from xenlab.vm.qemuimg import FORMAT_DRIVERS
+from xenlab.vm.qemuopts import QemuOptionError, qemu_arg, qemu_json, qemu_opt_value, qemu_opts
 
+# Accel, probe_accel and the option builders (vm.accel, vm.qemuopts) are re-exported:
+# vm.domain and tests import them from here, where they lived before.
 __all__ = [
     "GUEST_AGENT_PORT",
     "Accel",
@@ -169,8 +164,6 @@ _PINNED_DISK_SLOTS: Final = 8
 _NIC_SLOT_BASE: Final = 0x10
 _PINNED_NIC_SLOTS: Final = 16
 
-# vm/mirror.py still imports this name; qemuimg.FORMAT_DRIVERS is the table.
-_FORMAT_DRIVERS: Final = FORMAT_DRIVERS
 _NIC_MODELS: Final[dict[str | None, str]] = {
     None: "virtio-net-pci", "virtio": "virtio-net-pci", "virtio-net": "virtio-net-pci",
     **{m: m for m in ("virtio-net-pci", "e1000", "e1000e", "rtl8139", "ne2k_pci", "pcnet")}}
@@ -199,13 +192,6 @@ _UNSUPPORTED_KEYS: Final = {
     "vuart": "use serial=pty",
     "tee": "no TEE mediator on x86",
 }
-
-
-class Accel(enum.Enum):
-    """The QEMU accelerator a domain runs under."""
-
-    TCG = "tcg"
-    KVM = "kvm"
 
 
 class GuestImageLike(Protocol):
@@ -253,89 +239,6 @@ class RuntimePaths:
     def vnc(self) -> Path:
         """The VNC socket used when ``vnc=1`` names no display number."""
         return self.rundir / "vnc.sock"
-
-
-class QemuOptionError(XenlabError):
-    """A value cannot go on QEMU's command line; ``key`` names the xl key (or the path's role)."""
-
-    def __init__(self, key: str, value: str, reason: str) -> None:
-        self.key = key
-        self.value = value
-        self.reason = reason
-        super().__init__(f"{key}: {value!r} {reason}")
-
-
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
-_OPT_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
-
-
-def qemu_arg(value: str | os.PathLike[str], *, key: str, controls: bool = False) -> str:
-    """``value`` as a plain argv element (``-kernel``, ``-append``...), checked (module notes).
-
-    ``controls`` lets control characters other than NUL through (``-append``).
-
-    :raise QemuOptionError: a NUL, a control character, or text no file name
-        can encode (a lone surrogate that is not an undecodable byte).
-    """
-    text = os.fspath(value)
-    if "\0" in text:
-        raise QemuOptionError(key, text, "contains a NUL byte: QEMU would see the value cut there")
-    bad = None if controls else _CONTROL.search(text)
-    if bad is not None:
-        raise QemuOptionError(key, text, f"contains the control character {bad.group()!r}, "
-                              "which QEMU's command line does not take here")
-    try:
-        os.fsencode(text)
-    except UnicodeEncodeError as err:
-        raise QemuOptionError(key, text, "holds characters that cannot be encoded") from err
-    return text
-
-
-def _text(value: object, key: str) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return qemu_arg(value if isinstance(value, os.PathLike) else str(value), key=key)
-
-
-def qemu_opt_value(value: object, *, key: str) -> str:
-    """``value`` as one value inside a QEMU ``key=value,...`` string: commas doubled.
-
-    Booleans are ``on``/``off``; other values are checked as :func:`qemu_arg`.
-    """
-    return _text(value, key).replace(",", ",,")
-
-
-def qemu_opts(pairs: Iterable[tuple[str, object]], *, key: str) -> str:
-    """The one way a ``key=value,...`` option string is made: ``path=/a,,b,server=on``.
-
-    Every key is spelled out (no implied first key, which a value with ``=``
-    would break) and every value goes through :func:`qemu_opt_value`; ``key``
-    names the xl key in errors.
-    """
-    parts = []
-    for name, value in pairs:
-        if not _OPT_NAME.fullmatch(name):
-            raise QemuOptionError(key, name, "is not a QEMU option name")
-        parts.append(f"{name}={qemu_opt_value(value, key=key)}")
-    return ",".join(parts)
-
-
-def qemu_json(opts: Mapping[str, object], *, key: str) -> str:
-    """``opts`` as the JSON QEMU takes for ``-blockdev``, ``-device`` and ``-netdev``.
-
-    Strings are checked as :func:`qemu_arg`.  QEMU's JSON parser takes UTF-8
-    only: when a value carries other bytes (surrogate-escaped), the option
-    is made by :func:`qemu_opts` instead, which passes bytes through.
-    """
-    for value in opts.values():
-        if isinstance(value, str):
-            qemu_arg(value, key=key)
-    text = json.dumps(dict(opts), ensure_ascii=False, separators=(",", ":"))
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return qemu_opts(opts.items(), key=key)
-    return text
 
 
 def _unsupported(key: str, message: str) -> XenlabError:
@@ -1006,56 +909,3 @@ def qemu_argv(dc: DomainConfig, paths: RuntimePaths, *, accel: Accel = Accel.TCG
     argv += tail
     return argv
 
-
-# --- accelerator probe -------------------------------------------------------------
-
-# A multiboot image in the a.out-kludge form (flags bit 16: load addresses in
-# the header), so QEMU loads it flat at 1 MiB and enters at +32 in 32-bit
-# protected mode.  It writes 0x2a to isa-debug-exit's port 0xf4, which makes
-# QEMU exit with status (0x2a << 1) | 1 = 85: proof the vCPU ran guest code.
-_PROBE_EXIT: Final = (0x2A << 1) | 1
-
-
-def _probe_kernel() -> bytes:
-    magic, flags, base = 0x1BADB002, 0x00010000, 0x100000
-    checksum = -(magic + flags) & 0xFFFFFFFF
-    words = (magic, flags, checksum, base, base, 0, 0, base + 32)
-    header = b"".join(w.to_bytes(4, "little") for w in words)
-    # mov al,0x2a; out 0xf4,al; hlt; jmp $-1
-    return header + bytes((0xB0, 0x2A, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD))
-
-
-def _boots(binary: str, accel: Accel, timeout: float) -> bool:
-    """Whether a tiny guest runs to its exit port under ``accel``."""
-    with tempfile.TemporaryDirectory(prefix="xenlab-probe-") as tmp:
-        kernel = Path(tmp) / "probe.bin"
-        kernel.write_bytes(_probe_kernel())
-        argv = [
-            binary, "-no-user-config", "-nodefaults", "-display", "none",
-            "-machine", "pc", "-accel", accel.value,
-            "-cpu", "host" if accel is Accel.KVM else "max",
-            "-m", "16", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-kernel", str(kernel),
-        ]  # fmt: skip
-        try:
-            done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, timeout=timeout, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-    return done.returncode == _PROBE_EXIT
-
-
-def probe_accel(timeout: float = 10.0, *, binary: str = "qemu-system-x86_64") -> Accel:
-    """KVM when ``/dev/kvm`` opens and a tiny guest really runs under it, else TCG.
-
-    Opening the device is not enough: nested or emulated KVM may accept the
-    ioctls and then fail setting the vCPU's MSRs (QEMU aborts), so a
-    multiboot stub must reach its exit port under ``-accel kvm -cpu host``
-    within ``timeout`` seconds.
-    """
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return Accel.TCG
-    os.close(fd)
-    return Accel.KVM if _boots(binary, Accel.KVM, timeout) else Accel.TCG
