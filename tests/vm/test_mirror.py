@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -214,7 +215,7 @@ def test_mirror_of_a_shut_off_domain(ts: Toolstack, tmp_path: Path) -> None:
 
     # Failures leave the old path in force and no file behind.
     with _tmpfs(tmp_path / "small", "1M") as small:
-        with pytest.raises(BackendError, match=r"qemu-img convert: .*g1 stays on"):
+        with pytest.raises(BackendError, match=r"qemu-img convert .*No space left.*g1 stays on"):
             mirror(ts, "g1", "xvda", small / "full.qcow2")
         assert list(small.iterdir()) == []
         subprocess.run(["mount", "-o", "remount,ro", str(small)], check=True)
@@ -285,7 +286,7 @@ def test_offline_mirror_is_durable_before_it_is_recorded(
     ts = _defined(tmp_path, "qcow2")
     target = tmp_path / "copy.qcow2"
     events: list[str] = []
-    fsync, rename, update = os.fsync, os.replace, ts.store.update
+    fsync, rename, patch = os.fsync, os.replace, ts.store.patch
 
     def logged_fsync(fd: int) -> None:
         events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
@@ -295,13 +296,13 @@ def test_offline_mirror_is_durable_before_it_is_recorded(
         events.append(f"replace {b}")
         rename(a, b)
 
-    def logged_update(rec: DomainRecord) -> DomainRecord:
+    def logged_patch(domid: int, **kw: Any) -> DomainRecord:
         events.append("record")
-        return update(rec)
+        return patch(domid, **kw)
 
     monkeypatch.setattr(os, "fsync", logged_fsync)
     monkeypatch.setattr(os, "replace", logged_replace)
-    monkeypatch.setattr(ts.store, "update", logged_update)
+    monkeypatch.setattr(ts.store, "patch", logged_patch)
     mirror(ts, "g1", "xvda", target)
     at = events.index(f"replace {target}")
     # The claim, then the copy itself, are on disk before the rename...
