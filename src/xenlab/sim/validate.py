@@ -2,8 +2,9 @@
 
 A scenario is input from anyone, so nothing in it may size memory, time or a
 loop without a bound, and no value is used before its type is checked.  Every
-refusal is a :class:`ScenarioError` ``file: key: reason`` naming the exact key
-(``domain.a.sched.budget``); docs/sim-scenarios.md lists the same bounds.
+refusal is a :class:`~xenlab.sim.spec.ScenarioError` (re-exported here)
+``file: key: reason`` naming the exact key (``domain.a.sched.budget``);
+docs/sim-scenarios.md lists the same bounds.
 
 Rules
 * **Files.**  Read through :func:`xenlab.files.read_bounded`, at most
@@ -46,10 +47,11 @@ from xenlab.errors import XenlabError
 from xenlab.files import read_bounded
 from xenlab.sim.engine import NS_PER_MS, NS_PER_US
 from xenlab.sim.schedulers.credit import TICKS_PER_TSLICE
+from xenlab.sim.spec import DomainSpec, PoolSpec, ScenarioError, SchedChoice
+from xenlab.sim.workspec import WorkloadSpec
 
 if TYPE_CHECKING:
     from xenlab.numa.topology import Topology
-    from xenlab.sim.scenario import DomainSpec, PoolSpec, SchedChoice, WorkloadSpec
 
 __all__ = [
     "FILE_LIMIT",
@@ -118,21 +120,6 @@ MAX_POINTS: Final = 10_000
 
 UNITS: Final = {"ns": 1, "us": NS_PER_US, "ms": NS_PER_MS, "s": 1000 * NS_PER_MS}
 _INT64: Final = 1 << 63
-
-
-class ScenarioError(XenlabError, ValueError):
-    """A scenario file is wrong: ``file: key: reason``."""
-
-    def __init__(self, file: str, key: str, reason: str) -> None:
-        self.file = file
-        self.key = key
-        self.reason = reason
-        super().__init__(f"{file}: {key}: {reason}" if key else f"{file}: {reason}")
-
-    def __reduce__(self) -> tuple[type[ScenarioError], tuple[str, str, str]]:
-        # Exceptions pickle as cls(*args), and args holds the one message: a sweep's
-        # worker process or Dask worker could not send this error back without it.
-        return (ScenarioError, (self.file, self.key, self.reason))
 
 
 # -- files and text ----------------------------------------------------------------------------
