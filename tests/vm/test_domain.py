@@ -36,7 +36,7 @@ def test_lifecycle(ts: Toolstack, tmp_path: Path) -> None:
     deadline = time.monotonic() + 30
     while True:
         kib = int(ts.exec("g1", ["sh", "-c", "grep MemTotal /proc/meminfo"])[1].split()[1])
-        actual = asyncio.run(ts._qmp(ts.get("g1"), "query-balloon"))
+        actual = asyncio.run(ts.qmp_execute(ts.get("g1"), "query-balloon"))
         if kib < 160 * 1024 or time.monotonic() > deadline:
             break
         time.sleep(1)

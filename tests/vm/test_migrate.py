@@ -419,8 +419,8 @@ def test_destination_killed_mid_migration(hosts: tuple[Toolstack, Toolstack],
                     progress=kill_during_mirror)
     assert killed and dst.store.list() == [] and not target.exists()
     assert src.get("g1") == rec and src.status(rec).state == "running"
-    assert asyncio.run(src._qmp(rec, "query-block-jobs")) == []
-    nodes = asyncio.run(src._qmp(rec, "query-named-block-nodes", {"flat": True}))
+    assert asyncio.run(src.qmp_execute(rec, "query-block-jobs")) == []
+    nodes = asyncio.run(src.qmp_execute(rec, "query-named-block-nodes", {"flat": True}))
     assert isinstance(nodes, list)
     assert sorted(n["node-name"] for n in nodes) == ["xvda-file", "xvda-fmt"]
 
@@ -453,11 +453,12 @@ def test_storage_migration_again_after_the_destination_failed(
                     progress=kill_after_the_stream)
     assert killed and dst.store.list() == []
     assert src.get("g1") == rec and src.status(rec).state == "running"
-    nodes = asyncio.run(src._qmp(rec, "query-named-block-nodes", {"flat": True}))
+    nodes = asyncio.run(src.qmp_execute(rec, "query-named-block-nodes", {"flat": True}))
     assert isinstance(nodes, list)
     assert sorted(n["node-name"] for n in nodes) == ["xvda-file", "xvda-fmt"]
     # A node of that name left by an older xenlab is cleared before the next one.
-    asyncio.run(src._qmp(rec, "blockdev-add", {"driver": "null-co", "node-name": "mig-xvda"}))
+    asyncio.run(src.qmp_execute(rec, "blockdev-add",
+                                {"driver": "null-co", "node-name": "mig-xvda"}))
     sh(src, "g1", "echo B > /mnt/disk/marker && sync")
     res = mig.migrate(src, "g1", dst, with_storage=True, paused=True,
                       dest_overrides=[_disk_spec(target)])
@@ -502,7 +503,7 @@ class _Receiver(threading.Thread):
 
 def _block_files(ts: Toolstack, name: str) -> dict[str, str]:
     """vdev -> the file QEMU has open for it (query-block)."""
-    blocks = asyncio.run(ts._qmp(ts.get(name), "query-block"))
+    blocks = asyncio.run(ts.qmp_execute(ts.get(name), "query-block"))
     assert isinstance(blocks, list)
     return {b["qdev"].split("/")[3]: b["inserted"]["file"] for b in blocks
             if b.get("inserted") and b.get("qdev", "").startswith("/machine/peripheral/")}

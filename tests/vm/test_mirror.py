@@ -109,10 +109,10 @@ def test_mirror_copy_without_pivot_and_refusals(ts: Toolstack, tmp_path: Path) -
     res = mirror(ts, "g1", "xvda", copy, format="raw", pivot=False)
     assert not res.pivoted and res.record == rec  # the record did not change
     assert _compare(source, copy) == 0
-    nodes = asyncio.run(ts._qmp(rec, "query-named-block-nodes", {"flat": True}))
+    nodes = asyncio.run(ts.qmp_execute(rec, "query-named-block-nodes", {"flat": True}))
     assert isinstance(nodes, list)
     assert sorted(n["node-name"] for n in nodes) == ["xvda-file", "xvda-fmt"]
-    assert asyncio.run(ts._qmp(rec, "query-block-jobs")) == []
+    assert asyncio.run(ts.qmp_execute(rec, "query-block-jobs")) == []
     ts.unpause("g1")
     _sh(ts, "echo D > /mnt/disk/d && sync && echo 3 > /proc/sys/vm/drop_caches")
     assert _compare(source, copy) == 1  # the guest still writes to its own disk
@@ -138,7 +138,7 @@ def test_mirror_copy_without_pivot_and_refusals(ts: Toolstack, tmp_path: Path) -
         mirror(ts, "g1", "xvda", tmp_path / "slow.qcow2", pivot=False, bandwidth=64 << 10,
                timeout=0.5)
     assert not (tmp_path / "slow.qcow2").exists()
-    assert asyncio.run(ts._qmp(rec, "query-block-jobs")) == []
+    assert asyncio.run(ts.qmp_execute(rec, "query-block-jobs")) == []
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".qcow2", ".raw")) == [
         "copy.raw", "g1.qcow2"]
     assert ts.get("g1").extra.get(DISK_PATHS) is None
@@ -235,7 +235,7 @@ def test_mirror_of_a_shut_off_domain(ts: Toolstack, tmp_path: Path) -> None:
     # create boots on the target: the guest's writes go there, not to the old file.
     ts.create(cfg)
     _ready(ts)
-    blocks = asyncio.run(ts._qmp(ts.get("g1"), "query-block"))
+    blocks = asyncio.run(ts.qmp_execute(ts.get("g1"), "query-block"))
     assert isinstance(blocks, list)
     assert [b["inserted"]["file"] for b in blocks if b.get("inserted")] == [str(target)]
     marker = f"MARKER-E-{uuid.uuid4().hex}"

@@ -63,7 +63,7 @@ def _memtotal_kib(ts: Toolstack, name: str) -> int:
 
 
 def _balloon(ts: Toolstack, name: str) -> int:
-    reply = asyncio.run(ts._qmp(ts.get(name), "query-balloon"))
+    reply = asyncio.run(ts.qmp_execute(ts.get(name), "query-balloon"))
     assert isinstance(reply, dict)
     return int(reply["actual"])
 
@@ -76,7 +76,7 @@ def _nproc(ts: Toolstack, name: str) -> int:
 
 def _threads(ts: Toolstack, name: str) -> dict[int, int]:
     """vCPU index -> host thread id, straight from QMP."""
-    reply = asyncio.run(ts._qmp(ts.get(name), "query-cpus-fast"))
+    reply = asyncio.run(ts.qmp_execute(ts.get(name), "query-cpus-fast"))
     assert isinstance(reply, list)
     return {int(c["cpu-index"]): int(c["thread-id"]) for c in reply}
 
@@ -222,7 +222,7 @@ def test_rename_frees_the_old_name(ts: Toolstack, tmp_path: Path) -> None:
     with pytest.raises(XenlabError, match="no domain named 'r1'"):
         ts.get("r1")
     # The stored config says the new name; QEMU's process keeps the old one.
-    assert ts._config_of(ts.get("renamed"))[0].name == "renamed"
+    assert ts.config_of(ts.get("renamed"))[0].name == "renamed"
     assert ts.get("renamed").extra["qemu_name"] == "r1"
     assert b"guest=r1," in Path(f"/proc/{rec.pid}/cmdline").read_bytes()
     # The old name is free: a new domain can take it.

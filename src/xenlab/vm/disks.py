@@ -431,7 +431,7 @@ def cd_insert(ts: Toolstack, name: str, vdev: str, target: str, *,
     :raise BackendError: QEMU refused (the drive keeps what it had).
     """
     if not Path(target).is_file() and not target.startswith("/dev/"):
-        raise XenlabError(f"cd-insert {ts._live(name).name}: {target} does not exist")
+        raise XenlabError(f"cd-insert {ts.live_record(name).name}: {target} does not exist")
     try:
         disk_format = DiskFormat(fmt)
     except ValueError:

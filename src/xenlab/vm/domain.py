@@ -142,7 +142,7 @@ class Toolstack:
         check_domain_name(dc.name)
         return absolute_paths(dc, text, Path(cfg).absolute().parent, str(cfg))
 
-    def _check_disks(self, dc: DomainConfig, create_size: str | None) -> list[Path]:
+    def check_disks(self, dc: DomainConfig, create_size: str | None) -> list[Path]:
         """Every disk file must exist, or be created when asked; returns the created ones."""
         created: list[Path] = []
         for disk in dc.disks:
@@ -184,7 +184,7 @@ class Toolstack:
         disks this call created.
         """
         dc, text = self.load_config(cfg, overrides)
-        return self._start(dc, text, config_path=str(cfg.resolve()), paused=paused,
+        return self.launch(dc, text, config_path=str(cfg.resolve()), paused=paused,
                            image=image, create_disks=create_disks)
 
     def _reusable(self, name: str) -> DomainRecord | None:
@@ -208,7 +208,7 @@ class Toolstack:
             )
         return old
 
-    def _start(
+    def launch(
         self,
         dc: DomainConfig,
         text: str,
@@ -235,7 +235,7 @@ class Toolstack:
 
         Crash safety: the record (state "creating" or "incoming", a job of
         this process) exists before anything else, and names the run
-        directory before QEMU starts; a killed ``_start`` is undone by the
+        directory before QEMU starts; a killed ``launch`` is undone by the
         next command (:meth:`converge`).  The domain's lock is taken before
         the global lock is let go, so no other command sees the record half
         made.
@@ -254,7 +254,7 @@ class Toolstack:
                     dc, text = on_vif_specs(dc, text, old)
                     dc, text = on_disk_specs(dc, text, old)
                     dc = on_overlays(on_mirrors(dc, old), old)
-                created = self._check_disks(dc, create_disks) if fresh else []
+                created = self.check_disks(dc, create_disks) if fresh else []
                 try:
                     # Every file QEMU will open through the disks (backing
                     # files, data files) is checked before anything starts.
@@ -326,8 +326,8 @@ class Toolstack:
                     if target is not None:
                         # xl's memory < maxmem: the guest sees maxmem and the balloon
                         # takes it down to memory once its driver is up.
-                        _run_async(self._qmp_paths(paths, "balloon", {"value": target << 20}))
-                    state = _run_async(self._status(paths))
+                        _run_async(self.qmp_execute_at(paths, "balloon", {"value": target << 20}))
+                    state = _run_async(self.qemu_status(paths))
                 # A restore or receive ends its own job once the stream is in.
                 done = [JOB] if fresh and job.verb == "create" else []
                 rec = self.store.patch(rec.domid, pid=pid, state=state, extra_drop=done)
@@ -351,8 +351,8 @@ class Toolstack:
             rec = self.store.get(domid)
         except XenlabError:
             return
-        self._kill_domain(rec)
-        self._gone(rec)
+        self.kill_domain(rec)
+        self.gone(rec)
 
     def host_vif(self, rec: DomainRecord, nic: Nic, *, name: str | None = None) -> hotplug.Vif:
         """The hotplug description of ``nic``'s host end in domain ``rec``.
@@ -458,7 +458,7 @@ class Toolstack:
             msg = proc.stderr.decode("utf-8", "replace").strip() or qemu_said(paths)
             raise BackendError(f"QEMU refused the domain: {msg or f'exit {proc.returncode}'}")
 
-    async def _status(self, paths: RuntimePaths, timeout: float = 10.0) -> str:
+    async def qemu_status(self, paths: RuntimePaths, timeout: float = 10.0) -> str:
         qmp = Qmp()
         await qmp.connect(paths.qmp, timeout=timeout)
         try:
@@ -527,8 +527,8 @@ class Toolstack:
         if rec.state in ("creating", "incoming") and job.verb in ("create", "incoming"):
             # QEMU may have started (its pid only in the pidfile): stop it,
             # bring the vifs down, forget the half-made domain.
-            self._kill_domain(rec)
-            kept = self._gone(rec)
+            self.kill_domain(rec)
+            kept = self.gone(rec)
             log.warning("domain %s: a %s killed before it finished was undone%s",
                         rec.name, "create" if job.verb == "create" else "restore/receive",
                         "; it is shut off" if kept is not None else "")
@@ -565,7 +565,7 @@ class Toolstack:
 
     def status(self, rec: DomainRecord) -> DomainStatus:
         """What the domain is now, asking QEMU when it is alive."""
-        dc, _ = self._config_of(rec)
+        dc, _ = self.config_of(rec)
         # mem-set and vcpu-set keep the current values in the record.
         mem = int(str(rec.extra.get("memory_mib", dc.memory_mib)))
         vcpus = int(str(rec.extra.get("vcpus", dc.vcpus)))
@@ -575,7 +575,7 @@ class Toolstack:
             return DomainStatus(rec, "stale (QEMU gone)", mem, vcpus,
                                 time.time() - rec.created)
         try:
-            state = _run_async(self._status(self.paths(rec)))
+            state = _run_async(self.qemu_status(self.paths(rec)))
         except (BackendError, StateError):
             state = "unresponsive"
         return DomainStatus(rec, state, mem, vcpus, time.time() - rec.created)
@@ -624,7 +624,7 @@ class Toolstack:
                 return self.store.get(rec.domid)
             if (kept is not None and kept.state != SHUTOFF and not is_alive(kept)
                     and self._powered_off(kept)):
-                kept = self._gone(kept)
+                kept = self.gone(kept)
             return kept
 
     def _powered_off(self, rec: DomainRecord) -> bool:
@@ -660,7 +660,7 @@ class Toolstack:
             return RuntimePaths.under(default_rundir(self.state_dir, rec.domid))
         return checked_rundir(rec.rundir)
 
-    def _config_of(self, rec: DomainRecord) -> tuple[DomainConfig, str]:
+    def config_of(self, rec: DomainRecord) -> tuple[DomainConfig, str]:
         return config_from_text(rec.config_text, rec.config_path)
 
     # -- changing ----------------------------------------------------------------
@@ -677,7 +677,7 @@ class Toolstack:
             for rec in self.store.list():
                 if rec.name == dc.name:
                     raise XenlabError(f"domain {dc.name!r} already exists (id {rec.domid})")
-            self._check_disks(dc, None)
+            self.check_disks(dc, None)
             check_images(dc)
             return self.store.add_domain(
                 DomainRecord(
@@ -688,7 +688,7 @@ class Toolstack:
                 )
             )
 
-    def _gone(self, rec: DomainRecord) -> DomainRecord | None:
+    def gone(self, rec: DomainRecord) -> DomainRecord | None:
         """QEMU has exited: keep the domain as shut off if it is defined, has snapshots, or
         runs on mirrored disks (only its record says where they are now).
 
@@ -730,7 +730,7 @@ class Toolstack:
             )
         return rec
 
-    def _live(self, name_or_id: str) -> DomainRecord:
+    def live_record(self, name_or_id: str) -> DomainRecord:
         return self._check_live(self.get(name_or_id))
 
     @contextlib.contextmanager
@@ -740,11 +740,11 @@ class Toolstack:
         with self.locked(name_or_id, timeout=timeout) as rec:
             yield self._check_live(rec)
 
-    async def _qmp(self, rec: DomainRecord, cmd: str, args: dict[str, object] | None = None
+    async def qmp_execute(self, rec: DomainRecord, cmd: str, args: dict[str, object] | None = None
                    ) -> object:
-        return await self._qmp_paths(self.paths(rec), cmd, args)
+        return await self.qmp_execute_at(self.paths(rec), cmd, args)
 
-    async def _qmp_paths(self, paths: RuntimePaths, cmd: str,
+    async def qmp_execute_at(self, paths: RuntimePaths, cmd: str,
                          args: dict[str, object] | None = None) -> object:
         qmp = Qmp()
         await qmp.connect(paths.qmp, timeout=10)
@@ -756,13 +756,13 @@ class Toolstack:
     def pause(self, name_or_id: str) -> None:
         """Stop the domain's vCPUs (QMP stop)."""
         with self.live(name_or_id) as rec:
-            _run_async(self._qmp(rec, "stop"))
+            _run_async(self.qmp_execute(rec, "stop"))
             self.store.patch(rec.domid, expect_uuid=rec.uuid, state="paused")
 
     def unpause(self, name_or_id: str) -> None:
         """Resume the domain's vCPUs (QMP cont)."""
         with self.live(name_or_id) as rec:
-            _run_async(self._qmp(rec, "cont"))
+            _run_async(self.qmp_execute(rec, "cont"))
             self.store.patch(rec.domid, expect_uuid=rec.uuid, state="running")
 
     def destroy(self, name_or_id: str) -> DomainRecord:
@@ -778,9 +778,9 @@ class Toolstack:
                 raise StateError(
                     f"domain {rec.name!r} is shut off already; `xenlab vm undefine` forgets it"
                 )
-            self._kill_domain(rec)
+            self.kill_domain(rec)
             try:
-                self._gone(rec)
+                self.gone(rec)
             except StateError as err:
                 raise StateError(f"domain {rec.name!r}: its QEMU is stopped, but {err}; "
                                  "destroy it again once there is room") from err
@@ -799,10 +799,10 @@ class Toolstack:
                 # press: press again every few seconds until the deadline.
                 # QEMU going away between presses is the goal, not an error.
                 with contextlib.suppress(BackendError):
-                    _run_async(self._qmp(rec, "system_powerdown"))
+                    _run_async(self.qmp_execute(rec, "system_powerdown"))
                 left = deadline - time.monotonic()
                 if _wait_gone(rec.pid, min(5.0, max(left, 0.0))):
-                    self._gone(rec)
+                    self.gone(rec)
                     return "shutdown"
                 if time.monotonic() >= deadline:
                     break
@@ -811,8 +811,8 @@ class Toolstack:
                     f"domain {rec.name!r} did not shut down within {timeout:g} s "
                     "(add --force to destroy it then)"
                 )
-            self._kill_domain(rec)
-            self._gone(rec)
+            self.kill_domain(rec)
+            self.gone(rec)
             return "destroyed"
 
     def reboot(self, name_or_id: str, *, force: bool = False) -> str:
@@ -834,7 +834,7 @@ class Toolstack:
                     return "guest reboot"
                 except BackendError:
                     pass  # no agent answering: fall back to a hard reset, as xl -F does
-            _run_async(self._qmp(rec, "system_reset"))
+            _run_async(self.qmp_execute(rec, "system_reset"))
             return "reset"
 
     def wait_ready(self, name_or_id: str, *, timeout: float = 60.0) -> float:
@@ -843,7 +843,7 @@ class Toolstack:
         The agent starts last in the project's image, so an answer means the
         guest is up; guests with their own qemu-ga work the same way.
         """
-        rec = self._live(name_or_id)
+        rec = self.live_record(name_or_id)
         start = time.monotonic()
 
         async def go() -> None:
@@ -872,14 +872,14 @@ class Toolstack:
 
         :raise StateError: the guest is paused (its agent cannot answer).
         """
-        rec = self._live(name_or_id)
+        rec = self.live_record(name_or_id)
         paths = self.paths(rec)
 
         async def go() -> tuple[int, bytes, bytes]:
             try:
                 # QEMU takes one QMP client at a time: when another command
                 # holds it, go on to the agent rather than wait.
-                state = await self._status(paths, timeout=2.0)
+                state = await self.qemu_status(paths, timeout=2.0)
             except BackendError:
                 state = "running"
             if state != "running":
@@ -892,7 +892,7 @@ class Toolstack:
 
         return _run_async(go())
 
-    def _kill(self, paths: RuntimePaths, pid: int | None = None) -> None:
+    def kill_qemu(self, paths: RuntimePaths, pid: int | None = None) -> None:
         """SIGKILL the QEMU of ``paths`` (its pidfile's pid, or ``pid``) and wait for it.
 
         Only a QEMU of this user whose ``-pidfile`` is the one in ``paths``
@@ -911,7 +911,7 @@ class Toolstack:
             return
         _wait_gone(pid, 10)
 
-    def _kill_domain(self, rec: DomainRecord) -> None:
+    def kill_domain(self, rec: DomainRecord) -> None:
         """SIGKILL domain ``rec``'s QEMU, found by the record's pid or its pidfile."""
         pids = [rec.pid]
         paths = self._paths_or_none(rec)

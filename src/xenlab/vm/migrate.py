@@ -212,7 +212,7 @@ def migrate(
             )
         paths = ts.paths(rec)
         disk_paths, overlays = moves_of(rec)
-        dc, _ = ts._config_of(rec)
+        dc, _ = ts.config_of(rec)
         disks = mirrored_disks(place(dc, dc, disk_paths, overlays, f"migrate {rec.name}").config
                           ) if with_storage else []
         vdevs = [v for v, _, _ in disks]

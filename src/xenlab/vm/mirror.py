@@ -226,7 +226,7 @@ def _source_file(ts: Toolstack, rec: DomainRecord, vdev: str, pivot: bool
     owns every byte of a raw disk and could write a qcow2 header there that
     names a host file as its backing file.
     """
-    dc, _ = ts._config_of(rec)
+    dc, _ = ts.config_of(rec)
     disk = next((d for d in dc.disks if d.vdev == vdev), None)
     if disk is None:
         have = ", ".join(d.vdev for d in dc.disks) or "none"
@@ -528,7 +528,7 @@ def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, source_fmt
         target.unlink(missing_ok=True)
         notes.append(f"the unfinished {target} was removed")
     notes.append(_check_source(source, source_fmt))
-    ts._gone(ts.store.get(rec.domid))
+    ts.gone(ts.store.get(rec.domid))
     kept = any(r.domid == rec.domid for r in ts.store.list())
     notes.append(f"{rec.name} is now shut off (it has snapshots)" if kept
                  else f"{rec.name} is gone from the store")

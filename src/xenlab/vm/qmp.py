@@ -197,6 +197,20 @@ class Qmp:
                 last = err
             await asyncio.sleep(min(_CONNECT_RETRY, max(0.0, deadline - time.monotonic())))
 
+    async def send_fd(self, fd: int, name: str) -> None:
+        """Hand file descriptor ``fd`` to QEMU under ``name`` (SCM_RIGHTS, then ``getfd``).
+
+        QEMU then reads or writes the file itself (a migration URI ``fd:NAME``),
+        with no shell and no path for anybody to swap.
+
+        :raise BackendError: the descriptor could not be passed, or QEMU refused it.
+        """
+        try:
+            self._client.send_fd_scm(fd)
+        except Exception as err:  # the library's QMPError, or OSError from sendmsg
+            raise BackendError(f"QMP getfd {name}: cannot pass the descriptor: {err}") from err
+        await self.execute("getfd", {"fdname": name})
+
     async def execute(
         self, cmd: str, args: Mapping[str, object] | None = None, timeout: float = 30.0
     ) -> object:

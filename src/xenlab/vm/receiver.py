@@ -217,7 +217,7 @@ def receive(
             except BackendError as err:
                 raise XenlabError(str(err)) from err
             created.append(target)
-        rec = ts._start(dc, text, config_path=config_path, uuid=uuid, incoming="defer",
+        rec = ts.launch(dc, text, config_path=config_path, uuid=uuid, incoming="defer",
                         image=image_for(dc, image))
     except BaseException:
         _unlink(created)
@@ -233,9 +233,9 @@ def receive(
                         placed.extra(rec.extra))
     except BaseException as err:
         alive = is_alive(rec)
-        ts._kill(paths, rec.pid)
+        ts.kill_qemu(paths, rec.pid)
         words = said(paths)
-        ts._gone(rec)
+        ts.gone(rec)
         _unlink(created)
         if isinstance(err, BackendError) and words:
             raise BackendError(f"{where}: {err}" + ("" if alive else " (QEMU exited)")
@@ -295,9 +295,9 @@ def _receive_failed(ts: Toolstack, incoming: Incoming, err: BaseException) -> Ba
     rec = incoming.record
     paths = ts.paths(rec)
     alive = is_alive(rec)
-    ts._kill(paths, rec.pid)
+    ts.kill_qemu(paths, rec.pid)
     words = said(paths)
-    ts._gone(rec)
+    ts.gone(rec)
     _unlink(incoming.created)
     if isinstance(err, BackendError) and not alive:
         return BackendError(
@@ -336,8 +336,8 @@ def abort_receive(ts: Toolstack, incoming: Incoming) -> None:
     """Give up on an incoming migration: kill its QEMU, forget it, remove disks made for it."""
     rec = incoming.record
     with ts.store.lock(rec.domid):
-        ts._kill(ts.paths(rec), rec.pid)
-        ts._gone(rec)
+        ts.kill_qemu(ts.paths(rec), rec.pid)
+        ts.gone(rec)
     _unlink(incoming.created)
 
 

@@ -140,7 +140,7 @@ class VcpuInfo:
 
 
 def _live(ts: Toolstack, name: str) -> DomainRecord:
-    return ts._live(name)
+    return ts.live_record(name)
 
 
 def _config(rec: DomainRecord) -> DomainConfig:

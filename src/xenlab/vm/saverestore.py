@@ -183,7 +183,7 @@ def wait_quit(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths) -> None:
     while is_alive(rec) and time.monotonic() < begin + 10:
         time.sleep(_poll(begin))
     if is_alive(rec):
-        ts._kill(paths, rec.pid)
+        ts.kill_qemu(paths, rec.pid)
 
 
 async def _qmp_quit(paths: RuntimePaths) -> None:
@@ -287,7 +287,7 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
             ts.store.patch(rec.domid, expect_uuid=rec.uuid, state=header.state)
         else:
             wait_quit(ts, rec, paths)
-            ts._gone(rec)
+            ts.gone(rec)
         return header
 
 
@@ -307,7 +307,7 @@ def _save_snapshots(ts: Toolstack, rec: DomainRecord) -> tuple[DiskSnapshot, ...
     mirror's target over the config's file), which is the file
     :func:`restore` will start it on.
     """
-    dc, _ = ts._config_of(rec)
+    dc, _ = ts.config_of(rec)
     tag = "xenlab-save-" + time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 10**9:09d}"
     disk_paths, overlays = moves_of(rec)
     now = {m.vdev: (m.file, m.format) for m in (*disk_paths, *overlays)}  # overlays win
@@ -535,7 +535,7 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
             for file, tag in plan:
                 qemuimg.snapshot("apply", tag, file)
 
-        rec = ts._start(dc, text, config_path=header.config_path, uuid=header.uuid,
+        rec = ts.launch(dc, text, config_path=header.config_path, uuid=header.uuid,
                         incoming="defer", image=image_for(dc, image),
                         prepare=revert if plan else None)
         paths = ts.paths(rec)
@@ -556,8 +556,8 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
                 return settle(ts, rec, "paused" if paused else "running",
                               placed.extra(rec.extra))
         except BaseException:
-            ts._kill(paths, rec.pid)
-            ts._gone(rec)
+            ts.kill_qemu(paths, rec.pid)
+            ts.gone(rec)
             raise
 
 

@@ -421,7 +421,7 @@ def _recover_incoming_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: s
     """A revert killed while QEMU loaded the memory file: finish it if QEMU did."""
     where = f"domain {rec.name}: snapshot {name!r}"
     if not is_alive(rec):
-        return ts._gone(rec)
+        return ts.gone(rec)
 
     async def status() -> str:
         async with Qmp.open(ts.paths(rec).qmp) as qmp:
@@ -439,8 +439,8 @@ def _recover_incoming_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: s
             _resume(ts, rec, f"revert to {name!r}")
         log.warning("%s: a revert killed while the memory loaded is finished", where)
         return ts.store.get(rec.domid)
-    ts._kill_domain(rec)
-    kept = ts._gone(rec)
+    ts.kill_domain(rec)
+    kept = ts.gone(rec)
     log.warning("%s: a revert killed before the memory was loaded is undone: the domain is "
                 "shut off on the snapshot's disks; revert again", where)
     return kept

@@ -163,7 +163,7 @@ def entry_images(disks: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
 
 def snap_disks(ts: Toolstack, rec: DomainRecord) -> list[SnapDisk]:
     """The domain's writable disks with media, on top of any external overlays."""
-    dc, _ = ts._config_of(rec)
+    dc, _ = ts.config_of(rec)
     overlays: Mapping[str, Mapping[str, str]] = rec.extra.get(OVERLAYS, {})
     # A disk vm.mirror pivoted lives in another file, under another node.
     moved: Mapping[str, Mapping[str, str]] = rec.extra.get("disk_paths") or {}
@@ -206,7 +206,7 @@ def _liveness(ts: Toolstack, rec: DomainRecord) -> str:
     """``"shutoff"``, or QEMU's run state; StateError for a stale domain."""
     if shut_off(rec):
         return SHUTOFF
-    return _run_async(ts._status(ts.paths(rec)))
+    return _run_async(ts.qemu_status(ts.paths(rec)))
 
 
 def set_current(ts: Toolstack, domid: int, snap_id: int | None) -> DomainRecord:
@@ -230,7 +230,7 @@ def set_tops(ts: Toolstack, domid: int, tops: Mapping[str, Mapping[str, str] | N
     """Record new top images per vdev (``None``: back on the config's file)."""
     rec = ts.store.get(domid)
     overlays = dict(rec.extra.get(OVERLAYS, {}))
-    dc, _ = ts._config_of(rec)
+    dc, _ = ts.config_of(rec)
     base = {d.vdev: d.pdev_path for d in dc.disks}
     base.update({v: m["file"] for v, m in (rec.extra.get("disk_paths") or {}).items()})
     for vdev, top in tops.items():
@@ -252,7 +252,7 @@ def prune(ts: Toolstack, domid: int, candidates: set[str]) -> list[str]:
     (``<config disk>.<...>.qcow2``) are ever removed.
     """
     rec = ts.store.get(domid)
-    dc, _ = ts._config_of(rec)
+    dc, _ = ts.config_of(rec)
     bases = {os.path.realpath(d.pdev_path) for d in dc.disks if d.pdev_path}
     maybe = {os.path.realpath(c) for c in candidates}
     maybe = {r for r in maybe if r not in bases and r.endswith(".qcow2")
@@ -297,8 +297,8 @@ def has_memory(s: SnapshotRecord) -> bool:
 
 def _start_paused(ts: Toolstack, rec: DomainRecord) -> DomainRecord:
     """Start a shut-off domain paused from its stored config (create keeps its domid)."""
-    dc, text = ts._config_of(rec)
-    return ts._start(dc, text, config_path=rec.config_path, paused=True)
+    dc, text = ts.config_of(rec)
+    return ts.launch(dc, text, config_path=rec.config_path, paused=True)
 
 
 # --- create -----------------------------------------------------------------
@@ -566,7 +566,7 @@ def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
         ts.store.set_snapshot_state(row.id, SnapshotState.BROKEN)
         notes.append(f"snapshot {row.name!r} is marked broken (cleanup failed: {cleanup})")
     if gone:
-        ts._gone(ts.store.get(rec.domid))
+        ts.gone(ts.store.get(rec.domid))
         notes.append("QEMU is gone, so the domain is now shut off"
                      if ts.store.list_snapshots(rec.domid) else "QEMU is gone")
     msg = f"snapshot-create {rec.name} {row.name} failed: {err}; " + "; ".join(notes)
@@ -683,7 +683,7 @@ def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool | None
                 if running is not None:
                     rec = _start_paused(ts, ts.store.get(rec.domid))
                     if running:
-                        _run_async(ts._qmp(rec, "cont"))
+                        _run_async(ts.qmp_execute(rec, "cont"))
                         rec = ts.store.patch(rec.domid, state="running")
             return set_current(ts, rec.domid, s.id)
 
@@ -697,7 +697,7 @@ def _revert_internal_state(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, 
     except BaseException:
         if not is_alive(rec):
             repair_images(entry_images(s.disks))
-            ts._gone(ts.store.get(rec.domid))
+            ts.gone(ts.store.get(rec.domid))
         raise
     return ts.store.patch(rec.domid, state="running" if go else "paused")
 
@@ -736,17 +736,17 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
     saveimage.check_stream_file(Path(s.memory_path))
     if state != SHUTOFF:
         # Reverting discards the guest as it is now, as libvirt does.
-        ts._kill_domain(rec)
-        ts._gone(rec)
+        ts.kill_domain(rec)
+        ts.gone(rec)
         faults.point("snapshot-revert.killed")
         repair_images([(d.file, d.format) for d in snap_disks(ts, rec)])
         rec = ts.store.get(rec.domid)
     previous = revert_disks(ts, rec, s, pairs)
     faults.point("snapshot-revert.disks")
     rec = ts.store.get(rec.domid)
-    dc, text = ts._config_of(rec)
+    dc, text = ts.config_of(rec)
     try:
-        started = ts._start(on_overlays(dc, rec), text, config_path=rec.config_path,
+        started = ts.launch(on_overlays(dc, rec), text, config_path=rec.config_path,
                             uuid=rec.uuid, incoming="defer")
         paths = ts.paths(started)
         try:
@@ -754,8 +754,8 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
                 _run_async(_load_memory(paths, f.fileno(), go, timeout,
                                         f"snapshot {s.name!r} memory {s.memory_path}"))
         except BaseException as err:
-            ts._kill(paths, started.pid)
-            ts._gone(ts.store.get(rec.domid))
+            ts.kill_qemu(paths, started.pid)
+            ts.gone(ts.store.get(rec.domid))
             if isinstance(err, Exception):
                 raise BackendError(f"snapshot-revert {rec.name} {s.name}: loading the memory "
                                    f"failed: {err}") from err
@@ -836,7 +836,7 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
                     ts.store.set_snapshot_state(s.id, SnapshotState.BROKEN)
                     if state != SHUTOFF and not is_alive(rec):
                         repair_images(entry_images(s.disks))
-                        ts._gone(ts.store.get(rec.domid))
+                        ts.gone(ts.store.get(rec.domid))
                     if isinstance(err, Exception):
                         raise BackendError(
                             f"snapshot-delete {rec.name} {s.name} failed: {err}; it is marked "

@@ -91,14 +91,8 @@ Progress = Callable[[MigrationProgress], None]
 
 
 async def send_fd(qmp: Qmp, fd: int, name: str) -> None:
-    """Hand ``fd`` to QEMU under ``name`` (SCM_RIGHTS, then ``getfd``)."""
-    # Qmp has no fd passing of its own: the library's send_fd_scm on the
-    # session's client, then getfd names the descriptor that came with it.
-    try:
-        qmp._client.send_fd_scm(fd)
-    except Exception as err:  # the library's QMPError or an OSError from sendmsg
-        raise BackendError(f"QMP getfd: cannot pass the file descriptor: {err}") from err
-    await qmp.execute("getfd", {"fdname": name})
+    """Hand ``fd`` to QEMU under ``name`` (:meth:`Qmp.send_fd`)."""
+    await qmp.send_fd(fd, name)
 
 
 async def status(qmp: Qmp) -> str:
