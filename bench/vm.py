@@ -196,8 +196,8 @@ class RawQemu:
         run.mkdir(parents=True)
         self.argv = [a.replace(str(src_run), str(run)).replace(str(src_disk), str(disk))
                      for a in argv if a != "-daemonize"]
-        qmp_arg = self.argv[self.argv.index("-qmp") + 1]
-        self.qmp = Path(qmp_arg.removeprefix("unix:").split(",")[0])
+        # xenlab's QMP socket has the standard name in the run directory.
+        self.qmp = run / "qmp.sock"
         self.pidfile = Path(self.argv[self.argv.index("-pidfile") + 1])
         self.console_log = run / "console.log"
         self.pid: int | None = None
@@ -205,9 +205,12 @@ class RawQemu:
     def qcow2_node(self) -> str:
         """The node name of the (first) qcow2 format node, as xenlab named it."""
         for a in self.argv:
-            opts = dict(kv.split("=", 1) for kv in a.split(",") if "=" in kv)
+            if a.startswith("{"):  # -blockdev in JSON
+                opts = json.loads(a)
+            else:
+                opts = dict(kv.split("=", 1) for kv in a.split(",") if "=" in kv)
             if opts.get("driver") == "qcow2" and "node-name" in opts:
-                return opts["node-name"]
+                return str(opts["node-name"])
         raise RuntimeError("no qcow2 -blockdev in the argv")
 
     def start(self, *extra: str) -> None:

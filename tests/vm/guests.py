@@ -10,10 +10,12 @@ conftest.py).  The CLI in-process is :func:`tests.clirun.run_cli`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from xenlab.errors import XenlabError
 from xenlab.vm.domain import SHUTOFF, Toolstack
 
 
@@ -99,7 +101,17 @@ def uptime(ts: Toolstack, name: str) -> float:
 def clear(ts: Toolstack) -> None:
     """Destroy every live or stale domain of ``ts`` and forget the shut-off ones."""
     for rec in ts.store.list():
-        if rec.state == SHUTOFF:
-            ts.undefine(rec.name)
-        else:
-            ts.destroy(rec.name)
+        try:
+            if rec.state == SHUTOFF:
+                ts.undefine(rec.name)
+            else:
+                ts.destroy(rec.name)
+        except XenlabError:
+            # What a killed command left may be undone on the way ("is gone"),
+            # or a domain be shut off by it: try once more, then it must be gone.
+            with contextlib.suppress(XenlabError):
+                ts.destroy(str(rec.domid))
+            with contextlib.suppress(XenlabError):
+                ts.undefine(str(rec.domid))
+            if any(r.domid == rec.domid and r.uuid == rec.uuid for r in ts.store.list()):
+                raise
