@@ -46,14 +46,35 @@ def vm() -> None:
               help="Create missing disk files of this size (e.g. 64M) with qemu-img.")
 @click.option("--wait", "wait", type=float, metavar="SECONDS",
               help="Wait until the guest agent answers (the guest is up).")
+@click.option("-n", "--dry-run", "dry_run", is_flag=True,
+              help="Print the QEMU command line and the host actions; start nothing (xl -n).")
+@click.option("--json", "as_json", is_flag=True, help="With -n: the plan as JSON.")
 @_STATE
 def create_cmd(cfg: Path, overrides: Sequence[str], paused: bool, console: bool,
-               create_disks: str | None, wait: float | None, state_dir: Path | None) -> None:
+               create_disks: str | None, wait: float | None, dry_run: bool, as_json: bool,
+               state_dir: Path | None) -> None:
     """Create a domain from CFG; OVERRIDES are key=value lines, as with xl create."""
     for o in overrides:
         if "=" not in o:
             raise click.UsageError(f"override {o!r} is not key=value")
     ts = _ts(state_dir)
+    if dry_run:
+        from xenlab.vm.dryrun import plan_create
+
+        plan = plan_create(ts, cfg, overrides, paused=paused, create_disks=create_disks)
+        if as_json:
+            emit_json(plan.to_json())
+            return
+        kept = " (a kept domain, started again)" if plan.kept else ""
+        click.echo(f"# domain {printable(plan.name)}, id {plan.domid}{kept}: not started")
+        for line in plan.actions():
+            click.echo(f"# {printable(line)}")
+        # qemu_argv refuses control characters, so a newline is only a separator.
+        for line in plan.shell().split("\n"):
+            click.echo(printable(line))
+        return
+    if as_json:
+        raise click.UsageError("--json goes with -n")
     t0 = time.perf_counter()
     rec = ts.create(cfg, overrides, paused=paused, create_disks=create_disks)
     stdout.print(f"created domain {printable(rec.name)} (id {rec.domid}), {rec.state}")

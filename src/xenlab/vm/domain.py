@@ -187,7 +187,7 @@ class Toolstack:
         return self.launch(dc, text, config_path=str(cfg.resolve()), paused=paused,
                            image=image, create_disks=create_disks)
 
-    def _reusable(self, name: str) -> DomainRecord | None:
+    def reusable(self, name: str) -> DomainRecord | None:
         """The shut-off domain called ``name`` to start again, or None when the name is free.
 
         XenlabError when a live domain has the name, or a stale one (QEMU
@@ -246,7 +246,7 @@ class Toolstack:
         created: list[Path] = []
         with contextlib.ExitStack() as held:
             with self.store.global_lock():
-                old = self._reusable(dc.name)
+                old = self.reusable(dc.name)
                 if old is not None and fresh:
                     # create starts a kept domain on the disks it last ran on, with
                     # the NICs it last had; restore, receive and revert bring the
