@@ -35,7 +35,8 @@ def test_inspect_table_and_strict(capsys: pytest.CaptureFixture[str], tmp_path: 
 
 def test_inspect_neither_file_nor_address(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "rom", "inspect", "no-such.rom")
-    assert code == 2 and "neither a file nor a PCI address" in err
+    assert (code, err) == (1, "no-such.rom: no such file, and not a PCI address "
+                              "([DDDD:]BB:DD.F)\n")
 
 
 def test_inspect_no_rom(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -1,18 +1,32 @@
-"""``xenlab rom``: inspect, fix and dump PCI option ROMs and VGA BIOSes."""
+"""``xenlab rom``: inspect, fix and dump PCI option ROMs and VGA BIOSes.
+
+Every path a user names is read and written through :mod:`xenlab.rom.files`:
+a FILE that is a FIFO, a device, a directory, a symlink loop or too large
+ends with one line naming it (exit 1), and outputs are replaced atomically,
+through a symlink to its target, never over a device.  Names are shown
+escaped (:func:`~xenlab.cli.output.printable`): a newline or an escape
+sequence in a file name stays on its line.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 from rich.markup import escape
 from rich.table import Table
 
-from xenlab.atomic import atomic_write_bytes
 from xenlab.cli.output import emit_json, printable, stderr, stdout
 from xenlab.errors import XenlabError
 from xenlab.formats.optionrom import OptionRom, RomImage, code_type_name
 from xenlab.rom.check import check_vga_bios
+from xenlab.rom.files import (
+    RomFileError,
+    check_output_dir,
+    read_rom_file,
+    write_rom_file,
+)
 from xenlab.rom.fix import fix_rom, parse_image_kinds
 from xenlab.rom.inspect import inspect_file, rom_to_json
 from xenlab.rom.sysfs import SYSFS, DeviceRom, dump_rom, inspect_device, parse_bdf
@@ -20,6 +34,14 @@ from xenlab.rom.sysfs import SYSFS, DeviceRom, dump_rom, inspect_device, parse_b
 _SYSFS = click.option("--sysfs", type=click.Path(file_okay=False, path_type=Path), default=SYSFS,
                       show_default=True, help="Root of sysfs (for tests and chroots).")
 _JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+# No click checks on paths: they would be usage errors of several lines with the
+# name unescaped; xenlab.rom.files says what is wrong in one line.
+_PATH = click.Path(path_type=Path)
+
+
+def _name(path: Path | str) -> str:
+    """How messages show ``path``: control characters and undecodable bytes escaped."""
+    return printable(str(path))
 
 
 def _esc(text: str) -> str:
@@ -119,14 +141,15 @@ def inspect_cmd(target: str, as_json: bool, strict: bool, sysfs: Path) -> None:
     """Every image of a ROM FILE, or of a device's ROM (PCI address, e.g. 01:00.0)."""
     path = Path(target)
     device: DeviceRom | None = None
-    if path.exists():
-        result = inspect_file(path)
+    # Anything with that name is a file (a dangling link is one, and says so).
+    if os.path.lexists(path):
+        result = inspect_file(path, source=_name(path))
     else:
         try:
             parse_bdf(target)
         except ValueError:
-            raise click.BadParameter(f"{target!r} is neither a file nor a PCI address",
-                                     param_hint="TARGET") from None
+            raise RomFileError(_name(target), "no such file, and not a PCI address "
+                                              "([DDDD:]BB:DD.F)") from None
         device = inspect_device(target, sysfs=sysfs)
         result = device.rom
     problems = [*result.all_problems(), *(device.problems if device else ())]
@@ -169,9 +192,10 @@ def _checksum_at(text: str) -> str | int:
 
 
 @rom.command("fix")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="Where to write the repaired ROM (written atomically).")
+@click.argument("file", type=_PATH)
+@click.option("-o", "--output", "out", required=True, type=_PATH,
+              help="Where to write the repaired ROM (atomically; through a symlink to its "
+                   "target; FILE itself is fine).")
 @click.option("--strip-header", is_flag=True,
               help="Drop a vendor header before the first image and anything after the last.")
 @click.option("--set-ids", "set_ids", metavar="VENDOR:DEVICE",
@@ -190,14 +214,11 @@ def fix_cmd(file: Path, out: Path, strip_header: bool, set_ids: str | None, keep
         kinds = parse_image_kinds(keep) if keep is not None else None
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--keep-images") from None
-    data = file.read_bytes()
-    result = fix_rom(data, source=str(file), strip_header=strip_header, keep=kinds,
+    data = read_rom_file(file, name=_name(file))
+    result = fix_rom(data, source=_name(file), strip_header=strip_header, keep=kinds,
                      set_ids=_ids_option(set_ids), checksum_at=_checksum_at(checksum_at))
     if not dry_run:
-        try:
-            atomic_write_bytes(out, result.data)
-        except OSError as err:
-            raise XenlabError(f"{out}: cannot write: {err.strerror or err}") from err
+        write_rom_file(out, result.data, name=_name(out))
     if as_json:
         emit_json({
             "output": None if dry_run else str(out),
@@ -220,8 +241,8 @@ def fix_cmd(file: Path, out: Path, strip_header: bool, set_ids: str | None, keep
 
 @rom.command("dump")
 @click.argument("address")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="Where to write the ROM.")
+@click.option("-o", "--output", "out", required=True, type=_PATH,
+              help="Where to write the ROM (atomically; through a symlink to its target).")
 @click.option("--force", is_flag=True, help="Write the bytes even when they hold no ROM.")
 @_SYSFS
 @_JSON
@@ -231,7 +252,7 @@ def dump_cmd(address: str, out: Path, force: bool, sysfs: Path, as_json: bool) -
         parse_bdf(address)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="ADDRESS") from None
-    d = dump_rom(address, out, sysfs=sysfs, force=force)
+    d = dump_rom(address, out, sysfs=sysfs, force=force, out_name=_name(out))
     if as_json:
         emit_json({"device": _device_json(d), "output": str(out), "size": len(d.data),
                    "rom": rom_to_json(d.rom)})
@@ -245,14 +266,14 @@ def dump_cmd(address: str, out: Path, force: bool, sysfs: Path, as_json: bool) -
 
 
 @rom.command("check")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=_PATH)
 @click.option("--ids", metavar="VENDOR:DEVICE",
               help="The device the ROM will sit on (QEMU's -device VGA is 1234:1111).")
 @_JSON
 def check_cmd(file: Path, ids: str | None, as_json: bool) -> None:
     """Would SeaBIOS run FILE as a device's VGA BIOS?  Exit 0 only if it would."""
     want = _ids_option(ids)
-    result = inspect_file(file)
+    result = inspect_file(file, source=_name(file))
     verdict = check_vga_bios(result, vendor_id=want[0] if want else None,
                              device_id=want[1] if want else None)
     if as_json:
@@ -272,7 +293,7 @@ def check_cmd(file: Path, ids: str | None, as_json: bool) -> None:
 
 
 @rom.command("boot", context_settings={"ignore_unknown_options": True})
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=_PATH)
 @click.argument("overrides", nargs=-1)
 @click.option("--cfg", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Boot this xl config (default: a firmware-only guest).")
@@ -283,7 +304,7 @@ def check_cmd(file: Path, ids: str | None, as_json: bool) -> None:
 @click.option("--pci", metavar="BDF",
               help="A host GPU bound to vfio-pci: gfx_passthru=1, pci=[BDF], x-vga=on.")
 @click.option("--name", help="The domain's name (default rom-<file stem>, or the config's).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", type=_PATH,
               default=Path("."), show_default=True,
               help="Where the config, screendump (PNG) and firmware log are written.")
 @click.option("--force", is_flag=True, help="Boot a ROM the pre-boot check refuses.")
@@ -306,6 +327,9 @@ def boot_cmd(file: Path, overrides: tuple[str, ...], cfg: Path | None, check: bo
 
     if overrides and cfg is None:
         raise XenlabError("KEY=VALUE overrides need --cfg (the firmware guest takes none)")
+    # A regular file only: QEMU opens it again itself (a FIFO would be empty then).
+    read_rom_file(file, name=_name(file), regular_only=True)
+    check_output_dir(out_dir, name=_name(out_dir))
     result = boot_rom(Toolstack(state_dir), file, out_dir=out_dir, cfg=cfg,
                       overrides=overrides, device=device, pci=pci, name=name, check=check,
                       force=force, timeout=timeout)

@@ -1,16 +1,15 @@
 """Read a ROM file and describe it: :func:`inspect_file`, and the ``--json`` shape.
 
-Files are mapped, not read: a 64 MB flash dump costs the pages the walk
-touches.  The values returned hold no view of the mapping, so it is closed
-before :func:`inspect_file` returns.
+Files are read through :func:`xenlab.rom.files.read_rom_file`: without
+blocking, at most 64 MiB, into memory rather than mapped (a mapping of a
+file another process truncates dies of SIGBUS; see that module).
 """
 
 from __future__ import annotations
 
-import mmap
 from pathlib import Path
 
-from xenlab.errors import FormatError, XenlabError
+from xenlab.errors import FormatError
 from xenlab.formats._buffer import Buffer
 from xenlab.formats.optionrom import (
     EFI_COMPRESSIONS,
@@ -21,6 +20,7 @@ from xenlab.formats.optionrom import (
     code_type_name,
     parse_rom,
 )
+from xenlab.rom.files import ROM_LIMIT, read_rom_file
 
 
 def inspect_bytes(data: Buffer, *, source: str = "<rom>") -> OptionRom:
@@ -31,22 +31,19 @@ def inspect_bytes(data: Buffer, *, source: str = "<rom>") -> OptionRom:
     return parse_rom(data, source=source)
 
 
-def inspect_file(path: Path) -> OptionRom:
-    """Walk the ROM in the file at ``path``.
+def inspect_file(path: Path, *, source: str | None = None, limit: int = ROM_LIMIT) -> OptionRom:
+    """Walk the ROM in the file at ``path``; ``source`` names it in messages (default: the path).
 
     :raise FormatError: the file is empty or holds no option ROM.
-    :raise XenlabError: the file cannot be opened.
+    :raise InputTooLargeError: the file holds more than ``limit`` bytes.
+    :raise XenlabError: the file cannot be opened or read (see
+        :func:`~xenlab.rom.files.read_rom_file`).
     """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            size = path.stat().st_size
-            if size == 0:
-                raise FormatError(str(path), 0, "signature", "the file is empty, expected 55 aa")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                return parse_rom(mapped, source=str(path))
-    except OSError as err:
-        raise XenlabError(f"{path}: cannot read: {err.strerror or err}") from err
+    name = str(path) if source is None else source
+    data = read_rom_file(Path(path), name=name, limit=limit)
+    if not data:
+        raise FormatError(name, 0, "signature", "the file is empty, expected 55 aa")
+    return parse_rom(data, source=name)
 
 
 def image_to_json(img: RomImage) -> dict[str, object]:

@@ -25,19 +25,37 @@ The cases where this does not give the card's ROM, and what to do:
   ``echo 1 > /sys/bus/pci/devices/<BDF>/enable`` first), the device is in
   D3 or reset, or the ROM BAR is not wired to a ROM (it reads all 0xFF).
 - **EACCES / EPERM**: only root may enable and read the ROM.
+
+Every file under the sysfs root is read as a user-named file is
+(:mod:`xenlab.rom.files`: without blocking, bounded, never mapped), since
+``sysfs`` may be any directory: a ``rom`` that is ``/dev/zero`` stops at
+16 MiB (what a ROM BAR decodes at most), one that is a FIFO nobody serves is
+refused after a few seconds.
 """
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
+import os
 import re
+import stat
+import termios
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xenlab.atomic import atomic_write_bytes
 from xenlab.errors import FormatError, XenlabError
 from xenlab.formats.optionrom import OptionRom, RomProblem, parse_rom
 from xenlab.formats.optionrom import ProblemKind as _Kind
+from xenlab.rom.files import (
+    BAR_LIMIT,
+    PIPE_WAIT,
+    read_rom_file,
+    read_small_file,
+    write_rom_file,
+)
 
 SYSFS = Path("/sys")
 _BDF = re.compile(
@@ -100,8 +118,8 @@ def _device_dir(address: str, sysfs: Path) -> Path:
 
 def _hex_file(path: Path) -> int:
     try:
-        return int(path.read_text().strip(), 16)
-    except (OSError, ValueError) as err:
+        return int(read_small_file(path).decode("ascii").strip(), 16)
+    except (XenlabError, UnicodeDecodeError, ValueError) as err:
         raise XenlabError(f"{path}: cannot read a hex number: {err}") from err
 
 
@@ -110,17 +128,50 @@ def device_info(address: str, *, sysfs: Path = SYSFS) -> PciDevice:
     d = _device_dir(address, sysfs)
     boot = d / "boot_vga"
     try:
-        boot_vga = boot.read_text().strip() == "1"
-    except OSError:
+        boot_vga = read_small_file(boot).strip() == b"1"
+    except XenlabError:
         boot_vga = False
     return PciDevice(address=d.name, vendor_id=_hex_file(d / "vendor"),
                      device_id=_hex_file(d / "device"), class_code=_hex_file(d / "class"),
                      boot_vga=boot_vga)
 
 
-def _write_flag(path: Path, value: bytes) -> None:
-    with open(path, "wb", buffering=0) as f:
-        f.write(value)
+def _write_flag(path: Path, value: bytes, *, wait: float = PIPE_WAIT) -> None:
+    """Write ``value`` to ``path`` in one write; a FIFO gets ``wait`` seconds to have a reader.
+
+    :raise OSError: the open or the write failed (ENXIO: nobody read the FIFO).
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            break
+        except OSError as err:
+            # ENXIO: a FIFO without a reader (the kernel's attribute never says it).
+            if err.errno != errno.ENXIO or time.monotonic() >= deadline:
+                if err.errno == errno.ENXIO:
+                    raise OSError(errno.ENXIO, f"nobody reads it (waited {wait:g} s)") from err
+                raise
+            time.sleep(0.01)
+    try:
+        os.write(fd, value)
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            # Taken when the reader has read it, as the kernel's attribute has
+            # by the time write() returns; a read of the same FIFO must not
+            # get it back.
+            pending = array.array("i", [1])
+            while time.monotonic() < deadline + wait:
+                fcntl.ioctl(fd, termios.FIONREAD, pending)
+                if not pending[0]:
+                    break
+                time.sleep(0.005)
+    finally:
+        os.close(fd)
+
+
+def _flag_error(rom: Path, what: str, err: OSError) -> XenlabError:
+    root = " (root is needed)" if err.errno in (errno.EACCES, errno.EPERM) else ""
+    return XenlabError(f"{rom}: {what}: {err.strerror or err}{root}")
 
 
 def read_device_rom(address: str, *, sysfs: Path = SYSFS) -> bytes:
@@ -138,25 +189,25 @@ def read_device_rom(address: str, *, sysfs: Path = SYSFS) -> bytes:
     try:
         _write_flag(rom, _ENABLE)
     except OSError as err:
-        raise XenlabError(f"{rom}: cannot enable the ROM: {err.strerror or err} "
-                          "(root is needed)") from err
+        raise _flag_error(rom, "cannot enable the ROM", err) from err
     data = b""
     read_failed = True
     try:
-        with open(rom, "rb") as f:
-            data = f.read()
+        data = read_rom_file(rom, limit=BAR_LIMIT, what="ROM")
         read_failed = False
-    except OSError as err:
-        why = _EIO_HELP if err.errno == errno.EIO else (err.strerror or str(err))
-        raise XenlabError(f"{rom}: cannot read: {why}") from err
+    except XenlabError as err:
+        cause = err.__cause__
+        if isinstance(cause, OSError) and cause.errno == errno.EIO:
+            raise XenlabError(f"{rom}: cannot read: {_EIO_HELP}") from err
+        raise
     finally:
         try:
             _write_flag(rom, _DISABLE)
         except OSError as err:
             # After a failed read, that error is the one to show.
             if not read_failed:
-                raise XenlabError(f"{rom}: read, but cannot disable the ROM again: "
-                                  f"{err.strerror or err}") from err
+                raise _flag_error(rom, "read, but cannot disable the ROM again",
+                                  err) from err
     if not data:
         raise XenlabError(f"{rom}: the ROM read back empty: {_EIO_HELP}")
     return data
@@ -187,18 +238,23 @@ def inspect_device(address: str, *, sysfs: Path = SYSFS) -> DeviceRom:
     return DeviceRom(device=dev, data=data, rom=rom, problems=_compare(dev, rom))
 
 
-def dump_rom(address: str, out: Path, *, sysfs: Path = SYSFS, force: bool = False) -> DeviceRom:
+def dump_rom(address: str, out: Path, *, sysfs: Path = SYSFS, force: bool = False,
+             out_name: str | None = None) -> DeviceRom:
     """Read ``address``'s ROM and write it to ``out`` atomically; return what was read.
 
     Bytes with no option ROM in them (all 0xFF from an unwired BAR, say) are
-    not written unless ``force``.
+    not written unless ``force``.  ``out`` is written as
+    :func:`xenlab.rom.files.write_rom_file` writes (through a symlink, never
+    over a device); ``out_name`` is how messages show it.
 
     :raise XenlabError: see :func:`read_device_rom`; FormatError when the
-        bytes hold no ROM and ``force`` is not set.
+        bytes hold no ROM and ``force`` is not set; RomFileError when ``out``
+        is refused or cannot be written.
     """
     dev = device_info(address, sysfs=sysfs)
     data = read_device_rom(address, sysfs=sysfs)
     source = str(sysfs / "bus" / "pci" / "devices" / dev.address / "rom")
+    shown = str(out) if out_name is None else out_name
     try:
         rom = parse_rom(data, source=source)
     except FormatError as err:
@@ -206,15 +262,8 @@ def dump_rom(address: str, out: Path, *, sysfs: Path = SYSFS, force: bool = Fals
             raise FormatError(err.source, err.offset, err.field,
                               f"{err.detail} (nothing written; --force writes the bytes "
                               "anyway)") from err
-        _write(Path(out), data)
+        write_rom_file(Path(out), data, name=shown)
         raise FormatError(err.source, err.offset, err.field,
-                          f"{err.detail} ({len(data)} bytes written to {out} anyway)") from err
-    _write(Path(out), data)
+                          f"{err.detail} ({len(data)} bytes written to {shown} anyway)") from err
+    write_rom_file(Path(out), data, name=shown)
     return DeviceRom(device=dev, data=data, rom=rom, problems=_compare(dev, rom))
-
-
-def _write(path: Path, data: bytes) -> None:
-    try:
-        atomic_write_bytes(path, data)
-    except OSError as err:
-        raise XenlabError(f"{path}: cannot write: {err.strerror or err}") from err
