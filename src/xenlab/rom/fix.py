@@ -179,13 +179,13 @@ def fix_rom(
         changes.append(Change(0, None, f"removed the {rom.header_offset:#x}-byte vendor header "
                                        "before the first image"))
     elif rom.header_offset:
-        out += memoryview(data)[: rom.header_offset]
+        out += bytes(memoryview(data)[: rom.header_offset])
     # Where each kept image lands in the output.
     moved: dict[int, int] = {}
     for img in rom.images:
         if img in kept:
             moved[img.index] = len(out)
-            out += memoryview(data)[img.offset : img.end]
+            out += bytes(memoryview(data)[img.offset : img.end])
         else:
             changes.append(Change(len(out), img.index,
                                   f"removed the {code_type_name(img.code_type)} image "
@@ -197,7 +197,7 @@ def fix_rom(
             changes.append(Change(len(out), None, f"removed {rom.trailer_length:#x} bytes of "
                                                   f"{fill} after the last image"))
         else:
-            out += memoryview(data)[rom.end : rom.size]
+            out += bytes(memoryview(data)[rom.end : rom.size])
 
     def at(img: RomImage, absolute: int) -> int:
         return moved[img.index] + absolute - img.offset
