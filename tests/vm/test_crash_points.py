@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.guests import boot, read_marker, write_config, write_marker
+from tests.vm.guests import boot, clear, read_marker, write_config, write_marker
 from tests.vm.truth import check_truth, converge, killed_at, qemus_named, xenlab
 from xenlab.vm import qemuimg
 from xenlab.vm.domain import SHUTOFF, Toolstack
@@ -93,7 +93,7 @@ def test_snapshot_create_internal(guest: tuple[Toolstack, Path], point: str) -> 
 
 
 EXTERNAL = ["snapshot-create.job", "snapshot-create.row", "snapshot-create.stopped",
-            "snapshot-create.switched", "snapshot-create.memory-done",
+            "snapshot-create.switched", "vmstate.migrating", "snapshot-create.memory-done",
             "snapshot-create.taken"]
 
 
@@ -189,3 +189,73 @@ def test_block_attach(guest: tuple[Toolstack, Path], point: str) -> None:
     assert proc.returncode == 0, proc.stderr
     assert xenlab(ts, "vm", "block-detach", "xcrash", "xvdb").returncode == 0
     target.unlink()
+
+
+SAVE = ["save.job", "save.header", "vmstate.migrating", "save.committed", "save.quit"]
+
+
+@pytest.mark.parametrize("point", SAVE)
+def test_save(guest: tuple[Toolstack, Path], point: str) -> None:
+    ts, tmp = guest
+    reset(ts)
+    write_marker(ts, "xcrash", f"saved-{point}")
+    image = tmp / "xcrash.save"
+    image.unlink(missing_ok=True)
+    killed_at(ts, point, "vm", "save", "xcrash", str(image))
+    converge(ts)
+    check_truth(ts, {"xcrash"})
+    assert not list(tmp.glob(".xcrash.save.*"))  # no half-written image left
+    if point in ("save.committed", "save.quit"):
+        # The image was whole: the save is finished, the domain stopped.
+        assert not qemus_named({"xcrash"})
+        assert "xcrash" not in {r.name for r in ts.store.list()}
+        proc = xenlab(ts, "vm", "restore", str(image))
+        assert proc.returncode == 0, proc.stderr
+        check_truth(ts, {"xcrash"})
+    else:
+        assert not image.exists()
+        assert ts.get("xcrash").state == "running"
+    assert read_marker(ts, "xcrash") == f"saved-{point}"
+
+
+MIGRATE = ["migrate.job", "migrate.streamed", "migrate.handing-over", "migrate.handed-over"]
+
+
+@pytest.mark.parametrize("point", MIGRATE)
+def test_local_migrate(guest: tuple[Toolstack, Path], point: str) -> None:
+    """Whatever the point, exactly one copy of the guest runs after the next commands."""
+    ts, tmp = guest
+    reset(ts)
+    dest = Toolstack(tmp / f"dest-{point}")
+    try:
+        _migrate_killed(ts, dest, point)
+    finally:
+        clear(dest)
+        dest.store.close()
+
+
+def _migrate_killed(ts: Toolstack, dest: Toolstack, point: str) -> None:
+    write_marker(ts, "xcrash", f"moved-{point}")
+    killed_at(ts, point, "vm", "migrate", "xcrash", "localhost",
+              "--dest-state-dir", str(dest.state_dir))
+    converge(ts)
+    converge(dest)
+    for side in (ts, dest):
+        check_truth(side, {r.name for r in side.store.list()} & {"xcrash"})
+    here = [r for r in ts.store.list() if r.name == "xcrash"]
+    there = [r for r in dest.store.list() if r.name == "xcrash"]
+    assert len(here) + len(there) == 1, (here, there)
+    assert len(qemus_named({"xcrash"})) == 1
+    runs = there[0] if there else here[0]
+    if point == "migrate.handed-over":
+        assert there  # the destination ran it: the source finished
+    if point in ("migrate.job", "migrate.streamed"):
+        assert here  # the destination never ran it: the source took it back
+    side = dest if there else ts
+    if runs.state == "paused":
+        assert xenlab(side, "vm", "unpause", "xcrash").returncode == 0
+    assert read_marker(side, "xcrash") == f"moved-{point}"
+    if there:
+        proc = xenlab(dest, "vm", "migrate", "xcrash", "localhost",
+                      "--dest-state-dir", str(ts.state_dir))
+        assert proc.returncode == 0, proc.stderr

@@ -524,6 +524,14 @@ class Toolstack:
         job = job_of(rec)
         if job is None or job.owner_alive():
             return rec
+        if rec.state == "incoming" and job.verb == "incoming" and is_alive(rec) and \
+                self._resumed(rec):
+            # The guest ran there already (a restore or receive resumed it and
+            # was killed before it said so): it is the guest's only running
+            # copy and may have written to its disks, so it is kept.
+            log.warning("domain %s: a restore/receive killed just after the guest resumed "
+                        "is finished: it runs", rec.name)
+            return self.store.patch(rec.domid, state="running", extra_drop=[JOB])
         if rec.state in ("creating", "incoming") and job.verb in ("create", "incoming"):
             # QEMU may have started (its pid only in the pidfile): stop it,
             # bring the vifs down, forget the half-made domain.
@@ -562,6 +570,25 @@ class Toolstack:
                 mine = job_of(now)
                 if mine is not None and mine.pid == job.pid and mine.since == job.since:
                     self.store.patch(rec.domid, extra_drop=[JOB])
+
+    def update_job(self, domid: int, **detail: Any) -> None:
+        """Add ``detail`` to this process's job on domain ``domid`` (what a recovery reads).
+
+        A verb marks its phases this way before each step a recovery must
+        tell apart (a migration before and after the destination resumed).
+        """
+        job = job_of(self.store.get(domid))
+        if job is None or not job.mine():
+            return
+        self.store.patch(domid, extra_set={
+            JOB: replace(job, detail={**job.detail, **detail}).to_json()})
+
+    def _resumed(self, rec: DomainRecord) -> bool:
+        """True when QEMU says the guest of ``rec`` runs (QMP asked briefly)."""
+        try:
+            return _run_async(self.qemu_status(self.paths(rec), timeout=2.0)) == "running"
+        except XenlabError:
+            return False
 
     def status(self, rec: DomainRecord) -> DomainStatus:
         """What the domain is now, asking QEMU when it is alive."""
@@ -931,6 +958,8 @@ class Toolstack:
 # such a job is found, so a `vm list` does not load the snapshot code.
 RECOVERY: dict[str, str] = {
     "block-attach": "xenlab.vm.disks",
+    "save": "xenlab.vm.saverestore",
+    "migrate": "xenlab.vm.migrate",
     "snapshot-create": "xenlab.vm.snaprecover",
     "snapshot-revert": "xenlab.vm.snaprecover",
     "snapshot-delete": "xenlab.vm.snaprecover",
@@ -973,10 +1002,21 @@ def _wait_gone(pid: int | None, timeout: float) -> bool:
 
 
 def _exists(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped by init) counts as gone."""
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by init) counts as gone
+    once its last thread has exited.
+
+    A multi-threaded QEMU's main thread turns zombie first; its files (and
+    the image locks on them) stay open until its other threads have exited
+    too, so a zombie with threads left is not gone yet.
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
     # The state is the field after the parenthesised command name.
-    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+    if stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]:
+        return True
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False

@@ -32,14 +32,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import shutil
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from xenlab import faults
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm import vmstate
 from xenlab.vm.control import (
@@ -54,6 +57,7 @@ from xenlab.vm.control import (
     uri_host,
 )
 from xenlab.vm.domain import Toolstack
+from xenlab.vm.jobs import Job
 from xenlab.vm.mirror import DISK_NODES
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
@@ -217,53 +221,68 @@ def migrate(
                           ) if with_storage else []
         vdevs = [v for v, _, _ in disks]
         nodes = {v: str((rec.extra.get(DISK_NODES) or {}).get(v, f"{v}-fmt")) for v in vdevs}
-        if not isinstance(dest, Toolstack):
-            info = _migrate_remote(ts, rec, paths, dest, disk_paths, overlays, vdevs, nodes,
-                                   live=live, paused=paused, max_bandwidth=max_bandwidth,
-                                   timeout=timeout, progress=progress, started=started,
-                                   token=str(token))
-            dest_rec: DomainRecord | None = None
-        else:
-            sizes = _run(_disk_sizes(paths, nodes)) if disks else {}
-            incoming = receive(
-                dest, rec.config_text, 0, host=host, overrides=dest_overrides,
-                with_storage=with_storage, nbd_port=nbd_port, disk_sizes=sizes,
-                config_path=rec.config_path, uuid=rec.uuid, disk_paths=disk_paths,
-                overlays=overlays,
-            )
-            where = f"{uri_host(host)}:{incoming.port}"
-            try:
-                sent = _run(_send(paths, rec.name, where, host, incoming.nbd_port, nodes,
-                                  live=live, max_bandwidth=max_bandwidth, timeout=timeout,
-                                  progress=progress, started=started))
-            except BaseException as err:
-                dead = not is_alive(incoming.record)
-                abort_receive(dest, incoming)
-                if isinstance(err, BackendError) and dead:
-                    raise BackendError(
-                        f"migrate {rec.name} to {where}: the destination QEMU went away "
-                        f"during the migration; {rec.name} still runs here [{err}]"
-                    ) from err
-                if isinstance(err, BackendError):
-                    raise BackendError(
-                        f"migrate {rec.name} to {where} failed; {rec.name} still runs here "
-                        f"[{err}]"
-                    ) from err
-                raise
-            try:
-                dest_rec = finish_receive(dest, incoming, paused=paused, timeout=timeout)
-            except BaseException:
-                # The destination could not take over: the source has every
-                # page and its disks, so it carries on.
-                with contextlib.suppress(BackendError):
-                    _run(_resume_source(paths, sent))
-                raise
-            if snaps:
-                dest_rec = _copy_snapshots(ts, dest, rec, dest_rec)
-            info = sent.info
-        quit_domain(ts, rec, paths)
-        shutil.rmtree(paths.rundir, ignore_errors=True)
-        ts.store.remove(rec.domid)
+        # The job's phase tells a recovery whether the destination may run the
+        # guest already (recover_job): never resume both copies.
+        held = contextlib.ExitStack()
+        rec = held.enter_context(ts.job(
+            rec, "migrate", phase="sending", guest=rec.state,
+            dest=str(dest.state_dir) if isinstance(dest, Toolstack) else dest,
+            local=isinstance(dest, Toolstack)))
+        faults.point("migrate.job")
+        with held:
+            if not isinstance(dest, Toolstack):
+                info = _migrate_remote(ts, rec, paths, dest, disk_paths, overlays, vdevs, nodes,
+                                       live=live, paused=paused, max_bandwidth=max_bandwidth,
+                                       timeout=timeout, progress=progress, started=started,
+                                       token=str(token),
+                                       on_phase=functools.partial(ts.update_job, rec.domid))
+                dest_rec: DomainRecord | None = None
+            else:
+                sizes = _run(_disk_sizes(paths, nodes)) if disks else {}
+                incoming = receive(
+                    dest, rec.config_text, 0, host=host, overrides=dest_overrides,
+                    with_storage=with_storage, nbd_port=nbd_port, disk_sizes=sizes,
+                    config_path=rec.config_path, uuid=rec.uuid, disk_paths=disk_paths,
+                    overlays=overlays,
+                )
+                where = f"{uri_host(host)}:{incoming.port}"
+                try:
+                    sent = _run(_send(paths, rec.name, where, host, incoming.nbd_port, nodes,
+                                      live=live, max_bandwidth=max_bandwidth, timeout=timeout,
+                                      progress=progress, started=started))
+                except BaseException as err:
+                    dead = not is_alive(incoming.record)
+                    abort_receive(dest, incoming)
+                    if isinstance(err, BackendError) and dead:
+                        raise BackendError(
+                            f"migrate {rec.name} to {where}: the destination QEMU went away "
+                            f"during the migration; {rec.name} still runs here [{err}]"
+                        ) from err
+                    if isinstance(err, BackendError):
+                        raise BackendError(
+                            f"migrate {rec.name} to {where} failed; {rec.name} still runs here "
+                            f"[{err}]"
+                        ) from err
+                    raise
+                faults.point("migrate.streamed")
+                ts.update_job(rec.domid, phase="handing-over")
+                faults.point("migrate.handing-over")
+                try:
+                    dest_rec = finish_receive(dest, incoming, paused=paused, timeout=timeout)
+                    ts.update_job(rec.domid, phase="handed-over")
+                    faults.point("migrate.handed-over")
+                except BaseException:
+                    # The destination could not take over: the source has every
+                    # page and its disks, so it carries on.
+                    with contextlib.suppress(BackendError):
+                        _run(_resume_source(paths, sent))
+                    raise
+                if snaps:
+                    dest_rec = _copy_snapshots(ts, dest, rec, dest_rec)
+                info = sent.info
+            quit_domain(ts, rec, paths)
+            shutil.rmtree(paths.rundir, ignore_errors=True)
+            ts.store.remove(rec.domid)
     ram = info.get("ram") or {}
     return MigrationResult(
         record=dest_rec, seconds=time.monotonic() - started,
@@ -396,9 +415,13 @@ def _migrate_remote(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths, dest:
                     disk_paths: tuple[DiskMove, ...], overlays: tuple[DiskMove, ...],
                     vdevs: Sequence[str], nodes: Mapping[str, str], *, live: bool,
                     paused: bool, max_bandwidth: int | None, timeout: float,
-                    progress: Progress | None, started: float, token: str
-                    ) -> dict[str, Any]:
-    """The sending side of the control protocol; QEMU's final ``query-migrate``."""
+                    progress: Progress | None, started: float, token: str,
+                    on_phase: Callable[..., None] = lambda **_: None) -> dict[str, Any]:
+    """The sending side of the control protocol; QEMU's final ``query-migrate``.
+
+    ``on_phase(phase=...)`` is told "handing-over" just before "go" is sent
+    and "handed-over" once the destination said it resumed.
+    """
     host, port = parse_address(dest)
     try:
         sock = socket.create_connection((host, port), timeout=10)
@@ -409,7 +432,7 @@ def _migrate_remote(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths, dest:
         return _run(_sender(Channel(sock, dest), rec, paths, host, disk_paths, overlays,
                             nodes, live=live, paused=paused, max_bandwidth=max_bandwidth,
                             timeout=timeout, progress=progress, started=started,
-                            token=token))
+                            token=token, on_phase=on_phase))
     finally:
         sock.close()
 
@@ -418,7 +441,8 @@ async def _sender(ch: Channel, rec: DomainRecord, paths: RuntimePaths, host: str
                   disk_paths: tuple[DiskMove, ...], overlays: tuple[DiskMove, ...],
                   nodes: Mapping[str, str], *, live: bool, paused: bool,
                   max_bandwidth: int | None, timeout: float, progress: Progress | None,
-                  started: float, token: str) -> dict[str, Any]:
+                  started: float, token: str,
+                  on_phase: Callable[..., None] = lambda **_: None) -> dict[str, Any]:
     what = f"migrate {rec.name} to {ch.peer}"
     here = f"{rec.name} still runs here"
     async with Qmp.open(paths.qmp) as qmp:
@@ -467,6 +491,8 @@ async def _sender(ch: Channel, rec: DomainRecord, paths: RuntimePaths, host: str
             if ch.closed():
                 raise Lost(f"{ch.peer} closed the control connection before it was "
                             "told to start the guest")
+            on_phase(phase="handing-over")
+            faults.point("migrate.handing-over")
             await ch.send({"msg": "go", "paused": paused})
         except BaseException as err:
             await ch.quiet_send({"msg": "abort", "error": str(err)})
@@ -479,6 +505,8 @@ async def _sender(ch: Channel, rec: DomainRecord, paths: RuntimePaths, host: str
         try:
             done = await ch.recv(START_TIMEOUT, "the destination's report")
             expect(done, "resumed", ch.peer)
+            on_phase(phase="handed-over")
+            faults.point("migrate.handed-over")
         except Refused as err:
             # A receiver that fails here has killed its QEMU before saying so.
             back = await _take_back(qmp, sent, rec.name)
@@ -582,3 +610,124 @@ async def _dismiss_jobs(qmp: Qmp, jobs: Sequence[str], timeout: float) -> None:
             raise BackendError(f"block jobs {', '.join(sorted(left))} still running after "
                                f"{timeout:g}s")
         await asyncio.sleep(_POLL)
+
+
+# --- a migration killed half-way ---------------------------------------------------------
+
+
+def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
+    """Finish or undo a migration whose sending process was killed (``Toolstack.converge``).
+
+    The job's phase says how far it got.  Before the destination was told to
+    resume ("sending"), the migration is undone: a stream QEMU still sends
+    is cancelled, the NBD nodes and mirrors go, and a guest that ran runs
+    here again.  After the destination said it resumed ("handed-over"),
+    it is finished: this QEMU quits and the record goes.  In between
+    ("handing-over") only the destination knows: a destination toolstack on
+    this host is asked (its domain runs, or its QEMU says the guest runs:
+    finished; else undone); for another host the guest is left paused here
+    and the message says how to decide, as after a lost control connection.
+    """
+    if job.verb != "migrate":
+        return rec
+    phase = str(job.detail.get("phase", "sending"))
+    where = f"domain {rec.name}: a migration to {job.detail.get('dest')}"
+    if not is_alive(rec):
+        kept = ts.gone(rec)
+        _log.warning("%s was killed; the QEMU here is gone", where)
+        return kept
+    if phase == "handing-over":
+        runs = _destination_runs(job, rec.uuid)
+        if runs is None:
+            _log.warning("%s was killed after the destination was told to start the guest; "
+                         "it may run there: %s is left paused here. Check the destination, "
+                         "then `xenlab vm unpause %s` here only if it does not run there, "
+                         "else `xenlab vm destroy %s` here", where, rec.name, rec.name,
+                         rec.name)
+            return ts.store.patch(rec.domid, state="paused")
+        phase = "handed-over" if runs else "sending"
+    paths = ts.paths(rec)
+    if phase == "handed-over":
+        quit_domain(ts, rec, paths)
+        shutil.rmtree(paths.rundir, ignore_errors=True)
+        ts.store.remove(rec.domid)
+        _log.warning("%s was killed after the guest ran there: finished, %s is gone from "
+                     "here", where, rec.name)
+        return None
+
+    async def undo() -> str:
+        async with Qmp.open(paths.qmp) as qmp:
+            info = await vmstate.query_migrate(qmp)
+            if str(info.get("status")) in ("active", "setup", "device", "pre-switchover"):
+                await vmstate.cancel_migration(qmp)
+            jobs = [j for j in (await _block_jobs(qmp)) if j.startswith("mig-")]
+            for j in jobs:
+                with contextlib.suppress(BackendError):
+                    await qmp.execute("block-job-cancel", {"device": j, "force": True})
+            with contextlib.suppress(BackendError):
+                await _dismiss_jobs(qmp, jobs, 30)
+            await _del_stale_nodes(qmp, [n for n in await _nbd_nodes(qmp)])
+            if job.detail.get("guest") == "running":
+                await vmstate.cont_after_migration(qmp)
+            return await vmstate.status(qmp)
+
+    # The destination's QEMU holds the disks' locks once the stream is in: a
+    # local one goes first (its own converge undoes the incoming domain).
+    _destination_undo(job, rec.uuid)
+    try:
+        state = _run(undo())
+    except BackendError as err:
+        _log.warning("%s was killed before the guest ran there; it cannot run here yet "
+                     "(%s): %s is left paused. If the destination still holds it, end it "
+                     "there, then `xenlab vm unpause %s` here", where, err, rec.name, rec.name)
+        return ts.store.patch(rec.domid, state="paused")
+    _log.warning("%s was killed before the guest ran there: undone, the guest is %s here",
+                 where, state)
+    return ts.store.patch(rec.domid, state="running" if state == "running" else "paused")
+
+
+def _destination_undo(job: Job, uuid: str) -> None:
+    """A local destination's half-received copy of the guest is undone (it never ran)."""
+    if not job.detail.get("local"):
+        return
+    try:
+        dest = Toolstack(Path(str(job.detail.get("dest"))))
+    except XenlabError:
+        return
+    try:
+        for r in dest.store.list():
+            if r.uuid == uuid and r.state == "incoming":
+                with contextlib.suppress(XenlabError), dest.locked(str(r.domid)):
+                    pass  # taking it converges it: a dead migration's incoming copy goes
+    finally:
+        dest.store.close()
+
+
+async def _nbd_nodes(qmp: Qmp) -> list[str]:
+    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+    return [str(n["node-name"]) for n in nodes if isinstance(n, dict)
+            and str(n.get("node-name", "")).startswith("mig-")] if isinstance(nodes, list) else []
+
+
+def _destination_runs(job: Job, uuid: str) -> bool | None:
+    """Whether the destination runs the guest: True, False, or None when it cannot be told."""
+    if not job.detail.get("local"):
+        return None
+    try:
+        dest = Toolstack(Path(str(job.detail.get("dest"))))
+    except XenlabError:
+        return None
+    try:
+        for r in dest.store.list():
+            if r.uuid != uuid or not is_alive(r):
+                continue
+            if r.state in ("running", "paused"):
+                return True
+            # Still "incoming": it ran only if QEMU says so.
+            return bool(_run(dest.qemu_status(dest.paths(r), timeout=2.0)) == "running")
+        return False
+    except XenlabError:
+        return None
+    finally:
+        dest.store.close()
+

@@ -35,13 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from xenlab import faults
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, XenlabError
 from xenlab.vm import qemuimg, vmstate
 from xenlab.vm.domain import Toolstack, qemu_said
 from xenlab.vm.domconfig import config_from_text, on_disks
-from xenlab.vm.jobs import JOB
+from xenlab.vm.jobs import JOB, Job
 from xenlab.vm.mirror import DISK_NODES, DISK_PATHS
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
@@ -265,6 +266,13 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
                 f"{path}: cannot write the save image: {err.strerror or err}"
             ) from err
         tmp = Path(tmp_name)
+        # A killed save is undone by the next command: the guest goes on,
+        # the half-written file goes (recover_job).
+        held = contextlib.ExitStack()
+        rec = held.enter_context(ts.job(rec, "save", tmp=str(tmp), guest=rec.state,
+                                        keep_running=keep_running,
+                                        snapshot=snaps[0].name if snaps else None))
+        faults.point("save.job")
 
         def commit() -> None:
             # Once, before the rename: the image is whole on disk before QEMU
@@ -273,22 +281,77 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
             os.replace(tmp, path)
             _fsync_dir(path.parent)
 
-        try:
-            with os.fdopen(fd, "wb") as f:
-                header = _run(_save_stream(
-                    paths, f, rec, keep_running=keep_running, timeout=timeout,
-                    max_bandwidth=max_bandwidth, progress=progress, snapshots=snaps,
-                    disk_paths=disk_paths, overlays=overlays, commit=commit,
-                ))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if keep_running:
-            ts.store.patch(rec.domid, expect_uuid=rec.uuid, state=header.state)
-        else:
-            wait_quit(ts, rec, paths)
-            ts.gone(rec)
-        return header
+        with held:
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    header = _run(_save_stream(
+                        paths, f, rec, keep_running=keep_running, timeout=timeout,
+                        max_bandwidth=max_bandwidth, progress=progress, snapshots=snaps,
+                        disk_paths=disk_paths, overlays=overlays, commit=commit,
+                    ))
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            ts.update_job(rec.domid, committed=True)
+            faults.point("save.committed")
+            if keep_running:
+                ts.store.patch(rec.domid, expect_uuid=rec.uuid, state=header.state)
+            else:
+                wait_quit(ts, rec, paths)
+                faults.point("save.quit")
+                ts.gone(rec)
+            return header
+
+
+def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
+    """Finish or undo a save that was killed (``Toolstack.converge`` calls this).
+
+    Before the image was committed, the save is undone: a migration QEMU
+    still runs is cancelled, the half-written file and the save's disk
+    snapshot go, and a guest that ran runs again.  After the commit the
+    image is whole, and the save is finished: the QEMU quits and the domain
+    goes (or, with ``keep_running``, the guest goes on as it was).
+    """
+    where = f"domain {rec.name}: save"
+    tmp = job.detail.get("tmp")
+    committed = bool(job.detail.get("committed"))
+    if not is_alive(rec):
+        if isinstance(tmp, str) and not committed:
+            Path(tmp).unlink(missing_ok=True)
+        kept = ts.gone(rec)
+        _log.warning("%s killed after its QEMU quit: %s", where,
+                    "the image was written; the domain is gone" if committed else
+                    "the image was not finished")
+        return kept
+    paths = ts.paths(rec)
+    if committed and not job.detail.get("keep_running"):
+        quit_domain(ts, rec, paths)
+        kept = ts.gone(rec)
+        _log.warning("%s killed after the image was written: finished, the domain is "
+                     "stopped", where)
+        return kept
+
+    async def undo() -> str:
+        async with Qmp.open(paths.qmp) as qmp:
+            info = await vmstate.query_migrate(qmp)
+            if str(info.get("status")) in ("active", "setup", "device", "pre-switchover"):
+                await vmstate.cancel_migration(qmp)
+            snap = job.detail.get("snapshot")
+            if isinstance(snap, str) and not committed:
+                dc, _ = ts.config_of(rec)
+                await _drop_disk_snapshots(qmp, [DiskSnapshot(d.vdev, str(d.pdev_path), snap)
+                                                 for d in dc.disks if d.pdev_path])
+            if job.detail.get("guest") == "running":
+                await vmstate.cont_after_migration(qmp)
+            return await vmstate.status(qmp)
+
+    state = _run(undo())
+    if isinstance(tmp, str) and not committed:
+        Path(tmp).unlink(missing_ok=True)
+    _log.warning("%s killed %s; the guest is %s", where,
+                "after the image was written" if committed else
+                "before the image was written: undone, no image", state)
+    return ts.store.patch(rec.domid, state="running" if state == "running" else "paused")
 
 
 def _fsync_dir(d: Path) -> None:
@@ -351,6 +414,7 @@ async def _save_stream(paths: RuntimePaths, f: BinaryIO, rec: DomainRecord, *,
         head = pack_header(header)
         f.write(head)
         f.flush()
+        faults.point("save.header")
         old_bw: object = None
         if keep_running:
             # Only a QEMU that goes on needs its own limit back.

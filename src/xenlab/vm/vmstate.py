@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from xenlab import faults
 from xenlab.errors import BackendError, FormatError
 from xenlab.vm import saveimage
 from xenlab.vm.qmp import EventWatch, Qmp
@@ -283,6 +284,7 @@ async def write_checked(qmp: Qmp, fd: int, *, seed: int, what: str, timeout: flo
         try:
             with qmp.listen("MIGRATION") as watch:
                 await qmp.execute("migrate", {"uri": f"fd:{_FD_NAME}"})
+                faults.point("vmstate.migrating")
                 if at_switchover is not None:
                     await wait_migration(qmp, watch, what, timeout, None, started, tick=kick,
                                          until=frozenset({"pre-switchover"}))
