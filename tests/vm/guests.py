@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from xenlab.errors import XenlabError
@@ -115,3 +115,22 @@ def clear(ts: Toolstack) -> None:
                 ts.undefine(str(rec.domid))
             if any(r.domid == rec.domid and r.uuid == rec.uuid for r in ts.store.list()):
                 raise
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs at ``where`` (a file system that fills up); skips where none can be mounted."""
+    import subprocess
+
+    import pytest
+
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+

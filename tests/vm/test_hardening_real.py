@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.guests import boot, config_text, read_marker, write_marker
-from tests.vm.test_state_trust import tmpfs
+from tests.vm.guests import boot, config_text, read_marker, tmpfs, write_marker
 from tests.vm.truth import check_truth, converge, qemus_named, xenlab
 from xenlab.errors import BackendError, StateError
 from xenlab.vm import qemuimg

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.vm.guests import boot, sh, wait_ready, write_config
+from tests.vm.guests import boot, sh, tmpfs, wait_ready, write_config
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm import migrate as mig
 from xenlab.vm import mirror as mirror_mod
@@ -186,20 +184,6 @@ def test_qemu_killed_mid_mirror(ts: Toolstack, tmp_path: Path) -> None:
     print(f"killed mirror reported in {took:.2f}s")
 
 
-@contextlib.contextmanager
-def _tmpfs(where: Path, size: str) -> Iterator[Path]:
-    """A small tmpfs at ``where`` (a file system that fills up, or is read-only)."""
-    where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-
-
 def test_mirror_of_a_shut_off_domain(ts: Toolstack, tmp_path: Path) -> None:
     cfg = write_config(tmp_path, "g1", maxmem=None)
     source = tmp_path / "g1.qcow2"
@@ -214,7 +198,7 @@ def test_mirror_of_a_shut_off_domain(ts: Toolstack, tmp_path: Path) -> None:
     assert kept.state == SHUTOFF
 
     # Failures leave the old path in force and no file behind.
-    with _tmpfs(tmp_path / "small", "1M") as small:
+    with tmpfs(tmp_path / "small", "1M") as small:
         with pytest.raises(BackendError, match=r"qemu-img convert .*No space left.*g1 stays on"):
             mirror(ts, "g1", "xvda", small / "full.qcow2")
         assert list(small.iterdir()) == []

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm.guests import tmpfs
 from xenlab.errors import StateError, XenlabError
 from xenlab.vm.domain import Toolstack, absolute_paths, check_domain_name, config_from_text
 from xenlab.vm.jobs import Job, job_of, new_job, process_start
@@ -312,19 +313,6 @@ def test_relative_paths_become_absolute_against_the_config(tmp_path: Path) -> No
 
 
 # --- a full disk ----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_a_full_disk_is_a_clear_error_and_destroy_still_forgets(tmp_path: Path) -> None:

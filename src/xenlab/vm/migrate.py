@@ -657,9 +657,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
 
     async def undo() -> str:
         async with Qmp.open(paths.qmp) as qmp:
-            info = await vmstate.query_migrate(qmp)
-            if str(info.get("status")) in ("active", "setup", "device", "pre-switchover"):
-                await vmstate.cancel_migration(qmp)
+            await vmstate.cancel_active(qmp)
             jobs = [j for j in (await _block_jobs(qmp)) if j.startswith("mig-")]
             for j in jobs:
                 with contextlib.suppress(BackendError):

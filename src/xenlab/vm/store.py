@@ -658,10 +658,7 @@ class Store:
         :raise XenlabError: when there is no such snapshot.
         """
         with self._tx() as db:
-            row = db.execute("SELECT * FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
-            if row is None:
-                raise XenlabError(f"no snapshot with id {snap_id}")
-            old = _snapshot(row)
+            old = _snapshot_in(db, snap_id)
             new = replace(old, kind=kind or old.kind, state=state or old.state,
                           memory_path=None if drop_memory else old.memory_path)
             db.execute("UPDATE snapshots SET kind = ?, memory_path = ?, state = ? WHERE id = ?",
@@ -680,10 +677,7 @@ class Store:
         :raise XenlabError: when there is no such snapshot.
         """
         with self._tx() as db:
-            row = db.execute("SELECT * FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
-            if row is None:
-                raise XenlabError(f"no snapshot with id {snap_id}")
-            top = _snapshot(row)
+            top = _snapshot_in(db, snap_id)
             rows = db.execute(
                 "SELECT * FROM snapshots WHERE domid = ? ORDER BY created, id", (top.domid,)
             ).fetchall()
@@ -734,6 +728,14 @@ def _domain(row: sqlite3.Row) -> DomainRecord:
         pid=None if row["pid"] is None else int(row["pid"]), state=row["state"],
         created=float(row["created"]), accel=row["accel"], extra=json.loads(row["extra"]),
     )
+
+
+def _snapshot_in(db: sqlite3.Connection, snap_id: int) -> SnapshotRecord:
+    """Snapshot ``snap_id`` read in transaction ``db``; XenlabError when there is none."""
+    row = db.execute("SELECT * FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
+    if row is None:
+        raise XenlabError(f"no snapshot with id {snap_id}")
+    return _snapshot(row)
 
 
 def _snapshot(row: sqlite3.Row) -> SnapshotRecord:

@@ -37,9 +37,11 @@ from xenlab.vm import saveimage
 from xenlab.vm.qmp import EventWatch, Qmp
 
 __all__ = [
+    "ACTIVE",
     "UNLIMITED",
     "MigrationProgress",
     "Progress",
+    "cancel_active",
     "cancel_migration",
     "cont_after_migration",
     "enable_events",
@@ -214,6 +216,18 @@ async def cancel_migration(qmp: Qmp) -> None:
         if state in ("none", "completed", "failed", "cancelled"):
             return
         await asyncio.sleep(_POLL)
+
+
+# query-migrate statuses of a migration still going.
+ACTIVE: Final = frozenset({"active", "setup", "device", "pre-switchover"})
+
+
+async def cancel_active(qmp: Qmp) -> str:
+    """Cancel a migration that is still going (one a killed command left); its status."""
+    status = str((await query_migrate(qmp)).get("status"))
+    if status in ACTIVE:
+        await cancel_migration(qmp)
+    return status
 
 
 async def cont_after_migration(qmp: Qmp, timeout: float = 10.0) -> None:
