@@ -1,29 +1,80 @@
-"""Reading files a user names, with a bound: :func:`read_bounded`.
+"""Reading files a user names, safely and with a bound: :func:`read_bounded`.
 
-A path on a command line may be ``/dev/zero``, a FIFO, ``/proc/kcore`` or a
-10 GB log: xenlab never reads "the whole file" without a limit.  Readers ask
-for at most ``limit + 1`` bytes and refuse with :class:`InputTooLargeError`
-(naming the file and the limit) when there is more, so memory and time stay
-bounded whatever the file is.  Text files (configs, scenarios) have small
-limits; binary inputs that can be large are read by their own modules with
-mmap or streams, each with its own budget.
+A path on a command line may be anything: ``/dev/zero``, a FIFO with no
+writer (or one that stalls, or one that never stops), a directory, a socket,
+a 64 GiB sparse file, ``/proc/kcore``, a file another process truncates, a
+symlink loop, a block device.  Each ends quickly with one line naming the
+file (:class:`FileReadError`, or :class:`InputTooLargeError` past the
+limit), never a hang, a traceback or a crash.  Every reader of a user-named
+file goes through here (configs, scenarios, ROMs, cpuinfo, token files);
+:mod:`xenlab.atomic` is the writing half.
+
+Design:
+
+- **Opened without blocking** (``O_NONBLOCK``: opening a FIFO with no writer
+  returns at once, where a plain ``open()`` waits for a writer forever; and
+  ``O_NOCTTY``: a terminal named as input does not become ours), then judged
+  by ``fstat`` on the descriptor, so what is judged is what is read: regular
+  files, block and character devices and FIFOs are read; directories are
+  refused; sockets cannot be opened at all (``ENXIO``, said as "a socket").
+- **Read into memory, never mapped.**  A mapping of a file that another
+  process truncates raises SIGBUS on the next touch of a lost page, which
+  kills the interpreter; a read only gets fewer bytes.
+- **Bounded in size**: a regular file or a block device over ``limit`` is
+  refused before a byte is read (a 64 GiB sparse file costs one ``fstat``; a
+  block device's size is where a seek to its end lands, as ``fstat`` says 0);
+  a stream is read up to ``limit`` plus one byte, so ``/dev/zero`` or an
+  endless writer stops there; a file that grows while it is read (or a
+  ``/proc`` file whose size says 0) stops there too.
+- **Bounded in time**: a FIFO or character device is polled before every
+  read and refused after ``wait`` seconds (:data:`PIPE_WAIT`) without data:
+  a FIFO nobody writes to, a terminal, a writer that stalls.  xenlab's
+  commands are not interactive; input on a slow pipe is saved to a file first.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import stat
 from pathlib import Path
 from typing import Final
 
 from xenlab.errors import XenlabError
 
-__all__ = ["CONFIG_LIMIT", "InputTooLargeError", "read_bounded", "read_text_bounded"]
+__all__ = [
+    "CONFIG_LIMIT",
+    "PIPE_WAIT",
+    "FileError",
+    "FileReadError",
+    "InputTooLargeError",
+    "file_kind",
+    "read_bounded",
+    "read_text_bounded",
+]
 
 # An xl config, a scenario, an xm file: real ones are a few KB; 16 MiB leaves
 # room for generated ones and is still nothing to hold in memory.
 CONFIG_LIMIT: Final = 16 << 20
+# Seconds a FIFO or character device may keep a reader waiting for data: long
+# enough for a producer that starts up, short enough that a forgotten FIFO is
+# an error and not a hang.
+PIPE_WAIT: Final = 3.0
 _CHUNK: Final = 1 << 20
+
+
+class FileError(XenlabError):
+    """A file a user names could not be used; ``name`` (as shown) and ``reason`` say why."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"{name}: {reason}")
+
+
+class FileReadError(FileError):
+    """A file could not be read: refused by kind, unopenable, or silent for too long."""
 
 
 class InputTooLargeError(XenlabError):
@@ -42,38 +93,136 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def read_bounded(path: str | Path, limit: int, *, what: str = "file") -> bytes:
-    """At most ``limit`` bytes of ``path``; :class:`InputTooLargeError` when there is more.
+def file_kind(mode: int) -> str:
+    """What ``mode`` (an ``st_mode``) is, as messages say it: "a FIFO", "a directory"..."""
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symlink"),
+                       (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return what
+    return "of an unknown kind"
 
-    Directories and unreadable paths are :class:`XenlabError` naming the path.
+
+def _open_error(path: Path, name: str, err: OSError) -> FileReadError:
+    """``err`` from opening ``path``, said the way a user can act on it."""
+    if err.errno == errno.ELOOP:
+        return FileReadError(name, "cannot read: a symlink loop (too many levels of symbolic "
+                                   "links)")
+    if err.errno == errno.ENOENT and os.path.islink(path):
+        return FileReadError(name, f"cannot read: a dangling symlink (to "
+                                   f"{os.readlink(path)!r}, which does not exist)")
+    if err.errno == errno.ENXIO:  # what open() says of a Unix socket
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return FileReadError(name, "is a socket, not a file")
+        except OSError:
+            pass
+    return FileReadError(name, f"cannot read: {err.strerror or err}")
+
+
+def _size_of(fd: int, mode: int) -> int | None:
+    """The size of a regular file or block device; None for a stream."""
+    if stat.S_ISREG(mode):
+        return os.fstat(fd).st_size
+    if stat.S_ISBLK(mode):
+        size = os.lseek(fd, 0, os.SEEK_END)  # fstat says 0 for block devices
+        os.lseek(fd, 0, os.SEEK_SET)
+        return size
+    return None
+
+
+def read_bounded(
+    path: str | Path,
+    limit: int,
+    *,
+    what: str = "file",
+    wait: float = PIPE_WAIT,
+    name: str | None = None,
+    regular_only: bool = False,
+) -> bytes:
+    """The bytes of ``path``, at most ``limit`` of them (see the module notes).
+
+    ``what`` names the file's role in messages ("config", "ROM file");
+    ``name`` is how messages show the path (default ``str(path)``; the CLI
+    passes it escaped).  ``wait`` bounds each wait for data on a FIFO or
+    character device.  With ``regular_only`` anything but a regular file is
+    refused (for a caller whose file is opened again by another program).
+
+    :raise InputTooLargeError: more than ``limit`` bytes.
+    :raise FileReadError: the path cannot be opened or read, is a directory
+        (or not a regular file, with ``regular_only``), or a stream gave no
+        data for ``wait`` seconds.  A read error's ``OSError`` is its
+        ``__cause__``.
     """
-    name = str(path)
+    path = Path(path)
+    shown = str(path) if name is None else name
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as err:
-        raise XenlabError(f"{name}: cannot read: {err.strerror or err}") from err
+        raise _open_error(path, shown, err) from err
     try:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise XenlabError(f"{name}: is a directory")
-        # One buffer, grown as data comes: the peak stays near the limit
-        # (a list of chunks joined at the end would need twice that).
-        buf = bytearray()
-        while len(buf) <= limit:
-            try:
-                chunk = os.read(fd, min(_CHUNK, limit + 1 - len(buf)))
-            except OSError as err:
-                raise XenlabError(f"{name}: cannot read: {err.strerror or err}") from err
-            if not chunk:
-                break
-            buf += chunk
-        if len(buf) > limit:
-            raise InputTooLargeError(name, limit, what)
-        return bytes(buf)
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise FileReadError(shown, "is a directory")
+        if regular_only and not stat.S_ISREG(mode):
+            raise FileReadError(shown, f"is {file_kind(mode)}, not a regular file")
+        size = _size_of(fd, mode)
+        if size is not None and size > limit:
+            raise InputTooLargeError(shown, limit, what)
+        return _read_all(fd, shown, limit, what, size, wait if size is None else None)
+    except OSError as err:
+        raise FileReadError(shown, f"cannot read: {err.strerror or err}") from err
     finally:
         os.close(fd)
 
 
-def read_text_bounded(path: str | Path, limit: int = CONFIG_LIMIT, *,
-                      what: str = "file") -> str:
+def _read_all(fd: int, name: str, limit: int, what: str, size: int | None,
+              wait: float | None) -> bytes:
+    """Up to ``limit`` bytes of ``fd`` (``limit + 1``: too large); ``wait``: poll first.
+
+    ``size`` (a file's, None for a stream) is read in one piece, plus one byte
+    to see the end: reading a 1 MiB file in 1 MiB chunks took ten times as long.
+    The pieces are joined once at the end (one piece is returned as it is), so
+    the peak stays near the limit.
+    """
+    parts: list[bytes] = []
+    have = 0
+    poller = None
+    if wait is not None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+    while have <= limit:
+        # Linux reports a FIFO that never had a writer as neither readable nor
+        # hung up (while read() would say end of file): poll waits for a writer.
+        if poller is not None and wait is not None and not poller.poll(wait * 1000):
+            raise FileReadError(name, f"no data for {wait:g} s at +{have:#x} (a FIFO without a "
+                                      f"writer, or a terminal?): {_save_first(what)}")
+        try:
+            want = size + 1 - have if size is not None and have <= size else _CHUNK
+            chunk = os.read(fd, min(want, limit + 1 - have))
+        except BlockingIOError:
+            continue  # woken, but another reader took the data
+        except OSError as err:
+            raise FileReadError(name, f"cannot read at +{have:#x}: "
+                                      f"{err.strerror or err}") from err
+        if not chunk:
+            break
+        parts.append(chunk)
+        have += len(chunk)
+    if have > limit:
+        raise InputTooLargeError(name, limit, what)
+    return b"".join(parts)
+
+
+def _save_first(what: str) -> str:
+    """The advice for a stream that went silent: "save the ROM to a file first"."""
+    noun = what.removesuffix(" file")
+    return "save it to a file first" if noun == "file" else f"save the {noun} to a file first"
+
+
+def read_text_bounded(path: str | Path, limit: int = CONFIG_LIMIT, *, what: str = "file",
+                      wait: float = PIPE_WAIT, name: str | None = None) -> str:
     """:func:`read_bounded` as text: UTF-8, undecodable bytes kept as surrogates."""
-    return read_bounded(path, limit, what=what).decode("utf-8", "surrogateescape")
+    data = read_bounded(path, limit, what=what, wait=wait, name=name)
+    return data.decode("utf-8", "surrogateescape")
