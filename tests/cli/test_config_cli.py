@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.clirun import run_cli as run
+from tests.test_files_safety import deadline
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -119,3 +123,58 @@ def test_from_xm_refuses_code(capsys: pytest.CaptureFixture[str], tmp_path: Path
     xm.write_text("import os\nname = os.uname()[1]\n")
     code, _, err = run(capsys, "config", "from-xm", str(xm))
     assert code == 1 and f"{xm}:1:1:" in err
+
+
+# -- hostile paths: a FIFO read, a device node written -------------------------------------------
+
+
+def test_check_of_a_fifo_without_a_writer_ends(capsys: pytest.CaptureFixture[str],
+                                               tmp_path: Path) -> None:
+    # open() on a FIFO waits for a writer: this command hung forever.
+    fifo = tmp_path / "nobody-writes.cfg"
+    os.mkfifo(fifo)
+    t0 = time.perf_counter()
+    with deadline(10):
+        code, out, err = run(capsys, "config", "check", str(fifo))
+    assert time.perf_counter() - t0 < 5
+    assert (code, out) == (1, "") and err == (
+        f"{fifo}: no data for 3 s at +0x0 (a FIFO without a writer, or a terminal?): save the "
+        "config to a file first\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
+def test_from_xm_to_a_char_device_node_is_refused(capsys: pytest.CaptureFixture[str],
+                                                  tmp_path: Path) -> None:
+    # The rename replaced the node with a regular file (as root, -o /dev/full destroyed it).
+    xm = tmp_path / "x.cfg"
+    xm.write_text("memory = 256\nname = 'vm'\non_crash = 'destroy'\n")
+    node = tmp_path / "full"
+    os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 7))  # /dev/full's numbers, not it
+    link = tmp_path / "link.cfg"
+    link.symlink_to(node.name)
+    for out in (node, link):
+        code, text, err = run(capsys, "config", "from-xm", str(xm), "-o", str(out))
+        assert (code, text) == (1, "") and err == (
+            f"{out}: cannot write: is a character device, not a regular file (only files are "
+            "replaced)\n")
+        assert stat.S_ISCHR(os.lstat(node).st_mode) and os.lstat(node).st_rdev == os.makedev(1, 7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "link.cfg", "x.cfg"]
+
+
+def test_fmt_w_and_from_xm_refuse_a_fifo_and_a_dangling_link(capsys: pytest.CaptureFixture[str],
+                                                             tmp_path: Path) -> None:
+    xm = tmp_path / "x.cfg"
+    xm.write_text("memory = 256\nname = 'vm'\non_crash = 'destroy'\n")
+    fifo = tmp_path / "fifo.cfg"
+    os.mkfifo(fifo)
+    with deadline(10):
+        code, _, err = run(capsys, "config", "from-xm", str(xm), "-o", str(fifo))
+    assert code == 1 and err == (f"{fifo}: cannot write: is a FIFO, not a regular file (only "
+                                 "files are replaced)\n")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    dangling = tmp_path / "d.cfg"
+    dangling.symlink_to(tmp_path / "made.cfg")
+    code, _, err = run(capsys, "config", "from-xm", str(xm), "-o", str(dangling))
+    assert code == 1 and err == (f"{dangling}: cannot write: a dangling symlink (to "
+                                 f"'{tmp_path}/made.cfg'); not created through it\n")
+    assert not (tmp_path / "made.cfg").exists()

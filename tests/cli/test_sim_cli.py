@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -164,3 +166,55 @@ def test_out_files_write_through_symlinks(capsys: pytest.CaptureFixture[str], sc
                           "--no-plots")
     assert code == 0, err
     assert (out / "results.json").is_symlink() and kept.read_text() == text
+
+
+def test_out_files_refused_by_the_write_policy(capsys: pytest.CaptureFixture[str],
+                                              scenario: Path, tmp_path: Path) -> None:
+    # realpath then rename: a dangling link made its target, a FIFO became a regular file.
+    out = tmp_path / "out"
+    out.mkdir()
+    link = out / "results.json"
+    link.symlink_to(tmp_path / "made.json")
+    code, text, err = run(capsys, "sim", "run", str(scenario), "--out", str(out), "--no-plots")
+    assert (code, text) == (1, "") and err == (
+        f"{link}: cannot write: a dangling symlink (to '{tmp_path}/made.json'); not created "
+        "through it\n")
+    assert not (tmp_path / "made.json").exists()
+    link.unlink()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link.symlink_to(fifo)
+    code, text, err = run(capsys, "sim", "run", str(scenario), "--out", str(out), "--no-plots")
+    assert (code, text) == (1, "") and err == (
+        f"{link}: cannot write: is a FIFO, not a regular file (only files are replaced)\n")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    dangling_dir = tmp_path / "out2"
+    dangling_dir.symlink_to(tmp_path / "gone")
+    code, _, err = run(capsys, "sim", "run", str(scenario), "--out", str(dangling_dir))
+    assert code == 1 and err == (f"{dangling_dir}: cannot write: a dangling symlink (to "
+                                 f"'{tmp_path}/gone')\n")
+    assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a link owned by another user needs root")
+def test_out_link_planted_in_a_sticky_directory(capsys: pytest.CaptureFixture[str],
+                                                scenario: Path, tmp_path: Path) -> None:
+    # --out /tmp-like: another user's link there is not followed (fs.protected_symlinks).
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    link = shared / "results.json"
+    link.symlink_to(victim)
+    os.lchown(link, 65534, 65534)
+    code, _, err = run(capsys, "sim", "run", str(scenario), "--out", str(shared), "--no-plots")
+    assert code == 1 and err == (
+        f"{link}: cannot write: a symlink in a sticky world-writable directory owned by another "
+        "user (the kernel would not follow it either)\n")
+    assert victim.read_text() == "precious"
+    os.lchown(link, 0, 0)  # one's own link is written through
+    code, text, err = run(capsys, "sim", "run", str(scenario), "--out", str(shared), "--json",
+                          "--no-plots")
+    assert code == 0, err
+    assert link.is_symlink() and victim.read_text() == text

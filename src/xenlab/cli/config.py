@@ -3,14 +3,15 @@
 Every input (a FILE, or ``-`` for standard input, named ``<stdin>`` in
 messages) is read with a bound, :data:`xenlab.files.CONFIG_LIMIT`: a file or
 stream holding more is refused at the limit plus one byte, so ``/dev/zero`` or
-an endless FIFO ends at once.  Files are written atomically; a path that is a
-symlink is written through to its target, which keeps its mode, and the link
-stays.
+an endless FIFO ends at once, and a FIFO that gives no data for a few seconds
+is given up on (:func:`xenlab.files.read_bounded`).  Files are written through
+:func:`xenlab.atomic.atomic_write_text`: atomically, through a symlink to its
+target (which keeps its mode; the link stays), never over a device, a FIFO or
+a dangling or planted symlink.  Paths in these messages are shown escaped.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ import click
 from rich.table import Table
 
 from xenlab.atomic import atomic_write_text
-from xenlab.cli.output import emit_json, stdout
+from xenlab.cli.output import emit_json, printable, stdout
 from xenlab.config import ConfigError, parse
 from xenlab.config.model import domain_config, domain_config_to_json
 from xenlab.config.specs.disk import disk_to_libxl_json, parse_disk
@@ -48,7 +49,7 @@ def _name(path: Path) -> str:
 def _read(path: Path) -> bytes:
     """The bytes of ``path`` (``-``: standard input), at most CONFIG_LIMIT of them."""
     if not _is_stdin(path):
-        return read_bounded(path, CONFIG_LIMIT, what="config")
+        return read_bounded(path, CONFIG_LIMIT, what="config", name=printable(str(path)))
     stream = getattr(sys.stdin, "buffer", None)  # None: no standard input at all
     try:
         if stream is None:
@@ -63,13 +64,7 @@ def _read(path: Path) -> bytes:
 
 def _write(path: Path, text: str) -> None:
     """``text`` to ``path`` atomically, through a symlink to its target (the link stays)."""
-    # realpath follows a chain of links (relative ones from their own directory); the
-    # rename then replaces the target, which keeps its mode, instead of the link.
-    target = Path(os.path.realpath(path))
-    try:
-        atomic_write_text(target, text)
-    except OSError as err:
-        raise XenlabError(f"{path}: cannot write: {err.strerror or err}") from err
+    atomic_write_text(path, text, name=printable(str(path)))
 
 
 @click.group()

@@ -1,13 +1,14 @@
 """``xenlab sim``: run, compare and sweep scheduler scenarios on the simulated host.
 
 Scenario files are read and checked by :mod:`xenlab.sim.scenario` (bounded:
-see :mod:`xenlab.sim.validate`); ``--out`` files are written atomically, through
-a symlink to its target.
+see :mod:`xenlab.sim.validate`); ``--out`` files are written through
+:func:`xenlab.atomic.atomic_write_bytes`: atomically, through a symlink to its
+target (the link stays), never over a device, a FIFO or a dangling or planted
+symlink.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from xenlab.atomic import atomic_write_bytes
-from xenlab.cli.output import stderr, stdout
+from xenlab.atomic import atomic_write_bytes, make_output_dir
+from xenlab.cli.output import printable, stderr, stdout
 from xenlab.errors import XenlabError
 from xenlab.sim.report import (
     RunReport,
@@ -40,13 +41,9 @@ def sim() -> None:
 
 
 def _write(out: Path, files: dict[str, bytes]) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            # Through a symlink to its target (the link stays), as config fmt -w does.
-            atomic_write_bytes(Path(os.path.realpath(out / name)), data)
-    except OSError as err:
-        raise XenlabError(f"{out}: cannot write the report: {err.strerror or err}") from err
+    make_output_dir(out, name=printable(str(out)))
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data, name=printable(str(out / name)))
 
 
 def _names(text: str | None) -> list[str] | None:
