@@ -3,22 +3,35 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from tests.clirun import run_cli
+from tests.rom import builders as b
+from tests.test_files_safety import deadline
 from tests.vm.guests import clear, sh, wait_ready, write_config
-from xenlab.errors import XenlabError
+from xenlab.atomic import FileWriteError
+from xenlab.errors import BackendError, XenlabError
+from xenlab.files import InputTooLargeError
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.vgaboot import (
+    LOG_LIMIT,
     FirmwareReport,
     boot_rom,
     check_rom_ids,
     judge,
     parse_firmware_log,
+    plan_rom,
     qemu_vga_device,
+    read_log,
     screen_text,
+    wait_for_boot,
 )
 
 # Excerpts of SeaBIOS 1.16.2's debug port (isa-debugcon 0x402) under QEMU 7.2, as
@@ -157,7 +170,12 @@ def test_stdvga_bios_runs_as_the_primary_display(tmp_path: Path, guest_image: ob
     assert any(line.startswith("SeaBIOS (version") for line in r.screen), r.screen
     assert _png_size(Path(str(r.screendump))) == (720, 400)  # 80x25 text, 9x16 glyphs
     cfg = (out / f"{r.domain}.cfg").read_text()
-    assert 'boot = "c"' in cfg and f'vga_rom = "{SEABIOS}/vgabios-stdvga.bin"' in cfg
+    # The guest booted a private copy of the bytes checked, not the file named.
+    copy = out / f"{r.domain}.rom"
+    assert 'boot = "c"' in cfg and f'vga_rom = "{copy}"' in cfg
+    assert f"a copy of {SEABIOS}/vgabios-stdvga.bin" in cfg
+    assert copy.read_bytes() == _rom("vgabios-stdvga.bin").read_bytes()
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
     assert "Running option rom at c000:0003" in (out / f"{r.domain}-firmware.log").read_text()
     assert ts.store.list() == []  # --check destroys the guest
 
@@ -274,3 +292,126 @@ def test_relative_out_and_odd_names(tmp_path: Path, guest_image: object,
                              "--cfg", str(cfg), "--out", "rel", "--state-dir", state)
     assert code == 1 and "would be overwritten" in err
     assert Toolstack(tmp_path / "state").store.list() == []
+
+
+# --- the files a boot reads and writes (no QEMU: the toolstack stops where QEMU would start) ---
+
+GOOD_ROM = b.x86_image()  # ids 1234:1111: the std VGA, which SeaBIOS would run it on
+OTHER_ROM = b.x86_image(size=1024)
+
+
+class Stopped(XenlabError):
+    """Where QEMU would have started."""
+
+
+class BeforeQemu:
+    """A toolstack whose ``create`` takes what QEMU would open (the config's vga_rom), then stops.
+
+    ``meanwhile`` runs first: what someone else does between the check and the boot.
+    """
+
+    def __init__(self, meanwhile: Callable[[], object] = lambda: None) -> None:
+        self.meanwhile = meanwhile
+        self.booted: list[tuple[str, Path, bytes, os.stat_result]] = []
+
+    def create(self, cfg: Path) -> None:
+        text = cfg.read_text()
+        found = re.search(r'^vga_rom = "(.*)"$', text, re.MULTILINE)
+        assert found is not None, text
+        self.meanwhile()
+        rom = Path(found.group(1))
+        self.booted.append((text, rom, rom.read_bytes(), rom.stat()))
+        raise Stopped("QEMU would start here")
+
+    def destroy(self, name: str) -> None:
+        raise AssertionError(f"nothing was started, yet {name} is destroyed")
+
+
+def _boot(ts: BeforeQemu, rom: Path, out: Path, *, data: bytes | None = None,
+          name: str | None = None) -> None:
+    boot_rom(cast(Toolstack, ts), rom, out_dir=out, check=True, data=data, name=name)
+
+
+def test_the_guest_boots_a_private_copy_of_the_checked_bytes(tmp_path: Path) -> None:
+    # QEMU opened the user's file itself, after the check: it could hold other bytes by then.
+    rom = tmp_path / "card.rom"
+    rom.write_bytes(GOOD_ROM)
+    ts = BeforeQemu(meanwhile=lambda: rom.write_bytes(OTHER_ROM))
+    out = tmp_path / "out"
+    with pytest.raises(Stopped):
+        _boot(ts, rom, out)
+    ((text, booted, data, st),) = ts.booted
+    assert booted == out / "rom-card.rom" and data == GOOD_ROM
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+    assert f"a copy of {rom}" in text
+    # The bytes the caller read are the ones checked and booted.
+    rom.write_bytes(GOOD_ROM)
+    ts = BeforeQemu()
+    with pytest.raises(Stopped):
+        _boot(ts, rom, out, data=OTHER_ROM, name="second")
+    assert ts.booted[0][2] == OTHER_ROM
+
+
+def test_links_planted_in_the_output_directory(tmp_path: Path) -> None:
+    rom = tmp_path / "card.rom"
+    rom.write_bytes(GOOD_ROM)
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = out / "rom-card.cfg"
+    cfg.symlink_to(tmp_path / "made.cfg")  # write_text created the link's target
+    ts = BeforeQemu()
+    with pytest.raises(FileWriteError, match="a dangling symlink"):
+        _boot(ts, rom, out)
+    assert not (tmp_path / "made.cfg").exists() and ts.booted == []
+    cfg.unlink()
+    os.mkfifo(tmp_path / "fifo")
+    cfg.symlink_to(tmp_path / "fifo")  # write_text waited for a reader forever
+    with deadline(10), pytest.raises(FileWriteError, match="is a FIFO, not a regular file"):
+        _boot(ts, rom, out)
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode) and ts.booted == []
+    # The copy replaces a link in its place, never what the link names (that
+    # file could be changed after the check).
+    cfg.unlink()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (out / "rom-card.rom").unlink()  # the copy, written before the config was refused
+    (out / "rom-card.rom").symlink_to(victim)
+    with pytest.raises(Stopped):
+        _boot(ts, rom, out)
+    assert victim.read_bytes() == b"precious"
+    assert not (out / "rom-card.rom").is_symlink() and ts.booted[0][2] == GOOD_ROM
+
+
+def test_an_input_the_outputs_would_replace_is_refused(tmp_path: Path) -> None:
+    rom = tmp_path / "card.rom"
+    rom.write_bytes(GOOD_ROM)
+    ts = BeforeQemu()
+    with pytest.raises(XenlabError, match=f"^{rom} would be overwritten by card.rom, which rom "
+                                          "boot writes; give --out another directory$"):
+        _boot(ts, rom, tmp_path, name="card")
+    assert rom.read_bytes() == GOOD_ROM and ts.booted == []
+
+
+def test_paths_in_messages_are_escaped(tmp_path: Path) -> None:
+    odd = tmp_path / "odd\nname\x1b[31m.rom"
+    odd.write_bytes(b.x86_image(checksum=False))
+    with pytest.raises(XenlabError) as exc:
+        plan_rom(odd)
+    assert str(exc.value).startswith(f"{str(odd)!r}: refused before boot: ")
+    assert "\n" not in str(exc.value) and "\x1b" not in str(exc.value)
+    log = tmp_path / "run\ndir" / "firmware.log"
+    with pytest.raises(BackendError) as bexc:
+        wait_for_boot(log, 0.01)
+    assert repr(str(log)) in str(bexc.value) and "\n" not in str(bexc.value)
+
+
+def test_the_firmware_log_is_read_with_a_bound(tmp_path: Path) -> None:
+    # A ROM that floods SeaBIOS's debug port: the log is refused, not read whole each poll.
+    log = tmp_path / "firmware.log"
+    assert read_log(log) == ""
+    log.write_text("Booting from Hard Disk...\n")
+    assert wait_for_boot(log, 1) == "Booting from Hard Disk...\n"
+    with open(log, "ab") as f:
+        f.truncate(LOG_LIMIT + 1)
+    with pytest.raises(InputTooLargeError, match="firmware log larger than 16 MiB"):
+        read_log(log)

@@ -1,9 +1,11 @@
 """``xenlab rom``: inspect, fix and dump PCI option ROMs and VGA BIOSes.
 
-Every path a user names is read and written through :mod:`xenlab.rom.files`:
-a FILE that is a FIFO, a device, a directory, a symlink loop or too large
-ends with one line naming it (exit 1), and outputs are replaced atomically,
-through a symlink to its target, never over a device.  Names are shown
+Every path a user names is read and written through :mod:`xenlab.rom.files`
+(xenlab's one safe reader and writer, :mod:`xenlab.files` and
+:mod:`xenlab.atomic`, with the ROM limits): a FILE that is a FIFO, a device,
+a directory, a symlink loop or too large ends with one line naming it (exit
+1), and outputs are replaced atomically, through a symlink to its target,
+never over a device.  Names are shown
 escaped (:func:`~xenlab.cli.output.printable`): a newline or an escape
 sequence in a file name stays on its line.
 """
@@ -19,14 +21,10 @@ from rich.table import Table
 
 from xenlab.cli.output import emit_json, printable, stderr, stdout
 from xenlab.errors import XenlabError
+from xenlab.files import FileReadError
 from xenlab.formats.optionrom import OptionRom, RomImage, code_type_name
 from xenlab.rom.check import check_vga_bios
-from xenlab.rom.files import (
-    RomFileError,
-    check_output_dir,
-    read_rom_file,
-    write_rom_file,
-)
+from xenlab.rom.files import check_output_dir, read_rom_file, write_rom_file
 from xenlab.rom.fix import fix_rom, parse_image_kinds
 from xenlab.rom.inspect import inspect_file, rom_to_json
 from xenlab.rom.sysfs import SYSFS, DeviceRom, dump_rom, inspect_device, parse_bdf
@@ -148,8 +146,8 @@ def inspect_cmd(target: str, as_json: bool, strict: bool, sysfs: Path) -> None:
         try:
             parse_bdf(target)
         except ValueError:
-            raise RomFileError(_name(target), "no such file, and not a PCI address "
-                                              "([DDDD:]BB:DD.F)") from None
+            raise FileReadError(_name(target), "no such file, and not a PCI address "
+                                                "([DDDD:]BB:DD.F)") from None
         device = inspect_device(target, sysfs=sysfs)
         result = device.rom
     problems = [*result.all_problems(), *(device.problems if device else ())]
@@ -327,12 +325,14 @@ def boot_cmd(file: Path, overrides: tuple[str, ...], cfg: Path | None, check: bo
 
     if overrides and cfg is None:
         raise XenlabError("KEY=VALUE overrides need --cfg (the firmware guest takes none)")
-    # A regular file only: QEMU opens it again itself (a FIFO would be empty then).
-    read_rom_file(file, name=_name(file), regular_only=True)
+    # Read once, here, so errors name the file as this CLI shows it; the guest
+    # boots a private copy of these bytes.  A regular file only: a ROM is a
+    # file, and a boot is no place to wait on a pipe.
+    data = read_rom_file(file, name=_name(file), regular_only=True)
     check_output_dir(out_dir, name=_name(out_dir))
     result = boot_rom(Toolstack(state_dir), file, out_dir=out_dir, cfg=cfg,
                       overrides=overrides, device=device, pci=pci, name=name, check=check,
-                      force=force, timeout=timeout)
+                      force=force, timeout=timeout, data=data)
     if as_json:
         emit_json(result.to_json())
     else:

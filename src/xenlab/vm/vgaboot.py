@@ -21,17 +21,29 @@ three places, none of which trusts the ROM's own say-so:
 Pure parts (:func:`parse_firmware_log`, :func:`screen_text`,
 :func:`qemu_vga_device`) are separate from the boot (:func:`boot_rom`),
 which goes through the toolstack like any domain.
+
+Files (:func:`boot_rom`): the ROM is read once (:mod:`xenlab.files`, bounded,
+without blocking), checked, and a private copy of exactly those bytes (0600)
+is what the guest boots: QEMU opens its ``romfile`` itself, later, so the
+user's file could have changed between the check and the boot.  Everything
+written into the output directory goes through :mod:`xenlab.atomic` (never
+through a symlink the policy refuses, never over a device); QEMU itself
+writes only into the domain's private run directory, and its screendump is
+copied out from there.  Messages show paths escaped (:func:`shown_path`).
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from xenlab.atomic import atomic_write_bytes, atomic_write_text, make_output_dir
 from xenlab.errors import BackendError, XenlabError
+from xenlab.files import FileReadError, read_bounded
 
 if TYPE_CHECKING:
     from xenlab.vm.domain import Toolstack
@@ -60,6 +72,21 @@ _BOOTING: Final = ("Booting from ", "No bootable device")
 TEXT_BUFFER: Final = 0xB8000
 TEXT_COLS: Final = 80
 TEXT_ROWS: Final = 25
+# SeaBIOS's log of one boot is a few KB; a ROM that floods the debug port stops here.
+LOG_LIMIT: Final = 16 << 20
+# A PNG of the largest text or graphics mode QEMU's displays show is a few MB.
+SCREENDUMP_LIMIT: Final = 64 << 20
+
+
+def shown_path(path: object) -> str:
+    """How this module's messages show a path: as it is when printable, else its repr.
+
+    A name with a newline or an escape sequence must not break a message's line
+    or reach a terminal (the CLI's own escaper lives in cli/, which vm/ does not
+    import).
+    """
+    text = str(path)
+    return text if text.isprintable() else repr(text)
 
 
 def qemu_vga_device(vendor: int, device: int) -> str | None:
@@ -193,21 +220,33 @@ def wait_for_boot(log: Path, timeout: float, *, alive: Any = None) -> str:
     delay = 0.005
     text = ""
     while True:
-        try:
-            text = log.read_text(encoding="latin-1")
-        except FileNotFoundError:
-            text = ""
+        text = read_log(log)
         if any(b in text for b in _BOOTING):
             return text
         if alive is not None and not alive():
-            raise BackendError(f"QEMU exited before the firmware went to boot ({log})")
+            raise BackendError(f"QEMU exited before the firmware went to boot "
+                               f"({shown_path(log)})")
         if time.monotonic() > deadline:
             raise BackendError(
-                f"the firmware did not reach its boot step within {timeout:g}s ({log}: "
+                f"the firmware did not reach its boot step within {timeout:g}s "
+                f"({shown_path(log)}: "
                 f"{' | '.join(text.splitlines()[-3:]) or 'empty'})"
             )
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def read_log(log: Path) -> str:
+    """SeaBIOS's debug log so far ("" before QEMU made it), at most :data:`LOG_LIMIT` bytes.
+
+    :raise InputTooLargeError: the log is larger (a ROM flooding the debug port).
+    """
+    try:
+        return read_bounded(log, LOG_LIMIT, what="firmware log").decode("latin-1")
+    except FileReadError as err:
+        if isinstance(err.__cause__, FileNotFoundError):
+            return ""
+        raise
 
 
 def check_rom_ids(vendor: int, device: int, qemu_device: str | None) -> str:
@@ -232,7 +271,7 @@ _DEVICE_IDS: Final[Mapping[str, tuple[int, int]]] = {v: k for k, v in VGA_DEVICE
 
 _FIRMWARE_GUEST = """\
 # Written by `xenlab rom boot`: a firmware-only guest (no disk, no kernel) whose
-# primary display runs {rom}; SeaBIOS prints its banner and boot attempts on it.
+# primary display runs {source}; SeaBIOS prints its banner and boot attempts on it.
 name = {name}
 type = "hvm"
 memory = 64
@@ -246,18 +285,26 @@ def _xl_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _comment(value: str) -> str:
+    """``value`` safe inside an xl comment line: non-ASCII and control characters escaped."""
+    return value.encode("unicode_escape").decode("ascii")
+
+
 def rom_config(rom: Path, *, name: str, device: str | None, pci: str | None,
-               base_text: str | None = None) -> str:
+               base_text: str | None = None, source: Path | None = None) -> str:
     """The xl config ``rom boot`` writes: ``base_text`` (a firmware-only guest when None)
     plus the keys that put ``rom`` behind the primary display.
 
     ``pci`` (a host BDF) is the passthrough case, xl's ``gfx_passthru=1`` +
     ``pci=[...]``; otherwise an emulated ``device``.  ``vga_rom`` and
     ``vga_rom_device`` are xenlab's keys (xl ignores keys it does not know).
+    ``source`` is the file ``rom`` is a copy of, named in a comment.
     """
+    origin = _comment(str(source if source is not None else rom))
     text = base_text if base_text is not None else _FIRMWARE_GUEST.format(
-        rom=str(rom).encode("unicode_escape").decode("ascii"), name=_xl_string(name))
-    lines = [text.rstrip("\n"), "", "# the VGA BIOS under test"]
+        source=origin if source is None else f"a copy of {origin}", name=_xl_string(name))
+    lines = [text.rstrip("\n"), "",
+             "# the VGA BIOS under test" + ("" if source is None else f": a copy of {origin}")]
     if base_text is not None:
         lines.append(f"name = {_xl_string(name)}")
     lines.append(f"vga_rom = {_xl_string(str(rom))}")
@@ -268,22 +315,25 @@ def rom_config(rom: Path, *, name: str, device: str | None, pci: str | None,
     return "\n".join(lines) + "\n"
 
 
-def plan_rom(rom: Path, *, device: str | None = None, pci: str | None = None,
-             force: bool = False) -> tuple[str | None, tuple[str, ...]]:
+def plan_rom(rom: Path, *, data: bytes | None = None, device: str | None = None,
+             pci: str | None = None, force: bool = False) -> tuple[str | None, tuple[str, ...]]:
     """Check ``rom`` the way SeaBIOS will, before any boot: (QEMU device, warnings).
 
-    The device is the one whose ids the ROM's x86 image names (or
-    ``device``); None for a passed-through ``pci`` device.  With ``force``
-    a ROM SeaBIOS would refuse is booted anyway (to watch it refuse).
+    ``data`` is the ROM's bytes when they are already read (what is checked
+    is then what is booted); None reads ``rom``.  The device is the one whose
+    ids the ROM's x86 image names (or ``device``); None for a passed-through
+    ``pci`` device.  With ``force`` a ROM SeaBIOS would refuse is booted
+    anyway (to watch it refuse).
 
     :raise FormatError: ``rom`` holds no option ROM.
     :raise XenlabError: the check failed (its problems named), or no
         emulated display has the ROM's ids.
     """
     from xenlab.rom.check import check_vga_bios
-    from xenlab.rom.inspect import inspect_file
+    from xenlab.rom.inspect import inspect_bytes, inspect_file
 
-    parsed = inspect_file(rom)
+    shown = shown_path(rom)
+    parsed = inspect_file(rom, source=shown) if data is None else inspect_bytes(data, source=shown)
     first = check_vga_bios(parsed)
     ids: tuple[int, int] | None = None
     if first.image is not None and first.image.pcir is not None:
@@ -291,13 +341,13 @@ def plan_rom(rom: Path, *, device: str | None = None, pci: str | None = None,
     qdev: str | None = None
     if pci is None:
         if ids is None and device is None:
-            raise XenlabError(f"{rom}: refused before boot: {'; '.join(first.problems)}")
+            raise XenlabError(f"{shown}: refused before boot: {'; '.join(first.problems)}")
         qdev = check_rom_ids(*(ids or (0, 0)), device)
         ids = _DEVICE_IDS.get(qdev, ids)
     verdict = check_vga_bios(parsed, vendor_id=ids[0] if ids else None,
                              device_id=ids[1] if ids else None)
     if not verdict.ok and not force:
-        raise XenlabError(f"{rom}: refused before boot: {'; '.join(verdict.problems)} "
+        raise XenlabError(f"{shown}: refused before boot: {'; '.join(verdict.problems)} "
                           "(--force boots it anyway)")
     return qdev, verdict.warnings + (verdict.problems if force else ())
 
@@ -313,14 +363,15 @@ def check_vfio(bdf: str, *, sysfs: Path = Path("/sys")) -> str:
         raise XenlabError(str(err)) from err
     dev = sysfs / "bus" / "pci" / "devices" / name
     if not dev.exists():
-        raise XenlabError(f"PCI device {name}: not on this host ({dev} does not exist)")
+        raise XenlabError(f"PCI device {name}: not on this host ({shown_path(dev)} does not "
+                          "exist)")
     driver = dev / "driver"
     bound = driver.resolve().name if driver.exists() else None
     if bound != "vfio-pci":
         raise XenlabError(
             f"PCI device {name} is bound to {bound or 'no driver'}, not vfio-pci: bind it "
             f"first (`driverctl set-override {name} vfio-pci`, or echo vfio-pci > "
-            f"{dev}/driver_override and {name} > /sys/bus/pci/drivers_probe)"
+            f"{shown_path(dev / 'driver_override')} and {name} > /sys/bus/pci/drivers_probe)"
         )
     return name
 
@@ -340,75 +391,115 @@ async def _capture(qmp_path: Path, screen_file: Path, png: Path, *, resume: bool
 def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None,
              overrides: Sequence[str] = (), device: str | None = None, pci: str | None = None,
              name: str | None = None, check: bool = False, force: bool = False,
-             timeout: float = 60.0) -> RomBoot:
+             timeout: float = 60.0, data: bytes | None = None) -> RomBoot:
     """Start a guest whose primary VGA runs ``rom``, and report whether the ROM ran.
 
-    CLI: ``xenlab rom boot FILE [--cfg CFG] [--check]``.  The ROM is checked
-    first (:func:`plan_rom`).  The config (``cfg`` with ``overrides``, or a
-    firmware-only guest) gets the ROM keys (:func:`rom_config`) and is
+    CLI: ``xenlab rom boot FILE [--cfg CFG] [--check]``.  ``data`` is the
+    ROM's bytes when the caller has read them (None: ``rom`` is read here,
+    bounded); they are checked (:func:`plan_rom`) and copied to
+    ``out_dir/<name>.rom`` (0600, this user's), the file the guest boots, so
+    what boots is what was checked.  The config (``cfg`` with ``overrides``,
+    or a firmware-only guest) gets the ROM keys (:func:`rom_config`) and is
     written to ``out_dir/<name>.cfg``; the toolstack ``ts`` creates the
     domain.  When SeaBIOS's log shows it went to boot, the guest is stopped
-    for a moment: the VGA text buffer and a PNG screendump
-    (``out_dir/<name>.png``) are taken, and the log is copied to
-    ``out_dir/<name>-firmware.log``.  With ``check`` the domain is then
-    destroyed, otherwise it runs on.
+    for a moment: the VGA text buffer and a PNG screendump are taken in the
+    domain's run directory, the PNG is copied to ``out_dir/<name>.png`` and
+    the log to ``out_dir/<name>-firmware.log``.  With ``check`` the domain is
+    then destroyed, otherwise it runs on.  Every file in ``out_dir`` is
+    written by :mod:`xenlab.atomic`.
 
-    :raise XenlabError: the ROM was refused before boot, or the config is bad.
+    :raise XenlabError: the ROM was refused before boot, the config is bad,
+        or a file in ``out_dir`` was refused (FileWriteError).
     :raise BackendError: QEMU failed, or the firmware did not reach its boot
         step within ``timeout`` (the domain is destroyed).
     """
+    from xenlab.rom.files import read_rom_file
     from xenlab.vm.store import is_alive
 
-    # Absolute: QEMU, which writes the screen files, runs in / once daemonized.
-    rom, out_dir = Path(rom).resolve(), Path(out_dir).resolve()
+    given = Path(rom)
+    if data is None:
+        data = read_rom_file(given, name=shown_path(given))
+    # Resolved only to be named (in the result and the config's comment): the
+    # guest boots the copy, and nothing opens this path again.
+    rom = given.resolve()
     if any(ord(c) < 0x20 or c == "\x7f" for c in str(rom)):
         raise XenlabError(f"{str(rom)!r}: a ROM path with control characters cannot go "
                           "into an xl config")
+    # Absolute (QEMU runs in / once daemonized) but not resolved: the writer
+    # judges the links on the way, as the kernel would.
+    out_dir = Path(out_dir).absolute()
     if pci is not None:
         pci = check_vfio(pci)
-    qdev, warnings = plan_rom(rom, device=device, pci=pci, force=force)
+    qdev, warnings = plan_rom(rom, data=data, device=device, pci=pci, force=force)
     base: str | None = None
     dom = name or f"rom-{_safe(rom.stem)}"
     if cfg is not None:
         dc, base = ts.load_config(cfg, overrides)
         dom = name or dc.name
     stem = _safe(dom)  # file names in out_dir come from the domain's name
-    cfg_out = out_dir / f"{stem}.cfg"
-    if cfg is not None and cfg_out == Path(cfg).resolve():
-        raise XenlabError(f"{cfg_out} would be overwritten by the config rom boot writes; "
-                          "give --out another directory")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg_out.write_text(rom_config(rom, name=dom, device=qdev, pci=pci, base_text=base))
-    except OSError as err:
-        raise XenlabError(f"{out_dir}: cannot write the boot's files: "
-                          f"{err.strerror or err}") from err
+    outputs = {kind: out_dir / f"{stem}{suffix}" for kind, suffix in (
+        ("cfg", ".cfg"), ("rom", ".rom"), ("png", ".png"), ("log", "-firmware.log"))}
+    _refuse_clobbering(outputs.values(), [given] + ([Path(cfg)] if cfg is not None else []))
+    make_output_dir(out_dir, name=shown_path(out_dir))
+    physical = os.path.realpath(out_dir)
+    if any(ord(c) < 0x20 or c == "\x7f" for c in physical):
+        raise XenlabError(f"{physical!r}: an output directory with control characters cannot "
+                          "go into an xl config")
+    # Never through a link (a link's target could be changed after the write),
+    # and this user's even over another's file: a private copy.
+    copy = atomic_write_bytes(outputs["rom"], data, mode=0o600, follow_symlinks=False,
+                              keep_owner=False, name=shown_path(outputs["rom"]))
+    cfg_out = atomic_write_text(
+        outputs["cfg"], rom_config(copy, name=dom, device=qdev, pci=pci, base_text=base,
+                                   source=rom), name=shown_path(outputs["cfg"]))
     rec = ts.create(cfg_out)
     paths = ts.paths(rec)
     log = paths.firmware_log
-    png = out_dir / f"{stem}.png"
-    screen_file = out_dir / f".{stem}.screen"
+    # QEMU writes only into the private run directory; the files are copied out.
+    rundir = Path(paths.rundir).absolute()
+    shot, screen_file = rundir / "rom-boot.png", rundir / "rom-boot.screen"
     try:
         wait_for_boot(log, timeout, alive=lambda: is_alive(rec))
         from xenlab.vm.qmp import run
 
-        run(_capture(paths.qmp, screen_file, png, resume=not check))
-        firmware_text = log.read_text(encoding="latin-1")
-        screen = screen_text(screen_file.read_bytes())
+        run(_capture(paths.qmp, screen_file, shot, resume=not check))
+        firmware_text = read_log(log)
+        screen = screen_text(read_bounded(screen_file, TEXT_COLS * TEXT_ROWS * 2,
+                                          what="VGA text buffer"))
+        png_data = read_bounded(shot, SCREENDUMP_LIMIT, what="screendump")
     except BaseException:
         ts.destroy(dom)
         raise
     finally:
         screen_file.unlink(missing_ok=True)
-    (out_dir / f"{stem}-firmware.log").write_text(firmware_text, encoding="latin-1")
-    if check:
-        ts.destroy(dom)
+        shot.unlink(missing_ok=True)
+    try:
+        png = atomic_write_bytes(outputs["png"], png_data, name=shown_path(outputs["png"]))
+        atomic_write_bytes(outputs["log"], firmware_text.encode("latin-1"),
+                           name=shown_path(outputs["log"]))
+    finally:
+        if check:
+            ts.destroy(dom)
     report = parse_firmware_log(firmware_text)
     shown = "passed-through device" if pci is not None else str(qdev)
     ran, verdict = judge(report, screen, shown)
     if warnings:
         verdict += " (note: " + "; ".join(warnings) + ")"
     return RomBoot(dom, str(rom), shown, report, tuple(screen), str(png), ran, verdict)
+
+
+def _refuse_clobbering(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
+    """XenlabError when writing one of ``outputs`` would replace one of ``inputs``."""
+    def places(p: Path) -> set[str]:
+        # The name itself (a write that replaces a link) and what it ends at.
+        return {os.path.join(os.path.realpath(p.parent), p.name), os.path.realpath(p)}
+
+    for path in inputs:
+        for out in outputs:
+            if places(out) & places(path):
+                raise XenlabError(f"{shown_path(path)} would be overwritten by "
+                                  f"{shown_path(out.name)}, which rom boot writes; give --out "
+                                  "another directory")
 
 
 def _safe(stem: str) -> str:
