@@ -263,6 +263,15 @@ def test_messages_use_the_name_given(tmp_path: Path) -> None:
         read_bounded(tmp_path / "odd\nname", 10, name="odd\\x0aname")
 
 
+def test_a_name_with_a_nul_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    # os.open raises ValueError for it, which escaped as a traceback.
+    with pytest.raises(FileReadError, match=r"cannot read: a name with a NUL character$"):
+        read_bounded(f"{tmp_path}/a\0b", 10)
+    with pytest.raises(FileWriteError, match=r"cannot write: a name with a NUL character$"):
+        atomic_write_bytes(tmp_path / "a\0b", b"x")
+    assert list(tmp_path.iterdir()) == []
+
+
 @root_only
 def test_an_unreadable_file_as_nobody() -> None:
     if shutil.which("runuser") is None:

@@ -177,9 +177,15 @@ class _Walk:
 
 def _place(path: Path, shown: str, follow: bool) -> _Place:
     """Where a write to ``path`` lands, checked (see the module notes); the caller closes it."""
-    walk = _Walk(os.fspath(path), shown, follow)
+    name = os.fspath(path)
+    if "\0" in name:  # os calls raise ValueError: no file can have such a name
+        raise FileWriteError(shown, "cannot write: a name with a NUL character")
     try:
-        return walk.run(os.fspath(path))
+        walk = _Walk(name, shown, follow)
+    except OSError as err:  # the working directory is gone, or "/" cannot be opened
+        raise FileWriteError(shown, f"cannot write: {err.strerror or err}") from err
+    try:
+        return walk.run(name)
     except FileWriteError:
         os.close(walk.fd)
         raise

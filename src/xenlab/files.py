@@ -161,6 +161,8 @@ def read_bounded(
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as err:
         raise _open_error(path, shown, err) from err
+    except ValueError as err:  # no file can have such a name: not a bug to show as one
+        raise FileReadError(shown, "cannot read: a name with a NUL character") from err
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
