@@ -7,7 +7,11 @@
      |    +-- (config.ConfigError)      xl configuration files and specs
      +-- FormatError (also ValueError)  binary data with a place: source+0xOFFSET
      |    +-- TruncatedError            need more bytes than there are
+     +-- (files.FileError)              a user-named path could not be read or written:
+     |    +-- FileReadError (files), FileWriteError (atomic)
+     +-- (files.InputTooLargeError)     a file holds more than its reader takes
      +-- StateError                     an object is not in the state a call needs
+     |    +-- (vm.store.StoreError)     SQLite could not read or write the state store
      +-- BackendError                   QEMU, QMP, netlink; root cause in __cause__
      +-- SimError                       a place in simulated time
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from xenlab import faults
+from xenlab.atomic import fsync_dir
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, XenlabError
@@ -279,7 +280,8 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
             # quits (most of it already is: see _write_out); then the rename.
             os.fsync(fd)
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            with contextlib.suppress(OSError):  # the rename is done; a sync may not be
+                fsync_dir(path.parent)
 
         with held:
             try:
@@ -350,15 +352,6 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
                 "after the image was written" if committed else
                 "before the image was written: undone, no image", state)
     return ts.store.patch(rec.domid, state="running" if state == "running" else "paused")
-
-
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):
-        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 def _save_snapshots(ts: Toolstack, rec: DomainRecord) -> tuple[DiskSnapshot, ...]:
