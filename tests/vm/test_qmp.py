@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -290,10 +291,19 @@ def qga(tmp_path: Path) -> Iterator[Path]:
     )
     try:
         deadline = time.monotonic() + 10
-        while not sock.exists():
+        # The socket file appears at bind(), a moment before listen(): wait
+        # until a connection is taken (on a busy machine the gap is visible).
+        while True:
             assert proc.poll() is None, "qemu-ga exited"
-            assert time.monotonic() < deadline, "qemu-ga socket did not appear"
-            time.sleep(0.02)
+            assert time.monotonic() < deadline, "qemu-ga did not take connections"
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(sock))
+                break
+            except OSError:
+                time.sleep(0.02)
+            finally:
+                probe.close()
         yield sock
     finally:
         proc.terminate()
