@@ -178,3 +178,21 @@ def test_fmt_w_and_from_xm_refuse_a_fifo_and_a_dangling_link(capsys: pytest.Capt
     assert code == 1 and err == (f"{dangling}: cannot write: a dangling symlink (to "
                                  f"'{tmp_path}/made.cfg'); not created through it\n")
     assert not (tmp_path / "made.cfg").exists()
+
+
+def test_check_names_a_disk_backed_by_a_host_file(capsys: pytest.CaptureFixture[str],
+                                                  tmp_path: Path) -> None:
+    """A qcow2 over /etc/shadow passed `config check` without a word."""
+    from xenlab.vm import qemuimg
+
+    qemuimg.create(tmp_path / "x.qcow2", "qcow2", backing="/etc/shadow", backing_fmt="raw")
+    qemuimg.create(tmp_path / "ok.qcow2", "qcow2", "1M")
+    cfg = tmp_path / "x.cfg"
+    cfg.write_text('name = "x"\ntype = "hvm"\nmemory = 64\n'
+                   'disk = [ "format=qcow2,vdev=xvda,access=rw,target=x.qcow2", '
+                   '"format=qcow2,vdev=xvdb,access=rw,target=ok.qcow2", '
+                   '"format=qcow2,vdev=xvdc,access=rw,target=missing.qcow2" ]\n')
+    code, out, err = run(capsys, "config", "check", str(cfg))
+    assert code == 1 and "ok" not in out
+    assert err.count("\n") == 1
+    assert f"{cfg}: disk xvda: " in err and "names backing file /etc/shadow" in err

@@ -23,7 +23,7 @@ from rich.table import Table
 from xenlab.atomic import atomic_write_text
 from xenlab.cli.output import emit_json, printable, stdout
 from xenlab.config import ConfigError, parse
-from xenlab.config.model import domain_config, domain_config_to_json
+from xenlab.config.model import DomainConfig, domain_config, domain_config_to_json
 from xenlab.config.specs.disk import disk_to_libxl_json, parse_disk
 from xenlab.config.specs.pci import parse_pci, pci_to_libxl_json
 from xenlab.config.specs.vif import parse_vif, vif_to_libxl_json
@@ -88,6 +88,11 @@ def check(files: Sequence[Path], syntax_only: bool, as_json: bool) -> None:
             if not syntax_only:
                 dc = domain_config(parsed)
                 result["warnings"] = [str(w) for w in dc.warnings]
+                unsafe = _unsafe_images(dc, path)
+                if unsafe:
+                    failed = True
+                    result["ok"] = False
+                    result["errors"] = unsafe
         except ConfigError as err:
             failed = True
             result["ok"] = False
@@ -106,6 +111,34 @@ def check(files: Sequence[Path], syntax_only: bool, as_json: bool) -> None:
                 click.echo(f"{result['file']}: ok")
     if failed:
         raise click.exceptions.Exit(1)
+
+
+def _unsafe_images(dc: DomainConfig, path: Path) -> list[str]:
+    """The disks whose images would make QEMU open a file outside their allowed
+    directories (``vm.imagecheck``, as ``vm create`` checks them), one line each.
+
+    Only disks whose files exist are read; relative targets are taken from the
+    config's directory, as create takes them.
+    """
+    if str(path) == "-":
+        return []
+    from xenlab.errors import FormatError
+    from xenlab.vm.imagecheck import UnsafeImageError, allowed_backing_dirs, check_disk_image
+
+    out = []
+    for d in dc.disks:
+        if not d.pdev_path or d.script is not None or d.format.value == "empty":
+            continue
+        target = Path(path).absolute().parent / d.pdev_path
+        if not target.exists():
+            continue
+        try:
+            check_disk_image(target, d.format, allowed_backing_dirs(target))
+        except (UnsafeImageError, FormatError) as err:
+            out.append(f"{_name(path)}: disk {d.vdev}: {err}")
+        except XenlabError:
+            continue  # not an image this check reads (a device, a FIFO): create says more
+    return out
 
 
 def _scalar(value: object) -> str:
