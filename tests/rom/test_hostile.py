@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from tests.clirun import run_cli
 from tests.rom import builders as b
 from tests.rom.test_sysfs import BDF, FakeKernelRom, device
+from tests.test_files_safety import writer
 from xenlab.errors import FormatError, XenlabError
 from xenlab.files import InputTooLargeError
 from xenlab.formats.optionrom import MAX_IMAGES, OptionRom, parse_rom
@@ -92,25 +93,8 @@ def argv(command: str, path: Path | str, tmp: Path) -> list[str]:
 @contextlib.contextmanager
 def endless_writer(fifo: Path) -> Iterator[None]:
     """A writer that fills ``fifo`` until its reader goes."""
-    stop = threading.Event()
-
-    def write() -> None:
-        with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as f:
-            while not stop.is_set():
-                f.write(b"\x55\xaa" * 32768)
-
-    t = threading.Thread(target=write, daemon=True)
-    t.start()
-    try:
+    with writer(fifo, b"\x55\xaa" * 32768, endless=True):
         yield
-    finally:
-        stop.set()
-        with contextlib.suppress(OSError):  # a writer still waiting for a reader
-            fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-            time.sleep(0.05)
-            os.close(fd)
-        t.join(5)
-        assert not t.is_alive()
 
 
 @contextlib.contextmanager
