@@ -70,7 +70,7 @@ from xenlab.vm.domconfig import (
     on_vif_specs,
     vif_line,
 )
-from xenlab.vm.jobs import JOB, Job, job_of, new_job
+from xenlab.vm.jobs import JOB, RECOVERY, Job, job_of, new_job
 from xenlab.vm.qemu import (
     Accel,
     Nic,
@@ -83,7 +83,14 @@ from xenlab.vm.qemu import (
 )
 from xenlab.vm.qmp import GuestAgent, Qmp
 from xenlab.vm.qmp import run as _run_async
-from xenlab.vm.rundir import checked_rundir, default_rundir, make_rundir
+from xenlab.vm.rundir import (
+    checked_rundir,
+    default_rundir,
+    make_rundir,
+    qemu_said,
+    read_pid,
+    wait_gone,
+)
 from xenlab.vm.store import DomainRecord, Store, is_alive, is_domain_qemu
 
 # A domain whose QEMU has exited but which is kept because it has snapshots
@@ -94,7 +101,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DISK_SPECS", "SHUTOFF", "VIFS", "VIF_SPECS", "DomainStatus", "Toolstack",
            "absolute_paths", "check_domain_name", "config_from_text", "create_image",
-           "disk_line", "on_disks", "qemu_said", "vif_line"]
+           "disk_line", "on_disks", "vif_line"]
 
 # The names other modules imported from here before vm.domconfig held them.
 _on_disks = on_disks
@@ -200,6 +207,11 @@ class Toolstack:
             if rec.state == SHUTOFF and not is_alive(rec):
                 old = rec  # a shut-off domain kept for its snapshots: start it again
                 continue
+            job = job_of(rec)
+            if job is not None and job.owner_alive():
+                raise XenlabError(f"domain {name!r} (id {rec.domid}) is being worked on by "
+                                  f"another command ({job.verb}, pid {job.pid}); try again "
+                                  "when it is done")
             if is_alive(rec):
                 raise XenlabError(f"domain {name!r} already exists (id {rec.domid})")
             raise XenlabError(
@@ -318,7 +330,7 @@ class Toolstack:
                     prepare()
                 self._spawn(argv, paths)
                 faults.point(f"{step}.spawned")
-                pid = _read_pid(paths)
+                pid = read_pid(paths)
                 if pid is None:
                     raise BackendError(f"QEMU wrote no pid to {paths.pidfile}")
                 if fresh:
@@ -524,6 +536,17 @@ class Toolstack:
         job = job_of(rec)
         if job is None or job.owner_alive():
             return rec
+        if job.verb == "shutdown" and is_alive(rec):
+            # The power button was pressed; the guest goes down on its own.
+            log.warning("domain %s: a shutdown was killed while the guest shut down; "
+                        "it was asked to power off", rec.name)
+            return self.store.patch(rec.domid, extra_drop=[JOB])
+        if job.verb in ("destroy", "shutdown"):
+            # The QEMU was being stopped on purpose (or has stopped): finish that.
+            self.kill_domain(rec)
+            kept = self.gone(rec)
+            log.warning("domain %s: a %s killed half-way is finished", rec.name, job.verb)
+            return kept
         if rec.state == "incoming" and job.verb == "incoming" and is_alive(rec) and \
                 self._resumed(rec):
             # The guest ran there already (a restore or receive resumed it and
@@ -546,7 +569,9 @@ class Toolstack:
             # A job of a verb that needs nothing finished (or from a newer
             # xenlab): its owner is gone, so is the job.
             return self.store.patch(rec.domid, extra_drop=[JOB])
-        recover = importlib.import_module(module).recover_job
+        recover = vars(importlib.import_module(module)).get("recover_job")
+        if recover is None:
+            return self.store.patch(rec.domid, extra_drop=[JOB])
         kept = recover(self, rec, job)
         assert kept is None or isinstance(kept, DomainRecord)
         if kept is not None and job_of(kept) is not None:
@@ -730,10 +755,14 @@ class Toolstack:
         if paths is not None and rec.rundir:
             shutil.rmtree(paths.rundir, ignore_errors=True)
         self._vifs_offline(rec)
+        job = job_of(rec)
+        # A verb of this process that restarts the domain (a revert) keeps its
+        # job: a kill later in that verb must still be recovered as that verb.
+        drop = [VIFS] if job is not None and job.mine() else [VIFS, JOB]
         if (rec.extra.get("defined") or rec.extra.get("disk_paths")
                 or self.store.list_snapshots(rec.domid)):
             return self.store.patch(rec.domid, pid=None, state=SHUTOFF, rundir="",
-                                    extra_drop=[VIFS, JOB])
+                                    extra_drop=drop)
         self.store.remove(rec.domid)
         return None
 
@@ -805,9 +834,13 @@ class Toolstack:
                 raise StateError(
                     f"domain {rec.name!r} is shut off already; `xenlab vm undefine` forgets it"
                 )
+            with contextlib.suppress(StateError):  # a full disk: destroy goes on anyway
+                rec = self.store.patch(rec.domid, extra_set={JOB: new_job("destroy").to_json()})
             self.kill_domain(rec)
             try:
-                self.gone(rec)
+                kept = self.gone(rec)
+                if kept is not None:
+                    self.store.patch(rec.domid, extra_drop=[JOB])
             except StateError as err:
                 raise StateError(f"domain {rec.name!r}: its QEMU is stopped, but {err}; "
                                  "destroy it again once there is room") from err
@@ -819,7 +852,7 @@ class Toolstack:
 
         Returns how it ended: ``"shutdown"`` or ``"destroyed"``.
         """
-        with self.live(name_or_id) as rec:
+        with self.live(name_or_id) as rec, self.job(rec, "shutdown") as rec:
             deadline = time.monotonic() + timeout
             while True:
                 # A guest still booting has no ACPI handler yet and drops the
@@ -828,7 +861,7 @@ class Toolstack:
                 with contextlib.suppress(BackendError):
                     _run_async(self.qmp_execute(rec, "system_powerdown"))
                 left = deadline - time.monotonic()
-                if _wait_gone(rec.pid, min(5.0, max(left, 0.0))):
+                if wait_gone(rec.pid, min(5.0, max(left, 0.0))):
                     self.gone(rec)
                     return "shutdown"
                 if time.monotonic() >= deadline:
@@ -926,7 +959,7 @@ class Toolstack:
         is signalled: a recycled or planted pid is left alone.
         """
         if pid is None:
-            pid = _read_pid(paths)
+            pid = read_pid(paths)
         probe = DomainRecord(domid=0, name="", uuid="", config_path="", config_text="",
                              rundir=str(paths.rundir), pid=pid, state="", created=0.0,
                              accel="")
@@ -936,91 +969,20 @@ class Toolstack:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             return
-        _wait_gone(pid, 10)
+        wait_gone(pid, 10)
 
     def kill_domain(self, rec: DomainRecord) -> None:
         """SIGKILL domain ``rec``'s QEMU, found by the record's pid or its pidfile."""
         pids = [rec.pid]
         paths = self._paths_or_none(rec)
         if rec.rundir and paths is not None:
-            pids.append(_read_pid(paths))
+            pids.append(read_pid(paths))
         for pid in dict.fromkeys(pids):
             if pid is not None and is_domain_qemu(pid, rec):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     continue
-                _wait_gone(pid, 10)
+                wait_gone(pid, 10)
 
 
-# Verbs whose interrupted jobs another module finishes or undoes (its
-# ``recover_job(ts, rec, job) -> DomainRecord | None``); imported only when
-# such a job is found, so a `vm list` does not load the snapshot code.
-RECOVERY: dict[str, str] = {
-    "block-attach": "xenlab.vm.disks",
-    "save": "xenlab.vm.saverestore",
-    "migrate": "xenlab.vm.migrate",
-    "mirror": "xenlab.vm.mirror",
-    "network-attach": "xenlab.vm.network",
-    "network-detach": "xenlab.vm.network",
-    "block-detach": "xenlab.vm.disks",
-    "snapshot-create": "xenlab.vm.snaprecover",
-    "snapshot-revert": "xenlab.vm.snaprecover",
-    "snapshot-delete": "xenlab.vm.snaprecover",
-}
-
-
-def _read_pid(paths: RuntimePaths) -> int | None:
-    """The pid in ``paths``' pidfile, or None (missing, empty, not a number)."""
-    try:
-        text = paths.pidfile.read_text(errors="replace").strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() and len(text) < 10 else None
-
-
-def qemu_said(paths: RuntimePaths, lines: int = 5) -> str:
-    """The last lines of QEMU's log in ``paths`` (its own words on a failure), or ""."""
-    try:
-        with paths.log.open("rb") as f:
-            f.seek(max(0, paths.log.stat().st_size - 8192))
-            tail = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    said = [ln.strip() for ln in tail.splitlines() if ln.strip()][-lines:]
-    return "; ".join(said)
-
-
-def _wait_gone(pid: int | None, timeout: float) -> bool:
-    """Wait until process ``pid`` no longer exists; True if it went in time."""
-    if pid is None:
-        return True
-    begin = time.monotonic()
-    while time.monotonic() < begin + timeout:
-        if not _exists(pid):
-            return True
-        # A daemonized QEMU is not our child: nothing to reap, just poll,
-        # often at first (QEMU usually exits within milliseconds of quit).
-        time.sleep(min(0.05, max(0.002, (time.monotonic() - begin) / 8)))
-    return False
-
-
-def _exists(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped by init) counts as gone
-    once its last thread has exited.
-
-    A multi-threaded QEMU's main thread turns zombie first; its files (and
-    the image locks on them) stay open until its other threads have exited
-    too, so a zombie with threads left is not gone yet.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    # The state is the field after the parenthesised command name.
-    if stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]:
-        return True
-    try:
-        return len(os.listdir(f"/proc/{pid}/task")) > 1
-    except OSError:
-        return False

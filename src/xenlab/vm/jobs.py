@@ -25,10 +25,26 @@ from typing import Any, Final
 
 from xenlab.vm.store import DomainRecord
 
-__all__ = ["JOB", "Job", "job_of", "new_job", "process_start"]
+__all__ = ["JOB", "RECOVERY", "Job", "job_of", "new_job", "process_start"]
 
 # DomainRecord.extra key holding the job.
 JOB: Final = "job"
+
+# Verbs whose interrupted jobs another module finishes or undoes (its
+# ``recover_job(ts, rec, job) -> DomainRecord | None``); imported only when
+# such a job is found, so a `vm list` does not load the snapshot code.
+RECOVERY: Final[dict[str, str]] = {
+    "block-attach": "xenlab.vm.disks",
+    "save": "xenlab.vm.saverestore",
+    "migrate": "xenlab.vm.migrate",
+    "mirror": "xenlab.vm.mirror",
+    "network-attach": "xenlab.vm.network",
+    "network-detach": "xenlab.vm.network",
+    "block-detach": "xenlab.vm.disks",
+    "snapshot-create": "xenlab.vm.snaprecover",
+    "snapshot-revert": "xenlab.vm.snaprecover",
+    "snapshot-delete": "xenlab.vm.snaprecover",
+}
 
 
 def process_start(pid: int) -> int | None:

@@ -1,4 +1,4 @@
-"""A domain's run directory, private and never guessed: :func:`make_rundir`, :func:`rundir_of`.
+"""A domain's run directory and the QEMU in it: :func:`make_rundir`, :func:`checked_rundir`.
 
 The run directory holds a QEMU's sockets (QMP, agent, console), its pidfile
 and its logs.  Whoever can write there can make xenlab talk to another
@@ -17,6 +17,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Final
 
@@ -24,7 +25,8 @@ from xenlab.errors import StateError
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.store import private_dir
 
-__all__ = ["SOCKET_MAX", "checked_rundir", "default_rundir", "make_rundir"]
+__all__ = ["SOCKET_MAX", "checked_rundir", "default_rundir", "make_rundir", "process_exists",
+           "qemu_said", "read_pid", "wait_gone"]
 
 # Unix socket paths must fit in sun_path (108 bytes with the NUL); the
 # longest socket name in a run directory is "console.sock".
@@ -100,3 +102,59 @@ def checked_rundir(path: str | Path) -> RuntimePaths | None:
     than talk to, or kill, whatever such a directory names.
     """
     return RuntimePaths.under(Path(path)) if _is_private(path) else None
+
+
+def read_pid(paths: RuntimePaths) -> int | None:
+    """The pid in ``paths``' pidfile, or None (missing, empty, not a number)."""
+    try:
+        text = paths.pidfile.read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and len(text) < 10 else None
+
+
+def qemu_said(paths: RuntimePaths, lines: int = 5) -> str:
+    """The last lines of QEMU's log in ``paths`` (its own words on a failure), or ""."""
+    try:
+        with paths.log.open("rb") as f:
+            f.seek(max(0, paths.log.stat().st_size - 8192))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    said = [ln.strip() for ln in tail.splitlines() if ln.strip()][-lines:]
+    return "; ".join(said)
+
+
+def wait_gone(pid: int | None, timeout: float) -> bool:
+    """Wait until process ``pid`` no longer exists; True if it went in time."""
+    if pid is None:
+        return True
+    begin = time.monotonic()
+    while time.monotonic() < begin + timeout:
+        if not process_exists(pid):
+            return True
+        # A daemonized QEMU is not our child: nothing to reap, just poll,
+        # often at first (QEMU usually exits within milliseconds of quit).
+        time.sleep(min(0.05, max(0.002, (time.monotonic() - begin) / 8)))
+    return False
+
+
+def process_exists(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by init) counts as gone
+    once its last thread has exited.
+
+    A multi-threaded QEMU's main thread turns zombie first; its files (and
+    the image locks on them) stay open until its other threads have exited
+    too, so a zombie with threads left is not gone yet.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state is the field after the parenthesised command name.
+    if stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]:
+        return True
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False

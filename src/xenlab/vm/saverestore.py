@@ -41,13 +41,14 @@ from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, XenlabError
 from xenlab.vm import qemuimg, vmstate
-from xenlab.vm.domain import Toolstack, qemu_said
+from xenlab.vm.domain import Toolstack
 from xenlab.vm.domconfig import config_from_text, on_disks
 from xenlab.vm.jobs import JOB, Job
 from xenlab.vm.mirror import DISK_NODES, DISK_PATHS
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run
+from xenlab.vm.rundir import qemu_said
 from xenlab.vm.saveimage import (
     DiskMove,
     DiskSnapshot,
