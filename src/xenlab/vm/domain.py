@@ -627,9 +627,11 @@ class Toolstack:
             return DomainStatus(rec, "stale (QEMU gone)", mem, vcpus,
                                 time.time() - rec.created)
         try:
-            state = _run_async(self.qemu_status(self.paths(rec)))
-        except (BackendError, StateError):
-            state = "unresponsive"
+            # QEMU serves one QMP client at a time: a domain another command
+            # is working on answers once that command is done, so do not wait.
+            state = _run_async(self.qemu_status(self.paths(rec), timeout=1.0))
+        except (BackendError, StateError) as err:
+            state = "busy" if "no session within" in str(err) else "unresponsive"
         return DomainStatus(rec, state, mem, vcpus, time.time() - rec.created)
 
     def list(self) -> list[DomainStatus]:

@@ -55,7 +55,7 @@ from xenlab.config.model import DomainConfig
 from xenlab.config.specs.cpus import CpuSet, HostTopology, parse_cpus
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm.domain import SHUTOFF, Toolstack
-from xenlab.vm.domconfig import config_from_text
+from xenlab.vm.domconfig import check_domain_name, config_from_text
 from xenlab.vm.qemu import cpu_ranges
 from xenlab.vm.qmp import CommandError, GuestAgent, Qmp
 from xenlab.vm.qmp import run as _run
@@ -625,7 +625,6 @@ def _vcpu_index(text: str) -> int:
 
 # --- rename and info -------------------------------------------------------------
 
-_NAME_BAD = re.compile(r"[\s\"'\\/\x00-\x1f\x7f]")
 
 
 def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
@@ -640,11 +639,10 @@ def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
         an id) or has quotes, slashes, white space or control characters.
     :raise StateError: the domain's QEMU is gone (destroy it first).
     """
-    if not new or new.isdigit() or _NAME_BAD.search(new):
-        raise XenlabError(
-            f"rename: {new!r} is not a usable domain name (empty, all digits, or has quotes, "
-            "slashes, white space or control characters)"
-        )
+    try:
+        check_domain_name(new)  # the rule create, restore and revert apply
+    except XenlabError as err:
+        raise XenlabError(f"rename: {err}") from None
     rec = ts.get(name)
     if rec.state != SHUTOFF and not is_alive(rec):
         raise StateError(

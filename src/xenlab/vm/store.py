@@ -105,6 +105,13 @@ def _sql_errors(fn: Callable[_P, _T]) -> Callable[_P, _T]:
             store = args[0]
             assert isinstance(store, Store)
             raise StoreError(store.path, str(err)) from err
+        except UnicodeEncodeError as err:
+            # SQLite keeps text as UTF-8: a name or path holding bytes that are
+            # not (kept as lone surrogates) cannot be stored or looked up.
+            near = err.object[max(0, err.start - 30):err.end + 30]
+            shown = near.encode("utf-8", "surrogateescape")
+            raise XenlabError(f"not UTF-8 text, at {shown!r}: names, paths and configs the "
+                              "toolstack keeps must be UTF-8") from None
 
     return wrapper
 
