@@ -259,3 +259,19 @@ def _migrate_killed(ts: Toolstack, dest: Toolstack, point: str) -> None:
         proc = xenlab(dest, "vm", "migrate", "xcrash", "localhost",
                       "--dest-state-dir", str(ts.state_dir))
         assert proc.returncode == 0, proc.stderr
+
+
+def test_save_snapshot_killed_mid_stream(guest: tuple[Toolstack, Path]) -> None:
+    """The recovery deleted the save's disk snapshot while QEMU's images were inactive:
+    QEMU asserted and the guest died."""
+    ts, tmp = guest
+    reset(ts)
+    write_marker(ts, "xcrash", "kept-snap")
+    killed_at(ts, "vmstate.migrating", "vm", "save", "--snapshot", "xcrash",
+              str(tmp / "snap.save"))
+    converge(ts)
+    check_truth(ts, {"xcrash"})
+    assert ts.get("xcrash").state == "running"
+    assert read_marker(ts, "xcrash") == "kept-snap"
+    disk = str(tmp / "xcrash.qcow2")
+    assert not [t for t in qemuimg.snapshot_tags(disk) if t.startswith("xenlab-save-")]

@@ -225,7 +225,7 @@ def migrate(
         # guest already (recover_job): never resume both copies.
         held = contextlib.ExitStack()
         rec = held.enter_context(ts.job(
-            rec, "migrate", phase="sending", guest=rec.state,
+            rec, "migrate", phase="sending", guest=_run(ts.qemu_status(paths)),
             dest=str(dest.state_dir) if isinstance(dest, Toolstack) else dest,
             local=isinstance(dest, Toolstack)))
         faults.point("migrate.job")

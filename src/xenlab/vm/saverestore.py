@@ -57,6 +57,7 @@ from xenlab.vm.saveimage import (
     header_seed,
     pack_header,
 )
+from xenlab.vm.snapbackends import glob_escape
 from xenlab.vm.snapshot import OVERLAYS
 from xenlab.vm.store import DomainRecord, is_alive
 from xenlab.vm.vmstate import Progress
@@ -260,20 +261,25 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
         paths = ts.paths(rec)
         snaps = _save_snapshots(ts, rec) if snapshot else ()
         disk_paths, overlays = moves_of(rec)
+        # The job comes before the temporary file, and names it by its
+        # prefix: a kill at any point leaves nothing the next command does
+        # not find (recover_job).  The guest's state as QEMU has it, not as
+        # the record may say (a killed pause or unpause).
+        prefix = f".{path.name}.{os.getpid()}."
+        guest = _run(ts.qemu_status(paths))
+        held = contextlib.ExitStack()
+        rec = held.enter_context(ts.job(rec, "save", dir=str(path.parent.absolute()),
+                                        prefix=prefix, guest=guest,
+                                        keep_running=keep_running,
+                                        snapshot=snaps[0].name if snaps else None))
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part",
-                                            dir=path.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=path.parent)
         except OSError as err:
+            held.close()
             raise XenlabError(
                 f"{path}: cannot write the save image: {err.strerror or err}"
             ) from err
         tmp = Path(tmp_name)
-        # A killed save is undone by the next command: the guest goes on,
-        # the half-written file goes (recover_job).
-        held = contextlib.ExitStack()
-        rec = held.enter_context(ts.job(rec, "save", tmp=str(tmp), guest=rec.state,
-                                        keep_running=keep_running,
-                                        snapshot=snaps[0].name if snaps else None))
         faults.point("save.job")
 
         def commit() -> None:
@@ -316,11 +322,15 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
     goes (or, with ``keep_running``, the guest goes on as it was).
     """
     where = f"domain {rec.name}: save"
-    tmp = job.detail.get("tmp")
     committed = bool(job.detail.get("committed"))
+
+    def drop_partial() -> None:
+        folder, prefix = job.detail.get("dir"), job.detail.get("prefix")
+        if isinstance(folder, str) and isinstance(prefix, str) and not committed:
+            for part in Path(folder).glob(glob_escape(prefix) + "*.part"):
+                part.unlink(missing_ok=True)
     if not is_alive(rec):
-        if isinstance(tmp, str) and not committed:
-            Path(tmp).unlink(missing_ok=True)
+        drop_partial()
         kept = ts.gone(rec)
         _log.warning("%s killed after its QEMU quit: %s", where,
                     "the image was written; the domain is gone" if committed else
@@ -334,21 +344,33 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
                      "stopped", where)
         return kept
 
+    left: list[str] = []
+
     async def undo() -> str:
         async with Qmp.open(paths.qmp) as qmp:
             await vmstate.cancel_active(qmp)
+            ran = job.detail.get("guest") == "running"
+            if ran:
+                # cont makes QEMU take its images back after the stream; only then
+                # may their snapshots change (an inactive image asserts in QEMU).
+                await vmstate.cont_after_migration(qmp)
             snap = job.detail.get("snapshot")
             if isinstance(snap, str) and not committed:
                 dc, _ = ts.config_of(rec)
-                await _drop_disk_snapshots(qmp, [DiskSnapshot(d.vdev, str(d.pdev_path), snap)
-                                                 for d in dc.disks if d.pdev_path])
-            if job.detail.get("guest") == "running":
-                await vmstate.cont_after_migration(qmp)
+                snaps = [DiskSnapshot(d.vdev, str(d.pdev_path), snap)
+                         for d in dc.disks if d.pdev_path and d.readwrite and not d.is_cdrom]
+                if ran:
+                    left.extend(await _drop_disk_snapshots(qmp, snaps))
+                else:
+                    left.extend(s.file for s in snaps)
             return await vmstate.status(qmp)
 
     state = _run(undo())
-    if isinstance(tmp, str) and not committed:
-        Path(tmp).unlink(missing_ok=True)
+    drop_partial()
+    if left:
+        _log.warning("%s: the disk snapshot %r stays in %s (the guest was paused, so its "
+                     "images could not change: `qemu-img snapshot -d` removes it)", where,
+                     job.detail.get("snapshot"), ", ".join(left))
     _log.warning("%s killed %s; the guest is %s", where,
                 "after the image was written" if committed else
                 "before the image was written: undone, no image", state)
