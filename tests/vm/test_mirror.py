@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +99,20 @@ def test_mirror_pivots_the_guest_onto_the_target(ts: Toolstack, tmp_path: Path) 
     print(f"mirror 32 MiB: {res.seconds:.2f}s (second, to raw: {again.seconds:.2f}s)")
 
 
-def test_mirror_copy_without_pivot_and_refusals(ts: Toolstack, tmp_path: Path) -> None:
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_mirror_copy_without_pivot_and_refusals(ts: Toolstack, tmp_path: Path,
+                                                 umask_022: None) -> None:
     _boot(ts, tmp_path)
     source = tmp_path / "g1.qcow2"
+    source.chmod(0o600)
     _sh(ts, "echo A > /mnt/disk/marker && sync")
     ts.pause("g1")
     rec = ts.get("g1")
@@ -107,6 +120,8 @@ def test_mirror_copy_without_pivot_and_refusals(ts: Toolstack, tmp_path: Path) -
     res = mirror(ts, "g1", "xvda", copy, format="raw", pivot=False)
     assert not res.pivoted and res.record == rec  # the record did not change
     assert _compare(source, copy) == 0
+    # The guest's data is not for other users, whatever the umask (the review: 0644).
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
     nodes = asyncio.run(ts.qmp_execute(rec, "query-named-block-nodes", {"flat": True}))
     assert isinstance(nodes, list)
     assert sorted(n["node-name"] for n in nodes) == ["xvda-file", "xvda-fmt"]
@@ -263,35 +278,37 @@ def test_offline_mirror_reads_a_raw_disk_as_raw(tmp_path: Path) -> None:
 
 def test_offline_mirror_is_durable_before_it_is_recorded(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The directory is fsynced after the O_EXCL claim and after the rename, before the
-    record names the target: after a power cut it cannot name a 0-byte file."""
+    """The copy is fsynced, linked to its name, and the directory fsynced, before the
+    record names the target: after a power cut it cannot name a partial file."""
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "g1.qcow2"),
                     "4M"], check=True)
     ts = _defined(tmp_path, "qcow2")
     target = tmp_path / "copy.qcow2"
     events: list[str] = []
-    fsync, rename, patch = os.fsync, os.replace, ts.store.patch
+    fsync, link, patch = os.fsync, os.link, ts.store.patch
 
     def logged_fsync(fd: int) -> None:
         events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
         fsync(fd)
 
-    def logged_replace(a: str | Path, b: str | Path) -> None:
-        events.append(f"replace {b}")
-        rename(a, b)
+    def logged_link(a: Any, b: Any, **kw: Any) -> None:
+        events.append(f"link {b}")
+        link(a, b, **kw)
 
     def logged_patch(domid: int, **kw: Any) -> DomainRecord:
-        events.append("record")
+        events.append("record" if DISK_PATHS in kw.get("extra_set", {}) else "job")
         return patch(domid, **kw)
 
     monkeypatch.setattr(os, "fsync", logged_fsync)
-    monkeypatch.setattr(os, "replace", logged_replace)
+    monkeypatch.setattr(os, "link", logged_link)
     monkeypatch.setattr(ts.store, "patch", logged_patch)
     mirror(ts, "g1", "xvda", target)
-    at = events.index(f"replace {target}")
-    # The claim, then the copy itself, are on disk before the rename...
-    assert events[0] == f"fsync {tmp_path}"
-    assert events[1].startswith(f"fsync {tmp_path}/.copy.qcow2.") and events[1].endswith(".part")
-    # ...and the rename before the record.
-    assert events[at + 1:] == [f"fsync {tmp_path}", "record"]
+    at = events.index(f"link {target.name}")
+    # The job is recorded before anything is made, the copy is on disk before its link...
+    assert events[0] == "job"
+    assert events[at - 1].startswith(f"fsync {tmp_path}/.copy.qcow2.")
+    assert events[at - 1].endswith(".part")
+    # ...and the link before the record.
+    assert events[at + 1:] == [f"fsync {tmp_path}", "record", "job"]
     assert ts.get("g1").extra[DISK_PATHS] == {"xvda": {"file": str(target), "format": "qcow2"}}
+    assert "job" not in ts.get("g1").extra

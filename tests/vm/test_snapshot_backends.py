@@ -7,9 +7,13 @@ real guests under TCG.
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
 import subprocess
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +203,102 @@ def test_external_revert_of_a_shut_off_domain_prunes_what_nothing_needs(
     assert subprocess.run(["qemu-img", "check", str(disk)], capture_output=True).returncode == 0
 
 
+# --- links planted next to a disk --------------------------------------------------------
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A sticky, world-writable directory (as /tmp) that user nobody can reach."""
+    where = Path(tempfile.mkdtemp(prefix="xenlab-shared-", dir="/tmp"))
+    where.chmod(0o1777)
+    try:
+        yield where
+    finally:
+        shutil.rmtree(where)
+
+
+def _plant(link: Path, to: Path) -> None:
+    """``ln -s to link``: as user nobody when this runs as root, else as ourselves."""
+    if os.geteuid() == 0 and shutil.which("runuser"):
+        subprocess.run(["runuser", "-u", "nobody", "--", "ln", "-s", str(to), str(link)],
+                       check=True)
+        assert link.lstat().st_uid != 0
+    else:
+        link.symlink_to(to)
+
+
+def _canary(tmp_path: Path) -> Path:
+    canary = tmp_path / "canary"
+    canary.write_text("root secret canary")
+    canary.chmod(0o600)
+    return canary
+
+
+def _offline_in(where: Path, fmt: str, state: Path) -> tuple[Toolstack, Path]:
+    """:func:`_offline` with its disk in ``where`` and its state in ``state``."""
+    disk = where / f"off.{fmt}"
+    _img("create", "-q", "-f", fmt, str(disk), "8M")
+    ts = Toolstack(state)
+    ts.store.add_domain(DomainRecord(
+        domid=0, name="off", uuid="00000000-0000-0000-0000-000000000001",
+        config_path=str(where / "off.cfg"),
+        config_text=config_text("off", disk, fmt=fmt, maxmem=None), rundir="", pid=None,
+        state=SHUTOFF, created=time.time(), accel="tcg",
+    ))
+    return ts, disk
+
+
+def test_raw_copies_write_nothing_through_planted_links(shared: Path, tmp_path: Path) -> None:
+    """The review's case: a link at the old temporary name ``<disk>@<tag>.tmp`` made a copy
+    overwrite a root-owned 0600 file with the disk's bytes and make it 0644."""
+    canary = _canary(tmp_path)
+    ts, disk = _offline_in(shared, "raw", tmp_path / "state")
+    _write(disk, "raw", 0xA)
+    disk.chmod(0o644)
+    _plant(Path(f"{disk}@R1.tmp"), canary)
+    create_snapshot(ts, "off", "R1")
+    assert canary.read_text() == "root secret canary"
+    assert stat.S_IMODE(canary.stat().st_mode) == 0o600
+    copy = Path(f"{disk}@R1")
+    assert not copy.is_symlink() and stat.S_IMODE(copy.stat().st_mode) == 0o600
+    assert _holds(copy, "raw", 0xA)
+    # A link where the copy itself goes (dangling, or to the canary): refused, not followed.
+    for tag, to in (("R2", tmp_path / "made-by-root"), ("R3", canary)):
+        _plant(Path(f"{disk}@{tag}"), to)
+        with pytest.raises(XenlabError, match="exists already"):
+            create_snapshot(ts, "off", tag)
+    assert not (tmp_path / "made-by-root").exists()
+    assert canary.read_text() == "root secret canary"
+    # A revert writes the disk from the copy, through no planted name either.
+    _plant(Path(f"{disk}.tmp"), canary)
+    _write(disk, "raw", 0xB)
+    revert_snapshot(ts, "off", "R1")
+    assert _holds(disk, "raw", 0xA) and canary.read_text() == "root secret canary"
+    assert stat.S_IMODE(disk.stat().st_mode) == 0o644  # the user's disk keeps its mode
+    assert not [p.name for p in shared.iterdir() if p.name.endswith(".part")]
+
+
+def test_overlays_are_never_made_through_planted_links(shared: Path, tmp_path: Path) -> None:
+    """The review's case: an external snapshot's overlay and a revert overlay were created
+    through dangling links, so the domain's top image was another user's link."""
+    ts, disk = _offline_in(shared, "qcow2", tmp_path / "state")
+    made = tmp_path / "created-by-root"
+    _plant(Path(f"{disk}.E1.qcow2"), made)
+    with pytest.raises(XenlabError, match="exists already"):
+        create_snapshot(ts, "off", "E1", external=True)
+    assert not made.exists() and list_snapshots(ts, "off").roots == ()
+    create_snapshot(ts, "off", "E2", external=True)
+    made2 = tmp_path / "created-by-root2"
+    _plant(Path(f"{disk}.E2~1.qcow2"), made2)
+    revert_snapshot(ts, "off", "E2")
+    top = Path(ts.get("off").extra["overlays"]["xvda"]["file"])
+    # The planted name is skipped: the new top is the next free name, a file of ours.
+    assert top == Path(f"{disk}.E2~2.qcow2") and not made2.exists()
+    assert not top.is_symlink() and top.lstat().st_uid == os.geteuid()
+    assert stat.S_IMODE(top.stat().st_mode) == 0o600
+    assert Path(f"{disk}.E2~1.qcow2").is_symlink()  # another user's link is left alone
+
+
 # --- real guests ---------------------------------------------------------------------------
 
 
@@ -234,6 +334,8 @@ def test_external_snapshots_revert_with_and_without_memory(ts: Toolstack, tmp_pa
     t = time.monotonic()
     create_snapshot(ts, "x", "E1", external=True, memory=True)
     times["create E1 (memory)"] = time.monotonic() - t
+    # QEMU made the live overlay in the file xenlab claimed: 0600, not QEMU's 0640.
+    assert stat.S_IMODE(Path(f"{disk}.E1.qcow2").stat().st_mode) == 0o600
     at_e1 = uptime(ts, "x")
     write_marker(ts, "x", "B")
     create_snapshot(ts, "x", "E2", external=True)  # disk-only, holds B

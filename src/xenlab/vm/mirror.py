@@ -30,17 +30,41 @@ never names a file the guest does not use.
 A shut-off domain (defined, or kept for its snapshots or mirrored disks)
 has no QEMU to mirror with: its disk is copied with ``qemu-img convert``
 (``-p``'s percentages are the progress) into a temporary file beside
-``TARGET``, which is fsynced and renamed over the (empty, ``O_EXCL``-made)
-target once whole, the directory fsynced, and the record then says where
-the disk is, as after a live pivot; the next ``create`` boots on it.  A
-failed copy removes both files and leaves the record as it was.  qemu-img
-is always told the source's format (``-f``, from the config or the record),
-never left to probe it: a guest owns every byte of a raw disk, and a qcow2
-header it wrote there could name a host file as backing file.
+``TARGET``, which is fsynced and linked to ``TARGET`` once whole
+(``qemuimg.new_image``), the directory fsynced, and the record then says
+where the disk is, as after a live pivot; the next ``create`` boots on it.
+A failed copy removes its temporary file and leaves the record as it was.
+qemu-img is always told the source's format (``-f``, from the config or the
+record), never left to probe it: a guest owns every byte of a raw disk, and
+a qcow2 header it wrote there could name a host file as backing file.
+
+The target is a new file, this user's, mode 0600 whatever the source's mode
+(``qemuimg``'s rule for every image xenlab makes); anything already at its
+name, a dangling symbolic link included, is refused before anything starts.
 
 A pivot is refused on a disk running on external snapshot overlays and on a
 domain with snapshots: their records name the current files, which the guest
 would leave behind (``pivot=False`` copies such a disk, overlays flattened).
+
+A killed mirror
+    The verb records a job (``vm.jobs``) before anything is made: the disk,
+    its source file and format, the target and its format, whether to
+    pivot, that xenlab makes the target, and the phase (``copying``, then
+    ``completing`` just before ``job-complete`` or ``block-job-cancel``).
+    QEMU goes on after xenlab dies, so :func:`recover_job` (run by the next
+    command that takes the domain's lock) reads the truth from QEMU: a
+    ``completing`` pivot is let finish; a mirror job left otherwise is
+    cancelled (``force``); the job is dismissed.  Then if the device writes
+    to the target (``query-block``) the pivot is recorded and the old nodes
+    deleted (finished); if not, the target's nodes are deleted and the
+    target removed (undone).  With QEMU gone too, the target is removed
+    unless the pivot had been asked (it may hold the guest's last writes,
+    so it is kept, and the warning says so).  A killed copy of a shut-off
+    domain is finished when its target is there (it appears only whole:
+    the pivot is recorded), otherwise its temporary file is removed.
+    Whatever is removed is only a regular file of this user.  Each step is
+    a ``faults.point`` (``mirror.*``); tests/vm/test_mirror_crash.py kills
+    the verb at each one.
 
 Failures
     A mirror that fails while QEMU lives (a job error, the timeout, an
@@ -57,23 +81,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xenlab.atomic import fsync_dir
+from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm import qemuimg
 from xenlab.vm.domain import SHUTOFF, Toolstack
-from xenlab.vm.qemu import RuntimePaths
-from xenlab.vm.qemuimg import FORMAT_DRIVERS
-from xenlab.vm.qmp import Qmp
+from xenlab.vm.jobs import Job
+from xenlab.vm.qemuimg import FORMAT_DRIVERS, ImageFileError
+from xenlab.vm.qmp import CommandError, Qmp
 from xenlab.vm.qmp import run as _run_async
+from xenlab.vm.snapbackends import drop_nodes_on, glob_escape
 from xenlab.vm.store import DomainRecord, is_alive
 
 __all__ = [
@@ -82,7 +107,10 @@ __all__ = [
     "MirrorProgress",
     "MirrorResult",
     "mirror",
+    "recover_job",
 ]
+
+log = logging.getLogger(__name__)
 
 # Record keys: where a pivoted disk lives now (kept across restarts), and the
 # QEMU node the device uses (meaningful for the running QEMU only).
@@ -93,6 +121,8 @@ _OVERLAYS = "overlays"
 
 _FORMATS = ("qcow2", "raw")
 _POLL = 0.1
+# How long a recovery waits for QEMU to end a mirror job a killed verb left.
+_SETTLE = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +168,7 @@ class _Run:
     pivoted: bool = False
     length: int = 0
     lost: bool = False  # the QMP session broke off
+    created: bool = False  # the target file is there, made by this mirror
 
 
 def mirror(
@@ -180,41 +211,45 @@ def mirror(
                                started)
     with ts.live(name) as rec:
         source, source_fmt = _source_file(ts, rec, vdev, pivot)
-        _claim(target)
+        _check_new(target)
         run = _Run()
-        try:
-            _run_async(_mirror(ts.paths(rec), vdev, target, format, pivot, bandwidth,
-                               timeout, progress, started, run))
-        except BaseException as err:
-            raise _failed(ts, rec, vdev, source, source_fmt, target, format, run, err) from err
-        if run.pivoted:
-            rec = _record_pivot(ts, rec.domid, vdev, target, format, run.node)
-        else:
-            rec = ts.store.get(rec.domid)
+        # The job first: a killed mirror is finished or undone by the next command.
+        with ts.job(rec, "mirror", **_job_detail(vdev, source, source_fmt, target, format,
+                                                 pivot)) as rec:
+            faults.point("mirror.job")
+            try:
+                _run_async(_mirror(ts, rec, vdev, target, format, pivot, bandwidth, timeout,
+                                   progress, started, run))
+            except BaseException as err:
+                raise _failed(ts, rec, vdev, source, source_fmt, target, format, run,
+                              err) from err
+            if run.pivoted:
+                faults.point("mirror.recording")
+                _record_pivot(ts, rec.domid, vdev, target, format, run.node)
+        rec = ts.store.get(rec.domid)
     return MirrorResult(rec, vdev, source, str(target), format, run.pivoted, run.length,
                         time.monotonic() - started)
 
 
-def _claim(target: Path) -> None:
-    """Make ``target`` empty and ours (O_EXCL: nobody else's file is overwritten).
+def _job_detail(vdev: str, source: str, source_fmt: str, target: Path, fmt: str,
+                pivot: bool, *, offline: bool = False) -> dict[str, Any]:
+    """What a recovery needs to know of a mirror (the module docstring)."""
+    return {"vdev": vdev, "source": source, "source_format": source_fmt,
+            "target": str(target), "format": fmt, "pivot": pivot,
+            "creates_target": True, "offline": offline, "phase": "copying"}
 
-    The directory is fsynced: a live mirror's record will name this very
-    file (QEMU writes into it, the name stays), so its entry must outlive a
-    power cut before that.
+
+def _check_new(target: Path) -> None:
+    """Refuse a ``target`` that is there already (a dangling link too) or cannot be made.
+
+    The target itself is made later, exclusively (``qemuimg.new_image``):
+    this is the early, clear answer before any job or QEMU work.
     """
-    if target.exists() or target.is_symlink():
+    if os.path.lexists(target):
         raise XenlabError(f"mirror target {target} exists; give a new file name")
-    try:
-        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-    except OSError as err:
-        raise XenlabError(f"mirror target {target}: cannot create it: "
-                          f"{err.strerror or err}") from err
-    try:
-        fsync_dir(target.parent)
-    except OSError as err:
-        target.unlink(missing_ok=True)
-        raise XenlabError(f"mirror target {target}: cannot sync its directory: "
-                          f"{err.strerror or err}") from err
+    if not target.parent.is_dir():
+        raise XenlabError(f"mirror target {target}: cannot create it: no directory "
+                          f"{target.parent}")
 
 
 def _source_file(ts: Toolstack, rec: DomainRecord, vdev: str, pivot: bool
@@ -291,39 +326,30 @@ def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: Path, f
             raise StateError(f"domain {rec.name!r} was started meanwhile; mirror again")
         source, source_fmt = _source_file(ts, rec, vdev, pivot)
         size = _virtual_size(source, source_fmt)
-        _claim(target)
-        tmp: Path | None = None
-        try:
-            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
-                                        dir=target.parent)
-            os.close(fd)
-            tmp = Path(name)
-            _convert(source, source_fmt, tmp, fmt, vdev, size, timeout, progress, started)
-            fd = os.open(tmp, os.O_RDONLY)
+        _check_new(target)
+        with ts.job(rec, "mirror", **_job_detail(vdev, source, source_fmt, target, fmt, pivot,
+                                                 offline=True)) as rec:
+            faults.point("mirror.job")
             try:
-                # Once, before the rename: the copy is whole on disk when the
-                # record starts naming it.
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
-            tmp = None
-            # The rename must be on disk before the record names the file: else
-            # a power cut could leave the record on the empty claimed file.
-            fsync_dir(target.parent)
-        except BaseException as err:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-            target.unlink(missing_ok=True)
-            what = f"mirror {rec.name} {vdev} -> {target} failed"
-            if isinstance(err, OSError):
-                raise XenlabError(f"{what}: {err.strerror or err}; {rec.name} stays on "
-                                  f"{source}") from err
-            if isinstance(err, XenlabError):
-                raise BackendError(f"{what}: {err}; {rec.name} stays on {source}") from err
-            raise
-        if pivot:
-            rec = _record_pivot(ts, rec.domid, vdev, target, fmt, None)
+                # The target appears whole (fsynced, then linked, the directory
+                # fsynced) or not at all: the record never names a partial copy.
+                _convert(source, source_fmt, target, fmt, vdev, size, timeout, progress,
+                         started)
+            except BaseException as err:
+                what = f"mirror {rec.name} {vdev} -> {target} failed"
+                if isinstance(err, ImageFileError):
+                    raise XenlabError(f"mirror target {target}: {err.detail}") from err
+                if isinstance(err, OSError):
+                    raise XenlabError(f"{what}: {err.strerror or err}; {rec.name} stays on "
+                                      f"{source}") from err
+                if isinstance(err, XenlabError):
+                    raise BackendError(f"{what}: {err}; {rec.name} stays on {source}"
+                                       ) from err
+                raise
+            faults.point("mirror.copied")
+            if pivot:
+                _record_pivot(ts, rec.domid, vdev, target, fmt, None)
+        rec = ts.store.get(rec.domid)
     return MirrorResult(rec, vdev, source, str(target), fmt, pivot, size,
                         time.monotonic() - started)
 
@@ -352,14 +378,21 @@ def _convert(source: str, source_fmt: str, out: Path, fmt: str, vdev: str, size:
 
 async def _device_node(qmp: Qmp, vdev: str) -> str | None:
     """The node the guest's device ``vdev`` is attached to, as QEMU says."""
+    return (await _device_file(qmp, vdev))[0]
+
+
+async def _device_file(qmp: Qmp, vdev: str) -> tuple[str | None, str | None]:
+    """(node, file) the guest's device ``vdev`` is attached to, as QEMU says."""
     blocks = await qmp.execute("query-block")
     for b in blocks if isinstance(blocks, list) else ():
         qdev = str(b.get("qdev", ""))
         if qdev == vdev or qdev.startswith(f"/machine/peripheral/{vdev}/") or \
                 b.get("device") == vdev:
             inserted = b.get("inserted") or {}
-            return str(inserted["node-name"]) if inserted.get("node-name") else None
-    return None
+            node, file = inserted.get("node-name"), inserted.get("file")
+            return (str(node) if node else None,
+                    str(file) if isinstance(file, str) else None)
+    return None, None
 
 
 def _file_child(node: str) -> str:
@@ -367,12 +400,12 @@ def _file_child(node: str) -> str:
     return node[:-4] + "-file" if node.endswith("-fmt") else f"{node}-file"
 
 
-async def _mirror(paths: RuntimePaths, vdev: str, target: Path, fmt: str, pivot: bool,
-                  bandwidth: int | None, timeout: float, progress: Progress | None,
-                  started: float, run: _Run) -> None:
+async def _mirror(ts: Toolstack, rec: DomainRecord, vdev: str, target: Path, fmt: str,
+                  pivot: bool, bandwidth: int | None, timeout: float,
+                  progress: Progress | None, started: float, run: _Run) -> None:
     deadline = time.monotonic() + timeout
-    job = f"mirror-{vdev}"
-    async with Qmp.open(paths.qmp) as qmp:
+    job = _job_id(vdev)
+    async with Qmp.open(ts.paths(rec).qmp) as qmp:
         src = await _device_node(qmp, vdev)
         if src is None:
             raise BackendError(f"QEMU has no device {vdev} with a medium")
@@ -387,7 +420,11 @@ async def _mirror(paths: RuntimePaths, vdev: str, target: Path, fmt: str, pivot:
         while f"{vdev}--mirror{n}" in names or f"{vdev}--mirror{n}-file" in names:
             n += 1
         node = f"{vdev}--mirror{n}"
+        # New, 0600, and nobody else's file or link at the name (qemuimg.new_image);
+        # the directory is fsynced: the record may name this very file soon.
         qemuimg.create(target, fmt, size)
+        run.created = True
+        faults.point("mirror.target-made")
         added = False
         running = False
         try:
@@ -396,6 +433,7 @@ async def _mirror(paths: RuntimePaths, vdev: str, target: Path, fmt: str, pivot:
                 "file": {"driver": "file", "filename": str(target), "node-name": f"{node}-file"},
             })
             added = True
+            faults.point("mirror.node-added")
             await qmp.execute("blockdev-mirror", {
                 "job-id": job, "device": src, "target": node, "sync": "full",
                 "speed": bandwidth or 0,
@@ -403,16 +441,22 @@ async def _mirror(paths: RuntimePaths, vdev: str, target: Path, fmt: str, pivot:
                 "auto-dismiss": False,
             })
             running = True
+            faults.point("mirror.copying")
             info = await _wait_ready(qmp, job, vdev, deadline, timeout, progress, started)
             run.length = int(info.get("len", 0))
+            faults.point("mirror.ready")
+            # From here QEMU may switch the device to the target at any moment.
+            ts.update_job(rec.domid, phase="completing")
             if pivot:
                 run.pivot_asked = True
                 await qmp.execute("job-complete", {"id": job})
             else:
                 # A ready mirror cancelled completes without switching the device.
                 await qmp.execute("block-job-cancel", {"device": job})
+            faults.point("mirror.completing")
             final = await _wait_concluded(qmp, job, deadline, timeout)
             running = False
+            faults.point("mirror.concluded")
             if final.get("error"):
                 raise BackendError(f"mirror job failed: {final['error']}")
             run.length = int(final.get("len", run.length))
@@ -427,6 +471,7 @@ async def _mirror(paths: RuntimePaths, vdev: str, target: Path, fmt: str, pivot:
             else:
                 await _del_nodes(qmp, node)
                 added = False
+            faults.point("mirror.nodes-deleted")
         except BaseException:
             if not qmp.connected:
                 run.lost = True
@@ -516,16 +561,17 @@ def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, source_fmt
             _record_pivot(ts, rec.domid, vdev, target, fmt, run.node)
             msg = f"{what}: {err}; the disk did switch to {target} (recorded)"
         else:
-            target.unlink(missing_ok=True)
-            msg = (f"{what} failed: {err}; {rec.name} still runs on {source}, "
-                   f"and {target} was removed")
+            msg = f"{what} failed: {err}; {rec.name} still runs on {source}"
+            if run.created:
+                qemuimg.remove_own(target)
+                msg += f", and {target} was removed"
         return BackendError(msg) if isinstance(err, Exception) else err
     notes = [f"QEMU exited during the mirror ({err})"]
     if run.pivot_asked:
         notes.append(f"the pivot had been asked, so {target} is kept (it may hold the "
                      f"guest's last writes) but the domain stays recorded on {source}")
-    else:
-        target.unlink(missing_ok=True)
+    elif run.created:
+        qemuimg.remove_own(target)
         notes.append(f"the unfinished {target} was removed")
     notes.append(_check_source(source, source_fmt))
     ts.gone(ts.store.get(rec.domid))
@@ -553,3 +599,130 @@ def _check_source(source: str, fmt: str) -> str:
                 + (" (leaked clusters repaired)" if result.repaired else ""))
     return (f"the source {source} FAILS qemu-img check: "
             f"{result.message.splitlines()[-1:]}")
+
+
+# --- a killed mirror --------------------------------------------------------------------
+
+
+def _job_id(vdev: str) -> str:
+    """The id of QEMU's mirror job of disk ``vdev`` (fixed: a recovery finds it)."""
+    return f"mirror-{vdev}"
+
+
+def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
+    """Finish or undo a mirror whose process was killed (``Toolstack.converge`` calls this).
+
+    The truth comes from QEMU (see the module docstring): the device on the
+    target means finished (the pivot recorded), anything else undone (QEMU's
+    mirror job cancelled and dismissed, the target's nodes deleted, the
+    target removed).  Every step is logged as a warning.
+    """
+    if job.verb != "mirror":
+        return rec
+    d = job.detail
+    vdev, target = str(d.get("vdev", "")), str(d.get("target", ""))
+    fmt, pivot = str(d.get("format", "qcow2")), bool(d.get("pivot"))
+    where = f"domain {rec.name}: mirror of {vdev} to {target}"
+    if not vdev or not target:
+        return rec
+    if d.get("offline"):
+        return _recover_offline(ts, rec, job, where)
+    if rec.state == SHUTOFF or not is_alive(rec):
+        # QEMU died as well: nothing runs on the target, and the domain is stale
+        # (destroy or list clears it) on the source it is recorded on.
+        if pivot and d.get("phase") == "completing":
+            log.warning("%s: killed while QEMU pivoted, and QEMU is gone too; %s is kept (it "
+                        "may hold the guest's last writes) but the domain stays recorded on "
+                        "%s: compare them before you start it", where, target, d.get("source"))
+        elif d.get("creates_target") and qemuimg.remove_own(target):
+            log.warning("%s: killed, and QEMU is gone too; the unfinished %s was removed",
+                        where, target)
+        return ts.store.get(rec.domid)
+    node = _run_async(_settle_in_qemu(ts, rec, job))
+    if node is not None:
+        _record_pivot(ts, rec.domid, vdev, Path(target), fmt, node)
+        log.warning("%s: a mirror killed after QEMU pivoted is finished: the guest writes to "
+                    "%s, and the record now says so", where, target)
+    else:
+        removed = bool(d.get("creates_target")) and qemuimg.remove_own(target)
+        log.warning("%s: a mirror killed before %s is undone: QEMU's mirror job and the "
+                    "target's nodes are gone, the guest keeps %s%s", where,
+                    "the pivot" if pivot else "it ended", d.get("source"),
+                    f", and {target} was removed" if removed else "")
+    return ts.store.get(rec.domid)
+
+
+async def _settle_in_qemu(ts: Toolstack, rec: DomainRecord, job: Job) -> str | None:
+    """End QEMU's side of a killed mirror; the node the device runs on if it is the target."""
+    d = job.detail
+    vdev, target = str(d["vdev"]), os.path.realpath(str(d["target"]))
+    # A pivot already asked for is let finish; anything else is cancelled.
+    complete = bool(d.get("pivot")) and d.get("phase") == "completing"
+    async with Qmp.open(ts.paths(rec).qmp) as qmp:
+        await _end_job(qmp, _job_id(vdev), complete=complete)
+        node, file = await _device_file(qmp, vdev)
+        if node is not None and file is not None and os.path.realpath(file) == target:
+            # The old image's nodes: nothing uses them now (QEMU refuses otherwise).
+            await drop_nodes_on(qmp, str(d.get("source", "")))
+            return node
+        await drop_nodes_on(qmp, target)
+        return None
+
+
+async def _end_job(qmp: Qmp, job: str, *, complete: bool) -> None:
+    """Bring QEMU's job ``job`` to its end (completed or cancelled) and dismiss it."""
+    deadline = time.monotonic() + _SETTLE
+    asked = False
+    while True:
+        jobs = await qmp.execute("query-jobs")
+        info = next((j for j in jobs if isinstance(j, dict) and j.get("id") == job),
+                    None) if isinstance(jobs, list) else None
+        if info is None:
+            return
+        status = str(info.get("status"))
+        if status == "concluded":
+            await qmp.execute("job-dismiss", {"id": job})
+            return
+        if not asked and (status == "ready" or not complete):
+            with contextlib.suppress(CommandError):  # it may have moved on meanwhile
+                if complete:
+                    await qmp.execute("job-complete", {"id": job})
+                else:
+                    await qmp.execute("block-job-cancel", {"device": job, "force": True})
+                asked = True
+        if time.monotonic() > deadline:
+            raise BackendError(f"QEMU's mirror job {job} did not end within {_SETTLE:g}s "
+                               f"(status {status})")
+        await asyncio.sleep(_POLL)
+
+
+def _recover_offline(ts: Toolstack, rec: DomainRecord, job: Job, where: str
+                     ) -> DomainRecord:
+    """A killed copy of a shut-off domain: finished when its target is there, else undone."""
+    d = job.detail
+    target = Path(str(d["target"]))
+    for part in target.parent.glob(glob_escape(f".{target.name[:200]}.") + "*.part"):
+        qemuimg.remove_own(part)  # what a copy killed half-way wrote
+    moved = (rec.extra.get(DISK_PATHS) or {}).get(str(d["vdev"])) or {}
+    # The target appears only whole (fsynced, then linked): there means done.
+    if not _own_file(target):
+        log.warning("%s: a copy killed before it was whole is undone; the domain stays on "
+                    "%s", where, d.get("source"))
+    elif not d.get("pivot"):
+        log.warning("%s: a copy killed after it was whole is finished: %s is kept", where,
+                    target)
+    elif moved.get("file") != str(target):
+        _record_pivot(ts, rec.domid, str(d["vdev"]), target, str(d.get("format", "qcow2")),
+                      None)
+        log.warning("%s: a copy killed after it was whole is finished: the domain runs on "
+                    "%s from its next start, as the record now says", where, target)
+    return ts.store.get(rec.domid)
+
+
+def _own_file(path: Path) -> bool:
+    """True when ``path`` is a regular file of this user (not a link planted there)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return path.is_file() and not path.is_symlink() and st.st_uid == os.geteuid()

@@ -10,16 +10,46 @@ the image may be open in a running QEMU.
 
 Formats are given as xl names (``DiskFormat`` values: ``vhd``...) or as
 QEMU driver names (``vpc``...); :func:`driver` maps one to the other.
+
+Files xenlab makes
+    Images sit in directories other users may write to (a shared ``/tmp``,
+    a group's disk directory), so a new image never goes through a name
+    that is already there.  :func:`create` and :func:`convert` make their
+    output in a temporary file beside it (``mkstemp``: ``O_CREAT|O_EXCL|
+    O_NOFOLLOW``, a random name), fsync it, and then hard-link it to its name,
+    which fails if anything is there, a dangling symbolic link included
+    (``rename`` would replace what is there, ``open`` would follow the
+    link): the name appears only once the image is whole, and only as this
+    file.  Where the file system has no hard links the name is first claimed
+    empty (:func:`claim`) and the image renamed over it.  :func:`claim` is
+    also the way for a file another program fills in by name (QEMU's live
+    snapshot overlays): it is made empty, exclusively, without following a
+    link, before that program opens it.  :func:`remove_own` takes back only
+    a regular file of this user, never a link planted in its place.
+
+    Mode: every image xenlab makes is 0600 (:data:`IMAGE_MODE`), whatever the
+    umask and whatever the mode of the image it derives from (an overlay's
+    backing file, a copy's source).  Decided: 0600 is at least as strict as
+    any source for every other user (it gives them nothing), and an owner
+    who cannot write their own overlay could not run the guest on it, so a
+    source's stricter owner bits (0400) are not copied.  qemu-img itself
+    runs with umask 077, so nothing it makes on its own is readable by others
+    either.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
+import shutil
+import stat
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -29,16 +59,21 @@ from xenlab.errors import BackendError, XenlabError
 
 __all__ = [
     "FORMAT_DRIVERS",
+    "IMAGE_MODE",
     "CheckResult",
+    "ImageFileError",
     "QemuImgError",
     "backing_chain",
     "backing_of",
     "check",
+    "claim",
     "commit",
     "convert",
     "create",
     "driver",
     "info",
+    "new_image",
+    "remove_own",
     "snapshot",
     "snapshot_tags",
     "virtual_size",
@@ -57,6 +92,10 @@ _DRIVERS: Final = frozenset(FORMAT_DRIVERS.values())
 _REPAIRABLE: Final = frozenset({"qcow2", "qed"})
 # Metadata operations are quick; copies and commits get the caller's bound.
 TIMEOUT: Final = 120.0
+#: The mode of every image file xenlab makes (module docstring: "Files xenlab makes").
+IMAGE_MODE: Final = 0o600
+# qemu-img runs with this umask: nothing it makes by itself is for other users.
+_UMASK: Final = 0o077
 
 
 class QemuImgError(BackendError):
@@ -67,6 +106,142 @@ class QemuImgError(BackendError):
         self.path = path
         self.detail = detail
         super().__init__(f"qemu-img {command} {path}: {detail}")
+
+
+class ImageFileError(XenlabError):
+    """A new image file could not be made at ``path``: ``exists`` when something is there
+    (a file, a directory or a symbolic link, dangling or not), else ``detail`` says why."""
+
+    def __init__(self, path: str | Path, detail: str, *, exists: bool = False) -> None:
+        self.path = str(path)
+        self.detail = detail
+        self.exists = exists
+        super().__init__(f"{path}: {detail}")
+
+
+def _exists_error(path: str | Path) -> ImageFileError:
+    return ImageFileError(path, "exists (a file or a symbolic link); xenlab makes only new "
+                          "files here, give a new name", exists=True)
+
+
+def claim(path: str | Path) -> None:
+    """Make ``path`` a new, empty file of this user with mode 0600, or refuse.
+
+    ``O_CREAT|O_EXCL|O_NOFOLLOW``: whatever is at ``path`` already, a
+    symbolic link even when it dangles, is refused, never followed or
+    replaced.  The caller owns the file from here and removes it
+    (:func:`remove_own`) if what it was claimed for fails.
+
+    :raise ImageFileError: something is at ``path`` (``exists``), or the file
+        cannot be made (its directory is missing or read-only...).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     IMAGE_MODE)
+    except FileExistsError as err:
+        raise _exists_error(path) from err
+    except OSError as err:
+        raise ImageFileError(path, f"cannot create it: {err.strerror or err}") from err
+    try:
+        os.fchmod(fd, IMAGE_MODE)  # exactly 0600, whatever the umask took away
+    finally:
+        os.close(fd)
+
+
+def remove_own(path: str | Path) -> bool:
+    """Remove ``path`` if it is a regular file of this user; whether it was removed.
+
+    A symbolic link, another user's file or nothing at all is left as it is:
+    what a failed or killed verb takes back is only what it could have made.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+# link(2) errors of file systems without hard links (vfat, some FUSE and network ones).
+_NO_LINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK,
+                              errno.ENOSYS})
+
+
+@contextlib.contextmanager
+def new_image(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write a new image into; ``path`` once it is whole.
+
+    The temporary file is made by ``mkstemp`` (0600, ``O_EXCL|O_NOFOLLOW``,
+    a random name ``.<name>.XXXXXXXX.part``).  When the block ends without an
+    error it is fsynced and hard-linked to ``path`` (refused if anything is
+    there, a dangling link included), the directory fsynced, the temporary
+    name removed.  On a file system without hard links, ``path`` is claimed
+    (:func:`claim`) and the file renamed over the claim.  On an error the
+    temporary file goes and ``path`` is untouched.
+
+    :raise ImageFileError: something is at ``path`` (``exists``), or no file
+        can be made beside it.
+    """
+    path = Path(path)
+    if os.path.lexists(path):
+        raise _exists_error(path)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".part",
+                                    dir=path.parent)
+    except OSError as err:
+        raise ImageFileError(path, f"cannot create it: {err.strerror or err}") from err
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, IMAGE_MODE)
+        yield tmp
+        try:
+            os.fsync(fd)
+            st, now = os.fstat(fd), os.lstat(tmp)
+            if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+                raise ImageFileError(path, f"its temporary file {tmp} was replaced while it "
+                                     "was written (someone else writes to this directory)")
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _publish(fd, tmp, path, dir_fd)
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as err:
+            raise ImageFileError(path, f"cannot create it: {err.strerror or err}") from err
+    finally:
+        os.close(fd)
+        remove_own(tmp)
+
+
+def _publish(fd: int, tmp: Path, path: Path, dir_fd: int) -> None:
+    """Give the file open as ``fd`` (named ``tmp``) the new name ``path``, exclusively."""
+    # The open file itself (through /proc), not whatever the name says now; a
+    # dst_dir_fd makes CPython call linkat(AT_SYMLINK_FOLLOW), not link().
+    proc_fd = f"/proc/self/fd/{fd}"
+    try:
+        if os.path.exists(proc_fd):
+            os.link(proc_fd, path.name, dst_dir_fd=dir_fd, follow_symlinks=True)
+        else:
+            os.link(tmp.name, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd,
+                    follow_symlinks=False)
+        return
+    except FileExistsError as err:
+        raise _exists_error(path) from err
+    except OSError as err:
+        if err.errno not in _NO_LINKS:
+            raise ImageFileError(path, f"cannot create it: {err.strerror or err}") from err
+    # No hard links here: claim the name, then put the image over the claim.
+    claim(path)
+    try:
+        os.replace(tmp, path)
+    except OSError as err:
+        remove_own(path)
+        raise ImageFileError(path, f"cannot create it: {err.strerror or err}") from err
 
 
 def driver(fmt: DiskFormat | str) -> str:
@@ -95,7 +270,7 @@ def _run(command: str, path: str | Path, args: Sequence[str], *,
     try:
         proc = subprocess.run(["qemu-img", command, *args], capture_output=True, text=True,
                               errors="replace", check=False, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, umask=_UMASK)
     except subprocess.TimeoutExpired as err:
         raise QemuImgError(command, str(path), f"not done within {timeout:g}s") from err
     except OSError as err:
@@ -109,20 +284,35 @@ def _run(command: str, path: str | Path, args: Sequence[str], *,
 def create(path: str | Path, fmt: DiskFormat | str, size: int | str | None = None, *,
            backing: str | Path | None = None, backing_fmt: DiskFormat | str | None = None
            ) -> None:
-    """Make image ``path``: blank of ``size`` (bytes or qemu-img's ``64M``), or over ``backing``.
+    """Make new image ``path``: blank of ``size`` (bytes or qemu-img's ``64M``), or over
+    ``backing``.
 
-    A backing file is always recorded with its format (``-F``), so nothing
-    that opens the new image probes the one below.
+    The image is made beside ``path`` and appears there whole, mode 0600
+    (:func:`new_image`); nothing that is at ``path`` already is written
+    through or replaced.  A backing file is always recorded with its format
+    (``-F``), so nothing that opens the new image probes the one below; a
+    relative ``backing`` is relative to ``path``'s directory, as QEMU reads it.
+
+    :raise ImageFileError: something is at ``path``, or no file can be made there.
+    :raise QemuImgError: qemu-img refused (nothing is left behind).
     """
     args = ["-q", "-f", driver(fmt)]
     if backing is not None:
         if backing_fmt is None:
             raise XenlabError(f"{path}: a backing file needs its format")
         args += ["-b", str(backing), "-F", driver(backing_fmt)]
-    args.append(str(path))
-    if size is not None:
-        args.append(str(size))
-    _run("create", path, args)
+    with new_image(path) as tmp, _named(tmp, path):
+        _run("create", path, [*args, str(tmp), *([] if size is None else [str(size)])])
+
+
+@contextlib.contextmanager
+def _named(tmp: Path, path: str | Path) -> Iterator[None]:
+    """qemu-img's messages about temporary file ``tmp`` name the image it becomes."""
+    try:
+        yield
+    except QemuImgError as err:
+        raise QemuImgError(err.command, err.path,
+                           err.detail.replace(str(tmp), str(path))) from err
 
 
 def info(path: str | Path, fmt: DiskFormat | str) -> dict[str, Any]:
@@ -242,13 +432,34 @@ _PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 def convert(source: str | Path, source_fmt: DiskFormat | str, out: str | Path,
             out_fmt: DiskFormat | str, *, timeout: float,
             progress: Callable[[float], None] | None = None) -> None:
-    """``qemu-img convert -p`` ``source`` to ``out``, calling ``progress(percent)`` as it goes."""
+    """``qemu-img convert -p`` ``source`` to new image ``out``, calling ``progress(percent)``
+    as it goes.
+
+    ``out`` appears whole, mode 0600, or not at all (:func:`new_image`):
+    the copy is made in a temporary file beside it, fsynced, then linked to
+    ``out``.
+
+    :raise ImageFileError: something is at ``out``, or no file can be made there.
+    :raise QemuImgError: qemu-img failed or ran out of time (nothing is left behind).
+    """
+    with new_image(out) as tmp, _named(tmp, out):
+        _convert(source, source_fmt, tmp, out_fmt, timeout=timeout, progress=progress)
+
+
+def _convert(source: str | Path, source_fmt: DiskFormat | str, out: Path,
+             out_fmt: DiskFormat | str, *, timeout: float,
+             progress: Callable[[float], None] | None) -> None:
     deadline = time.monotonic() + timeout
     argv = ["qemu-img", "convert", "-p", "-f", driver(source_fmt), "-O", driver(out_fmt),
             str(source), str(out)]
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        # A copy outlives a killed xenlab otherwise, holding the source's
+        # image lock (a later start of the domain fails on it) for minutes.
+        argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+                                stderr=subprocess.PIPE, umask=_UMASK)
     except OSError as err:
         raise QemuImgError("convert", str(source), err.strerror or str(err)) from err
     assert proc.stdout is not None and proc.stderr is not None

@@ -10,16 +10,26 @@ how).  Built in: ``qcow2-internal`` (QMP when live, qemu-img when shut off),
 operations find QEMU's node for an image by its file name, so they work
 after a restart renamed the nodes; nothing here removes a file QEMU still
 writes to.
+
+Files next to a disk: the disk's directory may be writable by others, so
+every file made there is new and this user's own, mode 0600, and nothing
+already at its name (a symbolic link, dangling or not) is followed or
+replaced.  Overlays made with qemu-img, revert overlays and raw copies
+appear whole or not at all (``qemuimg.new_image``: a temporary file linked
+to its name exclusively); a live overlay, which QEMU makes by name inside
+its transaction, is claimed empty first (``qemuimg.claim``).  Names are
+checked with ``os.path.lexists`` (``Path.exists`` misses a dangling link),
+and a failed or discarded snapshot removes only regular files of this user
+(``qemuimg.remove_own``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +38,7 @@ from typing import Any, Protocol
 from xenlab import faults
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm import qemuimg
+from xenlab.vm.qemuimg import ImageFileError
 from xenlab.vm.qmp import Qmp, run_job, settle_job
 from xenlab.vm.store import SnapshotKind, SnapshotRecord
 
@@ -44,6 +55,7 @@ __all__ = [
     "backend_for",
     "backing_chain",
     "backing_file",
+    "copy_whole",
     "drop_nodes_on",
     "entry_backend",
     "glob_escape",
@@ -57,6 +69,8 @@ __all__ = [
 
 # Jobs that copy the guest's memory: generous under TCG, bounded all the same.
 JOB_TIMEOUT = 300.0
+# Revert overlays <overlay>~N.qcow2 tried before giving up.
+_MAX_REVERTS = 10_000
 
 # A name is a QEMU snapshot tag and part of a file name: keep it plain, and
 # never all digits, which qemu-img would take for a snapshot id.  '~' and
@@ -308,12 +322,16 @@ class Qcow2External:
 
     def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
         overlay = f"{disk.base}.{tag}.qcow2"
-        if Path(overlay).exists():
+        if os.path.lexists(overlay):
             raise XenlabError(f"overlay {overlay} exists already")
         return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node,
                 "overlay": overlay, "overlay_node": f"{disk.vdev}-{tag}"}
 
     def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
+        # QEMU makes the overlay by name, following a link and with its own
+        # umask: the name is claimed first (empty, 0600, O_EXCL|O_NOFOLLOW),
+        # and QEMU formats this very file.
+        _claim_overlay(str(entry["overlay"]))
         return {"type": "blockdev-snapshot-sync", "data": {
             "node-name": node, "snapshot-file": entry["overlay"],
             "snapshot-node-name": entry["overlay_node"], "format": "qcow2",
@@ -328,18 +346,28 @@ class Qcow2External:
         try:
             await qmp.execute("transaction", {"actions": [self.action(entry, tag, node)]})
         except BaseException:
-            Path(entry["overlay"]).unlink(missing_ok=True)
+            qemuimg.remove_own(entry["overlay"])
             raise
 
     async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
         # A fresh overlay over the frozen images: the snapshot stays revertible.
+        # The first free name: a name that is taken (by anything, a link planted
+        # there too) is never used, and the new overlay appears whole.
         stem = str(entry["overlay"])[: -len(".qcow2")]
-        n = 1
-        while Path(f"{stem}~{n}.qcow2").exists():
-            n += 1
-        new = f"{stem}~{n}.qcow2"
-        qemuimg.create(new, "qcow2", backing=entry["file"], backing_fmt=entry["format"])
-        return {"file": new, "node": f"{entry['vdev']}-fmt"}
+        for n in range(1, _MAX_REVERTS + 1):
+            new = f"{stem}~{n}.qcow2"
+            if os.path.lexists(new):
+                continue
+            try:
+                qemuimg.create(new, "qcow2", backing=entry["file"],
+                               backing_fmt=entry["format"])
+            except ImageFileError as err:
+                if err.exists:
+                    continue  # taken meanwhile
+                raise
+            return {"file": new, "node": f"{entry['vdev']}-fmt"}
+        raise XenlabError(f"no free name for a revert overlay: {stem}~1.qcow2 to "
+                          f"~{_MAX_REVERTS}.qcow2 are all taken")
 
     async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
                      top: str) -> str | None:
@@ -374,7 +402,7 @@ class Qcow2External:
         if qmp is not None and await qemu_uses(qmp, overlay):
             # The guest writes there: removing it would lose its writes.
             raise BackendError(f"QEMU runs disk {entry['vdev']} on {overlay}: not removed")
-        Path(overlay).unlink(missing_ok=True)
+        qemuimg.remove_own(overlay)  # never a link someone planted there
 
     def list(self, disk: SnapDisk) -> set[str]:
         prefix = Path(disk.base).name + "."
@@ -400,7 +428,7 @@ class RawCopy:
 
     def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
         copy = f"{disk.file}@{tag}"
-        if Path(copy).exists():
+        if os.path.lexists(copy):
             raise XenlabError(f"snapshot copy {copy} exists already")
         return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node,
                 "copy": copy}
@@ -411,12 +439,12 @@ class RawCopy:
     async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
         if qmp is not None:
             raise StateError("raw copies need the domain shut off")
-        copy_whole(entry["file"], entry["copy"])
+        copy_whole(entry["file"], entry["copy"], new=True)
 
     async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
         if not Path(entry["copy"]).exists():
             raise StateError(f"snapshot copy {entry['copy']} is missing")
-        copy_whole(entry["copy"], entry["file"])
+        copy_whole(entry["copy"], entry["file"], new=False)
         return None
 
     async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
@@ -425,8 +453,11 @@ class RawCopy:
         return None
 
     async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
-        Path(entry["copy"]).unlink(missing_ok=True)
-        Path(entry["copy"] + ".tmp").unlink(missing_ok=True)
+        copy = Path(entry["copy"])
+        qemuimg.remove_own(copy)
+        # A copy killed half-way leaves its temporary file (qemuimg.new_image's name).
+        for part in copy.parent.glob(glob_escape(f".{copy.name[:200]}.") + "*.part"):
+            qemuimg.remove_own(part)
 
     def list(self, disk: SnapDisk) -> set[str]:
         prefix = Path(disk.file).name + "@"
@@ -439,23 +470,92 @@ def glob_escape(s: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", s)
 
 
-def copy_whole(src: str, dst: str) -> None:
-    """Copy ``src`` over ``dst`` all at once (a temporary file renamed): reflinked, sparse."""
-    tmp = f"{dst}.tmp"
+def copy_whole(src: str, dst: str, *, new: bool) -> None:
+    """Copy image ``src`` to ``dst`` all at once: reflinked where possible, sparse.
+
+    ``cp`` writes a temporary file beside the destination (``mkstemp``: a
+    random name, 0600, ``O_EXCL|O_NOFOLLOW``) through its descriptor
+    (``/dev/fd/N``, never by name), which is fsynced and then put in place:
+
+    - ``new`` (a snapshot's copy): linked to ``dst`` exclusively
+      (``qemuimg.new_image``): whatever is at ``dst``, a planted link too,
+      is refused, never written through; the copy is 0600.
+    - not ``new`` (a revert: ``dst`` is the disk): renamed over the disk's
+      file (the real one, when the config names it through a link), whose
+      permission bits it keeps; the directory is fsynced.
+
+    :raise BackendError: ``cp`` failed (nothing changed, no file left).
+    :raise XenlabError: the destination exists (``new``) or cannot be made.
+    """
+    if new:
+        with qemuimg.new_image(dst) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                _cp_into(src, fd, tmp)
+            finally:
+                os.close(fd)
+        return
+    real = Path(os.path.realpath(dst))
     try:
-        proc = subprocess.run(["cp", "--reflink=auto", "--sparse=always", src, tmp],
-                              capture_output=True, text=True, check=False, timeout=JOB_TIMEOUT)
-        if proc.returncode != 0:
-            raise BackendError(f"cp {src} {tmp}: {proc.stderr.strip() or proc.returncode}")
-        with contextlib.suppress(OSError):
-            shutil.copymode(dst if Path(dst).exists() else src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        mode = stat.S_IMODE(os.stat(real).st_mode) & 0o666
+    except FileNotFoundError:
+        mode = qemuimg.IMAGE_MODE  # the disk is gone: made anew, as xenlab makes images
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{real.name[:200]}.", suffix=".part",
+                                    dir=real.parent)
+    except OSError as err:
+        raise XenlabError(f"{real}: cannot copy the snapshot back beside it: "
+                          f"{err.strerror or err}") from err
+    tmp = Path(name)
+    try:
+        _cp_into(src, fd, tmp)
+        os.fchmod(fd, mode)
+        st, now = os.fstat(fd), os.lstat(tmp)
+        if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+            raise XenlabError(f"{real}: the temporary copy {tmp} was replaced while it was "
+                              "written (someone else writes to this directory)")
+        os.replace(tmp, real)
+        dir_fd = os.open(real.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        raise XenlabError(f"{real}: cannot copy the snapshot back: {err.strerror or err}"
+                          ) from err
+    finally:
+        os.close(fd)
+        qemuimg.remove_own(tmp)
 
 
+def _cp_into(src: str, fd: int, tmp: Path) -> None:
+    """``cp --reflink=auto --sparse=always`` ``src`` into the file open as ``fd``; fsynced."""
+    try:
+        proc = subprocess.run(["cp", "--reflink=auto", "--sparse=always", src,
+                               f"/dev/fd/{fd}"], capture_output=True, text=True, check=False,
+                              timeout=JOB_TIMEOUT, pass_fds=(fd,), stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as err:
+        raise BackendError(f"cp {src} {tmp}: not done within {JOB_TIMEOUT:g}s") from err
+    if proc.returncode != 0:
+        raise BackendError(f"cp {src} {tmp}: {proc.stderr.strip() or proc.returncode}")
+    os.fsync(fd)
 
+
+def _claim_overlay(path: str) -> None:
+    """Claim a live overlay's name for QEMU to fill in; one this verb claimed already is kept.
+
+    ``action`` runs again when the verb falls back from one transaction to
+    disk after disk (``create``): an empty regular file of this user at
+    ``path`` is then its own claim.
+    """
+    try:
+        qemuimg.claim(path)
+    except ImageFileError as err:
+        if not err.exists:
+            raise
+        st = os.lstat(path)
+        if not (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_size == 0):
+            raise
 
 
 async def qmp_job(qmp: Qmp, cmd: str, args: dict[str, object], timeout: float) -> None:
