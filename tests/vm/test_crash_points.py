@@ -275,3 +275,24 @@ def test_save_snapshot_killed_mid_stream(guest: tuple[Toolstack, Path]) -> None:
     assert read_marker(ts, "xcrash") == "kept-snap"
     disk = str(tmp / "xcrash.qcow2")
     assert not [t for t in qemuimg.snapshot_tags(disk) if t.startswith("xenlab-save-")]
+
+
+@pytest.mark.parametrize("point", ["vmstate.migrating", "snapshot-create.switched",
+                                   "snapshot-create.memory-done"])
+def test_snapshot_create_live(guest: tuple[Toolstack, Path], point: str) -> None:
+    """A --live memory snapshot killed mid-migration left the guest frozen at switch-over."""
+    ts, _ = guest
+    reset(ts)
+    killed_at(ts, point, "vm", "snapshot-create", "xcrash", "l1", "--external", "--memory",
+              "--live")
+    converge(ts)
+    check_truth(ts, {"xcrash"})
+    rec = ts.get("xcrash")
+    assert rec.state == "running"
+    write_marker(ts, "xcrash", f"live-{point}")
+    # Verbs that need QEMU's migration state free work again.
+    proc = xenlab(ts, "vm", "pause", "xcrash")
+    assert proc.returncode == 0, proc.stderr
+    proc = xenlab(ts, "vm", "unpause", "xcrash")
+    assert proc.returncode == 0, proc.stderr
+    assert read_marker(ts, "xcrash") == f"live-{point}"

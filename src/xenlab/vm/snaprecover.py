@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from xenlab.errors import BackendError, FormatError, XenlabError
-from xenlab.vm import saveimage
+from xenlab.vm import saveimage, vmstate
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job
 from xenlab.vm.qmp import Qmp, job_ids, settle_job
@@ -69,14 +69,15 @@ _SETTLE = 120.0
 def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
     """Bring domain ``rec`` to a true state after a killed snapshot verb; its record."""
     name = str(job.detail.get("name", ""))
+    if job.verb == "snapshot-revert" and rec.state in ("incoming", "creating"):
+        # Killed while the reverted domain was being started.
+        return _recover_incoming_revert(ts, rec, job, name)
     live = rec.state != SHUTOFF and is_alive(rec)
     if rec.state != SHUTOFF and not live:
         # QEMU died too: the images may hold what a killed save-job leaked;
         # the domain itself is stale, which destroy (or list) clears.
         _stale_rows(ts, rec, name)
         return ts.store.get(rec.domid)
-    if job.verb == "snapshot-revert" and rec.state == "incoming":
-        return _recover_incoming_revert(ts, rec, job, name)
     if live:
         # QEMU's jobs first: a commit it completes moves a disk to another file.
         _run(_settle_jobs(ts, rec, name))
@@ -324,6 +325,10 @@ def _discard(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, live: bool) 
     async def go() -> None:
         if live:
             async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                # A --live memory save still going would stop at its switch-over
+                # and wait there for good: it goes first.
+                await vmstate.cancel_active(qmp)
+                await _capability_off(qmp)
                 for e in row.disks:
                     await entry_backend(row, e).discard(e, row.name, qmp)
         else:
@@ -421,7 +426,12 @@ def _recover_incoming_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: s
     """A revert killed while QEMU loaded the memory file: finish it if QEMU did."""
     where = f"domain {rec.name}: snapshot {name!r}"
     if not is_alive(rec):
-        return ts.gone(rec)
+        # Before QEMU started, or before its pid was recorded (the pidfile has it).
+        ts.kill_domain(rec)
+        kept = ts.gone(rec)
+        log.warning("%s: a revert killed while it started the domain is undone: the domain "
+                    "is shut off on the snapshot's disks; revert again", where)
+        return kept
 
     async def status() -> str:
         async with Qmp.open(ts.paths(rec).qmp) as qmp:
