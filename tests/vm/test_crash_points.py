@@ -296,3 +296,37 @@ def test_snapshot_create_live(guest: tuple[Toolstack, Path], point: str) -> None
     proc = xenlab(ts, "vm", "unpause", "xcrash")
     assert proc.returncode == 0, proc.stderr
     assert read_marker(ts, "xcrash") == f"live-{point}"
+
+
+NET_ATTACH = ["network-attach.host-end", "network-attach.netdev-added",
+              "network-attach.device-added"]
+
+
+@pytest.mark.parametrize("point", NET_ATTACH)
+def test_network_attach(guest: tuple[Toolstack, Path], point: str) -> None:
+    """A NIC in QEMU but not in the record: no verb could manage it, and a save of the
+    guest could not be restored."""
+    from xenlab.vm.disks import qdev_ids
+    from xenlab.vm.qmp import Qmp
+
+    ts, _ = guest
+    reset(ts)
+    killed_at(ts, point, "vm", "network-attach", "xcrash", "mac=00:16:3e:11:22:33")
+    converge(ts)
+    check_truth(ts, {"xcrash"})
+
+    async def devices() -> frozenset[str]:
+        async with Qmp.open(ts.paths(ts.get("xcrash")).qmp) as qmp:
+            return await qdev_ids(qmp)
+
+    from xenlab.vm.qmp import run as run_async
+
+    listed = json.loads(xenlab(ts, "vm", "network-list", "xcrash", "--json").stdout)
+    in_qemu = {d for d in run_async(devices()) if d.startswith("vif")}
+    assert {f"vif{n['devid']}" for n in listed} == in_qemu
+    assert bool(listed) == (point == "network-attach.device-added")
+    for n in listed:
+        assert xenlab(ts, "vm", "network-detach", "xcrash", str(n["devid"])).returncode == 0
+    proc = xenlab(ts, "vm", "network-attach", "xcrash", "mac=00:16:3e:11:22:33")
+    assert proc.returncode == 0, proc.stderr
+    assert xenlab(ts, "vm", "network-detach", "xcrash", "0").returncode == 0

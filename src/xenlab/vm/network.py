@@ -31,16 +31,17 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from xenlab import hotplug
+from xenlab import faults, hotplug
 from xenlab.config.specs.vif import VifSpec, format_vif, parse_vif
 from xenlab.errors import BackendError, XenlabError
 from xenlab.vm.disks import qdev_ids
-from xenlab.vm.domain import Toolstack
+from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import VIF_SPECS, VIFS, config_from_text, vif_line
+from xenlab.vm.jobs import Job
 from xenlab.vm.qemu import Nic, nic, nics
 from xenlab.vm.qmp import CommandError, Qmp
 from xenlab.vm.qmp import run as _run
-from xenlab.vm.store import DomainRecord
+from xenlab.vm.store import DomainRecord, is_alive
 
 __all__ = ["NicInfo", "network_attach", "network_detach", "network_list"]
 
@@ -180,12 +181,17 @@ def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
             if new.tap:
                 vif = await hotplug.online(ts.host_vif(rec, new),
                                            rename_if_taken=not new.spec.ifname)
+                # The tap is up: a kill from here on must find it (recover_job).
+                ts.update_job(rec.domid, vif=hotplug.vif_to_json(vif))
+            faults.point("network-attach.host-end")
             added_netdev = False
             try:
                 async with Qmp.open(ts.paths(rec).qmp) as qmp:
                     await qmp.execute("netdev_add", new.netdev(vif.vifname if vif else None))
                     added_netdev = True
+                    faults.point("network-attach.netdev-added")
                     await qmp.execute("device_add", new.device())
+                    faults.point("network-attach.device-added")
             except BaseException:
                 if added_netdev:
                     async with Qmp.open(ts.paths(rec).qmp) as qmp:
@@ -195,11 +201,12 @@ def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
                 raise
             return vif
 
-        up = _run(go())
-        vifs = [obj for obj in rec.extra.get(VIFS) or [] if obj not in cleared]
-        if up is not None:
-            vifs.append(hotplug.vif_to_json(up))
-        rec = _keep(ts, rec, [_pinned(n) for n in (*current, new)], vifs)
+        with ts.job(rec, "network-attach", spec=format_vif(_pinned(new))) as rec:
+            up = _run(go())
+            vifs = [obj for obj in rec.extra.get(VIFS) or [] if obj not in cleared]
+            if up is not None:
+                vifs.append(hotplug.vif_to_json(up))
+            rec = _keep(ts, rec, [_pinned(n) for n in (*current, new)], vifs)
     return _info(new, _taps(rec))
 
 
@@ -274,11 +281,13 @@ def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.
                 except hotplug.HotplugError as err:
                     problems.append(str(err))
 
-        _run(unplug())
-        # QEMU has no device now: the record says so before any clean-up can fail
-        # (the host ends stay listed until they are offline).
-        rec = _keep(ts, rec, [_pinned(n) for n in current if n.devid != gone.devid],
-                    list(rec.extra.get(VIFS) or []))
+        with ts.job(rec, "network-detach", devid=gone.devid) as rec:
+            _run(unplug())
+            faults.point("network-detach.unplugged")
+            # QEMU has no device now: the record says so before any clean-up can
+            # fail (the host ends stay listed until they are offline).
+            rec = _keep(ts, rec, [_pinned(n) for n in current if n.devid != gone.devid],
+                        list(rec.extra.get(VIFS) or []))
         _run(clean())
         if offlined:
             left = [obj for obj in rec.extra.get(VIFS) or [] if obj not in offlined]
@@ -289,3 +298,66 @@ def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.
                         "(the next network-attach or the domain's end retries the tap)",
                         rec.name, gone.devid, "; ".join(problems))
     return _info(gone, taps)
+
+
+def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
+    """Finish or undo a network-attach or -detach that was killed (``Toolstack.converge``).
+
+    The truth is whether QEMU has the NIC's device.  An attach is finished
+    when it has (the NIC and its tap recorded), else undone (a leftover
+    netdev deleted, a tap it brought up taken down).  A detach is finished
+    when QEMU no longer has the device (the record drops the NIC; the netdev
+    and tap go as far as they can), else the NIC stays, as it is there.
+    """
+    if rec.state == SHUTOFF or not is_alive(rec):
+        return rec
+    if job.verb == "network-attach":
+        dc, _ = config_from_text(rec.config_text, rec.config_path)
+        spec = parse_vif(str(job.detail.get("spec", "")), source="interrupted network-attach")
+        new = nic(replace(dc, uuid=rec.uuid), spec, int(spec.devid or 0))
+        raw = job.detail.get("vif")
+        vif = hotplug.vif_from_json(raw) if isinstance(raw, dict) else None
+
+        async def has() -> bool:
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                if new.device_id in await qdev_ids(qmp):
+                    return True
+                with contextlib.suppress(CommandError):
+                    await qmp.execute("netdev_del", {"id": new.netdev_id})
+            if vif is not None:
+                with contextlib.suppress(hotplug.HotplugError):
+                    await hotplug.offline(vif)
+            return False
+
+        if _run(has()):
+            current = [n for n in _nics(rec) if n.devid != new.devid]
+            vifs = [o for o in rec.extra.get(VIFS) or []
+                    if hotplug.vif_from_json(o).devid != new.devid]
+            if vif is not None:
+                vifs.append(hotplug.vif_to_json(vif))
+            rec = _keep(ts, rec, [*(_pinned(n) for n in current), _pinned(new)], vifs)
+            log.warning("network-attach %s: an attach killed after QEMU had the NIC is "
+                        "finished: vif %d is recorded", rec.name, new.devid)
+        else:
+            log.warning("network-attach %s: an attach killed before QEMU had the NIC is "
+                        "undone", rec.name)
+        return rec
+    if job.verb == "network-detach":
+        devid = int(job.detail.get("devid", -1))
+        present_nics = _nics(rec)
+        gone = next((n for n in present_nics if n.devid == devid), None)
+        if gone is None:
+            return rec
+
+        async def present() -> bool:
+            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+                return gone.device_id in await qdev_ids(qmp)
+
+        if not _run(present()):
+            rec = _keep(ts, rec, [_pinned(n) for n in present_nics if n.devid != devid],
+                        list(rec.extra.get(VIFS) or []))
+            log.warning("network-detach %s: a detach killed after the guest let vif %d go is "
+                        "finished (network-detach again takes down its tap if it is left)",
+                        rec.name, devid)
+    return rec
+
