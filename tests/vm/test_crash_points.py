@@ -330,3 +330,25 @@ def test_network_attach(guest: tuple[Toolstack, Path], point: str) -> None:
     proc = xenlab(ts, "vm", "network-attach", "xcrash", "mac=00:16:3e:11:22:33")
     assert proc.returncode == 0, proc.stderr
     assert xenlab(ts, "vm", "network-detach", "xcrash", "0").returncode == 0
+
+
+def test_block_detach(guest: tuple[Toolstack, Path]) -> None:
+    """Killed after the guest let the disk go: the record listed a disk QEMU no longer had."""
+    ts, tmp = guest
+    reset(ts)
+    target = tmp / "detach.qcow2"
+    spec = f"format=qcow2,vdev=xvdb,access=rw,target={target}"
+    assert xenlab(ts, "vm", "block-attach", "xcrash", spec, "--create-disks",
+                  "16M").returncode == 0
+    for _ in range(100):  # the guest sees the disk before it can let it go
+        if "vdb" in xenlab(ts, "vm", "exec", "xcrash", "--", "ls", "/sys/block").stdout:
+            break
+    killed_at(ts, "block-detach.unplugged", "vm", "block-detach", "xcrash", "xvdb")
+    converge(ts)
+    check_truth(ts, {"xcrash"})
+    listed = json.loads(xenlab(ts, "vm", "block-list", "xcrash", "--json").stdout)
+    assert "xvdb" not in {d["vdev"] for d in listed}
+    proc = xenlab(ts, "vm", "block-attach", "xcrash", spec)
+    assert proc.returncode == 0, proc.stderr
+    assert xenlab(ts, "vm", "block-detach", "xcrash", "xvdb").returncode == 0
+    target.unlink()

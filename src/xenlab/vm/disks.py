@@ -247,6 +247,8 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
     nodes the attach may have added are deleted and a target it made is
     removed (undone).  A domain whose QEMU is gone has nothing to finish.
     """
+    if job.verb == "block-detach":
+        return _recover_detach(ts, rec, str(job.detail.get("vdev", "")))
     if job.verb != "block-attach":
         return rec
     disk = parse_disk(str(job.detail.get("spec", "")), source="interrupted block-attach")
@@ -360,32 +362,64 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
             async with Qmp.open(ts.paths(rec).qmp) as qmp:
                 return await _release_nodes(qmp, names)
 
-        names = _run(unplug())
-        # QEMU has no device now: the record says so before any clean-up can fail.
-        dc, _ = config_from_text(rec.config_text, rec.config_path)
-        moved = dict(rec.extra.get("disk_paths") or {})
-        moved.pop(vdev, None)
-        nodes = dict(rec.extra.get("disk_nodes") or {})
-        nodes.pop(vdev, None)
-        pending = dict(rec.extra.get(STALE_NODES) or {})
-        pending[vdev] = names
-        rec = _keep(ts, rec, [d for d in dc.disks if d.vdev != vdev],
-                    {"disk_paths": moved or None, "disk_nodes": nodes or None,
-                     STALE_NODES: pending})
+        with ts.job(rec, "block-detach", vdev=vdev) as rec:
+            names = _run(unplug())
+            faults.point("block-detach.unplugged")
+            rec = _detached(ts, rec, vdev, names)
         try:
             kept = _run(clean(names))
         except XenlabError as err:  # no QMP session: QEMU keeps them all, as far as we know
             kept = dict.fromkeys(names, str(err))
+        pending = dict(rec.extra.get(STALE_NODES) or {})
         if kept:
             pending[vdev] = [n for n in names if n in kept]
             log.warning("%s: detached, but QEMU keeps its nodes (%s); the next block-attach of "
                         "%s deletes them", where,
                         "; ".join(f"{n}: {why}" for n, why in kept.items()), vdev)
         else:
-            del pending[vdev]
+            pending.pop(vdev, None)
         ts.store.patch(rec.domid, extra_set={STALE_NODES: pending} if pending else {},
                        extra_drop=[] if pending else [STALE_NODES])
     return info[vdev]
+
+
+def _recover_detach(ts: Toolstack, rec: DomainRecord, vdev: str) -> DomainRecord:
+    """A killed block-detach: finished when the guest let the disk go (QEMU has no device)."""
+    if rec.state == SHUTOFF or not is_alive(rec):
+        return rec
+    if vdev not in {d.vdev for d in block_list(ts, rec.name)}:
+        return rec
+
+    async def present() -> bool:
+        async with Qmp.open(ts.paths(rec).qmp) as qmp:
+            return vdev in await qdev_ids(qmp)
+
+    if _run(present()):
+        return rec  # QEMU still has it: the record is true as it is
+    nodes = [n for t in (f"{vdev}-fmt", (rec.extra.get("disk_nodes") or {}).get(vdev)) if t
+             for n in (t, f"{t}-file")]
+    rec = _detached(ts, rec, vdev, nodes)
+    log.warning("block-detach %s: a detach killed after the guest let %s go is finished; "
+                "the next block-attach of %s releases what QEMU keeps of it", rec.name, vdev,
+                vdev)
+    return rec
+
+
+def _detached(ts: Toolstack, rec: DomainRecord, vdev: str, names: list[str]) -> DomainRecord:
+    """Record disk ``vdev`` gone (QEMU has no device now); its nodes pending clean-up.
+
+    The record says so before any clean-up can fail.
+    """
+    dc, _ = config_from_text(rec.config_text, rec.config_path)
+    moved = dict(rec.extra.get("disk_paths") or {})
+    moved.pop(vdev, None)
+    nodes = dict(rec.extra.get("disk_nodes") or {})
+    nodes.pop(vdev, None)
+    pending = dict(rec.extra.get(STALE_NODES) or {})
+    pending[vdev] = names
+    return _keep(ts, rec, [d for d in dc.disks if d.vdev != vdev],
+                 {"disk_paths": moved or None, "disk_nodes": nodes or None,
+                  STALE_NODES: pending})
 
 
 def _cdrom(ts: Toolstack, rec: DomainRecord, vdev: str, verb: str) -> tuple[list[DiskSpec], int]:
