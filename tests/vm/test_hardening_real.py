@@ -151,3 +151,37 @@ def test_a_full_state_directory(tmp_path: Path, guest_image: object) -> None:
                 ts.undefine("full")
             ts.store.close()
             qemuimg.info(tmp_path / "full.qcow2", "qcow2")
+
+
+def test_hot_plugged_vcpus_survive_save_and_restore(ts: Toolstack, tmp_path: Path) -> None:
+    """A save after vcpu-set could not be restored ("Unknown savevm section cpu_common"):
+    the guest was lost."""
+    from tests.vm.guests import sh
+    from xenlab.vm.resources import vcpu_set
+    from xenlab.vm.saverestore import restore, save
+
+    boot(ts, tmp_path, "cpus", memory=128, maxmem=None, vcpus=1, maxvcpus=2)
+    vcpu_set(ts, "cpus", 2)
+    write_marker(ts, "cpus", "two")
+    image = tmp_path / "cpus.save"
+    save(ts, "cpus", image)
+    restore(ts, image)
+    assert read_marker(ts, "cpus") == "two"
+    assert sh(ts, "cpus", "grep -c ^processor /proc/cpuinfo").strip() == "2"
+    # A memory snapshot and a local migration carry them too.
+    from tests.vm.guests import clear
+    from xenlab.vm.migrate import migrate
+    from xenlab.vm.snapshot import create_snapshot, revert_snapshot
+
+    create_snapshot(ts, "cpus", "m", external=True, memory=True)
+    write_marker(ts, "cpus", "later")
+    revert_snapshot(ts, "cpus", "m")
+    assert read_marker(ts, "cpus") == "two"
+    ts.store.remove_snapshot(ts.store.get_snapshot(ts.get("cpus").domid, "m").id)
+    dest = Toolstack(tmp_path / "dest")
+    try:
+        migrate(ts, "cpus", dest)
+        assert read_marker(dest, "cpus") == "two"
+        assert sh(dest, "cpus", "grep -c ^processor /proc/cpuinfo").strip() == "2"
+    finally:
+        clear(dest)

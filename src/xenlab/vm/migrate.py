@@ -71,6 +71,7 @@ from xenlab.vm.receiver import (
     receive,
     serve_receive,
 )
+from xenlab.vm.resources import plugged_vcpus
 from xenlab.vm.saveimage import (
     MAGIC,
     SAVE_VERSION,
@@ -243,7 +244,7 @@ def migrate(
                     dest, rec.config_text, 0, host=host, overrides=dest_overrides,
                     with_storage=with_storage, nbd_port=nbd_port, disk_sizes=sizes,
                     config_path=rec.config_path, uuid=rec.uuid, disk_paths=disk_paths,
-                    overlays=overlays,
+                    overlays=overlays, vcpus_plugged=plugged_vcpus(rec),
                 )
                 where = f"{uri_host(host)}:{incoming.port}"
                 try:
@@ -452,7 +453,7 @@ async def _sender(ch: Channel, rec: DomainRecord, paths: RuntimePaths, host: str
             config_path=rec.config_path,
             qemu_version=vmstate.qemu_version(await qmp.execute("query-version")),
             created=time.time(), state="running" if state == "running" else "paused",
-            disk_paths=disk_paths, overlays=overlays,
+            disk_paths=disk_paths, overlays=overlays, vcpus_plugged=plugged_vcpus(rec),
         )
         sizes = await _node_sizes(qmp, nodes) if nodes else {}
         try:

@@ -363,6 +363,7 @@ def _convert(source: str, source_fmt: str, out: Path, fmt: str, vdev: str, size:
     """``qemu-img convert`` ``source`` (of format ``source_fmt``) to ``out``, reporting progress."""
 
     def report(percent: float) -> None:
+        faults.point("mirror.converting")
         if progress is not None:
             progress(MirrorProgress(vdev, "copying", int(size * percent / 100), size, False,
                                     time.monotonic() - started))

@@ -60,6 +60,7 @@ from xenlab.vm.peerconfig import check_request
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run
+from xenlab.vm.resources import VCPUS_PLUGGED, plug_vcpus
 from xenlab.vm.saveimage import DiskMove
 from xenlab.vm.saverestore import Placed, image_for, place, said, settle
 from xenlab.vm.store import DomainRecord, is_alive
@@ -159,6 +160,7 @@ def receive(
     disk_sizes: Mapping[str, int] | None = None, config_path: str = "",
     uuid: str | None = None, image: object | None = None,
     disk_paths: Sequence[DiskMove] = (), overlays: Sequence[DiskMove] = (),
+    vcpus_plugged: int | None = None,
 ) -> Incoming:
     """Start the destination of a migration: QEMU listening on ``host:port``.
 
@@ -227,10 +229,12 @@ def receive(
         if with_storage and nbd_port is None:
             nbd_port = port + 1 if port else _free_port(host)
         bound = _run(_listen(paths, host, port, [v for v, _, _ in disks],
-                             nbd_port if with_storage else None))
+                             nbd_port if with_storage else None, vcpus_plugged))
+        extra = placed.extra(rec.extra)
+        if vcpus_plugged:
+            extra[VCPUS_PLUGGED] = vcpus_plugged
         return Incoming(rec, host, bound, nbd_port if with_storage else None,
-                        tuple(v for v, _, _ in disks), tuple(created),
-                        placed.extra(rec.extra))
+                        tuple(v for v, _, _ in disks), tuple(created), extra)
     except BaseException as err:
         alive = is_alive(rec)
         ts.kill_qemu(paths, rec.pid)
@@ -249,9 +253,12 @@ def _unlink(files: Sequence[str]) -> None:
 
 
 async def _listen(paths: RuntimePaths, host: str, port: int, disks: Sequence[str],
-                  nbd_port: int | None) -> int:
+                  nbd_port: int | None, vcpus_plugged: int | None = None) -> int:
     async with Qmp.open(paths.qmp) as qmp:
         await vmstate.enable_events(qmp)
+        if vcpus_plugged:
+            # The stream holds every vCPU the guest had: plug them first.
+            await plug_vcpus(qmp, vcpus_plugged)
         if nbd_port is not None:
             await qmp.execute("nbd-server-start", {
                 "addr": {"type": "inet", "data": {"host": host, "port": str(nbd_port)}},
@@ -402,7 +409,7 @@ def serve_receive(
                               with_storage=req.with_storage, disk_sizes=req.disk_sizes,
                               config_path=header.config_path, uuid=header.uuid,
                               image=image, disk_paths=req.disk_paths,
-                              overlays=req.overlays)
+                              overlays=req.overlays, vcpus_plugged=header.vcpus_plugged)
             except XenlabError as err:
                 # Nothing started or made: tell the source why, wait for another.
                 _log.warning("receive on %s: refused %s: %s", listen, ch.peer, err)

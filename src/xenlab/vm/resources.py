@@ -63,6 +63,7 @@ from xenlab.vm.store import DomainRecord, effective_state, is_alive
 
 __all__ = [
     "MIN_MEMORY_MIB",
+    "VCPUS_PLUGGED",
     "MemoryReport",
     "VcpuInfo",
     "VcpuReport",
@@ -72,6 +73,8 @@ __all__ = [
     "info",
     "mem_max",
     "mem_set",
+    "plug_vcpus",
+    "plugged_vcpus",
     "rename",
     "vcpu_list",
     "vcpu_pin",
@@ -410,7 +413,7 @@ def _slot_id(slot: Mapping[str, Any]) -> str:
     return "vcpu-" + "-".join(str(props[k]) for k in _TOPOLOGY if k in props)
 
 
-async def _plug(qmp: Qmp, want: int) -> set[int]:
+async def plug_vcpus(qmp: Qmp, want: int) -> set[int]:
     """Plug free CPU slots until ``want`` are present (never unplugs); the vCPU indexes added."""
     slots = _list(await qmp.execute("query-hotpluggable-cpus"), "query-hotpluggable-cpus")
     present = sum(1 for s in slots if "qom-path" in s)
@@ -425,6 +428,9 @@ async def _plug(qmp: Qmp, want: int) -> set[int]:
 
 
 _CPU_STATE = "cat /sys/devices/system/cpu/present /sys/devices/system/cpu/online"
+# DomainRecord.extra key: vCPUs present in QEMU, boot and hot-plugged (saves and
+# memory snapshots carry it; the QEMU that loads them plugs as many first).
+VCPUS_PLUGGED = "vcpus_plugged"
 _NPROC = "nproc; cat /sys/devices/system/cpu/online"
 
 
@@ -481,6 +487,12 @@ async def _guest_online(ts: Toolstack, rec: DomainRecord, want: int, timeout: fl
         ) from err
 
 
+def plugged_vcpus(rec: DomainRecord) -> int | None:
+    """The vCPUs vcpu-set has plugged into the domain's QEMU, or None (only the boot ones)."""
+    n = rec.extra.get(VCPUS_PLUGGED)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 def vcpu_set(ts: Toolstack, name: str, n: int, *, timeout: float = 30.0) -> VcpuReport:
     """Make ``n`` vCPUs online in domain ``name`` (1 <= n <= maxvcpus).
 
@@ -510,13 +522,16 @@ def vcpu_set(ts: Toolstack, name: str, n: int, *, timeout: float = 30.0) -> Vcpu
                         f"domain {rec.name!r}: vcpu-set {n} is out of range: it has "
                         f"maxvcpus={len(slots)} (1 to {len(slots)})"
                     )
-                added = await _plug(qmp, n)
+                added = await plug_vcpus(qmp, n)
                 if added:
                     _apply(dc, await _vcpu_threads(qmp), rec.name, added)
             return await _guest_online(ts, rec, n, timeout)
 
         online, cpus = _run(go())
-        _set_extra(ts, rec.domid, vcpus=n)
+        # The plugged count only grows (unplugging crashes QEMU 7.2 under TCG):
+        # a QEMU that loads this guest's state later must have that many.
+        plugged = max(n, int(rec.extra.get(VCPUS_PLUGGED) or 0))
+        _set_extra(ts, rec.domid, vcpus=n, **{VCPUS_PLUGGED: plugged})
     return VcpuReport(n, online, cpus)
 
 

@@ -141,6 +141,9 @@ class SaveHeader:
     disk_snapshots: tuple[DiskSnapshot, ...] = ()
     disk_paths: tuple[DiskMove, ...] = ()
     overlays: tuple[DiskMove, ...] = ()
+    # vCPUs present in QEMU (boot and hot-plugged; version 4, when vcpu-set
+    # plugged some): a QEMU that loads the state must have them all first.
+    vcpus_plugged: int | None = None
 
 
 _HEADER_FIELDS: Final[Mapping[str, type | tuple[type, ...]]] = {
@@ -176,6 +179,8 @@ def header_to_json(h: SaveHeader) -> dict[str, object]:
         obj["disk_paths"] = {m.vdev: {"file": m.file, "format": m.format}
                              for m in h.disk_paths}
         obj["overlays"] = {m.vdev: {"file": m.file, "format": m.format} for m in h.overlays}
+    if h.version >= 4 and h.vcpus_plugged is not None:
+        obj["vcpus_plugged"] = h.vcpus_plugged
     return obj
 
 
@@ -308,6 +313,11 @@ def header_from_json(obj: object, source: str = "header", at: int = 0) -> SaveHe
     created = float(obj["created"])
     if not math.isfinite(created):
         raise FormatError(source, at, "header.created", f"{created}, expected a time")
+    plugged = obj.get("vcpus_plugged")
+    if plugged is not None and (version < 4 or isinstance(plugged, bool)
+                                or not isinstance(plugged, int) or not 1 <= plugged <= 1024):
+        raise FormatError(source, at, "header.vcpus_plugged",
+                          f"found {_describe(plugged)}, expected a number of vCPUs (1-1024)")
     return SaveHeader(
         name=obj["name"], uuid=obj["uuid"], config_text=obj["config_text"],
         config_path=obj["config_path"], qemu_version=obj["qemu_version"],
@@ -315,6 +325,7 @@ def header_from_json(obj: object, source: str = "header", at: int = 0) -> SaveHe
         disk_snapshots=_disk_snapshots(obj, source, at) if version >= 2 else (),
         disk_paths=_disk_moves(obj, "disk_paths", source, at) if version >= 3 else (),
         overlays=_disk_moves(obj, "overlays", source, at) if version >= 3 else (),
+        vcpus_plugged=plugged,
     )
 
 

@@ -48,6 +48,7 @@ from xenlab.vm.mirror import DISK_NODES, DISK_PATHS
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run
+from xenlab.vm.resources import VCPUS_PLUGGED, plug_vcpus, plugged_vcpus
 from xenlab.vm.rundir import qemu_said
 from xenlab.vm.saveimage import (
     DiskMove,
@@ -169,8 +170,8 @@ def settle(ts: Toolstack, rec: DomainRecord, state: str, extra: Mapping[str, Any
     """Record that ``rec`` now runs (``state``) on the disks ``extra`` says (a
     :meth:`Placed.extra`), its restore or receive job done."""
     moved = (DISK_PATHS, OVERLAYS, DISK_NODES)
-    return ts.store.patch(rec.domid, expect_uuid=rec.uuid, state=state,
-                          extra_set={k: extra[k] for k in moved if k in extra},
+    kept = {k: extra[k] for k in (*moved, VCPUS_PLUGGED) if k in extra}
+    return ts.store.patch(rec.domid, expect_uuid=rec.uuid, state=state, extra_set=kept,
                           extra_drop=[*(k for k in moved if k not in extra), JOB])
 
 
@@ -423,6 +424,7 @@ async def _save_stream(paths: RuntimePaths, f: BinaryIO, rec: DomainRecord, *,
             config_path=rec.config_path,
             qemu_version=vmstate.qemu_version(await qmp.execute("query-version")),
             created=time.time(), state="running" if was_running else "paused",
+            vcpus_plugged=plugged_vcpus(rec),
             disk_snapshots=tuple(snapshots), disk_paths=disk_paths, overlays=overlays,
         )
         head = pack_header(header)
@@ -621,7 +623,7 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
             with ts.store.lock(rec.domid):
                 try:
                     _run(_load(paths, fd, layout.stream_offset, checked, str(path), timeout,
-                               paused))
+                               paused, header.vcpus_plugged))
                 except BackendError as err:
                     if not is_alive(rec):
                         tail = qemu_said(paths)
@@ -631,8 +633,10 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
                             f"QEMU/config){': ' + tail if tail else ''} [{err}]"
                         ) from err
                     raise BackendError(f"restore {path}: {err}{said(paths)}") from err
-                return settle(ts, rec, "paused" if paused else "running",
-                              placed.extra(rec.extra))
+                extra = placed.extra(rec.extra)
+                if header.vcpus_plugged:
+                    extra[VCPUS_PLUGGED] = header.vcpus_plugged
+                return settle(ts, rec, "paused" if paused else "running", extra)
         except BaseException:
             ts.kill_qemu(paths, rec.pid)
             ts.gone(rec)
@@ -650,8 +654,11 @@ class _Fd:
 
 
 async def _load(paths: RuntimePaths, fd: int, offset: int, checked: tuple[int, ...],
-                source: str, timeout: float, paused: bool) -> None:
+                source: str, timeout: float, paused: bool, plugged: int | None) -> None:
     async with Qmp.open(paths.qmp) as qmp:
+        if plugged:
+            # The state holds every vCPU the guest had: plug them before it loads.
+            await plug_vcpus(qmp, plugged)
         await vmstate.load_checked(qmp, fd, start=offset, checked=checked, source=source,
                                    what="restore", timeout=timeout)
         if not paused:

@@ -32,6 +32,7 @@ from xenlab.vm.domconfig import on_overlays
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run_async
+from xenlab.vm.resources import plug_vcpus, plugged_vcpus
 from xenlab.vm.snapbackends import (
     BACKENDS,
     JOB_TIMEOUT,
@@ -372,9 +373,13 @@ def create_snapshot(
         with_state = kind is SnapshotKind.INTERNAL and not shutoff and not disk_only
         guest = "running" if state == "running" else ("shutoff" if shutoff else "paused")
         entries: list[dict[str, Any]] = []
+        plugged = plugged_vcpus(rec)
         for i, (d, b) in enumerate(zip(disks, backends, strict=True)):
             e = b.plan(d, snap)
             e.update({"backend": b.name, "guest": guest})
+            if i == 0 and plugged and memory:
+                # The memory holds every vCPU: a revert plugs them before it loads.
+                e["vcpus_plugged"] = plugged
             if kind is SnapshotKind.INTERNAL:
                 e["vmstate"] = with_state and i == 0
             entries.append(e)
@@ -751,8 +756,10 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
         paths = ts.paths(started)
         try:
             with open(s.memory_path, "rb") as f:
+                plugged = s.disks[0].get("vcpus_plugged") if s.disks else None
                 _run_async(_load_memory(paths, f.fileno(), go, timeout,
-                                        f"snapshot {s.name!r} memory {s.memory_path}"))
+                                        f"snapshot {s.name!r} memory {s.memory_path}",
+                                        plugged if isinstance(plugged, int) else None))
         except BaseException as err:
             ts.kill_qemu(paths, started.pid)
             ts.gone(ts.store.get(rec.domid))
@@ -773,8 +780,10 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
 
 
 async def _load_memory(paths: RuntimePaths, fd: int, go: bool, timeout: float,
-                       source: str) -> None:
+                       source: str, plugged: int | None) -> None:
     async with Qmp.open(paths.qmp) as qmp:
+        if plugged:
+            await plug_vcpus(qmp, plugged)
         faults.point("snapshot-revert.loading")
         await vmstate.load_stream(qmp, fd, timeout=timeout, source=source)
         if go:
