@@ -120,6 +120,13 @@ def test_cd_insert_and_eject(ts: Toolstack, tmp_path: Path,
         cd_insert(ts, "c1", "xvda", str(iso))
     with pytest.raises(XenlabError, match="does not exist"):
         cd_insert(ts, "c1", "hdc", str(tmp_path / "none.iso"))
+    # A medium is checked as a disk is: a qcow2 over a host file never reaches QEMU.
+    from xenlab.vm import qemuimg
+
+    qemuimg.create(tmp_path / "evil.qcow2", "qcow2", backing="/etc/shadow", backing_fmt="raw")
+    with pytest.raises(XenlabError, match="names backing file /etc/shadow"):
+        cd_insert(ts, "c1", "hdc", str(tmp_path / "evil.qcow2"), fmt="qcow2")
+    assert run(_medium(ts, "c1", "hdc")) == str(iso)
     # The record keeps the medium: a save/restore starts QEMU with it in the drive.
     mig.save(ts, "c1", tmp_path / "c1.save")
     mig.restore(ts, tmp_path / "c1.save")

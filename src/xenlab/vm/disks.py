@@ -49,6 +49,7 @@ from xenlab.vm.domconfig import (
 from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
 from xenlab.vm.jobs import Job
 from xenlab.vm.qemu import blockdev_nodes, check_disk, disk_device, disk_slot
+from xenlab.vm.qemuimg import driver
 from xenlab.vm.qmp import CommandError, Qmp
 from xenlab.vm.qmp import run as _run
 from xenlab.vm.store import DomainRecord, is_alive
@@ -472,8 +473,10 @@ def cd_insert(ts: Toolstack, name: str, vdev: str, target: str, *,
         raise XenlabError(f"cd-insert {name}: format {fmt!r} (expected raw or qcow2)"
                           ) from None
     path = str(Path(target).resolve())
+    # Every file QEMU would open through the medium is checked first, as at create.
+    check_disk_image(path, disk_format, allowed_backing_dirs(path))
     return _set_medium(ts, name, vdev, "cd-insert", "blockdev-change-medium",
-                       {"id": vdev, "filename": path, "format": disk_format.value,
+                       {"id": vdev, "filename": path, "format": driver(disk_format),
                         "read-only-mode": "read-only"}, path, disk_format)
 
 

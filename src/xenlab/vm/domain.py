@@ -769,11 +769,18 @@ class Toolstack:
         return None
 
     def undefine(self, name_or_id: str) -> DomainRecord:
-        """Forget a shut-off domain and its snapshot records (disk files are left alone)."""
+        """Forget a shut-off domain and its snapshot records; the snapshot memory files in
+        the state directory go too (disk images, overlays included, are left alone)."""
         with self.locked(name_or_id) as rec:
             if rec.state != SHUTOFF:
                 raise StateError(f"domain {rec.name!r} is not shut off; destroy it first")
+            mine = (self.state_dir / "snapshots" / str(rec.domid)).absolute()
+            memory = [Path(s.memory_path) for s in self.store.list_snapshots(rec.domid)
+                      if s.memory_path and Path(s.memory_path).parent.absolute() == mine]
             self.store.remove(rec.domid)
+            for f in memory:
+                f.unlink(missing_ok=True)
+            shutil.rmtree(mine, ignore_errors=True)
         return rec
 
     def _check_live(self, rec: DomainRecord) -> DomainRecord:

@@ -86,7 +86,7 @@ from xenlab.vm.saveimage import (
 )
 from xenlab.vm.saverestore import moves_of, place, quit_domain, quit_qemu, restore, save
 from xenlab.vm.snapshot import CURRENT
-from xenlab.vm.store import DomainRecord, SnapshotNode, is_alive
+from xenlab.vm.store import DomainRecord, SnapshotNode, is_alive, private_dir
 from xenlab.vm.vmstate import MigrationProgress, Progress
 
 __all__ = [
@@ -139,23 +139,37 @@ class MigrationResult:
 
 def _copy_snapshots(src: Toolstack, dst: Toolstack, rec: DomainRecord,
                     new: DomainRecord) -> DomainRecord:
-    """Give ``new`` (in ``dst``) the snapshot tree of ``rec`` (in ``src``); parents first."""
+    """Give ``new`` (in ``dst``) the snapshot tree of ``rec`` (in ``src``); parents first.
+
+    Memory files move with their snapshots into ``dst``'s state directory: a
+    file left in ``src``'s would be deleted by ``src`` (its domid reused) or
+    block a new snapshot of the same name there.  A tree ``new`` has already
+    (a recovery finishing this) is not copied twice.
+    """
+    if dst.store.list_snapshots(new.domid):
+        return new
     ids: dict[int, int] = {}
+    mem_dir = private_dir(dst.state_dir / "snapshots" / str(new.domid))
 
     def add(node: SnapshotNode, parent: int | None) -> None:
         s = node.snapshot
-        made = dst.store.add_snapshot(replace(s, id=0, domid=new.domid, parent=parent))
+        memory = s.memory_path
+        if memory is not None and Path(memory).is_file():
+            moved = mem_dir / Path(memory).name
+            shutil.move(memory, moved)
+            memory = str(moved)
+        made = dst.store.add_snapshot(replace(s, id=0, domid=new.domid, parent=parent,
+                                              memory_path=memory))
         ids[s.id] = made.id
         for child in node.children:
             add(child, made.id)
 
     for root in src.store.snapshot_tree(rec.domid):
         add(root, None)
-    extra = dict(new.extra)
     cur = rec.extra.get(CURRENT)
     if cur is not None and int(cur) in ids:
-        extra[CURRENT] = ids[int(cur)]
-    return dst.store.update(replace(new, extra=extra))
+        return dst.store.patch(new.domid, extra_set={CURRENT: ids[int(cur)]})
+    return dst.store.get(new.domid)
 
 
 
@@ -649,6 +663,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
         phase = "handed-over" if runs else "sending"
     paths = ts.paths(rec)
     if phase == "handed-over":
+        _snapshots_follow(ts, rec, job)
         quit_domain(ts, rec, paths)
         shutil.rmtree(paths.rundir, ignore_errors=True)
         ts.store.remove(rec.domid)
@@ -706,6 +721,24 @@ async def _nbd_nodes(qmp: Qmp) -> list[str]:
     nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
     return [str(n["node-name"]) for n in nodes if isinstance(n, dict)
             and str(n.get("node-name", "")).startswith("mig-")] if isinstance(nodes, list) else []
+
+
+def _snapshots_follow(ts: Toolstack, rec: DomainRecord, job: Job) -> None:
+    """A local destination gets the snapshot tree the killed migration had not copied yet."""
+    if not job.detail.get("local") or not ts.store.list_snapshots(rec.domid):
+        return
+    try:
+        dest = Toolstack(Path(str(job.detail.get("dest"))))
+    except XenlabError:
+        return
+    try:
+        for r in dest.store.list():
+            if r.uuid == rec.uuid:
+                _copy_snapshots(ts, dest, rec, r)
+                _log.warning("domain %s: its snapshots follow it to %s", rec.name,
+                             job.detail.get("dest"))
+    finally:
+        dest.store.close()
 
 
 def _destination_runs(job: Job, uuid: str) -> bool | None:
