@@ -10,26 +10,10 @@ holds the store's global lock while it picks the id and name.
 
 Like xl, ``create`` takes ``key=value`` overrides appended to the config.
 
-Rules that keep the store true:
-
-- A verb resolves its domain, takes the domain's lock, and then reads the
-  record again by id (:meth:`Toolstack.locked`): a record read before the
-  lock may be another verb's past.  If the domain was replaced meanwhile
-  (another uuid under the id, or another name), the verb stops and says so.
-  Writes go through ``Store.patch``, which changes only the fields a verb
-  means to change.
-- A verb that passes through states that are not true at rest records a
-  job first (``vm.jobs``); the next command that finds the job with its
-  owner dead finishes or undoes the step (:meth:`Toolstack.converge`) and
-  logs what it did.  ``create`` records the run directory before QEMU
-  starts, so a QEMU whose pid never reached the record is still found (by
-  its pidfile, checked against its command line) and stopped.
-- A QEMU is only ever signalled after ``store.is_domain_qemu`` has read its
-  command line: this user's QEMU with this domain's pidfile.
-- Names are refused at create when a verb could not handle them later
-  (:func:`check_domain_name`); relative paths in a config are made absolute
-  against the config's directory at create and define, so later commands
-  run from anywhere find the same files.
+The rules that keep the store true (the domain's lock, a record read again
+under it, ``Store.patch``, jobs that the next command finishes or undoes,
+QEMU signalled only once its command line proved it ours, names and paths
+checked at create) are in docs/architecture.md ("The toolstack").
 """
 
 from __future__ import annotations
@@ -656,7 +640,15 @@ class Toolstack:
                 if now is None:
                     continue
                 rec = now
-            out.append(self.status(rec))
+            status = self.status(rec)
+            if {rec.state, status.state} == {"running", "paused"}:
+                # QEMU is the truth (a pause or unpause killed after its QMP
+                # command left the record behind): the record follows.
+                with contextlib.suppress(StateError), self.store.lock(rec.domid, 0.2):
+                    rec = self.store.patch(rec.domid, expect_uuid=rec.uuid,
+                                           state=status.state)
+                    status = replace(status, record=rec)
+            out.append(status)
         return out
 
     def _converged(self, rec: DomainRecord) -> DomainRecord | None:
