@@ -3,9 +3,48 @@
 Every function takes an open :class:`Netlink` (one netlink socket, opened
 with :func:`netlink`) and raises :class:`~xenlab.hotplug.device.HotplugError`
 naming the interface; pyroute2's errors never leave this module.  A tap is
-made with the ``TUNSETIFF``/``TUNSETOWNER``/``TUNSETPERSIST`` ioctls (the
-kernel cannot create one over rtnetlink); pyroute2 does them for
-``kind="tuntap"``.
+made with the ``TUNSETIFF``/``TUNSETOWNER``/``TUNSETGROUP``/``TUNSETPERSIST``
+ioctls (the kernel cannot create one over rtnetlink), issued here with
+``IFF_TUN_EXCL``, which pyroute2's ``kind="tuntap"`` cannot pass; the ioctl
+numbers for this machine come from pyroute2.
+
+:func:`host_lock` serialises choosing a free tap name and making the tap
+between the xenlab processes of one user.  It is a ``flock`` on a file that
+only that user can open:
+
+* root: ``/run/xenlab/hotplug.lock`` (``/run`` is root's alone);
+* any other user: ``xenlab-hotplug.lock`` in ``$XDG_RUNTIME_DIR``, else in
+  ``/run/user/<uid>`` (where logind makes it, so sessions with and without
+  the variable meet), each used only when ``lstat`` shows a real directory
+  of this user with no access for others; else
+  ``~/.local/state/xenlab/hotplug.lock`` (the home directory from the
+  password database, not ``$HOME`` or ``$XENLAB_STATE_DIR``: toolstacks on
+  different state directories must meet on one lock).
+
+The directory is made 0700, or checked with ``lstat`` (a real directory of
+this user; a looser mode is tightened to 0700).  The file is opened with
+``O_RDWR|O_CREAT|O_NOFOLLOW|O_NONBLOCK|O_NOCTTY|O_CLOEXEC``, mode 0600, and
+judged by ``fstat``: only a regular file of this user with one name is
+locked (a looser mode is tightened to 0600).  Nothing there can block: a
+FIFO or device planted at the path is refused at once, a symlink is never
+followed, and the wait for the lock is the caller's ``timeout``.  Another
+user can neither open the file nor put anything in its place.  The old
+lock, ``/run/lock/xenlab-hotplug.lock`` (world-writable and sticky: any user
+could hold or plant it), is no longer used; a file left there is harmless
+and may be removed.
+
+Users do not share a lock (a lock two users can open is one either can
+hold), so root's toolstack and a user's may look up the same free name at
+the same moment.  Only a holder of ``CAP_NET_ADMIN`` in this network
+namespace can make a tap at all (a user in a network namespace of their own
+has names of their own), and without ``IFF_TUN_EXCL`` the later
+``TUNSETIFF`` would attach to the tap the other had just made and
+``TUNSETOWNER`` would hand it over: two domains on one tap, and the first
+``offline`` removing the other's device.  With it, the kernel refuses the
+second creation (``EBUSY``) and :meth:`Netlink.create_tap` says the name
+exists already; the loser fails cleanly and nothing is shared.  (That loser
+gets an error even with ``rename_if_taken``: :func:`~xenlab.hotplug.vif.online`
+picks the next suffix only for names it saw taken.)
 
 pyroute2 is imported on first use: it takes about 0.2 s to import, which
 every ``xenlab`` command would otherwise pay.
@@ -18,17 +57,33 @@ import contextlib
 import errno
 import fcntl
 import os
-import tempfile
+import pwd
+import stat
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from xenlab.files import file_kind
 from xenlab.hotplug.device import IFNAMSIZ, HotplugError
 
 __all__ = ["Link", "Netlink", "host_lock", "netlink"]
 
-_LOCK_NAME: Final = "xenlab-hotplug.lock"
+#: root's lock directory: in /run, where nobody else can make or replace anything.
+_ROOT_LOCK_DIR: Final = Path("/run/xenlab")
+#: The lock's name in root's directory and in the home fallback (both xenlab's own).
+_LOCK_FILE: Final = "hotplug.lock"
+#: The lock's name in a user's runtime directory (shared with other programs).
+_RUNTIME_LOCK_FILE: Final = "xenlab-hotplug.lock"
+# No blocking open (a FIFO), no symlink followed, no controlling terminal taken.
+_LOCK_OPEN: Final = (os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
+
+_TUN_DEVICE: Final = "/dev/net/tun"
+_IFF_TAP: Final = 0x0002  # the flags pyroute2's kind="tuntap", mode="tap" sets
+_IFF_TUN_EXCL: Final = 0x8000  # TUNSETIFF fails with EBUSY when the name exists
+_IFREQ: Final = struct.Struct("16sH22x")  # struct ifreq: name, ifr_flags, rest of the union
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +99,7 @@ class Link:
 
 
 def _message(err: BaseException) -> str:
-    code = getattr(err, "code", None)
+    code = err.errno if isinstance(err, OSError) else getattr(err, "code", None)
     if isinstance(code, int) and code > 0:
         text = os.strerror(code)
         if code == errno.EPERM:
@@ -87,11 +142,16 @@ class Netlink:
                 "no '/' or blanks)"
             )
         if await self.link(name) is not None:
-            # TUNSETIFF would quietly attach to an existing persistent tap.
+            # Said early and for any kind of interface; TUNSETIFF below refuses
+            # an existing name too (IFF_TUN_EXCL), not attaching to it.
             raise HotplugError(f"interface {name} exists already")
         try:
-            await self._ipr.link("add", ifname=name, kind="tuntap", mode="tap", uid=uid, gid=gid)
-        except Exception as err:
+            _make_tap(name, uid=uid, gid=gid)
+        except OSError as err:
+            if err.errno == errno.EBUSY:
+                # Made since the look-up, by a toolstack not under our lock
+                # (another user's): the kernel refused to attach to it.
+                raise HotplugError(f"interface {name} exists already") from err
             raise HotplugError(f"tap {name}: cannot create it: {_message(err)}") from err
         made = await self.link(name)
         if made is None:
@@ -152,49 +212,164 @@ async def netlink() -> AsyncIterator[Netlink]:
         ipr.close()
 
 
+def _make_tap(name: str, *, uid: int, gid: int) -> None:
+    """Create persistent tap ``name`` owned by ``uid``/``gid``; EBUSY when the name exists.
+
+    ``IFF_TUN_EXCL`` makes ``TUNSETIFF`` fail on an existing device instead of
+    attaching to it.  A failure after ``TUNSETIFF`` leaves nothing: the tap
+    is persistent only after the last ioctl, and goes with the descriptor.
+    """
+    from pyroute2.netlink.rtnl.ifinfmsg import tuntap  # the ioctl numbers of this machine
+
+    if tuntap.TUNSETIFF is None:
+        raise OSError(errno.EOPNOTSUPP, "pyroute2 knows no TUNSETIFF for this architecture")
+    fd = os.open(_TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, tuntap.TUNSETIFF, _IFREQ.pack(os.fsencode(name), _IFF_TAP | _IFF_TUN_EXCL))
+        fcntl.ioctl(fd, tuntap.TUNSETOWNER, uid)
+        fcntl.ioctl(fd, tuntap.TUNSETGROUP, gid)
+        fcntl.ioctl(fd, tuntap.TUNSETPERSIST, 1)
+    finally:
+        os.close(fd)
+
+
+def _home() -> Path | None:
+    """This user's home directory from the password database (not ``$HOME``)."""
+    try:
+        return Path(pwd.getpwuid(os.geteuid()).pw_dir)
+    except KeyError:
+        return None
+
+
+def _is_private(path: Path) -> bool:
+    """A real directory of this user that nobody else may enter (as logind makes them)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def _private_dir(path: Path, *, parents: bool = False) -> Path:
+    """``path`` as a 0700 directory of this user: made, or checked with ``lstat``.
+
+    An existing directory of this user is tightened to 0700 (only this user,
+    or root, could have loosened it); a symlink, a non-directory or another
+    user's directory is refused.  Its parent must be writable by this user
+    (or root) alone, so nothing can be swapped in after the check: /run, a
+    home directory.  The same rules as ``xenlab.vm.store.private_dir``
+    (this room does not import ``vm``), raising :class:`HotplugError`.
+    """
+    where = f"hotplug lock directory {path}"
+    try:
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise HotplugError(f"{where}: cannot create it: {err.strerror or err}") from err
+    try:
+        st = os.lstat(path)
+    except OSError as err:
+        raise HotplugError(f"{where}: {err.strerror or err}") from err
+    if stat.S_ISLNK(st.st_mode):
+        raise HotplugError(f"{where}: is a symbolic link; the lock is kept only in a real "
+                           "directory of this user's")
+    if not stat.S_ISDIR(st.st_mode):
+        raise HotplugError(f"{where}: is {file_kind(st.st_mode)}, not a directory")
+    if st.st_uid != os.geteuid():
+        raise HotplugError(f"{where}: belongs to uid {st.st_uid}, not to this user "
+                           f"({os.geteuid()})")
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as err:
+            raise HotplugError(f"{where}: cannot make it private: {err.strerror or err}"
+                               ) from err
+    return path
+
+
 def _lock_path() -> Path:
-    run = Path("/run/lock")
-    if os.access(run, os.W_OK):
-        return run / _LOCK_NAME
-    return Path(tempfile.gettempdir()) / f"{_LOCK_NAME}.{os.getuid()}"
+    """Where this user's hotplug lock is (see the module notes); its directory made or checked.
+
+    :raise HotplugError: no private directory for it, naming what was tried.
+    """
+    euid = os.geteuid()
+    if euid == 0:
+        return _private_dir(_ROOT_LOCK_DIR) / _LOCK_FILE
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    login = Path(f"/run/user/{euid}")
+    for runtime in (xdg, login):
+        if runtime and os.path.isabs(runtime) and _is_private(Path(runtime)):
+            return Path(runtime) / _RUNTIME_LOCK_FILE
+    home = _home()
+    if home is not None and home.is_absolute() and home.is_dir():
+        return _private_dir(home / ".local" / "state" / "xenlab", parents=True) / _LOCK_FILE
+    tried = ("$XDG_RUNTIME_DIR is unset" if not xdg else
+             f"$XDG_RUNTIME_DIR ({xdg}) is not a private directory of this user's")
+    nohome = ("this user has no home directory in the password database" if home is None
+              else f"the home directory {home} does not exist")
+    raise HotplugError(f"hotplug lock: no private directory for it: {tried}, {login} is not a "
+                       f"private directory of this user's, and {nohome}; set "
+                       "XDG_RUNTIME_DIR to a directory only this user can enter")
 
 
 def _open_lock(path: Path) -> int:
-    """A read-only descriptor on the lock file, made if missing (flock needs no write access).
+    """A descriptor on the lock file (made 0600 if missing), judged by ``fstat``.
 
-    Read-only because another user may own the file (0644 after their
-    umask).  An existing file is opened without O_CREAT: a sticky /run/lock
-    under fs.protected_regular refuses O_CREAT on another user's file.
+    Never blocks (``O_NONBLOCK``: a FIFO opens at once and is refused),
+    never follows a symlink (``O_NOFOLLOW``), and locks only a regular file
+    of this user with one name: anything else could be another user's (who
+    could then hold it) or a file the lock was not meant for.
+
+    :raise HotplugError: naming the file and what is wrong with it.
     """
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        pass
+        fd = os.open(path, _LOCK_OPEN, 0o600)
+    except OSError as err:
+        if err.errno == errno.ELOOP and os.path.islink(path):
+            raise HotplugError(f"hotplug lock {path}: is a symbolic link; the lock is only "
+                               "taken on a regular file") from err
+        raise HotplugError(f"hotplug lock {path}: cannot open it: {err.strerror or err}"
+                           ) from err
     try:
-        return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except PermissionError:
-        # Another user made it between the two opens (protected_regular).
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise HotplugError(f"hotplug lock {path}: is {file_kind(st.st_mode)}, not a "
+                               "regular file; remove it")
+        if st.st_uid != os.geteuid():
+            raise HotplugError(f"hotplug lock {path}: belongs to uid {st.st_uid}, not to this "
+                               f"user ({os.geteuid()}); refusing to share a lock with it")
+        if st.st_nlink != 1:
+            raise HotplugError(f"hotplug lock {path}: has {st.st_nlink} names (a hard link to "
+                               "another file?); remove it")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @contextlib.asynccontextmanager
 async def host_lock(timeout: float = 30.0, *, path: Path | None = None) -> AsyncIterator[None]:
-    """The host-wide hotplug lock: choosing a free name and creating it is one step.
+    """This user's hotplug lock: choosing a free tap name and making the tap is one step.
 
     Interface names are one namespace per host while domain ids are one per
     state store, so toolstacks on other state directories race for the same
-    names; an flock on a file in /run/lock serialises them (``path`` is for
-    tests).  Any user's toolstack can take it: the file is opened read-only.
+    names; an ``flock`` on a file only this user can open serialises this
+    user's xenlab processes (the module notes say where it is, and why root
+    and other users, each on their own lock, still cannot end up sharing a
+    tap).  ``path`` is for tests: it is opened and judged the same way, its
+    directory is not checked.
 
-    :raise HotplugError: the lock file cannot be opened or made (naming it),
-        or the lock is still held after ``timeout`` seconds.
+    :raise HotplugError: no private place for the lock, the lock file cannot
+        be opened or made or is not a regular file of this user's (naming
+        it), or the lock is still held after ``timeout`` seconds.
     """
     path = _lock_path() if path is None else path
-    try:
-        fd = _open_lock(path)
-    except OSError as err:
-        raise HotplugError(f"hotplug lock {path}: cannot open it: {err.strerror or err}"
-                           ) from err
+    fd = _open_lock(path)
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
