@@ -30,9 +30,11 @@ does the same for xenlab's QEMU guests, behind one small API::
   script's stderr is quoted, and nothing is left behind.
 
 Which library does what
-    pyroute2 (``AsyncIPRoute``) does all netlink: looking links up, making
-    taps (its ``tuntap`` kind wraps the TUNSETIFF/TUNSETOWNER/TUNSETPERSIST
-    ioctls), MTU, bridge ports, link state, routes (``netlink``).  User
+    pyroute2 (``AsyncIPRoute``) does all netlink: looking links up, MTU,
+    bridge ports, link state, routes (``netlink``).  Taps are made by
+    ``netlink`` itself with pyroute2's ioctl numbers, because pyroute2's
+    ``tuntap`` kind cannot pass ``IFF_TUN_EXCL`` (a tap of that name made
+    meanwhile by another toolstack is refused, never shared).  User
     scripts run through asyncio subprocesses.  Nothing here starts QEMU or
     reads the state store: ``xenlab.vm`` calls this room, never the reverse.
 

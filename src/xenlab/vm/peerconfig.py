@@ -48,7 +48,7 @@ from xenlab.config import Op, Value, parse
 from xenlab.config.errors import ConfigError
 from xenlab.config.specs.disk import DiskFormat, parse_disk
 from xenlab.config.specs.vif import parse_vif
-from xenlab.errors import XenlabError
+from xenlab.errors import FormatError, XenlabError
 from xenlab.vm.domconfig import check_domain_name, config_from_text
 from xenlab.vm.imagecheck import UnsafeImageError, check_disk_image
 from xenlab.vm.saveimage import DiskMove, SaveHeader, header_from_json
@@ -199,7 +199,11 @@ def check_request(prep: Mapping[str, Any], *, peer: str, overrides: Sequence[str
     :raise XenlabError: a field of the wrong type or out of bounds.
     """
     where = f"migration from {peer}"
-    header = header_from_json(prep.get("header"), where)
+    try:
+        header = header_from_json(prep.get("header"), where)
+    except FormatError as err:
+        # A message on the wire has no offset worth showing.
+        raise XenlabError(f"{where}: {err.field}: {err.detail}") from None
     with_storage = prep.get("with_storage", False)
     if not isinstance(with_storage, bool):
         raise XenlabError(f"{where}: with_storage is {_kind(with_storage)}, expected a boolean")
