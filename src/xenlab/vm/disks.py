@@ -49,7 +49,7 @@ from xenlab.vm.domconfig import (
 from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
 from xenlab.vm.jobs import Job
 from xenlab.vm.qemu import blockdev_nodes, check_disk, disk_device, disk_slot
-from xenlab.vm.qemuimg import driver
+from xenlab.vm.qemuimg import driver, remove_own
 from xenlab.vm.qmp import CommandError, Qmp
 from xenlab.vm.qmp import run as _run
 from xenlab.vm.store import DomainRecord, is_alive
@@ -226,7 +226,7 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
                 _run(go())
             except BaseException:
                 if create:
-                    Path(target).unlink(missing_ok=True)
+                    remove_own(target)
                 raise
             rec = _attached(ts, rec, disk)
     return next(i for i in block_list(ts, rec.name) if i.vdev == disk.vdev)
@@ -257,7 +257,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
     created = job.detail.get("created")
     if rec.state == SHUTOFF or not is_alive(rec):
         if isinstance(created, str):
-            Path(created).unlink(missing_ok=True)
+            remove_own(created)
         return rec
 
     async def look() -> bool:
@@ -274,7 +274,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
                     "the disk, and the record now lists it", where)
     else:
         if isinstance(created, str):
-            Path(created).unlink(missing_ok=True)
+            remove_own(created)
         log.warning("%s: an attach killed before QEMU had the device is undone", where)
     return rec
 

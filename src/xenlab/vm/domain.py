@@ -189,6 +189,15 @@ class Toolstack:
             if rec.name != name:
                 continue
             if rec.state == SHUTOFF and not is_alive(rec):
+                dead = job_of(rec)
+                if dead is not None and not dead.owner_alive():
+                    # What a killed command left (a shut-off mirror's copy) is
+                    # settled first: it may change which files the domain runs on.
+                    with self.store.lock(rec.domid):
+                        kept = self.converge(self.store.get(rec.domid))
+                    if kept is None:
+                        continue
+                    rec = kept
                 old = rec  # a shut-off domain kept for its snapshots: start it again
                 continue
             job = job_of(rec)

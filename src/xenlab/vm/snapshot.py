@@ -268,8 +268,8 @@ def prune(ts: Toolstack, domid: int, candidates: set[str]) -> list[str]:
         needed.update(backing_chain(r, fmt) or [os.path.realpath(r)])
     removed = []
     for real in sorted(maybe - needed):
-        Path(real).unlink()
-        removed.append(real)
+        if qemuimg.remove_own(real):
+            removed.append(real)
     return removed
 
 
@@ -453,22 +453,24 @@ async def _take_disks(qmp: Qmp, pairs: Sequence[Pair], snap: str, state: str,
                       timeout: float) -> None:
     """Take every disk at one instant: one transaction, or one by one with the guest paused."""
     actions = []
-    for e, b in pairs:
-        a = b.action(e, snap, await node_of(qmp, e["file"], e["node"]))
-        if a is None:
-            break
-        actions.append(a)
-    else:
-        try:
+    try:
+        # action() claims a layered disk's overlay file: built inside the try,
+        # so a failure on a later disk takes the earlier claims back.
+        for e, b in pairs:
+            a = b.action(e, snap, await node_of(qmp, e["file"], e["node"]))
+            if a is None:
+                break
+            actions.append(a)
+        else:
             await qmp.execute("transaction", {"actions": actions}, timeout=timeout)
             faults.point("snapshot-create.switched")
-        except BaseException:
-            # A transaction that failed switched nothing: drop new overlay files.
-            for e, b in pairs:
-                if b.layered:
-                    await b.discard(e, snap, None)
-            raise
-        return
+            return
+    except BaseException:
+        # A transaction that failed switched nothing: drop new overlay files.
+        for e, b in pairs:
+            if b.layered:
+                await b.discard(e, snap, None)
+        raise
     if state == "running":
         await qmp.execute("stop")
     done: list[Pair] = []
@@ -724,7 +726,7 @@ def revert_disks(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord,
                 moved[e["vdev"]] = top
     except BaseException:
         for top in moved.values():
-            Path(top["file"]).unlink(missing_ok=True)
+            qemuimg.remove_own(top["file"])
         raise
     set_tops(ts, rec.domid, moved)
     return {v: old[v] for v in moved if v in old}
@@ -773,7 +775,7 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
         set_tops(ts, rec.domid, {v: {"file": p, "node": f"{v}-fmt"}
                                   for v, p in previous.items()})
         for path in new.values():
-            Path(path).unlink(missing_ok=True)
+            qemuimg.remove_own(path)
         raise
     prune(ts, rec.domid, set(previous.values()))
     return ts.store.patch(rec.domid, state="running" if go else "paused")
