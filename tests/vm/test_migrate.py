@@ -768,3 +768,11 @@ disk = [ "format=qcow2,vdev=xvda,access=rw,target={tmp_path / 'g1.qcow2'}",
     with pytest.raises(BackendError, match=r"qemu-img snapshot .*lock"):
         mig.restore(ts, tmp_path / "g1.save")
     assert ts.store.list() == []
+
+
+def test_local_storage_migration_without_other_disk_paths_is_refused(tmp_path: Path) -> None:
+    """It started the destination and then failed with "Block node is read-only"."""
+    src, dst = Toolstack(tmp_path / "a"), Toolstack(tmp_path / "b")
+    with pytest.raises(XenlabError, match="needs other disk paths for the destination"):
+        mig.migrate(src, "any", dst, with_storage=True)
+    assert dst.store.list() == []

@@ -216,6 +216,13 @@ def migrate(
         paused here).
     """
     started = time.monotonic()
+    if isinstance(dest, Toolstack) and with_storage and not dest_overrides:
+        # Both ends would open the same files: the export is refused ("Block node
+        # is read-only") after the destination QEMU started.
+        raise XenlabError(
+            f"migrate {name} --with-storage to a toolstack on this host needs other disk "
+            "paths for the destination (dest_overrides); on the command line, use "
+            "`xenlab vm receive --listen ... 'disk=[...]'` there and `migrate HOST:PORT` here")
     if not isinstance(dest, Toolstack):
         parse_address(dest)
         if not token:
