@@ -75,6 +75,7 @@ def _seed(head: bytes) -> int:
 def _fields(**change: object) -> dict[str, object]:
     fields: dict[str, object] = {k: getattr(HEADER, k) for k in SaveHeader.__slots__}
     fields.update(disk_snapshots=[], disk_paths={}, overlays={})
+    fields.pop("vcpus_plugged")  # written only when vcpu-set plugged some
     fields.update(change)
     return fields
 
@@ -408,3 +409,17 @@ def test_bare_streams(tmp_path: Path) -> None:
         si.check_stream_file(good)
     with pytest.raises(XenlabError, match="cannot read"):
         si.check_stream_file(tmp_path / "missing.mem")
+
+
+def test_plugged_vcpus_are_carried_and_checked() -> None:
+    from dataclasses import replace
+
+    header = replace(HEADER, vcpus_plugged=3)
+    head = pack_header(header)
+    assert head == _v4_head(_fields(vcpus_plugged=3))
+    assert parse_header(head + SMALL + _tail(SMALL, _seed(head)))[0] == header
+    for bad in (0, -1, 2000, True, "3", 1.5):
+        body = _v4_head(_fields(vcpus_plugged=bad))
+        with pytest.raises(FormatError, match="vcpus_plugged"):
+            parse_header(body + SMALL + _tail(SMALL, _seed(body)))
+

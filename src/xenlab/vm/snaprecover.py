@@ -435,6 +435,9 @@ def _recover_incoming_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: s
 
     async def status() -> str:
         async with Qmp.open(ts.paths(rec).qmp) as qmp:
+            now = str((await vmstate.query_migrate(qmp)).get("status", "none"))
+            if now not in vmstate.ACTIVE:
+                return now  # never started ("none"), or over: nothing to wait for
             try:
                 return await wait_migration(qmp, {"completed"}, _SETTLE, "loading the memory")
             except BackendError:
