@@ -5,6 +5,8 @@
 #                   snapshot it, boot a VGA BIOS as a guest's display, compare
 #                   schedulers in the simulator)
 #   ./dev.sh test   set up, then run ruff, mypy and the test suite
+#   ./dev.sh crash  set up, then SIGKILL every verb at every fault point (the default
+#                   tests kill at a few points per verb)
 #   ./dev.sh bench  set up, then run every benchmark under bench/
 # Setup is idempotent: system packages via apt-get (when root and missing),
 # a venv in .venv via pip.
@@ -89,12 +91,19 @@ case "$cmd" in
     shift || true
     .venv/bin/pytest -q "$@"
     ;;
+  crash)
+    # Every fault point of every verb (the default suite kills at a few per verb).
+    setup
+    shift || true
+    XENLAB_CRASH_ALL=1 .venv/bin/pytest -q tests/vm/test_crash_points.py \
+        tests/vm/test_mirror_crash.py "$@"
+    ;;
   bench)
     setup
     for b in bench/[!_]*.py; do .venv/bin/python "$b"; done
     ;;
   *)
-    echo "usage: $0 run|test|bench" >&2
+    echo "usage: $0 run|test|crash|bench" >&2
     exit 2
     ;;
 esac

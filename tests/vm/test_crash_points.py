@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.vm.guests import boot, clear, read_marker, write_config, write_marker
-from tests.vm.truth import check_truth, converge, killed_at, qemus_named, xenlab
+from tests.vm.truth import check_truth, converge, killed_at, points, qemus_named, xenlab
 from xenlab.vm import qemuimg
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.store import SnapshotState
@@ -52,7 +52,7 @@ def reset(ts: Toolstack) -> None:
 CREATE = ["create.recorded", "create.rundir", "create.vifs", "create.spawned"]
 
 
-@pytest.mark.parametrize("point", CREATE)
+@pytest.mark.parametrize("point", points(CREATE, ["create.rundir", "create.spawned"]))
 def test_create(guest: tuple[Toolstack, Path], point: str) -> None:
     ts, tmp = guest
     cfg = write_config(tmp, "xcrashc", memory=64, maxmem=None, vcpus=1, mkfs=False)
@@ -73,7 +73,8 @@ INTERNAL = ["snapshot-create.job", "snapshot-create.row", "job.snapshot-save.sta
             "snapshot-create.taken"]
 
 
-@pytest.mark.parametrize("point", INTERNAL)
+@pytest.mark.parametrize("point", points(
+    INTERNAL, ["job.snapshot-save.started", "snapshot-create.taken"]))
 def test_snapshot_create_internal(guest: tuple[Toolstack, Path], point: str) -> None:
     ts, _ = guest
     reset(ts)
@@ -97,7 +98,8 @@ EXTERNAL = ["snapshot-create.job", "snapshot-create.row", "snapshot-create.stopp
             "snapshot-create.taken"]
 
 
-@pytest.mark.parametrize("point", EXTERNAL)
+@pytest.mark.parametrize("point", points(
+    EXTERNAL, ["snapshot-create.switched", "vmstate.migrating", "snapshot-create.memory-done"]))
 def test_snapshot_create_external_with_memory(guest: tuple[Toolstack, Path], point: str
                                               ) -> None:
     ts, _ = guest
@@ -130,7 +132,8 @@ REVERT = ["snapshot-revert.job", "snapshot-revert.killed", "snapshot-revert.disk
           "incoming.recorded", "incoming.spawned", "snapshot-revert.loading"]
 
 
-@pytest.mark.parametrize("point", REVERT)
+@pytest.mark.parametrize("point", points(
+    REVERT, ["snapshot-revert.disks", "incoming.spawned", "snapshot-revert.loading"]))
 def test_snapshot_revert_external(guest: tuple[Toolstack, Path], point: str) -> None:
     ts, _ = guest
     reset(ts)
@@ -152,7 +155,7 @@ DELETE = ["snapshot-delete.deleting", "snapshot-delete.commit-started",
           "snapshot-delete.disks-done"]
 
 
-@pytest.mark.parametrize("point", DELETE)
+@pytest.mark.parametrize("point", points(DELETE, ["snapshot-delete.commit-started"]))
 def test_snapshot_delete_external(guest: tuple[Toolstack, Path], point: str) -> None:
     ts, _ = guest
     reset(ts)
@@ -168,7 +171,8 @@ def test_snapshot_delete_external(guest: tuple[Toolstack, Path], point: str) -> 
 ATTACH = ["block-attach.job", "block-attach.node-added", "block-attach.device-added"]
 
 
-@pytest.mark.parametrize("point", ATTACH)
+@pytest.mark.parametrize("point", points(
+    ATTACH, ["block-attach.node-added", "block-attach.device-added"]))
 def test_block_attach(guest: tuple[Toolstack, Path], point: str) -> None:
     ts, tmp = guest
     reset(ts)
@@ -194,7 +198,7 @@ def test_block_attach(guest: tuple[Toolstack, Path], point: str) -> None:
 SAVE = ["save.job", "save.header", "vmstate.migrating", "save.committed", "save.quit"]
 
 
-@pytest.mark.parametrize("point", SAVE)
+@pytest.mark.parametrize("point", points(SAVE, ["vmstate.migrating", "save.committed"]))
 def test_save(guest: tuple[Toolstack, Path], point: str) -> None:
     ts, tmp = guest
     reset(ts)
@@ -221,7 +225,8 @@ def test_save(guest: tuple[Toolstack, Path], point: str) -> None:
 MIGRATE = ["migrate.job", "migrate.streamed", "migrate.handing-over", "migrate.handed-over"]
 
 
-@pytest.mark.parametrize("point", MIGRATE)
+@pytest.mark.parametrize("point", points(
+    MIGRATE, ["migrate.streamed", "migrate.handing-over", "migrate.handed-over"]))
 def test_local_migrate(guest: tuple[Toolstack, Path], point: str) -> None:
     """Whatever the point, exactly one copy of the guest runs after the next commands."""
     ts, tmp = guest
@@ -277,8 +282,9 @@ def test_save_snapshot_killed_mid_stream(guest: tuple[Toolstack, Path]) -> None:
     assert not [t for t in qemuimg.snapshot_tags(disk) if t.startswith("xenlab-save-")]
 
 
-@pytest.mark.parametrize("point", ["vmstate.migrating", "snapshot-create.switched",
-                                   "snapshot-create.memory-done"])
+@pytest.mark.parametrize("point", points(
+    ["vmstate.migrating", "snapshot-create.switched", "snapshot-create.memory-done"],
+    ["vmstate.migrating"]))
 def test_snapshot_create_live(guest: tuple[Toolstack, Path], point: str) -> None:
     """A --live memory snapshot killed mid-migration left the guest frozen at switch-over."""
     ts, _ = guest
@@ -302,7 +308,8 @@ NET_ATTACH = ["network-attach.host-end", "network-attach.netdev-added",
               "network-attach.device-added"]
 
 
-@pytest.mark.parametrize("point", NET_ATTACH)
+@pytest.mark.parametrize("point", points(
+    NET_ATTACH, ["network-attach.netdev-added", "network-attach.device-added"]))
 def test_network_attach(guest: tuple[Toolstack, Path], point: str) -> None:
     """A NIC in QEMU but not in the record: no verb could manage it, and a save of the
     guest could not be restored."""

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from xenlab.vm import qemuimg
@@ -109,4 +110,13 @@ def check_truth(ts: Toolstack, names: set[str]) -> None:
             result = qemuimg.check(d.file, d.format)
             assert not result.corrupt and (result.ok or is_alive(rec)), result.message
 
+
+def points(every: Sequence[str], default: Sequence[str]) -> list[str]:
+    """The fault points a crash test kills at: ``default`` (a few per verb, the
+    steps whose recovery differs), or ``every`` one with ``XENLAB_CRASH_ALL=1``
+    (``./dev.sh crash``) — the default suite stays short, the whole matrix runs
+    on demand."""
+    missing = set(default) - set(every)
+    assert not missing, missing
+    return list(every) if os.environ.get("XENLAB_CRASH_ALL") == "1" else list(default)
 
