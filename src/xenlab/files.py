@@ -50,6 +50,7 @@ __all__ = [
     "FileReadError",
     "InputTooLargeError",
     "file_kind",
+    "private_dir",
     "read_bounded",
     "read_text_bounded",
 ]
@@ -228,3 +229,48 @@ def read_text_bounded(path: str | Path, limit: int = CONFIG_LIMIT, *, what: str 
     """:func:`read_bounded` as text: UTF-8, undecodable bytes kept as surrogates."""
     data = read_bounded(path, limit, what=what, wait=wait, name=name)
     return data.decode("utf-8", "surrogateescape")
+
+
+def private_dir(path: Path, *, create: bool = True,
+                error: type[XenlabError] = XenlabError, what: str = "") -> Path:
+    """Make sure ``path`` is a directory only this user can enter (0700); returns it.
+
+    Created 0700 when missing (parents too, as ``mkdir -p`` with umask 077);
+    an existing one of ours is tightened to 0700 (only this user, or root,
+    could have loosened it).  A symlink, a non-directory or a directory owned
+    by another user is refused: whoever owns it could replace the files we
+    trust there.  Its parent should be writable by this user (or root) alone,
+    so nothing can be swapped in after the check.
+
+    :raise error: naming the path (after ``what``, e.g. "hotplug lock directory ")
+        and what is wrong with it (``StateError`` for the state store,
+        ``HotplugError`` for the hotplug lock...).
+    """
+    name = f"{what}{path}"
+    if create:
+        old = os.umask(0o077)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise error(f"{name}: cannot create: {err.strerror or err}") from err
+        finally:
+            os.umask(old)
+    try:
+        st = os.lstat(path)
+    except OSError as err:
+        raise error(f"{name}: {err.strerror or err}") from err
+    if stat.S_ISLNK(st.st_mode):
+        raise error(f"{name}: is a symbolic link; xenlab keeps private files only in a "
+                    "real directory of its own")
+    if not stat.S_ISDIR(st.st_mode):
+        raise error(f"{name}: is not a directory")
+    if st.st_uid != os.geteuid():
+        raise error(f"{name}: belongs to uid {st.st_uid}, not to this user "
+                    f"({os.geteuid()}); refusing to keep private files there")
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as err:
+            raise error(f"{name}: cannot make private: {err.strerror or err}") from err
+    return path
+

@@ -235,7 +235,8 @@ def test_another_users_lock_directory_is_refused(root_dir: Path) -> None:
     with pytest.raises(HotplugError) as err:
         _take(1.0)
     assert str(err.value) == (f"hotplug lock directory {root_dir}: belongs to uid {NOBODY}, "
-                              f"not to this user ({os.geteuid()})")
+                              f"not to this user ({os.geteuid()}); refusing to keep private "
+                              "files there")
     assert not (root_dir / "hotplug.lock").exists()
 
 
@@ -295,8 +296,8 @@ def test_a_symlink_as_the_lock_directory_is_refused(shared_dir: Path, root_dir: 
     root_dir.symlink_to(real)
     with pytest.raises(HotplugError) as err:
         _take(1.0)
-    assert str(err.value) == (f"hotplug lock directory {root_dir}: is a symbolic link; the "
-                              "lock is kept only in a real directory of this user's")
+    assert str(err.value) == (f"hotplug lock directory {root_dir}: is a symbolic link; "
+                              "xenlab keeps private files only in a real directory of its own")
     assert list(real.iterdir()) == []
 
 

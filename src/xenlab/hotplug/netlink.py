@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from xenlab.files import file_kind
+from xenlab.files import file_kind, private_dir
 from xenlab.hotplug.device import IFNAMSIZ, HotplugError
 
 __all__ = ["Link", "Netlink", "host_lock", "netlink"]
@@ -251,43 +251,14 @@ def _is_private(path: Path) -> bool:
 
 
 def _private_dir(path: Path, *, parents: bool = False) -> Path:
-    """``path`` as a 0700 directory of this user: made, or checked with ``lstat``.
+    """``path`` as a 0700 directory of this user (:func:`xenlab.files.private_dir`).
 
-    An existing directory of this user is tightened to 0700 (only this user,
-    or root, could have loosened it); a symlink, a non-directory or another
-    user's directory is refused.  Its parent must be writable by this user
-    (or root) alone, so nothing can be swapped in after the check: /run, a
-    home directory.  The same rules as ``xenlab.vm.store.private_dir``
-    (this room does not import ``vm``), raising :class:`HotplugError`.
+    Its parent must be writable by this user (or root) alone (/run, a home
+    directory); ``parents`` makes missing parents too (0700).
     """
-    where = f"hotplug lock directory {path}"
-    try:
-        if parents:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as err:
-        raise HotplugError(f"{where}: cannot create it: {err.strerror or err}") from err
-    try:
-        st = os.lstat(path)
-    except OSError as err:
-        raise HotplugError(f"{where}: {err.strerror or err}") from err
-    if stat.S_ISLNK(st.st_mode):
-        raise HotplugError(f"{where}: is a symbolic link; the lock is kept only in a real "
-                           "directory of this user's")
-    if not stat.S_ISDIR(st.st_mode):
-        raise HotplugError(f"{where}: is {file_kind(st.st_mode)}, not a directory")
-    if st.st_uid != os.geteuid():
-        raise HotplugError(f"{where}: belongs to uid {st.st_uid}, not to this user "
-                           f"({os.geteuid()})")
-    if st.st_mode & 0o077:
-        try:
-            os.chmod(path, 0o700)
-        except OSError as err:
-            raise HotplugError(f"{where}: cannot make it private: {err.strerror or err}"
-                               ) from err
-    return path
+    if not parents and not path.parent.is_dir():
+        raise HotplugError(f"hotplug lock directory {path}: {path.parent} does not exist")
+    return private_dir(path, error=HotplugError, what="hotplug lock directory ")
 
 
 def _lock_path() -> Path:

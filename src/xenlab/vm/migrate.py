@@ -37,7 +37,7 @@ import logging
 import shutil
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -707,21 +707,32 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
     return ts.store.patch(rec.domid, state="running" if state == "running" else "paused")
 
 
-def _destination_undo(job: Job, uuid: str) -> None:
-    """A local destination's half-received copy of the guest is undone (it never ran)."""
+@contextlib.contextmanager
+def _local_dest(job: Job) -> Iterator[Toolstack | None]:
+    """The destination toolstack of a killed local migration, or None (another host)."""
     if not job.detail.get("local"):
+        yield None
         return
     try:
         dest = Toolstack(Path(str(job.detail.get("dest"))))
     except XenlabError:
+        yield None
         return
     try:
+        yield dest
+    finally:
+        dest.store.close()
+
+
+def _destination_undo(job: Job, uuid: str) -> None:
+    """A local destination's half-received copy of the guest is undone (it never ran)."""
+    with _local_dest(job) as dest:
+        if dest is None:
+            return
         for r in dest.store.list():
             if r.uuid == uuid and r.state == "incoming":
                 with contextlib.suppress(XenlabError), dest.locked(str(r.domid)):
                     pass  # taking it converges it: a dead migration's incoming copy goes
-    finally:
-        dest.store.close()
 
 
 async def _nbd_nodes(qmp: Qmp) -> list[str]:
@@ -732,41 +743,32 @@ async def _nbd_nodes(qmp: Qmp) -> list[str]:
 
 def _snapshots_follow(ts: Toolstack, rec: DomainRecord, job: Job) -> None:
     """A local destination gets the snapshot tree the killed migration had not copied yet."""
-    if not job.detail.get("local") or not ts.store.list_snapshots(rec.domid):
+    if not ts.store.list_snapshots(rec.domid):
         return
-    try:
-        dest = Toolstack(Path(str(job.detail.get("dest"))))
-    except XenlabError:
-        return
-    try:
+    with _local_dest(job) as dest:
+        if dest is None:
+            return
         for r in dest.store.list():
             if r.uuid == rec.uuid:
                 _copy_snapshots(ts, dest, rec, r)
                 _log.warning("domain %s: its snapshots follow it to %s", rec.name,
                              job.detail.get("dest"))
-    finally:
-        dest.store.close()
 
 
 def _destination_runs(job: Job, uuid: str) -> bool | None:
     """Whether the destination runs the guest: True, False, or None when it cannot be told."""
-    if not job.detail.get("local"):
-        return None
-    try:
-        dest = Toolstack(Path(str(job.detail.get("dest"))))
-    except XenlabError:
-        return None
-    try:
-        for r in dest.store.list():
-            if r.uuid != uuid or not is_alive(r):
-                continue
-            if r.state in ("running", "paused"):
-                return True
-            # Still "incoming": it ran only if QEMU says so.
-            return bool(_run(dest.qemu_status(dest.paths(r), timeout=2.0)) == "running")
-        return False
-    except XenlabError:
-        return None
-    finally:
-        dest.store.close()
+    with _local_dest(job) as dest:
+        if dest is None:
+            return None
+        try:
+            for r in dest.store.list():
+                if r.uuid != uuid or not is_alive(r):
+                    continue
+                if r.state in ("running", "paused"):
+                    return True
+                # Still "incoming": it ran only if QEMU says so.
+                return bool(_run(dest.qemu_status(dest.paths(r), timeout=2.0)) == "running")
+            return False
+        except XenlabError:
+            return None
 

@@ -43,7 +43,6 @@ import functools
 import json
 import os
 import sqlite3
-import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -51,6 +50,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+from xenlab import files
 from xenlab.errors import StateError, XenlabError
 
 __all__ = [
@@ -117,41 +117,8 @@ def _sql_errors(fn: Callable[_P, _T]) -> Callable[_P, _T]:
 
 
 def private_dir(path: Path, *, create: bool = True) -> Path:
-    """Make sure ``path`` is a directory only this user can enter (0700); returns it.
-
-    Created 0700 when missing (parents too, as ``mkdir -p`` with umask 077);
-    an existing one of ours is tightened to 0700.  A symlink, a non-directory
-    or a directory owned by another user is refused: whoever owns it could
-    replace the files we trust there.
-
-    :raise StateError: naming the path and what is wrong with it.
-    """
-    if create:
-        old = os.umask(0o077)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise StateError(f"{path}: cannot create: {err.strerror or err}") from err
-        finally:
-            os.umask(old)
-    try:
-        st = os.lstat(path)
-    except OSError as err:
-        raise StateError(f"{path}: {err.strerror or err}") from err
-    if stat.S_ISLNK(st.st_mode):
-        raise StateError(f"{path}: is a symbolic link; xenlab keeps its state only in a "
-                         "real directory of its own")
-    if not stat.S_ISDIR(st.st_mode):
-        raise StateError(f"{path}: is not a directory")
-    if st.st_uid != os.geteuid():
-        raise StateError(f"{path}: belongs to uid {st.st_uid}, not to this user "
-                         f"({os.geteuid()}); refusing to keep state there")
-    if st.st_mode & 0o077:
-        try:
-            os.chmod(path, 0o700)
-        except OSError as err:
-            raise StateError(f"{path}: cannot make private: {err.strerror or err}") from err
-    return path
+    """:func:`xenlab.files.private_dir`, refusing with :class:`StateError`."""
+    return files.private_dir(path, create=create, error=StateError)
 
 
 def default_state_dir() -> Path:
