@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -75,6 +76,29 @@ def _take(timeout: float = 1.0, path: Path | None = None) -> str:
     return "taken"
 
 
+def _run_as_child(fn: Callable[[], str], w: int, *, uid: int | None,
+                  env: dict[str, str | None] | None) -> NoReturn:  # pragma: no cover
+    """In a forked child: set ``env`` and ``uid``, run ``fn``, write what it returned
+    (or ``"Type: message"``) to ``w``, exit."""
+    out = "?"
+    try:
+        for key, value in (env or {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        out = fn()
+    except BaseException as err:
+        out = f"{type(err).__name__}: {err}"
+    finally:
+        os.write(w, out.encode())
+        os._exit(0)
+
+
 def _child(fn: Callable[[], str], *, uid: int | None = None,
            env: dict[str, str | None] | None = None, limit: float = 10.0) -> str | None:
     """What ``fn`` returned in a forked child (as ``uid``, with ``env`` changes).
@@ -86,23 +110,7 @@ def _child(fn: Callable[[], str], *, uid: int | None = None,
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         os.close(r)
-        out = "?"
-        try:
-            for key, value in (env or {}).items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            if uid is not None:
-                os.setgroups([])
-                os.setgid(uid)
-                os.setuid(uid)
-            out = fn()
-        except BaseException as err:
-            out = f"{type(err).__name__}: {err}"
-        finally:
-            os.write(w, out.encode())
-            os._exit(0)
+        _run_as_child(fn, w, uid=uid, env=env)
     os.close(w)
     try:
         deadline = time.monotonic() + limit
@@ -140,23 +148,7 @@ def _held(*, uid: int | None = None, env: dict[str, str | None] | None = None,
     if pid == 0:  # pragma: no cover - the child
         os.close(ready_r)
         os.close(go_w)  # else the read below never sees the end
-        out = "?"
-        try:
-            for key, value in (env or {}).items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            if uid is not None:
-                os.setgroups([])
-                os.setgid(uid)
-                os.setuid(uid)
-            out = hold()
-        except BaseException as err:
-            out = f"{type(err).__name__}: {err}"
-        finally:
-            os.write(ready_w, out.encode())
-            os._exit(0)
+        _run_as_child(hold, ready_w, uid=uid, env=env)
     os.close(ready_w)
     os.close(go_r)
     try:
