@@ -134,3 +134,25 @@ def tmpfs(where: Path, size: str) -> Iterator[Path]:
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
+
+def offline_domain(where: Path, fmt: str, *, state: Path | None = None,
+                   mode: int | None = None) -> tuple[Toolstack, Path]:
+    """A shut-off domain "off" (a store record, no QEMU) on a new 8 MiB disk in ``where``
+    (of ``mode`` if given), its state in ``state`` (default ``where / "state"``)."""
+    import subprocess
+    import uuid as _uuid
+
+    from xenlab.vm.store import DomainRecord
+
+    disk = where / f"off.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(disk), "8M"], check=True)
+    if mode is not None:
+        disk.chmod(mode)
+    ts = Toolstack(state or where / "state")
+    ts.store.add_domain(DomainRecord(
+        domid=0, name="off", uuid=str(_uuid.UUID(int=1)), config_path=str(where / "off.cfg"),
+        config_text=config_text("off", disk, fmt=fmt, maxmem=None), rundir="", pid=None,
+        state=SHUTOFF, created=time.time(), accel="tcg",
+    ))
+    return ts, disk
+

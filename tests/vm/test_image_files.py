@@ -15,22 +15,19 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.vm.guests import config_text
+from tests.vm.guests import config_text, offline_domain
 from xenlab.errors import XenlabError
 from xenlab.vm import qemuimg
-from xenlab.vm.domain import SHUTOFF, Toolstack
+from xenlab.vm.domain import Toolstack
 from xenlab.vm.domconfig import config_from_text
 from xenlab.vm.mirror import DISK_PATHS, mirror
 from xenlab.vm.qemuimg import ImageFileError
 from xenlab.vm.snapshot import create_snapshot, revert_snapshot
-from xenlab.vm.store import DomainRecord
 
 
 @pytest.fixture(autouse=True)
@@ -48,21 +45,6 @@ def _mode(path: Path | str) -> int:
 
 def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.endswith(".part"))
-
-
-def _offline(tmp_path: Path, fmt: str, *, mode: int = 0o644) -> tuple[Toolstack, Path]:
-    """A shut-off domain (a store record, no QEMU) on a new 8 MiB disk of ``mode``."""
-    disk = tmp_path / f"off.{fmt}"
-    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(disk), "8M"], check=True)
-    disk.chmod(mode)
-    ts = Toolstack(tmp_path / "state")
-    ts.store.add_domain(DomainRecord(
-        domid=0, name="off", uuid="00000000-0000-0000-0000-000000000001",
-        config_path=str(tmp_path / "off.cfg"),
-        config_text=config_text("off", disk, fmt=fmt, maxmem=None), rundir="", pid=None,
-        state=SHUTOFF, created=time.time(), accel="tcg",
-    ))
-    return ts, disk
 
 
 def test_create_and_convert_make_0600_images(tmp_path: Path) -> None:
@@ -140,7 +122,7 @@ def test_create_disks_makes_0600_disks(tmp_path: Path) -> None:
 
 
 def test_the_copy_of_a_shut_off_domains_disk_is_0600(tmp_path: Path) -> None:
-    ts, disk = _offline(tmp_path, "qcow2")
+    ts, disk = offline_domain(tmp_path, "qcow2")
     res = mirror(ts, "off", "xvda", tmp_path / "moved.qcow2")
     assert res.pivoted and _mode(res.target) == 0o600
     assert ts.get("off").extra[DISK_PATHS]["xvda"]["file"] == res.target
@@ -153,7 +135,7 @@ def test_the_copy_of_a_shut_off_domains_disk_is_0600(tmp_path: Path) -> None:
 
 
 def test_shut_off_snapshot_files_are_0600(tmp_path: Path) -> None:
-    ts, disk = _offline(tmp_path, "qcow2")
+    ts, disk = offline_domain(tmp_path, "qcow2")
     create_snapshot(ts, "off", "E1", external=True)
     assert _mode(f"{disk}.E1.qcow2") == 0o600
     revert_snapshot(ts, "off", "E1")
@@ -162,7 +144,7 @@ def test_shut_off_snapshot_files_are_0600(tmp_path: Path) -> None:
 
     raw = tmp_path / "raw"
     raw.mkdir()
-    ts, disk = _offline(raw, "raw")
+    ts, disk = offline_domain(raw, "raw")
     create_snapshot(ts, "off", "R1")
     assert _mode(f"{disk}@R1") == 0o600
     revert_snapshot(ts, "off", "R1")

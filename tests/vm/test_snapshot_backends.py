@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.vm.guests import boot, config_text, read_marker, uptime, write_marker
+from tests.vm.guests import boot, offline_domain, read_marker, uptime, write_marker
 from xenlab.errors import StateError, XenlabError
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.qmp import Qmp
@@ -35,7 +35,7 @@ from xenlab.vm.snapshot import (
     revert_snapshot,
     snapshot_info,
 )
-from xenlab.vm.store import DomainRecord, SnapshotKind
+from xenlab.vm.store import SnapshotKind
 
 
 def _img(*args: str) -> str:
@@ -52,20 +52,6 @@ def _holds(disk: Path, fmt: str, byte: int) -> bool:
     proc = subprocess.run(["qemu-io", "-f", fmt, "-c", f"read -P {byte} 0 64k", str(disk)],
                           capture_output=True, text=True, check=True)
     return "Pattern verification failed" not in proc.stdout
-
-
-def _offline(tmp_path: Path, fmt: str) -> tuple[Toolstack, Path]:
-    """A shut-off domain (a store record, no QEMU) on a new 8 MiB disk."""
-    disk = tmp_path / f"off.{fmt}"
-    _img("create", "-q", "-f", fmt, str(disk), "8M")
-    ts = Toolstack(tmp_path / "state")
-    ts.store.add_domain(DomainRecord(
-        domid=0, name="off", uuid="00000000-0000-0000-0000-000000000001",
-        config_path=str(tmp_path / "off.cfg"),
-        config_text=config_text("off", disk, fmt=fmt, maxmem=None), rundir="", pid=None,
-        state=SHUTOFF, created=time.time(), accel="tcg",
-    ))
-    return ts, disk
 
 
 def test_the_table_picks_a_backend_by_what_the_disk_is(tmp_path: Path) -> None:
@@ -126,7 +112,7 @@ class _Tagged:
 
 
 def test_a_registered_backend_serves_the_unchanged_verbs(tmp_path: Path) -> None:
-    ts, disk = _offline(tmp_path, "raw")
+    ts, disk = offline_domain(tmp_path, "raw")
     toy = _Tagged()
 
     def probe(path: str) -> str | None:
@@ -146,7 +132,7 @@ def test_a_registered_backend_serves_the_unchanged_verbs(tmp_path: Path) -> None
 
 
 def test_raw_copies_of_a_shut_off_domain(tmp_path: Path) -> None:
-    ts, disk = _offline(tmp_path, "raw")
+    ts, disk = offline_domain(tmp_path, "raw")
     _write(disk, "raw", 0xA)
     r1 = create_snapshot(ts, "off", "R1", description="raw")
     copy = Path(f"{disk}@R1")
@@ -173,7 +159,7 @@ def test_raw_copies_of_a_shut_off_domain(tmp_path: Path) -> None:
 def test_external_revert_of_a_shut_off_domain_prunes_what_nothing_needs(
     tmp_path: Path,
 ) -> None:
-    ts, disk = _offline(tmp_path, "qcow2")
+    ts, disk = offline_domain(tmp_path, "qcow2")
     _write(disk, "qcow2", 0xA)
     create_snapshot(ts, "off", "E1", external=True)
     ov1 = Path(f"{disk}.E1.qcow2")
@@ -234,25 +220,11 @@ def _canary(tmp_path: Path) -> Path:
     return canary
 
 
-def _offline_in(where: Path, fmt: str, state: Path) -> tuple[Toolstack, Path]:
-    """:func:`_offline` with its disk in ``where`` and its state in ``state``."""
-    disk = where / f"off.{fmt}"
-    _img("create", "-q", "-f", fmt, str(disk), "8M")
-    ts = Toolstack(state)
-    ts.store.add_domain(DomainRecord(
-        domid=0, name="off", uuid="00000000-0000-0000-0000-000000000001",
-        config_path=str(where / "off.cfg"),
-        config_text=config_text("off", disk, fmt=fmt, maxmem=None), rundir="", pid=None,
-        state=SHUTOFF, created=time.time(), accel="tcg",
-    ))
-    return ts, disk
-
-
 def test_raw_copies_write_nothing_through_planted_links(shared: Path, tmp_path: Path) -> None:
     """The review's case: a link at the old temporary name ``<disk>@<tag>.tmp`` made a copy
     overwrite a root-owned 0600 file with the disk's bytes and make it 0644."""
     canary = _canary(tmp_path)
-    ts, disk = _offline_in(shared, "raw", tmp_path / "state")
+    ts, disk = offline_domain(shared, "raw", state=tmp_path / "state")
     _write(disk, "raw", 0xA)
     disk.chmod(0o644)
     _plant(Path(f"{disk}@R1.tmp"), canary)
@@ -281,7 +253,7 @@ def test_raw_copies_write_nothing_through_planted_links(shared: Path, tmp_path: 
 def test_overlays_are_never_made_through_planted_links(shared: Path, tmp_path: Path) -> None:
     """The review's case: an external snapshot's overlay and a revert overlay were created
     through dangling links, so the domain's top image was another user's link."""
-    ts, disk = _offline_in(shared, "qcow2", tmp_path / "state")
+    ts, disk = offline_domain(shared, "qcow2", state=tmp_path / "state")
     made = tmp_path / "created-by-root"
     _plant(Path(f"{disk}.E1.qcow2"), made)
     with pytest.raises(XenlabError, match="exists already"):
