@@ -30,6 +30,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests import mutations
 from tests.ucode import builders as b
 from xenlab.cli.main import main
 from xenlab.errors import XenlabError
@@ -807,24 +808,8 @@ SEEDS = {
 FIELDS = [b"FFFFFFFF", b"7FFFFFFF", b"00000000", b"\xff" * 8, b"\x00" * 8, b"00100000"]
 
 
-@st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    data = bytearray(SEEDS[draw(st.sampled_from(sorted(SEEDS)))])
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "truncate", "insert", "field", "delete"]))
-        at = draw(st.integers(0, max(0, len(data) - 1)))
-        if op == "flip" and data:
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        elif op == "truncate":
-            del data[at:]
-        elif op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=16))
-        elif op == "field" and len(data) >= 8:
-            at = min(at, len(data) - 8)
-            data[at : at + 8] = draw(st.sampled_from(FIELDS))
-        elif op == "delete":
-            del data[at : at + draw(st.integers(1, 64))]
-    return bytes(data)
+def mutated() -> st.SearchStrategy[bytes]:
+    return mutations.mutated(SEEDS, FIELDS)
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow,

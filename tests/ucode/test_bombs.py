@@ -27,6 +27,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests import mutations
 from tests.ucode import builders as b
 from xenlab.errors import XenlabError
 from xenlab.formats.cpio import CpioMember, write_newc
@@ -412,27 +413,11 @@ FUZZ_LIMITS = ScanLimits(decompressed=2 * MiB, member=256 * 1024, held=MiB, memb
 BIG_FIELDS = [b"FFFFFFFF", b"7FFFFFFF", b"00100000", b"00001001", b"77777777777"]
 
 
-@st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    data = bytearray(FUZZ_SEEDS[draw(st.sampled_from(sorted(FUZZ_SEEDS)))])
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "truncate", "insert", "field", "dword"]))
-        at = draw(st.integers(0, max(0, len(data) - 1)))
-        if op == "flip" and data:
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        elif op == "truncate":
-            del data[at:]
-        elif op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=16))
-        elif op == "field" and len(data) >= 11:
-            field = draw(st.sampled_from(BIG_FIELDS))
-            at = min(at, len(data) - len(field))
-            data[at : at + len(field)] = field
-        elif op == "dword" and len(data) >= 4:
-            at = min(at, len(data) - 4)
-            data[at : at + 4] = draw(st.sampled_from(
-                [b"\xff\xff\xff\xff", b"\x00\x00\x00\x40", b"\x00\x04\x00\x00"]))
-    return bytes(data)
+def mutated() -> st.SearchStrategy[bytes]:
+    # Size fields of cpio (8 hex digits), Intel and AMD (little-endian dwords).
+    return mutations.mutated(FUZZ_SEEDS, [*BIG_FIELDS, b"\xff\xff\xff\xff",
+                                          b"\x00\x00\x00\x40", b"\x00\x04\x00\x00"],
+                             ("flip", "truncate", "insert", "field"))
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
