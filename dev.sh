@@ -89,7 +89,10 @@ case "$cmd" in
     .venv/bin/ruff check src tests bench examples
     .venv/bin/mypy
     shift || true
-    .venv/bin/pytest -q "$@"
+    # Two workers (XENLAB_TEST_WORKERS to change; 0 runs in this process): most of the
+    # time is TCG guests, one CPU each. A file stays on one worker, so its module
+    # fixtures (a booted guest) are made once.
+    .venv/bin/pytest -q -n "${XENLAB_TEST_WORKERS:-2}" --dist loadfile "$@"
     ;;
   crash)
     # Every fault point of every verb (the default suite kills at a few per verb).

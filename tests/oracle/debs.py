@@ -56,12 +56,17 @@ def unpack_debs(
         if debs.exists():
             shutil.rmtree(debs)
         debs.mkdir()
-        proc = _run(["apt-get", "download", *packages], debs)
-        if proc.returncode != 0:
-            # A fresh machine has no package lists yet ("Unable to locate
-            # package"), an old one may point at superseded versions (404).
-            _run(["apt-get", "update"], debs)
+        # One apt-get at a time across caches: two test workers fetching different
+        # packages on a fresh machine would both run `apt-get update`, and the second
+        # would fail on apt's own lock.
+        with open(cache.parent / ".apt.lock", "w") as apt_lock:
+            fcntl.flock(apt_lock, fcntl.LOCK_EX)
             proc = _run(["apt-get", "download", *packages], debs)
+            if proc.returncode != 0:
+                # A fresh machine has no package lists yet ("Unable to locate
+                # package"), an old one may point at superseded versions (404).
+                _run(["apt-get", "update"], debs)
+                proc = _run(["apt-get", "download", *packages], debs)
         if proc.returncode != 0:
             raise DebsUnavailable(
                 f"apt-get download {' '.join(packages)} failed (rc {proc.returncode}): "
