@@ -88,6 +88,7 @@ case "$cmd" in
     setup
     .venv/bin/ruff check src tests bench examples
     .venv/bin/mypy
+    .venv/bin/lint-imports --no-cache
     shift || true
     # Two workers (XENLAB_TEST_WORKERS to change; 0 runs in this process): most of the
     # time is TCG guests, one CPU each. A file stays on one worker, so its module

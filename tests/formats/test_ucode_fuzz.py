@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from xenlab.errors import FormatError, ParseError
 from xenlab.formats import amd_ucode, cpio, intel_ucode
-from xenlab.formats._buffer import Buffer
+from xenlab.formats.buffer import Buffer
 from xenlab.formats.compress import Compression, open_stream
 
 INTEL = intel_ucode.build_update(

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from xenlab.errors import XenlabError
+from xenlab.sim.runner import run_sweep
 from xenlab.sim.scenario import ScenarioError, load_scenario
 from xenlab.sim.sweep import (
     Point,
     grid,
     parse_param,
     point_seed,
-    run_sweep,
     sweep_csv,
     sweep_json,
 )

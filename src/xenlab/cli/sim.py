@@ -219,7 +219,8 @@ def sweep(scenario: Path, params: tuple[str, ...], sched: str | None, jobs: int 
     scheduler sees the same workload at a point and results do not depend
     on where or in which order points ran.
     """
-    from xenlab.sim.sweep import grid, parse_param, run_sweep, sweep_csv, sweep_json
+    from xenlab.sim.runner import run_sweep
+    from xenlab.sim.sweep import grid, parse_param, sweep_csv, sweep_json
 
     sc = load_scenario(scenario)
     grid_params = [parse_param(p) for p in params]

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xenlab.errors import FormatError, TruncatedError
-from xenlab.formats._buffer import Buffer, LimitError, size_text
+from xenlab.formats.buffer import Buffer, LimitError, size_text
 from xenlab.formats.intel_ucode import decode_bcd_date, dword_sum, encode_bcd_date
 
 CONTAINER_MAGIC = 0x00414D44

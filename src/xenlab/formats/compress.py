@@ -71,7 +71,7 @@ import lz4.frame
 import zstandard
 
 from xenlab.errors import FormatError, TruncatedError
-from xenlab.formats._buffer import Buffer, LimitError, as_bytes_buffer, size_text
+from xenlab.formats.buffer import Buffer, LimitError, as_bytes_buffer, size_text
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer

@@ -58,7 +58,7 @@ from typing import Protocol
 import numpy as np
 
 from xenlab.errors import FormatError, TruncatedError
-from xenlab.formats._buffer import Buffer, as_bytes_buffer, require, skip_zeros
+from xenlab.formats.buffer import Buffer, as_bytes_buffer, require, skip_zeros
 from xenlab.formats.compress import Compression, detect
 
 __all__ = [

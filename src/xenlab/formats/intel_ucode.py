@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xenlab.errors import FormatError, ParseError, TruncatedError
-from xenlab.formats._buffer import Buffer, LimitError, size_text
+from xenlab.formats.buffer import Buffer, LimitError, size_text
 
 HEADER_SIZE = 48
 EXT_HEADER_SIZE = 20

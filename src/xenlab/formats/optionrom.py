@@ -65,7 +65,7 @@ import numpy as np
 import numpy.typing as npt
 
 from xenlab.errors import FormatError
-from xenlab.formats._buffer import Buffer
+from xenlab.formats.buffer import Buffer
 
 ROM_SIGNATURE = b"\x55\xaa"
 # Signatures nouveau accepts for images reached through an NPDE chain.

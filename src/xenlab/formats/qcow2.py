@@ -53,7 +53,7 @@ import struct
 from dataclasses import dataclass
 
 from xenlab.errors import FormatError
-from xenlab.formats._buffer import Buffer, as_bytes_buffer, require
+from xenlab.formats.buffer import Buffer, as_bytes_buffer, require
 
 __all__ = [
     "MAX_EXTENSIONS",

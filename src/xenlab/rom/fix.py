@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from xenlab.errors import FormatError
-from xenlab.formats._buffer import Buffer
+from xenlab.formats.buffer import Buffer
 from xenlab.formats.optionrom import (
     CODE_TYPE_NAMES,
     LAST_IMAGE,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from xenlab.errors import FormatError
-from xenlab.formats._buffer import Buffer
+from xenlab.formats.buffer import Buffer
 from xenlab.formats.optionrom import (
     EFI_COMPRESSIONS,
     EFI_MACHINES,

@@ -1,4 +1,4 @@
-"""Parameter sweeps: :func:`grid` makes the points, :func:`run_sweep` runs them everywhere.
+"""Parameter sweeps: :func:`grid` makes the points, :func:`run_point` runs one.
 
 A sweep is a scenario, a few parameters each with a list of values
 (dotted keys, as in :func:`xenlab.sim.scenario.with_params`), and a list of
@@ -18,18 +18,14 @@ Design
   once with ``file: key: reason``.  A point that still fails in a worker
   sends its error back (a :class:`ScenarioError` pickles whole), and a
   worker process that dies is an error naming the sweep, not a traceback.
-* **Where it runs.**  ``jobs=1`` runs in this process; otherwise a pool of
-  ``jobs`` processes (default: every core), started with ``spawn`` so a
-  worker never inherits the parent's threads (the progress bar's);
-  ``cluster=ADDRESS`` submits the points to a Dask scheduler
-  (``dask.distributed.Client``): its workers need xenlab installed.  A point
-  carries the merged scenario (rt-app files already read in), so workers
-  need none of the scenario's files (``host.sysfs = true`` reads the
-  worker's own machine).
+* **Where it runs** is not this module's business: :func:`run_point` runs one
+  point wherever it is called, and :mod:`xenlab.sim.runner` sends the points
+  to local processes or a Dask cluster.  A point carries the merged scenario
+  (rt-app files already read in), so workers need none of the scenario's
+  files (``host.sysfs = true`` reads the worker's own machine).
 * Results come back as they finish (for a progress bar); :func:`sweep_json`
   and :func:`sweep_csv` sort them by point, so the files are the same
-  whatever ran where.  This module is the simulator's only edge with
-  processes; everything else in sim/ stays pure.
+  whatever ran where.
 """
 
 from __future__ import annotations
@@ -38,11 +34,7 @@ import hashlib
 import itertools
 import json
 import math
-import multiprocessing
-import os
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +57,6 @@ __all__ = [
     "parse_param",
     "point_seed",
     "run_point",
-    "run_sweep",
     "sweep_csv",
     "sweep_json",
 ]
@@ -172,60 +163,6 @@ def run_point(raw_json: str, source: str, point: Point) -> PointResult:
     idle = round(sum(p.idle_pct for p in m.pcpus) / len(m.pcpus), 6)
     return PointResult(point, m.jobs, m.misses, sum(v.migrations for v in m.vcpus), m.events,
                        idle, r.ok, tuple(doms))
-
-
-def run_sweep(scenario: Scenario, points: Sequence[Point], *, jobs: int | None = None,
-              cluster: str | None = None, connect_timeout: float = 30.0
-              ) -> Iterator[PointResult]:
-    """Run ``points``, yielding each result as it finishes (in any order).
-
-    ``cluster``: the address of a Dask scheduler (``tcp://host:8786``),
-    reached within ``connect_timeout`` seconds; otherwise ``jobs`` local
-    processes (None: one per core; 1: in this process).
-    """
-    if cluster is not None:
-        yield from _on_dask(scenario, points, cluster, connect_timeout)
-        return
-    workers = min(jobs or os.cpu_count() or 1, max(1, len(points)))
-    if workers <= 1:
-        for p in points:
-            yield run_point(scenario.raw_json, scenario.source, p)
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = [pool.submit(run_point, scenario.raw_json, scenario.source, p) for p in points]
-        try:
-            for f in as_completed(futures):
-                yield f.result()
-        except BrokenProcessPool as err:
-            raise XenlabError(f"sweep {scenario.name}: a worker process died ({err}); "
-                              "run with --jobs 1 to see the point that kills it") from err
-        finally:
-            for f in futures:
-                f.cancel()
-
-
-def _on_dask(scenario: Scenario, points: Sequence[Point], address: str,
-             timeout: float) -> Iterator[PointResult]:
-    try:
-        from dask.distributed import Client
-        from dask.distributed import as_completed as dask_completed
-    except ImportError as err:
-        raise XenlabError("--cluster needs dask.distributed: pip install 'xenlab[cluster]'"
-                          ) from err
-    try:
-        client = Client(address, timeout=timeout)  # type: ignore[no-untyped-call]
-    except (OSError, TimeoutError) as err:
-        raise XenlabError(f"--cluster {address}: cannot reach the Dask scheduler: {err}") from err
-    try:
-        futures = [client.submit(run_point, scenario.raw_json, scenario.source, p, pure=False,
-                                 key=f"xenlab-sweep-{p.index}-{p.seed}-{p.scheduler}")
-                   for p in points]
-        for f in dask_completed(futures):  # type: ignore[no-untyped-call]
-            result: PointResult = f.result()
-            yield result
-    finally:
-        client.close()  # type: ignore[no-untyped-call]
 
 
 # -- formats -----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from xenlab.formats import cpio
-from xenlab.formats._buffer import Buffer
+from xenlab.formats.buffer import Buffer
 from xenlab.formats.cpio import CpioMember, SegmentKind
 from xenlab.ucode.cpu import Vendor
 from xenlab.ucode.extract import amd_bundle, intel_bundle

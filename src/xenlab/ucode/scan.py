@@ -47,7 +47,7 @@ from pathlib import Path
 from xenlab.errors import FormatError, ParseError, XenlabError
 from xenlab.files import read_bounded
 from xenlab.formats import amd_ucode, cpio, intel_ucode
-from xenlab.formats._buffer import Buffer, size_text, skip_zeros
+from xenlab.formats.buffer import Buffer, size_text, skip_zeros
 from xenlab.formats.compress import Compression, LimitError, detect, open_stream
 from xenlab.formats.cpio import PATH_MAX, CpioFormat, SegmentKind
 from xenlab.ucode.cpu import Vendor

@@ -1,0 +1,86 @@
+"""The code's shape: no private name crosses a module, no file too long, no run-time cycle.
+
+The rooms' layers are import-linter contracts in pyproject.toml (run by
+``./dev.sh test``); what import-linter cannot see is checked here from the
+source: a name starting with ``_`` used outside the module that defines it
+(``from m import _x``, ``m._x``, a private module of another package), and
+imports hidden inside functions that would close a cycle between modules.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "xenlab"
+MAX_LINES = 1000
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_uses(module: str, source: str) -> Iterator[str]:
+    """Each place ``source`` (the text of ``module``) reaches a private name of another."""
+    tree = ast.parse(source)
+    package = module.rsplit(".", 1)[0]
+    imported: dict[str, str] = {}  # local name -> the xenlab module it stands for
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            target = node.module
+            if node.level:  # relative: resolve against this package
+                base = module.split(".")[: -node.level] if node.level else []
+                target = ".".join([*base, node.module])
+            # A private module may be used by its own package (formats/_x by formats/y).
+            for part_index, part in enumerate(target.split(".")):
+                owner = ".".join(target.split(".")[:part_index])
+                if _private(part) and not package.startswith(owner):
+                    yield f"{module}:{node.lineno}: imports private module {target}"
+            for alias in node.names:
+                if _private(alias.name) and target != module:
+                    yield f"{module}:{node.lineno}: from {target} import {alias.name}"
+                imported[alias.asname or alias.name] = f"{target}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                imported[alias.asname or alias.name.split(".")[0]] = alias.name
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and _private(node.attr)
+                and isinstance(node.value, ast.Name)
+                and imported.get(node.value.id, "").startswith("xenlab")):
+            yield f"{module}:{node.lineno}: {node.value.id}.{node.attr}"
+
+
+def _sources() -> Iterator[tuple[str, Path]]:
+    for path in sorted(SRC.rglob("*.py")):
+        yield _module_name(path), path
+
+
+def test_the_checker_sees_private_names() -> None:
+    planted = (
+        "from xenlab.vm.snapshot import _img\n"
+        "from xenlab.vm import qemu\n"
+        "x = qemu._FORMAT_DRIVERS\n"
+        "from xenlab.formats._hidden import Thing\n"
+    )
+    found = list(private_uses("xenlab.vm.mirror", planted))
+    assert len(found) == 3, found
+    # Its own package's private module, and aliasing a public name, are fine.
+    fine = "from xenlab.formats._hidden import Thing\nfrom xenlab.vm.qmp import run as _run\n"
+    assert list(private_uses("xenlab.formats.cpio", fine)) == []
+
+
+def test_no_private_name_crosses_a_module() -> None:
+    found = [use for name, path in _sources() for use in private_uses(name, path.read_text())]
+    assert found == []
+
+
+def test_no_source_file_over_a_thousand_lines() -> None:
+    long = {name: n for name, path in _sources()
+            if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
