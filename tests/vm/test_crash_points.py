@@ -313,8 +313,7 @@ NET_ATTACH = ["network-attach.host-end", "network-attach.netdev-added",
 def test_network_attach(guest: tuple[Toolstack, Path], point: str) -> None:
     """A NIC in QEMU but not in the record: no verb could manage it, and a save of the
     guest could not be restored."""
-    from xenlab.vm.disks import qdev_ids
-    from xenlab.vm.qmp import Qmp
+    from xenlab.vm.qmp import Qmp, qdev_ids
 
     ts, _ = guest
     reset(ts)

@@ -50,12 +50,11 @@ from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
 from xenlab.vm.jobs import Job
 from xenlab.vm.qemu import blockdev_nodes, check_disk, disk_device, disk_slot
 from xenlab.vm.qemuimg import driver, remove_own
-from xenlab.vm.qmp import CommandError, Qmp
+from xenlab.vm.qmp import CommandError, DeviceNotReleased, Qmp, delete_device, qdev_ids
 from xenlab.vm.qmp import run as _run
 from xenlab.vm.store import DomainRecord, is_alive
 
-__all__ = ["DiskInfo", "block_attach", "block_detach", "block_list", "cd_eject", "cd_insert",
-           "qdev_ids"]
+__all__ = ["DiskInfo", "block_attach", "block_detach", "block_list", "cd_eject", "cd_insert"]
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +121,6 @@ def _keep(ts: Toolstack, rec: DomainRecord, disks: list[DiskSpec],
         rec.domid, expect_uuid=rec.uuid, config_text=text,
         extra_set={DISK_SPECS: texts, **{k: v for k, v in changes.items() if v is not None}},
         extra_drop=[k for k, v in changes.items() if v is None])
-
-
-async def qdev_ids(qmp: Qmp) -> frozenset[str]:
-    """The ids of the devices QEMU has now (``-device id=`` / ``device_add``'s ``id``)."""
-    listed = await qmp.execute("qom-list", {"path": "/machine/peripheral"})
-    return frozenset(str(p["name"]) for p in listed if isinstance(p, dict)
-                     and str(p.get("type", "")).startswith("child<")
-                     ) if isinstance(listed, list) else frozenset()
 
 
 async def _node_names(qmp: Qmp) -> frozenset[str]:
@@ -339,22 +330,16 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
                 for b in blocks if isinstance(blocks, list) else []:
                     if isinstance(b, dict) and b.get("qdev") in qdevs:
                         root = (b.get("inserted") or {}).get("node-name")
-                if vdev in await qdev_ids(qmp):
-                    with qmp.listen("DEVICE_DELETED",
-                                    lambda ev: ev.get("data", {}).get("device") == vdev
-                                    ) as watch:
-                        try:
-                            await qmp.execute("device_del", {"id": vdev})
-                        except CommandError as err:
-                            raise BackendError(f"{where}: QEMU refused: {err}") from err
-                        try:
-                            await watch.wait(timeout)
-                        except BackendError as err:
-                            raise BackendError(
-                                f"{where}: the guest did not release it within {timeout:g} s "
-                                "(no PCI hotplug in the guest?); it stays in the record, and "
-                                "block-detach again finishes once the guest lets it go"
-                            ) from err
+                try:
+                    await delete_device(qmp, vdev, timeout)
+                except CommandError as err:
+                    raise BackendError(f"{where}: QEMU refused: {err}") from err
+                except DeviceNotReleased as err:
+                    raise BackendError(
+                        f"{where}: the guest did not release it within {timeout:g} s "
+                        "(no PCI hotplug in the guest?); it stays in the record, and "
+                        "block-detach again finishes once the guest lets it go"
+                    ) from err
                 tops = (root, pivoted, f"{vdev}-fmt")
                 names = [x for t in tops if t for x in (t, f"{t}-file")]
                 return list(dict.fromkeys(names))

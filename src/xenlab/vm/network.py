@@ -34,12 +34,11 @@ from typing import Any
 from xenlab import faults, hotplug
 from xenlab.config.specs.vif import VifSpec, format_vif, parse_vif
 from xenlab.errors import BackendError, XenlabError
-from xenlab.vm.disks import qdev_ids
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import VIF_SPECS, VIFS, config_from_text, vif_line
 from xenlab.vm.jobs import Job
 from xenlab.vm.qemu import Nic, nic, nics
-from xenlab.vm.qmp import CommandError, Qmp
+from xenlab.vm.qmp import CommandError, DeviceNotReleased, Qmp, delete_device, qdev_ids
 from xenlab.vm.qmp import run as _run
 from xenlab.vm.store import DomainRecord, is_alive
 
@@ -242,26 +241,19 @@ def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.
 
         async def unplug() -> None:
             async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                if gone.device_id not in await qdev_ids(qmp):
-                    return  # an earlier detach timed out, and the guest let go since
-                with qmp.listen("DEVICE_DELETED",
-                                lambda ev: ev.get("data", {}).get("device") == gone.device_id
-                                ) as watch:
-                    try:
-                        await qmp.execute("device_del", {"id": gone.device_id})
-                    except CommandError as err:
-                        raise BackendError(
-                            f"network-detach {rec.name}: QEMU refused to remove vif "
-                            f"{gone.devid}: {err}") from err
-                    try:
-                        await watch.wait(timeout)
-                    except BackendError as err:
-                        raise BackendError(
-                            f"network-detach {rec.name}: the guest did not release vif "
-                            f"{gone.devid} within {timeout:g} s (no ACPI hotplug in the "
-                            "guest?); it stays in the record, and network-detach again "
-                            "finishes once the guest lets it go"
-                        ) from err
+                try:
+                    await delete_device(qmp, gone.device_id, timeout)
+                except CommandError as err:
+                    raise BackendError(
+                        f"network-detach {rec.name}: QEMU refused to remove vif "
+                        f"{gone.devid}: {err}") from err
+                except DeviceNotReleased as err:
+                    raise BackendError(
+                        f"network-detach {rec.name}: the guest did not release vif "
+                        f"{gone.devid} within {timeout:g} s (no ACPI hotplug in the "
+                        "guest?); it stays in the record, and network-detach again "
+                        "finishes once the guest lets it go"
+                    ) from err
 
         ends = [obj for obj in rec.extra.get(VIFS) or []
                 if hotplug.vif_from_json(obj).devid == gone.devid]

@@ -53,11 +53,14 @@ from xenlab.errors import BackendError
 
 __all__ = [
     "CommandError",
+    "DeviceNotReleased",
     "EventWatch",
     "ExecResult",
     "GuestAgent",
     "Qmp",
+    "delete_device",
     "job_ids",
+    "qdev_ids",
     "run",
     "run_job",
     "settle_job",
@@ -85,6 +88,15 @@ class CommandError(BackendError):
         self.error_class = error_class
         self.desc = desc
         super().__init__(f"{where} {command}: {error_class}: {desc}")
+
+
+class DeviceNotReleased(BackendError):
+    """The guest did not let device ``device_id`` go within ``timeout`` seconds."""
+
+    def __init__(self, device_id: str, timeout: float) -> None:
+        self.device_id = device_id
+        self.timeout = timeout
+        super().__init__(f"the guest did not release device {device_id} within {timeout:g} s")
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -300,6 +312,42 @@ async def _job_info(qmp: Qmp, job_id: str) -> dict[str, Any] | None:
             if isinstance(job, dict) and job.get("id") == job_id:
                 return job
     return None
+
+
+async def qdev_ids(qmp: Qmp) -> frozenset[str]:
+    """The ids of the devices QEMU has now (``-device id=`` / ``device_add``'s ``id``)."""
+    listed = await qmp.execute("qom-list", {"path": "/machine/peripheral"})
+    return frozenset(str(p["name"]) for p in listed if isinstance(p, dict)
+                     and str(p.get("type", "")).startswith("child<")
+                     ) if isinstance(listed, list) else frozenset()
+
+
+async def delete_device(qmp: Qmp, device_id: str, timeout: float) -> bool:
+    """Ask the guest to let ``device_id`` go and wait for QEMU's ``DEVICE_DELETED``.
+
+    False when QEMU had no such device already (an earlier request timed out and
+    the guest let go since).  A device that vanishes between that check and
+    ``device_del`` (the guest released it just then: QEMU says DeviceNotFound) is
+    released, not an error.
+
+    :raise CommandError: QEMU refused, and the device is still there.
+    :raise DeviceNotReleased: the guest did not release it within ``timeout`` seconds.
+    """
+    if device_id not in await qdev_ids(qmp):
+        return False
+    with qmp.listen("DEVICE_DELETED",
+                    lambda ev: ev.get("data", {}).get("device") == device_id) as watch:
+        try:
+            await qmp.execute("device_del", {"id": device_id})
+        except CommandError:
+            if device_id not in await qdev_ids(qmp):
+                return True
+            raise
+        try:
+            await watch.wait(timeout)
+        except BackendError as err:
+            raise DeviceNotReleased(device_id, timeout) from err
+    return True
 
 
 async def run_job(

@@ -177,7 +177,11 @@ def _resume(ts: Toolstack, rec: DomainRecord, what: str) -> None:
             st = await qmp.execute("query-status")
             status = st.get("status") if isinstance(st, dict) else None
             if status in ("paused", "postmigrate", "finish-migrate"):
-                await qmp.execute("cont")
+                # Not a bare `cont`: in finish-migrate (the memory save just completed)
+                # QEMU's migration thread still has to inactivate the disks and set
+                # postmigrate, and a `cont` before that runs the guest on disks that
+                # are then taken away (CI under load: a write after it was lost).
+                await vmstate.cont_after_migration(qmp)
                 return True
             return False
 
