@@ -149,8 +149,8 @@ async def _qmp(ts: Toolstack, name: str, command: str, args: dict[str, object]) 
 def test_a_relative_target_a_late_release_and_a_node_qemu_kept(
         ts: Toolstack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    from xenlab.vm.disks import STALE_NODES
     from xenlab.vm.qmp import run
+    from xenlab.vm.runtime import STALE_NODES
 
     boot(ts, tmp_path, "d2")
     # A relative target is the caller's file, not one relative to QEMU's / .

@@ -25,8 +25,9 @@ from xenlab.errors import XenlabError
 from xenlab.vm import qemuimg
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.domconfig import config_from_text
-from xenlab.vm.mirror import DISK_PATHS, mirror
+from xenlab.vm.mirror import mirror
 from xenlab.vm.qemuimg import ImageFileError
+from xenlab.vm.runtime import DISK_PATHS
 from xenlab.vm.snapshot import create_snapshot, revert_snapshot
 
 

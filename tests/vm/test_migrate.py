@@ -30,7 +30,8 @@ from xenlab.vm import migrate as mig
 from xenlab.vm import saveimage, snapshot
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.migrate import SaveHeader
-from xenlab.vm.mirror import DISK_PATHS, mirror
+from xenlab.vm.mirror import mirror
+from xenlab.vm.runtime import DISK_PATHS
 from xenlab.vm.saveimage import ChecksumError, CutShortError
 from xenlab.vm.store import DomainRecord, is_alive
 

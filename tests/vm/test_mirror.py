@@ -21,8 +21,9 @@ from xenlab.vm import migrate as mig
 from xenlab.vm import mirror as mirror_mod
 from xenlab.vm import snapshot
 from xenlab.vm.domain import SHUTOFF, Toolstack
-from xenlab.vm.mirror import DISK_NODES, DISK_PATHS, MirrorProgress, mirror
+from xenlab.vm.mirror import MirrorProgress, mirror
 from xenlab.vm.qemu import Accel
+from xenlab.vm.runtime import DISK_NODES, DISK_PATHS
 from xenlab.vm.store import DomainRecord, is_alive
 
 pytestmark = pytest.mark.integration

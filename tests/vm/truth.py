@@ -84,6 +84,7 @@ async def qemu_files(ts: Toolstack, name: str) -> dict[str, str]:
 
 def check_truth(ts: Toolstack, names: set[str]) -> None:
     """Everything the store says is so, and nothing runs that it does not say."""
+    from xenlab.vm.runtime import Runtime
     from xenlab.vm.snapshot import snap_disks
 
     recs = {r.name: r for r in ts.store.list()}
@@ -93,6 +94,9 @@ def check_truth(ts: Toolstack, names: set[str]) -> None:
     for rec in recs.values():
         assert rec.state in ("running", "paused", SHUTOFF), (rec.name, rec.state)
         assert "job" not in rec.extra, (rec.name, rec.extra["job"])
+        # The typed view of the run-time facts reads every record the verbs wrote whole.
+        assert Runtime.of(rec).to_extra() == dict(rec.extra), (rec.name, rec.extra)
+        assert not Runtime.of(rec).other, (rec.name, "keys vm.runtime does not name")
         assert (rec.state == SHUTOFF) == (not is_alive(rec)), (rec.name, rec.state)
         for s in ts.store.list_snapshots(rec.domid):
             assert s.state in (SnapshotState.READY, SnapshotState.BROKEN), (s.name, s.state)

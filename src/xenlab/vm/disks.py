@@ -38,20 +38,14 @@ from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk, parse_disk
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm.domain import SHUTOFF, Toolstack
-from xenlab.vm.domconfig import (
-    DISK_SPECS,
-    config_from_text,
-    create_image,
-    disk_line,
-    on_mirrors,
-    on_overlays,
-)
+from xenlab.vm.domconfig import config_from_text, create_image, disk_line, on_disks_now
 from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
 from xenlab.vm.jobs import Job
 from xenlab.vm.qemu import blockdev_nodes, check_disk, disk_device, disk_slot
 from xenlab.vm.qemuimg import driver, remove_own
 from xenlab.vm.qmp import CommandError, DeviceNotReleased, Qmp, delete_device, qdev_ids
 from xenlab.vm.qmp import run as _run
+from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, DISK_SPECS, STALE_NODES
 from xenlab.vm.store import DomainRecord, is_alive
 
 __all__ = ["DiskInfo", "block_attach", "block_detach", "block_list", "cd_eject", "cd_insert"]
@@ -61,7 +55,6 @@ log = logging.getLogger(__name__)
 #: ``extra`` key: by vdev, the nodes of a detached disk that QEMU has not
 #: released yet (a failed clean-up); the next block-attach of that vdev
 #: deletes them first.  Names of the running QEMU's nodes only.
-STALE_NODES = "stale_nodes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +94,7 @@ def block_list(ts: Toolstack, name: str) -> list[DiskInfo]:
     """
     rec = ts.get(name)
     dc, _ = config_from_text(rec.config_text, rec.config_path)
-    now = {d.vdev: d for d in on_overlays(on_mirrors(dc, rec), rec).disks}
+    now = {d.vdev: d for d in on_disks_now(dc, rec).disks}
     return [
         DiskInfo(vdev=d.vdev, device=_device_kind(d), target=d.pdev_path,
                  file=now[d.vdev].pdev_path, format=now[d.vdev].format.value,
@@ -319,7 +312,7 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
             raise StateError(f"{where}: snapshots {', '.join(used)} record it; delete them "
                              "first (reverting one would need the disk)")
 
-        pivoted = (rec.extra.get("disk_nodes") or {}).get(vdev)
+        pivoted = (rec.extra.get(DISK_NODES) or {}).get(vdev)
 
         async def unplug() -> list[str]:
             """The device gone from QEMU (maybe by an earlier, timed-out detach); its nodes."""
@@ -382,7 +375,7 @@ def _recover_detach(ts: Toolstack, rec: DomainRecord, vdev: str) -> DomainRecord
 
     if _run(present()):
         return rec  # QEMU still has it: the record is true as it is
-    nodes = [n for t in (f"{vdev}-fmt", (rec.extra.get("disk_nodes") or {}).get(vdev)) if t
+    nodes = [n for t in (f"{vdev}-fmt", (rec.extra.get(DISK_NODES) or {}).get(vdev)) if t
              for n in (t, f"{t}-file")]
     rec = _detached(ts, rec, vdev, nodes)
     log.warning("block-detach %s: a detach killed after the guest let %s go is finished; "
@@ -397,14 +390,14 @@ def _detached(ts: Toolstack, rec: DomainRecord, vdev: str, names: list[str]) -> 
     The record says so before any clean-up can fail.
     """
     dc, _ = config_from_text(rec.config_text, rec.config_path)
-    moved = dict(rec.extra.get("disk_paths") or {})
+    moved = dict(rec.extra.get(DISK_PATHS) or {})
     moved.pop(vdev, None)
-    nodes = dict(rec.extra.get("disk_nodes") or {})
+    nodes = dict(rec.extra.get(DISK_NODES) or {})
     nodes.pop(vdev, None)
     pending = dict(rec.extra.get(STALE_NODES) or {})
     pending[vdev] = names
     return _keep(ts, rec, [d for d in dc.disks if d.vdev != vdev],
-                 {"disk_paths": moved or None, "disk_nodes": nodes or None,
+                 {DISK_PATHS: moved or None, DISK_NODES: nodes or None,
                   STALE_NODES: pending})
 
 

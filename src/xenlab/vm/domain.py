@@ -38,9 +38,6 @@ from xenlab.config.model import DomainConfig
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.files import read_text_bounded
 from xenlab.vm.domconfig import (
-    DISK_SPECS,
-    VIF_SPECS,
-    VIFS,
     absolute_paths,
     check_domain_name,
     check_images,
@@ -49,12 +46,11 @@ from xenlab.vm.domconfig import (
     disk_line,
     on_disk_specs,
     on_disks,
-    on_mirrors,
-    on_overlays,
+    on_disks_now,
     on_vif_specs,
     vif_line,
 )
-from xenlab.vm.jobs import JOB, RECOVERY, Job, job_of, new_job
+from xenlab.vm.jobs import RECOVERY, Job, job_of, new_job
 from xenlab.vm.qemu import (
     Accel,
     Nic,
@@ -75,6 +71,16 @@ from xenlab.vm.rundir import (
     read_pid,
     wait_gone,
 )
+from xenlab.vm.runtime import (
+    DEFINED,
+    DISK_SPECS,
+    JOB,
+    MEMORY_MIB,
+    ONE_RUN,
+    VIF_SPECS,
+    VIFS,
+    Runtime,
+)
 from xenlab.vm.store import DomainRecord, Store, is_alive, is_domain_qemu
 
 # A domain whose QEMU has exited but which is kept because it has snapshots
@@ -86,11 +92,6 @@ log = logging.getLogger(__name__)
 __all__ = ["DISK_SPECS", "SHUTOFF", "VIFS", "VIF_SPECS", "DomainStatus", "Toolstack",
            "absolute_paths", "check_domain_name", "config_from_text", "create_image",
            "disk_line", "on_disks", "vif_line"]
-
-# The names other modules imported from here before vm.domconfig held them.
-_on_disks = on_disks
-_on_mirrors = on_mirrors
-_on_overlays = on_overlays
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +259,7 @@ class Toolstack:
                     # config to run as it is.
                     dc, text = on_vif_specs(dc, text, old)
                     dc, text = on_disk_specs(dc, text, old)
-                    dc = on_overlays(on_mirrors(dc, old), old)
+                    dc = on_disks_now(dc, old)
                 created = self.check_disks(dc, create_disks) if fresh else []
                 try:
                     # Every file QEMU will open through the disks (backing
@@ -276,10 +277,7 @@ class Toolstack:
                 try:
                     if old is not None:
                         held.enter_context(self.store.lock(old.domid))
-                        # The facts of the old QEMU's run do not hold for a fresh start;
-                        # disk_nodes name the old QEMU's nodes, a new one has <vdev>-fmt.
-                        drop = ["qemu_name", "vcpus", "memory_mib", "maxmem_mib",
-                                "disk_nodes"] if fresh else []
+                        drop = list(ONE_RUN) if fresh else []
                         rec = self.store.patch(
                             old.domid, expect_uuid=old.uuid, config_path=config_path,
                             config_text=text, pid=None, state=state, rundir="",
@@ -612,7 +610,7 @@ class Toolstack:
         """What the domain is now, asking QEMU when it is alive."""
         dc, _ = self.config_of(rec)
         # mem-set and vcpu-set keep the current values in the record.
-        mem = int(str(rec.extra.get("memory_mib", dc.memory_mib)))
+        mem = int(str(rec.extra.get(MEMORY_MIB, dc.memory_mib)))
         vcpus = int(str(rec.extra.get("vcpus", dc.vcpus)))
         if rec.state == SHUTOFF:
             return DomainStatus(rec, SHUTOFF, dc.memory_mib, dc.vcpus, 0.0)
@@ -739,7 +737,7 @@ class Toolstack:
                     domid=0, name=dc.name, uuid=dc.uuid or str(uuidlib.uuid4()),
                     config_path=str(cfg.resolve()), config_text=text, rundir="", pid=None,
                     state=SHUTOFF, created=time.time(), accel=self.accel.value,
-                    extra={"defined": True},
+                    extra={DEFINED: True},
                 )
             )
 
@@ -762,8 +760,8 @@ class Toolstack:
         # A verb of this process that restarts the domain (a revert) keeps its
         # job: a kill later in that verb must still be recovered as that verb.
         drop = [VIFS] if job is not None and job.mine() else [VIFS, JOB]
-        if (rec.extra.get("defined") or rec.extra.get("disk_paths")
-                or self.store.list_snapshots(rec.domid)):
+        rt = Runtime.of(rec)
+        if rt.defined or rt.moved or self.store.list_snapshots(rec.domid):
             return self.store.patch(rec.domid, pid=None, state=SHUTOFF, rundir="",
                                     extra_drop=drop)
         self.store.remove(rec.domid)

@@ -26,6 +26,7 @@ from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk
 from xenlab.errors import XenlabError
 from xenlab.vm import qemuimg
 from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
+from xenlab.vm.runtime import DISK_SPECS, VIF_SPECS, VIFS, Runtime, disk_now
 from xenlab.vm.store import DomainRecord
 
 __all__ = [
@@ -41,8 +42,7 @@ __all__ = [
     "disk_line",
     "on_disk_specs",
     "on_disks",
-    "on_mirrors",
-    "on_overlays",
+    "on_disks_now",
     "on_vif_specs",
     "vif_line",
 ]
@@ -52,14 +52,6 @@ __all__ = [
 NAME_MAX: Final = 64
 # Names that would be ids, paths, hidden files, option syntax or terminal tricks.
 _NAME_OK = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@:,=-]*")
-# DomainRecord.extra key: the host ends (hotplug.Vif as JSON) of the domain's
-# tapped vifs while its QEMU may run; whoever sees QEMU gone brings them offline.
-VIFS = "vifs"
-# DomainRecord.extra key: the domain's vif list (xl vif specs) once
-# network-attach/-detach changed it; a later start uses it over the file's.
-VIF_SPECS = "vif_specs"
-# The disk list block-attach/-detach left (xl disk specs), for a later create.
-DISK_SPECS = "disk_specs"
 
 
 def check_domain_name(name: str) -> str:
@@ -162,30 +154,24 @@ def on_disks(dc: DomainConfig, moves: dict[str, tuple[str, DiskFormat]]) -> Doma
     ))
 
 
-def on_mirrors(dc: DomainConfig, rec: DomainRecord) -> DomainConfig:
-    """``dc`` with each disk that ``vm.mirror`` pivoted on the file it moved to.
+def on_disks_now(dc: DomainConfig, rec: DomainRecord) -> DomainConfig:
+    """``dc`` with each disk on the file it runs on now (:func:`vm.runtime.disk_now`).
 
-    After a pivot the guest's writes go to the mirror's target; starting the
-    domain on the config's file would silently go back in time.
+    After a mirror pivot or an external snapshot the guest's writes go to
+    another file; starting the domain on the config's file would silently go
+    back in time.
     """
-    moved = rec.extra.get("disk_paths") or {}
-    if not isinstance(moved, dict):
-        return dc
-    return on_disks(dc, {v: (str(m["file"]), DiskFormat(str(m["format"])))
-                          for v, m in moved.items() if isinstance(m, dict) and m.get("file")})
-
-
-def on_overlays(dc: DomainConfig, rec: DomainRecord) -> DomainConfig:
-    """``dc`` with each disk that has an external-snapshot overlay running on the overlay.
-
-    After an external snapshot the guest's writes go to the overlay; starting
-    the domain on the config's original files would silently drop them.
-    """
-    overlays = rec.extra.get("overlays") or {}
-    if not isinstance(overlays, dict):
-        return dc
-    return on_disks(dc, {v: (str(ov["file"]), DiskFormat.QCOW2)
-                          for v, ov in overlays.items() if isinstance(ov, dict) and ov.get("file")})
+    rt = Runtime.of(rec)
+    moves: dict[str, tuple[str, DiskFormat]] = {}
+    for d in dc.disks:
+        if d.vdev in rt.moved or d.vdev in rt.overlays:
+            now = disk_now(rt, d.vdev, d.pdev_path or "", d.format.value)
+            try:
+                fmt = DiskFormat(now.format)
+            except ValueError:
+                fmt = DiskFormat.UNKNOWN  # refused where it is run (vm.qemu's drivers)
+            moves[d.vdev] = (now.file, fmt)
+    return on_disks(dc, moves)
 
 
 def on_vif_specs(dc: DomainConfig, text: str, rec: DomainRecord) -> tuple[DomainConfig, str]:

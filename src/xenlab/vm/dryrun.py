@@ -20,7 +20,7 @@ from typing import Any
 
 from xenlab import hotplug
 from xenlab.vm.domain import Toolstack
-from xenlab.vm.domconfig import on_disk_specs, on_mirrors, on_overlays, on_vif_specs
+from xenlab.vm.domconfig import on_disk_specs, on_disks_now, on_vif_specs
 from xenlab.vm.qemu import RuntimePaths, needs_image, nics, qemu_argv
 from xenlab.vm.rundir import SOCKET_MAX, default_rundir
 from xenlab.vm.store import DomainRecord
@@ -91,7 +91,7 @@ def plan_create(ts: Toolstack, cfg: Path, overrides: Sequence[str] = (), *,
     if old is not None:
         dc, text = on_vif_specs(dc, text, old)
         dc, text = on_disk_specs(dc, text, old)
-        dc = on_overlays(on_mirrors(dc, old), old)
+        dc = on_disks_now(dc, old)
         domid = old.domid
     else:
         used = {r.domid for r in ts.store.list()}

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from xenlab.vm.runtime import JOB
 from xenlab.vm.store import DomainRecord
 
 __all__ = ["JOB", "RECOVERY", "Job", "job_of", "new_job", "process_start"]
 
 # DomainRecord.extra key holding the job.
-JOB: Final = "job"
 
 # Verbs whose interrupted jobs another module finishes or undoes (its
 # ``recover_job(ts, rec, job) -> DomainRecord | None``); imported only when

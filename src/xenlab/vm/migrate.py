@@ -58,7 +58,6 @@ from xenlab.vm.control import (
 )
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.jobs import Job
-from xenlab.vm.mirror import DISK_NODES
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run
@@ -72,6 +71,7 @@ from xenlab.vm.receiver import (
     serve_receive,
 )
 from xenlab.vm.resources import plugged_vcpus
+from xenlab.vm.runtime import CURRENT, DISK_NODES
 from xenlab.vm.saveimage import (
     MAGIC,
     SAVE_VERSION,
@@ -85,7 +85,6 @@ from xenlab.vm.saveimage import (
     read_header,
 )
 from xenlab.vm.saverestore import moves_of, place, quit_domain, quit_qemu, restore, save
-from xenlab.vm.snapshot import CURRENT
 from xenlab.vm.store import DomainRecord, SnapshotNode, is_alive, private_dir
 from xenlab.vm.vmstate import MigrationProgress, Progress
 

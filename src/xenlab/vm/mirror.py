@@ -84,7 +84,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,7 @@ from xenlab.vm.jobs import Job
 from xenlab.vm.qemuimg import FORMAT_DRIVERS, ImageFileError
 from xenlab.vm.qmp import CommandError, Qmp
 from xenlab.vm.qmp import run as _run_async
+from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, Runtime, disk_now
 from xenlab.vm.snapbackends import drop_nodes_on, glob_escape
 from xenlab.vm.store import DomainRecord, is_alive
 
@@ -112,12 +113,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Record keys: where a pivoted disk lives now (kept across restarts), and the
-# QEMU node the device uses (meaningful for the running QEMU only).
-DISK_PATHS = "disk_paths"
-DISK_NODES = "disk_nodes"
-# The same key vm.snapshot keeps its external overlays under.
-_OVERLAYS = "overlays"
 
 _FORMATS = ("qcow2", "raw")
 _POLL = 0.1
@@ -269,12 +264,12 @@ def _source_file(ts: Toolstack, rec: DomainRecord, vdev: str, pivot: bool
     if disk.is_cdrom or not disk.pdev_path or disk.format is DiskFormat.EMPTY:
         raise XenlabError(f"disk {vdev} of {rec.name!r} is a cdrom or has no medium: "
                           "only disk images are mirrored")
-    overlays: Mapping[str, Mapping[str, str]] = rec.extra.get(_OVERLAYS) or {}
+    now = disk_now(Runtime.of(rec), vdev, disk.pdev_path, disk.format.value)
     if pivot:
-        if vdev in overlays:
+        if now.overlay:
             raise StateError(
                 f"disk {vdev} of {rec.name!r} runs on an external snapshot overlay "
-                f"({overlays[vdev].get('file')}): a pivot would leave the snapshot behind; "
+                f"({now.file}): a pivot would leave the snapshot behind; "
                 "delete the external snapshots first, or mirror with --no-pivot for a copy"
             )
         snaps = ts.store.list_snapshots(rec.domid)
@@ -284,17 +279,11 @@ def _source_file(ts: Toolstack, rec: DomainRecord, vdev: str, pivot: bool
                 "current disk files: a pivot would leave them behind; delete them first, "
                 "or mirror with --no-pivot for a copy"
             )
-    if vdev in overlays:
-        # vm.snapshot's overlays are always qcow2.
-        return str(overlays[vdev]["file"]), _driver(DiskFormat.QCOW2, rec, vdev)
-    moved: Mapping[str, Mapping[str, str]] = rec.extra.get(DISK_PATHS) or {}
-    if vdev in moved:
-        try:
-            fmt = DiskFormat(str(moved[vdev].get("format") or DiskFormat.QCOW2.value))
-        except ValueError:
-            fmt = DiskFormat.UNKNOWN
-        return str(moved[vdev]["file"]), _driver(fmt, rec, vdev)
-    return disk.pdev_path, _driver(disk.format, rec, vdev)
+    try:
+        fmt = DiskFormat(now.format)
+    except ValueError:
+        fmt = DiskFormat.UNKNOWN
+    return now.file, _driver(fmt, rec, vdev)
 
 
 def _driver(fmt: DiskFormat, rec: DomainRecord, vdev: str) -> str:

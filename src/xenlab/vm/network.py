@@ -35,11 +35,12 @@ from xenlab import faults, hotplug
 from xenlab.config.specs.vif import VifSpec, format_vif, parse_vif
 from xenlab.errors import BackendError, XenlabError
 from xenlab.vm.domain import SHUTOFF, Toolstack
-from xenlab.vm.domconfig import VIF_SPECS, VIFS, config_from_text, vif_line
+from xenlab.vm.domconfig import config_from_text, vif_line
 from xenlab.vm.jobs import Job
 from xenlab.vm.qemu import Nic, nic, nics
 from xenlab.vm.qmp import CommandError, DeviceNotReleased, Qmp, delete_device, qdev_ids
 from xenlab.vm.qmp import run as _run
+from xenlab.vm.runtime import VIF_SPECS, VIFS
 from xenlab.vm.store import DomainRecord, is_alive
 
 __all__ = ["NicInfo", "network_attach", "network_detach", "network_list"]

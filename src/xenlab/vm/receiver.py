@@ -60,7 +60,8 @@ from xenlab.vm.peerconfig import check_request
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run
-from xenlab.vm.resources import VCPUS_PLUGGED, plug_vcpus
+from xenlab.vm.resources import plug_vcpus
+from xenlab.vm.runtime import VCPUS_PLUGGED
 from xenlab.vm.saveimage import DiskMove
 from xenlab.vm.saverestore import Placed, image_for, place, said, settle
 from xenlab.vm.store import DomainRecord, is_alive

@@ -25,7 +25,7 @@ Design:
       no soft affinity, so ``cpus_soft=`` is not applied.
     - :func:`rename` changes the store (the source of truth) and the stored
       config; a running QEMU keeps the name it was started with (``ps`` shows
-      it), recorded in the record's ``extra["qemu_name"]``.
+      it), recorded in the record's ``extra[QEMU_NAME]``.
 
 State kept in ``DomainRecord.extra`` (JSON):
     ``maxmem_mib`` (set by mem_max), ``memory_mib`` (the last balloon target),
@@ -59,6 +59,7 @@ from xenlab.vm.domconfig import check_domain_name, config_from_text
 from xenlab.vm.qemu import cpu_ranges
 from xenlab.vm.qmp import CommandError, GuestAgent, Qmp
 from xenlab.vm.qmp import run as _run
+from xenlab.vm.runtime import MAXMEM_MIB, MEMORY_MIB, QEMU_NAME, VCPUS, VCPUS_PLUGGED
 from xenlab.vm.store import DomainRecord, effective_state, is_alive
 
 __all__ = [
@@ -182,12 +183,12 @@ async def _guest(ts: Toolstack, rec: DomainRecord, argv: list[str]) -> bytes | N
 
 
 def _maxmem(rec: DomainRecord, dc: DomainConfig) -> int:
-    value = rec.extra.get("maxmem_mib")
+    value = rec.extra.get(MAXMEM_MIB)
     return int(value) if isinstance(value, int) else dc.maxmem_mib
 
 
 def _target(rec: DomainRecord, dc: DomainConfig) -> int:
-    value = rec.extra.get("memory_mib")
+    value = rec.extra.get(MEMORY_MIB)
     return int(value) if isinstance(value, int) else dc.memory_mib
 
 
@@ -430,7 +431,6 @@ async def plug_vcpus(qmp: Qmp, want: int) -> set[int]:
 _CPU_STATE = "cat /sys/devices/system/cpu/present /sys/devices/system/cpu/online"
 # DomainRecord.extra key: vCPUs present in QEMU, boot and hot-plugged (saves and
 # memory snapshots carry it; the QEMU that loads them plugs as many first).
-VCPUS_PLUGGED = "vcpus_plugged"
 _NPROC = "nproc; cat /sys/devices/system/cpu/online"
 
 
@@ -563,7 +563,7 @@ def vcpu_list(ts: Toolstack, name: str) -> list[VcpuInfo]:
 
     running, threads = _run(go())
     # vcpu_set keeps guest CPUs 0..n-1 online (guest CPU N is QEMU's vCPU N).
-    set_to = rec.extra.get("vcpus")
+    set_to = rec.extra.get(VCPUS)
     online = int(set_to) if isinstance(set_to, int) else len(threads)
     rows: list[VcpuInfo] = []
     for vcpu, tid in threads:
@@ -648,7 +648,7 @@ def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
     CLI: ``xenlab vm rename DOM NEWNAME`` (xl's ``rename``).  The store and
     the stored config take the new name; a running QEMU keeps the name it was
     started with (``ps`` still shows ``guest=OLD``): it is kept in
-    ``extra["qemu_name"]`` so the record can still be matched to its process.
+    ``extra[QEMU_NAME]`` so the record can still be matched to its process.
 
     :raise XenlabError: ``new`` is taken, empty, all digits (it would read as
         an id) or has quotes, slashes, white space or control characters.
@@ -679,11 +679,11 @@ def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
         text = rec.config_text.rstrip("\n") + f'\nname = "{new}"\n'
         extra = dict(rec.extra)
         if rec.state != SHUTOFF:
-            qemu_name = str(extra.get("qemu_name", rec.name))
+            qemu_name = str(extra.get(QEMU_NAME, rec.name))
             if qemu_name == new:
-                extra.pop("qemu_name", None)
+                extra.pop(QEMU_NAME, None)
             else:
-                extra["qemu_name"] = qemu_name
+                extra[QEMU_NAME] = qemu_name
         return ts.store.patch(rec.domid, expect_uuid=rec.uuid, name=new, config_text=text,
                               extra_set=extra, extra_drop=[k for k in rec.extra
                                                            if k not in extra])
@@ -766,5 +766,5 @@ def info(ts: Toolstack, name: str) -> dict[str, Any]:
         }
 
     out["live"] = _run(go())
-    out["qemu_name"] = rec.extra.get("qemu_name", rec.name)
+    out["qemu_name"] = rec.extra.get(QEMU_NAME, rec.name)
     return out

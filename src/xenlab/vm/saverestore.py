@@ -43,13 +43,13 @@ from xenlab.errors import BackendError, XenlabError
 from xenlab.vm import qemuimg, vmstate
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.domconfig import config_from_text, on_disks
-from xenlab.vm.jobs import JOB, Job
-from xenlab.vm.mirror import DISK_NODES, DISK_PATHS
+from xenlab.vm.jobs import Job
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run
-from xenlab.vm.resources import VCPUS_PLUGGED, plug_vcpus, plugged_vcpus
+from xenlab.vm.resources import plug_vcpus, plugged_vcpus
 from xenlab.vm.rundir import qemu_said
+from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, JOB, OVERLAYS, VCPUS_PLUGGED, Runtime
 from xenlab.vm.saveimage import (
     DiskMove,
     DiskSnapshot,
@@ -59,7 +59,6 @@ from xenlab.vm.saveimage import (
     pack_header,
 )
 from xenlab.vm.snapbackends import glob_escape
-from xenlab.vm.snapshot import OVERLAYS
 from xenlab.vm.store import DomainRecord, is_alive
 from xenlab.vm.vmstate import Progress
 
@@ -94,12 +93,10 @@ def _poll(since: float) -> float:
 
 def moves_of(rec: DomainRecord) -> tuple[tuple[DiskMove, ...], tuple[DiskMove, ...]]:
     """(mirror targets, external overlays) the domain's disks run on, from its record."""
-    moved: Mapping[str, Any] = rec.extra.get(DISK_PATHS) or {}
-    overlays: Mapping[str, Any] = rec.extra.get(OVERLAYS) or {}
-    paths = tuple(DiskMove(v, str(m["file"]), str(m.get("format") or "qcow2"))
-                  for v, m in sorted(moved.items()) if isinstance(m, dict) and m.get("file"))
-    tops = tuple(DiskMove(v, str(o["file"]), DiskFormat.QCOW2.value)
-                 for v, o in sorted(overlays.items()) if isinstance(o, dict) and o.get("file"))
+    rt = Runtime.of(rec)
+    paths = tuple(DiskMove(v, m.file, m.format) for v, m in sorted(rt.moved.items()))
+    tops = tuple(DiskMove(v, o.file, DiskFormat.QCOW2.value)
+                 for v, o in sorted(rt.overlays.items()))
     return paths, tops
 
 

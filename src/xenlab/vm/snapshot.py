@@ -28,11 +28,12 @@ from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm import qemuimg, saveimage, vmstate
 from xenlab.vm.domain import SHUTOFF, Toolstack
-from xenlab.vm.domconfig import on_overlays
+from xenlab.vm.domconfig import on_disks_now
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.resources import plug_vcpus, plugged_vcpus
+from xenlab.vm.runtime import CURRENT, OVERLAYS, VCPUS_PLUGGED, Runtime, disk_now
 from xenlab.vm.snapbackends import (
     BACKENDS,
     JOB_TIMEOUT,
@@ -76,8 +77,6 @@ __all__ = [
     "snapshot_info",
 ]
 
-CURRENT = "current_snapshot"
-OVERLAYS = "overlays"
 
 @dataclass(frozen=True, slots=True)
 class SnapshotTree:
@@ -165,24 +164,14 @@ def entry_images(disks: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
 def snap_disks(ts: Toolstack, rec: DomainRecord) -> list[SnapDisk]:
     """The domain's writable disks with media, on top of any external overlays."""
     dc, _ = ts.config_of(rec)
-    overlays: Mapping[str, Mapping[str, str]] = rec.extra.get(OVERLAYS, {})
-    # A disk vm.mirror pivoted lives in another file, under another node.
-    moved: Mapping[str, Mapping[str, str]] = rec.extra.get("disk_paths") or {}
-    nodes: Mapping[str, str] = rec.extra.get("disk_nodes") or {}
+    rt = Runtime.of(rec)
     out: list[SnapDisk] = []
     for d in dc.disks:
         if d.is_cdrom or not d.readwrite or not d.pdev_path or d.format is DiskFormat.EMPTY:
             continue
-        base, fmt = d.pdev_path, d.format.value
-        if d.vdev in moved:
-            base, fmt = moved[d.vdev]["file"], moved[d.vdev]["format"]
-        top = overlays.get(d.vdev)
-        if top is not None:
-            out.append(SnapDisk(d.vdev, top["file"], "qcow2", top["node"], base,
-                                path_kind(top["file"])))
-        else:
-            out.append(SnapDisk(d.vdev, base, fmt, nodes.get(d.vdev, f"{d.vdev}-fmt"),
-                                base, path_kind(base)))
+        now = disk_now(rt, d.vdev, d.pdev_path, d.format.value)
+        out.append(SnapDisk(d.vdev, now.file, now.format, now.node, now.base.file,
+                            path_kind(now.file)))
     return out
 
 
@@ -232,8 +221,9 @@ def set_tops(ts: Toolstack, domid: int, tops: Mapping[str, Mapping[str, str] | N
     rec = ts.store.get(domid)
     overlays = dict(rec.extra.get(OVERLAYS, {}))
     dc, _ = ts.config_of(rec)
-    base = {d.vdev: d.pdev_path for d in dc.disks}
-    base.update({v: m["file"] for v, m in (rec.extra.get("disk_paths") or {}).items()})
+    rt = Runtime.of(rec)
+    base = {d.vdev: disk_now(rt, d.vdev, d.pdev_path or "", d.format.value).base.file
+            for d in dc.disks}
     for vdev, top in tops.items():
         if top is None or top["file"] == base.get(vdev):
             overlays.pop(vdev, None)
@@ -379,7 +369,7 @@ def create_snapshot(
             e.update({"backend": b.name, "guest": guest})
             if i == 0 and plugged and memory:
                 # The memory holds every vCPU: a revert plugs them before it loads.
-                e["vcpus_plugged"] = plugged
+                e[VCPUS_PLUGGED] = plugged
             if kind is SnapshotKind.INTERNAL:
                 e["vmstate"] = with_state and i == 0
             entries.append(e)
@@ -753,12 +743,12 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
     rec = ts.store.get(rec.domid)
     dc, text = ts.config_of(rec)
     try:
-        started = ts.launch(on_overlays(dc, rec), text, config_path=rec.config_path,
+        started = ts.launch(on_disks_now(dc, rec), text, config_path=rec.config_path,
                             uuid=rec.uuid, incoming="defer")
         paths = ts.paths(started)
         try:
             with open(s.memory_path, "rb") as f:
-                plugged = s.disks[0].get("vcpus_plugged") if s.disks else None
+                plugged = s.disks[0].get(VCPUS_PLUGGED) if s.disks else None
                 _run_async(_load_memory(paths, f.fileno(), go, timeout,
                                         f"snapshot {s.name!r} memory {s.memory_path}",
                                         plugged if isinstance(plugged, int) else None))

@@ -795,6 +795,7 @@ def is_domain_qemu(pid: int | None, rec: DomainRecord) -> bool:
     if rec.rundir and pidfile is not None:
         return os.path.normpath(pidfile) == os.path.normpath(
             os.path.join(rec.rundir, "qemu.pid"))
+    # "qemu_name": vm.runtime.QEMU_NAME (the store sits below that module).
     return _qemu_name(argv) in (rec.name, rec.extra.get("qemu_name"))
 
 
