@@ -1,80 +1,11 @@
 """Disk mirroring: :func:`mirror` copies one disk of a domain to a new image and pivots.
 
-``xenlab vm mirror DOM VDEV TARGET`` is libvirt's ``virsh blockcopy
---pivot`` over QMP, in QEMU's documented steps
-(docs/interop/live-block-operations.rst):
-
-1. ``TARGET`` is created (``qemu-img create``, the source's virtual size;
-   an existing file is refused, never overwritten) and attached as a
-   blockdev of its own, ``<vdev>--mirror<N>`` (the double dash cannot come
-   from a snapshot name, so an external snapshot's overlay node never
-   collides with it).
-2. ``blockdev-mirror sync=full`` from the node the guest's device is
-   attached to *now* (``query-block``): ``<vdev>-fmt`` on a fresh domain,
-   an earlier mirror's target after a pivot.  Progress is the job's
-   ``offset``/``len`` from ``query-block-jobs``.
-3. Once the job is ready (source and target equal, guest writes going to
-   both) ``job-complete`` pivots: the device now writes to the target; the
-   old nodes are deleted so QEMU closes the old file.  Without ``pivot``,
-   ``block-job-cancel`` ends a ready mirror cleanly instead: the target is
-   a full copy as of that instant, detached and closed, and the guest keeps
-   its disk.
-
-After a pivot the domain record says where the disk went:
-``extra["disk_paths"][vdev] = {"file": TARGET, "format": FMT}`` (which a
-later ``create`` must use instead of the config's file) and
-``extra["disk_nodes"][vdev]`` the target's node name (valid while this QEMU
-runs).  The record changes only once QEMU has confirmed the pivot, so it
-never names a file the guest does not use.
-
-A shut-off domain (defined, or kept for its snapshots or mirrored disks)
-has no QEMU to mirror with: its disk is copied with ``qemu-img convert``
-(``-p``'s percentages are the progress) into a temporary file beside
-``TARGET``, which is fsynced and linked to ``TARGET`` once whole
-(``qemuimg.new_image``), the directory fsynced, and the record then says
-where the disk is, as after a live pivot; the next ``create`` boots on it.
-A failed copy removes its temporary file and leaves the record as it was.
-qemu-img is always told the source's format (``-f``, from the config or the
-record), never left to probe it: a guest owns every byte of a raw disk, and
-a qcow2 header it wrote there could name a host file as backing file.
-
-The target is a new file, this user's, mode 0600 whatever the source's mode
-(``qemuimg``'s rule for every image xenlab makes); anything already at its
-name, a dangling symbolic link included, is refused before anything starts.
-
-A pivot is refused on a disk running on external snapshot overlays and on a
-domain with snapshots: their records name the current files, which the guest
-would leave behind (``pivot=False`` copies such a disk, overlays flattened).
-
-A killed mirror
-    The verb records a job (``vm.jobs``) before anything is made: the disk,
-    its source file and format, the target and its format, whether to
-    pivot, that xenlab makes the target, and the phase (``copying``, then
-    ``completing`` just before ``job-complete`` or ``block-job-cancel``).
-    QEMU goes on after xenlab dies, so :func:`recover_job` (run by the next
-    command that takes the domain's lock) reads the truth from QEMU: a
-    ``completing`` pivot is let finish; a mirror job left otherwise is
-    cancelled (``force``); the job is dismissed.  Then if the device writes
-    to the target (``query-block``) the pivot is recorded and the old nodes
-    deleted (finished); if not, the target's nodes are deleted and the
-    target removed (undone).  With QEMU gone too, the target is removed
-    unless the pivot had been asked (it may hold the guest's last writes,
-    so it is kept, and the warning says so).  A killed copy of a shut-off
-    domain is finished when its target is there (it appears only whole:
-    the pivot is recorded), otherwise its temporary file is removed.
-    Whatever is removed is only a regular file of this user.  Each step is
-    a ``faults.point`` (``mirror.*``); tests/vm/test_mirror_crash.py kills
-    the verb at each one.
-
-Failures
-    A mirror that fails while QEMU lives (a job error, the timeout, an
-    interrupt) is cancelled, the target detached and deleted: the domain
-    runs on its disk as before.  If QEMU dies in the middle the source disk
-    (which a mirror only reads) is checked and its leaked clusters repaired,
-    the domain leaves the store like any domain whose QEMU is gone (kept
-    shut off if it has snapshots), the unfinished target is deleted, or kept
-    with a warning when the pivot had already been asked, and the error says
-    all of it.
+``xenlab vm mirror DOM VDEV TARGET`` is libvirt's ``virsh blockcopy --pivot``
+over QMP, in QEMU's documented steps (docs/interop/live-block-operations.rst);
+a shut-off domain's disk is copied by ``qemu-img convert``.  The record
+changes only once QEMU has confirmed the pivot, and then says where the disk
+runs (:mod:`xenlab.vm.runtime`).  The steps, the refusals and what a killed
+mirror leaves are in docs/snapshots.md ("Disk mirroring").
 """
 
 from __future__ import annotations
