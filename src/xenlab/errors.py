@@ -93,6 +93,28 @@ class StateError(XenlabError):
     """An object is not in the state an operation requires."""
 
 
+class UsageError(XenlabError, ValueError):
+    """A value given to a command is refused (a name, a size, a format, a flag pair)."""
+
+
+class NotFoundError(XenlabError, LookupError):
+    """There is no ``kind`` (domain, snapshot, disk, vif, vCPU...) called ``name``."""
+
+    def __init__(self, kind: str, name: str, message: str) -> None:
+        self.kind = kind
+        self.name = name
+        super().__init__(message)
+
+
+class ConflictError(StateError):
+    """A ``kind`` called ``name`` exists already, or its name or id is taken."""
+
+    def __init__(self, kind: str, name: str, message: str) -> None:
+        self.kind = kind
+        self.name = name
+        super().__init__(message)
+
+
 class BackendError(XenlabError):
     """An external backend (QEMU, QMP, netlink) failed; the cause is chained."""
 

@@ -366,3 +366,26 @@ def test_is_alive_and_stale_state(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(10)
         assert not is_alive(replace(rec, pid=proc.pid))  # gone
+
+
+def test_lookups_and_clashes_raise_errors_a_caller_can_sort(store: Store) -> None:
+    from xenlab.errors import ConflictError, NotFoundError, UsageError
+
+    a = store.add_domain(dom("a"))
+    with pytest.raises(NotFoundError) as missing:
+        store.get("nope")
+    assert (missing.value.kind, missing.value.name) == ("domain", "nope")
+    assert isinstance(missing.value, LookupError)
+    with pytest.raises(NotFoundError) as no_snap:
+        store.get_snapshot(a.domid, "s9")
+    assert (no_snap.value.kind, no_snap.value.name) == ("snapshot", "s9")
+    with pytest.raises(ConflictError) as clash:
+        store.add_domain(dom("a"))
+    assert (clash.value.kind, clash.value.name) == ("domain", "a")
+    s1 = store.add_snapshot(snap(a.domid, "s1"))
+    with pytest.raises(ConflictError) as twice:
+        store.add_snapshot(snap(a.domid, "s1"))
+    assert (twice.value.kind, twice.value.name) == ("snapshot", "s1")
+    assert store.get_snapshot(a.domid, "s1") == s1
+    with pytest.raises(UsageError, match="not UTF-8"):
+        store.get("bad\udcff")

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from xenlab.errors import BackendError, XenlabError
+from xenlab.errors import BackendError, UsageError
 from xenlab.files import read_bounded
 
 __all__ = [
@@ -231,7 +231,7 @@ def read_token(path: Path) -> str:
     data = read_bounded(path, _TOKEN_FILE_MAX, what="migration token file")
     token = data.decode("utf-8", "surrogateescape").strip()
     if not token:
-        raise XenlabError(f"{path}: empty, expected a migration token")
+        raise UsageError(f"{path}: empty, expected a migration token")
     return token
 
 
@@ -242,7 +242,7 @@ def parse_address(dest: str) -> tuple[str, int]:
     """
     host, sep, port = dest.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise XenlabError(f"migration address {dest!r}: expected HOST:PORT")
+        raise UsageError(f"migration address {dest!r}: expected HOST:PORT")
     return host.strip("[]"), int(port)
 
 

@@ -36,7 +36,14 @@ from typing import Any
 
 from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk, parse_disk
-from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.errors import (
+    BackendError,
+    ConflictError,
+    NotFoundError,
+    StateError,
+    UsageError,
+    XenlabError,
+)
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import config_from_text, create_image, disk_line, on_disks_now
 from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
@@ -155,13 +162,13 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
     disk = parse_disk(spec, source="block-attach")
     where = f"block-attach {name}: disk {disk.vdev}"
     if disk.is_cdrom or not disk.vdev.startswith("xvd"):
-        raise XenlabError(f"{where}: only virtio disks (xvdX) can be hot-plugged; IDE and "
-                          "SCSI disks and cdroms are fixed at start")
+        raise UsageError(f"{where}: only virtio disks (xvdX) can be hot-plugged; IDE and "
+                         "SCSI disks and cdroms are fixed at start")
     if disk_slot(disk.vdev) is None:
-        raise XenlabError(f"{where}: hot-plugged disks are xvda-xvdh (they keep a fixed "
-                          "PCI slot)")
+        raise UsageError(f"{where}: hot-plugged disks are xvda-xvdh (they keep a fixed "
+                         "PCI slot)")
     if not disk.pdev_path:
-        raise XenlabError(f"{where}: no target")
+        raise UsageError(f"{where}: no target")
     # QEMU runs in / (daemonized): a relative target means the caller's directory.
     target = os.path.abspath(disk.pdev_path)
     disk = replace(disk, pdev_path=target)
@@ -170,11 +177,12 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
         where = f"block-attach {rec.name}: disk {disk.vdev}"
         dc, _ = config_from_text(rec.config_text, rec.config_path)
         if any(d.vdev == disk.vdev for d in dc.disks):
-            raise XenlabError(f"{where}: the domain has a disk {disk.vdev} already")
+            raise ConflictError("disk", disk.vdev,
+                                f"{where}: the domain has a disk {disk.vdev} already")
         create = not Path(target).exists()
         if create and (create_size is None or target.startswith("/dev/")):
-            raise XenlabError(f"{where}: {target} does not exist (create it with "
-                              "qemu-img, or pass --create-disks SIZE)")
+            raise UsageError(f"{where}: {target} does not exist (create it with "
+                             "qemu-img, or pass --create-disks SIZE)")
         proto, fmt = blockdev_nodes(disk, disk.vdev)
         fmt["file"] = {k: v for k, v in proto.items()}
         stale = list((rec.extra.get(STALE_NODES) or {}).get(disk.vdev) or [])
@@ -301,11 +309,11 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
         info = {i.vdev: i for i in block_list(ts, rec.name)}
         where = f"block-detach {rec.name}: disk {vdev}"
         if vdev not in info:
-            raise XenlabError(f"{where}: no such disk (the domain has "
+            raise NotFoundError("disk", vdev, f"{where}: no such disk (the domain has "
                               f"{', '.join(info) or 'none'})")
         if info[vdev].device != "virtio-blk":
-            raise XenlabError(f"{where}: only virtio disks (xvdX) can be unplugged; it is "
-                              f"{info[vdev].device}")
+            raise UsageError(f"{where}: only virtio disks (xvdX) can be unplugged; it is "
+                             f"{info[vdev].device}")
         used = [s.name for s in ts.store.list_snapshots(rec.domid)
                 if any(e.get("vdev") == vdev for e in s.disks)]
         if used:
@@ -406,10 +414,11 @@ def _cdrom(ts: Toolstack, rec: DomainRecord, vdev: str, verb: str) -> tuple[list
     for i, d in enumerate(dc.disks):
         if d.vdev == vdev:
             if not d.is_cdrom:
-                raise XenlabError(f"{verb} {rec.name}: {vdev} is not a cdrom")
+                raise UsageError(f"{verb} {rec.name}: {vdev} is not a cdrom")
             return list(dc.disks), i
     cdroms = ", ".join(d.vdev for d in dc.disks if d.is_cdrom) or "none"
-    raise XenlabError(f"{verb} {rec.name}: no cdrom {vdev} (the domain's cdroms: {cdroms})")
+    raise NotFoundError("disk", vdev,
+                        f"{verb} {rec.name}: no cdrom {vdev} (the domain's cdroms: {cdroms})")
 
 
 def _set_medium(ts: Toolstack, name: str, vdev: str, verb: str, command: str,
@@ -444,12 +453,12 @@ def cd_insert(ts: Toolstack, name: str, vdev: str, target: str, *,
     :raise BackendError: QEMU refused (the drive keeps what it had).
     """
     if not Path(target).is_file() and not target.startswith("/dev/"):
-        raise XenlabError(f"cd-insert {ts.live_record(name).name}: {target} does not exist")
+        raise UsageError(f"cd-insert {ts.live_record(name).name}: {target} does not exist")
     try:
         disk_format = DiskFormat(fmt)
     except ValueError:
-        raise XenlabError(f"cd-insert {name}: format {fmt!r} (expected raw or qcow2)"
-                          ) from None
+        raise UsageError(f"cd-insert {name}: format {fmt!r} (expected raw or qcow2)"
+                         ) from None
     path = str(Path(target).resolve())
     # Every file QEMU would open through the medium is checked first, as at create.
     check_disk_image(path, disk_format, allowed_backing_dirs(path))

@@ -35,7 +35,7 @@ from typing import Any
 
 from xenlab import faults, hotplug
 from xenlab.config.model import DomainConfig
-from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.errors import BackendError, ConflictError, StateError, UsageError, XenlabError
 from xenlab.files import read_text_bounded
 from xenlab.vm.domconfig import (
     absolute_paths,
@@ -145,13 +145,13 @@ class Toolstack:
             if path.exists():
                 continue
             if create_size is None or target.startswith("/dev/"):
-                raise XenlabError(
+                raise UsageError(
                     f"disk {target!r} ({disk.vdev}) does not exist; create it with qemu-img "
                     "or pass --create-disks SIZE"
                 )
             fmt_name = disk.format.value
             if fmt_name not in ("qcow2", "raw"):
-                raise XenlabError(f"cannot create disk {target!r}: format {fmt_name!r}")
+                raise UsageError(f"cannot create disk {target!r}: format {fmt_name!r}")
             try:
                 create_image(str(path), fmt_name, create_size)
             except XenlabError:
@@ -203,12 +203,14 @@ class Toolstack:
                 continue
             job = job_of(rec)
             if job is not None and job.owner_alive():
-                raise XenlabError(f"domain {name!r} (id {rec.domid}) is being worked on by "
-                                  f"another command ({job.verb}, pid {job.pid}); try again "
-                                  "when it is done")
+                raise ConflictError("domain", name,
+                                    f"domain {name!r} (id {rec.domid}) is being worked on by "
+                                    f"another command ({job.verb}, pid {job.pid}); try again "
+                                    "when it is done")
             if is_alive(rec):
-                raise XenlabError(f"domain {name!r} already exists (id {rec.domid})")
-            raise XenlabError(
+                raise ConflictError("domain", name,
+                                    f"domain {name!r} already exists (id {rec.domid})")
+            raise StateError(
                 f"domain {name!r} has stale state (id {rec.domid}, QEMU gone): "
                 f"`xenlab vm destroy {name}` clears it"
             )
@@ -498,8 +500,8 @@ class Toolstack:
             try:
                 now = self.store.get(rec.domid)
             except XenlabError:
-                raise XenlabError(f"domain {rec.name!r} (id {rec.domid}) went away while "
-                                  "this command waited for it") from None
+                raise StateError(f"domain {rec.name!r} (id {rec.domid}) went away while "
+                                 "this command waited for it") from None
             if now.uuid != rec.uuid or (now.name != rec.name and str(name_or_id) == rec.name):
                 raise StateError(
                     f"domain {rec.name!r} (id {rec.domid}) was replaced by {now.name!r} "
@@ -513,8 +515,8 @@ class Toolstack:
                             now.name, err)
                 kept = self.store.get(now.domid)
             if kept is None:
-                raise XenlabError(f"domain {rec.name!r} is gone: an interrupted "
-                                  f"{(job_of(now) or Job('?', 0, 0)).verb} was undone")
+                raise StateError(f"domain {rec.name!r} is gone: an interrupted "
+                                 f"{(job_of(now) or Job('?', 0, 0)).verb} was undone")
             yield kept
 
     def converge(self, rec: DomainRecord) -> DomainRecord | None:
@@ -729,7 +731,8 @@ class Toolstack:
         with self.store.global_lock():
             for rec in self.store.list():
                 if rec.name == dc.name:
-                    raise XenlabError(f"domain {dc.name!r} already exists (id {rec.domid})")
+                    raise ConflictError("domain", dc.name,
+                                        f"domain {dc.name!r} already exists (id {rec.domid})")
             self.check_disks(dc, None)
             check_images(dc)
             return self.store.add_domain(

@@ -23,7 +23,7 @@ from typing import Final
 from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
 from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk
-from xenlab.errors import XenlabError
+from xenlab.errors import UsageError
 from xenlab.vm import qemuimg
 from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
 from xenlab.vm.runtime import DISK_SPECS, VIF_SPECS, VIFS, Runtime, disk_now
@@ -75,7 +75,7 @@ def check_domain_name(name: str) -> str:
         why = ("use letters, digits and _ . + @ : , = - only (no slash, space, quote or "
                "control character), starting with a letter, digit or _")
     if why is not None:
-        raise XenlabError(f"domain name {name!r} is not usable: {why}")
+        raise UsageError(f"domain name {name!r} is not usable: {why}")
     return name
 
 

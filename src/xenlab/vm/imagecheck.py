@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Final
 
 from xenlab.config.specs.disk import DiskFormat
-from xenlab.errors import TruncatedError, XenlabError
+from xenlab.errors import TruncatedError, UsageError, XenlabError
 from xenlab.formats import qcow2
 from xenlab.vm.qemuimg import driver
 
@@ -141,7 +141,7 @@ def allowed_backing_dirs(disk_path: str | os.PathLike[str], extra: Sequence[str 
     text = (os.environ if environ is None else environ).get(BACKING_DIRS_ENV, "")
     for item in text.split(":"):
         if item and not os.path.isabs(item):
-            raise XenlabError(f"{BACKING_DIRS_ENV}: {item!r} is not an absolute directory")
+            raise UsageError(f"{BACKING_DIRS_ENV}: {item!r} is not an absolute directory")
         if item:
             dirs.append(Path(item))
     return tuple(dirs)

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from xenlab import faults
-from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.errors import BackendError, StateError, UsageError, XenlabError
 from xenlab.vm import vmstate
 from xenlab.vm.control import (
     PROTOCOL,
@@ -218,15 +218,15 @@ def migrate(
     if isinstance(dest, Toolstack) and with_storage and not dest_overrides:
         # Both ends would open the same files: the export is refused ("Block node
         # is read-only") after the destination QEMU started.
-        raise XenlabError(
+        raise UsageError(
             f"migrate {name} --with-storage to a toolstack on this host needs other disk "
             "paths for the destination (dest_overrides); on the command line, use "
             "`xenlab vm receive --listen ... 'disk=[...]'` there and `migrate HOST:PORT` here")
     if not isinstance(dest, Toolstack):
         parse_address(dest)
         if not token:
-            raise XenlabError(f"migrate {name} to {dest}: the receiver wants the token it "
-                              "printed (--token TOKEN or --token-file FILE)")
+            raise UsageError(f"migrate {name} to {dest}: the receiver wants the token it "
+                             "printed (--token TOKEN or --token-file FILE)")
     with ts.live(name) as rec:
         snaps = ts.store.list_snapshots(rec.domid)
         if snaps and (with_storage or not isinstance(dest, Toolstack)):

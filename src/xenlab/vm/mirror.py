@@ -22,7 +22,14 @@ from typing import Any
 
 from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat
-from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.errors import (
+    BackendError,
+    ConflictError,
+    NotFoundError,
+    StateError,
+    UsageError,
+    XenlabError,
+)
 from xenlab.vm import qemuimg
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job
@@ -127,8 +134,8 @@ def mirror(
     """
     started = time.monotonic()
     if format not in _FORMATS:
-        raise XenlabError(f"mirror: target format {format!r}: expected one of "
-                          f"{', '.join(_FORMATS)}")
+        raise UsageError(f"mirror: target format {format!r}: expected one of "
+                         f"{', '.join(_FORMATS)}")
     # QEMU runs daemonized in "/": a relative path would be its, not ours.
     target = Path(os.path.abspath(target))
     rec = ts.get(name)
@@ -172,10 +179,11 @@ def _check_new(target: Path) -> None:
     this is the early, clear answer before any job or QEMU work.
     """
     if os.path.lexists(target):
-        raise XenlabError(f"mirror target {target} exists; give a new file name")
+        raise ConflictError("file", str(target),
+                            f"mirror target {target} exists; give a new file name")
     if not target.parent.is_dir():
-        raise XenlabError(f"mirror target {target}: cannot create it: no directory "
-                          f"{target.parent}")
+        raise UsageError(f"mirror target {target}: cannot create it: no directory "
+                         f"{target.parent}")
 
 
 def _source_file(ts: Toolstack, rec: DomainRecord, vdev: str, pivot: bool
@@ -191,10 +199,11 @@ def _source_file(ts: Toolstack, rec: DomainRecord, vdev: str, pivot: bool
     disk = next((d for d in dc.disks if d.vdev == vdev), None)
     if disk is None:
         have = ", ".join(d.vdev for d in dc.disks) or "none"
-        raise XenlabError(f"domain {rec.name!r} has no disk {vdev!r} (its disks: {have})")
+        raise NotFoundError("disk", vdev,
+                            f"domain {rec.name!r} has no disk {vdev!r} (its disks: {have})")
     if disk.is_cdrom or not disk.pdev_path or disk.format is DiskFormat.EMPTY:
-        raise XenlabError(f"disk {vdev} of {rec.name!r} is a cdrom or has no medium: "
-                          "only disk images are mirrored")
+        raise UsageError(f"disk {vdev} of {rec.name!r} is a cdrom or has no medium: "
+                         "only disk images are mirrored")
     now = disk_now(Runtime.of(rec), vdev, disk.pdev_path, disk.format.value)
     if pivot:
         if now.overlay:
@@ -221,8 +230,8 @@ def _driver(fmt: DiskFormat, rec: DomainRecord, vdev: str) -> str:
     """QEMU's name for disk format ``fmt``; refuses a format xenlab does not run."""
     driver = FORMAT_DRIVERS.get(fmt)
     if driver is None:
-        raise XenlabError(f"disk {vdev} of {rec.name!r}: format {fmt.value!r}, expected one "
-                          f"of {', '.join(f.value for f in FORMAT_DRIVERS)}")
+        raise UsageError(f"disk {vdev} of {rec.name!r}: format {fmt.value!r}, expected one "
+                         f"of {', '.join(f.value for f in FORMAT_DRIVERS)}")
     return driver
 
 
@@ -258,7 +267,7 @@ def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: Path, f
             except BaseException as err:
                 what = f"mirror {rec.name} {vdev} -> {target} failed"
                 if isinstance(err, ImageFileError):
-                    raise XenlabError(f"mirror target {target}: {err.detail}") from err
+                    raise UsageError(f"mirror target {target}: {err.detail}") from err
                 if isinstance(err, OSError):
                     raise XenlabError(f"{what}: {err.strerror or err}; {rec.name} stays on "
                                       f"{source}") from err

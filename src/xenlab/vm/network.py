@@ -33,7 +33,7 @@ from typing import Any
 
 from xenlab import faults, hotplug
 from xenlab.config.specs.vif import VifSpec, format_vif, parse_vif
-from xenlab.errors import BackendError, XenlabError
+from xenlab.errors import BackendError, ConflictError, NotFoundError
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import config_from_text, vif_line
 from xenlab.vm.jobs import Job
@@ -144,12 +144,14 @@ def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
         if devid is None:
             devid = next(i for i in range(len(used) + 1) if i not in used)
         elif devid in used:
-            raise XenlabError(f"network-attach {rec.name}: devid {devid} is taken")
+            raise ConflictError("vif", str(devid),
+                                f"network-attach {rec.name}: devid {devid} is taken")
         dc, _ = config_from_text(rec.config_text, rec.config_path)
         new = nic(replace(dc, uuid=rec.uuid), replace(spec, devid=devid), devid)
         for n in current:
             if n.mac == new.mac:
-                raise XenlabError(
+                raise ConflictError(
+                    "vif", str(new.mac),
                     f"network-attach {rec.name}: MAC {new.mac} is vif {n.devid}'s already")
         up: hotplug.Vif | None = None
         live = {n.devid for n in current}
@@ -215,8 +217,8 @@ def _find(rec: DomainRecord, current: tuple[Nic, ...], which: str) -> Nic:
         if (which.isdigit() and n.devid == int(which)) or (
                 _MAC.fullmatch(which) and n.mac == which.lower()):
             return n
-    raise XenlabError(
-        f"network-detach {rec.name}: no vif {which!r} (give a devid or a MAC; "
+    raise NotFoundError(
+        "vif", which, f"network-detach {rec.name}: no vif {which!r} (give a devid or a MAC; "
         f"`xenlab vm network-list {rec.name}` lists them)"
     )
 

@@ -58,6 +58,7 @@ __all__ = [
     "PEER_KEYS",
     "PeerRefusedError",
     "PeerRequest",
+    "PeerRequestError",
     "check_request",
 ]
 
@@ -165,6 +166,15 @@ class PeerRefusedError(XenlabError):
         super().__init__(message)
 
 
+class PeerRequestError(XenlabError, ValueError):
+    """The peer's request is malformed (a bad name, uuid, path, size or flag); ``peer``
+    names who sent it."""
+
+    def __init__(self, peer: str, message: str) -> None:
+        self.peer = peer
+        super().__init__(message)
+
+
 @dataclass(frozen=True, slots=True)
 class PeerRequest:
     """A "prepare" the receiver takes: the header, whether the disks come too and their
@@ -181,7 +191,7 @@ def _check_name(name: str, where: str) -> None:
     try:
         check_domain_name(name)
     except XenlabError as err:
-        raise XenlabError(f"{where}: {err}") from None
+        raise PeerRequestError(where, f"{where}: {err}") from None
 
 
 def check_request(prep: Mapping[str, Any], *, peer: str, overrides: Sequence[str] = (),
@@ -203,18 +213,20 @@ def check_request(prep: Mapping[str, Any], *, peer: str, overrides: Sequence[str
         header = header_from_json(prep.get("header"), where)
     except FormatError as err:
         # A message on the wire has no offset worth showing.
-        raise XenlabError(f"{where}: {err.field}: {err.detail}") from None
+        raise PeerRequestError(where, f"{where}: {err.field}: {err.detail}") from None
     with_storage = prep.get("with_storage", False)
     if not isinstance(with_storage, bool):
-        raise XenlabError(f"{where}: with_storage is {_kind(with_storage)}, expected a boolean")
+        raise PeerRequestError(
+            where, f"{where}: with_storage is {_kind(with_storage)}, expected a boolean")
     sizes = _sizes(prep.get("disk_sizes", {}), where)
     _check_name(header.name, where)
     try:
         uuidlib.UUID(header.uuid)
     except ValueError:
-        raise XenlabError(f"{where}: uuid {header.uuid[:80]!r} is not a UUID") from None
+        raise PeerRequestError(where, f"{where}: uuid {header.uuid[:80]!r} is not a UUID") from None
     if _CONTROL.search(header.config_path) or len(header.config_path) > 4096:
-        raise XenlabError(f"{where}: config_path {header.config_path[:80]!r} is not a path")
+        raise PeerRequestError(
+            where, f"{where}: config_path {header.config_path[:80]!r} is not a path")
     source = f"{where} (config of {header.name})"
     dc, _ = config_from_text(header.config_text, source, overrides)
     _check_name(dc.name, where)
@@ -279,14 +291,14 @@ def _kind(value: object) -> str:
 
 def _sizes(value: object, where: str) -> dict[str, int]:
     if not isinstance(value, dict) or len(value) > _SIZES_MAX:
-        raise XenlabError(f"{where}: disk_sizes is {_kind(value)}"
-                          + (f" of {len(value)} entries" if isinstance(value, dict) else "")
-                          + f", expected an object of at most {_SIZES_MAX} vdev: bytes")
+        raise PeerRequestError(where, f"{where}: disk_sizes is {_kind(value)}"
+                               + (f" of {len(value)} entries" if isinstance(value, dict) else "")
+                               + f", expected an object of at most {_SIZES_MAX} vdev: bytes")
     out: dict[str, int] = {}
     for vdev, size in value.items():
         if isinstance(size, bool) or not isinstance(size, int) or not 0 < size < 1 << 63:
-            raise XenlabError(f"{where}: disk_sizes.{vdev[:40]} is "
-                              f"{size!r:.40}, expected a positive number of bytes")
+            raise PeerRequestError(where, f"{where}: disk_sizes.{vdev[:40]} is "
+                                   f"{size!r:.40}, expected a positive number of bytes")
         out[vdev] = size
     return out
 

@@ -27,7 +27,7 @@ from xenlab.config.model import DomainConfig, DomainType, ShutdownAction
 from xenlab.config.specs.disk import DiskFormat, DiskSpec
 from xenlab.config.specs.vif import VifSpec
 from xenlab.config.values import Value
-from xenlab.errors import XenlabError
+from xenlab.errors import UsageError, XenlabError
 from xenlab.vm.accel import Accel, probe_accel
 from xenlab.vm.qemuimg import FORMAT_DRIVERS
 from xenlab.vm.qemuopts import QemuOptionError, qemu_arg, qemu_json, qemu_opt_value, qemu_opts
@@ -749,8 +749,8 @@ def _check_paths(paths: RuntimePaths) -> None:
                               "contains '%', which QEMU's -D reads as a format")
     for what, path in (("qmp", paths.qmp), ("qga", paths.qga), ("console", paths.console)):
         if len(os.fsencode(path)) > _SOCKET_MAX:
-            raise XenlabError(f"{what} socket path {str(path)!r} is longer than {_SOCKET_MAX} "
-                              "bytes (a unix socket limit); use a shorter run directory")
+            raise UsageError(f"{what} socket path {str(path)!r} is longer than {_SOCKET_MAX} "
+                             "bytes (a unix socket limit); use a shorter run directory")
 
 
 def qemu_argv(dc: DomainConfig, paths: RuntimePaths, *, accel: Accel = Accel.TCG,

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from xenlab.config.specs.disk import DiskFormat
-from xenlab.errors import BackendError, XenlabError
+from xenlab.errors import BackendError, UsageError, XenlabError
 
 __all__ = [
     "FORMAT_DRIVERS",
@@ -260,7 +260,7 @@ def driver(fmt: DiskFormat | str) -> str:
             found = None
     if found is None:
         name = fmt.value if isinstance(fmt, DiskFormat) else fmt
-        raise XenlabError(f"disk format {name!r} has no image driver here")
+        raise UsageError(f"disk format {name!r} has no image driver here")
     return found
 
 
@@ -299,7 +299,7 @@ def create(path: str | Path, fmt: DiskFormat | str, size: int | str | None = Non
     args = ["-q", "-f", driver(fmt)]
     if backing is not None:
         if backing_fmt is None:
-            raise XenlabError(f"{path}: a backing file needs its format")
+            raise UsageError(f"{path}: a backing file needs its format")
         args += ["-b", str(backing), "-F", driver(backing_fmt)]
     with new_image(path) as tmp, _named(tmp, path):
         _run("create", path, [*args, str(tmp), *([] if size is None else [str(size)])])

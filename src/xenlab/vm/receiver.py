@@ -44,7 +44,7 @@ from typing import Any, Final
 
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
-from xenlab.errors import BackendError, XenlabError
+from xenlab.errors import BackendError, UsageError, XenlabError
 from xenlab.vm import qemuimg, vmstate
 from xenlab.vm.control import (
     PROTOCOL,
@@ -384,7 +384,7 @@ def serve_receive(
         guest (no QEMU and no record is left; the source resumes its guest).
     """
     if not token:
-        raise XenlabError("receive: an empty migration token would let anyone in")
+        raise UsageError("receive: an empty migration token would let anyone in")
     host, port = parse_address(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:

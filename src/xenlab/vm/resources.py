@@ -53,7 +53,14 @@ from typing import Any
 
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.cpus import CpuSet, HostTopology, parse_cpus
-from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.errors import (
+    BackendError,
+    ConflictError,
+    NotFoundError,
+    StateError,
+    UsageError,
+    XenlabError,
+)
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import check_domain_name, config_from_text
 from xenlab.vm.qemu import cpu_ranges
@@ -234,12 +241,12 @@ def mem_set(ts: Toolstack, name: str, mib: int, *, timeout: float = 30.0) -> Mem
         if mib > maxmem:
             how = ("raise it with mem-max first" if maxmem < dc.maxmem_mib else
                    "a bigger maxmem needs a restart with a bigger maxmem=")
-            raise XenlabError(
+            raise UsageError(
                 f"domain {rec.name!r}: mem-set {mib} MiB is above its maxmem of {maxmem} MiB "
                 f"(xl cannot set memory beyond maxmem; {how})"
             )
         if mib < MIN_MEMORY_MIB:
-            raise XenlabError(
+            raise UsageError(
                 f"domain {rec.name!r}: mem-set {mib} MiB is below the {MIN_MEMORY_MIB} MiB "
                 "floor (the guest would run out of memory)"
             )
@@ -285,13 +292,13 @@ def mem_max(ts: Toolstack, name: str, mib: int) -> int:
 
         started = _run(size())
         if mib > started:
-            raise XenlabError(
+            raise UsageError(
                 f"domain {rec.name!r}: mem-max {mib} MiB is above the {started} MiB its QEMU "
                 f"was started with; raising it needs a restart with maxmem={mib}"
             )
         target = _target(rec, dc)
         if mib < target:
-            raise XenlabError(
+            raise UsageError(
                 f"domain {rec.name!r}: mem-max {mib} MiB is below its current memory "
                 f"({target} MiB); mem-set it lower first"
             )
@@ -336,7 +343,7 @@ def _resolve(spec: CpuSet | str, host: HostTopology, what: str) -> frozenset[int
     cpuset = parse_cpus(spec, source=what, host=host) if isinstance(spec, str) else spec
     cpus = cpuset.resolve(host.nr_cpus, host.node_cpus)
     if not cpus:
-        raise XenlabError(f"{what}: {str(cpuset)!r} names no CPU of this host")
+        raise UsageError(f"{what}: {str(cpuset)!r} names no CPU of this host")
     return cpus
 
 
@@ -518,7 +525,7 @@ def vcpu_set(ts: Toolstack, name: str, n: int, *, timeout: float = 30.0) -> Vcpu
                 slots = _list(await qmp.execute("query-hotpluggable-cpus"),
                               "query-hotpluggable-cpus")
                 if not 1 <= n <= len(slots):
-                    raise XenlabError(
+                    raise UsageError(
                         f"domain {rec.name!r}: vcpu-set {n} is out of range: it has "
                         f"maxvcpus={len(slots)} (1 to {len(slots)})"
                     )
@@ -624,7 +631,7 @@ def vcpu_pin(ts: Toolstack, name: str, vcpu: int | str, cpus: str | CpuSet
             index = vcpu if isinstance(vcpu, int) else _vcpu_index(vcpu)
             threads = [(i, t) for i, t in threads if i == index]
             if not threads:
-                raise XenlabError(f"domain {rec.name!r} has no vCPU {index}")
+                raise NotFoundError("vcpu", str(index), f"domain {rec.name!r} has no vCPU {index}")
         done: dict[int, frozenset[int]] = {}
         for i, tid in threads:
             _pin_thread(tid, wanted, f"domain {rec.name!r} vCPU {i}")
@@ -634,7 +641,7 @@ def vcpu_pin(ts: Toolstack, name: str, vcpu: int | str, cpus: str | CpuSet
 
 def _vcpu_index(text: str) -> int:
     if not text.isdigit():
-        raise XenlabError(f"vcpu-pin: {text!r} is not a vCPU number or 'all'")
+        raise UsageError(f"vcpu-pin: {text!r} is not a vCPU number or 'all'")
     return int(text)
 
 
@@ -657,7 +664,7 @@ def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
     try:
         check_domain_name(new)  # the rule create, restore and revert apply
     except XenlabError as err:
-        raise XenlabError(f"rename: {err}") from None
+        raise UsageError(f"rename: {err}") from None
     rec = ts.get(name)
     if rec.state != SHUTOFF and not is_alive(rec):
         raise StateError(
@@ -673,7 +680,7 @@ def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
             return rec
         for other in ts.store.list():
             if other.name == new:
-                raise XenlabError(f"rename: a domain named {new!r} already exists "
+                raise ConflictError("domain", new, f"rename: a domain named {new!r} already exists "
                                   f"(id {other.domid})")
         # Later settings win in an xl config, as with create's overrides.
         text = rec.config_text.rstrip("\n") + f'\nname = "{new}"\n'

@@ -37,7 +37,8 @@ from typing import Any, Final
 import xxhash
 
 from xenlab.config.specs.disk import DiskFormat
-from xenlab.errors import FormatError, TruncatedError, XenlabError
+from xenlab.errors import FormatError, TruncatedError
+from xenlab.files import FileReadError
 
 __all__ = [
     "CHECKED_VERSION",
@@ -403,7 +404,7 @@ def read_image(path: Path) -> ImageLayout:
                 # The checksum and QEMU's magic.
                 head += f.read(n + _SUM.size + len(QEMU_MAGIC))
     except OSError as err:
-        raise XenlabError(f"{path}: cannot read: {err.strerror or err}") from err
+        raise FileReadError(str(path), f"cannot read: {err.strerror or err}") from err
     return _layout(head, str(path))
 
 
@@ -651,7 +652,7 @@ def check_image(path: Path) -> tuple[ImageLayout, StreamSummary | None]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
-        raise XenlabError(f"{path}: cannot read: {err.strerror or err}") from err
+        raise FileReadError(str(path), f"cannot read: {err.strerror or err}") from err
     try:
         return check_open(fd, str(path))
     finally:
@@ -678,7 +679,7 @@ def check_open(fd: int, source: str) -> tuple[ImageLayout, StreamSummary | None]
         return layout, check_stream(fd, start=layout.stream_offset, seed=layout.seed,
                                     source=source)
     except OSError as err:
-        raise XenlabError(f"{source}: cannot read: {err.strerror or err}") from err
+        raise FileReadError(str(source), f"cannot read: {err.strerror or err}") from err
 
 
 def check_stream_file(path: Path) -> StreamSummary | None:
@@ -692,11 +693,11 @@ def check_stream_file(path: Path) -> StreamSummary | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
-        raise XenlabError(f"{path}: cannot read: {err.strerror or err}") from err
+        raise FileReadError(str(path), f"cannot read: {err.strerror or err}") from err
     try:
         return check_stream_open(fd, str(path))
     except OSError as err:
-        raise XenlabError(f"{path}: cannot read: {err.strerror or err}") from err
+        raise FileReadError(str(path), f"cannot read: {err.strerror or err}") from err
     finally:
         os.close(fd)
 

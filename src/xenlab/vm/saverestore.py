@@ -39,7 +39,8 @@ from xenlab import faults
 from xenlab.atomic import fsync_dir
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
-from xenlab.errors import BackendError, XenlabError
+from xenlab.errors import BackendError, UsageError, XenlabError
+from xenlab.files import FileReadError
 from xenlab.vm import qemuimg, vmstate
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.domconfig import config_from_text, on_disks
@@ -136,8 +137,8 @@ def place(text_dc: DomainConfig, dc: DomainConfig, disk_paths: Sequence[DiskMove
     for kind, items in (("mirror", disk_paths), ("overlay", overlays)):
         for m in items:
             if m.vdev not in now:
-                raise XenlabError(f"{source}: disk {m.vdev} ran on {m.file} ({kind}), "
-                                  "but the config has no such disk")
+                raise UsageError(f"{source}: disk {m.vdev} ran on {m.file} ({kind}), "
+                                 "but the config has no such disk")
             if now[m.vdev] != saved.get(m.vdev):
                 continue  # overridden
             moves[m.vdev] = (m.file, DiskFormat(m.format))
@@ -148,8 +149,8 @@ def place(text_dc: DomainConfig, dc: DomainConfig, disk_paths: Sequence[DiskMove
                 tops[m.vdev] = {"file": m.file, "node": f"{m.vdev}-fmt"}
     for vdev, (file, _) in sorted(moves.items()):
         if not Path(file).exists():
-            raise XenlabError(f"{source}: disk {vdev} ran on {file}, which does not exist "
-                              "(give the disk's place with a disk=[...] override)")
+            raise UsageError(f"{source}: disk {vdev} ran on {file}, which does not exist "
+                             "(give the disk's place with a disk=[...] override)")
     return Placed(on_disks(dc, moves), paths, tops)
 
 
@@ -392,7 +393,7 @@ def _save_snapshots(ts: Toolstack, rec: DomainRecord) -> tuple[DiskSnapshot, ...
             continue  # read-only media cannot change behind the memory's back
         file, fmt = now.get(d.vdev, (d.pdev_path, d.format.value))
         if fmt != DiskFormat.QCOW2.value:
-            raise XenlabError(
+            raise UsageError(
                 f"save --snapshot: disk {d.vdev} ({file}) is {fmt}; "
                 "only qcow2 images hold internal snapshots (save without --snapshot, or "
                 "convert the disk with qemu-img convert -O qcow2)"
@@ -533,12 +534,12 @@ def _revert_plan(dc: DomainConfig, header: SaveHeader, path: Path) -> list[tuple
     for s in header.disk_snapshots:
         disk = by_vdev.get(s.vdev)
         if disk is None or not disk.pdev_path:
-            raise XenlabError(
+            raise UsageError(
                 f"restore {path}: the image was saved with a snapshot of disk {s.vdev}, "
                 "which the config no longer has"
             )
         if disk.format is not DiskFormat.QCOW2:
-            raise XenlabError(
+            raise UsageError(
                 f"restore {path}: disk {s.vdev} ({disk.pdev_path}) is {disk.format.value}, "
                 f"so it holds no snapshot {s.name!r} (saved with --snapshot from {s.file}, "
                 "a qcow2 image); it is not the disk that was saved"
@@ -549,7 +550,7 @@ def _revert_plan(dc: DomainConfig, header: SaveHeader, path: Path) -> list[tuple
             raise XenlabError(f"restore {path}: disk {disk.pdev_path}: cannot read it: "
                               f"{err}") from err
         if s.name not in tags:
-            raise XenlabError(
+            raise UsageError(
                 f"restore {path}: disk {s.vdev} ({disk.pdev_path}) has no snapshot "
                 f"{s.name!r} (saved with --snapshot from {s.file}); it is not the disk that "
                 "was saved, or the snapshot was deleted"
@@ -592,7 +593,7 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
-        raise XenlabError(f"{path}: cannot read: {err.strerror or err}") from err
+        raise FileReadError(str(path), f"cannot read: {err.strerror or err}") from err
     with contextlib.closing(_Fd(fd)):
         # Checked on the descriptor QEMU will read, before anything else happens.
         checked = vmstate.file_identity(fd)

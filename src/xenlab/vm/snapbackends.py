@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from xenlab import faults
-from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.errors import BackendError, ConflictError, StateError, XenlabError
 from xenlab.vm import qemuimg
 from xenlab.vm.qemuimg import ImageFileError
 from xenlab.vm.qmp import Qmp, run_job, settle_job
@@ -323,7 +323,7 @@ class Qcow2External:
     def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
         overlay = f"{disk.base}.{tag}.qcow2"
         if os.path.lexists(overlay):
-            raise XenlabError(f"overlay {overlay} exists already")
+            raise ConflictError("file", str(overlay), f"overlay {overlay} exists already")
         return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node,
                 "overlay": overlay, "overlay_node": f"{disk.vdev}-{tag}"}
 
@@ -366,8 +366,9 @@ class Qcow2External:
                     continue  # taken meanwhile
                 raise
             return {"file": new, "node": f"{entry['vdev']}-fmt"}
-        raise XenlabError(f"no free name for a revert overlay: {stem}~1.qcow2 to "
-                          f"~{_MAX_REVERTS}.qcow2 are all taken")
+        raise ConflictError("file", str(stem),
+                            f"no free name for a revert overlay: {stem}~1.qcow2 to "
+                            f"~{_MAX_REVERTS}.qcow2 are all taken")
 
     async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
                      top: str) -> str | None:
@@ -429,7 +430,7 @@ class RawCopy:
     def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
         copy = f"{disk.file}@{tag}"
         if os.path.lexists(copy):
-            raise XenlabError(f"snapshot copy {copy} exists already")
+            raise ConflictError("file", str(copy), f"snapshot copy {copy} exists already")
         return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node,
                 "copy": copy}
 

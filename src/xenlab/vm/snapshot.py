@@ -25,7 +25,7 @@ from typing import Any
 
 from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat
-from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.errors import BackendError, ConflictError, StateError, UsageError, XenlabError
 from xenlab.vm import qemuimg, saveimage, vmstate
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import on_disks_now
@@ -135,7 +135,7 @@ class SnapshotInfo:
 
 def _check_name(snap: str) -> None:
     if not SNAPSHOT_NAME.fullmatch(snap) or snap.isdigit() or snap in (".", ".."):
-        raise XenlabError(
+        raise UsageError(
             f"bad snapshot name {snap!r}: use 1-64 letters, digits, '_', '.', '+', '-' "
             "(not all digits)"
         )
@@ -324,9 +324,9 @@ def create_snapshot(
     """
     _check_name(snap)
     if disk_only and memory:
-        raise XenlabError("--disk-only and --memory contradict each other")
+        raise UsageError("--disk-only and --memory contradict each other")
     if live and not (external and memory):
-        raise XenlabError(
+        raise UsageError(
             "--live needs --external --memory: internal snapshots pause the guest while "
             "its state is saved"
         )
@@ -339,10 +339,11 @@ def create_snapshot(
                 "(drop --memory)"
             )
         if any(s.name == snap for s in ts.store.list_snapshots(rec.domid)):
-            raise XenlabError(f"domain {rec.name!r} already has a snapshot named {snap!r}")
+            raise ConflictError("snapshot", snap,
+                                f"domain {rec.name!r} already has a snapshot named {snap!r}")
         disks = snap_disks(ts, rec)
         if not disks:
-            raise XenlabError("the domain has no writable disk to snapshot")
+            raise UsageError("the domain has no writable disk to snapshot")
         style = "external" if external else "internal"
         backends: list[DiskSnapshotBackend] = []
         for d in disks:
@@ -350,14 +351,14 @@ def create_snapshot(
             why = (f"no {style} snapshot backend for {d.format} on a {d.path_kind}"
                    if b is None else b.can_snapshot(d, live=not shutoff))
             if b is None or why:
-                raise XenlabError(f"disk {d.vdev} ({d.file}): {why}")
+                raise UsageError(f"disk {d.vdev} ({d.file}): {why}")
             backends.append(b)
         all_internal = all(isinstance(b, Qcow2Internal) for b in backends)
         if all_internal and not external:
             kind = SnapshotKind.INTERNAL
         elif memory and not external:
-            raise XenlabError("--memory without --external needs every disk in qcow2 "
-                              "(add --external to save the memory to a file)")
+            raise UsageError("--memory without --external needs every disk in qcow2 "
+                             "(add --external to save the memory to a file)")
         else:
             kind = SnapshotKind.EXTERNAL if memory else SnapshotKind.DISK_ONLY
         with_state = kind is SnapshotKind.INTERNAL and not shutoff and not disk_only

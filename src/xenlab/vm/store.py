@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from xenlab import files
-from xenlab.errors import StateError, XenlabError
+from xenlab.errors import ConflictError, NotFoundError, StateError, UsageError, XenlabError
 
 __all__ = [
     "DomainRecord",
@@ -110,8 +110,8 @@ def _sql_errors(fn: Callable[_P, _T]) -> Callable[_P, _T]:
             # not (kept as lone surrogates) cannot be stored or looked up.
             near = err.object[max(0, err.start - 30):err.end + 30]
             shown = near.encode("utf-8", "surrogateescape")
-            raise XenlabError(f"not UTF-8 text, at {shown!r}: names, paths and configs the "
-                              "toolstack keeps must be UTF-8") from None
+            raise UsageError(f"not UTF-8 text, at {shown!r}: names, paths and configs the "
+                             "toolstack keeps must be UTF-8") from None
 
     return wrapper
 
@@ -404,7 +404,8 @@ class Store:
         with self.global_lock(), self._tx() as db:
             clash = db.execute("SELECT domid FROM domains WHERE name = ?", (rec.name,)).fetchone()
             if clash is not None:
-                raise XenlabError(f"a domain named {rec.name!r} already exists (id {clash[0]})")
+                raise ConflictError("domain", rec.name,
+                                    f"a domain named {rec.name!r} already exists (id {clash[0]})")
             domid = int(
                 db.execute(
                     "SELECT MIN(c.domid + 1) FROM (SELECT 0 AS domid UNION ALL "
@@ -434,7 +435,7 @@ class Store:
             row = self._db.execute("SELECT * FROM domains WHERE domid = ?", (name_or_id,))
             found = row.fetchone()
             if found is None:
-                raise XenlabError(f"no domain with id {name_or_id}")
+                raise NotFoundError("domain", str(name_or_id), f"no domain with id {name_or_id}")
             return _domain(found)
         found = None
         if name_or_id.isdigit() and name_or_id.isascii() and len(name_or_id) < 10:
@@ -445,7 +446,7 @@ class Store:
             found = self._db.execute(
                 "SELECT * FROM domains WHERE name = ?", (name_or_id,)).fetchone()
         if found is None:
-            raise XenlabError(f"no domain named {name_or_id!r}")
+            raise NotFoundError("domain", str(name_or_id), f"no domain named {name_or_id!r}")
         return _domain(found)
 
     @_sql_errors
@@ -464,7 +465,8 @@ class Store:
                 "SELECT domid FROM domains WHERE name = ? AND domid != ?", (rec.name, rec.domid)
             ).fetchone()
             if clash is not None:
-                raise XenlabError(f"a domain named {rec.name!r} already exists (id {clash[0]})")
+                raise ConflictError("domain", rec.name,
+                                    f"a domain named {rec.name!r} already exists (id {clash[0]})")
             row = _domain_row(rec)
             cur = db.execute(
                 "UPDATE domains SET name=?, uuid=?, config_path=?, config_text=?, rundir=?,"
@@ -472,7 +474,7 @@ class Store:
                 (*row[1:], rec.domid),
             )
             if cur.rowcount != 1:
-                raise XenlabError(f"no domain with id {rec.domid}")
+                raise NotFoundError("domain", str(rec.domid), f"no domain with id {rec.domid}")
         return rec
 
     @_sql_errors
@@ -508,7 +510,8 @@ class Store:
                 clash = db.execute("SELECT domid FROM domains WHERE name = ? AND domid != ?",
                                    (new.name, domid)).fetchone()
                 if clash is not None:
-                    raise XenlabError(
+                    raise ConflictError(
+                        "domain", new.name,
                         f"a domain named {new.name!r} already exists (id {clash[0]})")
             db.execute(
                 "UPDATE domains SET name=?, uuid=?, config_path=?, config_text=?, rundir=?,"
@@ -536,12 +539,13 @@ class Store:
         with self._tx() as db:
             known = db.execute("SELECT 1 FROM domains WHERE domid = ?", (snap.domid,))
             if known.fetchone() is None:
-                raise XenlabError(f"no domain with id {snap.domid}")
+                raise NotFoundError("domain", str(snap.domid), f"no domain with id {snap.domid}")
             clash = db.execute(
                 "SELECT id FROM snapshots WHERE domid = ? AND name = ?", (snap.domid, snap.name)
             ).fetchone()
             if clash is not None:
-                raise XenlabError(
+                raise ConflictError(
+                    "snapshot", snap.name,
                     f"domain {snap.domid} already has a snapshot named {snap.name!r}"
                 )
             if snap.parent is not None:
@@ -549,7 +553,7 @@ class Store:
                     "SELECT domid FROM snapshots WHERE id = ?", (snap.parent,)
                 ).fetchone()
                 if parent is None or int(parent[0]) != snap.domid:
-                    raise XenlabError(
+                    raise StateError(
                         f"snapshot parent {snap.parent} is not a snapshot of domain {snap.domid}"
                     )
             cur = db.execute(
@@ -574,7 +578,7 @@ class Store:
             "SELECT * FROM snapshots WHERE domid = ? AND name = ?", (domid, name)
         ).fetchone()
         if row is None:
-            raise XenlabError(f"domain {domid} has no snapshot named {name!r}")
+            raise NotFoundError("snapshot", name, f"domain {domid} has no snapshot named {name!r}")
         return _snapshot(row)
 
     @_sql_errors
@@ -585,7 +589,7 @@ class Store:
         """
         row = self._db.execute("SELECT * FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
         if row is None:
-            raise XenlabError(f"no snapshot with id {snap_id}")
+            raise NotFoundError("snapshot", str(snap_id), f"no snapshot with id {snap_id}")
         return _snapshot(row)
 
     @_sql_errors
@@ -620,7 +624,7 @@ class Store:
                 "UPDATE snapshots SET state = ? WHERE id = ?", (state.value, snap_id)
             )
             if cur.rowcount != 1:
-                raise XenlabError(f"no snapshot with id {snap_id}")
+                raise NotFoundError("snapshot", str(snap_id), f"no snapshot with id {snap_id}")
         return self.snapshot_by_id(snap_id)
 
     @_sql_errors
@@ -708,7 +712,7 @@ def _snapshot_in(db: sqlite3.Connection, snap_id: int) -> SnapshotRecord:
     """Snapshot ``snap_id`` read in transaction ``db``; XenlabError when there is none."""
     row = db.execute("SELECT * FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
     if row is None:
-        raise XenlabError(f"no snapshot with id {snap_id}")
+        raise NotFoundError("snapshot", str(snap_id), f"no snapshot with id {snap_id}")
     return _snapshot(row)
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from xenlab.atomic import atomic_write_bytes, atomic_write_text, make_output_dir
-from xenlab.errors import BackendError, XenlabError
+from xenlab.errors import BackendError, NotFoundError, UsageError, XenlabError
 from xenlab.files import FileReadError, read_bounded
 
 if TYPE_CHECKING:
@@ -256,7 +256,7 @@ def check_rom_ids(vendor: int, device: int, qemu_device: str | None) -> str:
     found = qemu_vga_device(vendor, device)
     if found is None:
         known = ", ".join(f"{v:04x}:{d:04x} ({n})" for (v, d), n in VGA_DEVICES.items())
-        raise XenlabError(
+        raise UsageError(
             f"no emulated display has PCI ids {vendor:04x}:{device:04x}, so SeaBIOS would "
             f"not run this ROM; pass a real device (--pci BDF, VFIO), rewrite the ids "
             f"(xenlab rom fix --set-ids) for one of: {known}, or name --device"
@@ -341,14 +341,14 @@ def plan_rom(rom: Path, *, data: bytes | None = None, device: str | None = None,
     qdev: str | None = None
     if pci is None:
         if ids is None and device is None:
-            raise XenlabError(f"{shown}: refused before boot: {'; '.join(first.problems)}")
+            raise UsageError(f"{shown}: refused before boot: {'; '.join(first.problems)}")
         qdev = check_rom_ids(*(ids or (0, 0)), device)
         ids = _DEVICE_IDS.get(qdev, ids)
     verdict = check_vga_bios(parsed, vendor_id=ids[0] if ids else None,
                              device_id=ids[1] if ids else None)
     if not verdict.ok and not force:
-        raise XenlabError(f"{shown}: refused before boot: {'; '.join(verdict.problems)} "
-                          "(--force boots it anyway)")
+        raise UsageError(f"{shown}: refused before boot: {'; '.join(verdict.problems)} "
+                         "(--force boots it anyway)")
     return qdev, verdict.warnings + (verdict.problems if force else ())
 
 
@@ -363,12 +363,13 @@ def check_vfio(bdf: str, *, sysfs: Path = Path("/sys")) -> str:
         raise XenlabError(str(err)) from err
     dev = sysfs / "bus" / "pci" / "devices" / name
     if not dev.exists():
-        raise XenlabError(f"PCI device {name}: not on this host ({shown_path(dev)} does not "
-                          "exist)")
+        raise NotFoundError("pci device", name,
+                            f"PCI device {name}: not on this host ({shown_path(dev)} does not "
+                            "exist)")
     driver = dev / "driver"
     bound = driver.resolve().name if driver.exists() else None
     if bound != "vfio-pci":
-        raise XenlabError(
+        raise UsageError(
             f"PCI device {name} is bound to {bound or 'no driver'}, not vfio-pci: bind it "
             f"first (`driverctl set-override {name} vfio-pci`, or echo vfio-pci > "
             f"{shown_path(dev / 'driver_override')} and {name} > /sys/bus/pci/drivers_probe)"
@@ -423,8 +424,8 @@ def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None
     # guest boots the copy, and nothing opens this path again.
     rom = given.resolve()
     if any(ord(c) < 0x20 or c == "\x7f" for c in str(rom)):
-        raise XenlabError(f"{str(rom)!r}: a ROM path with control characters cannot go "
-                          "into an xl config")
+        raise UsageError(f"{str(rom)!r}: a ROM path with control characters cannot go "
+                         "into an xl config")
     # Absolute (QEMU runs in / once daemonized) but not resolved: the writer
     # judges the links on the way, as the kernel would.
     out_dir = Path(out_dir).absolute()
@@ -443,8 +444,8 @@ def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None
     make_output_dir(out_dir, name=shown_path(out_dir))
     physical = os.path.realpath(out_dir)
     if any(ord(c) < 0x20 or c == "\x7f" for c in physical):
-        raise XenlabError(f"{physical!r}: an output directory with control characters cannot "
-                          "go into an xl config")
+        raise UsageError(f"{physical!r}: an output directory with control characters cannot "
+                         "go into an xl config")
     # Never through a link (a link's target could be changed after the write),
     # and this user's even over another's file: a private copy.
     copy = atomic_write_bytes(outputs["rom"], data, mode=0o600, follow_symlinks=False,
@@ -497,9 +498,9 @@ def _refuse_clobbering(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
     for path in inputs:
         for out in outputs:
             if places(out) & places(path):
-                raise XenlabError(f"{shown_path(path)} would be overwritten by "
-                                  f"{shown_path(out.name)}, which rom boot writes; give --out "
-                                  "another directory")
+                raise UsageError(f"{shown_path(path)} would be overwritten by "
+                                 f"{shown_path(out.name)}, which rom boot writes; give --out "
+                                 "another directory")
 
 
 def _safe(stem: str) -> str:
