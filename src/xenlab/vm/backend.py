@@ -1,0 +1,135 @@
+"""The typed interface under the toolstack's verbs: :class:`Backend`, its values and errors.
+
+The verbs (vm.domain's Toolstack and the verb modules) keep the records, locks,
+jobs and convergence rules; a backend is what runs domains: today QEMU
+(:mod:`xenlab.vm.backends.qemu`), next real Xen through xl, and in the tests an
+in-memory fake.  A verb finds a domain again through the :class:`DomainHandle`
+its backend makes from the record, asks the backend whether it is there
+(:meth:`Backend.probe`, cheap, no control channel) and what it is doing, and
+never reaches a process or socket itself.  The protocol grows in the order of
+docs/backend.md (lifecycle first; devices, state and migration follow); this
+module imports no backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any, Protocol
+
+from xenlab.errors import XenlabError
+from xenlab.vm.store import DomainRecord
+
+__all__ = [
+    "Backend",
+    "Capabilities",
+    "DomainHandle",
+    "ExitReason",
+    "Presence",
+    "Unsupported",
+]
+
+
+class Presence(Enum):
+    """Whether a domain's process or hypervisor domain is there."""
+
+    ALIVE = "alive"
+    GONE = "gone"
+
+
+class ExitReason(Enum):
+    """Why a domain that is gone went (as far as the backend can tell)."""
+
+    POWEROFF = "poweroff"  # the guest powered itself off cleanly (xl forgets it)
+
+
+@dataclass(frozen=True, slots=True)
+class DomainHandle:
+    """What finds a domain again: the backend's name and its own JSON facts about it."""
+
+    backend: str
+    ref: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do; a verb checks (:meth:`require`) before it changes anything."""
+
+    pause: bool = True
+    vcpu_hotplug: bool = False
+    vcpu_hot_unplug: bool = False
+    balloon: bool = False
+    disk_hotplug: bool = False
+    nic_hotplug: bool = False
+    cdrom_change: bool = False
+    internal_snapshots: bool = False
+    live_disk_snapshots: bool = False
+    memory_snapshots: bool = False
+    live_block_copy: bool = False
+    live_migration: bool = False
+    storage_migration: bool = False
+    guest_agent: bool = False
+    console: bool = False
+
+    def require(self, flag: str, what: str, backend: str) -> None:
+        """Refuse ``what`` (a verb and its object) unless capability ``flag`` is there."""
+        if flag not in {f.name for f in fields(self)}:
+            raise ValueError(f"no capability {flag!r}")
+        if not getattr(self, flag):
+            raise Unsupported(backend, flag, f"{what}: the {backend} backend cannot do it "
+                                             f"({flag.replace('_', ' ')})")
+
+
+class Unsupported(XenlabError):
+    """Backend ``backend`` lacks capability ``capability``; nothing was changed."""
+
+    def __init__(self, backend: str, capability: str, message: str) -> None:
+        self.backend = backend
+        self.capability = capability
+        super().__init__(message)
+
+
+class Backend(Protocol):
+    """A hypervisor as the verbs see it (lifecycle so far; see docs/backend.md).
+
+    ``probe`` and ``exit_reason`` are cheap and never block on the domain's
+    control channel; the others may (``timeout`` bounds them).  Errors are
+    :class:`~xenlab.errors.BackendError` and its subclasses, or
+    :class:`Unsupported`.
+    """
+
+    name: str
+    caps: Capabilities
+
+    def handle_of(self, rec: DomainRecord) -> DomainHandle:
+        """The handle of the domain ``rec`` records (records of older releases too)."""
+        ...
+
+    def probe(self, h: DomainHandle) -> Presence:
+        """Whether the domain is there; a process that is not this domain's is GONE."""
+        ...
+
+    async def state(self, h: DomainHandle, timeout: float = 10.0) -> str:
+        """Its run state as the records spell it: running, paused, incoming, ..."""
+        ...
+
+    async def pause(self, h: DomainHandle) -> None:
+        """Stop its vCPUs."""
+        ...
+
+    async def resume(self, h: DomainHandle) -> None:
+        """Run its vCPUs again."""
+        ...
+
+    def destroy(self, h: DomainHandle) -> None:
+        """End it now, if it is there (only what :meth:`probe` calls ALIVE is touched)."""
+        ...
+
+    def exit_reason(self, h: DomainHandle) -> ExitReason | None:
+        """Why it went, for a domain that is gone; None when unknown or still there."""
+        ...
+
+    def release(self, h: DomainHandle) -> None:
+        """Free what the backend kept for a domain that is gone (its run directory)."""
+        ...

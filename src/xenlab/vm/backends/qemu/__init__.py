@@ -1,0 +1,138 @@
+"""QEMU as the hypervisor: :class:`QemuBackend`, the first :class:`~xenlab.vm.backend.Backend`.
+
+A domain is a daemonized ``qemu-system-x86_64`` of this user whose pidfile is
+in the domain's private run directory; its handle carries the record's pid,
+run directory, name and QEMU's ``-name`` (they find the process and prove it
+ours: :func:`xenlab.vm.store.is_domain_qemu`, so a recycled or planted pid is
+never signalled).  Run state comes from QMP's ``query-status``; a clean power
+off is the guest kernel's last words on the console log.  The QEMU modules of
+vm/ (qemu, qmp, rundir, vmstate, qemuimg...) move under this package in the
+steps of docs/backend.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+from xenlab.errors import StateError
+from xenlab.vm.backend import Capabilities, DomainHandle, ExitReason, Presence
+from xenlab.vm.qemu import RuntimePaths
+from xenlab.vm.qmp import Qmp
+from xenlab.vm.rundir import checked_rundir, default_rundir, read_pid, wait_gone
+from xenlab.vm.runtime import QEMU_NAME
+from xenlab.vm.store import DomainRecord, is_domain_qemu
+
+__all__ = ["QemuBackend"]
+
+NAME = "qemu"
+_POWER_DOWN = b"reboot: Power down"  # what Linux prints last on a clean power off
+
+
+class QemuBackend:
+    """Domains as QEMU processes under the state directory ``state_dir``."""
+
+    name = NAME
+    caps = Capabilities(pause=True, vcpu_hotplug=True, balloon=True, disk_hotplug=True,
+                        nic_hotplug=True, cdrom_change=True, internal_snapshots=True,
+                        live_disk_snapshots=True, memory_snapshots=True, live_block_copy=True,
+                        live_migration=True, storage_migration=True, guest_agent=True,
+                        console=True)
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    # -- the handle ------------------------------------------------------------------------
+
+    def handle_of(self, rec: DomainRecord) -> DomainHandle:
+        return DomainHandle(NAME, {"domid": rec.domid, "name": rec.name, "pid": rec.pid,
+                                   "rundir": rec.rundir, QEMU_NAME: rec.extra.get(QEMU_NAME)})
+
+    def _probe_record(self, h: DomainHandle) -> DomainRecord:
+        # What is_domain_qemu reads: the pid, the run directory and the names.
+        ref = h.ref
+        extra: dict[str, Any] = {QEMU_NAME: ref[QEMU_NAME]} if ref.get(QEMU_NAME) else {}
+        return DomainRecord(domid=int(ref["domid"]), name=str(ref["name"]), uuid="",
+                            config_path="", config_text="", rundir=str(ref["rundir"] or ""),
+                            pid=ref["pid"], state="", created=0.0, accel="", extra=extra)
+
+    def paths_or_none(self, h: DomainHandle) -> RuntimePaths | None:
+        """The run paths (None: the recorded run directory is not a private one of ours)."""
+        rundir = str(h.ref.get("rundir") or "")
+        if not rundir:
+            return RuntimePaths.under(default_rundir(self.state_dir, int(h.ref["domid"])))
+        return checked_rundir(rundir)
+
+    def paths(self, h: DomainHandle) -> RuntimePaths:
+        """The run paths; StateError when the run directory is not to be trusted."""
+        paths = self.paths_or_none(h)
+        if paths is None:
+            raise StateError(
+                f"domain {h.ref['name']!r}: its run directory {h.ref['rundir']} is missing, or "
+                "is not a private directory of this user (0700, not a symlink); refusing to "
+                "use it")
+        return paths
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def probe(self, h: DomainHandle) -> Presence:
+        rec = self._probe_record(h)
+        return Presence.ALIVE if is_domain_qemu(rec.pid, rec) else Presence.GONE
+
+    async def state(self, h: DomainHandle, timeout: float = 10.0) -> str:
+        return await status_at(self.paths(h), timeout)
+
+    async def pause(self, h: DomainHandle) -> None:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            await qmp.execute("stop")
+
+    async def resume(self, h: DomainHandle) -> None:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            await qmp.execute("cont")
+
+    def destroy(self, h: DomainHandle) -> None:
+        """SIGKILL the QEMU, found by the recorded pid or the pidfile, and wait for it."""
+        rec = self._probe_record(h)
+        pids = [rec.pid]
+        paths = self.paths_or_none(h)
+        if rec.rundir and paths is not None:
+            pids.append(read_pid(paths))
+        for pid in dict.fromkeys(pids):
+            if pid is not None and is_domain_qemu(pid, rec):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                wait_gone(pid, 10)
+
+    def exit_reason(self, h: DomainHandle) -> ExitReason | None:
+        paths = self.paths_or_none(h)
+        if paths is None or self.probe(h) is Presence.ALIVE:
+            return None
+        log = paths.console_log
+        try:
+            with log.open("rb") as f:
+                f.seek(max(0, log.stat().st_size - 4096))
+                tail = f.read()
+        except OSError:
+            return None
+        lines = [ln for ln in tail.splitlines() if ln.strip()]
+        if lines and lines[-1].rstrip().endswith(_POWER_DOWN):
+            return ExitReason.POWEROFF
+        return None
+
+    def release(self, h: DomainHandle) -> None:
+        paths = self.paths_or_none(h)
+        if paths is not None and h.ref.get("rundir"):
+            shutil.rmtree(paths.rundir, ignore_errors=True)
+
+
+async def status_at(paths: RuntimePaths, timeout: float = 10.0) -> str:
+    """QEMU's run state over QMP, as the records spell it (prelaunch is paused)."""
+    async with Qmp.open(paths.qmp, timeout=timeout) as qmp:
+        st = await qmp.execute("query-status")
+    status = str(st.get("status", "unknown")) if isinstance(st, dict) else "unknown"
+    return {"prelaunch": "paused"}.get(status, status)

@@ -1,0 +1,88 @@
+"""An in-memory :class:`~xenlab.vm.backend.Backend` that records every call.
+
+The second backend the issue asks for, to prove the protocol stands alone: the
+Toolstack's verbs run their store, lock and convergence logic over it with no
+process, socket or file of a hypervisor.  Its world is a dict by uuid (the
+domains it "runs"); knobs make a domain vanish, power off or hang.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from xenlab.errors import BackendError
+from xenlab.vm.backend import Capabilities, DomainHandle, ExitReason, Presence
+from xenlab.vm.store import DomainRecord
+
+
+@dataclass
+class FakeDomain:
+    state: str = "running"
+    alive: bool = True
+    exit: ExitReason | None = None
+
+
+@dataclass
+class FakeBackend:
+    name: str = "fake"
+    caps: Capabilities = field(default_factory=lambda: Capabilities(pause=True))
+    world: dict[str, FakeDomain] = field(default_factory=dict)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    slow: float = 0.0  # seconds pause/resume take (to hold a lock while another waits)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, uuid: str, state: str = "running") -> None:
+        """What a start would leave: the domain is there."""
+        self.world[uuid] = FakeDomain(state)
+
+    def vanish(self, uuid: str, exit: ExitReason | None = None) -> None:
+        """The domain ends behind the toolstack's back (a crash, or a clean power off)."""
+        self.world[uuid].alive = False
+        self.world[uuid].exit = exit
+
+    def _dom(self, h: DomainHandle, call: str) -> FakeDomain:
+        with self._lock:
+            self.calls.append((call, str(h.ref["uuid"])))
+        dom = self.world.get(str(h.ref["uuid"]))
+        if dom is None or not dom.alive:
+            raise BackendError(f"fake: no domain {h.ref['uuid']}")
+        return dom
+
+    def handle_of(self, rec: DomainRecord) -> DomainHandle:
+        return DomainHandle(self.name, {"uuid": rec.uuid})
+
+    def probe(self, h: DomainHandle) -> Presence:
+        dom = self.world.get(str(h.ref["uuid"]))
+        return Presence.ALIVE if dom is not None and dom.alive else Presence.GONE
+
+    async def state(self, h: DomainHandle, timeout: float = 10.0) -> str:
+        return self._dom(h, "state").state
+
+    async def pause(self, h: DomainHandle) -> None:
+        dom = self._dom(h, "pause")
+        time.sleep(self.slow)
+        dom.state = "paused"
+
+    async def resume(self, h: DomainHandle) -> None:
+        dom = self._dom(h, "resume")
+        time.sleep(self.slow)
+        dom.state = "running"
+
+    def destroy(self, h: DomainHandle) -> None:
+        with self._lock:
+            self.calls.append(("destroy", str(h.ref["uuid"])))
+        dom = self.world.get(str(h.ref["uuid"]))
+        if dom is not None and dom.alive:
+            dom.alive = False
+            dom.exit = None
+
+    def exit_reason(self, h: DomainHandle) -> ExitReason | None:
+        dom = self.world.get(str(h.ref["uuid"]))
+        return None if dom is None or dom.alive else dom.exit
+
+    def release(self, h: DomainHandle) -> None:
+        with self._lock:
+            self.calls.append(("release", str(h.ref["uuid"])))
+        self.world.pop(str(h.ref["uuid"]), None)

@@ -1,0 +1,119 @@
+"""The verbs over a second backend: an in-memory fake runs the Toolstack's store, lock and
+convergence logic through the Backend protocol, with no QEMU anywhere."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.vm.fakebackend import FakeBackend
+from xenlab.errors import StateError
+from xenlab.vm.backend import Capabilities, ExitReason, Unsupported
+from xenlab.vm.domain import SHUTOFF, Toolstack
+from xenlab.vm.jobs import Job
+from xenlab.vm.runtime import DEFINED, JOB
+from xenlab.vm.store import DomainRecord
+
+
+@pytest.fixture
+def fake() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def ts(tmp_path: Path, fake: FakeBackend) -> Toolstack:
+    return Toolstack(tmp_path / "state", backend=fake)
+
+
+def _running(ts: Toolstack, fake: FakeBackend, name: str, **extra: object) -> DomainRecord:
+    """A domain as a start on the fake leaves it: recorded, and there."""
+    rec = ts.store.add_domain(DomainRecord(
+        domid=0, name=name, uuid=f"uuid-{name}", config_path=f"/cfg/{name}.cfg",
+        config_text=f'name = "{name}"\ntype = "hvm"\nmemory = 64\n', rundir="", pid=None,
+        state="running", created=time.time(), accel="fake", extra=dict(extra)))
+    fake.start(rec.uuid)
+    return rec
+
+
+def _states(ts: Toolstack) -> dict[str, str]:
+    return {s.record.name: s.state for s in ts.list()}
+
+
+def test_pause_and_unpause_reach_the_backend_and_the_record(ts: Toolstack,
+                                                            fake: FakeBackend) -> None:
+    rec = _running(ts, fake, "a")
+    ts.pause("a")
+    assert fake.world[rec.uuid].state == "paused" and ts.get("a").state == "paused"
+    assert _states(ts) == {"a": "paused"}
+    ts.unpause("a")
+    assert fake.world[rec.uuid].state == "running" and ts.get("a").state == "running"
+    assert ("pause", rec.uuid) in fake.calls and ("resume", rec.uuid) in fake.calls
+
+
+def test_the_record_follows_the_backends_truth(ts: Toolstack, fake: FakeBackend) -> None:
+    # A pause killed after the backend paused, before the record said so.
+    rec = _running(ts, fake, "a")
+    fake.world[rec.uuid].state = "paused"
+    assert _states(ts) == {"a": "paused"}
+    assert ts.get("a").state == "paused"
+
+
+def test_a_vanished_domain_is_stale_and_destroy_clears_it(ts: Toolstack,
+                                                          fake: FakeBackend) -> None:
+    rec = _running(ts, fake, "a")
+    _running(ts, fake, "b")
+    fake.vanish(rec.uuid)
+    assert _states(ts) == {"a": "stale (QEMU gone)", "b": "running"}
+    with pytest.raises(StateError, match="is not running"):
+        ts.pause("a")
+    assert ("pause", rec.uuid) not in fake.calls  # refused before the backend is asked
+    ts.destroy("a")
+    assert [r.name for r in ts.store.list()] == ["b"]
+    assert ("release", rec.uuid) in fake.calls
+    assert fake.world[ts.get("b").uuid].alive  # the other domain is untouched
+
+
+def test_a_clean_power_off_is_forgotten_and_a_defined_domain_kept(ts: Toolstack,
+                                                                 fake: FakeBackend) -> None:
+    gone = _running(ts, fake, "gone")
+    kept = _running(ts, fake, "kept", **{DEFINED: True})
+    fake.vanish(gone.uuid, ExitReason.POWEROFF)
+    fake.vanish(kept.uuid, ExitReason.POWEROFF)
+    assert _states(ts) == {"kept": SHUTOFF}
+    assert ts.get("kept").state == SHUTOFF
+
+
+def test_a_killed_destroy_is_finished_by_the_next_command(ts: Toolstack,
+                                                         fake: FakeBackend) -> None:
+    # The job of a process that is no more (pid 1's start time never matches 0).
+    rec = _running(ts, fake, "a", **{JOB: Job("destroy", 1, 0).to_json()})
+    assert _states(ts) == {}
+    assert ("destroy", rec.uuid) in fake.calls and not fake.world.get(rec.uuid)
+    assert ts.store.list() == []
+
+
+def test_verbs_on_one_domain_wait_for_each_other(ts: Toolstack, fake: FakeBackend) -> None:
+    rec = _running(ts, fake, "a")
+    fake.slow = 0.5  # the pause holds the domain's lock this long
+    # Each command has its own store handle (SQLite connections stay in their thread).
+    paused = threading.Thread(
+        target=lambda: Toolstack(ts.state_dir, backend=fake).pause("a"))
+    paused.start()
+    time.sleep(0.1)
+    ts.destroy("a")  # waits for the pause, then destroys
+    paused.join()
+    names = [c for c, u in fake.calls if u == rec.uuid]
+    assert names.index("pause") < names.index("destroy")
+    assert ts.store.list() == []
+
+
+def test_a_missing_capability_is_refused_before_anything_changes() -> None:
+    caps = Capabilities(pause=False)
+    with pytest.raises(Unsupported, match="the fake backend cannot do it") as err:
+        caps.require("pause", "pause a", "fake")
+    assert (err.value.backend, err.value.capability) == ("fake", "pause")
+    with pytest.raises(ValueError):
+        caps.require("fly", "x", "fake")
