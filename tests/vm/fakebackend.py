@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from xenlab.errors import BackendError
-from xenlab.vm.backend import Capabilities, DomainHandle, ExitReason, Presence
+from xenlab.vm.backend import (
+    Capabilities,
+    DomainHandle,
+    ExitReason,
+    Presence,
+    Started,
+    StartSpec,
+)
 from xenlab.vm.store import DomainRecord
 
 
@@ -31,11 +40,8 @@ class FakeBackend:
     world: dict[str, FakeDomain] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
     slow: float = 0.0  # seconds pause/resume take (to hold a lock while another waits)
+    refuse: str | None = None  # a start fails with these words (a config it cannot run)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def start(self, uuid: str, state: str = "running") -> None:
-        """What a start would leave: the domain is there."""
-        self.world[uuid] = FakeDomain(state)
 
     def vanish(self, uuid: str, exit: ExitReason | None = None) -> None:
         """The domain ends behind the toolstack's back (a crash, or a clean power off)."""
@@ -49,6 +55,21 @@ class FakeBackend:
         if dom is None or not dom.alive:
             raise BackendError(f"fake: no domain {h.ref['uuid']}")
         return dom
+
+
+    def prepare(self, rec: DomainRecord) -> Mapping[str, Any]:
+        with self._lock:
+            self.calls.append(("prepare", rec.uuid))
+        return {"accel": "fake"}
+
+    async def start(self, h: DomainHandle, spec: StartSpec) -> Started:
+        with self._lock:
+            self.calls.append(("start", str(h.ref["uuid"])))
+        if self.refuse is not None:
+            raise BackendError(f"fake refused the domain: {self.refuse}")
+        state = "incoming" if spec.incoming else "paused" if spec.paused else "running"
+        self.world[str(h.ref["uuid"])] = FakeDomain(state)
+        return Started({}, state)
 
     def handle_of(self, rec: DomainRecord) -> DomainHandle:
         return DomainHandle(self.name, {"uuid": rec.uuid})

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.vm.fakebackend import FakeBackend
-from xenlab.errors import StateError
+from xenlab.errors import BackendError, ConflictError, StateError
 from xenlab.vm.backend import Capabilities, ExitReason, Unsupported
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job
@@ -29,12 +29,12 @@ def ts(tmp_path: Path, fake: FakeBackend) -> Toolstack:
 
 
 def _running(ts: Toolstack, fake: FakeBackend, name: str, **extra: object) -> DomainRecord:
-    """A domain as a start on the fake leaves it: recorded, and there."""
-    rec = ts.store.add_domain(DomainRecord(
-        domid=0, name=name, uuid=f"uuid-{name}", config_path=f"/cfg/{name}.cfg",
-        config_text=f'name = "{name}"\ntype = "hvm"\nmemory = 64\n', rundir="", pid=None,
-        state="running", created=time.time(), accel="fake", extra=dict(extra)))
-    fake.start(rec.uuid)
+    """A domain created through the verbs on the fake (``extra``: record facts to add)."""
+    cfg = ts.state_dir.parent / f"{name}.cfg"
+    cfg.write_text(f'name = "{name}"\ntype = "hvm"\nmemory = 64\n')
+    rec = ts.create(cfg)
+    if extra:
+        rec = ts.store.patch(rec.domid, extra_set=dict(extra))
     return rec
 
 
@@ -108,6 +108,31 @@ def test_verbs_on_one_domain_wait_for_each_other(ts: Toolstack, fake: FakeBacken
     names = [c for c, u in fake.calls if u == rec.uuid]
     assert names.index("pause") < names.index("destroy")
     assert ts.store.list() == []
+
+
+def test_create_goes_through_prepare_and_start(ts: Toolstack, fake: FakeBackend) -> None:
+    rec = _running(ts, fake, "a")
+    assert (rec.state, rec.accel, rec.pid) == ("running", "fake", None)
+    assert [c for c, _ in fake.calls] == ["prepare", "start"]
+    assert "job" not in ts.get("a").extra  # the create's job ended with it
+    with pytest.raises(ConflictError, match="already exists") as clash:
+        _running(ts, fake, "a")
+    assert (clash.value.kind, clash.value.name) == ("domain", "a")
+    # A start the backend refuses leaves no record behind, and says why.
+    fake.refuse = "no such firmware"
+    with pytest.raises(BackendError, match="no such firmware"):
+        _running(ts, fake, "b")
+    assert [r.name for r in ts.store.list()] == ["a"]
+    fake.refuse = None
+    # A defined domain starts again under its id.
+    cfg = ts.state_dir.parent / "c.cfg"
+    cfg.write_text('name = "c"\ntype = "hvm"\nmemory = 64\n')
+    defined = ts.define(cfg)
+    started = ts.create(cfg, paused=True)
+    assert started.domid == defined.domid and started.state == "paused"
+    assert fake.world[started.uuid].state == "paused"
+    ts.destroy("c")
+    assert ts.get("c").state == SHUTOFF  # defined: kept, shut off
 
 
 def test_a_missing_capability_is_refused_before_anything_changes() -> None:

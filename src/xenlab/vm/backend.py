@@ -14,10 +14,11 @@ module imports no backend.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Protocol
 
+from xenlab.config.model import DomainConfig
 from xenlab.errors import XenlabError
 from xenlab.vm.store import DomainRecord
 
@@ -27,6 +28,8 @@ __all__ = [
     "DomainHandle",
     "ExitReason",
     "Presence",
+    "StartSpec",
+    "Started",
     "Unsupported",
 ]
 
@@ -50,6 +53,29 @@ class DomainHandle:
 
     backend: str
     ref: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StartSpec:
+    """What to start: the config (its uuid set), paused or not, and whether it waits
+    for an incoming stream (restore, receive, a revert with memory) instead of booting.
+    ``taps`` are the host ends the verbs made for its NICs (vif devid: name);
+    ``image`` a guest kernel and initrd for a config that names none."""
+
+    config: DomainConfig
+    paused: bool = False
+    incoming: bool = False
+    taps: Mapping[int, str] = field(default_factory=dict)
+    image: object | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """What a start left: the record fields the backend keeps (QEMU: ``pid``) and the run
+    state (running, paused, or incoming while a stream is awaited)."""
+
+    fields: Mapping[str, Any]
+    state: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +130,16 @@ class Backend(Protocol):
 
     def handle_of(self, rec: DomainRecord) -> DomainHandle:
         """The handle of the domain ``rec`` records (records of older releases too)."""
+        ...
+
+    def prepare(self, rec: DomainRecord) -> Mapping[str, Any]:
+        """Make the domain's workspace before anything runs; the record fields that say
+        where to look for it (recorded before :meth:`start`, so a start killed half-way
+        is found and undone)."""
+        ...
+
+    async def start(self, h: DomainHandle, spec: StartSpec) -> Started:
+        """Start the domain; fails with the hypervisor's own words (nothing left running)."""
         ...
 
     def probe(self, h: DomainHandle) -> Presence:

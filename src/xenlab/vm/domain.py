@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +36,7 @@ from xenlab import faults, hotplug
 from xenlab.config.model import DomainConfig
 from xenlab.errors import BackendError, ConflictError, StateError, UsageError, XenlabError
 from xenlab.files import read_text_bounded
-from xenlab.vm.backend import Backend, DomainHandle, ExitReason, Presence
+from xenlab.vm.backend import Backend, DomainHandle, ExitReason, Presence, StartSpec
 from xenlab.vm.backends.qemu import QemuBackend, status_at
 from xenlab.vm.domconfig import (
     absolute_paths,
@@ -57,17 +56,11 @@ from xenlab.vm.qemu import (
     Accel,
     Nic,
     RuntimePaths,
-    balloon_target_mib,
-    needs_image,
     nics,
-    probe_accel,
-    qemu_argv,
 )
 from xenlab.vm.qmp import GuestAgent, Qmp
 from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.rundir import (
-    make_rundir,
-    qemu_said,
     read_pid,
     wait_gone,
 )
@@ -112,10 +105,9 @@ class Toolstack:
                  backend: Backend | None = None) -> None:
         self.store = Store(state_dir)
         self.state_dir = self.store.state_dir
-        self._accel = accel
         # The verbs not yet moved behind the Backend protocol (docs/backend.md) reach
         # QEMU through these helpers; the lifecycle goes through self.backend.
-        self._qemu = QemuBackend(self.state_dir)
+        self._qemu = QemuBackend(self.state_dir, accel=accel)
         self.backend: Backend = backend if backend is not None else self._qemu
 
     def handle(self, rec: DomainRecord) -> DomainHandle:
@@ -129,9 +121,7 @@ class Toolstack:
     @property
     def accel(self) -> Accel:
         """KVM when a real probe boot proves it works here, else TCG; probed once."""
-        if self._accel is None:
-            self._accel = probe_accel()
-        return self._accel
+        return self._qemu.accel
 
     # -- create ------------------------------------------------------------------
 
@@ -296,14 +286,14 @@ class Toolstack:
                         rec = self.store.patch(
                             old.domid, expect_uuid=old.uuid, config_path=config_path,
                             config_text=text, pid=None, state=state, rundir="",
-                            created=time.time(), accel=self.accel.value,
+                            created=time.time(), accel="",
                             **({} if fresh else {"uuid": new_uuid}),
                             extra_set={JOB: job.to_json()}, extra_drop=drop)
                     else:
                         rec = self.store.add_domain(DomainRecord(
                             domid=0, name=dc.name, uuid=new_uuid, config_path=config_path,
                             config_text=text, rundir="", pid=None, state=state,
-                            created=time.time(), accel=self.accel.value,
+                            created=time.time(), accel="",
                             extra={JOB: job.to_json()},
                         ))
                         held.enter_context(self.store.lock(rec.domid))
@@ -314,41 +304,24 @@ class Toolstack:
             step = "create" if fresh else "incoming"
             try:
                 faults.point(f"{step}.recorded")
-                rundir = make_rundir(self.state_dir, rec.domid)
-                # Intent first: the record names where QEMU's pidfile will be.
-                rec = self.store.patch(rec.domid, rundir=str(rundir))
-                paths = RuntimePaths.under(rundir)
+                # Intent first: the record says where to find the domain (QEMU: the run
+                # directory its pidfile will be in) before anything starts.
+                rec = self.store.patch(rec.domid, **self.backend.prepare(rec))
                 faults.point(f"{step}.rundir")
-                if image is None and needs_image(dc):
-                    from xenlab.vm.image import build_image
-
-                    image = build_image()
                 dc = replace(dc, uuid=rec.uuid)
                 rec, taps = self._vifs_online(rec, dc, fresh=fresh)
-                argv = qemu_argv(
-                    dc, paths, accel=self.accel,
-                    image=image,  # type: ignore[arg-type]
-                    # An incoming QEMU must not run before the stream has arrived.
-                    paused=paused or not fresh, incoming=incoming, taps=taps,
-                )
                 faults.point(f"{step}.vifs")
                 if prepare is not None:
                     prepare()
-                self._spawn(argv, paths)
+                # An incoming domain must not run before the stream has arrived.
+                started = _run_async(self.backend.start(self.handle(rec), StartSpec(
+                    dc, paused=paused, incoming=not fresh, taps=taps, image=image)))
                 faults.point(f"{step}.spawned")
-                pid = read_pid(paths)
-                if pid is None:
-                    raise BackendError(f"QEMU wrote no pid to {paths.pidfile}")
-                if fresh:
-                    target = balloon_target_mib(dc)
-                    if target is not None:
-                        # xl's memory < maxmem: the guest sees maxmem and the balloon
-                        # takes it down to memory once its driver is up.
-                        _run_async(self.qmp_execute_at(paths, "balloon", {"value": target << 20}))
-                    state = _run_async(self.qemu_status(paths))
+                state = started.state
                 # A restore or receive ends its own job once the stream is in.
                 done = [JOB] if fresh and job.verb == "create" else []
-                rec = self.store.patch(rec.domid, pid=pid, state=state, extra_drop=done)
+                rec = self.store.patch(rec.domid, **started.fields, state=state,
+                                       extra_drop=done)
                 if dc.cpus is not None:
                     from xenlab.vm.resources import apply_affinity
 
@@ -452,29 +425,6 @@ class Toolstack:
         if vifs:
             _run_async(go())
         return {k: v for k, v in rec.extra.items() if k != VIFS}
-
-    def _spawn(self, argv: list[str], paths: RuntimePaths) -> None:
-        """Start QEMU daemonized: it returns once its devices are up, or fails with why.
-
-        QEMU runs with umask 077: its sockets, logs and the memory files it
-        writes (snapshots, saves) are this user's alone.  A refusal quotes
-        QEMU's own words, from its stderr or, once it has daemonized, from
-        its ``-D`` log.
-        """
-        old = os.umask(0o077)
-        try:
-            with paths.log.open("ab") as log:
-                proc = subprocess.run(
-                    [*argv, "-daemonize"], stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.PIPE, check=False, timeout=120,
-                )
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise BackendError(f"QEMU could not be started: {err}") from err
-        finally:
-            os.umask(old)
-        if proc.returncode != 0:
-            msg = proc.stderr.decode("utf-8", "replace").strip() or qemu_said(paths)
-            raise BackendError(f"QEMU refused the domain: {msg or f'exit {proc.returncode}'}")
 
     async def qemu_status(self, paths: RuntimePaths, timeout: float = 10.0) -> str:
         return await status_at(paths, timeout)

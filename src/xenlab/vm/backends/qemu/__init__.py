@@ -15,14 +15,31 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from xenlab.errors import StateError
-from xenlab.vm.backend import Capabilities, DomainHandle, ExitReason, Presence
-from xenlab.vm.qemu import RuntimePaths
+from xenlab.errors import BackendError, StateError
+from xenlab.vm.accel import Accel, probe_accel
+from xenlab.vm.backend import (
+    Capabilities,
+    DomainHandle,
+    ExitReason,
+    Presence,
+    Started,
+    StartSpec,
+)
+from xenlab.vm.qemu import RuntimePaths, balloon_target_mib, needs_image, qemu_argv
 from xenlab.vm.qmp import Qmp
-from xenlab.vm.rundir import checked_rundir, default_rundir, read_pid, wait_gone
+from xenlab.vm.rundir import (
+    checked_rundir,
+    default_rundir,
+    make_rundir,
+    qemu_said,
+    read_pid,
+    wait_gone,
+)
 from xenlab.vm.runtime import QEMU_NAME
 from xenlab.vm.store import DomainRecord, is_domain_qemu
 
@@ -42,8 +59,16 @@ class QemuBackend:
                         live_migration=True, storage_migration=True, guest_agent=True,
                         console=True)
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, accel: Accel | None = None) -> None:
         self.state_dir = state_dir
+        self._accel = accel
+
+    @property
+    def accel(self) -> Accel:
+        """KVM when a real probe boot proves it works here, else TCG; probed once."""
+        if self._accel is None:
+            self._accel = probe_accel()
+        return self._accel
 
     # -- the handle ------------------------------------------------------------------------
 
@@ -77,6 +102,39 @@ class QemuBackend:
         return paths
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    def prepare(self, rec: DomainRecord) -> Mapping[str, Any]:
+        """A fresh private run directory; recorded before QEMU starts (its pidfile goes there)."""
+        return {"rundir": str(make_rundir(self.state_dir, rec.domid)),
+                "accel": self.accel.value}
+
+    async def start(self, h: DomainHandle, spec: StartSpec) -> Started:
+        """Spawn QEMU daemonized (``-incoming defer`` for a stream); set the balloon."""
+        paths = self.paths(h)
+        image = spec.image
+        if image is None and needs_image(spec.config):
+            from xenlab.vm.image import build_image
+
+            image = build_image()
+        argv = qemu_argv(
+            spec.config, paths, accel=self.accel,
+            image=image,  # type: ignore[arg-type]
+            paused=spec.paused or spec.incoming,
+            incoming="defer" if spec.incoming else None, taps=dict(spec.taps),
+        )
+        _spawn(argv, paths)
+        pid = read_pid(paths)
+        if pid is None:
+            raise BackendError(f"QEMU wrote no pid to {paths.pidfile}")
+        if spec.incoming:
+            return Started({"pid": pid}, "incoming")
+        target = balloon_target_mib(spec.config)
+        async with Qmp.open(paths.qmp) as qmp:
+            if target is not None:
+                # xl's memory < maxmem: the guest sees maxmem and the balloon takes
+                # it down to memory once its driver is up.
+                await qmp.execute("balloon", {"value": target << 20})
+        return Started({"pid": pid}, await status_at(paths))
 
     def probe(self, h: DomainHandle) -> Presence:
         rec = self._probe_record(h)
@@ -128,6 +186,29 @@ class QemuBackend:
         paths = self.paths_or_none(h)
         if paths is not None and h.ref.get("rundir"):
             shutil.rmtree(paths.rundir, ignore_errors=True)
+
+
+def _spawn(argv: list[str], paths: RuntimePaths) -> None:
+    """Start QEMU daemonized: it returns once its devices are up, or fails with why.
+
+    QEMU runs with umask 077: its sockets, logs and the memory files it writes
+    (snapshots, saves) are this user's alone.  A refusal quotes QEMU's own
+    words, from its stderr or, once it has daemonized, from its ``-D`` log.
+    """
+    old = os.umask(0o077)
+    try:
+        with paths.log.open("ab") as log:
+            proc = subprocess.run(
+                [*argv, "-daemonize"], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.PIPE, check=False, timeout=120,
+            )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise BackendError(f"QEMU could not be started: {err}") from err
+    finally:
+        os.umask(old)
+    if proc.returncode != 0:
+        msg = proc.stderr.decode("utf-8", "replace").strip() or qemu_said(paths)
+        raise BackendError(f"QEMU refused the domain: {msg or f'exit {proc.returncode}'}")
 
 
 async def status_at(paths: RuntimePaths, timeout: float = 10.0) -> str:
