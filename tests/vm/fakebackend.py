@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,8 @@ class FakeBackend:
     calls: list[tuple[str, str]] = field(default_factory=list)
     slow: float = 0.0  # seconds pause/resume take (to hold a lock while another waits)
     refuse: str | None = None  # a start fails with these words (a config it cannot run)
+    stubborn: bool = False  # the guests ignore the power button
+    agent: bool = True  # the guests' agents answer
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def vanish(self, uuid: str, exit: ExitReason | None = None) -> None:
@@ -98,6 +100,37 @@ class FakeBackend:
         if dom is not None and dom.alive:
             dom.alive = False
             dom.exit = None
+
+    async def shutdown(self, h: DomainHandle) -> None:
+        dom = self._dom(h, "shutdown")
+        if not self.stubborn:
+            dom.alive, dom.exit = False, ExitReason.POWEROFF
+
+    def wait_gone(self, h: DomainHandle, timeout: float) -> bool:
+        if self.probe(h) is Presence.GONE:
+            return True
+        time.sleep(min(timeout, 0.01))
+        return self.probe(h) is Presence.GONE
+
+    async def reboot(self, h: DomainHandle) -> None:
+        self._dom(h, "reboot")
+        if not self.agent:
+            raise BackendError("fake: no guest agent")
+
+    async def reset(self, h: DomainHandle) -> None:
+        self._dom(h, "reset")
+
+    async def agent_ping(self, h: DomainHandle, timeout: float) -> None:
+        self._dom(h, "agent_ping")
+        if not self.agent:
+            raise BackendError("fake: no guest agent")
+
+    async def agent_exec(self, h: DomainHandle, argv: Sequence[str], timeout: float
+                         ) -> tuple[int, bytes, bytes]:
+        self._dom(h, "agent_exec")
+        if not self.agent:
+            raise BackendError("fake: no guest agent")
+        return 0, " ".join(argv).encode() + b"\n", b""
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:
         dom = self.world.get(str(h.ref["uuid"]))

@@ -135,6 +135,29 @@ def test_create_goes_through_prepare_and_start(ts: Toolstack, fake: FakeBackend)
     assert ts.get("c").state == SHUTOFF  # defined: kept, shut off
 
 
+def test_shutdown_reboot_and_the_agent(ts: Toolstack, fake: FakeBackend) -> None:
+    a = _running(ts, fake, "a")
+    assert ts.wait_ready("a", timeout=5) >= 0
+    assert ts.exec("a", ["echo", "hi"]) == (0, b"echo hi\n", b"")
+    ts.pause("a")
+    with pytest.raises(StateError, match="is paused: its guest agent cannot answer"):
+        ts.exec("a", ["true"])
+    assert ("agent_exec", a.uuid) not in fake.calls[-2:]
+    ts.unpause("a")
+    assert ts.reboot("a") == "guest reboot"
+    fake.agent = False
+    assert ts.reboot("a") == "reset"  # no agent: a hard reset, as xl -F
+    assert ts.shutdown("a", timeout=1) == "shutdown"
+    assert ts.store.list() == []  # a clean power off forgets the domain, as xl
+    _running(ts, fake, "b")
+    fake.stubborn = True
+    with pytest.raises(StateError, match=r"did not shut down within 0\.05 s"):
+        ts.shutdown("b", timeout=0.05)
+    assert "job" not in ts.get("b").extra and ts.get("b").state == "running"
+    assert ts.shutdown("b", timeout=0.05, force=True) == "destroyed"
+    assert ts.store.list() == []
+
+
 def test_a_missing_capability_is_refused_before_anything_changes() -> None:
     caps = Capabilities(pause=False)
     with pytest.raises(Unsupported, match="the fake backend cannot do it") as err:

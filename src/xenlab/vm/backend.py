@@ -13,7 +13,7 @@ module imports no backend.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Protocol
@@ -117,7 +117,7 @@ class Unsupported(XenlabError):
 
 
 class Backend(Protocol):
-    """A hypervisor as the verbs see it (lifecycle so far; see docs/backend.md).
+    """A hypervisor as the verbs see it (lifecycle and the guest agent so far; docs/backend.md).
 
     ``probe`` and ``exit_reason`` are cheap and never block on the domain's
     control channel; the others may (``timeout`` bounds them).  Errors are
@@ -160,6 +160,31 @@ class Backend(Protocol):
 
     def destroy(self, h: DomainHandle) -> None:
         """End it now, if it is there (only what :meth:`probe` calls ALIVE is touched)."""
+        ...
+
+    async def shutdown(self, h: DomainHandle) -> None:
+        """Ask the guest to power off (the power button); it may ignore or miss it."""
+        ...
+
+    def wait_gone(self, h: DomainHandle, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the domain to end; True when it has."""
+        ...
+
+    async def reboot(self, h: DomainHandle) -> None:
+        """Ask the guest to reboot itself (its agent); BackendError when it cannot."""
+        ...
+
+    async def reset(self, h: DomainHandle) -> None:
+        """Reset the machine (no guest cooperation)."""
+        ...
+
+    async def agent_ping(self, h: DomainHandle, timeout: float) -> None:
+        """Return once the guest agent answers; BackendError after ``timeout`` seconds."""
+        ...
+
+    async def agent_exec(self, h: DomainHandle, argv: Sequence[str], timeout: float
+                         ) -> tuple[int, bytes, bytes]:
+        """Run ``argv`` in the guest: (exit code, stdout, stderr)."""
         ...
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:

@@ -58,7 +58,7 @@ from xenlab.vm.qemu import (
     RuntimePaths,
     nics,
 )
-from xenlab.vm.qmp import GuestAgent, Qmp
+from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.rundir import (
     read_pid,
@@ -74,7 +74,7 @@ from xenlab.vm.runtime import (
     VIFS,
     Runtime,
 )
-from xenlab.vm.store import DomainRecord, Store, is_alive, is_domain_qemu
+from xenlab.vm.store import DomainRecord, Store, is_domain_qemu
 
 # A domain whose QEMU has exited but which is kept because it has snapshots
 # (like a defined, inactive libvirt domain); `create` starts it again.
@@ -798,15 +798,16 @@ class Toolstack:
         Returns how it ended: ``"shutdown"`` or ``"destroyed"``.
         """
         with self.live(name_or_id) as rec, self.job(rec, "shutdown") as rec:
+            h = self.handle(rec)
             deadline = time.monotonic() + timeout
             while True:
                 # A guest still booting has no ACPI handler yet and drops the
                 # press: press again every few seconds until the deadline.
-                # QEMU going away between presses is the goal, not an error.
+                # The domain going away between presses is the goal, not an error.
                 with contextlib.suppress(BackendError):
-                    _run_async(self.qmp_execute(rec, "system_powerdown"))
+                    _run_async(self.backend.shutdown(h))
                 left = deadline - time.monotonic()
-                if wait_gone(rec.pid, min(5.0, max(left, 0.0))):
+                if self.backend.wait_gone(h, min(5.0, max(left, 0.0))):
                     self.gone(rec)
                     return "shutdown"
                 if time.monotonic() >= deadline:
@@ -826,20 +827,14 @@ class Toolstack:
         Returns how: ``"guest reboot"`` or ``"reset"``.
         """
         with self.live(name_or_id) as rec:
+            h = self.handle(rec)
             if not force:
-                async def ask() -> None:
-                    agent = GuestAgent(self.paths(rec).qga)
-                    try:
-                        await agent.shutdown(mode="reboot", timeout=5)
-                    finally:
-                        await agent.close()
-
                 try:
-                    _run_async(ask())
+                    _run_async(self.backend.reboot(h))
                     return "guest reboot"
                 except BackendError:
                     pass  # no agent answering: fall back to a hard reset, as xl -F does
-            _run_async(self.qmp_execute(rec, "system_reset"))
+            _run_async(self.backend.reset(h))
             return "reset"
 
     def wait_ready(self, name_or_id: str, *, timeout: float = 60.0) -> float:
@@ -849,24 +844,22 @@ class Toolstack:
         guest is up; guests with their own qemu-ga work the same way.
         """
         rec = self.live_record(name_or_id)
+        h = self.handle(rec)
         start = time.monotonic()
 
         async def go() -> None:
             while True:
-                agent = GuestAgent(self.paths(rec).qga)
                 try:
-                    await agent.ping(timeout=2.0)
+                    await self.backend.agent_ping(h, timeout=2.0)
                     return
                 except BackendError as err:
                     if time.monotonic() - start > timeout:
                         raise
-                    if not is_alive(rec):
+                    if not self.alive(rec):
                         raise BackendError(
                             f"domain {rec.name!r}: QEMU exited while booting"
                         ) from err
                     await asyncio.sleep(0.2)
-                finally:
-                    await agent.close()
 
         _run_async(go())
         return time.monotonic() - start
@@ -878,22 +871,20 @@ class Toolstack:
         :raise StateError: the guest is paused (its agent cannot answer).
         """
         rec = self.live_record(name_or_id)
-        paths = self.paths(rec)
+        h = self.handle(rec)
 
         async def go() -> tuple[int, bytes, bytes]:
             try:
                 # QEMU takes one QMP client at a time: when another command
                 # holds it, go on to the agent rather than wait.
-                state = await self.qemu_status(paths, timeout=2.0)
+                state = await self.backend.state(h, timeout=2.0)
             except BackendError:
                 state = "running"
             if state != "running":
                 raise StateError(
                     f"domain {rec.name!r} is {state}: its guest agent cannot answer until "
                     f"it runs (`xenlab vm unpause {rec.name}`)")
-            agent = GuestAgent(paths.qga)
-            res = await agent.exec(list(argv), timeout=timeout)
-            return res.exitcode, res.stdout, res.stderr
+            return await self.backend.agent_exec(h, argv, timeout)
 
         return _run_async(go())
 

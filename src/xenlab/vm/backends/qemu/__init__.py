@@ -16,7 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from xenlab.vm.backend import (
     StartSpec,
 )
 from xenlab.vm.qemu import RuntimePaths, balloon_target_mib, needs_image, qemu_argv
-from xenlab.vm.qmp import Qmp
+from xenlab.vm.qmp import GuestAgent, Qmp
 from xenlab.vm.rundir import (
     checked_rundir,
     default_rundir,
@@ -165,6 +165,41 @@ class QemuBackend:
                 except ProcessLookupError:
                     continue
                 wait_gone(pid, 10)
+
+    async def shutdown(self, h: DomainHandle) -> None:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            await qmp.execute("system_powerdown")
+
+    def wait_gone(self, h: DomainHandle, timeout: float) -> bool:
+        pid = h.ref.get("pid")
+        return wait_gone(pid if isinstance(pid, int) else None, timeout)
+
+    async def reboot(self, h: DomainHandle) -> None:
+        agent = GuestAgent(self.paths(h).qga)
+        try:
+            await agent.shutdown(mode="reboot", timeout=5)
+        finally:
+            await agent.close()
+
+    async def reset(self, h: DomainHandle) -> None:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            await qmp.execute("system_reset")
+
+    async def agent_ping(self, h: DomainHandle, timeout: float) -> None:
+        agent = GuestAgent(self.paths(h).qga)
+        try:
+            await agent.ping(timeout=timeout)
+        finally:
+            await agent.close()
+
+    async def agent_exec(self, h: DomainHandle, argv: Sequence[str], timeout: float
+                         ) -> tuple[int, bytes, bytes]:
+        agent = GuestAgent(self.paths(h).qga)
+        try:
+            res = await agent.exec(list(argv), timeout=timeout)
+        finally:
+            await agent.close()
+        return res.exitcode, res.stdout, res.stderr
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:
         paths = self.paths_or_none(h)
