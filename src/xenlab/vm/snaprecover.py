@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -48,7 +49,6 @@ from xenlab.vm.snapshot import (
     set_current,
     set_tops,
     snap_disks,
-    wait_migration,
 )
 from xenlab.vm.store import (
     DomainRecord,
@@ -289,7 +289,7 @@ def _memory_complete(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
                 if st == "pre-switchover":
                     await qmp.execute("migrate-continue", {"state": "pre-switchover"})
                 try:
-                    st = await wait_migration(qmp, {"completed"}, _SETTLE, "memory save")
+                    st = await _completed(qmp, "memory save")
                 except BackendError:
                     await qmp.execute("migrate_cancel")
                     st = "cancelled"
@@ -443,7 +443,7 @@ def _recover_incoming_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: s
             if now not in vmstate.ACTIVE:
                 return now  # never started ("none"), or over: nothing to wait for
             try:
-                return await wait_migration(qmp, {"completed"}, _SETTLE, "loading the memory")
+                return await _completed(qmp, "loading the memory")
             except BackendError:
                 return "failed"
 
@@ -461,3 +461,11 @@ def _recover_incoming_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: s
     log.warning("%s: a revert killed before the memory was loaded is undone: the domain is "
                 "shut off on the snapshot's disks; revert again", where)
     return kept
+
+
+async def _completed(qmp: Qmp, what: str) -> str:
+    """Wait (``_SETTLE`` s at most) for the migration a killed verb left to complete."""
+    with qmp.listen("MIGRATION") as watch:
+        await vmstate.wait_migration(qmp, watch, what, _SETTLE, None, time.monotonic(),
+                                     check_first=True)
+    return "completed"

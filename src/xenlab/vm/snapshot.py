@@ -15,7 +15,6 @@ docs/snapshots.md.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -261,21 +260,6 @@ def prune(ts: Toolstack, domid: int, candidates: set[str]) -> list[str]:
         if qemuimg.remove_own(real):
             removed.append(real)
     return removed
-
-
-async def wait_migration(qmp: Qmp, until: set[str], timeout: float, what: str) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = await qmp.execute("query-migrate")
-        status = str(info.get("status")) if isinstance(info, dict) else "?"
-        if status in until:
-            return status
-        if status in ("failed", "cancelled"):
-            desc = info.get("error-desc", "") if isinstance(info, dict) else ""
-            raise BackendError(f"{what}: migration {status}: {desc}")
-        if time.monotonic() > deadline:
-            raise BackendError(f"{what}: not done within {timeout:g}s ({status})")
-        await asyncio.sleep(0.02)
 
 
 def guest_ran(s: SnapshotRecord) -> bool:
