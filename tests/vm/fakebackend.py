@@ -14,11 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from xenlab.errors import BackendError
+from xenlab.errors import BackendError, UsageError
 from xenlab.vm.backend import (
     Capabilities,
     DomainHandle,
     ExitReason,
+    MemoryReport,
     Presence,
     Started,
     StartSpec,
@@ -31,6 +32,8 @@ class FakeDomain:
     state: str = "running"
     alive: bool = True
     exit: ExitReason | None = None
+    started_mib: int = 0  # the memory it was started with (the balloon's ceiling)
+    memory_mib: int = 0
 
 
 @dataclass
@@ -70,7 +73,8 @@ class FakeBackend:
         if self.refuse is not None:
             raise BackendError(f"fake refused the domain: {self.refuse}")
         state = "incoming" if spec.incoming else "paused" if spec.paused else "running"
-        self.world[str(h.ref["uuid"])] = FakeDomain(state)
+        size = spec.config.maxmem_mib
+        self.world[str(h.ref["uuid"])] = FakeDomain(state, started_mib=size, memory_mib=size)
         return Started({}, state)
 
     def handle_of(self, rec: DomainRecord) -> DomainHandle:
@@ -131,6 +135,16 @@ class FakeBackend:
         if not self.agent:
             raise BackendError("fake: no guest agent")
         return 0, " ".join(argv).encode() + b"\n", b""
+
+    async def set_memory(self, h: DomainHandle, mib: int, timeout: float) -> MemoryReport:
+        dom = self._dom(h, "set_memory")
+        dom.memory_mib = mib
+        return MemoryReport(mib, mib, mib * 1024 if self.agent else None, True)
+
+    async def set_max_memory(self, h: DomainHandle, mib: int) -> None:
+        dom = self._dom(h, "set_max_memory")
+        if mib > dom.started_mib:
+            raise UsageError(f"fake: {mib} MiB is above the {dom.started_mib} MiB it started with")
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:
         dom = self.world.get(str(h.ref["uuid"]))

@@ -158,6 +158,34 @@ def test_shutdown_reboot_and_the_agent(ts: Toolstack, fake: FakeBackend) -> None
     assert ts.store.list() == []
 
 
+def test_memory_bounds_are_the_verbs_and_the_backends(ts: Toolstack, fake: FakeBackend
+                                                      ) -> None:
+    from xenlab.errors import UsageError
+    from xenlab.vm.resources import mem_max, mem_set
+
+    cfg = ts.state_dir.parent / "m.cfg"
+    cfg.write_text('name = "m"\ntype = "hvm"\nmemory = 96\nmaxmem = 128\n')
+    rec = ts.create(cfg)
+    assert fake.world[rec.uuid].started_mib == 128
+    report = mem_set(ts, "m", 100)
+    assert (report.target_mib, report.actual_mib, report.reached) == (100, 100, True)
+    assert fake.world[rec.uuid].memory_mib == 100 and ts.get("m").extra["memory_mib"] == 100
+    calls = len(fake.calls)
+    with pytest.raises(UsageError, match="above its maxmem of 128 MiB"):
+        mem_set(ts, "m", 200)
+    with pytest.raises(UsageError, match="below the 64 MiB floor"):
+        mem_set(ts, "m", 8)
+    with pytest.raises(UsageError, match="below its current memory"):
+        mem_max(ts, "m", 90)
+    assert len(fake.calls) == calls  # the verbs refused: the backend was not asked
+    with pytest.raises(UsageError, match="above the 128 MiB it started with"):
+        mem_max(ts, "m", 256)  # the backend refused
+    assert "maxmem_mib" not in ts.get("m").extra
+    assert mem_max(ts, "m", 110) == 110 and ts.get("m").extra["maxmem_mib"] == 110
+    with pytest.raises(UsageError, match="above its maxmem of 110 MiB"):
+        mem_set(ts, "m", 120)
+
+
 def test_a_missing_capability_is_refused_before_anything_changes() -> None:
     caps = Capabilities(pause=False)
     with pytest.raises(Unsupported, match="the fake backend cannot do it") as err:

@@ -27,6 +27,7 @@ __all__ = [
     "Capabilities",
     "DomainHandle",
     "ExitReason",
+    "MemoryReport",
     "Presence",
     "StartSpec",
     "Started",
@@ -79,6 +80,21 @@ class Started:
 
 
 @dataclass(frozen=True, slots=True)
+class MemoryReport:
+    """What a memory change achieved: the target, the hypervisor's view and the guest's.
+
+    ``actual_mib`` is what the balloon holds the guest to now; ``guest_total_kib``
+    the guest's own ``MemTotal`` (None when it could not be asked); ``reached``
+    whether ``actual`` got to the target within the timeout.
+    """
+
+    target_mib: int
+    actual_mib: int
+    guest_total_kib: int | None
+    reached: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a backend can do; a verb checks (:meth:`require`) before it changes anything."""
 
@@ -117,7 +133,7 @@ class Unsupported(XenlabError):
 
 
 class Backend(Protocol):
-    """A hypervisor as the verbs see it (lifecycle and the guest agent so far; docs/backend.md).
+    """A hypervisor as the verbs see it (lifecycle, memory and the agent so far: docs/backend.md).
 
     ``probe`` and ``exit_reason`` are cheap and never block on the domain's
     control channel; the others may (``timeout`` bounds them).  Errors are
@@ -185,6 +201,14 @@ class Backend(Protocol):
     async def agent_exec(self, h: DomainHandle, argv: Sequence[str], timeout: float
                          ) -> tuple[int, bytes, bytes]:
         """Run ``argv`` in the guest: (exit code, stdout, stderr)."""
+        ...
+
+    async def set_memory(self, h: DomainHandle, mib: int, timeout: float) -> MemoryReport:
+        """Balloon the guest to ``mib`` MiB; wait up to ``timeout`` s for it to get there."""
+        ...
+
+    async def set_max_memory(self, h: DomainHandle, mib: int) -> None:
+        """Allow the guest up to ``mib`` MiB (UsageError for what this backend cannot give)."""
         ...
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from xenlab.errors import (
     UsageError,
     XenlabError,
 )
+from xenlab.vm.backend import MemoryReport
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import check_domain_name, config_from_text
 from xenlab.vm.qemu import cpu_ranges
@@ -92,26 +92,9 @@ __all__ = [
 MIN_MEMORY_MIB = 64
 _GUEST_TIMEOUT = 5.0
 _MIB = 1 << 20
-# QEMU throttles BALLOON_CHANGE to one a second; poll at that pace as well.
-_BALLOON_POLL = 1.0
 # The topology properties of a CPU slot, outermost first: the plug order.
 _TOPOLOGY = ("node-id", "drawer-id", "book-id", "socket-id", "die-id", "cluster-id",
              "module-id", "core-id", "thread-id")
-
-
-@dataclass(frozen=True, slots=True)
-class MemoryReport:
-    """What :func:`mem_set` achieved: the target, QEMU's view and the guest's.
-
-    ``actual_mib`` is ``query-balloon``'s ``actual``; ``guest_total_kib`` the
-    guest's ``MemTotal`` (None when its agent did not answer); ``reached``
-    whether ``actual`` got to the target within the timeout.
-    """
-
-    target_mib: int
-    actual_mib: int
-    guest_total_kib: int | None
-    reached: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,16 +159,6 @@ def _set_extra(ts: Toolstack, domid: int, **values: object) -> DomainRecord:
                           extra_drop=[k for k, v in values.items() if v is None])
 
 
-async def _guest(ts: Toolstack, rec: DomainRecord, argv: list[str]) -> bytes | None:
-    """``argv``'s stdout in the guest, or None when the agent does not answer in time."""
-    try:
-        async with GuestAgent(ts.paths(rec).qga) as agent:
-            res = await agent.exec(argv, timeout=_GUEST_TIMEOUT)
-    except BackendError:
-        return None
-    return res.stdout if res.exitcode == 0 else None
-
-
 # --- memory ----------------------------------------------------------------------
 
 
@@ -197,28 +170,6 @@ def _maxmem(rec: DomainRecord, dc: DomainConfig) -> int:
 def _target(rec: DomainRecord, dc: DomainConfig) -> int:
     value = rec.extra.get(MEMORY_MIB)
     return int(value) if isinstance(value, int) else dc.memory_mib
-
-
-async def _balloon_to(qmp: Qmp, target: int, timeout: float) -> tuple[int, bool]:
-    """Set the balloon to ``target`` bytes, wait for ``actual`` to get there: (actual, reached)."""
-    deadline = time.monotonic() + timeout
-    with qmp.listen("BALLOON_CHANGE") as changes:
-        await qmp.execute("balloon", {"value": target})
-        actual = int(_dict(await qmp.execute("query-balloon"), "query-balloon")["actual"])
-        while actual != target:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return actual, False
-            try:
-                ev = await changes.wait(min(_BALLOON_POLL, remaining))
-                actual = int(ev.get("data", {}).get("actual", actual))
-            except BackendError:
-                if not qmp.connected:
-                    raise
-                # No event this second (throttled or lost): ask directly.
-                reply = await qmp.execute("query-balloon")
-                actual = int(_dict(reply, "query-balloon")["actual"])
-    return actual, True
 
 
 def mem_set(ts: Toolstack, name: str, mib: int, *, timeout: float = 30.0) -> MemoryReport:
@@ -251,22 +202,9 @@ def mem_set(ts: Toolstack, name: str, mib: int, *, timeout: float = 30.0) -> Mem
                 "floor (the guest would run out of memory)"
             )
 
-        async def go() -> tuple[int, bool, bytes | None]:
-            async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                actual, reached = await _balloon_to(qmp, mib * _MIB, timeout)
-            meminfo = await _guest(ts, rec, ["cat", "/proc/meminfo"]) if reached else None
-            return actual, reached, meminfo
-
-        actual, reached, meminfo = _run(go())
+        report = _run(ts.backend.set_memory(ts.handle(rec), mib, timeout))
         _set_extra(ts, rec.domid, memory_mib=mib)
-    return MemoryReport(mib, actual // _MIB, _memtotal(meminfo), reached)
-
-
-def _memtotal(meminfo: bytes | None) -> int | None:
-    if meminfo is None:
-        return None
-    m = re.search(rb"^MemTotal:\s+(\d+)\s+kB", meminfo, re.MULTILINE)
-    return int(m.group(1)) if m else None
+    return report
 
 
 def mem_max(ts: Toolstack, name: str, mib: int) -> int:
@@ -283,25 +221,14 @@ def mem_max(ts: Toolstack, name: str, mib: int) -> int:
     """
     with ts.live(name) as rec:
         dc = _config(rec)
-
-        async def size() -> int:
-            async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                summary = _dict(await qmp.execute("query-memory-size-summary"),
-                                "query-memory-size-summary")
-            return int(summary["base-memory"]) // _MIB
-
-        started = _run(size())
-        if mib > started:
-            raise UsageError(
-                f"domain {rec.name!r}: mem-max {mib} MiB is above the {started} MiB its QEMU "
-                f"was started with; raising it needs a restart with maxmem={mib}"
-            )
         target = _target(rec, dc)
         if mib < target:
             raise UsageError(
                 f"domain {rec.name!r}: mem-max {mib} MiB is below its current memory "
                 f"({target} MiB); mem-set it lower first"
             )
+        # The backend refuses what it cannot give (QEMU: above what it was started with).
+        _run(ts.backend.set_max_memory(ts.handle(rec), mib))
         _set_extra(ts, rec.domid, maxmem_mib=mib)
     return mib
 

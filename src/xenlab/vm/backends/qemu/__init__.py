@@ -26,10 +26,12 @@ from xenlab.vm.backend import (
     Capabilities,
     DomainHandle,
     ExitReason,
+    MemoryReport,
     Presence,
     Started,
     StartSpec,
 )
+from xenlab.vm.backends.qemu import memory
 from xenlab.vm.qemu import RuntimePaths, balloon_target_mib, needs_image, qemu_argv
 from xenlab.vm.qmp import GuestAgent, Qmp
 from xenlab.vm.rundir import (
@@ -47,6 +49,7 @@ __all__ = ["QemuBackend"]
 
 NAME = "qemu"
 _POWER_DOWN = b"reboot: Power down"  # what Linux prints last on a clean power off
+_GUEST_TIMEOUT = 5.0  # seconds the guest agent gets for a question asked in passing
 
 
 class QemuBackend:
@@ -200,6 +203,25 @@ class QemuBackend:
         finally:
             await agent.close()
         return res.exitcode, res.stdout, res.stderr
+
+    async def set_memory(self, h: DomainHandle, mib: int, timeout: float) -> MemoryReport:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            actual, reached = await memory.balloon_to(qmp, mib << 20, timeout)
+        meminfo = None
+        if reached:
+            # What the guest sees; an agent that does not answer in time is not an error.
+            try:
+                code, out, _ = await self.agent_exec(h, ["cat", "/proc/meminfo"],
+                                                     _GUEST_TIMEOUT)
+                meminfo = out if code == 0 else None
+            except BackendError:
+                meminfo = None
+        return MemoryReport(mib, actual >> 20, memory.memtotal_kib(meminfo), reached)
+
+    async def set_max_memory(self, h: DomainHandle, mib: int) -> None:
+        # The balloon gives back at most what QEMU was started with (-m is fixed).
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            memory.check_max(str(h.ref["name"]), mib, await memory.started_mib(qmp))
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:
         paths = self.paths_or_none(h)
