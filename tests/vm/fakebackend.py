@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from xenlab.errors import BackendError, UsageError
+from xenlab.config.model import DomainConfig
+from xenlab.errors import BackendError, NotFoundError, UsageError
 from xenlab.vm.backend import (
     Capabilities,
     DomainHandle,
@@ -23,6 +24,8 @@ from xenlab.vm.backend import (
     Presence,
     Started,
     StartSpec,
+    VcpuReport,
+    VcpuState,
 )
 from xenlab.vm.store import DomainRecord
 
@@ -34,6 +37,9 @@ class FakeDomain:
     exit: ExitReason | None = None
     started_mib: int = 0  # the memory it was started with (the balloon's ceiling)
     memory_mib: int = 0
+    maxvcpus: int = 1
+    online: int = 1
+    pins: dict[int, frozenset[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,7 +80,9 @@ class FakeBackend:
             raise BackendError(f"fake refused the domain: {self.refuse}")
         state = "incoming" if spec.incoming else "paused" if spec.paused else "running"
         size = spec.config.maxmem_mib
-        self.world[str(h.ref["uuid"])] = FakeDomain(state, started_mib=size, memory_mib=size)
+        self.world[str(h.ref["uuid"])] = FakeDomain(
+            state, started_mib=size, memory_mib=size, maxvcpus=spec.config.maxvcpus,
+            online=spec.config.vcpus)
         return Started({}, state)
 
     def handle_of(self, rec: DomainRecord) -> DomainHandle:
@@ -145,6 +153,30 @@ class FakeBackend:
         dom = self._dom(h, "set_max_memory")
         if mib > dom.started_mib:
             raise UsageError(f"fake: {mib} MiB is above the {dom.started_mib} MiB it started with")
+
+    async def set_vcpus(self, h: DomainHandle, n: int, config: DomainConfig, timeout: float
+                        ) -> VcpuReport:
+        dom = self._dom(h, "set_vcpus")
+        if not 1 <= n <= dom.maxvcpus:
+            raise UsageError(f"fake: vcpu-set {n} is out of range (1 to {dom.maxvcpus})")
+        dom.online = n
+        return VcpuReport(n, n, f"0-{n - 1}" if n > 1 else "0")
+
+    async def vcpus(self, h: DomainHandle, online: int | None) -> tuple[VcpuState, ...]:
+        dom = self._dom(h, "vcpus")
+        every = frozenset(range(8))
+        return tuple(VcpuState(v, 0, "offline" if v >= dom.online else dom.state, 0.0,
+                               dom.pins.get(v, every), 0) for v in range(dom.maxvcpus))
+
+    async def pin_vcpus(self, h: DomainHandle, vcpu: int | None, cpus: frozenset[int]
+                        ) -> dict[int, frozenset[int]]:
+        dom = self._dom(h, "pin_vcpus")
+        which = range(dom.maxvcpus) if vcpu is None else [vcpu]
+        if vcpu is not None and not 0 <= vcpu < dom.maxvcpus:
+            raise NotFoundError("vcpu", str(vcpu), f"fake: no vCPU {vcpu}")
+        for v in which:
+            dom.pins[v] = cpus
+        return {v: cpus for v in which}
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:
         dom = self.world.get(str(h.ref["uuid"]))

@@ -186,6 +186,30 @@ def test_memory_bounds_are_the_verbs_and_the_backends(ts: Toolstack, fake: FakeB
         mem_set(ts, "m", 120)
 
 
+def test_vcpus_through_the_backend(ts: Toolstack, fake: FakeBackend) -> None:
+    from xenlab.errors import NotFoundError, UsageError
+    from xenlab.vm.resources import vcpu_list, vcpu_pin, vcpu_set
+
+    cfg = ts.state_dir.parent / "v.cfg"
+    cfg.write_text('name = "v"\ntype = "hvm"\nmemory = 64\nvcpus = 1\nmaxvcpus = 3\n')
+    rec = ts.create(cfg)
+    assert vcpu_set(ts, "v", 2).guest_online == 2
+    assert ts.get("v").extra["vcpus"] == 2 and ts.get("v").extra["vcpus_plugged"] == 2
+    vcpu_set(ts, "v", 1)
+    assert ts.get("v").extra["vcpus_plugged"] == 2  # only grows
+    with pytest.raises(UsageError, match="out of range"):
+        vcpu_set(ts, "v", 4)
+    assert [(r.name, r.domid, r.vcpu, r.state) for r in vcpu_list(ts, "v")] == [
+        ("v", rec.domid, 0, "running"), ("v", rec.domid, 1, "offline"),
+        ("v", rec.domid, 2, "offline")]
+    assert vcpu_pin(ts, "v", 1, "0") == {1: frozenset({0})}
+    assert vcpu_pin(ts, "v", "all", "0") == {0: {0}, 1: {0}, 2: {0}}
+    with pytest.raises(NotFoundError):
+        vcpu_pin(ts, "v", 7, "0")
+    with pytest.raises(UsageError, match="not a vCPU number"):
+        vcpu_pin(ts, "v", "x", "0")
+
+
 def test_a_missing_capability_is_refused_before_anything_changes() -> None:
     caps = Capabilities(pause=False)
     with pytest.raises(Unsupported, match="the fake backend cannot do it") as err:

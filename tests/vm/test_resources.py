@@ -185,7 +185,7 @@ def test_vcpu_set_list_and_pin(ts: Toolstack, tmp_path: Path) -> None:
 def test_cpus_in_the_config_pins_every_vcpu_at_create(ts: Toolstack, tmp_path: Path) -> None:
     rec = ts.create(_cfg(tmp_path, "p1", vcpus=2, maxvcpus=3, extra='cpus = "0"\n'),
                     create_disks="32M")
-    assert res.apply_affinity(ts, rec) == {0: {0}, 1: {0}}
+    assert rec.pid is not None  # pinned by create itself (the backend's start)
     assert {v: os.sched_getaffinity(t) for v, t in _threads(ts, "p1").items()} == {
         0: {0}, 1: {0}}
     # A vCPU plugged later gets the config's affinity too.
@@ -196,13 +196,13 @@ def test_cpus_in_the_config_pins_every_vcpu_at_create(ts: Toolstack, tmp_path: P
     # The list form: one spec per vCPU, the rest left alone.
     rec2 = ts.create(_cfg(tmp_path, "p2", vcpus=2, maxvcpus=2, extra='cpus = ["1"]\n'),
                      create_disks="32M", paused=True)
-    assert res.apply_affinity(ts, rec2) == {0: {1}}
+    assert rec2.state == "paused"  # pinned before the guest ever ran
     t2 = _threads(ts, "p2")
     assert (os.sched_getaffinity(t2[0]), os.sched_getaffinity(t2[1])) == ({1}, HOST_CPUS)
     # No cpus=: nothing is pinned.
-    rec3 = ts.create(_cfg(tmp_path, "p3", vcpus=1, maxvcpus=1), create_disks="32M",
-                     paused=True)
-    assert res.apply_affinity(ts, rec3) == {}
+    ts.create(_cfg(tmp_path, "p3", vcpus=1, maxvcpus=1), create_disks="32M", paused=True)
+    assert {frozenset(os.sched_getaffinity(t)) for t in _threads(ts, "p3").values()} == {
+        HOST_CPUS}
 
 
 def test_rename_frees_the_old_name(ts: Toolstack, tmp_path: Path) -> None:

@@ -32,6 +32,8 @@ __all__ = [
     "StartSpec",
     "Started",
     "Unsupported",
+    "VcpuReport",
+    "VcpuState",
 ]
 
 
@@ -95,6 +97,33 @@ class MemoryReport:
 
 
 @dataclass(frozen=True, slots=True)
+class VcpuReport:
+    """What a vCPU change achieved: vCPUs asked for, and what the guest sees.
+
+    ``guest_online`` is the guest's ``nproc`` and ``guest_cpus`` its online CPU
+    list (None when it could not be asked).
+    """
+
+    vcpus: int
+    guest_online: int | None
+    guest_cpus: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuState:
+    """One vCPU as the host sees it: ``state`` running, blocked (the guest idles),
+    paused or offline; ``time_s`` its CPU time; ``cpu`` the host CPU it last ran
+    on; ``affinity`` its hard affinity; ``thread_id`` (0 where there is none)."""
+
+    vcpu: int
+    cpu: int
+    state: str
+    time_s: float
+    affinity: frozenset[int]
+    thread_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a backend can do; a verb checks (:meth:`require`) before it changes anything."""
 
@@ -133,7 +162,7 @@ class Unsupported(XenlabError):
 
 
 class Backend(Protocol):
-    """A hypervisor as the verbs see it (lifecycle, memory and the agent so far: docs/backend.md).
+    """A hypervisor as the verbs see it (so far: lifecycle, memory, vCPUs, the agent).
 
     ``probe`` and ``exit_reason`` are cheap and never block on the domain's
     control channel; the others may (``timeout`` bounds them).  Errors are
@@ -209,6 +238,21 @@ class Backend(Protocol):
 
     async def set_max_memory(self, h: DomainHandle, mib: int) -> None:
         """Allow the guest up to ``mib`` MiB (UsageError for what this backend cannot give)."""
+        ...
+
+    async def set_vcpus(self, h: DomainHandle, n: int, config: DomainConfig, timeout: float
+                        ) -> VcpuReport:
+        """Make ``n`` vCPUs online (UsageError beyond maxvcpus); the config's ``cpus=``
+        applies to vCPUs that appear."""
+        ...
+
+    async def vcpus(self, h: DomainHandle, online: int | None) -> tuple[VcpuState, ...]:
+        """Every vCPU (``online``: how many a vcpu-set left online, None: all)."""
+        ...
+
+    async def pin_vcpus(self, h: DomainHandle, vcpu: int | None, cpus: frozenset[int]
+                        ) -> dict[int, frozenset[int]]:
+        """Hard-pin vCPU ``vcpu`` (None: all); NotFoundError for a vCPU it lacks."""
         ...
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:

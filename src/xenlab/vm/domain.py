@@ -322,12 +322,6 @@ class Toolstack:
                 done = [JOB] if fresh and job.verb == "create" else []
                 rec = self.store.patch(rec.domid, **started.fields, state=state,
                                        extra_drop=done)
-                if dc.cpus is not None:
-                    from xenlab.vm.resources import apply_affinity
-
-                    # xl's cpus=: pin the vCPU threads (their threads exist
-                    # already when QEMU waits for an incoming stream).
-                    apply_affinity(self, rec)
                 return rec
             except BaseException:
                 self._undo_start(rec.domid)

@@ -46,6 +46,7 @@ from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, UsageError, XenlabError
 from xenlab.vm import qemuimg, vmstate
+from xenlab.vm.backends.qemu.vcpus import plug_vcpus
 from xenlab.vm.control import (
     PROTOCOL,
     Channel,
@@ -60,7 +61,6 @@ from xenlab.vm.peerconfig import check_request
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run
-from xenlab.vm.resources import plug_vcpus
 from xenlab.vm.runtime import VCPUS_PLUGGED
 from xenlab.vm.saveimage import DiskMove
 from xenlab.vm.saverestore import Placed, image_for, place, said, settle

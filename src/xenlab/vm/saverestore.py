@@ -42,13 +42,14 @@ from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, UsageError, XenlabError
 from xenlab.files import FileReadError
 from xenlab.vm import qemuimg, vmstate
+from xenlab.vm.backends.qemu.vcpus import plug_vcpus
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.domconfig import config_from_text, on_disks
 from xenlab.vm.jobs import Job
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run
-from xenlab.vm.resources import plug_vcpus, plugged_vcpus
+from xenlab.vm.resources import plugged_vcpus
 from xenlab.vm.rundir import qemu_said
 from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, JOB, OVERLAYS, VCPUS_PLUGGED, Runtime
 from xenlab.vm.saveimage import (

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from xenlab.config.model import DomainConfig
 from xenlab.errors import BackendError, StateError
 from xenlab.vm.accel import Accel, probe_accel
 from xenlab.vm.backend import (
@@ -30,8 +31,10 @@ from xenlab.vm.backend import (
     Presence,
     Started,
     StartSpec,
+    VcpuReport,
+    VcpuState,
 )
-from xenlab.vm.backends.qemu import memory
+from xenlab.vm.backends.qemu import memory, vcpus
 from xenlab.vm.qemu import RuntimePaths, balloon_target_mib, needs_image, qemu_argv
 from xenlab.vm.qmp import GuestAgent, Qmp
 from xenlab.vm.rundir import (
@@ -129,10 +132,15 @@ class QemuBackend:
         pid = read_pid(paths)
         if pid is None:
             raise BackendError(f"QEMU wrote no pid to {paths.pidfile}")
-        if spec.incoming:
-            return Started({"pid": pid}, "incoming")
         target = balloon_target_mib(spec.config)
         async with Qmp.open(paths.qmp) as qmp:
+            if spec.config.cpus is not None:
+                # xl's cpus=: pin the vCPU threads (they exist already when QEMU
+                # waits for an incoming stream).
+                vcpus.apply_config_affinity(spec.config, await vcpus.vcpu_threads(qmp),
+                                            spec.config.name)
+            if spec.incoming:
+                return Started({"pid": pid}, "incoming")
             if target is not None:
                 # xl's memory < maxmem: the guest sees maxmem and the balloon takes
                 # it down to memory once its driver is up.
@@ -222,6 +230,25 @@ class QemuBackend:
         # The balloon gives back at most what QEMU was started with (-m is fixed).
         async with Qmp.open(self.paths(h).qmp) as qmp:
             memory.check_max(str(h.ref["name"]), mib, await memory.started_mib(qmp))
+
+    async def set_vcpus(self, h: DomainHandle, n: int, config: DomainConfig, timeout: float
+                        ) -> VcpuReport:
+        paths = self.paths(h)
+        async with Qmp.open(paths.qmp) as qmp:
+            return await vcpus.set_vcpus(qmp, paths.qga, str(h.ref["name"]), n, config,
+                                         timeout)
+
+    async def vcpus(self, h: DomainHandle, online: int | None) -> tuple[VcpuState, ...]:
+        pid = h.ref.get("pid")
+        if not isinstance(pid, int):
+            raise StateError(f"domain {h.ref['name']!r}: no QEMU recorded")
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            return await vcpus.vcpu_rows(qmp, pid, str(h.ref["name"]), online)
+
+    async def pin_vcpus(self, h: DomainHandle, vcpu: int | None, cpus: frozenset[int]
+                        ) -> dict[int, frozenset[int]]:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            return await vcpus.pin(qmp, str(h.ref["name"]), vcpu, cpus)
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:
         paths = self.paths_or_none(h)
