@@ -154,7 +154,7 @@ def from_spec(spec: Mapping[str, Any], *, where: str = "host") -> Topology:
     return topo
 
 
-def _ints(text: str) -> list[int]:
+def cpu_list(text: str) -> list[int]:
     """A sysfs cpu list ("0-3,8") as integers."""
     out: list[int] = []
     for part in text.strip().split(","):
@@ -174,7 +174,7 @@ def from_sysfs(root: Path = Path("/sys")) -> Topology:
     """
     base = root / "devices" / "system" / "cpu"
     try:
-        online = _ints((base / "online").read_text())
+        online = cpu_list((base / "online").read_text())
     except OSError as err:
         raise XenlabError(f"{base / 'online'}: cannot read the online CPUs: {err}") from err
     node_of: dict[int, int] = {}
@@ -182,7 +182,7 @@ def from_sysfs(root: Path = Path("/sys")) -> Topology:
     if nodes_dir.is_dir():
         for nd in sorted(nodes_dir.glob("node[0-9]*")):
             try:
-                for cpu in _ints((nd / "cpulist").read_text()):
+                for cpu in cpu_list((nd / "cpulist").read_text()):
                     node_of[cpu] = int(nd.name[4:])
             except OSError:
                 continue
@@ -193,7 +193,7 @@ def from_sysfs(root: Path = Path("/sys")) -> Topology:
         for c in caches:
             try:
                 level = int((c / "level").read_text())
-                shared = tuple(_ints((c / "shared_cpu_list").read_text()))
+                shared = tuple(cpu_list((c / "shared_cpu_list").read_text()))
             except (OSError, ValueError):
                 continue
             if best is None or level > best[0]:

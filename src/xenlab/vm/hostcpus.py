@@ -12,6 +12,7 @@ from pathlib import Path
 
 from xenlab.config.specs.cpus import CpuSet, HostTopology, parse_cpus
 from xenlab.errors import UsageError
+from xenlab.numa.topology import cpu_list
 from xenlab.vm.qemu import cpu_ranges
 
 __all__ = ["cpulist", "host_topology", "ranges", "resolve_cpus"]
@@ -33,13 +34,7 @@ def host_topology() -> HostTopology:
 
 def cpulist(text: str) -> set[int]:
     """Parse the kernel's ``0-3,5`` CPU list format."""
-    out: set[int] = set()
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
+    return set(cpu_list(text))
 
 
 def ranges(cpus: Iterable[int]) -> str:

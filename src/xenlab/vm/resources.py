@@ -75,11 +75,7 @@ __all__ = [
 ]
 
 MIN_MEMORY_MIB = 64
-_GUEST_TIMEOUT = 5.0
 _MIB = 1 << 20
-# The topology properties of a CPU slot, outermost first: the plug order.
-_TOPOLOGY = ("node-id", "drawer-id", "book-id", "socket-id", "die-id", "cluster-id",
-             "module-id", "core-id", "thread-id")
 
 
 @dataclass(frozen=True, slots=True)
