@@ -61,7 +61,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def test_layout_wal_and_schema(tmp_path: Path) -> None:
     with Store(tmp_path / "st") as s:
         assert s.path == tmp_path / "st" / "xenlab.db"
-        assert s.schema_version == 1
+        assert s.schema_version == 2  # 2: the backend column
         assert (tmp_path / "st" / "locks").is_dir()
         assert s.check() == []
     db = sqlite3.connect(tmp_path / "st" / "xenlab.db")

@@ -19,7 +19,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from xenlab.config.model import DomainConfig
-from xenlab.errors import XenlabError
+from xenlab.errors import StateError, XenlabError
 from xenlab.vm.store import DomainRecord
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "Unsupported",
     "VcpuReport",
     "VcpuState",
+    "WrongBackend",
+    "check_backend",
 ]
 
 
@@ -159,6 +161,28 @@ class Unsupported(XenlabError):
         self.backend = backend
         self.capability = capability
         super().__init__(message)
+
+
+class WrongBackend(StateError):
+    """Domain ``domain`` belongs to backend ``recorded``, not to ``running``; nothing was done.
+
+    One state directory may hold domains of several backends; a toolstack
+    never probes, converges or clears a domain of another one (a QEMU
+    toolstack would see a Xen domain's missing QEMU as "gone").
+    """
+
+    def __init__(self, domain: str, recorded: str, running: str) -> None:
+        self.domain = domain
+        self.recorded = recorded
+        self.running = running
+        super().__init__(f"domain {domain!r} belongs to the {recorded} backend; this "
+                         f"command runs the {running} backend, so nothing was done")
+
+
+def check_backend(rec: DomainRecord, backend: str) -> None:
+    """Raise :class:`WrongBackend` unless ``rec`` is a domain of ``backend``."""
+    if rec.backend != backend:
+        raise WrongBackend(rec.name, rec.backend, backend)
 
 
 class Backend(Protocol):

@@ -36,7 +36,14 @@ from xenlab import faults, hotplug
 from xenlab.config.model import DomainConfig
 from xenlab.errors import BackendError, ConflictError, StateError, UsageError, XenlabError
 from xenlab.files import read_text_bounded
-from xenlab.vm.backend import Backend, DomainHandle, ExitReason, Presence, StartSpec
+from xenlab.vm.backend import (
+    Backend,
+    DomainHandle,
+    ExitReason,
+    Presence,
+    StartSpec,
+    check_backend,
+)
 from xenlab.vm.backends.qemu import QemuBackend, status_at
 from xenlab.vm.domconfig import (
     absolute_paths,
@@ -111,7 +118,11 @@ class Toolstack:
         self.backend: Backend = backend if backend is not None else self._qemu
 
     def handle(self, rec: DomainRecord) -> DomainHandle:
-        """The backend's handle of domain ``rec``."""
+        """The backend's handle of domain ``rec``.
+
+        :raise WrongBackend: ``rec`` is a domain of another backend.
+        """
+        check_backend(rec, self.backend.name)
         return self.backend.handle_of(rec)
 
     def alive(self, rec: DomainRecord) -> bool:
@@ -281,6 +292,7 @@ class Toolstack:
                     "create" if fresh else "incoming")
                 try:
                     if old is not None:
+                        check_backend(old, self.backend.name)
                         held.enter_context(self.store.lock(old.domid))
                         drop = list(ONE_RUN) if fresh else []
                         rec = self.store.patch(
@@ -294,7 +306,7 @@ class Toolstack:
                             domid=0, name=dc.name, uuid=new_uuid, config_path=config_path,
                             config_text=text, rundir="", pid=None, state=state,
                             created=time.time(), accel="",
-                            extra={JOB: job.to_json()},
+                            extra={JOB: job.to_json()}, backend=self.backend.name,
                         ))
                         held.enter_context(self.store.lock(rec.domid))
                 except BaseException:
@@ -443,6 +455,7 @@ class Toolstack:
             command waited for the lock).
         :raise StateError: the domain was replaced meanwhile (another uuid or
             name under its id), or its lock stayed busy.
+        :raise WrongBackend: the domain is another backend's (even when not strict).
         """
         rec = self.get(str(name_or_id))
         with self.store.lock(rec.domid, timeout):
@@ -455,6 +468,7 @@ class Toolstack:
                 raise StateError(
                     f"domain {rec.name!r} (id {rec.domid}) was replaced by {now.name!r} "
                     "while this command waited for it; nothing was done")
+            check_backend(now, self.backend.name)  # even for destroy: not ours to touch
             try:
                 kept = self.converge(now)
             except XenlabError as err:
@@ -474,7 +488,10 @@ class Toolstack:
         Called with the domain's lock held.  A job whose owner still runs, or
         one of this process, is left alone.  What was done is logged as a
         warning (the CLI prints it).
+
+        :raise WrongBackend: ``rec`` is a domain of another backend.
         """
+        check_backend(rec, self.backend.name)  # another backend's job is not ours to undo
         job = job_of(rec)
         if job is None or job.owner_alive():
             return rec
@@ -587,6 +604,12 @@ class Toolstack:
         """
         out = []
         for rec in sorted(self.store.list(), key=lambda r: r.domid):
+            if rec.backend != self.backend.name:
+                # Another backend's domain: shown as recorded, never probed or cleared.
+                dc, _ = self.config_of(rec)
+                out.append(DomainStatus(rec, f"{rec.state} ({rec.backend})", dc.memory_mib,
+                                        dc.vcpus, 0.0))
+                continue
             job = job_of(rec)
             dead_job = job is not None and not job.owner_alive()
             off = rec.state != SHUTOFF and self._powered_off(rec)
@@ -640,9 +663,11 @@ class Toolstack:
         :raise StateError: the recorded run directory is not a private
             directory of this user (see ``vm.rundir``): nothing in it is trusted.
         """
+        check_backend(rec, self._qemu.name)
         return self._qemu.paths(self._qemu.handle_of(rec))
 
     def _paths_or_none(self, rec: DomainRecord) -> RuntimePaths | None:
+        check_backend(rec, self._qemu.name)
         return self._qemu.paths_or_none(self._qemu.handle_of(rec))
 
     def config_of(self, rec: DomainRecord) -> tuple[DomainConfig, str]:
@@ -670,7 +695,7 @@ class Toolstack:
                     domid=0, name=dc.name, uuid=dc.uuid or str(uuidlib.uuid4()),
                     config_path=str(cfg.resolve()), config_text=text, rundir="", pid=None,
                     state=SHUTOFF, created=time.time(), accel=self.accel.value,
-                    extra={DEFINED: True},
+                    extra={DEFINED: True}, backend=self.backend.name,
                 )
             )
 

@@ -14,7 +14,10 @@ Design:
       never deleted: unlinking a lock file lets two holders lock different
       inodes.
     - The schema is versioned (table ``schema_version``); :data:`_MIGRATIONS`
-      lists the steps from each version to the next, applied on open.
+      lists the steps from each version to the next, applied on open (a
+      database of a newer xenlab is refused).  Version 2 records which
+      backend runs each domain; tests/vm/data/store-v1.db, written by the
+      release before it, must keep reading.
     - A record can outlive its QEMU (killed, host rebooted): :func:`is_alive`
       checks the pid *and* that the process is QEMU running that domain, so
       a recycled pid is not mistaken for it.
@@ -147,6 +150,9 @@ class DomainRecord:
     created: float
     accel: str
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    # The vm.backend.Backend that runs the domain ("qemu", "xen"); fixed for the
+    # record's life.  Records from before schema version 2 are QEMU's.
+    backend: str = "qemu"
 
 
 class SnapshotKind(Enum):
@@ -225,6 +231,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX snapshots_parent ON snapshots(parent)",
     ),
+    # 2: which backend runs each domain (vm.backend); every earlier record is QEMU's.
+    ("ALTER TABLE domains ADD COLUMN backend TEXT NOT NULL DEFAULT 'qemu'",),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # DomainRecord fields Store.patch may change (not domid; extra through its own arguments).
@@ -416,7 +424,7 @@ class Store:
             stored = replace(rec, domid=domid)
             db.execute(
                 "INSERT INTO domains (domid, name, uuid, config_path, config_text, rundir, pid,"
-                " state, created, accel, extra) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " state, created, accel, extra, backend) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 _domain_row(stored),
             )
         return stored
@@ -470,7 +478,7 @@ class Store:
             row = _domain_row(rec)
             cur = db.execute(
                 "UPDATE domains SET name=?, uuid=?, config_path=?, config_text=?, rundir=?,"
-                " pid=?, state=?, created=?, accel=?, extra=? WHERE domid=?",
+                " pid=?, state=?, created=?, accel=?, extra=?, backend=? WHERE domid=?",
                 (*row[1:], rec.domid),
             )
             if cur.rowcount != 1:
@@ -515,7 +523,7 @@ class Store:
                         f"a domain named {new.name!r} already exists (id {clash[0]})")
             db.execute(
                 "UPDATE domains SET name=?, uuid=?, config_path=?, config_text=?, rundir=?,"
-                " pid=?, state=?, created=?, accel=?, extra=? WHERE domid=?",
+                " pid=?, state=?, created=?, accel=?, extra=?, backend=? WHERE domid=?",
                 (*_domain_row(new)[1:], domid),
             )
         return new
@@ -696,6 +704,7 @@ def _domain_row(rec: DomainRecord) -> tuple[object, ...]:
     return (
         rec.domid, rec.name, rec.uuid, rec.config_path, rec.config_text, rec.rundir,
         rec.pid, rec.state, rec.created, rec.accel, json.dumps(dict(rec.extra), sort_keys=True),
+        rec.backend,
     )
 
 
@@ -705,6 +714,7 @@ def _domain(row: sqlite3.Row) -> DomainRecord:
         config_path=row["config_path"], config_text=row["config_text"], rundir=row["rundir"],
         pid=None if row["pid"] is None else int(row["pid"]), state=row["state"],
         created=float(row["created"]), accel=row["accel"], extra=json.loads(row["extra"]),
+        backend=row["backend"],
     )
 
 
