@@ -119,5 +119,23 @@ class BackendError(XenlabError):
     """An external backend (QEMU, QMP, netlink) failed; the cause is chained."""
 
 
+class Refused(BackendError):
+    """The hypervisor refused ``command``; ``reason`` is its own words (nothing changed)."""
+
+    def __init__(self, command: str, reason: str, message: str) -> None:
+        self.command = command
+        self.reason = reason
+        super().__init__(message)
+
+
+class DeviceNotReleased(BackendError):
+    """The guest did not let device ``device_id`` go within ``timeout`` seconds."""
+
+    def __init__(self, device_id: str, timeout: float) -> None:
+        self.device_id = device_id
+        self.timeout = timeout
+        super().__init__(f"the guest did not release device {device_id} within {timeout:g} s")
+
+
 class SimError(XenlabError):
     """The simulator reached an impossible state, at a place in simulated time."""

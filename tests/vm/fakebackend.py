@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xenlab.config.model import DomainConfig
-from xenlab.errors import BackendError, NotFoundError, UsageError
+from xenlab.config.specs.disk import DiskFormat, DiskSpec
+from xenlab.errors import BackendError, DeviceNotReleased, NotFoundError, Refused, UsageError
 from xenlab.vm.backend import (
     Capabilities,
     DomainHandle,
@@ -40,6 +41,8 @@ class FakeDomain:
     maxvcpus: int = 1
     online: int = 1
     pins: dict[int, frozenset[int]] = field(default_factory=dict)
+    disks: dict[str, str | None] = field(default_factory=dict)  # vdev -> file (cdrom: medium)
+    parts: set[str] = field(default_factory=set)  # parts of disks that are not released
 
 
 @dataclass
@@ -52,6 +55,8 @@ class FakeBackend:
     refuse: str | None = None  # a start fails with these words (a config it cannot run)
     stubborn: bool = False  # the guests ignore the power button
     agent: bool = True  # the guests' agents answer
+    clingy: bool = False  # the guests never let a device go
+    sticky: bool = False  # parts of removed disks are never released
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def vanish(self, uuid: str, exit: ExitReason | None = None) -> None:
@@ -82,7 +87,7 @@ class FakeBackend:
         size = spec.config.maxmem_mib
         self.world[str(h.ref["uuid"])] = FakeDomain(
             state, started_mib=size, memory_mib=size, maxvcpus=spec.config.maxvcpus,
-            online=spec.config.vcpus)
+            online=spec.config.vcpus, disks={d.vdev: d.pdev_path for d in spec.config.disks})
         return Started({}, state)
 
     def handle_of(self, rec: DomainRecord) -> DomainHandle:
@@ -177,6 +182,50 @@ class FakeBackend:
         for v in which:
             dom.pins[v] = cpus
         return {v: cpus for v in which}
+
+    def disk_parts(self, disk: DiskSpec) -> tuple[str, ...]:
+        return (f"{disk.vdev}-part",)
+
+    async def attach_disk(self, h: DomainHandle, disk: DiskSpec, leftovers: Sequence[str]
+                          ) -> None:
+        dom = self._dom(h, "attach_disk")
+        if disk.vdev in dom.disks:
+            raise BackendError(f"fake: a device {disk.vdev} is there already")
+        if self.sticky and dom.parts & {*leftovers, *self.disk_parts(disk)}:
+            raise BackendError(f"fake keeps parts of an earlier {disk.vdev}")
+        dom.parts -= {*leftovers, *self.disk_parts(disk)}
+        if self.refuse is not None:
+            raise Refused("attach", self.refuse, f"fake refused the disk: {self.refuse}")
+        dom.disks[disk.vdev] = disk.pdev_path
+
+    async def detach_disk(self, h: DomainHandle, vdev: str, timeout: float) -> tuple[str, ...]:
+        dom = self._dom(h, "detach_disk")
+        if vdev in dom.disks:
+            if self.clingy:
+                raise DeviceNotReleased(vdev, timeout)
+            del dom.disks[vdev]
+            dom.parts.add(f"{vdev}-part")
+        return (f"{vdev}-part",)
+
+    async def release_parts(self, h: DomainHandle, parts: Sequence[str]) -> dict[str, str]:
+        dom = self._dom(h, "release_parts")
+        if self.sticky:
+            return {p: "in use" for p in parts if p in dom.parts}
+        dom.parts -= set(parts)
+        return {}
+
+    async def has_disk(self, h: DomainHandle, vdev: str) -> bool:
+        return vdev in self._dom(h, "has_disk").disks
+
+    async def discard_disk(self, h: DomainHandle, parts: Sequence[str]) -> None:
+        self._dom(h, "discard_disk").parts -= set(parts)
+
+    async def change_medium(self, h: DomainHandle, vdev: str, path: str | None,
+                            fmt: DiskFormat) -> None:
+        dom = self._dom(h, "change_medium")
+        if vdev not in dom.disks:
+            raise Refused("change_medium", "no drive", f"fake: no drive {vdev}")
+        dom.disks[vdev] = path
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:
         dom = self.world.get(str(h.ref["uuid"]))

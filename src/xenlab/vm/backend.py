@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from xenlab.config.model import DomainConfig
+from xenlab.config.specs.disk import DiskFormat, DiskSpec
 from xenlab.errors import StateError, XenlabError
 from xenlab.vm.store import DomainRecord
 
@@ -277,6 +278,42 @@ class Backend(Protocol):
     async def pin_vcpus(self, h: DomainHandle, vcpu: int | None, cpus: frozenset[int]
                         ) -> dict[int, frozenset[int]]:
         """Hard-pin vCPU ``vcpu`` (None: all); NotFoundError for a vCPU it lacks."""
+        ...
+
+    # -- devices (xl block-*/cd-*, libvirt's domainAttachDevice, DetachDevice, UpdateDevice)
+
+    def disk_parts(self, disk: DiskSpec) -> tuple[str, ...]:
+        """What attaching ``disk`` makes in the backend (recorded in the verb's job first,
+        so a killed attach is undone: QEMU's block node names)."""
+        ...
+
+    async def attach_disk(self, h: DomainHandle, disk: DiskSpec, leftovers: Sequence[str]
+                          ) -> None:
+        """Plug ``disk`` (its target exists, checked) into the running guest; ``leftovers``
+        are parts an earlier detach of its vdev left, released first.  On failure nothing
+        of the attach is kept (:class:`~xenlab.errors.Refused` with the hypervisor's words)."""
+        ...
+
+    async def detach_disk(self, h: DomainHandle, vdev: str, timeout: float) -> tuple[str, ...]:
+        """Have the guest let disk ``vdev`` go (a device already gone is fine); the parts
+        left for :meth:`release_parts`.  :raise DeviceNotReleased: after ``timeout`` s."""
+        ...
+
+    async def release_parts(self, h: DomainHandle, parts: Sequence[str]) -> dict[str, str]:
+        """Free the parts of removed disks; those the backend still keeps, with why."""
+        ...
+
+    async def has_disk(self, h: DomainHandle, vdev: str) -> bool:
+        """True while the guest has disk device ``vdev`` (the truth a recovery reads)."""
+        ...
+
+    async def discard_disk(self, h: DomainHandle, parts: Sequence[str]) -> None:
+        """Undo what a killed attach made of ``parts`` (the guest has no device)."""
+        ...
+
+    async def change_medium(self, h: DomainHandle, vdev: str, path: str | None,
+                            fmt: DiskFormat) -> None:
+        """Put ``path`` (format ``fmt``) in cdrom drive ``vdev``; None ejects (forced)."""
         ...
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:

@@ -39,6 +39,7 @@ from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk, parse_di
 from xenlab.errors import (
     BackendError,
     ConflictError,
+    DeviceNotReleased,
     NotFoundError,
     StateError,
     UsageError,
@@ -48,12 +49,11 @@ from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import config_from_text, create_image, disk_line, on_disks_now
 from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
 from xenlab.vm.jobs import Job
-from xenlab.vm.qemu import blockdev_nodes, check_disk, disk_device, disk_slot
-from xenlab.vm.qemuimg import driver, remove_own
-from xenlab.vm.qmp import CommandError, DeviceNotReleased, Qmp, delete_device, qdev_ids
+from xenlab.vm.qemu import check_disk, disk_slot
+from xenlab.vm.qemuimg import remove_own
 from xenlab.vm.qmp import run as _run
 from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, DISK_SPECS, STALE_NODES
-from xenlab.vm.store import DomainRecord, is_alive
+from xenlab.vm.store import DomainRecord
 
 __all__ = ["DiskInfo", "block_attach", "block_detach", "block_list", "cd_eject", "cd_insert"]
 
@@ -123,29 +123,6 @@ def _keep(ts: Toolstack, rec: DomainRecord, disks: list[DiskSpec],
         extra_drop=[k for k, v in changes.items() if v is None])
 
 
-async def _node_names(qmp: Qmp) -> frozenset[str]:
-    listed = await qmp.execute("query-named-block-nodes", {"flat": True})
-    return frozenset(str(n["node-name"]) for n in listed if isinstance(n, dict)
-                     ) if isinstance(listed, list) else frozenset()
-
-
-async def _release_nodes(qmp: Qmp, names: list[str]) -> dict[str, str]:
-    """Delete what is left of a detached disk's nodes (QEMU then closes its files).
-
-    Parents come first in ``names``; a name QEMU does not know is fine (gone
-    with its parent, or never there).  What QEMU still has after: ``{node:
-    why}``.
-    """
-    why: dict[str, str] = {}
-    for node in names:
-        try:
-            await qmp.execute("blockdev-del", {"node-name": node})
-        except CommandError as err:
-            why[node] = err.desc
-    left = await _node_names(qmp)
-    return {n: why.get(n, "still there") for n in names if n in left}
-
-
 def block_attach(ts: Toolstack, name: str, spec: str, *,
                  create_size: str | None = None) -> DiskInfo:
     """Plug the disk xl disk ``spec`` describes into running domain ``name``.
@@ -183,27 +160,15 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
         if create and (create_size is None or target.startswith("/dev/")):
             raise UsageError(f"{where}: {target} does not exist (create it with "
                              "qemu-img, or pass --create-disks SIZE)")
-        proto, fmt = blockdev_nodes(disk, disk.vdev)
-        fmt["file"] = {k: v for k, v in proto.items()}
         stale = list((rec.extra.get(STALE_NODES) or {}).get(disk.vdev) or [])
-        nodes = [str(fmt["node-name"]), str(proto["node-name"])]
+        nodes = list(ts.backend.disk_parts(disk))
+        h = ts.handle(rec)
 
         async def go() -> None:
-            async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                await _finish_removal(qmp, where, disk.vdev, [*stale, *nodes])
-                try:
-                    await qmp.execute("blockdev-add", fmt)
-                except CommandError as err:
-                    raise BackendError(f"{where}: QEMU cannot open {target}: {err}") from err
-                faults.point("block-attach.node-added")
-                try:
-                    await qmp.execute("device_add", disk_device(disk))
-                    faults.point("block-attach.device-added")
-                except BaseException as err:
-                    await qmp.execute("blockdev-del", {"node-name": fmt["node-name"]})
-                    if isinstance(err, CommandError):
-                        raise BackendError(f"{where}: QEMU refused the device: {err}") from err
-                    raise
+            try:
+                await ts.backend.attach_disk(h, disk, stale)
+            except BackendError as err:
+                raise BackendError(f"{where}: {err}") from err
 
         # The job says what is about to be plugged and made: a killed attach
         # is finished (QEMU has the device) or undone by the next command.
@@ -247,18 +212,17 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
     disk = parse_disk(str(job.detail.get("spec", "")), source="interrupted block-attach")
     where = f"block-attach {rec.name}: disk {disk.vdev}"
     created = job.detail.get("created")
-    if rec.state == SHUTOFF or not is_alive(rec):
+    if rec.state == SHUTOFF or not ts.alive(rec):
         if isinstance(created, str):
             remove_own(created)
         return rec
+    h = ts.handle(rec)
 
     async def look() -> bool:
-        async with Qmp.open(ts.paths(rec).qmp) as qmp:
-            if disk.vdev in await qdev_ids(qmp):
-                return True
-            nodes = [str(n) for n in job.detail.get("nodes") or []]
-            await _release_nodes(qmp, [n for n in nodes if n in await _node_names(qmp)])
-            return False
+        if await ts.backend.has_disk(h, disk.vdev):
+            return True
+        await ts.backend.discard_disk(h, [str(n) for n in job.detail.get("nodes") or []])
+        return False
 
     if _run(look()):
         rec = _attached(ts, rec, disk)
@@ -269,27 +233,6 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
             remove_own(created)
         log.warning("%s: an attach killed before QEMU had the device is undone", where)
     return rec
-
-
-async def _finish_removal(qmp: Qmp, where: str, vdev: str, names: list[str]) -> None:
-    """Before ``vdev`` is attached: delete the nodes an earlier detach of it left.
-
-    :raise BackendError: QEMU still has a device ``vdev`` the record does not
-        list, or keeps an old node (it says why).
-    """
-    if vdev in await qdev_ids(qmp):
-        raise BackendError(f"{where}: QEMU still has a device {vdev} that the record does not "
-                           "list (an interrupted attach?); it must go first")
-    present = await _node_names(qmp)
-    old = [n for n in dict.fromkeys(names) if n in present]
-    if not old:
-        return
-    kept = await _release_nodes(qmp, old)
-    if kept:
-        raise BackendError(
-            f"{where}: QEMU keeps nodes of an earlier {vdev}: "
-            + "; ".join(f"{n}: {why}" for n, why in kept.items()))
-    log.info("%s: released the nodes an earlier detach left: %s", where, ", ".join(old))
 
 
 def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) -> DiskInfo:
@@ -320,41 +263,27 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
             raise StateError(f"{where}: snapshots {', '.join(used)} record it; delete them "
                              "first (reverting one would need the disk)")
 
-        pivoted = (rec.extra.get(DISK_NODES) or {}).get(vdev)
+        h = ts.handle(rec)
 
         async def unplug() -> list[str]:
-            """The device gone from QEMU (maybe by an earlier, timed-out detach); its nodes."""
-            async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                root: str | None = None
-                blocks = await qmp.execute("query-block")
-                qdevs = (vdev, f"/machine/peripheral/{vdev}/virtio-backend")
-                for b in blocks if isinstance(blocks, list) else []:
-                    if isinstance(b, dict) and b.get("qdev") in qdevs:
-                        root = (b.get("inserted") or {}).get("node-name")
-                try:
-                    await delete_device(qmp, vdev, timeout)
-                except CommandError as err:
-                    raise BackendError(f"{where}: QEMU refused: {err}") from err
-                except DeviceNotReleased as err:
-                    raise BackendError(
-                        f"{where}: the guest did not release it within {timeout:g} s "
-                        "(no PCI hotplug in the guest?); it stays in the record, and "
-                        "block-detach again finishes once the guest lets it go"
-                    ) from err
-                tops = (root, pivoted, f"{vdev}-fmt")
-                names = [x for t in tops if t for x in (t, f"{t}-file")]
-                return list(dict.fromkeys(names))
-
-        async def clean(names: list[str]) -> dict[str, str]:
-            async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                return await _release_nodes(qmp, names)
+            """The device gone (maybe by an earlier, timed-out detach); its parts."""
+            try:
+                return list(await ts.backend.detach_disk(h, vdev, timeout))
+            except DeviceNotReleased as err:
+                raise BackendError(
+                    f"{where}: the guest did not release it within {timeout:g} s "
+                    "(no PCI hotplug in the guest?); it stays in the record, and "
+                    "block-detach again finishes once the guest lets it go"
+                ) from err
+            except BackendError as err:
+                raise BackendError(f"{where}: {err}") from err
 
         with ts.job(rec, "block-detach", vdev=vdev) as rec:
             names = _run(unplug())
             faults.point("block-detach.unplugged")
             rec = _detached(ts, rec, vdev, names)
         try:
-            kept = _run(clean(names))
+            kept = _run(ts.backend.release_parts(h, names))
         except XenlabError as err:  # no QMP session: QEMU keeps them all, as far as we know
             kept = dict.fromkeys(names, str(err))
         pending = dict(rec.extra.get(STALE_NODES) or {})
@@ -372,20 +301,15 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
 
 def _recover_detach(ts: Toolstack, rec: DomainRecord, vdev: str) -> DomainRecord:
     """A killed block-detach: finished when the guest let the disk go (QEMU has no device)."""
-    if rec.state == SHUTOFF or not is_alive(rec):
+    if rec.state == SHUTOFF or not ts.alive(rec):
         return rec
     if vdev not in {d.vdev for d in block_list(ts, rec.name)}:
         return rec
-
-    async def present() -> bool:
-        async with Qmp.open(ts.paths(rec).qmp) as qmp:
-            return vdev in await qdev_ids(qmp)
-
-    if _run(present()):
-        return rec  # QEMU still has it: the record is true as it is
-    nodes = [n for t in (f"{vdev}-fmt", (rec.extra.get(DISK_NODES) or {}).get(vdev)) if t
-             for n in (t, f"{t}-file")]
-    rec = _detached(ts, rec, vdev, nodes)
+    h = ts.handle(rec)
+    if _run(ts.backend.has_disk(h, vdev)):
+        return rec  # the guest still has it: the record is true as it is
+    # The device is gone, so this detach only names what it left for clean-up.
+    rec = _detached(ts, rec, vdev, list(_run(ts.backend.detach_disk(h, vdev, 0.0))))
     log.warning("block-detach %s: a detach killed after the guest let %s go is finished; "
                 "the next block-attach of %s releases what QEMU keeps of it", rec.name, vdev,
                 vdev)
@@ -421,21 +345,16 @@ def _cdrom(ts: Toolstack, rec: DomainRecord, vdev: str, verb: str) -> tuple[list
                         f"{verb} {rec.name}: no cdrom {vdev} (the domain's cdroms: {cdroms})")
 
 
-def _set_medium(ts: Toolstack, name: str, vdev: str, verb: str, command: str,
-                args: dict[str, object], path: str | None, fmt: DiskFormat) -> DiskInfo:
-    """Run QMP ``command`` on cdrom drive ``vdev`` of running domain ``name``, then record
-    the drive's new medium (``path`` in format ``fmt``; None: empty)."""
+def _set_medium(ts: Toolstack, name: str, vdev: str, verb: str, path: str | None,
+                fmt: DiskFormat) -> DiskInfo:
+    """Put ``path`` (format ``fmt``; None: eject) in running domain ``name``'s cdrom drive
+    ``vdev``, then record the drive's new medium."""
     with ts.live(name) as rec:
         disks, i = _cdrom(ts, rec, vdev, verb)
-
-        async def go() -> None:
-            async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                try:
-                    await qmp.execute(command, args)
-                except CommandError as err:
-                    raise BackendError(f"{verb} {rec.name} {vdev}: {err}") from err
-
-        _run(go())
+        try:
+            _run(ts.backend.change_medium(ts.handle(rec), vdev, path, fmt))
+        except BackendError as err:
+            raise BackendError(f"{verb} {rec.name} {vdev}: {err}") from err
         disks[i] = replace(disks[i], pdev_path=path, format=fmt)
         rec = _keep(ts, rec, disks)
     return next(d for d in block_list(ts, rec.name) if d.vdev == vdev)
@@ -462,9 +381,7 @@ def cd_insert(ts: Toolstack, name: str, vdev: str, target: str, *,
     path = str(Path(target).resolve())
     # Every file QEMU would open through the medium is checked first, as at create.
     check_disk_image(path, disk_format, allowed_backing_dirs(path))
-    return _set_medium(ts, name, vdev, "cd-insert", "blockdev-change-medium",
-                       {"id": vdev, "filename": path, "format": driver(disk_format),
-                        "read-only-mode": "read-only"}, path, disk_format)
+    return _set_medium(ts, name, vdev, "cd-insert", path, disk_format)
 
 
 def cd_eject(ts: Toolstack, name: str, vdev: str) -> DiskInfo:
@@ -473,5 +390,4 @@ def cd_eject(ts: Toolstack, name: str, vdev: str) -> DiskInfo:
     CLI: ``xenlab vm cd-eject DOM VDEV``, as ``xl cd-eject`` (forced: a guest
     that locked the tray does not keep the medium).
     """
-    return _set_medium(ts, name, vdev, "cd-eject", "eject", {"id": vdev, "force": True},
-                       None, DiskFormat.EMPTY)
+    return _set_medium(ts, name, vdev, "cd-eject", None, DiskFormat.EMPTY)

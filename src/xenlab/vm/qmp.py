@@ -49,7 +49,7 @@ from qemu.qmp import (
 from qemu.qmp import QMPError as _LibError
 from qemu.qmp.qmp_client import NegotiationError
 
-from xenlab.errors import BackendError
+from xenlab.errors import BackendError, DeviceNotReleased
 
 __all__ = [
     "CommandError",
@@ -88,15 +88,6 @@ class CommandError(BackendError):
         self.error_class = error_class
         self.desc = desc
         super().__init__(f"{where} {command}: {error_class}: {desc}")
-
-
-class DeviceNotReleased(BackendError):
-    """The guest did not let device ``device_id`` go within ``timeout`` seconds."""
-
-    def __init__(self, device_id: str, timeout: float) -> None:
-        self.device_id = device_id
-        self.timeout = timeout
-        super().__init__(f"the guest did not release device {device_id} within {timeout:g} s")
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

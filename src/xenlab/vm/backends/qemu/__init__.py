@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from xenlab.config.model import DomainConfig
+from xenlab.config.specs.disk import DiskFormat, DiskSpec
 from xenlab.errors import BackendError, StateError
 from xenlab.vm.accel import Accel, probe_accel
 from xenlab.vm.backend import (
@@ -34,9 +35,9 @@ from xenlab.vm.backend import (
     VcpuReport,
     VcpuState,
 )
-from xenlab.vm.backends.qemu import memory, vcpus
+from xenlab.vm.backends.qemu import devices, memory, vcpus
 from xenlab.vm.qemu import RuntimePaths, balloon_target_mib, needs_image, qemu_argv
-from xenlab.vm.qmp import GuestAgent, Qmp
+from xenlab.vm.qmp import GuestAgent, Qmp, qdev_ids
 from xenlab.vm.rundir import (
     checked_rundir,
     default_rundir,
@@ -45,7 +46,7 @@ from xenlab.vm.rundir import (
     read_pid,
     wait_gone,
 )
-from xenlab.vm.runtime import QEMU_NAME
+from xenlab.vm.runtime import DISK_NODES, QEMU_NAME
 from xenlab.vm.store import DomainRecord, is_domain_qemu
 
 __all__ = ["QemuBackend"]
@@ -80,7 +81,8 @@ class QemuBackend:
 
     def handle_of(self, rec: DomainRecord) -> DomainHandle:
         return DomainHandle(NAME, {"domid": rec.domid, "name": rec.name, "pid": rec.pid,
-                                   "rundir": rec.rundir, QEMU_NAME: rec.extra.get(QEMU_NAME)})
+                                   "rundir": rec.rundir, QEMU_NAME: rec.extra.get(QEMU_NAME),
+                                   DISK_NODES: dict(rec.extra.get(DISK_NODES) or {})})
 
     def _probe_record(self, h: DomainHandle) -> DomainRecord:
         # What is_domain_qemu reads: the pid, the run directory and the names.
@@ -249,6 +251,38 @@ class QemuBackend:
                         ) -> dict[int, frozenset[int]]:
         async with Qmp.open(self.paths(h).qmp) as qmp:
             return await vcpus.pin(qmp, str(h.ref["name"]), vcpu, cpus)
+
+    # -- devices ---------------------------------------------------------------------------
+
+    def disk_parts(self, disk: DiskSpec) -> tuple[str, ...]:
+        return devices.disk_parts(disk)
+
+    async def attach_disk(self, h: DomainHandle, disk: DiskSpec, leftovers: Sequence[str]
+                          ) -> None:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            await devices.attach_disk(qmp, disk, leftovers)
+
+    async def detach_disk(self, h: DomainHandle, vdev: str, timeout: float) -> tuple[str, ...]:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            return await devices.detach_disk(qmp, vdev, devices.nodes_of(h.ref, vdev), timeout)
+
+    async def release_parts(self, h: DomainHandle, parts: Sequence[str]) -> dict[str, str]:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            return await devices.release_nodes(qmp, parts)
+
+    async def has_disk(self, h: DomainHandle, vdev: str) -> bool:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            return vdev in await qdev_ids(qmp)
+
+    async def discard_disk(self, h: DomainHandle, parts: Sequence[str]) -> None:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            present = await devices.node_names(qmp)
+            await devices.release_nodes(qmp, [n for n in parts if n in present])
+
+    async def change_medium(self, h: DomainHandle, vdev: str, path: str | None,
+                            fmt: DiskFormat) -> None:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            await devices.change_medium(qmp, vdev, path, fmt)
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:
         paths = self.paths_or_none(h)

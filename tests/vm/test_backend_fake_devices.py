@@ -1,0 +1,164 @@
+"""Disk verbs over the in-memory backend: block-attach/-detach, cd-insert/-eject and their
+recovery run their record, job and lock logic through the Backend protocol alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.vm.fakebackend import FakeBackend
+from xenlab.errors import BackendError, ConflictError, NotFoundError, UsageError
+from xenlab.vm.disks import block_attach, block_detach, block_list, cd_eject, cd_insert
+from xenlab.vm.domain import Toolstack
+from xenlab.vm.jobs import Job
+from xenlab.vm.runtime import JOB, STALE_NODES, Runtime
+from xenlab.vm.store import DomainRecord
+
+
+@pytest.fixture
+def fake() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def ts(tmp_path: Path, fake: FakeBackend) -> Toolstack:
+    return Toolstack(tmp_path / "state", backend=fake)
+
+
+def _running(ts: Toolstack, name: str, extra_lines: str = "") -> DomainRecord:
+    cfg = ts.state_dir.parent / f"{name}.cfg"
+    cfg.write_text(f'name = "{name}"\ntype = "hvm"\nmemory = 64\n{extra_lines}')
+    return ts.create(cfg)
+
+
+def _image(tmp_path: Path, name: str) -> str:
+    path = tmp_path / name
+    path.write_bytes(b"\0" * 65536)
+    return str(path)
+
+
+def _vdevs(ts: Toolstack, name: str) -> list[str]:
+    return [d.vdev for d in block_list(ts, name)]
+
+
+def test_attach_and_detach_follow_the_backend(ts: Toolstack, fake: FakeBackend,
+                                              tmp_path: Path) -> None:
+    rec = _running(ts, "a")
+    data = _image(tmp_path, "data.img")
+    info = block_attach(ts, "a", f"format=raw,vdev=xvdb,access=rw,target={data}")
+    assert (info.vdev, info.file, info.slot) == ("xvdb", data, 0x09)
+    assert fake.world[rec.uuid].disks == {"xvdb": data}
+    assert _vdevs(ts, "a") == ["xvdb"] and JOB not in ts.get("a").extra
+    # The record's disk list survives as xl config (a restart gets the disk).
+    assert f"target={data}" in ts.get("a").config_text
+
+    with pytest.raises(ConflictError):
+        block_attach(ts, "a", f"format=raw,vdev=xvdb,access=rw,target={data}")
+    assert [c for c in fake.calls if c[0] == "attach_disk"] == [("attach_disk", rec.uuid)]
+
+    gone = block_detach(ts, "a", "xvdb")
+    assert gone.vdev == "xvdb" and fake.world[rec.uuid].disks == {}
+    assert fake.world[rec.uuid].parts == set()  # released
+    assert _vdevs(ts, "a") == [] and STALE_NODES not in ts.get("a").extra
+    with pytest.raises(NotFoundError):
+        block_detach(ts, "a", "xvdb")
+
+
+def test_a_refused_attach_keeps_nothing(ts: Toolstack, fake: FakeBackend,
+                                        tmp_path: Path) -> None:
+    rec = _running(ts, "a")
+    fake.refuse = "no room on the bus"
+    target = tmp_path / "new.qcow2"
+    with pytest.raises(BackendError, match="block-attach a: disk xvdc: fake refused the disk"):
+        block_attach(ts, "a", f"format=qcow2,vdev=xvdc,access=rw,target={target}",
+                     create_size="16M")
+    assert not target.exists()  # the image it made for the disk is gone again
+    assert _vdevs(ts, "a") == [] and fake.world[rec.uuid].disks == {}
+    assert JOB not in ts.get("a").extra
+    with pytest.raises(UsageError, match="only virtio disks"):
+        block_attach(ts, "a", f"format=raw,vdev=hdb,access=rw,target={target}")
+
+
+def test_a_guest_that_keeps_the_disk_keeps_it_in_the_record(ts: Toolstack, fake: FakeBackend,
+                                                            tmp_path: Path) -> None:
+    rec = _running(ts, "a")
+    block_attach(ts, "a", f"format=raw,vdev=xvdb,access=rw,target={_image(tmp_path, 'd')}")
+    fake.clingy = True
+    with pytest.raises(BackendError, match="did not release it within 0 s"):
+        block_detach(ts, "a", "xvdb", timeout=0)
+    assert _vdevs(ts, "a") == ["xvdb"] and "xvdb" in fake.world[rec.uuid].disks
+    fake.clingy = False  # the guest lets go: detach again finishes
+    block_detach(ts, "a", "xvdb")
+    assert _vdevs(ts, "a") == []
+
+
+def test_parts_the_backend_keeps_wait_for_the_next_attach(ts: Toolstack, fake: FakeBackend,
+                                                           tmp_path: Path) -> None:
+    rec = _running(ts, "a")
+    disk = f"format=raw,vdev=xvdb,access=rw,target={_image(tmp_path, 'd')}"
+    block_attach(ts, "a", disk)
+    fake.sticky = True
+    block_detach(ts, "a", "xvdb")  # detached; the clean-up fails and is recorded
+    assert _vdevs(ts, "a") == []
+    assert Runtime.of(ts.get("a")).stale_nodes == {"xvdb": ("xvdb-part",)}
+    with pytest.raises(BackendError, match="fake keeps parts of an earlier xvdb"):
+        block_attach(ts, "a", disk)
+    fake.sticky = False
+    block_attach(ts, "a", disk)  # the leftovers go first, then the disk
+    assert STALE_NODES not in ts.get("a").extra and fake.world[rec.uuid].parts == set()
+
+
+def test_a_killed_attach_is_finished_or_undone(ts: Toolstack, fake: FakeBackend,
+                                               tmp_path: Path) -> None:
+    rec = _running(ts, "a")
+    data = _image(tmp_path, "d")
+    spec = f"format=raw,vdev=xvdb,access=rw,target={data}"
+    # Killed after the backend had the device, before the record said so: finished.
+    fake.world[rec.uuid].disks["xvdb"] = data
+    ts.store.patch(rec.domid, extra_set={JOB: Job("block-attach", 1, 0, {
+        "spec": spec, "nodes": ["xvdb-part"], "created": None}).to_json()})
+    assert _vdevs(ts, "a") == []  # block-list reads the record; converge is the next verb's
+    ts.pause("a")
+    assert _vdevs(ts, "a") == ["xvdb"] and JOB not in ts.get("a").extra
+
+    # Killed before the backend had the device: its parts and the image it made go.
+    made = _image(tmp_path, "made.img")
+    fake.world[rec.uuid].parts.add("xvdc-part")
+    ts.store.patch(rec.domid, extra_set={JOB: Job("block-attach", 1, 0, {
+        "spec": f"format=raw,vdev=xvdc,access=rw,target={made}", "nodes": ["xvdc-part"],
+        "created": made}).to_json()})
+    ts.unpause("a")
+    assert _vdevs(ts, "a") == ["xvdb"] and not Path(made).exists()
+    assert fake.world[rec.uuid].parts == set() and ("discard_disk", rec.uuid) in fake.calls
+
+
+def test_a_killed_detach_is_finished_when_the_guest_let_go(ts: Toolstack, fake: FakeBackend,
+                                                            tmp_path: Path) -> None:
+    rec = _running(ts, "a")
+    block_attach(ts, "a", f"format=raw,vdev=xvdb,access=rw,target={_image(tmp_path, 'd')}")
+    block_attach(ts, "a", f"format=raw,vdev=xvdc,access=rw,target={_image(tmp_path, 'e')}")
+    del fake.world[rec.uuid].disks["xvdb"]  # the guest let xvdb go; the verb was killed
+    ts.store.patch(rec.domid, extra_set={JOB: Job("block-detach", 1, 0,
+                                                  {"vdev": "xvdb"}).to_json()})
+    ts.pause("a")
+    assert _vdevs(ts, "a") == ["xvdc"]
+    assert Runtime.of(ts.get("a")).stale_nodes == {"xvdb": ("xvdb-part",)}
+    # Killed while the guest still has it: the record is true as it is.
+    ts.store.patch(rec.domid, extra_set={JOB: Job("block-detach", 1, 0,
+                                                  {"vdev": "xvdc"}).to_json()})
+    ts.unpause("a")
+    assert _vdevs(ts, "a") == ["xvdc"] and JOB not in ts.get("a").extra
+
+
+def test_cd_insert_and_eject(ts: Toolstack, fake: FakeBackend, tmp_path: Path) -> None:
+    rec = _running(ts, "a", 'disk = [ ",raw,hdc,cdrom" ]\n')
+    iso = _image(tmp_path, "install.iso")
+    info = cd_insert(ts, "a", "hdc", iso)
+    assert (info.vdev, info.file, info.device) == ("hdc", iso, "ide-cd")
+    assert fake.world[rec.uuid].disks["hdc"] == iso
+    assert cd_eject(ts, "a", "hdc").file is None and fake.world[rec.uuid].disks["hdc"] is None
+    with pytest.raises(NotFoundError, match="no cdrom hdd"):
+        cd_insert(ts, "a", "hdd", iso)
+    with pytest.raises(UsageError, match="does not exist"):
+        cd_insert(ts, "a", "hdc", str(tmp_path / "missing.iso"))
