@@ -22,10 +22,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Self
 
 
 class XenlabError(Exception):
     """Root of every error xenlab raises on purpose."""
+
+    def within(self, where: str) -> Self:
+        """This error, its message prefixed with ``where`` (the verb and the object it
+        was working on); its class and fields stay, so callers can still tell it apart."""
+        self.args = (f"{where}: {self}",)
+        return self
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,14 +14,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from xenlab import hotplug
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat, DiskSpec
+from xenlab.config.specs.vif import VifSpec
 from xenlab.errors import BackendError, DeviceNotReleased, NotFoundError, Refused, UsageError
 from xenlab.vm.backend import (
     Capabilities,
     DomainHandle,
     ExitReason,
     MemoryReport,
+    NicAttached,
+    NicReleased,
+    Note,
     Presence,
     Started,
     StartSpec,
@@ -43,6 +48,7 @@ class FakeDomain:
     pins: dict[int, frozenset[int]] = field(default_factory=dict)
     disks: dict[str, str | None] = field(default_factory=dict)  # vdev -> file (cdrom: medium)
     parts: set[str] = field(default_factory=set)  # parts of disks that are not released
+    nics: set[int] = field(default_factory=set)  # devids the guest has
 
 
 @dataclass
@@ -57,6 +63,7 @@ class FakeBackend:
     agent: bool = True  # the guests' agents answer
     clingy: bool = False  # the guests never let a device go
     sticky: bool = False  # parts of removed disks are never released
+    ends_up: set[str] = field(default_factory=set)  # host ends (NIC bridges) that are up
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def vanish(self, uuid: str, exit: ExitReason | None = None) -> None:
@@ -87,7 +94,8 @@ class FakeBackend:
         size = spec.config.maxmem_mib
         self.world[str(h.ref["uuid"])] = FakeDomain(
             state, started_mib=size, memory_mib=size, maxvcpus=spec.config.maxvcpus,
-            online=spec.config.vcpus, disks={d.vdev: d.pdev_path for d in spec.config.disks})
+            online=spec.config.vcpus, disks={d.vdev: d.pdev_path for d in spec.config.disks},
+            nics={v.devid if v.devid is not None else i for i, v in enumerate(spec.config.vifs)})
         return Started({}, state)
 
     def handle_of(self, rec: DomainRecord) -> DomainHandle:
@@ -226,6 +234,53 @@ class FakeBackend:
         if vdev not in dom.disks:
             raise Refused("change_medium", "no drive", f"fake: no drive {vdev}")
         dom.disks[vdev] = path
+
+    async def attach_nic(self, h: DomainHandle, config: DomainConfig, spec: VifSpec,
+                         leftovers: Sequence[Mapping[str, Any]], note: Note) -> NicAttached:
+        dom = self._dom(h, "attach_nic")
+        assert spec.devid is not None and spec.mac is not None  # the verb pins them
+        if spec.devid in dom.nics:
+            raise BackendError(f"fake: a NIC {spec.devid} is there already")
+        cleared = []
+        for old in leftovers:
+            self.ends_up.discard(str(old["vifname"]))
+            cleared.append(old)
+        end: dict[str, Any] | None = None
+        if spec.bridge is not None:
+            end = hotplug.vif_to_json(hotplug.Vif(0, spec.devid, f"fk{str(h.ref['uuid'])[:6]}."
+                                                  f"{spec.devid}", bridge=spec.bridge))
+            self.ends_up.add(str(end["vifname"]))
+            note({"vif": end})
+        if self.refuse is not None:
+            if end is not None:
+                self.ends_up.discard(str(end["vifname"]))
+            raise Refused("attach", self.refuse, f"fake refused the NIC: {self.refuse}")
+        dom.nics.add(spec.devid)
+        return NicAttached(end, tuple(cleared))
+
+    async def detach_nic(self, h: DomainHandle, devid: int, timeout: float) -> None:
+        dom = self._dom(h, "detach_nic")
+        if devid in dom.nics and self.clingy:
+            raise DeviceNotReleased(f"vif{devid}", timeout)
+        dom.nics.discard(devid)
+
+    async def release_nic(self, h: DomainHandle, devid: int,
+                          host_ends: Sequence[Mapping[str, Any]]) -> NicReleased:
+        self._dom(h, "release_nic")
+        if self.sticky:
+            return NicReleased((), tuple(f"{e['vifname']} is busy" for e in host_ends))
+        for end in host_ends:
+            self.ends_up.discard(str(end["vifname"]))
+        return NicReleased(tuple(host_ends), ())
+
+    async def has_nic(self, h: DomainHandle, devid: int) -> bool:
+        return devid in self._dom(h, "has_nic").nics
+
+    async def discard_nic(self, h: DomainHandle, devid: int,
+                          host_end: Mapping[str, Any] | None) -> None:
+        self._dom(h, "discard_nic")
+        if host_end is not None:
+            self.ends_up.discard(str(host_end["vifname"]))
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:
         dom = self.world.get(str(h.ref["uuid"]))

@@ -1,5 +1,6 @@
-"""Disk verbs over the in-memory backend: block-attach/-detach, cd-insert/-eject and their
-recovery run their record, job and lock logic through the Backend protocol alone."""
+"""Device verbs over the in-memory backend: block-attach/-detach, cd-insert/-eject,
+network-attach/-detach and their recovery run their record, job and lock logic through
+the Backend protocol alone."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from tests.vm.fakebackend import FakeBackend
+from xenlab import hotplug
 from xenlab.errors import BackendError, ConflictError, NotFoundError, UsageError
 from xenlab.vm.disks import block_attach, block_detach, block_list, cd_eject, cd_insert
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.jobs import Job
-from xenlab.vm.runtime import JOB, STALE_NODES, Runtime
+from xenlab.vm.network import network_attach, network_detach, network_list
+from xenlab.vm.runtime import JOB, STALE_NODES, VIFS, Runtime
 from xenlab.vm.store import DomainRecord
 
 
@@ -162,3 +165,87 @@ def test_cd_insert_and_eject(ts: Toolstack, fake: FakeBackend, tmp_path: Path) -
         cd_insert(ts, "a", "hdd", iso)
     with pytest.raises(UsageError, match="does not exist"):
         cd_insert(ts, "a", "hdc", str(tmp_path / "missing.iso"))
+
+
+def _devids(ts: Toolstack, name: str) -> list[int]:
+    return [n.devid for n in network_list(ts, name)]
+
+
+def test_network_attach_and_detach_follow_the_backend(ts: Toolstack,
+                                                      fake: FakeBackend) -> None:
+    rec = _running(ts, "a", 'vif = [ "" ]\n')
+    assert fake.world[rec.uuid].nics == {0}
+    info = network_attach(ts, "a", ["bridge=xenbr9"])
+    assert (info.devid, info.bridge) == (1, "xenbr9")
+    assert fake.world[rec.uuid].nics == {0, 1} and _devids(ts, "a") == [0, 1]
+    (end,) = Runtime.of(ts.get("a")).vifs  # the host end the backend brought up is recorded
+    assert end["devid"] == 1 and end["vifname"] in fake.ends_up
+    assert JOB not in ts.get("a").extra
+    with pytest.raises(ConflictError, match="devid 1 is taken"):
+        network_attach(ts, "a", ["devid=1"])
+    with pytest.raises(ConflictError, match="MAC"):
+        network_attach(ts, "a", [f"mac={info.mac}"])
+
+    assert network_detach(ts, "a", "1").devid == 1
+    assert fake.world[rec.uuid].nics == {0} and fake.ends_up == set()
+    assert _devids(ts, "a") == [0] and VIFS not in ts.get("a").extra
+    assert network_detach(ts, "a", "0").devid == 0
+    assert _devids(ts, "a") == []
+    with pytest.raises(NotFoundError):
+        network_detach(ts, "a", "0")
+
+
+def test_a_refused_nic_leaves_no_host_end(ts: Toolstack, fake: FakeBackend) -> None:
+    rec = _running(ts, "a")
+    fake.refuse = "no slot"
+    with pytest.raises(BackendError, match="network-attach a: fake refused the NIC: no slot"):
+        network_attach(ts, "a", ["bridge=xenbr9"])
+    assert fake.world[rec.uuid].nics == set() and fake.ends_up == set()
+    assert _devids(ts, "a") == [] and JOB not in ts.get("a").extra
+
+
+def test_a_nic_the_guest_keeps_and_a_host_end_that_will_not_go(ts: Toolstack,
+                                                               fake: FakeBackend) -> None:
+    rec = _running(ts, "a")
+    network_attach(ts, "a", ["bridge=xenbr9"])
+    fake.clingy = True
+    with pytest.raises(BackendError, match="did not release vif 0 within 0 s"):
+        network_detach(ts, "a", "0", timeout=0)
+    assert _devids(ts, "a") == [0] and fake.world[rec.uuid].nics == {0}
+    fake.clingy, fake.sticky = False, True
+    network_detach(ts, "a", "0")  # detached; taking its host end down fails
+    assert _devids(ts, "a") == []
+    (left,) = Runtime.of(ts.get("a")).vifs  # kept for the next attach to take down
+    assert left["vifname"] in fake.ends_up
+    fake.sticky = False
+    network_attach(ts, "a", ["bridge=xenbr9"])
+    (now,) = Runtime.of(ts.get("a")).vifs
+    assert fake.ends_up == {now["vifname"]}  # the old end went first; only the new is up
+
+
+def test_a_killed_network_attach_or_detach_converges(ts: Toolstack,
+                                                     fake: FakeBackend) -> None:
+    rec = _running(ts, "a")
+    # An attach killed after the backend had the NIC and its host end: finished.
+    end = hotplug.vif_to_json(hotplug.Vif(rec.domid, 0, "fkend.0", bridge="xenbr9"))
+    fake.world[rec.uuid].nics.add(0)
+    fake.ends_up.add("fkend.0")
+    spec = "bridge=xenbr9,devid=0,mac=00:16:3e:00:00:10"
+    ts.store.patch(rec.domid, extra_set={JOB: Job("network-attach", 1, 0, {
+        "spec": spec, "vif": end}).to_json()})
+    ts.pause("a")
+    assert _devids(ts, "a") == [0] and Runtime.of(ts.get("a")).vifs == (end,)
+    # One killed before the guest had it: the host end it brought up goes.
+    fake.ends_up.add("fkend.1")
+    end1 = hotplug.vif_to_json(hotplug.Vif(rec.domid, 1, "fkend.1", bridge="xenbr9"))
+    ts.store.patch(rec.domid, extra_set={JOB: Job("network-attach", 1, 0, {
+        "spec": "bridge=xenbr9,devid=1,mac=00:16:3e:00:00:11", "vif": end1}).to_json()})
+    ts.unpause("a")
+    assert _devids(ts, "a") == [0] and fake.ends_up == {"fkend.0"}
+    assert ("discard_nic", rec.uuid) in fake.calls
+    # A detach killed after the guest let the NIC go: the record drops it.
+    fake.world[rec.uuid].nics.discard(0)
+    ts.store.patch(rec.domid, extra_set={JOB: Job("network-detach", 1, 0,
+                                                  {"devid": 0}).to_json()})
+    ts.pause("a")
+    assert _devids(ts, "a") == [] and JOB not in ts.get("a").extra

@@ -13,13 +13,14 @@ module imports no backend.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Protocol
 
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat, DiskSpec
+from xenlab.config.specs.vif import VifSpec
 from xenlab.errors import StateError, XenlabError
 from xenlab.vm.store import DomainRecord
 
@@ -29,6 +30,9 @@ __all__ = [
     "DomainHandle",
     "ExitReason",
     "MemoryReport",
+    "NicAttached",
+    "NicReleased",
+    "Note",
     "Presence",
     "StartSpec",
     "Started",
@@ -153,6 +157,29 @@ class Capabilities:
         if not getattr(self, flag):
             raise Unsupported(backend, flag, f"{what}: the {backend} backend cannot do it "
                                              f"({flag.replace('_', ' ')})")
+
+
+# How a backend puts a recovery fact into the verb's job before a step a kill must not
+# lose (the host end of a NIC it brought up): Toolstack.update_job.
+Note = Callable[[Mapping[str, Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class NicAttached:
+    """What a NIC attach made: its host end (``xenlab.hotplug.vif_to_json``, what Xen's vif
+    scripts are given; None when it has none) and the host ends of earlier, gone NICs it
+    took down on the way.  The verbs keep host ends in the record (``runtime.VIFS``)."""
+
+    host_end: Mapping[str, Any] | None
+    cleared: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NicReleased:
+    """What the clean-up after a NIC detach did: host ends taken down, and what failed."""
+
+    offlined: tuple[Mapping[str, Any], ...] = ()
+    problems: tuple[str, ...] = ()
 
 
 class Unsupported(XenlabError):
@@ -314,6 +341,32 @@ class Backend(Protocol):
     async def change_medium(self, h: DomainHandle, vdev: str, path: str | None,
                             fmt: DiskFormat) -> None:
         """Put ``path`` (format ``fmt``) in cdrom drive ``vdev``; None ejects (forced)."""
+        ...
+
+    async def attach_nic(self, h: DomainHandle, config: DomainConfig, spec: VifSpec,
+                         leftovers: Sequence[Mapping[str, Any]], note: Note) -> NicAttached:
+        """Plug the NIC ``spec`` describes (its devid and MAC set) into the running guest
+        of ``config``; ``leftovers`` are host ends of gone NICs to take down first.  A host
+        end it brings up is given to ``note`` at once; on failure nothing is kept."""
+        ...
+
+    async def detach_nic(self, h: DomainHandle, devid: int, timeout: float) -> None:
+        """Have the guest let NIC ``devid`` go (gone already is fine).
+        :raise DeviceNotReleased: after ``timeout`` s."""
+        ...
+
+    async def release_nic(self, h: DomainHandle, devid: int,
+                          host_ends: Sequence[Mapping[str, Any]]) -> NicReleased:
+        """After a detach: free what NIC ``devid`` used and take ``host_ends`` down."""
+        ...
+
+    async def has_nic(self, h: DomainHandle, devid: int) -> bool:
+        """True while the guest has NIC ``devid`` (the truth a recovery reads)."""
+        ...
+
+    async def discard_nic(self, h: DomainHandle, devid: int,
+                          host_end: Mapping[str, Any] | None) -> None:
+        """Undo what a killed attach of NIC ``devid`` made (the guest has no such NIC)."""
         ...
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:

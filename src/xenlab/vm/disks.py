@@ -168,7 +168,8 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
             try:
                 await ts.backend.attach_disk(h, disk, stale)
             except BackendError as err:
-                raise BackendError(f"{where}: {err}") from err
+                err.within(where)
+                raise
 
         # The job says what is about to be plugged and made: a killed attach
         # is finished (QEMU has the device) or undone by the next command.
@@ -276,7 +277,8 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
                     "block-detach again finishes once the guest lets it go"
                 ) from err
             except BackendError as err:
-                raise BackendError(f"{where}: {err}") from err
+                err.within(where)
+                raise
 
         with ts.job(rec, "block-detach", vdev=vdev) as rec:
             names = _run(unplug())
@@ -354,7 +356,8 @@ def _set_medium(ts: Toolstack, name: str, vdev: str, verb: str, path: str | None
         try:
             _run(ts.backend.change_medium(ts.handle(rec), vdev, path, fmt))
         except BackendError as err:
-            raise BackendError(f"{verb} {rec.name} {vdev}: {err}") from err
+            err.within(f"{verb} {rec.name} {vdev}")
+            raise
         disks[i] = replace(disks[i], pdev_path=path, format=fmt)
         rec = _keep(ts, rec, disks)
     return next(d for d in block_list(ts, rec.name) if d.vdev == vdev)

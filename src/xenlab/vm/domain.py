@@ -45,6 +45,7 @@ from xenlab.vm.backend import (
     check_backend,
 )
 from xenlab.vm.backends.qemu import QemuBackend, status_at
+from xenlab.vm.backends.qemu.nics import host_vif
 from xenlab.vm.domconfig import (
     absolute_paths,
     check_domain_name,
@@ -352,20 +353,9 @@ class Toolstack:
         self.gone(rec)
 
     def host_vif(self, rec: DomainRecord, nic: Nic, *, name: str | None = None) -> hotplug.Vif:
-        """The hotplug description of ``nic``'s host end in domain ``rec``.
-
-        The tap is named ``vifname=`` when the config gives one, else like
-        Xen's backend, ``vif<domid>.<devid>``; a vif with a bridge and no
-        script gets Xen's default script, vif-bridge.
-        """
-        spec = nic.spec
-        return hotplug.Vif(
-            domid=rec.domid, devid=nic.devid,
-            vifname=spec.ifname or hotplug.default_vifname(rec.domid, nic.devid),
-            script=spec.script or hotplug.DEFAULT_VIF_SCRIPT, bridge=spec.bridge,
-            mac=nic.mac, mtu=spec.mtu, ip=spec.ip, gatewaydev=spec.gatewaydev,
-            domname=name or rec.name,
-        )
+        """The hotplug description of ``nic``'s host end in domain ``rec`` (QEMU's naming:
+        ``vifname=``, else ``vif<domid>.<devid>`` as Xen's backend)."""
+        return host_vif(rec.domid, name or rec.name, nic)
 
     def _vifs_online(self, rec: DomainRecord, dc: DomainConfig, *, fresh: bool
                      ) -> tuple[DomainRecord, dict[int, str]]:

@@ -25,23 +25,22 @@ the record; run again after the guest let go, it only cleans up.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from xenlab import faults, hotplug
 from xenlab.config.specs.vif import VifSpec, format_vif, parse_vif
-from xenlab.errors import BackendError, ConflictError, NotFoundError
+from xenlab.errors import BackendError, ConflictError, DeviceNotReleased, NotFoundError
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import config_from_text, vif_line
 from xenlab.vm.jobs import Job
 from xenlab.vm.qemu import Nic, nic, nics
-from xenlab.vm.qmp import CommandError, DeviceNotReleased, Qmp, delete_device, qdev_ids
 from xenlab.vm.qmp import run as _run
 from xenlab.vm.runtime import VIF_SPECS, VIFS
-from xenlab.vm.store import DomainRecord, is_alive
+from xenlab.vm.store import DomainRecord
 
 __all__ = ["NicInfo", "network_attach", "network_detach", "network_list"]
 
@@ -153,61 +152,24 @@ def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
                 raise ConflictError(
                     "vif", str(new.mac),
                     f"network-attach {rec.name}: MAC {new.mac} is vif {n.devid}'s already")
-        up: hotplug.Vif | None = None
         live = {n.devid for n in current}
         stale = [obj for obj in rec.extra.get(VIFS) or []
                  if hotplug.vif_from_json(obj).devid not in live]
-        cleared: list[dict[str, Any]] = []
+        h = ts.handle(rec)
 
-        async def finish_removals() -> None:
-            """What earlier detaches left: a netdev of this devid, host ends of gone NICs."""
-            async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                if new.device_id in await qdev_ids(qmp):
-                    raise BackendError(
-                        f"network-attach {rec.name}: QEMU still has a device {new.device_id} "
-                        "that the record does not list (an interrupted attach?); it must go "
-                        "first")
-                # The record lists no vif of this devid: a netdev of its id is a leftover.
-                with contextlib.suppress(CommandError):
-                    await qmp.execute("netdev_del", {"id": new.netdev_id})
-            for obj in stale:
-                try:
-                    await hotplug.offline(hotplug.vif_from_json(obj))
-                    cleared.append(obj)
-                except hotplug.HotplugError as err:
-                    log.warning("network-attach %s: an earlier host end: %s", rec.name, err)
-
-        async def go() -> hotplug.Vif | None:
-            await finish_removals()
-            vif = None
-            if new.tap:
-                vif = await hotplug.online(ts.host_vif(rec, new),
-                                           rename_if_taken=not new.spec.ifname)
-                # The tap is up: a kill from here on must find it (recover_job).
-                ts.update_job(rec.domid, vif=hotplug.vif_to_json(vif))
-            faults.point("network-attach.host-end")
-            added_netdev = False
-            try:
-                async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                    await qmp.execute("netdev_add", new.netdev(vif.vifname if vif else None))
-                    added_netdev = True
-                    faults.point("network-attach.netdev-added")
-                    await qmp.execute("device_add", new.device())
-                    faults.point("network-attach.device-added")
-            except BaseException:
-                if added_netdev:
-                    async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                        await qmp.execute("netdev_del", {"id": new.netdev_id})
-                if vif is not None:
-                    await hotplug.offline(vif)
-                raise
-            return vif
+        def note(fact: Mapping[str, Any]) -> None:
+            ts.update_job(rec.domid, **fact)
 
         with ts.job(rec, "network-attach", spec=format_vif(_pinned(new))) as rec:
-            up = _run(go())
-            vifs = [obj for obj in rec.extra.get(VIFS) or [] if obj not in cleared]
-            if up is not None:
-                vifs.append(hotplug.vif_to_json(up))
+            try:
+                made = _run(ts.backend.attach_nic(h, replace(dc, uuid=rec.uuid), _pinned(new),
+                                                  stale, note))
+            except BackendError as err:
+                err.within(f"network-attach {rec.name}")
+                raise
+            vifs = [obj for obj in rec.extra.get(VIFS) or [] if obj not in made.cleared]
+            if made.host_end is not None:
+                vifs.append(dict(made.host_end))
             rec = _keep(ts, rec, [_pinned(n) for n in (*current, new)], vifs)
     return _info(new, _taps(rec))
 
@@ -242,56 +204,37 @@ def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.
         gone = _find(rec, current, which)
         taps = _taps(rec)
 
-        async def unplug() -> None:
-            async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                try:
-                    await delete_device(qmp, gone.device_id, timeout)
-                except CommandError as err:
-                    raise BackendError(
-                        f"network-detach {rec.name}: QEMU refused to remove vif "
-                        f"{gone.devid}: {err}") from err
-                except DeviceNotReleased as err:
-                    raise BackendError(
-                        f"network-detach {rec.name}: the guest did not release vif "
-                        f"{gone.devid} within {timeout:g} s (no ACPI hotplug in the "
-                        "guest?); it stays in the record, and network-detach again "
-                        "finishes once the guest lets it go"
-                    ) from err
-
+        h = ts.handle(rec)
         ends = [obj for obj in rec.extra.get(VIFS) or []
                 if hotplug.vif_from_json(obj).devid == gone.devid]
-        problems: list[str] = []
-        offlined: list[dict[str, Any]] = []
-
-        async def clean() -> None:
-            try:
-                async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                    await qmp.execute("netdev_del", {"id": gone.netdev_id})
-            except BackendError as err:
-                problems.append(f"netdev {gone.netdev_id}: {err}")
-            for obj in ends:
-                try:
-                    await hotplug.offline(hotplug.vif_from_json(obj))
-                    offlined.append(obj)
-                except hotplug.HotplugError as err:
-                    problems.append(str(err))
 
         with ts.job(rec, "network-detach", devid=gone.devid) as rec:
-            _run(unplug())
+            try:
+                _run(ts.backend.detach_nic(h, gone.devid, timeout))
+            except DeviceNotReleased as err:
+                raise BackendError(
+                    f"network-detach {rec.name}: the guest did not release vif "
+                    f"{gone.devid} within {timeout:g} s (no ACPI hotplug in the "
+                    "guest?); it stays in the record, and network-detach again "
+                    "finishes once the guest lets it go"
+                ) from err
+            except BackendError as err:
+                err.within(f"network-detach {rec.name}: vif {gone.devid}")
+                raise
             faults.point("network-detach.unplugged")
-            # QEMU has no device now: the record says so before any clean-up can
+            # The guest has no NIC now: the record says so before any clean-up can
             # fail (the host ends stay listed until they are offline).
             rec = _keep(ts, rec, [_pinned(n) for n in current if n.devid != gone.devid],
                         list(rec.extra.get(VIFS) or []))
-        _run(clean())
-        if offlined:
-            left = [obj for obj in rec.extra.get(VIFS) or [] if obj not in offlined]
+        freed = _run(ts.backend.release_nic(h, gone.devid, ends))
+        if freed.offlined:
+            left = [obj for obj in rec.extra.get(VIFS) or [] if obj not in freed.offlined]
             rec = ts.store.patch(rec.domid, extra_set={VIFS: left} if left else {},
                                  extra_drop=[] if left else [VIFS])
-        if problems:
+        if freed.problems:
             log.warning("network-detach %s: vif %d is detached, but cleaning up failed: %s "
                         "(the next network-attach or the domain's end retries the tap)",
-                        rec.name, gone.devid, "; ".join(problems))
+                        rec.name, gone.devid, "; ".join(freed.problems))
     return _info(gone, taps)
 
 
@@ -304,8 +247,9 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
     when QEMU no longer has the device (the record drops the NIC; the netdev
     and tap go as far as they can), else the NIC stays, as it is there.
     """
-    if rec.state == SHUTOFF or not is_alive(rec):
+    if rec.state == SHUTOFF or not ts.alive(rec):
         return rec
+    h = ts.handle(rec)
     if job.verb == "network-attach":
         dc, _ = config_from_text(rec.config_text, rec.config_path)
         spec = parse_vif(str(job.detail.get("spec", "")), source="interrupted network-attach")
@@ -314,14 +258,9 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
         vif = hotplug.vif_from_json(raw) if isinstance(raw, dict) else None
 
         async def has() -> bool:
-            async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                if new.device_id in await qdev_ids(qmp):
-                    return True
-                with contextlib.suppress(CommandError):
-                    await qmp.execute("netdev_del", {"id": new.netdev_id})
-            if vif is not None:
-                with contextlib.suppress(hotplug.HotplugError):
-                    await hotplug.offline(vif)
+            if await ts.backend.has_nic(h, new.devid):
+                return True
+            await ts.backend.discard_nic(h, new.devid, raw if isinstance(raw, dict) else None)
             return False
 
         if _run(has()):
@@ -344,11 +283,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
         if gone is None:
             return rec
 
-        async def present() -> bool:
-            async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                return gone.device_id in await qdev_ids(qmp)
-
-        if not _run(present()):
+        if not _run(ts.backend.has_nic(h, gone.devid)):
             rec = _keep(ts, rec, [_pinned(n) for n in present_nics if n.devid != devid],
                         list(rec.extra.get(VIFS) or []))
             log.warning("network-detach %s: a detach killed after the guest let vif %d go is "

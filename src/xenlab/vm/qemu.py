@@ -43,6 +43,8 @@ __all__ = [
     "RuntimePaths",
     "balloon_target_mib",
     "nic",
+    "nic_device_id",
+    "nic_netdev_id",
     "nics",
     "probe_accel",
     "qemu_arg",
@@ -304,6 +306,16 @@ def _stable_mac(dc: DomainConfig, devid: int) -> str:
     return ":".join(f"{o:02x}" for o in octets)
 
 
+def nic_device_id(devid: int) -> str:
+    """QEMU's id of vif ``devid``'s device: ``vif<devid>``."""
+    return f"vif{devid}"
+
+
+def nic_netdev_id(devid: int) -> str:
+    """QEMU's id of vif ``devid``'s netdev: ``net<devid>``."""
+    return f"net{devid}"
+
+
 @dataclass(frozen=True, slots=True)
 class Nic:
     """One vif as QEMU runs it: devid, MAC (made up when the config gives none), QEMU model.
@@ -325,12 +337,12 @@ class Nic:
     @property
     def netdev_id(self) -> str:
         """The QEMU netdev's id: ``net<devid>``."""
-        return f"net{self.devid}"
+        return nic_netdev_id(self.devid)
 
     @property
     def device_id(self) -> str:
         """The QEMU device's id: ``vif<devid>``."""
-        return f"vif{self.devid}"
+        return nic_device_id(self.devid)
 
     def netdev(self, tap: str | None) -> dict[str, object]:
         """The netdev's options (``-netdev``, QMP ``netdev_add``); ``tap`` names the host tap.

@@ -49,7 +49,7 @@ from qemu.qmp import (
 from qemu.qmp import QMPError as _LibError
 from qemu.qmp.qmp_client import NegotiationError
 
-from xenlab.errors import BackendError, DeviceNotReleased
+from xenlab.errors import BackendError, DeviceNotReleased, Refused
 
 __all__ = [
     "CommandError",
@@ -76,18 +76,18 @@ _CONNECT_RETRY = 0.05
 _NEGOTIATION_RETRIES = 5
 
 
-class CommandError(BackendError):
+class CommandError(Refused):
     """QEMU (or the guest agent) answered a command with an error reply.
 
     ``command`` is the command sent, ``error_class`` QEMU's error class
-    (``CommandNotFound``, ``GenericError``, ...) and ``desc`` its description.
+    (``CommandNotFound``, ``GenericError``, ...) and ``desc`` (also ``reason``)
+    its description.
     """
 
     def __init__(self, where: str, command: str, error_class: str, desc: str) -> None:
-        self.command = command
         self.error_class = error_class
         self.desc = desc
-        super().__init__(f"{where} {command}: {error_class}: {desc}")
+        super().__init__(command, desc, f"{where} {command}: {error_class}: {desc}")
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -22,6 +22,7 @@ from typing import Any
 
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat, DiskSpec
+from xenlab.config.specs.vif import VifSpec
 from xenlab.errors import BackendError, StateError
 from xenlab.vm.accel import Accel, probe_accel
 from xenlab.vm.backend import (
@@ -29,14 +30,24 @@ from xenlab.vm.backend import (
     DomainHandle,
     ExitReason,
     MemoryReport,
+    NicAttached,
+    NicReleased,
+    Note,
     Presence,
     Started,
     StartSpec,
     VcpuReport,
     VcpuState,
 )
-from xenlab.vm.backends.qemu import devices, memory, vcpus
-from xenlab.vm.qemu import RuntimePaths, balloon_target_mib, needs_image, qemu_argv
+from xenlab.vm.backends.qemu import devices, memory, nics, vcpus
+from xenlab.vm.qemu import (
+    RuntimePaths,
+    balloon_target_mib,
+    needs_image,
+    nic,
+    nic_device_id,
+    qemu_argv,
+)
 from xenlab.vm.qmp import GuestAgent, Qmp, qdev_ids
 from xenlab.vm.rundir import (
     checked_rundir,
@@ -283,6 +294,31 @@ class QemuBackend:
                             fmt: DiskFormat) -> None:
         async with Qmp.open(self.paths(h).qmp) as qmp:
             await devices.change_medium(qmp, vdev, path, fmt)
+
+    async def attach_nic(self, h: DomainHandle, config: DomainConfig, spec: VifSpec,
+                         leftovers: Sequence[Mapping[str, Any]], note: Note) -> NicAttached:
+        assert spec.devid is not None
+        end, cleared = await nics.attach_nic(
+            self.paths(h).qmp, int(h.ref["domid"]), str(h.ref["name"]),
+            nic(config, spec, spec.devid), leftovers, note)
+        return NicAttached(end, cleared)
+
+    async def detach_nic(self, h: DomainHandle, devid: int, timeout: float) -> None:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            await nics.detach_nic(qmp, devid, timeout)
+
+    async def release_nic(self, h: DomainHandle, devid: int,
+                          host_ends: Sequence[Mapping[str, Any]]) -> NicReleased:
+        offlined, problems = await nics.release_nic(self.paths(h).qmp, devid, host_ends)
+        return NicReleased(offlined, problems)
+
+    async def has_nic(self, h: DomainHandle, devid: int) -> bool:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            return nic_device_id(devid) in await qdev_ids(qmp)
+
+    async def discard_nic(self, h: DomainHandle, devid: int,
+                          host_end: Mapping[str, Any] | None) -> None:
+        await nics.discard_nic(self.paths(h).qmp, devid, host_end)
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:
         paths = self.paths_or_none(h)
