@@ -191,6 +191,15 @@ class FakeBackend:
             dom.pins[v] = cpus
         return {v: cpus for v in which}
 
+    async def info(self, h: DomainHandle) -> Mapping[str, Any]:
+        dom = self._dom(h, "info")
+        return {"state": dom.state, "memory_mib": dom.memory_mib, "vcpus": dom.online,
+                "disks": dict(dom.disks), "nics": sorted(dom.nics)}
+
+    async def rename(self, h: DomainHandle, new: str) -> Mapping[str, Any]:
+        self._dom(h, "rename")
+        return {}
+
     def disk_parts(self, disk: DiskSpec) -> tuple[str, ...]:
         return (f"{disk.vdev}-part",)
 

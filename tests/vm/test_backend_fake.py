@@ -217,3 +217,23 @@ def test_a_missing_capability_is_refused_before_anything_changes() -> None:
     assert (err.value.backend, err.value.capability) == ("fake", "pause")
     with pytest.raises(ValueError):
         caps.require("fly", "x", "fake")
+
+
+def test_rename_and_info_through_the_backend(ts: Toolstack, fake: FakeBackend) -> None:
+    from xenlab.errors import ConflictError as Taken
+    from xenlab.vm import resources
+
+    rec = _running(ts, fake, "a")
+    _running(ts, fake, "b")
+    renamed = resources.rename(ts, "a", "web")
+    assert renamed.name == "web" and renamed.uuid == rec.uuid
+    assert ("rename", rec.uuid) in fake.calls and "qemu_name" not in renamed.extra
+    with pytest.raises(Taken):
+        resources.rename(ts, "web", "b")
+    out = resources.info(ts, "web")
+    assert (out["name"], out["state"]) == ("web", "running")
+    assert out["live"] == {"state": "running", "memory_mib": 64, "vcpus": 1, "disks": {},
+                           "nics": []}
+    fake.vanish(rec.uuid)  # gone behind our back: info shows the stale record, no live part
+    out = resources.info(ts, "web")
+    assert out["live"] is None

@@ -102,7 +102,7 @@ def check_truth(ts: Toolstack, names: set[str]) -> None:
             assert s.state in (SnapshotState.READY, SnapshotState.BROKEN), (s.name, s.state)
         disks = snap_disks(ts, rec)
         if is_alive(rec):
-            said = run_async(ts.qemu_status(ts.paths(rec)))
+            said = run_async(ts.backend.state(ts.handle(rec)))
             assert said == rec.state, f"{rec.name}: record says {rec.state}, QEMU {said}"
             files = run_async(qemu_files(ts, rec.name))
             for d in disks:

@@ -307,6 +307,16 @@ class Backend(Protocol):
         """Hard-pin vCPU ``vcpu`` (None: all); NotFoundError for a vCPU it lacks."""
         ...
 
+    async def info(self, h: DomainHandle) -> Mapping[str, Any]:
+        """What the hypervisor says about the running domain, JSON-ready (``vm info``'s
+        ``live``); its keys are the backend's own."""
+        ...
+
+    async def rename(self, h: DomainHandle, new: str) -> Mapping[str, Any]:
+        """Rename the running domain to ``new`` as far as the hypervisor can; the record
+        facts (``extra`` keys) to set, or to drop where the value is None."""
+        ...
+
     # -- devices (xl block-*/cd-*, libvirt's domainAttachDevice, DetachDevice, UpdateDevice)
 
     def disk_parts(self, disk: DiskSpec) -> tuple[str, ...]:

@@ -44,7 +44,7 @@ from xenlab.vm.backend import (
     StartSpec,
     check_backend,
 )
-from xenlab.vm.backends.qemu import QemuBackend, status_at
+from xenlab.vm.backends.qemu import QemuBackend
 from xenlab.vm.backends.qemu.nics import host_vif
 from xenlab.vm.domconfig import (
     absolute_paths,
@@ -421,9 +421,6 @@ class Toolstack:
         if vifs:
             _run_async(go())
         return {k: v for k, v in rec.extra.items() if k != VIFS}
-
-    async def qemu_status(self, paths: RuntimePaths, timeout: float = 10.0) -> str:
-        return await status_at(paths, timeout)
 
     # -- looking ---------------------------------------------------------------
 

@@ -85,7 +85,7 @@ from xenlab.vm.saveimage import (
     read_header,
 )
 from xenlab.vm.saverestore import moves_of, place, quit_domain, quit_qemu, restore, save
-from xenlab.vm.store import DomainRecord, SnapshotNode, is_alive, private_dir
+from xenlab.vm.store import DomainRecord, SnapshotNode, private_dir
 from xenlab.vm.vmstate import MigrationProgress, Progress
 
 __all__ = [
@@ -246,7 +246,7 @@ def migrate(
         # guest already (recover_job): never resume both copies.
         held = contextlib.ExitStack()
         rec = held.enter_context(ts.job(
-            rec, "migrate", phase="sending", guest=_run(ts.qemu_status(paths)),
+            rec, "migrate", phase="sending", guest=_run(ts.backend.state(ts.handle(rec))),
             dest=str(dest.state_dir) if isinstance(dest, Toolstack) else dest,
             local=isinstance(dest, Toolstack)))
         faults.point("migrate.job")
@@ -272,7 +272,7 @@ def migrate(
                                       live=live, max_bandwidth=max_bandwidth, timeout=timeout,
                                       progress=progress, started=started))
                 except BaseException as err:
-                    dead = not is_alive(incoming.record)
+                    dead = not dest.alive(incoming.record)
                     abort_receive(dest, incoming)
                     if isinstance(err, BackendError) and dead:
                         raise BackendError(
@@ -653,7 +653,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
         return rec
     phase = str(job.detail.get("phase", "sending"))
     where = f"domain {rec.name}: a migration to {job.detail.get('dest')}"
-    if not is_alive(rec):
+    if not ts.alive(rec):
         kept = ts.gone(rec)
         _log.warning("%s was killed; the QEMU here is gone", where)
         return kept
@@ -761,12 +761,12 @@ def _destination_runs(job: Job, uuid: str) -> bool | None:
             return None
         try:
             for r in dest.store.list():
-                if r.uuid != uuid or not is_alive(r):
+                if r.uuid != uuid or not dest.alive(r):
                     continue
                 if r.state in ("running", "paused"):
                     return True
                 # Still "incoming": it ran only if QEMU says so.
-                return bool(_run(dest.qemu_status(dest.paths(r), timeout=2.0)) == "running")
+                return bool(_run(dest.backend.state(dest.handle(r), timeout=2.0)) == "running")
             return False
         except XenlabError:
             return None

@@ -38,7 +38,7 @@ from xenlab.vm.qmp import CommandError, Qmp
 from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, Runtime, disk_now
 from xenlab.vm.snapbackends import drop_nodes_on, glob_escape
-from xenlab.vm.store import DomainRecord, is_alive
+from xenlab.vm.store import DomainRecord
 
 __all__ = [
     "DISK_NODES",
@@ -483,9 +483,9 @@ def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, source_fmt
     what = f"mirror {rec.name} {vdev} -> {target}"
     deadline = time.monotonic() + 5
     # A killed QEMU drops its socket a moment before its pid disappears.
-    while run.lost and is_alive(rec) and time.monotonic() < deadline:
+    while run.lost and ts.alive(rec) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if is_alive(rec):
+    if ts.alive(rec):
         if run.pivoted:
             # The guest writes to the target now: the record must say so.
             _record_pivot(ts, rec.domid, vdev, target, fmt, run.node)
@@ -557,7 +557,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
         return rec
     if d.get("offline"):
         return _recover_offline(ts, rec, job, where)
-    if rec.state == SHUTOFF or not is_alive(rec):
+    if rec.state == SHUTOFF or not ts.alive(rec):
         # QEMU died as well: nothing runs on the target, and the domain is stale
         # (destroy or list clears it) on the source it is recorded on.
         if pivot and d.get("phase") == "completing":

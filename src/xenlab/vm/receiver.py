@@ -64,7 +64,7 @@ from xenlab.vm.qmp import run as _run
 from xenlab.vm.runtime import VCPUS_PLUGGED
 from xenlab.vm.saveimage import DiskMove
 from xenlab.vm.saverestore import Placed, image_for, place, said, settle
-from xenlab.vm.store import DomainRecord, is_alive
+from xenlab.vm.store import DomainRecord
 
 __all__ = [
     "AUTH_TIMEOUT",
@@ -237,7 +237,7 @@ def receive(
         return Incoming(rec, host, bound, nbd_port if with_storage else None,
                         tuple(v for v, _, _ in disks), tuple(created), extra)
     except BaseException as err:
-        alive = is_alive(rec)
+        alive = ts.alive(rec)
         ts.kill_qemu(paths, rec.pid)
         words = said(paths)
         ts.gone(rec)
@@ -302,7 +302,7 @@ def _receive_failed(ts: Toolstack, incoming: Incoming, err: BaseException) -> Ba
     """Kill and forget an incoming domain after ``err``; the error to raise, saying why."""
     rec = incoming.record
     paths = ts.paths(rec)
-    alive = is_alive(rec)
+    alive = ts.alive(rec)
     ts.kill_qemu(paths, rec.pid)
     words = said(paths)
     ts.gone(rec)

@@ -41,7 +41,6 @@ from typing import Any
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.cpus import CpuSet
 from xenlab.errors import (
-    BackendError,
     ConflictError,
     StateError,
     UsageError,
@@ -51,10 +50,9 @@ from xenlab.vm.backend import MemoryReport, VcpuReport
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import check_domain_name, config_from_text
 from xenlab.vm.hostcpus import host_topology, ranges, resolve_cpus
-from xenlab.vm.qmp import CommandError, Qmp
 from xenlab.vm.qmp import run as _run
-from xenlab.vm.runtime import MAXMEM_MIB, MEMORY_MIB, QEMU_NAME, VCPUS, VCPUS_PLUGGED
-from xenlab.vm.store import DomainRecord, effective_state, is_alive
+from xenlab.vm.runtime import MAXMEM_MIB, MEMORY_MIB, VCPUS, VCPUS_PLUGGED
+from xenlab.vm.store import STALE, DomainRecord
 
 __all__ = [
     "MIN_MEMORY_MIB",
@@ -107,18 +105,6 @@ def _live(ts: Toolstack, name: str) -> DomainRecord:
 
 def _config(rec: DomainRecord) -> DomainConfig:
     return config_from_text(rec.config_text, rec.config_path)[0]
-
-
-def _dict(value: object, what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise BackendError(f"QMP {what}: unexpected reply {value!r}")
-    return value
-
-
-def _list(value: object, what: str) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise BackendError(f"QMP {what}: unexpected reply {value!r}")
-    return value
 
 
 def _set_extra(ts: Toolstack, domid: int, **values: object) -> DomainRecord:
@@ -312,7 +298,7 @@ def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
     except XenlabError as err:
         raise UsageError(f"rename: {err}") from None
     rec = ts.get(name)
-    if rec.state != SHUTOFF and not is_alive(rec):
+    if rec.state != SHUTOFF and not ts.alive(rec):
         raise StateError(
             f"domain {rec.name!r} (id {rec.domid}) has stale state: `xenlab vm destroy "
             f"{rec.name}` clears it"
@@ -330,16 +316,14 @@ def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
                                   f"(id {other.domid})")
         # Later settings win in an xl config, as with create's overrides.
         text = rec.config_text.rstrip("\n") + f'\nname = "{new}"\n'
-        extra = dict(rec.extra)
-        if rec.state != SHUTOFF:
-            qemu_name = str(extra.get(QEMU_NAME, rec.name))
-            if qemu_name == new:
-                extra.pop(QEMU_NAME, None)
-            else:
-                extra[QEMU_NAME] = qemu_name
-        return ts.store.patch(rec.domid, expect_uuid=rec.uuid, name=new, config_text=text,
-                              extra_set=extra, extra_drop=[k for k in rec.extra
-                                                           if k not in extra])
+        # A running domain may keep its old name inside the hypervisor (QEMU's -name):
+        # the backend says which record facts keep track of that.
+        facts = (_run(ts.backend.rename(ts.handle(rec), new)) if rec.state != SHUTOFF
+                 else {})
+        return ts.store.patch(
+            rec.domid, expect_uuid=rec.uuid, name=new, config_text=text,
+            extra_set={k: v for k, v in facts.items() if v is not None},
+            extra_drop=[k for k, v in facts.items() if v is None])
 
 
 def info(ts: Toolstack, name: str) -> dict[str, Any]:
@@ -354,7 +338,8 @@ def info(ts: Toolstack, name: str) -> dict[str, Any]:
     """
     rec = ts.get(name)
     dc = _config(rec)
-    state = SHUTOFF if rec.state == SHUTOFF else effective_state(rec)
+    alive = rec.state != SHUTOFF and ts.alive(rec)
+    state = rec.state if alive or rec.state == SHUTOFF or rec.pid is None else STALE
     out: dict[str, Any] = {
         "domid": rec.domid, "name": rec.name, "uuid": rec.uuid, "state": state,
         "pid": rec.pid, "config_path": rec.config_path, "created": rec.created,
@@ -367,57 +352,11 @@ def info(ts: Toolstack, name: str) -> dict[str, Any]:
         },
         "live": None,
     }
-    if rec.state == SHUTOFF or not is_alive(rec):
+    if not alive:
         return out
 
-    async def go() -> dict[str, Any]:
-        async with Qmp.open(ts.paths(rec).qmp) as qmp:
-            status = _dict(await qmp.execute("query-status"), "query-status")
-            kvm = _dict(await qmp.execute("query-kvm"), "query-kvm")
-            try:
-                balloon: int | None = int(
-                    _dict(await qmp.execute("query-balloon"), "query-balloon")["actual"])
-            except CommandError:
-                balloon = None  # no balloon device (a hand-made QEMU)
-            size = _dict(await qmp.execute("query-memory-size-summary"),
-                         "query-memory-size-summary")
-            cpus = _list(await qmp.execute("query-cpus-fast"), "query-cpus-fast")
-            slots = _list(await qmp.execute("query-hotpluggable-cpus"),
-                          "query-hotpluggable-cpus")
-            block = _list(await qmp.execute("query-block"), "query-block")
-            chardevs = _list(await qmp.execute("query-chardev"), "query-chardev")
-        vcpus = []
-        for c in sorted(cpus, key=lambda c: int(c["cpu-index"])):
-            tid = int(c["thread-id"])
-            try:
-                affinity: str | None = ranges(os.sched_getaffinity(tid))
-            except OSError:
-                affinity = None
-            vcpus.append({"vcpu": int(c["cpu-index"]), "thread_id": tid,
-                          "props": c.get("props", {}), "affinity": affinity})
-        disks = []
-        for b in block:
-            ins = b.get("inserted")
-            disks.append({
-                "device": b.get("qdev") or b.get("device"),
-                "node": None if ins is None else ins.get("node-name"),
-                "file": None if ins is None else ins.get("file"),
-                "format": None if ins is None else ins.get("drv"),
-                "read_only": None if ins is None else bool(ins.get("ro")),
-                "removable": bool(b.get("removable")),
-            })
-        return {
-            "status": status.get("status"),
-            "accelerator": "kvm" if kvm.get("enabled") else "tcg",
-            "balloon_mib": None if balloon is None else balloon // _MIB,
-            "memory_mib": int(size.get("base-memory", 0)) // _MIB,
-            "vcpus": vcpus,
-            "maxvcpus": len(slots),
-            "block": disks,
-            "chardevs": [{"label": c.get("label"), "filename": c.get("filename")}
-                         for c in chardevs],
-        }
-
-    out["live"] = _run(go())
-    out["qemu_name"] = rec.extra.get(QEMU_NAME, rec.name)
+    live = dict(_run(ts.backend.info(ts.handle(rec))))
+    if "qemu_name" in live:
+        out["qemu_name"] = live.pop("qemu_name")  # where `vm info --json` has always had it
+    out["live"] = live
     return out

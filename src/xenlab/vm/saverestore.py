@@ -61,7 +61,7 @@ from xenlab.vm.saveimage import (
     pack_header,
 )
 from xenlab.vm.snapbackends import glob_escape
-from xenlab.vm.store import DomainRecord, is_alive
+from xenlab.vm.store import DomainRecord
 from xenlab.vm.vmstate import Progress
 
 __all__ = [
@@ -184,9 +184,9 @@ def quit_domain(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths) -> None:
 def wait_quit(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths) -> None:
     """Wait up to 10 s for the domain's QEMU to exit, then kill it."""
     begin = time.monotonic()
-    while is_alive(rec) and time.monotonic() < begin + 10:
+    while ts.alive(rec) and time.monotonic() < begin + 10:
         time.sleep(_poll(begin))
-    if is_alive(rec):
+    if ts.alive(rec):
         ts.kill_qemu(paths, rec.pid)
 
 
@@ -266,7 +266,7 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
         # not find (recover_job).  The guest's state as QEMU has it, not as
         # the record may say (a killed pause or unpause).
         prefix = f".{path.name}.{os.getpid()}."
-        guest = _run(ts.qemu_status(paths))
+        guest = _run(ts.backend.state(ts.handle(rec)))
         held = contextlib.ExitStack()
         rec = held.enter_context(ts.job(rec, "save", dir=str(path.parent.absolute()),
                                         prefix=prefix, guest=guest,
@@ -329,7 +329,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
         if isinstance(folder, str) and isinstance(prefix, str) and not committed:
             for part in Path(folder).glob(glob_escape(prefix) + "*.part"):
                 part.unlink(missing_ok=True)
-    if not is_alive(rec):
+    if not ts.alive(rec):
         drop_partial()
         kept = ts.gone(rec)
         _log.warning("%s killed after its QEMU quit: %s", where,
@@ -624,7 +624,7 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
                     _run(_load(paths, fd, layout.stream_offset, checked, str(path), timeout,
                                paused, header.vcpus_plugged))
                 except BackendError as err:
-                    if not is_alive(rec):
+                    if not ts.alive(rec):
                         tail = qemu_said(paths)
                         raise BackendError(
                             f"restore {path}: QEMU could not load the saved state and "

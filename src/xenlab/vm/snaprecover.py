@@ -55,7 +55,6 @@ from xenlab.vm.store import (
     SnapshotKind,
     SnapshotRecord,
     SnapshotState,
-    is_alive,
 )
 
 __all__ = ["recover_job"]
@@ -72,7 +71,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
     if job.verb == "snapshot-revert" and rec.state in ("incoming", "creating"):
         # Killed while the reverted domain was being started.
         return _recover_incoming_revert(ts, rec, job, name)
-    live = rec.state != SHUTOFF and is_alive(rec)
+    live = rec.state != SHUTOFF and ts.alive(rec)
     if rec.state != SHUTOFF and not live:
         # QEMU died too: the images may hold what a killed save-job leaked;
         # the domain itself is stale, which destroy (or list) clears.
@@ -429,7 +428,7 @@ def _recover_incoming_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: s
                              ) -> DomainRecord | None:
     """A revert killed while QEMU loaded the memory file: finish it if QEMU did."""
     where = f"domain {rec.name}: snapshot {name!r}"
-    if not is_alive(rec):
+    if not ts.alive(rec):
         # Before QEMU started, or before its pid was recorded (the pidfile has it).
         ts.kill_domain(rec)
         kept = ts.gone(rec)

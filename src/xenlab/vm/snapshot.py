@@ -57,7 +57,6 @@ from xenlab.vm.store import (
     SnapshotRecord,
     SnapshotState,
     descendants_first,
-    is_alive,
     private_dir,
 )
 
@@ -180,11 +179,11 @@ def tops_of(ts: Toolstack, rec: DomainRecord) -> dict[str, str]:
     return {d.vdev: d.file for d in snap_disks(ts, rec)}
 
 
-def shut_off(rec: DomainRecord) -> bool:
+def shut_off(ts: Toolstack, rec: DomainRecord) -> bool:
     """True for a shut-off domain, False for a live one; StateError for a stale domain."""
     if rec.state == SHUTOFF:
         return True
-    if not is_alive(rec):
+    if not ts.alive(rec):
         raise StateError(
             f"domain {rec.name!r} (id {rec.domid}) is not running: its QEMU is gone; "
             f"`xenlab vm destroy {rec.name}` clears it"
@@ -194,9 +193,9 @@ def shut_off(rec: DomainRecord) -> bool:
 
 def _liveness(ts: Toolstack, rec: DomainRecord) -> str:
     """``"shutoff"``, or QEMU's run state; StateError for a stale domain."""
-    if shut_off(rec):
+    if shut_off(ts, rec):
         return SHUTOFF
-    return _run_async(ts.qemu_status(ts.paths(rec)))
+    return _run_async(ts.backend.state(ts.handle(rec)))
 
 
 def set_current(ts: Toolstack, domid: int, snap_id: int | None) -> DomainRecord:
@@ -523,7 +522,7 @@ def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
                    err: BaseException) -> BaseException:
     """Undo a failed create as far as possible; the error to raise, saying what happened."""
     notes: list[str] = []
-    gone = rec.state != SHUTOFF and not is_alive(rec)
+    gone = rec.state != SHUTOFF and not ts.alive(rec)
     try:
         layered = [e for e in row.disks if entry_backend(row, e).layered
                    and Path(e["overlay"]).exists()]
@@ -678,7 +677,7 @@ def _revert_internal_state(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, 
     try:
         _run_async(_load(ts, rec, s, go, timeout))
     except BaseException:
-        if not is_alive(rec):
+        if not ts.alive(rec):
             repair_images(entry_images(s.disks))
             ts.gone(ts.store.get(rec.domid))
         raise
@@ -809,7 +808,7 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
                 f"snapshot {snap!r} has children ({names}): delete them first or use --children"
             )
         # Deleting needs no run state, only whether a QEMU holds the images.
-        state = SHUTOFF if shut_off(rec) else "live"
+        state = SHUTOFF if shut_off(ts, rec) else "live"
         cur = current_id(ts, rec)
         with ts.job(rec, "snapshot-delete", name=snap, children=children) as rec:
             done: list[SnapshotRecord] = []
@@ -821,7 +820,7 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
                     faults.point("snapshot-delete.disks-done")
                 except BaseException as err:
                     ts.store.set_snapshot_state(s.id, SnapshotState.BROKEN)
-                    if state != SHUTOFF and not is_alive(rec):
+                    if state != SHUTOFF and not ts.alive(rec):
                         repair_images(entry_images(s.disks))
                         ts.gone(ts.store.get(rec.domid))
                     if isinstance(err, Exception):

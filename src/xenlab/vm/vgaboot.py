@@ -415,7 +415,6 @@ def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None
         step within ``timeout`` (the domain is destroyed).
     """
     from xenlab.rom.files import read_rom_file
-    from xenlab.vm.store import is_alive
 
     given = Path(rom)
     if data is None:
@@ -460,7 +459,7 @@ def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None
     rundir = Path(paths.rundir).absolute()
     shot, screen_file = rundir / "rom-boot.png", rundir / "rom-boot.screen"
     try:
-        wait_for_boot(log, timeout, alive=lambda: is_alive(rec))
+        wait_for_boot(log, timeout, alive=lambda: ts.alive(rec))
         from xenlab.vm.qmp import run
 
         run(_capture(paths.qmp, screen_file, shot, resume=not check))

@@ -40,6 +40,7 @@ from xenlab.vm.backend import (
     VcpuState,
 )
 from xenlab.vm.backends.qemu import devices, memory, nics, vcpus
+from xenlab.vm.backends.qemu.info import live_info
 from xenlab.vm.qemu import (
     RuntimePaths,
     balloon_target_mib,
@@ -262,6 +263,16 @@ class QemuBackend:
                         ) -> dict[int, frozenset[int]]:
         async with Qmp.open(self.paths(h).qmp) as qmp:
             return await vcpus.pin(qmp, str(h.ref["name"]), vcpu, cpus)
+
+    async def info(self, h: DomainHandle) -> Mapping[str, Any]:
+        """QEMU's facts (backends/qemu/info.py) and ``qemu_name``, the -name it runs under."""
+        live = await live_info(self.paths(h).qmp)
+        return {**live, "qemu_name": h.ref.get(QEMU_NAME) or h.ref["name"]}
+
+    async def rename(self, h: DomainHandle, new: str) -> Mapping[str, Any]:
+        """A running QEMU keeps its -name: the record remembers it while it differs."""
+        running_as = str(h.ref.get(QEMU_NAME) or h.ref["name"])
+        return {QEMU_NAME: None if running_as == new else running_as}
 
     # -- devices ---------------------------------------------------------------------------
 
