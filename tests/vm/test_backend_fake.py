@@ -237,3 +237,43 @@ def test_rename_and_info_through_the_backend(ts: Toolstack, fake: FakeBackend) -
     fake.vanish(rec.uuid)  # gone behind our back: info shows the stale record, no live part
     out = resources.info(ts, "web")
     assert out["live"] is None
+
+
+def test_save_and_restore_through_the_backend(ts: Toolstack, fake: FakeBackend,
+                                              tmp_path: Path) -> None:
+    """The verbs own the image (header, checksums, rename, record); the backend its stream."""
+    from xenlab.errors import FormatError
+    from xenlab.vm.saveimage import check_open
+    from xenlab.vm.saverestore import restore, save
+
+    rec = _running(ts, fake, "a")
+    fake.world[rec.uuid].memory_mib = 48  # the guest's state, as the backend has it
+    image = tmp_path / "a.save"
+    header = save(ts, "a", image)
+    assert (header.name, header.uuid, header.state, header.qemu_version) == (
+        "a", rec.uuid, "running", "fake-1")
+    assert ts.store.list() == [] and rec.uuid not in fake.world  # the domain went, released
+    assert not list(tmp_path.glob(".a.save.*"))  # no temporary file left
+    with open(image, "rb") as f:
+        layout, _ = check_open(f.fileno(), str(image))  # a whole, checked image
+    assert layout.seed is not None
+
+    back = restore(ts, image, image=object())
+    assert (back.name, back.uuid, back.state) == ("a", rec.uuid, "running")
+    assert fake.world[rec.uuid].memory_mib == 48  # the stream carried the guest's state
+    assert ("load", rec.uuid) in fake.calls
+
+    # keep_running: the domain goes on, paused stays paused.
+    ts.pause("a")
+    again = tmp_path / "b.save"
+    assert save(ts, "a", again, keep_running=True).state == "paused"
+    assert ts.get("a").state == "paused" and fake.world[rec.uuid].state == "paused"
+
+    # A damaged image is refused before any domain is made.
+    ts.destroy("a")
+    data = bytearray(again.read_bytes())
+    data[-100] ^= 0xFF
+    again.write_bytes(bytes(data))
+    with pytest.raises(FormatError):
+        restore(ts, again, image=object())
+    assert ts.store.list() == []

@@ -22,6 +22,7 @@ from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat, DiskSpec
 from xenlab.config.specs.vif import VifSpec
 from xenlab.errors import StateError, XenlabError
+from xenlab.vm.saveimage import DiskSnapshot
 from xenlab.vm.store import DomainRecord
 
 __all__ = [
@@ -30,10 +31,14 @@ __all__ = [
     "DomainHandle",
     "ExitReason",
     "MemoryReport",
+    "MigrationProgress",
     "NicAttached",
     "NicReleased",
     "Note",
     "Presence",
+    "Progress",
+    "SaveFacts",
+    "SaveRequest",
     "StartSpec",
     "Started",
     "Unsupported",
@@ -157,6 +162,57 @@ class Capabilities:
         if not getattr(self, flag):
             raise Unsupported(backend, flag, f"{what}: the {backend} backend cannot do it "
                                              f"({flag.replace('_', ' ')})")
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationProgress:
+    """One progress report of a stream: ``phase`` is "storage" (disk mirrors) or "memory".
+
+    Byte counts are the hypervisor's: for memory, RAM transferred and remaining
+    of ``total``; for storage, the mirrors' offsets summed over all disks.
+    """
+
+    phase: str
+    status: str
+    transferred: int
+    remaining: int
+    total: int
+    elapsed: float
+
+
+Progress = Callable[[MigrationProgress], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SaveFacts:
+    """What the backend knows as a save begins; it goes into the verb's image header."""
+
+    running: bool  # the guest ran (the save pauses it)
+    version: str  # the hypervisor's version (QEMU's), kept for the restore's error messages
+
+
+@dataclass(frozen=True, slots=True)
+class SaveRequest:
+    """A save of a running domain's memory and device state to ``fd``.
+
+    ``header`` writes the verb's image header at ``fd`` (given the backend's
+    facts) and returns the seed of the stream's checksums; the backend then
+    pauses the guest, takes ``snapshots`` (internal disk snapshots: all at one
+    instant, or none), writes its checked stream, and calls ``commit`` once
+    the stream is whole on ``fd``, before the domain goes (or, with
+    ``keep_running``, runs on as it was).
+    """
+
+    fd: int
+    header: Callable[[SaveFacts], int]
+    commit: Callable[[], None]
+    keep_running: bool
+    timeout: float
+    max_bandwidth: int | None = None
+    progress: Progress | None = None
+    snapshots: tuple[DiskSnapshot, ...] = ()
+    tick: Callable[[], None] | None = None
+    what: str = "save"
 
 
 # How a backend puts a recovery fact into the verb's job before a step a kill must not
@@ -377,6 +433,39 @@ class Backend(Protocol):
     async def discard_nic(self, h: DomainHandle, devid: int,
                           host_end: Mapping[str, Any] | None) -> None:
         """Undo what a killed attach of NIC ``devid`` made (the guest has no such NIC)."""
+        ...
+
+    # -- state (xl save/restore; libvirt's domainSave, domainRestore)
+
+    async def save(self, h: DomainHandle, req: SaveRequest) -> SaveFacts:
+        """Write the domain's state as :class:`SaveRequest` says; what it knew at the start.
+        On failure the guest runs (or stays paused) as before and its snapshots are gone
+        again (BackendError names any it could not delete)."""
+        ...
+
+    async def abort_save(self, h: DomainHandle, *, resume: bool,
+                         snapshots: Sequence[DiskSnapshot]) -> tuple[str, tuple[str, ...]]:
+        """Undo a save a killed verb left: stop its stream, run the guest again if
+        ``resume``, delete ``snapshots`` where it can; (the run state, files still holding
+        the snapshot)."""
+        ...
+
+    async def load(self, h: DomainHandle, fd: int, offset: int, checked: tuple[int, ...],
+                   source: str, timeout: float, *, run: bool,
+                   vcpus_plugged: int | None = None) -> None:
+        """Load a domain started with ``incoming`` from the checked stream at ``fd``'s
+        ``offset`` (``checked``: the file's identity when it was checked; a file changed
+        since is refused); ``vcpus_plugged`` vCPUs are made present first; run it if
+        ``run``."""
+        ...
+
+    async def quit(self, h: DomainHandle) -> None:
+        """Ask the hypervisor to end the domain now (QEMU: ``quit``); the verbs then
+        :meth:`wait_gone` and :meth:`destroy` what lingers."""
+        ...
+
+    def said(self, h: DomainHandle) -> str:
+        """The hypervisor's last words about the domain (QEMU's log tail), or ""."""
         ...
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:

@@ -45,6 +45,7 @@ from typing import Any
 from xenlab import faults
 from xenlab.errors import BackendError, StateError, UsageError, XenlabError
 from xenlab.vm import vmstate
+from xenlab.vm.backends.qemu.save import quit_qemu
 from xenlab.vm.control import (
     PROTOCOL,
     Channel,
@@ -84,7 +85,7 @@ from xenlab.vm.saveimage import (
     parse_header,
     read_header,
 )
-from xenlab.vm.saverestore import moves_of, place, quit_domain, quit_qemu, restore, save
+from xenlab.vm.saverestore import moves_of, place, quit_domain, restore, save
 from xenlab.vm.store import DomainRecord, SnapshotNode, private_dir
 from xenlab.vm.vmstate import MigrationProgress, Progress
 
@@ -301,7 +302,7 @@ def migrate(
                 if snaps:
                     dest_rec = _copy_snapshots(ts, dest, rec, dest_rec)
                 info = sent.info
-            quit_domain(ts, rec, paths)
+            quit_domain(ts, rec)
             shutil.rmtree(paths.rundir, ignore_errors=True)
             ts.store.remove(rec.domid)
     ram = info.get("ram") or {}
@@ -670,7 +671,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
     paths = ts.paths(rec)
     if phase == "handed-over":
         _snapshots_follow(ts, rec, job)
-        quit_domain(ts, rec, paths)
+        quit_domain(ts, rec)
         shutil.rmtree(paths.rundir, ignore_errors=True)
         ts.store.remove(rec.domid)
         _log.warning("%s was killed after the guest ran there: finished, %s is gone from "

@@ -238,8 +238,8 @@ def receive(
                         tuple(v for v, _, _ in disks), tuple(created), extra)
     except BaseException as err:
         alive = ts.alive(rec)
-        ts.kill_qemu(paths, rec.pid)
-        words = said(paths)
+        ts.kill_domain(rec)
+        words = said(ts, rec)
         ts.gone(rec)
         _unlink(created)
         if isinstance(err, BackendError) and words:
@@ -301,10 +301,9 @@ def finish_receive(ts: Toolstack, incoming: Incoming, *, paused: bool = False,
 def _receive_failed(ts: Toolstack, incoming: Incoming, err: BaseException) -> BaseException:
     """Kill and forget an incoming domain after ``err``; the error to raise, saying why."""
     rec = incoming.record
-    paths = ts.paths(rec)
     alive = ts.alive(rec)
-    ts.kill_qemu(paths, rec.pid)
-    words = said(paths)
+    ts.kill_domain(rec)
+    words = said(ts, rec)
     ts.gone(rec)
     _unlink(incoming.created)
     if isinstance(err, BackendError) and not alive:

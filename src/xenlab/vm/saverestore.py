@@ -30,10 +30,10 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from xenlab import faults
 from xenlab.atomic import fsync_dir
@@ -42,15 +42,12 @@ from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, UsageError, XenlabError
 from xenlab.files import FileReadError
 from xenlab.vm import qemuimg, vmstate
-from xenlab.vm.backends.qemu.vcpus import plug_vcpus
+from xenlab.vm.backend import Progress, SaveFacts, SaveRequest
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.domconfig import config_from_text, on_disks
 from xenlab.vm.jobs import Job
-from xenlab.vm.qemu import RuntimePaths
-from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run
 from xenlab.vm.resources import plugged_vcpus
-from xenlab.vm.rundir import qemu_said
 from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, JOB, OVERLAYS, VCPUS_PLUGGED, Runtime
 from xenlab.vm.saveimage import (
     DiskMove,
@@ -62,7 +59,6 @@ from xenlab.vm.saveimage import (
 )
 from xenlab.vm.snapbackends import glob_escape
 from xenlab.vm.store import DomainRecord
-from xenlab.vm.vmstate import Progress
 
 __all__ = [
     "Placed",
@@ -70,7 +66,6 @@ __all__ = [
     "moves_of",
     "place",
     "quit_domain",
-    "quit_qemu",
     "restore",
     "said",
     "save",
@@ -79,15 +74,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-
-
-def _poll(since: float) -> float:
-    """How long to sleep before asking again: 2 ms at first, then longer, up to 50 ms.
-
-    Most operations on a small guest end within tens of milliseconds; a
-    fixed 50 ms period added half of that to each of them on average.
-    """
-    return min(0.05, max(0.002, (time.monotonic() - since) / 8))
 
 
 # --- where the disks are --------------------------------------------------------------------
@@ -158,10 +144,10 @@ def place(text_dc: DomainConfig, dc: DomainConfig, disk_paths: Sequence[DiskMove
 # --- QEMU's process -------------------------------------------------------------------------
 
 
-def said(paths: RuntimePaths) -> str:
-    """``"; QEMU said: ..."`` with the last lines of QEMU's log, or "" when it logged nothing."""
-    tail = qemu_said(paths)
-    return f"; QEMU said: {tail}" if tail else ""
+def said(ts: Toolstack, rec: DomainRecord) -> str:
+    """``"; QEMU said: ..."`` with the hypervisor's last words about ``rec``, or ""."""
+    tail = ts.backend.said(ts.handle(rec))
+    return f"; {ts.backend.name.upper()} said: {tail}" if tail else ""
 
 
 def settle(ts: Toolstack, rec: DomainRecord, state: str, extra: Mapping[str, Any]
@@ -174,31 +160,19 @@ def settle(ts: Toolstack, rec: DomainRecord, state: str, extra: Mapping[str, Any
                           extra_drop=[*(k for k in moved if k not in extra), JOB])
 
 
-def quit_domain(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths) -> None:
-    """Make the domain's QEMU exit (QMP quit, SIGKILL if it lingers)."""
+def quit_domain(ts: Toolstack, rec: DomainRecord) -> None:
+    """Make the domain end now (QEMU: QMP quit), destroyed if it lingers."""
     with contextlib.suppress(BackendError):
-        _run(_qmp_quit(paths))
-    wait_quit(ts, rec, paths)
+        _run(ts.backend.quit(ts.handle(rec)))
+    wait_quit(ts, rec)
 
 
-def wait_quit(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths) -> None:
-    """Wait up to 10 s for the domain's QEMU to exit, then kill it."""
-    begin = time.monotonic()
-    while ts.alive(rec) and time.monotonic() < begin + 10:
-        time.sleep(_poll(begin))
-    if ts.alive(rec):
-        ts.kill_qemu(paths, rec.pid)
-
-
-async def _qmp_quit(paths: RuntimePaths) -> None:
-    async with Qmp.open(paths.qmp) as qmp:
-        await quit_qemu(qmp)
-
-
-async def quit_qemu(qmp: Qmp) -> None:
-    """QMP ``quit``; QEMU may close the socket before or after its reply."""
-    with contextlib.suppress(BackendError):
-        await qmp.execute("quit")
+def wait_quit(ts: Toolstack, rec: DomainRecord) -> None:
+    """Wait up to 10 s for the domain to end (a save's QEMU quits on its own), then
+    destroy it."""
+    h = ts.handle(rec)
+    if not ts.backend.wait_gone(h, 10):
+        ts.backend.destroy(h)
 
 
 @functools.cache
@@ -258,7 +232,7 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
     """
     path = Path(path)
     with ts.live(name) as rec:
-        paths = ts.paths(rec)
+        h = ts.handle(rec)
         snaps = _save_snapshots(ts, rec) if snapshot else ()
         disk_paths, overlays = moves_of(rec)
         # The job comes before the temporary file, and names it by its
@@ -266,7 +240,7 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
         # not find (recover_job).  The guest's state as QEMU has it, not as
         # the record may say (a killed pause or unpause).
         prefix = f".{path.name}.{os.getpid()}."
-        guest = _run(ts.backend.state(ts.handle(rec)))
+        guest = _run(ts.backend.state(h))
         held = contextlib.ExitStack()
         rec = held.enter_context(ts.job(rec, "save", dir=str(path.parent.absolute()),
                                         prefix=prefix, guest=guest,
@@ -290,23 +264,39 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
             with contextlib.suppress(OSError):  # the rename is done; a sync may not be
                 fsync_dir(path.parent)
 
+        headers: list[SaveHeader] = []
+
+        def write_header(facts: SaveFacts) -> int:
+            # The image's header, written before the stream; its checksum seeds the stream's.
+            header = SaveHeader(
+                name=rec.name, uuid=rec.uuid, config_text=rec.config_text,
+                config_path=rec.config_path, qemu_version=facts.version, created=time.time(),
+                state="running" if facts.running else "paused",
+                vcpus_plugged=plugged_vcpus(rec), disk_snapshots=snaps, disk_paths=disk_paths,
+                overlays=overlays)
+            head = pack_header(header)
+            _write_all(fd, head)
+            headers.append(header)
+            return header_seed(head)
+
         with held:
             try:
-                with os.fdopen(fd, "wb") as f:
-                    header = _run(_save_stream(
-                        paths, f, rec, keep_running=keep_running, timeout=timeout,
-                        max_bandwidth=max_bandwidth, progress=progress, snapshots=snaps,
-                        disk_paths=disk_paths, overlays=overlays, commit=commit,
-                    ))
+                _run(ts.backend.save(h, SaveRequest(
+                    fd, write_header, commit, keep_running, timeout,
+                    max_bandwidth=max_bandwidth, progress=progress, snapshots=snaps,
+                    tick=functools.partial(_write_out, fd), what=f"save {rec.name}")))
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
+            finally:
+                os.close(fd)
+            header = headers[0]
             ts.update_job(rec.domid, committed=True)
             faults.point("save.committed")
             if keep_running:
                 ts.store.patch(rec.domid, expect_uuid=rec.uuid, state=header.state)
             else:
-                wait_quit(ts, rec, paths)
+                wait_quit(ts, rec)
                 faults.point("save.quit")
                 ts.gone(rec)
             return header
@@ -336,36 +326,21 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
                     "the image was written; the domain is gone" if committed else
                     "the image was not finished")
         return kept
-    paths = ts.paths(rec)
     if committed and not job.detail.get("keep_running"):
-        quit_domain(ts, rec, paths)
+        quit_domain(ts, rec)
         kept = ts.gone(rec)
         _log.warning("%s killed after the image was written: finished, the domain is "
                      "stopped", where)
         return kept
 
-    left: list[str] = []
-
-    async def undo() -> str:
-        async with Qmp.open(paths.qmp) as qmp:
-            await vmstate.cancel_active(qmp)
-            ran = job.detail.get("guest") == "running"
-            if ran:
-                # cont makes QEMU take its images back after the stream; only then
-                # may their snapshots change (an inactive image asserts in QEMU).
-                await vmstate.cont_after_migration(qmp)
-            snap = job.detail.get("snapshot")
-            if isinstance(snap, str) and not committed:
-                dc, _ = ts.config_of(rec)
-                snaps = [DiskSnapshot(d.vdev, str(d.pdev_path), snap)
-                         for d in dc.disks if d.pdev_path and d.readwrite and not d.is_cdrom]
-                if ran:
-                    left.extend(await _drop_disk_snapshots(qmp, snaps))
-                else:
-                    left.extend(s.file for s in snaps)
-            return await vmstate.status(qmp)
-
-    state = _run(undo())
+    snap = job.detail.get("snapshot")
+    snaps: list[DiskSnapshot] = []
+    if isinstance(snap, str) and not committed:
+        dc, _ = ts.config_of(rec)
+        snaps = [DiskSnapshot(d.vdev, str(d.pdev_path), snap)
+                 for d in dc.disks if d.pdev_path and d.readwrite and not d.is_cdrom]
+    state, left = _run(ts.backend.abort_save(
+        ts.handle(rec), resume=job.detail.get("guest") == "running", snapshots=snaps))
     drop_partial()
     if left:
         _log.warning("%s: the disk snapshot %r stays in %s (the guest was paused, so its "
@@ -403,82 +378,11 @@ def _save_snapshots(ts: Toolstack, rec: DomainRecord) -> tuple[DiskSnapshot, ...
     return tuple(out)
 
 
-async def _save_stream(paths: RuntimePaths, f: BinaryIO, rec: DomainRecord, *,
-                       keep_running: bool, timeout: float, max_bandwidth: int | None,
-                       progress: Progress | None,
-                       snapshots: Sequence[DiskSnapshot] = (),
-                       disk_paths: tuple[DiskMove, ...] = (),
-                       overlays: tuple[DiskMove, ...] = (),
-                       commit: Callable[[], None] = lambda: None) -> SaveHeader:
-    """Write the header and QEMU's checked stream to ``f``, ``commit`` it, then quit or go on.
-
-    One QMP session for all of it, as a one-shot client would do it.
-    """
-    started = time.monotonic()
-    async with Qmp.open(paths.qmp) as qmp:
-        state = await vmstate.status(qmp)
-        was_running = state == "running"
-        header = SaveHeader(
-            name=rec.name, uuid=rec.uuid, config_text=rec.config_text,
-            config_path=rec.config_path,
-            qemu_version=vmstate.qemu_version(await qmp.execute("query-version")),
-            created=time.time(), state="running" if was_running else "paused",
-            vcpus_plugged=plugged_vcpus(rec),
-            disk_snapshots=tuple(snapshots), disk_paths=disk_paths, overlays=overlays,
-        )
-        head = pack_header(header)
-        f.write(head)
-        f.flush()
-        faults.point("save.header")
-        old_bw: object = None
-        if keep_running:
-            # Only a QEMU that goes on needs its own limit back.
-            params = await qmp.execute("query-migrate-parameters")
-            old_bw = params.get("max-bandwidth") if isinstance(params, dict) else None
-        await qmp.execute("migrate-set-parameters",
-                          {"max-bandwidth": max_bandwidth or vmstate.UNLIMITED})
-        snapped = False
-        try:
-            if was_running:
-                await qmp.execute("stop")
-            if snapshots:
-                # One transaction: every disk at the same instant, or none.
-                nodes = await _device_nodes(qmp)
-                await qmp.execute("transaction", {"actions": [
-                    {"type": "blockdev-snapshot-internal-sync",
-                     "data": {"device": nodes.get(d.vdev, f"{d.vdev}-fmt"), "name": d.name}}
-                    for d in snapshots
-                ]}, timeout=timeout)
-                snapped = True
-            await vmstate.write_checked(
-                qmp, f.fileno(), seed=header_seed(head), what=f"save {rec.name}",
-                timeout=timeout, progress=progress, started=started,
-                tick=functools.partial(_write_out, f.fileno()))
-            commit()
-        except BaseException as err:
-            if was_running:
-                with contextlib.suppress(BackendError):
-                    await vmstate.cont_after_migration(qmp)
-            if snapped:
-                left = await _drop_disk_snapshots(qmp, snapshots)
-                if left and isinstance(err, Exception):
-                    raise BackendError(
-                        f"{err}; the disk snapshot {snapshots[0].name!r} could not be "
-                        f"deleted from {', '.join(left)} (qemu-img snapshot -d removes it)"
-                    ) from err
-            if isinstance(err, OSError):
-                raise XenlabError(f"save {rec.name}: cannot write the image: "
-                                  f"{err.strerror or err}; the domain goes on") from err
-            raise
-        if not keep_running:
-            await quit_qemu(qmp)
-            return header
-        if old_bw is not None:
-            with contextlib.suppress(BackendError):
-                await qmp.execute("migrate-set-parameters", {"max-bandwidth": old_bw})
-        if was_running:
-            await vmstate.cont_after_migration(qmp)
-    return header
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` at ``fd``'s offset (os.write may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -490,33 +394,6 @@ def _write_out(fd: int) -> None:
     (sync_file_range(SYNC_FILE_RANGE_WRITE); the page cache is kept, unlike
     with posix_fadvise, so a restore right after reads from memory)."""
     _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
-
-
-async def _device_nodes(qmp: Qmp) -> dict[str, str]:
-    """vdev -> the node its guest device is attached to now (query-block)."""
-    blocks = await qmp.execute("query-block")
-    out: dict[str, str] = {}
-    for b in blocks if isinstance(blocks, list) else ():
-        qdev = str(b.get("qdev", ""))
-        # vm.qemu's devices have id=<vdev>: /machine/peripheral/<vdev>/<backend>
-        vdev = qdev.split("/")[3] if qdev.startswith("/machine/peripheral/") else qdev
-        node = (b.get("inserted") or {}).get("node-name")
-        if vdev and node:
-            out[vdev] = str(node)
-    return out
-
-
-async def _drop_disk_snapshots(qmp: Qmp, snapshots: Sequence[DiskSnapshot]) -> list[str]:
-    """Delete a failed save's disk snapshots; the files where that did not work."""
-    nodes = await _device_nodes(qmp)
-    left: list[str] = []
-    for d in snapshots:
-        try:
-            await qmp.execute("blockdev-snapshot-delete-internal-sync",
-                              {"device": nodes.get(d.vdev, f"{d.vdev}-fmt"), "name": d.name})
-        except BackendError:
-            left.append(d.file)
-    return left
 
 
 # --- restore ----------------------------------------------------------------------------------
@@ -617,27 +494,28 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
         rec = ts.launch(dc, text, config_path=header.config_path, uuid=header.uuid,
                         incoming="defer", image=image_for(dc, image),
                         prepare=revert if plan else None)
-        paths = ts.paths(rec)
+        h = ts.handle(rec)
         try:
             with ts.store.lock(rec.domid):
                 try:
-                    _run(_load(paths, fd, layout.stream_offset, checked, str(path), timeout,
-                               paused, header.vcpus_plugged))
+                    _run(ts.backend.load(h, fd, layout.stream_offset, checked, str(path),
+                                         timeout, run=not paused,
+                                         vcpus_plugged=header.vcpus_plugged))
                 except BackendError as err:
                     if not ts.alive(rec):
-                        tail = qemu_said(paths)
+                        tail = ts.backend.said(h)
                         raise BackendError(
                             f"restore {path}: QEMU could not load the saved state and "
                             "exited (a corrupt image, or one saved by an incompatible "
                             f"QEMU/config){': ' + tail if tail else ''} [{err}]"
                         ) from err
-                    raise BackendError(f"restore {path}: {err}{said(paths)}") from err
+                    raise BackendError(f"restore {path}: {err}{said(ts, rec)}") from err
                 extra = placed.extra(rec.extra)
                 if header.vcpus_plugged:
                     extra[VCPUS_PLUGGED] = header.vcpus_plugged
                 return settle(ts, rec, "paused" if paused else "running", extra)
         except BaseException:
-            ts.kill_qemu(paths, rec.pid)
+            ts.kill_domain(rec)
             ts.gone(rec)
             raise
 
@@ -650,15 +528,3 @@ class _Fd:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-async def _load(paths: RuntimePaths, fd: int, offset: int, checked: tuple[int, ...],
-                source: str, timeout: float, paused: bool, plugged: int | None) -> None:
-    async with Qmp.open(paths.qmp) as qmp:
-        if plugged:
-            # The state holds every vCPU the guest had: plug them before it loads.
-            await plug_vcpus(qmp, plugged)
-        await vmstate.load_checked(qmp, fd, start=offset, checked=checked, source=source,
-                                   what="restore", timeout=timeout)
-        if not paused:
-            await qmp.execute("cont")

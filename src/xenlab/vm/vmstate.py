@@ -28,12 +28,12 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 from xenlab import faults
 from xenlab.errors import BackendError, FormatError
 from xenlab.vm import saveimage
+from xenlab.vm.backend import MigrationProgress, Progress
 from xenlab.vm.qmp import EventWatch, Qmp
 
 __all__ = [
@@ -71,23 +71,6 @@ _KICK: Final = 0.005
 _FD_NAME: Final = "xenlab-vmstate"
 
 
-@dataclass(frozen=True, slots=True)
-class MigrationProgress:
-    """One progress report: ``phase`` is "storage" (disk mirrors) or "memory".
-
-    Byte counts are QEMU's: for memory, RAM transferred and remaining of
-    ``total``; for storage, the mirrors' offsets summed over all disks.
-    """
-
-    phase: str
-    status: str
-    transferred: int
-    remaining: int
-    total: int
-    elapsed: float
-
-
-Progress = Callable[[MigrationProgress], None]
 
 
 # --- QMP helpers --------------------------------------------------------------------------

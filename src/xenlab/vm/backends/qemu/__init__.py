@@ -34,12 +34,15 @@ from xenlab.vm.backend import (
     NicReleased,
     Note,
     Presence,
+    SaveFacts,
+    SaveRequest,
     Started,
     StartSpec,
     VcpuReport,
     VcpuState,
 )
 from xenlab.vm.backends.qemu import devices, memory, nics, vcpus
+from xenlab.vm.backends.qemu import save as saving
 from xenlab.vm.backends.qemu.info import live_info
 from xenlab.vm.qemu import (
     RuntimePaths,
@@ -59,6 +62,7 @@ from xenlab.vm.rundir import (
     wait_gone,
 )
 from xenlab.vm.runtime import DISK_NODES, QEMU_NAME
+from xenlab.vm.saveimage import DiskSnapshot
 from xenlab.vm.store import DomainRecord, is_domain_qemu
 
 __all__ = ["QemuBackend"]
@@ -330,6 +334,29 @@ class QemuBackend:
     async def discard_nic(self, h: DomainHandle, devid: int,
                           host_end: Mapping[str, Any] | None) -> None:
         await nics.discard_nic(self.paths(h).qmp, devid, host_end)
+
+    # -- state -----------------------------------------------------------------------------
+
+    async def save(self, h: DomainHandle, req: SaveRequest) -> SaveFacts:
+        return await saving.save(self.paths(h).qmp, req)
+
+    async def abort_save(self, h: DomainHandle, *, resume: bool,
+                         snapshots: Sequence[DiskSnapshot]) -> tuple[str, tuple[str, ...]]:
+        return await saving.abort_save(self.paths(h).qmp, resume=resume, snapshots=snapshots)
+
+    async def load(self, h: DomainHandle, fd: int, offset: int, checked: tuple[int, ...],
+                   source: str, timeout: float, *, run: bool,
+                   vcpus_plugged: int | None = None) -> None:
+        await saving.load(self.paths(h).qmp, fd, offset, checked, source, timeout, run=run,
+                        vcpus_plugged=vcpus_plugged)
+
+    async def quit(self, h: DomainHandle) -> None:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            await saving.quit_qemu(qmp)
+
+    def said(self, h: DomainHandle) -> str:
+        paths = self.paths_or_none(h)
+        return qemu_said(paths) if paths is not None else ""
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:
         paths = self.paths_or_none(h)
