@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -340,6 +341,20 @@ class FakeBackend:
 
     def said(self, h: DomainHandle) -> str:
         return ""
+
+    def open_console(self, h: DomainHandle, timeout: float) -> socket.socket:
+        """One end of a socket pair; the guest's end echoes what it is sent, upper-cased."""
+        self._dom(h, "open_console")
+        ours, guests = socket.socketpair()
+
+        def guest() -> None:
+            with guests:
+                guests.sendall(b"fake login: ")
+                while data := guests.recv(4096):
+                    guests.sendall(data.upper())
+
+        threading.Thread(target=guest, daemon=True).start()
+        return ours
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:
         dom = self.world.get(str(h.ref["uuid"]))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.vm.fakebackend import FakeBackend
-from xenlab.errors import BackendError, ConflictError, StateError
+from xenlab.errors import BackendError, ConflictError, NotFoundError, StateError
 from xenlab.vm.backend import Capabilities, ExitReason, Unsupported
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job
@@ -277,3 +277,22 @@ def test_save_and_restore_through_the_backend(ts: Toolstack, fake: FakeBackend,
     with pytest.raises(FormatError):
         restore(ts, again, image=object())
     assert ts.store.list() == []
+
+
+def test_the_console_is_the_backends_stream(ts: Toolstack, fake: FakeBackend) -> None:
+    import os
+
+    from xenlab.vm.console import attach
+
+    rec = _running(ts, fake, "a")
+    r, w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.write(w, b"root\n")
+    seen = attach(ts.open_console("a"), stdin=r, stdout=out_w, until=b"ROOT", timeout=10)
+    assert seen == b"fake login: ROOT\n" and os.read(out_r, 100) == seen
+    for fd in (r, w, out_r, out_w):
+        os.close(fd)
+    assert ("open_console", rec.uuid) in fake.calls
+    ts.destroy("a")
+    with pytest.raises(NotFoundError):  # gone, as with xl
+        ts.open_console("a")

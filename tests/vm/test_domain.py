@@ -185,7 +185,7 @@ def test_console_reaches_a_shell(ts: Toolstack, tmp_path: Path) -> None:
     os.write(w, b"echo con$((40+2))sole\n")
     out_r, out_w = os.pipe()
     try:
-        seen = attach(ts.paths(rec).console, stdin=r, stdout=out_w, until=b"con42sole",
+        seen = attach(ts.open_console(rec.name), stdin=r, stdout=out_w, until=b"con42sole",
                       timeout=20)
     finally:
         for fd in (r, w, out_r, out_w):

@@ -84,7 +84,7 @@ def create_cmd(cfg: Path, overrides: Sequence[str], paused: bool, console: bool,
     if console:
         from xenlab.vm.console import attach
 
-        attach(ts.paths(rec).console)
+        attach(ts.open_console(rec.name))
 
 
 @vm.command("list")
@@ -179,7 +179,7 @@ def console_cmd(domain: str, timeout: float | None, state_dir: Path | None) -> N
     from xenlab.vm.console import attach
 
     ts = _ts(state_dir)
-    attach(ts.paths(ts.get(domain)).console, timeout=timeout)
+    attach(ts.open_console(domain), timeout=timeout)
 
 
 @vm.command("exec", context_settings={"ignore_unknown_options": True})

@@ -13,6 +13,7 @@ module imports no backend.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -466,6 +467,11 @@ class Backend(Protocol):
 
     def said(self, h: DomainHandle) -> str:
         """The hypervisor's last words about the domain (QEMU's log tail), or ""."""
+        ...
+
+    def open_console(self, h: DomainHandle, timeout: float) -> socket.socket:
+        """A connected stream to the domain's serial console (xl console); BackendError
+        when none answers within ``timeout`` seconds."""
         ...
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:

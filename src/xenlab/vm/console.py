@@ -1,6 +1,7 @@
 """Attach a terminal to a domain's serial console: :func:`attach`.
 
-The console is QEMU's serial port on a unix socket.  Like ``xl console``,
+The console is a connected stream the backend opens (``Backend.open_console``;
+QEMU: its serial port's unix socket).  Like ``xl console``,
 ``Ctrl-]`` detaches; the terminal is put in raw mode while attached and is
 restored on every way out.  Without a terminal (a pipe), input is copied
 until it ends and output until ``until`` appears or ``timeout`` passes.
@@ -15,44 +16,26 @@ import sys
 import termios
 import time
 import tty
-from pathlib import Path
-
-from xenlab.errors import BackendError
 
 ESCAPE = b"\x1d"  # Ctrl-]
 
 
-def _connect(path: Path, timeout: float) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(str(path))
-            return s
-        except OSError as err:
-            s.close()
-            if time.monotonic() > deadline:
-                raise BackendError(f"{path}: cannot attach to the console: {err}") from err
-            time.sleep(0.1)
-
-
 def attach(
-    path: Path,
+    sock: socket.socket,
     *,
     stdin: int | None = None,
     stdout: int | None = None,
     until: bytes | None = None,
     timeout: float | None = None,
 ) -> bytes:
-    """Bridge the console socket at ``path`` with a terminal or pipes.
+    """Bridge the console stream ``sock`` with a terminal or pipes; ``sock`` is closed after.
 
     Returns the console output seen (the last 64 KiB), which callers and
     tests can search.  Stops on Ctrl-], on ``until`` in the output, after
-    ``timeout`` seconds, or when QEMU closes the socket.
+    ``timeout`` seconds, or when the backend closes the stream.
     """
     fd_in = sys.stdin.fileno() if stdin is None else stdin
     fd_out = sys.stdout.fileno() if stdout is None else stdout
-    sock = _connect(path, 10)
     seen = bytearray()
     is_tty = os.isatty(fd_in)
     saved = termios.tcgetattr(fd_in) if is_tty else None

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
@@ -893,6 +894,16 @@ class Toolstack:
             return await self.backend.agent_exec(h, argv, timeout)
 
         return _run_async(go())
+
+    def open_console(self, name_or_id: str, *, timeout: float = 10.0) -> socket.socket:
+        """A connected stream to the domain's serial console (``vm.console.attach`` bridges
+        it with a terminal).
+
+        :raise StateError: the domain does not run.
+        :raise BackendError: no console answers within ``timeout`` seconds.
+        """
+        rec = self.live_record(name_or_id)
+        return self.backend.open_console(self.handle(rec), timeout)
 
     def kill_qemu(self, paths: RuntimePaths, pid: int | None = None) -> None:
         """SIGKILL the QEMU of ``paths`` (its pidfile's pid, or ``pid``) and wait for it.

@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -357,6 +359,21 @@ class QemuBackend:
     def said(self, h: DomainHandle) -> str:
         paths = self.paths_or_none(h)
         return qemu_said(paths) if paths is not None else ""
+
+    def open_console(self, h: DomainHandle, timeout: float) -> socket.socket:
+        """QEMU's serial port, a unix socket in the run directory (it may still be coming up)."""
+        path = self.paths(h).console
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(path))
+                return s
+            except OSError as err:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise BackendError(f"{path}: cannot attach to the console: {err}") from err
+                time.sleep(0.1)
 
     def exit_reason(self, h: DomainHandle) -> ExitReason | None:
         paths = self.paths_or_none(h)
