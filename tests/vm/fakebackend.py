@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from xenlab import hotplug
@@ -24,6 +25,8 @@ from xenlab.config.specs.vif import VifSpec
 from xenlab.errors import BackendError, DeviceNotReleased, NotFoundError, Refused, UsageError
 from xenlab.vm import saveimage
 from xenlab.vm.backend import (
+    BlockCopyFailed,
+    BlockCopyRequest,
     Capabilities,
     DomainHandle,
     ExitReason,
@@ -297,6 +300,29 @@ class FakeBackend:
         self._dom(h, "discard_nic")
         if host_end is not None:
             self.ends_up.discard(str(host_end["vifname"]))
+
+    async def block_copy(self, h: DomainHandle, req: BlockCopyRequest, note: Note
+                         ) -> tuple[str, int]:
+        dom = self._dom(h, "block_copy")
+        source = dom.disks.get(req.vdev)
+        if source is None:
+            raise BlockCopyFailed(f"fake: no disk {req.vdev}")
+        if self.refuse is not None:
+            raise BlockCopyFailed(f"fake refused the copy: {self.refuse}")
+        data = Path(source).read_bytes()
+        fd = os.open(req.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        note({"phase": "completing"})
+        if not req.pivot:
+            return "", len(data)
+        dom.disks[req.vdev] = str(req.target)
+        return f"{req.vdev}-copy", len(data)
+
+    async def end_block_copy(self, h: DomainHandle, vdev: str, source: str, target: str, *,
+                             complete: bool) -> str | None:
+        dom = self._dom(h, "end_block_copy")
+        return f"{vdev}-copy" if dom.disks.get(vdev) == target else None
 
     async def save(self, h: DomainHandle, req: SaveRequest) -> SaveFacts:
         """The fake's stream is its domain as one JSON line behind QEMU's magic (the image

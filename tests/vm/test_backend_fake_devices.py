@@ -15,7 +15,7 @@ from xenlab.vm.disks import block_attach, block_detach, block_list, cd_eject, cd
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.jobs import Job
 from xenlab.vm.network import network_attach, network_detach, network_list
-from xenlab.vm.runtime import JOB, STALE_NODES, VIFS, Runtime
+from xenlab.vm.runtime import DISK_PATHS, JOB, STALE_NODES, VIFS, Runtime
 from xenlab.vm.store import DomainRecord
 
 
@@ -249,3 +249,27 @@ def test_a_killed_network_attach_or_detach_converges(ts: Toolstack,
                                                   {"devid": 0}).to_json()})
     ts.pause("a")
     assert _devids(ts, "a") == [] and JOB not in ts.get("a").extra
+
+
+def test_mirror_through_the_backend(ts: Toolstack, fake: FakeBackend, tmp_path: Path) -> None:
+    from xenlab.vm.mirror import mirror
+
+    data = _image(tmp_path, "d.img")
+    Path(data).write_bytes(b"guest data" * 100)
+    rec = _running(ts, "a", f'disk = [ "format=raw,vdev=xvda,access=rw,target={data}" ]\n')
+    copy = tmp_path / "copy.img"
+    res = mirror(ts, "a", "xvda", copy, format="raw", pivot=False)
+    assert (res.pivoted, res.bytes) == (False, 1000) and copy.read_bytes() == b"guest data" * 100
+    assert fake.world[rec.uuid].disks["xvda"] == data and DISK_PATHS not in ts.get("a").extra
+    moved = tmp_path / "moved.img"
+    res = mirror(ts, "a", "xvda", moved, format="raw")
+    assert res.pivoted and fake.world[rec.uuid].disks["xvda"] == str(moved)
+    assert Runtime.of(ts.get("a")).moved["xvda"].file == str(moved)
+    assert [d.file for d in block_list(ts, "a")] == [str(moved)]
+    assert JOB not in ts.get("a").extra
+    with pytest.raises(ConflictError):  # the target must be new
+        mirror(ts, "a", "xvda", moved, format="raw")
+    fake.refuse = "busy"
+    with pytest.raises(BackendError, match="fake refused the copy: busy; a still runs on"):
+        mirror(ts, "a", "xvda", tmp_path / "third.img", format="raw")
+    assert not (tmp_path / "third.img").exists() and JOB not in ts.get("a").extra

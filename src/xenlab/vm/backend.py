@@ -17,22 +17,27 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
+from pathlib import Path
 from typing import Any, Protocol
 
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat, DiskSpec
 from xenlab.config.specs.vif import VifSpec
-from xenlab.errors import StateError, XenlabError
+from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm.saveimage import DiskSnapshot
 from xenlab.vm.store import DomainRecord
 
 __all__ = [
     "Backend",
+    "BlockCopyFailed",
+    "BlockCopyRequest",
     "Capabilities",
+    "CopyProgress",
     "DomainHandle",
     "ExitReason",
     "MemoryReport",
     "MigrationProgress",
+    "MirrorProgress",
     "NicAttached",
     "NicReleased",
     "Note",
@@ -182,6 +187,54 @@ class MigrationProgress:
 
 
 Progress = Callable[[MigrationProgress], None]
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorProgress:
+    """One progress report of a block copy: bytes ``done`` of ``total`` (QEMU's offset/len)."""
+
+    vdev: str
+    status: str
+    done: int
+    total: int
+    ready: bool
+    elapsed: float
+
+
+CopyProgress = Callable[[MirrorProgress], None]
+
+
+@dataclass(frozen=True, slots=True)
+class BlockCopyRequest:
+    """Copy running disk ``vdev`` to the new image ``target`` (format ``format``), and with
+    ``pivot`` switch the guest to it (libvirt's blockcopy --pivot; without: a copy of the
+    disk as it was when the copy converged).  ``bandwidth`` caps it (bytes/s, None: no
+    cap); ``timeout`` bounds it; ``started`` is when the verb began (for progress)."""
+
+    vdev: str
+    target: Path
+    format: str
+    pivot: bool
+    timeout: float
+    started: float
+    bandwidth: int | None = None
+    progress: CopyProgress | None = None
+
+
+class BlockCopyFailed(BackendError):
+    """A block copy failed; how far it got: ``created`` (the target file was made),
+    ``pivot_asked``, ``pivoted`` (the guest writes to the target now, on ``node``),
+    ``length`` (bytes copied), ``lost`` (the control channel broke: the hypervisor may
+    have died)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.node = ""
+        self.pivot_asked = False
+        self.pivoted = False
+        self.length = 0
+        self.lost = False
+        self.created = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +487,22 @@ class Backend(Protocol):
     async def discard_nic(self, h: DomainHandle, devid: int,
                           host_end: Mapping[str, Any] | None) -> None:
         """Undo what a killed attach of NIC ``devid`` made (the guest has no such NIC)."""
+        ...
+
+    # -- block jobs (libvirt's domainBlockCopy, domainBlockJobAbort)
+
+    async def block_copy(self, h: DomainHandle, req: BlockCopyRequest, note: Note
+                         ) -> tuple[str, int]:
+        """Copy a running disk as ``req`` says (the target is made here, new and private);
+        (the backend's name for the disk after a pivot, "" without; bytes copied).
+        ``note`` gets ``{"phase": "completing"}`` once the switch may happen at any moment.
+        :raise BlockCopyFailed: saying how far it got (undone where it could be)."""
+        ...
+
+    async def end_block_copy(self, h: DomainHandle, vdev: str, source: str, target: str, *,
+                             complete: bool) -> str | None:
+        """End a copy a killed verb left (let a pivot already asked for finish when
+        ``complete``, else cancel); the disk's new name when it runs on ``target`` now."""
         ...
 
     # -- state (xl save/restore; libvirt's domainSave, domainRestore)

@@ -10,12 +10,10 @@ mirror leaves are in docs/snapshots.md ("Disk mirroring").
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +29,13 @@ from xenlab.errors import (
     XenlabError,
 )
 from xenlab.vm import qemuimg
+from xenlab.vm.backend import BlockCopyFailed, BlockCopyRequest, CopyProgress, MirrorProgress
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job
 from xenlab.vm.qemuimg import FORMAT_DRIVERS, ImageFileError
-from xenlab.vm.qmp import CommandError, Qmp
 from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, Runtime, disk_now
-from xenlab.vm.snapbackends import drop_nodes_on, glob_escape
+from xenlab.vm.snapbackends import glob_escape
 from xenlab.vm.store import DomainRecord
 
 __all__ = [
@@ -59,18 +57,6 @@ _SETTLE = 120.0
 
 
 @dataclass(frozen=True, slots=True)
-class MirrorProgress:
-    """One progress report of a mirror: bytes ``done`` of ``total`` (QEMU's offset/len)."""
-
-    vdev: str
-    status: str
-    done: int
-    total: int
-    ready: bool
-    elapsed: float
-
-
-@dataclass(frozen=True, slots=True)
 class MirrorResult:
     """What a finished mirror did.
 
@@ -89,19 +75,7 @@ class MirrorResult:
     seconds: float
 
 
-Progress = Callable[[MirrorProgress], None]
-
-
-@dataclass(slots=True)
-class _Run:
-    """How far a mirror got, for the error path."""
-
-    node: str = ""
-    pivot_asked: bool = False
-    pivoted: bool = False
-    length: int = 0
-    lost: bool = False  # the QMP session broke off
-    created: bool = False  # the target file is there, made by this mirror
+Progress = CopyProgress
 
 
 def mirror(
@@ -145,22 +119,27 @@ def mirror(
     with ts.live(name) as rec:
         source, source_fmt = _source_file(ts, rec, vdev, pivot)
         _check_new(target)
-        run = _Run()
+        h = ts.handle(rec)
+        req = BlockCopyRequest(vdev, target, format, pivot, timeout, started, bandwidth,
+                               progress)
         # The job first: a killed mirror is finished or undone by the next command.
         with ts.job(rec, "mirror", **_job_detail(vdev, source, source_fmt, target, format,
                                                  pivot)) as rec:
             faults.point("mirror.job")
+            domid = rec.domid
+
+            def note(fact: Mapping[str, Any]) -> None:
+                ts.update_job(domid, **fact)
+
             try:
-                _run_async(_mirror(ts, rec, vdev, target, format, pivot, bandwidth, timeout,
-                                   progress, started, run))
-            except BaseException as err:
-                raise _failed(ts, rec, vdev, source, source_fmt, target, format, run,
-                              err) from err
-            if run.pivoted:
+                node, length = _run_async(ts.backend.block_copy(h, req, note))
+            except BlockCopyFailed as err:
+                raise _failed(ts, rec, vdev, source, source_fmt, target, format, err) from err
+            if pivot:
                 faults.point("mirror.recording")
-                _record_pivot(ts, rec.domid, vdev, target, format, run.node)
+                _record_pivot(ts, rec.domid, vdev, target, format, node)
         rec = ts.store.get(rec.domid)
-    return MirrorResult(rec, vdev, source, str(target), format, run.pivoted, run.length,
+    return MirrorResult(rec, vdev, source, str(target), format, pivot, length,
                         time.monotonic() - started)
 
 
@@ -303,182 +282,11 @@ def _convert(source: str, source_fmt: str, out: Path, fmt: str, vdev: str, size:
                                 time.monotonic() - started))
 
 
-# --- the QMP side --------------------------------------------------------------------
-
-
-async def _device_node(qmp: Qmp, vdev: str) -> str | None:
-    """The node the guest's device ``vdev`` is attached to, as QEMU says."""
-    return (await _device_file(qmp, vdev))[0]
-
-
-async def _device_file(qmp: Qmp, vdev: str) -> tuple[str | None, str | None]:
-    """(node, file) the guest's device ``vdev`` is attached to, as QEMU says."""
-    blocks = await qmp.execute("query-block")
-    for b in blocks if isinstance(blocks, list) else ():
-        qdev = str(b.get("qdev", ""))
-        if qdev == vdev or qdev.startswith(f"/machine/peripheral/{vdev}/") or \
-                b.get("device") == vdev:
-            inserted = b.get("inserted") or {}
-            node, file = inserted.get("node-name"), inserted.get("file")
-            return (str(node) if node else None,
-                    str(file) if isinstance(file, str) else None)
-    return None, None
-
-
-def _file_child(node: str) -> str:
-    # vm.qemu names a disk's pair <vdev>-file/<vdev>-fmt; we add <node>/<node>-file.
-    return node[:-4] + "-file" if node.endswith("-fmt") else f"{node}-file"
-
-
-async def _mirror(ts: Toolstack, rec: DomainRecord, vdev: str, target: Path, fmt: str,
-                  pivot: bool, bandwidth: int | None, timeout: float,
-                  progress: Progress | None, started: float, run: _Run) -> None:
-    deadline = time.monotonic() + timeout
-    job = _job_id(vdev)
-    async with Qmp.open(ts.paths(rec).qmp) as qmp:
-        src = await _device_node(qmp, vdev)
-        if src is None:
-            raise BackendError(f"QEMU has no device {vdev} with a medium")
-        nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
-        listed = [n for n in nodes if isinstance(n, dict)] if isinstance(nodes, list) else []
-        names = {str(n.get("node-name")) for n in listed}
-        sizes = [int(n["image"]["virtual-size"]) for n in listed if n.get("node-name") == src]
-        if not sizes:
-            raise BackendError(f"QEMU has no block node {src} (the disk of {vdev})")
-        size = sizes[0]
-        n = 1
-        while f"{vdev}--mirror{n}" in names or f"{vdev}--mirror{n}-file" in names:
-            n += 1
-        node = f"{vdev}--mirror{n}"
-        # New, 0600, and nobody else's file or link at the name (qemuimg.new_image);
-        # the directory is fsynced: the record may name this very file soon.
-        qemuimg.create(target, fmt, size)
-        run.created = True
-        faults.point("mirror.target-made")
-        added = False
-        running = False
-        try:
-            await qmp.execute("blockdev-add", {
-                "driver": fmt, "node-name": node,
-                "file": {"driver": "file", "filename": str(target), "node-name": f"{node}-file"},
-            })
-            added = True
-            faults.point("mirror.node-added")
-            await qmp.execute("blockdev-mirror", {
-                "job-id": job, "device": src, "target": node, "sync": "full",
-                "speed": bandwidth or 0,
-                # kept after it ends, so its error can be read
-                "auto-dismiss": False,
-            })
-            running = True
-            faults.point("mirror.copying")
-            info = await _wait_ready(qmp, job, vdev, deadline, timeout, progress, started)
-            run.length = int(info.get("len", 0))
-            faults.point("mirror.ready")
-            # From here QEMU may switch the device to the target at any moment.
-            ts.update_job(rec.domid, phase="completing")
-            if pivot:
-                run.pivot_asked = True
-                await qmp.execute("job-complete", {"id": job})
-            else:
-                # A ready mirror cancelled completes without switching the device.
-                await qmp.execute("block-job-cancel", {"device": job})
-            faults.point("mirror.completing")
-            final = await _wait_concluded(qmp, job, deadline, timeout)
-            running = False
-            faults.point("mirror.concluded")
-            if final.get("error"):
-                raise BackendError(f"mirror job failed: {final['error']}")
-            run.length = int(final.get("len", run.length))
-            if pivot:
-                now = await _device_node(qmp, vdev)
-                if now != node:
-                    raise BackendError(f"the pivot did not happen: {vdev} is on {now}")
-                run.node, run.pivoted = node, True
-                # Nothing uses the old nodes now; deleting them closes the old file.
-                with contextlib.suppress(BackendError):
-                    await _del_nodes(qmp, src)
-            else:
-                await _del_nodes(qmp, node)
-                added = False
-            faults.point("mirror.nodes-deleted")
-        except BaseException:
-            if not qmp.connected:
-                run.lost = True
-                raise
-            if running:
-                with contextlib.suppress(BackendError):
-                    await qmp.execute("block-job-cancel", {"device": job, "force": True})
-                with contextlib.suppress(BackendError):
-                    await _wait_concluded(qmp, job, time.monotonic() + 30, 30)
-            with contextlib.suppress(BackendError):
-                if run.pivot_asked and await _device_node(qmp, vdev) == node:
-                    run.node, run.pivoted = node, True
-            if added and not run.pivoted:
-                with contextlib.suppress(BackendError):
-                    await _del_nodes(qmp, node)
-            raise
-
-
-async def _del_nodes(qmp: Qmp, node: str) -> None:
-    # Our file node was defined inside the blockdev-add, so it goes with its
-    # parent; vm.qemu's pairs are two -blockdev options and need both dels.
-    await qmp.execute("blockdev-del", {"node-name": node})
-    with contextlib.suppress(BackendError):
-        await qmp.execute("blockdev-del", {"node-name": _file_child(node)})
-
-
-async def _job(qmp: Qmp, job: str) -> dict[str, Any] | None:
-    jobs = await qmp.execute("query-block-jobs")
-    for j in jobs if isinstance(jobs, list) else ():
-        if isinstance(j, dict) and j.get("device") == job:
-            return j
-    return None
-
-
-async def _wait_ready(qmp: Qmp, job: str, vdev: str, deadline: float, timeout: float,
-                      progress: Progress | None, started: float) -> dict[str, Any]:
-    while True:
-        info = await _job(qmp, job)
-        if info is None:
-            raise BackendError(f"mirror job {job} vanished before it was ready")
-        status = str(info.get("status"))
-        if info.get("error") or status in ("aborting", "concluded", "null"):
-            raise BackendError(f"mirror job {job} failed: "
-                               f"{info.get('error', 'it ended before it was ready')}")
-        if progress is not None:
-            progress(MirrorProgress(vdev, status, int(info.get("offset", 0)),
-                                    int(info.get("len", 0)), bool(info.get("ready")),
-                                    time.monotonic() - started))
-        if info.get("ready"):
-            return info
-        if time.monotonic() > deadline:
-            raise BackendError(f"mirror not ready within {timeout:g}s "
-                               f"({info.get('offset')} of {info.get('len')} bytes copied)")
-        await asyncio.sleep(_POLL)
-
-
-async def _wait_concluded(qmp: Qmp, job: str, deadline: float, timeout: float
-                          ) -> dict[str, Any]:
-    """Wait until ``job`` has concluded, dismiss it; its last state."""
-    while True:
-        info = await _job(qmp, job)
-        if info is None:
-            return {}
-        if info.get("status") == "concluded":
-            await qmp.execute("job-dismiss", {"id": job})
-            return info
-        if time.monotonic() > deadline:
-            raise BackendError(f"mirror job {job} did not end within {timeout:g}s "
-                               f"(status {info.get('status')})")
-        await asyncio.sleep(_POLL)
-
-
 # --- failures ------------------------------------------------------------------------
 
 
 def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, source_fmt: str,
-            target: Path, fmt: str, run: _Run, err: BaseException) -> BaseException:
+            target: Path, fmt: str, run: BlockCopyFailed) -> BaseException:
     """Leave things consistent after a failed mirror; the error to raise, saying what happened."""
     what = f"mirror {rec.name} {vdev} -> {target}"
     deadline = time.monotonic() + 5
@@ -489,14 +297,14 @@ def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, source_fmt
         if run.pivoted:
             # The guest writes to the target now: the record must say so.
             _record_pivot(ts, rec.domid, vdev, target, fmt, run.node)
-            msg = f"{what}: {err}; the disk did switch to {target} (recorded)"
+            msg = f"{what}: {run}; the disk did switch to {target} (recorded)"
         else:
-            msg = f"{what} failed: {err}; {rec.name} still runs on {source}"
+            msg = f"{what} failed: {run}; {rec.name} still runs on {source}"
             if run.created:
                 qemuimg.remove_own(target)
                 msg += f", and {target} was removed"
-        return BackendError(msg) if isinstance(err, Exception) else err
-    notes = [f"QEMU exited during the mirror ({err})"]
+        return BackendError(msg)
+    notes = [f"QEMU exited during the mirror ({run})"]
     if run.pivot_asked:
         notes.append(f"the pivot had been asked, so {target} is kept (it may hold the "
                      f"guest's last writes) but the domain stays recorded on {source}")
@@ -508,8 +316,7 @@ def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, source_fmt
     kept = any(r.domid == rec.domid for r in ts.store.list())
     notes.append(f"{rec.name} is now shut off (it has snapshots)" if kept
                  else f"{rec.name} is gone from the store")
-    msg = f"{what}: " + "; ".join(notes)
-    return BackendError(msg) if isinstance(err, Exception) else err
+    return BackendError(f"{what}: " + "; ".join(notes))
 
 
 def _check_source(source: str, fmt: str) -> str:
@@ -532,11 +339,6 @@ def _check_source(source: str, fmt: str) -> str:
 
 
 # --- a killed mirror --------------------------------------------------------------------
-
-
-def _job_id(vdev: str) -> str:
-    """The id of QEMU's mirror job of disk ``vdev`` (fixed: a recovery finds it)."""
-    return f"mirror-{vdev}"
 
 
 def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
@@ -568,7 +370,10 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
             log.warning("%s: killed, and QEMU is gone too; the unfinished %s was removed",
                         where, target)
         return ts.store.get(rec.domid)
-    node = _run_async(_settle_in_qemu(ts, rec, job))
+    # A pivot already asked for is let finish; anything else is cancelled.
+    complete = pivot and d.get("phase") == "completing"
+    node = _run_async(ts.backend.end_block_copy(ts.handle(rec), vdev, str(d.get("source", "")),
+                                                target, complete=complete))
     if node is not None:
         _record_pivot(ts, rec.domid, vdev, Path(target), fmt, node)
         log.warning("%s: a mirror killed after QEMU pivoted is finished: the guest writes to "
@@ -580,50 +385,6 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
                     "the pivot" if pivot else "it ended", d.get("source"),
                     f", and {target} was removed" if removed else "")
     return ts.store.get(rec.domid)
-
-
-async def _settle_in_qemu(ts: Toolstack, rec: DomainRecord, job: Job) -> str | None:
-    """End QEMU's side of a killed mirror; the node the device runs on if it is the target."""
-    d = job.detail
-    vdev, target = str(d["vdev"]), os.path.realpath(str(d["target"]))
-    # A pivot already asked for is let finish; anything else is cancelled.
-    complete = bool(d.get("pivot")) and d.get("phase") == "completing"
-    async with Qmp.open(ts.paths(rec).qmp) as qmp:
-        await _end_job(qmp, _job_id(vdev), complete=complete)
-        node, file = await _device_file(qmp, vdev)
-        if node is not None and file is not None and os.path.realpath(file) == target:
-            # The old image's nodes: nothing uses them now (QEMU refuses otherwise).
-            await drop_nodes_on(qmp, str(d.get("source", "")))
-            return node
-        await drop_nodes_on(qmp, target)
-        return None
-
-
-async def _end_job(qmp: Qmp, job: str, *, complete: bool) -> None:
-    """Bring QEMU's job ``job`` to its end (completed or cancelled) and dismiss it."""
-    deadline = time.monotonic() + _SETTLE
-    asked = False
-    while True:
-        jobs = await qmp.execute("query-jobs")
-        info = next((j for j in jobs if isinstance(j, dict) and j.get("id") == job),
-                    None) if isinstance(jobs, list) else None
-        if info is None:
-            return
-        status = str(info.get("status"))
-        if status == "concluded":
-            await qmp.execute("job-dismiss", {"id": job})
-            return
-        if not asked and (status == "ready" or not complete):
-            with contextlib.suppress(CommandError):  # it may have moved on meanwhile
-                if complete:
-                    await qmp.execute("job-complete", {"id": job})
-                else:
-                    await qmp.execute("block-job-cancel", {"device": job, "force": True})
-                asked = True
-        if time.monotonic() > deadline:
-            raise BackendError(f"QEMU's mirror job {job} did not end within {_SETTLE:g}s "
-                               f"(status {status})")
-        await asyncio.sleep(_POLL)
 
 
 def _recover_offline(ts: Toolstack, rec: DomainRecord, job: Job, where: str

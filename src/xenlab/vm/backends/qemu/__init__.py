@@ -28,6 +28,7 @@ from xenlab.config.specs.vif import VifSpec
 from xenlab.errors import BackendError, StateError
 from xenlab.vm.accel import Accel, probe_accel
 from xenlab.vm.backend import (
+    BlockCopyRequest,
     Capabilities,
     DomainHandle,
     ExitReason,
@@ -43,7 +44,7 @@ from xenlab.vm.backend import (
     VcpuReport,
     VcpuState,
 )
-from xenlab.vm.backends.qemu import devices, memory, nics, vcpus
+from xenlab.vm.backends.qemu import blockcopy, devices, memory, nics, vcpus
 from xenlab.vm.backends.qemu import save as saving
 from xenlab.vm.backends.qemu.info import live_info
 from xenlab.vm.qemu import (
@@ -336,6 +337,17 @@ class QemuBackend:
     async def discard_nic(self, h: DomainHandle, devid: int,
                           host_end: Mapping[str, Any] | None) -> None:
         await nics.discard_nic(self.paths(h).qmp, devid, host_end)
+
+    # -- block jobs --------------------------------------------------------------------------
+
+    async def block_copy(self, h: DomainHandle, req: BlockCopyRequest, note: Note
+                         ) -> tuple[str, int]:
+        return await blockcopy.block_copy(self.paths(h).qmp, req, note)
+
+    async def end_block_copy(self, h: DomainHandle, vdev: str, source: str, target: str, *,
+                             complete: bool) -> str | None:
+        return await blockcopy.end_block_copy(self.paths(h).qmp, vdev, source, target,
+                                              complete=complete)
 
     # -- state -----------------------------------------------------------------------------
 
