@@ -13,12 +13,13 @@ module imports no backend.
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat, DiskSpec
@@ -52,7 +53,11 @@ __all__ = [
     "VcpuState",
     "WrongBackend",
     "check_backend",
+    "run",
 ]
+
+
+T = TypeVar("T")
 
 
 class Presence(Enum):
@@ -315,6 +320,12 @@ class WrongBackend(StateError):
         self.running = running
         super().__init__(f"domain {domain!r} belongs to the {recorded} backend; this "
                          f"command runs the {running} backend, so nothing was done")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one backend call from the verbs' synchronous code, in an event loop of its own
+    (until the verbs are ``async`` and the CLI's ``asyncio.run`` is the only loop)."""
+    return asyncio.run(coro)
 
 
 def check_backend(rec: DomainRecord, backend: str) -> None:

@@ -45,13 +45,13 @@ from xenlab.errors import (
     UsageError,
     XenlabError,
 )
+from xenlab.vm.backend import run as _run
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import config_from_text, create_image, disk_line, on_disks_now
 from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
 from xenlab.vm.jobs import Job
 from xenlab.vm.qemu import check_disk, disk_slot
 from xenlab.vm.qemuimg import remove_own
-from xenlab.vm.qmp import run as _run
 from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, DISK_SPECS, STALE_NODES
 from xenlab.vm.store import DomainRecord
 

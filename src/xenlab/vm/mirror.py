@@ -30,10 +30,10 @@ from xenlab.errors import (
 )
 from xenlab.vm import qemuimg
 from xenlab.vm.backend import BlockCopyFailed, BlockCopyRequest, CopyProgress, MirrorProgress
+from xenlab.vm.backend import run as _run_async
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job
 from xenlab.vm.qemuimg import FORMAT_DRIVERS, ImageFileError
-from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, Runtime, disk_now
 from xenlab.vm.snapbackends import glob_escape
 from xenlab.vm.store import DomainRecord

@@ -34,11 +34,11 @@ from typing import Any
 from xenlab import faults, hotplug
 from xenlab.config.specs.vif import VifSpec, format_vif, parse_vif
 from xenlab.errors import BackendError, ConflictError, DeviceNotReleased, NotFoundError
+from xenlab.vm.backend import run as _run
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import config_from_text, vif_line
 from xenlab.vm.jobs import Job
 from xenlab.vm.qemu import Nic, nic, nics
-from xenlab.vm.qmp import run as _run
 from xenlab.vm.runtime import VIF_SPECS, VIFS
 from xenlab.vm.store import DomainRecord
 

@@ -47,10 +47,10 @@ from xenlab.errors import (
     XenlabError,
 )
 from xenlab.vm.backend import MemoryReport, VcpuReport
+from xenlab.vm.backend import run as _run
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import check_domain_name, config_from_text
 from xenlab.vm.hostcpus import host_topology, ranges, resolve_cpus
-from xenlab.vm.qmp import run as _run
 from xenlab.vm.runtime import MAXMEM_MIB, MEMORY_MIB, VCPUS, VCPUS_PLUGGED
 from xenlab.vm.store import STALE, DomainRecord
 

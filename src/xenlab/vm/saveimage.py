@@ -64,6 +64,7 @@ __all__ = [
     "check_stream",
     "check_stream_file",
     "check_stream_open",
+    "file_identity",
     "header_from_json",
     "header_seed",
     "header_to_json",
@@ -717,3 +718,10 @@ def header_seed(packed: bytes) -> int:
     """The seed the checksums behind ``packed`` chain to: the checksum that ends a version
     4 header from :func:`pack_header`."""
     return int(_SUM.unpack_from(packed, len(packed) - _SUM.size)[0])
+
+
+def file_identity(fd: int) -> tuple[int, ...]:
+    """What a loader compares before and after reading a checked file: device, inode, size
+    and times of file ``fd`` (another writer changes one of them)."""
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

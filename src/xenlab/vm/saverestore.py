@@ -41,12 +41,12 @@ from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, UsageError, XenlabError
 from xenlab.files import FileReadError
-from xenlab.vm import qemuimg, vmstate
+from xenlab.vm import qemuimg
 from xenlab.vm.backend import Progress, SaveFacts, SaveRequest
+from xenlab.vm.backend import run as _run
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.domconfig import config_from_text, on_disks
 from xenlab.vm.jobs import Job
-from xenlab.vm.qmp import run as _run
 from xenlab.vm.resources import plugged_vcpus
 from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, JOB, OVERLAYS, VCPUS_PLUGGED, Runtime
 from xenlab.vm.saveimage import (
@@ -54,6 +54,7 @@ from xenlab.vm.saveimage import (
     DiskSnapshot,
     SaveHeader,
     check_open,
+    file_identity,
     header_seed,
     pack_header,
 )
@@ -474,7 +475,7 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
         raise FileReadError(str(path), f"cannot read: {err.strerror or err}") from err
     with contextlib.closing(_Fd(fd)):
         # Checked on the descriptor QEMU will read, before anything else happens.
-        checked = vmstate.file_identity(fd)
+        checked = file_identity(fd)
         layout, _ = check_open(fd, str(path))
         header = layout.header
         if layout.seed is None:

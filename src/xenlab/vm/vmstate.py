@@ -45,7 +45,6 @@ __all__ = [
     "cancel_migration",
     "cont_after_migration",
     "enable_events",
-    "file_identity",
     "load_checked",
     "load_stream",
     "qemu_version",
@@ -239,10 +238,6 @@ async def cont_after_migration(qmp: Qmp, timeout: float = 10.0) -> None:
 # --- QEMU's stream into and out of a checked file ------------------------------------------
 
 
-def _identity(st: os.stat_result) -> tuple[int, ...]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 async def write_checked(qmp: Qmp, fd: int, *, seed: int, what: str, timeout: float,
                         progress: Progress | None = None, started: float | None = None,
                         tick: Callable[[], None] | None = None,
@@ -326,15 +321,10 @@ async def load_checked(qmp: Qmp, fd: int, *, start: int, checked: tuple[int, ...
     with qmp.listen("MIGRATION") as watch:
         await qmp.execute("migrate-incoming", {"uri": f"fd:{_FD_NAME}"})
         await wait_migration(qmp, watch, what, timeout, None, started)
-    if _identity(os.fstat(fd)) != checked:
+    if saveimage.file_identity(fd) != checked:
         raise FormatError(source, start, "stream",
                           "the file changed after it was checked and while QEMU read it; "
                           "its state was not used")
-
-
-def file_identity(fd: int) -> tuple[int, ...]:
-    """What :func:`load_checked` compares: device, inode, size and times of file ``fd``."""
-    return _identity(os.fstat(fd))
 
 
 async def write_stream(qmp: Qmp, fd: int, *, timeout: float = 300.0,
@@ -367,7 +357,7 @@ async def load_stream(qmp: Qmp, fd: int, *, timeout: float = 300.0,
         while QEMU read it.
     :raise BackendError: QEMU could not load it, or ``timeout`` passed.
     """
-    checked = file_identity(fd)
+    checked = saveimage.file_identity(fd)
     summary = saveimage.check_stream_open(fd, source)
     if summary is None:
         _log.warning("%s: a VM state written before checksums: loaded unchecked", source)
