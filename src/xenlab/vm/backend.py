@@ -37,6 +37,9 @@ __all__ = [
     "DomainHandle",
     "ExitReason",
     "MemoryReport",
+    "MigrateRequest",
+    "MigrateSent",
+    "MigrationCookie",
     "MigrationProgress",
     "MirrorProgress",
     "NicAttached",
@@ -240,6 +243,43 @@ class BlockCopyFailed(BackendError):
         self.length = 0
         self.lost = False
         self.created = False
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationCookie:
+    """What the source tells the destination before it sends (libvirt's Begin3 cookie)."""
+
+    running: bool  # the guest runs
+    version: str  # the hypervisor's version
+    disk_sizes: Mapping[str, int]  # vdev -> bytes, of the disks a storage migration copies
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateRequest:
+    """Send domain ``name``'s state to a destination listening at ``where`` (HOST:PORT);
+    with ``disks``, first copy them into its NBD exports on ``host``:``nbd_port``.
+    ``live=False`` pauses the guest first; ``max_bandwidth`` in bytes/s (None: no cap)."""
+
+    name: str
+    where: str
+    host: str
+    nbd_port: int | None
+    disks: tuple[str, ...]
+    live: bool
+    max_bandwidth: int | None
+    timeout: float
+    started: float
+    progress: Progress | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateSent:
+    """A completed stream: the hypervisor's final figures (``info``: QEMU's query-migrate),
+    whether the guest ran before, and what the backend must restore to take it back."""
+
+    info: Mapping[str, Any]
+    was_running: bool
+    backend_state: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,6 +554,43 @@ class Backend(Protocol):
                              complete: bool) -> str | None:
         """End a copy a killed verb left (let a pivot already asked for finish when
         ``complete``, else cancel); the disk's new name when it runs on ``target`` now."""
+        ...
+
+    # -- migration (libvirt's Begin3, Prepare3, Perform3, Finish3, Confirm3)
+
+    async def migrate_begin(self, h: DomainHandle, disks: Sequence[str]) -> MigrationCookie:
+        """The source's facts before it sends (``disks``: those a storage migration copies)."""
+        ...
+
+    async def migrate_perform(self, h: DomainHandle, req: MigrateRequest) -> MigrateSent:
+        """Send the state (and disks) as ``req`` says; the source is left stopped.  On
+        failure everything is undone and the guest runs as before."""
+        ...
+
+    async def migrate_take_back(self, h: DomainHandle, sent: MigrateSent) -> None:
+        """The destination did not take the guest: the source goes on as it was (BackendError
+        when it cannot: another holds its disks)."""
+        ...
+
+    async def migrate_abort(self, h: DomainHandle, *, resume: bool) -> str:
+        """Undo what a killed sender left (the stream, disk copies), run the guest again if
+        ``resume``; its run state after."""
+        ...
+
+    async def migrate_prepare(self, h: DomainHandle, host: str, port: int,
+                              disks: Sequence[str], nbd_port: int | None,
+                              vcpus_plugged: int | None) -> int:
+        """Make a domain started with ``incoming`` listen on ``host:port`` (0: any), with
+        ``disks`` exported on ``nbd_port`` for a storage migration; the port bound."""
+        ...
+
+    async def migrate_wait_incoming(self, h: DomainHandle, what: str, timeout: float) -> None:
+        """Wait until the incoming stream is complete and the guest is held, paused."""
+        ...
+
+    async def migrate_finish(self, h: DomainHandle, exports: Sequence[str] | None,
+                             paused: bool) -> None:
+        """End the disk exports (None: there were none) and run the guest unless ``paused``."""
         ...
 
     # -- state (xl save/restore; libvirt's domainSave, domainRestore)

@@ -44,8 +44,17 @@ from typing import Any
 
 from xenlab import faults
 from xenlab.errors import BackendError, StateError, UsageError, XenlabError
-from xenlab.vm import vmstate
-from xenlab.vm.backends.qemu.save import quit_qemu
+from xenlab.vm.backend import (
+    Backend,
+    DomainHandle,
+    MigrateRequest,
+    MigrateSent,
+    MigrationProgress,
+    Progress,
+)
+from xenlab.vm.backend import (
+    run as _run,
+)
 from xenlab.vm.control import (
     PROTOCOL,
     Channel,
@@ -59,9 +68,6 @@ from xenlab.vm.control import (
 )
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.jobs import Job
-from xenlab.vm.qemu import RuntimePaths
-from xenlab.vm.qmp import Qmp
-from xenlab.vm.qmp import run as _run
 from xenlab.vm.receiver import (
     START_TIMEOUT,
     Incoming,
@@ -72,7 +78,7 @@ from xenlab.vm.receiver import (
     serve_receive,
 )
 from xenlab.vm.resources import plugged_vcpus
-from xenlab.vm.runtime import CURRENT, DISK_NODES
+from xenlab.vm.runtime import CURRENT
 from xenlab.vm.saveimage import (
     MAGIC,
     SAVE_VERSION,
@@ -87,7 +93,6 @@ from xenlab.vm.saveimage import (
 )
 from xenlab.vm.saverestore import moves_of, place, quit_domain, restore, save
 from xenlab.vm.store import DomainRecord, SnapshotNode, private_dir
-from xenlab.vm.vmstate import MigrationProgress, Progress
 
 __all__ = [
     "MAGIC",
@@ -236,31 +241,31 @@ def migrate(
                 "follow it to a second toolstack on this host with shared disks (a storage "
                 "migration copies the disks' current state only); delete them first"
             )
-        paths = ts.paths(rec)
+        h = ts.handle(rec)
         disk_paths, overlays = moves_of(rec)
         dc, _ = ts.config_of(rec)
         disks = mirrored_disks(place(dc, dc, disk_paths, overlays, f"migrate {rec.name}").config
                           ) if with_storage else []
         vdevs = [v for v, _, _ in disks]
-        nodes = {v: str((rec.extra.get(DISK_NODES) or {}).get(v, f"{v}-fmt")) for v in vdevs}
         # The job's phase tells a recovery whether the destination may run the
         # guest already (recover_job): never resume both copies.
         held = contextlib.ExitStack()
         rec = held.enter_context(ts.job(
-            rec, "migrate", phase="sending", guest=_run(ts.backend.state(ts.handle(rec))),
+            rec, "migrate", phase="sending", guest=_run(ts.backend.state(h)),
             dest=str(dest.state_dir) if isinstance(dest, Toolstack) else dest,
             local=isinstance(dest, Toolstack)))
         faults.point("migrate.job")
+        info: Mapping[str, Any]
         with held:
             if not isinstance(dest, Toolstack):
-                info = _migrate_remote(ts, rec, paths, dest, disk_paths, overlays, vdevs, nodes,
+                info = _migrate_remote(ts, rec, h, dest, disk_paths, overlays, vdevs,
                                        live=live, paused=paused, max_bandwidth=max_bandwidth,
                                        timeout=timeout, progress=progress, started=started,
                                        token=str(token),
                                        on_phase=functools.partial(ts.update_job, rec.domid))
                 dest_rec: DomainRecord | None = None
             else:
-                sizes = _run(_disk_sizes(paths, nodes)) if disks else {}
+                sizes = dict(_run(ts.backend.migrate_begin(h, vdevs)).disk_sizes) if disks else {}
                 incoming = receive(
                     dest, rec.config_text, 0, host=host, overrides=dest_overrides,
                     with_storage=with_storage, nbd_port=nbd_port, disk_sizes=sizes,
@@ -269,9 +274,9 @@ def migrate(
                 )
                 where = f"{uri_host(host)}:{incoming.port}"
                 try:
-                    sent = _run(_send(paths, rec.name, where, host, incoming.nbd_port, nodes,
-                                      live=live, max_bandwidth=max_bandwidth, timeout=timeout,
-                                      progress=progress, started=started))
+                    sent = _run(ts.backend.migrate_perform(h, MigrateRequest(
+                        rec.name, where, host, incoming.nbd_port, tuple(vdevs), live,
+                        max_bandwidth, timeout, started, progress)))
                 except BaseException as err:
                     dead = not dest.alive(incoming.record)
                     abort_receive(dest, incoming)
@@ -297,13 +302,13 @@ def migrate(
                     # The destination could not take over: the source has every
                     # page and its disks, so it carries on.
                     with contextlib.suppress(BackendError):
-                        _run(_resume_source(paths, sent))
+                        _run(ts.backend.migrate_take_back(h, sent))
                     raise
                 if snaps:
                     dest_rec = _copy_snapshots(ts, dest, rec, dest_rec)
                 info = sent.info
             quit_domain(ts, rec)
-            shutil.rmtree(paths.rundir, ignore_errors=True)
+            ts.backend.release(h)
             ts.store.remove(rec.domid)
     ram = info.get("ram") or {}
     return MigrationResult(
@@ -314,131 +319,15 @@ def migrate(
     )
 
 
-async def _disk_sizes(paths: RuntimePaths, nodes: Mapping[str, str]) -> dict[str, int]:
-    """vdev -> virtual size of the node it runs on (``nodes``: vdev -> node name)."""
-    async with Qmp.open(paths.qmp) as qmp:
-        return await _node_sizes(qmp, nodes)
-
-
-async def _node_sizes(qmp: Qmp, nodes: Mapping[str, str]) -> dict[str, int]:
-    listed = await qmp.execute("query-named-block-nodes", {"flat": True})
-    by_node = {str(n.get("node-name", "")): n for n in listed if isinstance(n, dict)
-               } if isinstance(listed, list) else {}
-    return {v: int(by_node[n]["image"]["virtual-size"]) for v, n in nodes.items()
-            if n in by_node}
-
-
-@dataclass(frozen=True, slots=True)
-class _Sent:
-    """A completed stream: QEMU's final ``query-migrate``, whether the guest ran
-    before, and the bandwidth limit to give back if the source has to go on."""
-
-    info: dict[str, Any]
-    was_running: bool
-    old_bw: object
-
-
-async def _resume_source(paths: RuntimePaths, sent: _Sent) -> None:
-    """Let the source go on after a completed stream the destination did not take."""
-    async with Qmp.open(paths.qmp) as qmp:
-        await _resume_in(qmp, sent)
-
-
-async def _send(paths: RuntimePaths, name: str, where: str, dhost: str, nbd_port: int | None,
-                nodes: Mapping[str, str], *, live: bool, max_bandwidth: int | None,
-                timeout: float, progress: Progress | None, started: float,
-                qmp: Qmp | None = None) -> _Sent:
-    """Mirror ``nodes`` (vdev -> source node) to the NBD exports, migrate, end the mirrors.
-
-    The source is left stopped (postmigrate).  On failure everything is
-    undone and the guest resumed if it ran.  ``qmp``: a session to use
-    instead of a new one.
-    """
-    if qmp is None:
-        async with Qmp.open(paths.qmp) as session:
-            return await _send(paths, name, where, dhost, nbd_port, nodes, live=live,
-                               max_bandwidth=max_bandwidth, timeout=timeout,
-                               progress=progress, started=started, qmp=session)
-    was_running = await vmstate.status(qmp) == "running"
-    params = await qmp.execute("query-migrate-parameters")
-    old_bw = params.get("max-bandwidth") if isinstance(params, dict) else None
-    await qmp.execute("migrate-set-parameters",
-                      {"max-bandwidth": max_bandwidth or vmstate.UNLIMITED})
-    await vmstate.enable_events(qmp)
-    mirrors: list[str] = []
-    added: list[str] = []
-    completed = False
-    if nodes:
-        await _del_stale_nodes(qmp, [f"mig-{vdev}" for vdev in nodes])
-    try:
-        for vdev, node in nodes.items():
-            assert nbd_port is not None
-            await qmp.execute("blockdev-add", {
-                "driver": "nbd", "node-name": f"mig-{vdev}", "export": vdev,
-                "server": {"type": "inet", "host": dhost, "port": str(nbd_port)},
-            })
-            added.append(f"mig-{vdev}")
-            await qmp.execute("blockdev-mirror", {
-                "job-id": f"mig-{vdev}", "device": node, "target": f"mig-{vdev}",
-                "sync": "full", "copy-mode": "write-blocking",
-                # kept after it ends, so a failure's reason can be read
-                "auto-dismiss": False,
-            })
-            mirrors.append(f"mig-{vdev}")
-        if mirrors:
-            await _wait_mirrors_ready(qmp, mirrors, timeout, progress, started)
-        if not live and was_running:
-            await qmp.execute("stop")
-        with qmp.listen("MIGRATION") as watch:
-            await qmp.execute("migrate", {"uri": f"tcp:{where}"})
-            info = await vmstate.wait_migration(qmp, watch, f"migrate {name}", timeout, progress,
-                                         started, stats=True)
-        completed = True
-        for job in mirrors:
-            # Ready, so cancelling completes the copy without a pivot.
-            await qmp.execute("block-job-cancel", {"device": job})
-        await _dismiss_jobs(qmp, mirrors, 30)
-        mirrors.clear()
-        # The NBD nodes go with their mirrors, now: whatever the destination
-        # does next, the source needs them no more, and if it has to resume, a
-        # later storage migration adds them again under the same names.
-        for node in added:
-            try:
-                await qmp.execute("blockdev-del", {"node-name": node})
-            except BackendError as err:
-                _log.warning("migrate %s: NBD node %s not deleted: %s", name, node, err)
-        added.clear()
-        return _Sent(info, was_running, old_bw)
-    except BaseException:
-        if not completed:
-            await vmstate.cancel_migration(qmp)
-        for job in mirrors:
-            with contextlib.suppress(BackendError):
-                await qmp.execute("block-job-cancel", {"device": job, "force": True})
-        with contextlib.suppress(BackendError):
-            await _dismiss_jobs(qmp, mirrors, 30)
-        for node in added:
-            with contextlib.suppress(BackendError):
-                await qmp.execute("blockdev-del", {"node-name": node})
-        if was_running:
-            with contextlib.suppress(BackendError):
-                await vmstate.cont_after_migration(qmp)
-        if old_bw is not None:
-            with contextlib.suppress(BackendError):
-                await qmp.execute("migrate-set-parameters", {"max-bandwidth": old_bw})
-        raise
-
-
-
 # --- the sending side of the control channel --------------------------------------------
 
 
-def _migrate_remote(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths, dest: str,
+def _migrate_remote(ts: Toolstack, rec: DomainRecord, h: DomainHandle, dest: str,
                     disk_paths: tuple[DiskMove, ...], overlays: tuple[DiskMove, ...],
-                    vdevs: Sequence[str], nodes: Mapping[str, str], *, live: bool,
+                    vdevs: Sequence[str], *, live: bool,
                     paused: bool, max_bandwidth: int | None, timeout: float,
                     progress: Progress | None, started: float, token: str,
-                    on_phase: Callable[..., None] = lambda **_: None) -> dict[str, Any]:
+                    on_phase: Callable[..., None] = lambda **_: None) -> Mapping[str, Any]:
     """The sending side of the control protocol; QEMU's final ``query-migrate``.
 
     ``on_phase(phase=...)`` is told "handing-over" just before "go" is sent
@@ -451,101 +340,99 @@ def _migrate_remote(ts: Toolstack, rec: DomainRecord, paths: RuntimePaths, dest:
         raise BackendError(f"migrate {rec.name}: cannot reach a receiver at {dest}: "
                            f"{err.strerror or err}; {rec.name} still runs here") from err
     try:
-        return _run(_sender(Channel(sock, dest), rec, paths, host, disk_paths, overlays,
-                            nodes, live=live, paused=paused, max_bandwidth=max_bandwidth,
-                            timeout=timeout, progress=progress, started=started,
-                            token=token, on_phase=on_phase))
+        return _run(_sender(Channel(sock, dest), ts.backend, h, rec, host, disk_paths,
+                            overlays, tuple(vdevs), live=live, paused=paused,
+                            max_bandwidth=max_bandwidth, timeout=timeout, progress=progress,
+                            started=started, token=token, on_phase=on_phase))
     finally:
         sock.close()
 
 
-async def _sender(ch: Channel, rec: DomainRecord, paths: RuntimePaths, host: str,
-                  disk_paths: tuple[DiskMove, ...], overlays: tuple[DiskMove, ...],
-                  nodes: Mapping[str, str], *, live: bool, paused: bool,
+async def _sender(ch: Channel, backend: Backend, h: DomainHandle, rec: DomainRecord,
+                  host: str, disk_paths: tuple[DiskMove, ...], overlays: tuple[DiskMove, ...],
+                  nodes: tuple[str, ...], *, live: bool, paused: bool,
                   max_bandwidth: int | None, timeout: float, progress: Progress | None,
                   started: float, token: str,
-                  on_phase: Callable[..., None] = lambda **_: None) -> dict[str, Any]:
+                  on_phase: Callable[..., None] = lambda **_: None) -> Mapping[str, Any]:
     what = f"migrate {rec.name} to {ch.peer}"
     here = f"{rec.name} still runs here"
-    async with Qmp.open(paths.qmp) as qmp:
-        state = await vmstate.status(qmp)
-        header = SaveHeader(
-            name=rec.name, uuid=rec.uuid, config_text=rec.config_text,
-            config_path=rec.config_path,
-            qemu_version=vmstate.qemu_version(await qmp.execute("query-version")),
-            created=time.time(), state="running" if state == "running" else "paused",
-            disk_paths=disk_paths, overlays=overlays, vcpus_plugged=plugged_vcpus(rec),
-        )
-        sizes = await _node_sizes(qmp, nodes) if nodes else {}
-        try:
-            hello = await ch.recv(_HELLO_TIMEOUT, "the receiver's greeting")
-            if hello.get("msg") != "hello" or hello.get("protocol") != PROTOCOL:
-                raise BackendError(f"{ch.peer} is not a xenlab receiver speaking protocol "
-                                   f"{PROTOCOL} (it said {str(hello)[:200]})")
-            # Version 3 on the wire: version 4 adds only the checksums of an image
-            # file, which TCP does not need, and older receivers read version 3.
-            await ch.send({"msg": "prepare", "token": token,
-                           "header": header_to_json(replace(header, version=3)),
-                           "with_storage": bool(nodes), "disk_sizes": sizes})
-            listening = await ch.recv(START_TIMEOUT, "the destination QEMU to listen")
-            expect(listening, "listening", ch.peer)
-            dport, nbd = listening.get("port"), listening.get("nbd_port")
-            if not isinstance(dport, int) or (nodes and not isinstance(nbd, int)):
-                raise BackendError(f"{ch.peer}: no port to send to in {listening}")
-        except BackendError as err:
-            raise BackendError(f"{what}: {err}; {here}") from err
-        where = f"{uri_host(host)}:{dport}"
-        try:
-            sent = await _send(paths, rec.name, where, host, nbd if nodes else None, nodes,
-                               live=live, max_bandwidth=max_bandwidth, timeout=timeout,
-                               progress=progress, started=started, qmp=qmp)
-        except BaseException as err:
-            await ch.quiet_send({"msg": "abort", "error": str(err)})
-            if isinstance(err, BackendError):
-                raise BackendError(f"{what} failed; {here} [{err}]") from err
-            raise
-        # The stream is complete: the source is stopped, the destination holds
-        # the guest, paused.  Until "go" is sent, the source may take it back.
-        try:
-            expect(await ch.recv(START_TIMEOUT, "the destination's report that it "
-                                                  "loaded the stream"), "loaded", ch.peer)
-            await asyncio.sleep(0)
-            if ch.closed():
-                raise Lost(f"{ch.peer} closed the control connection before it was "
-                            "told to start the guest")
-            on_phase(phase="handing-over")
-            faults.point("migrate.handing-over")
-            await ch.send({"msg": "go", "paused": paused})
-        except BaseException as err:
-            await ch.quiet_send({"msg": "abort", "error": str(err)})
-            back = await _take_back(qmp, sent, rec.name)
-            if isinstance(err, BackendError):
-                raise BackendError(f"{what}: the destination did not take the guest "
-                                   f"({err}); {back}") from err
-            raise
-        # Past the point of no return: the destination may be running the guest.
-        try:
-            done = await ch.recv(START_TIMEOUT, "the destination's report")
-            expect(done, "resumed", ch.peer)
-            on_phase(phase="handed-over")
-            faults.point("migrate.handed-over")
-        except Refused as err:
-            # A receiver that fails here has killed its QEMU before saying so.
-            back = await _take_back(qmp, sent, rec.name)
-            raise BackendError(f"{what}: the destination could not start the guest "
+    cookie = await backend.migrate_begin(h, nodes)
+    header = SaveHeader(
+        name=rec.name, uuid=rec.uuid, config_text=rec.config_text,
+        config_path=rec.config_path, qemu_version=cookie.version,
+        created=time.time(), state="running" if cookie.running else "paused",
+        disk_paths=disk_paths, overlays=overlays, vcpus_plugged=plugged_vcpus(rec),
+    )
+    sizes = dict(cookie.disk_sizes)
+    try:
+        hello = await ch.recv(_HELLO_TIMEOUT, "the receiver's greeting")
+        if hello.get("msg") != "hello" or hello.get("protocol") != PROTOCOL:
+            raise BackendError(f"{ch.peer} is not a xenlab receiver speaking protocol "
+                               f"{PROTOCOL} (it said {str(hello)[:200]})")
+        # Version 3 on the wire: version 4 adds only the checksums of an image
+        # file, which TCP does not need, and older receivers read version 3.
+        await ch.send({"msg": "prepare", "token": token,
+                       "header": header_to_json(replace(header, version=3)),
+                       "with_storage": bool(nodes), "disk_sizes": sizes})
+        listening = await ch.recv(START_TIMEOUT, "the destination QEMU to listen")
+        expect(listening, "listening", ch.peer)
+        dport, nbd = listening.get("port"), listening.get("nbd_port")
+        if not isinstance(dport, int) or (nodes and not isinstance(nbd, int)):
+            raise BackendError(f"{ch.peer}: no port to send to in {listening}")
+    except BackendError as err:
+        raise BackendError(f"{what}: {err}; {here}") from err
+    where = f"{uri_host(host)}:{dport}"
+    try:
+        sent = await backend.migrate_perform(h, MigrateRequest(
+            rec.name, where, host, nbd if nodes else None, nodes, live, max_bandwidth,
+            timeout, started, progress))
+    except BaseException as err:
+        await ch.quiet_send({"msg": "abort", "error": str(err)})
+        if isinstance(err, BackendError):
+            raise BackendError(f"{what} failed; {here} [{err}]") from err
+        raise
+    # The stream is complete: the source is stopped, the destination holds
+    # the guest, paused.  Until "go" is sent, the source may take it back.
+    try:
+        expect(await ch.recv(START_TIMEOUT, "the destination's report that it "
+                                              "loaded the stream"), "loaded", ch.peer)
+        await asyncio.sleep(0)
+        if ch.closed():
+            raise Lost(f"{ch.peer} closed the control connection before it was "
+                        "told to start the guest")
+        on_phase(phase="handing-over")
+        faults.point("migrate.handing-over")
+        await ch.send({"msg": "go", "paused": paused})
+    except BaseException as err:
+        await ch.quiet_send({"msg": "abort", "error": str(err)})
+        back = await _take_back(backend, h, sent, rec.name)
+        if isinstance(err, BackendError):
+            raise BackendError(f"{what}: the destination did not take the guest "
                                f"({err}); {back}") from err
-        except BackendError as err:
-            raise BackendError(
-                f"{what}: the control connection broke after the destination was told to "
-                f"start the guest ({err}); it may run there: {rec.name} is left paused "
-                f"here. Check the destination, then `xenlab vm unpause {rec.name}` here "
-                f"only if it does not run there, else `xenlab vm destroy {rec.name}` here"
-            ) from err
-        await quit_qemu(qmp)
-        return sent.info
+        raise
+    # Past the point of no return: the destination may be running the guest.
+    try:
+        done = await ch.recv(START_TIMEOUT, "the destination's report")
+        expect(done, "resumed", ch.peer)
+        on_phase(phase="handed-over")
+        faults.point("migrate.handed-over")
+    except Refused as err:
+        # A receiver that fails here has killed its QEMU before saying so.
+        back = await _take_back(backend, h, sent, rec.name)
+        raise BackendError(f"{what}: the destination could not start the guest "
+                           f"({err}); {back}") from err
+    except BackendError as err:
+        raise BackendError(
+            f"{what}: the control connection broke after the destination was told to "
+            f"start the guest ({err}); it may run there: {rec.name} is left paused "
+            f"here. Check the destination, then `xenlab vm unpause {rec.name}` here "
+            f"only if it does not run there, else `xenlab vm destroy {rec.name}` here"
+        ) from err
+    # The source's QEMU quits next (migrate: quit_domain), its guest running there.
+    return sent.info
 
 
-async def _take_back(qmp: Qmp, sent: _Sent, name: str) -> str:
+async def _take_back(backend: Backend, h: DomainHandle, sent: MigrateSent, name: str) -> str:
     """Resume the source after the destination did not take the guest; what happened.
 
     Resuming can fail: a destination QEMU that outlived its receiver holds the
@@ -553,85 +440,11 @@ async def _take_back(qmp: Qmp, sent: _Sent, name: str) -> str:
     says so rather than claiming it runs.
     """
     try:
-        await _resume_in(qmp, sent)
+        await backend.migrate_take_back(h, sent)
     except BackendError as err:
         return (f"{name} is left paused here: resuming it failed ({err}); once no "
                 f"destination QEMU holds its disks, `xenlab vm unpause {name}`")
     return f"{name} was resumed here"
-
-
-async def _resume_in(qmp: Qmp, sent: _Sent) -> None:
-    if sent.old_bw is not None:
-        with contextlib.suppress(BackendError):
-            await qmp.execute("migrate-set-parameters", {"max-bandwidth": sent.old_bw})
-    if sent.was_running:
-        await vmstate.cont_after_migration(qmp)
-
-
-# --- block jobs of a storage migration ------------------------------------------------------
-
-
-async def _block_jobs(qmp: Qmp) -> dict[str, dict[str, Any]]:
-    jobs = await qmp.execute("query-block-jobs")
-    return {str(j.get("device")): j for j in jobs if isinstance(j, dict)} if isinstance(
-        jobs, list) else {}
-
-
-async def _wait_mirrors_ready(qmp: Qmp, jobs: Sequence[str], timeout: float,
-                              progress: Progress | None, started: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        now = await _block_jobs(qmp)
-        missing = [j for j in jobs if j not in now]
-        if missing:
-            raise BackendError(f"disk mirror {missing[0]} vanished before it was ready")
-        mine = [now[j] for j in jobs]
-        for j in mine:
-            if j.get("status") in ("aborting", "concluded", "null") or j.get("error"):
-                raise BackendError(f"disk mirror {j.get('device')} failed: "
-                                   f"{j.get('error', 'ended before it was ready')}")
-        done = sum(int(j.get("offset", 0)) for j in mine)
-        total = sum(int(j.get("len", 0)) for j in mine)
-        if progress is not None:
-            progress(MigrationProgress("storage", "mirroring", done, total - done, total,
-                                       time.monotonic() - started))
-        if all(j.get("ready") for j in mine):
-            return
-        if time.monotonic() > deadline:
-            raise BackendError(f"disk mirrors not ready within {timeout:g}s")
-        await asyncio.sleep(_POLL)
-
-
-async def _del_stale_nodes(qmp: Qmp, names: Sequence[str]) -> None:
-    """Delete nodes ``names`` left in QEMU by an earlier migration (no job uses them)."""
-    listed = await qmp.execute("query-named-block-nodes", {"flat": True})
-    have = {str(n.get("node-name")) for n in listed if isinstance(n, dict)
-            } if isinstance(listed, list) else set()
-    for node in names:
-        if node in have:
-            with contextlib.suppress(BackendError):
-                await qmp.execute("blockdev-del", {"node-name": node})
-
-
-async def _dismiss_jobs(qmp: Qmp, jobs: Sequence[str], timeout: float) -> None:
-    """Wait until each of ``jobs`` has concluded, then dismiss it."""
-    deadline = time.monotonic() + timeout
-    left = set(jobs)
-    while left:
-        now = await _block_jobs(qmp)
-        for job in sorted(left):
-            info = now.get(job)
-            if info is None:
-                left.discard(job)
-            elif info.get("status") == "concluded":
-                await qmp.execute("job-dismiss", {"id": job})
-                left.discard(job)
-        if not left:
-            return
-        if time.monotonic() > deadline:
-            raise BackendError(f"block jobs {', '.join(sorted(left))} still running after "
-                               f"{timeout:g}s")
-        await asyncio.sleep(_POLL)
 
 
 # --- a migration killed half-way ---------------------------------------------------------
@@ -668,35 +481,21 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
                          rec.name)
             return ts.store.patch(rec.domid, state="paused")
         phase = "handed-over" if runs else "sending"
-    paths = ts.paths(rec)
+    h = ts.handle(rec)
     if phase == "handed-over":
         _snapshots_follow(ts, rec, job)
         quit_domain(ts, rec)
-        shutil.rmtree(paths.rundir, ignore_errors=True)
+        ts.backend.release(h)
         ts.store.remove(rec.domid)
         _log.warning("%s was killed after the guest ran there: finished, %s is gone from "
                      "here", where, rec.name)
         return None
 
-    async def undo() -> str:
-        async with Qmp.open(paths.qmp) as qmp:
-            await vmstate.cancel_active(qmp)
-            jobs = [j for j in (await _block_jobs(qmp)) if j.startswith("mig-")]
-            for j in jobs:
-                with contextlib.suppress(BackendError):
-                    await qmp.execute("block-job-cancel", {"device": j, "force": True})
-            with contextlib.suppress(BackendError):
-                await _dismiss_jobs(qmp, jobs, 30)
-            await _del_stale_nodes(qmp, [n for n in await _nbd_nodes(qmp)])
-            if job.detail.get("guest") == "running":
-                await vmstate.cont_after_migration(qmp)
-            return await vmstate.status(qmp)
-
     # The destination's QEMU holds the disks' locks once the stream is in: a
     # local one goes first (its own converge undoes the incoming domain).
     _destination_undo(job, rec.uuid)
     try:
-        state = _run(undo())
+        state = _run(ts.backend.migrate_abort(h, resume=job.detail.get("guest") == "running"))
     except BackendError as err:
         _log.warning("%s was killed before the guest ran there; it cannot run here yet "
                      "(%s): %s is left paused. If the destination still holds it, end it "
@@ -733,12 +532,6 @@ def _destination_undo(job: Job, uuid: str) -> None:
             if r.uuid == uuid and r.state == "incoming":
                 with contextlib.suppress(XenlabError), dest.locked(str(r.domid)):
                     pass  # taking it converges it: a dead migration's incoming copy goes
-
-
-async def _nbd_nodes(qmp: Qmp) -> list[str]:
-    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
-    return [str(n["node-name"]) for n in nodes if isinstance(n, dict)
-            and str(n.get("node-name", "")).startswith("mig-")] if isinstance(nodes, list) else []
 
 
 def _snapshots_follow(ts: Toolstack, rec: DomainRecord, job: Job) -> None:

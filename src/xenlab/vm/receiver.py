@@ -45,8 +45,8 @@ from typing import Any, Final
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, UsageError, XenlabError
-from xenlab.vm import qemuimg, vmstate
-from xenlab.vm.backends.qemu.vcpus import plug_vcpus
+from xenlab.vm import qemuimg
+from xenlab.vm.backend import run as _run
 from xenlab.vm.control import (
     PROTOCOL,
     Channel,
@@ -58,9 +58,6 @@ from xenlab.vm.control import (
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.domconfig import config_from_text, on_disks
 from xenlab.vm.peerconfig import check_request
-from xenlab.vm.qemu import RuntimePaths
-from xenlab.vm.qmp import Qmp
-from xenlab.vm.qmp import run as _run
 from xenlab.vm.runtime import VCPUS_PLUGGED
 from xenlab.vm.saveimage import DiskMove
 from xenlab.vm.saverestore import Placed, image_for, place, said, settle
@@ -225,12 +222,12 @@ def receive(
     except BaseException:
         _unlink(created)
         raise
-    paths = ts.paths(rec)
     try:
         if with_storage and nbd_port is None:
             nbd_port = port + 1 if port else _free_port(host)
-        bound = _run(_listen(paths, host, port, [v for v, _, _ in disks],
-                             nbd_port if with_storage else None, vcpus_plugged))
+        bound = _run(ts.backend.migrate_prepare(
+            ts.handle(rec), host, port, [v for v, _, _ in disks],
+            nbd_port if with_storage else None, vcpus_plugged))
         extra = placed.extra(rec.extra)
         if vcpus_plugged:
             extra[VCPUS_PLUGGED] = vcpus_plugged
@@ -253,31 +250,6 @@ def _unlink(files: Sequence[str]) -> None:
         Path(p).unlink(missing_ok=True)
 
 
-async def _listen(paths: RuntimePaths, host: str, port: int, disks: Sequence[str],
-                  nbd_port: int | None, vcpus_plugged: int | None = None) -> int:
-    async with Qmp.open(paths.qmp) as qmp:
-        await vmstate.enable_events(qmp)
-        if vcpus_plugged:
-            # The stream holds every vCPU the guest had: plug them first.
-            await plug_vcpus(qmp, vcpus_plugged)
-        if nbd_port is not None:
-            await qmp.execute("nbd-server-start", {
-                "addr": {"type": "inet", "data": {"host": host, "port": str(nbd_port)}},
-            })
-            for vdev in disks:
-                # The export activates the (still inactive) incoming node for writing.
-                await qmp.execute("block-export-add", {
-                    "type": "nbd", "id": f"mig-{vdev}", "node-name": f"{vdev}-fmt",
-                    "name": vdev, "writable": True,
-                })
-        await qmp.execute("migrate-incoming", {"uri": f"tcp:{uri_host(host)}:{port}"})
-        info = await vmstate.query_migrate(qmp)
-        for addr in info.get("socket-address") or ():
-            if isinstance(addr, dict) and addr.get("port"):
-                return int(addr["port"])
-        return port
-
-
 def finish_receive(ts: Toolstack, incoming: Incoming, *, paused: bool = False,
                    timeout: float = 600.0) -> DomainRecord:
     """Wait until the migration stream has arrived, then resume the domain; its record.
@@ -289,10 +261,9 @@ def finish_receive(ts: Toolstack, incoming: Incoming, *, paused: bool = False,
         away (its record is removed), or nothing completed within ``timeout``.
     """
     rec = incoming.record
-    paths = ts.paths(rec)
     with ts.store.lock(rec.domid):
         try:
-            _run(_finish(paths, incoming, paused, timeout))
+            _run(_finish(ts, incoming, paused, timeout))
         except BaseException as err:
             raise _receive_failed(ts, incoming, err) from err
         return settle(ts, rec, "paused" if paused else "running", incoming.extra)
@@ -316,34 +287,22 @@ def _receive_failed(ts: Toolstack, incoming: Incoming, err: BaseException) -> Ba
     return err
 
 
-async def _finish(paths: RuntimePaths, inc: Incoming, paused: bool, timeout: float) -> None:
-    async with Qmp.open(paths.qmp) as qmp:
-        with qmp.listen("MIGRATION") as watch:
-            await vmstate.wait_migration(qmp, watch, f"incoming {inc.record.name}", timeout,
-                                         None, time.monotonic(), check_first=True)
-        await _resume_incoming(qmp, inc, paused)
+async def _finish(ts: Toolstack, inc: Incoming, paused: bool, timeout: float) -> None:
+    h = ts.handle(inc.record)
+    await ts.backend.migrate_wait_incoming(h, f"incoming {inc.record.name}", timeout)
+    await ts.backend.migrate_finish(h, _exports(inc), paused)
 
 
-async def _resume_incoming(qmp: Qmp, inc: Incoming, paused: bool) -> None:
-    """End the NBD exports of a storage migration, check QEMU holds the guest, ``cont``."""
-    if inc.nbd_port is not None:
-        for vdev in inc.disks:
-            with contextlib.suppress(BackendError):
-                await qmp.execute("block-export-del", {"id": f"mig-{vdev}"})
-        await qmp.execute("nbd-server-stop")
-    state = await vmstate.status(qmp)
-    if state not in ("paused", "prelaunch"):
-        raise BackendError(f"the incoming QEMU is {state!r} after the stream, "
-                           "expected 'paused'")
-    if not paused:
-        await qmp.execute("cont")
+def _exports(inc: Incoming) -> tuple[str, ...] | None:
+    """The disks a storage migration exported (None: it was not one)."""
+    return inc.disks if inc.nbd_port is not None else None
 
 
 def abort_receive(ts: Toolstack, incoming: Incoming) -> None:
     """Give up on an incoming migration: kill its QEMU, forget it, remove disks made for it."""
     rec = incoming.record
     with ts.store.lock(rec.domid):
-        ts.kill_qemu(ts.paths(rec), rec.pid)
+        ts.kill_domain(rec)
         ts.gone(rec)
     _unlink(incoming.created)
 
@@ -536,13 +495,13 @@ async def _hello(ch: Channel, token: str, timeout: float) -> dict[str, Any]:
 def _serve(ts: Toolstack, ch: Channel, inc: Incoming, paused: bool,
            timeout: float) -> DomainRecord:
     """Follow the protocol from "listening" on with a QEMU started for the source."""
-    paths = ts.paths(inc.record)
+    h = ts.handle(inc.record)
     try:
-        go = _run(_await_stream(ch, paths, inc, timeout))
+        go = _run(_await_stream(ch, ts, inc, timeout))
         rec = inc.record
         with ts.store.lock(rec.domid):
             still = bool(paused or go.get("paused"))
-            _run(_resume_session(paths, inc, still))
+            _run(ts.backend.migrate_finish(h, _exports(inc), still))
             rec = settle(ts, rec, "paused" if still else "running", inc.extra)
     except BaseException as err:
         failed = _receive_failed(ts, inc, err)
@@ -560,47 +519,35 @@ def _serve(ts: Toolstack, ch: Channel, inc: Incoming, paused: bool,
     return rec
 
 
-async def _await_stream(ch: Channel, paths: RuntimePaths, inc: Incoming,
+async def _await_stream(ch: Channel, ts: Toolstack, inc: Incoming,
                         timeout: float) -> dict[str, Any]:
     """Tell the source where to send, wait for the stream, report it, wait for "go"."""
     await ch.send({"msg": "listening", "port": inc.port, "nbd_port": inc.nbd_port})
     name = inc.record.name
-    async with Qmp.open(paths.qmp) as qmp:
-        with qmp.listen("MIGRATION") as watch:
-            stream = asyncio.ensure_future(vmstate.wait_migration(
-                qmp, watch, f"incoming {name}", timeout, None, time.monotonic(),
-                check_first=True))
-            # The source says nothing until the stream is done, unless it gives up
-            # or vanishes: either ends the wait at once.
-            control = asyncio.ensure_future(ch.recv(timeout, "the stream"))
-            try:
-                await asyncio.wait({stream, control}, return_when=asyncio.FIRST_COMPLETED)
-                if not stream.done():
-                    msg = control.result()
-                    raise BackendError(f"the source {ch.peer} gave up: "
-                                       f"{msg.get('error') or msg.get('msg')}")
-                stream.result()
-            except Lost as err:
-                raise BackendError(f"the source went away in the middle of the stream "
-                                   f"({err})") from err
-            finally:
-                for fut in (stream, control):
-                    if not fut.done():
-                        fut.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, BackendError):
-                            await fut
-        state = await vmstate.status(qmp)
-        if state not in ("paused", "prelaunch"):
-            raise BackendError(f"the incoming QEMU is {state!r} after the stream, "
-                               "expected 'paused'")
+    stream = asyncio.ensure_future(ts.backend.migrate_wait_incoming(
+        ts.handle(inc.record), f"incoming {name}", timeout))
+    # The source says nothing until the stream is done, unless it gives up
+    # or vanishes: either ends the wait at once.
+    control = asyncio.ensure_future(ch.recv(timeout, "the stream"))
+    try:
+        await asyncio.wait({stream, control}, return_when=asyncio.FIRST_COMPLETED)
+        if not stream.done():
+            msg = control.result()
+            raise BackendError(f"the source {ch.peer} gave up: "
+                               f"{msg.get('error') or msg.get('msg')}")
+        stream.result()
+    except Lost as err:
+        raise BackendError(f"the source went away in the middle of the stream "
+                           f"({err})") from err
+    finally:
+        for fut in (stream, control):
+            if not fut.done():
+                fut.cancel()
+                with contextlib.suppress(asyncio.CancelledError, BackendError):
+                    await fut
     await ch.send({"msg": "loaded"})
     go = await ch.recv(START_TIMEOUT, "permission to start the guest")
     if go.get("msg") == "abort":
         raise BackendError(f"the source {ch.peer} gave up: {str(go.get('error'))[:2000]}")
     expect(go, "go", ch.peer)
     return go
-
-
-async def _resume_session(paths: RuntimePaths, inc: Incoming, paused: bool) -> None:
-    async with Qmp.open(paths.qmp) as qmp:
-        await _resume_incoming(qmp, inc, paused)

@@ -33,6 +33,9 @@ from xenlab.vm.backend import (
     DomainHandle,
     ExitReason,
     MemoryReport,
+    MigrateRequest,
+    MigrateSent,
+    MigrationCookie,
     NicAttached,
     NicReleased,
     Note,
@@ -44,7 +47,7 @@ from xenlab.vm.backend import (
     VcpuReport,
     VcpuState,
 )
-from xenlab.vm.backends.qemu import blockcopy, devices, memory, nics, vcpus
+from xenlab.vm.backends.qemu import blockcopy, devices, memory, migration, nics, vcpus
 from xenlab.vm.backends.qemu import save as saving
 from xenlab.vm.backends.qemu.info import live_info
 from xenlab.vm.qemu import (
@@ -348,6 +351,33 @@ class QemuBackend:
                              complete: bool) -> str | None:
         return await blockcopy.end_block_copy(self.paths(h).qmp, vdev, source, target,
                                               complete=complete)
+
+    # -- migration ---------------------------------------------------------------------------
+
+    async def migrate_begin(self, h: DomainHandle, disks: Sequence[str]) -> MigrationCookie:
+        return await migration.begin(self.paths(h).qmp, h.ref, disks)
+
+    async def migrate_perform(self, h: DomainHandle, req: MigrateRequest) -> MigrateSent:
+        return await migration.perform(self.paths(h).qmp, h.ref, req)
+
+    async def migrate_take_back(self, h: DomainHandle, sent: MigrateSent) -> None:
+        await migration.take_back(self.paths(h).qmp, sent)
+
+    async def migrate_abort(self, h: DomainHandle, *, resume: bool) -> str:
+        return await migration.abort(self.paths(h).qmp, resume=resume)
+
+    async def migrate_prepare(self, h: DomainHandle, host: str, port: int,
+                              disks: Sequence[str], nbd_port: int | None,
+                              vcpus_plugged: int | None) -> int:
+        return await migration.prepare(self.paths(h).qmp, host, port, disks, nbd_port,
+                                       vcpus_plugged)
+
+    async def migrate_wait_incoming(self, h: DomainHandle, what: str, timeout: float) -> None:
+        await migration.wait_incoming(self.paths(h).qmp, what, timeout)
+
+    async def migrate_finish(self, h: DomainHandle, exports: Sequence[str] | None,
+                             paused: bool) -> None:
+        await migration.finish(self.paths(h).qmp, exports, paused)
 
     # -- state -----------------------------------------------------------------------------
 
