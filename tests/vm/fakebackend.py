@@ -8,6 +8,7 @@ domains it "runs"); knobs make a domain vanish, power off or hang.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -16,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from xenlab import hotplug
 from xenlab.config.model import DomainConfig
@@ -31,6 +32,9 @@ from xenlab.vm.backend import (
     DomainHandle,
     ExitReason,
     MemoryReport,
+    MigrateRequest,
+    MigrateSent,
+    MigrationCookie,
     NicAttached,
     NicReleased,
     Note,
@@ -59,6 +63,7 @@ class FakeDomain:
     disks: dict[str, str | None] = field(default_factory=dict)  # vdev -> file (cdrom: medium)
     parts: set[str] = field(default_factory=set)  # parts of disks that are not released
     nics: set[int] = field(default_factory=set)  # devids the guest has
+    incoming_done: bool = False  # a migration stream arrived
 
 
 @dataclass
@@ -323,6 +328,53 @@ class FakeBackend:
                              complete: bool) -> str | None:
         dom = self._dom(h, "end_block_copy")
         return f"{vdev}-copy" if dom.disks.get(vdev) == target else None
+
+    # Fake destinations listening for a stream, by "host:port": (backend, uuid).
+    listening: ClassVar[dict[str, tuple[FakeBackend, str]]] = {}
+    _ports: ClassVar[itertools.count[int]] = itertools.count(47000)
+
+    async def migrate_begin(self, h: DomainHandle, disks: Sequence[str]) -> MigrationCookie:
+        dom = self._dom(h, "migrate_begin")
+        return MigrationCookie(dom.state == "running", "fake-1", {d: 1 << 20 for d in disks})
+
+    async def migrate_perform(self, h: DomainHandle, req: MigrateRequest) -> MigrateSent:
+        dom = self._dom(h, "migrate_perform")
+        dest = self.listening.pop(req.where, None)
+        if dest is None or self.refuse is not None:
+            raise BackendError(f"fake: nobody takes the stream at {req.where}")
+        backend, uuid = dest
+        there = backend.world[uuid]
+        there.memory_mib, there.online, there.state = dom.memory_mib, dom.online, "paused"
+        there.incoming_done = True
+        was_running, dom.state = dom.state == "running", "paused"
+        return MigrateSent({"total-time": 1, "downtime": 1, "ram": {"transferred": 1}},
+                           was_running)
+
+    async def migrate_take_back(self, h: DomainHandle, sent: MigrateSent) -> None:
+        self._dom(h, "migrate_take_back").state = "running" if sent.was_running else "paused"
+
+    async def migrate_abort(self, h: DomainHandle, *, resume: bool) -> str:
+        dom = self._dom(h, "migrate_abort")
+        if resume:
+            dom.state = "running"
+        return dom.state
+
+    async def migrate_prepare(self, h: DomainHandle, host: str, port: int,
+                              disks: Sequence[str], nbd_port: int | None,
+                              vcpus_plugged: int | None) -> int:
+        self._dom(h, "migrate_prepare")
+        bound = port or next(self._ports)
+        self.listening[f"{host}:{bound}"] = (self, str(h.ref["uuid"]))
+        return bound
+
+    async def migrate_wait_incoming(self, h: DomainHandle, what: str, timeout: float) -> None:
+        dom = self._dom(h, "migrate_wait_incoming")
+        if not dom.incoming_done:
+            raise BackendError(f"{what}: fake: no stream came")
+
+    async def migrate_finish(self, h: DomainHandle, exports: Sequence[str] | None,
+                             paused: bool) -> None:
+        self._dom(h, "migrate_finish").state = "paused" if paused else "running"
 
     async def save(self, h: DomainHandle, req: SaveRequest) -> SaveFacts:
         """The fake's stream is its domain as one JSON line behind QEMU's magic (the image

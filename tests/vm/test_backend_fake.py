@@ -296,3 +296,35 @@ def test_the_console_is_the_backends_stream(ts: Toolstack, fake: FakeBackend) ->
     ts.destroy("a")
     with pytest.raises(NotFoundError):  # gone, as with xl
         ts.open_console("a")
+
+
+def test_migrate_between_two_toolstacks_through_the_backend(tmp_path: Path) -> None:
+    """The control flow, jobs and records of a local migration over two fake backends."""
+    from xenlab.vm.migrate import migrate
+
+    src_fake, dst_fake = FakeBackend(), FakeBackend()
+    src = Toolstack(tmp_path / "src", backend=src_fake)
+    dst = Toolstack(tmp_path / "dst", backend=dst_fake)
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"\0" * 512)  # a kernel in the config: no guest image is built
+    cfg = tmp_path / "m.cfg"
+    cfg.write_text(f'name = "m"\ntype = "hvm"\nmemory = 64\nkernel = "{kernel}"\n')
+    rec = src.create(cfg)
+    src_fake.world[rec.uuid].memory_mib = 50  # what the guest's state holds
+
+    res = migrate(src, "m", dst)
+    assert res.record is not None and (res.record.name, res.record.uuid) == ("m", rec.uuid)
+    assert src.store.list() == [] and rec.uuid not in src_fake.world  # gone here, released
+    there = dst_fake.world[rec.uuid]
+    assert (there.state, there.memory_mib) == ("running", 50)  # the state travelled
+    assert dst.get("m").state == "running" and "job" not in dst.get("m").extra
+    assert ("migrate_perform", rec.uuid) in src_fake.calls
+    assert ("migrate_finish", rec.uuid) in dst_fake.calls
+
+    # A destination that does not take the stream: the guest runs on at the source.
+    back = Toolstack(tmp_path / "back", backend=FakeBackend())
+    dst_fake.refuse = "no"
+    with pytest.raises(BackendError, match="m still runs here"):
+        migrate(dst, "m", back)
+    assert dst.get("m").state == "running" and dst_fake.world[rec.uuid].state == "running"
+    assert back.store.list() == []  # the half-made destination is gone
