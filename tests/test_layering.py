@@ -84,3 +84,31 @@ def test_no_source_file_over_a_thousand_lines() -> None:
     long = {name: n for name, path in _sources()
             if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+MAX_FUNCTION = 100
+
+
+def long_functions_without_a_reason(source: str) -> list[str]:
+    """Functions of more than MAX_FUNCTION lines whose docstring does not say why."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            if length > MAX_FUNCTION and "Why one function" not in (ast.get_docstring(node) or ""):
+                out.append(f"{node.name} ({length} lines)")
+    return out
+
+
+def test_the_length_check_sees_a_long_function() -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION + 1))
+    assert long_functions_without_a_reason(f"def f():\n{body}\n") == [
+        f"f ({MAX_FUNCTION + 2} lines)"]
+    why = f'def f():\n    """Why one function: it is a table."""\n{body}\n'
+    assert long_functions_without_a_reason(why) == []
+
+
+def test_long_functions_say_why() -> None:
+    found = {name: bad for name, path in _sources()
+             if (bad := long_functions_without_a_reason(path.read_text()))}
+    assert found == {}

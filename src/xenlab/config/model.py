@@ -609,6 +609,10 @@ def domain_config(
     XENFIRMWAREDIR, where ``firmware="pvgrub64"`` points a PV guest's kernel.
     Raises :class:`ConfigError` listing every problem, each at its value's
     place; warnings are returned in :attr:`DomainConfig.warnings`.
+
+    Why one function: it follows libxl's ``parse_config_data`` (xl_parse.c) key by key, in
+    xl's order, and later keys are checked against what earlier ones set (type, memory,
+    maxvcpus); the order, visible in one place, is what the libxlutil oracle tests check.
     """
     r = _Reader(cfg)
     dtype = _domain_type(r, arch)

@@ -215,6 +215,13 @@ def dword_sum(buf: Buffer, offset: int, size: int) -> int:
 
 
 def _parse(view: memoryview, offset: int, limit: int, source: str) -> IntelUpdate:
+    """The update at ``offset`` (the data ends at ``limit``), every field checked where the
+    SDM's layout puts it; FormatError names the offset of the first thing wrong.
+
+    Why one function: the header, the data, the extended signature table and the two
+    checksums are checked in the layout's order, each check using sizes the earlier ones
+    proved, so a hostile size is refused before anything reads past it.
+    """
     have = limit - offset
     if offset < 0 or have < 0:
         raise FormatError(source, offset, "offset", f"outside the data (0..{limit:#x})")

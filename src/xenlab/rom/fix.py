@@ -151,6 +151,10 @@ def fix_rom(
     :raise FormatError: no ROM in ``data``, a ROM damaged beyond these
         repairs, or a change that would leave an invalid ROM (the message
         says which and where).
+
+    Why one function: the repairs run in one order on the bytes the previous one left
+    (size, PCI data structure, PnP header, checksum last), and each must see the others'
+    results to refuse a change that would leave an invalid ROM.
     """
     rom = parse_rom(data, source=source)
     for prob in rom.all_problems():

@@ -488,6 +488,9 @@ class _Walker:
         The stream may produce what is left of ``limits.decompressed``; a
         member is read only up to ``limits.member``.  A limit that stops the
         stream ends the walk (its end is unknown), reported as skipped.
+
+        Why one function: the decompressor loop, the three limits and the skip reports share
+        the stream's state (bytes out, member count, where a limit stopped it).
         """
         assert seg.compression is not None
         comp: Compression = seg.compression

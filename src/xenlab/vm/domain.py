@@ -263,6 +263,10 @@ class Toolstack:
         next command (:meth:`converge`).  The domain's lock is taken before
         the global lock is let go, so no other command sees the record half
         made.
+
+        Why one function: the order of the record writes and the start (the job, the run
+        directory recorded, the backend's start, the record of what runs) is the crash-safety
+        argument of every verb that starts a domain, and it reads in one place.
         """
         check_domain_name(dc.name)
         fresh = incoming is None

@@ -219,6 +219,10 @@ def migrate(
         says so; or the control connection broke after the destination was
         told to go (the message says to check both ends; the domain is left
         paused here).
+
+    Why one function: the phases (sending, handing-over, handed-over) and what undoes each
+    are one sequence with fault points between them; :func:`recover_job` follows the
+    same phases, and the two are read side by side.
     """
     started = time.monotonic()
     if isinstance(dest, Toolstack) and with_storage and not dest_overrides:

@@ -230,6 +230,10 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
     :raise BackendError: QEMU failed the migration or it took longer than
         ``timeout``; the domain runs (or stays paused) as before, no file is
         left behind and the disk snapshot is deleted again.
+
+    Why one function: the job, the temporary file, the stream, the commit and the quit
+    are one sequence whose every step has a fault point and a recovery rule
+    (:func:`recover_job`); split, that order would be harder to check.
     """
     path = Path(path)
     with ts.live(name) as rec:

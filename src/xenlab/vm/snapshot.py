@@ -305,6 +305,10 @@ def create_snapshot(
         flags, a disk no backend can snapshot now.
     :raise StateError: a stale domain, or memory asked of a shut-off one.
     :raise BackendError: QEMU or a disk tool failed (what was made is undone).
+
+    Why one function: the row, the job, the disks, the memory and the record of the
+    result are one sequence with a fault point and a recovery rule at each step
+    (vm.snaprecover), read side by side with the recovery.
     """
     _check_name(snap)
     if disk_only and memory:

@@ -116,6 +116,10 @@ def parse_vnuma(
     (None when absent: then the vnodes define them, as in xl).  With
     ``host_nodes``, a ``pnode`` must be below it.  Raises :class:`ConfigError`
     listing every problem, each placed at ``line``/``col``.
+
+    Why one function: it follows libxlutil's ``parse_vnuma_config`` pass by pass (the
+    vnodes, each vnode's keys, then the cross-checks), and the cross-checks need every
+    vnode's values together.
     """
     problems: list[str] = []
     if isinstance(value, str):
