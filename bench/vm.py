@@ -65,7 +65,7 @@ from qemu.qmp import QMPClient  # noqa: E402
 
 from xenlab.vm.domain import Toolstack  # noqa: E402
 from xenlab.vm.image import GuestImage, build_image  # noqa: E402
-from xenlab.vm.migrate import migrate, restore, save  # noqa: E402
+from xenlab.vm.migration.sender import migrate, restore, save  # noqa: E402
 from xenlab.vm.snapshot import create_snapshot, delete_snapshot, revert_snapshot  # noqa: E402
 
 MARKER = b"XENLAB-READY"

@@ -24,7 +24,6 @@ from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat, DiskSpec
 from xenlab.config.specs.vif import VifSpec
 from xenlab.errors import BackendError, DeviceNotReleased, NotFoundError, Refused, UsageError
-from xenlab.vm import saveimage
 from xenlab.vm.backend import (
     BlockCopyFailed,
     BlockCopyRequest,
@@ -46,7 +45,8 @@ from xenlab.vm.backend import (
     VcpuReport,
     VcpuState,
 )
-from xenlab.vm.saveimage import DiskSnapshot
+from xenlab.vm.migration import image as saveimage
+from xenlab.vm.migration.image import DiskSnapshot
 from xenlab.vm.store import DomainRecord
 
 

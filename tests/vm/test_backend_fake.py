@@ -243,8 +243,8 @@ def test_save_and_restore_through_the_backend(ts: Toolstack, fake: FakeBackend,
                                               tmp_path: Path) -> None:
     """The verbs own the image (header, checksums, rename, record); the backend its stream."""
     from xenlab.errors import FormatError
-    from xenlab.vm.saveimage import check_open
-    from xenlab.vm.saverestore import restore, save
+    from xenlab.vm.migration.image import check_open
+    from xenlab.vm.migration.saverestore import restore, save
 
     rec = _running(ts, fake, "a")
     fake.world[rec.uuid].memory_mib = 48  # the guest's state, as the backend has it
@@ -300,7 +300,7 @@ def test_the_console_is_the_backends_stream(ts: Toolstack, fake: FakeBackend) ->
 
 def test_migrate_between_two_toolstacks_through_the_backend(tmp_path: Path) -> None:
     """The control flow, jobs and records of a local migration over two fake backends."""
-    from xenlab.vm.migrate import migrate
+    from xenlab.vm.migration.sender import migrate
 
     src_fake, dst_fake = FakeBackend(), FakeBackend()
     src = Toolstack(tmp_path / "src", backend=src_fake)

@@ -13,10 +13,10 @@ from tests.clirun import run_cli
 from tests.vm.guests import boot, sh
 from xenlab.config.errors import ConfigError
 from xenlab.errors import StateError, XenlabError
-from xenlab.vm import migrate as mig
 from xenlab.vm import snapshot
 from xenlab.vm.disks import block_attach, block_detach, block_list
 from xenlab.vm.domain import Toolstack
+from xenlab.vm.migration import sender as mig
 
 pytestmark = pytest.mark.integration
 

@@ -157,8 +157,8 @@ def test_hot_plugged_vcpus_survive_save_and_restore(ts: Toolstack, tmp_path: Pat
     """A save after vcpu-set could not be restored ("Unknown savevm section cpu_common"):
     the guest was lost."""
     from tests.vm.guests import sh
+    from xenlab.vm.migration.saverestore import restore, save
     from xenlab.vm.resources import vcpu_set
-    from xenlab.vm.saverestore import restore, save
 
     boot(ts, tmp_path, "cpus", memory=128, maxmem=None, vcpus=1, maxvcpus=2)
     vcpu_set(ts, "cpus", 2)
@@ -170,7 +170,7 @@ def test_hot_plugged_vcpus_survive_save_and_restore(ts: Toolstack, tmp_path: Pat
     assert sh(ts, "cpus", "grep -c ^processor /proc/cpuinfo").strip() == "2"
     # A memory snapshot and a local migration carry them too.
     from tests.vm.guests import clear
-    from xenlab.vm.migrate import migrate
+    from xenlab.vm.migration.sender import migrate
     from xenlab.vm.snapshot import create_snapshot, revert_snapshot
 
     create_snapshot(ts, "cpus", "m", external=True, memory=True)

@@ -31,10 +31,10 @@ import pytest
 
 from tests.vm.guests import boot, clear, config_text, sh
 from xenlab.errors import XenlabError
-from xenlab.vm import migrate as mig
 from xenlab.vm.domain import Toolstack
-from xenlab.vm.peerconfig import PeerRefusedError, check_request
-from xenlab.vm.saveimage import SaveHeader, header_to_json
+from xenlab.vm.migration import sender as mig
+from xenlab.vm.migration.image import SaveHeader, header_to_json
+from xenlab.vm.migration.peerconfig import PeerRefusedError, check_request
 from xenlab.vm.store import DomainRecord, is_alive
 
 HELLO = {"msg": "hello", "protocol": 2}

@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from xenlab.errors import FormatError, TruncatedError, XenlabError
-from xenlab.vm import saveimage as si
-from xenlab.vm.saveimage import (
+from xenlab.vm.migration import image as si
+from xenlab.vm.migration.image import (
     CHUNK,
     MAGIC,
     ChecksumError,

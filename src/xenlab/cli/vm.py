@@ -336,7 +336,7 @@ def save_cmd(domain: str, file: Path, keep_running: bool, snapshot: bool,
     The image carries XXH64 checksums of its header and of every MiB of the
     state, so restore refuses a damaged or cut image.
     """
-    from xenlab.vm.saverestore import save
+    from xenlab.vm.migration.saverestore import save
 
     h = save(_ts(state_dir), domain, file, keep_running=keep_running, snapshot=snapshot)
     stdout.print(f"saved {printable(domain)} to {printable(str(file))}"
@@ -357,7 +357,7 @@ def restore_cmd(file: Path, overrides: Sequence[str], paused: bool,
     naming the offset, before any QEMU starts.  Images from before
     checksums are restored with a warning.
     """
-    from xenlab.vm.saverestore import restore
+    from xenlab.vm.migration.saverestore import restore
 
     rec = restore(_ts(state_dir), file, paused=paused, overrides=overrides)
     stdout.print(f"restored {printable(rec.name)} (id {rec.domid}), {rec.state}")
@@ -426,8 +426,8 @@ def migrate_cmd(domain: str, dest: str, with_storage: bool, offline: bool, pause
                 token_file: Path | None, state_dir: Path | None) -> None:
     """Live-migrate DOMAIN to DEST (HOST:PORT where `xenlab vm receive --listen` waits,
     with the token it printed)."""
-    from xenlab.vm.control import read_token
-    from xenlab.vm.migrate import migrate
+    from xenlab.vm.migration.channel import read_token
+    from xenlab.vm.migration.sender import migrate
 
     if token is not None and token_file is not None:
         raise click.UsageError("give --token or --token-file, not both")
@@ -472,8 +472,8 @@ def receive_cmd(listen: str, overrides: Sequence[str], paused: bool, timeout: fl
     (xl migrates over ssh): listen on a private network (a management VLAN,
     a VPN), never on an address strangers reach.
     """
-    from xenlab.vm.control import new_token, read_token
-    from xenlab.vm.receiver import serve_receive
+    from xenlab.vm.migration.channel import new_token, read_token
+    from xenlab.vm.migration.receiver import serve_receive
 
     for o in overrides:
         if "=" not in o:

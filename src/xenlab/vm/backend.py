@@ -25,7 +25,7 @@ from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat, DiskSpec
 from xenlab.config.specs.vif import VifSpec
 from xenlab.errors import BackendError, StateError, XenlabError
-from xenlab.vm.saveimage import DiskSnapshot
+from xenlab.vm.migration.image import DiskSnapshot
 from xenlab.vm.store import DomainRecord
 
 __all__ = [

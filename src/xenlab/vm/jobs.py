@@ -35,8 +35,8 @@ __all__ = ["JOB", "RECOVERY", "Job", "job_of", "new_job", "process_start"]
 # such a job is found, so a `vm list` does not load the snapshot code.
 RECOVERY: Final[dict[str, str]] = {
     "block-attach": "xenlab.vm.disks",
-    "save": "xenlab.vm.saverestore",
-    "migrate": "xenlab.vm.migrate",
+    "save": "xenlab.vm.migration.saverestore",
+    "migrate": "xenlab.vm.migration.sender",
     "mirror": "xenlab.vm.mirror",
     "network-attach": "xenlab.vm.network",
     "network-detach": "xenlab.vm.network",

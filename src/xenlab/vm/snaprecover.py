@@ -32,9 +32,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from xenlab.errors import BackendError, FormatError, XenlabError
-from xenlab.vm import saveimage, vmstate
+from xenlab.vm import vmstate
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job
+from xenlab.vm.migration import image as saveimage
 from xenlab.vm.qmp import Qmp, job_ids, settle_job
 from xenlab.vm.qmp import run as _run
 from xenlab.vm.snapbackends import drop_nodes_on, entry_backend, node_and_tags

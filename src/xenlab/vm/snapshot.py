@@ -25,10 +25,11 @@ from typing import Any
 from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, ConflictError, StateError, UsageError, XenlabError
-from xenlab.vm import qemuimg, saveimage, vmstate
+from xenlab.vm import qemuimg, vmstate
 from xenlab.vm.backends.qemu.vcpus import plug_vcpus
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import on_disks_now
+from xenlab.vm.migration import image as saveimage
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run_async

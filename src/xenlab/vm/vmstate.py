@@ -7,9 +7,9 @@ QEMU reads and writes the file itself, through a descriptor handed over
 with ``getfd`` (migration URI ``fd:NAME``), as before checksums: nothing of
 its stream is copied through xenlab.  Saving, the chunks QEMU has written
 are hashed from the page cache while it writes, and the checksum table and
-trailer of :mod:`~xenlab.vm.saveimage` are appended once QEMU reports the
+trailer of :mod:`~xenlab.vm.migration.image` are appended once QEMU reports the
 stream complete.  Loading, the caller has checked the whole file before it
-started QEMU (:func:`~xenlab.vm.saveimage.check_image`), so a damaged file
+started QEMU (:func:`~xenlab.vm.migration.image.check_image`), so a damaged file
 never reaches a QEMU; QEMU then reads the same open file, and a file that
 changed after the check (its size, times or inode) is refused before the
 guest runs.
@@ -32,8 +32,8 @@ from typing import Any, Final
 
 from xenlab import faults
 from xenlab.errors import BackendError, FormatError
-from xenlab.vm import saveimage
 from xenlab.vm.backend import MigrationProgress, Progress
+from xenlab.vm.migration import image as saveimage
 from xenlab.vm.qmp import EventWatch, Qmp
 
 __all__ = [
@@ -244,7 +244,7 @@ async def write_checked(qmp: Qmp, fd: int, *, seed: int, what: str, timeout: flo
                         at_switchover: Callable[[], Awaitable[None]] | None = None,
                         ) -> saveimage.StreamSummary:
     """Migrate QEMU's state into ``fd`` from its current offset, then append the checksum
-    table and trailer (:class:`~xenlab.vm.saveimage.StreamHasher`).
+    table and trailer (:class:`~xenlab.vm.migration.image.StreamHasher`).
 
     QEMU writes the file itself; every ``_KICK`` seconds the chunks it has
     written are hashed from the page cache (and ``tick`` called), the rest
@@ -331,7 +331,7 @@ async def write_stream(qmp: Qmp, fd: int, *, timeout: float = 300.0,
                        at_switchover: Callable[[], Awaitable[None]] | None = None,
                        ) -> saveimage.StreamSummary:
     """Write QEMU's state to the empty file ``fd`` as a checked VM state file (a
-    snapshot's memory file): :data:`~xenlab.vm.saveimage.STREAM_MAGIC`, QEMU's
+    snapshot's memory file): :data:`~xenlab.vm.migration.image.STREAM_MAGIC`, QEMU's
     stream, the checksum table and trailer.
 
     The guest is left as the migration leaves it (postmigrate); see
@@ -349,7 +349,7 @@ async def load_stream(qmp: Qmp, fd: int, *, timeout: float = 300.0,
     checked whole first, or (older files) QEMU's raw stream, unchecked, with a warning.
 
     QEMU waits with ``-incoming defer`` and is left paused.  Call
-    :func:`~xenlab.vm.saveimage.check_stream_file` before starting QEMU, to
+    :func:`~xenlab.vm.migration.image.check_stream_file` before starting QEMU, to
     refuse a damaged file before there is a QEMU to stop; this checks again,
     on the descriptor QEMU gets.
 

@@ -50,6 +50,7 @@ from xenlab.vm.backend import (
 from xenlab.vm.backends.qemu import blockcopy, devices, memory, migration, nics, vcpus
 from xenlab.vm.backends.qemu import save as saving
 from xenlab.vm.backends.qemu.info import live_info
+from xenlab.vm.migration.image import DiskSnapshot
 from xenlab.vm.qemu import (
     RuntimePaths,
     balloon_target_mib,
@@ -68,7 +69,6 @@ from xenlab.vm.rundir import (
     wait_gone,
 )
 from xenlab.vm.runtime import DISK_NODES, QEMU_NAME
-from xenlab.vm.saveimage import DiskSnapshot
 from xenlab.vm.store import DomainRecord, is_domain_qemu
 
 __all__ = ["QemuBackend"]

@@ -31,7 +31,7 @@ from xenlab.vm.backend import (
     Progress,
 )
 from xenlab.vm.backends.qemu.vcpus import plug_vcpus
-from xenlab.vm.control import uri_host
+from xenlab.vm.migration.channel import uri_host
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.runtime import DISK_NODES
 

@@ -22,8 +22,8 @@ from xenlab.errors import BackendError, XenlabError
 from xenlab.vm import vmstate
 from xenlab.vm.backend import SaveFacts, SaveRequest
 from xenlab.vm.backends.qemu.vcpus import plug_vcpus
+from xenlab.vm.migration.image import DiskSnapshot
 from xenlab.vm.qmp import Qmp
-from xenlab.vm.saveimage import DiskSnapshot
 
 __all__ = ["abort_save", "device_nodes", "load", "quit_qemu", "save"]
 

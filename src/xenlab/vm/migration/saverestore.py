@@ -1,7 +1,7 @@
 """Save and restore of domains, xl save / xl restore: :func:`save`, :func:`restore`; and where
 a domain's disks are when it starts again from a stream (:func:`moves_of`, :func:`place`).
 
-``save`` pauses the domain and writes a :mod:`~xenlab.vm.saveimage` image:
+``save`` pauses the domain and writes a :mod:`~xenlab.vm.migration.image` image:
 the header (config, where the disks really run, the disk snapshots of
 ``--snapshot``) with its checksum, QEMU's stream, and the stream's checksum
 table and trailer (:func:`~xenlab.vm.vmstate.write_checked`).  The image goes to a temporary
@@ -9,7 +9,7 @@ file beside the target, is fsynced and renamed into place once QEMU reports
 the stream complete and before QEMU quits, so a failed save leaves no file
 and a finished one is on disk before the guest's only other copy goes.
 
-``restore`` checks the whole image first (:func:`~xenlab.vm.saveimage.check_open`:
+``restore`` checks the whole image first (:func:`~xenlab.vm.migration.image.check_open`:
 the header's checksum, every MiB of the stream, the table, the trailer,
 nothing after it), so a damaged or cut image is refused naming its offset
 before any disk is reverted or any QEMU started; then QEMU, started with
@@ -47,9 +47,7 @@ from xenlab.vm.backend import run as _run
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.domconfig import config_from_text, on_disks
 from xenlab.vm.jobs import Job
-from xenlab.vm.resources import plugged_vcpus
-from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, JOB, OVERLAYS, VCPUS_PLUGGED, Runtime
-from xenlab.vm.saveimage import (
+from xenlab.vm.migration.image import (
     DiskMove,
     DiskSnapshot,
     SaveHeader,
@@ -58,6 +56,8 @@ from xenlab.vm.saveimage import (
     header_seed,
     pack_header,
 )
+from xenlab.vm.resources import plugged_vcpus
+from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, JOB, OVERLAYS, VCPUS_PLUGGED, Runtime
 from xenlab.vm.snapbackends import glob_escape
 from xenlab.vm.store import DomainRecord
 

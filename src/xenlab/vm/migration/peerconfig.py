@@ -26,7 +26,7 @@ set is the receiver's):
 - Always, trusted or not: the domain name follows ``create``'s rules
   (:func:`xenlab.vm.domain.check_domain_name`), the uuid is a UUID, ``with_storage`` a boolean and
   ``disk_sizes`` positive byte counts (bounded against free space where
-  disks are made, by :func:`xenlab.vm.migrate.receive`).
+  disks are made, by :func:`xenlab.vm.migration.sender.receive`).
 
 Who owns a setting: the config text is the peer's, the overrides are
 appended after it; a key whose last ``=`` comes from an override is the
@@ -51,7 +51,7 @@ from xenlab.config.specs.vif import parse_vif
 from xenlab.errors import FormatError, XenlabError
 from xenlab.vm.domconfig import check_domain_name, config_from_text
 from xenlab.vm.imagecheck import UnsafeImageError, check_disk_image
-from xenlab.vm.saveimage import DiskMove, SaveHeader, header_from_json
+from xenlab.vm.migration.image import DiskMove, SaveHeader, header_from_json
 
 __all__ = [
     "NOT_FROM_PEER",

@@ -3,22 +3,22 @@ verbs it shares its stream with are re-exported here.
 
 :func:`migrate` moves a running domain to a second :class:`Toolstack` on
 this host (standing for another host, its destination started with
-:func:`~xenlab.vm.receiver.receive`), or to ``HOST:PORT`` where
-:func:`~xenlab.vm.receiver.serve_receive` (``xenlab vm receive``) waits with
+:func:`~xenlab.vm.migration.receiver.receive`), or to ``HOST:PORT`` where
+:func:`~xenlab.vm.migration.receiver.serve_receive` (``xenlab vm receive``) waits with
 its token; the two hosts then speak the control protocol over a
-:class:`~xenlab.vm.control.Channel`.  With ``with_storage`` the disks go
+:class:`~xenlab.vm.migration.channel.Channel`.  With ``with_storage`` the disks go
 first, mirrored into the destination's NBD exports.  The source QEMU quits
 only once the destination has said it runs the guest; until "go" is sent
 the source may take the guest back.  The protocol, its failure rules, the
 threat model of the receiver and the save image format are in
 docs/migration.md.
 
-The pieces: :mod:`xenlab.vm.saveimage` (the save image format),
+The pieces: :mod:`xenlab.vm.migration.image` (the save image format),
 :mod:`xenlab.vm.vmstate` (QEMU's stream over QMP, and the helpers all of
-them share), :mod:`xenlab.vm.saverestore` (xl save and restore),
-:mod:`xenlab.vm.control` (the channel and the token),
-:mod:`xenlab.vm.peerconfig` (what a receiver takes from its peer) and
-:mod:`xenlab.vm.receiver` (the destination).
+them share), :mod:`xenlab.vm.migration.saverestore` (xl save and restore),
+:mod:`xenlab.vm.migration.channel` (the channel and the token),
+:mod:`xenlab.vm.migration.peerconfig` (what a receiver takes from its peer) and
+:mod:`xenlab.vm.migration.receiver` (the destination).
 
 Failures: the source domain is only stopped for good after the destination
 runs: a failed or interrupted migration (a destination that dies, a
@@ -55,31 +55,21 @@ from xenlab.vm.backend import (
 from xenlab.vm.backend import (
     run as _run,
 )
-from xenlab.vm.control import (
+from xenlab.vm.domain import Toolstack
+from xenlab.vm.jobs import Job
+from xenlab.vm.migration import wire
+from xenlab.vm.migration.channel import (
     PROTOCOL,
     Channel,
+    ChannelError,
     Lost,
     Refused,
-    expect,
     new_token,
     parse_address,
     read_token,
     uri_host,
 )
-from xenlab.vm.domain import Toolstack
-from xenlab.vm.jobs import Job
-from xenlab.vm.receiver import (
-    START_TIMEOUT,
-    Incoming,
-    abort_receive,
-    finish_receive,
-    mirrored_disks,
-    receive,
-    serve_receive,
-)
-from xenlab.vm.resources import plugged_vcpus
-from xenlab.vm.runtime import CURRENT
-from xenlab.vm.saveimage import (
+from xenlab.vm.migration.image import (
     MAGIC,
     SAVE_VERSION,
     DiskMove,
@@ -91,7 +81,18 @@ from xenlab.vm.saveimage import (
     parse_header,
     read_header,
 )
-from xenlab.vm.saverestore import moves_of, place, quit_domain, restore, save
+from xenlab.vm.migration.receiver import (
+    START_TIMEOUT,
+    Incoming,
+    abort_receive,
+    finish_receive,
+    mirrored_disks,
+    receive,
+    serve_receive,
+)
+from xenlab.vm.migration.saverestore import moves_of, place, quit_domain, restore, save
+from xenlab.vm.resources import plugged_vcpus
+from xenlab.vm.runtime import CURRENT
 from xenlab.vm.store import DomainRecord, SnapshotNode, private_dir
 
 __all__ = [
@@ -369,20 +370,25 @@ async def _sender(ch: Channel, backend: Backend, h: DomainHandle, rec: DomainRec
     )
     sizes = dict(cookie.disk_sizes)
     try:
-        hello = await ch.recv(_HELLO_TIMEOUT, "the receiver's greeting")
-        if hello.get("msg") != "hello" or hello.get("protocol") != PROTOCOL:
+        greeting = await ch.recv(_HELLO_TIMEOUT, "the receiver's greeting")
+        try:
+            hello = wire.decode(greeting, ch.peer, wire.Hello)
+        except ChannelError:
+            hello = None
+        if not isinstance(hello, wire.Hello) or hello.protocol != PROTOCOL:
             raise BackendError(f"{ch.peer} is not a xenlab receiver speaking protocol "
-                               f"{PROTOCOL} (it said {str(hello)[:200]})")
+                               f"{PROTOCOL} (it said {str(greeting)[:200]})")
         # Version 3 on the wire: version 4 adds only the checksums of an image
         # file, which TCP does not need, and older receivers read version 3.
-        await ch.send({"msg": "prepare", "token": token,
-                       "header": header_to_json(replace(header, version=3)),
-                       "with_storage": bool(nodes), "disk_sizes": sizes})
-        listening = await ch.recv(START_TIMEOUT, "the destination QEMU to listen")
-        expect(listening, "listening", ch.peer)
-        dport, nbd = listening.get("port"), listening.get("nbd_port")
-        if not isinstance(dport, int) or (nodes and not isinstance(nbd, int)):
-            raise BackendError(f"{ch.peer}: no port to send to in {listening}")
+        await ch.send(wire.encode(wire.Prepare(token, {
+            "header": header_to_json(replace(header, version=3)),
+            "with_storage": bool(nodes), "disk_sizes": sizes})))
+        listening = wire.decode(await ch.recv(START_TIMEOUT, "the destination QEMU to listen"),
+                                ch.peer, wire.Listening)
+        assert isinstance(listening, wire.Listening)
+        dport, nbd = listening.port, listening.nbd_port
+        if nodes and nbd is None:
+            raise BackendError(f"{ch.peer}: no port to send the disks to in {listening}")
     except BackendError as err:
         raise BackendError(f"{what}: {err}; {here}") from err
     where = f"{uri_host(host)}:{dport}"
@@ -391,24 +397,24 @@ async def _sender(ch: Channel, backend: Backend, h: DomainHandle, rec: DomainRec
             rec.name, where, host, nbd if nodes else None, nodes, live, max_bandwidth,
             timeout, started, progress))
     except BaseException as err:
-        await ch.quiet_send({"msg": "abort", "error": str(err)})
+        await ch.quiet_send(wire.encode(wire.Abort(str(err))))
         if isinstance(err, BackendError):
             raise BackendError(f"{what} failed; {here} [{err}]") from err
         raise
     # The stream is complete: the source is stopped, the destination holds
     # the guest, paused.  Until "go" is sent, the source may take it back.
     try:
-        expect(await ch.recv(START_TIMEOUT, "the destination's report that it "
-                                              "loaded the stream"), "loaded", ch.peer)
+        wire.decode(await ch.recv(START_TIMEOUT, "the destination's report that it loaded "
+                                                 "the stream"), ch.peer, wire.Loaded)
         await asyncio.sleep(0)
         if ch.closed():
             raise Lost(f"{ch.peer} closed the control connection before it was "
                         "told to start the guest")
         on_phase(phase="handing-over")
         faults.point("migrate.handing-over")
-        await ch.send({"msg": "go", "paused": paused})
+        await ch.send(wire.encode(wire.Go(paused)))
     except BaseException as err:
-        await ch.quiet_send({"msg": "abort", "error": str(err)})
+        await ch.quiet_send(wire.encode(wire.Abort(str(err))))
         back = await _take_back(backend, h, sent, rec.name)
         if isinstance(err, BackendError):
             raise BackendError(f"{what}: the destination did not take the guest "
@@ -416,8 +422,8 @@ async def _sender(ch: Channel, backend: Backend, h: DomainHandle, rec: DomainRec
         raise
     # Past the point of no return: the destination may be running the guest.
     try:
-        done = await ch.recv(START_TIMEOUT, "the destination's report")
-        expect(done, "resumed", ch.peer)
+        wire.decode(await ch.recv(START_TIMEOUT, "the destination's report"), ch.peer,
+                    wire.Resumed)
         on_phase(phase="handed-over")
         faults.point("migrate.handed-over")
     except Refused as err:

@@ -10,14 +10,14 @@ speaks the control protocol of docs/migration.md.  Before a peer has shown
 the token it can neither end nor stall the receiver: every connection is
 greeted at once by its own asyncio task, must send its "prepare" within
 ``auth_timeout`` seconds in all (a byte a second does not keep it), in a
-line of at most :data:`~xenlab.vm.control.LINE_MAX` bytes that is UTF-8
+line of at most :data:`~xenlab.vm.migration.channel.LINE_MAX` bytes that is UTF-8
 JSON; at most ``max_pending`` connections wait at a time (the oldest is
 dropped for a new one, so a flood cannot lock a real source out for long:
 it answers the greeting within milliseconds); a connection that breaks,
 closes, resets or sends junk is told why (when it still listens) and
 closed.  Anything that fails before a QEMU has started (no token, a wrong
 one, a malformed request, a config or header the receiver does not take
-from a peer, see :mod:`xenlab.vm.peerconfig`, even a QEMU that refuses the
+from a peer, see :mod:`xenlab.vm.migration.peerconfig`, even a QEMU that refuses the
 config) leaves nothing behind, and the receiver goes on waiting.  Once a
 source is taken, the connections still waiting are told another source is
 migrating here, and the port is closed.
@@ -47,7 +47,10 @@ from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, UsageError, XenlabError
 from xenlab.vm import qemuimg
 from xenlab.vm.backend import run as _run
-from xenlab.vm.control import (
+from xenlab.vm.domain import Toolstack
+from xenlab.vm.domconfig import config_from_text, on_disks
+from xenlab.vm.migration import wire
+from xenlab.vm.migration.channel import (
     PROTOCOL,
     Channel,
     Lost,
@@ -55,12 +58,10 @@ from xenlab.vm.control import (
     parse_address,
     uri_host,
 )
-from xenlab.vm.domain import Toolstack
-from xenlab.vm.domconfig import config_from_text, on_disks
-from xenlab.vm.peerconfig import check_request
+from xenlab.vm.migration.image import DiskMove
+from xenlab.vm.migration.peerconfig import check_request
+from xenlab.vm.migration.saverestore import Placed, image_for, place, said, settle
 from xenlab.vm.runtime import VCPUS_PLUGGED
-from xenlab.vm.saveimage import DiskMove
-from xenlab.vm.saverestore import Placed, image_for, place, said, settle
 from xenlab.vm.store import DomainRecord
 
 __all__ = [
@@ -323,7 +324,7 @@ def serve_receive(
     Listens on ``listen`` (port 0: any; ``on_listen(host, port)`` is told
     the port bound) and admits connections as the module docstring says.
     The first source whose "prepare" carries ``token`` and asks only for
-    what :func:`xenlab.vm.peerconfig.check_request` takes (``overrides``,
+    what :func:`xenlab.vm.migration.peerconfig.check_request` takes (``overrides``,
     the receiver's own ``key=value`` lines, may set anything; ``disk_dir``
     is where the source may name disk files; ``trust_peer_config`` takes
     everything from it) gets a QEMU started from its config, listening for
@@ -477,9 +478,10 @@ async def _hello(ch: Channel, token: str, timeout: float) -> dict[str, Any]:
 
     :raise BackendError: it said something else, nothing, or not the token.
     """
-    await ch.send({"msg": "hello", "protocol": PROTOCOL})
+    await ch.send(wire.encode(wire.Hello(PROTOCOL)))
     prep = await ch.recv(timeout, "the source's domain")
     expect(prep, "prepare", ch.peer)
+    # The token's absence has its own message (before decode names the field's type).
     got = prep.get("token")
     if not isinstance(got, str) or not got:
         raise BackendError("no migration token in the request: give the one the receiver "
@@ -489,7 +491,9 @@ async def _hello(ch: Channel, token: str, timeout: float) -> dict[str, Any]:
     if not hmac.compare_digest(got.encode("utf-8", "surrogatepass"),
                                token.encode("utf-8", "surrogatepass")):
         raise BackendError("wrong migration token: give the one the receiver printed")
-    return prep
+    request = wire.decode(prep, ch.peer, wire.Prepare)
+    assert isinstance(request, wire.Prepare)
+    return dict(request.raw)
 
 
 def _serve(ts: Toolstack, ch: Channel, inc: Incoming, paused: bool,
@@ -500,7 +504,7 @@ def _serve(ts: Toolstack, ch: Channel, inc: Incoming, paused: bool,
         go = _run(_await_stream(ch, ts, inc, timeout))
         rec = inc.record
         with ts.store.lock(rec.domid):
-            still = bool(paused or go.get("paused"))
+            still = paused or go.paused
             _run(ts.backend.migrate_finish(h, _exports(inc), still))
             rec = settle(ts, rec, "paused" if still else "running", inc.extra)
     except BaseException as err:
@@ -511,7 +515,7 @@ def _serve(ts: Toolstack, ch: Channel, inc: Incoming, paused: bool,
             raise
         raise failed from err
     try:
-        _run(ch.send({"msg": "resumed", "domid": rec.domid, "state": rec.state}))
+        _run(ch.send(wire.encode(wire.Resumed(rec.domid, rec.state))))
     except BackendError as err:
         # It runs here now; the source, without the report, keeps its copy paused.
         _log.warning("receive %s: %s; the source was not told that it runs here", rec.name,
@@ -520,9 +524,9 @@ def _serve(ts: Toolstack, ch: Channel, inc: Incoming, paused: bool,
 
 
 async def _await_stream(ch: Channel, ts: Toolstack, inc: Incoming,
-                        timeout: float) -> dict[str, Any]:
+                        timeout: float) -> wire.Go:
     """Tell the source where to send, wait for the stream, report it, wait for "go"."""
-    await ch.send({"msg": "listening", "port": inc.port, "nbd_port": inc.nbd_port})
+    await ch.send(wire.encode(wire.Listening(inc.port, inc.nbd_port)))
     name = inc.record.name
     stream = asyncio.ensure_future(ts.backend.migrate_wait_incoming(
         ts.handle(inc.record), f"incoming {name}", timeout))
@@ -534,7 +538,7 @@ async def _await_stream(ch: Channel, ts: Toolstack, inc: Incoming,
         if not stream.done():
             msg = control.result()
             raise BackendError(f"the source {ch.peer} gave up: "
-                               f"{msg.get('error') or msg.get('msg')}")
+                               f"{str(msg.get('error') or msg.get('msg'))[:wire.ERROR_MAX]}")
         stream.result()
     except Lost as err:
         raise BackendError(f"the source went away in the middle of the stream "
@@ -545,9 +549,10 @@ async def _await_stream(ch: Channel, ts: Toolstack, inc: Incoming,
                 fut.cancel()
                 with contextlib.suppress(asyncio.CancelledError, BackendError):
                     await fut
-    await ch.send({"msg": "loaded"})
-    go = await ch.recv(START_TIMEOUT, "permission to start the guest")
-    if go.get("msg") == "abort":
-        raise BackendError(f"the source {ch.peer} gave up: {str(go.get('error'))[:2000]}")
-    expect(go, "go", ch.peer)
+    await ch.send(wire.encode(wire.Loaded()))
+    go = wire.decode(await ch.recv(START_TIMEOUT, "permission to start the guest"), ch.peer,
+                     wire.Go, wire.Abort)
+    if isinstance(go, wire.Abort):
+        raise BackendError(f"the source {ch.peer} gave up: {go.error}")
+    assert isinstance(go, wire.Go)
     return go
