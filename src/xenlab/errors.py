@@ -30,8 +30,14 @@ class XenlabError(Exception):
 
     def within(self, where: str) -> Self:
         """This error, its message prefixed with ``where`` (the verb and the object it
-        was working on); its class and fields stay, so callers can still tell it apart."""
-        self.args = (f"{where}: {self}",)
+        was working on); its class and fields stay, so callers can still tell it apart.
+
+        Only a message made from ``args`` is prefixed (a class with its own ``__str__``
+        keeps its words), and only once.
+        """
+        text = str(self)
+        if type(self).__str__ is BaseException.__str__ and not text.startswith(f"{where}: "):
+            self.args = (f"{where}: {text}",)
         return self
 
 

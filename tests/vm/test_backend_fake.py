@@ -11,7 +11,7 @@ import pytest
 
 from tests.vm.fakebackend import FakeBackend
 from xenlab.errors import BackendError, ConflictError, NotFoundError, StateError
-from xenlab.vm.backend import Capabilities, ExitReason, Unsupported
+from xenlab.vm.backend import Capabilities, DomainHandle, ExitReason, Unsupported
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job
 from xenlab.vm.runtime import DEFINED, JOB
@@ -328,3 +328,65 @@ def test_migrate_between_two_toolstacks_through_the_backend(tmp_path: Path) -> N
         migrate(dst, "m", back)
     assert dst.get("m").state == "running" and dst_fake.world[rec.uuid].state == "running"
     assert back.store.list() == []  # the half-made destination is gone
+
+
+def test_a_backend_that_streams_without_the_header_commits_nothing(
+        ts: Toolstack, fake: FakeBackend, tmp_path: Path) -> None:
+    from xenlab.vm.backend import SaveFacts, SaveRequest
+    from xenlab.vm.migration.saverestore import save
+
+    class Headless(FakeBackend):
+        async def save(self, h: DomainHandle, req: SaveRequest) -> SaveFacts:
+            req.commit()  # no header written: the verb must refuse the image
+            return SaveFacts(True, "x")
+
+    headless = Headless()
+    ts2 = Toolstack(tmp_path / "state2", backend=headless)
+    _running(ts2, headless, "a")
+    with pytest.raises(BackendError, match="without its header; nothing saved"):
+        save(ts2, "a", tmp_path / "a.save")
+    assert not list(tmp_path.glob("*a.save*")) and ts2.get("a").state == "running"
+
+
+def test_verbs_not_yet_behind_the_protocol_refuse_before_they_change_anything(
+        ts: Toolstack, fake: FakeBackend) -> None:
+    from xenlab.vm.snapshot import create_snapshot
+
+    rec = _running(ts, fake, "a")
+    with pytest.raises(Unsupported, match="snapshot-create: runs on the qemu backend only"):
+        create_snapshot(ts, "a", "s1")
+    assert ts.store.list_snapshots(rec.domid) == [] and "job" not in ts.get("a").extra
+    with pytest.raises(Unsupported):
+        ts.paths(ts.get("a"))
+
+
+def test_a_killed_migration_to_another_backend_concludes_nothing(ts: Toolstack,
+                                                                 fake: FakeBackend,
+                                                                 tmp_path: Path) -> None:
+    """The destination's backend is in the job: one this command cannot run is not opened
+    as QEMU's (its guest may run there), so the source is left paused, as for another host."""
+    rec = _running(ts, fake, "a", **{JOB: Job("migrate", 1, 0, {
+        "phase": "handing-over", "local": True, "dest": str(tmp_path / "xen-state"),
+        "dest_backend": "xen", "guest": "running"}).to_json()})
+    fake.world[rec.uuid].state = "paused"  # the stream is complete: the source is stopped
+    assert _states(ts) == {"a": "paused"}
+    assert ts.get("a").state == "paused" and "job" not in ts.get("a").extra
+    assert not (tmp_path / "xen-state").exists()  # never opened as a state directory
+    assert fake.world[rec.uuid].alive
+
+
+def test_within_prefixes_once_and_keeps_the_class() -> None:
+    from xenlab.errors import DeviceNotReleased, Refused, XenlabError
+
+    err = Refused("device_add", "busy", "QEMU refused: busy")
+    assert str(err.within("block-attach a").within("block-attach a")) == (
+        "block-attach a: QEMU refused: busy")
+    assert (err.command, err.reason) == ("device_add", "busy")
+
+    class Own(XenlabError):
+        def __str__(self) -> str:
+            return "its own words"
+
+    assert str(Own().within("verb")) == "its own words"
+    gone = DeviceNotReleased("xvdb", 0)
+    assert str(gone.within("w")) == "w: the guest did not release device xvdb within 0 s"

@@ -273,3 +273,35 @@ def test_mirror_through_the_backend(ts: Toolstack, fake: FakeBackend, tmp_path: 
     with pytest.raises(BackendError, match="fake refused the copy: busy; a still runs on"):
         mirror(ts, "a", "xvda", tmp_path / "third.img", format="raw")
     assert not (tmp_path / "third.img").exists() and JOB not in ts.get("a").extra
+
+
+class _InterruptedCopy(FakeBackend):
+    """A copy the user interrupts (Ctrl-C) after the backend did ``pivot`` or not."""
+
+    async def block_copy(self, h, req, note):  # type: ignore[no-untyped-def]
+        await super().block_copy(h, req, note)
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("pivot", [True, False])
+def test_an_interrupted_mirror_is_settled_before_it_lets_go(tmp_path: Path, pivot: bool) -> None:
+    """The review's case: Ctrl-C after the pivot must leave the record on the target (the
+    guest writes there), and without a pivot no target behind."""
+    from xenlab.vm.mirror import mirror
+
+    fake = _InterruptedCopy()
+    ts = Toolstack(tmp_path / "state", backend=fake)
+    data = _image(tmp_path, "d.img")
+    rec = _running(ts, "a", f'disk = [ "format=raw,vdev=xvda,access=rw,target={data}" ]\n')
+    target = tmp_path / "moved.img"
+    with pytest.raises(KeyboardInterrupt):
+        mirror(ts, "a", "xvda", target, format="raw", pivot=pivot)
+    now = ts.get("a")
+    assert JOB not in now.extra
+    if pivot:
+        assert fake.world[rec.uuid].disks["xvda"] == str(target)
+        assert Runtime.of(now).moved["xvda"].file == str(target)  # where the guest writes
+        assert [d.file for d in block_list(ts, "a")] == [str(target)]
+    else:
+        assert fake.world[rec.uuid].disks["xvda"] == data and not target.exists()
+        assert DISK_PATHS not in now.extra

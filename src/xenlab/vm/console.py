@@ -38,9 +38,10 @@ def attach(
     fd_out = sys.stdout.fileno() if stdout is None else stdout
     seen = bytearray()
     is_tty = os.isatty(fd_in)
-    saved = termios.tcgetattr(fd_in) if is_tty else None
+    saved = None
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
+        saved = termios.tcgetattr(fd_in) if is_tty else None
         if is_tty:
             tty.setraw(fd_in)
         inputs = [sock, fd_in]

@@ -43,6 +43,7 @@ from xenlab.vm.backend import (
     ExitReason,
     Presence,
     StartSpec,
+    Unsupported,
     check_backend,
 )
 from xenlab.vm.backends.qemu import QemuBackend
@@ -126,6 +127,14 @@ class Toolstack:
         """
         check_backend(rec, self.backend.name)
         return self.backend.handle_of(rec)
+
+    def require_qemu(self, what: str) -> None:
+        """Refuse, before anything changes, a verb not yet behind the Backend protocol
+        (snapshots, ROM boots; docs/backend.md) on a toolstack of another backend."""
+        if self.backend is not self._qemu:
+            raise Unsupported(self.backend.name, "qemu",
+                              f"{what}: runs on the qemu backend only so far; this toolstack "
+                              f"runs the {self.backend.name} backend")
 
     def alive(self, rec: DomainRecord) -> bool:
         """True when the backend has domain ``rec`` (its process or domain is there)."""
@@ -655,10 +664,12 @@ class Toolstack:
         :raise StateError: the recorded run directory is not a private
             directory of this user (see ``vm.rundir``): nothing in it is trusted.
         """
+        self.require_qemu("this verb")
         check_backend(rec, self._qemu.name)
         return self._qemu.paths(self._qemu.handle_of(rec))
 
     def _paths_or_none(self, rec: DomainRecord) -> RuntimePaths | None:
+        self.require_qemu("this verb")
         check_backend(rec, self._qemu.name)
         return self._qemu.paths_or_none(self._qemu.handle_of(rec))
 

@@ -32,7 +32,7 @@ from xenlab.vm import qemuimg
 from xenlab.vm.backend import BlockCopyFailed, BlockCopyRequest, CopyProgress, MirrorProgress
 from xenlab.vm.backend import run as _run_async
 from xenlab.vm.domain import SHUTOFF, Toolstack
-from xenlab.vm.jobs import Job
+from xenlab.vm.jobs import Job, job_of
 from xenlab.vm.qemuimg import FORMAT_DRIVERS, ImageFileError
 from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, Runtime, disk_now
 from xenlab.vm.snapbackends import glob_escape
@@ -135,6 +135,11 @@ def mirror(
                 node, length = _run_async(ts.backend.block_copy(h, req, note))
             except BlockCopyFailed as err:
                 raise _failed(ts, rec, vdev, source, source_fmt, target, format, err) from err
+            except BaseException:
+                # Interrupted (Ctrl-C): how far the copy got is the backend's to say, as
+                # after a kill; settle it now, before the job goes with this block.
+                _settle_interrupted(ts, domid)
+                raise
             if pivot:
                 faults.point("mirror.recording")
                 _record_pivot(ts, rec.domid, vdev, target, format, node)
@@ -149,6 +154,18 @@ def _job_detail(vdev: str, source: str, source_fmt: str, target: Path, fmt: str,
     return {"vdev": vdev, "source": source, "source_format": source_fmt,
             "target": str(target), "format": fmt, "pivot": pivot,
             "creates_target": True, "offline": offline, "phase": "copying"}
+
+
+def _settle_interrupted(ts: Toolstack, domid: int) -> None:
+    """Finish or undo an interrupted mirror as :func:`recover_job` would; never raises."""
+    try:
+        now = ts.store.get(domid)
+        job = job_of(now)
+        if job is not None:
+            recover_job(ts, now, job)
+    except Exception as err:  # the interruption is what the caller must see
+        log.warning("mirror: could not settle the interrupted copy: %s (the next command "
+                    "may not either: check `xenlab vm block-list`)", err)
 
 
 def _check_new(target: Path) -> None:

@@ -311,6 +311,7 @@ def create_snapshot(
     result are one sequence with a fault point and a recovery rule at each step
     (vm.snaprecover), read side by side with the recovery.
     """
+    ts.require_qemu("snapshot-create")
     _check_name(snap)
     if disk_only and memory:
         raise UsageError("--disk-only and --memory contradict each other")
@@ -633,6 +634,7 @@ def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool | None
         disk no longer runs on.
     :raise BackendError: QEMU or a disk tool failed.
     """
+    ts.require_qemu("snapshot-revert")
     with ts.locked(name) as rec:
         s = ts.store.get_snapshot(rec.domid, snap)
         if s.state is not SnapshotState.READY:
@@ -804,6 +806,7 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
     :raise StateError: children without ``children``, or a stale domain.
     :raise BackendError: QEMU or a disk tool failed (that snapshot stays, ``broken``).
     """
+    ts.require_qemu("snapshot-delete")
     with ts.locked(name) as rec:
         top = ts.store.get_snapshot(rec.domid, snap)
         order = descendants_first(top, ts.store.list_snapshots(rec.domid))

@@ -414,6 +414,7 @@ def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None
     :raise BackendError: QEMU failed, or the firmware did not reach its boot
         step within ``timeout`` (the domain is destroyed).
     """
+    ts.require_qemu("rom boot")
     from xenlab.rom.files import read_rom_file
 
     given = Path(rom)

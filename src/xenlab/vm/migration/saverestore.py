@@ -261,15 +261,18 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
         tmp = Path(tmp_name)
         faults.point("save.job")
 
+        headers: list[SaveHeader] = []
+
         def commit() -> None:
             # Once, before the rename: the image is whole on disk before QEMU
             # quits (most of it already is: see _write_out); then the rename.
+            if len(headers) != 1:  # a backend that streamed without the verb's header
+                raise BackendError(f"save {rec.name}: the {ts.backend.name} backend "
+                                   "committed an image without its header; nothing saved")
             os.fsync(fd)
             os.replace(tmp, path)
             with contextlib.suppress(OSError):  # the rename is done; a sync may not be
                 fsync_dir(path.parent)
-
-        headers: list[SaveHeader] = []
 
         def write_header(facts: SaveFacts) -> int:
             # The image's header, written before the stream; its checksum seeds the stream's.
@@ -280,7 +283,11 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
                 vcpus_plugged=plugged_vcpus(rec), disk_snapshots=snaps, disk_paths=disk_paths,
                 overlays=overlays)
             head = pack_header(header)
-            _write_all(fd, head)
+            try:
+                _write_all(fd, head)
+            except OSError as err:
+                raise XenlabError(f"{path}: cannot write the save image: "
+                                  f"{err.strerror or err}; the domain goes on") from err
             headers.append(header)
             return header_seed(head)
 

@@ -258,7 +258,8 @@ def migrate(
         rec = held.enter_context(ts.job(
             rec, "migrate", phase="sending", guest=_run(ts.backend.state(h)),
             dest=str(dest.state_dir) if isinstance(dest, Toolstack) else dest,
-            local=isinstance(dest, Toolstack)))
+            local=isinstance(dest, Toolstack),
+            dest_backend=dest.backend.name if isinstance(dest, Toolstack) else None))
         faults.point("migrate.job")
         info: Mapping[str, Any]
         with held:
@@ -518,8 +519,9 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
 
 @contextlib.contextmanager
 def _local_dest(job: Job) -> Iterator[Toolstack | None]:
-    """The destination toolstack of a killed local migration, or None (another host)."""
-    if not job.detail.get("local"):
+    """The destination toolstack of a killed local migration, or None (another host, or a
+    backend this command cannot run: then nothing is concluded about the destination)."""
+    if not job.detail.get("local") or job.detail.get("dest_backend", "qemu") != "qemu":
         yield None
         return
     try:
@@ -553,7 +555,8 @@ def _snapshots_follow(ts: Toolstack, rec: DomainRecord, job: Job) -> None:
             return
         for r in dest.store.list():
             if r.uuid == rec.uuid:
-                _copy_snapshots(ts, dest, rec, r)
+                with dest.store.lock(r.domid):
+                    _copy_snapshots(ts, dest, rec, dest.store.get(r.domid))
                 _log.warning("domain %s: its snapshots follow it to %s", rec.name,
                              job.detail.get("dest"))
 
