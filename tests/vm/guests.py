@@ -82,8 +82,16 @@ def sh(ts: Toolstack, name: str, script: str) -> str:
 
 
 def write_marker(ts: Toolstack, name: str, marker: str) -> None:
-    """Write ``marker`` to /mnt/disk/marker in the guest and sync it to the disk."""
-    sh(ts, name, f"echo {marker} > /mnt/disk/marker && sync")
+    """Write ``marker`` to /mnt/disk/marker in the guest and make it durable.
+
+    One ``sync`` is not enough on the image's journal-less ext2: sync(2) flushes the
+    disk's cache before it writes the inode and bitmap blocks, so a QEMU killed after it
+    (``vm destroy`` is a power cut) may lose a fresh overlay's qcow2 mappings the guest
+    never flushed, and the restarted guest reads the old inode from the base (a helper
+    found it: 1 loss in 30 under load; 0 in 300 with a second sync).  The second sync's
+    flush covers what the first wrote.
+    """
+    sh(ts, name, f"echo {marker} > /mnt/disk/marker && sync && sync")
 
 
 def read_marker(ts: Toolstack, name: str) -> str:
