@@ -314,6 +314,9 @@ class BeforeQemu:
         self.meanwhile = meanwhile
         self.booted: list[tuple[str, Path, bytes, os.stat_result]] = []
 
+    def require_qemu(self, what: str) -> None:
+        """As a QEMU toolstack: rom boot may run."""
+
     def create(self, cfg: Path) -> None:
         text = cfg.read_text()
         found = re.search(r'^vga_rom = "(.*)"$', text, re.MULTILINE)
