@@ -376,6 +376,23 @@ class FakeBackend:
                              paused: bool) -> None:
         self._dom(h, "migrate_finish").state = "paused" if paused else "running"
 
+    async def disk_files(self, h: DomainHandle) -> dict[str, tuple[str, str]]:
+        dom = self._dom(h, "disk_files")
+        return {v: (f, f"{v}-fake") for v, f in dom.disks.items() if f is not None}
+
+    async def settle_jobs(self, h: DomainHandle, ids: Sequence[str], prefixes: Sequence[str],
+                          complete: Sequence[str], timeout: float
+                          ) -> list[tuple[str, str, str | None]]:
+        self._dom(h, "settle_jobs")
+        return []  # the fake's operations finish before they return
+
+    async def resume_stopped(self, h: DomainHandle) -> bool:
+        dom = self._dom(h, "resume_stopped")
+        if dom.state == "paused":
+            dom.state = "running"
+            return True
+        return False
+
     async def save(self, h: DomainHandle, req: SaveRequest) -> SaveFacts:
         """The fake's stream is its domain as one JSON line behind QEMU's magic (the image
         format knows QEMU's streams only, so far), checksummed as the verbs want."""

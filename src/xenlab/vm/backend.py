@@ -593,6 +593,24 @@ class Backend(Protocol):
         """End the disk exports (None: there were none) and run the guest unless ``paused``."""
         ...
 
+    # -- what a killed verb left (the truths a recovery reads)
+
+    async def disk_files(self, h: DomainHandle) -> dict[str, tuple[str, str]]:
+        """``{vdev: (file, ref)}``: the image each guest disk runs on now, and the backend's
+        name for it (QEMU: the block node)."""
+        ...
+
+    async def settle_jobs(self, h: DomainHandle, ids: Sequence[str], prefixes: Sequence[str],
+                          complete: Sequence[str], timeout: float
+                          ) -> list[tuple[str, str, str | None]]:
+        """Let the backend's jobs a killed verb started end and forget them (those whose id
+        starts with ``complete`` completed when ready); (id, status found, error)."""
+        ...
+
+    async def resume_stopped(self, h: DomainHandle) -> bool:
+        """Run the guest again if a killed verb left it stopped; True when it did."""
+        ...
+
     # -- state (xl save/restore; libvirt's domainSave, domainRestore)
 
     async def save(self, h: DomainHandle, req: SaveRequest) -> SaveFacts:

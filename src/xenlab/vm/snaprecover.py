@@ -33,10 +33,11 @@ from pathlib import Path
 
 from xenlab.errors import BackendError, FormatError, XenlabError
 from xenlab.vm import vmstate
+from xenlab.vm.backends.qemu.settle import capability_off  # until snapshots move (docs/backend.md)
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job
 from xenlab.vm.migration import image as saveimage
-from xenlab.vm.qmp import Qmp, job_ids, settle_job
+from xenlab.vm.qmp import Qmp
 from xenlab.vm.qmp import run as _run
 from xenlab.vm.snapbackends import drop_nodes_on, entry_backend, node_and_tags
 from xenlab.vm.snapshot import (
@@ -80,7 +81,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
         return ts.store.get(rec.domid)
     if live:
         # QEMU's jobs first: a commit it completes moves a disk to another file.
-        _run(_settle_jobs(ts, rec, name))
+        _settle_jobs(ts, rec, name)
         _sync_tops(ts, rec)
     rec = ts.store.get(rec.domid)
     if job.verb == "snapshot-create":
@@ -98,30 +99,10 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
 # --- the truth from QEMU ------------------------------------------------------------------
 
 
-async def _qemu_files(qmp: Qmp) -> dict[str, tuple[str, str]]:
-    """``{vdev: (file, node)}``: the image QEMU runs each guest disk on now."""
-    blocks = await qmp.execute("query-block")
-    out: dict[str, tuple[str, str]] = {}
-    for b in blocks if isinstance(blocks, list) else []:
-        if not isinstance(b, dict):
-            continue
-        qdev = str(b.get("qdev", ""))
-        vdev = qdev.removeprefix("/machine/peripheral/").split("/", 1)[0]
-        inserted = b.get("inserted") or {}
-        file = inserted.get("file")
-        if vdev and isinstance(file, str) and not file.startswith("json:"):
-            out[vdev] = (file, str(inserted.get("node-name", f"{vdev}-fmt")))
-    return out
-
-
 def _sync_tops(ts: Toolstack, rec: DomainRecord) -> None:
     """Make the record name, for every writable disk, the image QEMU writes to now."""
 
-    async def look() -> dict[str, tuple[str, str]]:
-        async with Qmp.open(ts.paths(rec).qmp) as qmp:
-            return await _qemu_files(qmp)
-
-    now = _run(look())
+    now = _run(ts.backend.disk_files(ts.handle(rec)))
     changes: dict[str, Mapping[str, str] | None] = {}
     for d in snap_disks(ts, rec):
         seen = now.get(d.vdev)
@@ -137,56 +118,22 @@ def _sync_tops(ts: Toolstack, rec: DomainRecord) -> None:
         set_tops(ts, rec.domid, changes)
 
 
-async def _settle_jobs_in(qmp: Qmp, rec: DomainRecord, name: str) -> None:
-    """Wait for and dismiss the QEMU jobs a killed snapshot verb of ``name`` started."""
-    for job_id, status in (await job_ids(qmp)).items():
-        ours = job_id in (f"save-{name}", f"load-{name}") or job_id.startswith(
-            (f"delete-{name}-", "commit-"))
-        if not ours:
-            continue
-        found, error = await settle_job(qmp, job_id, _SETTLE,
-                                        complete_on_ready=job_id.startswith("commit-"))
-        if found:
-            log.warning("domain %s: QEMU job %s (%s when found) %s", rec.name, job_id, status,
-                        f"failed: {error}" if error else "is done and dismissed")
-    # A killed --live snapshot leaves QEMU waiting at pre-switchover with the
-    # capability on; it can only be turned off once no migration runs (after
-    # _memory_complete let the memory save end).
-    await _capability_off(qmp)
-
-
-async def _capability_off(qmp: Qmp) -> None:
-    info = await qmp.execute("query-migrate")
-    status = str(info.get("status")) if isinstance(info, dict) else "none"
-    if status in ("active", "setup", "device", "pre-switchover", "cancelling"):
-        return
-    await qmp.execute("migrate-set-capabilities", {"capabilities": [
-        {"capability": "pause-before-switchover", "state": False}]})
-
-
-async def _settle_jobs(ts: Toolstack, rec: DomainRecord, name: str) -> None:
-    async with Qmp.open(ts.paths(rec).qmp) as qmp:
-        await _settle_jobs_in(qmp, rec, name)
+def _settle_jobs(ts: Toolstack, rec: DomainRecord, name: str) -> None:
+    """Wait for and forget the backend's jobs a killed snapshot verb of ``name`` started
+    (a commit is completed, as the verb would have); a killed --live snapshot's
+    switch-over capability goes off once no migration runs."""
+    for job_id, status, error in _run(ts.backend.settle_jobs(
+            ts.handle(rec), (f"save-{name}", f"load-{name}"), (f"delete-{name}-", "commit-"),
+            ("commit-",), _SETTLE)):
+        log.warning("domain %s: QEMU job %s (%s when found) %s", rec.name, job_id, status,
+                    f"failed: {error}" if error else "is done and dismissed")
 
 
 def _resume(ts: Toolstack, rec: DomainRecord, what: str) -> None:
     """Resume a guest that an interrupted verb paused (it ran before)."""
 
-    async def go() -> bool:
-        async with Qmp.open(ts.paths(rec).qmp) as qmp:
-            st = await qmp.execute("query-status")
-            status = st.get("status") if isinstance(st, dict) else None
-            if status in ("paused", "postmigrate", "finish-migrate"):
-                # Not a bare `cont`: in finish-migrate (the memory save just completed)
-                # QEMU's migration thread still has to inactivate the disks and set
-                # postmigrate, and a `cont` before that runs the guest on disks that
-                # are then taken away (CI under load: a write after it was lost).
-                await vmstate.cont_after_migration(qmp)
-                return True
-            return False
-
     try:
-        resumed = _run(go())
+        resumed = _run(ts.backend.resume_stopped(ts.handle(rec)))
     except BackendError as err:
         log.warning("domain %s: could not resume the guest after %s: %s", rec.name, what, err)
         return
@@ -214,8 +161,8 @@ def _present(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, live: bool
     tags: dict[str, set[str] | None] = {}
     if live:
         async def look() -> None:
+            files.update(await ts.backend.disk_files(ts.handle(rec)))
             async with Qmp.open(ts.paths(rec).qmp) as qmp:
-                files.update(await _qemu_files(qmp))
                 for e in row.disks:
                     tags[str(e["file"])] = (await node_and_tags(qmp, str(e["file"]), ""))[1]
 
@@ -293,7 +240,7 @@ def _memory_complete(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
                 except BackendError:
                     await qmp.execute("migrate_cancel")
                     st = "cancelled"
-                await _capability_off(qmp)
+                await capability_off(qmp)
             return st
 
     if _run(status()) != "completed":
@@ -332,7 +279,7 @@ def _discard(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, live: bool) 
                 # A --live memory save still going would stop at its switch-over
                 # and wait there for good: it goes first.
                 await vmstate.cancel_active(qmp)
-                await _capability_off(qmp)
+                await capability_off(qmp)
                 for e in row.disks:
                     await entry_backend(row, e).discard(e, row.name, qmp)
         else:

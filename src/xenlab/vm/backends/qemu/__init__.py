@@ -47,7 +47,7 @@ from xenlab.vm.backend import (
     VcpuReport,
     VcpuState,
 )
-from xenlab.vm.backends.qemu import blockcopy, devices, memory, migration, nics, vcpus
+from xenlab.vm.backends.qemu import blockcopy, devices, memory, migration, nics, settle, vcpus
 from xenlab.vm.backends.qemu import save as saving
 from xenlab.vm.backends.qemu.info import live_info
 from xenlab.vm.migration.image import DiskSnapshot
@@ -378,6 +378,22 @@ class QemuBackend:
     async def migrate_finish(self, h: DomainHandle, exports: Sequence[str] | None,
                              paused: bool) -> None:
         await migration.finish(self.paths(h).qmp, exports, paused)
+
+    # -- what a killed verb left -------------------------------------------------------------
+
+    async def disk_files(self, h: DomainHandle) -> dict[str, tuple[str, str]]:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            return await settle.disk_files(qmp)
+
+    async def settle_jobs(self, h: DomainHandle, ids: Sequence[str], prefixes: Sequence[str],
+                          complete: Sequence[str], timeout: float
+                          ) -> list[tuple[str, str, str | None]]:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            return await settle.settle_jobs(qmp, ids, prefixes, complete, timeout)
+
+    async def resume_stopped(self, h: DomainHandle) -> bool:
+        async with Qmp.open(self.paths(h).qmp) as qmp:
+            return await settle.resume_stopped(qmp)
 
     # -- state -----------------------------------------------------------------------------
 
