@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -390,3 +391,64 @@ def test_within_prefixes_once_and_keeps_the_class() -> None:
     assert str(Own().within("verb")) == "its own words"
     gone = DeviceNotReleased("xvdb", 0)
     assert str(gone.within("w")) == "w: the guest did not release device xvdb within 0 s"
+
+
+def test_a_backend_that_returns_without_committing_saved_nothing(tmp_path: Path) -> None:
+    """Review 2: the header check's twin; no image, no temporary file, an error."""
+    from xenlab.vm.backend import SaveFacts, SaveRequest
+    from xenlab.vm.migration.saverestore import save
+
+    class Uncommitted(FakeBackend):
+        async def save(self, h: DomainHandle, req: SaveRequest) -> SaveFacts:
+            facts = SaveFacts(True, "fake-1")
+            req.header(facts)
+            return facts  # no req.commit()
+
+    fake = Uncommitted()
+    ts = Toolstack(tmp_path / "state", backend=fake)
+    _running(ts, fake, "a")
+    with pytest.raises(BackendError, match="without committing the image; nothing was saved"):
+        save(ts, "a", tmp_path / "a.save")
+    assert not [p for p in tmp_path.iterdir() if "a.save" in p.name]
+    assert ts.get("a").state == "running" and "job" not in ts.get("a").extra
+
+
+def test_snapshots_follow_a_killed_migration_to_another_backends_toolstack(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 2: killed after the destination resumed, the destination another backend's:
+    the snapshot tree moves there (its store is all that is used), never dropped."""
+    from xenlab.vm.migration import sender
+    from xenlab.vm.store import SnapshotKind, SnapshotRecord, SnapshotState
+
+    src_fake, dst_fake = FakeBackend(), FakeBackend()
+    src = Toolstack(tmp_path / "src", backend=src_fake)
+    dst = Toolstack(tmp_path / "dst", backend=dst_fake)
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"\0" * 512)
+    cfg = tmp_path / "m.cfg"
+    cfg.write_text(f'name = "m"\ntype = "hvm"\nmemory = 64\nkernel = "{kernel}"\n')
+    rec = src.create(cfg)
+    src.store.add_snapshot(SnapshotRecord(0, rec.domid, "s1", None, 0.0, SnapshotKind.INTERNAL,
+                                          state=SnapshotState.READY))
+    saved: dict[str, Any] = {}
+    real = sender.faults.point
+
+    class Killed(BaseException):
+        pass
+
+    def point(name: str) -> None:
+        real(name)
+        if name == "migrate.handed-over":  # a SIGKILL here leaves the job in the record
+            saved["job"] = src.get("m").extra[JOB]
+            raise Killed
+
+    monkeypatch.setattr(sender.faults, "point", point)
+    with pytest.raises(Killed):
+        sender.migrate(src, "m", dst)
+    job = dict(saved["job"])
+    assert job["detail"]["dest_backend"] == "fake"
+    job["since"] = -1  # its owner is gone
+    src.store.patch(rec.domid, extra_set={JOB: job})
+    src.list()  # the next command finishes the migration
+    assert src.store.list() == []
+    assert [s.name for s in dst.store.list_snapshots(dst.get("m").domid)] == ["s1"]

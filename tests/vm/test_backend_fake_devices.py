@@ -305,3 +305,65 @@ def test_an_interrupted_mirror_is_settled_before_it_lets_go(tmp_path: Path, pivo
     else:
         assert fake.world[rec.uuid].disks["xvda"] == data and not target.exists()
         assert DISK_PATHS not in now.extra
+
+
+def test_ctrl_c_between_the_pivot_and_its_record_is_settled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 2: the copy returned, the record not yet written: still settled."""
+    from xenlab import faults
+    from xenlab.vm import mirror as mirror_mod
+
+    fake = FakeBackend()
+    ts = Toolstack(tmp_path / "state", backend=fake)
+    data = _image(tmp_path, "d.img")
+    rec = _running(ts, "a", f'disk = [ "format=raw,vdev=xvda,access=rw,target={data}" ]\n')
+    target = tmp_path / "moved.img"
+    real = faults.point
+
+    def point(name: str) -> None:
+        real(name)
+        if name == "mirror.recording":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(mirror_mod.faults, "point", point)
+    with pytest.raises(KeyboardInterrupt):
+        mirror_mod.mirror(ts, "a", "xvda", target, format="raw")
+    now = ts.get("a")
+    assert fake.world[rec.uuid].disks["xvda"] == str(target)
+    assert Runtime.of(now).moved["xvda"].file == str(target) and JOB not in now.extra
+
+
+class _SettleFailsOnce(_InterruptedCopy):
+    """Interrupted after the pivot; the settle then fails once (``second``)."""
+
+    second: BaseException | None = None
+
+    async def end_block_copy(self, h, vdev, source, target, *, complete):  # type: ignore[no-untyped-def]
+        if self.second is not None:
+            err, self.second = self.second, None
+            raise err
+        return await super().end_block_copy(h, vdev, source, target, complete=complete)
+
+
+@pytest.mark.parametrize("second", [KeyboardInterrupt(), BackendError("QMP timed out")],
+                         ids=["second-ctrl-c", "backend-error"])
+def test_a_settle_that_fails_hands_the_job_to_the_next_command(
+        tmp_path: Path, second: BaseException) -> None:
+    """Review 2: the job is not dropped with the block; the next command finds the pivot."""
+    from xenlab.vm.jobs import job_of
+    from xenlab.vm.mirror import mirror
+
+    fake = _SettleFailsOnce()
+    fake.second = second
+    ts = Toolstack(tmp_path / "state", backend=fake)
+    data = _image(tmp_path, "d.img")
+    rec = _running(ts, "a", f'disk = [ "format=raw,vdev=xvda,access=rw,target={data}" ]\n')
+    target = tmp_path / "moved.img"
+    with pytest.raises(KeyboardInterrupt):
+        mirror(ts, "a", "xvda", target, format="raw")
+    job = job_of(ts.get("a"))
+    assert job is not None and job.verb == "mirror" and not job.owner_alive()
+    assert ts.list()[0].record.name == "a"  # the next command converges it
+    now = ts.get("a")
+    assert Runtime.of(now).moved["xvda"].file == str(target) and JOB not in now.extra
+    assert fake.world[rec.uuid].disks["xvda"] == str(target)

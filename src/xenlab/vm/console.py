@@ -71,7 +71,9 @@ def attach(
                     break
                 sock.sendall(data)
     finally:
-        if saved is not None:
-            termios.tcsetattr(fd_in, termios.TCSADRAIN, saved)
-        sock.close()
+        try:
+            if saved is not None:
+                termios.tcsetattr(fd_in, termios.TCSADRAIN, saved)
+        finally:
+            sock.close()
     return bytes(seen)

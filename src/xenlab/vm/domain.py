@@ -61,7 +61,7 @@ from xenlab.vm.domconfig import (
     on_vif_specs,
     vif_line,
 )
-from xenlab.vm.jobs import RECOVERY, Job, job_of, new_job
+from xenlab.vm.jobs import RECOVERY, Job, job_of, new_job, orphan
 from xenlab.vm.qemu import (
     Accel,
     Nic,
@@ -131,7 +131,7 @@ class Toolstack:
     def require_qemu(self, what: str) -> None:
         """Refuse, before anything changes, a verb not yet behind the Backend protocol
         (snapshots, ROM boots; docs/backend.md) on a toolstack of another backend."""
-        if self.backend is not self._qemu:
+        if self.backend.name != self._qemu.name:
             raise Unsupported(self.backend.name, "qemu",
                               f"{what}: runs on the qemu backend only so far; this toolstack "
                               f"runs the {self.backend.name} backend")
@@ -555,6 +555,14 @@ class Toolstack:
                 mine = job_of(now)
                 if mine is not None and mine.pid == job.pid and mine.since == job.since:
                     self.store.patch(rec.domid, extra_drop=[JOB])
+
+    def hand_over_job(self, domid: int) -> None:
+        """Give this process's job on domain ``domid`` to the next command, as if this one
+        were killed (its owner becomes nobody): it is finished or undone by the next
+        command's :meth:`converge`, and :meth:`job` no longer drops it."""
+        job = job_of(self.store.get(domid))
+        if job is not None and job.mine():
+            self.store.patch(domid, extra_set={JOB: orphan(job).to_json()})
 
     def update_job(self, domid: int, **detail: Any) -> None:
         """Add ``detail`` to this process's job on domain ``domid`` (what a recovery reads).

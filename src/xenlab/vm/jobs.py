@@ -26,7 +26,7 @@ from typing import Any, Final
 from xenlab.vm.runtime import JOB
 from xenlab.vm.store import DomainRecord
 
-__all__ = ["JOB", "RECOVERY", "Job", "job_of", "new_job", "process_start"]
+__all__ = ["JOB", "RECOVERY", "Job", "job_of", "new_job", "orphan", "process_start"]
 
 # DomainRecord.extra key holding the job.
 
@@ -92,6 +92,11 @@ def new_job(verb: str, **detail: Any) -> Job:
     since = process_start(pid)
     assert since is not None  # this process runs
     return Job(verb, pid, since, detail)
+
+
+def orphan(job: Job) -> Job:
+    """``job`` with no owner (pid 0 never runs): the next command finishes or undoes it."""
+    return Job(job.verb, 0, 0, job.detail)
 
 
 def job_of(rec: DomainRecord) -> Job | None:

@@ -133,16 +133,18 @@ def mirror(
 
             try:
                 node, length = _run_async(ts.backend.block_copy(h, req, note))
+                if pivot:
+                    faults.point("mirror.recording")
+                    _record_pivot(ts, rec.domid, vdev, target, format, node)
             except BlockCopyFailed as err:
                 raise _failed(ts, rec, vdev, source, source_fmt, target, format, err) from err
             except BaseException:
-                # Interrupted (Ctrl-C): how far the copy got is the backend's to say, as
-                # after a kill; settle it now, before the job goes with this block.
-                _settle_interrupted(ts, domid)
+                # Interrupted (Ctrl-C), from the copy to its record: how far it got is the
+                # backend's to say, as after a kill.  Settled now; if that fails too, the
+                # job is handed to the next command instead of going with this block.
+                if not _settle_interrupted(ts, domid):
+                    ts.hand_over_job(domid)
                 raise
-            if pivot:
-                faults.point("mirror.recording")
-                _record_pivot(ts, rec.domid, vdev, target, format, node)
         rec = ts.store.get(rec.domid)
     return MirrorResult(rec, vdev, source, str(target), format, pivot, length,
                         time.monotonic() - started)
@@ -156,16 +158,22 @@ def _job_detail(vdev: str, source: str, source_fmt: str, target: Path, fmt: str,
             "creates_target": True, "offline": offline, "phase": "copying"}
 
 
-def _settle_interrupted(ts: Toolstack, domid: int) -> None:
-    """Finish or undo an interrupted mirror as :func:`recover_job` would; never raises."""
+def _settle_interrupted(ts: Toolstack, domid: int) -> bool:
+    """Finish or undo an interrupted mirror as :func:`recover_job` would; True when done.
+
+    Never raises (the interruption is what the caller must see): a failure, or a second
+    interruption meanwhile, is logged and answered False.
+    """
     try:
         now = ts.store.get(domid)
         job = job_of(now)
         if job is not None:
             recover_job(ts, now, job)
-    except Exception as err:  # the interruption is what the caller must see
-        log.warning("mirror: could not settle the interrupted copy: %s (the next command "
-                    "may not either: check `xenlab vm block-list`)", err)
+        return True
+    except BaseException as err:
+        log.warning("mirror: could not settle the interrupted copy (%s); the next command "
+                    "finishes or undoes it", err or type(err).__name__)
+        return False
 
 
 def _check_new(target: Path) -> None:

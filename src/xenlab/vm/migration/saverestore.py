@@ -262,6 +262,7 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
         faults.point("save.job")
 
         headers: list[SaveHeader] = []
+        committed: list[bool] = []
 
         def commit() -> None:
             # Once, before the rename: the image is whole on disk before QEMU
@@ -271,6 +272,7 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
                                    "committed an image without its header; nothing saved")
             os.fsync(fd)
             os.replace(tmp, path)
+            committed.append(True)
             with contextlib.suppress(OSError):  # the rename is done; a sync may not be
                 fsync_dir(path.parent)
 
@@ -302,6 +304,10 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
                 raise
             finally:
                 os.close(fd)
+            if not committed:  # a backend that returned without the image on disk
+                tmp.unlink(missing_ok=True)
+                raise BackendError(f"save {rec.name}: the {ts.backend.name} backend returned "
+                                   "without committing the image; nothing was saved")
             header = headers[0]
             ts.update_job(rec.domid, committed=True)
             faults.point("save.committed")

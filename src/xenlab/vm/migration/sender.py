@@ -64,6 +64,7 @@ from xenlab.vm.migration.channel import (
     ChannelError,
     Lost,
     Refused,
+    expect,
     new_token,
     parse_address,
     read_token,
@@ -423,8 +424,9 @@ async def _sender(ch: Channel, backend: Backend, h: DomainHandle, rec: DomainRec
         raise
     # Past the point of no return: the destination may be running the guest.
     try:
-        wire.decode(await ch.recv(START_TIMEOUT, "the destination's report"), ch.peer,
-                    wire.Resumed)
+        # Past the point of no return only the kind matters: a "resumed" whose fields are
+        # odd still says the guest runs there (the source must not resume it).
+        expect(await ch.recv(START_TIMEOUT, "the destination's report"), "resumed", ch.peer)
         on_phase(phase="handed-over")
         faults.point("migrate.handed-over")
     except Refused as err:
@@ -518,10 +520,12 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
 
 
 @contextlib.contextmanager
-def _local_dest(job: Job) -> Iterator[Toolstack | None]:
+def _local_dest(job: Job, *, store_only: bool = False) -> Iterator[Toolstack | None]:
     """The destination toolstack of a killed local migration, or None (another host, or a
-    backend this command cannot run: then nothing is concluded about the destination)."""
-    if not job.detail.get("local") or job.detail.get("dest_backend", "qemu") != "qemu":
+    backend this command cannot run: then nothing is concluded about the destination).
+    ``store_only``: the caller uses its store alone, which any backend's toolstack has."""
+    if not job.detail.get("local") or (
+            job.detail.get("dest_backend", "qemu") != "qemu" and not store_only):
         yield None
         return
     try:
@@ -550,7 +554,7 @@ def _snapshots_follow(ts: Toolstack, rec: DomainRecord, job: Job) -> None:
     """A local destination gets the snapshot tree the killed migration had not copied yet."""
     if not ts.store.list_snapshots(rec.domid):
         return
-    with _local_dest(job) as dest:
+    with _local_dest(job, store_only=True) as dest:
         if dest is None:
             return
         for r in dest.store.list():
