@@ -58,6 +58,7 @@ __all__ = [
     "check_output_dir",
     "fsync_dir",
     "make_output_dir",
+    "write_all",
 ]
 
 # Links a resolution follows before it gives up, as the kernel does (MAXSYMLINKS).
@@ -245,9 +246,7 @@ def _replace(where: _Place, data: bytes, mode: int | None, keep_owner: bool) -> 
         raise FileExistsError(errno.EEXIST, "no free temporary name")
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             if keep_owner and old is not None and os.geteuid() == 0:
                 os.fchown(fd, old.st_uid, old.st_gid)
             os.fchmod(fd, mode)  # after fchown, which clears set-id bits
@@ -260,6 +259,13 @@ def _replace(where: _Place, data: bytes, mode: int | None, keep_owner: bool) -> 
             os.unlink(tmp, dir_fd=where.dir_fd)
         raise
     _fsync_dir_fd(where.dir_fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` at ``fd``'s offset (``os.write`` may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _fsync_dir_fd(dir_fd: int) -> None:

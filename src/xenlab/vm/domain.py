@@ -46,6 +46,9 @@ from xenlab.vm.backend import (
     Unsupported,
     check_backend,
 )
+from xenlab.vm.backend import (
+    run as _run_async,
+)
 from xenlab.vm.backends.qemu import QemuBackend
 from xenlab.vm.backends.qemu.nics import host_vif
 from xenlab.vm.domconfig import (
@@ -69,7 +72,6 @@ from xenlab.vm.qemu import (
     nics,
 )
 from xenlab.vm.qmp import Qmp
-from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.rundir import (
     read_pid,
     wait_gone,

@@ -33,7 +33,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,6 +50,7 @@ from qemu.qmp import QMPError as _LibError
 from qemu.qmp.qmp_client import NegotiationError
 
 from xenlab.errors import BackendError, DeviceNotReleased, Refused
+from xenlab.vm.backend import run  # the one way into a coroutine, re-exported for callers here
 
 __all__ = [
     "CommandError",
@@ -88,11 +89,6 @@ class CommandError(Refused):
         self.error_class = error_class
         self.desc = desc
         super().__init__(command, desc, f"{where} {command}: {error_class}: {desc}")
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run one coroutine to completion in a fresh event loop (the CLI's sync entry)."""
-    return asyncio.run(coro)
 
 
 def _names(name: str | Iterable[str]) -> frozenset[str]:

@@ -33,12 +33,12 @@ from pathlib import Path
 
 from xenlab.errors import BackendError, FormatError, XenlabError
 from xenlab.vm import vmstate
+from xenlab.vm.backend import run as _run
 from xenlab.vm.backends.qemu.settle import capability_off  # until snapshots move (docs/backend.md)
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job
 from xenlab.vm.migration import image as saveimage
 from xenlab.vm.qmp import Qmp
-from xenlab.vm.qmp import run as _run
 from xenlab.vm.snapbackends import drop_nodes_on, entry_backend, node_and_tags
 from xenlab.vm.snapshot import (
     current_id,

@@ -26,13 +26,13 @@ from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, ConflictError, StateError, UsageError, XenlabError
 from xenlab.vm import qemuimg, vmstate
+from xenlab.vm.backend import run as _run_async
 from xenlab.vm.backends.qemu.vcpus import plug_vcpus
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import on_disks_now
 from xenlab.vm.migration import image as saveimage
 from xenlab.vm.qemu import RuntimePaths
 from xenlab.vm.qmp import Qmp
-from xenlab.vm.qmp import run as _run_async
 from xenlab.vm.resources import plugged_vcpus
 from xenlab.vm.runtime import CURRENT, OVERLAYS, VCPUS_PLUGGED, Runtime, disk_now
 from xenlab.vm.snapbackends import (

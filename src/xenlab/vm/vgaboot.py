@@ -461,7 +461,7 @@ def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None
     shot, screen_file = rundir / "rom-boot.png", rundir / "rom-boot.screen"
     try:
         wait_for_boot(log, timeout, alive=lambda: ts.alive(rec))
-        from xenlab.vm.qmp import run
+        from xenlab.vm.backend import run
 
         run(_capture(paths.qmp, screen_file, shot, resume=not check))
         firmware_text = read_log(log)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from xenlab import faults
-from xenlab.atomic import fsync_dir
+from xenlab.atomic import fsync_dir, write_all
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, UsageError, XenlabError
@@ -286,7 +286,7 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
                 overlays=overlays)
             head = pack_header(header)
             try:
-                _write_all(fd, head)
+                write_all(fd, head)
             except OSError as err:
                 raise XenlabError(f"{path}: cannot write the save image: "
                                   f"{err.strerror or err}; the domain goes on") from err
@@ -394,13 +394,6 @@ def _save_snapshots(ts: Toolstack, rec: DomainRecord) -> tuple[DiskSnapshot, ...
             )
         out.append(DiskSnapshot(d.vdev, file, tag))
     return tuple(out)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` at ``fd``'s offset (os.write may write less)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -296,7 +296,7 @@ class QemuBackend:
 
     async def detach_disk(self, h: DomainHandle, vdev: str, timeout: float) -> tuple[str, ...]:
         async with Qmp.open(self.paths(h).qmp) as qmp:
-            return await devices.detach_disk(qmp, vdev, devices.nodes_of(h.ref, vdev), timeout)
+            return await devices.detach_disk(qmp, vdev, devices.pivot_node(h.ref, vdev), timeout)
 
     async def release_parts(self, h: DomainHandle, parts: Sequence[str]) -> dict[str, str]:
         async with Qmp.open(self.paths(h).qmp) as qmp:

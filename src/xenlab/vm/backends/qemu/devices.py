@@ -20,9 +20,10 @@ from xenlab.errors import BackendError, Refused
 from xenlab.vm.qemu import blockdev_nodes, disk_device
 from xenlab.vm.qemuimg import driver
 from xenlab.vm.qmp import CommandError, Qmp, delete_device, qdev_ids
+from xenlab.vm.runtime import DISK_NODES
 
 __all__ = ["attach_disk", "change_medium", "detach_disk", "disk_parts", "node_names",
-           "release_nodes"]
+           "pivot_node", "release_nodes"]
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,9 @@ async def change_medium(qmp: Qmp, vdev: str, path: str | None, fmt: DiskFormat) 
         raise Refused(command, err.desc, str(err)) from err
 
 
-def nodes_of(ref: Mapping[str, object], vdev: str) -> str | None:
-    """The node a mirror pivot left disk ``vdev`` on, as the handle carries it."""
-    nodes = ref.get("disk_nodes")
+def pivot_node(ref: Mapping[str, object], vdev: str) -> str | None:
+    """The node a mirror pivot left disk ``vdev`` on, as the handle carries it (None: the
+    node a start gives it, ``<vdev>-fmt``)."""
+    nodes = ref.get(DISK_NODES)
     node = nodes.get(vdev) if isinstance(nodes, dict) else None
     return node if isinstance(node, str) else None

@@ -30,10 +30,10 @@ from xenlab.vm.backend import (
     MigrationProgress,
     Progress,
 )
+from xenlab.vm.backends.qemu.devices import pivot_node
 from xenlab.vm.backends.qemu.vcpus import plug_vcpus
 from xenlab.vm.migration.channel import uri_host
 from xenlab.vm.qmp import Qmp
-from xenlab.vm.runtime import DISK_NODES
 
 __all__ = ["abort", "begin", "finish", "perform", "prepare", "take_back", "wait_incoming"]
 
@@ -43,9 +43,7 @@ _POLL = 0.05
 
 def node_of(ref: Mapping[str, Any], vdev: str) -> str:
     """The node disk ``vdev`` runs on (after a pivot, the handle says which)."""
-    nodes = ref.get(DISK_NODES)
-    node = nodes.get(vdev) if isinstance(nodes, dict) else None
-    return str(node) if node else f"{vdev}-fmt"
+    return pivot_node(ref, vdev) or f"{vdev}-fmt"
 
 
 async def begin(qmp_path: Path, ref: Mapping[str, Any], disks: Sequence[str]
