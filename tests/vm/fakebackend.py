@@ -12,9 +12,11 @@ import itertools
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,8 +30,10 @@ from xenlab.vm.backend import (
     BlockCopyFailed,
     BlockCopyRequest,
     Capabilities,
+    DiskSnap,
     DomainHandle,
     ExitReason,
+    LiveSnapshots,
     MemoryReport,
     MigrateRequest,
     MigrateSent,
@@ -79,6 +83,8 @@ class FakeBackend:
     clingy: bool = False  # the guests never let a device go
     sticky: bool = False  # parts of removed disks are never released
     ends_up: set[str] = field(default_factory=set)  # host ends (NIC bridges) that are up
+    tags: dict[str, set[str]] = field(default_factory=dict)  # image -> internal snapshot tags
+    memories: dict[tuple[str, str], str] = field(default_factory=dict)  # (image, tag) -> state
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def vanish(self, uuid: str, exit: ExitReason | None = None) -> None:
@@ -393,6 +399,14 @@ class FakeBackend:
             return True
         return False
 
+    def live_snapshots(self, h: DomainHandle) -> AbstractAsyncContextManager[LiveSnapshots]:
+        return self._session(h)
+
+    @asynccontextmanager
+    async def _session(self, h: DomainHandle) -> AsyncIterator[LiveSnapshots]:
+        self._dom(h, "live_snapshots")
+        yield FakeLiveSnapshots(self, h)
+
     async def save(self, h: DomainHandle, req: SaveRequest) -> SaveFacts:
         """The fake's stream is its domain as one JSON line behind QEMU's magic (the image
         format knows QEMU's streams only, so far), checksummed as the verbs want."""
@@ -459,3 +473,129 @@ class FakeBackend:
         with self._lock:
             self.calls.append(("release", str(h.ref["uuid"])))
         self.world.pop(str(h.ref["uuid"]), None)
+
+
+def _state_of(dom: FakeDomain) -> str:
+    # A VM state holds the guest, not the images its disks run on.
+    return json.dumps({"memory_mib": dom.memory_mib, "online": dom.online,
+                       "nics": sorted(dom.nics)})
+
+
+def _set_state(dom: FakeDomain, text: str) -> None:
+    state = json.loads(text)
+    dom.memory_mib, dom.online, dom.nics = state["memory_mib"], state["online"], set(
+        state["nics"])
+
+
+class FakeLiveSnapshots:
+    """The fake's snapshot session: internal tags and memories in dicts, overlays made and
+    merged with the real qemu-img (a hypervisor's own image code), memory files checked
+    VM state files holding the domain as JSON."""
+
+    def __init__(self, backend: FakeBackend, h: DomainHandle) -> None:
+        self._b, self._h = backend, h
+
+    def _dom(self, call: str) -> FakeDomain:
+        return self._b._dom(self._h, call)
+
+    def _file(self, node: str) -> str:
+        vdev = node.removeprefix("fake:")
+        file = self._dom("node").disks.get(vdev)
+        if file is None:
+            raise Refused("take", "no such node", f"fake: no node {node}")
+        return os.path.realpath(file)
+
+    @property
+    def connected(self) -> bool:
+        return self._dom("connected").alive
+
+    async def node_and_tags(self, file: str, fallback: str) -> tuple[str, set[str] | None]:
+        want = os.path.realpath(file)
+        for vdev, f in self._dom("node_and_tags").disks.items():
+            if f is not None and os.path.realpath(f) == want:
+                return f"fake:{vdev}", set(self._b.tags.get(want, set()))
+        return fallback, None
+
+    async def take(self, snaps: Sequence[DiskSnap], timeout: float) -> None:
+        dom = self._dom("take")
+        if self._b.refuse is not None:
+            raise Refused("take", self._b.refuse, f"fake refused the snapshot: {self._b.refuse}")
+        files = [self._file(s.node) for s in snaps]  # all known, or nothing is taken
+        for s, file in zip(snaps, files, strict=True):
+            if s.overlay is None:
+                self._b.tags.setdefault(file, set()).add(s.tag)
+                continue
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", file, "-F",
+                            "qcow2" if file.endswith(".qcow2") else "raw", s.overlay],
+                           check=True, capture_output=True)
+            dom.disks[s.node.removeprefix("fake:")] = s.overlay
+
+    async def delete_internal(self, node: str, tag: str, job: str, timeout: float) -> None:
+        self._dom("delete_internal")
+        self._b.tags.get(self._file(node), set()).discard(tag)
+
+    async def commit(self, top: str, top_node: str, base: str, base_node: str, job: str,
+                     timeout: float) -> None:
+        dom = self._dom("commit")
+        subprocess.run(["qemu-img", "commit", "-q", top], check=True, capture_output=True)
+        for vdev, f in dom.disks.items():
+            if f is not None and os.path.realpath(f) == os.path.realpath(top):
+                dom.disks[vdev] = base
+
+    async def drop_nodes_on(self, file: str) -> list[str]:
+        self._dom("drop_nodes_on")
+        return []
+
+    async def pause(self) -> None:
+        self._dom("pause").state = "paused"
+
+    async def resume(self, *, after_stream: bool = False) -> None:
+        self._dom("resume").state = "running"
+
+    async def run_state(self) -> str:
+        return self._dom("run_state").state
+
+    async def save_state(self, fd: int, timeout: float,
+                         at_switchover: Callable[[], Awaitable[None]] | None = None) -> None:
+        dom = self._dom("save_state")
+        dom.state = "paused"
+        if at_switchover is not None:
+            await at_switchover()
+        os.write(fd, saveimage.STREAM_MAGIC + saveimage.QEMU_MAGIC
+                 + _state_of(dom).encode() + b"\n")
+        saveimage.StreamHasher(fd, len(saveimage.STREAM_MAGIC)).finish()
+
+    async def load_state(self, fd: int, timeout: float, source: str,
+                         vcpus_plugged: int | None) -> None:
+        dom = self._dom("load_state")
+        saveimage.check_stream_open(fd, source)
+        line = os.pread(fd, 1 << 16, len(saveimage.STREAM_MAGIC)).split(b"\n", 1)[0]
+        _set_state(dom, line.removeprefix(saveimage.QEMU_MAGIC).decode())
+        dom.state = "paused"
+
+    async def save_internal(self, tag: str, nodes: Sequence[str], timeout: float) -> None:
+        dom = self._dom("save_internal")
+        files = [self._file(n) for n in nodes]
+        for f in files:
+            self._b.tags.setdefault(f, set()).add(tag)
+        self._b.memories[(files[0], tag)] = _state_of(dom)
+
+    async def load_internal(self, tag: str, nodes: Sequence[str], state_node: str,
+                            timeout: float) -> None:
+        dom = self._dom("load_internal")
+        state = self._b.memories.get((self._file(state_node), tag))
+        if state is None:
+            raise Refused("snapshot-load", "no VM state",
+                          f"fake: no VM state {tag!r} in {state_node}")
+        _set_state(dom, state)
+        dom.state = "paused"
+
+    async def finish_state_save(self, timeout: float) -> str:
+        self._dom("finish_state_save")
+        return "none"
+
+    async def cancel_state_save(self) -> None:
+        self._dom("cancel_state_save")
+
+    async def finish_state_load(self, timeout: float) -> str:
+        return "completed" if self._dom("finish_state_load").incoming_done else "none"

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -34,8 +35,10 @@ __all__ = [
     "BlockCopyRequest",
     "Capabilities",
     "CopyProgress",
+    "DiskSnap",
     "DomainHandle",
     "ExitReason",
+    "LiveSnapshots",
     "MemoryReport",
     "MigrateRequest",
     "MigrateSent",
@@ -368,6 +371,108 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+@dataclass(frozen=True, slots=True)
+class DiskSnap:
+    """One disk's part of a live snapshot taken at one instant (:meth:`LiveSnapshots.take`).
+
+    ``node`` is the backend's name for the image the disk runs on (QEMU: its format
+    node).  Without ``overlay`` the snapshot ``tag`` goes inside that image (qcow2's
+    internal snapshots); with it, the disk switches to a new qcow2 ``overlay`` (a
+    file the verb has claimed, empty) named ``overlay_node``, and the image freezes.
+    """
+
+    node: str
+    tag: str
+    overlay: str | None = None
+    overlay_node: str | None = None
+
+
+class LiveSnapshots(Protocol):
+    """One session on a running domain's disks and memory, for the snapshot verbs.
+
+    What libvirt's snapshot driver calls and xl leaves to the disks: find the image a
+    disk runs on, take every disk's snapshot at one instant, merge an overlay back,
+    and stream the guest's memory to and from a checked file.  The verbs and the
+    per-disk plugins (vm.snapbackends) keep the plan, the files and the records;
+    a session is opened once per verb (:meth:`Backend.live_snapshots`).
+    """
+
+    @property
+    def connected(self) -> bool:
+        """True while the session can still talk to the domain."""
+        ...
+
+    async def node_and_tags(self, file: str, fallback: str) -> tuple[str, set[str] | None]:
+        """The backend's name for image ``file`` and the internal snapshot tags it sees
+        there; (``fallback``, None) when the domain has no such image open."""
+        ...
+
+    async def take(self, snaps: Sequence[DiskSnap], timeout: float) -> None:
+        """Take every snapshot of ``snaps`` at one instant, all or none."""
+        ...
+
+    async def delete_internal(self, node: str, tag: str, job: str, timeout: float) -> None:
+        """Delete internal snapshot ``tag`` in image ``node`` (it may sit below an overlay)."""
+        ...
+
+    async def commit(self, top: str, top_node: str, base: str, base_node: str, job: str,
+                     timeout: float) -> None:
+        """Merge image ``top`` (the disk's top) into ``base`` right below it; the disk
+        runs on ``base`` after, and nothing holds ``top`` any more."""
+        ...
+
+    async def drop_nodes_on(self, file: str) -> list[str]:
+        """Forget the images on ``file`` no device uses any more; their names."""
+        ...
+
+    async def pause(self) -> None:
+        """Stop the guest's vCPUs."""
+        ...
+
+    async def resume(self, *, after_stream: bool = False) -> None:
+        """Run the guest again (``after_stream``: a memory stream has just ended)."""
+        ...
+
+    async def run_state(self) -> str:
+        """The backend's word for what the guest is doing ("running", "paused"...)."""
+        ...
+
+    async def save_state(self, fd: int, timeout: float,
+                         at_switchover: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Stream the guest's memory to ``fd`` as a checked VM state file; with
+        ``at_switchover`` the guest runs while it copies and the callback runs once it
+        has stopped, before the last pages are sent."""
+        ...
+
+    async def load_state(self, fd: int, timeout: float, source: str,
+                         vcpus_plugged: int | None) -> None:
+        """Load the checked VM state file at ``fd`` into a domain started to wait for
+        one (``vcpus_plugged`` vCPUs made present first); the guest stays paused."""
+        ...
+
+    async def save_internal(self, tag: str, nodes: Sequence[str], timeout: float) -> None:
+        """Snapshot ``tag`` of every image in ``nodes`` with the memory in the first."""
+        ...
+
+    async def load_internal(self, tag: str, nodes: Sequence[str], state_node: str,
+                            timeout: float) -> None:
+        """Load snapshot ``tag`` of ``nodes``, the memory from ``state_node``."""
+        ...
+
+    async def finish_state_save(self, timeout: float) -> str:
+        """Let a memory save a killed verb left end (cancelled if it cannot); its status."""
+        ...
+
+    async def cancel_state_save(self) -> None:
+        """Stop a memory save a killed verb left, before its disks are touched."""
+        ...
+
+    async def finish_state_load(self, timeout: float) -> str:
+        """Wait for a memory load a killed verb left; "completed", "failed", or the
+        status it had ended in."""
+        ...
+
+
 def check_backend(rec: DomainRecord, backend: str) -> None:
     """Raise :class:`WrongBackend` unless ``rec`` is a domain of ``backend``."""
     if rec.backend != backend:
@@ -609,6 +714,12 @@ class Backend(Protocol):
 
     async def resume_stopped(self, h: DomainHandle) -> bool:
         """Run the guest again if a killed verb left it stopped; True when it did."""
+        ...
+
+    # -- snapshots (libvirt's domainSnapshot*; xl has none: the images do it)
+
+    def live_snapshots(self, h: DomainHandle) -> AbstractAsyncContextManager[LiveSnapshots]:
+        """A session on the running domain's disks and memory (:class:`LiveSnapshots`)."""
         ...
 
     # -- state (xl save/restore; libvirt's domainSave, domainRestore)

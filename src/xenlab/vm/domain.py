@@ -22,9 +22,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
-import os
 import shutil
-import signal
 import socket
 import time
 import uuid as uuidlib
@@ -72,10 +70,6 @@ from xenlab.vm.qemu import (
     nics,
 )
 from xenlab.vm.qmp import Qmp
-from xenlab.vm.rundir import (
-    read_pid,
-    wait_gone,
-)
 from xenlab.vm.runtime import (
     DEFINED,
     DISK_SPECS,
@@ -86,7 +80,7 @@ from xenlab.vm.runtime import (
     VIFS,
     Runtime,
 )
-from xenlab.vm.store import DomainRecord, Store, is_domain_qemu
+from xenlab.vm.store import DomainRecord, Store
 
 # A domain whose QEMU has exited but which is kept because it has snapshots
 # (like a defined, inactive libvirt domain); `create` starts it again.
@@ -929,25 +923,6 @@ class Toolstack:
         """
         rec = self.live_record(name_or_id)
         return self.backend.open_console(self.handle(rec), timeout)
-
-    def kill_qemu(self, paths: RuntimePaths, pid: int | None = None) -> None:
-        """SIGKILL the QEMU of ``paths`` (its pidfile's pid, or ``pid``) and wait for it.
-
-        Only a QEMU of this user whose ``-pidfile`` is the one in ``paths``
-        is signalled: a recycled or planted pid is left alone.
-        """
-        if pid is None:
-            pid = read_pid(paths)
-        probe = DomainRecord(domid=0, name="", uuid="", config_path="", config_text="",
-                             rundir=str(paths.rundir), pid=pid, state="", created=0.0,
-                             accel="")
-        if pid is None or not is_domain_qemu(pid, probe):
-            return
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        wait_gone(pid, 10)
 
     def kill_domain(self, rec: DomainRecord) -> None:
         """End domain ``rec`` now, if its backend has it (QEMU: SIGKILL, only if ours)."""

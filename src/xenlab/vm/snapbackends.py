@@ -4,12 +4,13 @@ A backend works on one disk at a time (a :class:`SnapDisk`) and on the JSON
 entry it planned for a snapshot; :data:`BACKENDS` maps ``(style, format,
 path kind)`` to one, with ``"*"`` for anything, and :func:`register_backend`
 adds more (LVM thin, btrfs, ZFS: see docs/snapshots.md for the contract and
-how).  Built in: ``qcow2-internal`` (QMP when live, qemu-img when shut off),
+how).  Built in: ``qcow2-internal`` (qemu-img when shut off),
 ``qcow2-external`` (an overlay ``<disk>.<tag>.qcow2``) and ``raw-copy``
-(``cp --reflink`` to ``<disk>@<tag>``, shut-off domains only).  Live
-operations find QEMU's node for an image by its file name, so they work
-after a restart renamed the nodes; nothing here removes a file QEMU still
-writes to.
+(``cp --reflink`` to ``<disk>@<tag>``, shut-off domains only).  On a running
+domain a backend works through the hypervisor's
+:class:`~xenlab.vm.backend.LiveSnapshots` session and finds the image by its
+file name, so it works after a restart renamed the nodes; nothing here removes a
+file the hypervisor still writes to.
 
 Files next to a disk: the disk's directory may be writable by others, so
 every file made there is new and this user's own, mode 0600, and nothing
@@ -35,11 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from xenlab import faults
 from xenlab.errors import BackendError, ConflictError, StateError, XenlabError
 from xenlab.vm import qemuimg
+from xenlab.vm.backend import DiskSnap, LiveSnapshots
 from xenlab.vm.qemuimg import ImageFileError
-from xenlab.vm.qmp import Qmp, run_job, settle_job
 from xenlab.vm.store import SnapshotKind, SnapshotRecord
 
 __all__ = [
@@ -56,14 +56,11 @@ __all__ = [
     "backing_chain",
     "backing_file",
     "copy_whole",
-    "drop_nodes_on",
     "entry_backend",
     "glob_escape",
-    "node_and_tags",
     "node_of",
     "path_kind",
     "qemu_uses",
-    "qmp_job",
     "register_backend",
 ]
 
@@ -111,24 +108,24 @@ class DiskSnapshotBackend(Protocol):
         """The JSON-ready entry for snapshot ``tag`` of ``disk``; nothing is made yet."""
         ...
 
-    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
-        """A QMP transaction action taking the disk live, or ``None``."""
+    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> DiskSnap | None:
+        """This disk's part of a live snapshot taken at one instant, or ``None``."""
         ...
 
-    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
-        """Take the snapshot (``qmp`` is ``None`` when the domain is shut off)."""
+    async def create(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None) -> None:
+        """Take the snapshot (``live`` is ``None`` when the domain is shut off)."""
         ...
 
     async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
         """Bring the disk back to ``tag`` (QEMU is not running); a new top, or ``None``."""
         ...
 
-    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
+    async def delete(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None,
                      top: str) -> str | None:
         """Remove ``tag``; the disk's new top image if it changed, else ``None``."""
         ...
 
-    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+    async def discard(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None) -> None:
         """Undo whatever a failed ``create`` of ``tag`` left."""
         ...
 
@@ -190,58 +187,14 @@ def entry_backend(s: SnapshotRecord, entry: Mapping[str, Any]) -> DiskSnapshotBa
     return _by_name(str(name))
 
 
-async def node_of(qmp: Qmp, file: str, fallback: str) -> str:
-    """QEMU's format node for image ``file`` (nodes are renamed when QEMU restarts)."""
-    return (await node_and_tags(qmp, file, fallback))[0]
+async def node_of(live: LiveSnapshots, file: str, fallback: str) -> str:
+    """The backend's name for image ``file`` (QEMU renames nodes when it restarts)."""
+    return (await live.node_and_tags(file, fallback))[0]
 
 
-async def node_and_tags(qmp: Qmp, file: str, fallback: str) -> tuple[str, set[str] | None]:
-    """QEMU's format node for image ``file`` and the internal snapshot tags QEMU sees in it.
-
-    One QMP round trip instead of a ``qemu-img info`` process (about 25 ms);
-    the tags are None when QEMU has no node for the file.
-    """
-    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
-    want = os.path.realpath(file)
-    if isinstance(nodes, list):
-        for n in nodes:
-            if (isinstance(n, dict) and n.get("drv") not in ("file", "host_device")
-                    and isinstance(n.get("file"), str)
-                    and os.path.realpath(n["file"]) == want and n.get("node-name")):
-                image = n.get("image")
-                snaps = image.get("snapshots", ()) if isinstance(image, dict) else ()
-                return str(n["node-name"]), {str(t.get("name")) for t in snaps
-                                             if isinstance(t, dict)}
-    return fallback, None
-
-
-async def drop_nodes_on(qmp: Qmp, file: str) -> list[str]:
-    """Delete QEMU's block nodes on image ``file`` that no device uses any more; their names.
-
-    Nodes made with ``-blockdev`` or ``blockdev-add`` outlive a commit or a
-    pivot away from them, and keep the image below them "busy" for the next
-    snapshot.  A node still in use is left (QEMU refuses), silently.
-    """
-    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
-    want = os.path.realpath(file)
-    on = [n for n in nodes if isinstance(n, dict) and isinstance(n.get("file"), str)
-          and os.path.realpath(n["file"]) == want and n.get("node-name")
-          ] if isinstance(nodes, list) else []
-    # Format nodes before their protocol (file) nodes: a parent goes first.
-    on.sort(key=lambda n: n.get("drv") in ("file", "host_device"))
-    dropped = []
-    for n in on:
-        try:
-            await qmp.execute("blockdev-del", {"node-name": n["node-name"]})
-        except BackendError:
-            continue
-        dropped.append(str(n["node-name"]))
-    return dropped
-
-
-async def qemu_uses(qmp: Qmp, file: str) -> bool:
-    """True when QEMU has a block node on image ``file`` (it may be writing to it)."""
-    node, _ = await node_and_tags(qmp, file, "")
+async def qemu_uses(live: LiveSnapshots, file: str) -> bool:
+    """True when the running domain has image ``file`` open (it may be writing to it)."""
+    node, _ = await live.node_and_tags(file, "")
     return bool(node)
 
 
@@ -257,7 +210,7 @@ def backing_chain(path: str, fmt: str) -> list[str]:
 
 
 class Qcow2Internal:
-    """Internal snapshots inside qcow2 images: QMP when live, qemu-img when shut off."""
+    """Internal snapshots inside qcow2 images: the live session, or qemu-img when shut off."""
 
     name = "qcow2-internal"
     layered = False
@@ -271,41 +224,37 @@ class Qcow2Internal:
     def plan(self, disk: SnapDisk, tag: str) -> dict[str, Any]:
         return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node}
 
-    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
-        return {"type": "blockdev-snapshot-internal-sync",
-                "data": {"device": node, "name": tag}}
+    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> DiskSnap | None:
+        return DiskSnap(node=node, tag=tag)
 
-    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
-        if qmp is None:
+    async def create(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None) -> None:
+        if live is None:
             qemuimg.snapshot("create", tag, entry["file"])
         else:
-            node = await node_of(qmp, entry["file"], entry["node"])
-            await qmp.execute("blockdev-snapshot-internal-sync", {"device": node, "name": tag})
+            node = await node_of(live, entry["file"], entry["node"])
+            await live.take([DiskSnap(node=node, tag=tag)], JOB_TIMEOUT)
 
     async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
         qemuimg.snapshot("apply", tag, entry["file"])
         return None
 
-    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
+    async def delete(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None,
                      top: str) -> str | None:
-        await self.discard(entry, tag, qmp)
+        await self.discard(entry, tag, live)
         return None
 
-    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+    async def discard(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None) -> None:
         f = entry["file"]
         if not Path(f).exists():
             return
-        if qmp is None:
+        if live is None:
             if tag in qemuimg.snapshot_tags(f):
                 qemuimg.snapshot("delete", tag, f)
         else:
-            node, tags = await node_and_tags(qmp, f, entry["node"])
+            node, tags = await live.node_and_tags(f, entry["node"])
             if tag not in (qemuimg.snapshot_tags(f) if tags is None else tags):
                 return
-            # The snapshot-delete job, not the -sync command: the image may
-            # sit below an overlay, and the sync command only takes root nodes.
-            await qmp_job(qmp, "snapshot-delete", {"job-id": f"delete-{tag}-{entry['vdev']}",
-                                                "tag": tag, "devices": [node]}, JOB_TIMEOUT)
+            await live.delete_internal(node, tag, f"delete-{tag}-{entry['vdev']}", JOB_TIMEOUT)
 
     def list(self, disk: SnapDisk) -> set[str]:
         return qemuimg.snapshot_tags(disk.file) if Path(disk.file).exists() else set()
@@ -327,24 +276,24 @@ class Qcow2External:
         return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node,
                 "overlay": overlay, "overlay_node": f"{disk.vdev}-{tag}"}
 
-    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
+    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> DiskSnap | None:
         # QEMU makes the overlay by name, following a link and with its own
         # umask: the name is claimed first (empty, 0600, O_EXCL|O_NOFOLLOW),
         # and QEMU formats this very file.
         _claim_overlay(str(entry["overlay"]))
-        return {"type": "blockdev-snapshot-sync", "data": {
-            "node-name": node, "snapshot-file": entry["overlay"],
-            "snapshot-node-name": entry["overlay_node"], "format": "qcow2",
-            "mode": "absolute-paths"}}
+        return DiskSnap(node=node, tag=tag, overlay=str(entry["overlay"]),
+                        overlay_node=str(entry["overlay_node"]))
 
-    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
-        if qmp is None:
+    async def create(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None) -> None:
+        if live is None:
             qemuimg.create(entry["overlay"], "qcow2", backing=entry["file"],
                            backing_fmt=entry["format"])
             return
-        node = await node_of(qmp, entry["file"], entry["node"])
+        node = await node_of(live, entry["file"], entry["node"])
         try:
-            await qmp.execute("transaction", {"actions": [self.action(entry, tag, node)]})
+            snap = self.action(entry, tag, node)
+            assert snap is not None
+            await live.take([snap], JOB_TIMEOUT)
         except BaseException:
             qemuimg.remove_own(entry["overlay"])
             raise
@@ -370,37 +319,24 @@ class Qcow2External:
                             f"no free name for a revert overlay: {stem}~1.qcow2 to "
                             f"~{_MAX_REVERTS}.qcow2 are all taken")
 
-    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
+    async def delete(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None,
                      top: str) -> str | None:
         frozen = os.path.realpath(entry["file"])
         if (not Path(top).exists() or os.path.realpath(top) == frozen
                 or backing_file(top) != frozen):
             return None  # another branch is current: nothing to merge, layers get pruned
         # The top holds what happened since the snapshot: merge it down.
-        if qmp is None:
+        if live is None:
             qemuimg.commit(top, "qcow2", timeout=JOB_TIMEOUT)
         else:
-            job = f"commit-{entry['vdev']}"
-            await settle_job(qmp, job, JOB_TIMEOUT, complete_on_ready=True)
-            top_node = await node_of(qmp, top, entry["overlay_node"])
-            base_node = await node_of(qmp, entry["file"], entry["node"])
-            # Active commit: the top's data goes down into the node below and
-            # the device pivots onto it when the job completes.
-            await qmp.execute("block-commit", {
-                "job-id": job, "device": top_node, "base-node": base_node,
-                "auto-dismiss": False, "auto-finalize": True,
-            })
-            faults.point("snapshot-delete.commit-started")
-            await run_job(qmp, job, JOB_TIMEOUT, complete_on_ready=True)
-            # A top opened with -blockdev (a restart on an overlay) stays in
-            # QEMU's graph after the pivot, holding the image below "busy".
-            await drop_nodes_on(qmp, top)
+            await live.commit(top, str(entry["overlay_node"]), str(entry["file"]),
+                              str(entry["node"]), f"commit-{entry['vdev']}", JOB_TIMEOUT)
         Path(top).unlink(missing_ok=True)
         return str(entry["file"])
 
-    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+    async def discard(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None) -> None:
         overlay = str(entry["overlay"])
-        if qmp is not None and await qemu_uses(qmp, overlay):
+        if live is not None and await qemu_uses(live, overlay):
             # The guest writes there: removing it would lose its writes.
             raise BackendError(f"QEMU runs disk {entry['vdev']} on {overlay}: not removed")
         qemuimg.remove_own(overlay)  # never a link someone planted there
@@ -434,11 +370,11 @@ class RawCopy:
         return {"vdev": disk.vdev, "file": disk.file, "format": disk.format, "node": disk.node,
                 "copy": copy}
 
-    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> dict[str, Any] | None:
+    def action(self, entry: Mapping[str, Any], tag: str, node: str) -> DiskSnap | None:
         return None
 
-    async def create(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
-        if qmp is not None:
+    async def create(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None) -> None:
+        if live is not None:
             raise StateError("raw copies need the domain shut off")
         copy_whole(entry["file"], entry["copy"], new=True)
 
@@ -448,12 +384,12 @@ class RawCopy:
         copy_whole(entry["copy"], entry["file"], new=False)
         return None
 
-    async def delete(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None,
+    async def delete(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None,
                      top: str) -> str | None:
         Path(entry["copy"]).unlink(missing_ok=True)
         return None
 
-    async def discard(self, entry: Mapping[str, Any], tag: str, qmp: Qmp | None) -> None:
+    async def discard(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None) -> None:
         copy = Path(entry["copy"])
         qemuimg.remove_own(copy)
         # A copy killed half-way leaves its temporary file (qemuimg.new_image's name).
@@ -557,16 +493,6 @@ def _claim_overlay(path: str) -> None:
         st = os.lstat(path)
         if not (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_size == 0):
             raise
-
-
-async def qmp_job(qmp: Qmp, cmd: str, args: dict[str, object], timeout: float) -> None:
-    job_id = str(args["job-id"])
-    # A killed command may have left a job of this id in QEMU: its id is
-    # taken until it is dismissed.
-    await settle_job(qmp, job_id, timeout)
-    await qmp.execute(cmd, args)
-    faults.point(f"job.{cmd}.started")
-    await run_job(qmp, job_id, timeout)
 
 
 register_backend("internal", "qcow2", "*", Qcow2Internal())

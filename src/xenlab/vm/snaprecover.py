@@ -27,19 +27,15 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from xenlab.errors import BackendError, FormatError, XenlabError
-from xenlab.vm import vmstate
 from xenlab.vm.backend import run as _run
-from xenlab.vm.backends.qemu.settle import capability_off  # until snapshots move (docs/backend.md)
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job
 from xenlab.vm.migration import image as saveimage
-from xenlab.vm.qmp import Qmp
-from xenlab.vm.snapbackends import drop_nodes_on, entry_backend, node_and_tags
+from xenlab.vm.snapbackends import entry_backend
 from xenlab.vm.snapshot import (
     current_id,
     delete_one,
@@ -162,9 +158,9 @@ def _present(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, live: bool
     if live:
         async def look() -> None:
             files.update(await ts.backend.disk_files(ts.handle(rec)))
-            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+            async with ts.backend.live_snapshots(ts.handle(rec)) as live:
                 for e in row.disks:
-                    tags[str(e["file"])] = (await node_and_tags(qmp, str(e["file"]), ""))[1]
+                    tags[str(e["file"])] = (await live.node_and_tags(str(e["file"]), ""))[1]
 
         _run(look())
     for e in row.disks:
@@ -227,21 +223,8 @@ def _memory_complete(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
         return False
 
     async def status() -> str:
-        async with Qmp.open(ts.paths(rec).qmp) as qmp:
-            info = await qmp.execute("query-migrate")
-            st = str(info.get("status")) if isinstance(info, dict) else "none"
-            if st in ("active", "setup", "device", "pre-switchover"):
-                # Let a memory save the killed verb started finish on its own;
-                # at pre-switchover the disks are taken already.
-                if st == "pre-switchover":
-                    await qmp.execute("migrate-continue", {"state": "pre-switchover"})
-                try:
-                    st = await _completed(qmp, "memory save")
-                except BackendError:
-                    await qmp.execute("migrate_cancel")
-                    st = "cancelled"
-                await capability_off(qmp)
-            return st
+        async with ts.backend.live_snapshots(ts.handle(rec)) as live:
+            return await live.finish_state_save(_SETTLE)
 
     if _run(status()) != "completed":
         return False
@@ -275,13 +258,12 @@ def _finish_stream(path: str) -> bool:
 def _discard(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, live: bool) -> None:
     async def go() -> None:
         if live:
-            async with Qmp.open(ts.paths(rec).qmp) as qmp:
+            async with ts.backend.live_snapshots(ts.handle(rec)) as session:
                 # A --live memory save still going would stop at its switch-over
                 # and wait there for good: it goes first.
-                await vmstate.cancel_active(qmp)
-                await capability_off(qmp)
+                await session.cancel_state_save()
                 for e in row.disks:
-                    await entry_backend(row, e).discard(e, row.name, qmp)
+                    await entry_backend(row, e).discard(e, row.name, session)
         else:
             for e in row.disks:
                 await entry_backend(row, e).discard(e, row.name, None)
@@ -338,10 +320,10 @@ def _recover_delete(ts: Toolstack, rec: DomainRecord, live: bool) -> None:
 
 async def _drop_overlay_nodes(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord) -> None:
     """Nodes on ``s``'s overlays that a commit QEMU finished alone left in its graph."""
-    async with Qmp.open(ts.paths(rec).qmp) as qmp:
+    async with ts.backend.live_snapshots(ts.handle(rec)) as live:
         for e in s.disks:
             if "overlay" in e:
-                await drop_nodes_on(qmp, str(e["overlay"]))
+                await live.drop_nodes_on(str(e["overlay"]))
 
 
 # --- revert -----------------------------------------------------------------------------
@@ -385,14 +367,8 @@ def _recover_incoming_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: s
         return kept
 
     async def status() -> str:
-        async with Qmp.open(ts.paths(rec).qmp) as qmp:
-            now = str((await vmstate.query_migrate(qmp)).get("status", "none"))
-            if now not in vmstate.ACTIVE:
-                return now  # never started ("none"), or over: nothing to wait for
-            try:
-                return await _completed(qmp, "loading the memory")
-            except BackendError:
-                return "failed"
+        async with ts.backend.live_snapshots(ts.handle(rec)) as live:
+            return await live.finish_state_load(_SETTLE)
 
     if _run(status()) == "completed":
         row = _row(ts, rec, name)
@@ -408,11 +384,3 @@ def _recover_incoming_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: s
     log.warning("%s: a revert killed before the memory was loaded is undone: the domain is "
                 "shut off on the snapshot's disks; revert again", where)
     return kept
-
-
-async def _completed(qmp: Qmp, what: str) -> str:
-    """Wait (``_SETTLE`` s at most) for the migration a killed verb left to complete."""
-    with qmp.listen("MIGRATION") as watch:
-        await vmstate.wait_migration(qmp, watch, what, _SETTLE, None, time.monotonic(),
-                                     check_first=True)
-    return "completed"

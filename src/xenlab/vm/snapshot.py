@@ -9,8 +9,9 @@ disks.  They never touch a disk themselves: each disk is handled by a backend
 of ``vm.snapbackends`` (qcow2-internal, qcow2-external, raw-copy), chosen by
 what the disk is.  Memory goes to a checked VM state file (``vm.vmstate``)
 except for internal snapshots of qcow2 disks, which keep it in the first
-image.  The design, the backend contract and the behaviours decided are in
-docs/snapshots.md.
+image.  What runs on a live domain goes through its backend's
+:class:`~xenlab.vm.backend.LiveSnapshots` session, one per verb.  The design,
+the backend contract and the behaviours decided are in docs/snapshots.md.
 """
 
 from __future__ import annotations
@@ -25,14 +26,12 @@ from typing import Any
 from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, ConflictError, StateError, UsageError, XenlabError
-from xenlab.vm import qemuimg, vmstate
+from xenlab.vm import qemuimg
+from xenlab.vm.backend import LiveSnapshots
 from xenlab.vm.backend import run as _run_async
-from xenlab.vm.backends.qemu.vcpus import plug_vcpus
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import on_disks_now
 from xenlab.vm.migration import image as saveimage
-from xenlab.vm.qemu import RuntimePaths
-from xenlab.vm.qmp import Qmp
 from xenlab.vm.resources import plugged_vcpus
 from xenlab.vm.runtime import CURRENT, OVERLAYS, VCPUS_PLUGGED, Runtime, disk_now
 from xenlab.vm.snapbackends import (
@@ -48,7 +47,6 @@ from xenlab.vm.snapbackends import (
     entry_backend,
     node_of,
     path_kind,
-    qmp_job,
     register_backend,
 )
 from xenlab.vm.store import (
@@ -311,7 +309,6 @@ def create_snapshot(
     result are one sequence with a fault point and a recovery rule at each step
     (vm.snaprecover), read side by side with the recovery.
     """
-    ts.require_qemu("snapshot-create")
     _check_name(snap)
     if disk_only and memory:
         raise UsageError("--disk-only and --memory contradict each other")
@@ -328,6 +325,11 @@ def create_snapshot(
                 f"domain {rec.name!r} is shut off: there is no VM state to save "
                 "(drop --memory)"
             )
+        caps, who = ts.backend.caps, ts.backend.name
+        if not shutoff:
+            caps.require("live_disk_snapshots", f"snapshot-create {rec.name} {snap}", who)
+        if memory:
+            caps.require("memory_snapshots", f"snapshot-create {rec.name} {snap}", who)
         if any(s.name == snap for s in ts.store.list_snapshots(rec.domid)):
             raise ConflictError("snapshot", snap,
                                 f"domain {rec.name!r} already has a snapshot named {snap!r}")
@@ -383,11 +385,10 @@ def create_snapshot(
             try:
                 if shutoff:
                     _run_async(_take_offline(pairs, snap))
-                elif with_state:
-                    _run_async(_internal_save(ts, rec, entries, snap, timeout))
                 else:
-                    _run_async(_take_live(ts, rec, pairs, snap, mem_path, live, state,
-                                          timeout))
+                    _run_async(_take_live(ts, rec, pairs, snap, mem_path,
+                                          "internal" if with_state else
+                                          "live" if live else "paused", state, timeout))
             except BaseException as err:
                 failure = _create_failed(ts, rec, row, err)
                 if failure is err:
@@ -430,20 +431,20 @@ async def _take_offline(pairs: Sequence[Pair], snap: str) -> None:
         raise
 
 
-async def _take_disks(qmp: Qmp, pairs: Sequence[Pair], snap: str, state: str,
+async def _take_disks(live: LiveSnapshots, pairs: Sequence[Pair], snap: str, state: str,
                       timeout: float) -> None:
     """Take every disk at one instant: one transaction, or one by one with the guest paused."""
-    actions = []
+    snaps = []
     try:
         # action() claims a layered disk's overlay file: built inside the try,
         # so a failure on a later disk takes the earlier claims back.
         for e, b in pairs:
-            a = b.action(e, snap, await node_of(qmp, e["file"], e["node"]))
+            a = b.action(e, snap, await node_of(live, e["file"], e["node"]))
             if a is None:
                 break
-            actions.append(a)
+            snaps.append(a)
         else:
-            await qmp.execute("transaction", {"actions": actions}, timeout=timeout)
+            await live.take(snaps, timeout)
             faults.point("snapshot-create.switched")
             return
     except BaseException:
@@ -453,63 +454,60 @@ async def _take_disks(qmp: Qmp, pairs: Sequence[Pair], snap: str, state: str,
                 await b.discard(e, snap, None)
         raise
     if state == "running":
-        await qmp.execute("stop")
+        await live.pause()
     done: list[Pair] = []
     try:
         for e, b in pairs:
-            await b.create(e, snap, qmp)
+            await b.create(e, snap, live)
             done.append((e, b))
     except BaseException:
         for e, b in done:
             if not b.layered:
-                await b.discard(e, snap, qmp)
+                await b.discard(e, snap, live)
         raise
     finally:
-        if state == "running" and qmp.connected:
-            await qmp.execute("cont")
-
-
-async def _internal_save(ts: Toolstack, rec: DomainRecord, entries: Sequence[Mapping[str, Any]],
-                         snap: str, timeout: float) -> None:
-    """qcow2's own speciality: disks and VM state in the images, one snapshot-save job."""
-    async with Qmp.open(ts.paths(rec).qmp) as qmp:
-        nodes = [await node_of(qmp, e["file"], e["node"]) for e in entries]
-        await qmp_job(qmp, "snapshot-save", {
-            "job-id": f"save-{snap}", "tag": snap, "vmstate": nodes[0], "devices": nodes,
-        }, timeout)
+        if state == "running" and live.connected:
+            await live.resume()
 
 
 async def _take_live(ts: Toolstack, rec: DomainRecord, pairs: Sequence[Pair], snap: str,
-                     mem_path: str | None, live: bool, state: str, timeout: float) -> None:
-    async with Qmp.open(ts.paths(rec).qmp) as qmp:
-        if mem_path is None:
-            await _take_disks(qmp, pairs, snap, state, timeout)
+                     mem_path: str | None, how: str, state: str, timeout: float) -> None:
+    """Take a running domain's snapshot in one session; ``how``: "internal" (disks and
+    VM state in the qcow2 images, qcow2's own speciality), "live" (the memory copied
+    while the guest runs) or "paused"."""
+    async with ts.backend.live_snapshots(ts.handle(rec)) as live:
+        if how == "internal":
+            nodes = [await node_of(live, e["file"], e["node"]) for e, _ in pairs]
+            await live.save_internal(snap, nodes, timeout)
             return
-        # The memory file is made here, private (0600), and handed to QEMU:
-        # QEMU's own files are 0640 (it daemonizes with umask 027).  It is a
-        # checked VM state file (vm.vmstate.write_stream: XXH64 per chunk), so
-        # a damaged one is refused at revert.
+        if mem_path is None:
+            await _take_disks(live, pairs, snap, state, timeout)
+            return
+        # The memory file is made here, private (0600), and handed to the
+        # backend: QEMU's own files are 0640 (it daemonizes with umask 027).
+        # It is a checked VM state file (XXH64 per chunk), so a damaged one is
+        # refused at revert.
         try:
             fd = os.open(mem_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise BackendError(f"cannot make the memory file {mem_path}: "
                                f"{err.strerror or err}") from err
-        migrated = False
+        streamed = False
         try:
-            if live:
+            if how == "live":
                 async def take() -> None:
                     # The guest has stopped and its last pages are not sent yet.
-                    await _take_disks(qmp, pairs, snap, "paused", timeout)
+                    await _take_disks(live, pairs, snap, "paused", timeout)
 
-                migrated = True
-                await vmstate.write_stream(qmp, fd, timeout=timeout, at_switchover=take)
+                streamed = True
+                await live.save_state(fd, timeout, at_switchover=take)
             else:
                 if state == "running":
-                    await qmp.execute("stop")
+                    await live.pause()
                 faults.point("snapshot-create.stopped")
-                await _take_disks(qmp, pairs, snap, "paused", timeout)
-                migrated = True
-                await vmstate.write_stream(qmp, fd, timeout=timeout)
+                await _take_disks(live, pairs, snap, "paused", timeout)
+                streamed = True
+                await live.save_state(fd, timeout)
             faults.point("snapshot-create.memory-done")
             os.fsync(fd)
         except BaseException:
@@ -517,11 +515,8 @@ async def _take_live(ts: Toolstack, rec: DomainRecord, pairs: Sequence[Pair], sn
             raise
         finally:
             os.close(fd)
-            if state == "running" and qmp.connected:
-                if migrated:
-                    await vmstate.cont_after_migration(qmp)
-                else:
-                    await qmp.execute("cont")
+            if state == "running" and live.connected:
+                await live.resume(after_stream=streamed)
 
 
 def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
@@ -563,9 +558,9 @@ def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
 
 async def _discard_live(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord) -> None:
     """Remove whatever part of ``row`` a failed live create left in the images."""
-    async with Qmp.open(ts.paths(rec).qmp) as qmp:
+    async with ts.backend.live_snapshots(ts.handle(rec)) as live:
         for e in row.disks:
-            await entry_backend(row, e).discard(e, row.name, qmp)
+            await entry_backend(row, e).discard(e, row.name, live)
 
 
 # --- list and info ----------------------------------------------------------
@@ -634,7 +629,6 @@ def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool | None
         disk no longer runs on.
     :raise BackendError: QEMU or a disk tool failed.
     """
-    ts.require_qemu("snapshot-revert")
     with ts.locked(name) as rec:
         s = ts.store.get_snapshot(rec.domid, snap)
         if s.state is not SnapshotState.READY:
@@ -652,6 +646,9 @@ def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool | None
                     "before reverting this one"
                 )
         mem = has_memory(s)
+        if mem:
+            ts.backend.caps.require("memory_snapshots", f"snapshot-revert {rec.name} {snap}",
+                                    ts.backend.name)
         if not mem and state != SHUTOFF:
             raise StateError(
                 f"snapshot {snap!r} has no VM state: its disks can only be reverted with "
@@ -672,7 +669,7 @@ def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool | None
                 if running is not None:
                     rec = _start_paused(ts, ts.store.get(rec.domid))
                     if running:
-                        _run_async(ts.qmp_execute(rec, "cont"))
+                        _run_async(ts.backend.resume(ts.handle(rec)))
                         rec = ts.store.patch(rec.domid, state="running")
             return set_current(ts, rec.domid, s.id)
 
@@ -737,15 +734,14 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
     try:
         started = ts.launch(on_disks_now(dc, rec), text, config_path=rec.config_path,
                             uuid=rec.uuid, incoming="defer")
-        paths = ts.paths(started)
         try:
             with open(s.memory_path, "rb") as f:
                 plugged = s.disks[0].get(VCPUS_PLUGGED) if s.disks else None
-                _run_async(_load_memory(paths, f.fileno(), go, timeout,
+                _run_async(_load_memory(ts, started, f.fileno(), go, timeout,
                                         f"snapshot {s.name!r} memory {s.memory_path}",
                                         plugged if isinstance(plugged, int) else None))
         except BaseException as err:
-            ts.kill_qemu(paths, started.pid)
+            ts.kill_domain(started)
             ts.gone(ts.store.get(rec.domid))
             if isinstance(err, Exception):
                 raise BackendError(f"snapshot-revert {rec.name} {s.name}: loading the memory "
@@ -763,31 +759,25 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
     return ts.store.patch(rec.domid, state="running" if go else "paused")
 
 
-async def _load_memory(paths: RuntimePaths, fd: int, go: bool, timeout: float,
+async def _load_memory(ts: Toolstack, rec: DomainRecord, fd: int, go: bool, timeout: float,
                        source: str, plugged: int | None) -> None:
-    async with Qmp.open(paths.qmp) as qmp:
-        if plugged:
-            await plug_vcpus(qmp, plugged)
-        faults.point("snapshot-revert.loading")
-        await vmstate.load_stream(qmp, fd, timeout=timeout, source=source)
+    async with ts.backend.live_snapshots(ts.handle(rec)) as live:
+        await live.load_state(fd, timeout, source, plugged)
         if go:
-            await qmp.execute("cont")
+            await live.resume()
 
 
 async def _load(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, go: bool,
                 timeout: float) -> None:
-    async with Qmp.open(ts.paths(rec).qmp) as qmp:
-        nodes = [await node_of(qmp, d["file"], d["node"]) for d in s.disks]
+    async with ts.backend.live_snapshots(ts.handle(rec)) as live:
+        nodes = [await node_of(live, d["file"], d["node"]) for d in s.disks]
         vm = next(n for n, d in zip(nodes, s.disks, strict=True) if d.get("vmstate"))
-        await qmp_job(qmp, "snapshot-load", {
-            "job-id": f"load-{s.name}", "tag": s.name, "vmstate": vm, "devices": nodes,
-        }, timeout)
-        st = await qmp.execute("query-status")
-        status = st.get("status") if isinstance(st, dict) else None
+        await live.load_internal(s.name, nodes, vm, timeout)
+        status = await live.run_state()
         if go and status != "running":
-            await qmp.execute("cont")
+            await live.resume()
         elif not go and status == "running":
-            await qmp.execute("stop")
+            await live.pause()
 
 
 # --- delete -----------------------------------------------------------------
@@ -806,7 +796,6 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
     :raise StateError: children without ``children``, or a stale domain.
     :raise BackendError: QEMU or a disk tool failed (that snapshot stays, ``broken``).
     """
-    ts.require_qemu("snapshot-delete")
     with ts.locked(name) as rec:
         top = ts.store.get_snapshot(rec.domid, snap)
         order = descendants_first(top, ts.store.list_snapshots(rec.domid))
@@ -817,6 +806,9 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
             )
         # Deleting needs no run state, only whether a QEMU holds the images.
         state = SHUTOFF if shut_off(ts, rec) else "live"
+        if state != SHUTOFF:
+            ts.backend.caps.require("live_disk_snapshots", f"snapshot-delete {rec.name} {snap}",
+                                    ts.backend.name)
         cur = current_id(ts, rec)
         with ts.job(rec, "snapshot-delete", name=snap, children=children) as rec:
             done: list[SnapshotRecord] = []
@@ -848,18 +840,18 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
 
 
 async def delete_one(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, state: str) -> None:
-    async def each(qmp: Qmp | None) -> None:
+    async def each(live: LiveSnapshots | None) -> None:
         for e in s.disks:
             top = tops_of(ts, ts.store.get(rec.domid)).get(e["vdev"], e["file"])
-            new = await entry_backend(s, e).delete(e, s.name, qmp, top)
+            new = await entry_backend(s, e).delete(e, s.name, live, top)
             if new is not None:
                 set_tops(ts, rec.domid, {e["vdev"]: {"file": new, "node": e["node"]}})
 
     if state == SHUTOFF:
         await each(None)
     else:
-        async with Qmp.open(ts.paths(rec).qmp) as qmp:
-            await each(qmp)
+        async with ts.backend.live_snapshots(ts.handle(rec)) as live:
+            await each(live)
     if s.memory_path:
         Path(s.memory_path).unlink(missing_ok=True)
 

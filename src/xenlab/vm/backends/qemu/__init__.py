@@ -19,6 +19,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from xenlab.vm.backend import (
     Capabilities,
     DomainHandle,
     ExitReason,
+    LiveSnapshots,
     MemoryReport,
     MigrateRequest,
     MigrateSent,
@@ -50,6 +52,7 @@ from xenlab.vm.backend import (
 from xenlab.vm.backends.qemu import blockcopy, devices, memory, migration, nics, settle, vcpus
 from xenlab.vm.backends.qemu import save as saving
 from xenlab.vm.backends.qemu.info import live_info
+from xenlab.vm.backends.qemu.snapshots import open_live_snapshots
 from xenlab.vm.migration.image import DiskSnapshot
 from xenlab.vm.qemu import (
     RuntimePaths,
@@ -396,6 +399,9 @@ class QemuBackend:
             return await settle.resume_stopped(qmp)
 
     # -- state -----------------------------------------------------------------------------
+
+    def live_snapshots(self, h: DomainHandle) -> AbstractAsyncContextManager[LiveSnapshots]:
+        return open_live_snapshots(self.paths(h).qmp)
 
     async def save(self, h: DomainHandle, req: SaveRequest) -> SaveFacts:
         return await saving.save(self.paths(h).qmp, req)
