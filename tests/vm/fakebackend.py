@@ -39,16 +39,20 @@ from xenlab.vm.backend import (
     MigrateSent,
     MigrationCookie,
     NicAttached,
+    NicPlan,
     NicReleased,
     Note,
     Presence,
     SaveFacts,
     SaveRequest,
+    ScreenCapture,
     Started,
     StartSpec,
+    Unsupported,
     VcpuReport,
     VcpuState,
 )
+from xenlab.vm.domconfig import stable_mac
 from xenlab.vm.migration import image as saveimage
 from xenlab.vm.migration.image import DiskSnapshot
 from xenlab.vm.store import DomainRecord
@@ -118,6 +122,10 @@ class FakeBackend:
             online=spec.config.vcpus, disks={d.vdev: d.pdev_path for d in spec.config.disks},
             nics={v.devid if v.devid is not None else i for i, v in enumerate(spec.config.vifs)})
         return Started({}, state)
+
+    def start_command(self, domid: int, spec: StartSpec) -> tuple[str, ...]:
+        return ("fake-start", str(domid), spec.config.name, *(
+            f"tap={d}:{t}" for d, t in sorted(spec.taps.items())))
 
     def handle_of(self, rec: DomainRecord) -> DomainHandle:
         return DomainHandle(self.name, {"uuid": rec.uuid})
@@ -220,6 +228,20 @@ class FakeBackend:
     async def rename(self, h: DomainHandle, new: str) -> Mapping[str, Any]:
         self._dom(h, "rename")
         return {}
+
+    def check_disk(self, disk: DiskSpec) -> None:
+        if disk.script is not None:
+            raise UsageError(f"disk {disk.vdev}: fake: no disk scripts")
+
+    def disk_slot(self, vdev: str) -> int | None:
+        return None if vdev.startswith("xvdz") else 0x20 + ord(vdev[-1]) - ord("a")
+
+    def plan_nic(self, config: DomainConfig, spec: VifSpec, devid: int) -> NicPlan:
+        if spec.model not in (None, "virtio"):
+            raise UsageError(f"vif {devid}: fake: model={spec.model!r}")
+        mac = (":".join(f"{o:02x}" for o in spec.mac) if spec.mac is not None
+               else stable_mac(config, devid))
+        return NicPlan(devid, mac, "fake-nic", spec)
 
     def disk_parts(self, disk: DiskSpec) -> tuple[str, ...]:
         return (f"{disk.vdev}-part",)
@@ -450,6 +472,12 @@ class FakeBackend:
 
     def said(self, h: DomainHandle) -> str:
         return ""
+
+    def firmware_log(self, h: DomainHandle) -> Path:
+        raise Unsupported(self.name, "screen", "fake: no firmware")
+
+    async def capture_screen(self, h: DomainHandle, *, resume: bool) -> ScreenCapture:
+        raise Unsupported(self.name, "screen", "fake: no display")
 
     def open_console(self, h: DomainHandle, timeout: float) -> socket.socket:
         """One end of a socket pair; the guest's end echoes what it is sent, upper-cased."""

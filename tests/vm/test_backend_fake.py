@@ -349,14 +349,22 @@ def test_a_backend_that_streams_without_the_header_commits_nothing(
     assert not list(tmp_path.glob("*a.save*")) and ts2.get("a").state == "running"
 
 
-def test_verbs_not_yet_behind_the_protocol_refuse_before_they_change_anything(
-        ts: Toolstack, fake: FakeBackend) -> None:
+def test_verbs_a_backend_cannot_do_refuse_before_they_change_anything(
+        ts: Toolstack, fake: FakeBackend, tmp_path: Path) -> None:
     from xenlab.vm.snapshot import create_snapshot
+    from xenlab.vm.vgaboot import boot_rom
 
     rec = _running(ts, fake, "a")
-    with pytest.raises(Unsupported, match="snapshot-create: runs on the qemu backend only"):
+    with pytest.raises(Unsupported, match="snapshot-create a s1: the fake backend cannot do "
+                                          "it .live disk snapshots"):
         create_snapshot(ts, "a", "s1")
     assert ts.store.list_snapshots(rec.domid) == [] and "job" not in ts.get("a").extra
+    rom = tmp_path / "card.rom"
+    rom.write_bytes(b"\x55\xaa" + bytes(510))
+    with pytest.raises(Unsupported, match="rom boot: the fake backend cannot do it .screen"):
+        boot_rom(ts, rom, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and [r.name for r in ts.store.list()] == ["a"]
+    # QEMU's own paths are for QEMU's domains only.
     with pytest.raises(Unsupported):
         ts.paths(ts.get("a"))
 
@@ -452,3 +460,19 @@ def test_snapshots_follow_a_killed_migration_to_another_backends_toolstack(
     src.list()  # the next command finishes the migration
     assert src.store.list() == []
     assert [s.name for s in dst.store.list_snapshots(dst.get("m").domid)] == ["s1"]
+
+
+def test_a_dry_run_shows_the_backends_command_and_changes_nothing(
+        ts: Toolstack, fake: FakeBackend, tmp_path: Path) -> None:
+    from xenlab.vm.dryrun import plan_create
+
+    _running(ts, fake, "a")
+    cfg = tmp_path / "b.cfg"
+    cfg.write_text('name = "b"\ntype = "hvm"\nmemory = 64\n'
+                   'vif = ["bridge=br0,vifname=tapb0"]\n')
+    plan = plan_create(ts, cfg)
+    # The next free id, the backend's own command, and the host end it would bring up.
+    assert plan.domid == 2 and plan.argv == ("fake-start", "2", "b", "tap=0:tapb0")
+    assert [(v.vifname, v.bridge) for v in plan.vifs] == [("tapb0", "br0")]
+    assert [r.name for r in ts.store.list()] == ["a"]
+    assert [c for c, _ in fake.calls].count("start") == 1  # only a's

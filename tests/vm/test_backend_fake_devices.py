@@ -50,7 +50,7 @@ def test_attach_and_detach_follow_the_backend(ts: Toolstack, fake: FakeBackend,
     rec = _running(ts, "a")
     data = _image(tmp_path, "data.img")
     info = block_attach(ts, "a", f"format=raw,vdev=xvdb,access=rw,target={data}")
-    assert (info.vdev, info.file, info.slot) == ("xvdb", data, 0x09)
+    assert (info.vdev, info.file, info.slot) == ("xvdb", data, 0x21)  # the backend's slot
     assert fake.world[rec.uuid].disks == {"xvdb": data}
     assert _vdevs(ts, "a") == ["xvdb"] and JOB not in ts.get("a").extra
     # The record's disk list survives as xl config (a restart gets the disk).

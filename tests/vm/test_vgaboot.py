@@ -8,6 +8,7 @@ import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import cast
 
 import pytest
@@ -19,6 +20,7 @@ from tests.vm.guests import clear, sh, wait_ready, write_config
 from xenlab.atomic import FileWriteError
 from xenlab.errors import BackendError, XenlabError
 from xenlab.files import InputTooLargeError
+from xenlab.vm.backend import Capabilities
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.vgaboot import (
     LOG_LIMIT,
@@ -314,8 +316,8 @@ class BeforeQemu:
         self.meanwhile = meanwhile
         self.booted: list[tuple[str, Path, bytes, os.stat_result]] = []
 
-    def require_qemu(self, what: str) -> None:
-        """As a QEMU toolstack: rom boot may run."""
+    # As a QEMU toolstack: rom boot may run.
+    backend = SimpleNamespace(name="qemu", caps=Capabilities(screen=True))
 
     def create(self, cfg: Path) -> None:
         text = cfg.read_text()

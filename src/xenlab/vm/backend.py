@@ -46,12 +46,14 @@ __all__ = [
     "MigrationProgress",
     "MirrorProgress",
     "NicAttached",
+    "NicPlan",
     "NicReleased",
     "Note",
     "Presence",
     "Progress",
     "SaveFacts",
     "SaveRequest",
+    "ScreenCapture",
     "StartSpec",
     "Started",
     "Unsupported",
@@ -171,6 +173,7 @@ class Capabilities:
     storage_migration: bool = False
     guest_agent: bool = False
     console: bool = False
+    screen: bool = False  # the display's text and a screenshot, the firmware's debug log
 
     def require(self, flag: str, what: str, backend: str) -> None:
         """Refuse ``what`` (a verb and its object) unless capability ``flag`` is there."""
@@ -333,6 +336,22 @@ class NicAttached:
 
 
 @dataclass(frozen=True, slots=True)
+class NicPlan:
+    """One vif as the backend runs it: xl's devid, its MAC (the config's, else a stable
+    one under Xen's OUI), the backend's model for it, and the spec."""
+
+    devid: int
+    mac: str
+    model: str  # QEMU: the device (virtio-net-pci, e1000...)
+    spec: VifSpec
+
+    @property
+    def tap(self) -> bool:
+        """True when the vif names a bridge or a script: a host end, not user mode."""
+        return self.spec.bridge is not None or self.spec.script is not None
+
+
+@dataclass(frozen=True, slots=True)
 class NicReleased:
     """What the clean-up after a NIC detach did: host ends taken down, and what failed."""
 
@@ -473,6 +492,18 @@ class LiveSnapshots(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ScreenCapture:
+    """What the guest's display showed (libvirt's domainScreenshot, and the text below it).
+
+    ``text`` is the VGA text buffer as the card holds it (80x25 cells of character and
+    attribute bytes; whatever it holds in a graphics mode), ``png`` a screenshot.
+    """
+
+    text: bytes
+    png: bytes
+
+
 def check_backend(rec: DomainRecord, backend: str) -> None:
     """Raise :class:`WrongBackend` unless ``rec`` is a domain of ``backend``."""
     if rec.backend != backend:
@@ -499,6 +530,12 @@ class Backend(Protocol):
         """Make the domain's workspace before anything runs; the record fields that say
         where to look for it (recorded before :meth:`start`, so a start killed half-way
         is found and undone)."""
+        ...
+
+    def start_command(self, domid: int, spec: StartSpec) -> tuple[str, ...]:
+        """What :meth:`start` would run for a new domain ``domid`` (xl's ``create -n``):
+        the command line, with the paths it would get now and placeholders for what is
+        made only when it runs (a guest image).  Nothing is made."""
         ...
 
     async def start(self, h: DomainHandle, spec: StartSpec) -> Started:
@@ -584,6 +621,20 @@ class Backend(Protocol):
         ...
 
     # -- devices (xl block-*/cd-*, libvirt's domainAttachDevice, DetachDevice, UpdateDevice)
+
+    def check_disk(self, disk: DiskSpec) -> None:
+        """XenlabError (``disk VDEV: ...``) when this backend cannot run ``disk``."""
+        ...
+
+    def disk_slot(self, vdev: str) -> int | None:
+        """The fixed bus slot of disk ``vdev``; None when it has none (then it cannot be
+        hot-plugged: a restart, restore or migration must find it where it was)."""
+        ...
+
+    def plan_nic(self, config: DomainConfig, spec: VifSpec, devid: int) -> NicPlan:
+        """vif ``devid`` of ``config`` as this backend runs it; XenlabError (``vif N:
+        ...``) when it cannot."""
+        ...
 
     def disk_parts(self, disk: DiskSpec) -> tuple[str, ...]:
         """What attaching ``disk`` makes in the backend (recorded in the verb's job first,
@@ -753,6 +804,15 @@ class Backend(Protocol):
 
     def said(self, h: DomainHandle) -> str:
         """The hypervisor's last words about the domain (QEMU's log tail), or ""."""
+        ...
+
+    def firmware_log(self, h: DomainHandle) -> Path:
+        """The file the guest firmware's debug port writes to (SeaBIOS's log)."""
+        ...
+
+    async def capture_screen(self, h: DomainHandle, *, resume: bool) -> ScreenCapture:
+        """Stop the guest and take its screen (:class:`ScreenCapture`); run it again if
+        ``resume``.  Bounded: a screenshot larger than a display's shows is refused."""
         ...
 
     def open_console(self, h: DomainHandle, timeout: float) -> socket.socket:

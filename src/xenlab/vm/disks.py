@@ -50,7 +50,6 @@ from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import config_from_text, create_image, disk_line, on_disks_now
 from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
 from xenlab.vm.jobs import Job
-from xenlab.vm.qemu import check_disk, disk_slot
 from xenlab.vm.qemuimg import remove_own
 from xenlab.vm.runtime import DISK_NODES, DISK_PATHS, DISK_SPECS, STALE_NODES
 from xenlab.vm.store import DomainRecord
@@ -105,7 +104,7 @@ def block_list(ts: Toolstack, name: str) -> list[DiskInfo]:
     return [
         DiskInfo(vdev=d.vdev, device=_device_kind(d), target=d.pdev_path,
                  file=now[d.vdev].pdev_path, format=now[d.vdev].format.value,
-                 mode="rw" if d.readwrite else "ro", slot=disk_slot(d.vdev),
+                 mode="rw" if d.readwrite else "ro", slot=ts.backend.disk_slot(d.vdev),
                  spec=format_disk(d))
         for d in dc.disks
     ]
@@ -141,7 +140,7 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
     if disk.is_cdrom or not disk.vdev.startswith("xvd"):
         raise UsageError(f"{where}: only virtio disks (xvdX) can be hot-plugged; IDE and "
                          "SCSI disks and cdroms are fixed at start")
-    if disk_slot(disk.vdev) is None:
+    if ts.backend.disk_slot(disk.vdev) is None:
         raise UsageError(f"{where}: hot-plugged disks are xvda-xvdh (they keep a fixed "
                          "PCI slot)")
     if not disk.pdev_path:
@@ -149,7 +148,7 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
     # QEMU runs in / (daemonized): a relative target means the caller's directory.
     target = os.path.abspath(disk.pdev_path)
     disk = replace(disk, pdev_path=target)
-    check_disk(disk)  # the checks a start makes (format, script=, backend=...)
+    ts.backend.check_disk(disk)  # the checks a start makes (format, script=, backend=...)
     with ts.live(name) as rec:
         where = f"block-attach {rec.name}: disk {disk.vdev}"
         dc, _ = config_from_text(rec.config_text, rec.config_path)

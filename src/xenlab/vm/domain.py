@@ -39,6 +39,7 @@ from xenlab.vm.backend import (
     Backend,
     DomainHandle,
     ExitReason,
+    NicPlan,
     Presence,
     StartSpec,
     Unsupported,
@@ -48,7 +49,6 @@ from xenlab.vm.backend import (
     run as _run_async,
 )
 from xenlab.vm.backends.qemu import QemuBackend
-from xenlab.vm.backends.qemu.nics import host_vif
 from xenlab.vm.domconfig import (
     absolute_paths,
     check_domain_name,
@@ -56,18 +56,18 @@ from xenlab.vm.domconfig import (
     config_from_text,
     create_image,
     disk_line,
+    host_vif,
     on_disk_specs,
     on_disks,
     on_disks_now,
     on_vif_specs,
+    plan_nics,
     vif_line,
 )
 from xenlab.vm.jobs import RECOVERY, Job, job_of, new_job, orphan
 from xenlab.vm.qemu import (
     Accel,
-    Nic,
     RuntimePaths,
-    nics,
 )
 from xenlab.vm.qmp import Qmp
 from xenlab.vm.runtime import (
@@ -125,8 +125,9 @@ class Toolstack:
         return self.backend.handle_of(rec)
 
     def require_qemu(self, what: str) -> None:
-        """Refuse, before anything changes, a verb not yet behind the Backend protocol
-        (snapshots, ROM boots; docs/backend.md) on a toolstack of another backend."""
+        """Refuse QEMU's own inspection hooks (:meth:`paths`, :meth:`qmp_execute`: tests,
+        benchmarks) on a toolstack of another backend; every verb goes through
+        :attr:`backend`."""
         if self.backend.name != self._qemu.name:
             raise Unsupported(self.backend.name, "qemu",
                               f"{what}: runs on the qemu backend only so far; this toolstack "
@@ -362,10 +363,11 @@ class Toolstack:
         self.kill_domain(rec)
         self.gone(rec)
 
-    def host_vif(self, rec: DomainRecord, nic: Nic, *, name: str | None = None) -> hotplug.Vif:
-        """The hotplug description of ``nic``'s host end in domain ``rec`` (QEMU's naming:
-        ``vifname=``, else ``vif<domid>.<devid>`` as Xen's backend)."""
-        return host_vif(rec.domid, name or rec.name, nic)
+    def host_vif(self, rec: DomainRecord, nic: NicPlan, *, name: str | None = None
+                 ) -> hotplug.Vif:
+        """The hotplug description of ``nic``'s host end in domain ``rec`` (``vifname=``,
+        else ``vif<domid>.<devid>`` as Xen's backend)."""
+        return host_vif(rec.domid, name or rec.name, nic.devid, nic.mac, nic.spec)
 
     def _vifs_online(self, rec: DomainRecord, dc: DomainConfig, *, fresh: bool
                      ) -> tuple[DomainRecord, dict[int, str]]:
@@ -376,7 +378,8 @@ class Toolstack:
         runs beside its source, which holds the name.  All or nothing: a
         failure brings the ones already up offline again.
         """
-        wanted = [self.host_vif(rec, n, name=dc.name) for n in nics(dc) if n.tap]
+        planned = plan_nics(self.backend, dc)
+        wanted = [self.host_vif(rec, n, name=dc.name) for n in planned if n.tap]
         if not wanted:
             return rec, {}
 
@@ -384,7 +387,7 @@ class Toolstack:
             done: list[hotplug.Vif] = []
             try:
                 for vif in wanted:
-                    chosen = any(n.devid == vif.devid and n.spec.ifname for n in nics(dc))
+                    chosen = any(n.devid == vif.devid and n.spec.ifname for n in planned)
                     done.append(await hotplug.online(vif, rename_if_taken=not (chosen and fresh)))
             except BaseException:
                 for vif in reversed(done):

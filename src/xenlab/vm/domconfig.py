@@ -8,11 +8,14 @@ absolute against the config's directory (:func:`absolute_paths`), and the
 places a record redirects a config since it was written: disks that a
 mirror moved or an external snapshot put an overlay on, and the disk and
 vif lists that hot-plug verbs changed (``on_*``).  Later settings win in an
-xl config, so a change is appended to the text as a setting.
+xl config, so a change is appended to the text as a setting.  The vifs as a
+backend runs them (:func:`plan_nics`) and their host ends (:func:`host_vif`)
+follow xl's numbering and Xen's names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -20,11 +23,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
+from xenlab import hotplug
 from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
 from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk
-from xenlab.errors import UsageError
+from xenlab.config.specs.vif import VifSpec
+from xenlab.errors import UsageError, XenlabError
 from xenlab.vm import qemuimg
+from xenlab.vm.backend import Backend, NicPlan
 from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
 from xenlab.vm.runtime import DISK_SPECS, VIF_SPECS, VIFS, Runtime, disk_now
 from xenlab.vm.store import DomainRecord
@@ -206,3 +212,46 @@ def vif_line(specs: Sequence[str]) -> str:
     from xenlab.config.writer import quote
 
     return "vif = [ " + ", ".join(quote(s) for s in specs) + " ]"
+
+
+_XEN_OUI: Final = (0x00, 0x16, 0x3E)
+
+
+def stable_mac(dc: DomainConfig, devid: int) -> str:
+    """A MAC under Xen's OUI for vif ``devid`` that stays the same across restarts."""
+    seed = f"{dc.uuid or dc.name}/{devid}".encode()
+    tail = hashlib.sha256(seed).digest()[:3]
+    octets = (*_XEN_OUI, tail[0] & 0x7F, tail[1], tail[2])
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+def plan_nics(backend: Backend, dc: DomainConfig) -> tuple[NicPlan, ...]:
+    """Every vif of ``dc`` as ``backend`` runs it, with xl's devids (the list index unless
+    ``devid=``).
+
+    :raise XenlabError: a devid is given twice, or the backend refuses a vif.
+    """
+    out: list[NicPlan] = []
+    seen: set[int] = set()
+    for index, vif in enumerate(dc.vifs):
+        devid = vif.devid if vif.devid is not None else index
+        if devid in seen:
+            raise XenlabError(f"vif {devid}: devid given twice")
+        seen.add(devid)
+        out.append(backend.plan_nic(dc, vif, devid))
+    return tuple(out)
+
+
+def host_vif(domid: int, name: str, devid: int, mac: str, spec: VifSpec) -> hotplug.Vif:
+    """The hotplug description of vif ``devid``'s host end in domain ``domid`` (``name``).
+
+    The tap is named ``vifname=`` when the config gives one, else like Xen's
+    backend, ``vif<domid>.<devid>``; a vif with a bridge and no script gets
+    Xen's default script, vif-bridge.
+    """
+    return hotplug.Vif(
+        domid=domid, devid=devid,
+        vifname=spec.ifname or hotplug.default_vifname(domid, devid),
+        script=spec.script or hotplug.DEFAULT_VIF_SCRIPT, bridge=spec.bridge,
+        mac=mac, mtu=spec.mtu, ip=spec.ip, gatewaydev=spec.gatewaydev, domname=name,
+    )

@@ -19,22 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from xenlab import hotplug
+from xenlab.vm.backend import StartSpec
 from xenlab.vm.domain import Toolstack
-from xenlab.vm.domconfig import on_disk_specs, on_disks_now, on_vif_specs
-from xenlab.vm.qemu import RuntimePaths, needs_image, nics, qemu_argv
-from xenlab.vm.rundir import SOCKET_MAX, default_rundir
+from xenlab.vm.domconfig import on_disk_specs, on_disks_now, on_vif_specs, plan_nics
 from xenlab.vm.store import DomainRecord
 
 __all__ = ["CreatePlan", "plan_create"]
-
-
-@dataclass(frozen=True, slots=True)
-class _Placeholder:
-    """The guest image's files, named without building it."""
-
-    kernel: Path
-    initrd: Path
-    cmdline: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,24 +91,15 @@ def plan_create(ts: Toolstack, cfg: Path, overrides: Sequence[str] = (), *,
     if missing and create_disks is None:
         ts.check_disks(dc, None)  # raises the error create would
     check_images(replace(dc, disks=tuple(d for d in dc.disks if d not in missing)))
-    rundir = default_rundir(ts.state_dir, domid)
-    if len(str(rundir / "console.sock")) > SOCKET_MAX:
-        rundir = Path("/tmp") / f"xenlab-{domid}-XXXXXXXX"
-    image = None
-    if needs_image(dc):
-        from xenlab.vm.image import CMDLINE
-
-        image = _Placeholder(Path("<guest image>/vmlinux"), Path("<guest image>/initrd.img"),
-                             CMDLINE)
     probe = DomainRecord(domid=domid, name=dc.name, uuid="", config_path=str(cfg),
-                         config_text=text, rundir=str(rundir), pid=None, state="",
-                         created=0.0, accel=ts.accel.value)
-    vifs = tuple(ts.host_vif(probe, n, name=dc.name) for n in nics(dc) if n.tap)
-    argv = qemu_argv(replace(dc, uuid=dc.uuid or "<new uuid>"), RuntimePaths.under(rundir),
-                     accel=ts.accel, image=image, paused=paused,
-                     taps={v.devid: v.vifname for v in vifs})
+                         config_text=text, rundir="", pid=None, state="", created=0.0,
+                         accel="", backend=ts.backend.name)
+    vifs = tuple(ts.host_vif(probe, n, name=dc.name) for n in plan_nics(ts.backend, dc) if n.tap)
+    argv = ts.backend.start_command(domid, StartSpec(
+        replace(dc, uuid=dc.uuid or "<new uuid>"), paused=paused,
+        taps={v.devid: v.vifname for v in vifs}))
     return CreatePlan(
-        name=dc.name, domid=domid, kept=old is not None, argv=(*argv, "-daemonize"),
+        name=dc.name, domid=domid, kept=old is not None, argv=argv,
         disks_to_create=tuple((str(d.pdev_path), d.format.value, str(create_disks))
                               for d in missing),
         vifs=vifs,

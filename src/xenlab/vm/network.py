@@ -13,7 +13,7 @@ restore and migration see the NICs the domain has now; ``extra["vif_specs"]``
 keeps the list for a later ``create`` of a kept domain, and
 ``extra["vifs"]`` the host ends to bring offline when the domain goes.  Each
 spec carries its ``devid=`` and ``mac=``, so a restart gives the guest the
-same NICs at the same PCI slots (see ``vm.qemu.Nic.device``).
+same NICs at the same slots (QEMU: ``Nic.device`` of its backend).
 
 Once QEMU reports the NIC deleted the record drops it first; removing the
 netdev and bringing the tap offline come after, as best effort: a host end
@@ -34,11 +34,11 @@ from typing import Any
 from xenlab import faults, hotplug
 from xenlab.config.specs.vif import VifSpec, format_vif, parse_vif
 from xenlab.errors import BackendError, ConflictError, DeviceNotReleased, NotFoundError
+from xenlab.vm.backend import NicPlan
 from xenlab.vm.backend import run as _run
 from xenlab.vm.domain import SHUTOFF, Toolstack
-from xenlab.vm.domconfig import config_from_text, vif_line
+from xenlab.vm.domconfig import config_from_text, plan_nics, vif_line
 from xenlab.vm.jobs import Job
-from xenlab.vm.qemu import Nic, nic, nics
 from xenlab.vm.runtime import VIF_SPECS, VIFS
 from xenlab.vm.store import DomainRecord
 
@@ -70,13 +70,13 @@ class NicInfo:
                 "spec": self.spec}
 
 
-def _pinned(n: Nic) -> VifSpec:
+def _pinned(n: NicPlan) -> VifSpec:
     """``n``'s spec with its devid and MAC written in (they must not move on a restart)."""
     mac = tuple(int(part, 16) for part in n.mac.split(":"))
     return replace(n.spec, devid=n.devid, mac=mac)  # type: ignore[arg-type]
 
 
-def _info(n: Nic, taps: dict[int, str]) -> NicInfo:
+def _info(n: NicPlan, taps: dict[int, str]) -> NicInfo:
     mode = "user"
     if n.tap:
         mode = n.spec.script or hotplug.DEFAULT_VIF_SCRIPT
@@ -96,9 +96,9 @@ def _taps(rec: DomainRecord) -> dict[int, str]:
     return out
 
 
-def _nics(rec: DomainRecord) -> tuple[Nic, ...]:
+def _nics(ts: Toolstack, rec: DomainRecord) -> tuple[NicPlan, ...]:
     dc, _ = config_from_text(rec.config_text, rec.config_path)
-    return nics(replace(dc, uuid=rec.uuid))
+    return plan_nics(ts.backend, replace(dc, uuid=rec.uuid))
 
 
 def network_list(ts: Toolstack, name: str) -> list[NicInfo]:
@@ -107,7 +107,7 @@ def network_list(ts: Toolstack, name: str) -> list[NicInfo]:
     CLI: ``xenlab vm network-list DOM [--json]``.
     """
     rec = ts.get(name)
-    return sorted((_info(n, _taps(rec)) for n in _nics(rec)), key=lambda i: i.devid)
+    return sorted((_info(n, _taps(rec)) for n in _nics(ts, rec)), key=lambda i: i.devid)
 
 
 def _keep(ts: Toolstack, rec: DomainRecord, specs: list[VifSpec],
@@ -137,7 +137,7 @@ def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
     text = ",".join(i.strip() for i in items if i.strip())
     spec = parse_vif(text, source="network-attach", strict=True)
     with ts.live(name) as rec:
-        current = _nics(rec)
+        current = _nics(ts, rec)
         used = {n.devid for n in current}
         devid = spec.devid
         if devid is None:
@@ -146,7 +146,7 @@ def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
             raise ConflictError("vif", str(devid),
                                 f"network-attach {rec.name}: devid {devid} is taken")
         dc, _ = config_from_text(rec.config_text, rec.config_path)
-        new = nic(replace(dc, uuid=rec.uuid), replace(spec, devid=devid), devid)
+        new = ts.backend.plan_nic(replace(dc, uuid=rec.uuid), replace(spec, devid=devid), devid)
         for n in current:
             if n.mac == new.mac:
                 raise ConflictError(
@@ -174,7 +174,7 @@ def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
     return _info(new, _taps(rec))
 
 
-def _find(rec: DomainRecord, current: tuple[Nic, ...], which: str) -> Nic:
+def _find(rec: DomainRecord, current: tuple[NicPlan, ...], which: str) -> NicPlan:
     for n in current:
         if (which.isdigit() and n.devid == int(which)) or (
                 _MAC.fullmatch(which) and n.mac == which.lower()):
@@ -200,7 +200,7 @@ def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.
         seconds (the NIC stays in the record, with its tap), or QEMU refused.
     """
     with ts.live(name) as rec:
-        current = _nics(rec)
+        current = _nics(ts, rec)
         gone = _find(rec, current, which)
         taps = _taps(rec)
 
@@ -253,7 +253,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
     if job.verb == "network-attach":
         dc, _ = config_from_text(rec.config_text, rec.config_path)
         spec = parse_vif(str(job.detail.get("spec", "")), source="interrupted network-attach")
-        new = nic(replace(dc, uuid=rec.uuid), spec, int(spec.devid or 0))
+        new = ts.backend.plan_nic(replace(dc, uuid=rec.uuid), spec, int(spec.devid or 0))
         raw = job.detail.get("vif")
         vif = hotplug.vif_from_json(raw) if isinstance(raw, dict) else None
 
@@ -264,7 +264,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
             return False
 
         if _run(has()):
-            current = [n for n in _nics(rec) if n.devid != new.devid]
+            current = [n for n in _nics(ts, rec) if n.devid != new.devid]
             vifs = [o for o in rec.extra.get(VIFS) or []
                     if hotplug.vif_from_json(o).devid != new.devid]
             if vif is not None:
@@ -278,7 +278,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
         return rec
     if job.verb == "network-detach":
         devid = int(job.detail.get("devid", -1))
-        present_nics = _nics(rec)
+        present_nics = _nics(ts, rec)
         gone = next((n for n in present_nics if n.devid == devid), None)
         if gone is None:
             return rec

@@ -14,7 +14,6 @@ The design (its tables, choices and reasons) is in docs/qemu-backend.md.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 import re
@@ -29,6 +28,7 @@ from xenlab.config.specs.vif import VifSpec
 from xenlab.config.values import Value
 from xenlab.errors import UsageError, XenlabError
 from xenlab.vm.accel import Accel, probe_accel
+from xenlab.vm.domconfig import stable_mac
 from xenlab.vm.qemuimg import FORMAT_DRIVERS
 from xenlab.vm.qemuopts import QemuOptionError, qemu_arg, qemu_json, qemu_opt_value, qemu_opts
 
@@ -62,7 +62,6 @@ _SOCKET_MAX: Final = 107
 # Xen's HVM_MAX_VCPUS; QEMU's pc machine allows 255 without an IOMMU.
 _MAX_VCPUS: Final = 128
 # Xen's OUI, which libxl uses for the MACs it makes up.
-_XEN_OUI: Final = (0x00, 0x16, 0x3E)
 # xvda-xvdh get fixed PCI slots 0x08-0x0f (see disk_slot), vifs 0-15 0x10-0x1f
 # (see Nic.device): what is hot-added sits where a restart puts it.
 _DISK_SLOT_BASE: Final = 0x08
@@ -298,14 +297,6 @@ def _disks(disks: Sequence[DiskSpec]) -> list[str]:
 # --- network ----------------------------------------------------------------
 
 
-def _stable_mac(dc: DomainConfig, devid: int) -> str:
-    """A MAC under Xen's OUI that stays the same across restarts of the domain."""
-    seed = f"{dc.uuid or dc.name}/{devid}".encode()
-    tail = hashlib.sha256(seed).digest()[:3]
-    octets = (*_XEN_OUI, tail[0] & 0x7F, tail[1], tail[2])
-    return ":".join(f"{o:02x}" for o in octets)
-
-
 def nic_device_id(devid: int) -> str:
     """QEMU's id of vif ``devid``'s device: ``vif<devid>``."""
     return f"vif{devid}"
@@ -389,7 +380,7 @@ def nic(dc: DomainConfig, vif: VifSpec, devid: int) -> Nic:
         raise _unsupported(where, f"model={vif.model!r} (expected one of {known})")
     if vif.mtu is not None and model != "virtio-net-pci":
         raise _unsupported(where, "mtu= is only supported with the virtio model")
-    mac = ":".join(f"{o:02x}" for o in vif.mac) if vif.mac is not None else _stable_mac(dc, devid)
+    mac = ":".join(f"{o:02x}" for o in vif.mac) if vif.mac is not None else stable_mac(dc, devid)
     return Nic(devid=devid, mac=mac, model=model, spec=vif)
 
 

@@ -69,13 +69,10 @@ _PRIMARY: Final = "for primary VGA"
 _VGA_PHASE_END: Final = ("Turning on vga text mode console", "Scan for option roms")
 _BOOTING: Final = ("Booting from ", "No bootable device")
 
-TEXT_BUFFER: Final = 0xB8000
 TEXT_COLS: Final = 80
 TEXT_ROWS: Final = 25
 # SeaBIOS's log of one boot is a few KB; a ROM that floods the debug port stops here.
 LOG_LIMIT: Final = 16 << 20
-# A PNG of the largest text or graphics mode QEMU's displays show is a few MB.
-SCREENDUMP_LIMIT: Final = 64 << 20
 
 
 def shown_path(path: object) -> str:
@@ -377,18 +374,6 @@ def check_vfio(bdf: str, *, sysfs: Path = Path("/sys")) -> str:
     return name
 
 
-async def _capture(qmp_path: Path, screen_file: Path, png: Path, *, resume: bool) -> None:
-    from xenlab.vm.qmp import Qmp
-
-    async with Qmp.open(qmp_path) as qmp:
-        await qmp.execute("stop")
-        await qmp.execute("pmemsave", {"val": TEXT_BUFFER, "size": TEXT_COLS * TEXT_ROWS * 2,
-                                       "filename": str(screen_file)})
-        await qmp.execute("screendump", {"filename": str(png), "format": "png"})
-        if resume:
-            await qmp.execute("cont")
-
-
 def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None,
              overrides: Sequence[str] = (), device: str | None = None, pci: str | None = None,
              name: str | None = None, check: bool = False, force: bool = False,
@@ -414,7 +399,7 @@ def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None
     :raise BackendError: QEMU failed, or the firmware did not reach its boot
         step within ``timeout`` (the domain is destroyed).
     """
-    ts.require_qemu("rom boot")
+    ts.backend.caps.require("screen", "rom boot", ts.backend.name)
     from xenlab.rom.files import read_rom_file
 
     given = Path(rom)
@@ -454,26 +439,19 @@ def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None
         outputs["cfg"], rom_config(copy, name=dom, device=qdev, pci=pci, base_text=base,
                                    source=rom), name=shown_path(outputs["cfg"]))
     rec = ts.create(cfg_out)
-    paths = ts.paths(rec)
-    log = paths.firmware_log
-    # QEMU writes only into the private run directory; the files are copied out.
-    rundir = Path(paths.rundir).absolute()
-    shot, screen_file = rundir / "rom-boot.png", rundir / "rom-boot.screen"
+    handle = ts.handle(rec)
+    log = ts.backend.firmware_log(handle)
     try:
         wait_for_boot(log, timeout, alive=lambda: ts.alive(rec))
         from xenlab.vm.backend import run
 
-        run(_capture(paths.qmp, screen_file, shot, resume=not check))
+        shown_now = run(ts.backend.capture_screen(handle, resume=not check))
         firmware_text = read_log(log)
-        screen = screen_text(read_bounded(screen_file, TEXT_COLS * TEXT_ROWS * 2,
-                                          what="VGA text buffer"))
-        png_data = read_bounded(shot, SCREENDUMP_LIMIT, what="screendump")
+        screen = screen_text(shown_now.text)
+        png_data = shown_now.png
     except BaseException:
         ts.destroy(dom)
         raise
-    finally:
-        screen_file.unlink(missing_ok=True)
-        shot.unlink(missing_ok=True)
     try:
         png = atomic_write_bytes(outputs["png"], png_data, name=shown_path(outputs["png"]))
         atomic_write_bytes(outputs["log"], firmware_text.encode("latin-1"),

@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,13 @@ from xenlab.vm.backend import (
     MigrateSent,
     MigrationCookie,
     NicAttached,
+    NicPlan,
     NicReleased,
     Note,
     Presence,
     SaveFacts,
     SaveRequest,
+    ScreenCapture,
     Started,
     StartSpec,
     VcpuReport,
@@ -52,11 +55,15 @@ from xenlab.vm.backend import (
 from xenlab.vm.backends.qemu import blockcopy, devices, memory, migration, nics, settle, vcpus
 from xenlab.vm.backends.qemu import save as saving
 from xenlab.vm.backends.qemu.info import live_info
+from xenlab.vm.backends.qemu.screen import capture_screen
 from xenlab.vm.backends.qemu.snapshots import open_live_snapshots
+from xenlab.vm.image import CMDLINE
 from xenlab.vm.migration.image import DiskSnapshot
 from xenlab.vm.qemu import (
     RuntimePaths,
     balloon_target_mib,
+    check_disk,
+    disk_slot,
     needs_image,
     nic,
     nic_device_id,
@@ -64,6 +71,7 @@ from xenlab.vm.qemu import (
 )
 from xenlab.vm.qmp import GuestAgent, Qmp, qdev_ids
 from xenlab.vm.rundir import (
+    SOCKET_MAX,
     checked_rundir,
     default_rundir,
     make_rundir,
@@ -81,6 +89,15 @@ _POWER_DOWN = b"reboot: Power down"  # what Linux prints last on a clean power o
 _GUEST_TIMEOUT = 5.0  # seconds the guest agent gets for a question asked in passing
 
 
+@dataclass(frozen=True, slots=True)
+class _Placeholder:
+    """The guest image's files, named without building it (a dry run)."""
+
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+
 class QemuBackend:
     """Domains as QEMU processes under the state directory ``state_dir``."""
 
@@ -89,7 +106,7 @@ class QemuBackend:
                         nic_hotplug=True, cdrom_change=True, internal_snapshots=True,
                         live_disk_snapshots=True, memory_snapshots=True, live_block_copy=True,
                         live_migration=True, storage_migration=True, guest_agent=True,
-                        console=True)
+                        console=True, screen=True)
 
     def __init__(self, state_dir: Path, *, accel: Accel | None = None) -> None:
         self.state_dir = state_dir
@@ -140,6 +157,20 @@ class QemuBackend:
         """A fresh private run directory; recorded before QEMU starts (its pidfile goes there)."""
         return {"rundir": str(make_rundir(self.state_dir, rec.domid)),
                 "accel": self.accel.value}
+
+    def start_command(self, domid: int, spec: StartSpec) -> tuple[str, ...]:
+        rundir = default_rundir(self.state_dir, domid)
+        if len(str(rundir / "console.sock")) > SOCKET_MAX:
+            rundir = Path("/tmp") / f"xenlab-{domid}-XXXXXXXX"  # make_rundir's fallback
+        image = spec.image
+        if image is None and needs_image(spec.config):
+            image = _Placeholder(Path("<guest image>/vmlinux"),
+                                 Path("<guest image>/initrd.img"), CMDLINE)
+        argv = qemu_argv(spec.config, RuntimePaths.under(rundir), accel=self.accel,
+                         image=image,  # type: ignore[arg-type]
+                         paused=spec.paused or spec.incoming,
+                         incoming="defer" if spec.incoming else None, taps=dict(spec.taps))
+        return (*argv, "-daemonize")
 
     async def start(self, h: DomainHandle, spec: StartSpec) -> Started:
         """Spawn QEMU daemonized (``-incoming defer`` for a stream); set the balloon."""
@@ -289,6 +320,16 @@ class QemuBackend:
 
     # -- devices ---------------------------------------------------------------------------
 
+    def check_disk(self, disk: DiskSpec) -> None:
+        check_disk(disk)
+
+    def disk_slot(self, vdev: str) -> int | None:
+        return disk_slot(vdev)
+
+    def plan_nic(self, config: DomainConfig, spec: VifSpec, devid: int) -> NicPlan:
+        n = nic(config, spec, devid)
+        return NicPlan(n.devid, n.mac, n.model, n.spec)
+
     def disk_parts(self, disk: DiskSpec) -> tuple[str, ...]:
         return devices.disk_parts(disk)
 
@@ -423,6 +464,13 @@ class QemuBackend:
     def said(self, h: DomainHandle) -> str:
         paths = self.paths_or_none(h)
         return qemu_said(paths) if paths is not None else ""
+
+    def firmware_log(self, h: DomainHandle) -> Path:
+        return self.paths(h).firmware_log
+
+    async def capture_screen(self, h: DomainHandle, *, resume: bool) -> ScreenCapture:
+        paths = self.paths(h)
+        return await capture_screen(paths.qmp, Path(paths.rundir), resume=resume)
 
     def open_console(self, h: DomainHandle, timeout: float) -> socket.socket:
         """QEMU's serial port, a unix socket in the run directory (it may still be coming up)."""

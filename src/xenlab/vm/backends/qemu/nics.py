@@ -20,30 +20,15 @@ from typing import Any
 
 from xenlab import faults, hotplug
 from xenlab.errors import BackendError
+from xenlab.vm.domconfig import host_vif
 from xenlab.vm.qemu import Nic, nic_device_id, nic_netdev_id
 from xenlab.vm.qmp import CommandError, Qmp, delete_device, qdev_ids
 
-__all__ = ["attach_nic", "detach_nic", "discard_nic", "host_vif", "release_nic"]
+__all__ = ["attach_nic", "detach_nic", "discard_nic", "release_nic"]
 
 log = logging.getLogger(__name__)
 
 Note = Callable[[Mapping[str, Any]], None]
-
-
-def host_vif(domid: int, name: str, nic: Nic) -> hotplug.Vif:
-    """The hotplug description of ``nic``'s host end in domain ``domid`` (named ``name``).
-
-    The tap is named ``vifname=`` when the config gives one, else like Xen's
-    backend, ``vif<domid>.<devid>``; a vif with a bridge and no script gets
-    Xen's default script, vif-bridge.
-    """
-    spec = nic.spec
-    return hotplug.Vif(
-        domid=domid, devid=nic.devid,
-        vifname=spec.ifname or hotplug.default_vifname(domid, nic.devid),
-        script=spec.script or hotplug.DEFAULT_VIF_SCRIPT, bridge=spec.bridge,
-        mac=nic.mac, mtu=spec.mtu, ip=spec.ip, gatewaydev=spec.gatewaydev, domname=name,
-    )
 
 
 async def _finish_removals(qmp_path: Path, new: Nic, leftovers: Sequence[Mapping[str, Any]]
@@ -74,7 +59,7 @@ async def attach_nic(qmp_path: Path, domid: int, name: str, new: Nic,
     cleared = await _finish_removals(qmp_path, new, leftovers)
     vif = None
     if new.tap:
-        vif = await hotplug.online(host_vif(domid, name, new),
+        vif = await hotplug.online(host_vif(domid, name, new.devid, new.mac, new.spec),
                                    rename_if_taken=not new.spec.ifname)
         # The tap is up: a kill from here on must find it.
         note({"vif": hotplug.vif_to_json(vif)})
