@@ -89,6 +89,8 @@ class FakeBackend:
     ends_up: set[str] = field(default_factory=set)  # host ends (NIC bridges) that are up
     tags: dict[str, set[str]] = field(default_factory=dict)  # image -> internal snapshot tags
     memories: dict[tuple[str, str], str] = field(default_factory=dict)  # (image, tag) -> state
+    lose_answer: bool = False  # a snapshot is taken, and the answer saying so is lost
+    drop_session: bool = False  # the snapshot session breaks while the memory streams
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def vanish(self, uuid: str, exit: ExitReason | None = None) -> None:
@@ -522,6 +524,7 @@ class FakeLiveSnapshots:
 
     def __init__(self, backend: FakeBackend, h: DomainHandle) -> None:
         self._b, self._h = backend, h
+        self._closed = False
 
     def _dom(self, call: str) -> FakeDomain:
         return self._b._dom(self._h, call)
@@ -535,7 +538,8 @@ class FakeLiveSnapshots:
 
     @property
     def connected(self) -> bool:
-        return self._dom("connected").alive
+        dom = self._b.world.get(str(self._h.ref["uuid"]))
+        return dom is not None and dom.alive and not self._closed
 
     async def node_and_tags(self, file: str, fallback: str) -> tuple[str, set[str] | None]:
         want = os.path.realpath(file)
@@ -550,13 +554,17 @@ class FakeLiveSnapshots:
             raise Refused("take", self._b.refuse, f"fake refused the snapshot: {self._b.refuse}")
         files = [self._file(s.node) for s in snaps]  # all known, or nothing is taken
         for s, file in zip(snaps, files, strict=True):
+            if s.overlay is not None:  # formatted first, switched only once all are
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", file, "-F",
+                                "qcow2" if file.endswith(".qcow2") else "raw", s.overlay],
+                               check=True, capture_output=True)
+        for s, file in zip(snaps, files, strict=True):
             if s.overlay is None:
                 self._b.tags.setdefault(file, set()).add(s.tag)
-                continue
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", file, "-F",
-                            "qcow2" if file.endswith(".qcow2") else "raw", s.overlay],
-                           check=True, capture_output=True)
-            dom.disks[s.node.removeprefix("fake:")] = s.overlay
+            else:
+                dom.disks[s.node.removeprefix("fake:")] = s.overlay
+        if self._b.lose_answer:
+            raise BackendError("fake: the answer to take was lost (it was applied)")
 
     async def delete_internal(self, node: str, tag: str, job: str, timeout: float) -> None:
         self._dom("delete_internal")
@@ -587,6 +595,9 @@ class FakeLiveSnapshots:
                          at_switchover: Callable[[], Awaitable[None]] | None = None) -> None:
         dom = self._dom("save_state")
         dom.state = "paused"
+        if self._b.drop_session:
+            self._closed = True
+            raise BackendError("fake: the session broke while the memory streamed")
         if at_switchover is not None:
             await at_switchover()
         os.write(fd, saveimage.STREAM_MAGIC + saveimage.QEMU_MAGIC

@@ -355,13 +355,13 @@ def test_verbs_a_backend_cannot_do_refuse_before_they_change_anything(
     from xenlab.vm.vgaboot import boot_rom
 
     rec = _running(ts, fake, "a")
-    with pytest.raises(Unsupported, match="snapshot-create a s1: the fake backend cannot do "
-                                          "it .live disk snapshots"):
+    with pytest.raises(Unsupported, match=r"snapshot-create a s1: the fake backend cannot do "
+                                          r"it .live disk snapshots"):
         create_snapshot(ts, "a", "s1")
     assert ts.store.list_snapshots(rec.domid) == [] and "job" not in ts.get("a").extra
     rom = tmp_path / "card.rom"
     rom.write_bytes(b"\x55\xaa" + bytes(510))
-    with pytest.raises(Unsupported, match="rom boot: the fake backend cannot do it .screen"):
+    with pytest.raises(Unsupported, match=r"rom boot: the fake backend cannot do it .screen"):
         boot_rom(ts, rom, out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists() and [r.name for r in ts.store.list()] == ["a"]
     # QEMU's own paths are for QEMU's domains only.

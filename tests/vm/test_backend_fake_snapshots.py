@@ -158,3 +158,44 @@ def test_a_shut_off_domain_is_snapshotted_without_a_session(
     delete_snapshot(ts, "b", "off1")
     assert "off1" not in subprocess.run(["qemu-img", "snapshot", "-l", str(disk)], check=True,
                                         capture_output=True, text=True).stdout
+
+
+def test_a_lost_answer_after_the_switch_keeps_the_overlay_the_guest_writes_to(
+        ts: Toolstack, fake: FakeBackend, tmp_path: Path) -> None:
+    # The hypervisor applied the snapshot and then its answer was lost: the disk runs on
+    # the overlay, so removing it would lose every write from then on.
+    rec, disk = _running(ts, tmp_path)
+    fake.lose_answer = True
+    with pytest.raises(BackendError, match="the disks run on its overlays now"):
+        create_snapshot(ts, "a", "e1", external=True, disk_only=True)
+    overlay = f"{disk}.e1.qcow2"
+    assert fake.world[rec.uuid].disks["xvda"] == overlay and Path(overlay).exists()
+    assert tops_of(ts, ts.get("a"))["xvda"] == overlay  # a restart runs on it too
+    assert [s.state.value for s in ts.store.list_snapshots(rec.domid)] == ["broken"]
+    fake.lose_answer = False
+    delete_snapshot(ts, "a", "e1")  # commits the overlay back
+    assert fake.world[rec.uuid].disks["xvda"] == disk and not Path(overlay).exists()
+
+
+def test_a_session_lost_mid_memory_leaves_the_guest_running(
+        ts: Toolstack, fake: FakeBackend, tmp_path: Path) -> None:
+    rec, disk = _running(ts, tmp_path)
+    fake.drop_session = True
+    with pytest.raises(BackendError, match="the guest, paused for the snapshot, runs again"):
+        create_snapshot(ts, "a", "m1", external=True, memory=True)
+    assert fake.world[rec.uuid].state == "running" and ts.get("a").state == "running"
+
+
+def test_a_backend_that_cannot_keep_memory_takes_no_default_live_snapshot(
+        tmp_path: Path) -> None:
+    # The default on a running domain keeps its memory: refused before anything is made,
+    # not taken and then refused at revert.
+    fake = FakeBackend(caps=Capabilities(pause=True, live_disk_snapshots=True,
+                                         internal_snapshots=True))
+    ts = Toolstack(tmp_path / "state", backend=fake)
+    _running(ts, tmp_path)
+    with pytest.raises(Unsupported, match="memory snapshots"):
+        create_snapshot(ts, "a", "s1")
+    assert list_snapshots(ts, "a").roots == () and "live_snapshots" not in _calls(fake)
+    row = create_snapshot(ts, "a", "d1", disk_only=True)  # the disks alone it can do
+    assert row.kind is SnapshotKind.INTERNAL and row.disks[0]["vmstate"] is False

@@ -313,7 +313,7 @@ NET_ATTACH = ["network-attach.host-end", "network-attach.netdev-added",
 def test_network_attach(guest: tuple[Toolstack, Path], point: str) -> None:
     """A NIC in QEMU but not in the record: no verb could manage it, and a save of the
     guest could not be restored."""
-    from xenlab.vm.qmp import Qmp, qdev_ids
+    from xenlab.vm.backends.qemu.qmp import Qmp, qdev_ids
 
     ts, _ = guest
     reset(ts)
@@ -325,7 +325,7 @@ def test_network_attach(guest: tuple[Toolstack, Path], point: str) -> None:
         async with Qmp.open(ts.paths(ts.get("xcrash")).qmp) as qmp:
             return await qdev_ids(qmp)
 
-    from xenlab.vm.qmp import run as run_async
+    from xenlab.vm.backends.qemu.qmp import run as run_async
 
     listed = json.loads(xenlab(ts, "vm", "network-list", "xcrash", "--json").stdout)
     in_qemu = {d for d in run_async(devices()) if d.startswith("vif")}

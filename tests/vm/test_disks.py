@@ -92,7 +92,7 @@ def test_a_disk_comes_survives_a_restore_and_goes(
 
 
 async def _medium(ts: Toolstack, name: str, vdev: str) -> str | None:
-    from xenlab.vm.qmp import Qmp
+    from xenlab.vm.backends.qemu.qmp import Qmp
 
     async with Qmp.open(ts.paths(ts.get(name)).qmp) as qmp:
         blocks = await qmp.execute("query-block")
@@ -105,8 +105,8 @@ async def _medium(ts: Toolstack, name: str, vdev: str) -> str | None:
 
 def test_cd_insert_and_eject(ts: Toolstack, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
+    from xenlab.vm.backends.qemu.qmp import run
     from xenlab.vm.disks import cd_eject, cd_insert
-    from xenlab.vm.qmp import run
 
     boot(ts, tmp_path, "c1", tail='disk = [ "format=qcow2,vdev=xvda,access=rw,target='
          f'{tmp_path}/c1.qcow2", "vdev=hdc,devtype=cdrom,format=empty" ]\n')
@@ -140,7 +140,7 @@ def test_cd_insert_and_eject(ts: Toolstack, tmp_path: Path,
 
 
 async def _qmp(ts: Toolstack, name: str, command: str, args: dict[str, object]) -> object:
-    from xenlab.vm.qmp import Qmp
+    from xenlab.vm.backends.qemu.qmp import Qmp
 
     async with Qmp.open(ts.paths(ts.get(name)).qmp) as qmp:
         return await qmp.execute(command, args)
@@ -149,7 +149,7 @@ async def _qmp(ts: Toolstack, name: str, command: str, args: dict[str, object]) 
 def test_a_relative_target_a_late_release_and_a_node_qemu_kept(
         ts: Toolstack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    from xenlab.vm.qmp import run
+    from xenlab.vm.backends.qemu.qmp import run
     from xenlab.vm.runtime import STALE_NODES
 
     boot(ts, tmp_path, "d2")

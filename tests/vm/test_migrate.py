@@ -27,13 +27,13 @@ from tests.clirun import run_cli
 from tests.vm.guests import answers, boot, clear, config_text, sh, wait_ready
 from xenlab.errors import BackendError, FormatError, StateError, XenlabError
 from xenlab.vm import snapshot
+from xenlab.vm.backends.qemu.rundir import wait_gone
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.migration import image as saveimage
 from xenlab.vm.migration import sender as mig
 from xenlab.vm.migration.image import ChecksumError, CutShortError
 from xenlab.vm.migration.sender import SaveHeader
 from xenlab.vm.mirror import mirror
-from xenlab.vm.rundir import wait_gone
 from xenlab.vm.runtime import DISK_PATHS
 from xenlab.vm.store import DomainRecord, is_alive
 

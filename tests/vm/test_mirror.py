@@ -19,10 +19,10 @@ from tests.vm.guests import boot, sh, tmpfs, wait_ready, write_config
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm import mirror as mirror_mod
 from xenlab.vm import snapshot
+from xenlab.vm.backends.qemu.qemu import Accel
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.migration import sender as mig
 from xenlab.vm.mirror import MirrorProgress, mirror
-from xenlab.vm.qemu import Accel
 from xenlab.vm.runtime import DISK_NODES, DISK_PATHS
 from xenlab.vm.store import DomainRecord, is_alive
 

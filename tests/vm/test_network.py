@@ -160,7 +160,7 @@ def test_a_user_script_runs_at_create_and_destroy_and_failures_are_reported(
 
 
 async def _qmp(ts: Toolstack, name: str, command: str, args: dict[str, object]) -> object:
-    from xenlab.vm.qmp import Qmp
+    from xenlab.vm.backends.qemu.qmp import Qmp
 
     async with Qmp.open(ts.paths(ts.get(name)).qmp) as qmp:
         return await qmp.execute(command, args)
@@ -170,8 +170,8 @@ def test_a_late_release_and_a_failed_clean_up_are_finished_later(
         ts: Toolstack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     from xenlab import hotplug
+    from xenlab.vm.backends.qemu.qmp import run
     from xenlab.vm.network import network_attach, network_detach, network_list
-    from xenlab.vm.qmp import run
 
     def nics_in_guest() -> str:
         return sh(ts, "netc", "ls /sys/class/net | grep -c eth")

@@ -13,8 +13,8 @@ from tests.vm.test_qemu_escaping import qemu_split
 from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
 from xenlab.errors import XenlabError
-from xenlab.vm.accel import probe_kernel
-from xenlab.vm.qemu import (
+from xenlab.vm.backends.qemu.accel import probe_kernel
+from xenlab.vm.backends.qemu.qemu import (
     GUEST_AGENT_PORT,
     Accel,
     RuntimePaths,
@@ -535,7 +535,7 @@ def test_every_domain_logs_its_firmware_and_qemu_stderr() -> None:
 
 
 def test_boot_order_means_a_firmware_boot_without_the_image() -> None:
-    from xenlab.vm.qemu import boots_firmware, needs_image
+    from xenlab.vm.backends.qemu.qemu import boots_firmware, needs_image
 
     plain, fw = dc_of(BASE), dc_of(BASE + 'boot = "c"\n')
     assert needs_image(plain) and not boots_firmware(plain)

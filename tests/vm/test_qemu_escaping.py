@@ -38,8 +38,8 @@ from xenlab.config.keys import KEYS, XENLAB_KEYS, KeyKind
 from xenlab.config.model import DomainConfig, domain_config
 from xenlab.config.writer import quote
 from xenlab.errors import XenlabError
-from xenlab.vm import qemuopts
-from xenlab.vm.qemu import QemuOptionError, RuntimePaths, qemu_argv
+from xenlab.vm.backends.qemu import qemuopts
+from xenlab.vm.backends.qemu.qemu import QemuOptionError, RuntimePaths, qemu_argv
 
 PATHS = RuntimePaths.under(Path("/run/xl/7"))
 BASE = 'name = "g"\ntype = "hvm"\nmemory = 64\n'

@@ -23,9 +23,9 @@ from qemu.qmp import ConnectError, QMPClient
 
 from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
-from xenlab.vm import qemu
-from xenlab.vm.accel import boots, probe_accel, probe_kernel
-from xenlab.vm.qemu import GUEST_AGENT_PORT, Accel, RuntimePaths, qemu_argv
+from xenlab.vm.backends.qemu import qemu
+from xenlab.vm.backends.qemu.accel import boots, probe_accel, probe_kernel
+from xenlab.vm.backends.qemu.qemu import GUEST_AGENT_PORT, Accel, RuntimePaths, qemu_argv
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None,

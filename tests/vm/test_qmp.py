@@ -1,4 +1,5 @@
-"""xenlab.vm.qmp against a real QEMU (TCG, no guest) and the real qemu-ga on the host side."""
+"""xenlab.vm.backends.qemu.qmp against a real QEMU (TCG, no guest) and the real qemu-ga on the
+host side."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from xenlab.errors import BackendError
-from xenlab.vm.qmp import CommandError, GuestAgent, Qmp, run, run_job
+from xenlab.vm.backends.qemu.qmp import CommandError, GuestAgent, Qmp, run, run_job
 
 pytestmark = pytest.mark.integration
 

@@ -21,8 +21,8 @@ from tests.vm.guests import boot, read_marker, write_marker
 from tests.vm.test_state_trust import fake_qemu, record
 from tests.vm.truth import check_truth, xenlab
 from xenlab.errors import BackendError, StateError, XenlabError
+from xenlab.vm.backends.qemu.rundir import make_rundir
 from xenlab.vm.domain import Toolstack
-from xenlab.vm.rundir import make_rundir
 from xenlab.vm.store import Store
 
 

@@ -21,8 +21,8 @@ import pytest
 
 from tests.vm.guests import boot, offline_domain, read_marker, uptime, write_marker
 from xenlab.errors import StateError, XenlabError
+from xenlab.vm.backends.qemu.qmp import Qmp
 from xenlab.vm.domain import SHUTOFF, Toolstack
-from xenlab.vm.qmp import Qmp
 from xenlab.vm.snapshot import (
     BACKENDS,
     PATH_KINDS,

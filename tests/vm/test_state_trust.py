@@ -18,9 +18,9 @@ import pytest
 
 from tests.vm.guests import tmpfs
 from xenlab.errors import StateError, XenlabError
+from xenlab.vm.backends.qemu.rundir import SOCKET_MAX, checked_rundir, make_rundir
 from xenlab.vm.domain import Toolstack, absolute_paths, check_domain_name, config_from_text
 from xenlab.vm.jobs import Job, job_of, new_job, process_start
-from xenlab.vm.rundir import SOCKET_MAX, checked_rundir, make_rundir
 from xenlab.vm.store import (
     DomainRecord,
     Store,

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from xenlab.vm import qemuimg
+from xenlab.vm.backends.qemu.qmp import Qmp
+from xenlab.vm.backends.qemu.qmp import run as run_async
 from xenlab.vm.domain import SHUTOFF, Toolstack
-from xenlab.vm.qmp import Qmp
-from xenlab.vm.qmp import run as run_async
 from xenlab.vm.store import SnapshotState, is_alive, is_domain_qemu, qemu_opts
 
 XENLAB = str(Path(sys.executable).with_name("xenlab"))

@@ -364,7 +364,7 @@ def restore_cmd(file: Path, overrides: Sequence[str], paused: bool,
 
 
 def _print_progress(p: object) -> None:
-    from xenlab.vm.vmstate import MigrationProgress
+    from xenlab.vm.backend import MigrationProgress
 
     assert isinstance(p, MigrationProgress)
     if p.total:

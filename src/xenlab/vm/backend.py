@@ -168,6 +168,7 @@ class Capabilities:
     internal_snapshots: bool = False
     live_disk_snapshots: bool = False
     memory_snapshots: bool = False
+    live_memory_snapshots: bool = False  # the memory copied while the guest runs (--live)
     live_block_copy: bool = False
     live_migration: bool = False
     storage_migration: bool = False

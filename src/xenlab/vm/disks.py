@@ -3,8 +3,8 @@
 
 xl's verbs of the same names, over QMP.  Attaching opens the image as one
 ``blockdev-add`` (a format node with its protocol node inline, the options
-``vm.qemu.blockdev_nodes`` gives a disk at start) and plugs a
-``virtio-blk-pci`` device at the disk's fixed PCI slot (``vm.qemu.disk_slot``:
+``vm.backends.qemu.qemu.blockdev_nodes`` gives a disk at start) and plugs a
+``virtio-blk-pci`` device at the disk's fixed PCI slot (``vm.backends.qemu.qemu.disk_slot``:
 xvda-xvdh at 0x08-0x0f), so a restart, a restore or a migration puts it
 where the guest saw it.  Detaching asks the guest to let the device go
 (``device_del``), waits for QEMU's ``DEVICE_DELETED``, then deletes the

@@ -2,7 +2,7 @@
 
 A domain is a QEMU process started from an xl config: the config is parsed
 with ``xenlab.config`` into a DomainConfig, turned into a command line by
-``vm.qemu``, started daemonized (QEMU forks once its devices are up, so a
+``vm.backends.qemu.qemu``, started daemonized (QEMU forks once its devices are up, so a
 command line QEMU refuses is an error of ``create``, with QEMU's message), and
 recorded in the state store.  Every verb that changes a domain holds the
 domain's lock, so two commands on one domain never interleave; ``create``
@@ -49,6 +49,11 @@ from xenlab.vm.backend import (
     run as _run_async,
 )
 from xenlab.vm.backends.qemu import QemuBackend
+from xenlab.vm.backends.qemu.qemu import (
+    Accel,
+    RuntimePaths,
+)
+from xenlab.vm.backends.qemu.qmp import Qmp
 from xenlab.vm.domconfig import (
     absolute_paths,
     check_domain_name,
@@ -65,11 +70,6 @@ from xenlab.vm.domconfig import (
     vif_line,
 )
 from xenlab.vm.jobs import RECOVERY, Job, job_of, new_job, orphan
-from xenlab.vm.qemu import (
-    Accel,
-    RuntimePaths,
-)
-from xenlab.vm.qmp import Qmp
 from xenlab.vm.runtime import (
     DEFINED,
     DISK_SPECS,
@@ -669,7 +669,7 @@ class Toolstack:
         """The domain's QEMU run paths, in the run directory its record names.
 
         :raise StateError: the recorded run directory is not a private
-            directory of this user (see ``vm.rundir``): nothing in it is trusted.
+            directory of this user (see ``vm.backends.qemu.rundir``): nothing in it is trusted.
         """
         self.require_qemu("this verb")
         check_backend(rec, self._qemu.name)

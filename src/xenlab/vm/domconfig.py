@@ -175,7 +175,7 @@ def on_disks_now(dc: DomainConfig, rec: DomainRecord) -> DomainConfig:
             try:
                 fmt = DiskFormat(now.format)
             except ValueError:
-                fmt = DiskFormat.UNKNOWN  # refused where it is run (vm.qemu's drivers)
+                fmt = DiskFormat.UNKNOWN  # refused where it is run (QEMU backend's drivers)
             moves[d.vdev] = (now.file, fmt)
     return on_disks(dc, moves)
 

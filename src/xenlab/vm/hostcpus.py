@@ -13,9 +13,8 @@ from pathlib import Path
 from xenlab.config.specs.cpus import CpuSet, HostTopology, parse_cpus
 from xenlab.errors import UsageError
 from xenlab.numa.topology import cpu_list
-from xenlab.vm.qemu import cpu_ranges
 
-__all__ = ["cpulist", "host_topology", "ranges", "resolve_cpus"]
+__all__ = ["cpu_ranges", "cpulist", "host_topology", "ranges", "resolve_cpus"]
 
 
 def host_topology() -> HostTopology:
@@ -35,6 +34,20 @@ def host_topology() -> HostTopology:
 def cpulist(text: str) -> set[int]:
     """Parse the kernel's ``0-3,5`` CPU list format."""
     return set(cpu_list(text))
+
+
+def cpu_ranges(cpus: Iterable[int]) -> list[str]:
+    """CPU numbers as ranges, in order: ``[5, 0, 1, 2]`` -> ``["0-2", "5"]``."""
+    out: list[str] = []
+    ordered = sorted(cpus)
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return out
 
 
 def ranges(cpus: Iterable[int]) -> str:

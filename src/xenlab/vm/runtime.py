@@ -191,7 +191,7 @@ def disk_now(rt: Runtime, vdev: str, file: str, fmt: str) -> DiskNow:
     A mirror pivot moves the disk to another file (its base from then on); an
     external snapshot puts a qcow2 overlay on top of that base.  The node is
     QEMU's name for the top: the overlay's, the pivot's, or the one
-    ``vm.qemu`` gives a disk at start (``VDEV-fmt``).
+    ``vm.backends.qemu.qemu`` gives a disk at start (``VDEV-fmt``).
     """
     base = rt.moved.get(vdev) or DiskFile(file, fmt)
     top = rt.overlays.get(vdev)

@@ -66,6 +66,8 @@ __all__ = [
 
 # Jobs that copy the guest's memory: generous under TCG, bounded all the same.
 JOB_TIMEOUT = 300.0
+# One disk's snapshot taken with the guest paused: a command, not a job.
+_TAKE_TIMEOUT = 30.0
 # Revert overlays <overlay>~N.qcow2 tried before giving up.
 _MAX_REVERTS = 10_000
 
@@ -232,7 +234,7 @@ class Qcow2Internal:
             qemuimg.snapshot("create", tag, entry["file"])
         else:
             node = await node_of(live, entry["file"], entry["node"])
-            await live.take([DiskSnap(node=node, tag=tag)], JOB_TIMEOUT)
+            await live.take([DiskSnap(node=node, tag=tag)], _TAKE_TIMEOUT)
 
     async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
         qemuimg.snapshot("apply", tag, entry["file"])
@@ -293,9 +295,16 @@ class Qcow2External:
         try:
             snap = self.action(entry, tag, node)
             assert snap is not None
-            await live.take([snap], JOB_TIMEOUT)
+            await live.take([snap], _TAKE_TIMEOUT)
         except BaseException:
-            qemuimg.remove_own(entry["overlay"])
+            # Unless the hypervisor switched the disk before its answer was lost: then the
+            # overlay is the guest's (the verb records it); unknown without a session.
+            try:
+                keep = not live.connected or await qemu_uses(live, str(entry["overlay"]))
+            except XenlabError:
+                keep = True
+            if not keep:
+                qemuimg.remove_own(entry["overlay"])
             raise
 
     async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:

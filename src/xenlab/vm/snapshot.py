@@ -7,7 +7,7 @@ domain's lock, record a job (``vm.jobs``: a killed verb is finished or undone
 by ``vm.snaprecover``), and keep the store's snapshot rows in step with the
 disks.  They never touch a disk themselves: each disk is handled by a backend
 of ``vm.snapbackends`` (qcow2-internal, qcow2-external, raw-copy), chosen by
-what the disk is.  Memory goes to a checked VM state file (``vm.vmstate``)
+what the disk is.  Memory goes to a checked VM state file (``vm.backends.qemu.vmstate``)
 except for internal snapshots of qcow2 disks, which keep it in the first
 image.  What runs on a live domain goes through its backend's
 :class:`~xenlab.vm.backend.LiveSnapshots` session, one per verb.  The design,
@@ -16,6 +16,7 @@ the backend contract and the behaviours decided are in docs/snapshots.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -325,11 +326,9 @@ def create_snapshot(
                 f"domain {rec.name!r} is shut off: there is no VM state to save "
                 "(drop --memory)"
             )
-        caps, who = ts.backend.caps, ts.backend.name
         if not shutoff:
-            caps.require("live_disk_snapshots", f"snapshot-create {rec.name} {snap}", who)
-        if memory:
-            caps.require("memory_snapshots", f"snapshot-create {rec.name} {snap}", who)
+            ts.backend.caps.require("live_disk_snapshots", f"snapshot-create {rec.name} {snap}",
+                                    ts.backend.name)
         if any(s.name == snap for s in ts.store.list_snapshots(rec.domid)):
             raise ConflictError("snapshot", snap,
                                 f"domain {rec.name!r} already has a snapshot named {snap!r}")
@@ -354,6 +353,15 @@ def create_snapshot(
         else:
             kind = SnapshotKind.EXTERNAL if memory else SnapshotKind.DISK_ONLY
         with_state = kind is SnapshotKind.INTERNAL and not shutoff and not disk_only
+        # Refused before anything is made: a snapshot the backend could not revert is
+        # never taken (the default on a running domain keeps its memory).
+        what, who = f"snapshot-create {rec.name} {snap}", ts.backend.name
+        if kind is SnapshotKind.INTERNAL and not shutoff:
+            ts.backend.caps.require("internal_snapshots", what, who)
+        if with_state or memory:
+            ts.backend.caps.require("memory_snapshots", what, who)
+        if live:
+            ts.backend.caps.require("live_memory_snapshots", what, who)
         guest = "running" if state == "running" else ("shutoff" if shutoff else "paused")
         entries: list[dict[str, Any]] = []
         plugged = plugged_vcpus(rec)
@@ -390,7 +398,7 @@ def create_snapshot(
                                           "internal" if with_state else
                                           "live" if live else "paused", state, timeout))
             except BaseException as err:
-                failure = _create_failed(ts, rec, row, err)
+                failure = _create_failed(ts, rec, row, err, resume=state == "running")
                 if failure is err:
                     raise
                 raise failure from err
@@ -448,10 +456,15 @@ async def _take_disks(live: LiveSnapshots, pairs: Sequence[Pair], snap: str, sta
             faults.point("snapshot-create.switched")
             return
     except BaseException:
-        # A transaction that failed switched nothing: drop new overlay files.
-        for e, b in pairs:
-            if b.layered:
-                await b.discard(e, snap, None)
+        # A transaction that failed switched nothing, unless its answer was lost after the
+        # hypervisor applied it: a discard asks the session first and keeps an overlay the
+        # guest writes to.  With the session gone the files are left for _create_failed,
+        # which reads where each disk runs from a new one.
+        if live.connected:
+            for e, b in pairs:
+                if b.layered:
+                    with contextlib.suppress(XenlabError):
+                        await b.discard(e, snap, live)
         raise
     if state == "running":
         await live.pause()
@@ -519,14 +532,37 @@ async def _take_live(ts: Toolstack, rec: DomainRecord, pairs: Sequence[Pair], sn
                 await live.resume(after_stream=streamed)
 
 
+def _switched(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, gone: bool
+              ) -> list[Mapping[str, Any]]:
+    """The entries of ``row`` whose disk switched to its new overlay: the hypervisor's word
+    while the domain runs, else an overlay it wrote (a claimed name is an empty file)."""
+    layered = [e for e in row.disks if entry_backend(row, e).layered
+               and Path(e["overlay"]).exists()]
+    if not layered:
+        return []
+    if rec.state != SHUTOFF and not gone:
+        now = _run_async(ts.backend.disk_files(ts.handle(rec)))
+        return [e for e in layered if e["vdev"] in now and os.path.realpath(
+            now[e["vdev"]][0]) == os.path.realpath(e["overlay"])]
+    return [e for e in layered if Path(e["overlay"]).stat().st_size > 0]
+
+
 def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
-                   err: BaseException) -> BaseException:
-    """Undo a failed create as far as possible; the error to raise, saying what happened."""
+                   err: BaseException, *, resume: bool) -> BaseException:
+    """Undo a failed create as far as possible; the error to raise, saying what happened.
+
+    A guest that ran before runs again (the verb's own session may have gone with the
+    failure, so through a new one)."""
     notes: list[str] = []
     gone = rec.state != SHUTOFF and not ts.alive(rec)
+    if resume and not gone:
+        try:
+            if _run_async(ts.backend.resume_stopped(ts.handle(rec))):
+                notes.append("the guest, paused for the snapshot, runs again")
+        except XenlabError as problem:
+            notes.append(f"the guest may be left paused ({problem}): `xenlab vm unpause`")
     try:
-        layered = [e for e in row.disks if entry_backend(row, e).layered
-                   and Path(e["overlay"]).exists()]
+        layered = _switched(ts, rec, row, gone)
         if layered:
             # The disks switched to the overlays before the failure: they
             # hold the guest's writes now, so keep them, recorded, for
@@ -762,6 +798,7 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
 async def _load_memory(ts: Toolstack, rec: DomainRecord, fd: int, go: bool, timeout: float,
                        source: str, plugged: int | None) -> None:
     async with ts.backend.live_snapshots(ts.handle(rec)) as live:
+        faults.point("snapshot-revert.loading")
         await live.load_state(fd, timeout, source, plugged)
         if go:
             await live.resume()

@@ -13,7 +13,7 @@ trailer).  Versions 1 to 3 (no checksums) are still read.  The layout, byte
 by byte, is in docs/migration.md.
 
 Rules: this module is the format only.  It reads and writes through file
-descriptors its caller opens (:mod:`xenlab.vm.vmstate` hands them to QEMU);
+descriptors its caller opens (:mod:`xenlab.vm.backends.qemu.vmstate` hands them to QEMU);
 it starts no process and speaks no QMP.  Errors are
 :class:`~xenlab.errors.FormatError` subclasses at ``source+0xOFFSET``.  The
 checksums chain to the header's (chunk ``i`` is hashed with seed
@@ -684,9 +684,10 @@ def check_open(fd: int, source: str) -> tuple[ImageLayout, StreamSummary | None]
 
 
 def check_stream_file(path: Path) -> StreamSummary | None:
-    """Check a VM state file written by :func:`xenlab.vm.vmstate.write_stream` whole (a
-    snapshot's memory file): magic, every chunk, table, trailer; None for an older file
-    that is QEMU's raw stream (nothing to check).
+    """Check a VM state file written by QEMU's backend
+    (:func:`xenlab.vm.backends.qemu.vmstate.write_stream`) whole (a snapshot's memory
+    file): magic, every chunk, table, trailer; None for an older file that is QEMU's raw
+    stream (nothing to check).
 
     :raise XenlabError: the file cannot be read.
     :raise FormatError: neither kind of file, or damaged, or cut short.

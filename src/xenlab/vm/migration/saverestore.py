@@ -4,9 +4,9 @@ a domain's disks are when it starts again from a stream (:func:`moves_of`, :func
 ``save`` pauses the domain and writes a :mod:`~xenlab.vm.migration.image` image:
 the header (config, where the disks really run, the disk snapshots of
 ``--snapshot``) with its checksum, QEMU's stream, and the stream's checksum
-table and trailer (:func:`~xenlab.vm.vmstate.write_checked`).  The image goes to a temporary
-file beside the target, is fsynced and renamed into place once QEMU reports
-the stream complete and before QEMU quits, so a failed save leaves no file
+table and trailer (:func:`~xenlab.vm.backends.qemu.vmstate.write_checked`).  The image
+goes to a temporary file beside the target, is fsynced and renamed into place once QEMU
+reports the stream complete and before QEMU quits, so a failed save leaves no file
 and a finished one is on disk before the guest's only other copy goes.
 
 ``restore`` checks the whole image first (:func:`~xenlab.vm.migration.image.check_open`:
@@ -133,7 +133,7 @@ def place(text_dc: DomainConfig, dc: DomainConfig, disk_paths: Sequence[DiskMove
             if kind == "mirror":
                 paths[m.vdev] = {"file": m.file, "format": m.format}
             else:
-                # A fresh QEMU names the disk's top node <vdev>-fmt (vm.qemu).
+                # A fresh QEMU names the disk's top node <vdev>-fmt (vm.backends.qemu.qemu).
                 tops[m.vdev] = {"file": m.file, "node": f"{m.vdev}-fmt"}
     for vdev, (file, _) in sorted(moves.items()):
         if not Path(file).exists():

@@ -14,7 +14,7 @@ threat model of the receiver and the save image format are in
 docs/migration.md.
 
 The pieces: :mod:`xenlab.vm.migration.image` (the save image format),
-:mod:`xenlab.vm.vmstate` (QEMU's stream over QMP, and the helpers all of
+:mod:`xenlab.vm.backends.qemu.vmstate` (QEMU's stream over QMP, and the helpers all of
 them share), :mod:`xenlab.vm.migration.saverestore` (xl save and restore),
 :mod:`xenlab.vm.migration.channel` (the channel and the token),
 :mod:`xenlab.vm.migration.peerconfig` (what a receiver takes from its peer) and

@@ -28,7 +28,6 @@ from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat, DiskSpec
 from xenlab.config.specs.vif import VifSpec
 from xenlab.errors import BackendError, StateError
-from xenlab.vm.accel import Accel, probe_accel
 from xenlab.vm.backend import (
     BlockCopyRequest,
     Capabilities,
@@ -54,12 +53,9 @@ from xenlab.vm.backend import (
 )
 from xenlab.vm.backends.qemu import blockcopy, devices, memory, migration, nics, settle, vcpus
 from xenlab.vm.backends.qemu import save as saving
+from xenlab.vm.backends.qemu.accel import Accel, probe_accel
 from xenlab.vm.backends.qemu.info import live_info
-from xenlab.vm.backends.qemu.screen import capture_screen
-from xenlab.vm.backends.qemu.snapshots import open_live_snapshots
-from xenlab.vm.image import CMDLINE
-from xenlab.vm.migration.image import DiskSnapshot
-from xenlab.vm.qemu import (
+from xenlab.vm.backends.qemu.qemu import (
     RuntimePaths,
     balloon_target_mib,
     check_disk,
@@ -69,8 +65,8 @@ from xenlab.vm.qemu import (
     nic_device_id,
     qemu_argv,
 )
-from xenlab.vm.qmp import GuestAgent, Qmp, qdev_ids
-from xenlab.vm.rundir import (
+from xenlab.vm.backends.qemu.qmp import GuestAgent, Qmp, qdev_ids
+from xenlab.vm.backends.qemu.rundir import (
     SOCKET_MAX,
     checked_rundir,
     default_rundir,
@@ -79,6 +75,10 @@ from xenlab.vm.rundir import (
     read_pid,
     wait_gone,
 )
+from xenlab.vm.backends.qemu.screen import capture_screen
+from xenlab.vm.backends.qemu.snapshots import open_live_snapshots
+from xenlab.vm.image import CMDLINE
+from xenlab.vm.migration.image import DiskSnapshot
 from xenlab.vm.runtime import DISK_NODES, QEMU_NAME
 from xenlab.vm.store import DomainRecord, is_domain_qemu
 
@@ -104,7 +104,8 @@ class QemuBackend:
     name = NAME
     caps = Capabilities(pause=True, vcpu_hotplug=True, balloon=True, disk_hotplug=True,
                         nic_hotplug=True, cdrom_change=True, internal_snapshots=True,
-                        live_disk_snapshots=True, memory_snapshots=True, live_block_copy=True,
+                        live_disk_snapshots=True, memory_snapshots=True,
+                        live_memory_snapshots=True, live_block_copy=True,
                         live_migration=True, storage_migration=True, guest_agent=True,
                         console=True, screen=True)
 

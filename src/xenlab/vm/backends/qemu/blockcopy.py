@@ -29,8 +29,8 @@ from xenlab.vm.backend import (
     MirrorProgress,
     Note,
 )
+from xenlab.vm.backends.qemu.qmp import CommandError, Qmp
 from xenlab.vm.backends.qemu.snapshots import drop_nodes_on
-from xenlab.vm.qmp import CommandError, Qmp
 
 __all__ = ["block_copy", "end_block_copy", "job_id"]
 

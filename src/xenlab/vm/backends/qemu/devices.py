@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from xenlab import faults
 from xenlab.config.specs.disk import DiskFormat, DiskSpec
 from xenlab.errors import BackendError, Refused
-from xenlab.vm.qemu import blockdev_nodes, disk_device
+from xenlab.vm.backends.qemu.qemu import blockdev_nodes, disk_device
+from xenlab.vm.backends.qemu.qmp import CommandError, Qmp, delete_device, qdev_ids
 from xenlab.vm.qemuimg import driver
-from xenlab.vm.qmp import CommandError, Qmp, delete_device, qdev_ids
 from xenlab.vm.runtime import DISK_NODES
 
 __all__ = ["attach_disk", "change_medium", "detach_disk", "disk_parts", "node_names",

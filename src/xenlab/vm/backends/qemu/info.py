@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from xenlab.errors import BackendError
+from xenlab.vm.backends.qemu.qmp import CommandError, Qmp
 from xenlab.vm.hostcpus import ranges
-from xenlab.vm.qmp import CommandError, Qmp
 
 __all__ = ["live_info"]
 

@@ -12,7 +12,7 @@ import re
 import time
 
 from xenlab.errors import BackendError, UsageError
-from xenlab.vm.qmp import Qmp
+from xenlab.vm.backends.qemu.qmp import Qmp
 
 __all__ = ["balloon_to", "check_max", "memtotal_kib", "started_mib"]
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from xenlab.errors import BackendError
-from xenlab.vm import vmstate
 from xenlab.vm.backend import (
     MigrateRequest,
     MigrateSent,
@@ -30,10 +29,11 @@ from xenlab.vm.backend import (
     MigrationProgress,
     Progress,
 )
+from xenlab.vm.backends.qemu import vmstate
 from xenlab.vm.backends.qemu.devices import pivot_node
+from xenlab.vm.backends.qemu.qmp import Qmp
 from xenlab.vm.backends.qemu.vcpus import plug_vcpus
 from xenlab.vm.migration.channel import uri_host
-from xenlab.vm.qmp import Qmp
 
 __all__ = ["abort", "begin", "finish", "perform", "prepare", "take_back", "wait_incoming"]
 

@@ -20,9 +20,9 @@ from typing import Any
 
 from xenlab import faults, hotplug
 from xenlab.errors import BackendError
+from xenlab.vm.backends.qemu.qemu import Nic, nic_device_id, nic_netdev_id
+from xenlab.vm.backends.qemu.qmp import CommandError, Qmp, delete_device, qdev_ids
 from xenlab.vm.domconfig import host_vif
-from xenlab.vm.qemu import Nic, nic_device_id, nic_netdev_id
-from xenlab.vm.qmp import CommandError, Qmp, delete_device, qdev_ids
 
 __all__ = ["attach_nic", "detach_nic", "discard_nic", "release_nic"]
 

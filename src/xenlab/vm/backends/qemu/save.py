@@ -4,7 +4,7 @@
 One QMP session per call.  A save asks QEMU's run state and version, lets the
 verb write its header, pauses the guest, takes the internal disk snapshots
 in one ``transaction`` (every disk at one instant, or none), and writes the
-checked stream (:func:`xenlab.vm.vmstate.write_checked`); then the verb
+checked stream (:func:`xenlab.vm.backends.qemu.vmstate.write_checked`); then the verb
 commits the file, and QEMU quits, or runs on as it was.  On failure the guest
 runs again and the snapshots go.  A load plugs the vCPUs the saved guest had,
 then reads the checked stream into a QEMU started with ``-incoming defer``.
@@ -19,11 +19,11 @@ from pathlib import Path
 
 from xenlab import faults
 from xenlab.errors import BackendError, XenlabError
-from xenlab.vm import vmstate
 from xenlab.vm.backend import SaveFacts, SaveRequest
+from xenlab.vm.backends.qemu import vmstate
+from xenlab.vm.backends.qemu.qmp import Qmp
 from xenlab.vm.backends.qemu.vcpus import plug_vcpus
 from xenlab.vm.migration.image import DiskSnapshot
-from xenlab.vm.qmp import Qmp
 
 __all__ = ["abort_save", "device_nodes", "load", "quit_qemu", "save"]
 

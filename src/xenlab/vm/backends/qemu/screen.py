@@ -12,7 +12,7 @@ from typing import Final
 
 from xenlab.files import read_bounded
 from xenlab.vm.backend import ScreenCapture
-from xenlab.vm.qmp import Qmp
+from xenlab.vm.backends.qemu.qmp import Qmp
 
 __all__ = ["TEXT_BUFFER", "TEXT_SIZE", "capture_screen"]
 

@@ -4,7 +4,7 @@ recovery reads (which file each disk runs on, which jobs run) and the steps it t
 
 A job a killed command started is let end (a commit completed when it is ready, as the
 verb would have), then dismissed, so its fixed id is free again; QEMU's own error is
-reported, not raised.  Resuming after a stream is :func:`xenlab.vm.vmstate.
+reported, not raised.  Resuming after a stream is :func:`xenlab.vm.backends.qemu.vmstate.
 cont_after_migration`, never a bare ``cont`` (QEMU may still be inactivating disks).
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from xenlab.vm import vmstate
-from xenlab.vm.qmp import Qmp, job_ids, settle_job
+from xenlab.vm.backends.qemu import vmstate
+from xenlab.vm.backends.qemu.qmp import Qmp, job_ids, settle_job
 
 __all__ = ["capability_off", "disk_files", "resume_stopped", "settle_jobs"]
 

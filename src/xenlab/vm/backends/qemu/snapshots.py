@@ -3,7 +3,7 @@
 Images are found by file name (``query-named-block-nodes``), never by a recorded
 node name alone: QEMU renames nodes when it restarts.  A job of a fixed id that a
 killed command left is settled before the id is used again.  Resuming after a
-memory stream is :func:`xenlab.vm.vmstate.cont_after_migration`, never a bare
+memory stream is :func:`xenlab.vm.backends.qemu.vmstate.cont_after_migration`, never a bare
 ``cont`` (QEMU may still be inactivating the disks).
 """
 
@@ -17,11 +17,11 @@ from pathlib import Path
 
 from xenlab import faults
 from xenlab.errors import BackendError
-from xenlab.vm import vmstate
 from xenlab.vm.backend import DiskSnap
+from xenlab.vm.backends.qemu import vmstate
+from xenlab.vm.backends.qemu.qmp import Qmp, run_job, settle_job
 from xenlab.vm.backends.qemu.settle import capability_off
 from xenlab.vm.backends.qemu.vcpus import plug_vcpus
-from xenlab.vm.qmp import Qmp, run_job, settle_job
 
 __all__ = ["QemuLiveSnapshots", "drop_nodes_on", "node_and_tags", "open_live_snapshots"]
 
@@ -156,7 +156,6 @@ class QemuLiveSnapshots:
                          vcpus_plugged: int | None) -> None:
         if vcpus_plugged:
             await plug_vcpus(self._qmp, vcpus_plugged)
-        faults.point("snapshot-revert.loading")
         await vmstate.load_stream(self._qmp, fd, timeout=timeout, source=source)
 
     async def save_internal(self, tag: str, nodes: Sequence[str], timeout: float) -> None:

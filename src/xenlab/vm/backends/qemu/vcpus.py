@@ -22,8 +22,8 @@ from xenlab.config.model import DomainConfig
 from xenlab.config.specs.cpus import CpuSet
 from xenlab.errors import BackendError, NotFoundError, StateError, UsageError
 from xenlab.vm.backend import VcpuReport, VcpuState
+from xenlab.vm.backends.qemu.qmp import GuestAgent, Qmp
 from xenlab.vm.hostcpus import cpulist, host_topology, ranges, resolve_cpus
-from xenlab.vm.qmp import GuestAgent, Qmp
 
 __all__ = ["apply_config_affinity", "pin", "plug_vcpus", "set_vcpus", "vcpu_rows",
            "vcpu_threads"]

@@ -5,8 +5,8 @@ argv of ``qemu-system-x86_64``, as a Xen user expects the xl keys to behave.
 It is pure: it reads no file and starts nothing, so every mapping is a unit
 test.  Anything the QEMU backend cannot do raises :class:`XenlabError` naming
 the xl key and what is supported.  Option strings are made by
-:mod:`xenlab.vm.qemuopts`; the accelerator (:class:`Accel`) is chosen by
-:func:`xenlab.vm.accel.probe_accel`.  Both are re-exported here for the
+:mod:`xenlab.vm.backends.qemu.qemuopts`; the accelerator (:class:`Accel`) is chosen by
+:func:`xenlab.vm.backends.qemu.accel.probe_accel`.  Both are re-exported here for the
 callers that import them from this module.
 
 The design (its tables, choices and reasons) is in docs/qemu-backend.md.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -27,10 +27,17 @@ from xenlab.config.specs.disk import DiskFormat, DiskSpec
 from xenlab.config.specs.vif import VifSpec
 from xenlab.config.values import Value
 from xenlab.errors import UsageError, XenlabError
-from xenlab.vm.accel import Accel, probe_accel
+from xenlab.vm.backends.qemu.accel import Accel, probe_accel
+from xenlab.vm.backends.qemu.qemuopts import (
+    QemuOptionError,
+    qemu_arg,
+    qemu_json,
+    qemu_opt_value,
+    qemu_opts,
+)
 from xenlab.vm.domconfig import stable_mac
+from xenlab.vm.hostcpus import cpu_ranges
 from xenlab.vm.qemuimg import FORMAT_DRIVERS
-from xenlab.vm.qemuopts import QemuOptionError, qemu_arg, qemu_json, qemu_opt_value, qemu_opts
 
 # Accel, probe_accel and the option builders (vm.accel, vm.qemuopts) are re-exported:
 # vm.domain and tests import them from here, where they lived before.
@@ -421,20 +428,6 @@ def _check_vif(vif: VifSpec, where: str) -> None:
 
 
 # --- memory, vCPUs, NUMA ----------------------------------------------------
-
-
-def cpu_ranges(cpus: Iterable[int]) -> list[str]:
-    """CPU numbers as ranges, in order: ``[5, 0, 1, 2]`` -> ``["0-2", "5"]``."""
-    out: list[str] = []
-    ordered = sorted(cpus)
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return out
 
 
 def _memory_and_cpus(dc: DomainConfig) -> list[str]:

@@ -33,8 +33,8 @@ from typing import Any, Final
 from xenlab import faults
 from xenlab.errors import BackendError, FormatError
 from xenlab.vm.backend import MigrationProgress, Progress
+from xenlab.vm.backends.qemu.qmp import EventWatch, Qmp
 from xenlab.vm.migration import image as saveimage
-from xenlab.vm.qmp import EventWatch, Qmp
 
 __all__ = [
     "ACTIVE",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Final
 
 from xenlab.errors import StateError
-from xenlab.vm.qemu import RuntimePaths
+from xenlab.vm.backends.qemu.qemu import RuntimePaths
 from xenlab.vm.store import private_dir
 
 __all__ = ["SOCKET_MAX", "checked_rundir", "default_rundir", "make_rundir", "process_exists",
