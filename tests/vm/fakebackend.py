@@ -8,6 +8,8 @@ domains it "runs"); knobs make a domain vanish, power off or hang.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -80,6 +82,7 @@ class FakeBackend:
     caps: Capabilities = field(default_factory=lambda: Capabilities(pause=True))
     world: dict[str, FakeDomain] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
+    loops: set[int] = field(default_factory=set)  # the event loops its calls ran on
     slow: float = 0.0  # seconds pause/resume take (to hold a lock while another waits)
     refuse: str | None = None  # a start fails with these words (a config it cannot run)
     stubborn: bool = False  # the guests ignore the power button
@@ -101,6 +104,8 @@ class FakeBackend:
     def _dom(self, h: DomainHandle, call: str) -> FakeDomain:
         with self._lock:
             self.calls.append((call, str(h.ref["uuid"])))
+            with contextlib.suppress(RuntimeError):  # a sync method: no loop runs
+                self.loops.add(id(asyncio.get_running_loop()))
         dom = self.world.get(str(h.ref["uuid"]))
         if dom is None or not dom.alive:
             raise BackendError(f"fake: no domain {h.ref['uuid']}")

@@ -476,3 +476,24 @@ def test_a_dry_run_shows_the_backends_command_and_changes_nothing(
     assert [(v.vifname, v.bridge) for v in plan.vifs] == [("tapb0", "br0")]
     assert [r.name for r in ts.store.list()] == ["a"]
     assert [c for c, _ in fake.calls].count("start") == 1  # only a's
+
+
+def test_a_command_runs_every_backend_call_on_one_event_loop(
+        ts: Toolstack, fake: FakeBackend, tmp_path: Path) -> None:
+    from xenlab.vm.backend import command_loop
+    from xenlab.vm.migration.saverestore import restore, save
+
+    def save_and_restore(name: str) -> None:
+        _running(ts, fake, name)
+        ts.pause(name)
+        ts.unpause(name)
+        save(ts, name, tmp_path / f"{name}.save")
+        restore(ts, tmp_path / f"{name}.save")
+
+    save_and_restore("a")  # a library caller without a command loop: one loop per call
+    assert len(fake.loops) > 3
+    fake.loops.clear()
+    with command_loop():  # as the CLI runs every `xenlab vm` command
+        save_and_restore("b")
+    assert len(fake.loops) == 1
+    assert ts.get("b").state == "running"

@@ -320,6 +320,7 @@ def boot_cmd(file: Path, overrides: tuple[str, ...], cfg: Path | None, check: bo
     for a moment when SeaBIOS goes to boot: the text on its screen, a PNG
     screendump and SeaBIOS's debug log are taken as evidence.
     """
+    from xenlab.vm.backend import command_loop
     from xenlab.vm.domain import Toolstack
     from xenlab.vm.vgaboot import boot_rom
 
@@ -330,9 +331,10 @@ def boot_cmd(file: Path, overrides: tuple[str, ...], cfg: Path | None, check: bo
     # file, and a boot is no place to wait on a pipe.
     data = read_rom_file(file, name=_name(file), regular_only=True)
     check_output_dir(out_dir, name=_name(out_dir))
-    result = boot_rom(Toolstack(state_dir), file, out_dir=out_dir, cfg=cfg,
-                      overrides=overrides, device=device, pci=pci, name=name, check=check,
-                      force=force, timeout=timeout, data=data)
+    with command_loop():  # one event loop for the whole boot
+        result = boot_rom(Toolstack(state_dir), file, out_dir=out_dir, cfg=cfg,
+                          overrides=overrides, device=device, pci=pci, name=name,
+                          check=check, force=force, timeout=timeout, data=data)
     if as_json:
         emit_json(result.to_json())
     else:

@@ -11,6 +11,7 @@ import click
 from rich.table import Table
 
 from xenlab.cli.output import emit_json, printable, stdout
+from xenlab.vm.backend import command_loop
 from xenlab.vm.domain import DomainStatus, Toolstack
 
 _STATE = click.option(
@@ -33,8 +34,11 @@ def _status_json(s: DomainStatus) -> dict[str, object]:
 
 
 @click.group()
-def vm() -> None:
+@click.pass_context
+def vm(ctx: click.Context) -> None:
     """Run guests from xl domain configs, with QEMU as hypervisor and device model."""
+    # One event loop for the whole command, however many backend calls it makes.
+    ctx.with_resource(command_loop())
 
 
 @vm.command("create")
