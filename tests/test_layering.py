@@ -112,3 +112,14 @@ def test_long_functions_say_why() -> None:
     found = {name: bad for name, path in _sources()
              if (bad := long_functions_without_a_reason(path.read_text()))}
     assert found == {}
+
+
+def test_the_toolstack_raises_specific_errors_not_the_root() -> None:
+    # A caller tells a refused value from a backend failure by class (and reads the
+    # fields); the root class says nothing.
+    found = [f"{path.relative_to(SRC)}:{node.lineno}"
+             for path in sorted((SRC / "vm").rglob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
+             and isinstance(node.exc.func, ast.Name) and node.exc.func.id == "XenlabError"]
+    assert found == []

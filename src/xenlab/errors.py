@@ -110,6 +110,15 @@ class UsageError(XenlabError, ValueError):
     """A value given to a command is refused (a name, a size, a format, a flag pair)."""
 
 
+class NotRunnable(UsageError):
+    """A config asks for what the backend cannot run; ``key`` names where (``disk xvdb``,
+    ``vif 0``, ``vga``...), and the message says what instead."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
 class NotFoundError(XenlabError, LookupError):
     """There is no ``kind`` (domain, snapshot, disk, vif, vCPU...) called ``name``."""
 

@@ -179,7 +179,7 @@ def test_a_lost_answer_after_the_switch_keeps_the_overlay_the_guest_writes_to(
 
 def test_a_session_lost_mid_memory_leaves_the_guest_running(
         ts: Toolstack, fake: FakeBackend, tmp_path: Path) -> None:
-    rec, disk = _running(ts, tmp_path)
+    rec, _ = _running(ts, tmp_path)
     fake.drop_session = True
     with pytest.raises(BackendError, match="the guest, paused for the snapshot, runs again"):
         create_snapshot(ts, "a", "m1", external=True, memory=True)

@@ -28,7 +28,7 @@ from xenlab.config import parse
 from xenlab.config.model import DomainConfig, domain_config
 from xenlab.config.specs.disk import DiskFormat, DiskSpec, format_disk
 from xenlab.config.specs.vif import VifSpec
-from xenlab.errors import UsageError, XenlabError
+from xenlab.errors import NotRunnable, UsageError
 from xenlab.vm import qemuimg
 from xenlab.vm.backend import Backend, NicPlan
 from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
@@ -236,7 +236,7 @@ def plan_nics(backend: Backend, dc: DomainConfig) -> tuple[NicPlan, ...]:
     for index, vif in enumerate(dc.vifs):
         devid = vif.devid if vif.devid is not None else index
         if devid in seen:
-            raise XenlabError(f"vif {devid}: devid given twice")
+            raise NotRunnable(f"vif {devid}", "devid given twice")
         seen.add(devid)
         out.append(backend.plan_nic(dc, vif, devid))
     return tuple(out)

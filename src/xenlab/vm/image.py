@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING
 
 import zstandard
 
-from xenlab.errors import BackendError, XenlabError
+from xenlab.errors import BackendError, NotFoundError
 
 if TYPE_CHECKING:
     from xenlab.formats.cpio import CpioMember
@@ -268,7 +268,8 @@ def build_image(
     cache.mkdir(parents=True, exist_ok=True)
     for tool in (BUSYBOX, QEMU_GA):
         if not tool.is_file():
-            raise XenlabError(f"{tool} is needed for the guest image; install it")
+            raise NotFoundError("tool", str(tool),
+                                f"{tool} is needed for the guest image; install it")
     package = _kernel_package_cached(cache)
     libs = shared_libraries(QEMU_GA)
     key = _image_key(package, [BUSYBOX, QEMU_GA, *libs])

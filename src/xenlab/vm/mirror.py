@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from xenlab import faults
+from xenlab.atomic import FileWriteError
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import (
     BackendError,
@@ -273,8 +274,8 @@ def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: Path, f
                 if isinstance(err, ImageFileError):
                     raise UsageError(f"mirror target {target}: {err.detail}") from err
                 if isinstance(err, OSError):
-                    raise XenlabError(f"{what}: {err.strerror or err}; {rec.name} stays on "
-                                      f"{source}") from err
+                    raise FileWriteError(what, f"{err.strerror or err}; {rec.name} stays on "
+                                               f"{source}") from err
                 if isinstance(err, XenlabError):
                     raise BackendError(f"{what}: {err}; {rec.name} stays on {source}"
                                        ) from err

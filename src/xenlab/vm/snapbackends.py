@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from xenlab.atomic import FileWriteError
 from xenlab.errors import BackendError, ConflictError, StateError, XenlabError
 from xenlab.vm import qemuimg
 from xenlab.vm.backend import DiskSnap, LiveSnapshots
@@ -450,16 +451,17 @@ def copy_whole(src: str, dst: str, *, new: bool) -> None:
         fd, name = tempfile.mkstemp(prefix=f".{real.name[:200]}.", suffix=".part",
                                     dir=real.parent)
     except OSError as err:
-        raise XenlabError(f"{real}: cannot copy the snapshot back beside it: "
-                          f"{err.strerror or err}") from err
+        raise FileWriteError(str(real), "cannot copy the snapshot back beside it: "
+                                        f"{err.strerror or err}") from err
     tmp = Path(name)
     try:
         _cp_into(src, fd, tmp)
         os.fchmod(fd, mode)
         st, now = os.fstat(fd), os.lstat(tmp)
         if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
-            raise XenlabError(f"{real}: the temporary copy {tmp} was replaced while it was "
-                              "written (someone else writes to this directory)")
+            raise FileWriteError(str(real), f"the temporary copy {tmp} was replaced while it "
+                                            "was written (someone else writes to this "
+                                            "directory)")
         os.replace(tmp, real)
         dir_fd = os.open(real.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -467,8 +469,8 @@ def copy_whole(src: str, dst: str, *, new: bool) -> None:
         finally:
             os.close(dir_fd)
     except OSError as err:
-        raise XenlabError(f"{real}: cannot copy the snapshot back: {err.strerror or err}"
-                          ) from err
+        raise FileWriteError(str(real), "cannot copy the snapshot back: "
+                                        f"{err.strerror or err}") from err
     finally:
         os.close(fd)
         qemuimg.remove_own(tmp)

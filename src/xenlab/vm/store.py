@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from xenlab import files
-from xenlab.errors import ConflictError, NotFoundError, StateError, UsageError, XenlabError
+from xenlab.errors import ConflictError, NotFoundError, StateError, UsageError
 
 __all__ = [
     "DomainRecord",
@@ -501,7 +501,7 @@ class Store:
         """
         unknown = set(fields) - _PATCHABLE
         if unknown:
-            raise XenlabError(f"cannot patch domain fields {sorted(unknown)}")
+            raise UsageError(f"cannot patch domain fields {sorted(unknown)}")
         with self._tx() as db:
             row = db.execute("SELECT * FROM domains WHERE domid = ?", (domid,)).fetchone()
             if row is None:

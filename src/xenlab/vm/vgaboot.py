@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from xenlab.atomic import atomic_write_bytes, atomic_write_text, make_output_dir
-from xenlab.errors import BackendError, NotFoundError, UsageError, XenlabError
+from xenlab.errors import BackendError, NotFoundError, UsageError
 from xenlab.files import FileReadError, read_bounded
 
 if TYPE_CHECKING:
@@ -357,7 +357,7 @@ def check_vfio(bdf: str, *, sysfs: Path = Path("/sys")) -> str:
     try:
         name = parse_bdf(bdf)
     except ValueError as err:
-        raise XenlabError(str(err)) from err
+        raise UsageError(str(err)) from err
     dev = sysfs / "bus" / "pci" / "devices" / name
     if not dev.exists():
         raise NotFoundError("pci device", name,

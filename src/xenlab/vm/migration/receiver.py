@@ -42,9 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from xenlab.atomic import FileWriteError
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
-from xenlab.errors import BackendError, UsageError, XenlabError
+from xenlab.errors import BackendError, StateError, UsageError, XenlabError
 from xenlab.vm import qemuimg
 from xenlab.vm.backend import run as _run
 from xenlab.vm.domain import Toolstack
@@ -140,12 +141,12 @@ def _check_space(todo: Sequence[tuple[str, str, int]]) -> None:
             st = os.statvfs(parent)
             dev = os.stat(parent).st_dev
         except OSError as err:
-            raise XenlabError(f"disk {target!r} ({vdev}): cannot make it in {parent}: "
-                              f"{err.strerror or err}") from err
+            raise FileWriteError(f"disk {target!r} ({vdev})", f"cannot make it in {parent}: "
+                                 f"{err.strerror or err}") from err
         free = st.f_bavail * st.f_frsize
         need = taken.get(dev, 0) + size
         if size <= 0 or need > free:
-            raise XenlabError(
+            raise StateError(
                 f"disk {target!r} ({vdev}): the source's disk is {size} bytes, but {parent} "
                 f"has {free} bytes free" + (" beside the other disks made there"
                                             if taken.get(dev) else "")
@@ -204,7 +205,7 @@ def receive(
             continue
         size = (disk_sizes or {}).get(vdev)
         if size is None:
-            raise XenlabError(
+            raise UsageError(
                 f"disk {target!r} ({vdev}) does not exist on the destination; "
                 f"a storage migration needs a blank image of the source's size (--disk-size)"
             )
@@ -216,7 +217,7 @@ def receive(
             try:
                 qemuimg.create(target, fmt, size)
             except BackendError as err:
-                raise XenlabError(str(err)) from err
+                raise FileWriteError(target, str(err)) from err
             created.append(target)
         rec = ts.launch(dc, text, config_path=config_path, uuid=uuid, incoming="defer",
                         image=image_for(dc, image))

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from xenlab import faults
-from xenlab.atomic import fsync_dir, write_all
+from xenlab.atomic import FileWriteError, fsync_dir, write_all
 from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
-from xenlab.errors import BackendError, UsageError, XenlabError
+from xenlab.errors import BackendError, UsageError
 from xenlab.files import FileReadError
 from xenlab.vm import qemuimg
 from xenlab.vm.backend import Progress, SaveFacts, SaveRequest
@@ -255,9 +255,8 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
             fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=path.parent)
         except OSError as err:
             held.close()
-            raise XenlabError(
-                f"{path}: cannot write the save image: {err.strerror or err}"
-            ) from err
+            raise FileWriteError(str(path), "cannot write the save image: "
+                                            f"{err.strerror or err}") from err
         tmp = Path(tmp_name)
         faults.point("save.job")
 
@@ -288,8 +287,8 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
             try:
                 write_all(fd, head)
             except OSError as err:
-                raise XenlabError(f"{path}: cannot write the save image: "
-                                  f"{err.strerror or err}; the domain goes on") from err
+                raise FileWriteError(str(path), "cannot write the save image: "
+                                     f"{err.strerror or err}; the domain goes on") from err
             headers.append(header)
             return header_seed(head)
 
@@ -436,8 +435,8 @@ def _revert_plan(dc: DomainConfig, header: SaveHeader, path: Path) -> list[tuple
         try:
             tags = qemuimg.snapshot_tags(disk.pdev_path)
         except BackendError as err:
-            raise XenlabError(f"restore {path}: disk {disk.pdev_path}: cannot read it: "
-                              f"{err}") from err
+            raise FileReadError(f"restore {path}: disk {disk.pdev_path}",
+                                f"cannot read it: {err}") from err
         if s.name not in tags:
             raise UsageError(
                 f"restore {path}: disk {s.vdev} ({disk.pdev_path}) has no snapshot "

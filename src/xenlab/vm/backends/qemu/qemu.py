@@ -26,7 +26,7 @@ from xenlab.config.model import DomainConfig, DomainType, ShutdownAction
 from xenlab.config.specs.disk import DiskFormat, DiskSpec
 from xenlab.config.specs.vif import VifSpec
 from xenlab.config.values import Value
-from xenlab.errors import UsageError, XenlabError
+from xenlab.errors import NotRunnable, UsageError
 from xenlab.vm.backends.qemu.accel import Accel, probe_accel
 from xenlab.vm.backends.qemu.qemuopts import (
     QemuOptionError,
@@ -153,8 +153,8 @@ class RuntimePaths:
         return self.rundir / "vnc.sock"
 
 
-def _unsupported(key: str, message: str) -> XenlabError:
-    return XenlabError(f"{key}: {message}")
+def _unsupported(key: str, message: str) -> NotRunnable:
+    return NotRunnable(key, message)
 
 
 def balloon_target_mib(dc: DomainConfig) -> int | None:

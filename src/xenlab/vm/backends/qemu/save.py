@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from xenlab import faults
-from xenlab.errors import BackendError, XenlabError
+from xenlab.atomic import FileWriteError
+from xenlab.errors import BackendError
 from xenlab.vm.backend import SaveFacts, SaveRequest
 from xenlab.vm.backends.qemu import vmstate
 from xenlab.vm.backends.qemu.qmp import Qmp
@@ -105,8 +106,9 @@ async def save(qmp_path: Path, req: SaveRequest) -> SaveFacts:
                         f"deleted from {', '.join(left)} (qemu-img snapshot -d removes it)"
                     ) from err
             if isinstance(err, OSError):
-                raise XenlabError(f"{req.what}: cannot write the image: "
-                                  f"{err.strerror or err}; the domain goes on") from err
+                raise FileWriteError(req.what, f"cannot write the image: "
+                                               f"{err.strerror or err}; the domain goes on"
+                                     ) from err
             raise
         if not req.keep_running:
             await quit_qemu(qmp)
