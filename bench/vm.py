@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from asyncio import run as sync
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -138,9 +139,9 @@ def destroy_all(*stacks: Toolstack) -> None:
     for ts in stacks:
         for rec in ts.store.list():
             with contextlib.suppress(Exception):
-                ts.destroy(rec.name)
+                sync(ts.destroy(rec.name))
             with contextlib.suppress(Exception):
-                ts.undefine(rec.name)
+                sync(ts.undefine(rec.name))
 
 
 # --- 1 + 2: xenlab ------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def xenlab_round(work: Path) -> tuple[dict[str, float], list[str], Path, Path]:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), DISK_SIZE], check=True)
     try:
         start = time.perf_counter()
-        rec = ts.create(cfg)
+        rec = sync(ts.create(cfg))
         t["started"] = time.perf_counter() - start
         wait_marker(ts.paths(rec).console_log)
         t["create"] = time.perf_counter() - start
@@ -167,16 +168,16 @@ def xenlab_round(work: Path) -> tuple[dict[str, float], list[str], Path, Path]:
                 Path(f"/proc/{rec.pid}/cmdline").read_bytes().split(b"\0")[:-1]]
         rundir = ts.paths(rec).rundir
 
-        t["snapshot create"] = timed(lambda: create_snapshot(ts, NAME, "s1"))
+        t["snapshot create"] = timed(lambda: sync(create_snapshot(ts, NAME, "s1")))
         assert "s1" in snapshot_tags(disk)
-        t["snapshot revert"] = timed(lambda: revert_snapshot(ts, NAME, "s1"))
-        t["snapshot delete"] = timed(lambda: delete_snapshot(ts, NAME, "s1"))
+        t["snapshot revert"] = timed(lambda: sync(revert_snapshot(ts, NAME, "s1")))
+        t["snapshot delete"] = timed(lambda: sync(delete_snapshot(ts, NAME, "s1")))
         assert "s1" not in snapshot_tags(disk)
         image = base / "tiny.save"
         t["save"] = timed(lambda: save(ts, NAME, image))
         t["restore"] = timed(lambda: restore(ts, image))
         assert ts.get(NAME).state == "running"
-        t["migrate"] = timed(lambda: migrate(ts, NAME, ts2))
+        t["migrate"] = timed(lambda: sync(migrate(ts, NAME, ts2)))
         assert ts2.get(NAME).state == "running"
         return t, argv, rundir, disk
     finally:
@@ -596,13 +597,13 @@ def xenlab_snap_rounds(work: Path, rounds: int) -> tuple[dict[str, float], dict[
     api: list[dict[str, float]] = []
     cmd: list[dict[str, float]] = []
     try:
-        rec = ts.create(cfg, create_disks=DISK_SIZE)
+        rec = sync(ts.create(cfg, create_disks=DISK_SIZE))
         wait_marker(ts.paths(rec).console_log)
         for _ in range(rounds):
             api.append({
-                "snapshot create": timed(lambda: create_snapshot(ts, NAME, "s1")),
-                "snapshot revert": timed(lambda: revert_snapshot(ts, NAME, "s1")),
-                "snapshot delete": timed(lambda: delete_snapshot(ts, NAME, "s1")),
+                "snapshot create": timed(lambda: sync(create_snapshot(ts, NAME, "s1"))),
+                "snapshot revert": timed(lambda: sync(revert_snapshot(ts, NAME, "s1"))),
+                "snapshot delete": timed(lambda: sync(delete_snapshot(ts, NAME, "s1"))),
             })
             cmd.append({
                 "snapshot create": timed(lambda: xl("snapshot-create", NAME, "s1")),

@@ -123,3 +123,12 @@ def test_the_toolstack_raises_specific_errors_not_the_root() -> None:
              if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
              and isinstance(node.exc.func, ast.Name) and node.exc.func.id == "XenlabError"]
     assert found == []
+
+
+def test_only_the_cli_starts_an_event_loop() -> None:
+    # The verbs are async; a command's one loop is cli/loop.py's (docs/backend.md).
+    starts = ("asyncio.run(", "asyncio.Runner(", "new_event_loop(", "run_until_complete(")
+    found = [f"{path.relative_to(SRC)}: {s}" for path in sorted(SRC.rglob("*.py"))
+             if path != SRC / "cli" / "loop.py"
+             for s in starts if s in path.read_text()]
+    assert found == []

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tests.aio import sync
 from xenlab.errors import XenlabError
 from xenlab.vm.domain import SHUTOFF, Toolstack
 
@@ -69,14 +70,14 @@ def boot(ts: Toolstack, tmp_path: Path, name: str, *, overrides: Sequence[str] =
     The config ``<name>.cfg`` is (re)written with :func:`write_config` (``kw``).
     """
     cfg = write_config(tmp_path, name, **kw)
-    ts.create(cfg, list(overrides), create_disks="32M")
+    sync(ts.create(cfg, list(overrides), create_disks="32M"))
     wait_ready(ts, name, timeout)
     return cfg
 
 
 def sh(ts: Toolstack, name: str, script: str) -> str:
     """Run ``sh -c script`` in the guest; its stdout (it must exit 0)."""
-    code, out, err = ts.exec(name, ["sh", "-c", script])
+    code, out, err = sync(ts.exec(name, ["sh", "-c", script]))
     assert code == 0, err
     return out.decode()
 
@@ -127,16 +128,16 @@ def clear(ts: Toolstack) -> None:
     for rec in ts.store.list():
         try:
             if rec.state == SHUTOFF:
-                ts.undefine(rec.name)
+                sync(ts.undefine(rec.name))
             else:
-                ts.destroy(rec.name)
+                sync(ts.destroy(rec.name))
         except XenlabError:
             # What a killed command left may be undone on the way ("is gone"),
             # or a domain be shut off by it: try once more, then it must be gone.
             with contextlib.suppress(XenlabError):
-                ts.destroy(str(rec.domid))
+                sync(ts.destroy(str(rec.domid)))
             with contextlib.suppress(XenlabError):
-                ts.undefine(str(rec.domid))
+                sync(ts.undefine(str(rec.domid)))
             if any(r.domid == rec.domid and r.uuid == rec.uuid for r in ts.store.list()):
                 raise
 

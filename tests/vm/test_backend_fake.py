@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.fakebackend import FakeBackend
 from xenlab.errors import BackendError, ConflictError, NotFoundError, StateError
 from xenlab.vm.backend import Capabilities, DomainHandle, ExitReason, Unsupported
@@ -33,23 +34,23 @@ def _running(ts: Toolstack, fake: FakeBackend, name: str, **extra: object) -> Do
     """A domain created through the verbs on the fake (``extra``: record facts to add)."""
     cfg = ts.state_dir.parent / f"{name}.cfg"
     cfg.write_text(f'name = "{name}"\ntype = "hvm"\nmemory = 64\n')
-    rec = ts.create(cfg)
+    rec = sync(ts.create(cfg))
     if extra:
         rec = ts.store.patch(rec.domid, extra_set=dict(extra))
     return rec
 
 
 def _states(ts: Toolstack) -> dict[str, str]:
-    return {s.record.name: s.state for s in ts.list()}
+    return {s.record.name: s.state for s in sync(ts.list())}
 
 
 def test_pause_and_unpause_reach_the_backend_and_the_record(ts: Toolstack,
                                                             fake: FakeBackend) -> None:
     rec = _running(ts, fake, "a")
-    ts.pause("a")
+    sync(ts.pause("a"))
     assert fake.world[rec.uuid].state == "paused" and ts.get("a").state == "paused"
     assert _states(ts) == {"a": "paused"}
-    ts.unpause("a")
+    sync(ts.unpause("a"))
     assert fake.world[rec.uuid].state == "running" and ts.get("a").state == "running"
     assert ("pause", rec.uuid) in fake.calls and ("resume", rec.uuid) in fake.calls
 
@@ -69,9 +70,9 @@ def test_a_vanished_domain_is_stale_and_destroy_clears_it(ts: Toolstack,
     fake.vanish(rec.uuid)
     assert _states(ts) == {"a": "stale (QEMU gone)", "b": "running"}
     with pytest.raises(StateError, match="is not running"):
-        ts.pause("a")
+        sync(ts.pause("a"))
     assert ("pause", rec.uuid) not in fake.calls  # refused before the backend is asked
-    ts.destroy("a")
+    sync(ts.destroy("a"))
     assert [r.name for r in ts.store.list()] == ["b"]
     assert ("release", rec.uuid) in fake.calls
     assert fake.world[ts.get("b").uuid].alive  # the other domain is untouched
@@ -101,10 +102,10 @@ def test_verbs_on_one_domain_wait_for_each_other(ts: Toolstack, fake: FakeBacken
     fake.slow = 0.5  # the pause holds the domain's lock this long
     # Each command has its own store handle (SQLite connections stay in their thread).
     paused = threading.Thread(
-        target=lambda: Toolstack(ts.state_dir, backend=fake).pause("a"))
+        target=lambda: sync(Toolstack(ts.state_dir, backend=fake).pause("a")))
     paused.start()
     time.sleep(0.1)
-    ts.destroy("a")  # waits for the pause, then destroys
+    sync(ts.destroy("a"))  # waits for the pause, then destroys
     paused.join()
     names = [c for c, u in fake.calls if u == rec.uuid]
     assert names.index("pause") < names.index("destroy")
@@ -129,33 +130,33 @@ def test_create_goes_through_prepare_and_start(ts: Toolstack, fake: FakeBackend)
     cfg = ts.state_dir.parent / "c.cfg"
     cfg.write_text('name = "c"\ntype = "hvm"\nmemory = 64\n')
     defined = ts.define(cfg)
-    started = ts.create(cfg, paused=True)
+    started = sync(ts.create(cfg, paused=True))
     assert started.domid == defined.domid and started.state == "paused"
     assert fake.world[started.uuid].state == "paused"
-    ts.destroy("c")
+    sync(ts.destroy("c"))
     assert ts.get("c").state == SHUTOFF  # defined: kept, shut off
 
 
 def test_shutdown_reboot_and_the_agent(ts: Toolstack, fake: FakeBackend) -> None:
     a = _running(ts, fake, "a")
-    assert ts.wait_ready("a", timeout=5) >= 0
-    assert ts.exec("a", ["echo", "hi"]) == (0, b"echo hi\n", b"")
-    ts.pause("a")
+    assert sync(ts.wait_ready("a", timeout=5)) >= 0
+    assert sync(ts.exec("a", ["echo", "hi"])) == (0, b"echo hi\n", b"")
+    sync(ts.pause("a"))
     with pytest.raises(StateError, match="is paused: its guest agent cannot answer"):
-        ts.exec("a", ["true"])
+        sync(ts.exec("a", ["true"]))
     assert ("agent_exec", a.uuid) not in fake.calls[-2:]
-    ts.unpause("a")
-    assert ts.reboot("a") == "guest reboot"
+    sync(ts.unpause("a"))
+    assert sync(ts.reboot("a")) == "guest reboot"
     fake.agent = False
-    assert ts.reboot("a") == "reset"  # no agent: a hard reset, as xl -F
-    assert ts.shutdown("a", timeout=1) == "shutdown"
+    assert sync(ts.reboot("a")) == "reset"  # no agent: a hard reset, as xl -F
+    assert sync(ts.shutdown("a", timeout=1)) == "shutdown"
     assert ts.store.list() == []  # a clean power off forgets the domain, as xl
     _running(ts, fake, "b")
     fake.stubborn = True
     with pytest.raises(StateError, match=r"did not shut down within 0\.05 s"):
-        ts.shutdown("b", timeout=0.05)
+        sync(ts.shutdown("b", timeout=0.05))
     assert "job" not in ts.get("b").extra and ts.get("b").state == "running"
-    assert ts.shutdown("b", timeout=0.05, force=True) == "destroyed"
+    assert sync(ts.shutdown("b", timeout=0.05, force=True)) == "destroyed"
     assert ts.store.list() == []
 
 
@@ -166,25 +167,25 @@ def test_memory_bounds_are_the_verbs_and_the_backends(ts: Toolstack, fake: FakeB
 
     cfg = ts.state_dir.parent / "m.cfg"
     cfg.write_text('name = "m"\ntype = "hvm"\nmemory = 96\nmaxmem = 128\n')
-    rec = ts.create(cfg)
+    rec = sync(ts.create(cfg))
     assert fake.world[rec.uuid].started_mib == 128
-    report = mem_set(ts, "m", 100)
+    report = sync(mem_set(ts, "m", 100))
     assert (report.target_mib, report.actual_mib, report.reached) == (100, 100, True)
     assert fake.world[rec.uuid].memory_mib == 100 and ts.get("m").extra["memory_mib"] == 100
     calls = len(fake.calls)
     with pytest.raises(UsageError, match="above its maxmem of 128 MiB"):
-        mem_set(ts, "m", 200)
+        sync(mem_set(ts, "m", 200))
     with pytest.raises(UsageError, match="below the 64 MiB floor"):
-        mem_set(ts, "m", 8)
+        sync(mem_set(ts, "m", 8))
     with pytest.raises(UsageError, match="below its current memory"):
-        mem_max(ts, "m", 90)
+        sync(mem_max(ts, "m", 90))
     assert len(fake.calls) == calls  # the verbs refused: the backend was not asked
     with pytest.raises(UsageError, match="above the 128 MiB it started with"):
-        mem_max(ts, "m", 256)  # the backend refused
+        sync(mem_max(ts, "m", 256))  # the backend refused
     assert "maxmem_mib" not in ts.get("m").extra
-    assert mem_max(ts, "m", 110) == 110 and ts.get("m").extra["maxmem_mib"] == 110
+    assert sync(mem_max(ts, "m", 110)) == 110 and ts.get("m").extra["maxmem_mib"] == 110
     with pytest.raises(UsageError, match="above its maxmem of 110 MiB"):
-        mem_set(ts, "m", 120)
+        sync(mem_set(ts, "m", 120))
 
 
 def test_vcpus_through_the_backend(ts: Toolstack, fake: FakeBackend) -> None:
@@ -193,22 +194,22 @@ def test_vcpus_through_the_backend(ts: Toolstack, fake: FakeBackend) -> None:
 
     cfg = ts.state_dir.parent / "v.cfg"
     cfg.write_text('name = "v"\ntype = "hvm"\nmemory = 64\nvcpus = 1\nmaxvcpus = 3\n')
-    rec = ts.create(cfg)
-    assert vcpu_set(ts, "v", 2).guest_online == 2
+    rec = sync(ts.create(cfg))
+    assert sync(vcpu_set(ts, "v", 2)).guest_online == 2
     assert ts.get("v").extra["vcpus"] == 2 and ts.get("v").extra["vcpus_plugged"] == 2
-    vcpu_set(ts, "v", 1)
+    sync(vcpu_set(ts, "v", 1))
     assert ts.get("v").extra["vcpus_plugged"] == 2  # only grows
     with pytest.raises(UsageError, match="out of range"):
-        vcpu_set(ts, "v", 4)
-    assert [(r.name, r.domid, r.vcpu, r.state) for r in vcpu_list(ts, "v")] == [
+        sync(vcpu_set(ts, "v", 4))
+    assert [(r.name, r.domid, r.vcpu, r.state) for r in sync(vcpu_list(ts, "v"))] == [
         ("v", rec.domid, 0, "running"), ("v", rec.domid, 1, "offline"),
         ("v", rec.domid, 2, "offline")]
-    assert vcpu_pin(ts, "v", 1, "0") == {1: frozenset({0})}
-    assert vcpu_pin(ts, "v", "all", "0") == {0: {0}, 1: {0}, 2: {0}}
+    assert sync(vcpu_pin(ts, "v", 1, "0")) == {1: frozenset({0})}
+    assert sync(vcpu_pin(ts, "v", "all", "0")) == {0: {0}, 1: {0}, 2: {0}}
     with pytest.raises(NotFoundError):
-        vcpu_pin(ts, "v", 7, "0")
+        sync(vcpu_pin(ts, "v", 7, "0"))
     with pytest.raises(UsageError, match="not a vCPU number"):
-        vcpu_pin(ts, "v", "x", "0")
+        sync(vcpu_pin(ts, "v", "x", "0"))
 
 
 def test_a_missing_capability_is_refused_before_anything_changes() -> None:
@@ -226,17 +227,17 @@ def test_rename_and_info_through_the_backend(ts: Toolstack, fake: FakeBackend) -
 
     rec = _running(ts, fake, "a")
     _running(ts, fake, "b")
-    renamed = resources.rename(ts, "a", "web")
+    renamed = sync(resources.rename(ts, "a", "web"))
     assert renamed.name == "web" and renamed.uuid == rec.uuid
     assert ("rename", rec.uuid) in fake.calls and "qemu_name" not in renamed.extra
     with pytest.raises(Taken):
-        resources.rename(ts, "web", "b")
-    out = resources.info(ts, "web")
+        sync(resources.rename(ts, "web", "b"))
+    out = sync(resources.info(ts, "web"))
     assert (out["name"], out["state"]) == ("web", "running")
     assert out["live"] == {"state": "running", "memory_mib": 64, "vcpus": 1, "disks": {},
                            "nics": []}
     fake.vanish(rec.uuid)  # gone behind our back: info shows the stale record, no live part
-    out = resources.info(ts, "web")
+    out = sync(resources.info(ts, "web"))
     assert out["live"] is None
 
 
@@ -250,7 +251,7 @@ def test_save_and_restore_through_the_backend(ts: Toolstack, fake: FakeBackend,
     rec = _running(ts, fake, "a")
     fake.world[rec.uuid].memory_mib = 48  # the guest's state, as the backend has it
     image = tmp_path / "a.save"
-    header = save(ts, "a", image)
+    header = sync(save(ts, "a", image))
     assert (header.name, header.uuid, header.state, header.qemu_version) == (
         "a", rec.uuid, "running", "fake-1")
     assert ts.store.list() == [] and rec.uuid not in fake.world  # the domain went, released
@@ -259,24 +260,24 @@ def test_save_and_restore_through_the_backend(ts: Toolstack, fake: FakeBackend,
         layout, _ = check_open(f.fileno(), str(image))  # a whole, checked image
     assert layout.seed is not None
 
-    back = restore(ts, image, image=object())
+    back = sync(restore(ts, image, image=object()))
     assert (back.name, back.uuid, back.state) == ("a", rec.uuid, "running")
     assert fake.world[rec.uuid].memory_mib == 48  # the stream carried the guest's state
     assert ("load", rec.uuid) in fake.calls
 
     # keep_running: the domain goes on, paused stays paused.
-    ts.pause("a")
+    sync(ts.pause("a"))
     again = tmp_path / "b.save"
-    assert save(ts, "a", again, keep_running=True).state == "paused"
+    assert sync(save(ts, "a", again, keep_running=True)).state == "paused"
     assert ts.get("a").state == "paused" and fake.world[rec.uuid].state == "paused"
 
     # A damaged image is refused before any domain is made.
-    ts.destroy("a")
+    sync(ts.destroy("a"))
     data = bytearray(again.read_bytes())
     data[-100] ^= 0xFF
     again.write_bytes(bytes(data))
     with pytest.raises(FormatError):
-        restore(ts, again, image=object())
+        sync(restore(ts, again, image=object()))
     assert ts.store.list() == []
 
 
@@ -294,7 +295,7 @@ def test_the_console_is_the_backends_stream(ts: Toolstack, fake: FakeBackend) ->
     for fd in (r, w, out_r, out_w):
         os.close(fd)
     assert ("open_console", rec.uuid) in fake.calls
-    ts.destroy("a")
+    sync(ts.destroy("a"))
     with pytest.raises(NotFoundError):  # gone, as with xl
         ts.open_console("a")
 
@@ -310,10 +311,10 @@ def test_migrate_between_two_toolstacks_through_the_backend(tmp_path: Path) -> N
     kernel.write_bytes(b"\0" * 512)  # a kernel in the config: no guest image is built
     cfg = tmp_path / "m.cfg"
     cfg.write_text(f'name = "m"\ntype = "hvm"\nmemory = 64\nkernel = "{kernel}"\n')
-    rec = src.create(cfg)
+    rec = sync(src.create(cfg))
     src_fake.world[rec.uuid].memory_mib = 50  # what the guest's state holds
 
-    res = migrate(src, "m", dst)
+    res = sync(migrate(src, "m", dst))
     assert res.record is not None and (res.record.name, res.record.uuid) == ("m", rec.uuid)
     assert src.store.list() == [] and rec.uuid not in src_fake.world  # gone here, released
     there = dst_fake.world[rec.uuid]
@@ -326,7 +327,7 @@ def test_migrate_between_two_toolstacks_through_the_backend(tmp_path: Path) -> N
     back = Toolstack(tmp_path / "back", backend=FakeBackend())
     dst_fake.refuse = "no"
     with pytest.raises(BackendError, match="m still runs here"):
-        migrate(dst, "m", back)
+        sync(migrate(dst, "m", back))
     assert dst.get("m").state == "running" and dst_fake.world[rec.uuid].state == "running"
     assert back.store.list() == []  # the half-made destination is gone
 
@@ -345,7 +346,7 @@ def test_a_backend_that_streams_without_the_header_commits_nothing(
     ts2 = Toolstack(tmp_path / "state2", backend=headless)
     _running(ts2, headless, "a")
     with pytest.raises(BackendError, match="without its header; nothing saved"):
-        save(ts2, "a", tmp_path / "a.save")
+        sync(save(ts2, "a", tmp_path / "a.save"))
     assert not list(tmp_path.glob("*a.save*")) and ts2.get("a").state == "running"
 
 
@@ -357,12 +358,12 @@ def test_verbs_a_backend_cannot_do_refuse_before_they_change_anything(
     rec = _running(ts, fake, "a")
     with pytest.raises(Unsupported, match=r"snapshot-create a s1: the fake backend cannot do "
                                           r"it .live disk snapshots"):
-        create_snapshot(ts, "a", "s1")
+        sync(create_snapshot(ts, "a", "s1"))
     assert ts.store.list_snapshots(rec.domid) == [] and "job" not in ts.get("a").extra
     rom = tmp_path / "card.rom"
     rom.write_bytes(b"\x55\xaa" + bytes(510))
     with pytest.raises(Unsupported, match=r"rom boot: the fake backend cannot do it .screen"):
-        boot_rom(ts, rom, out_dir=tmp_path / "out")
+        sync(boot_rom(ts, rom, out_dir=tmp_path / "out"))
     assert not (tmp_path / "out").exists() and [r.name for r in ts.store.list()] == ["a"]
     # QEMU's own paths are for QEMU's domains only.
     with pytest.raises(Unsupported):
@@ -416,7 +417,7 @@ def test_a_backend_that_returns_without_committing_saved_nothing(tmp_path: Path)
     ts = Toolstack(tmp_path / "state", backend=fake)
     _running(ts, fake, "a")
     with pytest.raises(BackendError, match="without committing the image; nothing was saved"):
-        save(ts, "a", tmp_path / "a.save")
+        sync(save(ts, "a", tmp_path / "a.save"))
     assert not [p for p in tmp_path.iterdir() if "a.save" in p.name]
     assert ts.get("a").state == "running" and "job" not in ts.get("a").extra
 
@@ -435,7 +436,7 @@ def test_snapshots_follow_a_killed_migration_to_another_backends_toolstack(
     kernel.write_bytes(b"\0" * 512)
     cfg = tmp_path / "m.cfg"
     cfg.write_text(f'name = "m"\ntype = "hvm"\nmemory = 64\nkernel = "{kernel}"\n')
-    rec = src.create(cfg)
+    rec = sync(src.create(cfg))
     src.store.add_snapshot(SnapshotRecord(0, rec.domid, "s1", None, 0.0, SnapshotKind.INTERNAL,
                                           state=SnapshotState.READY))
     saved: dict[str, Any] = {}
@@ -452,12 +453,12 @@ def test_snapshots_follow_a_killed_migration_to_another_backends_toolstack(
 
     monkeypatch.setattr(sender.faults, "point", point)
     with pytest.raises(Killed):
-        sender.migrate(src, "m", dst)
+        sync(sender.migrate(src, "m", dst))
     job = dict(saved["job"])
     assert job["detail"]["dest_backend"] == "fake"
     job["since"] = -1  # its owner is gone
     src.store.patch(rec.domid, extra_set={JOB: job})
-    src.list()  # the next command finishes the migration
+    sync(src.list())  # the next command finishes the migration
     assert src.store.list() == []
     assert [s.name for s in dst.store.list_snapshots(dst.get("m").domid)] == ["s1"]
 
@@ -470,7 +471,7 @@ def test_a_dry_run_shows_the_backends_command_and_changes_nothing(
     cfg = tmp_path / "b.cfg"
     cfg.write_text('name = "b"\ntype = "hvm"\nmemory = 64\n'
                    'vif = ["bridge=br0,vifname=tapb0"]\n')
-    plan = plan_create(ts, cfg)
+    plan = sync(plan_create(ts, cfg))
     # The next free id, the backend's own command, and the host end it would bring up.
     assert plan.domid == 2 and plan.argv == ("fake-start", "2", "b", "tap=0:tapb0")
     assert [(v.vifname, v.bridge) for v in plan.vifs] == [("tapb0", "br0")]
@@ -480,20 +481,24 @@ def test_a_dry_run_shows_the_backends_command_and_changes_nothing(
 
 def test_a_command_runs_every_backend_call_on_one_event_loop(
         ts: Toolstack, fake: FakeBackend, tmp_path: Path) -> None:
-    from xenlab.vm.backend import command_loop
+    from xenlab.cli.loop import command_loop, go
     from xenlab.vm.migration.saverestore import restore, save
 
-    def save_and_restore(name: str) -> None:
-        _running(ts, fake, name)
-        ts.pause(name)
-        ts.unpause(name)
-        save(ts, name, tmp_path / f"{name}.save")
-        restore(ts, tmp_path / f"{name}.save")
+    async def save_and_restore(name: str) -> None:
+        await ts.pause(name)
+        await ts.unpause(name)
+        await save(ts, name, tmp_path / f"{name}.save")
+        await restore(ts, tmp_path / f"{name}.save")
 
-    save_and_restore("a")  # a library caller without a command loop: one loop per call
-    assert len(fake.loops) > 3
+    _running(ts, fake, "a")
+    sync(save_and_restore("a"))  # one verb: every backend call on its one loop
+    assert len(fake.loops) == 1
     fake.loops.clear()
-    with command_loop():  # as the CLI runs every `xenlab vm` command
-        save_and_restore("b")
+    _running(ts, fake, "b")
+    with command_loop():  # as the CLI runs every `xenlab vm` command: verb after verb
+        go(ts.pause("b"))
+        go(ts.unpause("b"))
+        go(save(ts, "b", tmp_path / "b.save"))
+        go(restore(ts, tmp_path / "b.save"))
     assert len(fake.loops) == 1
     assert ts.get("b").state == "running"

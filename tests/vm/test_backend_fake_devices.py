@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.fakebackend import FakeBackend
 from xenlab import hotplug
 from xenlab.errors import BackendError, ConflictError, NotFoundError, UsageError
@@ -32,7 +33,7 @@ def ts(tmp_path: Path, fake: FakeBackend) -> Toolstack:
 def _running(ts: Toolstack, name: str, extra_lines: str = "") -> DomainRecord:
     cfg = ts.state_dir.parent / f"{name}.cfg"
     cfg.write_text(f'name = "{name}"\ntype = "hvm"\nmemory = 64\n{extra_lines}')
-    return ts.create(cfg)
+    return sync(ts.create(cfg))
 
 
 def _image(tmp_path: Path, name: str) -> str:
@@ -49,7 +50,7 @@ def test_attach_and_detach_follow_the_backend(ts: Toolstack, fake: FakeBackend,
                                               tmp_path: Path) -> None:
     rec = _running(ts, "a")
     data = _image(tmp_path, "data.img")
-    info = block_attach(ts, "a", f"format=raw,vdev=xvdb,access=rw,target={data}")
+    info = sync(block_attach(ts, "a", f"format=raw,vdev=xvdb,access=rw,target={data}"))
     assert (info.vdev, info.file, info.slot) == ("xvdb", data, 0x21)  # the backend's slot
     assert fake.world[rec.uuid].disks == {"xvdb": data}
     assert _vdevs(ts, "a") == ["xvdb"] and JOB not in ts.get("a").extra
@@ -57,15 +58,15 @@ def test_attach_and_detach_follow_the_backend(ts: Toolstack, fake: FakeBackend,
     assert f"target={data}" in ts.get("a").config_text
 
     with pytest.raises(ConflictError):
-        block_attach(ts, "a", f"format=raw,vdev=xvdb,access=rw,target={data}")
+        sync(block_attach(ts, "a", f"format=raw,vdev=xvdb,access=rw,target={data}"))
     assert [c for c in fake.calls if c[0] == "attach_disk"] == [("attach_disk", rec.uuid)]
 
-    gone = block_detach(ts, "a", "xvdb")
+    gone = sync(block_detach(ts, "a", "xvdb"))
     assert gone.vdev == "xvdb" and fake.world[rec.uuid].disks == {}
     assert fake.world[rec.uuid].parts == set()  # released
     assert _vdevs(ts, "a") == [] and STALE_NODES not in ts.get("a").extra
     with pytest.raises(NotFoundError):
-        block_detach(ts, "a", "xvdb")
+        sync(block_detach(ts, "a", "xvdb"))
 
 
 def test_a_refused_attach_keeps_nothing(ts: Toolstack, fake: FakeBackend,
@@ -74,25 +75,25 @@ def test_a_refused_attach_keeps_nothing(ts: Toolstack, fake: FakeBackend,
     fake.refuse = "no room on the bus"
     target = tmp_path / "new.qcow2"
     with pytest.raises(BackendError, match="block-attach a: disk xvdc: fake refused the disk"):
-        block_attach(ts, "a", f"format=qcow2,vdev=xvdc,access=rw,target={target}",
-                     create_size="16M")
+        sync(block_attach(ts, "a", f"format=qcow2,vdev=xvdc,access=rw,target={target}",
+                     create_size="16M"))
     assert not target.exists()  # the image it made for the disk is gone again
     assert _vdevs(ts, "a") == [] and fake.world[rec.uuid].disks == {}
     assert JOB not in ts.get("a").extra
     with pytest.raises(UsageError, match="only virtio disks"):
-        block_attach(ts, "a", f"format=raw,vdev=hdb,access=rw,target={target}")
+        sync(block_attach(ts, "a", f"format=raw,vdev=hdb,access=rw,target={target}"))
 
 
 def test_a_guest_that_keeps_the_disk_keeps_it_in_the_record(ts: Toolstack, fake: FakeBackend,
                                                             tmp_path: Path) -> None:
     rec = _running(ts, "a")
-    block_attach(ts, "a", f"format=raw,vdev=xvdb,access=rw,target={_image(tmp_path, 'd')}")
+    sync(block_attach(ts, "a", f"format=raw,vdev=xvdb,access=rw,target={_image(tmp_path, 'd')}"))
     fake.clingy = True
     with pytest.raises(BackendError, match="did not release it within 0 s"):
-        block_detach(ts, "a", "xvdb", timeout=0)
+        sync(block_detach(ts, "a", "xvdb", timeout=0))
     assert _vdevs(ts, "a") == ["xvdb"] and "xvdb" in fake.world[rec.uuid].disks
     fake.clingy = False  # the guest lets go: detach again finishes
-    block_detach(ts, "a", "xvdb")
+    sync(block_detach(ts, "a", "xvdb"))
     assert _vdevs(ts, "a") == []
 
 
@@ -100,15 +101,15 @@ def test_parts_the_backend_keeps_wait_for_the_next_attach(ts: Toolstack, fake: F
                                                            tmp_path: Path) -> None:
     rec = _running(ts, "a")
     disk = f"format=raw,vdev=xvdb,access=rw,target={_image(tmp_path, 'd')}"
-    block_attach(ts, "a", disk)
+    sync(block_attach(ts, "a", disk))
     fake.sticky = True
-    block_detach(ts, "a", "xvdb")  # detached; the clean-up fails and is recorded
+    sync(block_detach(ts, "a", "xvdb"))  # detached; the clean-up fails and is recorded
     assert _vdevs(ts, "a") == []
     assert Runtime.of(ts.get("a")).stale_nodes == {"xvdb": ("xvdb-part",)}
     with pytest.raises(BackendError, match="fake keeps parts of an earlier xvdb"):
-        block_attach(ts, "a", disk)
+        sync(block_attach(ts, "a", disk))
     fake.sticky = False
-    block_attach(ts, "a", disk)  # the leftovers go first, then the disk
+    sync(block_attach(ts, "a", disk))  # the leftovers go first, then the disk
     assert STALE_NODES not in ts.get("a").extra and fake.world[rec.uuid].parts == set()
 
 
@@ -122,7 +123,7 @@ def test_a_killed_attach_is_finished_or_undone(ts: Toolstack, fake: FakeBackend,
     ts.store.patch(rec.domid, extra_set={JOB: Job("block-attach", 1, 0, {
         "spec": spec, "nodes": ["xvdb-part"], "created": None}).to_json()})
     assert _vdevs(ts, "a") == []  # block-list reads the record; converge is the next verb's
-    ts.pause("a")
+    sync(ts.pause("a"))
     assert _vdevs(ts, "a") == ["xvdb"] and JOB not in ts.get("a").extra
 
     # Killed before the backend had the device: its parts and the image it made go.
@@ -131,7 +132,7 @@ def test_a_killed_attach_is_finished_or_undone(ts: Toolstack, fake: FakeBackend,
     ts.store.patch(rec.domid, extra_set={JOB: Job("block-attach", 1, 0, {
         "spec": f"format=raw,vdev=xvdc,access=rw,target={made}", "nodes": ["xvdc-part"],
         "created": made}).to_json()})
-    ts.unpause("a")
+    sync(ts.unpause("a"))
     assert _vdevs(ts, "a") == ["xvdb"] and not Path(made).exists()
     assert fake.world[rec.uuid].parts == set() and ("discard_disk", rec.uuid) in fake.calls
 
@@ -139,32 +140,32 @@ def test_a_killed_attach_is_finished_or_undone(ts: Toolstack, fake: FakeBackend,
 def test_a_killed_detach_is_finished_when_the_guest_let_go(ts: Toolstack, fake: FakeBackend,
                                                             tmp_path: Path) -> None:
     rec = _running(ts, "a")
-    block_attach(ts, "a", f"format=raw,vdev=xvdb,access=rw,target={_image(tmp_path, 'd')}")
-    block_attach(ts, "a", f"format=raw,vdev=xvdc,access=rw,target={_image(tmp_path, 'e')}")
+    sync(block_attach(ts, "a", f"format=raw,vdev=xvdb,access=rw,target={_image(tmp_path, 'd')}"))
+    sync(block_attach(ts, "a", f"format=raw,vdev=xvdc,access=rw,target={_image(tmp_path, 'e')}"))
     del fake.world[rec.uuid].disks["xvdb"]  # the guest let xvdb go; the verb was killed
     ts.store.patch(rec.domid, extra_set={JOB: Job("block-detach", 1, 0,
                                                   {"vdev": "xvdb"}).to_json()})
-    ts.pause("a")
+    sync(ts.pause("a"))
     assert _vdevs(ts, "a") == ["xvdc"]
     assert Runtime.of(ts.get("a")).stale_nodes == {"xvdb": ("xvdb-part",)}
     # Killed while the guest still has it: the record is true as it is.
     ts.store.patch(rec.domid, extra_set={JOB: Job("block-detach", 1, 0,
                                                   {"vdev": "xvdc"}).to_json()})
-    ts.unpause("a")
+    sync(ts.unpause("a"))
     assert _vdevs(ts, "a") == ["xvdc"] and JOB not in ts.get("a").extra
 
 
 def test_cd_insert_and_eject(ts: Toolstack, fake: FakeBackend, tmp_path: Path) -> None:
     rec = _running(ts, "a", 'disk = [ ",raw,hdc,cdrom" ]\n')
     iso = _image(tmp_path, "install.iso")
-    info = cd_insert(ts, "a", "hdc", iso)
+    info = sync(cd_insert(ts, "a", "hdc", iso))
     assert (info.vdev, info.file, info.device) == ("hdc", iso, "ide-cd")
     assert fake.world[rec.uuid].disks["hdc"] == iso
-    assert cd_eject(ts, "a", "hdc").file is None and fake.world[rec.uuid].disks["hdc"] is None
+    assert sync(cd_eject(ts, "a", "hdc")).file is None and fake.world[rec.uuid].disks["hdc"] is None
     with pytest.raises(NotFoundError, match="no cdrom hdd"):
-        cd_insert(ts, "a", "hdd", iso)
+        sync(cd_insert(ts, "a", "hdd", iso))
     with pytest.raises(UsageError, match="does not exist"):
-        cd_insert(ts, "a", "hdc", str(tmp_path / "missing.iso"))
+        sync(cd_insert(ts, "a", "hdc", str(tmp_path / "missing.iso")))
 
 
 def _devids(ts: Toolstack, name: str) -> list[int]:
@@ -175,31 +176,31 @@ def test_network_attach_and_detach_follow_the_backend(ts: Toolstack,
                                                       fake: FakeBackend) -> None:
     rec = _running(ts, "a", 'vif = [ "" ]\n')
     assert fake.world[rec.uuid].nics == {0}
-    info = network_attach(ts, "a", ["bridge=xenbr9"])
+    info = sync(network_attach(ts, "a", ["bridge=xenbr9"]))
     assert (info.devid, info.bridge) == (1, "xenbr9")
     assert fake.world[rec.uuid].nics == {0, 1} and _devids(ts, "a") == [0, 1]
     (end,) = Runtime.of(ts.get("a")).vifs  # the host end the backend brought up is recorded
     assert end["devid"] == 1 and end["vifname"] in fake.ends_up
     assert JOB not in ts.get("a").extra
     with pytest.raises(ConflictError, match="devid 1 is taken"):
-        network_attach(ts, "a", ["devid=1"])
+        sync(network_attach(ts, "a", ["devid=1"]))
     with pytest.raises(ConflictError, match="MAC"):
-        network_attach(ts, "a", [f"mac={info.mac}"])
+        sync(network_attach(ts, "a", [f"mac={info.mac}"]))
 
-    assert network_detach(ts, "a", "1").devid == 1
+    assert sync(network_detach(ts, "a", "1")).devid == 1
     assert fake.world[rec.uuid].nics == {0} and fake.ends_up == set()
     assert _devids(ts, "a") == [0] and VIFS not in ts.get("a").extra
-    assert network_detach(ts, "a", "0").devid == 0
+    assert sync(network_detach(ts, "a", "0")).devid == 0
     assert _devids(ts, "a") == []
     with pytest.raises(NotFoundError):
-        network_detach(ts, "a", "0")
+        sync(network_detach(ts, "a", "0"))
 
 
 def test_a_refused_nic_leaves_no_host_end(ts: Toolstack, fake: FakeBackend) -> None:
     rec = _running(ts, "a")
     fake.refuse = "no slot"
     with pytest.raises(BackendError, match="network-attach a: fake refused the NIC: no slot"):
-        network_attach(ts, "a", ["bridge=xenbr9"])
+        sync(network_attach(ts, "a", ["bridge=xenbr9"]))
     assert fake.world[rec.uuid].nics == set() and fake.ends_up == set()
     assert _devids(ts, "a") == [] and JOB not in ts.get("a").extra
 
@@ -207,18 +208,18 @@ def test_a_refused_nic_leaves_no_host_end(ts: Toolstack, fake: FakeBackend) -> N
 def test_a_nic_the_guest_keeps_and_a_host_end_that_will_not_go(ts: Toolstack,
                                                                fake: FakeBackend) -> None:
     rec = _running(ts, "a")
-    network_attach(ts, "a", ["bridge=xenbr9"])
+    sync(network_attach(ts, "a", ["bridge=xenbr9"]))
     fake.clingy = True
     with pytest.raises(BackendError, match="did not release vif 0 within 0 s"):
-        network_detach(ts, "a", "0", timeout=0)
+        sync(network_detach(ts, "a", "0", timeout=0))
     assert _devids(ts, "a") == [0] and fake.world[rec.uuid].nics == {0}
     fake.clingy, fake.sticky = False, True
-    network_detach(ts, "a", "0")  # detached; taking its host end down fails
+    sync(network_detach(ts, "a", "0"))  # detached; taking its host end down fails
     assert _devids(ts, "a") == []
     (left,) = Runtime.of(ts.get("a")).vifs  # kept for the next attach to take down
     assert left["vifname"] in fake.ends_up
     fake.sticky = False
-    network_attach(ts, "a", ["bridge=xenbr9"])
+    sync(network_attach(ts, "a", ["bridge=xenbr9"]))
     (now,) = Runtime.of(ts.get("a")).vifs
     assert fake.ends_up == {now["vifname"]}  # the old end went first; only the new is up
 
@@ -233,21 +234,21 @@ def test_a_killed_network_attach_or_detach_converges(ts: Toolstack,
     spec = "bridge=xenbr9,devid=0,mac=00:16:3e:00:00:10"
     ts.store.patch(rec.domid, extra_set={JOB: Job("network-attach", 1, 0, {
         "spec": spec, "vif": end}).to_json()})
-    ts.pause("a")
+    sync(ts.pause("a"))
     assert _devids(ts, "a") == [0] and Runtime.of(ts.get("a")).vifs == (end,)
     # One killed before the guest had it: the host end it brought up goes.
     fake.ends_up.add("fkend.1")
     end1 = hotplug.vif_to_json(hotplug.Vif(rec.domid, 1, "fkend.1", bridge="xenbr9"))
     ts.store.patch(rec.domid, extra_set={JOB: Job("network-attach", 1, 0, {
         "spec": "bridge=xenbr9,devid=1,mac=00:16:3e:00:00:11", "vif": end1}).to_json()})
-    ts.unpause("a")
+    sync(ts.unpause("a"))
     assert _devids(ts, "a") == [0] and fake.ends_up == {"fkend.0"}
     assert ("discard_nic", rec.uuid) in fake.calls
     # A detach killed after the guest let the NIC go: the record drops it.
     fake.world[rec.uuid].nics.discard(0)
     ts.store.patch(rec.domid, extra_set={JOB: Job("network-detach", 1, 0,
                                                   {"devid": 0}).to_json()})
-    ts.pause("a")
+    sync(ts.pause("a"))
     assert _devids(ts, "a") == [] and JOB not in ts.get("a").extra
 
 
@@ -258,20 +259,20 @@ def test_mirror_through_the_backend(ts: Toolstack, fake: FakeBackend, tmp_path: 
     Path(data).write_bytes(b"guest data" * 100)
     rec = _running(ts, "a", f'disk = [ "format=raw,vdev=xvda,access=rw,target={data}" ]\n')
     copy = tmp_path / "copy.img"
-    res = mirror(ts, "a", "xvda", copy, format="raw", pivot=False)
+    res = sync(mirror(ts, "a", "xvda", copy, format="raw", pivot=False))
     assert (res.pivoted, res.bytes) == (False, 1000) and copy.read_bytes() == b"guest data" * 100
     assert fake.world[rec.uuid].disks["xvda"] == data and DISK_PATHS not in ts.get("a").extra
     moved = tmp_path / "moved.img"
-    res = mirror(ts, "a", "xvda", moved, format="raw")
+    res = sync(mirror(ts, "a", "xvda", moved, format="raw"))
     assert res.pivoted and fake.world[rec.uuid].disks["xvda"] == str(moved)
     assert Runtime.of(ts.get("a")).moved["xvda"].file == str(moved)
     assert [d.file for d in block_list(ts, "a")] == [str(moved)]
     assert JOB not in ts.get("a").extra
     with pytest.raises(ConflictError):  # the target must be new
-        mirror(ts, "a", "xvda", moved, format="raw")
+        sync(mirror(ts, "a", "xvda", moved, format="raw"))
     fake.refuse = "busy"
     with pytest.raises(BackendError, match="fake refused the copy: busy; a still runs on"):
-        mirror(ts, "a", "xvda", tmp_path / "third.img", format="raw")
+        sync(mirror(ts, "a", "xvda", tmp_path / "third.img", format="raw"))
     assert not (tmp_path / "third.img").exists() and JOB not in ts.get("a").extra
 
 
@@ -295,7 +296,7 @@ def test_an_interrupted_mirror_is_settled_before_it_lets_go(tmp_path: Path, pivo
     rec = _running(ts, "a", f'disk = [ "format=raw,vdev=xvda,access=rw,target={data}" ]\n')
     target = tmp_path / "moved.img"
     with pytest.raises(KeyboardInterrupt):
-        mirror(ts, "a", "xvda", target, format="raw", pivot=pivot)
+        sync(mirror(ts, "a", "xvda", target, format="raw", pivot=pivot))
     now = ts.get("a")
     assert JOB not in now.extra
     if pivot:
@@ -327,7 +328,7 @@ def test_ctrl_c_between_the_pivot_and_its_record_is_settled(
 
     monkeypatch.setattr(mirror_mod.faults, "point", point)
     with pytest.raises(KeyboardInterrupt):
-        mirror_mod.mirror(ts, "a", "xvda", target, format="raw")
+        sync(mirror_mod.mirror(ts, "a", "xvda", target, format="raw"))
     now = ts.get("a")
     assert fake.world[rec.uuid].disks["xvda"] == str(target)
     assert Runtime.of(now).moved["xvda"].file == str(target) and JOB not in now.extra
@@ -360,10 +361,10 @@ def test_a_settle_that_fails_hands_the_job_to_the_next_command(
     rec = _running(ts, "a", f'disk = [ "format=raw,vdev=xvda,access=rw,target={data}" ]\n')
     target = tmp_path / "moved.img"
     with pytest.raises(KeyboardInterrupt):
-        mirror(ts, "a", "xvda", target, format="raw")
+        sync(mirror(ts, "a", "xvda", target, format="raw"))
     job = job_of(ts.get("a"))
     assert job is not None and job.verb == "mirror" and not job.owner_alive()
-    assert ts.list()[0].record.name == "a"  # the next command converges it
+    assert sync(ts.list())[0].record.name == "a"  # the next command converges it
     now = ts.get("a")
     assert Runtime.of(now).moved["xvda"].file == str(target) and JOB not in now.extra
     assert fake.world[rec.uuid].disks["xvda"] == str(target)

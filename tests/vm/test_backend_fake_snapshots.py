@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.fakebackend import FakeBackend
 from xenlab.errors import BackendError
 from xenlab.vm.backend import Capabilities, Unsupported
@@ -49,7 +50,7 @@ def _running(ts: Toolstack, tmp_path: Path, name: str = "a") -> tuple[DomainReco
     cfg = tmp_path / f"{name}.cfg"
     cfg.write_text(f'name = "{name}"\ntype = "hvm"\nmemory = 64\n'
                    f'disk = ["format=qcow2,vdev=xvda,access=rw,target={disk}"]\n')
-    return ts.create(cfg), str(disk)
+    return sync(ts.create(cfg)), str(disk)
 
 
 def _backing(path: str) -> str | None:
@@ -68,18 +69,18 @@ def test_internal_snapshot_keeps_the_memory_and_reverts_it(
     rec, disk = _running(ts, tmp_path)
     dom = fake.world[rec.uuid]
     dom.memory_mib = 48
-    row = create_snapshot(ts, "a", "s1")
+    row = sync(create_snapshot(ts, "a", "s1"))
     assert row.kind is SnapshotKind.INTERNAL and row.disks[0]["vmstate"] is True
     assert fake.tags[os.path.realpath(disk)] == {"s1"}
     assert "save_internal" in _calls(fake) and JOB not in ts.get("a").extra
 
     dom.memory_mib = 20  # the guest moves on
-    revert_snapshot(ts, "a", "s1")
+    sync(revert_snapshot(ts, "a", "s1"))
     assert dom.memory_mib == 48 and dom.state == "running"  # it ran when taken
     assert ts.get("a").state == "running"
     assert list_snapshots(ts, "a").current == "s1"
 
-    delete_snapshot(ts, "a", "s1")
+    sync(delete_snapshot(ts, "a", "s1"))
     assert fake.tags[os.path.realpath(disk)] == set()
     assert "delete_internal" in _calls(fake) and list_snapshots(ts, "a").roots == ()
 
@@ -87,14 +88,14 @@ def test_internal_snapshot_keeps_the_memory_and_reverts_it(
 def test_external_disk_snapshot_switches_and_commits_back(
         ts: Toolstack, fake: FakeBackend, tmp_path: Path) -> None:
     rec, disk = _running(ts, tmp_path)
-    create_snapshot(ts, "a", "e1", external=True, disk_only=True)
+    sync(create_snapshot(ts, "a", "e1", external=True, disk_only=True))
     overlay = f"{disk}.e1.qcow2"
     assert fake.world[rec.uuid].disks["xvda"] == overlay
     assert _backing(overlay) == os.path.realpath(disk)
     assert os.stat(overlay).st_mode & 0o777 == 0o600  # claimed by the verb, private
     assert tops_of(ts, ts.get("a"))["xvda"] == overlay
 
-    delete_snapshot(ts, "a", "e1")
+    sync(delete_snapshot(ts, "a", "e1"))
     assert "commit" in _calls(fake)
     assert fake.world[rec.uuid].disks["xvda"] == disk and not Path(overlay).exists()
     assert tops_of(ts, ts.get("a")).get("xvda", disk) == disk
@@ -104,13 +105,13 @@ def test_external_memory_snapshot_restarts_the_domain_on_its_state(
         ts: Toolstack, fake: FakeBackend, tmp_path: Path) -> None:
     rec, disk = _running(ts, tmp_path)
     fake.world[rec.uuid].memory_mib = 40
-    row = create_snapshot(ts, "a", "m1", external=True, memory=True)
+    row = sync(create_snapshot(ts, "a", "m1", external=True, memory=True))
     assert row.kind is SnapshotKind.EXTERNAL and row.memory_path is not None
     assert os.stat(row.memory_path).st_mode & 0o777 == 0o600
     assert fake.world[rec.uuid].state == "running"  # resumed after its memory was saved
 
     fake.world[rec.uuid].memory_mib = 10
-    after = revert_snapshot(ts, "a", "m1")
+    after = sync(revert_snapshot(ts, "a", "m1"))
     dom = fake.world[after.uuid]
     assert dom.memory_mib == 40 and dom.state == "running" and after.state == "running"
     # The old guest was destroyed and a new one started to take the memory.
@@ -127,7 +128,7 @@ def test_a_backend_without_live_snapshots_refuses_before_anything_changes(
     ts = Toolstack(tmp_path / "state", backend=fake)
     _running(ts, tmp_path)
     with pytest.raises(Unsupported, match="live disk snapshots"):
-        create_snapshot(ts, "a", "s1")
+        sync(create_snapshot(ts, "a", "s1"))
     assert list_snapshots(ts, "a").roots == () and "live_snapshots" not in _calls(fake)
     assert JOB not in ts.get("a").extra
 
@@ -137,7 +138,7 @@ def test_a_refused_take_leaves_no_row_and_no_overlay(
     rec, disk = _running(ts, tmp_path)
     fake.refuse = "no space"
     with pytest.raises(BackendError, match="fake refused the snapshot: no space"):
-        create_snapshot(ts, "a", "e1", external=True, disk_only=True)
+        sync(create_snapshot(ts, "a", "e1", external=True, disk_only=True))
     assert not os.path.lexists(f"{disk}.e1.qcow2")  # the claimed name is given back
     assert fake.world[rec.uuid].disks["xvda"] == disk
     assert list_snapshots(ts, "a").roots == () and JOB not in ts.get("a").extra
@@ -151,11 +152,11 @@ def test_a_shut_off_domain_is_snapshotted_without_a_session(
     cfg.write_text('name = "b"\ntype = "hvm"\nmemory = 64\n'
                    f'disk = ["format=qcow2,vdev=xvda,access=rw,target={disk}"]\n')
     ts.define(cfg)
-    create_snapshot(ts, "b", "off1")
+    sync(create_snapshot(ts, "b", "off1"))
     tags = subprocess.run(["qemu-img", "snapshot", "-l", str(disk)], check=True,
                           capture_output=True, text=True).stdout
     assert "off1" in tags and "live_snapshots" not in _calls(fake)
-    delete_snapshot(ts, "b", "off1")
+    sync(delete_snapshot(ts, "b", "off1"))
     assert "off1" not in subprocess.run(["qemu-img", "snapshot", "-l", str(disk)], check=True,
                                         capture_output=True, text=True).stdout
 
@@ -167,13 +168,13 @@ def test_a_lost_answer_after_the_switch_keeps_the_overlay_the_guest_writes_to(
     rec, disk = _running(ts, tmp_path)
     fake.lose_answer = True
     with pytest.raises(BackendError, match="the disks run on its overlays now"):
-        create_snapshot(ts, "a", "e1", external=True, disk_only=True)
+        sync(create_snapshot(ts, "a", "e1", external=True, disk_only=True))
     overlay = f"{disk}.e1.qcow2"
     assert fake.world[rec.uuid].disks["xvda"] == overlay and Path(overlay).exists()
     assert tops_of(ts, ts.get("a"))["xvda"] == overlay  # a restart runs on it too
     assert [s.state.value for s in ts.store.list_snapshots(rec.domid)] == ["broken"]
     fake.lose_answer = False
-    delete_snapshot(ts, "a", "e1")  # commits the overlay back
+    sync(delete_snapshot(ts, "a", "e1"))  # commits the overlay back
     assert fake.world[rec.uuid].disks["xvda"] == disk and not Path(overlay).exists()
 
 
@@ -182,7 +183,7 @@ def test_a_session_lost_mid_memory_leaves_the_guest_running(
     rec, _ = _running(ts, tmp_path)
     fake.drop_session = True
     with pytest.raises(BackendError, match="the guest, paused for the snapshot, runs again"):
-        create_snapshot(ts, "a", "m1", external=True, memory=True)
+        sync(create_snapshot(ts, "a", "m1", external=True, memory=True))
     assert fake.world[rec.uuid].state == "running" and ts.get("a").state == "running"
 
 
@@ -195,7 +196,7 @@ def test_a_backend_that_cannot_keep_memory_takes_no_default_live_snapshot(
     ts = Toolstack(tmp_path / "state", backend=fake)
     _running(ts, tmp_path)
     with pytest.raises(Unsupported, match="memory snapshots"):
-        create_snapshot(ts, "a", "s1")
+        sync(create_snapshot(ts, "a", "s1"))
     assert list_snapshots(ts, "a").roots == () and "live_snapshots" not in _calls(fake)
-    row = create_snapshot(ts, "a", "d1", disk_only=True)  # the disks alone it can do
+    row = sync(create_snapshot(ts, "a", "d1", disk_only=True))  # the disks alone it can do
     assert row.kind is SnapshotKind.INTERNAL and row.disks[0]["vmstate"] is False

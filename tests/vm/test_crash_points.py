@@ -325,7 +325,7 @@ def test_network_attach(guest: tuple[Toolstack, Path], point: str) -> None:
         async with Qmp.open(ts.paths(ts.get("xcrash")).qmp) as qmp:
             return await qdev_ids(qmp)
 
-    from xenlab.vm.backends.qemu.qmp import run as run_async
+    from asyncio import run as run_async
 
     listed = json.loads(xenlab(ts, "vm", "network-list", "xcrash", "--json").stdout)
     in_qemu = {d for d in run_async(devices()) if d.startswith("vif")}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import sync
 from tests.clirun import run_cli
 from tests.vm.guests import wait_ready, write_config
 from xenlab.errors import StateError, XenlabError
@@ -26,48 +27,48 @@ def _cfg(tmp_path: Path, name: str = "g1", memory: int = 192, maxmem: int = 256)
 
 
 def test_lifecycle(ts: Toolstack, tmp_path: Path) -> None:
-    rec = ts.create(_cfg(tmp_path), create_disks="32M")
+    rec = sync(ts.create(_cfg(tmp_path), create_disks="32M"))
     assert rec.domid == 1 and rec.state == "running" and is_alive(rec)
     wait_ready(ts, "g1")
-    code, out, _ = ts.exec("g1", ["nproc"])
+    code, out, _ = sync(ts.exec("g1", ["nproc"]))
     assert (code, out) == (0, b"2\n")
     # The guest boots with maxmem (256 MiB; MemTotal about 205 MiB after the
     # kernel's own use) and the balloon takes 64 MiB back down to memory (192).
     deadline = time.monotonic() + 30
     while True:
-        kib = int(ts.exec("g1", ["sh", "-c", "grep MemTotal /proc/meminfo"])[1].split()[1])
+        kib = int(sync(ts.exec("g1", ["sh", "-c", "grep MemTotal /proc/meminfo"]))[1].split()[1])
         actual = asyncio.run(ts.qmp_execute(ts.get("g1"), "query-balloon"))
         if kib < 160 * 1024 or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert actual == {"actual": 192 << 20}
     assert 120 * 1024 < kib < 160 * 1024, kib
-    ts.pause("g1")
-    assert ts.status(ts.get("g1")).state == "paused"
-    ts.unpause("g1")
-    assert ts.status(ts.get("g1")).state == "running"
-    assert ts.shutdown("g1", timeout=60) == "shutdown"
+    sync(ts.pause("g1"))
+    assert sync(ts.status(ts.get("g1"))).state == "paused"
+    sync(ts.unpause("g1"))
+    assert sync(ts.status(ts.get("g1"))).state == "running"
+    assert sync(ts.shutdown("g1", timeout=60)) == "shutdown"
     assert ts.store.list() == []
     assert not is_alive(rec)
 
 
 def test_marker_survives_reboot_of_the_domain(ts: Toolstack, tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "g2")
-    ts.create(cfg, ["extra = \"xenlab.mkfs=1\""], create_disks="32M")
+    sync(ts.create(cfg, ["extra = \"xenlab.mkfs=1\""], create_disks="32M"))
     wait_ready(ts, "g2")
-    code, out, err = ts.exec("g2", ["sh", "-c", "echo A > /mnt/disk/marker && sync && "
-                                                "cat /mnt/disk/marker"])
+    code, out, err = sync(ts.exec("g2", ["sh", "-c", "echo A > /mnt/disk/marker && sync && "
+                                                "cat /mnt/disk/marker"]))
     assert (code, out) == (0, b"A\n"), err
-    assert ts.shutdown("g2") == "shutdown"
-    ts.create(cfg)  # the disk is there now: no --create-disks needed
+    assert sync(ts.shutdown("g2")) == "shutdown"
+    sync(ts.create(cfg))  # the disk is there now: no --create-disks needed
     wait_ready(ts, "g2")
-    assert ts.exec("g2", ["cat", "/mnt/disk/marker"])[1] == b"A\n"
+    assert sync(ts.exec("g2", ["cat", "/mnt/disk/marker"]))[1] == b"A\n"
 
 
 def test_stale_state_is_reported_and_cleared(ts: Toolstack, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _cfg(tmp_path, "g3")
-    rec = ts.create(cfg, create_disks="32M")
+    rec = sync(ts.create(cfg, create_disks="32M"))
     assert rec.pid is not None
     os.kill(rec.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -77,40 +78,40 @@ def test_stale_state_is_reported_and_cleared(ts: Toolstack, tmp_path: Path,
     assert code == 0
     assert [(d["name"], d["state"]) for d in json.loads(out)] == [("g3", "stale (QEMU gone)")]
     with pytest.raises(XenlabError, match="stale state"):
-        ts.create(cfg)
+        sync(ts.create(cfg))
     with pytest.raises(StateError, match="not running"):
-        ts.pause("g3")
-    ts.destroy("g3")
+        sync(ts.pause("g3"))
+    sync(ts.destroy("g3"))
     assert ts.store.list() == []
 
 
 def test_bad_input_changes_nothing(ts: Toolstack, tmp_path: Path) -> None:
     with pytest.raises(XenlabError, match="does not exist"):
-        ts.create(_cfg(tmp_path, "g4"))
+        sync(ts.create(_cfg(tmp_path, "g4")))
     assert not (tmp_path / "g4.qcow2").exists() and ts.store.list() == []
     with pytest.raises(XenlabError, match="no domain"):
-        ts.destroy("nope")
+        sync(ts.destroy("nope"))
     # A config QEMU cannot run: more memory than this machine can map.
     bad = _cfg(tmp_path, "g5", memory=1 << 30, maxmem=1 << 30)
     with pytest.raises(XenlabError):
-        ts.create(bad, create_disks="32M")
+        sync(ts.create(bad, create_disks="32M"))
     assert ts.store.list() == [] and not (tmp_path / "g5.qcow2").exists()
     # Two domains cannot share a name.
     cfg = _cfg(tmp_path, "g6")
-    ts.create(cfg, create_disks="32M")
+    sync(ts.create(cfg, create_disks="32M"))
     with pytest.raises(XenlabError, match="already exists"):
-        ts.create(cfg)
+        sync(ts.create(cfg))
     assert [r.name for r in ts.store.list()] == ["g6"]
 
 
 def test_commands_on_one_domain_are_serialised(ts: Toolstack, tmp_path: Path) -> None:
-    ts.create(_cfg(tmp_path, "g7"), create_disks="32M")
+    sync(ts.create(_cfg(tmp_path, "g7"), create_disks="32M"))
     rec = ts.get("g7")
     order: list[str] = []
     with ts.store.lock(rec.domid):
         def other() -> None:
             t2 = Toolstack(ts.state_dir)
-            t2.pause("g7")
+            sync(t2.pause("g7"))
             order.append("paused")
 
         th = threading.Thread(target=other)
@@ -119,7 +120,7 @@ def test_commands_on_one_domain_are_serialised(ts: Toolstack, tmp_path: Path) ->
         order.append("holder done")
     th.join(20)
     assert order == ["holder done", "paused"]
-    assert ts.status(ts.get("g7")).state == "paused"
+    assert sync(ts.status(ts.get("g7"))).state == "paused"
 
 
 def test_cli_create_list_exec_destroy(tmp_path: Path, guest_image: object,
@@ -143,43 +144,43 @@ def test_cli_create_list_exec_destroy(tmp_path: Path, guest_image: object,
 
 
 def test_guest_poweroff_ends_the_domain_like_xl(ts: Toolstack, tmp_path: Path) -> None:
-    rec = ts.create(_cfg(tmp_path, "g8"), create_disks="32M")
+    rec = sync(ts.create(_cfg(tmp_path, "g8"), create_disks="32M"))
     wait_ready(ts, "g8")
-    ts.exec("g8", ["sh", "-c", "(sleep 0.2; poweroff) >/dev/null 2>&1 &"])
+    sync(ts.exec("g8", ["sh", "-c", "(sleep 0.2; poweroff) >/dev/null 2>&1 &"]))
     deadline = time.monotonic() + 30
     while is_alive(rec) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not is_alive(rec)
     # A clean power-off is not a crash: the domain is simply gone.
-    assert ts.list() == []
+    assert sync(ts.list()) == []
     # A crash (QEMU killed) is kept and reported as stale.
-    rec = ts.create(_cfg(tmp_path, "g9"), create_disks="32M")
+    rec = sync(ts.create(_cfg(tmp_path, "g9"), create_disks="32M"))
     assert rec.pid is not None
     os.kill(rec.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while is_alive(rec) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert [s.state for s in ts.list()] == ["stale (QEMU gone)"]
+    assert [s.state for s in sync(ts.list())] == ["stale (QEMU gone)"]
 
 
 def test_reboot_through_the_agent(ts: Toolstack, tmp_path: Path) -> None:
-    rec = ts.create(_cfg(tmp_path, "g10"), create_disks="32M")
+    rec = sync(ts.create(_cfg(tmp_path, "g10"), create_disks="32M"))
     wait_ready(ts, "g10")
-    boot_id = ts.exec("g10", ["cat", "/proc/sys/kernel/random/boot_id"])[1]
-    assert ts.reboot("g10") == "guest reboot"
+    boot_id = sync(ts.exec("g10", ["cat", "/proc/sys/kernel/random/boot_id"]))[1]
+    assert sync(ts.reboot("g10")) == "guest reboot"
     log = ts.paths(rec).console_log
     deadline = time.monotonic() + 60
     while log.read_bytes().count(b"XENLAB-READY") < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    ts.wait_ready("g10", timeout=30)
-    assert ts.exec("g10", ["cat", "/proc/sys/kernel/random/boot_id"])[1] != boot_id
+    sync(ts.wait_ready("g10", timeout=30))
+    assert sync(ts.exec("g10", ["cat", "/proc/sys/kernel/random/boot_id"]))[1] != boot_id
     assert is_alive(rec)  # on_reboot=restart: the same QEMU carries on
 
 
 def test_console_reaches_a_shell(ts: Toolstack, tmp_path: Path) -> None:
     from xenlab.vm.console import attach
 
-    rec = ts.create(_cfg(tmp_path, "g11"), create_disks="32M")
+    rec = sync(ts.create(_cfg(tmp_path, "g11"), create_disks="32M"))
     wait_ready(ts, "g11")
     r, w = os.pipe()
     os.write(w, b"echo con$((40+2))sole\n")
@@ -202,16 +203,16 @@ def test_define_snapshot_while_shut_off_start_and_keep(ts: Toolstack, tmp_path: 
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "g12.qcow2"),
                     "32M"], check=True)
     rec = ts.define(cfg)
-    assert [s.state for s in ts.list()] == ["shutoff"]
-    create_snapshot(ts, "g12", "cold")  # no QEMU: qemu-img
+    assert [s.state for s in sync(ts.list())] == ["shutoff"]
+    sync(create_snapshot(ts, "g12", "cold"))  # no QEMU: qemu-img
     tags = subprocess.run(["qemu-img", "snapshot", "-l", str(tmp_path / "g12.qcow2")],
                           capture_output=True, text=True, check=True).stdout
     assert "cold" in tags
-    started = ts.create(cfg)
+    started = sync(ts.create(cfg))
     assert started.domid == rec.domid and started.state == "running"
-    assert ts.shutdown("g12") == "shutdown"
-    assert [s.state for s in ts.list()] == ["shutoff"]  # defined: kept
+    assert sync(ts.shutdown("g12")) == "shutdown"
+    assert [s.state for s in sync(ts.list())] == ["shutoff"]  # defined: kept
     with pytest.raises(XenlabError, match="already exists"):
         ts.define(cfg)
-    ts.undefine("g12")
-    assert ts.list() == []
+    sync(ts.undefine("g12"))
+    assert sync(ts.list()) == []

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.guests import boot, config_text, read_marker, tmpfs, write_marker
 from tests.vm.truth import check_truth, converge, qemus_named, xenlab
 from xenlab.errors import BackendError, StateError
@@ -28,15 +29,15 @@ def mode(p: Path) -> int:
 def test_a_name_with_a_comma_lives_and_dies(ts: Toolstack, tmp_path: Path) -> None:
     """name="web,prod" was stale at once: every verb refused it, destroy left QEMU running."""
     boot(ts, tmp_path, "web,prod", stem="web", memory=128, maxmem=None, vcpus=1)
-    [status] = [s for s in ts.list() if s.record.name == "web,prod"]
+    [status] = [s for s in sync(ts.list()) if s.record.name == "web,prod"]
     assert status.state == "running"
     pid = ts.get("web,prod").pid
     assert qemus_named({"web,prod"}) == [pid]
-    ts.pause("web,prod")
-    ts.unpause("web,prod")
+    sync(ts.pause("web,prod"))
+    sync(ts.unpause("web,prod"))
     proc = xenlab(ts, "vm", "snapshot-create", "web,prod", "s1")
     assert proc.returncode == 0, proc.stderr
-    ts.destroy("web,prod")
+    sync(ts.destroy("web,prod"))
     assert not Path(f"/proc/{pid}").exists() or \
         Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
     assert ts.get("web,prod").state == "shutoff"  # kept for its snapshot
@@ -95,7 +96,7 @@ def test_qemus_own_refusal_is_quoted(ts: Toolstack, tmp_path: Path) -> None:
     cfg.write_text('name = "bad"\ntype = "hvm"\nmemory = 64\n'
                    f'disk = [ "format=raw,vdev=xvda,access=rw,target={tmp_path / "adir"}" ]\n')
     with pytest.raises(BackendError) as e:
-        ts.create(cfg)
+        sync(ts.create(cfg))
     assert "QEMU refused the domain" in str(e.value)
     assert "directory" in str(e.value).lower(), str(e.value)  # QEMU's own words
     assert ts.store.list() == []
@@ -105,16 +106,16 @@ def test_qemus_own_refusal_is_quoted(ts: Toolstack, tmp_path: Path) -> None:
     cfg.write_text(f'name = "thief"\ntype = "hvm"\nmemory = 64\n'
                    f'disk = [ "format=qcow2,vdev=xvda,access=rw,target={held}" ]\n')
     with pytest.raises(BackendError, match="lock"):
-        ts.create(cfg)
+        sync(ts.create(cfg))
 
 
 def test_exec_on_a_paused_guest_says_so(ts: Toolstack, tmp_path: Path) -> None:
     boot(ts, tmp_path, "sleepy", memory=128, maxmem=None, vcpus=1)
-    ts.pause("sleepy")
+    sync(ts.pause("sleepy"))
     with pytest.raises(StateError, match="is paused: its guest agent cannot answer"):
-        ts.exec("sleepy", ["true"], timeout=5)
-    ts.unpause("sleepy")
-    assert ts.exec("sleepy", ["true"])[0] == 0
+        sync(ts.exec("sleepy", ["true"], timeout=5))
+    sync(ts.unpause("sleepy"))
+    assert sync(ts.exec("sleepy", ["true"]))[0] == 0
 
 
 def test_a_full_state_directory(tmp_path: Path, guest_image: object) -> None:
@@ -146,9 +147,9 @@ def test_a_full_state_directory(tmp_path: Path, guest_image: object) -> None:
             assert read_marker(ts, "full") == "kept"
         finally:
             with contextlib.suppress(Exception):
-                ts.destroy("full")
+                sync(ts.destroy("full"))
             with contextlib.suppress(Exception):
-                ts.undefine("full")
+                sync(ts.undefine("full"))
             ts.store.close()
             qemuimg.info(tmp_path / "full.qcow2", "qcow2")
 
@@ -161,11 +162,11 @@ def test_hot_plugged_vcpus_survive_save_and_restore(ts: Toolstack, tmp_path: Pat
     from xenlab.vm.resources import vcpu_set
 
     boot(ts, tmp_path, "cpus", memory=128, maxmem=None, vcpus=1, maxvcpus=2)
-    vcpu_set(ts, "cpus", 2)
+    sync(vcpu_set(ts, "cpus", 2))
     write_marker(ts, "cpus", "two")
     image = tmp_path / "cpus.save"
-    save(ts, "cpus", image)
-    restore(ts, image)
+    sync(save(ts, "cpus", image))
+    sync(restore(ts, image))
     assert read_marker(ts, "cpus") == "two"
     assert sh(ts, "cpus", "grep -c ^processor /proc/cpuinfo").strip() == "2"
     # A memory snapshot and a local migration carry them too.
@@ -173,14 +174,14 @@ def test_hot_plugged_vcpus_survive_save_and_restore(ts: Toolstack, tmp_path: Pat
     from xenlab.vm.migration.sender import migrate
     from xenlab.vm.snapshot import create_snapshot, revert_snapshot
 
-    create_snapshot(ts, "cpus", "m", external=True, memory=True)
+    sync(create_snapshot(ts, "cpus", "m", external=True, memory=True))
     write_marker(ts, "cpus", "later")
-    revert_snapshot(ts, "cpus", "m")
+    sync(revert_snapshot(ts, "cpus", "m"))
     assert read_marker(ts, "cpus") == "two"
     ts.store.remove_snapshot(ts.store.get_snapshot(ts.get("cpus").domid, "m").id)
     dest = Toolstack(tmp_path / "dest")
     try:
-        migrate(ts, "cpus", dest)
+        sync(migrate(ts, "cpus", dest))
         assert read_marker(dest, "cpus") == "two"
         assert sh(dest, "cpus", "grep -c ^processor /proc/cpuinfo").strip() == "2"
     finally:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.guests import config_text, offline_domain
 from xenlab.errors import XenlabError
 from xenlab.vm import qemuimg
@@ -124,30 +125,30 @@ def test_create_disks_makes_0600_disks(tmp_path: Path) -> None:
 
 def test_the_copy_of_a_shut_off_domains_disk_is_0600(tmp_path: Path) -> None:
     ts, disk = offline_domain(tmp_path, "qcow2")
-    res = mirror(ts, "off", "xvda", tmp_path / "moved.qcow2")
+    res = sync(mirror(ts, "off", "xvda", tmp_path / "moved.qcow2"))
     assert res.pivoted and _mode(res.target) == 0o600
     assert ts.get("off").extra[DISK_PATHS]["xvda"]["file"] == res.target
     # A dangling link at the target's name: refused before anything is done.
     (tmp_path / "planted.qcow2").symlink_to(tmp_path / "through")
     with pytest.raises(XenlabError, match="exists; give a new file name"):
-        mirror(ts, "off", "xvda", tmp_path / "planted.qcow2", pivot=False)
+        sync(mirror(ts, "off", "xvda", tmp_path / "planted.qcow2", pivot=False))
     assert not os.path.lexists(tmp_path / "through") and _leftovers(tmp_path) == []
     assert _mode(disk) == 0o644
 
 
 def test_shut_off_snapshot_files_are_0600(tmp_path: Path) -> None:
     ts, disk = offline_domain(tmp_path, "qcow2")
-    create_snapshot(ts, "off", "E1", external=True)
+    sync(create_snapshot(ts, "off", "E1", external=True))
     assert _mode(f"{disk}.E1.qcow2") == 0o600
-    revert_snapshot(ts, "off", "E1")
+    sync(revert_snapshot(ts, "off", "E1"))
     top = ts.get("off").extra["overlays"]["xvda"]["file"]
     assert top == f"{disk}.E1~1.qcow2" and _mode(top) == 0o600
 
     raw = tmp_path / "raw"
     raw.mkdir()
     ts, disk = offline_domain(raw, "raw")
-    create_snapshot(ts, "off", "R1")
+    sync(create_snapshot(ts, "off", "R1"))
     assert _mode(f"{disk}@R1") == 0o600
-    revert_snapshot(ts, "off", "R1")
+    sync(revert_snapshot(ts, "off", "R1"))
     # The disk is the user's own file: a revert keeps its mode.
     assert _mode(disk) == 0o644 and _leftovers(raw) == []

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import sync
 from tests.clirun import run_cli
 from tests.vm.guests import answers, boot, clear, config_text, sh, wait_ready
 from xenlab.errors import BackendError, FormatError, StateError, XenlabError
@@ -80,7 +81,7 @@ def test_save_restore_continues_the_guest(hosts: tuple[Toolstack, Toolstack],
     before, boot_id = _uptime_and_boot(ts, "g1")
     image = tmp_path / "g1 saved.img"  # a space: no shell anywhere
     t0 = time.monotonic()
-    header = mig.save(ts, "g1", image)
+    header = sync(mig.save(ts, "g1", image))
     save_s = time.monotonic() - t0
     assert ts.store.list() == []  # xl save: the domain is gone
     assert header.name == "g1" and header.state == "running" and header.version == 4
@@ -93,13 +94,13 @@ def test_save_restore_continues_the_guest(hosts: tuple[Toolstack, Toolstack],
     shutil.copyfile(tmp_path / "g1.qcow2", at_save)
 
     t0 = time.monotonic()
-    rec = mig.restore(ts, image, paused=True)
+    rec = sync(mig.restore(ts, image, paused=True))
     restore_s = time.monotonic() - t0
     assert rec.state == "paused" and is_alive(rec) and rec.uuid == header.uuid
-    assert ts.status(ts.get("g1")).state == "paused"
+    assert sync(ts.status(ts.get("g1"))).state == "paused"
     cmp = _compare(at_save, tmp_path / "g1.qcow2")
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
-    ts.unpause("g1")
+    sync(ts.unpause("g1"))
     after, boot_after = _uptime_and_boot(ts, "g1")
     assert boot_after == boot_id  # the same boot of the same kernel, not a new one
     assert after > before
@@ -114,23 +115,23 @@ def test_save_restore_of_a_mirrored_domain(hosts: tuple[Toolstack, Toolstack],
     ts, _ = hosts
     boot(ts, tmp_path, "g1")
     moved = tmp_path / "moved.qcow2"
-    mirror(ts, "g1", "xvda", moved)
+    sync(mirror(ts, "g1", "xvda", moved))
     sh(ts, "g1", "echo M > /mnt/disk/marker && sync")
     image = tmp_path / "g1.save"
-    header = mig.save(ts, "g1", image)
+    header = sync(mig.save(ts, "g1", image))
     assert header.disk_paths == (mig.DiskMove("xvda", str(moved), "qcow2"),)
     assert header.version == 4 and mig.read_header(image)[0] == header
     (kept,) = ts.store.list()  # shut off: only its record says where the disk is
     assert kept.state == SHUTOFF and not is_alive(kept)
     at_save = tmp_path / "at-save.qcow2"
     shutil.copyfile(moved, at_save)
-    rec = mig.restore(ts, image, paused=True)
+    rec = sync(mig.restore(ts, image, paused=True))
     assert rec.domid == kept.domid and rec.state == "paused"
     assert rec.extra[DISK_PATHS] == {"xvda": {"file": str(moved), "format": "qcow2"}}
     assert _block_files(ts, "g1") == {"xvda": str(moved)}
     cmp = _compare(at_save, moved)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
-    ts.unpause("g1")
+    sync(ts.unpause("g1"))
     # Read from the disk, not from the page cache the memory brought back.
     assert sh(ts, "g1", "echo 3 > /proc/sys/vm/drop_caches; cat /mnt/disk/marker") == "M\n"
 
@@ -144,40 +145,40 @@ def test_failed_save_leaves_the_domain_running(hosts: tuple[Toolstack, Toolstack
     not_a_dir = tmp_path / "plain-file"
     not_a_dir.write_text("")
     with pytest.raises(XenlabError, match="cannot write the save image"):
-        mig.save(ts, "g1", not_a_dir / "g1.save")
-    assert ts.get("g1") == rec and ts.status(rec).state == "running"
+        sync(mig.save(ts, "g1", not_a_dir / "g1.save"))
+    assert ts.get("g1") == rec and sync(ts.status(rec)).state == "running"
     # A save that fails once the stream runs (here: out of time at 1 MiB/s)
     # cancels it, resumes the guest and removes the partial file.
     with pytest.raises(BackendError, match="not completed within"):
-        mig.save(ts, "g1", tmp_path / "slow.save", timeout=0.5, max_bandwidth=1 << 20)
+        sync(mig.save(ts, "g1", tmp_path / "slow.save", timeout=0.5, max_bandwidth=1 << 20))
     assert sorted(p.name for p in tmp_path.iterdir() if "save" in p.name) == []
-    assert ts.get("g1") == rec and ts.status(rec).state == "running"
+    assert ts.get("g1") == rec and sync(ts.status(rec)).state == "running"
     assert answers(ts, "g1")
     # keep_running (xl save -c): the image is made and the domain carries on.
-    mig.save(ts, "g1", tmp_path / "g1.save", keep_running=True)
-    assert ts.status(ts.get("g1")).state == "running"
+    sync(mig.save(ts, "g1", tmp_path / "g1.save", keep_running=True))
+    assert sync(ts.status(ts.get("g1"))).state == "running"
     assert sh(ts, "g1", "echo still") == "still\n"
     # Its image cannot be restored while the domain runs: the name is taken.
     with pytest.raises(XenlabError, match="already exists"):
-        mig.restore(ts, tmp_path / "g1.save")
+        sync(mig.restore(ts, tmp_path / "g1.save"))
     assert [r.domid for r in ts.store.list()] == [rec.domid]
 
     # Restoring what is not a xenlab image, or a cut-off one, fails and leaves nothing.
-    ts.destroy("g1")
+    sync(ts.destroy("g1"))
     junk = tmp_path / "junk.save"
     junk.write_bytes(os.urandom(4096))
     with pytest.raises(FormatError, match="not a xenlab save image"):
-        mig.restore(ts, junk)
+        sync(mig.restore(ts, junk))
     data = (tmp_path / "g1.save").read_bytes()
     cut = tmp_path / "cut.save"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(CutShortError, match=rf"cut.save\+{len(data) // 2:#x}: trailer: cut "
                                             "short: the data ends here"):
-        mig.restore(ts, cut)
+        sync(mig.restore(ts, cut))
     assert ts.store.list() == []
     assert not Path(rec.rundir).exists()
     # ...and the whole image still restores.
-    mig.restore(ts, tmp_path / "g1.save")
+    sync(mig.restore(ts, tmp_path / "g1.save"))
     assert sh(ts, "g1", "echo back") == "back\n"
 
 
@@ -231,7 +232,7 @@ def test_damaged_images_never_start_a_qemu_and_old_ones_still_restore(
     boot(ts, tmp_path, "g1")
     sh(ts, "g1", "echo A > /mnt/disk/marker && sync")
     image = tmp_path / "g1.save"
-    header = mig.save(ts, "g1", image)
+    header = sync(mig.save(ts, "g1", image))
     data = image.read_bytes()
     layout, summary = saveimage.check_image(image)
     assert summary is not None and summary.chunks > 3
@@ -259,7 +260,7 @@ def test_damaged_images_never_start_a_qemu_and_old_ones_still_restore(
     for name, raw, kind, field in cases:
         damaged.write_bytes(raw)
         with _QemuWatch(header.uuid) as watch, pytest.raises(kind) as e:
-            mig.restore(ts, damaged)
+            sync(mig.restore(ts, damaged))
         err = e.value
         assert isinstance(err, FormatError) and err.field.startswith(field), (name, str(err))
         assert str(err).startswith(f"{damaged}+0x"), str(err)
@@ -277,18 +278,18 @@ def test_damaged_images_never_start_a_qemu_and_old_ones_still_restore(
     old.write_bytes(_unchecked(image))
     assert saveimage.read_image(old).seed is None
     with caplog.at_level("WARNING"):
-        rec = mig.restore(ts, old)
+        rec = sync(mig.restore(ts, old))
     assert "version 3 save image carries no checksums" in caplog.text
     assert rec.state == "running" and sh(ts, "g1", "cat /mnt/disk/marker") == "A\n"
-    ts.destroy("g1")
+    sync(ts.destroy("g1"))
     # A cut one reaches QEMU, which refuses it; its own words are quoted.
     old.write_bytes(_unchecked(image)[: size // 2])
     with pytest.raises(BackendError, match="could not load the saved state") as cut_err:
-        mig.restore(ts, old)
+        sync(mig.restore(ts, old))
     assert "load of migration failed" in str(cut_err.value), str(cut_err.value)
     assert ts.store.list() == []
     # ...and the version 4 image itself still restores.
-    mig.restore(ts, image)
+    sync(mig.restore(ts, image))
     assert sh(ts, "g1", "cat /mnt/disk/marker") == "A\n"
 
 
@@ -320,7 +321,7 @@ def test_restore_reads_a_raw_disk_as_raw(tmp_path: Path) -> None:
     ts = Toolstack(tmp_path / "state")
     with pytest.raises(XenlabError, match=r"disk xvda \(.*g1.raw\) is raw, so it holds no "
                                           r"snapshot 'xenlab-save-1'"):
-        mig.restore(ts, image)
+        sync(mig.restore(ts, image))
     with pytest.raises(OSError):  # ENXIO: nobody opened the FIFO for reading
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
     assert ts.store.list() == []
@@ -332,19 +333,19 @@ def test_live_migration_shared_disk(hosts: tuple[Toolstack, Toolstack], tmp_path
     boot(src, tmp_path, "g1")
     sh(src, "g1", "echo A > /mnt/disk/marker && sync")
     before, boot_id = _uptime_and_boot(src, "g1")
-    snapshot.create_snapshot(src, "g1", "s1", disk_only=True)
+    sync(snapshot.create_snapshot(src, "g1", "s1", disk_only=True))
     # Snapshot records cannot go to another host yet: refused, nothing changes.
     with pytest.raises(StateError, match="1 snapshot"):
-        mig.migrate(src, "g1", "127.0.0.1:4444", token="t")
+        sync(mig.migrate(src, "g1", "127.0.0.1:4444", token="t"))
     old = src.get("g1")
-    assert src.status(old).state == "running"
+    assert sync(src.status(old)).state == "running"
     seen: list[mig.MigrationProgress] = []
-    res = mig.migrate(src, "g1", dst, progress=seen.append)
+    res = sync(mig.migrate(src, "g1", dst, progress=seen.append))
     assert src.store.list() == [] and not is_alive(old)
     assert not Path(old.rundir).exists()
     assert res.record is not None and res.record.state == "running" and is_alive(res.record)
     assert res.record.uuid == old.uuid
-    assert dst.status(dst.get("g1")).state == "running"
+    assert sync(dst.status(dst.get("g1"))).state == "running"
     assert res.ram_transferred > 0 and res.total_ms > 0
     assert seen and all(p.phase == "memory" for p in seen)
     after, boot_after = _uptime_and_boot(dst, "g1")
@@ -355,8 +356,8 @@ def test_live_migration_shared_disk(hosts: tuple[Toolstack, Toolstack], tmp_path
     assert [n.snapshot.name for n in tree.roots] == ["s1"] and tree.current == "s1"
     print(f"migrate {res.seconds:.2f}s downtime {res.downtime_ms} ms")
     # And back, not live (paused for the copy, virsh migrate without --live).
-    back = mig.migrate(dst, "g1", src, live=False)
-    assert back.record is not None and src.status(back.record).state == "running"
+    back = sync(mig.migrate(dst, "g1", src, live=False))
+    assert back.record is not None and sync(src.status(back.record)).state == "running"
     assert dst.store.list() == [] and _uptime_and_boot(src, "g1")[1] == boot_id
 
 
@@ -369,14 +370,14 @@ def test_live_migration_with_storage(hosts: tuple[Toolstack, Toolstack],
     before, boot_id = _uptime_and_boot(src, "g1")
     target = tmp_path / "host-b-g1.qcow2"  # does not exist: made blank, same size
     seen: list[mig.MigrationProgress] = []
-    res = mig.migrate(src, "g1", dst, with_storage=True, paused=True,
-                      dest_overrides=[_disk_spec(target)], progress=seen.append)
+    res = sync(mig.migrate(src, "g1", dst, with_storage=True, paused=True,
+                      dest_overrides=[_disk_spec(target)], progress=seen.append))
     assert res.disks == ("xvda",) and src.store.list() == []
     assert {p.phase for p in seen} >= {"storage", "memory"}
-    assert dst.status(dst.get("g1")).state == "paused"
+    assert sync(dst.status(dst.get("g1"))).state == "paused"
     cmp = _compare(tmp_path / "g1.qcow2", target)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
-    dst.unpause("g1")
+    sync(dst.unpause("g1"))
     after, boot_after = _uptime_and_boot(dst, "g1")
     assert boot_after == boot_id and after > before
     # The guest now writes to the destination's copy only.
@@ -402,10 +403,10 @@ def test_destination_killed_mid_migration(hosts: tuple[Toolstack, Toolstack],
 
     with pytest.raises(BackendError, match=r"destination QEMU went away.*still runs here"):
         # 16 MiB/s: the stream takes seconds, so the kill lands in the middle.
-        mig.migrate(src, "g1", dst, max_bandwidth=16 << 20, progress=kill_destination)
+        sync(mig.migrate(src, "g1", dst, max_bandwidth=16 << 20, progress=kill_destination))
     assert killed
     assert src.get("g1") == rec and is_alive(rec)
-    assert src.status(rec).state == "running"
+    assert sync(src.status(rec)).state == "running"
     assert dst.store.list() == []
     assert answers(src, "g1")
 
@@ -418,18 +419,18 @@ def test_destination_killed_mid_migration(hosts: tuple[Toolstack, Toolstack],
 
     target = tmp_path / "host-b-g1.qcow2"
     with pytest.raises(BackendError, match=r"destination QEMU went away.*still runs here"):
-        mig.migrate(src, "g1", dst, with_storage=True, dest_overrides=[_disk_spec(target)],
-                    progress=kill_during_mirror)
+        sync(mig.migrate(src, "g1", dst, with_storage=True, dest_overrides=[_disk_spec(target)],
+                    progress=kill_during_mirror))
     assert killed and dst.store.list() == [] and not target.exists()
-    assert src.get("g1") == rec and src.status(rec).state == "running"
+    assert src.get("g1") == rec and sync(src.status(rec)).state == "running"
     assert asyncio.run(src.qmp_execute(rec, "query-block-jobs")) == []
     nodes = asyncio.run(src.qmp_execute(rec, "query-named-block-nodes", {"flat": True}))
     assert isinstance(nodes, list)
     assert sorted(n["node-name"] for n in nodes) == ["xvda-file", "xvda-fmt"]
 
     # Nothing is left in a half state: the same domain migrates fine now.
-    res = mig.migrate(src, "g1", dst)
-    assert res.record is not None and dst.status(res.record).state == "running"
+    res = sync(mig.migrate(src, "g1", dst))
+    assert res.record is not None and sync(dst.status(res.record)).state == "running"
 
 
 @pytest.mark.integration
@@ -452,10 +453,10 @@ def test_storage_migration_again_after_the_destination_failed(
             killed.append(incoming.pid)
 
     with pytest.raises(BackendError, match="destination QEMU exited"):
-        mig.migrate(src, "g1", dst, with_storage=True, dest_overrides=[_disk_spec(target)],
-                    progress=kill_after_the_stream)
+        sync(mig.migrate(src, "g1", dst, with_storage=True, dest_overrides=[_disk_spec(target)],
+                    progress=kill_after_the_stream))
     assert killed and dst.store.list() == []
-    assert src.get("g1") == rec and src.status(rec).state == "running"
+    assert src.get("g1") == rec and sync(src.status(rec)).state == "running"
     nodes = asyncio.run(src.qmp_execute(rec, "query-named-block-nodes", {"flat": True}))
     assert isinstance(nodes, list)
     assert sorted(n["node-name"] for n in nodes) == ["xvda-file", "xvda-fmt"]
@@ -463,12 +464,12 @@ def test_storage_migration_again_after_the_destination_failed(
     asyncio.run(src.qmp_execute(rec, "blockdev-add",
                                 {"driver": "null-co", "node-name": "mig-xvda"}))
     sh(src, "g1", "echo B > /mnt/disk/marker && sync")
-    res = mig.migrate(src, "g1", dst, with_storage=True, paused=True,
-                      dest_overrides=[_disk_spec(target)])
+    res = sync(mig.migrate(src, "g1", dst, with_storage=True, paused=True,
+                      dest_overrides=[_disk_spec(target)]))
     assert res.disks == ("xvda",) and src.store.list() == []
     cmp = _compare(tmp_path / "g1.qcow2", target)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
-    dst.unpause("g1")
+    sync(dst.unpause("g1"))
     assert sh(dst, "g1", "cat /mnt/disk/marker") == "B\n"
 
 
@@ -486,11 +487,11 @@ class _Receiver(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.result = mig.serve_receive(
+            self.result = sync(mig.serve_receive(
                 Toolstack(self.state_dir), "127.0.0.1:0", token=self.token,
                 overrides=self.overrides, accept_timeout=self.accept_timeout, timeout=120,
                 disk_dir=self.disk_dir,
-                on_listen=lambda _h, p: self.port.put(p))
+                on_listen=lambda _h, p: self.port.put(p)))
         except BaseException as err:  # handed to the test
             self.result = err
             self.port.put(0)
@@ -519,14 +520,14 @@ def test_two_host_migration_over_the_control_channel(hosts: tuple[Toolstack, Too
     src, dst = hosts
     boot(src, tmp_path, "g1")
     moved = tmp_path / "moved.qcow2"
-    mirror(src, "g1", "xvda", moved)  # the config still names g1.qcow2
+    sync(mirror(src, "g1", "xvda", moved))  # the config still names g1.qcow2
     sh(src, "g1", "echo A > /mnt/disk/marker && sync")
     before, boot_id = _uptime_and_boot(src, "g1")
     # Shared disks: the destination runs on the mirror's target, and says so (the
     # source may name files in tmp_path only because the receiver allows it).
     recv = _Receiver(dst.state_dir, disk_dir=tmp_path)
     recv.start()
-    res = mig.migrate(src, "g1", recv.address(), token=recv.token)
+    res = sync(mig.migrate(src, "g1", recv.address(), token=recv.token))
     got = recv.outcome()
     assert isinstance(got, DomainRecord), got
     assert res.record is None and src.store.list() == [] and res.ram_transferred > 0
@@ -542,15 +543,15 @@ def test_two_host_migration_over_the_control_channel(hosts: tuple[Toolstack, Too
     copy = tmp_path / "host-a-copy.qcow2"
     recv = _Receiver(src.state_dir, [_disk_spec(copy)])
     recv.start()
-    back = mig.migrate(dst, "g1", recv.address(), with_storage=True, paused=True,
-                       token=recv.token)
+    back = sync(mig.migrate(dst, "g1", recv.address(), with_storage=True, paused=True,
+                       token=recv.token))
     got = recv.outcome()
     assert isinstance(got, DomainRecord), got
     assert back.disks == ("xvda",) and dst.store.list() == [] and got.state == "paused"
     assert DISK_PATHS not in got.extra and _block_files(src, "g1") == {"xvda": str(copy)}
     cmp = _compare(moved, copy)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
-    src.unpause("g1")
+    sync(src.unpause("g1"))
     assert sh(src, "g1", "cat /mnt/disk/marker") == "A\n"
     assert _uptime_and_boot(src, "g1")[1] == boot_id
 
@@ -592,16 +593,16 @@ def test_receiver_killed_after_the_stream_the_source_resumes(
                 killed.append(p.status)
 
         with pytest.raises(BackendError, match=r"did not take the guest .*g1 was resumed here"):
-            mig.migrate(src, "g1", address, progress=kill_receiver, token=token)
+            sync(mig.migrate(src, "g1", address, progress=kill_receiver, token=token))
         assert killed
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    assert src.get("g1") == rec and src.status(rec).state == "running"
+    assert src.get("g1") == rec and sync(src.status(rec)).state == "running"
     assert answers(src, "g1")
     # What the killed receiver left is undone by the next command there.
-    assert dst.list() == [] and dst.store.list() == []
+    assert sync(dst.list()) == [] and dst.store.list() == []
 
 
 @pytest.mark.integration
@@ -667,16 +668,16 @@ def test_bad_destinations_are_refused(tmp_path: Path,
                            "--token-file", str(tmp_path / "empty"), *st)
     assert code == 2 and "not both" in err
     with pytest.raises(XenlabError, match="no domain"):
-        mig.migrate(ts, "nope", "127.0.0.1:4444", token="t")
+        sync(mig.migrate(ts, "nope", "127.0.0.1:4444", token="t"))
     with pytest.raises(XenlabError, match="wants the token it printed"):
-        mig.migrate(ts, "nope", "127.0.0.1:4444")
+        sync(mig.migrate(ts, "nope", "127.0.0.1:4444"))
     with pytest.raises(XenlabError, match="expected HOST:PORT"):
-        mig.serve_receive(ts, "nowhere", token="t")
+        sync(mig.serve_receive(ts, "nowhere", token="t"))
     with pytest.raises(XenlabError, match="empty migration token"):
-        mig.serve_receive(ts, "127.0.0.1:0", token="")
+        sync(mig.serve_receive(ts, "127.0.0.1:0", token=""))
     cfg = config_text("g9", tmp_path / "missing.qcow2")
     with pytest.raises(XenlabError, match="needs a blank image of the source's size"):
-        mig.receive(ts, cfg, 0, with_storage=True)
+        sync(mig.receive(ts, cfg, 0, with_storage=True))
     assert ts.store.list() == []
 
 
@@ -699,7 +700,7 @@ def test_save_snapshot_restores_the_disk_with_the_memory(
     before, boot_id = _uptime_and_boot(ts, "g1")
     image = tmp_path / "g1.save"
     t0 = time.monotonic()
-    header = mig.save(ts, "g1", image, snapshot=True)
+    header = sync(mig.save(ts, "g1", image, snapshot=True))
     save_s = time.monotonic() - t0
     (snap,) = header.disk_snapshots
     assert (snap.vdev, snap.file) == ("xvda", str(disk))
@@ -709,21 +710,21 @@ def test_save_snapshot_restores_the_disk_with_the_memory(
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(disk), str(at_save)], check=True)
 
     # The domain is booted again from its config and writes B over A.
-    ts.create(tmp_path / "g1.cfg")
+    sync(ts.create(tmp_path / "g1.cfg"))
     wait_ready(ts, "g1")
     assert sh(ts, "g1", "cat /mnt/disk/marker") == "A\n"
     sh(ts, "g1", "echo B > /mnt/disk/marker && echo B > /mnt/disk/later && sync")
-    assert ts.shutdown("g1") == "shutdown"
+    assert sync(ts.shutdown("g1")) == "shutdown"
     assert _compare(at_save, disk).returncode == 1  # the disk moved on
 
     t0 = time.monotonic()
-    rec = mig.restore(ts, image, paused=True)
+    rec = sync(mig.restore(ts, image, paused=True))
     restore_s = time.monotonic() - t0
     assert rec.state == "paused"
     cmp = _compare(at_save, disk)  # the disk is back where the memory left it
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
     assert _tags(disk) == {snap.name}  # kept: the image can be restored again
-    ts.unpause("g1")
+    sync(ts.unpause("g1"))
     after, boot_after = _uptime_and_boot(ts, "g1")
     assert boot_after == boot_id and after > before
     # Read from the disk, not from the page cache the memory brought back.
@@ -743,37 +744,37 @@ def test_save_snapshot_refusals_and_failures(hosts: tuple[Toolstack, Toolstack],
 disk = [ "format=qcow2,vdev=xvda,access=rw,target={tmp_path / 'g1.qcow2'}",
          "format=raw,vdev=xvdb,access=rw,target={raw}" ]
 """)
-    ts.create(cfg, create_disks="32M")
+    sync(ts.create(cfg, create_disks="32M"))
     rec = ts.get("g1")
     with pytest.raises(XenlabError, match=r"disk xvdb .*data.raw\) is raw; only qcow2"):
-        mig.save(ts, "g1", tmp_path / "g1.save", snapshot=True)
+        sync(mig.save(ts, "g1", tmp_path / "g1.save", snapshot=True))
     assert not (tmp_path / "g1.save").exists() and _tags(tmp_path / "g1.qcow2") == set()
-    assert ts.get("g1") == rec and ts.status(rec).state == "running"
-    ts.destroy("g1")
+    assert ts.get("g1") == rec and sync(ts.status(rec)).state == "running"
+    sync(ts.destroy("g1"))
 
     boot(ts, tmp_path, "g1")
     rec = ts.get("g1")
     # A save that fails after the snapshot was taken deletes it again.
     with pytest.raises(BackendError, match="not completed within"):
-        mig.save(ts, "g1", tmp_path / "slow.save", snapshot=True, timeout=0.5,
-                 max_bandwidth=1 << 20)
+        sync(mig.save(ts, "g1", tmp_path / "slow.save", snapshot=True, timeout=0.5,
+                 max_bandwidth=1 << 20))
     assert _tags(tmp_path / "g1.qcow2") == set() and not (tmp_path / "slow.save").exists()
-    assert ts.get("g1") == rec and ts.status(rec).state == "running"
+    assert ts.get("g1") == rec and sync(ts.status(rec)).state == "running"
     # keep_running: the domain carries on, the snapshot is in the disk.
-    header = mig.save(ts, "g1", tmp_path / "g1.save", snapshot=True, keep_running=True)
+    header = sync(mig.save(ts, "g1", tmp_path / "g1.save", snapshot=True, keep_running=True))
     assert _tags(tmp_path / "g1.qcow2") == {header.disk_snapshots[0].name}
     assert answers(ts, "g1")
-    ts.destroy("g1")
+    sync(ts.destroy("g1"))
     # Restoring onto a disk without that snapshot is refused before anything changes.
     other = tmp_path / "other.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(other), "32M"], check=True)
     with pytest.raises(XenlabError, match=r"has no snapshot 'xenlab-save-.*not the disk"):
-        mig.restore(ts, tmp_path / "g1.save", overrides=[_disk_spec(other)])
+        sync(mig.restore(ts, tmp_path / "g1.save", overrides=[_disk_spec(other)]))
     assert ts.store.list() == []
     # A disk held by another QEMU cannot be reverted: the restore fails cleanly.
     boot(hosts[1], tmp_path, "g1")
     with pytest.raises(BackendError, match=r"qemu-img snapshot .*lock"):
-        mig.restore(ts, tmp_path / "g1.save")
+        sync(mig.restore(ts, tmp_path / "g1.save"))
     assert ts.store.list() == []
 
 
@@ -781,5 +782,5 @@ def test_local_storage_migration_without_other_disk_paths_is_refused(tmp_path: P
     """It started the destination and then failed with "Block node is read-only"."""
     src, dst = Toolstack(tmp_path / "a"), Toolstack(tmp_path / "b")
     with pytest.raises(XenlabError, match="needs other disk paths for the destination"):
-        mig.migrate(src, "any", dst, with_storage=True)
+        sync(mig.migrate(src, "any", dst, with_storage=True))
     assert dst.store.list() == []

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.guests import boot, sh, tmpfs, wait_ready, write_config
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm import mirror as mirror_mod
@@ -63,7 +64,7 @@ def test_mirror_pivots_the_guest_onto_the_target(ts: Toolstack, tmp_path: Path) 
             "count=64 2>/dev/null && sync")
     target = tmp_path / "moved.qcow2"
     seen: list[MirrorProgress] = []
-    res = mirror(ts, "g1", "xvda", target, progress=seen.append)
+    res = sync(mirror(ts, "g1", "xvda", target, progress=seen.append))
     assert res.pivoted and res.source == str(source) and res.target == str(target)
     assert seen and seen[-1].ready and seen[-1].done == seen[-1].total == res.bytes > 0
     assert res.record.extra[DISK_PATHS] == {"xvda": {"file": str(target), "format": "qcow2"}}
@@ -71,9 +72,9 @@ def test_mirror_pivots_the_guest_onto_the_target(ts: Toolstack, tmp_path: Path) 
     assert ts.get("g1") == res.record
     # QEMU has let go of the old file: no -U needed, no lock held on it.
     subprocess.run(["qemu-img", "check", str(source)], check=True, capture_output=True)
-    ts.pause("g1")
+    sync(ts.pause("g1"))
     assert _compare(source, target) == 0
-    ts.unpause("g1")
+    sync(ts.unpause("g1"))
     # Marker C written after the pivot lands in the target only.
     marker = f"MARKER-C-{uuid.uuid4().hex}"
     _sh(ts, f"echo {marker} > /mnt/disk/c && sync && echo 3 > /proc/sys/vm/drop_caches")
@@ -81,22 +82,22 @@ def test_mirror_pivots_the_guest_onto_the_target(ts: Toolstack, tmp_path: Path) 
     assert marker.encode() not in _raw_bytes(source, tmp_path)
     assert _compare(source, target) == 1
     # A save says where the disk is now (restore runs on it: tests/vm/test_migrate.py).
-    header = mig.save(ts, "g1", tmp_path / "g1.save", keep_running=True)
+    header = sync(mig.save(ts, "g1", tmp_path / "g1.save", keep_running=True))
     assert header.disk_paths == (mig.DiskMove("xvda", str(target), "qcow2"),)
     (tmp_path / "g1.save").unlink()
     # A second mirror goes from where the disk is now (the first target). The guest is
     # paused for it: any write after the pivot (a journal commit) would land in the new
     # copy only, and the comparison below is of the bytes at the pivot.
     _sh(ts, "sync")
-    ts.pause("g1")
-    again = mirror(ts, "g1", "xvda", tmp_path / "again.raw", format="raw")
+    sync(ts.pause("g1"))
+    again = sync(mirror(ts, "g1", "xvda", tmp_path / "again.raw", format="raw"))
     assert again.source == str(target) and again.pivoted
     assert again.record.extra[DISK_NODES] == {"xvda": "xvda--mirror2"}
     assert _compare(target, tmp_path / "again.raw") == 0
     # The guest restarted on the mirror's copy finds everything, marker C too.
-    ts.destroy("g1")
-    ts.create(cfg, ['disk = [ "format=raw,vdev=xvda,access=rw,target='
-                    f'{tmp_path / "again.raw"}" ]'])
+    sync(ts.destroy("g1"))
+    sync(ts.create(cfg, ['disk = [ "format=raw,vdev=xvda,access=rw,target='
+                    f'{tmp_path / "again.raw"}" ]']))
     _ready(ts)
     assert _sh(ts, "cat /mnt/disk/c /mnt/disk/marker") == f"{marker}\nA\n"
     print(f"mirror 32 MiB: {res.seconds:.2f}s (second, to raw: {again.seconds:.2f}s)")
@@ -117,10 +118,10 @@ def test_mirror_copy_without_pivot_and_refusals(ts: Toolstack, tmp_path: Path,
     source = tmp_path / "g1.qcow2"
     source.chmod(0o600)
     _sh(ts, "echo A > /mnt/disk/marker && sync")
-    ts.pause("g1")
+    sync(ts.pause("g1"))
     rec = ts.get("g1")
     copy = tmp_path / "copy.raw"
-    res = mirror(ts, "g1", "xvda", copy, format="raw", pivot=False)
+    res = sync(mirror(ts, "g1", "xvda", copy, format="raw", pivot=False))
     assert not res.pivoted and res.record == rec  # the record did not change
     assert _compare(source, copy) == 0
     # The guest's data is not for other users, whatever the umask (the review: 0644).
@@ -129,40 +130,40 @@ def test_mirror_copy_without_pivot_and_refusals(ts: Toolstack, tmp_path: Path,
     assert isinstance(nodes, list)
     assert sorted(n["node-name"] for n in nodes) == ["xvda-file", "xvda-fmt"]
     assert asyncio.run(ts.qmp_execute(rec, "query-block-jobs")) == []
-    ts.unpause("g1")
+    sync(ts.unpause("g1"))
     _sh(ts, "echo D > /mnt/disk/d && sync && echo 3 > /proc/sys/vm/drop_caches")
     assert _compare(source, copy) == 1  # the guest still writes to its own disk
 
     # Bad input: a clear error and nothing changes.
     with pytest.raises(XenlabError, match=r"has no disk 'xvdz' \(its disks: xvda\)"):
-        mirror(ts, "g1", "xvdz", tmp_path / "z.qcow2")
+        sync(mirror(ts, "g1", "xvdz", tmp_path / "z.qcow2"))
     before = copy.read_bytes()
     with pytest.raises(XenlabError, match="exists; give a new file name"):
-        mirror(ts, "g1", "xvda", copy)
+        sync(mirror(ts, "g1", "xvda", copy))
     assert copy.read_bytes() == before
     with pytest.raises(XenlabError, match="target format 'vmdk'"):
-        mirror(ts, "g1", "xvda", tmp_path / "x.vmdk", format="vmdk")
+        sync(mirror(ts, "g1", "xvda", tmp_path / "x.vmdk", format="vmdk"))
     with pytest.raises(XenlabError, match="cannot create it"):
-        mirror(ts, "g1", "xvda", tmp_path / "no-such-dir" / "x.qcow2")
+        sync(mirror(ts, "g1", "xvda", tmp_path / "no-such-dir" / "x.qcow2"))
     with pytest.raises(XenlabError, match="no domain"):
-        mirror(ts, "nope", "xvda", tmp_path / "x.qcow2")
-    snapshot.create_snapshot(ts, "g1", "s1", disk_only=True)
+        sync(mirror(ts, "nope", "xvda", tmp_path / "x.qcow2"))
+    sync(snapshot.create_snapshot(ts, "g1", "s1", disk_only=True))
     with pytest.raises(StateError, match=r"1 snapshot.*--no-pivot"):
-        mirror(ts, "g1", "xvda", tmp_path / "x.qcow2")
+        sync(mirror(ts, "g1", "xvda", tmp_path / "x.qcow2"))
     # A failure inside QEMU (out of time) cancels the job and removes the target.
     with pytest.raises(BackendError, match=r"not ready within .*still runs on .*was removed"):
-        mirror(ts, "g1", "xvda", tmp_path / "slow.qcow2", pivot=False, bandwidth=64 << 10,
-               timeout=0.5)
+        sync(mirror(ts, "g1", "xvda", tmp_path / "slow.qcow2", pivot=False, bandwidth=64 << 10,
+               timeout=0.5))
     assert not (tmp_path / "slow.qcow2").exists()
     assert asyncio.run(ts.qmp_execute(rec, "query-block-jobs")) == []
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".qcow2", ".raw")) == [
         "copy.raw", "g1.qcow2"]
     assert ts.get("g1").extra.get(DISK_PATHS) is None
     assert _sh(ts, "cat /mnt/disk/marker") == "A\n"
-    ts.destroy("g1")
+    sync(ts.destroy("g1"))
     # Shut off (kept for its snapshot): a pivot would still leave the snapshot behind.
     with pytest.raises(StateError, match=r"1 snapshot.*--no-pivot"):
-        mirror(ts, "g1", "xvda", tmp_path / "x.qcow2")
+        sync(mirror(ts, "g1", "xvda", tmp_path / "x.qcow2"))
     assert not (tmp_path / "x.qcow2").exists()
 
 
@@ -184,7 +185,7 @@ def test_qemu_killed_mid_mirror(ts: Toolstack, tmp_path: Path) -> None:
     t0 = time.monotonic()
     with pytest.raises(BackendError) as e:
         # 2 MiB/s over 8 MiB of data: the kill lands in the middle.
-        mirror(ts, "g1", "xvda", target, bandwidth=2 << 20, progress=kill)
+        sync(mirror(ts, "g1", "xvda", target, bandwidth=2 << 20, progress=kill))
     took = time.monotonic() - t0
     msg = str(e.value)
     assert killed and killed[0].done < killed[0].total
@@ -196,7 +197,7 @@ def test_qemu_killed_mid_mirror(ts: Toolstack, tmp_path: Path) -> None:
     assert ts.store.list() == []  # no half-recorded pivot, no stale record
     subprocess.run(["qemu-img", "check", str(source)], check=True, capture_output=True)
     # The domain boots again on its own disk with its data.
-    ts.create(cfg)
+    sync(ts.create(cfg))
     _ready(ts)
     assert _sh(ts, "cat /mnt/disk/marker; wc -c < /mnt/disk/blob") == "A\n8388608\n"
     print(f"killed mirror reported in {took:.2f}s")
@@ -207,27 +208,27 @@ def test_mirror_of_a_shut_off_domain(ts: Toolstack, tmp_path: Path) -> None:
     source = tmp_path / "g1.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), "32M"], check=True)
     ts.define(cfg)
-    ts.create(cfg)
+    sync(ts.create(cfg))
     _ready(ts)
     _sh(ts, "echo A > /mnt/disk/marker && dd if=/dev/urandom of=/mnt/disk/blob bs=64k "
             "count=64 2>/dev/null && sync")
-    assert ts.shutdown("g1") == "shutdown"
+    assert sync(ts.shutdown("g1")) == "shutdown"
     kept = ts.get("g1")
     assert kept.state == SHUTOFF
 
     # Failures leave the old path in force and no file behind.
     with tmpfs(tmp_path / "small", "1M") as small:
         with pytest.raises(BackendError, match=r"qemu-img convert .*No space left.*g1 stays on"):
-            mirror(ts, "g1", "xvda", small / "full.qcow2")
+            sync(mirror(ts, "g1", "xvda", small / "full.qcow2"))
         assert list(small.iterdir()) == []
         subprocess.run(["mount", "-o", "remount,ro", str(small)], check=True)
         with pytest.raises(XenlabError, match="cannot create it: Read-only file system"):
-            mirror(ts, "g1", "xvda", small / "ro.qcow2")
+            sync(mirror(ts, "g1", "xvda", small / "ro.qcow2"))
     assert ts.get("g1") == kept and ts.get("g1").extra.get(DISK_PATHS) is None
 
     target = tmp_path / "offline.raw"
     seen: list[MirrorProgress] = []
-    res = mirror(ts, "g1", "xvda", target, format="raw", progress=seen.append)
+    res = sync(mirror(ts, "g1", "xvda", target, format="raw", progress=seen.append))
     assert res.pivoted and res.source == str(source) and res.record.state == SHUTOFF
     assert res.record.extra[DISK_PATHS] == {"xvda": {"file": str(target), "format": "raw"}}
     assert DISK_NODES not in res.record.extra
@@ -235,7 +236,7 @@ def test_mirror_of_a_shut_off_domain(ts: Toolstack, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir() if ".part" in p.name) == []
     assert _compare(source, target) == 0
     # create boots on the target: the guest's writes go there, not to the old file.
-    ts.create(cfg)
+    sync(ts.create(cfg))
     _ready(ts)
     blocks = asyncio.run(ts.qmp_execute(ts.get("g1"), "query-block"))
     assert isinstance(blocks, list)
@@ -267,7 +268,7 @@ def test_offline_mirror_reads_a_raw_disk_as_raw(tmp_path: Path) -> None:
     disk.write_bytes(data)
     ts = _defined(tmp_path, "raw")
     target = tmp_path / "copy.raw"
-    res = mirror(ts, "g1", "xvda", target, format="raw")
+    res = sync(mirror(ts, "g1", "xvda", target, format="raw"))
     assert res.bytes == len(data)
     copied = target.read_bytes()
     assert b"HOST-SECRET!" not in copied
@@ -305,7 +306,7 @@ def test_offline_mirror_is_durable_before_it_is_recorded(
     monkeypatch.setattr(os, "fsync", logged_fsync)
     monkeypatch.setattr(os, "link", logged_link)
     monkeypatch.setattr(ts.store, "patch", logged_patch)
-    mirror(ts, "g1", "xvda", target)
+    sync(mirror(ts, "g1", "xvda", target))
     at = events.index(f"link {target.name}")
     # The job is recorded before anything is made, the copy is on disk before its link...
     assert events[0] == "job"

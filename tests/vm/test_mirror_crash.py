@@ -19,6 +19,7 @@ at the end on the same domain.
 from __future__ import annotations
 
 import os
+from asyncio import run as run_async
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +28,6 @@ import pytest
 from tests.vm.guests import boot, clear, read_marker, write_marker
 from tests.vm.truth import check_truth, converge, killed_at, points, xenlab
 from xenlab.vm.backends.qemu.qmp import Qmp
-from xenlab.vm.backends.qemu.qmp import run as run_async
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.runtime import DISK_PATHS
 from xenlab.vm.snapshot import snap_disks

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import sync
 from tests.clirun import run_cli
 from tests.hotplug.bridges import bridge, ip_json, link_exists, need_net_admin, unique_name
 from tests.vm.guests import sh, wait_ready, write_config
@@ -54,7 +55,7 @@ def test_guests_on_a_bridge_ping_and_nics_come_and_go(
     with bridge(f"{net}.1/24") as br:
         for name, extra in (("neta", ",mtu=1400"), ("netb", "")):
             cfg = write_config(tmp_path, name, tail=f"vif = [ 'bridge={br}{extra}' ]\n")
-            ts.create(cfg, create_disks="32M")
+            sync(ts.create(cfg, create_disks="32M"))
         tap_a, tap_b = tap_of(ts, "neta"), tap_of(ts, "netb")
         assert tap_a == f"vif{ts.get('neta').domid}.0"
         # What the kernel says, through iproute2: enslaved, with the MTU asked for.
@@ -104,9 +105,9 @@ def test_guests_on_a_bridge_ping_and_nics_come_and_go(
         os.kill(int(ts.get("neta").pid or 0), signal.SIGKILL)
         time.sleep(0.5)
         assert link_exists(tap_a)
-        ts.destroy("neta")
+        sync(ts.destroy("neta"))
         assert not link_exists(tap_a)
-        ts.destroy("netb")
+        sync(ts.destroy("netb"))
         assert not link_exists(tap_b)
 
 
@@ -116,7 +117,7 @@ def test_a_missing_bridge_is_refused_before_qemu_starts(ts: Toolstack, tmp_path:
     cfg = write_config(tmp_path, "nobridge",
                        tail=f"vif = [ 'bridge={missing},vifname={tap}' ]\n")
     with pytest.raises(XenlabError) as err:
-        ts.create(cfg, create_disks="32M")
+        sync(ts.create(cfg, create_disks="32M"))
     assert f"bridge {missing!r} does not exist; create it with `ip link add {missing}" in str(
         err.value)
     assert ts.store.list() == []  # no record
@@ -140,10 +141,10 @@ def test_a_user_script_runs_at_create_and_destroy_and_failures_are_reported(
     with bridge() as br:
         cfg = write_config(tmp_path, "scripted", tail=(
             f"vif = [ 'script={script},bridge={br},ip=10.1.2.3,mac=00:16:3e:0a:0b:0c' ]\n"))
-        rec = ts.create(cfg, create_disks="32M")
+        rec = sync(ts.create(cfg, create_disks="32M"))
         tap = f"vif{rec.domid}.0"
         assert ip_json("link", "show", "dev", tap)[0]["master"] == br
-        ts.destroy("scripted")
+        sync(ts.destroy("scripted"))
         assert not link_exists(tap)
         assert log.read_text().splitlines() == [
             f"{action} vif={tap} bridge={br} mac=00:16:3e:0a:0b:0c ip=10.1.2.3 "
@@ -154,7 +155,7 @@ def test_a_user_script_runs_at_create_and_destroy_and_failures_are_reported(
         bad.chmod(0o755)
         cfg = write_config(tmp_path, "badscript", tail=f"vif = [ 'script={bad},bridge={br}' ]\n")
         with pytest.raises(XenlabError, match=r"online failed \(exit 1\): no uplink for this"):
-            ts.create(cfg, create_disks="32M")
+            sync(ts.create(cfg, create_disks="32M"))
         assert ts.store.list() == []
         assert ip_json("link", "show", "master", br) == []
 
@@ -169,8 +170,9 @@ async def _qmp(ts: Toolstack, name: str, command: str, args: dict[str, object]) 
 def test_a_late_release_and_a_failed_clean_up_are_finished_later(
         ts: Toolstack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
+    from asyncio import run
+
     from xenlab import hotplug
-    from xenlab.vm.backends.qemu.qmp import run
     from xenlab.vm.network import network_attach, network_detach, network_list
 
     def nics_in_guest() -> str:
@@ -178,26 +180,26 @@ def test_a_late_release_and_a_failed_clean_up_are_finished_later(
 
     with bridge() as br:
         cfg = write_config(tmp_path, "netc", tail=f"vif = [ 'bridge={br}' ]\n")
-        ts.create(cfg, create_disks="32M")
+        sync(ts.create(cfg, create_disks="32M"))
         wait_ready(ts, "netc")
-        network_attach(ts, "netc", [f"bridge={br}", "devid=1"])
+        sync(network_attach(ts, "netc", [f"bridge={br}", "devid=1"]))
         tap1 = tap_of(ts, "netc", 1)
         wait_for(lambda: nics_in_guest() == "2\n")
 
         # The guest lets go only after the detach gave up: the record keeps the
         # NIC and its tap; a second detach finds the device gone and cleans up.
         with pytest.raises(XenlabError, match="did not release vif 1 within 0 s"):
-            network_detach(ts, "netc", "1", timeout=0)
+            sync(network_detach(ts, "netc", "1", timeout=0))
         assert [n.devid for n in network_list(ts, "netc")] == [0, 1]
         wait_for(lambda: nics_in_guest() == "1\n")
         assert link_exists(tap1)
-        network_detach(ts, "netc", "1")
+        sync(network_detach(ts, "netc", "1"))
         assert [n.devid for n in network_list(ts, "netc")] == [0]
         assert not link_exists(tap1)
 
         # A clean-up that fails after QEMU deleted the NIC: the record says the
         # NIC is gone all the same, and keeps its host end to finish later.
-        network_attach(ts, "netc", [f"bridge={br}", "devid=1"])
+        sync(network_attach(ts, "netc", [f"bridge={br}", "devid=1"]))
         tap1 = tap_of(ts, "netc", 1)
         wait_for(lambda: nics_in_guest() == "2\n")
 
@@ -206,7 +208,7 @@ def test_a_late_release_and_a_failed_clean_up_are_finished_later(
 
         with monkeypatch.context() as m, caplog.at_level("WARNING", "xenlab.vm.network"):
             m.setattr(hotplug, "offline", refused)
-            network_detach(ts, "netc", "1")
+            sync(network_detach(ts, "netc", "1"))
         assert "vif 1 is detached, but cleaning up failed: vif 1 " in caplog.text
         assert [n.devid for n in network_list(ts, "netc")] == [0]
         assert link_exists(tap1)
@@ -215,10 +217,10 @@ def test_a_late_release_and_a_failed_clean_up_are_finished_later(
         run(_qmp(ts, "netc", "netdev_add", {"type": "user", "id": "net1"}))
 
         # The next attach of devid 1 removes both and gets the tap's own name back.
-        network_attach(ts, "netc", [f"bridge={br}", "devid=1"])
+        sync(network_attach(ts, "netc", [f"bridge={br}", "devid=1"]))
         assert tap_of(ts, "netc", 1) == tap1
         assert [v["devid"] for v in ts.get("netc").extra["vifs"]] == [0, 1]
         assert ip_json("link", "show", "dev", tap1)[0]["master"] == br
         wait_for(lambda: nics_in_guest() == "2\n")
-        ts.destroy("netc")
+        sync(ts.destroy("netc"))
         assert not link_exists(tap1)

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+from asyncio import run
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from xenlab.errors import BackendError
-from xenlab.vm.backends.qemu.qmp import CommandError, GuestAgent, Qmp, run, run_job
+from xenlab.vm.backends.qemu.qmp import CommandError, GuestAgent, Qmp, run_job
 
 pytestmark = pytest.mark.integration
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.guests import boot, read_marker, write_marker
 from tests.vm.test_state_trust import fake_qemu, record
 from tests.vm.truth import check_truth, xenlab
@@ -50,7 +51,7 @@ def test_destroy_waiting_for_a_domain_that_was_replaced(tmp_path: Path) -> None:
     with fake_qemu("-name", "guest=bar", "-pidfile", str(rundir / "qemu.pid")) as bar_pid:
         with other.lock(foo.domid):
             # A toolstack of its own: an SQLite connection stays in its thread.
-            t, errors, _ = in_thread(lambda: Toolstack(ts.state_dir).destroy("foo"))
+            t, errors, _ = in_thread(lambda: sync(Toolstack(ts.state_dir).destroy("foo")))
             time.sleep(0.3)  # destroy has resolved foo and waits for the lock
             other.remove(foo.domid)
             bar = other.add_domain(record("bar", rundir=str(rundir), pid=bar_pid))
@@ -69,7 +70,7 @@ def test_pause_waiting_on_a_snapshot_keeps_its_overlays(ts: Toolstack, tmp_path:
     rec = ts.get("rp")
     other = Store(ts.state_dir)
     with other.lock(rec.domid):
-        t, errors, _ = in_thread(lambda: Toolstack(ts.state_dir).pause("rp"))
+        t, errors, _ = in_thread(lambda: sync(Toolstack(ts.state_dir).pause("rp")))
         time.sleep(0.3)
         other.patch(rec.domid, extra_set={"overlays": {"xvda": {"file": "/x.s1.qcow2",
                                                                 "node": "xvda-s1"}}})
@@ -79,7 +80,7 @@ def test_pause_waiting_on_a_snapshot_keeps_its_overlays(ts: Toolstack, tmp_path:
     assert now.state == "paused"
     assert now.extra["overlays"] == {"xvda": {"file": "/x.s1.qcow2", "node": "xvda-s1"}}
     ts.store.patch(rec.domid, extra_drop=["overlays"])
-    ts.unpause("rp")
+    sync(ts.unpause("rp"))
 
 
 @pytest.mark.integration

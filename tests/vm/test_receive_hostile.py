@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.guests import boot, clear, config_text, sh
 from xenlab.errors import XenlabError
 from xenlab.vm.domain import Toolstack
@@ -480,9 +481,9 @@ def test_a_real_source_migrates_in_while_the_receiver_is_attacked(
     def serve() -> None:
         try:
             # Its own toolstack: SQLite objects stay in the thread that made them.
-            got.append(mig.serve_receive(
+            got.append(sync(mig.serve_receive(
                 Toolstack(tmp_path / "host-b"), "127.0.0.1:0", token=token,
-                disk_dir=tmp_path, accept_timeout=120, timeout=120, on_listen=listening))
+                disk_dir=tmp_path, accept_timeout=120, timeout=120, on_listen=listening)))
         except BaseException as err:  # handed to the test
             got.append(err)
             ready.set()
@@ -499,7 +500,7 @@ def test_a_real_source_migrates_in_while_the_receiver_is_attacked(
         bad = socket.create_connection(addr)
         bad.sendall(b'{"msg":"prepare","token":"\\ud800"}\n')
         t0 = time.monotonic()
-        res = mig.migrate(src, "g1", f"127.0.0.1:{port[0]}", token=token)
+        res = sync(mig.migrate(src, "g1", f"127.0.0.1:{port[0]}", token=token))
         took = time.monotonic() - t0
         server.join(60)
         (rec,) = got

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.guests import clear, wait_ready, write_config
 from xenlab.errors import XenlabError
 from xenlab.vm import resources as res
@@ -57,7 +58,7 @@ def _gone(pid: int) -> bool:
 
 
 def _memtotal_kib(ts: Toolstack, name: str) -> int:
-    code, out, err = ts.exec(name, ["sh", "-c", "grep MemTotal /proc/meminfo"])
+    code, out, err = sync(ts.exec(name, ["sh", "-c", "grep MemTotal /proc/meminfo"]))
     assert code == 0, err
     return int(out.split()[1])
 
@@ -69,7 +70,7 @@ def _balloon(ts: Toolstack, name: str) -> int:
 
 
 def _nproc(ts: Toolstack, name: str) -> int:
-    code, out, _ = ts.exec(name, ["nproc"])
+    code, out, _ = sync(ts.exec(name, ["nproc"]))
     assert code == 0
     return int(out)
 
@@ -82,15 +83,15 @@ def _threads(ts: Toolstack, name: str) -> dict[int, int]:
 
 
 def test_mem_set_the_guest_reports_the_new_total(ts: Toolstack, tmp_path: Path) -> None:
-    ts.create(_cfg(tmp_path, "m1"), create_disks="32M")
+    sync(ts.create(_cfg(tmp_path, "m1"), create_disks="32M"))
     wait_ready(ts, "m1")
     # create set the balloon to memory=192; wait for the guest to get there.
-    first = res.mem_set(ts, "m1", 192)
+    first = sync(res.mem_set(ts, "m1", 192))
     assert first.reached and first.actual_mib == 192
     before = _memtotal_kib(ts, "m1")
     assert first.guest_total_kib == before
 
-    got = res.mem_set(ts, "m1", 128)
+    got = sync(res.mem_set(ts, "m1", 128))
     assert got.reached and (got.target_mib, got.actual_mib) == (128, 128)
     assert _balloon(ts, "m1") == 128 << 20
     after = _memtotal_kib(ts, "m1")
@@ -100,45 +101,45 @@ def test_mem_set_the_guest_reports_the_new_total(ts: Toolstack, tmp_path: Path) 
     assert ts.get("m1").extra["memory_mib"] == 128
 
     # Up again, within maxmem (256): the guest gets the memory back.
-    up = res.mem_set(ts, "m1", 224)
+    up = sync(res.mem_set(ts, "m1", 224))
     assert up.reached and _balloon(ts, "m1") == 224 << 20
     assert _memtotal_kib(ts, "m1") - after == 96 * 1024
 
     # Above maxmem: refused, naming both, and nothing changes.
     with pytest.raises(XenlabError, match=r"mem-set 300 MiB is above its maxmem of 256 MiB"):
-        res.mem_set(ts, "m1", 300)
+        sync(res.mem_set(ts, "m1", 300))
     with pytest.raises(XenlabError, match="below the 64 MiB floor"):
-        res.mem_set(ts, "m1", 16)
+        sync(res.mem_set(ts, "m1", 16))
     assert _balloon(ts, "m1") == 224 << 20
     assert ts.get("m1").extra["memory_mib"] == 224
 
     # mem-max: lowers the ceiling for later mem-sets; cannot pass QEMU's -m
     # size (a restart is needed) nor go below the current memory.
     with pytest.raises(XenlabError, match=r"256 MiB its QEMU was started with.*restart"):
-        res.mem_max(ts, "m1", 512)
+        sync(res.mem_max(ts, "m1", 512))
     with pytest.raises(XenlabError, match=r"below its current memory \(224 MiB\)"):
-        res.mem_max(ts, "m1", 200)
-    assert res.mem_max(ts, "m1", 240) == 240
+        sync(res.mem_max(ts, "m1", 200))
+    assert sync(res.mem_max(ts, "m1", 240)) == 240
     with pytest.raises(XenlabError, match="above its maxmem of 240 MiB"):
-        res.mem_set(ts, "m1", 250)
+        sync(res.mem_set(ts, "m1", 250))
     assert _balloon(ts, "m1") == 224 << 20
-    assert res.info(ts, "m1")["config"]["maxmem_mib"] == 240
+    assert sync(res.info(ts, "m1"))["config"]["maxmem_mib"] == 240
 
 
 @needs_two_cpus
 def test_vcpu_set_list_and_pin(ts: Toolstack, tmp_path: Path) -> None:
-    rec = ts.create(_cfg(tmp_path, "v1", vcpus=1, maxvcpus=3), create_disks="32M")
+    rec = sync(ts.create(_cfg(tmp_path, "v1", vcpus=1, maxvcpus=3), create_disks="32M"))
     assert rec.pid is not None
     wait_ready(ts, "v1")
     assert _nproc(ts, "v1") == 1
 
-    up = res.vcpu_set(ts, "v1", 3)
+    up = sync(res.vcpu_set(ts, "v1", 3))
     assert (up.vcpus, up.guest_online, up.guest_cpus) == (3, 3, "0-2")
     assert _nproc(ts, "v1") == 3
     threads = _threads(ts, "v1")
     assert sorted(threads) == [0, 1, 2]
 
-    rows = res.vcpu_list(ts, "v1")
+    rows = sync(res.vcpu_list(ts, "v1"))
     assert [(r.name, r.domid, r.vcpu) for r in rows] == [("v1", rec.domid, i) for i in range(3)]
     for r in rows:
         # Real threads of this QEMU, with their real affinity and counters.
@@ -151,72 +152,72 @@ def test_vcpu_set_list_and_pin(ts: Toolstack, tmp_path: Path) -> None:
     assert text.splitlines()[0].startswith("Name") and len(text.splitlines()) == 4
 
     # Down: the guest offlines the highest CPUs; nproc follows.
-    down = res.vcpu_set(ts, "v1", 1)
+    down = sync(res.vcpu_set(ts, "v1", 1))
     assert (down.guest_online, down.guest_cpus) == (1, "0")
     assert _nproc(ts, "v1") == 1
-    assert [r.state for r in res.vcpu_list(ts, "v1")][1:] == ["offline", "offline"]
-    assert res.vcpu_set(ts, "v1", 2).guest_online == 2
+    assert [r.state for r in sync(res.vcpu_list(ts, "v1"))][1:] == ["offline", "offline"]
+    assert sync(res.vcpu_set(ts, "v1", 2)).guest_online == 2
     assert _nproc(ts, "v1") == 2
     for bad in (0, 4):
         with pytest.raises(XenlabError, match=r"out of range: it has maxvcpus=3"):
-            res.vcpu_set(ts, "v1", bad)
+            sync(res.vcpu_set(ts, "v1", bad))
     assert _nproc(ts, "v1") == 2
 
     # Pinning changes exactly that thread's affinity.
-    assert res.vcpu_pin(ts, "v1", 1, "0") == {1: frozenset({0})}
+    assert sync(res.vcpu_pin(ts, "v1", 1, "0")) == {1: frozenset({0})}
     assert os.sched_getaffinity(threads[1]) == {0}
     assert os.sched_getaffinity(threads[0]) == HOST_CPUS
-    assert res.vcpu_pin(ts, "v1", "1", "1") == {1: frozenset({1})}
+    assert sync(res.vcpu_pin(ts, "v1", "1", "1")) == {1: frozenset({1})}
     assert os.sched_getaffinity(threads[1]) == {1}
-    assert [r.affinity for r in res.vcpu_list(ts, "v1")][1] == {1}
-    res.vcpu_pin(ts, "v1", "all", "0-1,^1")
+    assert [r.affinity for r in sync(res.vcpu_list(ts, "v1"))][1] == {1}
+    sync(res.vcpu_pin(ts, "v1", "all", "0-1,^1"))
     assert {os.sched_getaffinity(t) == {0} for t in threads.values()} == {True}
     with pytest.raises(XenlabError, match="no vCPU 7"):
-        res.vcpu_pin(ts, "v1", 7, "0")
+        sync(res.vcpu_pin(ts, "v1", 7, "0"))
     with pytest.raises(XenlabError, match="names CPU 4096"):
-        res.vcpu_pin(ts, "v1", 0, "4096")
+        sync(res.vcpu_pin(ts, "v1", 0, "4096"))
 
     # Paused: the rows say so.
-    ts.pause("v1")
-    assert {r.state for r in res.vcpu_list(ts, "v1")} == {"paused", "offline"}
+    sync(ts.pause("v1"))
+    assert {r.state for r in sync(res.vcpu_list(ts, "v1"))} == {"paused", "offline"}
 
 
 @needs_two_cpus
 def test_cpus_in_the_config_pins_every_vcpu_at_create(ts: Toolstack, tmp_path: Path) -> None:
-    rec = ts.create(_cfg(tmp_path, "p1", vcpus=2, maxvcpus=3, extra='cpus = "0"\n'),
-                    create_disks="32M")
+    rec = sync(ts.create(_cfg(tmp_path, "p1", vcpus=2, maxvcpus=3, extra='cpus = "0"\n'),
+                    create_disks="32M"))
     assert rec.pid is not None  # pinned by create itself (the backend's start)
     assert {v: os.sched_getaffinity(t) for v, t in _threads(ts, "p1").items()} == {
         0: {0}, 1: {0}}
     # A vCPU plugged later gets the config's affinity too.
     wait_ready(ts, "p1")
-    assert res.vcpu_set(ts, "p1", 3).guest_online == 3
+    assert sync(res.vcpu_set(ts, "p1", 3)).guest_online == 3
     assert os.sched_getaffinity(_threads(ts, "p1")[2]) == {0}
 
     # The list form: one spec per vCPU, the rest left alone.
-    rec2 = ts.create(_cfg(tmp_path, "p2", vcpus=2, maxvcpus=2, extra='cpus = ["1"]\n'),
-                     create_disks="32M", paused=True)
+    rec2 = sync(ts.create(_cfg(tmp_path, "p2", vcpus=2, maxvcpus=2, extra='cpus = ["1"]\n'),
+                     create_disks="32M", paused=True))
     assert rec2.state == "paused"  # pinned before the guest ever ran
     t2 = _threads(ts, "p2")
     assert (os.sched_getaffinity(t2[0]), os.sched_getaffinity(t2[1])) == ({1}, HOST_CPUS)
     # No cpus=: nothing is pinned.
-    ts.create(_cfg(tmp_path, "p3", vcpus=1, maxvcpus=1), create_disks="32M", paused=True)
+    sync(ts.create(_cfg(tmp_path, "p3", vcpus=1, maxvcpus=1), create_disks="32M", paused=True))
     assert {frozenset(os.sched_getaffinity(t)) for t in _threads(ts, "p3").values()} == {
         HOST_CPUS}
 
 
 def test_rename_frees_the_old_name(ts: Toolstack, tmp_path: Path) -> None:
-    rec = ts.create(_cfg(tmp_path, "r1"), create_disks="32M", paused=True)
+    rec = sync(ts.create(_cfg(tmp_path, "r1"), create_disks="32M", paused=True))
     assert rec.pid is not None
-    other = ts.create(_cfg(tmp_path, "r2"), create_disks="32M", paused=True)
+    other = sync(ts.create(_cfg(tmp_path, "r2"), create_disks="32M", paused=True))
     with pytest.raises(XenlabError, match="a domain named 'r2' already exists"):
-        res.rename(ts, "r1", "r2")
+        sync(res.rename(ts, "r1", "r2"))
     for bad in ("", "12", "a b", 'x"y'):
         with pytest.raises(XenlabError, match="is not usable"):
-            res.rename(ts, "r1", bad)
+            sync(res.rename(ts, "r1", bad))
     assert ts.get("r1").domid == rec.domid
 
-    new = res.rename(ts, "r1", "renamed")
+    new = sync(res.rename(ts, "r1", "renamed"))
     assert (new.domid, new.name) == (rec.domid, "renamed")
     assert ts.get("renamed").domid == rec.domid
     with pytest.raises(XenlabError, match="no domain named 'r1'"):
@@ -226,31 +227,32 @@ def test_rename_frees_the_old_name(ts: Toolstack, tmp_path: Path) -> None:
     assert ts.get("renamed").extra["qemu_name"] == "r1"
     assert b"guest=r1," in Path(f"/proc/{rec.pid}/cmdline").read_bytes()
     # The old name is free: a new domain can take it.
-    again = ts.create(_cfg(tmp_path, "r1", disk="r1b"), create_disks="32M", paused=True)
+    again = sync(ts.create(_cfg(tmp_path, "r1", disk="r1b"), create_disks="32M", paused=True))
     assert again.name == "r1" and again.domid not in (rec.domid, other.domid)
     with pytest.raises(XenlabError, match="already exists"):
-        res.rename(ts, "renamed", "r1")
+        sync(res.rename(ts, "renamed", "r1"))
     # Renaming back to QEMU's own name drops the note.
-    ts.destroy("r1")
-    assert "qemu_name" not in res.rename(ts, "renamed", "r1").extra
+    sync(ts.destroy("r1"))
+    assert "qemu_name" not in sync(res.rename(ts, "renamed", "r1")).extra
 
 
 def test_renamed_domain_is_still_its_qemu(ts: Toolstack, tmp_path: Path) -> None:
     """The store must match a renamed record to its QEMU (run under the old name)."""
-    rec = ts.create(_cfg(tmp_path, "n1"), create_disks="32M", paused=True)
-    res.rename(ts, "n1", "n2")
+    rec = sync(ts.create(_cfg(tmp_path, "n1"), create_disks="32M", paused=True))
+    sync(res.rename(ts, "n1", "n2"))
     renamed = ts.get("n2")
     assert is_alive(renamed)
-    ts.unpause("n2")
-    assert res.info(ts, "n2")["live"]["status"] == "running"
-    ts.destroy("n2")
+    sync(ts.unpause("n2"))
+    assert sync(res.info(ts, "n2"))["live"]["status"] == "running"
+    sync(ts.destroy("n2"))
     assert not is_alive(renamed) and ts.store.list() == []
     assert rec.pid is not None and _gone(rec.pid)
 
 
 def test_info_has_the_live_facts(ts: Toolstack, tmp_path: Path) -> None:
-    rec = ts.create(_cfg(tmp_path, "i1", vcpus=2, maxvcpus=3), create_disks="32M", paused=True)
-    out = res.info(ts, "i1")
+    rec = sync(ts.create(_cfg(tmp_path, "i1", vcpus=2, maxvcpus=3), create_disks="32M",
+                         paused=True))
+    out = sync(res.info(ts, "i1"))
     assert (out["domid"], out["name"], out["state"], out["pid"]) == (
         rec.domid, "i1", "paused", rec.pid)
     assert out["config"] == {"memory_mib": 192, "maxmem_mib": 256, "vcpus": 2,
@@ -270,5 +272,5 @@ def test_info_has_the_live_facts(ts: Toolstack, tmp_path: Path) -> None:
     deadline = time.monotonic() + 10
     while is_alive(rec) and time.monotonic() < deadline:
         time.sleep(0.05)
-    gone = res.info(ts, "i1")
+    gone = sync(res.info(ts, "i1"))
     assert gone["state"] == "stale (QEMU gone)" and gone["live"] is None

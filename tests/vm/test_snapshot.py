@@ -7,12 +7,13 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.guests import boot, read_marker, uptime, wait_ready, write_marker
 from xenlab.errors import BackendError, StateError, XenlabError
 from xenlab.vm.domain import SHUTOFF, Toolstack
@@ -57,10 +58,10 @@ def _shape(nodes: tuple[SnapshotNode, ...]) -> list[object]:
     return [(n.snapshot.name, _shape(n.children)) for n in nodes]
 
 
-def _timed(what: str, times: dict[str, float], fn: Callable[..., T], *args: object,
-           **kw: object) -> T:
+def _timed(what: str, times: dict[str, float], fn: Callable[..., Coroutine[Any, Any, T]],
+           *args: object, **kw: object) -> T:
     t = time.monotonic()
-    result = fn(*args, **kw)
+    result = sync(fn(*args, **kw))
     times[what] = time.monotonic() - t
     return result
 
@@ -77,7 +78,7 @@ def test_memory_snapshot_reverts_disk_and_memory(ts: Toolstack, tmp_path: Path) 
     before = uptime(ts, "m1")
     assert read_marker(ts, "m1") == "B"
     _timed("revert", times, revert_snapshot, ts, "m1", "S1")
-    assert ts.status(ts.get("m1")).state == "running"
+    assert sync(ts.status(ts.get("m1"))).state == "running"
     assert read_marker(ts, "m1") == "A"
     after = uptime(ts, "m1")
     # The guest's clock continues from S1: less time has passed than before the revert.
@@ -89,7 +90,7 @@ def test_memory_snapshot_reverts_disk_and_memory(ts: Toolstack, tmp_path: Path) 
     _timed("delete", times, delete_snapshot, ts, "m1", "S1")
     assert _tags(disk) == [] and list_snapshots(ts, "m1").roots == ()
     assert _check(disk, shared=True).returncode == 0
-    assert ts.shutdown("m1") == "shutdown"
+    assert sync(ts.shutdown("m1")) == "shutdown"
     check = _check(disk)
     assert check.returncode == 0 and "No errors" in check.stdout, check
     print("snapshot times (s):", {k: round(v, 3) for k, v in times.items()})
@@ -100,14 +101,14 @@ def test_tree_survives_a_new_toolstack_and_bad_input_changes_nothing(
 ) -> None:
     _boot(ts, tmp_path, "t1")
     write_marker(ts, "t1", "1")
-    create_snapshot(ts, "t1", "S1")
+    sync(create_snapshot(ts, "t1", "S1"))
     write_marker(ts, "t1", "2")
-    create_snapshot(ts, "t1", "S2")
-    revert_snapshot(ts, "t1", "S1")
+    sync(create_snapshot(ts, "t1", "S2"))
+    sync(revert_snapshot(ts, "t1", "S1"))
     assert list_snapshots(ts, "t1").current == "S1"
     write_marker(ts, "t1", "3")
-    create_snapshot(ts, "t1", "S3", disk_only=True)
-    create_snapshot(ts, "t1", "S4")
+    sync(create_snapshot(ts, "t1", "S3", disk_only=True))
+    sync(create_snapshot(ts, "t1", "S4"))
     expect: list[object] = [("S1", [("S2", []), ("S3", [("S4", [])])])]
 
     again = Toolstack(ts.state_dir)
@@ -117,36 +118,36 @@ def test_tree_survives_a_new_toolstack_and_bad_input_changes_nothing(
         "S1 (internal)", "  S2 (internal)", "  S3 (internal)", "    S4 (internal) *",
     ]
     assert tree.to_json()[0]["children"][1]["children"][0]["current"] is True
-    revert_snapshot(again, "t1", "S2", running=False)
-    assert again.status(again.get("t1")).state == "paused"
-    again.unpause("t1")
+    sync(revert_snapshot(again, "t1", "S2", running=False))
+    assert sync(again.status(again.get("t1"))).state == "paused"
+    sync(again.unpause("t1"))
     assert read_marker(again, "t1") == "2"
     assert list_snapshots(ts, "t1").current == "S2"
 
     # Bad input: a clear error and nothing changed.
     with pytest.raises(XenlabError, match="no domain"):
-        create_snapshot(ts, "nope", "S9")
+        sync(create_snapshot(ts, "nope", "S9"))
     with pytest.raises(XenlabError, match="already has a snapshot named 'S2'"):
-        create_snapshot(ts, "t1", "S2")
+        sync(create_snapshot(ts, "t1", "S2"))
     with pytest.raises(XenlabError, match="bad snapshot name"):
-        create_snapshot(ts, "t1", "12")
+        sync(create_snapshot(ts, "t1", "12"))
     with pytest.raises(XenlabError, match="no snapshot named 'S9'"):
-        revert_snapshot(ts, "t1", "S9")
+        sync(revert_snapshot(ts, "t1", "S9"))
     with pytest.raises(XenlabError, match="no snapshot named 'S9'"):
-        delete_snapshot(ts, "t1", "S9")
+        sync(delete_snapshot(ts, "t1", "S9"))
     with pytest.raises(StateError, match=r"has children \('S4'\)"):
-        delete_snapshot(ts, "t1", "S3")
+        sync(delete_snapshot(ts, "t1", "S3"))
     with pytest.raises(XenlabError, match="contradict"):
-        create_snapshot(ts, "t1", "S9", disk_only=True, memory=True)
+        sync(create_snapshot(ts, "t1", "S9", disk_only=True, memory=True))
     with pytest.raises(XenlabError, match="--live needs"):
-        create_snapshot(ts, "t1", "S9", live=True)
+        sync(create_snapshot(ts, "t1", "S9", live=True))
     assert _shape(list_snapshots(ts, "t1").roots) == expect
     assert list_snapshots(ts, "t1").current == "S2"
     assert sorted(_tags(tmp_path / "t1.qcow2")) == ["S1", "S2", "S3", "S4"]
 
-    gone = delete_snapshot(ts, "t1", "S3", children=True)
+    gone = sync(delete_snapshot(ts, "t1", "S3", children=True))
     assert [s.name for s in gone] == ["S4", "S3"]
-    delete_snapshot(ts, "t1", "S2")  # the current one: current moves to its parent
+    sync(delete_snapshot(ts, "t1", "S2"))  # the current one: current moves to its parent
     tree = list_snapshots(ts, "t1")
     assert _shape(tree.roots) == [("S1", [])] and tree.current == "S1"
     assert _tags(tmp_path / "t1.qcow2") == ["S1"]
@@ -155,25 +156,25 @@ def test_tree_survives_a_new_toolstack_and_bad_input_changes_nothing(
 def test_disk_only_snapshots_and_a_shut_off_domain(ts: Toolstack, tmp_path: Path) -> None:
     disk = _boot(ts, tmp_path, "d1")
     write_marker(ts, "d1", "A")
-    live = create_snapshot(ts, "d1", "L1", disk_only=True)
+    live = sync(create_snapshot(ts, "d1", "L1", disk_only=True))
     assert not snapshot_info(ts, "d1", "L1").has_memory and _tags(disk) == ["L1"]
     with pytest.raises(StateError, match="shut off"):
-        revert_snapshot(ts, "d1", "L1")
-    assert ts.shutdown("d1") == "shutdown"
+        sync(revert_snapshot(ts, "d1", "L1"))
+    assert sync(ts.shutdown("d1")) == "shutdown"
     assert ts.get("d1").state == SHUTOFF  # kept: it has snapshots
     with pytest.raises(StateError, match="no VM state to save"):
-        create_snapshot(ts, "d1", "X", memory=True)
-    off = create_snapshot(ts, "d1", "O1")  # qemu-img snapshot -c
+        sync(create_snapshot(ts, "d1", "X", memory=True))
+    off = sync(create_snapshot(ts, "d1", "O1"))  # qemu-img snapshot -c
     assert off.parent == live.id and _tags(disk) == ["L1", "O1"]
 
-    revert_snapshot(ts, "d1", "O1", running=True)  # starts the domain
+    sync(revert_snapshot(ts, "d1", "O1", running=True))  # starts the domain
     wait_ready(ts, "d1")
     assert read_marker(ts, "d1") == "A"
     write_marker(ts, "d1", "B")
-    assert ts.shutdown("d1") == "shutdown"
-    revert_snapshot(ts, "d1", "O1")  # qemu-img snapshot -a, stays shut off
+    assert sync(ts.shutdown("d1")) == "shutdown"
+    sync(revert_snapshot(ts, "d1", "O1"))  # qemu-img snapshot -a, stays shut off
     assert ts.get("d1").state == SHUTOFF
-    revert_snapshot(ts, "d1", "L1", running=True)
+    sync(revert_snapshot(ts, "d1", "L1", running=True))
     wait_ready(ts, "d1")
     assert read_marker(ts, "d1") == "A"
     assert list_snapshots(ts, "d1").current == "L1"
@@ -186,26 +187,26 @@ def test_disk_only_snapshots_and_a_shut_off_domain(ts: Toolstack, tmp_path: Path
     while is_alive(ts.get("d1")) and time.monotonic() < deadline:
         time.sleep(0.05)
     with pytest.raises(StateError, match="QEMU is gone"):
-        create_snapshot(ts, "d1", "L2")
+        sync(create_snapshot(ts, "d1", "L2"))
     assert [s.name for s in ts.store.list_snapshots(ts.get("d1").domid)] == ["L1", "O1"]
 
 
 def test_external_snapshots(ts: Toolstack, tmp_path: Path) -> None:
     disk = _boot(ts, tmp_path, "e1")
     write_marker(ts, "e1", "A")
-    create_snapshot(ts, "e1", "I1")
-    e1 = create_snapshot(ts, "e1", "E1", external=True)
+    sync(create_snapshot(ts, "e1", "I1"))
+    e1 = sync(create_snapshot(ts, "e1", "E1", external=True))
     assert e1.kind is SnapshotKind.DISK_ONLY
     ov1 = Path(f"{disk}.E1.qcow2")
     assert ov1.exists()
     write_marker(ts, "e1", "B")
-    e2 = create_snapshot(ts, "e1", "E2", external=True, memory=True)
+    e2 = sync(create_snapshot(ts, "e1", "E2", external=True, memory=True))
     assert e2.kind is SnapshotKind.EXTERNAL and e2.memory_path
     assert Path(e2.memory_path).stat().st_size > 1 << 20
-    assert ts.status(ts.get("e1")).state == "running"
+    assert sync(ts.status(ts.get("e1"))).state == "running"
     write_marker(ts, "e1", "C")
-    e3 = create_snapshot(ts, "e1", "E3", external=True, memory=True, live=True)
-    assert ts.status(ts.get("e1")).state == "running"
+    e3 = sync(create_snapshot(ts, "e1", "E3", external=True, memory=True, live=True))
+    assert sync(ts.status(ts.get("e1"))).state == "running"
     assert read_marker(ts, "e1") == "C"
     assert _shape(list_snapshots(ts, "e1").roots) == [
         ("I1", [("E1", [("E2", [("E3", [])])])])
@@ -216,15 +217,15 @@ def test_external_snapshots(ts: Toolstack, tmp_path: Path) -> None:
     ).stdout
     assert chain.count("backing file:") == 3
     with pytest.raises(StateError, match=r"no VM state.*shut off"):
-        revert_snapshot(ts, "e1", "E1")  # disk-only, and the domain runs
+        sync(revert_snapshot(ts, "e1", "E1"))  # disk-only, and the domain runs
     with pytest.raises(StateError, match="children"):
-        delete_snapshot(ts, "e1", "E1")
+        sync(delete_snapshot(ts, "e1", "E1"))
     assert ov1.exists()
 
-    delete_snapshot(ts, "e1", "E3")  # active commit into E2's overlay, pivot
+    sync(delete_snapshot(ts, "e1", "E3"))  # active commit into E2's overlay, pivot
     assert not Path(f"{disk}.E3.qcow2").exists() and e3.memory_path
     assert not Path(e3.memory_path).exists()
-    delete_snapshot(ts, "e1", "E1", children=True)
+    sync(delete_snapshot(ts, "e1", "E1", children=True))
     assert not ov1.exists() and not Path(f"{disk}.E2.qcow2").exists()
     assert "overlays" not in ts.get("e1").extra
     assert read_marker(ts, "e1") == "C"
@@ -234,22 +235,22 @@ def test_external_snapshots(ts: Toolstack, tmp_path: Path) -> None:
     mem_dir = ts.state_dir / "snapshots" / str(ts.get("e1").domid)
     (mem_dir / "F1.mem").mkdir()
     with pytest.raises(BackendError, match=r"F1\.mem.*snapshot 'F1' was not kept"):
-        create_snapshot(ts, "e1", "F1", external=True, memory=True)
+        sync(create_snapshot(ts, "e1", "F1", external=True, memory=True))
     assert "F1" not in {s.name for s in ts.store.list_snapshots(ts.get("e1").domid)}
     assert not Path(f"{disk}.F1.qcow2").exists() and "overlays" not in ts.get("e1").extra
-    assert ts.status(ts.get("e1")).state == "running"
+    assert sync(ts.status(ts.get("e1"))).state == "running"
     (mem_dir / "F1.mem").rmdir()
     write_marker(ts, "e1", "D")  # the guest writes to the base image again
-    assert ts.shutdown("e1") == "shutdown"
+    assert sync(ts.shutdown("e1")) == "shutdown"
     assert _check(disk).returncode == 0
-    revert_snapshot(ts, "e1", "I1")
+    sync(revert_snapshot(ts, "e1", "I1"))
     assert read_marker(ts, "e1") == "A"
 
 
 def test_qemu_killed_during_snapshot_save(ts: Toolstack, tmp_path: Path) -> None:
     disk = _boot(ts, tmp_path, "k1")
     write_marker(ts, "k1", "A")
-    create_snapshot(ts, "k1", "S1")
+    sync(create_snapshot(ts, "k1", "S1"))
     write_marker(ts, "k1", "B")
     pid = ts.get("k1").pid
     assert pid is not None
@@ -269,7 +270,7 @@ def test_qemu_killed_during_snapshot_save(ts: Toolstack, tmp_path: Path) -> None
     th = threading.Thread(target=killer)
     th.start()
     with pytest.raises(BackendError) as err:
-        create_snapshot(ts, "k1", "S2")
+        sync(create_snapshot(ts, "k1", "S2"))
     th.join()
     assert killed, "the job ended before QEMU could be killed"
     msg = str(err.value)
@@ -285,6 +286,6 @@ def test_qemu_killed_during_snapshot_save(ts: Toolstack, tmp_path: Path) -> None
     check = _check(disk)
     assert check.returncode == 0, check
     assert _tags(disk) == ["S1"]
-    revert_snapshot(ts, "k1", "S1")  # starts QEMU again and loads S1
-    assert ts.status(ts.get("k1")).state == "running"
+    sync(revert_snapshot(ts, "k1", "S1"))  # starts QEMU again and loads S1
+    assert sync(ts.status(ts.get("k1"))).state == "running"
     assert read_marker(ts, "k1") == "A"

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.guests import boot, offline_domain, read_marker, uptime, write_marker
 from xenlab.errors import StateError, XenlabError
 from xenlab.vm.backends.qemu.qmp import Qmp
@@ -121,10 +122,10 @@ def test_a_registered_backend_serves_the_unchanged_verbs(tmp_path: Path) -> None
     PATH_KINDS.insert(0, probe)
     register_backend("internal", "raw", "toy-kind", toy)
     try:
-        s = create_snapshot(ts, "off", "T1")
+        s = sync(create_snapshot(ts, "off", "T1"))
         assert s.kind is SnapshotKind.DISK_ONLY and s.disks[0]["backend"] == "toy"
-        revert_snapshot(ts, "off", "T1")
-        delete_snapshot(ts, "off", "T1")
+        sync(revert_snapshot(ts, "off", "T1"))
+        sync(delete_snapshot(ts, "off", "T1"))
         assert toy.calls == ["create T1", "revert T1", "delete T1"] and toy.tags == set()
     finally:
         PATH_KINDS.remove(probe)
@@ -134,26 +135,26 @@ def test_a_registered_backend_serves_the_unchanged_verbs(tmp_path: Path) -> None
 def test_raw_copies_of_a_shut_off_domain(tmp_path: Path) -> None:
     ts, disk = offline_domain(tmp_path, "raw")
     _write(disk, "raw", 0xA)
-    r1 = create_snapshot(ts, "off", "R1", description="raw")
+    r1 = sync(create_snapshot(ts, "off", "R1", description="raw"))
     copy = Path(f"{disk}@R1")
     assert r1.kind is SnapshotKind.DISK_ONLY and copy.is_file()
     assert not snapshot_info(ts, "off", "R1").has_memory
     _write(disk, "raw", 0xB)
-    create_snapshot(ts, "off", "R2")
+    sync(create_snapshot(ts, "off", "R2"))
     assert _holds(disk, "raw", 0xB)
-    revert_snapshot(ts, "off", "R1")
+    sync(revert_snapshot(ts, "off", "R1"))
     assert _holds(disk, "raw", 0xA) and list_snapshots(ts, "off").current == "R1"
-    revert_snapshot(ts, "off", "R2")
+    sync(revert_snapshot(ts, "off", "R2"))
     assert _holds(disk, "raw", 0xB)
     with pytest.raises(XenlabError, match="exists already"):
         copy2 = Path(f"{disk}@R3")
         copy2.write_bytes(b"x")
-        create_snapshot(ts, "off", "R3")
+        sync(create_snapshot(ts, "off", "R3"))
     assert [s.name for s in ts.store.list_snapshots(ts.get("off").domid)] == ["R1", "R2"]
-    delete_snapshot(ts, "off", "R1", children=True)
+    sync(delete_snapshot(ts, "off", "R1", children=True))
     assert not copy.exists() and not Path(f"{disk}@R2").exists()
     with pytest.raises(XenlabError, match="--memory"):
-        create_snapshot(ts, "off", "M", memory=True)
+        sync(create_snapshot(ts, "off", "M", memory=True))
 
 
 def test_external_revert_of_a_shut_off_domain_prunes_what_nothing_needs(
@@ -161,28 +162,28 @@ def test_external_revert_of_a_shut_off_domain_prunes_what_nothing_needs(
 ) -> None:
     ts, disk = offline_domain(tmp_path, "qcow2")
     _write(disk, "qcow2", 0xA)
-    create_snapshot(ts, "off", "E1", external=True)
+    sync(create_snapshot(ts, "off", "E1", external=True))
     ov1 = Path(f"{disk}.E1.qcow2")
     _write(ov1, "qcow2", 0xB)
-    create_snapshot(ts, "off", "E2", external=True)  # freezes ov1
+    sync(create_snapshot(ts, "off", "E2", external=True))  # freezes ov1
     ov2 = Path(f"{disk}.E2.qcow2")
     _write(ov2, "qcow2", 0xC)
 
-    revert_snapshot(ts, "off", "E1")
+    sync(revert_snapshot(ts, "off", "E1"))
     top = Path(ts.get("off").extra["overlays"]["xvda"]["file"])
     assert top == Path(f"{disk}.E1~1.qcow2") and _holds(top, "qcow2", 0xA)
     assert list_snapshots(ts, "off").current == "E1"
     # E2 still needs ov1 (its frozen image); the abandoned top ov2 is gone.
     assert ov1.exists() and not ov2.exists()
-    revert_snapshot(ts, "off", "E2")
+    sync(revert_snapshot(ts, "off", "E2"))
     top = Path(ts.get("off").extra["overlays"]["xvda"]["file"])
     assert _holds(top, "qcow2", 0xB) and not Path(f"{disk}.E1~1.qcow2").exists()
 
     _write(top, "qcow2", 0xD)
-    delete_snapshot(ts, "off", "E2")  # the top merges into ov1, which is the top now
+    sync(delete_snapshot(ts, "off", "E2"))  # the top merges into ov1, which is the top now
     assert ts.get("off").extra["overlays"]["xvda"]["file"] == str(ov1)
     assert _holds(ov1, "qcow2", 0xD) and not top.exists()
-    delete_snapshot(ts, "off", "E1")
+    sync(delete_snapshot(ts, "off", "E1"))
     assert "overlays" not in ts.get("off").extra and not ov1.exists()
     assert _holds(disk, "qcow2", 0xD)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["off.qcow2", "state"]
@@ -228,7 +229,7 @@ def test_raw_copies_write_nothing_through_planted_links(shared: Path, tmp_path: 
     _write(disk, "raw", 0xA)
     disk.chmod(0o644)
     _plant(Path(f"{disk}@R1.tmp"), canary)
-    create_snapshot(ts, "off", "R1")
+    sync(create_snapshot(ts, "off", "R1"))
     assert canary.read_text() == "root secret canary"
     assert stat.S_IMODE(canary.stat().st_mode) == 0o600
     copy = Path(f"{disk}@R1")
@@ -238,13 +239,13 @@ def test_raw_copies_write_nothing_through_planted_links(shared: Path, tmp_path: 
     for tag, to in (("R2", tmp_path / "made-by-root"), ("R3", canary)):
         _plant(Path(f"{disk}@{tag}"), to)
         with pytest.raises(XenlabError, match="exists already"):
-            create_snapshot(ts, "off", tag)
+            sync(create_snapshot(ts, "off", tag))
     assert not (tmp_path / "made-by-root").exists()
     assert canary.read_text() == "root secret canary"
     # A revert writes the disk from the copy, through no planted name either.
     _plant(Path(f"{disk}.tmp"), canary)
     _write(disk, "raw", 0xB)
-    revert_snapshot(ts, "off", "R1")
+    sync(revert_snapshot(ts, "off", "R1"))
     assert _holds(disk, "raw", 0xA) and canary.read_text() == "root secret canary"
     assert stat.S_IMODE(disk.stat().st_mode) == 0o644  # the user's disk keeps its mode
     assert not [p.name for p in shared.iterdir() if p.name.endswith(".part")]
@@ -257,12 +258,12 @@ def test_overlays_are_never_made_through_planted_links(shared: Path, tmp_path: P
     made = tmp_path / "created-by-root"
     _plant(Path(f"{disk}.E1.qcow2"), made)
     with pytest.raises(XenlabError, match="exists already"):
-        create_snapshot(ts, "off", "E1", external=True)
+        sync(create_snapshot(ts, "off", "E1", external=True))
     assert not made.exists() and list_snapshots(ts, "off").roots == ()
-    create_snapshot(ts, "off", "E2", external=True)
+    sync(create_snapshot(ts, "off", "E2", external=True))
     made2 = tmp_path / "created-by-root2"
     _plant(Path(f"{disk}.E2~1.qcow2"), made2)
-    revert_snapshot(ts, "off", "E2")
+    sync(revert_snapshot(ts, "off", "E2"))
     top = Path(ts.get("off").extra["overlays"]["xvda"]["file"])
     # The planted name is skipped: the new top is the next free name, a file of ours.
     assert top == Path(f"{disk}.E2~2.qcow2") and not made2.exists()
@@ -279,21 +280,21 @@ def test_raw_disk_of_a_real_guest(ts: Toolstack, tmp_path: Path) -> None:
     cfg = boot(ts, tmp_path, "r", fmt="raw", maxmem=None)
     write_marker(ts, "r", "A")
     with pytest.raises(XenlabError, match="raw copies need the domain shut off"):
-        create_snapshot(ts, "r", "R1")
+        sync(create_snapshot(ts, "r", "R1"))
     # A domain without snapshots is forgotten when it shuts down (as with
     # xl): an external snapshot keeps it defined, and deleting it while shut
     # off commits the overlay back into the raw file.
-    create_snapshot(ts, "r", "X1", external=True, disk_only=True)
-    assert ts.shutdown("r") == "shutdown"
-    delete_snapshot(ts, "r", "X1")
+    sync(create_snapshot(ts, "r", "X1", external=True, disk_only=True))
+    assert sync(ts.shutdown("r")) == "shutdown"
+    sync(delete_snapshot(ts, "r", "X1"))
     assert ts.get("r").state == SHUTOFF and "overlays" not in ts.get("r").extra
-    create_snapshot(ts, "r", "R1")
-    ts.create(cfg)
-    ts.wait_ready("r")
+    sync(create_snapshot(ts, "r", "R1"))
+    sync(ts.create(cfg))
+    sync(ts.wait_ready("r"))
     write_marker(ts, "r", "B")
-    assert ts.shutdown("r") == "shutdown"
-    revert_snapshot(ts, "r", "R1", running=True)
-    ts.wait_ready("r")
+    assert sync(ts.shutdown("r")) == "shutdown"
+    sync(revert_snapshot(ts, "r", "R1", running=True))
+    sync(ts.wait_ready("r"))
     assert read_marker(ts, "r") == "A"
 
 
@@ -304,21 +305,21 @@ def test_external_snapshots_revert_with_and_without_memory(ts: Toolstack, tmp_pa
     times: dict[str, float] = {}
     write_marker(ts, "x", "A")
     t = time.monotonic()
-    create_snapshot(ts, "x", "E1", external=True, memory=True)
+    sync(create_snapshot(ts, "x", "E1", external=True, memory=True))
     times["create E1 (memory)"] = time.monotonic() - t
     # QEMU made the live overlay in the file xenlab claimed: 0600, not QEMU's 0640.
     assert stat.S_IMODE(Path(f"{disk}.E1.qcow2").stat().st_mode) == 0o600
     at_e1 = uptime(ts, "x")
     write_marker(ts, "x", "B")
-    create_snapshot(ts, "x", "E2", external=True)  # disk-only, holds B
+    sync(create_snapshot(ts, "x", "E2", external=True))  # disk-only, holds B
     write_marker(ts, "x", "C")
     time.sleep(1.5)
     before = uptime(ts, "x")
 
     t = time.monotonic()
-    revert_snapshot(ts, "x", "E1")  # live: QEMU restarts on a new overlay, memory loaded
+    sync(revert_snapshot(ts, "x", "E1"))  # live: QEMU restarts on a new overlay, memory loaded
     times["revert E1 (memory)"] = time.monotonic() - t
-    assert ts.status(ts.get("x")).state == "running"
+    assert sync(ts.status(ts.get("x"))).state == "running"
     assert read_marker(ts, "x") == "A"
     after = uptime(ts, "x")
     assert at_e1 - 1.0 <= after < before - 1.0, (at_e1, before, after)
@@ -327,24 +328,24 @@ def test_external_snapshots_revert_with_and_without_memory(ts: Toolstack, tmp_pa
     assert Path(f"{disk}.E1.qcow2").exists() and not Path(f"{disk}.E2.qcow2").exists()
 
     with pytest.raises(StateError, match="no VM state"):
-        revert_snapshot(ts, "x", "E2")
-    assert ts.shutdown("x") == "shutdown"
+        sync(revert_snapshot(ts, "x", "E2"))
+    assert sync(ts.shutdown("x")) == "shutdown"
     t = time.monotonic()
-    revert_snapshot(ts, "x", "E2", running=True)
+    sync(revert_snapshot(ts, "x", "E2", running=True))
     times["revert E2 (disk-only, boots)"] = time.monotonic() - t
-    ts.wait_ready("x")
+    sync(ts.wait_ready("x"))
     assert read_marker(ts, "x") == "B"
     write_marker(ts, "x", "D")
     t = time.monotonic()
-    delete_snapshot(ts, "x", "E2")  # live commit of the top into E1's overlay
+    sync(delete_snapshot(ts, "x", "E2"))  # live commit of the top into E1's overlay
     times["delete E2 (commit)"] = time.monotonic() - t
     assert ts.get("x").extra["overlays"]["xvda"]["file"] == f"{disk}.E1.qcow2"
-    revert_snapshot(ts, "x", "E1")
+    sync(revert_snapshot(ts, "x", "E1"))
     assert read_marker(ts, "x") == "A"
-    delete_snapshot(ts, "x", "E1")
+    sync(delete_snapshot(ts, "x", "E1"))
     assert "overlays" not in ts.get("x").extra
     assert read_marker(ts, "x") == "A"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state", "x.cfg", "x.qcow2"]
-    assert ts.shutdown("x") == "shutdown"
+    assert sync(ts.shutdown("x")) == "shutdown"
     assert subprocess.run(["qemu-img", "check", str(disk)], capture_output=True).returncode == 0
     print("external snapshot times (s):", {k: round(v, 2) for k, v in times.items()})

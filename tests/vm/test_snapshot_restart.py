@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.guests import boot, wait_ready
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.snapshot import create_snapshot
@@ -16,12 +17,12 @@ pytestmark = pytest.mark.integration
 
 def test_restart_runs_on_the_overlays(ts: Toolstack, tmp_path: Path) -> None:
     cfg = boot(ts, tmp_path, "ov", maxmem=None)
-    assert ts.exec("ov", ["sh", "-c", "echo A > /mnt/disk/m; sync"])[0] == 0
-    create_snapshot(ts, "ov", "ext1", external=True)
-    assert ts.exec("ov", ["sh", "-c", "echo B > /mnt/disk/m; sync"])[0] == 0
-    assert ts.shutdown("ov") == "shutdown"
-    assert ts.status(ts.get("ov")).state == "shutoff"
-    ts.create(cfg)
+    assert sync(ts.exec("ov", ["sh", "-c", "echo A > /mnt/disk/m; sync"]))[0] == 0
+    sync(create_snapshot(ts, "ov", "ext1", external=True))
+    assert sync(ts.exec("ov", ["sh", "-c", "echo B > /mnt/disk/m; sync"]))[0] == 0
+    assert sync(ts.shutdown("ov")) == "shutdown"
+    assert sync(ts.status(ts.get("ov"))).state == "shutoff"
+    sync(ts.create(cfg))
     wait_ready(ts, "ov")
     # B was written to the overlay after the snapshot: it must still be there.
-    assert ts.exec("ov", ["cat", "/mnt/disk/m"])[1] == b"B\n"
+    assert sync(ts.exec("ov", ["cat", "/mnt/disk/m"]))[1] == b"B\n"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.guests import tmpfs
 from xenlab.errors import StateError, XenlabError
 from xenlab.vm.backends.qemu.rundir import SOCKET_MAX, checked_rundir, make_rundir
@@ -223,7 +224,7 @@ def test_destroy_kills_only_our_qemu(tmp_path: Path) -> None:
     with fake_qemu("-name", "guest=other") as victim:
         (rundir / "qemu.pid").write_text(f"{victim}\n")
         ts.store.add_domain(record("a", rundir=str(rundir), pid=victim))
-        ts.destroy("a")
+        sync(ts.destroy("a"))
         assert Path(f"/proc/{victim}").exists()
         with pytest.raises(XenlabError):
             ts.get("a")
@@ -287,7 +288,7 @@ def test_a_killed_create_is_undone_by_the_next_command(tmp_path: Path) -> None:
         (rundir / "qemu.pid").write_text(f"{qemu}\n")
         ts.store.add_domain(record("a", rundir=str(rundir), pid=None, state="creating",
                                    extra={"job": job}))
-        assert [s.record.name for s in ts.list()] == []
+        assert [s.record.name for s in sync(ts.list())] == []
         for _ in range(100):
             if not Path(f"/proc/{qemu}").exists() or \
                     Path(f"/proc/{qemu}/stat").read_text().split(")")[-1].split()[0] == "Z":
@@ -329,7 +330,7 @@ def test_a_full_disk_is_a_clear_error_and_destroy_still_forgets(tmp_path: Path) 
             for i in range(1000):
                 ts.store.patch(1, extra_set={f"k{i}": "x" * 2000})
         (small / "fill").unlink()
-        ts.destroy("a")
+        sync(ts.destroy("a"))
         with pytest.raises(XenlabError):
             ts.get("a")
 
@@ -359,10 +360,12 @@ def test_create_refuses_a_disk_backed_by_a_host_file(tmp_path: Path) -> None:
     cfg.write_text(f'name = "x"\ntype = "hvm"\nmemory = 64\n'
                    f'disk = [ "format=qcow2,vdev=xvda,access=rw,target={disk}" ]\n')
     ts = Toolstack(tmp_path / "state")
-    for verb in (ts.create, ts.define):
-        with pytest.raises(XenlabError, match=r"names backing file /etc/shadow, outside"):
-            verb(cfg)
-        assert ts.store.list() == []
+    with pytest.raises(XenlabError, match=r"names backing file /etc/shadow, outside"):
+        sync(ts.create(cfg))
+    assert ts.store.list() == []
+    with pytest.raises(XenlabError, match=r"names backing file /etc/shadow, outside"):
+        ts.define(cfg)
+    assert ts.store.list() == []
     # A chain inside the disk's own directory is fine.
     base = tmp_path / "base.qcow2"
     qemuimg.create(base, "qcow2", "16M")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.fakebackend import FakeBackend
 from xenlab.vm.backend import WrongBackend
 from xenlab.vm.domain import Toolstack
@@ -112,11 +113,11 @@ def test_another_backends_domain_is_shown_never_touched(v1_dir: Path) -> None:
     """A toolstack of another backend lists QEMU's domains as recorded and refuses verbs."""
     ts = Toolstack(v1_dir, backend=FakeBackend())
     before = {r.name: r for r in ts.store.list()}
-    rows = {s.record.name: s.state for s in ts.list()}
+    rows = {s.record.name: s.state for s in sync(ts.list())}
     assert rows == {"web": "running (qemu)", "db": "shut off (qemu)"}
     with pytest.raises(WrongBackend) as err:
-        ts.pause("web")
+        sync(ts.pause("web"))
     assert (err.value.domain, err.value.recorded, err.value.running) == ("web", "qemu", "fake")
     with pytest.raises(WrongBackend):
-        ts.destroy("web")
+        sync(ts.destroy("web"))
     assert {r.name: r for r in ts.store.list()} == before  # the record is as it was

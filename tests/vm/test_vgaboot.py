@@ -13,6 +13,7 @@ from typing import cast
 
 import pytest
 
+from tests.aio import sync
 from tests.clirun import run_cli
 from tests.rom import builders as b
 from tests.test_files_safety import deadline
@@ -159,7 +160,7 @@ def test_stdvga_bios_runs_as_the_primary_display(tmp_path: Path, guest_image: ob
     ts = Toolstack(tmp_path / "state")
     out = tmp_path / "out"
     try:
-        r = boot_rom(ts, _rom("vgabios-stdvga.bin"), out_dir=out, check=True)
+        r = sync(boot_rom(ts, _rom("vgabios-stdvga.bin"), out_dir=out, check=True))
     finally:
         clear(ts)
     assert r.ran, r.verdict
@@ -186,7 +187,7 @@ def test_stdvga_bios_runs_as_the_primary_display(tmp_path: Path, guest_image: ob
 def test_ati_bios_gets_the_device_with_its_ids(tmp_path: Path, guest_image: object) -> None:
     ts = Toolstack(tmp_path / "state")
     try:
-        r = boot_rom(ts, _rom("vgabios-ati.bin"), out_dir=tmp_path, check=True)
+        r = sync(boot_rom(ts, _rom("vgabios-ati.bin"), out_dir=tmp_path, check=True))
     finally:
         clear(ts)
     assert r.device == "ati-vga,model=rv100"
@@ -203,18 +204,18 @@ def test_broken_roms_are_refused_before_boot_and_seabios_agrees(tmp_path: Path,
     ts = Toolstack(tmp_path / "state")
     try:
         with pytest.raises(XenlabError, match=r"refused before boot: image 0: checksum"):
-            boot_rom(ts, bad, out_dir=tmp_path, check=True)
+            sync(boot_rom(ts, bad, out_dir=tmp_path, check=True))
         assert ts.store.list() == [] and not (tmp_path / "rom-bad.cfg").exists()
         # Booted anyway: SeaBIOS refuses it too, and the screen stays empty.
-        r = boot_rom(ts, bad, out_dir=tmp_path, check=True, force=True)
+        r = sync(boot_rom(ts, bad, out_dir=tmp_path, check=True, force=True))
         assert not r.ran and r.firmware.vga_rom_at is None
         assert r.firmware.problems and "bad checksum" in r.firmware.problems[0]
         assert "refused the VGA ROM" in r.verdict and r.screen == ()
         # The stdvga BIOS on a Cirrus card: ids differ, so SeaBIOS runs nothing.
         with pytest.raises(XenlabError, match="no x86 image with ids 1013:00b8"):
-            boot_rom(ts, _rom("vgabios-stdvga.bin"), out_dir=tmp_path, device="cirrus-vga")
-        r = boot_rom(ts, _rom("vgabios-stdvga.bin"), out_dir=tmp_path, device="cirrus-vga",
-                     check=True, force=True)
+            sync(boot_rom(ts, _rom("vgabios-stdvga.bin"), out_dir=tmp_path, device="cirrus-vga"))
+        r = sync(boot_rom(ts, _rom("vgabios-stdvga.bin"), out_dir=tmp_path, device="cirrus-vga",
+                     check=True, force=True))
         assert not r.ran and "PCI ids" in r.verdict
     finally:
         clear(ts)
@@ -334,7 +335,7 @@ class BeforeQemu:
 
 def _boot(ts: BeforeQemu, rom: Path, out: Path, *, data: bytes | None = None,
           name: str | None = None) -> None:
-    boot_rom(cast(Toolstack, ts), rom, out_dir=out, check=True, data=data, name=name)
+    sync(boot_rom(cast(Toolstack, ts), rom, out_dir=out, check=True, data=data, name=name))
 
 
 def test_the_guest_boots_a_private_copy_of_the_checked_bytes(tmp_path: Path) -> None:

@@ -12,12 +12,12 @@ import json
 import os
 import subprocess
 import sys
+from asyncio import run as run_async
 from collections.abc import Sequence
 from pathlib import Path
 
 from xenlab.vm import qemuimg
 from xenlab.vm.backends.qemu.qmp import Qmp
-from xenlab.vm.backends.qemu.qmp import run as run_async
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.store import SnapshotState, is_alive, is_domain_qemu, qemu_opts
 

@@ -320,7 +320,7 @@ def boot_cmd(file: Path, overrides: tuple[str, ...], cfg: Path | None, check: bo
     for a moment when SeaBIOS goes to boot: the text on its screen, a PNG
     screendump and SeaBIOS's debug log are taken as evidence.
     """
-    from xenlab.vm.backend import command_loop
+    from xenlab.cli.loop import command_loop, go
     from xenlab.vm.domain import Toolstack
     from xenlab.vm.vgaboot import boot_rom
 
@@ -332,9 +332,9 @@ def boot_cmd(file: Path, overrides: tuple[str, ...], cfg: Path | None, check: bo
     data = read_rom_file(file, name=_name(file), regular_only=True)
     check_output_dir(out_dir, name=_name(out_dir))
     with command_loop():  # one event loop for the whole boot
-        result = boot_rom(Toolstack(state_dir), file, out_dir=out_dir, cfg=cfg,
+        result = go(boot_rom(Toolstack(state_dir), file, out_dir=out_dir, cfg=cfg,
                           overrides=overrides, device=device, pci=pci, name=name,
-                          check=check, force=force, timeout=timeout, data=data)
+                          check=check, force=force, timeout=timeout, data=data))
     if as_json:
         emit_json(result.to_json())
     else:

@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from xenlab.cli.loop import command_loop, go
 from xenlab.cli.output import emit_json, printable, stdout
-from xenlab.vm.backend import command_loop
 from xenlab.vm.domain import DomainStatus, Toolstack
 
 _STATE = click.option(
@@ -65,7 +65,7 @@ def create_cmd(cfg: Path, overrides: Sequence[str], paused: bool, console: bool,
     if dry_run:
         from xenlab.vm.dryrun import plan_create
 
-        plan = plan_create(ts, cfg, overrides, paused=paused, create_disks=create_disks)
+        plan = go(plan_create(ts, cfg, overrides, paused=paused, create_disks=create_disks))
         if as_json:
             emit_json(plan.to_json())
             return
@@ -80,10 +80,10 @@ def create_cmd(cfg: Path, overrides: Sequence[str], paused: bool, console: bool,
     if as_json:
         raise click.UsageError("--json goes with -n")
     t0 = time.perf_counter()
-    rec = ts.create(cfg, overrides, paused=paused, create_disks=create_disks)
+    rec = go(ts.create(cfg, overrides, paused=paused, create_disks=create_disks))
     stdout.print(f"created domain {printable(rec.name)} (id {rec.domid}), {rec.state}")
     if wait is not None and not paused:
-        ts.wait_ready(rec.name, timeout=wait)
+        go(ts.wait_ready(rec.name, timeout=wait))
         stdout.print(f"{printable(rec.name)}: guest up after {time.perf_counter() - t0:.1f} s")
     if console:
         from xenlab.vm.console import attach
@@ -96,7 +96,7 @@ def create_cmd(cfg: Path, overrides: Sequence[str], paused: bool, console: bool,
 @_STATE
 def list_cmd(as_json: bool, state_dir: Path | None) -> None:
     """List domains, live and stale."""
-    rows = _ts(state_dir).list()
+    rows = go(_ts(state_dir).list())
     if as_json:
         emit_json([_status_json(s) for s in rows])
         return
@@ -114,7 +114,7 @@ def list_cmd(as_json: bool, state_dir: Path | None) -> None:
 @_STATE
 def destroy_cmd(domain: str, state_dir: Path | None) -> None:
     """Kill DOMAIN's QEMU at once and forget it (clears stale state too)."""
-    rec = _ts(state_dir).destroy(domain)
+    rec = go(_ts(state_dir).destroy(domain))
     stdout.print(f"destroyed {printable(rec.name)} (id {rec.domid})")
 
 
@@ -133,7 +133,7 @@ def define_cmd(cfg: Path, overrides: Sequence[str], state_dir: Path | None) -> N
 @_STATE
 def undefine_cmd(domain: str, state_dir: Path | None) -> None:
     """Forget a shut-off DOMAIN and its snapshot records (its disk files stay)."""
-    rec = _ts(state_dir).undefine(domain)
+    rec = go(_ts(state_dir).undefine(domain))
     stdout.print(f"forgot {printable(rec.name)} (id {rec.domid})")
 
 
@@ -144,7 +144,7 @@ def undefine_cmd(domain: str, state_dir: Path | None) -> None:
 @_STATE
 def shutdown_cmd(domain: str, timeout: float, force: bool, state_dir: Path | None) -> None:
     """Press DOMAIN's ACPI power button and wait for it to stop."""
-    how = _ts(state_dir).shutdown(domain, timeout=timeout, force=force)
+    how = go(_ts(state_dir).shutdown(domain, timeout=timeout, force=force))
     stdout.print(f"{domain}: {how}")
 
 
@@ -154,7 +154,7 @@ def shutdown_cmd(domain: str, timeout: float, force: bool, state_dir: Path | Non
 @_STATE
 def reboot_cmd(domain: str, force: bool, state_dir: Path | None) -> None:
     """Reboot DOMAIN: through its guest agent, else a reset."""
-    how = _ts(state_dir).reboot(domain, force=force)
+    how = go(_ts(state_dir).reboot(domain, force=force))
     stdout.print(f"{domain}: {how}")
 
 
@@ -163,7 +163,7 @@ def reboot_cmd(domain: str, force: bool, state_dir: Path | None) -> None:
 @_STATE
 def pause_cmd(domain: str, state_dir: Path | None) -> None:
     """Pause DOMAIN's vCPUs."""
-    _ts(state_dir).pause(domain)
+    go(_ts(state_dir).pause(domain))
 
 
 @vm.command("unpause")
@@ -171,7 +171,7 @@ def pause_cmd(domain: str, state_dir: Path | None) -> None:
 @_STATE
 def unpause_cmd(domain: str, state_dir: Path | None) -> None:
     """Resume DOMAIN's vCPUs."""
-    _ts(state_dir).unpause(domain)
+    go(_ts(state_dir).unpause(domain))
 
 
 @vm.command("console")
@@ -193,7 +193,7 @@ def console_cmd(domain: str, timeout: float | None, state_dir: Path | None) -> N
 @_STATE
 def exec_cmd(domain: str, argv: Sequence[str], timeout: float, state_dir: Path | None) -> None:
     """Run a command in DOMAIN through its guest agent: xenlab vm exec DOM -- CMD ARGS."""
-    code, out, err = _ts(state_dir).exec(domain, list(argv), timeout=timeout)
+    code, out, err = go(_ts(state_dir).exec(domain, list(argv), timeout=timeout))
     sys.stdout.buffer.write(out)
     sys.stdout.flush()
     sys.stderr.buffer.write(err)
@@ -209,7 +209,7 @@ def info_cmd(domain: str, state_dir: Path | None) -> None:
     """DOMAIN's record, configuration sizes and live QEMU facts, as JSON."""
     from xenlab.vm.resources import info
 
-    emit_json(info(_ts(state_dir), domain))
+    emit_json(go(info(_ts(state_dir), domain)))
 
 
 @vm.command("mem-set")
@@ -221,7 +221,7 @@ def mem_set_cmd(domain: str, mib: int, timeout: float, state_dir: Path | None) -
     """Balloon DOMAIN to MIB MiB and show what the guest reports back."""
     from xenlab.vm.resources import mem_set
 
-    r = mem_set(_ts(state_dir), domain, mib, timeout=timeout)
+    r = go(mem_set(_ts(state_dir), domain, mib, timeout=timeout))
     guest = f", guest MemTotal {r.guest_total_kib} kB" if r.guest_total_kib else ""
     stdout.print(f"{domain}: target {r.target_mib} MiB, balloon reports {r.actual_mib} MiB"
                  f"{guest}" + ("" if r.reached else " (target not reached yet)"))
@@ -235,7 +235,7 @@ def mem_max_cmd(domain: str, mib: int, state_dir: Path | None) -> None:
     """Set the most DOMAIN may be ballooned up to (within what it was started with)."""
     from xenlab.vm.resources import mem_max
 
-    stdout.print(f"{domain}: maxmem {mem_max(_ts(state_dir), domain, mib)} MiB")
+    stdout.print(f"{domain}: maxmem {go(mem_max(_ts(state_dir), domain, mib))} MiB")
 
 
 @vm.command("vcpu-set")
@@ -246,7 +246,7 @@ def vcpu_set_cmd(domain: str, count: int, state_dir: Path | None) -> None:
     """Set the number of DOMAIN's online vCPUs (1..maxvcpus)."""
     from xenlab.vm.resources import vcpu_set
 
-    r = vcpu_set(_ts(state_dir), domain, count)
+    r = go(vcpu_set(_ts(state_dir), domain, count))
     stdout.print(f"{domain}: {r.vcpus} vCPU(s); the guest has {r.guest_online} online "
                  f"({r.guest_cpus})")
 
@@ -259,7 +259,7 @@ def vcpu_list_cmd(domain: str, as_json: bool, state_dir: Path | None) -> None:
     """DOMAIN's vCPUs: host CPU, state, time and affinity, as xl vcpu-list shows them."""
     from xenlab.vm.resources import format_vcpu_list, vcpu_list
 
-    rows = vcpu_list(_ts(state_dir), domain)
+    rows = go(vcpu_list(_ts(state_dir), domain))
     if as_json:
         emit_json([{"vcpu": r.vcpu, "cpu": r.cpu, "state": r.state, "time_s": r.time_s,
                     "affinity": sorted(r.affinity), "thread_id": r.thread_id} for r in rows])
@@ -277,7 +277,7 @@ def vcpu_pin_cmd(domain: str, vcpu: str, cpus: str, state_dir: Path | None) -> N
     from xenlab.vm.resources import vcpu_pin
 
     arg: int | str = vcpu if vcpu == "all" else int(vcpu)
-    for v, c in sorted(vcpu_pin(_ts(state_dir), domain, arg, cpus).items()):
+    for v, c in sorted(go(vcpu_pin(_ts(state_dir), domain, arg, cpus)).items()):
         stdout.print(f"vcpu {v}: {','.join(str(x) for x in sorted(c))}")
 
 
@@ -289,7 +289,7 @@ def rename_cmd(domain: str, new_name: str, state_dir: Path | None) -> None:
     """Rename DOMAIN."""
     from xenlab.vm.resources import rename
 
-    rec = rename(_ts(state_dir), domain, new_name)
+    rec = go(rename(_ts(state_dir), domain, new_name))
     stdout.print(f"renamed {printable(domain)} to {printable(rec.name)}")
 
 
@@ -342,7 +342,7 @@ def save_cmd(domain: str, file: Path, keep_running: bool, snapshot: bool,
     """
     from xenlab.vm.migration.saverestore import save
 
-    h = save(_ts(state_dir), domain, file, keep_running=keep_running, snapshot=snapshot)
+    h = go(save(_ts(state_dir), domain, file, keep_running=keep_running, snapshot=snapshot))
     stdout.print(f"saved {printable(domain)} to {printable(str(file))}"
                  + (f" (disk snapshot {printable(h.disk_snapshots[0].name)})"
                     if h.disk_snapshots else ""))
@@ -363,7 +363,7 @@ def restore_cmd(file: Path, overrides: Sequence[str], paused: bool,
     """
     from xenlab.vm.migration.saverestore import restore
 
-    rec = restore(_ts(state_dir), file, paused=paused, overrides=overrides)
+    rec = go(restore(_ts(state_dir), file, paused=paused, overrides=overrides))
     stdout.print(f"restored {printable(rec.name)} (id {rec.domid}), {rec.state}")
 
 
@@ -400,9 +400,9 @@ def mirror_cmd(domain: str, vdev: str, target: Path, no_pivot: bool, fmt: str,
     """Copy DOMAIN's disk VDEV to a new image TARGET, then switch the guest to it."""
     from xenlab.vm.mirror import mirror
 
-    r = mirror(_ts(state_dir), domain, vdev, target, format=fmt, pivot=not no_pivot,
+    r = go(mirror(_ts(state_dir), domain, vdev, target, format=fmt, pivot=not no_pivot,
                bandwidth=_size(bandwidth) if bandwidth else None, timeout=timeout,
-               progress=_print_mirror if sys.stderr.isatty() else None)
+               progress=_print_mirror if sys.stderr.isatty() else None))
     click.echo("", err=True)
     done = f"now runs on {printable(r.target)}" if r.pivoted else \
         f"copied to {printable(r.target)}"
@@ -436,10 +436,10 @@ def migrate_cmd(domain: str, dest: str, with_storage: bool, offline: bool, pause
     if token is not None and token_file is not None:
         raise click.UsageError("give --token or --token-file, not both")
     target: Toolstack | str = Toolstack(dest_state_dir) if dest_state_dir else dest
-    r = migrate(_ts(state_dir), domain, target, live=not offline, with_storage=with_storage,
+    r = go(migrate(_ts(state_dir), domain, target, live=not offline, with_storage=with_storage,
                 paused=paused, max_bandwidth=_size(max_bandwidth) if max_bandwidth else None,
                 progress=_print_progress if sys.stderr.isatty() else None,
-                token=read_token(token_file) if token_file is not None else token)
+                token=read_token(token_file) if token_file is not None else token))
     click.echo("", err=True)
     stdout.print(f"migrated {printable(domain)} in {r.seconds:.2f} s (downtime "
                  f"{r.downtime_ms} ms, {r.ram_transferred >> 20} MiB of RAM)")
@@ -489,10 +489,10 @@ def receive_cmd(listen: str, overrides: Sequence[str], paused: bool, timeout: fl
         click.echo(f"listening on {host}:{port} {shown}")
         sys.stdout.flush()
 
-    rec = serve_receive(_ts(state_dir), listen, token=token,
+    rec = go(serve_receive(_ts(state_dir), listen, token=token,
                         trust_peer_config=trust_peer_config, disk_dir=disk_dir,
                         overrides=overrides, paused=paused, timeout=timeout,
-                        on_listen=listening)
+                        on_listen=listening))
     stdout.print(f"received {printable(rec.name)} (id {rec.domid}), {rec.state}")
 
 
@@ -514,8 +514,8 @@ def snapshot_create_cmd(domain: str, name: str, disk_only: bool, memory: bool, e
     from xenlab.vm.snapshot import create_snapshot
 
     t0 = time.perf_counter()
-    s = create_snapshot(_ts(state_dir), domain, name, disk_only=disk_only, memory=memory,
-                        external=external, live=live, description=description)
+    s = go(create_snapshot(_ts(state_dir), domain, name, disk_only=disk_only, memory=memory,
+                        external=external, live=live, description=description))
     stdout.print(f"snapshot {printable(s.name)} of {printable(domain)} ({s.kind.value}) "
                  f"in {time.perf_counter() - t0:.2f} s")
 
@@ -568,7 +568,7 @@ def snapshot_revert_cmd(domain: str, name: str, running: bool | None,
     from xenlab.vm.snapshot import revert_snapshot
 
     t0 = time.perf_counter()
-    rec = revert_snapshot(_ts(state_dir), domain, name, running=running)
+    rec = go(revert_snapshot(_ts(state_dir), domain, name, running=running))
     stdout.print(f"{printable(domain)} reverted to {printable(name)} ({rec.state}) in "
                  f"{time.perf_counter() - t0:.2f} s")
 
@@ -582,7 +582,7 @@ def snapshot_delete_cmd(domain: str, name: str, children: bool, state_dir: Path 
     """Delete DOMAIN's snapshot NAME."""
     from xenlab.vm.snapshot import delete_snapshot
 
-    gone = delete_snapshot(_ts(state_dir), domain, name, children=children)
+    gone = go(delete_snapshot(_ts(state_dir), domain, name, children=children))
     stdout.print("deleted " + ", ".join(printable(s.name) for s in gone))
 
 
@@ -612,7 +612,7 @@ def network_attach_cmd(domain: str, items: Sequence[str], state_dir: Path | None
     """Plug a NIC into running DOMAIN; ITEMS make one xl vif spec (bridge=xlbr0 mac=...)."""
     from xenlab.vm.network import network_attach
 
-    i = network_attach(_ts(state_dir), domain, list(items))
+    i = go(network_attach(_ts(state_dir), domain, list(items)))
     where = f"tap {i.tap} ({i.mode}" + (f" on {i.bridge})" if i.bridge else ")") if i.tap \
         else "user network"
     stdout.print(f"{printable(domain)}: vif {i.devid} attached, {i.mac}, {where}")
@@ -628,7 +628,7 @@ def network_detach_cmd(domain: str, which: str, timeout: float, state_dir: Path 
     """Unplug NIC DEVID (or the one with MAC) from running DOMAIN and remove its tap."""
     from xenlab.vm.network import network_detach
 
-    i = network_detach(_ts(state_dir), domain, which, timeout=timeout)
+    i = go(network_detach(_ts(state_dir), domain, which, timeout=timeout))
     stdout.print(f"{printable(domain)}: vif {i.devid} ({i.mac}) detached")
 
 
@@ -664,7 +664,7 @@ def block_attach_cmd(domain: str, spec: str, create_size: str | None,
     """Plug the disk xl disk SPEC describes into running DOMAIN (virtio, xvda-xvdh)."""
     from xenlab.vm.disks import block_attach
 
-    d = block_attach(_ts(state_dir), domain, spec, create_size=create_size)
+    d = go(block_attach(_ts(state_dir), domain, spec, create_size=create_size))
     stdout.print(f"{printable(domain)}: {d.vdev} attached ({printable(d.file or '-')}, "
                  f"{d.format}, {d.mode}, PCI slot {d.slot:#x})")
 
@@ -679,7 +679,7 @@ def block_detach_cmd(domain: str, vdev: str, timeout: float, state_dir: Path | N
     """Unplug disk VDEV from running DOMAIN (the image file stays)."""
     from xenlab.vm.disks import block_detach
 
-    d = block_detach(_ts(state_dir), domain, vdev, timeout=timeout)
+    d = go(block_detach(_ts(state_dir), domain, vdev, timeout=timeout))
     stdout.print(f"{printable(domain)}: {d.vdev} detached ({printable(d.file or '-')} kept)")
 
 
@@ -716,7 +716,7 @@ def cd_insert_cmd(domain: str, vdev: str, target: Path, fmt: str,
     """Put TARGET (an ISO) in running DOMAIN's cdrom drive VDEV (xl cd-insert)."""
     from xenlab.vm.disks import cd_insert
 
-    d = cd_insert(_ts(state_dir), domain, vdev, str(target), fmt=fmt)
+    d = go(cd_insert(_ts(state_dir), domain, vdev, str(target), fmt=fmt))
     stdout.print(f"{printable(domain)}: {d.vdev} holds {printable(d.file or '-')}")
 
 
@@ -728,5 +728,5 @@ def cd_eject_cmd(domain: str, vdev: str, state_dir: Path | None) -> None:
     """Take the medium out of running DOMAIN's cdrom drive VDEV (xl cd-eject)."""
     from xenlab.vm.disks import cd_eject
 
-    d = cd_eject(_ts(state_dir), domain, vdev)
+    d = go(cd_eject(_ts(state_dir), domain, vdev))
     stdout.print(f"{printable(domain)}: {d.vdev} is empty")

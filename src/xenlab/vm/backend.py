@@ -13,12 +13,8 @@ module imports no backend.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import contextvars
 import socket
-import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -64,8 +60,6 @@ __all__ = [
     "VcpuState",
     "WrongBackend",
     "check_backend",
-    "command_loop",
-    "run",
 ]
 
 
@@ -387,37 +381,6 @@ class WrongBackend(StateError):
         self.running = running
         super().__init__(f"domain {domain!r} belongs to the {recorded} backend; this "
                          f"command runs the {running} backend, so nothing was done")
-
-
-# The command's event loop (command_loop): one per thread that opened it.
-_LOOP: contextvars.ContextVar[tuple[asyncio.Runner, int] | None] = contextvars.ContextVar(
-    "xenlab_command_loop", default=None)
-
-
-@contextlib.contextmanager
-def command_loop() -> Iterator[None]:
-    """One event loop for a whole command: every :func:`run` inside the block uses it.
-
-    The CLI opens one per ``xenlab vm`` and ``xenlab rom boot`` command; a library
-    caller may too.  Tasks a call leaves behind are cancelled when the block ends, as
-    ``asyncio.run`` does.  Only the thread that opened it uses it (a worker thread that
-    copied the context gets a loop of its own).
-    """
-    with asyncio.Runner() as runner:
-        token = _LOOP.set((runner, threading.get_ident()))
-        try:
-            yield
-        finally:
-            _LOOP.reset(token)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run one backend call from the verbs' synchronous code: on the command's loop
-    (:func:`command_loop`) when one is open in this thread, else on a loop of its own."""
-    held = _LOOP.get()
-    if held is not None and held[1] == threading.get_ident():
-        return held[0].run(coro)
-    return asyncio.run(coro)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,6 @@ from xenlab.errors import (
     UsageError,
     XenlabError,
 )
-from xenlab.vm.backend import run as _run
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import config_from_text, create_image, disk_line, on_disks_now
 from xenlab.vm.imagecheck import allowed_backing_dirs, check_disk_image
@@ -122,7 +121,7 @@ def _keep(ts: Toolstack, rec: DomainRecord, disks: list[DiskSpec],
         extra_drop=[k for k, v in changes.items() if v is None])
 
 
-def block_attach(ts: Toolstack, name: str, spec: str, *,
+async def block_attach(ts: Toolstack, name: str, spec: str, *,
                  create_size: str | None = None) -> DiskInfo:
     """Plug the disk xl disk ``spec`` describes into running domain ``name``.
 
@@ -149,7 +148,7 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
     target = os.path.abspath(disk.pdev_path)
     disk = replace(disk, pdev_path=target)
     ts.backend.check_disk(disk)  # the checks a start makes (format, script=, backend=...)
-    with ts.live(name) as rec:
+    async with ts.live(name) as rec:
         where = f"block-attach {rec.name}: disk {disk.vdev}"
         dc, _ = config_from_text(rec.config_text, rec.config_path)
         if any(d.vdev == disk.vdev for d in dc.disks):
@@ -180,7 +179,7 @@ def block_attach(ts: Toolstack, name: str, spec: str, *,
                 create_image(target, disk.format.value, create_size)
             try:
                 check_disk_image(target, disk.format, allowed_backing_dirs(target))
-                _run(go())
+                await go()
             except BaseException:
                 if create:
                     remove_own(target)
@@ -198,7 +197,7 @@ def _attached(ts: Toolstack, rec: DomainRecord, disk: DiskSpec) -> DomainRecord:
                  {STALE_NODES: pending or None})
 
 
-def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
+async def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
     """Finish or undo a block-attach that was killed (``Toolstack.converge`` calls this).
 
     QEMU has the device: the disk is recorded (finished).  It has not: the
@@ -206,7 +205,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
     removed (undone).  A domain whose QEMU is gone has nothing to finish.
     """
     if job.verb == "block-detach":
-        return _recover_detach(ts, rec, str(job.detail.get("vdev", "")))
+        return await _recover_detach(ts, rec, str(job.detail.get("vdev", "")))
     if job.verb != "block-attach":
         return rec
     disk = parse_disk(str(job.detail.get("spec", "")), source="interrupted block-attach")
@@ -224,7 +223,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
         await ts.backend.discard_disk(h, [str(n) for n in job.detail.get("nodes") or []])
         return False
 
-    if _run(look()):
+    if await look():
         rec = _attached(ts, rec, disk)
         log.warning("%s: an attach killed before it was recorded is finished: the guest has "
                     "the disk, and the record now lists it", where)
@@ -235,7 +234,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
     return rec
 
 
-def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) -> DiskInfo:
+async def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) -> DiskInfo:
     """Unplug disk ``vdev`` from running domain ``name``; what it was.
 
     CLI: ``xenlab vm block-detach DOM VDEV``.  The image file stays.  Once
@@ -248,7 +247,7 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
     :raise BackendError: the guest did not release it within ``timeout``
         seconds (the disk stays in the record), or QEMU refused.
     """
-    with ts.live(name) as rec:
+    async with ts.live(name) as rec:
         info = {i.vdev: i for i in block_list(ts, rec.name)}
         where = f"block-detach {rec.name}: disk {vdev}"
         if vdev not in info:
@@ -280,11 +279,11 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
                 raise
 
         with ts.job(rec, "block-detach", vdev=vdev) as rec:
-            names = _run(unplug())
+            names = await unplug()
             faults.point("block-detach.unplugged")
             rec = _detached(ts, rec, vdev, names)
         try:
-            kept = _run(ts.backend.release_parts(h, names))
+            kept = await ts.backend.release_parts(h, names)
         except XenlabError as err:  # no QMP session: QEMU keeps them all, as far as we know
             kept = dict.fromkeys(names, str(err))
         pending = dict(rec.extra.get(STALE_NODES) or {})
@@ -300,17 +299,17 @@ def block_detach(ts: Toolstack, name: str, vdev: str, *, timeout: float = 30.0) 
     return info[vdev]
 
 
-def _recover_detach(ts: Toolstack, rec: DomainRecord, vdev: str) -> DomainRecord:
+async def _recover_detach(ts: Toolstack, rec: DomainRecord, vdev: str) -> DomainRecord:
     """A killed block-detach: finished when the guest let the disk go (QEMU has no device)."""
     if rec.state == SHUTOFF or not ts.alive(rec):
         return rec
     if vdev not in {d.vdev for d in block_list(ts, rec.name)}:
         return rec
     h = ts.handle(rec)
-    if _run(ts.backend.has_disk(h, vdev)):
+    if await ts.backend.has_disk(h, vdev):
         return rec  # the guest still has it: the record is true as it is
     # The device is gone, so this detach only names what it left for clean-up.
-    rec = _detached(ts, rec, vdev, list(_run(ts.backend.detach_disk(h, vdev, 0.0))))
+    rec = _detached(ts, rec, vdev, list(await ts.backend.detach_disk(h, vdev, 0.0)))
     log.warning("block-detach %s: a detach killed after the guest let %s go is finished; "
                 "the next block-attach of %s releases what QEMU keeps of it", rec.name, vdev,
                 vdev)
@@ -346,14 +345,14 @@ def _cdrom(ts: Toolstack, rec: DomainRecord, vdev: str, verb: str) -> tuple[list
                         f"{verb} {rec.name}: no cdrom {vdev} (the domain's cdroms: {cdroms})")
 
 
-def _set_medium(ts: Toolstack, name: str, vdev: str, verb: str, path: str | None,
+async def _set_medium(ts: Toolstack, name: str, vdev: str, verb: str, path: str | None,
                 fmt: DiskFormat) -> DiskInfo:
     """Put ``path`` (format ``fmt``; None: eject) in running domain ``name``'s cdrom drive
     ``vdev``, then record the drive's new medium."""
-    with ts.live(name) as rec:
+    async with ts.live(name) as rec:
         disks, i = _cdrom(ts, rec, vdev, verb)
         try:
-            _run(ts.backend.change_medium(ts.handle(rec), vdev, path, fmt))
+            await ts.backend.change_medium(ts.handle(rec), vdev, path, fmt)
         except BackendError as err:
             err.within(f"{verb} {rec.name} {vdev}")
             raise
@@ -362,7 +361,7 @@ def _set_medium(ts: Toolstack, name: str, vdev: str, verb: str, path: str | None
     return next(d for d in block_list(ts, rec.name) if d.vdev == vdev)
 
 
-def cd_insert(ts: Toolstack, name: str, vdev: str, target: str, *,
+async def cd_insert(ts: Toolstack, name: str, vdev: str, target: str, *,
               fmt: str = "raw") -> DiskInfo:
     """Put the image ``target`` in running domain ``name``'s cdrom drive ``vdev``.
 
@@ -383,13 +382,13 @@ def cd_insert(ts: Toolstack, name: str, vdev: str, target: str, *,
     path = str(Path(target).resolve())
     # Every file QEMU would open through the medium is checked first, as at create.
     check_disk_image(path, disk_format, allowed_backing_dirs(path))
-    return _set_medium(ts, name, vdev, "cd-insert", path, disk_format)
+    return await _set_medium(ts, name, vdev, "cd-insert", path, disk_format)
 
 
-def cd_eject(ts: Toolstack, name: str, vdev: str) -> DiskInfo:
+async def cd_eject(ts: Toolstack, name: str, vdev: str) -> DiskInfo:
     """Take the medium out of running domain ``name``'s cdrom drive ``vdev``.
 
     CLI: ``xenlab vm cd-eject DOM VDEV``, as ``xl cd-eject`` (forced: a guest
     that locked the tray does not keep the medium).
     """
-    return _set_medium(ts, name, vdev, "cd-eject", None, DiskFormat.EMPTY)
+    return await _set_medium(ts, name, vdev, "cd-eject", None, DiskFormat.EMPTY)

@@ -26,7 +26,7 @@ import shutil
 import socket
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,6 @@ from xenlab.vm.backend import (
     StartSpec,
     Unsupported,
     check_backend,
-)
-from xenlab.vm.backend import (
-    run as _run_async,
 )
 from xenlab.vm.backends.qemu import QemuBackend
 from xenlab.vm.backends.qemu.qemu import (
@@ -183,7 +180,7 @@ class Toolstack:
             created.append(path)
         return created
 
-    def create(
+    async def create(
         self,
         cfg: Path,
         overrides: Sequence[str] = (),
@@ -198,10 +195,10 @@ class Toolstack:
         disks this call created.
         """
         dc, text = self.load_config(cfg, overrides)
-        return self.launch(dc, text, config_path=str(cfg.resolve()), paused=paused,
+        return await self.launch(dc, text, config_path=str(cfg.resolve()), paused=paused,
                            image=image, create_disks=create_disks)
 
-    def reusable(self, name: str) -> DomainRecord | None:
+    async def reusable(self, name: str) -> DomainRecord | None:
         """The shut-off domain called ``name`` to start again, or None when the name is free.
 
         XenlabError when a live domain has the name, or a stale one (QEMU
@@ -217,7 +214,7 @@ class Toolstack:
                     # What a killed command left (a shut-off mirror's copy) is
                     # settled first: it may change which files the domain runs on.
                     with self.store.lock(rec.domid):
-                        kept = self.converge(self.store.get(rec.domid))
+                        kept = await self.converge(self.store.get(rec.domid))
                     if kept is None:
                         continue
                     rec = kept
@@ -238,7 +235,7 @@ class Toolstack:
             )
         return old
 
-    def launch(
+    async def launch(
         self,
         dc: DomainConfig,
         text: str,
@@ -280,7 +277,7 @@ class Toolstack:
         created: list[Path] = []
         with contextlib.ExitStack() as held:
             with self.store.global_lock():
-                old = self.reusable(dc.name)
+                old = await self.reusable(dc.name)
                 if old is not None and fresh:
                     # create starts a kept domain on the disks it last ran on, with
                     # the NICs it last had; restore, receive and revert bring the
@@ -333,12 +330,12 @@ class Toolstack:
                 rec = self.store.patch(rec.domid, **self.backend.prepare(rec))
                 faults.point(f"{step}.rundir")
                 dc = replace(dc, uuid=rec.uuid)
-                rec, taps = self._vifs_online(rec, dc, fresh=fresh)
+                rec, taps = await self._vifs_online(rec, dc, fresh=fresh)
                 faults.point(f"{step}.vifs")
                 if prepare is not None:
                     prepare()
                 # An incoming domain must not run before the stream has arrived.
-                started = _run_async(self.backend.start(self.handle(rec), StartSpec(
+                started = await (self.backend.start(self.handle(rec), StartSpec(
                     dc, paused=paused, incoming=not fresh, taps=taps, image=image)))
                 faults.point(f"{step}.spawned")
                 state = started.state
@@ -348,20 +345,20 @@ class Toolstack:
                                        extra_drop=done)
                 return rec
             except BaseException:
-                self._undo_start(rec.domid)
+                await self._undo_start(rec.domid)
                 for p in created:
                     p.unlink(missing_ok=True)
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _undo_start(self, domid: int) -> None:
+    async def _undo_start(self, domid: int) -> None:
         """Stop whatever QEMU a failed start left and forget it (kept domains stay shut off)."""
         try:
             rec = self.store.get(domid)
         except XenlabError:
             return
         self.kill_domain(rec)
-        self.gone(rec)
+        await self.gone(rec)
 
     def host_vif(self, rec: DomainRecord, nic: NicPlan, *, name: str | None = None
                  ) -> hotplug.Vif:
@@ -369,7 +366,7 @@ class Toolstack:
         else ``vif<domid>.<devid>`` as Xen's backend)."""
         return host_vif(rec.domid, name or rec.name, nic.devid, nic.mac, nic.spec)
 
-    def _vifs_online(self, rec: DomainRecord, dc: DomainConfig, *, fresh: bool
+    async def _vifs_online(self, rec: DomainRecord, dc: DomainConfig, *, fresh: bool
                      ) -> tuple[DomainRecord, dict[int, str]]:
         """Bring ``dc``'s tapped vifs online and record them; (record, tap name by devid).
 
@@ -396,12 +393,12 @@ class Toolstack:
                 raise
             return done
 
-        up = _run_async(go())
+        up = await go()
         rec = self.store.patch(rec.domid, extra_set={
             VIFS: [hotplug.vif_to_json(v) for v in up]})
         return rec, {v.devid: v.vifname for v in up}
 
-    def _vifs_offline(self, rec: DomainRecord) -> dict[str, object]:
+    async def _vifs_offline(self, rec: DomainRecord) -> dict[str, object]:
         """Bring every recorded vif of ``rec`` offline; its ``extra`` without them.
 
         The store's copy of the record is read too: callers may hold one from
@@ -432,7 +429,7 @@ class Toolstack:
                     log.warning("%s", err)
 
         if vifs:
-            _run_async(go())
+            await go()
         return {k: v for k, v in rec.extra.items() if k != VIFS}
 
     # -- looking ---------------------------------------------------------------
@@ -441,9 +438,9 @@ class Toolstack:
         """The record of a domain by id or name (ids first, as xl); XenlabError if none."""
         return self.store.get(name_or_id)
 
-    @contextlib.contextmanager
-    def locked(self, name_or_id: str | int, *, timeout: float | None = None,
-               strict: bool = True) -> Iterator[DomainRecord]:
+    @contextlib.asynccontextmanager
+    async def locked(self, name_or_id: str | int, *, timeout: float | None = None,
+                     strict: bool = True) -> AsyncIterator[DomainRecord]:
         """Hold the domain's lock for a ``with`` block; yields its record as of now.
 
         The record is read again under the lock, and a job that a killed
@@ -470,7 +467,7 @@ class Toolstack:
                     "while this command waited for it; nothing was done")
             check_backend(now, self.backend.name)  # even for destroy: not ours to touch
             try:
-                kept = self.converge(now)
+                kept = await self.converge(now)
             except XenlabError as err:
                 if strict:
                     raise
@@ -482,7 +479,7 @@ class Toolstack:
                                  f"{(job_of(now) or Job('?', 0, 0)).verb} was undone")
             yield kept
 
-    def converge(self, rec: DomainRecord) -> DomainRecord | None:
+    async def converge(self, rec: DomainRecord) -> DomainRecord | None:
         """Finish or undo what a killed command left of ``rec``; the record then (None: gone).
 
         Called with the domain's lock held.  A job whose owner still runs, or
@@ -503,11 +500,11 @@ class Toolstack:
         if job.verb in ("destroy", "shutdown"):
             # The QEMU was being stopped on purpose (or has stopped): finish that.
             self.kill_domain(rec)
-            kept = self.gone(rec)
+            kept = await self.gone(rec)
             log.warning("domain %s: a %s killed half-way is finished", rec.name, job.verb)
             return kept
         if rec.state == "incoming" and job.verb == "incoming" and self.alive(rec) and \
-                self._resumed(rec):
+                await self._resumed(rec):
             # The guest ran there already (a restore or receive resumed it and
             # was killed before it said so): it is the guest's only running
             # copy and may have written to its disks, so it is kept.
@@ -518,7 +515,7 @@ class Toolstack:
             # QEMU may have started (its pid only in the pidfile): stop it,
             # bring the vifs down, forget the half-made domain.
             self.kill_domain(rec)
-            kept = self.gone(rec)
+            kept = await self.gone(rec)
             log.warning("domain %s: a %s killed before it finished was undone%s",
                         rec.name, "create" if job.verb == "create" else "restore/receive",
                         "; it is shut off" if kept is not None else "")
@@ -531,7 +528,7 @@ class Toolstack:
         recover = vars(importlib.import_module(module)).get("recover_job")
         if recover is None:
             return self.store.patch(rec.domid, extra_drop=[JOB])
-        kept = recover(self, rec, job)
+        kept = await recover(self, rec, job)
         assert kept is None or isinstance(kept, DomainRecord)
         if kept is not None and job_of(kept) is not None:
             kept = self.store.patch(rec.domid, extra_drop=[JOB])
@@ -575,14 +572,14 @@ class Toolstack:
         self.store.patch(domid, extra_set={
             JOB: replace(job, detail={**job.detail, **detail}).to_json()})
 
-    def _resumed(self, rec: DomainRecord) -> bool:
+    async def _resumed(self, rec: DomainRecord) -> bool:
         """True when QEMU says the guest of ``rec`` runs (QMP asked briefly)."""
         try:
-            return _run_async(self.backend.state(self.handle(rec), timeout=2.0)) == "running"
+            return await self.backend.state(self.handle(rec), timeout=2.0) == "running"
         except XenlabError:
             return False
 
-    def status(self, rec: DomainRecord) -> DomainStatus:
+    async def status(self, rec: DomainRecord) -> DomainStatus:
         """What the domain is now, asking QEMU when it is alive."""
         dc, _ = self.config_of(rec)
         # mem-set and vcpu-set keep the current values in the record.
@@ -596,12 +593,12 @@ class Toolstack:
         try:
             # QEMU serves one QMP client at a time: a domain another command
             # is working on answers once that command is done, so do not wait.
-            state = _run_async(self.backend.state(self.handle(rec), timeout=1.0))
+            state = await self.backend.state(self.handle(rec), timeout=1.0)
         except (BackendError, StateError) as err:
             state = "busy" if "no session within" in str(err) else "unresponsive"
         return DomainStatus(rec, state, mem, vcpus, time.time() - rec.created)
 
-    def list(self) -> list[DomainStatus]:
+    async def list(self) -> list[DomainStatus]:
         """Every domain in the store, live, shut off or stale, by id.
 
         A domain whose guest powered itself off cleanly is gone, as with xl:
@@ -623,13 +620,13 @@ class Toolstack:
             off = rec.state != SHUTOFF and self._powered_off(rec)
             if dead_job or off:
                 try:
-                    now = self._converged(rec)
+                    now = await self._converged(rec)
                 except StateError:
                     now = rec  # busy: another command is on it right now
                 if now is None:
                     continue
                 rec = now
-            status = self.status(rec)
+            status = await self.status(rec)
             if {rec.state, status.state} == {"running", "paused"}:
                 # QEMU is the truth (a pause or unpause killed after its QMP
                 # command left the record behind): the record follows.
@@ -640,7 +637,7 @@ class Toolstack:
             out.append(status)
         return out
 
-    def _converged(self, rec: DomainRecord) -> DomainRecord | None:
+    async def _converged(self, rec: DomainRecord) -> DomainRecord | None:
         """``rec`` brought to a true state under its lock (1 s at most); None when gone.
 
         A failure to converge is logged and the record shown as it is: a
@@ -652,13 +649,13 @@ class Toolstack:
             except XenlabError:
                 return None  # it went away meanwhile
             try:
-                kept = self.converge(now)
+                kept = await self.converge(now)
             except XenlabError as err:
                 log.warning("domain %s: could not finish what a killed command left: %s",
                             rec.name, err)
                 return self.store.get(rec.domid)
             if kept is not None and kept.state != SHUTOFF and self._powered_off(kept):
-                kept = self.gone(kept)
+                kept = await self.gone(kept)
             return kept
 
     def _powered_off(self, rec: DomainRecord) -> bool:
@@ -709,7 +706,7 @@ class Toolstack:
                 )
             )
 
-    def gone(self, rec: DomainRecord) -> DomainRecord | None:
+    async def gone(self, rec: DomainRecord) -> DomainRecord | None:
         """QEMU has exited: keep the domain as shut off if it is defined, has snapshots, or
         runs on mirrored disks (only its record says where they are now).
 
@@ -721,7 +718,7 @@ class Toolstack:
         except XenlabError:
             return None
         self.backend.release(self.handle(rec))
-        self._vifs_offline(rec)
+        await self._vifs_offline(rec)
         job = job_of(rec)
         # A verb of this process that restarts the domain (a revert) keeps its
         # job: a kill later in that verb must still be recovered as that verb.
@@ -733,10 +730,10 @@ class Toolstack:
         self.store.remove(rec.domid)
         return None
 
-    def undefine(self, name_or_id: str) -> DomainRecord:
+    async def undefine(self, name_or_id: str) -> DomainRecord:
         """Forget a shut-off domain and its snapshot records; the snapshot memory files in
         the state directory go too (disk images, overlays included, are left alone)."""
-        with self.locked(name_or_id) as rec:
+        async with self.locked(name_or_id) as rec:
             if rec.state != SHUTOFF:
                 raise StateError(f"domain {rec.name!r} is not shut off; destroy it first")
             mine = (self.state_dir / "snapshots" / str(rec.domid)).absolute()
@@ -763,11 +760,11 @@ class Toolstack:
     def live_record(self, name_or_id: str) -> DomainRecord:
         return self._check_live(self.get(name_or_id))
 
-    @contextlib.contextmanager
-    def live(self, name_or_id: str, *, timeout: float | None = None
-             ) -> Iterator[DomainRecord]:
+    @contextlib.asynccontextmanager
+    async def live(self, name_or_id: str, *, timeout: float | None = None
+                   ) -> AsyncIterator[DomainRecord]:
         """:meth:`locked`, for a domain whose QEMU must run (StateError otherwise)."""
-        with self.locked(name_or_id, timeout=timeout) as rec:
+        async with self.locked(name_or_id, timeout=timeout) as rec:
             yield self._check_live(rec)
 
     async def qmp_execute(self, rec: DomainRecord, cmd: str, args: dict[str, object] | None = None
@@ -783,19 +780,19 @@ class Toolstack:
         finally:
             await qmp.close()
 
-    def pause(self, name_or_id: str) -> None:
+    async def pause(self, name_or_id: str) -> None:
         """Stop the domain's vCPUs (QMP stop)."""
-        with self.live(name_or_id) as rec:
-            _run_async(self.backend.pause(self.handle(rec)))
+        async with self.live(name_or_id) as rec:
+            await self.backend.pause(self.handle(rec))
             self.store.patch(rec.domid, expect_uuid=rec.uuid, state="paused")
 
-    def unpause(self, name_or_id: str) -> None:
+    async def unpause(self, name_or_id: str) -> None:
         """Resume the domain's vCPUs (QMP cont)."""
-        with self.live(name_or_id) as rec:
-            _run_async(self.backend.resume(self.handle(rec)))
+        async with self.live(name_or_id) as rec:
+            await self.backend.resume(self.handle(rec))
             self.store.patch(rec.domid, expect_uuid=rec.uuid, state="running")
 
-    def destroy(self, name_or_id: str) -> DomainRecord:
+    async def destroy(self, name_or_id: str) -> DomainRecord:
         """Kill the domain's QEMU now and forget it (a stale record is cleared too).
 
         A domain kept for its snapshots (or defined) stays, shut off, with its
@@ -803,7 +800,7 @@ class Toolstack:
         writes to the store only after QEMU is dead, so it works on a full disk
         as far as it can: the QEMU goes whatever the store can record.
         """
-        with self.locked(name_or_id, strict=False) as rec:
+        async with self.locked(name_or_id, strict=False) as rec:
             if rec.state == SHUTOFF:
                 raise StateError(
                     f"domain {rec.name!r} is shut off already; `xenlab vm undefine` forgets it"
@@ -812,7 +809,7 @@ class Toolstack:
                 rec = self.store.patch(rec.domid, extra_set={JOB: new_job("destroy").to_json()})
             self.kill_domain(rec)
             try:
-                kept = self.gone(rec)
+                kept = await self.gone(rec)
                 if kept is not None:
                     self.store.patch(rec.domid, extra_drop=[JOB])
             except StateError as err:
@@ -820,53 +817,54 @@ class Toolstack:
                                  "destroy it again once there is room") from err
         return rec
 
-    def shutdown(self, name_or_id: str, *, timeout: float = 60.0, force: bool = False
+    async def shutdown(self, name_or_id: str, *, timeout: float = 60.0, force: bool = False
                  ) -> str:
         """ACPI power button, wait up to ``timeout``; then destroy if ``force``.
 
         Returns how it ended: ``"shutdown"`` or ``"destroyed"``.
         """
-        with self.live(name_or_id) as rec, self.job(rec, "shutdown") as rec:
-            h = self.handle(rec)
-            deadline = time.monotonic() + timeout
-            while True:
-                # A guest still booting has no ACPI handler yet and drops the
-                # press: press again every few seconds until the deadline.
-                # The domain going away between presses is the goal, not an error.
-                with contextlib.suppress(BackendError):
-                    _run_async(self.backend.shutdown(h))
-                left = deadline - time.monotonic()
-                if self.backend.wait_gone(h, min(5.0, max(left, 0.0))):
-                    self.gone(rec)
-                    return "shutdown"
-                if time.monotonic() >= deadline:
-                    break
-            if not force:
-                raise StateError(
-                    f"domain {rec.name!r} did not shut down within {timeout:g} s "
-                    "(add --force to destroy it then)"
-                )
-            self.kill_domain(rec)
-            self.gone(rec)
-            return "destroyed"
+        async with self.live(name_or_id) as rec:
+            with self.job(rec, "shutdown") as rec:
+                h = self.handle(rec)
+                deadline = time.monotonic() + timeout
+                while True:
+                    # A guest still booting has no ACPI handler yet and drops the
+                    # press: press again every few seconds until the deadline.
+                    # The domain going away between presses is the goal, not an error.
+                    with contextlib.suppress(BackendError):
+                        await self.backend.shutdown(h)
+                    left = deadline - time.monotonic()
+                    if self.backend.wait_gone(h, min(5.0, max(left, 0.0))):
+                        await self.gone(rec)
+                        return "shutdown"
+                    if time.monotonic() >= deadline:
+                        break
+                if not force:
+                    raise StateError(
+                        f"domain {rec.name!r} did not shut down within {timeout:g} s "
+                        "(add --force to destroy it then)"
+                    )
+                self.kill_domain(rec)
+                await self.gone(rec)
+                return "destroyed"
 
-    def reboot(self, name_or_id: str, *, force: bool = False) -> str:
+    async def reboot(self, name_or_id: str, *, force: bool = False) -> str:
         """Ask the guest to reboot through its agent; reset it when it cannot (or ``force``).
 
         Returns how: ``"guest reboot"`` or ``"reset"``.
         """
-        with self.live(name_or_id) as rec:
+        async with self.live(name_or_id) as rec:
             h = self.handle(rec)
             if not force:
                 try:
-                    _run_async(self.backend.reboot(h))
+                    await self.backend.reboot(h)
                     return "guest reboot"
                 except BackendError:
                     pass  # no agent answering: fall back to a hard reset, as xl -F does
-            _run_async(self.backend.reset(h))
+            await self.backend.reset(h)
             return "reset"
 
-    def wait_ready(self, name_or_id: str, *, timeout: float = 60.0) -> float:
+    async def wait_ready(self, name_or_id: str, *, timeout: float = 60.0) -> float:
         """Wait until the guest agent answers; returns the seconds waited.
 
         The agent starts last in the project's image, so an answer means the
@@ -890,10 +888,10 @@ class Toolstack:
                         ) from err
                     await asyncio.sleep(0.2)
 
-        _run_async(go())
+        await go()
         return time.monotonic() - start
 
-    def exec(self, name_or_id: str, argv: Sequence[str], *, timeout: float = 60.0
+    async def exec(self, name_or_id: str, argv: Sequence[str], *, timeout: float = 60.0
              ) -> tuple[int, bytes, bytes]:
         """Run ``argv`` in the guest through its agent: (exit code, stdout, stderr).
 
@@ -915,7 +913,7 @@ class Toolstack:
                     f"it runs (`xenlab vm unpause {rec.name}`)")
             return await self.backend.agent_exec(h, argv, timeout)
 
-        return _run_async(go())
+        return await go()
 
     def open_console(self, name_or_id: str, *, timeout: float = 10.0) -> socket.socket:
         """A connected stream to the domain's serial console (``vm.console.attach`` bridges

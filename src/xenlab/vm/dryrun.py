@@ -67,7 +67,7 @@ class CreatePlan:
                 "vifs": [hotplug.vif_to_json(v) for v in self.vifs]}
 
 
-def plan_create(ts: Toolstack, cfg: Path, overrides: Sequence[str] = (), *,
+async def plan_create(ts: Toolstack, cfg: Path, overrides: Sequence[str] = (), *,
                 paused: bool = False, create_disks: str | None = None) -> CreatePlan:
     """What ``ts.create(cfg, overrides, ...)`` would do now; nothing is changed.
 
@@ -77,7 +77,7 @@ def plan_create(ts: Toolstack, cfg: Path, overrides: Sequence[str] = (), *,
     from xenlab.vm.domconfig import check_images
 
     dc, text = ts.load_config(cfg, overrides)
-    old = ts.reusable(dc.name)
+    old = await ts.reusable(dc.name)
     if old is not None:
         dc, text = on_vif_specs(dc, text, old)
         dc, text = on_disk_specs(dc, text, old)

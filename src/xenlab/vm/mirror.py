@@ -31,7 +31,6 @@ from xenlab.errors import (
 )
 from xenlab.vm import qemuimg
 from xenlab.vm.backend import BlockCopyFailed, BlockCopyRequest, CopyProgress, MirrorProgress
-from xenlab.vm.backend import run as _run_async
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job, job_of
 from xenlab.vm.qemuimg import FORMAT_DRIVERS, ImageFileError
@@ -79,7 +78,7 @@ class MirrorResult:
 Progress = CopyProgress
 
 
-def mirror(
+async def mirror(
     ts: Toolstack, name: str, vdev: str, target: Path, *, format: str = "qcow2",
     pivot: bool = True, bandwidth: int | None = None, timeout: float = 600.0,
     progress: Progress | None = None,
@@ -115,9 +114,9 @@ def mirror(
     target = Path(os.path.abspath(target))
     rec = ts.get(name)
     if rec.state == SHUTOFF:
-        return _mirror_offline(ts, rec, vdev, target, format, pivot, timeout, progress,
+        return await _mirror_offline(ts, rec, vdev, target, format, pivot, timeout, progress,
                                started)
-    with ts.live(name) as rec:
+    async with ts.live(name) as rec:
         source, source_fmt = _source_file(ts, rec, vdev, pivot)
         _check_new(target)
         h = ts.handle(rec)
@@ -133,17 +132,18 @@ def mirror(
                 ts.update_job(domid, **fact)
 
             try:
-                node, length = _run_async(ts.backend.block_copy(h, req, note))
+                node, length = await ts.backend.block_copy(h, req, note)
                 if pivot:
                     faults.point("mirror.recording")
                     _record_pivot(ts, rec.domid, vdev, target, format, node)
             except BlockCopyFailed as err:
-                raise _failed(ts, rec, vdev, source, source_fmt, target, format, err) from err
+                failure = await _failed(ts, rec, vdev, source, source_fmt, target, format, err)
+                raise failure from err
             except BaseException:
                 # Interrupted (Ctrl-C), from the copy to its record: how far it got is the
                 # backend's to say, as after a kill.  Settled now; if that fails too, the
                 # job is handed to the next command instead of going with this block.
-                if not _settle_interrupted(ts, domid):
+                if not await _settle_interrupted(ts, domid):
                     ts.hand_over_job(domid)
                 raise
         rec = ts.store.get(rec.domid)
@@ -159,7 +159,7 @@ def _job_detail(vdev: str, source: str, source_fmt: str, target: Path, fmt: str,
             "creates_target": True, "offline": offline, "phase": "copying"}
 
 
-def _settle_interrupted(ts: Toolstack, domid: int) -> bool:
+async def _settle_interrupted(ts: Toolstack, domid: int) -> bool:
     """Finish or undo an interrupted mirror as :func:`recover_job` would; True when done.
 
     Never raises (the interruption is what the caller must see): a failure, or a second
@@ -169,7 +169,7 @@ def _settle_interrupted(ts: Toolstack, domid: int) -> bool:
         now = ts.store.get(domid)
         job = job_of(now)
         if job is not None:
-            recover_job(ts, now, job)
+            await recover_job(ts, now, job)
         return True
     except BaseException as err:
         log.warning("mirror: could not settle the interrupted copy (%s); the next command "
@@ -252,10 +252,10 @@ def _record_pivot(ts: Toolstack, domid: int, vdev: str, target: Path, fmt: str,
 
 # --- a shut-off domain: qemu-img convert ------------------------------------------------
 
-def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: Path, fmt: str,
+async def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: Path, fmt: str,
                     pivot: bool, timeout: float, progress: Progress | None,
                     started: float) -> MirrorResult:
-    with ts.locked(str(rec.domid)) as rec:
+    async with ts.locked(str(rec.domid)) as rec:
         if rec.state != SHUTOFF:
             raise StateError(f"domain {rec.name!r} was started meanwhile; mirror again")
         source, source_fmt = _source_file(ts, rec, vdev, pivot)
@@ -311,7 +311,7 @@ def _convert(source: str, source_fmt: str, out: Path, fmt: str, vdev: str, size:
 # --- failures ------------------------------------------------------------------------
 
 
-def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, source_fmt: str,
+async def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, source_fmt: str,
             target: Path, fmt: str, run: BlockCopyFailed) -> BaseException:
     """Leave things consistent after a failed mirror; the error to raise, saying what happened."""
     what = f"mirror {rec.name} {vdev} -> {target}"
@@ -338,7 +338,7 @@ def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, source_fmt
         qemuimg.remove_own(target)
         notes.append(f"the unfinished {target} was removed")
     notes.append(_check_source(source, source_fmt))
-    ts.gone(ts.store.get(rec.domid))
+    await ts.gone(ts.store.get(rec.domid))
     kept = any(r.domid == rec.domid for r in ts.store.list())
     notes.append(f"{rec.name} is now shut off (it has snapshots)" if kept
                  else f"{rec.name} is gone from the store")
@@ -367,7 +367,7 @@ def _check_source(source: str, fmt: str) -> str:
 # --- a killed mirror --------------------------------------------------------------------
 
 
-def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
+async def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
     """Finish or undo a mirror whose process was killed (``Toolstack.converge`` calls this).
 
     The truth comes from QEMU (see the module docstring): the device on the
@@ -398,7 +398,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
         return ts.store.get(rec.domid)
     # A pivot already asked for is let finish; anything else is cancelled.
     complete = pivot and d.get("phase") == "completing"
-    node = _run_async(ts.backend.end_block_copy(ts.handle(rec), vdev, str(d.get("source", "")),
+    node = await (ts.backend.end_block_copy(ts.handle(rec), vdev, str(d.get("source", "")),
                                                 target, complete=complete))
     if node is not None:
         _record_pivot(ts, rec.domid, vdev, Path(target), fmt, node)

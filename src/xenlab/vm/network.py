@@ -35,7 +35,6 @@ from xenlab import faults, hotplug
 from xenlab.config.specs.vif import VifSpec, format_vif, parse_vif
 from xenlab.errors import BackendError, ConflictError, DeviceNotReleased, NotFoundError
 from xenlab.vm.backend import NicPlan
-from xenlab.vm.backend import run as _run
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import config_from_text, plan_nics, vif_line
 from xenlab.vm.jobs import Job
@@ -120,7 +119,7 @@ def _keep(ts: Toolstack, rec: DomainRecord, specs: list[VifSpec],
                           extra_drop=[] if vifs else [VIFS])
 
 
-def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
+async def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
     """Plug a new NIC described by xl vif spec ``items`` into running domain ``name``.
 
     CLI: ``xenlab vm network-attach DOM [bridge=xlbr0] [mac=...] ...``.  The
@@ -136,7 +135,7 @@ def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
     """
     text = ",".join(i.strip() for i in items if i.strip())
     spec = parse_vif(text, source="network-attach", strict=True)
-    with ts.live(name) as rec:
+    async with ts.live(name) as rec:
         current = _nics(ts, rec)
         used = {n.devid for n in current}
         devid = spec.devid
@@ -162,7 +161,7 @@ def network_attach(ts: Toolstack, name: str, items: list[str]) -> NicInfo:
 
         with ts.job(rec, "network-attach", spec=format_vif(_pinned(new))) as rec:
             try:
-                made = _run(ts.backend.attach_nic(h, replace(dc, uuid=rec.uuid), _pinned(new),
+                made = await (ts.backend.attach_nic(h, replace(dc, uuid=rec.uuid), _pinned(new),
                                                   stale, note))
             except BackendError as err:
                 err.within(f"network-attach {rec.name}")
@@ -185,7 +184,7 @@ def _find(rec: DomainRecord, current: tuple[NicPlan, ...], which: str) -> NicPla
     )
 
 
-def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.0) -> NicInfo:
+async def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.0) -> NicInfo:
     """Unplug vif ``which`` (a devid or a MAC) from running domain ``name``; what it was.
 
     CLI: ``xenlab vm network-detach DOM DEVID|MAC``.  The guest must let the
@@ -199,7 +198,7 @@ def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.
     :raise BackendError: the guest did not release the NIC within ``timeout``
         seconds (the NIC stays in the record, with its tap), or QEMU refused.
     """
-    with ts.live(name) as rec:
+    async with ts.live(name) as rec:
         current = _nics(ts, rec)
         gone = _find(rec, current, which)
         taps = _taps(rec)
@@ -210,7 +209,7 @@ def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.
 
         with ts.job(rec, "network-detach", devid=gone.devid) as rec:
             try:
-                _run(ts.backend.detach_nic(h, gone.devid, timeout))
+                await ts.backend.detach_nic(h, gone.devid, timeout)
             except DeviceNotReleased as err:
                 raise BackendError(
                     f"network-detach {rec.name}: the guest did not release vif "
@@ -226,7 +225,7 @@ def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.
             # fail (the host ends stay listed until they are offline).
             rec = _keep(ts, rec, [_pinned(n) for n in current if n.devid != gone.devid],
                         list(rec.extra.get(VIFS) or []))
-        freed = _run(ts.backend.release_nic(h, gone.devid, ends))
+        freed = await ts.backend.release_nic(h, gone.devid, ends)
         if freed.offlined:
             left = [obj for obj in rec.extra.get(VIFS) or [] if obj not in freed.offlined]
             rec = ts.store.patch(rec.domid, extra_set={VIFS: left} if left else {},
@@ -238,7 +237,7 @@ def network_detach(ts: Toolstack, name: str, which: str, *, timeout: float = 30.
     return _info(gone, taps)
 
 
-def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
+async def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
     """Finish or undo a network-attach or -detach that was killed (``Toolstack.converge``).
 
     The truth is whether QEMU has the NIC's device.  An attach is finished
@@ -263,7 +262,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
             await ts.backend.discard_nic(h, new.devid, raw if isinstance(raw, dict) else None)
             return False
 
-        if _run(has()):
+        if await has():
             current = [n for n in _nics(ts, rec) if n.devid != new.devid]
             vifs = [o for o in rec.extra.get(VIFS) or []
                     if hotplug.vif_from_json(o).devid != new.devid]
@@ -283,7 +282,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
         if gone is None:
             return rec
 
-        if not _run(ts.backend.has_nic(h, gone.devid)):
+        if not await ts.backend.has_nic(h, gone.devid):
             rec = _keep(ts, rec, [_pinned(n) for n in present_nics if n.devid != devid],
                         list(rec.extra.get(VIFS) or []))
             log.warning("network-detach %s: a detach killed after the guest let vif %d go is "

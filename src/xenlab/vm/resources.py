@@ -47,7 +47,6 @@ from xenlab.errors import (
     XenlabError,
 )
 from xenlab.vm.backend import MemoryReport, VcpuReport
-from xenlab.vm.backend import run as _run
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import check_domain_name, config_from_text
 from xenlab.vm.hostcpus import host_topology, ranges, resolve_cpus
@@ -126,7 +125,7 @@ def _target(rec: DomainRecord, dc: DomainConfig) -> int:
     return int(value) if isinstance(value, int) else dc.memory_mib
 
 
-def mem_set(ts: Toolstack, name: str, mib: int, *, timeout: float = 30.0) -> MemoryReport:
+async def mem_set(ts: Toolstack, name: str, mib: int, *, timeout: float = 30.0) -> MemoryReport:
     """Balloon domain ``name`` to ``mib`` MiB and report what QEMU and the guest see.
 
     CLI: ``xenlab vm mem-set DOM MEMORY`` (xl's ``mem-set``; MEMORY in MiB, or
@@ -140,7 +139,7 @@ def mem_set(ts: Toolstack, name: str, mib: int, *, timeout: float = 30.0) -> Mem
     :raise StateError: the domain is not running.
     :raise BackendError: QEMU failed.
     """
-    with ts.live(name) as rec:
+    async with ts.live(name) as rec:
         dc = _config(rec)
         maxmem = _maxmem(rec, dc)
         if mib > maxmem:
@@ -156,12 +155,12 @@ def mem_set(ts: Toolstack, name: str, mib: int, *, timeout: float = 30.0) -> Mem
                 "floor (the guest would run out of memory)"
             )
 
-        report = _run(ts.backend.set_memory(ts.handle(rec), mib, timeout))
+        report = await ts.backend.set_memory(ts.handle(rec), mib, timeout)
         _set_extra(ts, rec.domid, memory_mib=mib)
     return report
 
 
-def mem_max(ts: Toolstack, name: str, mib: int) -> int:
+async def mem_max(ts: Toolstack, name: str, mib: int) -> int:
     """Set the ceiling for later :func:`mem_set` calls on ``name``; returns it (MiB).
 
     CLI: ``xenlab vm mem-max DOM MEMORY`` (xl's ``mem-max``).  As libxl does,
@@ -173,7 +172,7 @@ def mem_max(ts: Toolstack, name: str, mib: int) -> int:
     :raise XenlabError: ``mib`` out of those bounds; nothing is changed then.
     :raise StateError: the domain is not running.
     """
-    with ts.live(name) as rec:
+    async with ts.live(name) as rec:
         dc = _config(rec)
         target = _target(rec, dc)
         if mib < target:
@@ -182,7 +181,7 @@ def mem_max(ts: Toolstack, name: str, mib: int) -> int:
                 f"({target} MiB); mem-set it lower first"
             )
         # The backend refuses what it cannot give (QEMU: above what it was started with).
-        _run(ts.backend.set_max_memory(ts.handle(rec), mib))
+        await ts.backend.set_max_memory(ts.handle(rec), mib)
         _set_extra(ts, rec.domid, maxmem_mib=mib)
     return mib
 
@@ -196,7 +195,7 @@ def plugged_vcpus(rec: DomainRecord) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
-def vcpu_set(ts: Toolstack, name: str, n: int, *, timeout: float = 30.0) -> VcpuReport:
+async def vcpu_set(ts: Toolstack, name: str, n: int, *, timeout: float = 30.0) -> VcpuReport:
     """Make ``n`` vCPUs online in domain ``name`` (1 <= n <= maxvcpus).
 
     CLI: ``xenlab vm vcpu-set DOM VCPUS`` (xl's ``vcpu-set``).  The backend
@@ -210,8 +209,8 @@ def vcpu_set(ts: Toolstack, name: str, n: int, *, timeout: float = 30.0) -> Vcpu
         online/offline the CPUs within ``timeout``.
     :raise BackendError: the hypervisor refused.
     """
-    with ts.live(name) as rec:
-        report = _run(ts.backend.set_vcpus(ts.handle(rec), n, _config(rec), timeout))
+    async with ts.live(name) as rec:
+        report = await ts.backend.set_vcpus(ts.handle(rec), n, _config(rec), timeout)
         # The plugged count only grows (unplugging crashes QEMU 7.2 under TCG):
         # a QEMU that loads this guest's state later must have that many.
         plugged = max(n, int(rec.extra.get(VCPUS_PLUGGED) or 0))
@@ -219,7 +218,7 @@ def vcpu_set(ts: Toolstack, name: str, n: int, *, timeout: float = 30.0) -> Vcpu
     return report
 
 
-def vcpu_list(ts: Toolstack, name: str) -> list[VcpuInfo]:
+async def vcpu_list(ts: Toolstack, name: str) -> list[VcpuInfo]:
     """One row per vCPU of domain ``name``, as ``xl vcpu-list`` shows them.
 
     CLI: ``xenlab vm vcpu-list [DOM...]`` (xl's ``vcpu-list``; no DOM: every
@@ -231,7 +230,7 @@ def vcpu_list(ts: Toolstack, name: str) -> list[VcpuInfo]:
     rec = _live(ts, name)
     set_to = rec.extra.get(VCPUS)
     online = set_to if isinstance(set_to, int) and not isinstance(set_to, bool) else None
-    rows = _run(ts.backend.vcpus(ts.handle(rec), online))
+    rows = await ts.backend.vcpus(ts.handle(rec), online)
     return [VcpuInfo(rec.name, rec.domid, r.vcpu, r.cpu, r.state, r.time_s, r.affinity,
                      r.thread_id) for r in rows]
 
@@ -252,7 +251,7 @@ def format_vcpu_list(rows: Iterable[VcpuInfo], nr_host_cpus: int | None = None) 
     return "\n".join(lines) + "\n"
 
 
-def vcpu_pin(ts: Toolstack, name: str, vcpu: int | str, cpus: str | CpuSet
+async def vcpu_pin(ts: Toolstack, name: str, vcpu: int | str, cpus: str | CpuSet
              ) -> dict[int, frozenset[int]]:
     """Set the host affinity of vCPU ``vcpu`` (an index or ``"all"``) to ``cpus``.
 
@@ -267,8 +266,8 @@ def vcpu_pin(ts: Toolstack, name: str, vcpu: int | str, cpus: str | CpuSet
     """
     wanted = resolve_cpus(cpus, host_topology(), "vcpu-pin")
     index = None if vcpu == "all" else vcpu if isinstance(vcpu, int) else _vcpu_index(vcpu)
-    with ts.live(name) as rec:
-        return _run(ts.backend.pin_vcpus(ts.handle(rec), index, wanted))
+    async with ts.live(name) as rec:
+        return await ts.backend.pin_vcpus(ts.handle(rec), index, wanted)
 
 
 def _vcpu_index(text: str) -> int:
@@ -281,7 +280,7 @@ def _vcpu_index(text: str) -> int:
 
 
 
-def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
+async def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
     """Rename domain ``name`` to ``new``; the updated record.
 
     CLI: ``xenlab vm rename DOM NEWNAME`` (xl's ``rename``).  The store and
@@ -303,30 +302,31 @@ def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
             f"domain {rec.name!r} (id {rec.domid}) has stale state: `xenlab vm destroy "
             f"{rec.name}` clears it"
         )
-    with ts.store.global_lock(), ts.locked(str(rec.domid)) as now:
-        if now.uuid != rec.uuid:
-            raise StateError(f"domain {rec.name!r} was replaced while rename waited for it; "
-                             "nothing was done")
-        rec = now
-        if new == rec.name:
-            return rec
-        for other in ts.store.list():
-            if other.name == new:
-                raise ConflictError("domain", new, f"rename: a domain named {new!r} already exists "
-                                  f"(id {other.domid})")
-        # Later settings win in an xl config, as with create's overrides.
-        text = rec.config_text.rstrip("\n") + f'\nname = "{new}"\n'
-        # A running domain may keep its old name inside the hypervisor (QEMU's -name):
-        # the backend says which record facts keep track of that.
-        facts = (_run(ts.backend.rename(ts.handle(rec), new)) if rec.state != SHUTOFF
-                 else {})
-        return ts.store.patch(
-            rec.domid, expect_uuid=rec.uuid, name=new, config_text=text,
-            extra_set={k: v for k, v in facts.items() if v is not None},
-            extra_drop=[k for k, v in facts.items() if v is None])
+    with ts.store.global_lock():
+        async with ts.locked(str(rec.domid)) as now:
+            if now.uuid != rec.uuid:
+                raise StateError(f"domain {rec.name!r} was replaced while rename waited for it; "
+                                 "nothing was done")
+            rec = now
+            if new == rec.name:
+                return rec
+            for other in ts.store.list():
+                if other.name == new:
+                    raise ConflictError("domain", new, f"rename: a domain named {new!r} "
+                                        f"already exists (id {other.domid})")
+            # Later settings win in an xl config, as with create's overrides.
+            text = rec.config_text.rstrip("\n") + f'\nname = "{new}"\n'
+            # A running domain may keep its old name inside the hypervisor (QEMU's -name):
+            # the backend says which record facts keep track of that.
+            facts = (await ts.backend.rename(ts.handle(rec), new) if rec.state != SHUTOFF
+                     else {})
+            return ts.store.patch(
+                rec.domid, expect_uuid=rec.uuid, name=new, config_text=text,
+                extra_set={k: v for k, v in facts.items() if v is not None},
+                extra_drop=[k for k, v in facts.items() if v is None])
 
 
-def info(ts: Toolstack, name: str) -> dict[str, Any]:
+async def info(ts: Toolstack, name: str) -> dict[str, Any]:
     """The record of domain ``name`` plus live QMP facts, JSON-ready.
 
     CLI: ``xenlab vm info DOM [--json]``.  Keys: the record's fields,
@@ -355,7 +355,7 @@ def info(ts: Toolstack, name: str) -> dict[str, Any]:
     if not alive:
         return out
 
-    live = dict(_run(ts.backend.info(ts.handle(rec))))
+    live = dict(await ts.backend.info(ts.handle(rec)))
     if "qemu_name" in live:
         out["qemu_name"] = live.pop("qemu_name")  # where `vm info --json` has always had it
     out["live"] = live

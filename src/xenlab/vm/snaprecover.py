@@ -31,7 +31,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from xenlab.errors import BackendError, FormatError, XenlabError
-from xenlab.vm.backend import run as _run
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.jobs import Job
 from xenlab.vm.migration import image as saveimage
@@ -63,42 +62,42 @@ log = logging.getLogger(__name__)
 _SETTLE = 120.0
 
 
-def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
+async def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
     """Bring domain ``rec`` to a true state after a killed snapshot verb; its record."""
     name = str(job.detail.get("name", ""))
     if job.verb == "snapshot-revert" and rec.state in ("incoming", "creating"):
         # Killed while the reverted domain was being started.
-        return _recover_incoming_revert(ts, rec, job, name)
+        return await _recover_incoming_revert(ts, rec, job, name)
     live = rec.state != SHUTOFF and ts.alive(rec)
     if rec.state != SHUTOFF and not live:
         # QEMU died too: the images may hold what a killed save-job leaked;
         # the domain itself is stale, which destroy (or list) clears.
-        _stale_rows(ts, rec, name)
+        await _stale_rows(ts, rec, name)
         return ts.store.get(rec.domid)
     if live:
         # QEMU's jobs first: a commit it completes moves a disk to another file.
-        _settle_jobs(ts, rec, name)
-        _sync_tops(ts, rec)
+        await _settle_jobs(ts, rec, name)
+        await _sync_tops(ts, rec)
     rec = ts.store.get(rec.domid)
     if job.verb == "snapshot-create":
-        _recover_create(ts, rec, name, live)
+        await _recover_create(ts, rec, name, live)
     elif job.verb == "snapshot-delete":
-        _recover_delete(ts, rec, live)
+        await _recover_delete(ts, rec, live)
     elif job.verb == "snapshot-revert":
-        _recover_revert(ts, rec, job, name, live)
+        await _recover_revert(ts, rec, job, name, live)
     if live and job.detail.get("guest", job.detail.get("was")) == "running" and \
             job.verb != "snapshot-revert":
-        _resume(ts, rec, f"snapshot {name!r}")
+        await _resume(ts, rec, f"snapshot {name!r}")
     return ts.store.get(rec.domid)
 
 
 # --- the truth from QEMU ------------------------------------------------------------------
 
 
-def _sync_tops(ts: Toolstack, rec: DomainRecord) -> None:
+async def _sync_tops(ts: Toolstack, rec: DomainRecord) -> None:
     """Make the record name, for every writable disk, the image QEMU writes to now."""
 
-    now = _run(ts.backend.disk_files(ts.handle(rec)))
+    now = await ts.backend.disk_files(ts.handle(rec))
     changes: dict[str, Mapping[str, str] | None] = {}
     for d in snap_disks(ts, rec):
         seen = now.get(d.vdev)
@@ -114,22 +113,22 @@ def _sync_tops(ts: Toolstack, rec: DomainRecord) -> None:
         set_tops(ts, rec.domid, changes)
 
 
-def _settle_jobs(ts: Toolstack, rec: DomainRecord, name: str) -> None:
+async def _settle_jobs(ts: Toolstack, rec: DomainRecord, name: str) -> None:
     """Wait for and forget the backend's jobs a killed snapshot verb of ``name`` started
     (a commit is completed, as the verb would have); a killed --live snapshot's
     switch-over capability goes off once no migration runs."""
-    for job_id, status, error in _run(ts.backend.settle_jobs(
+    for job_id, status, error in await (ts.backend.settle_jobs(
             ts.handle(rec), (f"save-{name}", f"load-{name}"), (f"delete-{name}-", "commit-"),
             ("commit-",), _SETTLE)):
         log.warning("domain %s: QEMU job %s (%s when found) %s", rec.name, job_id, status,
                     f"failed: {error}" if error else "is done and dismissed")
 
 
-def _resume(ts: Toolstack, rec: DomainRecord, what: str) -> None:
+async def _resume(ts: Toolstack, rec: DomainRecord, what: str) -> None:
     """Resume a guest that an interrupted verb paused (it ran before)."""
 
     try:
-        resumed = _run(ts.backend.resume_stopped(ts.handle(rec)))
+        resumed = await ts.backend.resume_stopped(ts.handle(rec))
     except BackendError as err:
         log.warning("domain %s: could not resume the guest after %s: %s", rec.name, what, err)
         return
@@ -149,7 +148,7 @@ def _row(ts: Toolstack, rec: DomainRecord, name: str) -> SnapshotRecord | None:
         return None
 
 
-def _present(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, live: bool
+async def _present(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, live: bool
              ) -> list[bool]:
     """For each disk of ``row``: is its part of the snapshot there?"""
     out: list[bool] = []
@@ -162,7 +161,7 @@ def _present(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, live: bool
                 for e in row.disks:
                     tags[str(e["file"])] = (await live.node_and_tags(str(e["file"]), ""))[1]
 
-        _run(look())
+        await look()
     for e in row.disks:
         b = entry_backend(row, e)
         if b.layered:
@@ -182,15 +181,15 @@ def _present(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, live: bool
     return out
 
 
-def _recover_create(ts: Toolstack, rec: DomainRecord, name: str, live: bool) -> None:
+async def _recover_create(ts: Toolstack, rec: DomainRecord, name: str, live: bool) -> None:
     row = _row(ts, rec, name)
     if row is None or row.state is not SnapshotState.CREATING:
         return
     where = f"domain {rec.name}: snapshot {name!r}"
-    there = _present(ts, rec, row, live)
+    there = await _present(ts, rec, row, live)
     pairs = [(e, entry_backend(row, e)) for e in row.disks]
     if all(there):
-        if row.memory_path is not None and not _memory_complete(ts, rec, row, live):
+        if row.memory_path is not None and not await _memory_complete(ts, rec, row, live):
             Path(row.memory_path).unlink(missing_ok=True)
             row = ts.store.update_snapshot(row.id, kind=SnapshotKind.DISK_ONLY,
                                            drop_memory=True)
@@ -211,12 +210,12 @@ def _recover_create(ts: Toolstack, rec: DomainRecord, name: str, live: bool) -> 
                     "their overlays (recorded), and the snapshot is marked broken "
                     "(snapshot-delete commits them back)", where)
         return
-    _discard(ts, rec, row, live)
+    await _discard(ts, rec, row, live)
     ts.store.remove_snapshot(row.id)
     log.warning("%s: its create was killed before it took effect; undone", where)
 
 
-def _memory_complete(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
+async def _memory_complete(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
                      live: bool) -> bool:
     """True when QEMU finished writing ``row``'s memory file (its migration completed)."""
     if not live or row.memory_path is None or not Path(row.memory_path).is_file():
@@ -226,7 +225,7 @@ def _memory_complete(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
         async with ts.backend.live_snapshots(ts.handle(rec)) as live:
             return await live.finish_state_save(_SETTLE)
 
-    if _run(status()) != "completed":
+    if await status() != "completed":
         return False
     return _finish_stream(row.memory_path)
 
@@ -255,7 +254,7 @@ def _finish_stream(path: str) -> bool:
         os.close(fd)
 
 
-def _discard(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, live: bool) -> None:
+async def _discard(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, live: bool) -> None:
     async def go() -> None:
         if live:
             async with ts.backend.live_snapshots(ts.handle(rec)) as session:
@@ -268,12 +267,12 @@ def _discard(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, live: bool) 
             for e in row.disks:
                 await entry_backend(row, e).discard(e, row.name, None)
 
-    _run(go())
+    await go()
     if row.memory_path:
         Path(row.memory_path).unlink(missing_ok=True)
 
 
-def _stale_rows(ts: Toolstack, rec: DomainRecord, name: str) -> None:
+async def _stale_rows(ts: Toolstack, rec: DomainRecord, name: str) -> None:
     """QEMU is gone: a half-made snapshot of ``name`` is undone offline, leaks repaired."""
     row = _row(ts, rec, name)
     if row is None or row.state is not SnapshotState.CREATING:
@@ -284,7 +283,7 @@ def _stale_rows(ts: Toolstack, rec: DomainRecord, name: str) -> None:
     if layered:
         ts.store.set_snapshot_state(row.id, SnapshotState.BROKEN)
         return
-    _discard(ts, rec, row, False)
+    await _discard(ts, rec, row, False)
     ts.store.remove_snapshot(row.id)
     log.warning("domain %s: snapshot %r, whose create was killed with its QEMU, is undone",
                 rec.name, name)
@@ -293,7 +292,7 @@ def _stale_rows(ts: Toolstack, rec: DomainRecord, name: str) -> None:
 # --- delete -----------------------------------------------------------------------------
 
 
-def _recover_delete(ts: Toolstack, rec: DomainRecord, live: bool) -> None:
+async def _recover_delete(ts: Toolstack, rec: DomainRecord, live: bool) -> None:
     """Delete again every snapshot a killed delete left ``deleting`` (broken if that fails)."""
     state = "live" if live else SHUTOFF
     for s in ts.store.list_snapshots(rec.domid):
@@ -302,8 +301,8 @@ def _recover_delete(ts: Toolstack, rec: DomainRecord, live: bool) -> None:
         where = f"domain {rec.name}: snapshot {s.name!r}"
         try:
             if live:
-                _run(_drop_overlay_nodes(ts, rec, s))
-            _run(delete_one(ts, rec, s, state))
+                await _drop_overlay_nodes(ts, rec, s)
+            await delete_one(ts, rec, s, state)
         except XenlabError as err:
             ts.store.set_snapshot_state(s.id, SnapshotState.BROKEN)
             log.warning("%s: its delete was killed, and finishing it failed (%s); it is "
@@ -329,7 +328,7 @@ async def _drop_overlay_nodes(ts: Toolstack, rec: DomainRecord, s: SnapshotRecor
 # --- revert -----------------------------------------------------------------------------
 
 
-def _recover_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: str,
+async def _recover_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: str,
                     live: bool) -> None:
     row = _row(ts, rec, name)
     if row is None:
@@ -341,7 +340,7 @@ def _recover_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: str,
         # said why not (logged by _settle_jobs).
         set_current(ts, rec.domid, row.id)
         if go:
-            _resume(ts, rec, f"revert to {name!r}")
+            await _resume(ts, rec, f"revert to {name!r}")
         log.warning("%s: a revert killed while QEMU loaded it has been completed by QEMU; "
                     "check the guest, or revert again if the load failed", where)
         return
@@ -354,14 +353,14 @@ def _recover_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: str,
                     "shut off; revert again", where)
 
 
-def _recover_incoming_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: str
+async def _recover_incoming_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: str
                              ) -> DomainRecord | None:
     """A revert killed while QEMU loaded the memory file: finish it if QEMU did."""
     where = f"domain {rec.name}: snapshot {name!r}"
     if not ts.alive(rec):
         # Before QEMU started, or before its pid was recorded (the pidfile has it).
         ts.kill_domain(rec)
-        kept = ts.gone(rec)
+        kept = await ts.gone(rec)
         log.warning("%s: a revert killed while it started the domain is undone: the domain "
                     "is shut off on the snapshot's disks; revert again", where)
         return kept
@@ -370,17 +369,17 @@ def _recover_incoming_revert(ts: Toolstack, rec: DomainRecord, job: Job, name: s
         async with ts.backend.live_snapshots(ts.handle(rec)) as live:
             return await live.finish_state_load(_SETTLE)
 
-    if _run(status()) == "completed":
+    if await status() == "completed":
         row = _row(ts, rec, name)
         rec = ts.store.patch(rec.domid, state="paused")
         if row is not None:
             set_current(ts, rec.domid, row.id)
         if job.detail.get("go"):
-            _resume(ts, rec, f"revert to {name!r}")
+            await _resume(ts, rec, f"revert to {name!r}")
         log.warning("%s: a revert killed while the memory loaded is finished", where)
         return ts.store.get(rec.domid)
     ts.kill_domain(rec)
-    kept = ts.gone(rec)
+    kept = await ts.gone(rec)
     log.warning("%s: a revert killed before the memory was loaded is undone: the domain is "
                 "shut off on the snapshot's disks; revert again", where)
     return kept

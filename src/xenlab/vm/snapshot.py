@@ -29,7 +29,6 @@ from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, ConflictError, StateError, UsageError, XenlabError
 from xenlab.vm import qemuimg
 from xenlab.vm.backend import LiveSnapshots
-from xenlab.vm.backend import run as _run_async
 from xenlab.vm.domain import SHUTOFF, Toolstack
 from xenlab.vm.domconfig import on_disks_now
 from xenlab.vm.migration import image as saveimage
@@ -191,11 +190,11 @@ def shut_off(ts: Toolstack, rec: DomainRecord) -> bool:
     return False
 
 
-def _liveness(ts: Toolstack, rec: DomainRecord) -> str:
+async def _liveness(ts: Toolstack, rec: DomainRecord) -> str:
     """``"shutoff"``, or QEMU's run state; StateError for a stale domain."""
     if shut_off(ts, rec):
         return SHUTOFF
-    return _run_async(ts.backend.state(ts.handle(rec)))
+    return await ts.backend.state(ts.handle(rec))
 
 
 def set_current(ts: Toolstack, domid: int, snap_id: int | None) -> DomainRecord:
@@ -270,16 +269,16 @@ def has_memory(s: SnapshotRecord) -> bool:
     return s.memory_path is not None or any(d.get("vmstate") for d in s.disks)
 
 
-def _start_paused(ts: Toolstack, rec: DomainRecord) -> DomainRecord:
+async def _start_paused(ts: Toolstack, rec: DomainRecord) -> DomainRecord:
     """Start a shut-off domain paused from its stored config (create keeps its domid)."""
     dc, text = ts.config_of(rec)
-    return ts.launch(dc, text, config_path=rec.config_path, paused=True)
+    return await ts.launch(dc, text, config_path=rec.config_path, paused=True)
 
 
 # --- create -----------------------------------------------------------------
 
 
-def create_snapshot(
+async def create_snapshot(
     ts: Toolstack,
     name: str,
     snap: str,
@@ -318,8 +317,8 @@ def create_snapshot(
             "--live needs --external --memory: internal snapshots pause the guest while "
             "its state is saved"
         )
-    with ts.locked(name) as rec:
-        state = _liveness(ts, rec)
+    async with ts.locked(name) as rec:
+        state = await _liveness(ts, rec)
         shutoff = state == SHUTOFF
         if shutoff and memory:
             raise StateError(
@@ -392,13 +391,13 @@ def create_snapshot(
             faults.point("snapshot-create.row")
             try:
                 if shutoff:
-                    _run_async(_take_offline(pairs, snap))
+                    await _take_offline(pairs, snap)
                 else:
-                    _run_async(_take_live(ts, rec, pairs, snap, mem_path,
+                    await (_take_live(ts, rec, pairs, snap, mem_path,
                                           "internal" if with_state else
                                           "live" if live else "paused", state, timeout))
             except BaseException as err:
-                failure = _create_failed(ts, rec, row, err, resume=state == "running")
+                failure = await _create_failed(ts, rec, row, err, resume=state == "running")
                 if failure is err:
                     raise
                 raise failure from err
@@ -532,7 +531,7 @@ async def _take_live(ts: Toolstack, rec: DomainRecord, pairs: Sequence[Pair], sn
                 await live.resume(after_stream=streamed)
 
 
-def _switched(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, gone: bool
+async def _switched(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, gone: bool
               ) -> list[Mapping[str, Any]]:
     """The entries of ``row`` whose disk switched to its new overlay: the hypervisor's word
     while the domain runs, else an overlay it wrote (a claimed name is an empty file)."""
@@ -541,13 +540,13 @@ def _switched(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, gone: bool
     if not layered:
         return []
     if rec.state != SHUTOFF and not gone:
-        now = _run_async(ts.backend.disk_files(ts.handle(rec)))
+        now = await ts.backend.disk_files(ts.handle(rec))
         return [e for e in layered if e["vdev"] in now and os.path.realpath(
             now[e["vdev"]][0]) == os.path.realpath(e["overlay"])]
     return [e for e in layered if Path(e["overlay"]).stat().st_size > 0]
 
 
-def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
+async def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
                    err: BaseException, *, resume: bool) -> BaseException:
     """Undo a failed create as far as possible; the error to raise, saying what happened.
 
@@ -557,12 +556,12 @@ def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
     gone = rec.state != SHUTOFF and not ts.alive(rec)
     if resume and not gone:
         try:
-            if _run_async(ts.backend.resume_stopped(ts.handle(rec))):
+            if await ts.backend.resume_stopped(ts.handle(rec)):
                 notes.append("the guest, paused for the snapshot, runs again")
         except XenlabError as problem:
             notes.append(f"the guest may be left paused ({problem}): `xenlab vm unpause`")
     try:
-        layered = _switched(ts, rec, row, gone)
+        layered = await _switched(ts, rec, row, gone)
         if layered:
             # The disks switched to the overlays before the failure: they
             # hold the guest's writes now, so keep them, recorded, for
@@ -573,19 +572,19 @@ def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
                                "them back")
         if gone or rec.state == SHUTOFF:
             for e in row.disks:
-                _run_async(entry_backend(row, e).discard(e, row.name, None))
+                await entry_backend(row, e).discard(e, row.name, None)
             if gone:
                 repair_images(entry_images(row.disks))
                 notes.append("the disks were checked and their leaks repaired")
         else:
-            _run_async(_discard_live(ts, rec, row))
+            await _discard_live(ts, rec, row)
         ts.store.remove_snapshot(row.id)
         notes.append(f"snapshot {row.name!r} was not kept")
     except Exception as cleanup:
         ts.store.set_snapshot_state(row.id, SnapshotState.BROKEN)
         notes.append(f"snapshot {row.name!r} is marked broken (cleanup failed: {cleanup})")
     if gone:
-        ts.gone(ts.store.get(rec.domid))
+        await ts.gone(ts.store.get(rec.domid))
         notes.append("QEMU is gone, so the domain is now shut off"
                      if ts.store.list_snapshots(rec.domid) else "QEMU is gone")
     msg = f"snapshot-create {rec.name} {row.name} failed: {err}; " + "; ".join(notes)
@@ -648,7 +647,7 @@ def snapshot_info(ts: Toolstack, name: str, snap: str) -> SnapshotInfo:
 # --- revert -----------------------------------------------------------------
 
 
-def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool | None = None,
+async def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool | None = None,
                     timeout: float = JOB_TIMEOUT) -> DomainRecord:
     """Bring domain ``name`` back to snapshot ``snap``; the domain's record.
 
@@ -665,11 +664,11 @@ def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool | None
         disk no longer runs on.
     :raise BackendError: QEMU or a disk tool failed.
     """
-    with ts.locked(name) as rec:
+    async with ts.locked(name) as rec:
         s = ts.store.get_snapshot(rec.domid, snap)
         if s.state is not SnapshotState.READY:
             raise StateError(f"snapshot {snap!r} is {s.state.value}: it cannot be reverted")
-        state = _liveness(ts, rec)
+        state = await _liveness(ts, rec)
         pairs = [(e, entry_backend(s, e)) for e in s.disks]
         tops = tops_of(ts, rec)
         for e, b in pairs:
@@ -696,35 +695,35 @@ def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool | None
                     was=state) as rec:
             faults.point("snapshot-revert.job")
             if mem and s.kind is SnapshotKind.INTERNAL:
-                rec = _revert_internal_state(ts, rec, s, state, go, timeout)
+                rec = await _revert_internal_state(ts, rec, s, state, go, timeout)
             elif mem:
-                rec = _revert_with_memory_file(ts, rec, s, pairs, state, go, timeout)
+                rec = await _revert_with_memory_file(ts, rec, s, pairs, state, go, timeout)
             else:
-                previous = revert_disks(ts, rec, s, pairs)
+                previous = await revert_disks(ts, rec, s, pairs)
                 prune(ts, rec.domid, set(previous.values()))
                 if running is not None:
-                    rec = _start_paused(ts, ts.store.get(rec.domid))
+                    rec = await _start_paused(ts, ts.store.get(rec.domid))
                     if running:
-                        _run_async(ts.backend.resume(ts.handle(rec)))
+                        await ts.backend.resume(ts.handle(rec))
                         rec = ts.store.patch(rec.domid, state="running")
             return set_current(ts, rec.domid, s.id)
 
 
-def _revert_internal_state(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, state: str,
+async def _revert_internal_state(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, state: str,
                            go: bool, timeout: float) -> DomainRecord:
     if state == SHUTOFF:
-        rec = _start_paused(ts, rec)
+        rec = await _start_paused(ts, rec)
     try:
-        _run_async(_load(ts, rec, s, go, timeout))
+        await _load(ts, rec, s, go, timeout)
     except BaseException:
         if not ts.alive(rec):
             repair_images(entry_images(s.disks))
-            ts.gone(ts.store.get(rec.domid))
+            await ts.gone(ts.store.get(rec.domid))
         raise
     return ts.store.patch(rec.domid, state="running" if go else "paused")
 
 
-def revert_disks(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord,
+async def revert_disks(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord,
                   pairs: Sequence[Pair]) -> dict[str, str]:
     """Revert every disk of ``s`` (QEMU is not running); the previous tops of moved disks.
 
@@ -736,7 +735,7 @@ def revert_disks(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord,
     moved: dict[str, dict[str, str]] = {}
     try:
         for e, b in pairs:
-            top = _run_async(b.revert(e, s.name))
+            top = await b.revert(e, s.name)
             if top is not None:
                 moved[e["vdev"]] = top
     except BaseException:
@@ -747,7 +746,7 @@ def revert_disks(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord,
     return {v: old[v] for v in moved if v in old}
 
 
-def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord,
+async def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord,
                              pairs: Sequence[Pair], state: str, go: bool,
                              timeout: float) -> DomainRecord:
     """Shut the domain off, revert its disks, start QEMU on them and load the memory file."""
@@ -759,26 +758,26 @@ def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord
     if state != SHUTOFF:
         # Reverting discards the guest as it is now, as libvirt does.
         ts.kill_domain(rec)
-        ts.gone(rec)
+        await ts.gone(rec)
         faults.point("snapshot-revert.killed")
         repair_images([(d.file, d.format) for d in snap_disks(ts, rec)])
         rec = ts.store.get(rec.domid)
-    previous = revert_disks(ts, rec, s, pairs)
+    previous = await revert_disks(ts, rec, s, pairs)
     faults.point("snapshot-revert.disks")
     rec = ts.store.get(rec.domid)
     dc, text = ts.config_of(rec)
     try:
-        started = ts.launch(on_disks_now(dc, rec), text, config_path=rec.config_path,
+        started = await ts.launch(on_disks_now(dc, rec), text, config_path=rec.config_path,
                             uuid=rec.uuid, incoming="defer")
         try:
             with open(s.memory_path, "rb") as f:
                 plugged = s.disks[0].get(VCPUS_PLUGGED) if s.disks else None
-                _run_async(_load_memory(ts, started, f.fileno(), go, timeout,
+                await (_load_memory(ts, started, f.fileno(), go, timeout,
                                         f"snapshot {s.name!r} memory {s.memory_path}",
                                         plugged if isinstance(plugged, int) else None))
         except BaseException as err:
             ts.kill_domain(started)
-            ts.gone(ts.store.get(rec.domid))
+            await ts.gone(ts.store.get(rec.domid))
             if isinstance(err, Exception):
                 raise BackendError(f"snapshot-revert {rec.name} {s.name}: loading the memory "
                                    f"failed: {err}") from err
@@ -820,7 +819,7 @@ async def _load(ts: Toolstack, rec: DomainRecord, s: SnapshotRecord, go: bool,
 # --- delete -----------------------------------------------------------------
 
 
-def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = False,
+async def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = False,
                     timeout: float = JOB_TIMEOUT) -> list[SnapshotRecord]:
     """Delete snapshot ``snap`` of domain ``name`` (with ``children``, its subtree).
 
@@ -833,7 +832,7 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
     :raise StateError: children without ``children``, or a stale domain.
     :raise BackendError: QEMU or a disk tool failed (that snapshot stays, ``broken``).
     """
-    with ts.locked(name) as rec:
+    async with ts.locked(name) as rec:
         top = ts.store.get_snapshot(rec.domid, snap)
         order = descendants_first(top, ts.store.list_snapshots(rec.domid))
         if len(order) > 1 and not children:
@@ -853,13 +852,13 @@ def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool = Fal
                 ts.store.set_snapshot_state(s.id, SnapshotState.DELETING)
                 faults.point("snapshot-delete.deleting")
                 try:
-                    _run_async(delete_one(ts, rec, s, state))
+                    await delete_one(ts, rec, s, state)
                     faults.point("snapshot-delete.disks-done")
                 except BaseException as err:
                     ts.store.set_snapshot_state(s.id, SnapshotState.BROKEN)
                     if state != SHUTOFF and not ts.alive(rec):
                         repair_images(entry_images(s.disks))
-                        ts.gone(ts.store.get(rec.domid))
+                        await ts.gone(ts.store.get(rec.domid))
                     if isinstance(err, Exception):
                         raise BackendError(
                             f"snapshot-delete {rec.name} {s.name} failed: {err}; it is marked "

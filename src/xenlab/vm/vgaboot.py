@@ -374,7 +374,7 @@ def check_vfio(bdf: str, *, sysfs: Path = Path("/sys")) -> str:
     return name
 
 
-def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None,
+async def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None,
              overrides: Sequence[str] = (), device: str | None = None, pci: str | None = None,
              name: str | None = None, check: bool = False, force: bool = False,
              timeout: float = 60.0, data: bytes | None = None) -> RomBoot:
@@ -438,19 +438,18 @@ def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None
     cfg_out = atomic_write_text(
         outputs["cfg"], rom_config(copy, name=dom, device=qdev, pci=pci, base_text=base,
                                    source=rom), name=shown_path(outputs["cfg"]))
-    rec = ts.create(cfg_out)
+    rec = await ts.create(cfg_out)
     handle = ts.handle(rec)
     log = ts.backend.firmware_log(handle)
     try:
         wait_for_boot(log, timeout, alive=lambda: ts.alive(rec))
-        from xenlab.vm.backend import run
 
-        shown_now = run(ts.backend.capture_screen(handle, resume=not check))
+        shown_now = await ts.backend.capture_screen(handle, resume=not check)
         firmware_text = read_log(log)
         screen = screen_text(shown_now.text)
         png_data = shown_now.png
     except BaseException:
-        ts.destroy(dom)
+        await ts.destroy(dom)
         raise
     try:
         png = atomic_write_bytes(outputs["png"], png_data, name=shown_path(outputs["png"]))
@@ -458,7 +457,7 @@ def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None = None
                            name=shown_path(outputs["log"]))
     finally:
         if check:
-            ts.destroy(dom)
+            await ts.destroy(dom)
     report = parse_firmware_log(firmware_text)
     shown = "passed-through device" if pci is not None else str(qdev)
     ran, verdict = judge(report, screen, shown)

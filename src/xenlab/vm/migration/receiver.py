@@ -47,7 +47,6 @@ from xenlab.config.model import DomainConfig
 from xenlab.config.specs.disk import DiskFormat
 from xenlab.errors import BackendError, StateError, UsageError, XenlabError
 from xenlab.vm import qemuimg
-from xenlab.vm.backend import run as _run
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.domconfig import config_from_text, on_disks
 from xenlab.vm.migration import wire
@@ -154,7 +153,7 @@ def _check_space(todo: Sequence[tuple[str, str, int]]) -> None:
         taken[dev] = need
 
 
-def receive(
+async def receive(
     ts: Toolstack, config_text: str, port: int = 0, *, host: str = "127.0.0.1",
     overrides: Sequence[str] = (), with_storage: bool = False, nbd_port: int | None = None,
     disk_sizes: Mapping[str, int] | None = None, config_path: str = "",
@@ -219,7 +218,7 @@ def receive(
             except BackendError as err:
                 raise FileWriteError(target, str(err)) from err
             created.append(target)
-        rec = ts.launch(dc, text, config_path=config_path, uuid=uuid, incoming="defer",
+        rec = await ts.launch(dc, text, config_path=config_path, uuid=uuid, incoming="defer",
                         image=image_for(dc, image))
     except BaseException:
         _unlink(created)
@@ -227,7 +226,7 @@ def receive(
     try:
         if with_storage and nbd_port is None:
             nbd_port = port + 1 if port else _free_port(host)
-        bound = _run(ts.backend.migrate_prepare(
+        bound = await (ts.backend.migrate_prepare(
             ts.handle(rec), host, port, [v for v, _, _ in disks],
             nbd_port if with_storage else None, vcpus_plugged))
         extra = placed.extra(rec.extra)
@@ -239,7 +238,7 @@ def receive(
         alive = ts.alive(rec)
         ts.kill_domain(rec)
         words = said(ts, rec)
-        ts.gone(rec)
+        await ts.gone(rec)
         _unlink(created)
         if isinstance(err, BackendError) and words:
             raise BackendError(f"{where}: {err}" + ("" if alive else " (QEMU exited)")
@@ -252,7 +251,7 @@ def _unlink(files: Sequence[str]) -> None:
         Path(p).unlink(missing_ok=True)
 
 
-def finish_receive(ts: Toolstack, incoming: Incoming, *, paused: bool = False,
+async def finish_receive(ts: Toolstack, incoming: Incoming, *, paused: bool = False,
                    timeout: float = 600.0) -> DomainRecord:
     """Wait until the migration stream has arrived, then resume the domain; its record.
 
@@ -265,19 +264,19 @@ def finish_receive(ts: Toolstack, incoming: Incoming, *, paused: bool = False,
     rec = incoming.record
     with ts.store.lock(rec.domid):
         try:
-            _run(_finish(ts, incoming, paused, timeout))
+            await _finish(ts, incoming, paused, timeout)
         except BaseException as err:
-            raise _receive_failed(ts, incoming, err) from err
+            raise (await _receive_failed(ts, incoming, err)) from err
         return settle(ts, rec, "paused" if paused else "running", incoming.extra)
 
 
-def _receive_failed(ts: Toolstack, incoming: Incoming, err: BaseException) -> BaseException:
+async def _receive_failed(ts: Toolstack, incoming: Incoming, err: BaseException) -> BaseException:
     """Kill and forget an incoming domain after ``err``; the error to raise, saying why."""
     rec = incoming.record
     alive = ts.alive(rec)
     ts.kill_domain(rec)
     words = said(ts, rec)
-    ts.gone(rec)
+    await ts.gone(rec)
     _unlink(incoming.created)
     if isinstance(err, BackendError) and not alive:
         return BackendError(
@@ -300,19 +299,19 @@ def _exports(inc: Incoming) -> tuple[str, ...] | None:
     return inc.disks if inc.nbd_port is not None else None
 
 
-def abort_receive(ts: Toolstack, incoming: Incoming) -> None:
+async def abort_receive(ts: Toolstack, incoming: Incoming) -> None:
     """Give up on an incoming migration: kill its QEMU, forget it, remove disks made for it."""
     rec = incoming.record
     with ts.store.lock(rec.domid):
         ts.kill_domain(rec)
-        ts.gone(rec)
+        await ts.gone(rec)
     _unlink(incoming.created)
 
 
 # --- a source on another host -------------------------------------------------------------------
 
 
-def serve_receive(
+async def serve_receive(
     ts: Toolstack, listen: str, *, token: str, trust_peer_config: bool = False,
     disk_dir: Path | None = None, overrides: Sequence[str] = (), paused: bool = False,
     timeout: float = 600.0, accept_timeout: float | None = None,
@@ -359,14 +358,14 @@ def serve_receive(
         if on_listen is not None:
             on_listen(host, int(srv.getsockname()[1]))
         while True:
-            ch, prep = _run(_admit(srv, token, deadline=deadline, accept_timeout=accept_timeout,
+            ch, prep = await (_admit(srv, token, deadline=deadline, accept_timeout=accept_timeout,
                                    auth_timeout=auth_timeout, max_pending=max_pending,
                                    where=listen))
             try:
                 req = check_request(prep, peer=ch.peer, overrides=overrides,
                                     disk_dir=disk_dir, trust=trust_peer_config)
                 header = req.header
-                inc = receive(ts, header.config_text, 0, host=host, overrides=overrides,
+                inc = await receive(ts, header.config_text, 0, host=host, overrides=overrides,
                               with_storage=req.with_storage, disk_sizes=req.disk_sizes,
                               config_path=header.config_path, uuid=header.uuid,
                               image=image, disk_paths=req.disk_paths,
@@ -383,7 +382,7 @@ def serve_receive(
                 continue
             break
     with contextlib.closing(ch.sock):
-        return _serve(ts, ch, inc, paused, timeout)
+        return await _serve(ts, ch, inc, paused, timeout)
 
 
 async def _admit(srv: socket.socket, token: str, *, deadline: float | None,
@@ -497,26 +496,26 @@ async def _hello(ch: Channel, token: str, timeout: float) -> dict[str, Any]:
     return dict(request.raw)
 
 
-def _serve(ts: Toolstack, ch: Channel, inc: Incoming, paused: bool,
+async def _serve(ts: Toolstack, ch: Channel, inc: Incoming, paused: bool,
            timeout: float) -> DomainRecord:
     """Follow the protocol from "listening" on with a QEMU started for the source."""
     h = ts.handle(inc.record)
     try:
-        go = _run(_await_stream(ch, ts, inc, timeout))
+        go = await _await_stream(ch, ts, inc, timeout)
         rec = inc.record
         with ts.store.lock(rec.domid):
             still = paused or go.paused
-            _run(ts.backend.migrate_finish(h, _exports(inc), still))
+            await ts.backend.migrate_finish(h, _exports(inc), still)
             rec = settle(ts, rec, "paused" if still else "running", inc.extra)
     except BaseException as err:
-        failed = _receive_failed(ts, inc, err)
+        failed = await _receive_failed(ts, inc, err)
         # Only now, with the QEMU gone, may the source take its guest back.
-        _run(ch.quiet_send({"msg": "error", "error": str(failed)}))
+        await ch.quiet_send({"msg": "error", "error": str(failed)})
         if failed is err:
             raise
         raise failed from err
     try:
-        _run(ch.send(wire.encode(wire.Resumed(rec.domid, rec.state))))
+        await ch.send(wire.encode(wire.Resumed(rec.domid, rec.state)))
     except BackendError as err:
         # It runs here now; the source, without the report, keeps its copy paused.
         _log.warning("receive %s: %s; the source was not told that it runs here", rec.name,

@@ -43,7 +43,6 @@ from xenlab.errors import BackendError, UsageError
 from xenlab.files import FileReadError
 from xenlab.vm import qemuimg
 from xenlab.vm.backend import Progress, SaveFacts, SaveRequest
-from xenlab.vm.backend import run as _run
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.domconfig import config_from_text, on_disks
 from xenlab.vm.jobs import Job
@@ -161,10 +160,10 @@ def settle(ts: Toolstack, rec: DomainRecord, state: str, extra: Mapping[str, Any
                           extra_drop=[*(k for k in moved if k not in extra), JOB])
 
 
-def quit_domain(ts: Toolstack, rec: DomainRecord) -> None:
+async def quit_domain(ts: Toolstack, rec: DomainRecord) -> None:
     """Make the domain end now (QEMU: QMP quit), destroyed if it lingers."""
     with contextlib.suppress(BackendError):
-        _run(ts.backend.quit(ts.handle(rec)))
+        await ts.backend.quit(ts.handle(rec))
     wait_quit(ts, rec)
 
 
@@ -193,7 +192,7 @@ def image_for(dc: DomainConfig, image: object | None) -> object | None:
 # --- save -------------------------------------------------------------------------------------
 
 
-def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
+async def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
          snapshot: bool = False, timeout: float = 300.0, max_bandwidth: int | None = None,
          progress: Progress | None = None) -> SaveHeader:
     """Save the domain's memory and device state to ``path``, with its config; xl save.
@@ -236,7 +235,7 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
     (:func:`recover_job`); split, that order would be harder to check.
     """
     path = Path(path)
-    with ts.live(name) as rec:
+    async with ts.live(name) as rec:
         h = ts.handle(rec)
         snaps = _save_snapshots(ts, rec) if snapshot else ()
         disk_paths, overlays = moves_of(rec)
@@ -245,7 +244,7 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
         # not find (recover_job).  The guest's state as QEMU has it, not as
         # the record may say (a killed pause or unpause).
         prefix = f".{path.name}.{os.getpid()}."
-        guest = _run(ts.backend.state(h))
+        guest = await ts.backend.state(h)
         held = contextlib.ExitStack()
         rec = held.enter_context(ts.job(rec, "save", dir=str(path.parent.absolute()),
                                         prefix=prefix, guest=guest,
@@ -294,7 +293,7 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
 
         with held:
             try:
-                _run(ts.backend.save(h, SaveRequest(
+                await (ts.backend.save(h, SaveRequest(
                     fd, write_header, commit, keep_running, timeout,
                     max_bandwidth=max_bandwidth, progress=progress, snapshots=snaps,
                     tick=functools.partial(_write_out, fd), what=f"save {rec.name}")))
@@ -315,11 +314,11 @@ def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = False,
             else:
                 wait_quit(ts, rec)
                 faults.point("save.quit")
-                ts.gone(rec)
+                await ts.gone(rec)
             return header
 
 
-def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
+async def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
     """Finish or undo a save that was killed (``Toolstack.converge`` calls this).
 
     Before the image was committed, the save is undone: a migration QEMU
@@ -338,14 +337,14 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
                 part.unlink(missing_ok=True)
     if not ts.alive(rec):
         drop_partial()
-        kept = ts.gone(rec)
+        kept = await ts.gone(rec)
         _log.warning("%s killed after its QEMU quit: %s", where,
                     "the image was written; the domain is gone" if committed else
                     "the image was not finished")
         return kept
     if committed and not job.detail.get("keep_running"):
-        quit_domain(ts, rec)
-        kept = ts.gone(rec)
+        await quit_domain(ts, rec)
+        kept = await ts.gone(rec)
         _log.warning("%s killed after the image was written: finished, the domain is "
                      "stopped", where)
         return kept
@@ -356,7 +355,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
         dc, _ = ts.config_of(rec)
         snaps = [DiskSnapshot(d.vdev, str(d.pdev_path), snap)
                  for d in dc.disks if d.pdev_path and d.readwrite and not d.is_cdrom]
-    state, left = _run(ts.backend.abort_save(
+    state, left = await (ts.backend.abort_save(
         ts.handle(rec), resume=job.detail.get("guest") == "running", snapshots=snaps))
     drop_partial()
     if left:
@@ -447,7 +446,7 @@ def _revert_plan(dc: DomainConfig, header: SaveHeader, path: Path) -> list[tuple
     return plan
 
 
-def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Sequence[str] = (),
+async def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Sequence[str] = (),
             timeout: float = 300.0, image: object | None = None) -> DomainRecord:
     """Start the domain saved in ``path`` where it left off; its record; xl restore.
 
@@ -501,14 +500,14 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
             for file, tag in plan:
                 qemuimg.snapshot("apply", tag, file)
 
-        rec = ts.launch(dc, text, config_path=header.config_path, uuid=header.uuid,
+        rec = await ts.launch(dc, text, config_path=header.config_path, uuid=header.uuid,
                         incoming="defer", image=image_for(dc, image),
                         prepare=revert if plan else None)
         h = ts.handle(rec)
         try:
             with ts.store.lock(rec.domid):
                 try:
-                    _run(ts.backend.load(h, fd, layout.stream_offset, checked, str(path),
+                    await (ts.backend.load(h, fd, layout.stream_offset, checked, str(path),
                                          timeout, run=not paused,
                                          vcpus_plugged=header.vcpus_plugged))
                 except BackendError as err:
@@ -526,7 +525,7 @@ def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides: Seque
                 return settle(ts, rec, "paused" if paused else "running", extra)
         except BaseException:
             ts.kill_domain(rec)
-            ts.gone(rec)
+            await ts.gone(rec)
             raise
 
 

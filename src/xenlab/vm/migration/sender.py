@@ -52,9 +52,6 @@ from xenlab.vm.backend import (
     MigrationProgress,
     Progress,
 )
-from xenlab.vm.backend import (
-    run as _run,
-)
 from xenlab.vm.domain import Toolstack
 from xenlab.vm.jobs import Job
 from xenlab.vm.migration import wire
@@ -183,7 +180,7 @@ def _copy_snapshots(src: Toolstack, dst: Toolstack, rec: DomainRecord,
 # --- live migration ----------------------------------------------------------------------
 
 
-def migrate(
+async def migrate(
     ts: Toolstack, name: str, dest: Toolstack | str, *, live: bool = True,
     with_storage: bool = False, paused: bool = False, host: str = "127.0.0.1",
     nbd_port: int | None = None, dest_overrides: Sequence[str] = (),
@@ -239,7 +236,7 @@ def migrate(
         if not token:
             raise UsageError(f"migrate {name} to {dest}: the receiver wants the token it "
                              "printed (--token TOKEN or --token-file FILE)")
-    with ts.live(name) as rec:
+    async with ts.live(name) as rec:
         snaps = ts.store.list_snapshots(rec.domid)
         if snaps and (with_storage or not isinstance(dest, Toolstack)):
             raise StateError(
@@ -257,7 +254,7 @@ def migrate(
         # guest already (recover_job): never resume both copies.
         held = contextlib.ExitStack()
         rec = held.enter_context(ts.job(
-            rec, "migrate", phase="sending", guest=_run(ts.backend.state(h)),
+            rec, "migrate", phase="sending", guest=await ts.backend.state(h),
             dest=str(dest.state_dir) if isinstance(dest, Toolstack) else dest,
             local=isinstance(dest, Toolstack),
             dest_backend=dest.backend.name if isinstance(dest, Toolstack) else None))
@@ -265,15 +262,15 @@ def migrate(
         info: Mapping[str, Any]
         with held:
             if not isinstance(dest, Toolstack):
-                info = _migrate_remote(ts, rec, h, dest, disk_paths, overlays, vdevs,
+                info = await _migrate_remote(ts, rec, h, dest, disk_paths, overlays, vdevs,
                                        live=live, paused=paused, max_bandwidth=max_bandwidth,
                                        timeout=timeout, progress=progress, started=started,
                                        token=str(token),
                                        on_phase=functools.partial(ts.update_job, rec.domid))
                 dest_rec: DomainRecord | None = None
             else:
-                sizes = dict(_run(ts.backend.migrate_begin(h, vdevs)).disk_sizes) if disks else {}
-                incoming = receive(
+                sizes = dict((await ts.backend.migrate_begin(h, vdevs)).disk_sizes) if disks else {}
+                incoming = await receive(
                     dest, rec.config_text, 0, host=host, overrides=dest_overrides,
                     with_storage=with_storage, nbd_port=nbd_port, disk_sizes=sizes,
                     config_path=rec.config_path, uuid=rec.uuid, disk_paths=disk_paths,
@@ -281,12 +278,12 @@ def migrate(
                 )
                 where = f"{uri_host(host)}:{incoming.port}"
                 try:
-                    sent = _run(ts.backend.migrate_perform(h, MigrateRequest(
+                    sent = await (ts.backend.migrate_perform(h, MigrateRequest(
                         rec.name, where, host, incoming.nbd_port, tuple(vdevs), live,
                         max_bandwidth, timeout, started, progress)))
                 except BaseException as err:
                     dead = not dest.alive(incoming.record)
-                    abort_receive(dest, incoming)
+                    await abort_receive(dest, incoming)
                     if isinstance(err, BackendError) and dead:
                         raise BackendError(
                             f"migrate {rec.name} to {where}: the destination QEMU went away "
@@ -302,19 +299,19 @@ def migrate(
                 ts.update_job(rec.domid, phase="handing-over")
                 faults.point("migrate.handing-over")
                 try:
-                    dest_rec = finish_receive(dest, incoming, paused=paused, timeout=timeout)
+                    dest_rec = await finish_receive(dest, incoming, paused=paused, timeout=timeout)
                     ts.update_job(rec.domid, phase="handed-over")
                     faults.point("migrate.handed-over")
                 except BaseException:
                     # The destination could not take over: the source has every
                     # page and its disks, so it carries on.
                     with contextlib.suppress(BackendError):
-                        _run(ts.backend.migrate_take_back(h, sent))
+                        await ts.backend.migrate_take_back(h, sent)
                     raise
                 if snaps:
                     dest_rec = _copy_snapshots(ts, dest, rec, dest_rec)
                 info = sent.info
-            quit_domain(ts, rec)
+            await quit_domain(ts, rec)
             ts.backend.release(h)
             ts.store.remove(rec.domid)
     ram = info.get("ram") or {}
@@ -329,7 +326,7 @@ def migrate(
 # --- the sending side of the control channel --------------------------------------------
 
 
-def _migrate_remote(ts: Toolstack, rec: DomainRecord, h: DomainHandle, dest: str,
+async def _migrate_remote(ts: Toolstack, rec: DomainRecord, h: DomainHandle, dest: str,
                     disk_paths: tuple[DiskMove, ...], overlays: tuple[DiskMove, ...],
                     vdevs: Sequence[str], *, live: bool,
                     paused: bool, max_bandwidth: int | None, timeout: float,
@@ -347,7 +344,7 @@ def _migrate_remote(ts: Toolstack, rec: DomainRecord, h: DomainHandle, dest: str
         raise BackendError(f"migrate {rec.name}: cannot reach a receiver at {dest}: "
                            f"{err.strerror or err}; {rec.name} still runs here") from err
     try:
-        return _run(_sender(Channel(sock, dest), ts.backend, h, rec, host, disk_paths,
+        return await (_sender(Channel(sock, dest), ts.backend, h, rec, host, disk_paths,
                             overlays, tuple(vdevs), live=live, paused=paused,
                             max_bandwidth=max_bandwidth, timeout=timeout, progress=progress,
                             started=started, token=token, on_phase=on_phase))
@@ -463,7 +460,7 @@ async def _take_back(backend: Backend, h: DomainHandle, sent: MigrateSent, name:
 # --- a migration killed half-way ---------------------------------------------------------
 
 
-def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
+async def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | None:
     """Finish or undo a migration whose sending process was killed (``Toolstack.converge``).
 
     The job's phase says how far it got.  Before the destination was told to
@@ -481,11 +478,11 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
     phase = str(job.detail.get("phase", "sending"))
     where = f"domain {rec.name}: a migration to {job.detail.get('dest')}"
     if not ts.alive(rec):
-        kept = ts.gone(rec)
+        kept = await ts.gone(rec)
         _log.warning("%s was killed; the QEMU here is gone", where)
         return kept
     if phase == "handing-over":
-        runs = _destination_runs(job, rec.uuid)
+        runs = await _destination_runs(job, rec.uuid)
         if runs is None:
             _log.warning("%s was killed after the destination was told to start the guest; "
                          "it may run there: %s is left paused here. Check the destination, "
@@ -497,7 +494,7 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
     h = ts.handle(rec)
     if phase == "handed-over":
         _snapshots_follow(ts, rec, job)
-        quit_domain(ts, rec)
+        await quit_domain(ts, rec)
         ts.backend.release(h)
         ts.store.remove(rec.domid)
         _log.warning("%s was killed after the guest ran there: finished, %s is gone from "
@@ -506,9 +503,9 @@ def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecord | No
 
     # The destination's QEMU holds the disks' locks once the stream is in: a
     # local one goes first (its own converge undoes the incoming domain).
-    _destination_undo(job, rec.uuid)
+    await _destination_undo(job, rec.uuid)
     try:
-        state = _run(ts.backend.migrate_abort(h, resume=job.detail.get("guest") == "running"))
+        state = await ts.backend.migrate_abort(h, resume=job.detail.get("guest") == "running")
     except BackendError as err:
         _log.warning("%s was killed before the guest ran there; it cannot run here yet "
                      "(%s): %s is left paused. If the destination still holds it, end it "
@@ -539,15 +536,16 @@ def _local_dest(job: Job, *, store_only: bool = False) -> Iterator[Toolstack | N
         dest.store.close()
 
 
-def _destination_undo(job: Job, uuid: str) -> None:
+async def _destination_undo(job: Job, uuid: str) -> None:
     """A local destination's half-received copy of the guest is undone (it never ran)."""
     with _local_dest(job) as dest:
         if dest is None:
             return
         for r in dest.store.list():
             if r.uuid == uuid and r.state == "incoming":
-                with contextlib.suppress(XenlabError), dest.locked(str(r.domid)):
-                    pass  # taking it converges it: a dead migration's incoming copy goes
+                with contextlib.suppress(XenlabError):
+                    async with dest.locked(str(r.domid)):
+                        pass  # taking it converges it: a dead migration's incoming copy goes
 
 
 def _snapshots_follow(ts: Toolstack, rec: DomainRecord, job: Job) -> None:
@@ -565,7 +563,7 @@ def _snapshots_follow(ts: Toolstack, rec: DomainRecord, job: Job) -> None:
                              job.detail.get("dest"))
 
 
-def _destination_runs(job: Job, uuid: str) -> bool | None:
+async def _destination_runs(job: Job, uuid: str) -> bool | None:
     """Whether the destination runs the guest: True, False, or None when it cannot be told."""
     with _local_dest(job) as dest:
         if dest is None:
@@ -577,7 +575,7 @@ def _destination_runs(job: Job, uuid: str) -> bool | None:
                 if r.state in ("running", "paused"):
                     return True
                 # Still "incoming": it ran only if QEMU says so.
-                return bool(_run(dest.backend.state(dest.handle(r), timeout=2.0)) == "running")
+                return bool(await dest.backend.state(dest.handle(r), timeout=2.0) == "running")
             return False
         except XenlabError:
             return None

@@ -20,8 +20,8 @@ negotiation, and after a timeout a late reply may still be in the pipe, so
 every session starts with ``guest-sync-delimited`` (a random id; the agent
 answers behind a ``0xFF`` byte, which lets us skip partial and stale output).
 
-Design: sessions are short (one per CLI command, entered with :func:`run`,
-which is ``asyncio.run``), so there is no reconnect logic; a session whose
+Design: sessions are short (one per verb step, on the command's event loop,
+cli/loop.py), so there is no reconnect logic; a session whose
 QEMU died raises :class:`BackendError` from every call instead of hanging.
 """
 
@@ -50,7 +50,6 @@ from qemu.qmp import QMPError as _LibError
 from qemu.qmp.qmp_client import NegotiationError
 
 from xenlab.errors import BackendError, DeviceNotReleased, Refused
-from xenlab.vm.backend import run  # the one way into a coroutine, re-exported for callers here
 
 __all__ = [
     "CommandError",
@@ -62,7 +61,6 @@ __all__ = [
     "delete_device",
     "job_ids",
     "qdev_ids",
-    "run",
     "run_job",
     "settle_job",
 ]
