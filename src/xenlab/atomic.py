@@ -1,40 +1,18 @@
 """Atomic file writes, the one way xenlab puts files on disk: :func:`atomic_write_bytes`.
 
-:func:`atomic_write_text` is the same for text; :func:`make_output_dir` and
-:func:`check_output_dir` judge a directory outputs go into; :func:`fsync_dir`
-makes a name made some other way (a rename, an ``O_EXCL`` create) durable.
-:mod:`xenlab.files` is the reading half.
-
 A reader sees the old file or the new one, never a mix: the data goes to a
-temporary file in the target's directory, is fsynced, then renamed over the
-target; the directory is fsynced so the rename survives a crash.  On any
-failure the temporary file is removed and the old file is untouched.
-
-Design (the policy for a path a user names as output):
-
-- **Through a symlink to its target**: the rename replaces the file the link
-  points at, which keeps its mode (and, when running as root, its owner and
-  group), and the link stays, as editors do.  A chain of links is followed
-  the way the kernel follows it (each one relative to its own directory, at
-  most :data:`MAX_LINKS`), links in the directories above included.
-  ``follow_symlinks=False`` replaces a final symlink itself instead.
-- **Refused**, before anything is written (:class:`FileWriteError`, naming
-  the path): a dangling symlink (as GNU cp does: the name a link points at is
-  not a place the user chose to create a file in); a symlink in a sticky,
-  world-writable directory (``/tmp``) owned by neither this user nor the
-  directory's owner (the kernel refuses to follow such links on ``open``,
-  ``fs.protected_symlinks``, and following one by name here would bypass
-  that); an output that exists and is not a regular file (a directory,
-  ``/dev/full``, a FIFO), since the rename would put a regular file in place
-  of a device node.
-- **Judged as written**: the path is walked one name at a time with
-  descriptors (``openat``, never by name again), and the temporary file,
-  the check of the target and the rename all happen in the one directory
-  descriptor the walk ended in, so a directory swapped for a symlink after
-  the check cannot redirect the write.  The target itself can still be
-  replaced between the check and the rename by someone who may write in its
-  directory; the rename then replaces what they put there, never anything
-  the name pointed at.
+temporary file in the target's directory, is fsynced and renamed over the
+target, and the directory is fsynced; on any failure the temporary file is
+removed and the old file is untouched.  A user-named output is written through
+a symlink to its target (mode, and as root owner, kept) and refused before
+anything is written (:class:`FileWriteError`, naming the path) when the link
+dangles, when a link in a sticky world-writable directory is owned by neither
+the user nor the directory's owner, or when the target is not a regular file;
+the path is walked with descriptors (``openat``), never by name again.
+:func:`atomic_write_text`, :func:`make_output_dir`, :func:`check_output_dir`
+and :func:`fsync_dir` keep the same rules; :mod:`xenlab.files` is the reading
+half.  The design (the policy for output paths, and why) is in docs/rooms.md,
+section Atomic writes.
 """
 
 from __future__ import annotations

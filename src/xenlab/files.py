@@ -1,35 +1,17 @@
 """Reading files a user names, safely and with a bound: :func:`read_bounded`.
 
-A path on a command line may be anything: ``/dev/zero``, a FIFO with no
-writer (or one that stalls, or one that never stops), a directory, a socket,
-a 64 GiB sparse file, ``/proc/kcore``, a file another process truncates, a
-symlink loop, a block device.  Each ends quickly with one line naming the
-file (:class:`FileReadError`, or :class:`InputTooLargeError` past the
-limit), never a hang, a traceback or a crash.  Every reader of a user-named
-file goes through here (configs, scenarios, ROMs, cpuinfo, token files);
-:mod:`xenlab.atomic` is the writing half.
-
-Design:
-
-- **Opened without blocking** (``O_NONBLOCK``: opening a FIFO with no writer
-  returns at once, where a plain ``open()`` waits for a writer forever; and
-  ``O_NOCTTY``: a terminal named as input does not become ours), then judged
-  by ``fstat`` on the descriptor, so what is judged is what is read: regular
-  files, block and character devices and FIFOs are read; directories are
-  refused; sockets cannot be opened at all (``ENXIO``, said as "a socket").
-- **Read into memory, never mapped.**  A mapping of a file that another
-  process truncates raises SIGBUS on the next touch of a lost page, which
-  kills the interpreter; a read only gets fewer bytes.
-- **Bounded in size**: a regular file or a block device over ``limit`` is
-  refused before a byte is read (a 64 GiB sparse file costs one ``fstat``; a
-  block device's size is where a seek to its end lands, as ``fstat`` says 0);
-  a stream is read up to ``limit`` plus one byte, so ``/dev/zero`` or an
-  endless writer stops there; a file that grows while it is read (or a
-  ``/proc`` file whose size says 0) stops there too.
-- **Bounded in time**: a FIFO or character device is polled before every
-  read and refused after ``wait`` seconds (:data:`PIPE_WAIT`) without data:
-  a FIFO nobody writes to, a terminal, a writer that stalls.  xenlab's
-  commands are not interactive; input on a slow pipe is saved to a file first.
+A path on a command line may be anything (``/dev/zero``, a FIFO with no
+writer, a directory, a 64 GiB sparse file, a file another process truncates);
+each ends quickly with one line naming the file (:class:`FileReadError`, or
+:class:`InputTooLargeError` past the limit), never a hang or a crash.  Every
+reader of a user-named file goes through here; :mod:`xenlab.atomic` is the
+writing half.  A file is opened with ``O_NONBLOCK`` and ``O_NOCTTY`` and
+judged by ``fstat`` on the descriptor, read into memory (never mapped: a
+truncated mapping is SIGBUS), bounded in size (an oversized regular file or
+block device is refused before a byte is read, a stream stops at ``limit``
+plus one byte) and in time (FIFOs and character devices are polled,
+:data:`PIPE_WAIT`).  The design (each rule and its reason) is in
+docs/rooms.md, section Bounded reads.
 """
 
 from __future__ import annotations

@@ -1,38 +1,16 @@
 """The lexer of the xl configuration language: :func:`tokens`, :func:`dequote`.
 
-Design
-    The token rules are libxlutil's (``libxlu_cfg_l.l``), applied with flex's
-    semantics: at each position the longest match wins and, between matches of
-    equal length, the earlier rule.  For this rule set that reduces to a choice
-    by the first character, which one compiled regular expression makes.
-
-    ==========  ======================  =====================================
-    token       pattern                 notes
-    ==========  ======================  =====================================
-    IDENT       ``[a-z][._0-9a-z]*``    lower case only
-    NUMBER      ``[0-9][0-9a-fx]*``     kept as text: ``0x10``, ``010``
-    STRING      ``'...'`` ``"..."``     one line; ``\\`` escapes any char
-    NEWLINE     ``\\n``, ``#...\\n``    a comment must end with a newline
-    punct       ``, [ ] = += ;``
-    (skipped)   ``[ \\t]``
-    ==========  ======================  =====================================
-
-    Anything else starts a *lexical error*: libxlutil enters its ``lexerr``
-    state, swallows the rest of the word (up to a blank or newline), reports
-    one error and carries on.  ``+ - . ( ) :`` (the flex range ``[+-.():]``)
-    also mark the file as *likely Python*, the xm era's format.
-
-Quirks kept on purpose (libxlutil 4.17 does exactly this)
-    * ``\\xHH`` is always an error, and ``\\NNN`` (octal-looking, read as
-      decimal) is consumed but produces no character: libxlutil's escape
-      decoder never stores the value it computes.
-    * A lexical error that starts in the last byte of a file is not reported:
-      flex reaches end of input in the ``lexerr`` state and stops.
-    * A comment on the last line with no newline after it is a lexical error.
-
-Difference on purpose
-    * A NUL byte inside a quoted string makes libxlutil abort (``strlen`` then
-      ``assert``); here it is a lexical error.
+The token rules are libxlutil's (``libxlu_cfg_l.l``) applied with flex's
+semantics (the longest match wins, then the earlier rule), which for this rule
+set is a choice by the first character, made by one compiled regular
+expression; a change must keep agreeing with libxlutil 4.17.  Anything else
+starts a lexical error that swallows the rest of the word, and ``+ - . ( ) :``
+also mark the file as likely Python (the xm era's format).  libxlutil's quirks
+are kept on purpose (its escape decoding, a lexical error in the last byte, a
+last comment without a newline), and one difference is on purpose: a NUL in a
+quoted string is a lexical error, where libxlutil aborts.  The design (the
+token table, the quirks and the difference) is in docs/config.md, section
+Lexer.
 """
 
 from __future__ import annotations

@@ -3,38 +3,14 @@
 :func:`domain_config` reads a :class:`~xenlab.config.values.ConfigFile` the
 way xl 4.17's ``parse_config_data`` (tools/xl/xl_parse.c) does, makes the
 checks xl, libxl and libxc make before a domain exists, and returns a frozen
-:class:`DomainConfig`, or raises one :class:`ConfigError` listing every
-problem found.  :func:`domain_config_to_json` renders it as JSON-ready data.
-
-Design
-    Each key is fetched through a getter that behaves like libxlutil's
-    (``xlu_cfg_get_long`` and friends): the last statement wins, a value of
-    the wrong shape is reported, and :mod:`xenlab.config.keys` says whether xl
-    warns and carries on (a :class:`ConfigWarning`) or exits (a problem).
-    Problems are placed at the value (``file:line:col``); warnings at a line.
-
-Defaults (with reasons, all from xl/libxl)
-    * ``type``: ``pv`` on x86, ``pvh`` on Arm (``arch=``), as xl.
-    * memory: ``maxmem`` defaults to ``memory`` (or to the vnode sizes when
-      ``vnuma`` is given), ``memory`` to ``maxmem``, both to 32 MiB (libxl).
-    * vCPUs: ``maxvcpus`` defaults to ``vcpus`` (or to the vnodes' vCPUs),
-      ``vcpus`` to ``maxvcpus``, both to 1 (libxl).  ``maxvcpus=0`` means
-      "not given", as in xl.
-    * actions: poweroff, watchdog and crash destroy, reboot restarts and
-      soft reset soft-resets.
-
-Checks we add, beyond xl (each with its reason)
-    * unknown keys and keys the guest type does not use are warned about: xl
-      ignores them silently, which hides typos;
-    * ``memory`` and ``maxmem`` must be positive and ``vcpus`` at least 1: xl
-      passes 0 or a negative number on and domain creation fails later;
-    * ``memory`` above ``maxmem`` is a warning: xl.cfg(5) says maxmem must
-      not be smaller, xl does not check, and libxl then builds the guest with
-      a static maximum below its memory;
-    * list entries after a nested list are ignored by xl (libxlutil's
-      ``xlu_cfg_get_listitem`` stops there): we warn;
-    * a ``cpus=`` list with more entries than vCPUs: xl ignores the extra
-      entries silently, we warn.
+:class:`DomainConfig` or raises one :class:`ConfigError` listing every
+problem; :func:`domain_config_to_json` renders it as JSON-ready data.  Each
+key goes through a getter that behaves like libxlutil's (the last statement
+wins, a value of the wrong shape is reported), and :mod:`xenlab.config.keys`
+says whether xl warns (a :class:`ConfigWarning`, placed at a line) or exits (a
+problem, placed at the value).  Defaults are xl's and libxl's, and every check
+beyond xl has its reason.  The design (the getters, the defaults and the added
+checks, with their reasons) is in docs/config.md, section Domain model.
 """
 
 from __future__ import annotations

@@ -1,38 +1,16 @@
 """The restricted evaluator behind :func:`xenlab.config.xm.convert_xm`: xm files read, never run.
 
 :func:`parse_python` turns the text into an :mod:`ast` tree (bounded, UTF-8,
-no NUL or lone surrogates) and :class:`Evaluator` computes the values the
-file assigns, refusing every construct outside a small subset with a
-:class:`~xenlab.config.errors.ConfigError` placed at the node.
-
-Design
-    The text is parsed with :func:`ast.parse` only; nothing is compiled or
-    executed.  The evaluator accepts module-level plain assignments
-    (``name = expr``, ``a = b = expr``, ``name += expr``), constants (str,
-    int, float, bool, None), lists and tuples, ``+`` on strings, lists and
-    ints, ``- * // / %`` on ints, ``str * int`` repetition, ``%`` formatting
-    of strings, unary ``-``/``+``, references to names assigned earlier,
-    bare string statements (docstrings) and ``pass``.  Everything else is
-    refused with a :class:`ConfigError` placed at the offending node.
-    ``/`` on ints floors, as it did under xm's Python 2.
-
-State
-    One :class:`Evaluator` per call holds the names bound so far (in order
-    of first assignment, each with the place of its last assignment), the
-    notes and a work budget.
-
-Defaults (with reasons)
-    ``MAX_SOURCE_CHARS`` (1,000,000): real xm files are a few KiB; this
-    bounds what :func:`ast.parse` is asked to build.  ``MAX_STRING_CHARS``
-    (65,536): Xen caps a kernel command line at 1 KiB, and no other value
-    comes close.  ``MAX_VALUE_UNITS`` (200,000) bounds one value (a string
-    counts its characters, a list its items, recursively);
-    ``MAX_VALUE_DEPTH`` (16) bounds list nesting (xl's vnuma needs 2);
-    ``MAX_EXPR_DEPTH`` (100) bounds expression nesting so the evaluator never
-    nears Python's recursion limit; ``MAX_WORK_UNITS`` (5,000,000) bounds the
-    total size of all values built, so a hostile file cannot make the
-    evaluator copy large strings many times.  Integers stay within
-    ``[-2**63, 2**64)``, the widest any Xen option takes.
+no NUL or lone surrogates) and :class:`Evaluator` computes the values the file
+assigns; nothing is compiled or executed.  Only a small subset is accepted
+(plain assignments, constants, lists and tuples, a few operators on strings
+and ints, names assigned earlier); everything else is a
+:class:`~xenlab.config.errors.ConfigError` placed at the node.  One evaluator
+per call holds the names, the notes and a work budget, and every ``MAX_*``
+bound (source, strings, values, nesting, work; integers within 64 bits) has a
+reason: a new construct must stay inside them.  The design (the accepted
+subset, the state and the bounds' reasons) is in docs/config.md, section xm
+evaluator.
 """
 
 from __future__ import annotations

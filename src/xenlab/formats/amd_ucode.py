@@ -1,52 +1,16 @@
 """AMD microcode containers (``amd-ucode/microcode_amd*.bin``): read them with `parse_container`.
 
-A container is a magic, an equivalence table mapping CPU signatures
-(CPUID(1).EAX) to 16-bit equivalence ids, then patch sections; several
-containers may follow each other (`iter_containers`), and `find_containers`
-recovers them inside unknown data.  `build_patch` and `build_container` write
-them.  Only headers and tables are read, never the patch body's meaning.
-
-Layout (little-endian)::
-
-    +0  magic 0x00414d44 ("DMA\\0")
-    +4  section type 0 (equivalence table), +8 its length in bytes
-    +12 entries of 16 bytes: installed_cpu, fixed_errata_mask,
-        fixed_errata_compare, equiv_id (u16), reserved (u16);
-        an entry with installed_cpu 0 ends the table (Xen stops there)
-    then sections: type 1 (patch), length, then the patch:
-        +0 date (BCD 0xMMDDYYYY, as Intel), +4 patch_id, +8 data_id (u16),
-        +10 data_len (u8), +11 init_flag, +12 checksum, +16 nb_dev_id,
-        +20 sb_dev_id, +24 processor_rev_id (u16, the equivalence id),
-        +26 nb_rev_id, +27 sb_rev_id, +28 bios_api_rev, +29 3 reserved,
-        +32 match_reg[8], +64 body
-    A container ends at the end of the data or where the next magic starts:
-    there is no overall length.
-
-Checksums: the format has no checksum over the whole patch that holds for
-every family.  In the family 10h-12h patches (``data_len`` != 0) the
-``checksum`` field is the dword sum of the body after the 64-byte header, and
-``AmdPatch.checksum_ok`` reports whether it matches.  From family 14h on the
-field is 0 (and Zen 3-5 patches signed after "Entrysign" reuse it as a minimum
-revision), the patches are authenticated by the CPU itself, so
-``checksum_ok`` is ``None``: unknown.  What this module *can* say is
-``size_ok``: the section length is within the family's maximum patch size
-(Xen's ``verify_patch_size`` table), and the structure is sound (anything else
-raises `FormatError`).
-
-Family: a patch's family is ``0xf + (processor_rev_id >> 12)`` (Linux
-``verify_patch``): equivalence id 0x8012 is family 0x17.  `family_of` gives the
-family of a CPU signature (base family, plus the extended family when the base
-is 0xf).
-
-Bounds: section and table lengths are checked against the data before they
-are read.  Neither AMD nor the loaders bound how many equivalence entries or
-patches a container holds; real ones have a few dozen, so more than
-``MAX_EQUIV_ENTRIES`` entries (before the terminator) or ``MAX_PATCHES``
-patches raise ``LimitError`` instead of becoming millions of objects (in
-recover mode the container ends at the limit, noted in ``problems``).  The
-table's terminator is found with numpy, and `find_containers` stops with
-``LimitError`` once rejected candidates have cost a multiple of the searched
-length, so overlapping candidates cannot make it quadratic.
+A container is a magic, an equivalence table (CPU signature to 16-bit
+equivalence id) and patch sections; several may follow each other
+(`iter_containers`), `find_containers` recovers them inside unknown data, and
+`build_patch` and `build_container` write them.  Only headers and tables are
+read, never the patch body's meaning.  No checksum holds for every family, so
+``checksum_ok`` is ``None`` (unknown) from family 14h on, ``size_ok`` checks
+Xen's ``verify_patch_size`` table, and anything structurally unsound raises
+`FormatError`.  Lengths are checked before they are read, and
+``MAX_EQUIV_ENTRIES``, ``MAX_PATCHES`` and the search's cost bound raise
+``LimitError``.  The design (the layout, checksums, families and bounds) is in
+docs/formats.md, section AMD microcode.
 """
 
 from __future__ import annotations

@@ -1,58 +1,16 @@
 """Compression detection by magic and streaming decompression: ``detect`` and ``open_stream``.
 
-``detect(buf, offset)`` names the compression whose magic starts at
-``offset``, using the table the kernel's ``decompress_method`` (lib/decompress.c)
-uses to unpack an initramfs.  ``open_stream(buf, offset, compression)``
-returns a ``DecompressedStream``, a readable raw stream that decompresses
-about ``chunk`` bytes of input at a time and never holds the whole output;
-once it has reached the end of the compressed stream, ``compressed_end`` is
-the offset in ``buf`` just past it, which is where the kernel's walk goes on.
-
-Design
-    Each format is a small decoder with one verb, ``step(max_out)``: return
-    some output (never more than about ``max_out`` bytes, except LZ4 legacy
-    blocks, which are at most 8 MiB) or ``b""`` at the end of the stream.
-    gzip, bzip2, lzma, xz and LZ4 frames use a library decompressor fed with
-    memoryview slices of the input and bounded by ``max_length``; zstd uses
-    ``zstandard``'s stream reader over exactly one frame, whose end is found
-    by walking the frame's block headers; LZ4 legacy is parsed here, one
-    block at a time.
-
-Kernel rules kept
-    - Magic: the kernel compares only two bytes; ``detect`` compares the
-      longer magics below so that random data is less often taken for a
-      compressed stream.  LZ4 frames (``04 22 4d 18``) are not in the
-      kernel's table (``Compression.in_kernel_table`` is false): the kernel
-      only reads the LZ4 legacy format that ``lz4 -l`` writes.
-    - One stream per ``open_stream``: after a gzip member, an xz stream or a
-      zstd frame, whatever follows (another member, NUL padding, a cpio
-      archive) is the top-level walk's business, as in ``unpack_to_rootfs``.
-    - LZ4 legacy (lib/decompress_unlz4.c): magic, then blocks of (le32
-      compressed size, data) that each decompress to at most 8 MiB.  A size
-      field equal to the magic is skipped (concatenated legacy streams are
-      read as one, as the kernel and ``lz4 -d`` do); a size field of 0, or
-      fewer than 4 bytes left, ends the stream (``compressed_end`` is then at
-      that field).
-    - LZO is detected but not decompressed (no maintained library is a
-      dependency); ``open_stream`` raises ``FormatError``.
-
-Limits (decompression bombs)
-    A few KB of zstd or bzip2 can stand for gigabytes of output, so a
-    stream never hands out more than ``limit`` bytes (``DEFAULT_LIMIT``,
-    1 GiB, unless the caller passes its own budget or None): past it, reads
-    raise ``LimitError``.  ``decompressed`` counts what the decoder has
-    produced, so a caller can charge one budget across many streams.  The
-    decoder's own memory is bounded too: an lzma dictionary or a zstd window
-    over ``DECODER_MEMORY`` (128 MiB, zstd's default cap and more than ``xz
-    -9``'s 64 MiB) is refused with ``LimitError`` before anything is
-    allocated, since the decoder touches all of it as output flows.  Nested
-    compression is never followed here: a stream's output is only bytes.
-
-Errors
-    Corrupt or truncated input raises ``FormatError`` whose offset is the
-    start of the input chunk the decompressor was fed when it failed (or,
-    for zstd and LZ4 legacy, the block header at fault).  A limit raises
-    ``LimitError`` (a ``FormatError``) at the stream's offset.
+``detect`` names the compression whose magic starts at ``offset`` (the table
+of the kernel's ``decompress_method``, lib/decompress.c, compared on longer
+magics); ``open_stream`` returns a ``DecompressedStream`` that decompresses
+about ``chunk`` bytes of input at a time, never holds the whole output, and
+sets ``compressed_end`` where the kernel's walk goes on.  One stream per
+``open_stream`` (what follows is the caller's walk); LZ4 legacy is read as the
+kernel reads it; LZO is detected, not decompressed.  Output is bounded by
+``limit`` (``DEFAULT_LIMIT``, 1 GiB) and decoder memory by ``DECODER_MEMORY``
+(128 MiB), both ``LimitError``; corrupt input is a ``FormatError`` at the
+offset of the chunk at fault.  The design (the decoders, the kernel rules, the
+limits and the errors) is in docs/formats.md, section Compression.
 """
 
 from __future__ import annotations

@@ -1,49 +1,16 @@
 """cpio archives as the kernel reads them: ``iter_archive`` walks one archive in a buffer.
 
-Also: ``read_entry`` (one header), ``next_segment`` (the kernel's top-level
-initramfs walk), ``iter_stream`` (archives in a stream, such as a
-decompressed initramfs), ``find_early`` (the early loader's file lookup),
+Also ``read_entry``, ``next_segment`` (the kernel's top-level initramfs walk),
+``iter_stream``, ``find_early`` (the early loader's lookup),
 ``cpio_checksum``, ``safe_member_path`` and the newc writer ``write_newc``.
-
-Formats
-    newc ``070701`` and crc ``070702``: a 110-byte header of a 6-byte magic
-    and 13 fields of 8 hex digits (ino, mode, uid, gid, nlink, mtime,
-    filesize, devmajor, devminor, rdevmajor, rdevminor, namesize, check),
-    then the name, NUL included in namesize, padded so the data starts on a
-    4-byte boundary, then the data, padded to 4 bytes.  crc's ``check`` is the
-    byte sum of the data (``cpio_checksum``).  odc ``070707``: a 76-byte
-    header of octal fields (dev, ino, mode, uid, gid, nlink, rdev, mtime,
-    namesize, filesize), name and data with no padding.  An archive ends
-    with the entry named ``TRAILER!!!``.
-
-Kernel rules (init/initramfs.c, lib/earlycpio.c, Xen's xen/lib/earlycpio.c)
-    - Alignment counts from the archive's start; a header's own offset is
-      always aligned relative to it, so each entry aligns from its header.
-    - At the top level (``next_segment``), an archive starts at a 4-byte
-      aligned offset with ``0``; NULs are skipped one by one; anything else
-      is a compressed stream, or junk.  Archives can follow each other.
-    - The kernel unpacks only newc and crc; it refuses odc ("use -H newc").
-      The readers here read all three and say which in ``CpioEntry.format``.
-    - A name is the bytes before its first NUL; the last byte counted by
-      namesize must be a NUL ("name without nulterm").
-    - The unpacker skips an entry whose namesize is over ``PATH_MAX``
-      (4096): it is neither created nor a trailer, and the walk goes on
-      after its data.  Readers here never copy more than ``PATH_MAX`` bytes
-      of a name: such an entry comes back with ``name_too_long`` set and the
-      bytes of its first ``PATH_MAX`` up to a NUL as ``name``, so a caller
-      can say what it skipped.
-    - The early loader (``find_early``) walks newc/crc headers, skips NUL
-      words 4 bytes at a time, takes only regular files
-      (``mode & 0o170000 == 0o100000``) and matches by name prefix.
-
-Errors name the offset of the field at fault: a bad magic, a field with a
-non-digit (and which field), namesize 0, a name or data past the end
-(``TruncatedError``), an archive that ends without its trailer.
-
-Bounds: a buffer walk copies at most a header and ``PATH_MAX`` bytes per
-entry; ``iter_stream`` holds at most that plus the data of entries the caller
-wants (so ``want`` must bound ``filesize``) and skips everything else in
-1 MiB reads, whatever the header fields claim.
+The readers read newc, crc and odc and follow the kernel's rules
+(init/initramfs.c, lib/earlycpio.c, Xen's xen/lib/earlycpio.c): alignment from
+the archive's start, NULs skipped at the top level, a name up to its first
+NUL, an entry whose namesize is over ``PATH_MAX`` skipped (``name_too_long``).
+Errors name the offset of the field at fault.  A buffer walk copies at most a
+header and ``PATH_MAX`` bytes per entry, and ``iter_stream`` holds only the
+data ``want`` asks for.  The design (the formats, the kernel rules, the errors
+and the bounds) is in docs/formats.md, section cpio.
 """
 
 from __future__ import annotations

@@ -1,48 +1,17 @@
 """Intel microcode update files (SDM vol. 3A, 9.11): read them with `parse_update` / `iter_updates`.
 
-An update is a 48-byte header, ``data_size`` bytes of opaque payload and, when
-``total_size`` leaves room for it, an extended signature table.  A ``.bin`` file
-(``intel-ucode/06-9a-04``) is several updates back to back; `iter_updates`
-walks one strictly and `find_updates` recovers updates embedded anywhere in
-unknown data (an initramfs, a BIOS image), as ``iucode_tool -tr`` does.
-`parse_dat` turns Intel's old ``microcode.dat`` text into the binary form and
-`build_update` writes a valid update (checksums included).
-
-Only headers and tables are read: the payload is never interpreted (Intel's
-licence forbids disassembling it); it is only summed for the checksum.
-
-Layout (all little-endian dwords)::
-
-    +0  header_version   must be 1
-    +4  revision         signed: pre-production updates are negative
-    +8  date             packed BCD, 0xMMDDYYYY
-    +12 signature        CPUID(1).EAX the update applies to
-    +16 checksum         makes the dword sum of header+data 0 mod 2**32
-    +20 loader_version   must be 1
-    +24 platform_mask    one bit per platform id (upper 3 bytes reserved)
-    +28 data_size        0 means 2000 (Pentium Pro/II era updates)
-    +32 total_size       0 means 2048; multiple of 1024
-    +36 metadata_size    (Linux ``metasize``)
-    +40 min_revision     minimum revision for late loading (Linux ``min_req_ver``)
-    +44 reserved
-    +48 data[data_size]
-        extended table:  count, checksum, 3 reserved, then count x (sig, pf, checksum)
-
-Design: the rules are the union of what Xen (``microcode_sanity_check``),
-Linux and iucode_tool (strict mode) reject, so a file this module accepts is
-accepted by all three: header and loader version 1, data size a multiple of 4,
-total size a multiple of 1024 that holds header and data, an extended table
-that fits its space exactly.  Things the loaders check but that a reader must
-still be able to *show* (a wrong checksum, a bad BCD date, revision 0) are
-reported in ``checksum_ok`` and ``problems``, never raised.
-
-Bounds: a header's sizes are checked against the data before anything is
-read, so they cannot make a reader allocate; an extended table of more than
-``MAX_EXT_SIGNATURES`` entries (real updates have a handful) raises
-``LimitError`` rather than becoming a million objects; and `find_updates`,
-which sums every candidate whose checksum fails and then searches inside it,
-stops with ``LimitError`` once that summing passes a multiple of the
-searched length, so overlapping candidates cannot make it quadratic.
+An update is a 48-byte header, ``data_size`` bytes of opaque payload and maybe
+an extended signature table; a ``.bin`` file is several back to back
+(`iter_updates`), `find_updates` recovers them in unknown data as
+``iucode_tool -tr`` does, `parse_dat` reads ``microcode.dat`` text and
+`build_update` writes one.  The payload is only summed, never interpreted
+(Intel's licence).  What is refused is the union of what Xen
+(``microcode_sanity_check``), Linux and iucode_tool reject, so an accepted
+file is accepted by all three; what a reader must still show (a bad checksum
+or date, revision 0) goes in ``checksum_ok`` and ``problems``.  Sizes are
+checked before anything is read, and ``MAX_EXT_SIGNATURES`` and the search's
+cost bound raise ``LimitError``.  The design (the layout, the rules and the
+bounds) is in docs/formats.md, section Intel microcode.
 """
 
 from __future__ import annotations

@@ -1,56 +1,16 @@
 """PCI expansion ROMs (option ROMs, VGA BIOSes): walk every image with :func:`parse_rom`.
 
-A ROM is a chain of images.  Each starts with the bytes ``55 AA`` and points
-(at +0x18) to its PCI Data Structure, "PCIR", which gives the ids, the class,
-the code type, the image length in 512-byte units and the last-image bit
-(PCI Firmware Specification 3.x, chapter 5)::
-
-    image +0x00  55 AA            signature
-          +0x02  u8               x86: initialization size, 512-byte units
-          +0x03  ...              x86: entry point (a jump); EFI: the EFI header
-          +0x18  u16              offset of "PCIR" (from the image start)
-          +0x1A  u16              x86: offset of the "$PnP" expansion header
-    PCIR  +0x00  "PCIR"
-          +0x04  u16 vendor, +0x06 u16 device
-          +0x08  u16              rev 3: device list offset (from PCIR); before: VPD
-          +0x0A  u16 length of this structure, +0x0C u8 revision
-          +0x0D  u8[3]            class code: prog-if, subclass, base class
-          +0x10  u16              image length, 512-byte units
-          +0x12  u16 code revision, +0x14 u8 code type (0 x86, 1 Open Firmware,
-                                  2 HP PA-RISC, 3 EFI), +0x15 u8 indicator
-                                  (bit 7: last image)
-          +0x16  u16              rev 3: maximum run-time image length (512 units)
-          +0x18  u16, +0x1A u16   rev 3: config utility and DMTF CLP entry offsets
-
-The walk follows the firmware that runs these images.  Like SeaBIOS
-(``src/optionroms.c``), it steps from image to image by the PCIR image
-length and stops at the last-image bit; the x86 checksum covers the
-header's initialization size, the bytes SeaBIOS sums before running an
-image.  Several vendors do more than the spec says, and they are handled:
-
-- A vendor header before the first image (nvflash and GPU-Z dumps): the first
-  ``55 AA`` at *any* offset whose pointer lands on "PCIR" starts the ROM.
-- NVIDIA's NPDE extension, 16-byte aligned after the PCIR: its image length
-  and last-image flag continue a chain the PCIR says stops (the legacy image
-  says "last" so old BIOSes stop, the GOP image follows), as nouveau reads it.
-  Images reached that way may start with ``77 BB`` or ``56 4E`` instead of
-  ``55 AA``, and an image may point at "NPDS" instead of "PCIR".
-- Old iPXE builds write the class code bytes as ``02 00 00`` (base class
-  first): the raw value and the corrected one are both reported.
-- Padding (0xFF or 0x00) after the last image is quiet; other data there,
-  in particular an image hidden after the last-image bit, is a problem.
-
-Checksums: only x86 images (code type 0, or ISA ROMs without a PCIR) are
-checksummed: the byte sum of the initialization size must be 0 mod 256,
-which the BIOS checks before it runs the code.  EFI images carry no byte
-checksum (the UEFI spec's EFI header has no checksum field and EDK2's PciBus
-does not sum the image; Secure Boot signs the PE image instead), so their
-sum is reported and never judged: ``checksummed`` is False.
-
-Design: :func:`parse_rom` raises only when there is no ROM at all.  A damaged
-ROM (truncated image, pointer out of bounds, chain that runs off the file or
-loops) comes back with :class:`RomProblem` entries at absolute offsets, and
-every byte read is bounds-checked first.
+A ROM is a chain of images, each starting ``55 AA`` and pointing to its PCI
+Data Structure ("PCIR", PCI Firmware Specification 3.x, chapter 5).  The walk
+follows the firmware that runs them, SeaBIOS's ``src/optionroms.c`` (image to
+image by the PCIR length, stopping at the last-image bit), and handles what
+vendors do beyond the spec (a vendor header first, NVIDIA's NPDE, old iPXE's
+class bytes).  Only x86 images are checksummed (the initialization size sums
+to 0 mod 256); an EFI image's sum is reported, never judged. :func:`parse_rom`
+raises only when there is no ROM at all: damage comes back as
+:class:`RomProblem` entries at absolute offsets, and every byte read is
+bounds-checked first.  The design (the layout, the vendor cases and the
+checksums) is in docs/formats.md, section Option ROMs.
 """
 
 from __future__ import annotations

@@ -1,49 +1,16 @@
 """Disk image headers that name other files (qcow2, qcow, QED): :func:`parse_image`, :func:`probe`.
 
-A qcow2, qcow (v1) or QED image may name a *backing file* (read where the
-image has no data of its own) and, in qcow2, an *external data file* (where
-all its data lives).  QEMU opens those files when it opens the image, so
-whoever lets an image in decides which host files a guest reads.  This
-module reads what an image names, exactly as QEMU 7.2 reads it
-(``block/qcow2.c`` ``qcow2_do_open`` and ``qcow2_read_extensions``,
-``block/qcow.c`` ``qcow_open``, ``block/qed.c`` ``bdrv_qed_do_open``), and
-:func:`probe` tells which driver QEMU would pick for a file whose format no
-one recorded (``block.c`` ``bdrv_probe_all`` and each driver's probe).
-
-Layouts (qcow and qcow2 big-endian, QED little-endian)::
-
-    qcow2 +0 magic "QFI\\xfb", +4 version (2, 3), +8 backing_file_offset u64,
-          +16 backing_file_size u32, +20 cluster_bits, +24 size u64,
-          +32 crypt_method, +36 l1_size, +40 l1_table_offset u64,
-          +48 refcount_table_offset u64, +56 refcount_table_clusters,
-          +60 nb_snapshots, +64 snapshots_offset u64;  v3: +72 incompatible,
-          +80 compatible, +88 autoclear features (u64 each), +96
-          refcount_order, +100 header_length, +104 compression_type (u8).
-          Extensions from header_length (v2: 72) to the backing file name
-          (or the end of the first cluster): u32 type, u32 length, data
-          padded to 8 bytes; type 0 ends them.  0xe2792aca: the backing
-          file's format; 0x44415441: the external data file's name;
-          0x6803f857: the feature name table (48-byte entries: type, bit,
-          name).  The data file is opened only with incompatible bit 2.
-    qcow  +0 magic, +4 version 1, +8 backing_file_offset u64,
-          +16 backing_file_size u32, +20 mtime, +24 size u64, +32
-          cluster_bits u8, +33 l2_bits u8, +36 crypt_method, +40
-          l1_table_offset u64.  No backing format: QEMU probes.
-    QED   +0 magic "QED\\0", +4 cluster_size, +8 table_size, +12 header_size
-          (clusters), +16 features u64 (bit 0 backing file, bit 1 needs
-          check, bit 2 backing file is raw), +24 compat, +32 autoclear
-          features, +40 l1_table_offset u64, +48 image_size u64, +56
-          backing_filename_offset, +60 backing_filename_size.
-
-Rules: every check QEMU makes before it opens a named file is made here,
-and a header QEMU would refuse raises :class:`FormatError` at the field's
-offset; names are cut at their first NUL, as QEMU's C strings are.
-Everything QEMU reads of a qcow2 header lies in its first cluster (at most
-2 MiB); qcow and QED may put the backing file name further, and a buffer
-that stops short of it raises :class:`TruncatedError` with the offset, so a
-caller can read that far (or refuse).  At most :data:`MAX_EXTENSIONS`
-header extensions are read: more is refused, never skipped, so no name can
-hide behind them.  Pure: bytes in, frozen values out.
+A qcow2, qcow or QED image may name a backing file and (qcow2) an external
+data file, which QEMU opens with it; this module reads what an image names
+exactly as QEMU 7.2 does (``block/qcow2.c``, ``block/qcow.c``,
+``block/qed.c``), and :func:`probe` tells which driver QEMU would pick
+(``bdrv_probe_all``).  Every check QEMU makes before it opens a named file is
+made here: a header QEMU would refuse raises :class:`FormatError` at the
+field's offset, names are cut at their first NUL, a buffer short of a name
+raises :class:`TruncatedError`, and more than :data:`MAX_EXTENSIONS` header
+extensions are refused, never skipped.  Pure: bytes in, frozen values out. The
+design (the three header layouts and the rules) is in docs/formats.md, section
+Disk image headers.
 """
 
 from __future__ import annotations

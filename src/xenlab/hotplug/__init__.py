@@ -1,44 +1,16 @@
 """Device hotplug on the host as Xen's hotplug scripts do it: :func:`online`, :func:`offline`.
 
-Xen's toolstack brings a guest's devices to life by running a script per
-device and action (``vif-bridge online``, ``block add``...).  This room
-does the same for xenlab's QEMU guests, behind one small API::
-
-    from xenlab.hotplug import Vif, online, offline, default_vifname
-
-    vif = Vif(domid=3, devid=0, vifname=default_vifname(3, 0), bridge="xlbr0",
-              mac="00:16:3e:01:02:03", mtu=1400)
-    up = await online(vif)          # tap vif3.0 made, MTU 1400, on xlbr0, up
-    ...                             # QEMU: -netdev tap,ifname=vif3.0,script=no,...
-    await offline(up)               # tap removed (safe to repeat)
-
-- :class:`Vif` (``device``) describes one device: domid, devid, tap name,
-  script, bridge, MAC, MTU, ``ip=``, ``gatewaydev=``; frozen, and kept as JSON
-  (:func:`vif_to_json`) in the domain's record so any later command can bring
-  exactly that device offline.
-- :func:`online` (``vif``) makes the backend device, a persistent tap named
-  like Xen's backend ``vif<domid>.<devid>`` (or ``vifname=``) and owned by
-  the caller's user so QEMU opens it with ``ifname=``, then runs the script:
-  the built-ins ``vif-bridge`` and ``vif-route`` (named bare or as Xen's
-  ``/etc/xen/scripts/NAME``) run in-process (:data:`VIF_SCRIPTS`, a
-  :class:`VifScript` each); any other ``script=``, ``/opt/site/vif-bridge`` too,
-  is a user's executable, run with Xen's calling convention
-  (:mod:`xenlab.hotplug.script` documents exactly what it gets).
-  :func:`offline` runs the script with ``offline`` and removes the tap.
-- Errors are :class:`HotplugError` (a BackendError), naming the device, the
-  bridge or the script: a missing bridge says how to create it; a failing
-  script's stderr is quoted, and nothing is left behind.
-
-Which library does what
-    pyroute2 (``AsyncIPRoute``) does all netlink: looking links up, MTU,
-    bridge ports, link state, routes (``netlink``).  Taps are made by
-    ``netlink`` itself with pyroute2's ioctl numbers, because pyroute2's
-    ``tuntap`` kind cannot pass ``IFF_TUN_EXCL`` (a tap of that name made
-    meanwhile by another toolstack is refused, never shared).  User
-    scripts run through asyncio subprocesses.  Nothing here starts QEMU or
-    reads the state store: ``xenlab.vm`` calls this room, never the reverse.
-
-Every entry point is ``async``; the caller owns the event loop.
+This room does for xenlab's QEMU guests what Xen's per-device hotplug scripts
+do: a frozen :class:`Vif` (kept as JSON in the domain's record,
+:func:`vif_to_json`) goes :func:`online` (a persistent tap named like Xen's
+``vif<domid>.<devid>`` and owned by the caller's user, then the built-in or
+user script) and :func:`offline` (the script, then the tap is removed; safe to
+repeat).  Errors are :class:`HotplugError` naming the device, the bridge or
+the script, and nothing is left behind.  pyroute2 does all netlink, taps are
+made with ``IFF_TUN_EXCL``, nothing here starts QEMU or reads the state store
+(``xenlab.vm`` calls this room, never the reverse), and every entry point is
+``async``: the caller owns the event loop.  The design (the API with an
+example, and which library does what) is in docs/hotplug.md, section The room.
 """
 
 from xenlab.hotplug.device import (

@@ -1,53 +1,17 @@
 """The netlink edge of hotplug: links, taps, bridges and routes through pyroute2's AsyncIPRoute.
 
-Every function takes an open :class:`Netlink` (one netlink socket, opened
-with :func:`netlink`) and raises :class:`~xenlab.hotplug.device.HotplugError`
-naming the interface; pyroute2's errors never leave this module.  A tap is
-made with the ``TUNSETIFF``/``TUNSETOWNER``/``TUNSETGROUP``/``TUNSETPERSIST``
-ioctls (the kernel cannot create one over rtnetlink), issued here with
-``IFF_TUN_EXCL``, which pyroute2's ``kind="tuntap"`` cannot pass; the ioctl
-numbers for this machine come from pyroute2.
-
-:func:`host_lock` serialises choosing a free tap name and making the tap
-between the xenlab processes of one user.  It is a ``flock`` on a file that
-only that user can open:
-
-* root: ``/run/xenlab/hotplug.lock`` (``/run`` is root's alone);
-* any other user: ``xenlab-hotplug.lock`` in ``$XDG_RUNTIME_DIR``, else in
-  ``/run/user/<uid>`` (where logind makes it, so sessions with and without
-  the variable meet), each used only when ``lstat`` shows a real directory
-  of this user with no access for others; else
-  ``~/.local/state/xenlab/hotplug.lock`` (the home directory from the
-  password database, not ``$HOME`` or ``$XENLAB_STATE_DIR``: toolstacks on
-  different state directories must meet on one lock).
-
-The directory is made 0700, or checked with ``lstat`` (a real directory of
-this user; a looser mode is tightened to 0700).  The file is opened with
-``O_RDWR|O_CREAT|O_NOFOLLOW|O_NONBLOCK|O_NOCTTY|O_CLOEXEC``, mode 0600, and
-judged by ``fstat``: only a regular file of this user with one name is
-locked (a looser mode is tightened to 0600).  Nothing there can block: a
-FIFO or device planted at the path is refused at once, a symlink is never
-followed, and the wait for the lock is the caller's ``timeout``.  Another
-user can neither open the file nor put anything in its place.  The old
-lock, ``/run/lock/xenlab-hotplug.lock`` (world-writable and sticky: any user
-could hold or plant it), is no longer used; a file left there is harmless
-and may be removed.
-
-Users do not share a lock (a lock two users can open is one either can
-hold), so root's toolstack and a user's may look up the same free name at
-the same moment.  Only a holder of ``CAP_NET_ADMIN`` in this network
-namespace can make a tap at all (a user in a network namespace of their own
-has names of their own), and without ``IFF_TUN_EXCL`` the later
-``TUNSETIFF`` would attach to the tap the other had just made and
-``TUNSETOWNER`` would hand it over: two domains on one tap, and the first
-``offline`` removing the other's device.  With it, the kernel refuses the
-second creation (``EBUSY``) and :meth:`Netlink.create_tap` says the name
-exists already; the loser fails cleanly and nothing is shared.  (That loser
-gets an error even with ``rename_if_taken``: :func:`~xenlab.hotplug.vif.online`
-picks the next suffix only for names it saw taken.)
-
-pyroute2 is imported on first use: it takes about 0.2 s to import, which
-every ``xenlab`` command would otherwise pay.
+Every function takes an open :class:`Netlink` (one netlink socket, opened with
+:func:`netlink`) and raises :class:`~xenlab.hotplug.device.HotplugError`
+naming the interface; pyroute2's errors never leave this module, and pyroute2
+is imported on first use (about 0.2 s).  Taps are made with the
+``TUNSETIFF``/``TUNSETOWNER``/``TUNSETGROUP``/``TUNSETPERSIST`` ioctls and
+``IFF_TUN_EXCL``, so a tap of that name made meanwhile is refused (``EBUSY``),
+never shared.  :func:`host_lock` serialises choosing and making a tap between
+one user's processes with a ``flock`` on a file only that user can open (root:
+``/run/xenlab/hotplug.lock``), opened with ``O_NOFOLLOW`` and ``O_NONBLOCK``
+and judged by ``fstat``, so nothing planted there can block or redirect it.
+The design (the lock's places and checks, and why users do not share one) is
+in docs/hotplug.md, section Netlink and the host lock.
 """
 
 from __future__ import annotations

@@ -1,42 +1,16 @@
 """Users' hotplug scripts, called as libxl calls Xen's: :func:`run_vif_script`.
 
-The calling convention (libxl's ``libxl__get_hotplug_script_info`` and
-``get_hotplug_env`` in ``tools/libs/light/libxl_linux.c``, Xen 4.17)::
-
-    SCRIPT online|offline type_if=vif
-
-with the toolstack's own environment plus, as libxl sets them:
-
-    ==================  ====================================================
-    script              the script as the config names it
-    XENBUS_TYPE         ``vif``
-    XENBUS_PATH         ``backend/vif/<domid>/<devid>``
-    XENBUS_BASE_PATH    ``backend``
-    netdev              xl's ``gatewaydev=`` (empty when not given)
-    vif                 the tap's name (``vif<domid>.<devid>`` or ``vifname=``)
-    ==================  ====================================================
-
-Xen's scripts then read ``bridge``, ``mac``, ``ip``... from xenstore under
-``XENBUS_PATH``.  There is no xenstore here, so those come in the
-environment too (Xen's ``vif-common.sh`` reads the environment before the
-store, so its own logic accepts them there):
-
-    ==================  ====================================================
-    bridge              xl's ``bridge=`` (empty when not given)
-    mac                 the guest's MAC, ``00:16:3e:xx:xx:xx``
-    ip                  xl's ``ip=``, space-separated (empty when not given)
-    mtu                 xl's ``mtu=`` (empty: the bridge's)
-    domid, devid        the numbers in ``XENBUS_PATH``
-    domname             the domain's name
-    ==================  ====================================================
-
-The tap exists (persistent, owned by the toolstack's user, down and on no
-bridge) before ``online`` runs, and is removed after ``offline`` ran: the
-script's job is what Xen's vif-bridge does to the backend device (bring it
-up, set its MTU, attach it to a bridge, add firewall rules).  A script that
-exits non-zero (or runs longer than :data:`SCRIPT_TIMEOUT`) fails the action
-with its stderr quoted.  A script named without a ``/`` is looked up in
-Xen's script directory, :data:`XEN_SCRIPT_DIR`.
+A user's script runs as libxl runs Xen's (``libxl__get_hotplug_script_info``
+and ``get_hotplug_env`` in ``tools/libs/light/libxl_linux.c``, Xen 4.17):
+``SCRIPT online|offline type_if=vif`` with libxl's environment
+(``XENBUS_PATH``, ``vif``, ``netdev``...) plus what Xen's scripts would read
+from xenstore (``bridge``, ``mac``, ``ip``, ``mtu``...), since there is no
+xenstore here.  The tap exists (down, on no bridge) before ``online`` and is
+removed after ``offline``; a script that exits non-zero or runs longer than
+:data:`SCRIPT_TIMEOUT` fails the action with its stderr quoted, and a name
+without a ``/`` is looked up in :data:`XEN_SCRIPT_DIR`.  The design (the
+calling convention and every variable) is in docs/hotplug.md, section User
+scripts.
 """
 
 from __future__ import annotations

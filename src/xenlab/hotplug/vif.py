@@ -1,40 +1,16 @@
 """Bringing vifs online and offline: :func:`online` and :func:`offline`, with the built-in scripts.
 
 ``online`` makes the backend device (a persistent tap, as Xen's netback makes
-``vif<domid>.<devid>``), then runs the vif's script with ``online``:
-a built-in (:data:`VIF_SCRIPTS`) in-process over netlink, or a user's
-executable with Xen's calling convention (:mod:`xenlab.hotplug.script`).
-``offline`` runs the script with ``offline`` and removes the tap.
-
-Built-in scripts (each a :class:`VifScript`)
-    They stand in for ``script=NAME`` and for Xen's own
-    ``/etc/xen/scripts/NAME`` (:func:`builtin_script`); a script of the same
-    name anywhere else is the site's own and is run as a user's script.
-    vif-bridge
-        The bridge (``bridge=``, else ``xenbr0`` as libxl) must exist and be a
-        bridge, or nothing is made; the tap gets the MAC fe:ff:ff:ff:ff:ff
-        (so the bridge never takes it), ``mtu=`` or else the bridge's MTU
-        (Xen's ``set_mtu``), is enslaved and set up.  Xen's
-        translation of a missing ``xenbrN`` to a bridge ``ethN`` is kept.
-    vif-route
-        The tap takes ``mtu=`` if given and is set up; each address of ``ip=``
-        gets a host route through it (Xen's script also gives the vif the
-        host's address and turns on proxy ARP: routing beyond the host is the
-        administrator's choice here).
-
-Design
-    * The tap name is the caller's (:attr:`Vif.vifname`); with
-      ``rename_if_taken`` a taken name gets the first free ``-1``, ``-2``...
-      suffix (cut to 15 bytes), which is how two toolstacks on one host, or a
-      local migration's two QEMUs, never fight over a name.  Choosing and
-      creating happen under a host-wide lock (:func:`netlink.host_lock`).
-    * ``online`` either succeeds or leaves nothing: a failing step (missing
-      bridge, failing user script) removes the tap it made.
-    * ``offline`` is idempotent and careful: a tap already gone is fine, and
-      an interface of that name that is not a tun/tap device is never removed.
-      ``online`` records the tap's ifindex and the boot it was made in, and
-      ``offline`` removes only that tap (by ifindex): a stale record in one
-      state store never removes another toolstack's live tap of the same name.
+``vif<domid>.<devid>``) and runs the vif's script with ``online``: a built-in
+(:data:`VIF_SCRIPTS`, for ``vif-bridge`` and ``vif-route`` named bare or as
+Xen's ``/etc/xen/scripts/NAME``) in-process over netlink, or a user's
+executable (:mod:`xenlab.hotplug.script`).  ``online`` succeeds or leaves
+nothing; with ``rename_if_taken`` a taken name gets the first free ``-N``
+suffix, chosen and created under :func:`netlink.host_lock`.  ``offline`` is
+idempotent and removes only the tap ``online`` recorded (its ifindex and
+boot), never another toolstack's tap of that name nor an interface that is not
+a tun/tap.  The design (what each built-in script does, and these rules) is in
+docs/hotplug.md, section Vifs online and offline.
 """
 
 from __future__ import annotations

@@ -1,36 +1,15 @@
 """A PCI device's ROM through sysfs: :func:`read_device_rom`, :func:`dump_rom`, and more.
 
-Linux shows a device's expansion ROM as ``/sys/bus/pci/devices/<BDF>/rom``.
-Reading it takes three steps: write ``1`` to the file (the kernel enables
-the ROM BAR decode), read it, write ``0`` and a newline (the kernel disables
-only on exactly those two bytes).  The ``0`` is written in a ``finally``,
-so an error while reading still leaves the ROM disabled as it was.  Every
-function takes the sysfs root, so tests give a directory shaped like the
-kernel's.
-
-The cases where this does not give the card's ROM, and what to do:
-
-- **The boot VGA device.**  For the GPU the firmware initialised, the kernel
-  marks the ROM as shadowed and the ``rom`` file returns the copy at
-  0xC0000 that the system BIOS ran (``IORESOURCE_ROM_SHADOW``): only the x86
-  image, possibly already modified by its own initialisation.  Dump it from
-  a system where the card is not the boot VGA (another slot, or another GPU
-  as primary) to get the whole ROM with its EFI image.
-- **No ``rom`` file.**  The device has no ROM BAR (an integrated GPU's VBIOS
-  lives in the system firmware: read the 0xC0000 shadow through
-  ``/dev/mem``, or take the VBIOS from the vendor's firmware update), or the
-  kernel hides it.
-- **Reads fail with EIO** ("Invalid PCI ROM header signature" in dmesg): the
-  device's memory decoding is off (bind a driver, or
-  ``echo 1 > /sys/bus/pci/devices/<BDF>/enable`` first), the device is in
-  D3 or reset, or the ROM BAR is not wired to a ROM (it reads all 0xFF).
-- **EACCES / EPERM**: only root may enable and read the ROM.
-
-Every file under the sysfs root is read as a user-named file is
-(:mod:`xenlab.rom.files`: without blocking, bounded, never mapped), since
-``sysfs`` may be any directory: a ``rom`` that is ``/dev/zero`` stops at
-16 MiB (what a ROM BAR decodes at most), one that is a FIFO nobody serves is
-refused after a few seconds.
+Linux shows a device's expansion ROM as ``/sys/bus/pci/devices/<BDF>/rom``:
+write ``1`` (the kernel enables the ROM BAR decode), read, write ``0`` and a
+newline (the kernel disables only on exactly those two bytes), the last in a
+``finally`` so an error still leaves the ROM disabled.  Every function takes
+the sysfs root, so tests give a directory shaped like the kernel's, and every
+file under it is read as a user-named file (:mod:`xenlab.rom.files`: without
+blocking, bounded at 16 MiB, never mapped).  Some devices do not give the
+card's ROM this way (the boot VGA's shadow copy, no ``rom`` file, EIO,
+EACCES).  The design (those cases and what to do about each) is in
+docs/rooms.md, section ROMs through sysfs.
 """
 
 from __future__ import annotations

@@ -1,38 +1,17 @@
 """The simulated host: :class:`Host` runs domains' vCPUs on pCPUs under one scheduler.
 
-This is the part of Xen's xen/common/sched/core.c that the policies plug
-into, reduced to its rules:
-
-* A reschedule of a pCPU (:meth:`Host.tickle` queues one, like raising
-  ``SCHEDULE_SOFTIRQ``; several at one instant become one) accounts the
-  running vCPU's time, asks the scheduler's ``do_schedule`` what runs next
-  and for how long, switches, and arms one timer per pCPU: the end of the
-  slice or of the vCPU's current burst, whichever is first.
-* When that timer fires and the burst is done, the vCPU's workload says
-  what next: another burst (it keeps running) or none (it blocks: the
-  scheduler's ``sleep``).  Either way the pCPU reschedules.
-* A workload's activation (:meth:`Host.activate`) wakes a blocked vCPU:
-  ``pick_resource`` says where it should go, ``wake`` queues it and tickles
-  the pCPUs that should reschedule.
-* Cpupools (xl cpupool-create): the pCPUs are split into pools, each with
-  its own scheduler instance; a domain lives in one pool.  Pool-0 has the
-  pCPUs no other pool took.  A domain of a pool that does not span the host
-  gets the pool's pCPUs as its vCPUs' affinity (within any it asked for), and
-  each scheduler is attached with its pool's pCPUs only.
-* Forced idle (PowerClamp, :mod:`xenlab.sim.powerclamp`): while
-  ``pcpu.inject_until`` is ahead, ``do_schedule`` is called with
-  ``idle_forced`` (Xen's ``tasklet_work_scheduled``) and must return idle.
-  :meth:`Host.inject` starts or ends such a stretch; it accounts the pCPU
-  up to now first, so the idle before the stretch is not counted as forced.
-* Observers (``host.observers``) get ``on_switch(pcpu, prev, nxt, now)`` when
-  a different vCPU (or idle) is put on, and, if they have it,
-  ``on_inject(pcpu, start, end)`` when a forced-idle stretch is set to run
-  from ``start`` to ``end`` (``end == start``: it ends now).
-
-The host checks the scheduler: choosing a vCPU that is not runnable, runs
-elsewhere, or is outside its affinity, or a slice that is not positive, is
-a :class:`SimError` naming the time, the pCPU and the vCPU.  Nothing here
-reads the wall clock; a run is a function of its inputs and seed.
+This is the part of Xen's xen/common/sched/core.c that the policies plug into:
+a reschedule (:meth:`Host.tickle`, like raising ``SCHEDULE_SOFTIRQ``) accounts
+the running vCPU, asks the scheduler's ``do_schedule`` and arms one timer per
+pCPU; a finished burst asks the workload what next; :meth:`Host.activate`
+wakes a vCPU through ``pick_resource`` and ``wake``.  Cpupools give each pool
+its own scheduler, forced idle (:meth:`Host.inject`) has ``do_schedule``
+called with ``idle_forced``, and observers get ``on_switch`` and
+``on_inject``.  The host checks the scheduler (a vCPU not runnable, running
+elsewhere or outside its affinity, or a slice that is not positive, is a
+:class:`SimError`), and nothing reads the wall clock: a run is a function of
+its inputs and seed.  The design (each rule in full) is in docs/schedulers.md,
+section Host.
 """
 
 from __future__ import annotations

@@ -1,50 +1,17 @@
 """Idle injection in the manner of Linux's intel_powerclamp: :class:`PowerClamp`.
 
-A cooling device (the Linux thermal interface: ``type``, ``max_state``,
-``cur_state``) that holds each pCPU's idle time at a target percentage by
-forcing it idle for short stretches, whatever the scheduler wants to run.
-
-Design (after drivers/thermal/intel/intel_powerclamp.c and the idle_inject
-framework it runs on)
-* **Cycles.**  Each controlled pCPU repeats a cycle of forced idle for
-  ``duration_ms`` (6 ms, Linux's default) and then a run time chosen so that
-  idle / cycle is the *effective ratio*: ``interval = duration * 100 /
-  ratio``.  The first injection is aligned to a multiple of the interval,
-  so pCPUs with the same ratio idle together (the point, on real hardware,
-  is the package C-state that only comes when every core idles).
-* **Injection.**  At the start of a forced-idle stretch the controller calls
-  :meth:`Host.inject <xenlab.sim.host.Host.inject>` (which accounts the pCPU
-  up to now, sets ``pcpu.inject_until``, tells observers such as the power
-  meter, and tickles the pCPU); the host then calls the scheduler's
-  ``do_schedule`` with ``idle_forced`` (Xen's ``tasklet_work_scheduled``)
-  until that time, and reschedules at its end.  ``pcpu.injected_ns`` counts
-  the forced stretches only, not the natural idle around them.
-* **Window and feedback.**  Every ``window_size`` cycles (2, Linux's
-  default) a pCPU measures its idle ratio over the window, forced and
-  natural idle together (the host's counters; Linux reads the package
-  C-state residency MSRs).  The effective ratio is then corrected by half
-  the error (an integral controller in per-mille): natural idle lowers the
-  injected share, idle lost elsewhere raises it.  When the window is at or
-  above ``target + guard`` (``guard = 1 + target / 20``, Linux's) and the
-  ratio is already at its floor, the next window injects nothing (Linux's
-  ``should_skip``), so an idle host is not clamped further.  Linux skips
-  on the first window above the guard and calibrates (``steady_comp``)
-  only upwards, to make up for hardware that misses the package state; in
-  the simulator idle is measured exactly, so the correction runs both ways
-  and is per pCPU, and skipping waits for it (skipping at once makes a
-  partly loaded pCPU swing between windows with and without injection).
-* **Interface.**  ``cur_state`` reads the target percent idle while
-  clamping and -1 when off, as Linux's ``get_cur_state`` reports -1;
-  writing 0 (or -1) stops injection, anything else is clamped to
-  ``0..max_state-1`` as Linux clamps it.  ``measured_pct`` is the last
-  measured idle of the controlled pCPUs (Linux's ``pkg_cstate_ratio_cur``).
-
-Defaults (with reasons)
-* ``duration_ms`` 6: Linux's ``DEFAULT_DURATION_JIFFIES`` at HZ=1000; its
-  module parameter accepts 6..25 ms, so do we.
-* ``window_size`` 2: Linux's default (accepted: 2..10); a larger window
-  responds more slowly and clamps more smoothly.
-* :data:`MAX_STATE` 50: Linux's ``MAX_TARGET_RATIO``.
+A cooling device (``type``, ``max_state``, ``cur_state``) that holds each
+pCPU's idle time at a target percentage, after Linux's
+drivers/thermal/intel/intel_powerclamp.c and its idle_inject framework: cycles
+of ``duration_ms`` of forced idle, aligned so pCPUs idle together, injected
+through :meth:`Host.inject <xenlab.sim.host.Host.inject>` (the scheduler then
+sees ``idle_forced``), and every ``window_size`` cycles an integral controller
+corrects the ratio from the measured idle.  Unlike Linux's, the correction
+runs both ways and per pCPU, and skipping a window waits for it.
+``cur_state`` reads and writes as Linux's does (-1 when off, clamped to
+``0..max_state-1``), and the defaults are Linux's (6 ms, 2, :data:`MAX_STATE`
+50).  The design (cycles, injection, feedback, interface and defaults) is in
+docs/schedulers.md, section PowerClamp.
 """
 
 from __future__ import annotations

@@ -1,36 +1,15 @@
 """Scenario bounds and untrusted-value checks: :class:`Checker` and the limits scenarios obey.
 
 A scenario is input from anyone, so nothing in it may size memory, time or a
-loop without a bound, and no value is used before its type is checked.  Every
+loop without a bound, and no value is used before its type is checked; every
 refusal is a :class:`~xenlab.sim.spec.ScenarioError` (re-exported here)
-``file: key: reason`` naming the exact key (``domain.a.sched.budget``);
-docs/sim-scenarios.md lists the same bounds.
-
-Rules
-* **Files.**  Read through :func:`xenlab.files.read_bounded`, at most
-  :data:`FILE_LIMIT` bytes each (tomllib needs up to about 40 bytes of memory
-  per byte of text), at most :data:`MAX_FILES` per scenario (the file, its
-  includes and rt-app files, counted each time they are named).  Text is strict
-  UTF-8; the first bad byte is named with its offset.
-* **Text.**  TOML keys of at most :data:`MAX_KEY_PARTS` dotted parts (tomllib's
-  time and memory grow with the square of a key's parts); parsers' recursion is
-  an error ("nested too deeply"), and documents nest at most :data:`MAX_DEPTH`.
-* **Values** (:func:`check_plain`, on every file as it is read and on the merged
-  scenario): numbers, strings, booleans, lists and tables only (no dates);
-  finite floats; integers within 64 bits; strings without NUL or lone surrogates.
-* **Sizes.**  :data:`MAX_PCPUS` pCPUs however the host is given,
-  :data:`MAX_DOMAIN_VCPUS` vCPUs per domain and :data:`MAX_VCPUS` in all,
-  :data:`MAX_VARIANTS` scheduler variants, :data:`MAX_LIKE_CHAIN` ``like`` links in
-  a row, :data:`MAX_CSTATES` C-states, :data:`MAX_EXPECT` claims, times up to
-  :data:`MAX_TIME_NS`, rt-app loops up to :data:`MAX_LOOPS`, sweeps of
-  :data:`MAX_POINTS` points.
-* **Time.**  :func:`estimate_events` counts what makes a run long (workload
-  releases, budget replenishments, credit's ticks, idle injections): at most
-  :data:`MAX_EVENTS` in a run, :data:`MAX_TRACE_EVENTS` inside the kept trace.
-  Measured near both bounds: 26 s and 55 MB for a run, 222 MB with the trace's
-  plots (docs/sim-scenarios.md has the runs).
-
-Pure: no I/O except :meth:`Files.read`, the one place scenario files are read.
+``file: key: reason`` naming the exact key (``domain.a.sched.budget``).  The
+bounds (files read through :func:`xenlab.files.read_bounded`, text, plain
+values, sizes, and the events :func:`estimate_events` counts) are this
+module's constants, and docs/sim-scenarios.md lists the same bounds with the
+runs that measured them: change both together.  Pure: no I/O except
+:meth:`Files.read`, the one place scenario files are read.  The design (each
+rule and its reason) is in docs/schedulers.md, section Scenario bounds.
 """
 
 from __future__ import annotations

@@ -1,37 +1,16 @@
 """Find every microcode update in a file, whatever holds it: :func:`scan_file`.
 
-A file is classified by its first bytes, then walked:
-
-- an Intel ``.bin`` bundle (concatenated updates) or ``.dat`` text,
-- AMD containers back to back,
-- an initrd: uncompressed cpio archives (the early part), NUL padding and
-  compressed archives, walked the way the kernel unpacks them; compressed
-  parts are decompressed as a stream, never loaded whole;
-- anything else: searched for Intel headers and AMD container magics.
-
-Inside archives a member is read as microcode when its name says so
-(``kernel/x86/microcode/*``, ``*/intel-ucode/*``, ``*/amd-ucode/*``) or when
-its first bytes are an Intel header or the AMD magic.  Problems that do not
-stop the walk come back as :class:`Finding` warnings with their place.
-
-Limits
-    The file is mapped, never read whole, and what it claims is never
-    trusted to size anything: a few KB of zstd can decompress to gigabytes,
-    a member can claim 4 GiB, a name can claim 4 GiB.  :class:`ScanLimits`
-    bounds a scan: bytes decompressed in all (1 GiB: read or skipped),
-    bytes of one member read into memory (32 MiB; also the most ``.dat``
-    text parsed), bytes the result holds (64 MiB: copies of updates from
-    decompressed members and an estimate of each update's objects) and
-    members walked in decompressed archives, each compressed stream counting
-    as one too (65536: tiny members and empty streams cost time their bytes
-    do not show).  Names over ``PATH_MAX`` are skipped as
-    the kernel skips them; the format readers bound their own tables and
-    recover-mode searches (``LimitError``).  Whatever a limit stops, and each
-    entry the kernel skips, is a :class:`Skipped` in ``ScanResult.skipped``
-    with its place and reason; a limit that ends the walk says that the rest
-    was not scanned.  Nested compression is not followed: a compressed
-    member is only bytes.  Findings and skips are listed up to 1000 each,
-    then counted.
+A file is classified by its first bytes and walked: an Intel ``.bin`` or
+``.dat``, AMD containers, an initrd walked the way the kernel unpacks it
+(compressed parts decompressed as a stream, never loaded whole), anything else
+searched for Intel headers and AMD magics; inside archives a member is
+microcode by its name or its first bytes.  The file is mapped, never read
+whole, and nothing it claims sizes anything: :class:`ScanLimits` bounds the
+bytes decompressed, the bytes of one member, the bytes held and the members
+walked.  What a limit stops, and each entry the kernel skips, is a
+:class:`Skipped` with its place and reason; other problems are
+:class:`Finding` warnings.  The design (the walk and each limit's value) is in
+docs/formats.md, section Microcode scan.
 """
 
 from __future__ import annotations

@@ -1,88 +1,17 @@
 """The disk spec of xl (xl-disk-configuration(5)); the entry point is parse_disk.
 
-A disk spec (``DISKSPEC``) is one string of ``disk = [ ... ]`` or the
-arguments of ``xl block-attach``, such as ``'/dev/vg/guest,raw,xvda,rw'`` or
-``'format=qcow2, vdev=xvdb, target=/images/b.qcow2'``.  :func:`parse_disk`
-turns one or more such strings (all describing one disk) into a
-:class:`DiskSpec` with the field names of ``libxl_device_disk``;
+:func:`parse_disk` turns one or more spec strings (all describing one disk)
+into a :class:`DiskSpec` with the field names of ``libxl_device_disk``;
 :func:`disk_to_libxl_json` gives exactly what ``libxl_device_disk_to_json``
-prints, and :func:`format_disk` writes a canonical spec back.
-
-Design
-    libxlutil 4.17 scans a spec with a flex scanner (``libxlu_disk_l.l``)
-    whose actions do all the work; there is no grammar beyond the scanner.
-    This module keeps that shape: :data:`_RULES` lists flex's rules in flex's
-    order, and at each position the rule with the longest match wins, the
-    earlier rule on a tie.  Some rules have *trailing context* (``head/ctx``):
-    the context counts for the length but is not consumed.  That is how
-    deprecated prefixes (``raw:``, ``phy:``...) beat a positional parameter,
-    and how whitespace before a parameter is skipped::
-
-        ws           [ \\t\\n]+ / ([^ \\t\\n].*)?      skipped
-        key=value    format= access= backend= backendtype= specification=
-                     vdev= script= colo-host= colo-port= colo-export=
-                     active-disk= hidden-disk= devtype=   value: [^,]*  then ",?"
-        flags        cdrom direct-io-safe discard no-discard colo no-colo
-                                                            then ",?"
-        target=      target=.*        the rest of the line, one trailing "," cut
-        unknown      [a-z][-a-z0-9]*=[^,],?                 error
-        prefixes     (raw|qcow2?|vhd): (iscsi|e?nbd|drbd): tapdisk: tap2?: aio:
-                     ioemu: file: phy:                      / .*
-        bad prefix   [a-z][a-z0-9]*: / ([^a-z0-9].*)?       error, stops
-        positional   [^=,]*, | [^=,]+,?      target, format, vdev, access in turn
-        other        .  (only "=" gets here)                error, stops
-
-    ``.`` never matches a newline, while ``[^,]`` and ``[^=,]`` do.  Several
-    strings form one disk: the scanner restarts for each, but the
-    positional-slot state (deprecated prefix seen, access given) carries on.
-
-Defaults (with reasons)
-    ``xlu_disk_parse`` starts from ``libxl_device_disk_init`` (all zero) and
-    sets ``readwrite`` to 1 before scanning.  Afterwards an unknown format
-    becomes ``raw``; a cdrom is made removable and read-only, and with no
-    target (or an empty one) its format is forced to ``empty``, whatever was
-    given.  ``vdev`` is mandatory, and so is a target unless it is a cdrom.
-
-Quirks kept from libxlutil 4.17 (tests pin each one)
-    * ``trusted`` and ``untrusted`` are *not* flags in 4.17: the scanner
-      that Xen ships pre-generated (``libxlu_disk_l.c``, used by the builds)
-      predates their rules in ``libxlu_disk_l.l`` (regenerated only in 4.19).
-      They are ordinary positional parameters, so ``'trusted,vdev=hda,
-      target=/x'`` fails with "target respecified", although Xen's own
-      ``check-xl-disk-parse`` and the 4.17 man page expect a flag.
-    * A string parameter given twice is an error even with the same value
-      ("vdev respecified"), unless the first value was empty; an enum
-      (format, backendtype, specification) may be repeated with the same
-      value.  ``access=`` may be repeated freely; positional access only once.
-    * Whitespace is skipped before a parameter but kept after it:
-      ``' /x , raw'`` has target ``'/x '`` and format ``'raw '`` (unknown).
-    * ``target=`` swallows commas up to the end of the line; exactly one
-      trailing comma is cut.  ``'vdev=hda,target=/x,cdrom'`` is not a cdrom.
-    * ``phy:``, ``file:``, ``tap:``, ``tap2:``, ``tapdisk:``, ``aio:`` and
-      ``ioemu:`` are ignored (they do not set the backend).  After any
-      deprecated prefix the second positional parameter is the vdev.
-    * A bad value for ``devtype=`` reports the whole ``devtype=...,`` text.
-      An unknown ``key=value`` reports only ``key=`` and one more character.
-    * ``foo:bar`` is a positional target (``foo:`` followed by a letter is
-      not a prefix), but ``foo:/bar`` is an unknown deprecated prefix.
-    * ``colo-port=`` is read with ``atoi``: leading blanks and a sign are
-      accepted, text after the number is ignored, an overflowing number keeps
-      the low 32 bits of the clamped ``long``; 0 is an error.
-    * An ``=`` that ends the string is silently ignored (flex reaches the end
-      of input in its error state before the error rule can fire).
-    * Errors after the first one in a string are still reported (keyword
-      rules keep running), but positional parameters are then ignored;
-      "too many positional parameters", an unknown prefix and bad syntax stop
-      the string.  A failing string stops the whole parse.
-
-Deviations
-    * ``=`` followed by a newline makes libxlutil's scanner "jam": flex prints
-      "flex scanner jammed" and exits the process.  Here it is the same "bad
-      disk syntax" error as any other stray ``=``.
-    * A NUL character is an error here; C would end the string there.
-    * Error places: ``line`` is the 1-based index of the string among the
-      specs, ``col`` the 1-based character where the offending text starts;
-      a missing vdev or target is placed just past the end of the last string.
+prints and :func:`format_disk` writes a canonical spec back.  The scanner
+keeps the shape of libxlutil 4.17's flex scanner (``libxlu_disk_l.l``):
+:data:`_RULES` lists flex's rules in flex's order, the longest match wins and
+the earlier rule on a tie, and trailing context counts for the length without
+being consumed.  Every quirk of libxlutil 4.17 is kept on purpose and pinned
+by a test (``trusted`` is not a flag, ``target=`` swallows commas...); the few
+deviations (a scanner jam, a NUL) are errors here.  The design (the rule
+table, defaults, quirks and deviations) is in docs/config.md, section Disk
+spec.
 """
 
 from __future__ import annotations

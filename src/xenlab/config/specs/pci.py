@@ -1,58 +1,17 @@
 """The PCI passthrough spec of xl (xl-pci-configuration(5)); the entry point is parse_pci.
 
-A pci spec (``PCI_SPEC_STRING``) is one string of ``pci = [ ... ]`` or an
-argument of ``xl pci-attach``, such as ``'0000:03:00.0@08,permissive=1'`` or
-``'name=nic0,seize=1'``.  :func:`parse_pci` turns it into a :class:`PciSpec`
-with the field names of ``libxl_device_pci``; :func:`pci_to_libxl_json` gives
-libxl's JSON form and :func:`format_pci` writes it back.  :func:`parse_bdf`
-reads a bare BDF as ``xlu_pci_parse_bdf`` does (``xl pci-assignable-add``).
-
-Design
-    The grammar is libxlutil 4.17's ``xlu_pci_parse_spec_string``, unchanged
-    across 4.17.x::
-
-        spec    = [ bdf [ "@" vslot ] ( "," | end ) ] { key "=" value [ "," ] }
-        bdf     = [ HEX ":" ] HEX ":" HEX "." ( HEX | "*" )
-        key     = any text up to the next "="        (it may hold ",")
-        value   = any text up to the next "," or the end
-
-    The leading BDF is optional: when it does not parse, the whole spec is read
-    as ``key=value`` items.  Exactly one of a BDF (leading or ``bdf=``) and
-    ``name=`` must be present.  Keys are ``bdf``, ``vslot``, ``permissive``,
-    ``msitranslate``, ``seize``, ``power_mgmt``, ``rdm_policy`` and ``name``;
-    any other key is an error (libxlutil does not skip unknown keys here).
-
-Defaults (with reasons)
-    Fields start as ``libxl_device_pci_init`` leaves them: all zero, no name,
-    ``rdm_policy`` INVALID (libxl then applies the domain's ``rdm=`` policy,
-    "strict" unless configured).  In a domain config xl first copies
-    ``pci_msitranslate``, ``pci_power_mgmt``, ``pci_permissive``,
-    ``pci_seize`` and the ``rdm=`` policy into each device; pass those in
-    ``base``.  ``vfunc_mask`` is 1 for one function, :data:`PCI_FUNC_ALL` for
-    ``*``, and 0 when the device is given by ``name=``.  ``vdevfn`` 0 means
-    "any free slot".
-
-Quirks kept from libxlutil 4.17 (tests pin each one)
-    * Whether a domain is present is decided by counting ``:`` in the leading
-      run of hex digits and colons; the numbers are then read with
-      ``sscanf("%x")``, which also accepts blanks, a sign and a ``0x`` prefix
-      (``00: 1. 0x7`` is 00:01.7, ``00:01.0x`` is 00:01.0) and keeps the low
-      32 bits of a longer number (``100000001:00.0`` is bus 1).
-    * ``bdf=`` and ``vslot=`` ignore text after their number (``vslot=1fzz``).
-    * The flags are read with ``atoi`` into a C bool: any non-zero ``int`` is
-      true, so ``permissive=yes`` is false, ``permissive=2`` is true and
-      ``permissive=4294967296`` is false (the ``int`` keeps the low 32 bits).
-    * ``rdm_policy`` is matched case-insensitively against libxl's names,
-      ``invalid`` included (which means "unset").
-    * A key may be given again: the last one wins; ``name=`` with an empty
-      value is a name (the man page says empty means default, the code does
-      not).
-
-Deviations
-    * A NUL character is an error here; C would end the string there.
-    * ``BB:DD`` with no ``.F`` (and ``D:B:D``) leaves libxlutil reading an
-      uninitialised length (undefined behaviour; it fails in practice); here
-      it is always an error.
+:func:`parse_pci` turns a ``PCI_SPEC_STRING`` such as
+``'0000:03:00.0@08,permissive=1'`` into a :class:`PciSpec` with the field
+names of ``libxl_device_pci``; :func:`pci_to_libxl_json` and
+:func:`format_pci` write it out, and :func:`parse_bdf` reads a bare BDF as
+``xlu_pci_parse_bdf`` does. The grammar is libxlutil 4.17's
+``xlu_pci_parse_spec_string``: an optional leading BDF, then ``key=value``
+items; exactly one of a BDF and ``name=`` must be present, and an unknown key
+is an error.  Fields start as ``libxl_device_pci_init`` leaves them, xl's
+domain-wide ``pci_*`` and ``rdm=`` settings come in ``base``, and libxlutil's
+quirks (``sscanf("%x")`` numbers, ``atoi`` flags into a C bool) are kept and
+pinned by tests.  The design (the grammar, defaults, quirks and deviations) is
+in docs/config.md, section PCI spec.
 """
 
 from __future__ import annotations
@@ -90,8 +49,8 @@ class RdmPolicy(enum.Enum):
 class PciSpec:
     """One passthrough device, with ``libxl_device_pci``'s field names.
 
-    ``vdevfn`` is the guest devfn (``vslot << 3``); see the module docstring
-    for ``vfunc_mask`` and the defaults.
+    ``vdevfn`` is the guest devfn (``vslot << 3``); docs/config.md, section PCI
+    spec, says what ``vfunc_mask`` holds and the defaults.
     """
 
     domain: int = 0

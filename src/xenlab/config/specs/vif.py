@@ -1,61 +1,17 @@
 """The vif device spec of xl (xl-network-configuration(5)); the entry point is parse_vif.
 
-A vif spec is one string of ``vif = [ ... ]`` such as
-``'mac=00:16:3e:74:3d:76,model=rtl8139,bridge=xenbr0,rate=10Mb/s@20ms'``.
-:func:`parse_vif` turns it into a :class:`VifSpec` whose fields carry the names
-of ``libxl_device_nic``; :func:`vif_to_libxl_json` gives libxl's JSON form of it
-(what ``xl -N network-attach`` prints) and :func:`format_vif` writes it back.
-
-Design
-    The parse follows xl 4.17 (``parse_config_data`` and ``parse_nic_config`` in
-    ``tools/xl/xl_parse.c``, ``xlu_vif_parse_rate`` in libxlutil) rule for rule:
-
-    * The spec is cut at every ``,`` (``strtok``: empty items vanish, so
-      ``,,`` and a trailing ``,`` are harmless) and each item loses its leading
-      blanks (spaces only, not tabs; trailing blanks stay in the value).
-    * An item is ``key=value`` with an exact key before the first ``=``, or one
-      of the flags ``trusted`` / ``untrusted``.  A value runs to the next ``,``
-      and may hold ``=``; a later item overrides an earlier one.
-    * In a domain config xl ignores what ``parse_nic_config`` rejects (an
-      unknown key, a bad ``type=`` or ``mac=``): it prints a line and carries
-      on.  So do we, as warnings (:func:`parse_vif_with_warnings`).  With
-      ``strict=True`` those become errors, as ``xl network-attach`` makes them.
-    * A bad ``rate=``, ``devid=`` or ``mtu=`` makes xl exit in both places, so
-      it is always a :class:`ConfigError`.
-
-Defaults (with reasons)
-    Every field starts unset, as ``libxl_device_nic_init`` leaves it; libxl
-    fills the gaps when the device is added.  Unset strings are ``None``;
-    ``mac=None`` means libxl makes up a random address under Xen's OUI
-    ``00:16:3e`` (an all-zero address means the same to libxl, so it parses to
-    ``None``); ``devid=None`` is libxl's ``-1`` ("pick the lowest free index";
-    in a domain config xl first seeds the list index, pass it in ``base``);
-    ``mtu=None`` is libxl's ``0`` (match the bridge, else 1500);
-    ``rate_* = 0`` is unlimited, and a ``rate=`` without ``@interval`` uses a
-    50 ms interval.  ``base`` is also how xl.conf's ``vif.default.*`` settings
-    reach a spec: xl seeds them before parsing.
-
-Quirks kept from xl 4.17 (tests pin each one)
-    * ``mac=`` reads six hexadecimal numbers with ``strtoul``, each followed by
-      any one character (``00-16-3e-...`` works), ignores what follows the
-      sixth, accepts ``0x`` prefixes, signs and blanks, and keeps the low
-      32 bits of a huge group before its ``> 255`` check.  On a bad group the
-      bytes before it are already stored (non-strict mode keeps them).
-    * ``devid=`` and ``mtu=`` read a decimal ``unsigned long`` (trailing text
-      ignored, ``-2`` wraps) and store it in a C ``int``.
-    * ``rate=`` numbers go through ``strtoull`` with base 0, so a leading
-      ``0`` makes them octal: ``010B/s`` is 8 bytes/s, and in ``0189ms`` the
-      number is ``01`` and the unit check then sees ``8``, giving 1 µs.
-      ``b`` divides by 8 after the unit multiplies, so ``7b/s`` is 0 bytes/s,
-      which libxl accepts and reads as "unlimited".
-    * ``type=`` accepts only ``vif`` and ``ioemu`` (not libxl's ``vif_ioemu``).
-    * ``accel=`` is accepted and ignored with a warning; ``netdev=`` is a
-      deprecated alias of ``gatewaydev=``.
-
-Deviations
-    * A NUL character is an error here; C would silently end the string there.
-    * A ``mac=`` whose six groups are not all present in the item is invalid
-      here; xl reads past the end of the item (undefined behaviour in C).
+:func:`parse_vif` turns a spec such as
+``'mac=00:16:3e:74:3d:76,bridge=xenbr0'`` into a :class:`VifSpec` with the
+field names of ``libxl_device_nic``; :func:`vif_to_libxl_json` gives what ``xl
+-N network-attach`` prints and :func:`format_vif` writes it back.  The parse
+follows xl 4.17 (``parse_nic_config`` in tools/xl/xl_parse.c,
+``xlu_vif_parse_rate``) rule for rule: what xl only reports becomes a warning
+(:func:`parse_vif_with_warnings`; an error with ``strict=True``, as in ``xl
+network-attach``) and what makes xl exit is a :class:`ConfigError`.  Fields
+start unset, as ``libxl_device_nic_init`` leaves them (``base`` seeds xl's
+defaults), and xl's number-reading quirks are kept and pinned by tests.  The
+design (the rules, defaults, quirks and deviations) is in docs/config.md,
+section Vif spec.
 """
 
 from __future__ import annotations

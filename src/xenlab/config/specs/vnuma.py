@@ -1,46 +1,14 @@
 """Virtual NUMA nodes of xl's ``vnuma=`` setting: :func:`parse_vnuma`.
 
-``vnuma = [ ["pnode=0", "size=512", "vcpus=0-1", "vdistances=10,20"], [...] ]``
-gives one list of ``KEY=VALUE`` strings per virtual node, in vnode order.
-
-Checks, and where each comes from
-    From xl's ``parse_vnuma_config`` (xl_parse.c):
-
-    * each vnode is a list (``xl: cannot get vnode config option list``);
-    * each option splits into ``KEY=VALUE`` (``failed to split ... into pair``);
-    * ``pnode``, ``size`` and each ``vdistances`` entry are numbers
-      (``parse_ulong``);
-    * ``pnode`` is below the host's node count (only with ``host_nodes=``);
-    * when ``maxvcpus`` is given, the number of vCPUs named equals it
-      (``vnuma vcpus and maxvcpus= mismatch``);
-    * when ``maxmem`` is given, the sizes sum to it
-      (``maxmem and vnuma memory size mismatch``).
-
-    From libxl's ``libxl__vnuma_config_check`` (libxl_vnuma.c), run at
-    domain creation:
-
-    * no vCPU is in two vnodes (``Vcpu N assigned more than once``);
-    * every vCPU below maxvcpus is in a vnode (``Vcpu N is not assigned``);
-    * a vnode's local distance is not larger than any remote distance.
-
-    Ours, with the reason:
-
-    * a vCPU list must parse as ranges: xl ignores ``parse_range``'s failure,
-      so ``vcpus=x`` silently means vCPU 0 and ``vcpus=3-1`` means none;
-    * numbers take no trailing text and no sign: ``parse_ulong`` reads
-      ``size=1G`` as 1 MiB and ``size=-2`` as a huge number;
-    * ``vdistances`` has exactly one entry per vnode: xl writes past its
-      array when there are more, and leaves zeros when there are fewer
-      (xl.cfg(5) says the counts must match);
-    * every option is known and given once, and all four are present:
-      xl.cfg(5) says they are all mandatory, xl silently ignores a misspelt
-      key and adds a repeated ``size`` twice to maxmem;
-    * a vCPU named in a vnode is below maxvcpus: libxl's bitmap drops it and
-      the vnode silently loses that vCPU.
-
-    The list elements of a ``vnuma`` value carry no positions of their own,
-    so every problem is placed at the value (``line``/``col``) and its
-    message names the vnode.
+``vnuma = [ ["pnode=0", "size=512", "vcpus=0-1", "vdistances=10,20"], [...]
+]`` gives one list of ``KEY=VALUE`` strings per virtual node, in vnode order.
+The checks are xl's ``parse_vnuma_config`` (xl_parse.c), libxl's
+``libxl__vnuma_config_check`` (libxl_vnuma.c, which libxl runs at domain
+creation and this module runs at once) and ours, each with the reason xl or
+libxl goes wrong without it; a new check needs its source or its reason.  The
+list elements carry no positions, so every problem is placed at the value and
+its message names the vnode.  The design (every check and where it comes from)
+is in docs/config.md, section vNUMA.
 """
 
 from __future__ import annotations
@@ -110,7 +78,7 @@ def parse_vnuma(
     maxvcpus: int | None = None,
     host_nodes: int | None = None,
 ) -> tuple[VnumaNode, ...]:
-    """Parse and check a ``vnuma`` value; see the module docstring for the checks.
+    """Parse and check a ``vnuma`` value; the checks are in docs/config.md, section vNUMA.
 
     ``maxmem_mib`` and ``maxvcpus`` are the explicit ``maxmem=``/``maxvcpus=``
     (None when absent: then the vnodes define them, as in xl).  With

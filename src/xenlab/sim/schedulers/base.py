@@ -1,51 +1,17 @@
 """The scheduler interface, in the shape of Xen's ``struct scheduler``: :class:`Scheduler`.
 
-Hook names are Xen's (xen/common/sched/private.h), so a model maps onto the
-C it stands for:
-
-``attach(host, cpus=)``
-    once, before anything else: the host, and the pCPUs of this scheduler's
-    cpupool (``self.pool_cpus`` in :class:`SchedulerBase`); a scheduler only
-    ever looks at, queues for or tickles those pCPUs.
-``insert_unit(v)`` / ``remove_unit(v)``
-    a vCPU joins or leaves the scheduler (domain creation, destruction).
-``wake(v)``
-    ``v`` became runnable (the host set its state and ``woken_at``); put it
-    on a run queue and ``host.tickle(pcpu)`` every pCPU that should
-    reschedule now (an idle one, or one running something less urgent).
-``sleep(v)``
-    ``v`` blocked; take it off the run queue.  When it was running, the host
-    reschedules its pCPU right after.
-``do_schedule(pcpu, now, idle_forced)``
-    the heart: account the current vCPU's run time (``pcpu.curr``, on since
-    ``pcpu.since``), put it back on a run queue if it is still runnable,
-    and choose what runs next on ``pcpu``: a :class:`Decision` with the vCPU
-    (None: idle) and how long at most (None: until something happens).
-    ``idle_forced`` (Xen's ``tasklet_work_scheduled``, used here for
-    PowerClamp's idle injection) means: return idle, keep the vCPUs queued.
-    A vCPU running on another pCPU must never be chosen.
-``pick_resource(v)``
-    the pCPU ``v`` should go to when it wakes (Xen's ``pick_resource``,
-    ``pick_cpu`` before 4.15); the host stores it in ``v.processor``
-    before calling ``wake``.
-``context_saved(v)``
-    ``v`` is off its pCPU now (optional).
-``yield_(v)``
-    ``v`` gives up the rest of its slice (optional).
-``adjust(dom, params)``
-    change a domain's parameters at run time (xl sched-*); returns what
-    they are now.
-``dump()``
-    the scheduler's state as JSON-ready values (``xl debug-keys r``).
-
-``check_params(params)`` (a classmethod of :class:`SchedulerBase`) is the pure
-form of the checks ``insert_unit`` and ``adjust`` make on a domain's
-parameters: a scenario checks a file with it, without building a host, and
-gets the same answer a run would.  Refusals are :class:`ParamError`, which
-names the parameter (or the constructor's option) in ``key``.
-
-Times are integer nanoseconds.  :class:`SchedulerBase` gives the optional
-hooks as no-ops and the plumbing every scheduler needs.
+Hook names are Xen's (xen/common/sched/private.h), so a model maps onto the C
+it stands for: ``attach``, ``insert_unit``/``remove_unit``, ``wake``,
+``sleep``, ``do_schedule`` (account the current vCPU, requeue it, return a
+:class:`Decision`; with ``idle_forced``, idle), ``pick_resource``,
+``context_saved``, ``yield_``, ``adjust`` and ``dump``.  A scheduler only ever
+looks at, queues for or tickles its cpupool's pCPUs, and never chooses a vCPU
+running on another pCPU.  ``check_params`` is the pure form of the checks
+``insert_unit`` and ``adjust`` make (refusals are :class:`ParamError` naming
+the ``key``), so checking a scenario and running it give one answer.  Times
+are integer nanoseconds; :class:`SchedulerBase` gives the optional hooks as
+no-ops.  The design (what each hook must do) is in docs/schedulers.md, section
+Scheduler interface.
 """
 
 from __future__ import annotations

@@ -1,104 +1,17 @@
 """Xen's credit scheduler (credit1): :class:`Credit`, proportional shares by weight, with caps.
 
-The model of xen/common/sched/credit.c, read hook by hook; the names are
-Xen's (``csched_acct``, ``csched_tick``, ``__runq_tickle``,
-``csched_load_balance``, ``_csched_cpu_pick``) so each part maps onto the C.
-
-Design
-------
-* **Credits.**  Every accounting period (``tslice_ms``, 30 ms) the master
-  accounting (:meth:`Credit._acct`) hands the pool's credit (one period of
-  CPU time per pCPU) to the *active* vCPUs in proportion to their domain's
-  ``weight``, never more than a domain can use (one period per active vCPU)
-  nor more than its ``cap``; what a domain cannot use goes back to the
-  others.  A running vCPU burns credit at the rate it runs
-  (``burn_credits``, at every tick and every reschedule).  Credits are kept
-  in nanoseconds of CPU time (Xen counts 10 credits per ms with a
-  remainder; the same quantity, without the rounding).
-* **Priorities.**  At accounting a vCPU with credit >= 0 is UNDER, one below
-  0 is OVER.  A vCPU that wakes from a block while UNDER is BOOSTed (it
-  preempts UNDER and OVER work, for I/O latency) until a tick finds it
-  running, i.e. until it uses a non-negligible amount of CPU.  A vCPU of a
-  capped domain whose credit falls below its share of the cap is *parked*
-  (Xen pauses it): off every run queue until accounting brings its credit
-  back to 0 or more; it is not boosted when it comes back.
-* **Active set.**  Only active vCPUs earn credit.  A tick that finds a vCPU
-  running makes it active; accounting makes a vCPU with more than one
-  period of credit inactive and halves its credit (it stops hoarding).
-* **Tick.**  Every ``tslice_ms / 3`` (10 ms) a busy pCPU's tick accounts
-  the running vCPU (burn, end of BOOST, activation), asks whether it would
-  be better placed elsewhere (``_csched_cpu_pick``: an idle core wins; if
-  so it migrates), and re-sorts the run queue after an accounting.  Ticks
-  stop while a pCPU idles and restart aligned to the tick when it wakes.
-* **Choosing.**  ``do_schedule`` burns the current vCPU's credit, keeps it
-  for the rest of ``ratelimit_us`` if it has run less than that (Xen's
-  ``sched_ratelimit_us``), else puts it back on its run queue and takes the
-  head.  If the head is OVER or idle it first tries to steal strictly
-  better work from a busy peer (``csched_load_balance``), node by node,
-  starting after the last pCPU it stole from.  Slices are ``tslice_ms``.
-* **Wake.**  ``pick_resource`` (``_csched_cpu_pick``) prefers the vCPU's
-  current pCPU if it is idle, else the idle pCPU with the most idle
-  neighbours (sibling threads on one socket, whole cores across sockets,
-  which must be twice as idle to be worth leaving the socket).  ``wake``
-  queues the vCPU and tickles (``__runq_tickle``): its pCPU if idle, else
-  an idle pCPU it may run on (which will steal it), else its own pCPU if
-  it beats what runs there.
-* **Forced idle** (PowerClamp): ``idle_forced`` returns idle and keeps the
-  vCPUs queued; a pCPU in forced idle is not an idler (wakers go
-  elsewhere) and nobody steals from its queue, as in Xen where the idle
-  vCPU runs the tasklet at BOOST priority.
-* **Affinity** is honoured by the pick, the tickle, the steal and the
-  kick: a vCPU is never queued on, stolen to or tickled for a pCPU outside
-  it.
-
-Queue scheme
-------------
-One run queue per pCPU, a list sorted by priority (BOOST, UNDER, OVER) and
-FIFO within one priority; the running vCPU is not on it.  Priorities change
-only at accounting, so a queue can be out of order until the pCPU's next
-tick re-sorts it (``csched_runq_sort``, a stable partition), as in Xen.
-The idle pCPUs, the pCPUs with queued work, affinities, cores, sockets and
-nodes are integer bit masks, as Xen's cpumasks: a wake's pick and tickle
-and an idle pCPU's steal cost a few mask operations whatever the number of
-pCPUs (about 4 us per event at 16 pCPUs and 5 us at 256).
-
-Where this model differs from the C, and why
----------------------------------------------
-* An idle pCPU always tries to steal; the load-balance rate limit
-  (``lb_ratelimit_us``, Xen's ``load-balance-ratelimit``) applies only to
-  balancing on behalf of OVER work.  In Xen a pCPU that goes idle inside
-  the window is soon tickled again by interrupts; in a model where nothing
-  else wakes it, it would sit idle next to queued work.
-* ``pick_resource`` on a wake counts the vCPU's own pCPU as idle only if
-  that vCPU is what runs there (Xen counts it whenever its run queue is
-  empty, even while another vCPU runs; the comment in the C says the
-  former is the intent).
-* No soft affinity, no SMT-power-savings mode.
-
-Where it follows today's C rather than the intent
--------------------------------------------------
-* The kick-away in ``__runq_tickle``: when a waker may run on no idler and
-  preempts ``cur``, Xen 4.8 to 4.12 marked ``cur`` for migration if *cur's*
-  hard affinity met an idler, so both ran.  Since 4.13 (commit 8a04eaa8ea,
-  the sched_unit rework) the test reads the *new* unit's hard affinity,
-  which this branch already found disjoint from the idlers (in Xen it can
-  only meet them through pCPUs outside the cpupool, which the host here
-  refuses): ``cur`` is never kicked and waits on the queue until the next
-  idle pCPU steals it or the tick moves it.  The model does the same; the
-  test is kept in Xen's form so the two read alike.
-
-Defaults (with reasons)
------------------------
-* ``weight`` 256, ``cap`` 0 (none): Xen's defaults.
-* ``tslice_ms`` 30: Xen's ``sched_credit_tslice_ms``; the accounting period
-  and the slice are the same, and the tick is a third of it.
-* ``ratelimit_us`` 1000: Xen's ``sched_ratelimit_us``; a vCPU keeps the pCPU
-  that long before a wake-up can preempt it (cache warmth over latency).
-* ``lb_ratelimit_us`` 1000: Xen's ``load-balance-ratelimit``.
-* ``migration_delay_us`` 0: Xen's ``vcpu_migration_delay`` (a vCPU that ran
-  this recently is cache-hot and is not stolen).
-* :data:`MIN_TIMER` 50 us: Xen's ``XEN_SYSCTL_SCHED_RATELIMIT_MIN``, the
-  shortest slice worth arming.
+The model of xen/common/sched/credit.c, read hook by hook, with Xen's names
+(``csched_acct``, ``csched_tick``, ``__runq_tickle``, ``csched_load_balance``,
+``_csched_cpu_pick``) so each part maps onto the C: credit handed out every
+``tslice_ms`` by weight and cap, BOOST, UNDER and OVER priorities, one run
+queue per pCPU re-sorted at the tick, stealing when the head is OVER or idle,
+and cpumasks as integer bit masks.  Where the model differs from the C the
+design says why; where it follows today's C rather than the intent (the
+``__runq_tickle`` kick-away since Xen 4.13, commit 8a04eaa8ea) it does the
+same and keeps the test in Xen's form, so the two read alike.  The defaults
+are Xen's (``weight`` 256, ``tslice_ms`` 30, ``ratelimit_us`` 1000,
+:data:`MIN_TIMER` 50 us).  The design (credits, priorities, tick, wake,
+queues, differences and defaults) is in docs/schedulers.md, section Credit.
 """
 
 from __future__ import annotations

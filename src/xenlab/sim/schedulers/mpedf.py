@@ -1,52 +1,17 @@
 """Multiprocessor EDF with CBS servers, one run queue per set of pCPUs: :class:`MpEdf`.
 
-Phases 3 and 4 of the seed idea "Temporal Isolation and Multiprocessor
-Support in the SEDF Scheduler", built on :mod:`~xenlab.sim.schedulers.cbs`.
-
-Design
-    Every vCPU is a Constant Bandwidth Server (budget Q every period T;
-    the rules are in :class:`~xenlab.sim.schedulers._edf.CbsServer`).
-    The pCPUs are split into run queues by the option ``runqueue``
-    (``topology.group(level)``): "cpu" (one per pCPU), "core", "llc",
-    "socket", "node" or "global" (one for the host).  Within a run queue
-    the earliest deadline runs first on any of its pCPUs (global EDF inside
-    the set); equal deadlines go to the vCPU queued first, then to the
-    lower vCPU index.  With ``runqueue="global"`` and budget = WCET this is
-    G-EDF; with ``runqueue="cpu"`` and pinned vCPUs it is P-EDF.
-
-Placement and balancing
-    At insert a vCPU joins the first run queue (in topology order) within
-    its affinity whose reserved utilisation still fits (first fit, at most
-    one pCPU's worth per pCPU), else the least loaded one.  With ``balance``
-    (the default, except for ``runqueue="cpu"`` where the default is a
-    partitioned scheduler that never migrates):
-
-    * push on wake: a waking vCPU goes to a run queue with an idle pCPU in
-      its affinity (its own first), else to the one whose latest running
-      deadline is latest, when that is later than its own deadline;
-    * pull on idle: a pCPU that finds nothing it may run in its own run
-      queue takes the earliest-deadline vCPU it may run from the others.
-
-    Each move between run queues is counted (``migrations`` in :meth:`dump`;
-    the host counts pCPU changes per vCPU).
-
-Queue scheme
-    Per run queue an :class:`~xenlab.sim.schedulers._edf.EdfQueue` of the
-    runnable vCPUs that are not running; a running vCPU is off the queue
-    (as in Xen's RTDS) and goes back at its next do_schedule if still
-    runnable.  Hard-reservation vCPUs with no budget are on no queue until
-    their replenishment timer.  ``tickled`` holds pCPUs asked to reschedule
-    at this instant, so two wake-ups at one instant do not both pick the
-    same pCPU (Xen's ``prv->tickled``).
-
-Parameters (per domain, microseconds as ``xl sched-rtds -p -b``)
-    ``period`` (default 10000: RTDS's default period) and ``budget``
-    (default 4000: RTDS's default budget); ``hard`` (default False: the
-    original soft CBS, which postpones the deadline and recharges at once;
-    True: hard reservation, the vCPU waits for its deadline).  For a
-    periodic rt-app vCPU, budget = run time and period = period.
-
-Options: ``runqueue`` (default "global"), ``balance`` (see above).
+Phases 3 and 4 of the seed idea "Temporal Isolation and Multiprocessor Support
+in the SEDF Scheduler", built on :mod:`~xenlab.sim.schedulers.cbs`: every vCPU
+is a CBS server (:class:`~xenlab.sim.schedulers._edf.CbsServer`), the pCPUs
+are split into run queues by the option ``runqueue`` ("cpu" up to "global"),
+and within one the earliest deadline runs on any of its pCPUs (ties: the vCPU
+queued first, then the lower vCPU index).  A vCPU is placed by first fit; with
+``balance`` (the default, except for ``runqueue="cpu"``) it is pushed on wake
+and pulled by an idle pCPU, each move counted.  A running vCPU is off its
+queue (as in Xen's RTDS), and ``tickled`` keeps two wake-ups at one instant
+from picking one pCPU (Xen's ``prv->tickled``).  The design (placement,
+balancing, queues and parameters) is in docs/schedulers.md, section
+Multiprocessor EDF.
 """
 
 from __future__ import annotations

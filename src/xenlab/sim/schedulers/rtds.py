@@ -1,56 +1,17 @@
 """Xen's RTDS scheduler: global EDF over deferrable servers, with extratime: :class:`Rtds`.
 
-The comparator upstream chose instead of fixing SEDF
-(xen/common/sched/rt.c; read, not copied).
-
-Design
-    Global preemptive EDF: at any scheduling point the vCPU with the
-    earliest deadline runs on a pCPU it may use, and a waking vCPU preempts
-    the pCPU running the latest deadline (an idle one first).  Each vCPU is
-    a deferrable server with ``budget`` every ``period``: periods are
-    aligned to multiples of the period from time 0; at each period boundary
-    the budget is refilled and the deadline moves to the end of the new
-    period (unused budget is lost); a vCPU with no work keeps its budget
-    until the boundary.  A vCPU that runs out of budget waits for the next
-    boundary, unless it has ``extratime``: then its priority level goes up
-    by one (below every vCPU still within its budget) and its budget is
-    refilled, so it soaks up time nobody reserved.
-
-Queue scheme
-    ``runq``: runnable vCPUs with budget (or extratime), not running,
-    sorted by (priority level, deadline); ``depletedq``: runnable vCPUs out
-    of budget, unsorted; ``replq``: every vCPU that is runnable or running,
-    by deadline, with one replenishment timer armed at its head.  A running
-    vCPU is on neither runq nor depletedq.  ``tickled`` holds pCPUs asked
-    to reschedule at this instant (not tickled twice).
-
-State (per vCPU, :class:`_Unit`)
-    ``deadline``/``left``/``level``: set by the deadline update (wake after
-    the deadline, replenishment), burnt by do_schedule; ``last_start`` set
-    when chosen; ``depleted`` set when the budget runs out without
-    extratime, cleared and checked by the replenishment; ``on_q`` says
-    which of runq/depletedq holds it (set by insert, cleared by removal);
-    ``on_replq`` set by wake, cleared by sleep.
-
-Where it follows rt.c rather than the intent
-    The replenishment (``repl_timer_handler``) tickles only for a refilled
-    vCPU that is running (the run-queue head, if that now beats it) or one
-    that was *depleted* (out of budget without extratime, waiting on
-    ``depletedq``).  A vCPU that ran out of budget *with* extratime was
-    refilled at a higher level, not depleted; when its period ends it drops
-    back to level 0 on ``runq`` without a tickle, so even if a pCPU is
-    running an extratime vCPU (a higher level) or a later deadline, it waits
-    for that pCPU's next scheduling point (slice end, block, another
-    tickle).  Xen does the same; the model keeps it.  On one pCPU with x
-    (1 ms every 3 ms) and y (6 ms every 10 ms), both extratime hogs (0.93
-    reserved), x gets nothing in 30 of its 100 periods; a tickle there would
-    give it 1 ms in each (tests/sim/test_rtds.py).
-
-Parameters (per domain, as ``xl sched-rtds -p -b -e``)
-    ``period`` (us, default 10000) and ``budget`` (us, default 4000):
-    Xen's RTDS_DEFAULT_PERIOD/BUDGET; period and budget at least 10 us
-    (RTDS_MIN_PERIOD/BUDGET: scheduling overhead) and budget <= period.
-    ``extratime`` (default True, as Xen sets it for new vCPUs).
+The comparator upstream chose instead of fixing SEDF (xen/common/sched/rt.c;
+read, not copied): global preemptive EDF in which each vCPU is a deferrable
+server with ``budget`` every ``period`` (periods aligned from time 0, unused
+budget lost), and an ``extratime`` vCPU runs on at a higher level once its
+budget is spent.  The queues are rt.c's (``runq``, ``depletedq``, ``replq``
+with one replenishment timer), and a running vCPU is on neither run queue.
+Where rt.c and its intent part (the replenishment does not tickle for an
+extratime vCPU dropping back to level 0; tests/sim/test_rtds.py measures it)
+the model follows rt.c.  Parameters are ``xl sched-rtds``'s, with Xen's
+defaults and minimums (RTDS_DEFAULT_PERIOD/BUDGET, RTDS_MIN_PERIOD/BUDGET).
+The design (the queues, the per-vCPU state, the rt.c behaviour kept and the
+parameters) is in docs/schedulers.md, section RTDS.
 """
 
 from __future__ import annotations

@@ -1,70 +1,16 @@
 """Legacy SEDF, as in Xen before its removal in 4.6 (xen/common/sched_sedf.c): :class:`Sedf`.
 
 The baseline the seed idea "Temporal Isolation and Multiprocessor Support in
-the SEDF Scheduler" complains about, modelled rule for rule (read, not
-copied) so its rough edges show in numbers:
-
-Design
-    Per-pCPU EDF.  Each vCPU has a ``slice`` every ``period``; its deadline
-    ``deadl`` is the end of its current period, which began at
-    ``deadl - period`` ("period begin").  A vCPU is either on the run queue
-    (period begun, slice not used up), sorted by deadline, or on the wait
-    queue, sorted by period begin.  The earliest deadline runs until its
-    slice is used up or the next period begins; then ``deadl += period``.
-    When no vCPU has slice left, ``extratime`` vCPUs run in 500 us quanta:
-    first the penalty queue (vCPUs that lost slice by blocking, by score
-    period/lost), then the utilisation queue (weighted round robin by
-    period/slice, as a stride).
-
-The special cases (what CBS replaces)
-    On wake at t, with period begin b and deadline d:
-
-    * first wake ever: d = t + slice (not t + period), then the rules below
-      (so the first wake is already a short block);
-    * t < b ("unblocking in extra time"): nothing changes;
-    * b <= t < d ("short block"): no more real-time this period, d += period,
-      a fresh slice from the next period on, and the slice left is owed as
-      penalty extratime;
-    * t >= d ("long block", Xen's case 2b): d = t + period, fresh slice.
-
-    A vCPU found on the run queue with its deadline passed gets d moved to
-    the next period boundary and a fresh slice (update_queues).  A waking
-    vCPU preempts the running one only if its period began before the
-    current slice ends (should_switch), or the running one is in extratime
-    of a lower class.  There is no admission control.
-
-    Consequence: a vCPU that blocks and wakes within its period (I/O, or a
-    guest task with a shorter period than the reservation) loses the rest
-    of its slice until the next period, although its reservation covers
-    its demand; CBS's wake-up rule keeps that budget.
-
-Multiprocessor
-    None: each vCPU is placed once by vCPU id (pick_cpu's cycle over its
-    affinity: all vCPU 0s on the same pCPU) and never migrates.
-
-Queue scheme (per pCPU)
-    ``runq`` (deadline order), ``waitq`` (period-begin order), ``penq``
-    (penalty score order), ``utilq`` (stride order); the running vCPU
-    stays on its queues, as in Xen.  Equal keys keep insertion order.
-
-    The utilisation queue's scores are relative, as Xen's: after an
-    extratime run the runner's score becomes its stride (period/slice) and
-    every other queued score drops by the runner's old score.  A vCPU off
-    the queue (blocked, or not yet started) keeps its score, so one that
-    joins late or wakes after a long block is at most one stride ahead of
-    the others: it shares extratime at once instead of taking all of it
-    until an absolute pass caught up.  The drop is one per-pCPU base
-    (``util_base``) instead of a walk over the queue.
-
-Left out
-    Latency scaling (``latency``) and weight-driven domains (``weight``):
-    neither is needed to show the baseline's behaviour.
-
-Parameters (per domain, as ``xl sched-sedf -p -s -e``, microseconds)
-    ``period`` (default 100000: WEIGHT_PERIOD, what Xen gave new domains),
-    ``slice`` (default 0: best effort, runs only in extratime; otherwise
-    5 us (SLICE_MIN) to the period), ``extratime`` (default True: Xen made
-    every vCPU EXTRA_AWARE).
+the SEDF Scheduler" complains about, modelled rule for rule (read, not copied)
+so its rough edges show in numbers: per-pCPU EDF of a ``slice`` every
+``period``, extratime in 500 us quanta (the penalty queue, then the
+utilisation queue), and the special cases on wake-up (first wake, short block,
+long block) that CBS replaces.  A vCPU is placed once by vCPU id and never
+migrates; the running vCPU stays on its queues and equal keys keep insertion
+order, as in Xen; latency scaling and weights are left out.  Keep the special
+cases as they are: they are what the model exists to show.  The design (the
+special cases, the queues and the parameters) is in docs/schedulers.md,
+section SEDF.
 """
 
 from __future__ import annotations
