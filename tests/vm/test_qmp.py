@@ -4,6 +4,7 @@ host side."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -376,6 +377,37 @@ def test_agent_errors_and_resync(qga: Path) -> None:
             assert "version" in await agent.info()
         finally:
             await agent.close()
+
+    run(go())
+
+
+@needs_ga
+def test_agent_call_cancelled_mid_reply_is_never_read_as_the_next_ones(qga: Path) -> None:
+    # A caller gave up on a command after it was sent (Ctrl-C, a deadline around it): its
+    # reply comes later, and the next command on that session must not take it for its
+    # own (once: an exec came back with exit 0 and no output).
+    async def go() -> None:
+        async with GuestAgent(qga) as agent:
+            await agent.ping()
+            reader = agent._reader
+            assert reader is not None
+            real = reader.readline
+
+            async def slow() -> bytes:
+                await asyncio.sleep(0.5)
+                return await real()
+
+            reader.readline = slow  # type: ignore[method-assign]
+            stale = asyncio.create_task(agent.execute("guest-exec", {
+                "path": "/bin/echo", "arg": ["stale"], "capture-output": True}))
+            await asyncio.sleep(0.2)  # sent, its reply not read yet
+            stale.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stale
+            reader.readline = real  # type: ignore[method-assign]
+            await asyncio.sleep(0.2)  # the stale reply is in the socket now
+            res = await agent.exec(["/bin/echo", "alive"], timeout=10)
+            assert (res.exitcode, res.stdout) == (0, b"alive\n")
 
     run(go())
 

@@ -552,17 +552,20 @@ class GuestAgent:
             msg: dict[str, object] = {"execute": cmd}
             if args is not None:
                 msg["arguments"] = dict(args)
+            # Out of step until this command's reply is read back: a timeout, an error
+            # or a cancel in between leaves a reply in the pipe, and the next call must
+            # resync past it rather than take it for its own.
+            self._in_sync = False
             try:
                 self._writer.write(json.dumps(msg).encode() + b"\n")
                 await self._writer.drain()
                 if not reply:
+                    self._in_sync = True
                     return None
                 line = await asyncio.wait_for(
                     self._reader.readline(), max(0.0, deadline - time.monotonic())
                 )
             except TimeoutError as err:
-                # The reply may still come; the next call must skip it.
-                self._in_sync = False
                 raise BackendError(f"guest agent {cmd}: no reply within {timeout:g}s") from err
             except (OSError, asyncio.LimitOverrunError, ValueError) as err:
                 await self.close()
@@ -570,6 +573,7 @@ class GuestAgent:
             if not line:
                 await self.close()
                 raise BackendError(f"guest agent {cmd}: connection closed (guest gone?)")
+            self._in_sync = True
             return _reply_value(cmd, line)
 
     async def ping(self, timeout: float = 10.0) -> None:
@@ -605,7 +609,10 @@ class GuestAgent:
         if env is not None:
             args["env"] = [f"{k}={v}" for k, v in env.items()]
         started = await self.execute("guest-exec", args, timeout=timeout)
-        if not isinstance(started, dict) or not isinstance(started.get("pid"), int):
+        # Exactly the replies of these commands: anything else is another command's,
+        # read out of step, and never taken for this one's result.
+        if not isinstance(started, dict) or set(started) != {"pid"} or \
+                not isinstance(started["pid"], int):
             raise BackendError(f"guest agent guest-exec: unexpected reply {started!r}")
         pid: int = started["pid"]
         delay = 0.01
@@ -617,7 +624,7 @@ class GuestAgent:
                     f"(guest pid {pid})"
                 )
             status = await self.execute("guest-exec-status", {"pid": pid}, timeout=remaining)
-            if not isinstance(status, dict):
+            if not isinstance(status, dict) or not isinstance(status.get("exited"), bool):
                 raise BackendError(f"guest agent guest-exec-status: unexpected reply {status!r}")
             if status.get("exited"):
                 return _exec_result(status)
