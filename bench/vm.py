@@ -174,8 +174,8 @@ def xenlab_round(work: Path) -> tuple[dict[str, float], list[str], Path, Path]:
         t["snapshot delete"] = timed(lambda: sync(delete_snapshot(ts, NAME, "s1")))
         assert "s1" not in snapshot_tags(disk)
         image = base / "tiny.save"
-        t["save"] = timed(lambda: save(ts, NAME, image))
-        t["restore"] = timed(lambda: restore(ts, image))
+        t["save"] = timed(lambda: sync(save(ts, NAME, image)))
+        t["restore"] = timed(lambda: sync(restore(ts, image)))
         assert ts.get(NAME).state == "running"
         t["migrate"] = timed(lambda: sync(migrate(ts, NAME, ts2)))
         assert ts2.get(NAME).state == "running"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import sync
 from tests.clirun import run_cli as run
 from tests.test_files_safety import deadline
 
@@ -185,8 +186,8 @@ def test_check_names_a_disk_backed_by_a_host_file(capsys: pytest.CaptureFixture[
     """A qcow2 over /etc/shadow passed `config check` without a word."""
     from xenlab.vm import qemuimg
 
-    qemuimg.create(tmp_path / "x.qcow2", "qcow2", backing="/etc/shadow", backing_fmt="raw")
-    qemuimg.create(tmp_path / "ok.qcow2", "qcow2", "1M")
+    sync(qemuimg.create(tmp_path / "x.qcow2", "qcow2", backing="/etc/shadow", backing_fmt="raw"))
+    sync(qemuimg.create(tmp_path / "ok.qcow2", "qcow2", "1M"))
     cfg = tmp_path / "x.cfg"
     cfg.write_text('name = "x"\ntype = "hvm"\nmemory = 64\n'
                    'disk = [ "format=qcow2,vdev=xvda,access=rw,target=x.qcow2", '

@@ -129,7 +129,7 @@ def test_create_goes_through_prepare_and_start(ts: Toolstack, fake: FakeBackend)
     # A defined domain starts again under its id.
     cfg = ts.state_dir.parent / "c.cfg"
     cfg.write_text('name = "c"\ntype = "hvm"\nmemory = 64\n')
-    defined = ts.define(cfg)
+    defined = sync(ts.define(cfg))
     started = sync(ts.create(cfg, paused=True))
     assert started.domid == defined.domid and started.state == "paused"
     assert fake.world[started.uuid].state == "paused"

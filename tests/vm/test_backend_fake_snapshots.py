@@ -151,7 +151,7 @@ def test_a_shut_off_domain_is_snapshotted_without_a_session(
     cfg = tmp_path / "b.cfg"
     cfg.write_text('name = "b"\ntype = "hvm"\nmemory = 64\n'
                    f'disk = ["format=qcow2,vdev=xvda,access=rw,target={disk}"]\n')
-    ts.define(cfg)
+    sync(ts.define(cfg))
     sync(create_snapshot(ts, "b", "off1"))
     tags = subprocess.run(["qemu-img", "snapshot", "-l", str(disk)], check=True,
                           capture_output=True, text=True).stdout

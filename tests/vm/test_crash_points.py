@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import sync
 from tests.vm.guests import boot, clear, read_marker, write_config, write_marker
 from tests.vm.truth import check_truth, converge, killed_at, points, qemus_named, xenlab
 from xenlab.vm import qemuimg
@@ -57,7 +58,7 @@ def test_create(guest: tuple[Toolstack, Path], point: str) -> None:
     ts, tmp = guest
     cfg = write_config(tmp, "xcrashc", memory=64, maxmem=None, vcpus=1, mkfs=False)
     if not (tmp / "xcrashc.qcow2").exists():
-        qemuimg.create(tmp / "xcrashc.qcow2", "qcow2", "16M")
+        sync(qemuimg.create(tmp / "xcrashc.qcow2", "qcow2", "16M"))
     killed_at(ts, point, "vm", "create", str(cfg), "-p")
     said = converge(ts)
     assert "xcrashc" not in {r.name for r in ts.store.list()}, said
@@ -279,7 +280,7 @@ def test_save_snapshot_killed_mid_stream(guest: tuple[Toolstack, Path]) -> None:
     assert ts.get("xcrash").state == "running"
     assert read_marker(ts, "xcrash") == "kept-snap"
     disk = str(tmp / "xcrash.qcow2")
-    assert not [t for t in qemuimg.snapshot_tags(disk) if t.startswith("xenlab-save-")]
+    assert not [t for t in sync(qemuimg.snapshot_tags(disk)) if t.startswith("xenlab-save-")]
 
 
 @pytest.mark.parametrize("point", points(

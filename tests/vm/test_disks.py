@@ -125,7 +125,7 @@ def test_cd_insert_and_eject(ts: Toolstack, tmp_path: Path,
     # A medium is checked as a disk is: a qcow2 over a host file never reaches QEMU.
     from xenlab.vm import qemuimg
 
-    qemuimg.create(tmp_path / "evil.qcow2", "qcow2", backing="/etc/shadow", backing_fmt="raw")
+    sync(qemuimg.create(tmp_path / "evil.qcow2", "qcow2", backing="/etc/shadow", backing_fmt="raw"))
     with pytest.raises(XenlabError, match="names backing file /etc/shadow"):
         sync(cd_insert(ts, "c1", "hdc", str(tmp_path / "evil.qcow2"), fmt="qcow2"))
     assert run(_medium(ts, "c1", "hdc")) == str(iso)

@@ -202,7 +202,7 @@ def test_define_snapshot_while_shut_off_start_and_keep(ts: Toolstack, tmp_path: 
     cfg = _cfg(tmp_path, "g12")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "g12.qcow2"),
                     "32M"], check=True)
-    rec = ts.define(cfg)
+    rec = sync(ts.define(cfg))
     assert [s.state for s in sync(ts.list())] == ["shutoff"]
     sync(create_snapshot(ts, "g12", "cold"))  # no QEMU: qemu-img
     tags = subprocess.run(["qemu-img", "snapshot", "-l", str(tmp_path / "g12.qcow2")],
@@ -213,6 +213,6 @@ def test_define_snapshot_while_shut_off_start_and_keep(ts: Toolstack, tmp_path: 
     assert sync(ts.shutdown("g12")) == "shutdown"
     assert [s.state for s in sync(ts.list())] == ["shutoff"]  # defined: kept
     with pytest.raises(XenlabError, match="already exists"):
-        ts.define(cfg)
+        sync(ts.define(cfg))
     sync(ts.undefine("g12"))
     assert sync(ts.list()) == []

@@ -151,7 +151,7 @@ def test_a_full_state_directory(tmp_path: Path, guest_image: object) -> None:
             with contextlib.suppress(Exception):
                 sync(ts.undefine("full"))
             ts.store.close()
-            qemuimg.info(tmp_path / "full.qcow2", "qcow2")
+            sync(qemuimg.info(tmp_path / "full.qcow2", "qcow2"))
 
 
 def test_hot_plugged_vcpus_survive_save_and_restore(ts: Toolstack, tmp_path: Path) -> None:

@@ -51,14 +51,14 @@ def _leftovers(directory: Path) -> list[str]:
 
 def test_create_and_convert_make_0600_images(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
-    qemuimg.create(base, "qcow2", "4M")
-    qemuimg.create(tmp_path / "blank.raw", "raw", "1M")
-    qemuimg.create(tmp_path / "over.qcow2", "qcow2", backing=base, backing_fmt="qcow2")
+    sync(qemuimg.create(base, "qcow2", "4M"))
+    sync(qemuimg.create(tmp_path / "blank.raw", "raw", "1M"))
+    sync(qemuimg.create(tmp_path / "over.qcow2", "qcow2", backing=base, backing_fmt="qcow2"))
     base.chmod(0o644)  # a source others may read: its copy still is not theirs
-    qemuimg.convert(base, "qcow2", tmp_path / "copy.raw", "raw", timeout=60)
+    sync(qemuimg.convert(base, "qcow2", tmp_path / "copy.raw", "raw", timeout=60))
     assert {p.name: _mode(p) for p in tmp_path.iterdir()} == {
         "base.qcow2": 0o644, "blank.raw": 0o600, "over.qcow2": 0o600, "copy.raw": 0o600}
-    assert qemuimg.backing_of(tmp_path / "over.qcow2", "qcow2") == (str(base), "qcow2")
+    assert sync(qemuimg.backing_of(tmp_path / "over.qcow2", "qcow2")) == (str(base), "qcow2")
     assert (tmp_path / "copy.raw").stat().st_size == 4 << 20
     qemuimg.claim(tmp_path / "claimed")
     assert _mode(tmp_path / "claimed") == 0o600 and (tmp_path / "claimed").stat().st_size == 0
@@ -73,13 +73,13 @@ def test_a_taken_name_is_refused_never_followed(tmp_path: Path) -> None:
     (tmp_path / "to-canary.raw").symlink_to(canary)
     (tmp_path / "file.qcow2").write_bytes(b"mine")
     src = tmp_path / "src.raw"
-    qemuimg.create(src, "raw", "1M")
+    sync(qemuimg.create(src, "raw", "1M"))
     for name in ("dangling.qcow2", "to-canary.raw", "file.qcow2"):
         with pytest.raises(ImageFileError, match=r"exists .*give a new name") as e:
-            qemuimg.create(tmp_path / name, "qcow2", "1M")
+            sync(qemuimg.create(tmp_path / name, "qcow2", "1M"))
         assert e.value.exists
         with pytest.raises(ImageFileError, match="exists"):
-            qemuimg.convert(src, "raw", tmp_path / name, "raw", timeout=60)
+            sync(qemuimg.convert(src, "raw", tmp_path / name, "raw", timeout=60))
         with pytest.raises(ImageFileError, match="exists"):
             qemuimg.claim(tmp_path / name)
     assert not os.path.lexists(elsewhere)
@@ -87,9 +87,9 @@ def test_a_taken_name_is_refused_never_followed(tmp_path: Path) -> None:
     assert (tmp_path / "file.qcow2").read_bytes() == b"mine"
     # qemu-img refusing leaves nothing either, and its message names the image.
     with pytest.raises(qemuimg.QemuImgError, match=r"new\.qcow2: Invalid image size"):
-        qemuimg.create(tmp_path / "new.qcow2", "qcow2", "1Q")
+        sync(qemuimg.create(tmp_path / "new.qcow2", "qcow2", "1Q"))
     with pytest.raises(ImageFileError, match="cannot create it: No such file"):
-        qemuimg.create(tmp_path / "no-dir" / "x.qcow2", "qcow2", "1M")
+        sync(qemuimg.create(tmp_path / "no-dir" / "x.qcow2", "qcow2", "1M"))
     assert not os.path.lexists(tmp_path / "new.qcow2") and _leftovers(tmp_path) == []
 
 
@@ -112,14 +112,14 @@ def test_create_disks_makes_0600_disks(tmp_path: Path) -> None:
     ts = Toolstack(tmp_path / "state")
     disk = tmp_path / "new.qcow2"
     dc, _ = config_from_text(config_text("c", disk, maxmem=None), "c.cfg")
-    assert ts.check_disks(dc, "4M") == [disk]
+    assert sync(ts.check_disks(dc, "4M")) == [disk]
     assert _mode(disk) == 0o600
     # A dangling link where the disk should be is not created through.
     planted = tmp_path / "planted.raw"
     planted.symlink_to(tmp_path / "made-through-the-link")
     dc, _ = config_from_text(config_text("d", planted, fmt="raw", maxmem=None), "d.cfg")
     with pytest.raises(XenlabError, match="exists"):
-        ts.check_disks(dc, "4M")
+        sync(ts.check_disks(dc, "4M"))
     assert not os.path.lexists(tmp_path / "made-through-the-link")
 
 

@@ -207,7 +207,7 @@ def test_mirror_of_a_shut_off_domain(ts: Toolstack, tmp_path: Path) -> None:
     cfg = write_config(tmp_path, "g1", maxmem=None)
     source = tmp_path / "g1.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), "32M"], check=True)
-    ts.define(cfg)
+    sync(ts.define(cfg))
     sync(ts.create(cfg))
     _ready(ts)
     _sh(ts, "echo A > /mnt/disk/marker && dd if=/dev/urandom of=/mnt/disk/blob bs=64k "
@@ -251,7 +251,7 @@ def test_mirror_of_a_shut_off_domain(ts: Toolstack, tmp_path: Path) -> None:
 def _defined(tmp_path: Path, fmt: str) -> Toolstack:
     """A toolstack holding domain g1, defined (shut off) on the disk ``g1.<fmt>``."""
     ts = Toolstack(tmp_path / "state", accel=Accel.TCG)
-    ts.define(write_config(tmp_path, "g1", fmt=fmt, maxmem=None))
+    sync(ts.define(write_config(tmp_path, "g1", fmt=fmt, maxmem=None)))
     return ts
 
 
@@ -275,7 +275,7 @@ def test_offline_mirror_reads_a_raw_disk_as_raw(tmp_path: Path) -> None:
     assert copied == data
     # The check after a killed mirror reads it as raw too (qemu-img check -r
     # would otherwise "repair" a qcow2 the guest made up, inside its disk).
-    assert mirror_mod._check_source(str(disk), "raw") == (
+    assert sync(mirror_mod._check_source(str(disk), "raw")) == (
         f"the source {disk} is unchanged (a mirror only reads it)")
     assert disk.read_bytes() == data
 

@@ -83,7 +83,7 @@ def test_memory_snapshot_reverts_disk_and_memory(ts: Toolstack, tmp_path: Path) 
     after = uptime(ts, "m1")
     # The guest's clock continues from S1: less time has passed than before the revert.
     assert after < before - 1.0 and after >= at_s1 - 1.0, (at_s1, before, after)
-    info = snapshot_info(ts, "m1", "S1")
+    info = sync(snapshot_info(ts, "m1", "S1"))
     assert info.has_memory and info.current and info.vm_state_bytes
     assert info.record.description == "before B"
     assert _tags(disk) == ["S1"]
@@ -157,7 +157,7 @@ def test_disk_only_snapshots_and_a_shut_off_domain(ts: Toolstack, tmp_path: Path
     disk = _boot(ts, tmp_path, "d1")
     write_marker(ts, "d1", "A")
     live = sync(create_snapshot(ts, "d1", "L1", disk_only=True))
-    assert not snapshot_info(ts, "d1", "L1").has_memory and _tags(disk) == ["L1"]
+    assert not sync(snapshot_info(ts, "d1", "L1")).has_memory and _tags(disk) == ["L1"]
     with pytest.raises(StateError, match="shut off"):
         sync(revert_snapshot(ts, "d1", "L1"))
     assert sync(ts.shutdown("d1")) == "shutdown"

@@ -138,7 +138,7 @@ def test_raw_copies_of_a_shut_off_domain(tmp_path: Path) -> None:
     r1 = sync(create_snapshot(ts, "off", "R1", description="raw"))
     copy = Path(f"{disk}@R1")
     assert r1.kind is SnapshotKind.DISK_ONLY and copy.is_file()
-    assert not snapshot_info(ts, "off", "R1").has_memory
+    assert not sync(snapshot_info(ts, "off", "R1")).has_memory
     _write(disk, "raw", 0xB)
     sync(create_snapshot(ts, "off", "R2"))
     assert _holds(disk, "raw", 0xB)

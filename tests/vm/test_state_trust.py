@@ -355,7 +355,7 @@ def test_create_refuses_a_disk_backed_by_a_host_file(tmp_path: Path) -> None:
     from xenlab.vm import qemuimg
 
     disk = tmp_path / "x.qcow2"
-    qemuimg.create(disk, "qcow2", backing="/etc/shadow", backing_fmt="raw")
+    sync(qemuimg.create(disk, "qcow2", backing="/etc/shadow", backing_fmt="raw"))
     cfg = tmp_path / "x.cfg"
     cfg.write_text(f'name = "x"\ntype = "hvm"\nmemory = 64\n'
                    f'disk = [ "format=qcow2,vdev=xvda,access=rw,target={disk}" ]\n')
@@ -364,11 +364,11 @@ def test_create_refuses_a_disk_backed_by_a_host_file(tmp_path: Path) -> None:
         sync(ts.create(cfg))
     assert ts.store.list() == []
     with pytest.raises(XenlabError, match=r"names backing file /etc/shadow, outside"):
-        ts.define(cfg)
+        sync(ts.define(cfg))
     assert ts.store.list() == []
     # A chain inside the disk's own directory is fine.
     base = tmp_path / "base.qcow2"
-    qemuimg.create(base, "qcow2", "16M")
+    sync(qemuimg.create(base, "qcow2", "16M"))
     disk.unlink()
-    qemuimg.create(disk, "qcow2", backing=base, backing_fmt="qcow2")
-    assert ts.define(cfg).name == "x"
+    sync(qemuimg.create(disk, "qcow2", backing=base, backing_fmt="qcow2"))
+    assert sync(ts.define(cfg)).name == "x"

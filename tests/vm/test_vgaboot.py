@@ -227,7 +227,7 @@ def test_rom_boot_of_a_guest_config_keeps_it_running(tmp_path: Path, guest_image
     ts = Toolstack(tmp_path / "state")
     cfg = write_config(tmp_path, "vg1")
     try:
-        ts.check_disks(ts.load_config(cfg)[0], "32M")
+        sync(ts.check_disks(ts.load_config(cfg)[0], "32M"))
         code, out, err = run_cli(capsys, "rom", "boot", str(_rom("vgabios-stdvga.bin")),
                                  "--cfg", str(cfg), "--out", str(tmp_path / "out"), "--json",
                                  "memory=160", "--state-dir", str(tmp_path / "state"))

@@ -16,6 +16,7 @@ from asyncio import run as run_async
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.aio import sync
 from xenlab.vm import qemuimg
 from xenlab.vm.backends.qemu.qmp import Qmp
 from xenlab.vm.domain import SHUTOFF, Toolstack
@@ -111,7 +112,7 @@ def check_truth(ts: Toolstack, names: set[str]) -> None:
         for d in disks:
             # A running QEMU keeps some metadata in memory: a read-only check then
             # may see leaked clusters (no harm to data), never corruption.
-            result = qemuimg.check(d.file, d.format)
+            result = sync(qemuimg.check(d.file, d.format))
             assert not result.corrupt and (result.ok or is_alive(rec)), result.message
 
 

@@ -124,7 +124,7 @@ def destroy_cmd(domain: str, state_dir: Path | None) -> None:
 @_STATE
 def define_cmd(cfg: Path, overrides: Sequence[str], state_dir: Path | None) -> None:
     """Record CFG's domain as shut off without starting it (it stays after shutdowns)."""
-    rec = _ts(state_dir).define(cfg, overrides)
+    rec = go(_ts(state_dir).define(cfg, overrides))
     stdout.print(f"defined {printable(rec.name)} (id {rec.domid}), shut off")
 
 
@@ -594,7 +594,7 @@ def snapshot_info_cmd(domain: str, name: str, state_dir: Path | None) -> None:
     """One snapshot of DOMAIN, as JSON."""
     from xenlab.vm.snapshot import snapshot_info
 
-    i = snapshot_info(_ts(state_dir), domain, name)
+    i = go(snapshot_info(_ts(state_dir), domain, name))
     s = i.record
     emit_json({
         "name": s.name, "kind": s.kind.value, "state": s.state.value, "created": s.created,

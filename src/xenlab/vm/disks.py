@@ -176,7 +176,7 @@ async def block_attach(ts: Toolstack, name: str, spec: str, *,
             faults.point("block-attach.job")
             if create:
                 assert create_size is not None
-                create_image(target, disk.format.value, create_size)
+                await create_image(target, disk.format.value, create_size)
             try:
                 check_disk_image(target, disk.format, allowed_backing_dirs(target))
                 await go()

@@ -26,7 +26,7 @@ import shutil
 import socket
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,7 @@ class Toolstack:
         check_domain_name(dc.name)
         return absolute_paths(dc, text, Path(cfg).absolute().parent, str(cfg))
 
-    def check_disks(self, dc: DomainConfig, create_size: str | None) -> list[Path]:
+    async def check_disks(self, dc: DomainConfig, create_size: str | None) -> list[Path]:
         """Every disk file must exist, or be created when asked; returns the created ones."""
         created: list[Path] = []
         for disk in dc.disks:
@@ -172,7 +172,7 @@ class Toolstack:
             if fmt_name not in ("qcow2", "raw"):
                 raise UsageError(f"cannot create disk {target!r}: format {fmt_name!r}")
             try:
-                create_image(str(path), fmt_name, create_size)
+                await create_image(str(path), fmt_name, create_size)
             except XenlabError:
                 for p in created:
                     p.unlink(missing_ok=True)
@@ -246,7 +246,7 @@ class Toolstack:
         incoming: str | None = None,
         image: object | None = None,
         create_disks: str | None = None,
-        prepare: Callable[[], None] | None = None,
+        prepare: Callable[[], Awaitable[None]] | None = None,
     ) -> DomainRecord:
         """Start a QEMU for ``dc`` and record it: what create, restore, receive and revert share.
 
@@ -285,7 +285,7 @@ class Toolstack:
                     dc, text = on_vif_specs(dc, text, old)
                     dc, text = on_disk_specs(dc, text, old)
                     dc = on_disks_now(dc, old)
-                created = self.check_disks(dc, create_disks) if fresh else []
+                created = await self.check_disks(dc, create_disks) if fresh else []
                 try:
                     # Every file QEMU will open through the disks (backing
                     # files, data files) is checked before anything starts.
@@ -333,7 +333,7 @@ class Toolstack:
                 rec, taps = await self._vifs_online(rec, dc, fresh=fresh)
                 faults.point(f"{step}.vifs")
                 if prepare is not None:
-                    prepare()
+                    await prepare()
                 # An incoming domain must not run before the stream has arrived.
                 started = await (self.backend.start(self.handle(rec), StartSpec(
                     dc, paused=paused, incoming=not fresh, taps=taps, image=image)))
@@ -682,7 +682,7 @@ class Toolstack:
 
     # -- changing ----------------------------------------------------------------
 
-    def define(self, cfg: Path, overrides: Sequence[str] = ()) -> DomainRecord:
+    async def define(self, cfg: Path, overrides: Sequence[str] = ()) -> DomainRecord:
         """Record the domain ``cfg`` describes as shut off, without starting it.
 
         Like ``virsh define``: a defined domain stays in the store when its
@@ -695,7 +695,7 @@ class Toolstack:
                 if rec.name == dc.name:
                     raise ConflictError("domain", dc.name,
                                         f"domain {dc.name!r} already exists (id {rec.domid})")
-            self.check_disks(dc, None)
+            await self.check_disks(dc, None)
             check_images(dc)
             return self.store.add_domain(
                 DomainRecord(

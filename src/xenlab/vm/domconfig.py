@@ -141,12 +141,12 @@ def check_images(dc: DomainConfig) -> None:
             check_disk_image(disk.pdev_path, disk.format, allowed_backing_dirs(disk.pdev_path))
 
 
-def create_image(path: str, fmt: str, size: str) -> None:
+async def create_image(path: str, fmt: str, size: str) -> None:
     """Make a blank disk image ``path`` of ``size`` (qemu-img syntax) in format ``fmt``.
 
     :raise XenlabError: qemu-img refused, with its message.
     """
-    qemuimg.create(path, fmt, size)
+    await qemuimg.create(path, fmt, size)
 
 
 def on_disks(dc: DomainConfig, moves: dict[str, tuple[str, DiskFormat]]) -> DomainConfig:

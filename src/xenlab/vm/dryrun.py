@@ -89,7 +89,7 @@ async def plan_create(ts: Toolstack, cfg: Path, overrides: Sequence[str] = (), *
     missing = [d for d in dc.disks if d.pdev_path and not d.is_cdrom
                and not Path(d.pdev_path).exists()]
     if missing and create_disks is None:
-        ts.check_disks(dc, None)  # raises the error create would
+        await ts.check_disks(dc, None)  # raises the error create would
     check_images(replace(dc, disks=tuple(d for d in dc.disks if d not in missing)))
     probe = DomainRecord(domid=domid, name=dc.name, uuid="", config_path=str(cfg),
                          config_text=text, rundir="", pid=None, state="", created=0.0,

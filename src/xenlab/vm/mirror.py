@@ -259,7 +259,7 @@ async def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: P
         if rec.state != SHUTOFF:
             raise StateError(f"domain {rec.name!r} was started meanwhile; mirror again")
         source, source_fmt = _source_file(ts, rec, vdev, pivot)
-        size = _virtual_size(source, source_fmt)
+        size = await _virtual_size(source, source_fmt)
         _check_new(target)
         with ts.job(rec, "mirror", **_job_detail(vdev, source, source_fmt, target, fmt, pivot,
                                                  offline=True)) as rec:
@@ -267,7 +267,7 @@ async def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: P
             try:
                 # The target appears whole (fsynced, then linked, the directory
                 # fsynced) or not at all: the record never names a partial copy.
-                _convert(source, source_fmt, target, fmt, vdev, size, timeout, progress,
+                await _convert(source, source_fmt, target, fmt, vdev, size, timeout, progress,
                          started)
             except BaseException as err:
                 what = f"mirror {rec.name} {vdev} -> {target} failed"
@@ -288,11 +288,11 @@ async def _mirror_offline(ts: Toolstack, rec: DomainRecord, vdev: str, target: P
                         time.monotonic() - started)
 
 
-def _virtual_size(image: str, fmt: str) -> int:
-    return qemuimg.virtual_size(image, fmt)
+async def _virtual_size(image: str, fmt: str) -> int:
+    return await qemuimg.virtual_size(image, fmt)
 
 
-def _convert(source: str, source_fmt: str, out: Path, fmt: str, vdev: str, size: int,
+async def _convert(source: str, source_fmt: str, out: Path, fmt: str, vdev: str, size: int,
              timeout: float, progress: Progress | None, started: float) -> None:
     """``qemu-img convert`` ``source`` (of format ``source_fmt``) to ``out``, reporting progress."""
 
@@ -302,7 +302,7 @@ def _convert(source: str, source_fmt: str, out: Path, fmt: str, vdev: str, size:
             progress(MirrorProgress(vdev, "copying", int(size * percent / 100), size, False,
                                     time.monotonic() - started))
 
-    qemuimg.convert(source, source_fmt, out, fmt, timeout=timeout, progress=report)
+    await qemuimg.convert(source, source_fmt, out, fmt, timeout=timeout, progress=report)
     if progress is not None:
         progress(MirrorProgress(vdev, "concluded", size, size, True,
                                 time.monotonic() - started))
@@ -337,7 +337,7 @@ async def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, sour
     elif run.created:
         qemuimg.remove_own(target)
         notes.append(f"the unfinished {target} was removed")
-    notes.append(_check_source(source, source_fmt))
+    notes.append(await _check_source(source, source_fmt))
     await ts.gone(ts.store.get(rec.domid))
     kept = any(r.domid == rec.domid for r in ts.store.list())
     notes.append(f"{rec.name} is now shut off (it has snapshots)" if kept
@@ -345,14 +345,14 @@ async def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, sour
     return BackendError(f"{what}: " + "; ".join(notes))
 
 
-def _check_source(source: str, fmt: str) -> str:
+async def _check_source(source: str, fmt: str) -> str:
     """``qemu-img check -r leaks`` the source (a killed QEMU may leak clusters); what it found.
 
     ``fmt`` is the source's format, never probed (a guest could make a raw
     disk look like a qcow2 whose "repair" would write into it).
     """
     try:
-        result = qemuimg.check(source, fmt, repair=True)
+        result = await qemuimg.check(source, fmt, repair=True)
     except XenlabError as err:
         return f"the source {source} could not be checked ({err})"
     if not result.checked:  # raw: no metadata to check

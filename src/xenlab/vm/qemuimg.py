@@ -39,6 +39,7 @@ Files xenlab makes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
@@ -48,7 +49,6 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,24 +264,44 @@ def driver(fmt: DiskFormat | str) -> str:
     return found
 
 
-def _run(command: str, path: str | Path, args: Sequence[str], *,
-         timeout: float = TIMEOUT, ok: Sequence[int] = (0,)) -> subprocess.CompletedProcess[str]:
-    """Run ``qemu-img COMMAND ARGS``; the finished process, or QemuImgError with its words."""
+@dataclass(frozen=True, slots=True)
+class _Done:
+    """A finished qemu-img: its exit status and what it said."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def _run(command: str, path: str | Path, args: Sequence[str], *,
+               timeout: float = TIMEOUT, ok: Sequence[int] = (0,)) -> _Done:
+    """Run ``qemu-img COMMAND ARGS`` (the one place it runs, without blocking the loop);
+    the finished process, or QemuImgError with its words.  A qemu-img that runs out of
+    time, or whose verb is cancelled, is killed and waited for."""
     try:
-        proc = subprocess.run(["qemu-img", command, *args], capture_output=True, text=True,
-                              errors="replace", check=False, timeout=timeout,
-                              stdin=subprocess.DEVNULL, umask=_UMASK)
-    except subprocess.TimeoutExpired as err:
-        raise QemuImgError(command, str(path), f"not done within {timeout:g}s") from err
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-img", command, *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, umask=_UMASK)
     except OSError as err:
         raise QemuImgError(command, str(path), err.strerror or str(err)) from err
-    if proc.returncode not in ok:
-        msg = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
+    try:
+        async with asyncio.timeout(timeout):
+            out, err_out = await proc.communicate()
+    except TimeoutError as err:
+        raise QemuImgError(command, str(path), f"not done within {timeout:g}s") from err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    done = _Done(proc.returncode if proc.returncode is not None else -1,
+                 out.decode(errors="replace"), err_out.decode(errors="replace"))
+    if done.returncode not in ok:
+        msg = done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}"
         raise QemuImgError(command, str(path), msg.removeprefix("qemu-img: "))
-    return proc
+    return done
 
 
-def create(path: str | Path, fmt: DiskFormat | str, size: int | str | None = None, *,
+async def create(path: str | Path, fmt: DiskFormat | str, size: int | str | None = None, *,
            backing: str | Path | None = None, backing_fmt: DiskFormat | str | None = None
            ) -> None:
     """Make new image ``path``: blank of ``size`` (bytes or qemu-img's ``64M``), or over
@@ -302,7 +322,7 @@ def create(path: str | Path, fmt: DiskFormat | str, size: int | str | None = Non
             raise UsageError(f"{path}: a backing file needs its format")
         args += ["-b", str(backing), "-F", driver(backing_fmt)]
     with new_image(path) as tmp, _named(tmp, path):
-        _run("create", path, [*args, str(tmp), *([] if size is None else [str(size)])])
+        await _run("create", path, [*args, str(tmp), *([] if size is None else [str(size)])])
 
 
 @contextlib.contextmanager
@@ -315,9 +335,9 @@ def _named(tmp: Path, path: str | Path) -> Iterator[None]:
                            err.detail.replace(str(tmp), str(path))) from err
 
 
-def info(path: str | Path, fmt: DiskFormat | str) -> dict[str, Any]:
+async def info(path: str | Path, fmt: DiskFormat | str) -> dict[str, Any]:
     """``qemu-img info`` of image ``path`` read as ``fmt`` (its backing file is not opened)."""
-    out = _run("info", path, ["-U", "-f", driver(fmt), "--output=json", str(path)]).stdout
+    out = (await _run("info", path, ["-U", "-f", driver(fmt), "--output=json", str(path)])).stdout
     try:
         data = json.loads(out)
     except ValueError as err:
@@ -327,14 +347,15 @@ def info(path: str | Path, fmt: DiskFormat | str) -> dict[str, Any]:
     return data
 
 
-def virtual_size(path: str | Path, fmt: DiskFormat | str) -> int:
+async def virtual_size(path: str | Path, fmt: DiskFormat | str) -> int:
     """The size the guest sees of image ``path``, in bytes."""
-    return int(info(path, fmt).get("virtual-size", 0))
+    return int((await info(path, fmt)).get("virtual-size", 0))
 
 
-def backing_of(path: str | Path, fmt: DiskFormat | str) -> tuple[str, str | None] | None:
+async def backing_of(path: str | Path, fmt: DiskFormat | str
+                     ) -> tuple[str, str | None] | None:
     """Image ``path``'s backing file (absolute, real) and its recorded format, or None."""
-    data = info(path, fmt)
+    data = await info(path, fmt)
     b = data.get("full-backing-filename") or data.get("backing-filename")
     if not b:
         return None
@@ -343,7 +364,8 @@ def backing_of(path: str | Path, fmt: DiskFormat | str) -> tuple[str, str | None
     return real, (str(bfmt) if bfmt else None)
 
 
-def backing_chain(path: str | Path, fmt: DiskFormat | str, *, limit: int = 256) -> list[str]:
+async def backing_chain(path: str | Path, fmt: DiskFormat | str, *, limit: int = 256
+                        ) -> list[str]:
     """``path`` and every image below it, as real paths; [] when ``path`` is missing.
 
     Walked one image at a time, each read as the format its parent recorded
@@ -353,7 +375,7 @@ def backing_chain(path: str | Path, fmt: DiskFormat | str, *, limit: int = 256) 
     if not Path(path).exists():
         return []
     out = [os.path.realpath(str(path))]
-    cur: tuple[str, str | None] | None = backing_of(path, fmt)
+    cur: tuple[str, str | None] | None = await backing_of(path, fmt)
     while cur is not None:
         file, bfmt = cur
         if file in out:
@@ -363,17 +385,17 @@ def backing_chain(path: str | Path, fmt: DiskFormat | str, *, limit: int = 256) 
         out.append(file)
         if bfmt is None or not Path(file).exists():
             break
-        cur = backing_of(file, bfmt)
+        cur = await backing_of(file, bfmt)
     return out
 
 
-def snapshot_tags(path: str | Path) -> set[str]:
+async def snapshot_tags(path: str | Path) -> set[str]:
     """The internal snapshot names in qcow2 image ``path``."""
-    return {str(s.get("name")) for s in info(path, "qcow2").get("snapshots", ())
+    return {str(s.get("name")) for s in (await info(path, "qcow2")).get("snapshots", ())
             if isinstance(s, dict)}
 
 
-def snapshot(op: str, tag: str, path: str | Path) -> None:
+async def snapshot(op: str, tag: str, path: str | Path) -> None:
     """``qemu-img snapshot`` on qcow2 image ``path``: ``op`` is create, apply or delete.
 
     ``qemu-img snapshot`` has no ``-f``: the format is given as image
@@ -381,12 +403,13 @@ def snapshot(op: str, tag: str, path: str | Path) -> None:
     """
     flag = {"create": "-c", "apply": "-a", "delete": "-d"}[op]
     opts = f"driver=qcow2,file.driver=file,file.filename={str(path).replace(',', ',,')}"
-    _run("snapshot", path, ["--image-opts", flag, tag, opts])
+    await _run("snapshot", path, ["--image-opts", flag, tag, opts])
 
 
-def commit(path: str | Path, fmt: DiskFormat | str, *, timeout: float = TIMEOUT) -> None:
+async def commit(path: str | Path, fmt: DiskFormat | str, *, timeout: float = TIMEOUT
+                 ) -> None:
     """Merge image ``path`` into its backing file (``qemu-img commit``)."""
-    _run("commit", path, ["-q", "-f", driver(fmt), str(path)], timeout=timeout)
+    await _run("commit", path, ["-q", "-f", driver(fmt), str(path)], timeout=timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,8 +424,8 @@ class CheckResult:
     corrupt: bool = False  # errors, not only leaked clusters (no harm to data)
 
 
-def check(path: str | Path, fmt: DiskFormat | str, *, repair: bool = False,
-          timeout: float = 300.0) -> CheckResult:
+async def check(path: str | Path, fmt: DiskFormat | str, *, repair: bool = False,
+                timeout: float = 300.0) -> CheckResult:
     """``qemu-img check`` image ``path`` of format ``fmt``; with ``repair``, fix leaked clusters.
 
     Formats without metadata (raw) are not checked, never "repaired".  A check
@@ -416,7 +439,7 @@ def check(path: str | Path, fmt: DiskFormat | str, *, repair: bool = False,
     # so it must get the image's lock.
     args = ["-f", drv, *(["-r", "leaks"] if repair else ["-U"])]
     # 0 consistent, 2 corrupted, 3 leaks (left or repaired), 63 cannot check
-    proc = _run("check", path, [*args, str(path)], timeout=timeout, ok=(0, 2, 3, 63))
+    proc = await _run("check", path, [*args, str(path)], timeout=timeout, ok=(0, 2, 3, 63))
     text = (proc.stdout + proc.stderr).strip()
     if proc.returncode == 63:
         return CheckResult(str(path), False, True, False, text)
@@ -429,9 +452,9 @@ def check(path: str | Path, fmt: DiskFormat | str, *, repair: bool = False,
 _PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
-def convert(source: str | Path, source_fmt: DiskFormat | str, out: str | Path,
-            out_fmt: DiskFormat | str, *, timeout: float,
-            progress: Callable[[float], None] | None = None) -> None:
+async def convert(source: str | Path, source_fmt: DiskFormat | str, out: str | Path,
+                  out_fmt: DiskFormat | str, *, timeout: float,
+                  progress: Callable[[float], None] | None = None) -> None:
     """``qemu-img convert -p`` ``source`` to new image ``out``, calling ``progress(percent)``
     as it goes.
 
@@ -443,13 +466,12 @@ def convert(source: str | Path, source_fmt: DiskFormat | str, out: str | Path,
     :raise QemuImgError: qemu-img failed or ran out of time (nothing is left behind).
     """
     with new_image(out) as tmp, _named(tmp, out):
-        _convert(source, source_fmt, tmp, out_fmt, timeout=timeout, progress=progress)
+        await _convert(source, source_fmt, tmp, out_fmt, timeout=timeout, progress=progress)
 
 
-def _convert(source: str | Path, source_fmt: DiskFormat | str, out: Path,
-             out_fmt: DiskFormat | str, *, timeout: float,
-             progress: Callable[[float], None] | None) -> None:
-    deadline = time.monotonic() + timeout
+async def _convert(source: str | Path, source_fmt: DiskFormat | str, out: Path,
+                   out_fmt: DiskFormat | str, *, timeout: float,
+                   progress: Callable[[float], None] | None) -> None:
     argv = ["qemu-img", "convert", "-p", "-f", driver(source_fmt), "-O", driver(out_fmt),
             str(source), str(out)]
     setpriv = shutil.which("setpriv")
@@ -458,42 +480,28 @@ def _convert(source: str | Path, source_fmt: DiskFormat | str, out: Path,
         # image lock (a later start of the domain fails on it) for minutes.
         argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, umask=_UMASK)
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            umask=_UMASK)
     except OSError as err:
         raise QemuImgError("convert", str(source), err.strerror or str(err)) from err
     assert proc.stdout is not None and proc.stderr is not None
     try:
-        os.set_blocking(proc.stdout.fileno(), False)
-        buf = b""
-        while True:
-            if time.monotonic() > deadline:
-                raise QemuImgError("convert", str(source), f"not done within {timeout:g}s")
-            try:
-                chunk: bytes | None = os.read(proc.stdout.fileno(), 4096)
-            except BlockingIOError:
-                chunk = None
-            if chunk:
+        async with asyncio.timeout(timeout):
+            buf = b""
+            while chunk := await proc.stdout.read(4096):
                 buf = (buf + chunk)[-256:]
                 found = _PERCENT.findall(buf)
                 if found and progress is not None:
                     progress(float(found[-1]))
-                continue
-            if chunk == b"" or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        try:
-            rc = proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired as err:
-            raise QemuImgError("convert", str(source),
-                               f"not done within {timeout:g}s") from err
-        if rc != 0:
-            err_text = proc.stderr.read().decode(errors="replace").strip()
-            raise QemuImgError("convert", str(source),
-                               err_text.removeprefix("qemu-img: ") or f"exit {rc}")
+            err_text = (await proc.stderr.read()).decode(errors="replace").strip()
+            rc = await proc.wait()
+    except TimeoutError as err:
+        raise QemuImgError("convert", str(source), f"not done within {timeout:g}s") from err
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+            await proc.wait()
+    if rc != 0:
+        raise QemuImgError("convert", str(source),
+                           err_text.removeprefix("qemu-img: ") or f"exit {rc}")

@@ -26,6 +26,7 @@ and a failed or discarded snapshot removes only regular files of this user
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import stat
@@ -132,7 +133,7 @@ class DiskSnapshotBackend(Protocol):
         """Undo whatever a failed ``create`` of ``tag`` left."""
         ...
 
-    def list(self, disk: SnapDisk) -> set[str]:
+    async def list(self, disk: SnapDisk) -> set[str]:
         """The tags of this backend's snapshots found on ``disk``."""
         ...
 
@@ -201,15 +202,15 @@ async def qemu_uses(live: LiveSnapshots, file: str) -> bool:
     return bool(node)
 
 
-def backing_file(path: str, fmt: str = "qcow2") -> str | None:
+async def backing_file(path: str, fmt: str = "qcow2") -> str | None:
     """The backing file of image ``path`` (absolute, real), or None."""
-    found = qemuimg.backing_of(path, fmt)
+    found = await qemuimg.backing_of(path, fmt)
     return None if found is None else found[0]
 
 
-def backing_chain(path: str, fmt: str) -> list[str]:
+async def backing_chain(path: str, fmt: str) -> list[str]:
     """``path`` and every image below it, real paths; [] when ``path`` is missing."""
-    return qemuimg.backing_chain(path, fmt)
+    return await qemuimg.backing_chain(path, fmt)
 
 
 class Qcow2Internal:
@@ -232,13 +233,13 @@ class Qcow2Internal:
 
     async def create(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None) -> None:
         if live is None:
-            qemuimg.snapshot("create", tag, entry["file"])
+            await qemuimg.snapshot("create", tag, entry["file"])
         else:
             node = await node_of(live, entry["file"], entry["node"])
             await live.take([DiskSnap(node=node, tag=tag)], _TAKE_TIMEOUT)
 
     async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
-        qemuimg.snapshot("apply", tag, entry["file"])
+        await qemuimg.snapshot("apply", tag, entry["file"])
         return None
 
     async def delete(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None,
@@ -251,16 +252,16 @@ class Qcow2Internal:
         if not Path(f).exists():
             return
         if live is None:
-            if tag in qemuimg.snapshot_tags(f):
-                qemuimg.snapshot("delete", tag, f)
+            if tag in await qemuimg.snapshot_tags(f):
+                await qemuimg.snapshot("delete", tag, f)
         else:
             node, tags = await live.node_and_tags(f, entry["node"])
-            if tag not in (qemuimg.snapshot_tags(f) if tags is None else tags):
+            if tag not in (await qemuimg.snapshot_tags(f) if tags is None else tags):
                 return
             await live.delete_internal(node, tag, f"delete-{tag}-{entry['vdev']}", JOB_TIMEOUT)
 
-    def list(self, disk: SnapDisk) -> set[str]:
-        return qemuimg.snapshot_tags(disk.file) if Path(disk.file).exists() else set()
+    async def list(self, disk: SnapDisk) -> set[str]:
+        return await qemuimg.snapshot_tags(disk.file) if Path(disk.file).exists() else set()
 
 
 class Qcow2External:
@@ -289,7 +290,7 @@ class Qcow2External:
 
     async def create(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None) -> None:
         if live is None:
-            qemuimg.create(entry["overlay"], "qcow2", backing=entry["file"],
+            await qemuimg.create(entry["overlay"], "qcow2", backing=entry["file"],
                            backing_fmt=entry["format"])
             return
         node = await node_of(live, entry["file"], entry["node"])
@@ -318,7 +319,7 @@ class Qcow2External:
             if os.path.lexists(new):
                 continue
             try:
-                qemuimg.create(new, "qcow2", backing=entry["file"],
+                await qemuimg.create(new, "qcow2", backing=entry["file"],
                                backing_fmt=entry["format"])
             except ImageFileError as err:
                 if err.exists:
@@ -333,11 +334,11 @@ class Qcow2External:
                      top: str) -> str | None:
         frozen = os.path.realpath(entry["file"])
         if (not Path(top).exists() or os.path.realpath(top) == frozen
-                or backing_file(top) != frozen):
+                or await backing_file(top) != frozen):
             return None  # another branch is current: nothing to merge, layers get pruned
         # The top holds what happened since the snapshot: merge it down.
         if live is None:
-            qemuimg.commit(top, "qcow2", timeout=JOB_TIMEOUT)
+            await qemuimg.commit(top, "qcow2", timeout=JOB_TIMEOUT)
         else:
             await live.commit(top, str(entry["overlay_node"]), str(entry["file"]),
                               str(entry["node"]), f"commit-{entry['vdev']}", JOB_TIMEOUT)
@@ -351,7 +352,7 @@ class Qcow2External:
             raise BackendError(f"QEMU runs disk {entry['vdev']} on {overlay}: not removed")
         qemuimg.remove_own(overlay)  # never a link someone planted there
 
-    def list(self, disk: SnapDisk) -> set[str]:
+    async def list(self, disk: SnapDisk) -> set[str]:
         prefix = Path(disk.base).name + "."
         out = set()
         for p in Path(disk.base).parent.glob(glob_escape(prefix) + "*.qcow2"):
@@ -386,12 +387,12 @@ class RawCopy:
     async def create(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None) -> None:
         if live is not None:
             raise StateError("raw copies need the domain shut off")
-        copy_whole(entry["file"], entry["copy"], new=True)
+        await copy_whole(entry["file"], entry["copy"], new=True)
 
     async def revert(self, entry: Mapping[str, Any], tag: str) -> dict[str, str] | None:
         if not Path(entry["copy"]).exists():
             raise StateError(f"snapshot copy {entry['copy']} is missing")
-        copy_whole(entry["copy"], entry["file"], new=False)
+        await copy_whole(entry["copy"], entry["file"], new=False)
         return None
 
     async def delete(self, entry: Mapping[str, Any], tag: str, live: LiveSnapshots | None,
@@ -406,7 +407,7 @@ class RawCopy:
         for part in copy.parent.glob(glob_escape(f".{copy.name[:200]}.") + "*.part"):
             qemuimg.remove_own(part)
 
-    def list(self, disk: SnapDisk) -> set[str]:
+    async def list(self, disk: SnapDisk) -> set[str]:
         prefix = Path(disk.file).name + "@"
         return {p.name[len(prefix):] for p in Path(disk.file).parent.glob(
             glob_escape(prefix) + "*") if SNAPSHOT_NAME.fullmatch(p.name[len(prefix):])}
@@ -417,7 +418,7 @@ def glob_escape(s: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", s)
 
 
-def copy_whole(src: str, dst: str, *, new: bool) -> None:
+async def copy_whole(src: str, dst: str, *, new: bool) -> None:
     """Copy image ``src`` to ``dst`` all at once: reflinked where possible, sparse.
 
     ``cp`` writes a temporary file beside the destination (``mkstemp``: a
@@ -438,7 +439,7 @@ def copy_whole(src: str, dst: str, *, new: bool) -> None:
         with qemuimg.new_image(dst) as tmp:
             fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                _cp_into(src, fd, tmp)
+                await _cp_into(src, fd, tmp)
             finally:
                 os.close(fd)
         return
@@ -455,7 +456,7 @@ def copy_whole(src: str, dst: str, *, new: bool) -> None:
                                         f"{err.strerror or err}") from err
     tmp = Path(name)
     try:
-        _cp_into(src, fd, tmp)
+        await _cp_into(src, fd, tmp)
         os.fchmod(fd, mode)
         st, now = os.fstat(fd), os.lstat(tmp)
         if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
@@ -476,16 +477,23 @@ def copy_whole(src: str, dst: str, *, new: bool) -> None:
         qemuimg.remove_own(tmp)
 
 
-def _cp_into(src: str, fd: int, tmp: Path) -> None:
+async def _cp_into(src: str, fd: int, tmp: Path) -> None:
     """``cp --reflink=auto --sparse=always`` ``src`` into the file open as ``fd``; fsynced."""
+    proc = await asyncio.create_subprocess_exec(
+        "cp", "--reflink=auto", "--sparse=always", src, f"/dev/fd/{fd}", pass_fds=(fd,),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        proc = subprocess.run(["cp", "--reflink=auto", "--sparse=always", src,
-                               f"/dev/fd/{fd}"], capture_output=True, text=True, check=False,
-                              timeout=JOB_TIMEOUT, pass_fds=(fd,), stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as err:
-        raise BackendError(f"cp {src} {tmp}: not done within {JOB_TIMEOUT:g}s") from err
+        async with asyncio.timeout(JOB_TIMEOUT):
+            _, err = await proc.communicate()
+    except TimeoutError as exc:
+        raise BackendError(f"cp {src} {tmp}: not done within {JOB_TIMEOUT:g}s") from exc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     if proc.returncode != 0:
-        raise BackendError(f"cp {src} {tmp}: {proc.stderr.strip() or proc.returncode}")
+        said = err.decode(errors="replace").strip()
+        raise BackendError(f"cp {src} {tmp}: {said or proc.returncode}")
     os.fsync(fd)
 
 

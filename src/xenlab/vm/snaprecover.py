@@ -177,7 +177,7 @@ async def _present(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord, live: 
             out.append(found is not None and row.name in found)
         else:
             disk = next((d for d in snap_disks(ts, rec) if d.vdev == e["vdev"]), None)
-            out.append(disk is not None and row.name in b.list(disk))
+            out.append(disk is not None and row.name in await b.list(disk))
     return out
 
 
@@ -277,7 +277,7 @@ async def _stale_rows(ts: Toolstack, rec: DomainRecord, name: str) -> None:
     row = _row(ts, rec, name)
     if row is None or row.state is not SnapshotState.CREATING:
         return
-    repair_images(entry_images(row.disks))
+    await repair_images(entry_images(row.disks))
     layered = [e for e in row.disks if entry_backend(row, e).layered
                and Path(e["overlay"]).exists()]
     if layered:
@@ -310,7 +310,7 @@ async def _recover_delete(ts: Toolstack, rec: DomainRecord, live: bool) -> None:
             continue
         cur = current_id(ts, ts.store.get(rec.domid))
         ts.store.remove_snapshot(s.id)
-        prune(ts, rec.domid, {str(e[k]) for e in s.disks for k in ("file", "overlay")
+        await prune(ts, rec.domid, {str(e[k]) for e in s.disks for k in ("file", "overlay")
                               if k in e})
         if cur == s.id:
             set_current(ts, rec.domid, s.parent)

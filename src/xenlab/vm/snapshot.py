@@ -139,7 +139,7 @@ def _check_name(snap: str) -> None:
         )
 
 
-def repair_images(images: Sequence[tuple[str, str]]) -> None:
+async def repair_images(images: Sequence[tuple[str, str]]) -> None:
     """Fix leaked clusters (what a killed QEMU leaves) in ``(file, format)`` images.
 
     The format is the one the config or record gives, never probed: a raw
@@ -149,7 +149,7 @@ def repair_images(images: Sequence[tuple[str, str]]) -> None:
     for path, fmt in images:
         if not Path(path).exists():
             continue
-        result = qemuimg.check(path, fmt, repair=True)
+        result = await qemuimg.check(path, fmt, repair=True)
         if not result.ok:
             raise BackendError(f"qemu-img check {path}: {result.message}")
 
@@ -233,7 +233,7 @@ def set_tops(ts: Toolstack, domid: int, tops: Mapping[str, Mapping[str, str] | N
         ts.store.patch(domid, extra_drop=[OVERLAYS])
 
 
-def prune(ts: Toolstack, domid: int, candidates: set[str]) -> list[str]:
+async def prune(ts: Toolstack, domid: int, candidates: set[str]) -> list[str]:
     """Remove the overlay files in ``candidates`` that no snapshot and no disk needs any more.
 
     Needed: every image a snapshot recorded, every disk's top, and the
@@ -253,7 +253,7 @@ def prune(ts: Toolstack, domid: int, candidates: set[str]) -> list[str]:
         roots.update(entry_images(s.disks))
     needed: set[str] = set()
     for r, fmt in roots:
-        needed.update(backing_chain(r, fmt) or [os.path.realpath(r)])
+        needed.update(await backing_chain(r, fmt) or [os.path.realpath(r)])
     removed = []
     for real in sorted(maybe - needed):
         if qemuimg.remove_own(real):
@@ -574,7 +574,7 @@ async def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
             for e in row.disks:
                 await entry_backend(row, e).discard(e, row.name, None)
             if gone:
-                repair_images(entry_images(row.disks))
+                await repair_images(entry_images(row.disks))
                 notes.append("the disks were checked and their leaks repaired")
         else:
             await _discard_live(ts, rec, row)
@@ -614,7 +614,7 @@ def list_snapshots(ts: Toolstack, name: str) -> SnapshotTree:
     return SnapshotTree(rec.name, ts.store.snapshot_tree(rec.domid), current)
 
 
-def snapshot_info(ts: Toolstack, name: str, snap: str) -> SnapshotInfo:
+async def snapshot_info(ts: Toolstack, name: str, snap: str) -> SnapshotInfo:
     """Snapshot ``snap`` of domain ``name`` in detail.
 
     CLI: ``xenlab vm snapshot-info DOM NAME [--json]``.
@@ -631,7 +631,7 @@ def snapshot_info(ts: Toolstack, name: str, snap: str) -> SnapshotInfo:
         for d in s.disks:
             if d.get("vmstate") and Path(d["file"]).exists():
                 try:
-                    info = qemuimg.info(d["file"], "qcow2")
+                    info = await qemuimg.info(d["file"], "qcow2")
                 except BackendError:
                     break
                 for item in info.get("snapshots", ()):
@@ -700,7 +700,7 @@ async def revert_snapshot(ts: Toolstack, name: str, snap: str, *, running: bool 
                 rec = await _revert_with_memory_file(ts, rec, s, pairs, state, go, timeout)
             else:
                 previous = await revert_disks(ts, rec, s, pairs)
-                prune(ts, rec.domid, set(previous.values()))
+                await prune(ts, rec.domid, set(previous.values()))
                 if running is not None:
                     rec = await _start_paused(ts, ts.store.get(rec.domid))
                     if running:
@@ -717,7 +717,7 @@ async def _revert_internal_state(ts: Toolstack, rec: DomainRecord, s: SnapshotRe
         await _load(ts, rec, s, go, timeout)
     except BaseException:
         if not ts.alive(rec):
-            repair_images(entry_images(s.disks))
+            await repair_images(entry_images(s.disks))
             await ts.gone(ts.store.get(rec.domid))
         raise
     return ts.store.patch(rec.domid, state="running" if go else "paused")
@@ -760,7 +760,7 @@ async def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: Snapshot
         ts.kill_domain(rec)
         await ts.gone(rec)
         faults.point("snapshot-revert.killed")
-        repair_images([(d.file, d.format) for d in snap_disks(ts, rec)])
+        await repair_images([(d.file, d.format) for d in snap_disks(ts, rec)])
         rec = ts.store.get(rec.domid)
     previous = await revert_disks(ts, rec, s, pairs)
     faults.point("snapshot-revert.disks")
@@ -790,7 +790,7 @@ async def _revert_with_memory_file(ts: Toolstack, rec: DomainRecord, s: Snapshot
         for path in new.values():
             qemuimg.remove_own(path)
         raise
-    prune(ts, rec.domid, set(previous.values()))
+    await prune(ts, rec.domid, set(previous.values()))
     return ts.store.patch(rec.domid, state="running" if go else "paused")
 
 
@@ -857,7 +857,7 @@ async def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool
                 except BaseException as err:
                     ts.store.set_snapshot_state(s.id, SnapshotState.BROKEN)
                     if state != SHUTOFF and not ts.alive(rec):
-                        repair_images(entry_images(s.disks))
+                        await repair_images(entry_images(s.disks))
                         await ts.gone(ts.store.get(rec.domid))
                     if isinstance(err, Exception):
                         raise BackendError(
@@ -866,7 +866,7 @@ async def delete_snapshot(ts: Toolstack, name: str, snap: str, *, children: bool
                         ) from err
                     raise
                 ts.store.remove_snapshot(s.id)
-                prune(ts, rec.domid, {str(e[k]) for e in s.disks for k in ("file", "overlay")
+                await prune(ts, rec.domid, {str(e[k]) for e in s.disks for k in ("file", "overlay")
                                        if k in e})
                 done.append(s)
                 if cur == s.id:

@@ -214,7 +214,7 @@ async def receive(
     try:
         for _, target, fmt, size in todo:
             try:
-                qemuimg.create(target, fmt, size)
+                await qemuimg.create(target, fmt, size)
             except BackendError as err:
                 raise FileWriteError(target, str(err)) from err
             created.append(target)

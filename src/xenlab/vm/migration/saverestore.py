@@ -408,7 +408,7 @@ def _write_out(fd: int) -> None:
 # --- restore ----------------------------------------------------------------------------------
 
 
-def _revert_plan(dc: DomainConfig, header: SaveHeader, path: Path) -> list[tuple[str, str]]:
+async def _revert_plan(dc: DomainConfig, header: SaveHeader, path: Path) -> list[tuple[str, str]]:
     """(file, tag) of each disk ``restore`` must revert; checked before anything changes.
 
     The files are the ones the (possibly overridden, moved) config names now:
@@ -432,7 +432,7 @@ def _revert_plan(dc: DomainConfig, header: SaveHeader, path: Path) -> list[tuple
                 "a qcow2 image); it is not the disk that was saved"
             )
         try:
-            tags = qemuimg.snapshot_tags(disk.pdev_path)
+            tags = await qemuimg.snapshot_tags(disk.pdev_path)
         except BackendError as err:
             raise FileReadError(f"restore {path}: disk {disk.pdev_path}",
                                 f"cannot read it: {err}") from err
@@ -494,11 +494,11 @@ async def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides:
         text_dc = config_from_text(header.config_text, source)[0] if overrides else dc
         placed = place(text_dc, dc, header.disk_paths, header.overlays, f"restore {path}")
         dc = placed.config
-        plan = _revert_plan(dc, header, path)
+        plan = await _revert_plan(dc, header, path)
 
-        def revert() -> None:
+        async def revert() -> None:
             for file, tag in plan:
-                qemuimg.snapshot("apply", tag, file)
+                await qemuimg.snapshot("apply", tag, file)
 
         rec = await ts.launch(dc, text, config_path=header.config_path, uuid=header.uuid,
                         incoming="defer", image=image_for(dc, image),

@@ -105,7 +105,7 @@ async def _copy(qmp_path: Path, req: BlockCopyRequest, note: Note, run: BlockCop
         node = f"{vdev}--mirror{n}"
         # New, 0600, and nobody else's file or link at the name (qemuimg.new_image);
         # the directory is fsynced: the record may name this very file soon.
-        qemuimg.create(target, fmt, size)
+        await qemuimg.create(target, fmt, size)
         run.created = True
         faults.point("mirror.target-made")
         added = False
