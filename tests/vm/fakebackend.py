@@ -84,6 +84,9 @@ class FakeBackend:
     calls: list[tuple[str, str]] = field(default_factory=list)
     loops: set[int] = field(default_factory=set)  # the event loops its calls ran on
     slow: float = 0.0  # seconds pause/resume take (to hold a lock while another waits)
+    aslow: float = 0.0  # seconds pause/resume take yielding to the loop (tasks of a process)
+    inside: int = 0  # pause/resume calls in progress now, and at most
+    peak: int = 0
     refuse: str | None = None  # a start fails with these words (a config it cannot run)
     stubborn: bool = False  # the guests ignore the power button
     agent: bool = True  # the guests' agents answer
@@ -144,14 +147,23 @@ class FakeBackend:
     async def state(self, h: DomainHandle, timeout: float = 10.0) -> str:
         return self._dom(h, "state").state
 
+    async def _busy(self) -> None:
+        self.inside += 1
+        self.peak = max(self.peak, self.inside)
+        try:
+            time.sleep(self.slow)
+            await asyncio.sleep(self.aslow)
+        finally:
+            self.inside -= 1
+
     async def pause(self, h: DomainHandle) -> None:
         dom = self._dom(h, "pause")
-        time.sleep(self.slow)
+        await self._busy()
         dom.state = "paused"
 
     async def resume(self, h: DomainHandle) -> None:
         dom = self._dom(h, "resume")
-        time.sleep(self.slow)
+        await self._busy()
         dom.state = "running"
 
     def destroy(self, h: DomainHandle) -> None:
@@ -168,10 +180,13 @@ class FakeBackend:
             dom.alive, dom.exit = False, ExitReason.POWEROFF
 
     def wait_gone(self, h: DomainHandle, timeout: float) -> bool:
-        if self.probe(h) is Presence.GONE:
-            return True
-        time.sleep(min(timeout, 0.01))
-        return self.probe(h) is Presence.GONE
+        """Blocks up to ``timeout``, as a real backend's wait does."""
+        deadline = time.monotonic() + timeout
+        while self.probe(h) is not Presence.GONE:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     async def reboot(self, h: DomainHandle) -> None:
         self._dom(h, "reboot")

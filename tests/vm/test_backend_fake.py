@@ -3,6 +3,7 @@ convergence logic through the Backend protocol, with no QEMU anywhere."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -502,3 +503,67 @@ def test_a_command_runs_every_backend_call_on_one_event_loop(
         go(restore(ts, tmp_path / "b.save"))
     assert len(fake.loops) == 1
     assert ts.get("b").state == "running"
+
+
+def test_two_tasks_of_one_process_take_a_domains_lock_in_turn(
+        ts: Toolstack, fake: FakeBackend) -> None:
+    # The lock is re-entrant for its holder only: a second task (a library running verbs
+    # with asyncio.gather) waits, as a second process does.
+    import asyncio
+
+    _running(ts, fake, "a")
+    fake.aslow = 0.2
+
+    async def three() -> list[object]:
+        return list(await asyncio.gather(ts.pause("a"), ts.unpause("a"), ts.pause("a"),
+                                         return_exceptions=True))
+
+    assert sync(three()) == [None, None, None]
+    assert fake.peak == 1  # never two verbs inside the domain at once
+    assert fake.world[ts.get("a").uuid].state == "paused"
+
+
+def test_a_cancel_ends_a_verb_waiting_for_a_lock_at_once(
+        ts: Toolstack, fake: FakeBackend) -> None:
+    # Ctrl-C under the CLI's loop is a cancel: a verb waiting for another command's lock
+    # must end then, before it does anything, not once it has the lock.
+    import asyncio
+
+    from xenlab.vm.store import Store
+
+    rec = _running(ts, fake, "a")
+    other = Store(ts.state_dir)  # another command's hold: its own descriptor
+
+    async def go() -> float:
+        with other.lock(rec.domid):
+            task = asyncio.create_task(ts.pause("a"))
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return time.monotonic() - t0
+
+    assert sync(go()) < 0.2
+    assert "pause" not in [c for c, _ in fake.calls]
+    other.close()
+
+
+def test_a_cancel_ends_a_shutdown_waiting_for_the_guest_at_once(
+        ts: Toolstack, fake: FakeBackend) -> None:
+    import asyncio
+
+    _running(ts, fake, "a")
+    fake.stubborn = True  # the guest ignores the button: the verb waits
+
+    async def go() -> float:
+        task = asyncio.create_task(ts.shutdown("a", timeout=30))
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return time.monotonic() - t0
+
+    assert sync(go()) < 0.3
+    assert ts.get("a").state == "running" and JOB not in ts.get("a").extra

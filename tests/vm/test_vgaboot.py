@@ -407,7 +407,7 @@ def test_paths_in_messages_are_escaped(tmp_path: Path) -> None:
     assert "\n" not in str(exc.value) and "\x1b" not in str(exc.value)
     log = tmp_path / "run\ndir" / "firmware.log"
     with pytest.raises(BackendError) as bexc:
-        wait_for_boot(log, 0.01)
+        sync(wait_for_boot(log, 0.01))
     assert repr(str(log)) in str(bexc.value) and "\n" not in str(bexc.value)
 
 
@@ -416,7 +416,7 @@ def test_the_firmware_log_is_read_with_a_bound(tmp_path: Path) -> None:
     log = tmp_path / "firmware.log"
     assert read_log(log) == ""
     log.write_text("Booting from Hard Disk...\n")
-    assert wait_for_boot(log, 1) == "Booting from Hard Disk...\n"
+    assert sync(wait_for_boot(log, 1)) == "Booting from Hard Disk...\n"
     with open(log, "ab") as f:
         f.truncate(LOG_LIMIT + 1)
     with pytest.raises(InputTooLargeError, match="firmware log larger than 16 MiB"):

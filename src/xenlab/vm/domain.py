@@ -213,7 +213,7 @@ class Toolstack:
                 if dead is not None and not dead.owner_alive():
                     # What a killed command left (a shut-off mirror's copy) is
                     # settled first: it may change which files the domain runs on.
-                    with self.store.lock(rec.domid):
+                    async with self.store.alock(rec.domid):
                         kept = await self.converge(self.store.get(rec.domid))
                     if kept is None:
                         continue
@@ -275,8 +275,8 @@ class Toolstack:
         fresh = incoming is None
         new_uuid = uuid or dc.uuid or str(uuidlib.uuid4())
         created: list[Path] = []
-        with contextlib.ExitStack() as held:
-            with self.store.global_lock():
+        async with contextlib.AsyncExitStack() as held:
+            async with self.store.aglobal_lock():
                 old = await self.reusable(dc.name)
                 if old is not None and fresh:
                     # create starts a kept domain on the disks it last ran on, with
@@ -302,7 +302,7 @@ class Toolstack:
                 try:
                     if old is not None:
                         check_backend(old, self.backend.name)
-                        held.enter_context(self.store.lock(old.domid))
+                        await held.enter_async_context(self.store.alock(old.domid))
                         drop = list(ONE_RUN) if fresh else []
                         rec = self.store.patch(
                             old.domid, expect_uuid=old.uuid, config_path=config_path,
@@ -317,7 +317,7 @@ class Toolstack:
                             created=time.time(), accel="",
                             extra={JOB: job.to_json()}, backend=self.backend.name,
                         ))
-                        held.enter_context(self.store.lock(rec.domid))
+                        await held.enter_async_context(self.store.alock(rec.domid))
                 except BaseException:
                     for p in created:
                         p.unlink(missing_ok=True)
@@ -333,6 +333,9 @@ class Toolstack:
                 rec, taps = await self._vifs_online(rec, dc, fresh=fresh)
                 faults.point(f"{step}.vifs")
                 if prepare is not None:
+                    # A Ctrl-C during what ran before (it held the loop) ends the verb
+                    # here, before the disks are changed for good.
+                    await asyncio.sleep(0)
                     await prepare()
                 # An incoming domain must not run before the stream has arrived.
                 started = await (self.backend.start(self.handle(rec), StartSpec(
@@ -455,7 +458,7 @@ class Toolstack:
         :raise WrongBackend: the domain is another backend's (even when not strict).
         """
         rec = self.get(str(name_or_id))
-        with self.store.lock(rec.domid, timeout):
+        async with self.store.alock(rec.domid, timeout):
             try:
                 now = self.store.get(rec.domid)
             except XenlabError:
@@ -630,10 +633,11 @@ class Toolstack:
             if {rec.state, status.state} == {"running", "paused"}:
                 # QEMU is the truth (a pause or unpause killed after its QMP
                 # command left the record behind): the record follows.
-                with contextlib.suppress(StateError), self.store.lock(rec.domid, 0.2):
-                    rec = self.store.patch(rec.domid, expect_uuid=rec.uuid,
-                                           state=status.state)
-                    status = replace(status, record=rec)
+                with contextlib.suppress(StateError):
+                    async with self.store.alock(rec.domid, 0.2):
+                        rec = self.store.patch(rec.domid, expect_uuid=rec.uuid,
+                                               state=status.state)
+                        status = replace(status, record=rec)
             out.append(status)
         return out
 
@@ -643,7 +647,7 @@ class Toolstack:
         A failure to converge is logged and the record shown as it is: a
         listing never hides a domain.
         """
-        with self.store.lock(rec.domid, timeout=1.0):
+        async with self.store.alock(rec.domid, timeout=1.0):
             try:
                 now = self.store.get(rec.domid)
             except XenlabError:
@@ -690,7 +694,7 @@ class Toolstack:
         started again with ``create``.
         """
         dc, text = self.load_config(cfg, overrides)
-        with self.store.global_lock():
+        async with self.store.aglobal_lock():
             for rec in self.store.list():
                 if rec.name == dc.name:
                     raise ConflictError("domain", dc.name,
@@ -834,7 +838,7 @@ class Toolstack:
                     with contextlib.suppress(BackendError):
                         await self.backend.shutdown(h)
                     left = deadline - time.monotonic()
-                    if self.backend.wait_gone(h, min(5.0, max(left, 0.0))):
+                    if await self.until_gone(h, min(5.0, max(left, 0.0))):
                         await self.gone(rec)
                         return "shutdown"
                     if time.monotonic() >= deadline:
@@ -924,6 +928,20 @@ class Toolstack:
         """
         rec = self.live_record(name_or_id)
         return self.backend.open_console(self.handle(rec), timeout)
+
+    async def until_gone(self, h: DomainHandle, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the domain of ``h`` to go; True when it did.
+
+        The backend's wait blocks, so it is asked in slices of 0.1 s with the loop let
+        run between them: a Ctrl-C (a cancel) ends the wait at once.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.backend.wait_gone(h, min(0.1, max(0.0, deadline - time.monotonic()))):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0)
 
     def kill_domain(self, rec: DomainRecord) -> None:
         """End domain ``rec`` now, if its backend has it (QEMU: SIGKILL, only if ours)."""

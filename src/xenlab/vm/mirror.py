@@ -10,6 +10,7 @@ mirror leaves are in docs/snapshots.md ("Disk mirroring").
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -318,7 +319,7 @@ async def _failed(ts: Toolstack, rec: DomainRecord, vdev: str, source: str, sour
     deadline = time.monotonic() + 5
     # A killed QEMU drops its socket a moment before its pid disappears.
     while run.lost and ts.alive(rec) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
     if ts.alive(rec):
         if run.pivoted:
             # The guest writes to the target now: the record must say so.

@@ -302,28 +302,27 @@ async def rename(ts: Toolstack, name: str, new: str) -> DomainRecord:
             f"domain {rec.name!r} (id {rec.domid}) has stale state: `xenlab vm destroy "
             f"{rec.name}` clears it"
         )
-    with ts.store.global_lock():
-        async with ts.locked(str(rec.domid)) as now:
-            if now.uuid != rec.uuid:
-                raise StateError(f"domain {rec.name!r} was replaced while rename waited for it; "
-                                 "nothing was done")
-            rec = now
-            if new == rec.name:
-                return rec
-            for other in ts.store.list():
-                if other.name == new:
-                    raise ConflictError("domain", new, f"rename: a domain named {new!r} "
-                                        f"already exists (id {other.domid})")
-            # Later settings win in an xl config, as with create's overrides.
-            text = rec.config_text.rstrip("\n") + f'\nname = "{new}"\n'
-            # A running domain may keep its old name inside the hypervisor (QEMU's -name):
-            # the backend says which record facts keep track of that.
-            facts = (await ts.backend.rename(ts.handle(rec), new) if rec.state != SHUTOFF
-                     else {})
-            return ts.store.patch(
-                rec.domid, expect_uuid=rec.uuid, name=new, config_text=text,
-                extra_set={k: v for k, v in facts.items() if v is not None},
-                extra_drop=[k for k, v in facts.items() if v is None])
+    async with ts.store.aglobal_lock(), ts.locked(str(rec.domid)) as now:
+        if now.uuid != rec.uuid:
+            raise StateError(f"domain {rec.name!r} was replaced while rename waited for it; "
+                             "nothing was done")
+        rec = now
+        if new == rec.name:
+            return rec
+        for other in ts.store.list():
+            if other.name == new:
+                raise ConflictError("domain", new, f"rename: a domain named {new!r} "
+                                    f"already exists (id {other.domid})")
+        # Later settings win in an xl config, as with create's overrides.
+        text = rec.config_text.rstrip("\n") + f'\nname = "{new}"\n'
+        # A running domain may keep its old name inside the hypervisor (QEMU's -name):
+        # the backend says which record facts keep track of that.
+        facts = (await ts.backend.rename(ts.handle(rec), new) if rec.state != SHUTOFF
+                 else {})
+        return ts.store.patch(
+            rec.domid, expect_uuid=rec.uuid, name=new, config_text=text,
+            extra_set={k: v for k, v in facts.items() if v is not None},
+            extra_drop=[k for k, v in facts.items() if v is None])
 
 
 async def info(ts: Toolstack, name: str) -> dict[str, Any]:

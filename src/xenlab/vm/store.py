@@ -39,6 +39,7 @@ Defaults (with reasons):
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import fcntl
@@ -46,8 +47,9 @@ import functools
 import json
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -76,6 +78,15 @@ DB_NAME = "xenlab.db"
 LOCK_TIMEOUT = 10.0
 STALE = "stale (QEMU gone)"
 
+
+
+def _owner() -> object:
+    """Who holds a lock: the running asyncio task, else this thread."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    return task if task is not None else threading.get_ident()
 
 class StoreError(StateError):
     """SQLite could not read or write the state store (full disk, I/O error, corrupt file).
@@ -252,7 +263,10 @@ class Store:
         private_dir(self.state_dir)
         private_dir(self.state_dir / "locks")
         self.path = self.state_dir / DB_NAME
-        self._held: dict[str, tuple[int, int]] = {}  # lock name -> (fd, depth)
+        # (lock name, owner) -> (fd, depth); the owner is the asyncio task, or the thread
+        # outside a loop: re-entrant for its owner only (two tasks of one process are two
+        # holders, and flock on two descriptors keeps them apart).
+        self._held: dict[tuple[str, object], tuple[int, int]] = {}
         # The database and its -wal/-shm files are made by SQLite with the
         # process umask: make them 0600 from the start, and tighten old ones.
         old = os.umask(0o077)
@@ -341,48 +355,92 @@ class Store:
 
     # --- locks ---
 
-    @contextlib.contextmanager
-    def _flock(self, name: str, what: str, timeout: float | None) -> Iterator[None]:
-        held = self._held.get(name)
-        if held is not None:
-            self._held[name] = (held[0], held[1] + 1)
-            try:
-                yield
-            finally:
-                fd, depth = self._held[name]
-                self._held[name] = (fd, depth - 1)
-            return
-        bound = self.lock_timeout if timeout is None else timeout
+    def _open_lock(self, name: str) -> int:
         try:
-            fd = os.open(self.state_dir / "locks" / f"{name}.lock",
-                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            return os.open(self.state_dir / "locks" / f"{name}.lock",
+                           os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise StateError(f"{self.state_dir / 'locks' / name}.lock: cannot open: "
                              f"{err.strerror or err}") from err
+
+    @staticmethod
+    def _try(fd: int) -> bool:
         try:
-            deadline = time.monotonic() + bound
-            delay = 0.005
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise StateError(
-                            f"{what} is busy: another xenlab command holds its lock "
-                            f"(waited {bound:g}s)"
-                        ) from None
-                    time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                    delay = min(delay * 2, 0.1)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._held[name] = (fd, 1)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _busy(self, what: str, bound: float) -> StateError:
+        return StateError(f"{what} is busy: another xenlab command holds its lock "
+                          f"(waited {bound:g}s)")
+
+    @contextlib.contextmanager
+    def _holding(self, key: tuple[str, object], fd: int) -> Iterator[None]:
+        self._held[key] = (fd, 1)
         try:
             yield
         finally:
             # nested holders have exited by now; closing drops the flock
-            os.close(self._held.pop(name)[0])
+            os.close(self._held.pop(key)[0])
+
+    @contextlib.contextmanager
+    def _again(self, key: tuple[str, object]) -> Iterator[None]:
+        fd, depth = self._held[key]
+        self._held[key] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = self._held[key]
+            self._held[key] = (fd, depth - 1)
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, what: str, timeout: float | None) -> Iterator[None]:
+        key = (name, _owner())
+        if key in self._held:
+            with self._again(key):
+                yield
+            return
+        bound = self.lock_timeout if timeout is None else timeout
+        fd = self._open_lock(name)
+        try:
+            deadline = time.monotonic() + bound
+            delay = 0.005
+            while not self._try(fd):
+                if time.monotonic() >= deadline:
+                    raise self._busy(what, bound)
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 0.1)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._holding(key, fd):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _aflock(self, name: str, what: str, timeout: float | None) -> AsyncIterator[None]:
+        """:meth:`_flock` for async verbs: the wait yields to the loop, so a Ctrl-C (a
+        cancel) ends it at once instead of after the lock is taken."""
+        key = (name, _owner())
+        if key in self._held:
+            with self._again(key):
+                yield
+            return
+        bound = self.lock_timeout if timeout is None else timeout
+        fd = self._open_lock(name)
+        try:
+            deadline = time.monotonic() + bound
+            delay = 0.005
+            while not self._try(fd):
+                if time.monotonic() >= deadline:
+                    raise self._busy(what, bound)
+                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 0.1)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._holding(key, fd):
+            yield
 
     def lock(
         self, domid: int, timeout: float | None = None
@@ -393,6 +451,16 @@ class Store:
             it for longer than ``timeout`` (default :attr:`lock_timeout`).
         """
         return self._flock(str(int(domid)), f"domain {int(domid)}", timeout)
+
+    def alock(self, domid: int, timeout: float | None = None
+              ) -> contextlib.AbstractAsyncContextManager[None]:
+        """:meth:`lock` for async verbs (``async with``): its wait is cancellable."""
+        return self._aflock(str(int(domid)), f"domain {int(domid)}", timeout)
+
+    def aglobal_lock(self, timeout: float | None = None
+                     ) -> contextlib.AbstractAsyncContextManager[None]:
+        """:meth:`global_lock` for async verbs (``async with``): its wait is cancellable."""
+        return self._aflock("global", "the domain table", timeout)
 
     def global_lock(self, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
         """Hold the lock that serialises id and name allocation (re-entrant in this Store).

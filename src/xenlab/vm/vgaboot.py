@@ -34,6 +34,7 @@ copied out from there.  Messages show paths escaped (:func:`shown_path`).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -207,7 +208,7 @@ def judge(firmware: FirmwareReport, screen: Sequence[str], device: str) -> tuple
                   f"{len(shown)} line(s) of text, e.g. {shown[0].strip()!r}")
 
 
-def wait_for_boot(log: Path, timeout: float, *, alive: Any = None) -> str:
+async def wait_for_boot(log: Path, timeout: float, *, alive: Any = None) -> str:
     """Wait until SeaBIOS's log shows it went to boot (or gave up); the log's text.
 
     ``alive`` is a callable; when it returns False the wait ends early
@@ -229,7 +230,7 @@ def wait_for_boot(log: Path, timeout: float, *, alive: Any = None) -> str:
                 f"({shown_path(log)}: "
                 f"{' | '.join(text.splitlines()[-3:]) or 'empty'})"
             )
-        time.sleep(delay)
+        await asyncio.sleep(delay)
         delay = min(delay * 2, 0.05)
 
 
@@ -442,7 +443,7 @@ async def boot_rom(ts: Toolstack, rom: Path, *, out_dir: Path, cfg: Path | None 
     handle = ts.handle(rec)
     log = ts.backend.firmware_log(handle)
     try:
-        wait_for_boot(log, timeout, alive=lambda: ts.alive(rec))
+        await wait_for_boot(log, timeout, alive=lambda: ts.alive(rec))
 
         shown_now = await ts.backend.capture_screen(handle, resume=not check)
         firmware_text = read_log(log)

@@ -262,7 +262,7 @@ async def finish_receive(ts: Toolstack, incoming: Incoming, *, paused: bool = Fa
         away (its record is removed), or nothing completed within ``timeout``.
     """
     rec = incoming.record
-    with ts.store.lock(rec.domid):
+    async with ts.store.alock(rec.domid):
         try:
             await _finish(ts, incoming, paused, timeout)
         except BaseException as err:
@@ -302,7 +302,7 @@ def _exports(inc: Incoming) -> tuple[str, ...] | None:
 async def abort_receive(ts: Toolstack, incoming: Incoming) -> None:
     """Give up on an incoming migration: kill its QEMU, forget it, remove disks made for it."""
     rec = incoming.record
-    with ts.store.lock(rec.domid):
+    async with ts.store.alock(rec.domid):
         ts.kill_domain(rec)
         await ts.gone(rec)
     _unlink(incoming.created)
@@ -503,7 +503,7 @@ async def _serve(ts: Toolstack, ch: Channel, inc: Incoming, paused: bool,
     try:
         go = await _await_stream(ch, ts, inc, timeout)
         rec = inc.record
-        with ts.store.lock(rec.domid):
+        async with ts.store.alock(rec.domid):
             still = paused or go.paused
             await ts.backend.migrate_finish(h, _exports(inc), still)
             rec = settle(ts, rec, "paused" if still else "running", inc.extra)

@@ -164,14 +164,14 @@ async def quit_domain(ts: Toolstack, rec: DomainRecord) -> None:
     """Make the domain end now (QEMU: QMP quit), destroyed if it lingers."""
     with contextlib.suppress(BackendError):
         await ts.backend.quit(ts.handle(rec))
-    wait_quit(ts, rec)
+    await wait_quit(ts, rec)
 
 
-def wait_quit(ts: Toolstack, rec: DomainRecord) -> None:
+async def wait_quit(ts: Toolstack, rec: DomainRecord) -> None:
     """Wait up to 10 s for the domain to end (a save's QEMU quits on its own), then
     destroy it."""
     h = ts.handle(rec)
-    if not ts.backend.wait_gone(h, 10):
+    if not await ts.until_gone(h, 10):
         ts.backend.destroy(h)
 
 
@@ -312,7 +312,7 @@ async def save(ts: Toolstack, name: str, path: Path, *, keep_running: bool = Fal
             if keep_running:
                 ts.store.patch(rec.domid, expect_uuid=rec.uuid, state=header.state)
             else:
-                wait_quit(ts, rec)
+                await wait_quit(ts, rec)
                 faults.point("save.quit")
                 await ts.gone(rec)
             return header
@@ -505,7 +505,7 @@ async def restore(ts: Toolstack, path: Path, *, paused: bool = False, overrides:
                         prepare=revert if plan else None)
         h = ts.handle(rec)
         try:
-            with ts.store.lock(rec.domid):
+            async with ts.store.alock(rec.domid):
                 try:
                     await (ts.backend.load(h, fd, layout.stream_offset, checked, str(path),
                                          timeout, run=not paused,

@@ -311,7 +311,14 @@ async def migrate(
                 if snaps:
                     dest_rec = _copy_snapshots(ts, dest, rec, dest_rec)
                 info = sent.info
-            await quit_domain(ts, rec)
+            try:
+                await quit_domain(ts, rec)
+            except BaseException:
+                # Handed over: the guest runs there.  Whatever stopped this (a Ctrl-C
+                # lands here as a cancel), the source must never run again, so its job
+                # goes to the next command, which finishes the quit (recover_job).
+                ts.hand_over_job(rec.domid)
+                raise
             ts.backend.release(h)
             ts.store.remove(rec.domid)
     ram = info.get("ram") or {}
@@ -493,7 +500,7 @@ async def recover_job(ts: Toolstack, rec: DomainRecord, job: Job) -> DomainRecor
         phase = "handed-over" if runs else "sending"
     h = ts.handle(rec)
     if phase == "handed-over":
-        _snapshots_follow(ts, rec, job)
+        await _snapshots_follow(ts, rec, job)
         await quit_domain(ts, rec)
         ts.backend.release(h)
         ts.store.remove(rec.domid)
@@ -548,7 +555,7 @@ async def _destination_undo(job: Job, uuid: str) -> None:
                         pass  # taking it converges it: a dead migration's incoming copy goes
 
 
-def _snapshots_follow(ts: Toolstack, rec: DomainRecord, job: Job) -> None:
+async def _snapshots_follow(ts: Toolstack, rec: DomainRecord, job: Job) -> None:
     """A local destination gets the snapshot tree the killed migration had not copied yet."""
     if not ts.store.list_snapshots(rec.domid):
         return
@@ -557,7 +564,7 @@ def _snapshots_follow(ts: Toolstack, rec: DomainRecord, job: Job) -> None:
             return
         for r in dest.store.list():
             if r.uuid == rec.uuid:
-                with dest.store.lock(r.domid):
+                async with dest.store.alock(r.domid):
                     _copy_snapshots(ts, dest, rec, dest.store.get(r.domid))
                 _log.warning("domain %s: its snapshots follow it to %s", rec.name,
                              job.detail.get("dest"))
