@@ -83,6 +83,7 @@ class FakeBackend:
     world: dict[str, FakeDomain] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
     loops: set[int] = field(default_factory=set)  # the event loops its calls ran on
+    sessions: int = 0
     slow: float = 0.0  # seconds pause/resume take (to hold a lock while another waits)
     aslow: float = 0.0  # seconds pause/resume take yielding to the loop (tasks of a process)
     inside: int = 0  # pause/resume calls in progress now, and at most
@@ -442,6 +443,15 @@ class FakeBackend:
             dom.state = "running"
             return True
         return False
+
+    def session(self, h: DomainHandle) -> AbstractAsyncContextManager[None]:
+        return self._session_block(h)
+
+    @asynccontextmanager
+    async def _session_block(self, h: DomainHandle) -> AsyncIterator[None]:
+        with self._lock:
+            self.sessions += 1  # blocks entered (not calls: nothing is asked of the domain)
+        yield
 
     def live_snapshots(self, h: DomainHandle) -> AbstractAsyncContextManager[LiveSnapshots]:
         return self._session(h)

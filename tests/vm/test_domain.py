@@ -216,3 +216,37 @@ def test_define_snapshot_while_shut_off_start_and_keep(ts: Toolstack, tmp_path: 
         sync(ts.define(cfg))
     sync(ts.undefine("g12"))
     assert sync(ts.list()) == []
+
+
+def test_a_verb_asks_qemu_over_one_qmp_session(ts: Toolstack, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every backend call a verb makes while it holds the domain shares one connection
+    # (it used to open one per call: a local migrate opened six event loops and as many
+    # sessions); a QEMU that restarts at the same socket gets a new one.
+    from tests.vm.guests import boot
+    from xenlab.vm.backends.qemu.qmp import Qmp
+    from xenlab.vm.migration.saverestore import restore, save
+    from xenlab.vm.resources import vcpu_list
+
+    boot(ts, tmp_path, "q1", vcpus=1, maxvcpus=2)
+    opened: list[str] = []
+    connect = Qmp.connect
+
+    async def counted(self: Qmp, path: Path, timeout: float = 10.0) -> None:
+        opened.append(str(path))
+        await connect(self, path, timeout)
+
+    monkeypatch.setattr(Qmp, "connect", counted)
+    sync(ts.pause("q1"))
+    sync(ts.unpause("q1"))
+    assert len(opened) == 2  # one per verb
+    opened.clear()
+    rows = sync(vcpu_list(ts, "q1"))  # the vCPUs, the threads and the guest's view
+    assert rows and len(opened) == 1
+    opened.clear()
+    sync(save(ts, "q1", tmp_path / "q1.save"))
+    assert len(opened) == 1
+    opened.clear()
+    rec = sync(restore(ts, tmp_path / "q1.save"))  # a new QEMU, its own session
+    assert rec.state == "running" and len(opened) >= 1
+    sync(ts.destroy("q1"))

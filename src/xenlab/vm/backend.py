@@ -760,6 +760,12 @@ class Backend(Protocol):
         """Run the guest again if a killed verb left it stopped; True when it did."""
         ...
 
+    def session(self, h: DomainHandle) -> AbstractAsyncContextManager[None]:
+        """A block whose calls on the domain share one control session (QEMU: one QMP
+        connection), opened at the first call and closed when the block ends; the verbs
+        hold one for as long as they hold the domain's lock."""
+        ...
+
     # -- snapshots (libvirt's domainSnapshot*; xl has none: the images do it)
 
     def live_snapshots(self, h: DomainHandle) -> AbstractAsyncContextManager[LiveSnapshots]:

@@ -480,7 +480,9 @@ class Toolstack:
             if kept is None:
                 raise StateError(f"domain {rec.name!r} is gone: an interrupted "
                                  f"{(job_of(now) or Job('?', 0, 0)).verb} was undone")
-            yield kept
+            # One control session for everything the verb asks the backend meanwhile.
+            async with self.backend.session(self.handle(kept)):
+                yield kept
 
     async def converge(self, rec: DomainRecord) -> DomainRecord | None:
         """Finish or undo what a killed command left of ``rec``; the record then (None: gone).

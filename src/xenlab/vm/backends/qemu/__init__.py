@@ -176,6 +176,7 @@ class QemuBackend:
     async def start(self, h: DomainHandle, spec: StartSpec) -> Started:
         """Spawn QEMU daemonized (``-incoming defer`` for a stream); set the balloon."""
         paths = self.paths(h)
+        Qmp.forget(paths.qmp)  # a QEMU that ran at this path before is not this one
         image = spec.image
         if image is None and needs_image(spec.config):
             from xenlab.vm.image import build_image
@@ -226,6 +227,8 @@ class QemuBackend:
         rec = self._probe_record(h)
         pids = [rec.pid]
         paths = self.paths_or_none(h)
+        if paths is not None:
+            Qmp.forget(paths.qmp)
         if rec.rundir and paths is not None:
             pids.append(read_pid(paths))
         for pid in dict.fromkeys(pids):
@@ -442,6 +445,9 @@ class QemuBackend:
 
     # -- state -----------------------------------------------------------------------------
 
+    def session(self, h: DomainHandle) -> AbstractAsyncContextManager[None]:
+        return Qmp.sharing()
+
     def live_snapshots(self, h: DomainHandle) -> AbstractAsyncContextManager[LiveSnapshots]:
         return open_live_snapshots(self.paths(h).qmp)
 
@@ -459,8 +465,10 @@ class QemuBackend:
                         vcpus_plugged=vcpus_plugged)
 
     async def quit(self, h: DomainHandle) -> None:
-        async with Qmp.open(self.paths(h).qmp) as qmp:
+        path = self.paths(h).qmp
+        async with Qmp.open(path) as qmp:
             await saving.quit_qemu(qmp)
+        Qmp.forget(path)
 
     def said(self, h: DomainHandle) -> str:
         paths = self.paths_or_none(h)

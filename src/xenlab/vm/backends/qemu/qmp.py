@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import json
 import random
 import time
@@ -68,6 +69,18 @@ __all__ = [
 T = TypeVar("T")
 Event = dict[str, Any]
 EventMatch = Callable[[Event], bool]
+
+@dataclass
+class _Shared:
+    """The sessions of a :meth:`Qmp.sharing` block: by socket path, and all to close."""
+
+    by_path: dict[str, Qmp]
+    opened: list[Qmp]
+
+
+_SHARED: contextvars.ContextVar[_Shared | None] = contextvars.ContextVar(
+    "xenlab_qmp_shared", default=None)
+
 
 # How often connect() retries while QEMU is still creating its socket.
 _CONNECT_RETRY = 0.05
@@ -142,13 +155,51 @@ class Qmp:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, path: Path, timeout: float = 10.0) -> AsyncIterator[Qmp]:
-        """Connect to ``path`` for the length of an ``async with`` block."""
+        """Connect to ``path`` for the length of an ``async with`` block; inside a
+        :meth:`sharing` block, the session that block keeps for ``path`` (opened once)."""
+        shared = _SHARED.get()
+        if shared is not None:
+            held = shared.by_path.get(str(path))
+            if held is None or not held.connected:
+                held = cls()
+                await held.connect(path, timeout)
+                shared.by_path[str(path)] = held
+                shared.opened.append(held)
+            yield held
+            return
         qmp = cls()
         await qmp.connect(path, timeout)
         try:
             yield qmp
         finally:
             await qmp.close()
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def sharing() -> AsyncIterator[None]:
+        """One session per QMP socket for the block (a verb's backend calls share it);
+        all are closed when it ends.  A nested block uses the outer one's."""
+        if _SHARED.get() is not None:
+            yield
+            return
+        shared = _Shared({}, [])
+        token = _SHARED.set(shared)
+        try:
+            yield
+        finally:
+            _SHARED.reset(token)
+            for qmp in shared.opened:
+                with contextlib.suppress(Exception):
+                    await qmp.close()
+
+    @staticmethod
+    def forget(path: Path) -> None:
+        """The QEMU at ``path`` is stopping or starting: its shared session (if any) is
+        not handed out again (a restarted QEMU listens on the same path, and a killed
+        one's session is seen dead only once the loop has run)."""
+        shared = _SHARED.get()
+        if shared is not None:
+            shared.by_path.pop(str(path), None)
 
     @property
     def connected(self) -> bool:
