@@ -187,10 +187,13 @@ class Qmp:
         try:
             yield
         finally:
-            _SHARED.reset(token)
+            # Closed first: a block left from another context (an abandoned generator
+            # closed by the loop) cannot reset the variable, and must still close them.
             for qmp in shared.opened:
                 with contextlib.suppress(Exception):
                     await qmp.close()
+            with contextlib.suppress(ValueError):
+                _SHARED.reset(token)
 
     @staticmethod
     def forget(path: Path) -> None:

@@ -112,6 +112,7 @@ async def save(qmp_path: Path, req: SaveRequest) -> SaveFacts:
             raise
         if not req.keep_running:
             await quit_qemu(qmp)
+            Qmp.forget(qmp_path)  # this QEMU is going: its session is not handed out again
             return facts
         if old_bw is not None:
             with contextlib.suppress(BackendError):
