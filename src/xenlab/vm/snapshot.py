@@ -554,6 +554,12 @@ async def _create_failed(ts: Toolstack, rec: DomainRecord, row: SnapshotRecord,
     failure, so through a new one)."""
     notes: list[str] = []
     gone = rec.state != SHUTOFF and not ts.alive(rec)
+    if rec.state != SHUTOFF and not gone:
+        try:
+            await ts.backend.state(ts.handle(rec), 2.0)
+        except BackendError:
+            # It does not answer: a QEMU killed under the verb may still be exiting.
+            gone = await ts.until_gone(ts.handle(rec), 3.0)
     if resume and not gone:
         try:
             if await ts.backend.resume_stopped(ts.handle(rec)):
