@@ -225,21 +225,26 @@ def stable_mac(dc: DomainConfig, devid: int) -> str:
     return ":".join(f"{o:02x}" for o in octets)
 
 
+def vif_devids(dc: DomainConfig) -> list[tuple[int, VifSpec]]:
+    """``dc``'s vifs with xl's devids (the list index unless ``devid=``).
+
+    :raise NotRunnable: a devid is given twice.
+    """
+    out: list[tuple[int, VifSpec]] = []
+    for index, vif in enumerate(dc.vifs):
+        devid = vif.devid if vif.devid is not None else index
+        if any(d == devid for d, _ in out):
+            raise NotRunnable(f"vif {devid}", "devid given twice")
+        out.append((devid, vif))
+    return out
+
+
 def plan_nics(backend: Backend, dc: DomainConfig) -> tuple[NicPlan, ...]:
-    """Every vif of ``dc`` as ``backend`` runs it, with xl's devids (the list index unless
-    ``devid=``).
+    """Every vif of ``dc`` as ``backend`` runs it (:func:`vif_devids`).
 
     :raise XenlabError: a devid is given twice, or the backend refuses a vif.
     """
-    out: list[NicPlan] = []
-    seen: set[int] = set()
-    for index, vif in enumerate(dc.vifs):
-        devid = vif.devid if vif.devid is not None else index
-        if devid in seen:
-            raise NotRunnable(f"vif {devid}", "devid given twice")
-        seen.add(devid)
-        out.append(backend.plan_nic(dc, vif, devid))
-    return tuple(out)
+    return tuple(backend.plan_nic(dc, vif, devid) for devid, vif in vif_devids(dc))
 
 
 def host_vif(domid: int, name: str, devid: int, mac: str, spec: VifSpec) -> hotplug.Vif:

@@ -371,9 +371,17 @@ class Store:
             return False
         return True
 
-    def _busy(self, what: str, bound: float) -> StateError:
-        return StateError(f"{what} is busy: another xenlab command holds its lock "
-                          f"(waited {bound:g}s)")
+    def _waits(self, fd: int, what: str, bound: float) -> Iterator[float]:
+        """The pauses between tries for the flock on ``fd`` (the caller sleeps them, on
+        the loop or not), ending when it is taken; StateError after ``bound`` seconds."""
+        deadline = time.monotonic() + bound
+        delay = 0.005
+        while not self._try(fd):
+            if time.monotonic() >= deadline:
+                raise StateError(f"{what} is busy: another xenlab command holds its lock "
+                                 f"(waited {bound:g}s)")
+            yield min(delay, max(0.0, deadline - time.monotonic()))
+            delay = min(delay * 2, 0.1)
 
     @contextlib.contextmanager
     def _holding(self, key: tuple[str, object], fd: int) -> Iterator[None]:
@@ -404,13 +412,8 @@ class Store:
         bound = self.lock_timeout if timeout is None else timeout
         fd = self._open_lock(name)
         try:
-            deadline = time.monotonic() + bound
-            delay = 0.005
-            while not self._try(fd):
-                if time.monotonic() >= deadline:
-                    raise self._busy(what, bound)
-                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 0.1)
+            for pause in self._waits(fd, what, bound):
+                time.sleep(pause)
         except BaseException:
             os.close(fd)
             raise
@@ -429,13 +432,8 @@ class Store:
         bound = self.lock_timeout if timeout is None else timeout
         fd = self._open_lock(name)
         try:
-            deadline = time.monotonic() + bound
-            delay = 0.005
-            while not self._try(fd):
-                if time.monotonic() >= deadline:
-                    raise self._busy(what, bound)
-                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 0.1)
+            for pause in self._waits(fd, what, bound):
+                await asyncio.sleep(pause)
         except BaseException:
             os.close(fd)
             raise

@@ -35,7 +35,7 @@ from xenlab.vm.backends.qemu.qemuopts import (
     qemu_opt_value,
     qemu_opts,
 )
-from xenlab.vm.domconfig import stable_mac
+from xenlab.vm.domconfig import stable_mac, vif_devids
 from xenlab.vm.hostcpus import cpu_ranges
 from xenlab.vm.qemuimg import FORMAT_DRIVERS
 
@@ -396,15 +396,7 @@ def nics(dc: DomainConfig) -> tuple[Nic, ...]:
 
     :raise XenlabError: a devid is given twice, or a vif is refused (:func:`nic`).
     """
-    out: list[Nic] = []
-    seen: set[int] = set()
-    for index, vif in enumerate(dc.vifs):
-        devid = vif.devid if vif.devid is not None else index
-        if devid in seen:
-            raise _unsupported(f"vif {devid}", "devid given twice")
-        seen.add(devid)
-        out.append(nic(dc, vif, devid))
-    return tuple(out)
+    return tuple(nic(dc, vif, devid) for devid, vif in vif_devids(dc))
 
 
 def _vifs(dc: DomainConfig, taps: Mapping[int, str]) -> list[str]:
